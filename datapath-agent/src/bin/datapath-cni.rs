@@ -1,0 +1,24 @@
+//! `datapath-cni`: CNI plugin binary. Config on stdin, CNI_* in the
+//! environment, result or error JSON on stdout, exit status 1 on error.
+
+use std::io::Read as _;
+
+fn main() {
+    let mut stdin = Vec::new();
+    let outcome = match std::io::stdin().read_to_end(&mut stdin) {
+        Ok(_) => datapath_agent::cni::invoke(|k| std::env::var(k).ok(), &stdin),
+        Err(e) => datapath_agent::cni::Outcome {
+            stdout: datapath_agent::cni::error::CniError::with_source(
+                datapath_agent::cni::error::ErrorCode::IoFailure,
+                "cannot read the network configuration from stdin",
+                &e,
+            )
+            .to_json("1.1.0"),
+            success: false,
+        },
+    };
+    if !outcome.stdout.is_null() {
+        println!("{}", outcome.stdout);
+    }
+    std::process::exit(if outcome.success { 0 } else { 1 });
+}

@@ -1,0 +1,92 @@
+//! `datapath-agent inspect`: read the pinned maps (works while the agent is down).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::{
+    config::DEFAULT_BPFFS_DIR,
+    datapath::{PinLayout, PinnedMaps},
+    mac::MacAddr,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    #[command(subcommand)]
+    pub what: InspectWhat,
+    /// bpffs directory the agent pins under.
+    #[arg(long, global = true, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum InspectWhat {
+    /// Local pod endpoints (pod IP -> host veth, MACs).
+    Endpoints,
+    /// Drop and forward counters, summed over CPUs.
+    Counters,
+}
+
+#[derive(serde::Serialize)]
+struct EndpointRow {
+    pod_ip: std::net::Ipv4Addr,
+    pod_mac: MacAddr,
+    host_ifindex: u32,
+    host_ifname: Option<String>,
+    host_mac: MacAddr,
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs_dir))
+        .with_context(|| format!("opening pinned maps under {} (has the agent ever run?)", args.bpffs_dir.display()))?;
+    match args.what {
+        InspectWhat::Endpoints => {
+            let rows: Vec<EndpointRow> = maps
+                .endpoints()?
+                .into_iter()
+                .map(|(ip, ep)| EndpointRow {
+                    pod_ip: ip,
+                    pod_mac: MacAddr(ep.pod_mac),
+                    host_ifindex: ep.host_ifindex,
+                    host_ifname: nix::net::if_::if_indextoname(ep.host_ifindex)
+                        .ok()
+                        .map(|n| n.to_string_lossy().into_owned()),
+                    host_mac: MacAddr(ep.host_mac),
+                })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<16} {:<18} {:<16} {:<8} {:<18}", "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC");
+                for r in rows {
+                    println!(
+                        "{:<16} {:<18} {:<16} {:<8} {:<18}",
+                        r.pod_ip.to_string(),
+                        r.pod_mac.to_string(),
+                        r.host_ifname.as_deref().unwrap_or("(gone)"),
+                        r.host_ifindex,
+                        r.host_mac.to_string()
+                    );
+                }
+            }
+        }
+        InspectWhat::Counters => {
+            let counters = maps.counters()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&counters)?);
+            } else {
+                println!("{:<8} {:<20} {:>12}", "KIND", "NAME", "PACKETS");
+                for (name, n) in &counters.forwards {
+                    println!("{:<8} {:<20} {:>12}", "forward", name, n);
+                }
+                for (name, n) in &counters.drops {
+                    println!("{:<8} {:<20} {:>12}", "drop", name, n);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! One module per `datapath-agent` verb.
+pub mod inspect;
+pub mod run;

@@ -1,0 +1,192 @@
+//! `datapath-agent run`: load and pin the datapath, reconcile, serve the CNI plugin.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    api::{EndpointRef, EndpointSpec, Request, Response},
+    config::AgentConfig,
+    datapath::{Datapath, LocalEndpoint, PinLayout},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Agent configuration file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+struct Agent {
+    config: AgentConfig,
+    datapath: Datapath,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = AgentConfig::load(&args.config)?;
+    config.check_host()?;
+    let datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir))
+        .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
+    let mut agent = Agent { config, datapath };
+    let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    tracing::info!(
+        node = agent.config.node_name,
+        pod_cidr = %agent.config.pod_cidr,
+        links_updated = report.links_updated,
+        stale_links_removed = report.stale_links_removed,
+        stale_endpoints_removed = report.stale_endpoints_removed,
+        "datapath loaded and reconciled"
+    );
+
+    let socket_path = agent.config.api_socket.clone();
+    let listener = bind_private_socket(&socket_path)?;
+    tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
+    let agent = Arc::new(Mutex::new(agent));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, _)) => {
+                        let agent = Arc::clone(&agent);
+                        tokio::spawn(async move {
+                            if let Err(e) = serve_connection(stream, agent).await {
+                                tracing::warn!(error = format!("{e:#}"), "API connection failed");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    // Pinned maps and links stay: forwarding goes on while the agent is away.
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("agent stopped; datapath left running");
+    Ok(())
+}
+
+/// Bind the API socket so that only root can connect: the directory is 0700
+/// and the socket 0600 (a pod must never be able to register endpoints).
+fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    let dir = path.parent().context("api_socket has no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let agent = Arc::clone(&agent);
+                tokio::task::spawn_blocking(move || {
+                    let mut agent = agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    agent.handle(request)
+                })
+                .await?
+            }
+            Err(e) => Response::Error { message: format!("malformed request: {e}") },
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+impl Agent {
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => {
+                return match self.datapath.endpoints() {
+                    Ok(endpoints) => Response::Status {
+                        node_name: self.config.node_name.clone(),
+                        pod_cidr: self.config.pod_cidr.to_string(),
+                        endpoints: endpoints.len(),
+                    },
+                    Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
+                };
+            }
+            Request::AddEndpoint(spec) => self.add_endpoint(spec),
+            Request::DelEndpoint(reference) => self.del_endpoint(reference),
+        };
+        match result {
+            Ok(()) => Response::Done,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "request refused");
+                Response::Error { message: format!("{e:#}") }
+            }
+        }
+    }
+
+    fn add_endpoint(&mut self, spec: EndpointSpec) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.config.owns_pod_ip(spec.pod_ipv4),
+            "pod address {} is outside this node's pod CIDR {}",
+            spec.pod_ipv4,
+            self.config.pod_cidr
+        );
+        let ifindex = nix::net::if_::if_nametoindex(spec.host_ifname.as_str())
+            .with_context(|| format!("host veth {} not found", spec.host_ifname))?;
+        anyhow::ensure!(
+            ifindex == spec.host_ifindex,
+            "host veth {} has ifindex {ifindex}, not {}",
+            spec.host_ifname,
+            spec.host_ifindex
+        );
+        let endpoint = LocalEndpoint {
+            pod_ipv4: spec.pod_ipv4,
+            pod_mac: spec.pod_mac,
+            host_ifname: spec.host_ifname.clone(),
+            host_ifindex: spec.host_ifindex,
+            host_mac: spec.host_mac,
+        };
+        if let Err(e) = self.datapath.add_endpoint(&endpoint) {
+            // Leave nothing half-made behind.
+            let _ = self.datapath.remove_endpoint(&spec.host_ifname, Some(spec.host_ifindex), Some(spec.pod_ipv4));
+            return Err(e).context("programming the endpoint");
+        }
+        tracing::info!(
+            container = spec.container_id,
+            pod = format!("{}/{}", spec.pod_namespace.as_deref().unwrap_or("-"), spec.pod_name.as_deref().unwrap_or("-")),
+            ip = %spec.pod_ipv4,
+            veth = spec.host_ifname,
+            "endpoint added"
+        );
+        Ok(())
+    }
+
+    fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
+        let removed = self
+            .datapath
+            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, reference.pod_ipv4)
+            .context("removing the endpoint")?;
+        tracing::info!(container = reference.container_id, veth = reference.host_ifname, removed, "endpoint deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! `datapath-cni`: the CNI plugin (spec 1.0/1.1) that container runtimes call.
+//!
+//! ADD: ask the agent it is up; allocate an address (IPAM delegate); create
+//! the veth pair with the peer directly in the pod's netns; address, MTU and
+//! routes in the pod; a /32 route to the pod on the node; register the
+//! endpoint with the agent (which attaches the program). Any failure undoes
+//! exactly what this invocation created, in reverse order.
+//! DEL: undo all of that; idempotent, works without the netns.
+
+pub mod error;
+pub mod ipam;
+pub mod link;
+pub mod types;
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    api::{self, ClientError, EndpointRef, EndpointSpec, Request},
+    netns,
+};
+use error::{CniError, ErrorCode};
+use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS};
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a CNI invocation prints on stdout, and whether it succeeded.
+pub struct Outcome {
+    pub stdout: serde_json::Value,
+    pub success: bool,
+}
+
+/// Run one invocation: environment from `get_env`, network config from `stdin`.
+pub fn invoke(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    // Errors are reported in the config's version when we can read it.
+    let version_hint = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(|v| v.as_str()).map(str::to_owned))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".to_owned());
+    match dispatch(get_env, stdin) {
+        Ok(stdout) => Outcome { stdout, success: true },
+        Err(e) => Outcome { stdout: e.to_json(&version_hint), success: false },
+    }
+}
+
+fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
+    let env = Env::from_vars(get_env)?;
+    match env.command.as_str() {
+        // VERSION needs no config beyond (optionally) its version.
+        "VERSION" => Ok(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS })),
+        "ADD" => {
+            let conf = NetConf::parse(stdin)?;
+            env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            add(&env, &conf, stdin)
+        }
+        "DEL" => {
+            let conf = NetConf::parse(stdin)?;
+            env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
+            del(&env, &conf, stdin).map(|()| serde_json::Value::Null)
+        }
+        "STATUS" => {
+            let conf = NetConf::parse(stdin)?;
+            agent_status(&conf).map(|()| serde_json::Value::Null).map_err(|e| CniError {
+                code: ErrorCode::PluginNotAvailable as u32,
+                ..e
+            })
+        }
+        other => Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"),
+        )),
+    }
+}
+
+/// Host-side veth name: prefix + hash of (container ID, ifname), so DEL finds
+/// it again without state, and two pods never collide.
+pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
+    let digest = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let keep = 15 - prefix.len();
+    format!("{prefix}{}", &hex[..keep])
+}
+
+fn agent_error(e: ClientError) -> CniError {
+    match e {
+        ClientError::Unreachable { .. } => CniError::with_source(
+            ErrorCode::TryAgainLater,
+            "the datapath agent is not running on this node; try again when it is ready",
+            &e,
+        ),
+        other => CniError::with_source(ErrorCode::IoFailure, "the datapath agent refused the request", &other),
+    }
+}
+
+fn agent_status(conf: &NetConf) -> Result<(), CniError> {
+    api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT).map(|_| ()).map_err(agent_error)
+}
+
+/// What this ADD created so far: exactly what a failure must undo.
+#[derive(Default)]
+struct Undo {
+    ipam: bool,
+    host_veth: Option<u32>,
+    endpoint: Option<EndpointRef>,
+}
+
+fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
+    let ipam_type = conf
+        .ipam
+        .as_ref()
+        .map(|i| i.plugin_type.clone())
+        .ok_or_else(|| CniError::new(ErrorCode::InvalidNetworkConfig, "\"ipam\" is missing; add e.g. {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"<node pod CIDR>\"}]]}"))?;
+    let netns_path = Path::new(&env.netns);
+    let netns_file = netns::open(netns_path).map_err(|e| {
+        CniError::with_source(ErrorCode::UnknownContainer, format!("network namespace {} cannot be opened", env.netns), &e)
+    })?;
+    // Before any side effect: without the agent nothing would forward.
+    agent_status(conf)?;
+
+    let mut undo = Undo::default();
+    let result = add_steps(env, conf, stdin, &ipam_type, &netns_file, &mut undo);
+    if result.is_err() {
+        rollback(env, conf, stdin, &ipam_type, undo);
+    }
+    result
+}
+
+fn add_steps(
+    env: &Env,
+    conf: &NetConf,
+    stdin: &[u8],
+    ipam_type: &str,
+    netns_file: &std::fs::File,
+    undo: &mut Undo,
+) -> Result<serde_json::Value, CniError> {
+    let allocation = ipam::add(env, ipam_type, stdin)?;
+    undo.ipam = true;
+    let pod_ip = allocation.address;
+
+    let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
+    let mtu = conf.mtu();
+    let host = link::with_handle(|handle| async move {
+        if link::get(&handle, &host_name).await?.is_some() {
+            anyhow::bail!("host veth {host_name} already exists (container already added?)");
+        }
+        link::create_veth(&handle, &host_name, &env.ifname, netns_file, mtu).await.context("creating the veth pair")?;
+        let host = link::get(&handle, &host_name).await?.context("veth vanished after creation")?;
+        Ok((host_name, host))
+    });
+    let (host_name, host) = match host {
+        Ok(v) => v,
+        Err(e) => return Err(CniError::from_anyhow(ErrorCode::IoFailure, "cannot create the pod's veth pair", &e)),
+    };
+    undo.host_veth = Some(host.index);
+
+    let ifname = env.ifname.clone();
+    let pod = netns::run_in(Path::new(&env.netns), move || {
+        link::with_handle(|handle| async move {
+            let pod = link::get(&handle, &ifname).await?.with_context(|| format!("{ifname} not found in the pod"))?;
+            link::configure_pod_interface(&handle, pod.index, pod_ip, POD_GATEWAY)
+                .await
+                .context("configuring the pod interface")?;
+            Ok(pod)
+        })
+    })
+    .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot enter the pod's network namespace", &e))?
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the pod interface", &e))?;
+
+    let host_index = host.index;
+    link::with_handle(|handle| async move {
+        link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
+        link::add_host_route(&handle, pod_ip, host_index).await.context("adding the node's route to the pod")?;
+        Ok(())
+    })
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
+
+    let (pod_namespace, pod_name) = env.k8s_pod();
+    let spec = EndpointSpec {
+        container_id: env.container_id.clone(),
+        cni_ifname: env.ifname.clone(),
+        netns: env.netns.clone(),
+        host_ifname: host_name.clone(),
+        host_ifindex: host.index,
+        host_mac: host.mac,
+        pod_ipv4: pod_ip,
+        pod_mac: pod.mac,
+        pod_namespace,
+        pod_name,
+    };
+    undo.endpoint = Some(EndpointRef {
+        container_id: env.container_id.clone(),
+        host_ifname: host_name.clone(),
+        host_ifindex: Some(host.index),
+        pod_ipv4: Some(pod_ip),
+    });
+    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec), AGENT_TIMEOUT).map_err(agent_error)?;
+
+    let mut ip = json!({ "address": format!("{pod_ip}/32"), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
+    if conf.cni_version == "0.4.0" {
+        ip["version"] = json!("4");
+    }
+    Ok(json!({
+        "cniVersion": conf.cni_version,
+        "interfaces": [
+            { "name": host_name, "mac": host.mac.to_string() },
+            { "name": env.ifname, "mac": pod.mac.to_string(), "sandbox": env.netns },
+        ],
+        "ips": [ip],
+        "routes": [{ "dst": "0.0.0.0/0", "gw": POD_GATEWAY.to_string() }],
+        "dns": if allocation.dns.is_null() { json!({}) } else { allocation.dns },
+    }))
+}
+
+fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {
+    if let Some(reference) = undo.endpoint {
+        let _ = api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT);
+    }
+    if let Some(index) = undo.host_veth {
+        // Deleting the host end deletes the pod end and the /32 route with it.
+        let _ = link::with_handle(|handle| async move { Ok(link::delete(&handle, index).await?) });
+    }
+    if undo.ipam {
+        let _ = ipam::del(env, ipam_type, stdin);
+    }
+}
+
+fn prev_result_ipv4(conf: &NetConf) -> Option<Ipv4Addr> {
+    conf.prev_result
+        .as_ref()?
+        .get("ips")?
+        .as_array()?
+        .iter()
+        .filter_map(|ip| ip.get("address")?.as_str()?.parse::<ipnet::Ipv4Net>().ok())
+        .map(|net| net.addr())
+        .next()
+}
+
+fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
+    let lookup_name = host_name.clone();
+    let host = link::with_handle(|handle| async move { Ok(link::get(&handle, &lookup_name).await?) })
+        .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot look up the host veth", &e))?;
+
+    // 1. Stop delivering to the pod. With the agent down the entry is removed
+    //    by its reconciliation on start (the veth will be gone by then).
+    let reference = EndpointRef {
+        container_id: env.container_id.clone(),
+        host_ifname: host_name.clone(),
+        host_ifindex: host.as_ref().map(|h| h.index),
+        pod_ipv4: prev_result_ipv4(conf),
+    };
+    match api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT) {
+        Ok(_) | Err(ClientError::Unreachable { .. }) => {}
+        Err(e) => return Err(agent_error(e)),
+    }
+    // 2. The veth pair (and with it the pod end and the /32 route).
+    if let Some(host) = host {
+        link::with_handle(|handle| async move {
+            match link::delete(&handle, host.index).await {
+                Ok(()) => Ok(()),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, format!("cannot delete veth {host_name}"), &e))?;
+    }
+    // 3. The address lease.
+    if let Some(ipam) = &conf.ipam {
+        ipam::del(env, &ipam.plugin_type, stdin)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_are_stable_unique_and_short() {
+        let a = host_veth_name("dp", "abc", "eth0");
+        assert_eq!(a, host_veth_name("dp", "abc", "eth0"));
+        assert_ne!(a, host_veth_name("dp", "abd", "eth0"));
+        assert_ne!(a, host_veth_name("dp", "abc", "eth1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("dp"));
+    }
+}

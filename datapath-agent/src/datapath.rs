@@ -1,0 +1,497 @@
+//! Loading, pinning and programming the eBPF datapath.
+//!
+//! Layout under the bpffs directory (default `/sys/fs/bpf/datapath`):
+//!   maps/<map name>      the BTF maps (reused across agent restarts)
+//!   links/<host veth>    one TCX link per pod veth (forwarding survives the agent)
+//!
+//! On start the agent reopens what is pinned and reconciles; it never flushes.
+//! A newer program build replaces the running one on each pinned link with
+//! `bpf_link_update`, so no packet ever meets a missing program.
+
+use std::{
+    fs,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use datapath_common::{
+    DropReason, Endpoint, EndpointKey, ForwardPath, PodInterface, map_names, program_names,
+};
+
+use crate::{ebpf::DATAPATH_OBJECT, mac::MacAddr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot load the eBPF object (pins under {dir})")]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("eBPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to {ifname}")]
+    Attach {
+        ifname: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning link for {ifname} at {path}")]
+    PinLink {
+        ifname: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("link of {ifname}")]
+    Link {
+        ifname: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("interface {ifname} does not exist")]
+    NoInterface { ifname: String },
+    #[error("removing pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A local pod endpoint as the agent programs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub pod_ipv4: Ipv4Addr,
+    pub pod_mac: MacAddr,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: MacAddr,
+}
+
+/// Paths of the pinned objects under one bpffs directory.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name.to_ascii_lowercase())
+    }
+    pub fn link(&self, host_ifname: &str) -> PathBuf {
+        self.links_dir().join(host_ifname)
+    }
+}
+
+/// What reconciliation on start did, for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub links_updated: usize,
+    pub stale_links_removed: usize,
+    pub stale_endpoints_removed: usize,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+}
+
+fn ifindex_exists(ifindex: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
+    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+}
+
+impl Datapath {
+    /// Load the programs with every map pinned under `pins` (reusing maps that
+    /// are already pinned there: their contents survive).
+    pub fn load_pinned(pins: PinLayout) -> Result<Self, DatapathError> {
+        for dir in [pins.maps_dir(), pins.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+        }
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(DATAPATH_OBJECT).map_err(|source| DatapathError::Load {
+            dir: pins.root.clone(),
+            source: Box::new(source),
+        })?;
+        let mut datapath = Self { ebpf, pins };
+        datapath.load_programs()?;
+        Ok(datapath)
+    }
+
+    /// Load the programs with private, unpinned maps (packet-level tests).
+    pub fn load_unpinned() -> Result<Self, DatapathError> {
+        let ebpf = EbpfLoader::new().load(DATAPATH_OBJECT).map_err(|source| DatapathError::Load {
+            dir: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        let mut datapath = Self { ebpf, pins: PinLayout::new("/nonexistent") };
+        datapath.load_programs()?;
+        Ok(datapath)
+    }
+
+    fn load_programs(&mut self) -> Result<(), DatapathError> {
+        let name = program_names::FROM_POD;
+        self.from_pod_mut()?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    pub fn from_pod(&self) -> Result<&SchedClassifier, DatapathError> {
+        let name = program_names::FROM_POD;
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn from_pod_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        let name = program_names::FROM_POD;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
+        self.ebpf.map_mut(name).ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
+        self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    fn endpoints_mut(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
+        let name = map_names::ENDPOINTS;
+        HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn pod_interfaces_mut(&mut self) -> Result<HashMap<&mut MapData, u32, PodInterface>, DatapathError> {
+        let name = map_names::POD_INTERFACES;
+        HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Register a pod and attach the program to its host veth. Maps first, then
+    /// the link, so the program never runs on a veth it does not know.
+    /// Re-adding the same veth updates the entries and keeps the existing link.
+    pub fn add_endpoint(&mut self, ep: &LocalEndpoint) -> Result<(), DatapathError> {
+        let map_err = |name| move |source| DatapathError::Map { name, source };
+        self.pod_interfaces_mut()?
+            .insert(
+                ep.host_ifindex,
+                PodInterface { pod_ipv4: ep.pod_ipv4.octets(), host_mac: ep.host_mac.0, _pad: [0; 2] },
+                0,
+            )
+            .map_err(map_err(map_names::POD_INTERFACES))?;
+        self.endpoints_mut()?
+            .insert(
+                EndpointKey { ipv4: ep.pod_ipv4.octets() },
+                Endpoint {
+                    host_ifindex: ep.host_ifindex,
+                    pod_mac: ep.pod_mac.0,
+                    host_mac: ep.host_mac.0,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(map_err(map_names::ENDPOINTS))?;
+        self.attach(&ep.host_ifname, ep.host_ifindex)
+    }
+
+    fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
+        let pin = self.pins.link(ifname);
+        if pin.exists() {
+            // A pinned link for this veth name. Updating a TCX link whose device
+            // is gone fails (ENOLINK), so success means it is attached to the
+            // veth that has this name now: keep it, now running our program.
+            if let Ok(link) = PinnedLink::from_pin(&pin)
+                && self.update_link(link.into(), ifname).is_ok()
+            {
+                return Ok(());
+            }
+            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
+        }
+        if !ifindex_exists(ifindex) {
+            return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
+        }
+        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
+        let program = self.from_pod_mut()?;
+        let link_id = program
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(attach_err)?;
+        let link = program.take_link(link_id).map_err(attach_err)?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
+        fd_link.pin(&pin).map_err(|source| DatapathError::PinLink {
+            ifname: ifname.to_owned(),
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Remove a pod: stop delivering to it, forget its veth, detach the link.
+    /// Absent pieces are fine (DEL is idempotent).
+    pub fn remove_endpoint(
+        &mut self,
+        host_ifname: &str,
+        host_ifindex: Option<u32>,
+        pod_ipv4: Option<Ipv4Addr>,
+    ) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        let mut ips: Vec<[u8; 4]> = pod_ipv4.iter().map(|ip| ip.octets()).collect();
+        if let Some(ifindex) = host_ifindex {
+            let mut ifaces = self.pod_interfaces_mut()?;
+            if let Ok(iface) = ifaces.get(&ifindex, 0) {
+                ips.push(iface.pod_ipv4);
+                if ifaces.remove(&ifindex).is_ok() {
+                    removed += 1;
+                }
+            }
+            // Any endpoint delivered through this veth, whatever its IP.
+            let endpoints = self.endpoints_mut()?;
+            for (key, value) in endpoints.iter().filter_map(Result::ok) {
+                if value.host_ifindex == ifindex {
+                    ips.push(key.ipv4);
+                }
+            }
+        }
+        let mut endpoints = self.endpoints_mut()?;
+        for ip in ips {
+            let key = EndpointKey { ipv4: ip };
+            // Only remove an IP entry that points at this veth (or when we
+            // cannot tell): the IP may already belong to a newer pod.
+            let ours = match (endpoints.get(&key, 0), host_ifindex) {
+                (Ok(v), Some(ifindex)) => v.host_ifindex == ifindex,
+                (Ok(_), None) => true,
+                (Err(_), _) => false,
+            };
+            if ours && endpoints.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        let pin = self.pins.link(host_ifname);
+        match fs::remove_file(&pin) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
+        }
+        Ok(removed)
+    }
+
+    /// Bring pinned state in line with this node after a (re)start:
+    /// - every pinned link whose veth still exists is switched atomically to the
+    ///   program we just loaded (a new build replaces the old one hitlessly);
+    /// - links, interfaces and endpoints whose veth is gone are removed.
+    /// Nothing that is still valid is ever removed or re-created.
+    pub fn reconcile(&mut self) -> Result<ReconcileReport, DatapathError> {
+        let mut report = ReconcileReport::default();
+        let links_dir = self.pins.links_dir();
+        let entries = fs::read_dir(&links_dir)
+            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let ifname = entry.file_name().to_string_lossy().into_owned();
+            let alive = nix::net::if_::if_nametoindex(ifname.as_str()).ok();
+            // A link whose veth is gone is defunct and refuses the update.
+            let updated = match (alive, PinnedLink::from_pin(&path)) {
+                (Some(_), Ok(pinned)) => self.update_link(pinned.into(), &ifname).is_ok(),
+                _ => false,
+            };
+            if updated {
+                report.links_updated += 1;
+            } else {
+                tracing::info!(ifname, "removing stale link pin");
+                fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
+                report.stale_links_removed += 1;
+            }
+        }
+
+        let stale_ifindexes: Vec<u32> = self
+            .pod_interfaces_mut()?
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|ifindex| !ifindex_exists(*ifindex))
+            .collect();
+        for ifindex in &stale_ifindexes {
+            let _ = self.pod_interfaces_mut()?.remove(ifindex);
+        }
+        let stale_endpoints: Vec<EndpointKey> = self
+            .endpoints_mut()?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, ep)| !ifindex_exists(ep.host_ifindex))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &stale_endpoints {
+            let _ = self.endpoints_mut()?.remove(key);
+        }
+        report.stale_endpoints_removed = stale_endpoints.len();
+        Ok(report)
+    }
+
+    fn update_link(&mut self, fd_link: FdLink, ifname: &str) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
+        let link: SchedClassifierLink = fd_link
+            .try_into()
+            .map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
+        let program = self.from_pod_mut()?;
+        let id = program.attach_to_link(link).map_err(attach_err)?;
+        // The pin keeps the link; drop our fd without detaching.
+        let link = program.take_link(id).map_err(attach_err)?;
+        drop(link);
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+        read_endpoints(self.map(map_names::ENDPOINTS)?)
+    }
+}
+
+fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+    let name = map_names::ENDPOINTS;
+    let endpoints: HashMap<&MapData, EndpointKey, Endpoint> =
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+    let mut out: Vec<(Ipv4Addr, Endpoint)> = endpoints
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (Ipv4Addr::from(k.ipv4), v))
+        .collect();
+    out.sort_by_key(|(ip, _)| *ip);
+    Ok(out)
+}
+
+/// Read-only view of the pinned maps, for `inspect` (works with the agent down).
+pub struct PinnedMaps {
+    endpoints: Map,
+    drops: Map,
+    forwards: Map,
+}
+
+impl PinnedMaps {
+    pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| -> Result<Map, DatapathError> {
+            let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+        };
+        Ok(Self {
+            endpoints: open(map_names::ENDPOINTS)?,
+            drops: open(map_names::DROP_COUNTERS)?,
+            forwards: open(map_names::FORWARD_COUNTERS)?,
+        })
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+        read_endpoints(&self.endpoints)
+    }
+
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        Counters::read(&self.drops, &self.forwards)
+    }
+}
+
+/// Counter totals summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub forwards: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Counters {
+    fn read(drops: &Map, forwards: &Map) -> Result<Self, DatapathError> {
+        let sum = |map: &Map, name: &'static str, slot: u32| -> Result<u64, DatapathError> {
+            let array: PerCpuArray<&MapData, u64> =
+                PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+            let values = array.get(&slot, 0).map_err(|source| DatapathError::Map { name, source })?;
+            Ok(values.iter().sum())
+        };
+        let mut counters = Counters::default();
+        for reason in DropReason::ALL {
+            counters.drops.insert(reason.name(), sum(drops, map_names::DROP_COUNTERS, reason as u32)?);
+        }
+        for path in ForwardPath::ALL {
+            counters.forwards.insert(path.name(), sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?);
+        }
+        Ok(counters)
+    }
+
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops.get(reason.name()).copied().unwrap_or(0)
+    }
+    pub fn forward_count(&self, path: ForwardPath) -> u64 {
+        self.forwards.get(path.name()).copied().unwrap_or(0)
+    }
+}
+
+impl Datapath {
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        Counters::read(self.map(map_names::DROP_COUNTERS)?, self.map(map_names::FORWARD_COUNTERS)?)
+    }
+
+    /// Direct map access for packet-level tests (unpinned datapath).
+    pub fn insert_pod_interface(&mut self, ifindex: u32, iface: PodInterface) -> Result<(), DatapathError> {
+        let name = map_names::POD_INTERFACES;
+        self.pod_interfaces_mut()?.insert(ifindex, iface, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn insert_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        let name = map_names::ENDPOINTS;
+        self.endpoints_mut()?
+            .insert(EndpointKey { ipv4: ip.octets() }, ep, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+}
+
+pub fn pin_root_exists(path: &Path) -> bool {
+    path.join("maps").is_dir()
+}

@@ -1,0 +1,9 @@
+//! The node agent and CNI plugin of the eBPF pod datapath.
+pub mod api;
+pub mod cmd;
+pub mod cni;
+pub mod config;
+pub mod datapath;
+pub mod ebpf;
+pub mod mac;
+pub mod netns;

@@ -1,0 +1,84 @@
+//! Header layouts and bounds-checked access to the linear packet data.
+
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+pub const IPV4_MIN_HLEN: usize = 20;
+
+/// Ethernet/IPv4 ARP (RFC 826) as it follows the Ethernet header.
+#[repr(C)]
+pub struct ArpEthIpv4 {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+/// Longest header prefix any program reads: Ethernet + IPv4 with options.
+pub const MAX_HEADER_BYTES: u32 = (ETH_HLEN + 60) as u32;
+
+/// Make the headers linear so that direct packet access sees them. Called
+/// once, before any packet pointer is taken: a pull invalidates them all.
+/// Headers of veth traffic are normally linear already, so this rarely pulls.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    let want = if ctx.len() < MAX_HEADER_BYTES { ctx.len() } else { MAX_HEADER_BYTES };
+    if ctx.data() + want as usize > ctx.data_end() {
+        // On failure the bounds checks below simply fail: a named drop.
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// Pointer to a `T` at `offset` in the linear data, or `None` if it would run
+/// past `data_end`.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// RFC 1624 incremental update of a ones'-complement checksum for one 16-bit
+/// word changing from `old` to `new` (all values as read big-endian).
+#[inline(always)]
+pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum: u32 = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up for a fresh Debian/Ubuntu machine (run as root).
+# Installs the toolchain pieces the eBPF build needs, the tools the tests drive,
+# and mounts bpffs. Re-running skips whatever is already in place.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (sudo $0)" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+APT_PACKAGES=(
+    llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev   # bpf-linker build
+    bpftool iproute2 iputils-ping util-linux             # inspection, namespaces, nsenter
+    containernetworking-plugins                          # host-local IPAM, loopback
+    iperf3                                               # throughput figures (xtask bench)
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The eBPF crate builds on nightly with -Z build-std=core, which needs rust-src.
+rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+    || rustup component add rust-src --toolchain nightly
+for c in clippy rustfmt; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+
+# bpf-linker against Debian's LLVM 22 (the nightly toolchain's LLVM major).
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    LLVM_PREFIX=/usr/lib/llvm-22 PATH=/usr/lib/llvm-22/bin:$PATH \
+        cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features llvm-22
+fi
+
+# bpffs: the agent pins maps and links under it.
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+echo "setup: done"

@@ -1,0 +1,334 @@
+//! A simulated node: a network namespace running the real agent, pods as
+//! network namespaces wired by the real CNI plugin exactly as a container
+//! runtime calls it.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{bin_dir, sh, sh_ok};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that is deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        // A leftover from a crashed run with the same name goes first.
+        let _ = sh_ok(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    /// `ip netns exec NAME args...` succeeded?
+    pub fn exec_ok(&self, args: &[&str]) -> bool {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh_ok(&all)
+    }
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh_ok(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A pod made by `datapath-cni ADD`.
+pub struct Pod {
+    pub netns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub result: serde_json::Value,
+}
+
+/// Result of one CNI invocation.
+#[derive(Debug)]
+pub struct CniRun {
+    pub success: bool,
+    pub stdout: serde_json::Value,
+    pub raw_stdout: String,
+}
+
+pub struct Node {
+    pub id: String,
+    pub netns: Netns,
+    pub pod_cidr: String,
+    pub node_ip: Ipv4Addr,
+    pub work_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub socket: PathBuf,
+    agent: Option<Child>,
+}
+
+pub const UPLINK: &str = "dptup0";
+pub const VETH_PREFIX: &str = "dpt";
+
+impl Node {
+    /// A node namespace with an uplink (a veth whose peer stays unused) and
+    /// an address, and the agent's config, not yet started.
+    pub fn new(pod_cidr: &str, node_ip: Ipv4Addr) -> Self {
+        let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let id = format!("dpt{}x{n}", std::process::id());
+        let netns = Netns::new(format!("{id}-node"));
+        let ns = netns.name.clone();
+        sh(&["ip", "-n", &ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "dptup1"]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", UPLINK]);
+        sh(&["ip", "-n", &ns, "link", "set", UPLINK, "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "dptup1", "up"]);
+        let work_dir = PathBuf::from(format!("/tmp/{id}"));
+        let _ = std::fs::remove_dir_all(&work_dir);
+        std::fs::create_dir_all(work_dir.join("ipam")).unwrap();
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{id}"));
+        let socket = work_dir.join("run/agent.sock");
+        let node = Self { id, netns, pod_cidr: pod_cidr.into(), node_ip, work_dir, bpffs_dir, socket, agent: None };
+        std::fs::write(node.config_path(), node.agent_config()).unwrap();
+        node
+    }
+
+    pub fn agent_config(&self) -> String {
+        format!(
+            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\n",
+            id = self.id,
+            cidr = self.pod_cidr,
+            bpffs = self.bpffs_dir.display(),
+            sock = self.socket.display()
+        )
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.work_dir.join("agent.toml")
+    }
+
+    /// `nsenter --net=<node netns>` prefix: unlike `ip netns exec` it keeps
+    /// /sys as is, so bpffs stays visible.
+    pub fn in_node(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.path().display())).arg(program);
+        cmd
+    }
+
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
+        let child = self
+            .in_node(&bin_dir().join("datapath-agent"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.agent_log());
+            }
+            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait: pinned state must stay.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.work_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn cni_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "datapath-test",
+            "type": "datapath-cni",
+            "agentSocket": self.socket,
+            "mtu": 1500,
+            "hostVethPrefix": VETH_PREFIX,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": self.pod_cidr }]],
+                "dataDir": self.work_dir.join("ipam"),
+            }
+        })
+    }
+
+    /// Run the plugin in the node namespace, as a runtime would.
+    pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> CniRun {
+        let cni_path = format!("{}:/usr/lib/cni", bin_dir().display());
+        let mut cmd = self.in_node(&bin_dir().join("datapath-cni"));
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").env("CNI_PATH", cni_path);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let raw_stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stdout = serde_json::from_str(raw_stdout.trim()).unwrap_or(serde_json::Value::Null);
+        CniRun { success: out.status.success(), stdout, raw_stdout }
+    }
+
+    pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-pod"),
+        ]
+    }
+
+    /// Create a pod namespace and ADD it through the plugin.
+    pub fn add_pod(&self, name: &str) -> Pod {
+        let netns = Netns::new(format!("{}-{name}", self.id));
+        let container_id = format!("{}-{name}-container", self.id);
+        let path = netns.path().display().to_string();
+        let run = self.cni(&Self::cni_env("ADD", &container_id, &path), self.cni_config().to_string().as_bytes());
+        assert!(run.success, "CNI ADD failed: {}\nagent log:\n{}", run.raw_stdout, self.agent_log());
+        let address = run.stdout["ips"][0]["address"].as_str().expect("result has an address");
+        let ip: Ipv4Addr = address.trim_end_matches("/32").parse().unwrap();
+        let host_veth = run.stdout["interfaces"][0]["name"].as_str().unwrap().to_owned();
+        Pod { netns, container_id, ip, host_veth, result: run.stdout }
+    }
+
+    pub fn del_pod(&self, pod: &Pod) -> CniRun {
+        let path = pod.netns.path().display().to_string();
+        let mut conf = self.cni_config();
+        conf["prevResult"] = pod.result.clone();
+        self.cni(&Self::cni_env("DEL", &pod.container_id, &path), conf.to_string().as_bytes())
+    }
+
+    /// `datapath-agent inspect <what> --json` against this node's pins.
+    pub fn inspect(&self, what: &str) -> serde_json::Value {
+        let out = Command::new(bin_dir().join("datapath-agent"))
+            .args(["inspect", what, "--json", "--bpffs-dir"])
+            .arg(&self.bpffs_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn drop_count(&self, reason: &str) -> u64 {
+        self.inspect("counters")["drops"][reason].as_u64().unwrap()
+    }
+
+    /// Host veths with our test prefix that exist in the node namespace.
+    pub fn host_veths(&self) -> Vec<String> {
+        sh(&["ip", "-n", &self.netns.name, "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_owned())
+            .filter(|n| n.starts_with(VETH_PREFIX) && !n.starts_with("dptup"))
+            .collect()
+    }
+
+    pub fn host_routes(&self) -> String {
+        sh(&["ip", "-n", &self.netns.name, "route", "show"])
+    }
+
+    /// Leases host-local holds for this node.
+    pub fn ipam_leases(&self) -> Vec<String> {
+        let dir = self.work_dir.join("ipam/datapath-test");
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_agent();
+        // Removing the pins detaches the links and frees the maps.
+        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Ping `dst` from inside `from` (a netns name): `count` echo requests.
+pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+    from.exec_ok(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
+}
+
+fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(ns).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// A real TCP connection from `client` to a server in `server` at
+/// `server_ip`: the client sends `len` bytes, the server echoes them back.
+pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let srv = in_netns(&server.path(), move || -> anyhow::Result<()> {
+        let listener = TcpListener::bind((server_ip, 0))?;
+        tx.send(listener.local_addr()?.port())?;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 65536];
+        let mut seen = 0;
+        while seen < len {
+            let n = conn.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "client closed early");
+            conn.write_all(&buf[..n])?;
+            seen += n;
+        }
+        Ok(())
+    });
+    let port = rx.recv_timeout(Duration::from_secs(5))?;
+    let cli = in_netns(&client.path(), move || -> anyhow::Result<()> {
+        let mut conn = TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(5))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let mut w = conn.try_clone()?;
+            let p = payload.clone();
+            std::thread::spawn(move || w.write_all(&p))
+        };
+        let mut back = vec![0u8; len];
+        conn.read_exact(&mut back)?;
+        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        anyhow::ensure!(back == payload, "echoed bytes differ");
+        Ok(())
+    });
+    cli.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    Ok(())
+}
