@@ -87,7 +87,10 @@ impl AgentConfig {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
             return Err(ConfigError::Invalid {
                 field: "node_name",
-                problem: format!("{:?} is empty or longer than 253 characters", self.node_name),
+                problem: format!(
+                    "{:?} is empty or longer than 253 characters",
+                    self.node_name
+                ),
                 fix: "set it to this node's Kubernetes name, e.g. node_name = \"worker-1\"",
             });
         }
@@ -134,7 +137,10 @@ impl AgentConfig {
         if nix::net::if_::if_nametoindex(self.uplink_interface.as_str()).is_err() {
             return Err(ConfigError::Invalid {
                 field: "uplink_interface",
-                problem: format!("no interface named {:?} on this node", self.uplink_interface),
+                problem: format!(
+                    "no interface named {:?} on this node",
+                    self.uplink_interface
+                ),
                 fix: "name an existing interface (see `ip link`)",
             });
         }

@@ -9,8 +9,7 @@
 //! `bpf_link_update`, so no packet ever meets a missing program.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -45,7 +44,10 @@ pub enum DatapathError {
         source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -145,18 +147,25 @@ impl Datapath {
     /// are already pinned there: their contents survive).
     pub fn load_pinned(pins: PinLayout) -> Result<Self, DatapathError> {
         for dir in [pins.maps_dir(), pins.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(DATAPATH_OBJECT).map_err(|source| DatapathError::Load {
-            dir: pins.root.clone(),
-            source: Box::new(source),
-        })?;
+        let ebpf = loader
+            .load(DATAPATH_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                dir: pins.root.clone(),
+                source: Box::new(source),
+            })?;
         let mut datapath = Self { ebpf, pins };
         datapath.load_programs()?;
         Ok(datapath)
@@ -164,18 +173,24 @@ impl Datapath {
 
     /// Load the programs with private, unpinned maps (packet-level tests).
     pub fn load_unpinned() -> Result<Self, DatapathError> {
-        let ebpf = EbpfLoader::new().load(DATAPATH_OBJECT).map_err(|source| DatapathError::Load {
-            dir: PathBuf::new(),
-            source: Box::new(source),
-        })?;
-        let mut datapath = Self { ebpf, pins: PinLayout::new("/nonexistent") };
+        let ebpf =
+            EbpfLoader::new()
+                .load(DATAPATH_OBJECT)
+                .map_err(|source| DatapathError::Load {
+                    dir: PathBuf::new(),
+                    source: Box::new(source),
+                })?;
+        let mut datapath = Self {
+            ebpf,
+            pins: PinLayout::new("/nonexistent"),
+        };
         datapath.load_programs()?;
         Ok(datapath)
     }
 
     fn load_programs(&mut self) -> Result<(), DatapathError> {
         let name = program_names::FROM_POD;
-        self.from_pod_mut()?
+        self.program_from_pod_mut()?
             .load()
             .map_err(|source| DatapathError::Program { name, source })
     }
@@ -184,38 +199,52 @@ impl Datapath {
         &self.pins
     }
 
-    pub fn from_pod(&self) -> Result<&SchedClassifier, DatapathError> {
+    pub fn program_from_pod(&self) -> Result<&SchedClassifier, DatapathError> {
         let name = program_names::FROM_POD;
         self.ebpf
             .program(name)
-            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    fn from_pod_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+    fn program_from_pod_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         let name = program_names::FROM_POD;
         self.ebpf
             .program_mut(name)
-            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
-        self.ebpf.map_mut(name).ok_or(DatapathError::Missing { kind: "map", name })
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
     }
 
     fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
-        self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
     }
 
-    fn endpoints_mut(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
+    fn endpoints_mut(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
         let name = map_names::ENDPOINTS;
         HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
     }
 
-    fn pod_interfaces_mut(&mut self) -> Result<HashMap<&mut MapData, u32, PodInterface>, DatapathError> {
+    fn pod_interfaces_mut(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, u32, PodInterface>, DatapathError> {
         let name = map_names::POD_INTERFACES;
         HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
     }
@@ -228,13 +257,19 @@ impl Datapath {
         self.pod_interfaces_mut()?
             .insert(
                 ep.host_ifindex,
-                PodInterface { pod_ipv4: ep.pod_ipv4.octets(), host_mac: ep.host_mac.0, _pad: [0; 2] },
+                PodInterface {
+                    pod_ipv4: ep.pod_ipv4.octets(),
+                    host_mac: ep.host_mac.0,
+                    _pad: [0; 2],
+                },
                 0,
             )
             .map_err(map_err(map_names::POD_INTERFACES))?;
         self.endpoints_mut()?
             .insert(
-                EndpointKey { ipv4: ep.pod_ipv4.octets() },
+                EndpointKey {
+                    ipv4: ep.pod_ipv4.octets(),
+                },
                 Endpoint {
                     host_ifindex: ep.host_ifindex,
                     pod_mac: ep.pod_mac.0,
@@ -258,20 +293,33 @@ impl Datapath {
             {
                 return Ok(());
             }
-            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
+            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin {
+                path: pin.clone(),
+                source,
+            })?;
         }
         if !ifindex_exists(ifindex) {
-            return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
+            return Err(DatapathError::NoInterface {
+                ifname: ifname.to_owned(),
+            });
         }
-        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
-        let program = self.from_pod_mut()?;
+        let attach_err = |source| DatapathError::Attach {
+            ifname: ifname.to_owned(),
+            source,
+        };
+        let program = self.program_from_pod_mut()?;
         let link_id = program
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link
-            .try_into()
-            .map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
+        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            ifname: ifname.to_owned(),
+            source,
+        })?;
         fd_link.pin(&pin).map_err(|source| DatapathError::PinLink {
             ifname: ifname.to_owned(),
             path: pin.clone(),
@@ -333,12 +381,15 @@ impl Datapath {
     /// - every pinned link whose veth still exists is switched atomically to the
     ///   program we just loaded (a new build replaces the old one hitlessly);
     /// - links, interfaces and endpoints whose veth is gone are removed.
+    ///
     /// Nothing that is still valid is ever removed or re-created.
     pub fn reconcile(&mut self) -> Result<ReconcileReport, DatapathError> {
         let mut report = ReconcileReport::default();
         let links_dir = self.pins.links_dir();
-        let entries = fs::read_dir(&links_dir)
-            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+        let entries = fs::read_dir(&links_dir).map_err(|source| DatapathError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             let ifname = entry.file_name().to_string_lossy().into_owned();
@@ -352,7 +403,10 @@ impl Datapath {
                 report.links_updated += 1;
             } else {
                 tracing::info!(ifname, "removing stale link pin");
-                fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
+                fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
+                    path: path.clone(),
+                    source,
+                })?;
                 report.stale_links_removed += 1;
             }
         }
@@ -381,11 +435,16 @@ impl Datapath {
     }
 
     fn update_link(&mut self, fd_link: FdLink, ifname: &str) -> Result<(), DatapathError> {
-        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
-        let link: SchedClassifierLink = fd_link
-            .try_into()
-            .map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
-        let program = self.from_pod_mut()?;
+        let attach_err = |source| DatapathError::Attach {
+            ifname: ifname.to_owned(),
+            source,
+        };
+        let link: SchedClassifierLink =
+            fd_link.try_into().map_err(|source| DatapathError::Link {
+                ifname: ifname.to_owned(),
+                source,
+            })?;
+        let program = self.program_from_pod_mut()?;
         let id = program.attach_to_link(link).map_err(attach_err)?;
         // The pin keeps the link; drop our fd without detaching.
         let link = program.take_link(id).map_err(attach_err)?;
@@ -421,7 +480,8 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
         let open = |name: &'static str| -> Result<Map, DatapathError> {
-            let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+            let data = MapData::from_pin(pins.map(name))
+                .map_err(|source| DatapathError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
         };
         Ok(Self {
@@ -452,15 +512,23 @@ impl Counters {
         let sum = |map: &Map, name: &'static str, slot: u32| -> Result<u64, DatapathError> {
             let array: PerCpuArray<&MapData, u64> =
                 PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-            let values = array.get(&slot, 0).map_err(|source| DatapathError::Map { name, source })?;
+            let values = array
+                .get(&slot, 0)
+                .map_err(|source| DatapathError::Map { name, source })?;
             Ok(values.iter().sum())
         };
         let mut counters = Counters::default();
         for reason in DropReason::ALL {
-            counters.drops.insert(reason.name(), sum(drops, map_names::DROP_COUNTERS, reason as u32)?);
+            counters.drops.insert(
+                reason.name(),
+                sum(drops, map_names::DROP_COUNTERS, reason as u32)?,
+            );
         }
         for path in ForwardPath::ALL {
-            counters.forwards.insert(path.name(), sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?);
+            counters.forwards.insert(
+                path.name(),
+                sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?,
+            );
         }
         Ok(counters)
     }
@@ -475,13 +543,22 @@ impl Counters {
 
 impl Datapath {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        Counters::read(self.map(map_names::DROP_COUNTERS)?, self.map(map_names::FORWARD_COUNTERS)?)
+        Counters::read(
+            self.map(map_names::DROP_COUNTERS)?,
+            self.map(map_names::FORWARD_COUNTERS)?,
+        )
     }
 
     /// Direct map access for packet-level tests (unpinned datapath).
-    pub fn insert_pod_interface(&mut self, ifindex: u32, iface: PodInterface) -> Result<(), DatapathError> {
+    pub fn insert_pod_interface(
+        &mut self,
+        ifindex: u32,
+        iface: PodInterface,
+    ) -> Result<(), DatapathError> {
         let name = map_names::POD_INTERFACES;
-        self.pod_interfaces_mut()?.insert(ifindex, iface, 0).map_err(|source| DatapathError::Map { name, source })
+        self.pod_interfaces_mut()?
+            .insert(ifindex, iface, 0)
+            .map_err(|source| DatapathError::Map { name, source })
     }
 
     pub fn insert_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {

@@ -63,6 +63,12 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 }
 
 #[inline(always)]
+fn vlan_present(ctx: &TcContext) -> bool {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
+#[inline(always)]
 fn same_ipv4(a: [u8; 4], b: [u8; 4]) -> bool {
     u32::from_ne_bytes(a) == u32::from_ne_bytes(b)
 }
@@ -76,6 +82,11 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         None => return Err(DropReason::UnknownInterface),
     };
 
+    // veth's VLAN offload moves an 802.1Q tag out of the frame into skb
+    // metadata before TC runs, so a tagged frame looks untagged here.
+    if vlan_present(ctx) {
+        return Err(DropReason::VlanTagged);
+    }
     pull_headers(ctx);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at checked the bounds.

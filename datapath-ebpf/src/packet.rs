@@ -55,7 +55,11 @@ pub const MAX_HEADER_BYTES: u32 = (ETH_HLEN + 60) as u32;
 /// Headers of veth traffic are normally linear already, so this rarely pulls.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADER_BYTES { ctx.len() } else { MAX_HEADER_BYTES };
+    let want = if ctx.len() < MAX_HEADER_BYTES {
+        ctx.len()
+    } else {
+        MAX_HEADER_BYTES
+    };
     if ctx.data() + want as usize > ctx.data_end() {
         // On failure the bounds checks below simply fail: a named drop.
         let _ = ctx.pull_data(want);

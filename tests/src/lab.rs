@@ -89,8 +89,19 @@ impl Node {
         let id = format!("dpt{}x{n}", std::process::id());
         let netns = Netns::new(format!("{id}-node"));
         let ns = netns.name.clone();
-        sh(&["ip", "-n", &ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "dptup1"]);
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", UPLINK]);
+        sh(&[
+            "ip", "-n", &ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "dptup1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            UPLINK,
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", UPLINK, "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "dptup1", "up"]);
         let work_dir = PathBuf::from(format!("/tmp/{id}"));
@@ -98,7 +109,16 @@ impl Node {
         std::fs::create_dir_all(work_dir.join("ipam")).unwrap();
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{id}"));
         let socket = work_dir.join("run/agent.sock");
-        let node = Self { id, netns, pod_cidr: pod_cidr.into(), node_ip, work_dir, bpffs_dir, socket, agent: None };
+        let node = Self {
+            id,
+            netns,
+            pod_cidr: pod_cidr.into(),
+            node_ip,
+            work_dir,
+            bpffs_dir,
+            socket,
+            agent: None,
+        };
         std::fs::write(node.config_path(), node.agent_config()).unwrap();
         node
     }
@@ -121,7 +141,8 @@ impl Node {
     /// /sys as is, so bpffs stays visible.
     pub fn in_node(&self, program: &Path) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns.path().display())).arg(program);
+        cmd.arg(format!("--net={}", self.netns.path().display()))
+            .arg(program);
         cmd
     }
 
@@ -143,7 +164,11 @@ impl Node {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited with {status}:\n{}", self.agent_log());
             }
-            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up:\n{}",
+                self.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -151,11 +176,23 @@ impl Node {
     /// SIGTERM and wait: pinned state must stay.
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash or OOM kill.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // nsenter execs the agent, so the child pid is the agent's.
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -185,25 +222,43 @@ impl Node {
     pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> CniRun {
         let cni_path = format!("{}:/usr/lib/cni", bin_dir().display());
         let mut cmd = self.in_node(&bin_dir().join("datapath-cni"));
-        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").env("CNI_PATH", cni_path);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_PATH", cni_path);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         let out = child.wait_with_output().unwrap();
         let raw_stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stdout = serde_json::from_str(raw_stdout.trim()).unwrap_or(serde_json::Value::Null);
-        CniRun { success: out.status.success(), stdout, raw_stdout }
+        CniRun {
+            success: out.status.success(),
+            stdout,
+            raw_stdout,
+        }
     }
 
-    pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    pub fn cni_env<'a>(
+        command: &'a str,
+        container_id: &'a str,
+        netns: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
         vec![
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", container_id),
             ("CNI_NETNS", netns),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-pod"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-pod",
+            ),
         ]
     }
 
@@ -212,29 +267,57 @@ impl Node {
         let netns = Netns::new(format!("{}-{name}", self.id));
         let container_id = format!("{}-{name}-container", self.id);
         let path = netns.path().display().to_string();
-        let run = self.cni(&Self::cni_env("ADD", &container_id, &path), self.cni_config().to_string().as_bytes());
-        assert!(run.success, "CNI ADD failed: {}\nagent log:\n{}", run.raw_stdout, self.agent_log());
-        let address = run.stdout["ips"][0]["address"].as_str().expect("result has an address");
+        let run = self.cni(
+            &Self::cni_env("ADD", &container_id, &path),
+            self.cni_config().to_string().as_bytes(),
+        );
+        assert!(
+            run.success,
+            "CNI ADD failed: {}\nagent log:\n{}",
+            run.raw_stdout,
+            self.agent_log()
+        );
+        let address = run.stdout["ips"][0]["address"]
+            .as_str()
+            .expect("result has an address");
         let ip: Ipv4Addr = address.trim_end_matches("/32").parse().unwrap();
-        let host_veth = run.stdout["interfaces"][0]["name"].as_str().unwrap().to_owned();
-        Pod { netns, container_id, ip, host_veth, result: run.stdout }
+        let host_veth = run.stdout["interfaces"][0]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Pod {
+            netns,
+            container_id,
+            ip,
+            host_veth,
+            result: run.stdout,
+        }
     }
 
     pub fn del_pod(&self, pod: &Pod) -> CniRun {
         let path = pod.netns.path().display().to_string();
         let mut conf = self.cni_config();
         conf["prevResult"] = pod.result.clone();
-        self.cni(&Self::cni_env("DEL", &pod.container_id, &path), conf.to_string().as_bytes())
+        self.cni(
+            &Self::cni_env("DEL", &pod.container_id, &path),
+            conf.to_string().as_bytes(),
+        )
     }
 
-    /// `datapath-agent inspect <what> --json` against this node's pins.
+    /// `datapath-agent inspect <what> --json` against this node's pins, run
+    /// in the node's namespace (where the host veth ifindexes mean something).
     pub fn inspect(&self, what: &str) -> serde_json::Value {
-        let out = Command::new(bin_dir().join("datapath-agent"))
+        let out = self
+            .in_node(&bin_dir().join("datapath-agent"))
             .args(["inspect", what, "--json", "--bpffs-dir"])
             .arg(&self.bpffs_dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inspect {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -281,10 +364,22 @@ impl Drop for Node {
 
 /// Ping `dst` from inside `from` (a netns name): `count` echo requests.
 pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> bool {
-    from.exec_ok(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
+    from.exec_ok(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &dst.to_string(),
+    ])
 }
 
-fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(ns).unwrap();
     std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -294,7 +389,12 @@ fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static
 
 /// A real TCP connection from `client` to a server in `server` at
 /// `server_ip`: the client sends `len` bytes, the server echoes them back.
-pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize) -> anyhow::Result<()> {
+pub fn tcp_echo(
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    client: &Netns,
+    len: usize,
+) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
     let (tx, rx) = std::sync::mpsc::channel::<u16>();
     let srv = in_netns(&server.path(), move || -> anyhow::Result<()> {
@@ -314,7 +414,8 @@ pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize)
     });
     let port = rx.recv_timeout(Duration::from_secs(5))?;
     let cli = in_netns(&client.path(), move || -> anyhow::Result<()> {
-        let mut conn = TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(5))?;
+        let mut conn =
+            TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(5))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let writer = {
@@ -324,11 +425,68 @@ pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize)
         };
         let mut back = vec![0u8; len];
         conn.read_exact(&mut back)?;
-        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
         anyhow::ensure!(back == payload, "echoed bytes differ");
         Ok(())
     });
-    cli.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
-    srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    cli.join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     Ok(())
+}
+
+/// Send raw Ethernet frames out of `ifname` inside `ns` (AF_PACKET), as a
+/// misbehaving pod could.
+pub fn send_raw_frames(ns: &Netns, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    let ifname = ifname.to_owned();
+    in_netns(&ns.path(), move || -> anyhow::Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())?;
+        // SAFETY: plain socket calls with checked results; addr is a zeroed sockaddr_ll.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            anyhow::ensure!(
+                fd >= 0,
+                "socket(AF_PACKET): {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            for frame in &frames {
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    anyhow::bail!("sendto: {e}");
+                }
+            }
+            libc::close(fd);
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("raw sender panicked"))?
+}
+
+/// MAC of `ifname` inside `ns`.
+pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let out = sh(&["ip", "-n", &ns.name, "-j", "link", "show", ifname]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = v[0]["address"].as_str().unwrap();
+    let mut mac = [0u8; 6];
+    for (i, part) in s.split(':').enumerate() {
+        mac[i] = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
 }

@@ -25,9 +25,9 @@ pub fn require_root(test: &str) -> bool {
 /// Where the agent and plugin binaries are: `DATAPATH_BIN_DIR` (set by
 /// `cargo xtask test`), else the workspace's target/debug.
 pub fn bin_dir() -> PathBuf {
-    let dir = std::env::var_os("DATAPATH_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
-    });
+    let dir = std::env::var_os("DATAPATH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     for bin in ["datapath-agent", "datapath-cni"] {
         assert!(
             dir.join(bin).is_file(),
@@ -42,7 +42,10 @@ pub fn bin_dir() -> PathBuf {
 /// Run a command, panicking with its output if it fails.
 #[track_caller]
 pub fn sh(args: &[&str]) -> String {
-    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}\n{}",

@@ -1,1 +1,66 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's developer tasks.
+
+mod bench;
+mod run;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Developer tasks of the eBPF pod datapath")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// The whole test suite: fmt, clippy, unit, packet-level and end-to-end tests (root).
+    Test(test::TestArgs),
+    /// Demo node with two pods (no arguments), or the agent on this host (`-- <agent args>`).
+    Run(run::RunArgs),
+    /// Same-node pod-to-pod TCP_RR and throughput: ours vs Linux bridge vs bare veth.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Test(args) => test::test(args),
+        Task::Run(args) => run::run(args),
+        Task::Bench(args) => bench::bench(args),
+    }
+}
+
+/// Run a command to completion, failing with its name if it fails.
+pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "{cmd:?} failed with {status}");
+    Ok(())
+}
+
+pub fn cargo() -> std::process::Command {
+    std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Build the agent and plugin binaries; returns their directory.
+pub fn build_bins(release: bool) -> anyhow::Result<std::path::PathBuf> {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .args(["build", "-p", "datapath-agent", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}

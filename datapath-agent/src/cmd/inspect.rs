@@ -40,8 +40,12 @@ struct EndpointRow {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs_dir))
-        .with_context(|| format!("opening pinned maps under {} (has the agent ever run?)", args.bpffs_dir.display()))?;
+    let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs_dir)).with_context(|| {
+        format!(
+            "opening pinned maps under {} (has the agent ever run?)",
+            args.bpffs_dir.display()
+        )
+    })?;
     match args.what {
         InspectWhat::Endpoints => {
             let rows: Vec<EndpointRow> = maps
@@ -60,7 +64,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<16} {:<18} {:<16} {:<8} {:<18}", "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC");
+                println!(
+                    "{:<16} {:<18} {:<16} {:<8} {:<18}",
+                    "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC"
+                );
                 for r in rows {
                     println!(
                         "{:<16} {:<18} {:<16} {:<8} {:<18}",

@@ -37,7 +37,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir))
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
     let mut agent = Agent { config, datapath };
-    let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    let report = agent
+        .datapath
+        .reconcile()
+        .context("reconciling pinned state")?;
     tracing::info!(
         node = agent.config.node_name,
         pod_cidr = %agent.config.pod_cidr,
@@ -82,16 +85,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Bind the API socket so that only root can connect: the directory is 0700
 /// and the socket 0600 (a pod must never be able to register endpoints).
 fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    let dir = path.parent().context("api_socket has no parent directory")?;
+    let dir = path
+        .parent()
+        .context("api_socket has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
@@ -105,12 +113,16 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
             Ok(request) => {
                 let agent = Arc::clone(&agent);
                 tokio::task::spawn_blocking(move || {
-                    let mut agent = agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut agent = agent
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                     agent.handle(request)
                 })
                 .await?
             }
-            Err(e) => Response::Error { message: format!("malformed request: {e}") },
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
         };
         let mut out = serde_json::to_vec(&response)?;
         out.push(b'\n');
@@ -129,7 +141,9 @@ impl Agent {
                         pod_cidr: self.config.pod_cidr.to_string(),
                         endpoints: endpoints.len(),
                     },
-                    Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
+                    Err(e) => Response::Error {
+                        message: format!("{:#}", anyhow::Error::from(e)),
+                    },
                 };
             }
             Request::AddEndpoint(spec) => self.add_endpoint(spec),
@@ -139,7 +153,9 @@ impl Agent {
             Ok(()) => Response::Done,
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "request refused");
-                Response::Error { message: format!("{e:#}") }
+                Response::Error {
+                    message: format!("{e:#}"),
+                }
             }
         }
     }
@@ -168,7 +184,11 @@ impl Agent {
         };
         if let Err(e) = self.datapath.add_endpoint(&endpoint) {
             // Leave nothing half-made behind.
-            let _ = self.datapath.remove_endpoint(&spec.host_ifname, Some(spec.host_ifindex), Some(spec.pod_ipv4));
+            let _ = self.datapath.remove_endpoint(
+                &spec.host_ifname,
+                Some(spec.host_ifindex),
+                Some(spec.pod_ipv4),
+            );
             return Err(e).context("programming the endpoint");
         }
         tracing::info!(
@@ -184,9 +204,18 @@ impl Agent {
     fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
         let removed = self
             .datapath
-            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, reference.pod_ipv4)
+            .remove_endpoint(
+                &reference.host_ifname,
+                reference.host_ifindex,
+                reference.pod_ipv4,
+            )
             .context("removing the endpoint")?;
-        tracing::info!(container = reference.container_id, veth = reference.host_ifname, removed, "endpoint deleted");
+        tracing::info!(
+            container = reference.container_id,
+            veth = reference.host_ifname,
+            removed,
+            "endpoint deleted"
+        );
         Ok(())
     }
 }

@@ -23,7 +23,9 @@ where
     F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         // The socket is bound to the namespace of the thread that creates it.
         let (connection, handle, _) = rtnetlink::new_connection()?;
@@ -49,7 +51,10 @@ fn state_of(msg: &LinkMessage) -> LinkState {
             _ => None,
         })
         .unwrap_or_default();
-    LinkState { index: msg.header.index, mac }
+    LinkState {
+        index: msg.header.index,
+        mac,
+    }
 }
 
 /// The link called `name`, if there is one.
@@ -87,7 +92,11 @@ pub async fn create_veth(
 }
 
 pub async fn set_up(handle: &Handle, index: u32) -> NlResult<()> {
-    handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
 }
 
 pub async fn delete(handle: &Handle, index: u32) -> NlResult<()> {
@@ -96,8 +105,17 @@ pub async fn delete(handle: &Handle, index: u32) -> NlResult<()> {
 
 /// Pod side: `addr/32`, up, a link route to the gateway and the default route
 /// through it. The gateway answers ARP from the datapath (no bridge).
-pub async fn configure_pod_interface(handle: &Handle, index: u32, addr: Ipv4Addr, gateway: Ipv4Addr) -> NlResult<()> {
-    handle.address().add(index, addr.into(), 32).execute().await?;
+pub async fn configure_pod_interface(
+    handle: &Handle,
+    index: u32,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> NlResult<()> {
+    handle
+        .address()
+        .add(index, addr.into(), 32)
+        .execute()
+        .await?;
     set_up(handle, index).await?;
     let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(gateway, 32)

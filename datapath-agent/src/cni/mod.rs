@@ -38,16 +38,29 @@ pub fn invoke(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome
     // Errors are reported in the config's version when we can read it.
     let version_hint = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|v| v.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_owned());
     match dispatch(get_env, stdin) {
-        Ok(stdout) => Outcome { stdout, success: true },
-        Err(e) => Outcome { stdout: e.to_json(&version_hint), success: false },
+        Ok(stdout) => Outcome {
+            stdout,
+            success: true,
+        },
+        Err(e) => Outcome {
+            stdout: e.to_json(&version_hint),
+            success: false,
+        },
     }
 }
 
-fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
+fn dispatch(
+    get_env: impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+) -> Result<serde_json::Value, CniError> {
     let env = Env::from_vars(get_env)?;
     match env.command.as_str() {
         // VERSION needs no config beyond (optionally) its version.
@@ -64,14 +77,18 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
         }
         "STATUS" => {
             let conf = NetConf::parse(stdin)?;
-            agent_status(&conf).map(|()| serde_json::Value::Null).map_err(|e| CniError {
-                code: ErrorCode::PluginNotAvailable as u32,
-                ..e
-            })
+            agent_status(&conf)
+                .map(|()| serde_json::Value::Null)
+                .map_err(|e| CniError {
+                    code: ErrorCode::PluginNotAvailable as u32,
+                    ..e
+                })
         }
         other => Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!("CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"),
+            format!(
+                "CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"
+            ),
         )),
     }
 }
@@ -92,12 +109,18 @@ fn agent_error(e: ClientError) -> CniError {
             "the datapath agent is not running on this node; try again when it is ready",
             &e,
         ),
-        other => CniError::with_source(ErrorCode::IoFailure, "the datapath agent refused the request", &other),
+        other => CniError::with_source(
+            ErrorCode::IoFailure,
+            "the datapath agent refused the request",
+            &other,
+        ),
     }
 }
 
 fn agent_status(conf: &NetConf) -> Result<(), CniError> {
-    api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT).map(|_| ()).map_err(agent_error)
+    api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT)
+        .map(|_| ())
+        .map_err(agent_error)
 }
 
 /// What this ADD created so far: exactly what a failure must undo.
@@ -116,7 +139,11 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
         .ok_or_else(|| CniError::new(ErrorCode::InvalidNetworkConfig, "\"ipam\" is missing; add e.g. {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"<node pod CIDR>\"}]]}"))?;
     let netns_path = Path::new(&env.netns);
     let netns_file = netns::open(netns_path).map_err(|e| {
-        CniError::with_source(ErrorCode::UnknownContainer, format!("network namespace {} cannot be opened", env.netns), &e)
+        CniError::with_source(
+            ErrorCode::UnknownContainer,
+            format!("network namespace {} cannot be opened", env.netns),
+            &e,
+        )
     })?;
     // Before any side effect: without the agent nothing would forward.
     agent_status(conf)?;
@@ -147,36 +174,66 @@ fn add_steps(
         if link::get(&handle, &host_name).await?.is_some() {
             anyhow::bail!("host veth {host_name} already exists (container already added?)");
         }
-        link::create_veth(&handle, &host_name, &env.ifname, netns_file, mtu).await.context("creating the veth pair")?;
-        let host = link::get(&handle, &host_name).await?.context("veth vanished after creation")?;
+        link::create_veth(&handle, &host_name, &env.ifname, netns_file, mtu)
+            .await
+            .context("creating the veth pair")?;
+        let host = link::get(&handle, &host_name)
+            .await?
+            .context("veth vanished after creation")?;
         Ok((host_name, host))
     });
     let (host_name, host) = match host {
         Ok(v) => v,
-        Err(e) => return Err(CniError::from_anyhow(ErrorCode::IoFailure, "cannot create the pod's veth pair", &e)),
+        Err(e) => {
+            return Err(CniError::from_anyhow(
+                ErrorCode::IoFailure,
+                "cannot create the pod's veth pair",
+                &e,
+            ));
+        }
     };
     undo.host_veth = Some(host.index);
 
     let ifname = env.ifname.clone();
     let pod = netns::run_in(Path::new(&env.netns), move || {
         link::with_handle(|handle| async move {
-            let pod = link::get(&handle, &ifname).await?.with_context(|| format!("{ifname} not found in the pod"))?;
+            let pod = link::get(&handle, &ifname)
+                .await?
+                .with_context(|| format!("{ifname} not found in the pod"))?;
             link::configure_pod_interface(&handle, pod.index, pod_ip, POD_GATEWAY)
                 .await
                 .context("configuring the pod interface")?;
             Ok(pod)
         })
     })
-    .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot enter the pod's network namespace", &e))?
-    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the pod interface", &e))?;
+    .map_err(|e| {
+        CniError::with_source(
+            ErrorCode::IoFailure,
+            "cannot enter the pod's network namespace",
+            &e,
+        )
+    })?
+    .map_err(|e| {
+        CniError::from_anyhow(
+            ErrorCode::IoFailure,
+            "cannot configure the pod interface",
+            &e,
+        )
+    })?;
 
     let host_index = host.index;
     link::with_handle(|handle| async move {
-        link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
-        link::add_host_route(&handle, pod_ip, host_index).await.context("adding the node's route to the pod")?;
+        link::set_up(&handle, host_index)
+            .await
+            .context("bringing the host veth up")?;
+        link::add_host_route(&handle, pod_ip, host_index)
+            .await
+            .context("adding the node's route to the pod")?;
         Ok(())
     })
-    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
+    .map_err(|e| {
+        CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e)
+    })?;
 
     let (pod_namespace, pod_name) = env.k8s_pod();
     let spec = EndpointSpec {
@@ -197,7 +254,12 @@ fn add_steps(
         host_ifindex: Some(host.index),
         pod_ipv4: Some(pod_ip),
     });
-    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec), AGENT_TIMEOUT).map_err(agent_error)?;
+    api::call(
+        &conf.agent_socket(),
+        &Request::AddEndpoint(spec),
+        AGENT_TIMEOUT,
+    )
+    .map_err(agent_error)?;
 
     let mut ip = json!({ "address": format!("{pod_ip}/32"), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
     if conf.cni_version == "0.4.0" {
@@ -217,7 +279,11 @@ fn add_steps(
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {
     if let Some(reference) = undo.endpoint {
-        let _ = api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT);
+        let _ = api::call(
+            &conf.agent_socket(),
+            &Request::DelEndpoint(reference),
+            AGENT_TIMEOUT,
+        );
     }
     if let Some(index) = undo.host_veth {
         // Deleting the host end deletes the pod end and the /32 route with it.
@@ -242,8 +308,11 @@ fn prev_result_ipv4(conf: &NetConf) -> Option<Ipv4Addr> {
 fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let lookup_name = host_name.clone();
-    let host = link::with_handle(|handle| async move { Ok(link::get(&handle, &lookup_name).await?) })
-        .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot look up the host veth", &e))?;
+    let host =
+        link::with_handle(|handle| async move { Ok(link::get(&handle, &lookup_name).await?) })
+            .map_err(|e| {
+                CniError::from_anyhow(ErrorCode::IoFailure, "cannot look up the host veth", &e)
+            })?;
 
     // 1. Stop delivering to the pod. With the agent down the entry is removed
     //    by its reconciliation on start (the veth will be gone by then).
@@ -253,7 +322,11 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         host_ifindex: host.as_ref().map(|h| h.index),
         pod_ipv4: prev_result_ipv4(conf),
     };
-    match api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT) {
+    match api::call(
+        &conf.agent_socket(),
+        &Request::DelEndpoint(reference),
+        AGENT_TIMEOUT,
+    ) {
         Ok(_) | Err(ClientError::Unreachable { .. }) => {}
         Err(e) => return Err(agent_error(e)),
     }
@@ -266,7 +339,13 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
                 Err(e) => Err(e.into()),
             }
         })
-        .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, format!("cannot delete veth {host_name}"), &e))?;
+        .map_err(|e| {
+            CniError::from_anyhow(
+                ErrorCode::IoFailure,
+                format!("cannot delete veth {host_name}"),
+                &e,
+            )
+        })?;
     }
     // 3. The address lease.
     if let Some(ipam) = &conf.ipam {

@@ -46,7 +46,11 @@ impl NetConf {
         // First just the version, so that even a config we cannot use gets an
         // error in its own cniVersion.
         let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
-            let code = if e.is_syntax() || e.is_eof() { ErrorCode::DecodeFailure } else { ErrorCode::InvalidNetworkConfig };
+            let code = if e.is_syntax() || e.is_eof() {
+                ErrorCode::DecodeFailure
+            } else {
+                ErrorCode::InvalidNetworkConfig
+            };
             CniError::with_source(code, "network configuration on stdin is not valid", &e)
         })?;
         conf.validate()?;
@@ -73,7 +77,9 @@ impl NetConf {
             ));
         }
         if let Some(prefix) = &self.host_veth_prefix
-            && (prefix.is_empty() || prefix.len() > 4 || !prefix.chars().all(|c| c.is_ascii_alphanumeric()))
+            && (prefix.is_empty()
+                || prefix.len() > 4
+                || !prefix.chars().all(|c| c.is_ascii_alphanumeric()))
         {
             return Err(CniError::new(
                 ErrorCode::InvalidNetworkConfig,
@@ -84,13 +90,17 @@ impl NetConf {
     }
 
     pub fn agent_socket(&self) -> PathBuf {
-        self.agent_socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET))
+        self.agent_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET))
     }
     pub fn mtu(&self) -> u32 {
         self.mtu.unwrap_or(DEFAULT_MTU)
     }
     pub fn veth_prefix(&self) -> &str {
-        self.host_veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
+        self.host_veth_prefix
+            .as_deref()
+            .unwrap_or(DEFAULT_VETH_PREFIX)
     }
 }
 
@@ -109,7 +119,9 @@ impl Env {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let command = get("CNI_COMMAND")
             .filter(|c| !c.is_empty())
-            .ok_or_else(|| CniError::new(ErrorCode::InvalidEnvironment, "CNI_COMMAND is not set"))?;
+            .ok_or_else(|| {
+                CniError::new(ErrorCode::InvalidEnvironment, "CNI_COMMAND is not set")
+            })?;
         let args = parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?;
         Ok(Self {
             command,
@@ -132,24 +144,36 @@ impl Env {
             let (value, hint) = match *name {
                 "CNI_CONTAINERID" => (&self.container_id, "the container ID"),
                 "CNI_NETNS" => (&self.netns, "the path of the pod's network namespace"),
-                "CNI_IFNAME" => (&self.ifname, "the interface name to create in the pod, e.g. eth0"),
+                "CNI_IFNAME" => (
+                    &self.ifname,
+                    "the interface name to create in the pod, e.g. eth0",
+                ),
                 _ => continue,
             };
             if value.is_empty() {
-                return Err(CniError::new(ErrorCode::InvalidEnvironment, format!("{name} is not set: it must name {hint}")));
+                return Err(CniError::new(
+                    ErrorCode::InvalidEnvironment,
+                    format!("{name} is not set: it must name {hint}"),
+                ));
             }
         }
         if self.ifname.len() > 15 || self.ifname.contains('/') {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
-                format!("CNI_IFNAME {:?} is not a valid interface name (at most 15 characters, no '/')", self.ifname),
+                format!(
+                    "CNI_IFNAME {:?} is not a valid interface name (at most 15 characters, no '/')",
+                    self.ifname
+                ),
             ));
         }
         Ok(())
     }
 
     pub fn k8s_pod(&self) -> (Option<String>, Option<String>) {
-        (self.args.get("K8S_POD_NAMESPACE").cloned(), self.args.get("K8S_POD_NAME").cloned())
+        (
+            self.args.get("K8S_POD_NAMESPACE").cloned(),
+            self.args.get("K8S_POD_NAME").cloned(),
+        )
     }
 }
 
@@ -158,7 +182,10 @@ pub fn parse_cni_args(raw: &str) -> Result<BTreeMap<String, String>, CniError> {
     let mut out = BTreeMap::new();
     for pair in raw.split(';').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            CniError::new(ErrorCode::InvalidEnvironment, format!("CNI_ARGS element {pair:?} is not KEY=VALUE"))
+            CniError::new(
+                ErrorCode::InvalidEnvironment,
+                format!("CNI_ARGS element {pair:?} is not KEY=VALUE"),
+            )
         })?;
         out.insert(k.to_owned(), v.to_owned());
     }
@@ -171,20 +198,26 @@ mod tests {
 
     #[test]
     fn parses_k8s_args() {
-        let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
+        let a =
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("garbage").is_err());
     }
 
     #[test]
     fn config_errors_have_the_right_codes() {
-        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, ErrorCode::DecodeFailure as u32);
-        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"datapath-cni"}"#).unwrap_err();
+        assert_eq!(
+            NetConf::parse(b"{not json").unwrap_err().code,
+            ErrorCode::DecodeFailure as u32
+        );
+        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"datapath-cni"}"#)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::IncompatibleVersion as u32);
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","type":"datapath-cni"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidNetworkConfig as u32);
         assert!(e.details.contains("name"), "{e}");
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":10}"#).unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":10}"#)
+            .unwrap_err();
         assert!(e.msg.contains("mtu"), "{e}");
     }
 }
