@@ -1,5 +1,423 @@
-pub fn bench(_: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
-}
+//! `cargo xtask bench`: same-node pod-to-pod TCP_RR, TCP_CRR and throughput
+//! for our datapath, a Linux bridge as flannel builds it, and a bare veth
+//! pair (the physical limit here), measured in one run, CPUs pinned (client
+//! on CPU 0, server on CPU 1), repeats interleaved across setups so drift hits
+//! all alike; min/median/max per figure and the ratio of medians to bare veth.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use datapath_tests::{
+    lab::{Netns, Node, Pod},
+    sh,
+};
+
+use crate::build_bins;
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    pub duration: u64,
+    /// Repeats of every measurement (at least 3 for min/median/max).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/same-node.json")]
+    pub output: PathBuf,
+}
+
+/// Two endpoints to measure between: namespaces and the server's address.
+struct Pair {
+    name: &'static str,
+    client: PathBuf,
+    client_name: String,
+    server: PathBuf,
+    server_name: String,
+    server_ip: Ipv4Addr,
+}
+
+/// Bare veth pair: two namespaces, one cable.
+struct BareVeth {
+    a: Netns,
+    b: Netns,
+}
+
+impl BareVeth {
+    fn new(prefix: &str) -> Self {
+        let a = Netns::new(format!("{prefix}-veth-a"));
+        let b = Netns::new(format!("{prefix}-veth-b"));
+        sh(&[
+            "ip", "-n", &a.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &b.name,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &a.name,
+            "addr",
+            "add",
+            "10.201.0.1/24",
+            "dev",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &b.name,
+            "addr",
+            "add",
+            "10.201.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &a.name, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &b.name, "link", "set", "eth0", "up"]);
+        Self { a, b }
+    }
+    fn pair(&self) -> Pair {
+        Pair {
+            name: "bare veth pair (limit)",
+            client: self.a.path(),
+            client_name: self.a.name.clone(),
+            server: self.b.path(),
+            server_name: self.b.name.clone(),
+            server_ip: Ipv4Addr::new(10, 201, 0, 2),
+        }
+    }
+}
+
+/// flannel's same-node path: pods on the `cni0` bridge (baselines.md).
+struct Bridge {
+    node: Netns,
+    a: Netns,
+    b: Netns,
+}
+
+impl Bridge {
+    fn new(prefix: &str) -> Self {
+        let node = Netns::new(format!("{prefix}-br-node"));
+        let a = Netns::new(format!("{prefix}-br-a"));
+        let b = Netns::new(format!("{prefix}-br-b"));
+        let n = node.name.clone();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        sh(&["ip", "-n", &n, "link", "add", "cni0", "type", "bridge"]);
+        sh(&["ip", "-n", &n, "link", "set", "cni0", "mtu", "1500", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &n,
+            "addr",
+            "add",
+            "10.202.0.1/24",
+            "dev",
+            "cni0",
+        ]);
+        for (pod, veth, ip) in [
+            (&a, "vetha", "10.202.0.2/24"),
+            (&b, "vethb", "10.202.0.3/24"),
+        ] {
+            sh(&[
+                "ip", "-n", &n, "link", "add", veth, "mtu", "1500", "type", "veth", "peer", "name",
+                "eth0", "netns", &pod.name,
+            ]);
+            sh(&["ip", "-n", &n, "link", "set", veth, "master", "cni0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &n,
+                "link",
+                "set",
+                "dev",
+                veth,
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
+            ]);
+            sh(&["ip", "-n", &pod.name, "addr", "add", ip, "dev", "eth0"]);
+            sh(&["ip", "-n", &pod.name, "link", "set", "eth0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &pod.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.202.0.1",
+            ]);
+        }
+        Self { node, a, b }
+    }
+    fn pair(&self) -> Pair {
+        let _ = &self.node;
+        Pair {
+            name: "Linux bridge (flannel)",
+            client: self.a.path(),
+            client_name: self.a.name.clone(),
+            server: self.b.path(),
+            server_name: self.b.name.clone(),
+            server_ip: Ipv4Addr::new(10, 202, 0, 3),
+        }
+    }
+}
+
+fn ours_pair(a: &Pod, b: &Pod) -> Pair {
+    Pair {
+        name: "ours (TCX + redirect_peer)",
+        client: a.netns.path(),
+        client_name: a.netns.name.clone(),
+        server: b.netns.path(),
+        server_name: b.netns.name.clone(),
+        server_ip: b.ip,
+    }
+}
+
+fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
+    let file = std::fs::File::open(ns)?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// 1-byte request/response over one TCP connection (netperf TCP_RR) or a new
+/// connection per transaction (TCP_CRR). Returns transactions per second.
+fn request_response(
+    pair: &Pair,
+    duration: Duration,
+    new_connection_each: bool,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (server_ns, server_ip) = (pair.server.clone(), pair.server_ip);
+    let server_stop = Arc::clone(&stop);
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        enter(&server_ns, 1)?;
+        let listener = TcpListener::bind((server_ip, 0))?;
+        tx.send(listener.local_addr()?.port())?;
+        let mut byte = [0u8; 1];
+        while !server_stop.load(Ordering::Relaxed) {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_nodelay(true)?;
+            while let Ok(1) = conn.read(&mut byte) {
+                conn.write_all(&byte)?;
+            }
+        }
+        Ok(())
+    });
+    let port: u16 = rx.recv_timeout(Duration::from_secs(5))?;
+    let client_ns = pair.client.clone();
+    let client = std::thread::spawn(move || -> anyhow::Result<u64> {
+        enter(&client_ns, 0)?;
+        let addr = (server_ip, port).into();
+        let connect = || -> anyhow::Result<TcpStream> {
+            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_nodelay(true)?;
+            Ok(c)
+        };
+        let mut byte = [1u8; 1];
+        let mut done = 0u64;
+        let mut conn = connect()?;
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            if new_connection_each && done > 0 {
+                conn = connect()?;
+            }
+            conn.write_all(&byte)?;
+            conn.read_exact(&mut byte)?;
+            done += 1;
+        }
+        Ok(done)
+    });
+    let done = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    stop.store(true, Ordering::Relaxed);
+    // Unblock the server's accept.
+    let _ = std::thread::spawn({
+        let ns = pair.client.clone();
+        move || -> anyhow::Result<()> {
+            enter(&ns, 0)?;
+            let _ = TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(1));
+            Ok(())
+        }
+    })
+    .join();
+    let _ = server.join();
+    Ok(done as f64 / duration.as_secs_f64())
+}
+
+/// iperf3, client pinned to CPU 0 and server to CPU 1. Returns Gbit/s.
+fn throughput(pair: &Pair, duration: Duration) -> anyhow::Result<f64> {
+    let ip = pair.server_ip.to_string();
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.server_name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &ip,
+            "-A",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 server (is iperf3 installed? run scripts/setup.sh)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.client_name,
+            "iperf3",
+            "-c",
+            &ip,
+            "-A",
+            "0",
+            "-J",
+            "-t",
+        ])
+        .arg(duration.as_secs().to_string())
+        .output()?;
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+    Ok(bps / 1e9)
+}
+
+#[derive(serde::Serialize, Clone, Copy)]
+struct Stats {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    Stats {
+        min: v[0],
+        median,
+        max: v[v.len() - 1],
+    }
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark needs root (network namespaces, BPF)"
+    );
+    anyhow::ensure!(
+        args.repeats >= 3,
+        "--repeats must be at least 3 for min/median/max"
+    );
+    let bins = build_bins(true)?;
+    // SAFETY: single-threaded here; read by the lab helpers.
+    unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
+    let duration = Duration::from_secs(args.duration);
+    let prefix = format!("dpb{}", std::process::id());
+
+    let veth = BareVeth::new(&prefix);
+    let bridge = Bridge::new(&prefix);
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("bench-a");
+    let b = node.add_pod("bench-b");
+    let pairs = [veth.pair(), bridge.pair(), ours_pair(&a, &b)];
+
+    let metrics = [
+        "TCP_RR (trans/s)",
+        "TCP_CRR (trans/s)",
+        "TCP stream (Gbit/s)",
+    ];
+    let mut samples = vec![vec![Vec::new(); metrics.len()]; pairs.len()];
+    for rep in 0..args.repeats {
+        for (i, pair) in pairs.iter().enumerate() {
+            eprintln!("repeat {}/{}: {}", rep + 1, args.repeats, pair.name);
+            samples[i][0].push(request_response(pair, duration, false)?);
+            samples[i][1].push(request_response(pair, duration, true)?);
+            samples[i][2].push(throughput(pair, duration)?);
+        }
+    }
+
+    let results: Vec<Vec<Stats>> = samples
+        .into_iter()
+        .map(|per| per.into_iter().map(stats).collect())
+        .collect();
+    println!(
+        "\nSame-node pod to pod, {} s x {} repeats, client CPU 0, server CPU 1 ({} CPUs)",
+        args.duration,
+        args.repeats,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<28} {:<20} {:>12} {:>12} {:>12} {:>10}",
+        "setup", "metric", "min", "median", "max", "vs veth"
+    );
+    for (i, pair) in pairs.iter().enumerate() {
+        for (m, metric) in metrics.iter().enumerate() {
+            let s = results[i][m];
+            let ratio = s.median / results[0][m].median;
+            println!(
+                "{:<28} {:<20} {:>12.1} {:>12.1} {:>12.1} {:>10.2}",
+                pair.name, metric, s.min, s.median, s.max, ratio
+            );
+        }
+    }
+    let report = serde_json::json!({
+        "duration_s": args.duration,
+        "repeats": args.repeats,
+        "setups": pairs.iter().enumerate().map(|(i, p)| serde_json::json!({
+            "setup": p.name,
+            "tcp_rr_tps": results[i][0],
+            "tcp_crr_tps": results[i][1],
+            "tcp_stream_gbps": results[i][2],
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = args.output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.output, serde_json::to_string_pretty(&report)?)?;
+    println!("\nJSON report: {}", args.output.display());
+    drop((a, b));
+    drop(node);
+    Ok(())
+}
