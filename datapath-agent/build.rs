@@ -5,21 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir
-        .join("../datapath-ebpf")
-        .canonicalize()
-        .context("locating datapath-ebpf")?;
-    let root_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest_dir.join("../datapath-ebpf").canonicalize().context("locating datapath-ebpf")?;
+    let root_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "datapath-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "datapath-ebpf", root_dir, ..Default::default() }],
         aya_build::Toolchain::Custom("nightly"),
     )
 }

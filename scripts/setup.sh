@@ -13,6 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev   # bpf-linker build
     bpftool iproute2 iputils-ping util-linux             # inspection, namespaces, nsenter
+    nftables                                             # masquerading of pod -> outside traffic
     containernetworking-plugins                          # host-local IPAM, loopback
     iperf3                                               # throughput figures (xtask bench)
 )

@@ -58,6 +58,8 @@ pub enum Response {
         node_name: String,
         pod_cidr: String,
         endpoints: usize,
+        /// MTU for pod interfaces (uplink MTU, less VXLAN overhead in overlay mode).
+        pod_mtu: u32,
     },
     Done,
     Error {
@@ -88,23 +90,16 @@ pub enum ClientError {
 /// Send one request and wait for its answer (blocking: the CNI plugin is a
 /// short-lived process that does one thing at a time).
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
-    let io_err = |source| ClientError::Io {
-        path: socket.to_owned(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        path: socket.to_owned(),
-        source,
-    })?;
+    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Unreachable { path: socket.to_owned(), source })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::Decode)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
+    BufReader::new(&stream).read_line(&mut answer).map_err(io_err)?;
     match serde_json::from_str(&answer).map_err(ClientError::Decode)? {
         Response::Error { message } => Err(ClientError::Refused(message)),
         ok => Ok(ok),

@@ -27,6 +27,76 @@ pub struct AgentConfig {
     /// Unix socket on which the agent serves the CNI plugin.
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
+    /// The whole cluster's pod network; every node's pod CIDR is inside it.
+    pub cluster_cidr: Ipv4Net,
+    /// This node's address on the uplink (what peers send to).
+    pub node_ip: Ipv4Addr,
+    /// How pods reach other nodes' pods.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Masquerade pod traffic leaving the cluster to the node's address.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// VXLAN settings (overlay mode).
+    #[serde(default)]
+    pub vxlan: VxlanConfig,
+    /// The other nodes (static topology for dev VMs and tests).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Straight to the peer over the uplink: nodes must share an L2 segment.
+    #[default]
+    Native,
+    /// VXLAN encapsulation towards the peer: any IP connectivity suffices.
+    Vxlan,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VxlanConfig {
+    /// Name of the collect_md VXLAN device the agent manages.
+    #[serde(default = "default_vxlan_device")]
+    pub device: String,
+    /// UDP destination port (8472 as flannel and Cilium; 4789 is IANA's).
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+    /// VXLAN network identifier of the cluster.
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+}
+
+impl Default for VxlanConfig {
+    fn default() -> Self {
+        Self { device: default_vxlan_device(), port: default_vxlan_port(), vni: default_vni() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+}
+
+/// Bytes VXLAN over IPv4 adds: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+fn default_true() -> bool {
+    true
+}
+fn default_vxlan_device() -> String {
+    "dp-vxlan".into()
+}
+fn default_vxlan_port() -> u16 {
+    8472
+}
+fn default_vni() -> u32 {
+    1
 }
 
 fn default_bpffs_dir() -> PathBuf {
@@ -51,34 +121,23 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("config field `{field}` is invalid: {problem}; fix: {fix}")]
-    Invalid {
-        field: &'static str,
-        problem: String,
-        fix: &'static str,
-    },
+    Invalid { field: &'static str, problem: String, fix: &'static str },
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
         })
     }
 
     /// Parse and validate (no access to the system: see [`Self::check_host`]).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::new(),
-            source: Box::new(source),
-        })?;
+        let config: AgentConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source: Box::new(source) })?;
         config.validate()?;
         Ok(config)
     }
@@ -87,10 +146,7 @@ impl AgentConfig {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
             return Err(ConfigError::Invalid {
                 field: "node_name",
-                problem: format!(
-                    "{:?} is empty or longer than 253 characters",
-                    self.node_name
-                ),
+                problem: format!("{:?} is empty or longer than 253 characters", self.node_name),
                 fix: "set it to this node's Kubernetes name, e.g. node_name = \"worker-1\"",
             });
         }
@@ -122,6 +178,7 @@ impl AgentConfig {
                 fix: "use a directory on bpffs, e.g. \"/sys/fs/bpf/datapath\"",
             });
         }
+        self.validate_topology()?;
         if !self.api_socket.is_absolute() {
             return Err(ConfigError::Invalid {
                 field: "api_socket",
@@ -132,23 +189,172 @@ impl AgentConfig {
         Ok(())
     }
 
+    fn validate_topology(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        if self.cluster_cidr != self.cluster_cidr.trunc() {
+            return invalid(
+                "cluster_cidr",
+                format!("{} has host bits set", self.cluster_cidr),
+                "use the network address, e.g. \"10.244.0.0/16\"",
+            );
+        }
+        if !self.cluster_cidr.contains(&self.pod_cidr) {
+            return invalid(
+                "pod_cidr",
+                format!("{} is not inside cluster_cidr {}", self.pod_cidr, self.cluster_cidr),
+                "give this node a pod CIDR from the cluster's range",
+            );
+        }
+        if self.cluster_cidr.contains(&self.node_ip) {
+            return invalid(
+                "node_ip",
+                format!("{} is inside cluster_cidr {}", self.node_ip, self.cluster_cidr),
+                "use the node's address on the physical network, outside the pod range",
+            );
+        }
+        let vx = &self.vxlan;
+        if vx.vni == 0 || vx.vni >= 1 << 24 {
+            return invalid("vxlan.vni", format!("{} is not a 24-bit VNI", vx.vni), "use 1..16777215");
+        }
+        if vx.port == 0 {
+            return invalid("vxlan.port", "0 is not a port".into(), "use 8472 (the default) or 4789");
+        }
+        if vx.device.is_empty() || vx.device.len() > 15 {
+            return invalid(
+                "vxlan.device",
+                format!("{:?} is not a valid interface name", vx.device),
+                "use at most 15 characters, e.g. \"dp-vxlan\"",
+            );
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            let name = &peer.name;
+            if name.is_empty() {
+                return invalid(
+                    "peers.name",
+                    format!("peer #{} has no name", i + 1),
+                    "name every peer after its node",
+                );
+            }
+            if peer.pod_cidr != peer.pod_cidr.trunc() {
+                return invalid(
+                    "peers.pod_cidr",
+                    format!("peer {name}: {} has host bits set", peer.pod_cidr),
+                    "use the network address",
+                );
+            }
+            if !self.cluster_cidr.contains(&peer.pod_cidr) {
+                return invalid(
+                    "peers.pod_cidr",
+                    format!(
+                        "peer {name}: {} is not inside cluster_cidr {}",
+                        peer.pod_cidr, self.cluster_cidr
+                    ),
+                    "peers' pod CIDRs come from the cluster's range",
+                );
+            }
+            if peer.pod_cidr.contains(&self.pod_cidr) || self.pod_cidr.contains(&peer.pod_cidr) {
+                return invalid(
+                    "peers.pod_cidr",
+                    format!("peer {name}: {} overlaps this node's pod_cidr {}", peer.pod_cidr, self.pod_cidr),
+                    "every node needs its own pod CIDR; remove this node from its own peer list",
+                );
+            }
+            if peer.node_ip == self.node_ip {
+                return invalid(
+                    "peers.node_ip",
+                    format!("peer {name} has this node's address {}", peer.node_ip),
+                    "remove this node from its own peer list",
+                );
+            }
+            if self.cluster_cidr.contains(&peer.node_ip) {
+                return invalid(
+                    "peers.node_ip",
+                    format!("peer {name}: {} is inside cluster_cidr", peer.node_ip),
+                    "use the peer's address on the physical network",
+                );
+            }
+            for other in &self.peers[..i] {
+                if other.name == peer.name {
+                    return invalid(
+                        "peers.name",
+                        format!("two peers are called {name}"),
+                        "give each peer its node's unique name",
+                    );
+                }
+                if other.node_ip == peer.node_ip {
+                    return invalid(
+                        "peers.node_ip",
+                        format!("peers {} and {name} share {}", other.name, peer.node_ip),
+                        "each node has its own address",
+                    );
+                }
+                if other.pod_cidr.contains(&peer.pod_cidr) || peer.pod_cidr.contains(&other.pod_cidr) {
+                    return invalid(
+                        "peers.pod_cidr",
+                        format!(
+                            "peers {} ({}) and {name} ({}) overlap",
+                            other.name, other.pod_cidr, peer.pod_cidr
+                        ),
+                        "every node needs its own pod CIDR",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fields that only a restart may change (the datapath is built around them).
+    pub fn restart_only_fields_differ(&self, other: &AgentConfig) -> Option<&'static str> {
+        if self.node_name != other.node_name {
+            Some("node_name")
+        } else if self.pod_cidr != other.pod_cidr {
+            Some("pod_cidr")
+        } else if self.uplink_interface != other.uplink_interface {
+            Some("uplink_interface")
+        } else if self.bpffs_dir != other.bpffs_dir {
+            Some("bpffs_dir")
+        } else if self.api_socket != other.api_socket {
+            Some("api_socket")
+        } else if self.cluster_cidr != other.cluster_cidr {
+            Some("cluster_cidr")
+        } else if self.node_ip != other.node_ip {
+            Some("node_ip")
+        } else if self.mode != other.mode {
+            Some("mode")
+        } else if self.masquerade != other.masquerade {
+            Some("masquerade")
+        } else if self.vxlan != other.vxlan {
+            Some("vxlan")
+        } else {
+            None
+        }
+    }
+
     /// Checks that need the host: the uplink exists, bpffs_dir is on bpffs.
     pub fn check_host(&self) -> Result<(), ConfigError> {
         if nix::net::if_::if_nametoindex(self.uplink_interface.as_str()).is_err() {
             return Err(ConfigError::Invalid {
                 field: "uplink_interface",
-                problem: format!(
-                    "no interface named {:?} on this node",
-                    self.uplink_interface
-                ),
+                problem: format!("no interface named {:?} on this node", self.uplink_interface),
                 fix: "name an existing interface (see `ip link`)",
             });
         }
-        let bpffs_root = self
-            .bpffs_dir
-            .ancestors()
-            .find(|p| p.exists())
-            .unwrap_or(Path::new("/"));
+        let on_uplink = nix::ifaddrs::getifaddrs()
+            .map(|addrs| {
+                addrs
+                    .filter(|a| a.interface_name == self.uplink_interface)
+                    .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                    .any(|ip| ip == self.node_ip)
+            })
+            .unwrap_or(false);
+        if !on_uplink {
+            return Err(ConfigError::Invalid {
+                field: "node_ip",
+                problem: format!("{} is not an address of {}", self.node_ip, self.uplink_interface),
+                fix: "use the address the uplink has (see `ip -4 addr show <uplink>`)",
+            });
+        }
+        let bpffs_root = self.bpffs_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         match nix::sys::statfs::statfs(bpffs_root) {
             Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
             _ => Err(ConfigError::Invalid {
@@ -173,6 +379,8 @@ mod tests {
 node_name = "node-a"
 pod_cidr = "10.244.1.0/24"
 uplink_interface = "eth0"
+cluster_cidr = "10.244.0.0/16"
+node_ip = "192.168.1.10"
 "#;
 
     #[test]
@@ -184,6 +392,57 @@ uplink_interface = "eth0"
 
     fn error_of(text: &str) -> String {
         AgentConfig::parse(text).unwrap_err().to_string()
+    }
+
+    fn with_peers(peers: &str) -> String {
+        format!("{GOOD}\n{peers}")
+    }
+
+    #[test]
+    fn accepts_peers_and_vxlan() {
+        let c = AgentConfig::parse(&with_peers(
+            "mode = \"vxlan\"\n[vxlan]\nport = 4789\n[[peers]]\nname = \"b\"\nnode_ip = \"192.168.1.11\"\npod_cidr = \"10.244.2.0/24\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.mode, Mode::Vxlan);
+        assert_eq!(c.vxlan.port, 4789);
+        assert_eq!(c.vxlan.vni, 1);
+        assert_eq!(c.peers.len(), 1);
+        assert!(c.masquerade);
+    }
+
+    #[test]
+    fn refuses_inconsistent_topology() {
+        let peer = |name: &str, ip: &str, cidr: &str| {
+            format!("[[peers]]\nname = \"{name}\"\nnode_ip = \"{ip}\"\npod_cidr = \"{cidr}\"\n")
+        };
+        for (peers, field, words) in [
+            (peer("b", "192.168.1.11", "10.244.1.0/24"), "peers.pod_cidr", "overlaps this node"),
+            (peer("b", "192.168.1.11", "10.244.0.0/20"), "peers.pod_cidr", "overlaps this node"),
+            (peer("b", "192.168.1.11", "10.99.0.0/24"), "peers.pod_cidr", "not inside cluster_cidr"),
+            (peer("b", "192.168.1.10", "10.244.2.0/24"), "peers.node_ip", "this node's address"),
+            (
+                peer("b", "192.168.1.11", "10.244.2.0/24") + &peer("c", "192.168.1.12", "10.244.2.128/25"),
+                "peers.pod_cidr",
+                "overlap",
+            ),
+            (
+                peer("b", "192.168.1.11", "10.244.2.0/24") + &peer("b", "192.168.1.12", "10.244.3.0/24"),
+                "peers.name",
+                "two peers",
+            ),
+        ] {
+            let e = error_of(&with_peers(&peers));
+            assert!(e.contains(&format!("`{field}`")) && e.contains(words), "{field}/{words}: {e}");
+        }
+        let e = error_of(&GOOD.replace("10.244.0.0/16", "10.245.0.0/16"));
+        assert!(e.contains("`pod_cidr`") && e.contains("cluster_cidr"), "{e}");
+        let e = error_of(&GOOD.replace("192.168.1.10", "10.244.9.9"));
+        assert!(e.contains("`node_ip`"), "{e}");
+        let e = error_of(&format!("{GOOD}\nmode = \"geneve\"\n"));
+        assert!(e.contains("mode"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[vxlan]\nvni = 0\n"));
+        assert!(e.contains("`vxlan.vni`"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -24,7 +24,8 @@ use aya::{
     },
 };
 use datapath_common::{
-    DropReason, Endpoint, EndpointKey, ForwardPath, PodInterface, map_names, program_names,
+    DropReason, Endpoint, EndpointKey, ForwardPath, NodeConfig, NodeKey, PodInterface, RemoteNode, map_names,
+    program_names,
 };
 
 use crate::{ebpf::DATAPATH_OBJECT, mac::MacAddr};
@@ -44,10 +45,7 @@ pub enum DatapathError {
         source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: &'static str },
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -121,6 +119,14 @@ impl PinLayout {
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
     }
+    /// Links of node-level programs (uplink, VXLAN device), named
+    /// `<program>@<interface>`.
+    pub fn node_links_dir(&self) -> PathBuf {
+        self.root.join("node-links")
+    }
+    pub fn node_link(&self, program: &str, ifname: &str) -> PathBuf {
+        self.node_links_dir().join(format!("{program}@{ifname}"))
+    }
 }
 
 /// What reconciliation on start did, for the log.
@@ -146,26 +152,18 @@ impl Datapath {
     /// Load the programs with every map pinned under `pins` (reusing maps that
     /// are already pinned there: their contents survive).
     pub fn load_pinned(pins: PinLayout) -> Result<Self, DatapathError> {
-        for dir in [pins.maps_dir(), pins.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
+        for dir in [pins.maps_dir(), pins.links_dir(), pins.node_links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
-        let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
-            .iter()
-            .map(|name| (*name, pins.map(name)))
-            .collect();
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader
             .load(DATAPATH_OBJECT)
-            .map_err(|source| DatapathError::Load {
-                dir: pins.root.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) })?;
         let mut datapath = Self { ebpf, pins };
         datapath.load_programs()?;
         Ok(datapath)
@@ -173,25 +171,35 @@ impl Datapath {
 
     /// Load the programs with private, unpinned maps (packet-level tests).
     pub fn load_unpinned() -> Result<Self, DatapathError> {
-        let ebpf =
-            EbpfLoader::new()
-                .load(DATAPATH_OBJECT)
-                .map_err(|source| DatapathError::Load {
-                    dir: PathBuf::new(),
-                    source: Box::new(source),
-                })?;
-        let mut datapath = Self {
-            ebpf,
-            pins: PinLayout::new("/nonexistent"),
-        };
+        let ebpf = EbpfLoader::new()
+            .load(DATAPATH_OBJECT)
+            .map_err(|source| DatapathError::Load { dir: PathBuf::new(), source: Box::new(source) })?;
+        let mut datapath = Self { ebpf, pins: PinLayout::new("/nonexistent") };
         datapath.load_programs()?;
         Ok(datapath)
     }
 
     fn load_programs(&mut self) -> Result<(), DatapathError> {
-        let name = program_names::FROM_POD;
-        self.program_from_pod_mut()?
-            .load()
+        for name in [program_names::FROM_POD, program_names::FROM_UPLINK, program_names::FROM_OVERLAY] {
+            self.program_mut(name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// A loaded TC program by name.
+    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .try_into()
             .map_err(|source| DatapathError::Program { name, source })
     }
 
@@ -200,51 +208,23 @@ impl Datapath {
     }
 
     pub fn program_from_pod(&self) -> Result<&SchedClassifier, DatapathError> {
-        let name = program_names::FROM_POD;
-        self.ebpf
-            .program(name)
-            .ok_or(DatapathError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
-    }
-
-    fn program_from_pod_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let name = program_names::FROM_POD;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        self.program(program_names::FROM_POD)
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::Missing { kind: "map", name })
+        self.ebpf.map_mut(name).ok_or(DatapathError::Missing { kind: "map", name })
     }
 
     fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
-        self.ebpf
-            .map(name)
-            .ok_or(DatapathError::Missing { kind: "map", name })
+        self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })
     }
 
-    fn endpoints_mut(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
+    fn endpoints_mut(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
         let name = map_names::ENDPOINTS;
         HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
     }
 
-    fn pod_interfaces_mut(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, u32, PodInterface>, DatapathError> {
+    fn pod_interfaces_mut(&mut self) -> Result<HashMap<&mut MapData, u32, PodInterface>, DatapathError> {
         let name = map_names::POD_INTERFACES;
         HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
     }
@@ -257,19 +237,13 @@ impl Datapath {
         self.pod_interfaces_mut()?
             .insert(
                 ep.host_ifindex,
-                PodInterface {
-                    pod_ipv4: ep.pod_ipv4.octets(),
-                    host_mac: ep.host_mac.0,
-                    _pad: [0; 2],
-                },
+                PodInterface { pod_ipv4: ep.pod_ipv4.octets(), host_mac: ep.host_mac.0, _pad: [0; 2] },
                 0,
             )
             .map_err(map_err(map_names::POD_INTERFACES))?;
         self.endpoints_mut()?
             .insert(
-                EndpointKey {
-                    ipv4: ep.pod_ipv4.octets(),
-                },
+                EndpointKey { ipv4: ep.pod_ipv4.octets() },
                 Endpoint {
                     host_ifindex: ep.host_ifindex,
                     pod_mac: ep.pod_mac.0,
@@ -284,30 +258,34 @@ impl Datapath {
 
     fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
         let pin = self.pins.link(ifname);
+        self.attach_pinned(program_names::FROM_POD, ifname, ifindex, pin)
+    }
+
+    /// Attach `program` to `ifname` ingress with a link pinned at `pin`; if a
+    /// live link is pinned there already, swap its program atomically instead.
+    fn attach_pinned(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        ifindex: u32,
+        pin: PathBuf,
+    ) -> Result<(), DatapathError> {
         if pin.exists() {
             // A pinned link for this veth name. Updating a TCX link whose device
             // is gone fails (ENOLINK), so success means it is attached to the
             // veth that has this name now: keep it, now running our program.
             if let Ok(link) = PinnedLink::from_pin(&pin)
-                && self.update_link(link.into(), ifname).is_ok()
+                && self.update_link_to(program, link.into(), ifname).is_ok()
             {
                 return Ok(());
             }
-            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin {
-                path: pin.clone(),
-                source,
-            })?;
+            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
         }
         if !ifindex_exists(ifindex) {
-            return Err(DatapathError::NoInterface {
-                ifname: ifname.to_owned(),
-            });
+            return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
-        let attach_err = |source| DatapathError::Attach {
-            ifname: ifname.to_owned(),
-            source,
-        };
-        let program = self.program_from_pod_mut()?;
+        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
+        let program = self.program_mut(program)?;
         let link_id = program
             .attach_with_options(
                 ifname,
@@ -316,10 +294,8 @@ impl Datapath {
             )
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-            ifname: ifname.to_owned(),
-            source,
-        })?;
+        let fd_link: FdLink =
+            link.try_into().map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
         fd_link.pin(&pin).map_err(|source| DatapathError::PinLink {
             ifname: ifname.to_owned(),
             path: pin.clone(),
@@ -386,10 +362,8 @@ impl Datapath {
     pub fn reconcile(&mut self) -> Result<ReconcileReport, DatapathError> {
         let mut report = ReconcileReport::default();
         let links_dir = self.pins.links_dir();
-        let entries = fs::read_dir(&links_dir).map_err(|source| DatapathError::PinDir {
-            path: links_dir.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&links_dir)
+            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             let ifname = entry.file_name().to_string_lossy().into_owned();
@@ -403,10 +377,8 @@ impl Datapath {
                 report.links_updated += 1;
             } else {
                 tracing::info!(ifname, "removing stale link pin");
-                fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
-                    path: path.clone(),
-                    source,
-                })?;
+                fs::remove_file(&path)
+                    .map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
                 report.stale_links_removed += 1;
             }
         }
@@ -435,16 +407,19 @@ impl Datapath {
     }
 
     fn update_link(&mut self, fd_link: FdLink, ifname: &str) -> Result<(), DatapathError> {
-        let attach_err = |source| DatapathError::Attach {
-            ifname: ifname.to_owned(),
-            source,
-        };
+        self.update_link_to(program_names::FROM_POD, fd_link, ifname)
+    }
+
+    fn update_link_to(
+        &mut self,
+        program: &'static str,
+        fd_link: FdLink,
+        ifname: &str,
+    ) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
         let link: SchedClassifierLink =
-            fd_link.try_into().map_err(|source| DatapathError::Link {
-                ifname: ifname.to_owned(),
-                source,
-            })?;
-        let program = self.program_from_pod_mut()?;
+            fd_link.try_into().map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
+        let program = self.program_mut(program)?;
         let id = program.attach_to_link(link).map_err(attach_err)?;
         // The pin keeps the link; drop our fd without detaching.
         let link = program.take_link(id).map_err(attach_err)?;
@@ -461,17 +436,15 @@ fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError>
     let name = map_names::ENDPOINTS;
     let endpoints: HashMap<&MapData, EndpointKey, Endpoint> =
         HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    let mut out: Vec<(Ipv4Addr, Endpoint)> = endpoints
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| (Ipv4Addr::from(k.ipv4), v))
-        .collect();
+    let mut out: Vec<(Ipv4Addr, Endpoint)> =
+        endpoints.iter().filter_map(Result::ok).map(|(k, v)| (Ipv4Addr::from(k.ipv4), v)).collect();
     out.sort_by_key(|(ip, _)| *ip);
     Ok(out)
 }
 
 /// Read-only view of the pinned maps, for `inspect` (works with the agent down).
 pub struct PinnedMaps {
+    remote_nodes: Map,
     endpoints: Map,
     drops: Map,
     forwards: Map,
@@ -480,11 +453,12 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
         let open = |name: &'static str| -> Result<Map, DatapathError> {
-            let data = MapData::from_pin(pins.map(name))
-                .map_err(|source| DatapathError::Map { name, source })?;
+            let data =
+                MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
         };
         Ok(Self {
+            remote_nodes: open(map_names::REMOTE_NODES)?,
             endpoints: open(map_names::ENDPOINTS)?,
             drops: open(map_names::DROP_COUNTERS)?,
             forwards: open(map_names::FORWARD_COUNTERS)?,
@@ -497,6 +471,10 @@ impl PinnedMaps {
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         Counters::read(&self.drops, &self.forwards)
+    }
+
+    pub fn remote_routes(&self) -> Result<Vec<RemoteRoute>, DatapathError> {
+        read_remote_routes(&self.remote_nodes)
     }
 }
 
@@ -512,23 +490,15 @@ impl Counters {
         let sum = |map: &Map, name: &'static str, slot: u32| -> Result<u64, DatapathError> {
             let array: PerCpuArray<&MapData, u64> =
                 PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-            let values = array
-                .get(&slot, 0)
-                .map_err(|source| DatapathError::Map { name, source })?;
+            let values = array.get(&slot, 0).map_err(|source| DatapathError::Map { name, source })?;
             Ok(values.iter().sum())
         };
         let mut counters = Counters::default();
         for reason in DropReason::ALL {
-            counters.drops.insert(
-                reason.name(),
-                sum(drops, map_names::DROP_COUNTERS, reason as u32)?,
-            );
+            counters.drops.insert(reason.name(), sum(drops, map_names::DROP_COUNTERS, reason as u32)?);
         }
         for path in ForwardPath::ALL {
-            counters.forwards.insert(
-                path.name(),
-                sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?,
-            );
+            counters.forwards.insert(path.name(), sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?);
         }
         Ok(counters)
     }
@@ -543,18 +513,11 @@ impl Counters {
 
 impl Datapath {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        Counters::read(
-            self.map(map_names::DROP_COUNTERS)?,
-            self.map(map_names::FORWARD_COUNTERS)?,
-        )
+        Counters::read(self.map(map_names::DROP_COUNTERS)?, self.map(map_names::FORWARD_COUNTERS)?)
     }
 
     /// Direct map access for packet-level tests (unpinned datapath).
-    pub fn insert_pod_interface(
-        &mut self,
-        ifindex: u32,
-        iface: PodInterface,
-    ) -> Result<(), DatapathError> {
+    pub fn insert_pod_interface(&mut self, ifindex: u32, iface: PodInterface) -> Result<(), DatapathError> {
         let name = map_names::POD_INTERFACES;
         self.pod_interfaces_mut()?
             .insert(ifindex, iface, 0)
@@ -567,6 +530,137 @@ impl Datapath {
             .insert(EndpointKey { ipv4: ip.octets() }, ep, 0)
             .map_err(|source| DatapathError::Map { name, source })
     }
+}
+
+/// A peer node as the maps hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRoute {
+    pub pod_cidr: ipnet::Ipv4Net,
+    pub node_ip: Ipv4Addr,
+}
+
+/// What a remote-node sync changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+impl Datapath {
+    pub fn set_node_config(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
+        let name = map_names::NODE_CONFIG;
+        let mut array: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })?;
+        array.set(0, config, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn node_config(&self) -> Result<NodeConfig, DatapathError> {
+        let name = map_names::NODE_CONFIG;
+        let array: Array<&MapData, NodeConfig> =
+            Array::try_from(self.map(name)?).map_err(|source| DatapathError::Map { name, source })?;
+        array.get(&0, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The remote pod CIDRs currently programmed.
+    pub fn remote_routes(&self) -> Result<Vec<RemoteRoute>, DatapathError> {
+        read_remote_routes(self.map(map_names::REMOTE_NODES)?)
+    }
+
+    /// Make REMOTE_NODES and KNOWN_NODES hold exactly `desired`, touching only
+    /// entries that differ: no flush, so forwarding to unchanged peers never
+    /// sees a gap, and a changed peer is switched with one map update.
+    pub fn sync_remote_nodes(&mut self, desired: &[RemoteRoute]) -> Result<SyncReport, DatapathError> {
+        let mut report = SyncReport::default();
+        let trie_name = map_names::REMOTE_NODES;
+        let trie_err = |source| DatapathError::Map { name: trie_name, source };
+        let current = self.remote_routes()?;
+        {
+            let mut trie: LpmTrie<&mut MapData, [u8; 4], RemoteNode> =
+                LpmTrie::try_from(self.map_mut(trie_name)?).map_err(trie_err)?;
+            for want in desired {
+                let key =
+                    LpmKey::new(u32::from(want.pod_cidr.prefix_len()), want.pod_cidr.network().octets());
+                match current.iter().find(|c| c.pod_cidr == want.pod_cidr) {
+                    Some(have) if have.node_ip == want.node_ip => continue,
+                    Some(_) => report.updated += 1,
+                    None => report.added += 1,
+                }
+                trie.insert(&key, RemoteNode { node_ipv4: want.node_ip.octets(), flags: 0 }, 0)
+                    .map_err(trie_err)?;
+            }
+            for have in &current {
+                if !desired.iter().any(|d| d.pod_cidr == have.pod_cidr) {
+                    let key =
+                        LpmKey::new(u32::from(have.pod_cidr.prefix_len()), have.pod_cidr.network().octets());
+                    trie.remove(&key).map_err(trie_err)?;
+                    report.removed += 1;
+                }
+            }
+        }
+        let nodes_name = map_names::KNOWN_NODES;
+        let nodes_err = |source| DatapathError::Map { name: nodes_name, source };
+        let mut nodes: HashMap<&mut MapData, NodeKey, RemoteNode> =
+            HashMap::try_from(self.map_mut(nodes_name)?).map_err(nodes_err)?;
+        let have: Vec<NodeKey> = nodes.keys().filter_map(Result::ok).collect();
+        for want in desired {
+            let key = NodeKey { ipv4: want.node_ip.octets() };
+            if !have.contains(&key) {
+                nodes
+                    .insert(key, RemoteNode { node_ipv4: want.node_ip.octets(), flags: 0 }, 0)
+                    .map_err(nodes_err)?;
+            }
+        }
+        for key in have {
+            if !desired.iter().any(|d| d.node_ip.octets() == key.ipv4) {
+                nodes.remove(&key).map_err(nodes_err)?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Attach the node-level programs that `wanted` lists ((program, ifname))
+    /// with pinned links, swapping the program of live ones atomically, and
+    /// unpin every other node-level link.
+    pub fn sync_node_links(&mut self, wanted: &[(&'static str, String)]) -> Result<(), DatapathError> {
+        let dir = self.pins.node_links_dir();
+        let entries =
+            fs::read_dir(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !wanted.iter().any(|(p, i)| format!("{p}@{i}") == name) {
+                let path = entry.path();
+                tracing::info!(link = name, "removing node link no longer wanted");
+                fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path, source })?;
+            }
+        }
+        for (program, ifname) in wanted {
+            let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+                .map_err(|_| DatapathError::NoInterface { ifname: ifname.clone() })?;
+            let pin = self.pins.node_link(program, ifname);
+            self.attach_pinned(program, ifname, ifindex, pin)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_remote_routes(map: &Map) -> Result<Vec<RemoteRoute>, DatapathError> {
+    let name = map_names::REMOTE_NODES;
+    let trie: LpmTrie<&MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+    let mut out: Vec<RemoteRoute> = trie
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, node)| {
+            let prefix = u8::try_from(key.prefix_len()).ok()?;
+            Some(RemoteRoute {
+                pod_cidr: ipnet::Ipv4Net::new(Ipv4Addr::from(key.data()), prefix).ok()?,
+                node_ip: Ipv4Addr::from(node.node_ipv4),
+            })
+        })
+        .collect();
+    out.sort_by_key(|r| (r.pod_cidr.network(), r.pod_cidr.prefix_len()));
+    Ok(out)
 }
 
 pub fn pin_root_exists(path: &Path) -> bool {

@@ -6,4 +6,6 @@ pub mod config;
 pub mod datapath;
 pub mod ebpf;
 pub mod mac;
+pub mod masquerade;
 pub mod netns;
+pub mod node_net;

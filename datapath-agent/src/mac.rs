@@ -8,11 +8,7 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -48,9 +44,7 @@ impl FromStr for MacAddr {
 impl TryFrom<&[u8]> for MacAddr {
     type Error = ParseMacError;
     fn try_from(b: &[u8]) -> Result<Self, Self::Error> {
-        <[u8; 6]>::try_from(b)
-            .map(MacAddr)
-            .map_err(|_| ParseMacError(format!("{b:02x?}")))
+        <[u8; 6]>::try_from(b).map(MacAddr).map_err(|_| ParseMacError(format!("{b:02x?}")))
     }
 }
 

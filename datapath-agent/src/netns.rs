@@ -27,10 +27,7 @@ pub enum NetnsError {
 }
 
 pub fn open(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| NetnsError::Open {
-        path: path.display().to_string(),
-        source,
-    })
+    File::open(path).map_err(|source| NetnsError::Open { path: path.display().to_string(), source })
 }
 
 /// Run `work` on a thread inside the network namespace at `path`.
@@ -43,10 +40,8 @@ where
     let shown = path.display().to_string();
     let thread_path = shown.clone();
     std::thread::spawn(move || {
-        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-            path: thread_path,
-            source,
-        })?;
+        setns(&file, CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetnsError::Enter { path: thread_path, source })?;
         Ok(work())
     })
     .join()

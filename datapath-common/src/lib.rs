@@ -16,19 +16,33 @@ pub mod map_names {
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
     /// Per-CPU packet counters indexed by [`super::ForwardPath`].
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+    /// LPM trie: remote pod CIDR -> [`super::RemoteNode`].
+    pub const REMOTE_NODES: &str = "REMOTE_NODES";
+    /// Peer node IPv4 -> [`super::RemoteNode`]: tunnel sources we accept, and
+    /// node addresses pods reach directly.
+    pub const KNOWN_NODES: &str = "KNOWN_NODES";
+    /// One [`super::NodeConfig`] at index 0.
+    pub const NODE_CONFIG: &str = "NODE_CONFIG";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 4] = [ENDPOINTS, POD_INTERFACES, DROP_COUNTERS, FORWARD_COUNTERS];
+    pub const ALL: [&str; 7] =
+        [ENDPOINTS, POD_INTERFACES, DROP_COUNTERS, FORWARD_COUNTERS, REMOTE_NODES, KNOWN_NODES, NODE_CONFIG];
 }
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// TC ingress of each pod's host-side veth.
     pub const FROM_POD: &str = "from_pod";
+    /// TC ingress of the uplink (native routing mode).
+    pub const FROM_UPLINK: &str = "from_uplink";
+    /// TC ingress of the collect_md VXLAN device (overlay mode).
+    pub const FROM_OVERLAY: &str = "from_overlay";
 }
 
 /// Capacity of the endpoint and pod interface maps (local pods on one node).
 /// Kubernetes defaults to 110 pods per node; this leaves ample headroom.
 pub const MAX_LOCAL_ENDPOINTS: u32 = 16_384;
+/// Capacity of the remote pod CIDR trie and the known node map.
+pub const MAX_REMOTE_NODES: u32 = 8_192;
 /// Slots in the drop counter array; [`DropReason`] values must stay below it.
 pub const DROP_COUNTER_SLOTS: u32 = 64;
 /// Slots in the forward counter array; [`ForwardPath`] values must stay below it.
@@ -67,6 +81,53 @@ pub struct PodInterface {
     pub _pad: [u8; 2],
 }
 
+/// Key of the known node map: a peer node's IPv4, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeKey {
+    pub ipv4: [u8; 4],
+}
+
+/// Where a remote pod CIDR (or a peer node address) lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The peer node's address on the physical network (network byte order):
+    /// next hop in native mode, outer destination in overlay mode.
+    pub node_ipv4: [u8; 4],
+    /// Reserved; zero today.
+    pub flags: u32,
+}
+
+/// How this node reaches other nodes' pods.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// No cross-node forwarding configured: remote traffic goes to the host stack.
+    Unset = 0,
+    /// Straight out of the uplink to the peer node (L2-adjacent nodes).
+    Native = 1,
+    /// Encapsulated in VXLAN towards the peer node.
+    Vxlan = 2,
+}
+
+/// Node-wide settings the programs read (index 0 of `NODE_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// This node's address on the physical network (network byte order).
+    pub node_ipv4: [u8; 4],
+    /// A [`RoutingMode`] value.
+    pub mode: u32,
+    pub uplink_ifindex: u32,
+    /// The collect_md VXLAN device (overlay mode), else 0.
+    pub vxlan_ifindex: u32,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Reserved; zero today.
+    pub flags: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all three are repr(C), made only of integers and byte arrays, with
@@ -74,6 +135,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::PodInterface {}
+    unsafe impl aya::Pod for super::NodeKey {}
+    unsafe impl aya::Pod for super::RemoteNode {}
+    unsafe impl aya::Pod for super::NodeConfig {}
 }
 
 /// Why a packet was dropped. The discriminant is the slot in the drop counter
@@ -98,10 +162,23 @@ pub enum DropReason {
     VlanTagged = 7,
     /// The program ran on an interface the agent has not registered.
     UnknownInterface = 8,
+    /// VXLAN packet whose outer source is not a known peer node.
+    UnknownTunnelSource = 9,
+    /// VXLAN packet with a VNI other than the cluster's.
+    WrongVni = 10,
+    /// Tunnel metadata missing on a packet from the VXLAN device.
+    NoTunnelKey = 11,
+    /// Decapsulated packet for neither a local pod nor this node.
+    OverlayUnknownDestination = 12,
+    /// Decapsulated packet whose inner source does not belong to the peer
+    /// that sent it (neither its pod CIDR nor its node address).
+    OverlaySpoofedSource = 13,
+    /// Setting the tunnel key for encapsulation failed.
+    TunnelEncapFailed = 14,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::TruncatedEthernet,
@@ -110,6 +187,12 @@ impl DropReason {
         DropReason::SpoofedArp,
         DropReason::VlanTagged,
         DropReason::UnknownInterface,
+        DropReason::UnknownTunnelSource,
+        DropReason::WrongVni,
+        DropReason::NoTunnelKey,
+        DropReason::OverlayUnknownDestination,
+        DropReason::OverlaySpoofedSource,
+        DropReason::TunnelEncapFailed,
     ];
 
     /// Stable snake_case name, used in CLI output, logs and metrics.
@@ -123,6 +206,12 @@ impl DropReason {
             DropReason::SpoofedArp => "spoofed_arp",
             DropReason::VlanTagged => "vlan_tagged",
             DropReason::UnknownInterface => "unknown_interface",
+            DropReason::UnknownTunnelSource => "unknown_tunnel_source",
+            DropReason::WrongVni => "wrong_vni",
+            DropReason::NoTunnelKey => "no_tunnel_key",
+            DropReason::OverlayUnknownDestination => "overlay_unknown_destination",
+            DropReason::OverlaySpoofedSource => "overlay_spoofed_source",
+            DropReason::TunnelEncapFailed => "tunnel_encap_failed",
         }
     }
 
@@ -143,6 +232,18 @@ impl DropReason {
             DropReason::UnknownInterface => {
                 "program attached to a veth the agent has not registered (agent state lost?)"
             }
+            DropReason::UnknownTunnelSource => {
+                "VXLAN packet from an address that is not a known node (forged or stale peer list)"
+            }
+            DropReason::WrongVni => "VXLAN packet with a VNI other than this cluster's",
+            DropReason::NoTunnelKey => "packet on the VXLAN device without tunnel metadata",
+            DropReason::OverlayUnknownDestination => {
+                "decapsulated packet for an address that is neither a local pod nor this node"
+            }
+            DropReason::OverlaySpoofedSource => {
+                "decapsulated packet whose source is not in the sending node's pod CIDR"
+            }
+            DropReason::TunnelEncapFailed => "setting the VXLAN tunnel key failed",
         }
     }
 
@@ -170,13 +271,19 @@ pub enum ForwardPath {
     ToHostStack = 1,
     /// ARP request answered by the program with the host veth's MAC.
     ArpReply = 2,
+    /// Sent straight out of the uplink to the peer node (native routing).
+    ToRemoteNative = 3,
+    /// Encapsulated into VXLAN towards the peer node.
+    ToRemoteOverlay = 4,
 }
 
 impl ForwardPath {
-    pub const ALL: [ForwardPath; 3] = [
+    pub const ALL: [ForwardPath; 5] = [
         ForwardPath::LocalDelivery,
         ForwardPath::ToHostStack,
         ForwardPath::ArpReply,
+        ForwardPath::ToRemoteNative,
+        ForwardPath::ToRemoteOverlay,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -184,6 +291,8 @@ impl ForwardPath {
             ForwardPath::LocalDelivery => "local_delivery",
             ForwardPath::ToHostStack => "to_host_stack",
             ForwardPath::ArpReply => "arp_reply",
+            ForwardPath::ToRemoteNative => "to_remote_native",
+            ForwardPath::ToRemoteOverlay => "to_remote_overlay",
         }
     }
 }
@@ -208,5 +317,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointKey>(), 4);
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<PodInterface>(), 12);
+        assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
+        assert_eq!(core::mem::size_of::<NodeConfig>(), 24);
     }
 }

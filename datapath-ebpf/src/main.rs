@@ -3,7 +3,10 @@
 #![no_std]
 #![no_main]
 
+mod forward;
+mod from_overlay;
 mod from_pod;
+mod from_uplink;
 mod maps;
 mod packet;
 

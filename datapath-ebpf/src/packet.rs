@@ -55,11 +55,7 @@ pub const MAX_HEADER_BYTES: u32 = (ETH_HLEN + 60) as u32;
 /// Headers of veth traffic are normally linear already, so this rarely pulls.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADER_BYTES {
-        ctx.len()
-    } else {
-        MAX_HEADER_BYTES
-    };
+    let want = if ctx.len() < MAX_HEADER_BYTES { ctx.len() } else { MAX_HEADER_BYTES };
     if ctx.data() + want as usize > ctx.data_end() {
         // On failure the bounds checks below simply fail: a named drop.
         let _ = ctx.pull_data(want);
@@ -85,4 +81,36 @@ pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Bounds-checked, validated Ethernet + IPv4 headers of the current frame
+/// (call after [`pull_headers`]); `Err` names why the header is unusable.
+#[inline(always)]
+pub fn ipv4_headers(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), datapath_common::DropReason> {
+    use datapath_common::DropReason;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let version_ihl = unsafe { (*ip).version_ihl };
+    let header_len = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
+        return Err(DropReason::MalformedIpv4);
+    }
+    let total_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    let frame_l3_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    if total_len < header_len || total_len > frame_l3_len {
+        return Err(DropReason::MalformedIpv4);
+    }
+    Ok((eth, ip))
+}
+
+#[inline(always)]
+pub fn same_ipv4(a: [u8; 4], b: [u8; 4]) -> bool {
+    u32::from_ne_bytes(a) == u32::from_ne_bytes(b)
+}
+
+#[inline(always)]
+pub fn ethertype(eth: *const EthHdr) -> u16 {
+    // SAFETY: callers pass a bounds-checked pointer.
+    u16::from_be_bytes(unsafe { (*eth).proto })
 }

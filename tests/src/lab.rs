@@ -67,11 +67,77 @@ pub struct CniRun {
     pub raw_stdout: String,
 }
 
+/// The physical network between nodes: a bridge in a namespace of its own.
+pub struct Fabric {
+    pub netns: Netns,
+    ports: AtomicU32,
+}
+
+pub const FABRIC_BRIDGE: &str = "dptbr0";
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+impl Fabric {
+    pub fn new() -> Self {
+        let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let netns = Netns::new(format!("dpt{}x{n}-fabric", std::process::id()));
+        sh(&["ip", "-n", &netns.name, "link", "add", FABRIC_BRIDGE, "type", "bridge"]);
+        sh(&["ip", "-n", &netns.name, "link", "set", FABRIC_BRIDGE, "up"]);
+        Self { netns, ports: AtomicU32::new(0) }
+    }
+
+    /// Plug `ifname` of namespace `ns` into the fabric with a new cable.
+    pub fn plug(&self, ns: &str, ifname: &str) {
+        let port = format!("dptp{}", self.ports.fetch_add(1, Ordering::SeqCst));
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.netns.name,
+        ]);
+        sh(&["ip", "-n", &self.netns.name, "link", "set", &port, "master", FABRIC_BRIDGE, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+
+    /// A host on the physical network that is not a node ("outside the cluster").
+    pub fn add_host(&self, name: &str, ip: Ipv4Addr) -> Netns {
+        let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let netns = Netns::new(format!("dpt{}x{n}-{name}", std::process::id()));
+        self.plug(&netns.name, "eth0");
+        sh(&["ip", "-n", &netns.name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        netns
+    }
+}
+
+impl Default for Fabric {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A peer line in an agent's config.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub name: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: String,
+}
+
 pub struct Node {
     pub id: String,
     pub netns: Netns,
     pub pod_cidr: String,
     pub node_ip: Ipv4Addr,
+    pub mode: String,
+    pub peers: Vec<Peer>,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -85,25 +151,28 @@ impl Node {
     /// A node namespace with an uplink (a veth whose peer stays unused) and
     /// an address, and the agent's config, not yet started.
     pub fn new(pod_cidr: &str, node_ip: Ipv4Addr) -> Self {
+        Self::build(pod_cidr, node_ip, None, "native")
+    }
+
+    /// A node whose uplink is plugged into `fabric`, in `mode` (native | vxlan).
+    pub fn on_fabric(fabric: &Fabric, pod_cidr: &str, node_ip: Ipv4Addr, mode: &str) -> Self {
+        Self::build(pod_cidr, node_ip, Some(fabric), mode)
+    }
+
+    fn build(pod_cidr: &str, node_ip: Ipv4Addr, fabric: Option<&Fabric>, mode: &str) -> Self {
         let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
         let id = format!("dpt{}x{n}", std::process::id());
         let netns = Netns::new(format!("{id}-node"));
         let ns = netns.name.clone();
-        sh(&[
-            "ip", "-n", &ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "dptup1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{node_ip}/24"),
-            "dev",
-            UPLINK,
-        ]);
-        sh(&["ip", "-n", &ns, "link", "set", UPLINK, "up"]);
-        sh(&["ip", "-n", &ns, "link", "set", "dptup1", "up"]);
+        match fabric {
+            Some(fabric) => fabric.plug(&ns, UPLINK),
+            None => {
+                sh(&["ip", "-n", &ns, "link", "add", UPLINK, "type", "veth", "peer", "name", "dptup1"]);
+                sh(&["ip", "-n", &ns, "link", "set", UPLINK, "up"]);
+                sh(&["ip", "-n", &ns, "link", "set", "dptup1", "up"]);
+            }
+        }
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", UPLINK]);
         let work_dir = PathBuf::from(format!("/tmp/{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(work_dir.join("ipam")).unwrap();
@@ -114,23 +183,51 @@ impl Node {
             netns,
             pod_cidr: pod_cidr.into(),
             node_ip,
+            mode: mode.into(),
+            peers: Vec::new(),
             work_dir,
             bpffs_dir,
             socket,
             agent: None,
         };
-        std::fs::write(node.config_path(), node.agent_config()).unwrap();
+        node.write_config();
         node
     }
 
+    pub fn as_peer(&self) -> Peer {
+        Peer { name: self.id.clone(), node_ip: self.node_ip, pod_cidr: self.pod_cidr.clone() }
+    }
+
+    /// Replace the peer list in the config file (a running agent picks it up).
+    pub fn set_peers(&mut self, peers: Vec<Peer>) {
+        self.peers = peers;
+        self.write_config();
+    }
+
+    fn write_config(&self) {
+        // Write and rename: the agent polling the file never reads half of it.
+        let tmp = self.work_dir.join("agent.toml.tmp");
+        std::fs::write(&tmp, self.agent_config()).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
     pub fn agent_config(&self) -> String {
-        format!(
-            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\n",
+        let mut config = format!(
+            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\n",
             id = self.id,
             cidr = self.pod_cidr,
             bpffs = self.bpffs_dir.display(),
-            sock = self.socket.display()
-        )
+            sock = self.socket.display(),
+            ip = self.node_ip,
+            mode = self.mode,
+        );
+        for p in &self.peers {
+            config.push_str(&format!(
+                "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
+                p.name, p.node_ip, p.pod_cidr
+            ));
+        }
+        config
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -141,8 +238,7 @@ impl Node {
     /// /sys as is, so bpffs stays visible.
     pub fn in_node(&self, program: &Path) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns.path().display()))
-            .arg(program);
+        cmd.arg(format!("--net={}", self.netns.path().display())).arg(program);
         cmd
     }
 
@@ -164,11 +260,7 @@ impl Node {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited with {status}:\n{}", self.agent_log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up:\n{}",
-                self.agent_log()
-            );
+            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -208,7 +300,6 @@ impl Node {
             "name": "datapath-test",
             "type": "datapath-cni",
             "agentSocket": self.socket,
-            "mtu": 1500,
             "hostVethPrefix": VETH_PREFIX,
             "ipam": {
                 "type": "host-local",
@@ -222,43 +313,26 @@ impl Node {
     pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> CniRun {
         let cni_path = format!("{}:/usr/lib/cni", bin_dir().display());
         let mut cmd = self.in_node(&bin_dir().join("datapath-cni"));
-        cmd.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_PATH", cni_path);
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").env("CNI_PATH", cni_path);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         let out = child.wait_with_output().unwrap();
         let raw_stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stdout = serde_json::from_str(raw_stdout.trim()).unwrap_or(serde_json::Value::Null);
-        CniRun {
-            success: out.status.success(),
-            stdout,
-            raw_stdout,
-        }
+        CniRun { success: out.status.success(), stdout, raw_stdout }
     }
 
-    pub fn cni_env<'a>(
-        command: &'a str,
-        container_id: &'a str,
-        netns: &'a str,
-    ) -> Vec<(&'a str, &'a str)> {
+    pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
         vec![
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", container_id),
             ("CNI_NETNS", netns),
             ("CNI_IFNAME", "eth0"),
-            (
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-pod",
-            ),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-pod"),
         ]
     }
 
@@ -267,41 +341,20 @@ impl Node {
         let netns = Netns::new(format!("{}-{name}", self.id));
         let container_id = format!("{}-{name}-container", self.id);
         let path = netns.path().display().to_string();
-        let run = self.cni(
-            &Self::cni_env("ADD", &container_id, &path),
-            self.cni_config().to_string().as_bytes(),
-        );
-        assert!(
-            run.success,
-            "CNI ADD failed: {}\nagent log:\n{}",
-            run.raw_stdout,
-            self.agent_log()
-        );
-        let address = run.stdout["ips"][0]["address"]
-            .as_str()
-            .expect("result has an address");
+        let run =
+            self.cni(&Self::cni_env("ADD", &container_id, &path), self.cni_config().to_string().as_bytes());
+        assert!(run.success, "CNI ADD failed: {}\nagent log:\n{}", run.raw_stdout, self.agent_log());
+        let address = run.stdout["ips"][0]["address"].as_str().expect("result has an address");
         let ip: Ipv4Addr = address.trim_end_matches("/32").parse().unwrap();
-        let host_veth = run.stdout["interfaces"][0]["name"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        Pod {
-            netns,
-            container_id,
-            ip,
-            host_veth,
-            result: run.stdout,
-        }
+        let host_veth = run.stdout["interfaces"][0]["name"].as_str().unwrap().to_owned();
+        Pod { netns, container_id, ip, host_veth, result: run.stdout }
     }
 
     pub fn del_pod(&self, pod: &Pod) -> CniRun {
         let path = pod.netns.path().display().to_string();
         let mut conf = self.cni_config();
         conf["prevResult"] = pod.result.clone();
-        self.cni(
-            &Self::cni_env("DEL", &pod.container_id, &path),
-            conf.to_string().as_bytes(),
-        )
+        self.cni(&Self::cni_env("DEL", &pod.container_id, &path), conf.to_string().as_bytes())
     }
 
     /// `datapath-agent inspect <what> --json` against this node's pins, run
@@ -313,11 +366,7 @@ impl Node {
             .arg(&self.bpffs_dir)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "inspect {what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -364,16 +413,7 @@ impl Drop for Node {
 
 /// Ping `dst` from inside `from` (a netns name): `count` echo requests.
 pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> bool {
-    from.exec_ok(&[
-        "ping",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &dst.to_string(),
-    ])
+    from.exec_ok(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
 }
 
 fn in_netns<T: Send + 'static>(
@@ -389,12 +429,7 @@ fn in_netns<T: Send + 'static>(
 
 /// A real TCP connection from `client` to a server in `server` at
 /// `server_ip`: the client sends `len` bytes, the server echoes them back.
-pub fn tcp_echo(
-    server: &Netns,
-    server_ip: Ipv4Addr,
-    client: &Netns,
-    len: usize,
-) -> anyhow::Result<()> {
+pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
     let (tx, rx) = std::sync::mpsc::channel::<u16>();
     let srv = in_netns(&server.path(), move || -> anyhow::Result<()> {
@@ -414,8 +449,7 @@ pub fn tcp_echo(
     });
     let port = rx.recv_timeout(Duration::from_secs(5))?;
     let cli = in_netns(&client.path(), move || -> anyhow::Result<()> {
-        let mut conn =
-            TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(5))?;
+        let mut conn = TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(5))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let writer = {
@@ -425,16 +459,12 @@ pub fn tcp_echo(
         };
         let mut back = vec![0u8; len];
         conn.read_exact(&mut back)?;
-        writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
         anyhow::ensure!(back == payload, "echoed bytes differ");
         Ok(())
     });
-    cli.join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))??;
-    srv.join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    cli.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
     Ok(())
 }
 
@@ -447,11 +477,7 @@ pub fn send_raw_frames(ns: &Netns, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow
         // SAFETY: plain socket calls with checked results; addr is a zeroed sockaddr_ll.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            anyhow::ensure!(
-                fd >= 0,
-                "socket(AF_PACKET): {}",
-                std::io::Error::last_os_error()
-            );
+            anyhow::ensure!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_ifindex = ifindex as i32;

@@ -46,15 +46,7 @@ impl Ipv4 {
         icmp.extend_from_slice(b"datapath-test-payload");
         let c = checksum(&icmp);
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        Self {
-            src,
-            dst,
-            ttl: 64,
-            protocol: 1,
-            options: vec![],
-            frag: 0x4000,
-            payload: icmp,
-        }
+        Self { src, dst, ttl: 64, protocol: 1, options: vec![], frag: 0x4000, payload: icmp }
     }
 
     pub fn header_len(&self) -> usize {

@@ -9,16 +9,10 @@ fn run_with(config: &str) -> (bool, String) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("agent.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(bin_dir().join("datapath-agent"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out =
+        Command::new(bin_dir().join("datapath-agent")).args(["run", "--config"]).arg(&path).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -26,27 +20,19 @@ fn bad_values_are_refused_naming_the_field() {
     if !require_root("bad_values_are_refused_naming_the_field") {
         return;
     }
-    let base = "node_name = \"n1\"\npod_cidr = \"10.244.1.0/24\"\nuplink_interface = \"lo\"\nbpffs_dir = \"/sys/fs/bpf/dpt-config-test\"\napi_socket = \"/tmp/dpt-config-test.sock\"\n";
+    let base = "node_name = \"n1\"\npod_cidr = \"10.244.1.0/24\"\nuplink_interface = \"lo\"\nbpffs_dir = \"/sys/fs/bpf/dpt-config-test\"\napi_socket = \"/tmp/dpt-config-test.sock\"\ncluster_cidr = \"10.244.0.0/16\"\nnode_ip = \"127.0.0.1\"\n";
     for (config, field) in [
         (base.replace("10.244.1.0/24", "10.244.1.0/33"), "pod_cidr"),
         (base.replace("10.244.1.0/24", "10.244.1.9/24"), "pod_cidr"),
-        (
-            base.replace("\"lo\"", "\"dpt-nonexistent\""),
-            "uplink_interface",
-        ),
-        (
-            base.replace("/sys/fs/bpf/dpt-config-test", "/tmp/not-bpffs"),
-            "bpffs_dir",
-        ),
-        (format!("{base}mode = \"vxlan\"\n"), "mode"),
+        (base.replace("\"lo\"", "\"dpt-nonexistent\""), "uplink_interface"),
+        (base.replace("/sys/fs/bpf/dpt-config-test", "/tmp/not-bpffs"), "bpffs_dir"),
+        (format!("{base}mode = \"geneve\"\n"), "mode"),
+        (base.replace("127.0.0.1", "127.0.0.2"), "node_ip"),
         (base.replace("node_name = \"n1\"\n", ""), "node_name"),
     ] {
         let (ok, stderr) = run_with(&config);
         assert!(!ok, "accepted:\n{config}");
-        assert!(
-            stderr.contains(field),
-            "error does not name {field}:\n{stderr}"
-        );
+        assert!(stderr.contains(field), "error does not name {field}:\n{stderr}");
     }
     let missing = Command::new(bin_dir().join("datapath-agent"))
         .args(["run", "--config", "/nonexistent/agent.toml"])

@@ -17,33 +17,17 @@ fn node() -> Node {
 #[track_caller]
 fn assert_error(run: &datapath_tests::lab::CniRun, code: u64, msg_contains: &str) {
     assert!(!run.success, "expected failure, got {}", run.raw_stdout);
-    assert_eq!(
-        run.stdout["code"].as_u64(),
-        Some(code),
-        "{}",
-        run.raw_stdout
-    );
+    assert_eq!(run.stdout["code"].as_u64(), Some(code), "{}", run.raw_stdout);
     let msg = run.stdout["msg"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains(msg_contains),
-        "msg {msg:?} lacks {msg_contains:?}"
-    );
+    assert!(msg.contains(msg_contains), "msg {msg:?} lacks {msg_contains:?}");
     assert!(run.stdout["cniVersion"].is_string(), "{}", run.raw_stdout);
 }
 
 #[track_caller]
 fn assert_nothing_left(node: &Node) {
     assert_eq!(node.host_veths(), Vec::<String>::new(), "no host veth left");
-    assert_eq!(
-        node.ipam_leases(),
-        Vec::<String>::new(),
-        "no address lease left"
-    );
-    assert_eq!(
-        node.inspect("endpoints"),
-        serde_json::json!([]),
-        "no endpoint left"
-    );
+    assert_eq!(node.ipam_leases(), Vec::<String>::new(), "no address lease left");
+    assert_eq!(node.inspect("endpoints"), serde_json::json!([]), "no endpoint left");
     let routes = node.host_routes();
     assert!(!routes.contains("10.244.1."), "no pod route left: {routes}");
 }
@@ -66,64 +50,33 @@ fn bad_environment_and_config_get_the_right_codes() {
     assert_error(&node.cni(&env, conf.as_bytes()), 4, "CNI_IFNAME");
 
     assert_error(
-        &node.cni(
-            &Node::cni_env("ADD", "c1", &netns),
-            b"{\"cniVersion\": \"1.0.0\", ",
-        ),
+        &node.cni(&Node::cni_env("ADD", "c1", &netns), b"{\"cniVersion\": \"1.0.0\", "),
         6,
         "not valid",
     );
 
     let mut bad = node.cni_config();
     bad["cniVersion"] = "0.1.0".into();
-    assert_error(
-        &node.cni(
-            &Node::cni_env("ADD", "c1", &netns),
-            bad.to_string().as_bytes(),
-        ),
-        1,
-        "cniVersion",
-    );
+    assert_error(&node.cni(&Node::cni_env("ADD", "c1", &netns), bad.to_string().as_bytes()), 1, "cniVersion");
 
     let mut bad = node.cni_config();
     bad.as_object_mut().unwrap().remove("ipam");
-    assert_error(
-        &node.cni(
-            &Node::cni_env("ADD", "c1", &netns),
-            bad.to_string().as_bytes(),
-        ),
-        7,
-        "ipam",
-    );
+    assert_error(&node.cni(&Node::cni_env("ADD", "c1", &netns), bad.to_string().as_bytes()), 7, "ipam");
 
     let mut bad = node.cni_config();
     bad["mtu"] = 9.into();
-    assert_error(
-        &node.cni(
-            &Node::cni_env("ADD", "c1", &netns),
-            bad.to_string().as_bytes(),
-        ),
-        7,
-        "mtu",
-    );
+    assert_error(&node.cni(&Node::cni_env("ADD", "c1", &netns), bad.to_string().as_bytes()), 7, "mtu");
 
     let mut bad = node.cni_config();
     bad["ipam"]["type"] = "no-such-ipam".into();
     assert_error(
-        &node.cni(
-            &Node::cni_env("ADD", "c1", &netns),
-            bad.to_string().as_bytes(),
-        ),
+        &node.cni(&Node::cni_env("ADD", "c1", &netns), bad.to_string().as_bytes()),
         7,
         "no-such-ipam",
     );
 
     let gone = "/run/netns/dpt-does-not-exist";
-    assert_error(
-        &node.cni(&Node::cni_env("ADD", "c1", gone), conf.as_bytes()),
-        3,
-        "network namespace",
-    );
+    assert_error(&node.cni(&Node::cni_env("ADD", "c1", gone), conf.as_bytes()), 3, "network namespace");
 
     assert_nothing_left(&node);
     // The pod namespace is untouched.
@@ -160,16 +113,10 @@ fn agent_down_means_try_again_later_and_nothing_made() {
     assert_eq!(node.host_veths(), Vec::<String>::new());
     assert_eq!(node.ipam_leases(), Vec::<String>::new());
 
-    let status = node.cni(
-        &[("CNI_COMMAND", "STATUS")],
-        node.cni_config().to_string().as_bytes(),
-    );
+    let status = node.cni(&[("CNI_COMMAND", "STATUS")], node.cni_config().to_string().as_bytes());
     assert_error(&status, 50, "agent");
     node.start_agent();
-    let status = node.cni(
-        &[("CNI_COMMAND", "STATUS")],
-        node.cni_config().to_string().as_bytes(),
-    );
+    let status = node.cni(&[("CNI_COMMAND", "STATUS")], node.cni_config().to_string().as_bytes());
     assert!(status.success, "{}", status.raw_stdout);
 }
 
@@ -184,28 +131,13 @@ fn failure_after_the_veth_exists_rolls_everything_back() {
     let mut conf = node.cni_config();
     conf["ipam"]["ranges"] = serde_json::json!([[{ "subnet": "10.99.0.0/24" }]]);
     let pod = Netns::new(format!("{}-pod", node.id));
-    let run = node.cni(
-        &Node::cni_env("ADD", "c1", &pod.path().display().to_string()),
-        conf.to_string().as_bytes(),
-    );
+    let run =
+        node.cni(&Node::cni_env("ADD", "c1", &pod.path().display().to_string()), conf.to_string().as_bytes());
     assert!(!run.success);
-    assert!(
-        run.raw_stdout.contains("outside this node's pod CIDR"),
-        "{}",
-        run.raw_stdout
-    );
+    assert!(run.raw_stdout.contains("outside this node's pod CIDR"), "{}", run.raw_stdout);
     assert_nothing_left(&node);
-    assert!(
-        !sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"),
-        "pod end removed too"
-    );
-    assert_eq!(
-        std::fs::read_dir(node.bpffs_dir.join("links"))
-            .unwrap()
-            .count(),
-        0,
-        "no link pinned"
-    );
+    assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"), "pod end removed too");
+    assert_eq!(std::fs::read_dir(node.bpffs_dir.join("links")).unwrap().count(), 0, "no link pinned");
 }
 
 #[test]
@@ -216,9 +148,7 @@ fn interface_name_taken_in_the_pod_rolls_back() {
     let node = node();
     let pod = Netns::new(format!("{}-pod", node.id));
     // Something already called eth0 in the pod: the veth cannot be made.
-    sh(&[
-        "ip", "-n", &pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
-    ]);
+    sh(&["ip", "-n", &pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
     let run = node.cni(
         &Node::cni_env("ADD", "c1", &pod.path().display().to_string()),
         node.cni_config().to_string().as_bytes(),
@@ -238,21 +168,13 @@ fn exhausted_pool_fails_cleanly() {
     conf["ipam"]["ranges"] = serde_json::json!([[{ "subnet": "10.244.1.0/24", "rangeStart": "10.244.1.10", "rangeEnd": "10.244.1.10" }]]);
     let p1 = Netns::new(format!("{}-p1", node.id));
     let p2 = Netns::new(format!("{}-p2", node.id));
-    let first = node.cni(
-        &Node::cni_env("ADD", "c1", &p1.path().display().to_string()),
-        conf.to_string().as_bytes(),
-    );
+    let first =
+        node.cni(&Node::cni_env("ADD", "c1", &p1.path().display().to_string()), conf.to_string().as_bytes());
     assert!(first.success, "{}", first.raw_stdout);
-    let second = node.cni(
-        &Node::cni_env("ADD", "c2", &p2.path().display().to_string()),
-        conf.to_string().as_bytes(),
-    );
+    let second =
+        node.cni(&Node::cni_env("ADD", "c2", &p2.path().display().to_string()), conf.to_string().as_bytes());
     assert!(!second.success);
-    assert!(
-        second.stdout["msg"].as_str().unwrap().contains("IPAM"),
-        "{}",
-        second.raw_stdout
-    );
+    assert!(second.stdout["msg"].as_str().unwrap().contains("IPAM"), "{}", second.raw_stdout);
     assert_eq!(node.host_veths().len(), 1, "only the first pod's veth");
     assert_eq!(node.ipam_leases(), vec!["10.244.1.10".to_owned()]);
 }

@@ -39,33 +39,19 @@ impl Harness {
     fn new() -> Self {
         let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
         datapath
-            .insert_pod_interface(
-                1,
-                PodInterface {
-                    pod_ipv4: POD_A_IP,
-                    host_mac: HOST_A_MAC,
-                    _pad: [0; 2],
-                },
-            )
+            .insert_pod_interface(1, PodInterface { pod_ipv4: POD_A_IP, host_mac: HOST_A_MAC, _pad: [0; 2] })
             .unwrap();
         datapath
             .insert_endpoint(
                 Ipv4Addr::from(POD_B_IP),
-                Endpoint {
-                    host_ifindex: HOST_B_IFINDEX,
-                    pod_mac: POD_B_MAC,
-                    host_mac: HOST_B_MAC,
-                    flags: 0,
-                },
+                Endpoint { host_ifindex: HOST_B_IFINDEX, pod_mac: POD_B_MAC, host_mac: HOST_B_MAC, flags: 0 },
             )
             .unwrap();
         Self { datapath }
     }
 
     fn empty() -> Self {
-        Self {
-            datapath: Datapath::load_unpinned().expect("load"),
-        }
+        Self { datapath: Datapath::load_unpinned().expect("load") }
     }
 
     fn run(&self, frame: &[u8]) -> Run {
@@ -82,11 +68,7 @@ impl Harness {
             })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
-        Run {
-            verdict: result.return_value,
-            out,
-            counters: self.datapath.counters().unwrap(),
-        }
+        Run { verdict: result.return_value, out, counters: self.datapath.counters().unwrap() }
     }
 }
 
@@ -95,32 +77,17 @@ impl Run {
     fn assert_only_drop(&self, reason: DropReason) {
         assert_eq!(self.verdict, TC_ACT_SHOT, "verdict");
         for r in DropReason::ALL {
-            assert_eq!(
-                self.counters.drop_count(r),
-                u64::from(r == reason),
-                "drop counter {}",
-                r.name()
-            );
+            assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
         }
         for p in ForwardPath::ALL {
-            assert_eq!(
-                self.counters.forward_count(p),
-                0,
-                "forward counter {}",
-                p.name()
-            );
+            assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
         }
     }
 
     fn assert_only_forward(&self, path: ForwardPath, verdict: u32) {
         assert_eq!(self.verdict, verdict, "verdict");
         for p in ForwardPath::ALL {
-            assert_eq!(
-                self.counters.forward_count(p),
-                u64::from(p == path),
-                "forward counter {}",
-                p.name()
-            );
+            assert_eq!(self.counters.forward_count(p), u64::from(p == path), "forward counter {}", p.name());
         }
         for r in DropReason::ALL {
             assert_eq!(self.counters.drop_count(r), 0, "drop counter {}", r.name());
@@ -159,11 +126,7 @@ fn arp_for_any_other_address_is_answered_too() {
     let h = Harness::new();
     let run = h.run(&arp_request(POD_A_MAC, POD_A_IP, POD_B_IP));
     run.assert_only_forward(ForwardPath::ArpReply, TC_ACT_REDIRECT);
-    assert_eq!(
-        &run.out[28..32],
-        &POD_B_IP,
-        "reply claims the asked address"
-    );
+    assert_eq!(&run.out[28..32], &POD_B_IP, "reply claims the asked address");
 }
 
 #[test]
@@ -184,8 +147,7 @@ fn arp_claiming_another_address_is_dropped() {
         return;
     }
     let h = Harness::new();
-    h.run(&arp_request(POD_A_MAC, POD_B_IP, GATEWAY))
-        .assert_only_drop(DropReason::SpoofedArp);
+    h.run(&arp_request(POD_A_MAC, POD_B_IP, GATEWAY)).assert_only_drop(DropReason::SpoofedArp);
 }
 
 #[test]
@@ -214,11 +176,7 @@ fn ipv4_to_local_pod_is_redirected_with_rewritten_macs_and_ttl() {
     let run = h.run(&frame);
     run.assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
     assert_eq!(&run.out[0..6], &POD_B_MAC, "dst MAC = destination pod");
-    assert_eq!(
-        &run.out[6..12],
-        &HOST_B_MAC,
-        "src MAC = destination's host veth"
-    );
+    assert_eq!(&run.out[6..12], &HOST_B_MAC, "src MAC = destination's host veth");
     let hdr = &run.out[14..34];
     assert_eq!(hdr[8], 63, "TTL decremented");
     assert_eq!(checksum(hdr), 0, "IPv4 header checksum still valid");
@@ -251,8 +209,7 @@ fn spoofed_source_is_dropped() {
     }
     let h = Harness::new();
     let ip = Ipv4::icmp_echo([10, 244, 1, 99], POD_B_IP);
-    h.run(&ip_frame(&ip))
-        .assert_only_drop(DropReason::SpoofedSource);
+    h.run(&ip_frame(&ip)).assert_only_drop(DropReason::SpoofedSource);
 }
 
 #[test]
@@ -262,8 +219,7 @@ fn spoofed_source_to_host_is_dropped_too() {
     }
     let h = Harness::new();
     let ip = Ipv4::icmp_echo([192, 0, 2, 1], [10, 0, 0, 1]);
-    h.run(&ip_frame(&ip))
-        .assert_only_drop(DropReason::SpoofedSource);
+    h.run(&ip_frame(&ip)).assert_only_drop(DropReason::SpoofedSource);
 }
 
 #[test]
@@ -275,8 +231,7 @@ fn ttl_one_is_dropped() {
         let h = Harness::new();
         let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
         ip.ttl = ttl;
-        h.run(&ip_frame(&ip))
-            .assert_only_drop(DropReason::TtlExceeded);
+        h.run(&ip_frame(&ip)).assert_only_drop(DropReason::TtlExceeded);
     }
 }
 
@@ -303,8 +258,7 @@ fn ipv6_goes_to_host_stack() {
     v6.extend_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     v6.extend_from_slice(&[133, 0, 0, 0, 0, 0, 0, 0]);
     let frame = ethernet([0x33, 0x33, 0, 0, 0, 2], POD_A_MAC, ETH_P_IPV6, &v6);
-    h.run(&frame)
-        .assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+    h.run(&frame).assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
 }
 
 #[test]
@@ -330,20 +284,13 @@ fn truncated_ethernet_is_refused_by_the_kernel_before_the_program() {
     let h = Harness::new();
     let frame = [0u8; 10];
     let mut out = [0u8; 64];
-    let result = h
-        .datapath
-        .program_from_pod()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        });
-    assert!(
-        result.is_err(),
-        "kernel accepted a 10-byte frame: {result:?}"
-    );
+    let result = h.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    });
+    assert!(result.is_err(), "kernel accepted a 10-byte frame: {result:?}");
 }
 
 #[test]
@@ -357,20 +304,13 @@ fn ipv4_header_shorter_than_20_bytes_is_refused_by_the_kernel_test_run() {
     let bytes = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
     let frame = ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes[..10]);
     let mut out = [0u8; 64];
-    let result = h
-        .datapath
-        .program_from_pod()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        });
-    assert!(
-        result.is_err(),
-        "kernel ran a truncated IPv4 header: {result:?}"
-    );
+    let result = h.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    });
+    assert!(result.is_err(), "kernel ran a truncated IPv4 header: {result:?}");
 }
 
 #[test]
@@ -383,8 +323,7 @@ fn ihl_beyond_the_frame_is_dropped() {
     bytes.truncate(20);
     bytes[0] = 0x4f; // IHL 15 = 60-byte header, frame has 20
     bytes[2..4].copy_from_slice(&20u16.to_be_bytes());
-    h.run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes))
-        .assert_only_drop(DropReason::MalformedIpv4);
+    h.run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes)).assert_only_drop(DropReason::MalformedIpv4);
 }
 
 #[test]
@@ -393,20 +332,14 @@ fn bad_ihl_version_or_length_is_dropped() {
         return;
     }
     let ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
-    for (what, patch) in [
-        ("ihl 4", (0usize, 0x44u8)),
-        ("version 6", (0, 0x65)),
-        ("total length beyond frame", (2, 0x7f)),
-    ] {
+    for (what, patch) in
+        [("ihl 4", (0usize, 0x44u8)), ("version 6", (0, 0x65)), ("total length beyond frame", (2, 0x7f))]
+    {
         let h = Harness::new();
         let mut bytes = ip.bytes();
         bytes[patch.0] = patch.1;
         let run = h.run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes));
-        assert_eq!(
-            run.counters.drop_count(DropReason::MalformedIpv4),
-            1,
-            "{what}"
-        );
+        assert_eq!(run.counters.drop_count(DropReason::MalformedIpv4), 1, "{what}");
         run.assert_only_drop(DropReason::MalformedIpv4);
     }
 }
@@ -422,11 +355,7 @@ fn ipv4_options_are_forwarded_intact() {
     let frame = ip_frame(&ip);
     let run = h.run(&frame);
     run.assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
-    assert_eq!(
-        checksum(&run.out[14..38]),
-        0,
-        "checksum over the 24-byte header"
-    );
+    assert_eq!(checksum(&run.out[14..38]), 0, "checksum over the 24-byte header");
     assert_eq!(&run.out[34..38], &[0x94, 0x04, 0, 0]);
     assert_eq!(&run.out[38..], &frame[38..]);
 }
@@ -454,6 +383,5 @@ fn unregistered_interface_is_dropped() {
         return;
     }
     let h = Harness::empty();
-    h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP)))
-        .assert_only_drop(DropReason::UnknownInterface);
+    h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP))).assert_only_drop(DropReason::UnknownInterface);
 }

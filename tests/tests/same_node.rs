@@ -39,20 +39,10 @@ fn pods_reach_each_other_and_the_node() {
     tcp_echo(&node.netns, NODE_IP, &c.netns, 1 << 20).expect("TCP pod c -> node");
 
     let counters = node.inspect("counters");
-    assert!(
-        counters["forwards"]["local_delivery"].as_u64().unwrap() > 100,
-        "{counters}"
-    );
-    assert!(
-        counters["forwards"]["arp_reply"].as_u64().unwrap() >= 3,
-        "{counters}"
-    );
+    assert!(counters["forwards"]["local_delivery"].as_u64().unwrap() > 100, "{counters}");
+    assert!(counters["forwards"]["arp_reply"].as_u64().unwrap() >= 3, "{counters}");
     for (reason, n) in counters["drops"].as_object().unwrap() {
-        assert_eq!(
-            n.as_u64(),
-            Some(0),
-            "unexpected drops of {reason}: {counters}"
-        );
+        assert_eq!(n.as_u64(), Some(0), "unexpected drops of {reason}: {counters}");
     }
 
     // The endpoint map matches the pods exactly.
@@ -61,39 +51,19 @@ fn pods_reach_each_other_and_the_node() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            (
-                e["pod_ip"].as_str().unwrap().to_owned(),
-                e["host_ifname"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|e| (e["pod_ip"].as_str().unwrap().to_owned(), e["host_ifname"].as_str().unwrap().to_owned()))
         .collect();
     seen.sort();
-    let mut expected: Vec<(String, String)> = [&a, &b, &c]
-        .iter()
-        .map(|p| (p.ip.to_string(), p.host_veth.clone()))
-        .collect();
+    let mut expected: Vec<(String, String)> =
+        [&a, &b, &c].iter().map(|p| (p.ip.to_string(), p.host_veth.clone())).collect();
     expected.sort();
     assert_eq!(seen, expected);
 
     // The pod sees what Kubernetes expects: one /32 and a default route via the link-local gateway.
-    let addrs = sh(&[
-        "ip",
-        "-n",
-        &a.netns.name,
-        "-4",
-        "-o",
-        "addr",
-        "show",
-        "dev",
-        "eth0",
-    ]);
+    let addrs = sh(&["ip", "-n", &a.netns.name, "-4", "-o", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains(&format!("{}/32", a.ip)), "{addrs}");
     let routes = sh(&["ip", "-n", &a.netns.name, "route", "show"]);
-    assert!(
-        routes.contains("default via 169.254.1.1 dev eth0"),
-        "{routes}"
-    );
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
 }
 
 #[test]
@@ -106,16 +76,7 @@ fn spoofed_source_from_a_pod_is_dropped() {
     let b = node.add_pod("b");
     assert!(ping(&a.netns, b.ip, 1));
     // The pod takes an address that is not its own and uses it.
-    sh(&[
-        "ip",
-        "-n",
-        &a.netns.name,
-        "addr",
-        "add",
-        "10.244.1.250/32",
-        "dev",
-        "eth0",
-    ]);
+    sh(&["ip", "-n", &a.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
     let before = node.drop_count("spoofed_source");
     assert!(!a.netns.exec_ok(&[
         "ping",
@@ -143,22 +104,10 @@ fn ttl_one_from_a_pod_is_dropped() {
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
-    assert!(!a.netns.exec_ok(&[
-        "ping",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        "-t",
-        "1",
-        &b.ip.to_string()
-    ]));
+    assert!(!a.netns.exec_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", &b.ip.to_string()]));
     assert_eq!(node.drop_count("ttl_exceeded"), 2);
     assert!(
-        a.netns
-            .exec_ok(&["ping", "-c", "1", "-W", "2", "-t", "2", &b.ip.to_string()]),
+        a.netns.exec_ok(&["ping", "-c", "1", "-W", "2", "-t", "2", &b.ip.to_string()]),
         "TTL 2 arrives with TTL 1"
     );
 }
@@ -186,10 +135,7 @@ fn malformed_frames_from_a_pod_are_dropped_with_their_reason() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let after = node.inspect("counters");
     for reason in ["malformed_ipv4", "vlan_tagged", "spoofed_arp"] {
-        let (x, y) = (
-            before["drops"][reason].as_u64().unwrap(),
-            after["drops"][reason].as_u64().unwrap(),
-        );
+        let (x, y) = (before["drops"][reason].as_u64().unwrap(), after["drops"][reason].as_u64().unwrap());
         assert_eq!(y, x + 1, "{reason}: {before} -> {after}");
     }
     // And nothing broke: traffic goes on.
@@ -210,48 +156,29 @@ fn del_removes_veth_route_map_entry_and_lease_and_is_idempotent() {
 
     let del = node.del_pod(&b);
     assert!(del.success, "DEL: {}", del.raw_stdout);
-    assert_eq!(
-        node.host_veths(),
-        vec![a.host_veth.clone()],
-        "b's veth is gone, a's stays"
-    );
+    assert_eq!(node.host_veths(), vec![a.host_veth.clone()], "b's veth is gone, a's stays");
     assert!(
         !node.host_routes().contains(&format!("{} dev", b.ip)),
         "route to b is gone: {}",
         node.host_routes()
     );
     let endpoints = node.inspect("endpoints");
-    let ips: Vec<&str> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["pod_ip"].as_str().unwrap())
-        .collect();
+    let ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
     assert_eq!(ips, vec![a.ip.to_string()]);
-    assert!(
-        !node.bpffs_dir.join("links").join(&b.host_veth).exists(),
-        "link pin removed"
-    );
+    assert!(!node.bpffs_dir.join("links").join(&b.host_veth).exists(), "link pin removed");
     assert_eq!(node.ipam_leases(), vec![a.ip.to_string()]);
-    assert!(
-        !sh(&["ip", "-n", &b.netns.name, "link"]).contains("eth0"),
-        "pod interface gone"
-    );
+    assert!(!sh(&["ip", "-n", &b.netns.name, "link"]).contains("eth0"), "pod interface gone");
 
     // DEL again, and DEL without a netns (containerd's second DEL): both succeed.
     assert!(node.del_pod(&b).success);
     let mut conf = node.cni_config();
     conf["prevResult"] = b.result.clone();
-    let no_netns = node.cni(
-        &Node::cni_env("DEL", &b.container_id, ""),
-        conf.to_string().as_bytes(),
-    );
+    let no_netns = node.cni(&Node::cni_env("DEL", &b.container_id, ""), conf.to_string().as_bytes());
     assert!(no_netns.success, "{}", no_netns.raw_stdout);
     // DEL of a pod that never existed.
-    let never = node.cni(
-        &Node::cni_env("DEL", "never-existed", ""),
-        node.cni_config().to_string().as_bytes(),
-    );
+    let never =
+        node.cni(&Node::cni_env("DEL", "never-existed", ""), node.cni_config().to_string().as_bytes());
     assert!(never.success, "{}", never.raw_stdout);
     assert!(ping(&node.netns, a.ip, 1), "the other pod is untouched");
 }
@@ -272,11 +199,7 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
 
     node.start_agent();
     assert!(ping(&a.netns, b.ip, 2), "forwarding after restart");
-    assert_eq!(
-        node.inspect("endpoints"),
-        endpoints_before,
-        "restart changed no endpoint"
-    );
+    assert_eq!(node.inspect("endpoints"), endpoints_before, "restart changed no endpoint");
     assert!(
         node.agent_log().contains("links_updated=2"),
         "both links moved to the new program:\n{}",
@@ -284,15 +207,9 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
     );
 
     node.kill_agent();
-    assert!(
-        ping(&a.netns, b.ip, 2),
-        "forwarding with the agent SIGKILLed"
-    );
+    assert!(ping(&a.netns, b.ip, 2), "forwarding with the agent SIGKILLed");
     node.start_agent();
-    assert!(
-        ping(&b.netns, a.ip, 2),
-        "forwarding after the second restart"
-    );
+    assert!(ping(&b.netns, a.ip, 2), "forwarding after the second restart");
     assert_eq!(node.inspect("endpoints"), endpoints_before);
 
     // A pod added after the restart works with the ones from before.

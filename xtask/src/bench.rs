@@ -58,29 +58,11 @@ impl BareVeth {
         let a = Netns::new(format!("{prefix}-veth-a"));
         let b = Netns::new(format!("{prefix}-veth-b"));
         sh(&[
-            "ip", "-n", &a.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-            "netns", &b.name,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &a.name,
-            "addr",
-            "add",
-            "10.201.0.1/24",
-            "dev",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
+            "ip", "-n", &a.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
             &b.name,
-            "addr",
-            "add",
-            "10.201.0.2/24",
-            "dev",
-            "eth0",
         ]);
+        sh(&["ip", "-n", &a.name, "addr", "add", "10.201.0.1/24", "dev", "eth0"]);
+        sh(&["ip", "-n", &b.name, "addr", "add", "10.201.0.2/24", "dev", "eth0"]);
         sh(&["ip", "-n", &a.name, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &b.name, "link", "set", "eth0", "up"]);
         Self { a, b }
@@ -110,61 +92,20 @@ impl Bridge {
         let a = Netns::new(format!("{prefix}-br-a"));
         let b = Netns::new(format!("{prefix}-br-b"));
         let n = node.name.clone();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
+        sh(&["ip", "netns", "exec", &n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         sh(&["ip", "-n", &n, "link", "add", "cni0", "type", "bridge"]);
         sh(&["ip", "-n", &n, "link", "set", "cni0", "mtu", "1500", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &n,
-            "addr",
-            "add",
-            "10.202.0.1/24",
-            "dev",
-            "cni0",
-        ]);
-        for (pod, veth, ip) in [
-            (&a, "vetha", "10.202.0.2/24"),
-            (&b, "vethb", "10.202.0.3/24"),
-        ] {
+        sh(&["ip", "-n", &n, "addr", "add", "10.202.0.1/24", "dev", "cni0"]);
+        for (pod, veth, ip) in [(&a, "vetha", "10.202.0.2/24"), (&b, "vethb", "10.202.0.3/24")] {
             sh(&[
-                "ip", "-n", &n, "link", "add", veth, "mtu", "1500", "type", "veth", "peer", "name",
-                "eth0", "netns", &pod.name,
+                "ip", "-n", &n, "link", "add", veth, "mtu", "1500", "type", "veth", "peer", "name", "eth0",
+                "netns", &pod.name,
             ]);
             sh(&["ip", "-n", &n, "link", "set", veth, "master", "cni0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &n,
-                "link",
-                "set",
-                "dev",
-                veth,
-                "type",
-                "bridge_slave",
-                "hairpin",
-                "on",
-            ]);
+            sh(&["ip", "-n", &n, "link", "set", "dev", veth, "type", "bridge_slave", "hairpin", "on"]);
             sh(&["ip", "-n", &pod.name, "addr", "add", ip, "dev", "eth0"]);
             sh(&["ip", "-n", &pod.name, "link", "set", "eth0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &pod.name,
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.202.0.1",
-            ]);
+            sh(&["ip", "-n", &pod.name, "route", "add", "default", "via", "10.202.0.1"]);
         }
         Self { node, a, b }
     }
@@ -203,11 +144,7 @@ fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
 
 /// 1-byte request/response over one TCP connection (netperf TCP_RR) or a new
 /// connection per transaction (TCP_CRR). Returns transactions per second.
-fn request_response(
-    pair: &Pair,
-    duration: Duration,
-    new_connection_each: bool,
-) -> anyhow::Result<f64> {
+fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let (server_ns, server_ip) = (pair.server.clone(), pair.server_ip);
@@ -250,9 +187,7 @@ fn request_response(
         }
         Ok(done)
     });
-    let done = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    let done = client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
     stop.store(true, Ordering::Relaxed);
     // Unblock the server's accept.
     let _ = std::thread::spawn({
@@ -272,48 +207,21 @@ fn request_response(
 fn throughput(pair: &Pair, duration: Duration) -> anyhow::Result<f64> {
     let ip = pair.server_ip.to_string();
     let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server_name,
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            &ip,
-            "-A",
-            "1",
-        ])
+        .args(["netns", "exec", &pair.server_name, "iperf3", "-s", "-1", "-B", &ip, "-A", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting iperf3 server (is iperf3 installed? run scripts/setup.sh)")?;
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.client_name,
-            "iperf3",
-            "-c",
-            &ip,
-            "-A",
-            "0",
-            "-J",
-            "-t",
-        ])
+        .args(["netns", "exec", &pair.client_name, "iperf3", "-c", &ip, "-A", "0", "-J", "-t"])
         .arg(duration.as_secs().to_string())
         .output()?;
     let _ = server.wait();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     let bps = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .with_context(|| {
-            format!(
-                "iperf3 gave no result: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
+        .with_context(|| format!("iperf3 gave no result: {}", String::from_utf8_lossy(&out.stdout)))?;
     Ok(bps / 1e9)
 }
 
@@ -326,27 +234,13 @@ struct Stats {
 
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    Stats {
-        min: v[0],
-        median,
-        max: v[v.len() - 1],
-    }
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    Stats { min: v[0], median, max: v[v.len() - 1] }
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "the benchmark needs root (network namespaces, BPF)"
-    );
-    anyhow::ensure!(
-        args.repeats >= 3,
-        "--repeats must be at least 3 for min/median/max"
-    );
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (network namespaces, BPF)");
+    anyhow::ensure!(args.repeats >= 3, "--repeats must be at least 3 for min/median/max");
     let bins = build_bins(true)?;
     // SAFETY: single-threaded here; read by the lab helpers.
     unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
@@ -361,11 +255,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let b = node.add_pod("bench-b");
     let pairs = [veth.pair(), bridge.pair(), ours_pair(&a, &b)];
 
-    let metrics = [
-        "TCP_RR (trans/s)",
-        "TCP_CRR (trans/s)",
-        "TCP stream (Gbit/s)",
-    ];
+    let metrics = ["TCP_RR (trans/s)", "TCP_CRR (trans/s)", "TCP stream (Gbit/s)"];
     let mut samples = vec![vec![Vec::new(); metrics.len()]; pairs.len()];
     for rep in 0..args.repeats {
         for (i, pair) in pairs.iter().enumerate() {
@@ -376,17 +266,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let results: Vec<Vec<Stats>> = samples
-        .into_iter()
-        .map(|per| per.into_iter().map(stats).collect())
-        .collect();
+    let results: Vec<Vec<Stats>> =
+        samples.into_iter().map(|per| per.into_iter().map(stats).collect()).collect();
     println!(
         "\nSame-node pod to pod, {} s x {} repeats, client CPU 0, server CPU 1 ({} CPUs)",
         args.duration,
         args.repeats,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
         "{:<28} {:<20} {:>12} {:>12} {:>12} {:>10}",

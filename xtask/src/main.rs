@@ -33,9 +33,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Run a command to completion, failing with its name if it fails.
 pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
     anyhow::ensure!(status.success(), "{cmd:?} failed with {status}");
     Ok(())
 }
@@ -45,22 +43,16 @@ pub fn cargo() -> std::process::Command {
 }
 
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 /// Build the agent and plugin binaries; returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<std::path::PathBuf> {
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["build", "-p", "datapath-agent", "--bins"]);
+    cmd.current_dir(workspace_root()).args(["build", "-p", "datapath-agent", "--bins"]);
     if release {
         cmd.arg("--release");
     }
     run_cmd(&mut cmd)?;
-    Ok(workspace_root()
-        .join("target")
-        .join(if release { "release" } else { "debug" }))
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
 }

@@ -29,9 +29,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let bins = build_bins(false)?;
     if !args.agent_args.is_empty() {
-        return run_cmd(
-            std::process::Command::new(bins.join("datapath-agent")).args(&args.agent_args),
-        );
+        return run_cmd(std::process::Command::new(bins.join("datapath-agent")).args(&args.agent_args));
     }
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
@@ -40,10 +38,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; the variable is read by the lab helpers.
     unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
     let handler = nix::sys::signal::SigHandler::Handler(on_signal);
-    for sig in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-    ] {
+    for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { nix::sys::signal::signal(sig, handler) }.context("installing signal handler")?;
     }
@@ -60,14 +55,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("== two pods through the CNI plugin");
     let a = node.add_pod("pod-a");
     let b = node.add_pod("pod-b");
-    println!(
-        "pod-a {} (netns {}, host veth {})",
-        a.ip, a.netns.name, a.host_veth
-    );
-    println!(
-        "pod-b {} (netns {}, host veth {})",
-        b.ip, b.netns.name, b.host_veth
-    );
+    println!("pod-a {} (netns {}, host veth {})", a.ip, a.netns.name, a.host_veth);
+    println!("pod-b {} (netns {}, host veth {})", b.ip, b.netns.name, b.host_veth);
 
     println!("\n== datapath-agent inspect endpoints");
     show(
@@ -75,10 +64,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .args(["inspect", "endpoints", "--bpffs-dir"])
             .arg(&node.bpffs_dir),
     );
-    println!(
-        "\n== bpftool map dump pinned {}/maps/endpoints",
-        node.bpffs_dir.display()
-    );
+    println!("\n== bpftool map dump pinned {}/maps/endpoints", node.bpffs_dir.display());
     show(
         std::process::Command::new("bpftool")
             .args(["map", "dump", "pinned"])
@@ -90,14 +76,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ("ping pod-a -> pod-b", ping(&a.netns, b.ip, 3)),
         ("ping pod-b -> pod-a", ping(&b.netns, a.ip, 3)),
         ("ping node -> pod-a", ping(&node.netns, a.ip, 3)),
-        (
-            "TCP pod-a -> pod-b (1 MiB echoed)",
-            tcp_echo(&b.netns, b.ip, &a.netns, 1 << 20).is_ok(),
-        ),
-        (
-            "TCP pod-b -> pod-a (1 MiB echoed)",
-            tcp_echo(&a.netns, a.ip, &b.netns, 1 << 20).is_ok(),
-        ),
+        ("TCP pod-a -> pod-b (1 MiB echoed)", tcp_echo(&b.netns, b.ip, &a.netns, 1 << 20).is_ok()),
+        ("TCP pod-b -> pod-a (1 MiB echoed)", tcp_echo(&a.netns, a.ip, &b.netns, 1 << 20).is_ok()),
     ];
     for (what, ok) in &checks {
         println!("{:<40} {}", what, if *ok { "ok" } else { "FAILED" });

@@ -12,17 +12,9 @@ pub struct TestArgs {
 pub fn test(args: TestArgs) -> anyhow::Result<()> {
     let root = workspace_root();
     println!("== cargo fmt --check");
-    run_cmd(
-        cargo()
-            .current_dir(&root)
-            .args(["fmt", "--all", "--", "--check"]),
-    )?;
+    run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
     println!("== cargo clippy --all-targets -- -D warnings");
-    run_cmd(
-        cargo()
-            .current_dir(&root)
-            .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
-    )?;
+    run_cmd(cargo().current_dir(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     println!("== build agent and CNI plugin");
     let bins = build_bins(false)?;
     println!("== cargo test (kernel tests run serially)");

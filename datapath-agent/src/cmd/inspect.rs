@@ -28,6 +28,8 @@ pub enum InspectWhat {
     Endpoints,
     /// Drop and forward counters, summed over CPUs.
     Counters,
+    /// Remote pod CIDRs and the node each one lives on.
+    Nodes,
 }
 
 #[derive(serde::Serialize)]
@@ -41,10 +43,7 @@ struct EndpointRow {
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs_dir)).with_context(|| {
-        format!(
-            "opening pinned maps under {} (has the agent ever run?)",
-            args.bpffs_dir.display()
-        )
+        format!("opening pinned maps under {} (has the agent ever run?)", args.bpffs_dir.display())
     })?;
     match args.what {
         InspectWhat::Endpoints => {
@@ -77,6 +76,26 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         r.host_ifindex,
                         r.host_mac.to_string()
                     );
+                }
+            }
+        }
+        InspectWhat::Nodes => {
+            #[derive(serde::Serialize)]
+            struct NodeRow {
+                pod_cidr: String,
+                node_ip: std::net::Ipv4Addr,
+            }
+            let rows: Vec<NodeRow> = maps
+                .remote_routes()?
+                .into_iter()
+                .map(|r| NodeRow { pod_cidr: r.pod_cidr.to_string(), node_ip: r.node_ip })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<20} {:<16}", "POD CIDR", "NODE IP");
+                for r in rows {
+                    println!("{:<20} {:<16}", r.pod_cidr, r.node_ip.to_string());
                 }
             }
         }

@@ -3,7 +3,7 @@
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -11,12 +11,16 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::Mutex,
 };
+
+use datapath_common::{NodeConfig, RoutingMode, program_names};
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::AgentConfig,
-    datapath::{Datapath, LocalEndpoint, PinLayout},
+    config::{AgentConfig, Mode},
+    datapath::{Datapath, LocalEndpoint, PinLayout, RemoteRoute},
+    node_net::{self, RouteVia},
 };
 
 #[derive(Debug, clap::Args)]
@@ -29,21 +33,69 @@ pub struct RunArgs {
 struct Agent {
     config: AgentConfig,
     datapath: Datapath,
+    pod_mtu: u32,
+    route_via: RouteVia,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig::load(&args.config)?;
     config.check_host()?;
-    let datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir))
+    let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+
+    // Node networking first: the programs need the ifindexes.
+    let uplink = node_net::uplink(&netlink, &config.uplink_interface).await?;
+    let (vxlan_ifindex, route_via, node_program) = match config.mode {
+        Mode::Native => {
+            node_net::remove_vxlan_if_present(&netlink, &config.vxlan.device).await?;
+            (
+                0,
+                RouteVia::Native { uplink_index: uplink.index },
+                (program_names::FROM_UPLINK, config.uplink_interface.clone()),
+            )
+        }
+        Mode::Vxlan => {
+            let vxlan = node_net::ensure_vxlan(&netlink, &config, uplink.mtu).await?;
+            (
+                vxlan.index,
+                RouteVia::Overlay { vxlan_index: vxlan.index, vni: config.vxlan.vni },
+                (program_names::FROM_OVERLAY, config.vxlan.device.clone()),
+            )
+        }
+    };
+    node_net::enable_ip_forwarding()?;
+
+    let mut datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir))
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
-    let mut agent = Agent { config, datapath };
-    let report = agent
-        .datapath
-        .reconcile()
-        .context("reconciling pinned state")?;
+    datapath
+        .set_node_config(NodeConfig {
+            node_ipv4: config.node_ip.octets(),
+            mode: match config.mode {
+                Mode::Native => RoutingMode::Native as u32,
+                Mode::Vxlan => RoutingMode::Vxlan as u32,
+            },
+            uplink_ifindex: uplink.index,
+            vxlan_ifindex,
+            vni: config.vxlan.vni,
+            flags: 0,
+        })
+        .context("writing the node config map")?;
+    let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
+    let mut agent = Agent { config, datapath, pod_mtu, route_via };
+    let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
+    agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    crate::masquerade::apply(
+        agent
+            .config
+            .masquerade
+            .then_some((agent.config.cluster_cidr, agent.config.uplink_interface.as_str())),
+    )?;
     tracing::info!(
         node = agent.config.node_name,
         pod_cidr = %agent.config.pod_cidr,
+        mode = ?agent.config.mode,
+        pod_mtu,
         links_updated = report.links_updated,
         stale_links_removed = report.stale_links_removed,
         stale_endpoints_removed = report.stale_endpoints_removed,
@@ -53,6 +105,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let socket_path = agent.config.api_socket.clone();
     let listener = bind_private_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
+    let mut config_changes = watch_config(args.config.clone(), agent.config.clone());
+    // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -72,6 +126,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
+            Some(new_config) = config_changes.recv() => {
+                let mut agent = agent.lock().await;
+                if let Some(field) = agent.config.restart_only_fields_differ(&new_config) {
+                    tracing::warn!(field, "this config change needs an agent restart; only peers are applied live");
+                }
+                agent.config.peers = new_config.peers;
+                if let Err(e) = agent.apply_peers(&netlink).await {
+                    tracing::error!(error = format!("{e:#}"), "applying the new peer list failed");
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -85,9 +149,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Bind the API socket so that only root can connect: the directory is 0700
 /// and the socket 0600 (a pod must never be able to register endpoints).
 fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    let dir = path
-        .parent()
-        .context("api_socket has no parent directory")?;
+    let dir = path.parent().context("api_socket has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
@@ -98,8 +160,7 @@ fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
             return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
         }
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
@@ -111,18 +172,11 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
-                let agent = Arc::clone(&agent);
-                tokio::task::spawn_blocking(move || {
-                    let mut agent = agent
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    agent.handle(request)
-                })
-                .await?
+                let mut agent = agent.lock().await;
+                // Map updates and one TCX attach: milliseconds, fine inline.
+                tokio::task::block_in_place(|| agent.handle(request))
             }
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
+            Err(e) => Response::Error { message: format!("malformed request: {e}") },
         };
         let mut out = serde_json::to_vec(&response)?;
         out.push(b'\n');
@@ -131,7 +185,60 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
     Ok(())
 }
 
+/// Poll the config file; send each new valid version. An invalid edit is
+/// logged and ignored: the running state stays as it is.
+fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Receiver<AgentConfig> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut current = initial;
+        let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let Ok(text) = tokio::fs::read_to_string(&path).await else { continue };
+            if text == last_text {
+                continue;
+            }
+            last_text = text;
+            match AgentConfig::load(&path) {
+                Ok(new) if new != current => {
+                    tracing::info!(config = %path.display(), "config file changed");
+                    current = new.clone();
+                    if tx.send(new).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = format!("{e:#}"), "ignoring invalid config change"),
+            }
+        }
+    });
+    rx
+}
+
 impl Agent {
+    /// Program maps and routes from the peer list: only what differs changes.
+    async fn apply_peers(&mut self, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
+        let desired: Vec<RemoteRoute> = self
+            .config
+            .peers
+            .iter()
+            .map(|p| RemoteRoute { pod_cidr: p.pod_cidr, node_ip: p.node_ip })
+            .collect();
+        let maps = self.datapath.sync_remote_nodes(&desired)?;
+        let routes_removed =
+            node_net::sync_routes(netlink, &desired, self.route_via, self.config.node_ip).await?;
+        tracing::info!(
+            peers = desired.len(),
+            added = maps.added,
+            updated = maps.updated,
+            removed = maps.removed,
+            routes_removed,
+            "peer nodes programmed"
+        );
+        Ok(())
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => {
@@ -140,10 +247,9 @@ impl Agent {
                         node_name: self.config.node_name.clone(),
                         pod_cidr: self.config.pod_cidr.to_string(),
                         endpoints: endpoints.len(),
+                        pod_mtu: self.pod_mtu,
                     },
-                    Err(e) => Response::Error {
-                        message: format!("{:#}", anyhow::Error::from(e)),
-                    },
+                    Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
                 };
             }
             Request::AddEndpoint(spec) => self.add_endpoint(spec),
@@ -153,9 +259,7 @@ impl Agent {
             Ok(()) => Response::Done,
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "request refused");
-                Response::Error {
-                    message: format!("{e:#}"),
-                }
+                Response::Error { message: format!("{e:#}") }
             }
         }
     }
@@ -204,11 +308,7 @@ impl Agent {
     fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
         let removed = self
             .datapath
-            .remove_endpoint(
-                &reference.host_ifname,
-                reference.host_ifindex,
-                reference.pod_ipv4,
-            )
+            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, reference.pod_ipv4)
             .context("removing the endpoint")?;
         tracing::info!(
             container = reference.container_id,

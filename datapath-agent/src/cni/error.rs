@@ -25,19 +25,11 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
-        Self {
-            code: code as u32,
-            msg: msg.into(),
-            details: String::new(),
-        }
+        Self { code: code as u32, msg: msg.into(), details: String::new() }
     }
 
     /// Keep the whole cause chain in `details`, not flattened into a string early.
-    pub fn with_source(
-        code: ErrorCode,
-        msg: impl Into<String>,
-        source: &dyn std::error::Error,
-    ) -> Self {
+    pub fn with_source(code: ErrorCode, msg: impl Into<String>, source: &dyn std::error::Error) -> Self {
         let mut details = source.to_string();
         let mut cause = source.source();
         while let Some(c) = cause {
@@ -45,19 +37,11 @@ impl CniError {
             details.push_str(&c.to_string());
             cause = c.source();
         }
-        Self {
-            code: code as u32,
-            msg: msg.into(),
-            details,
-        }
+        Self { code: code as u32, msg: msg.into(), details }
     }
 
     pub fn from_anyhow(code: ErrorCode, msg: impl Into<String>, error: &anyhow::Error) -> Self {
-        Self {
-            code: code as u32,
-            msg: msg.into(),
-            details: format!("{error:#}"),
-        }
+        Self { code: code as u32, msg: msg.into(), details: format!("{error:#}") }
     }
 
     pub fn to_json(&self, cni_version: &str) -> serde_json::Value {
@@ -70,13 +54,8 @@ impl CniError {
             #[serde(skip_serializing_if = "str::is_empty")]
             details: &'a str,
         }
-        serde_json::to_value(Wire {
-            cni_version,
-            code: self.code,
-            msg: &self.msg,
-            details: &self.details,
-        })
-        .unwrap_or_default()
+        serde_json::to_value(Wire { cni_version, code: self.code, msg: &self.msg, details: &self.details })
+            .unwrap_or_default()
     }
 }
 

@@ -58,13 +58,13 @@ fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>
             )
         })?;
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin).map_err(|e| {
-            CniError::with_source(ErrorCode::IoFailure, "cannot feed the IPAM plugin", &e)
-        })?;
+        input
+            .write_all(stdin)
+            .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot feed the IPAM plugin", &e))?;
     }
-    let output = child.wait_with_output().map_err(|e| {
-        CniError::with_source(ErrorCode::IoFailure, "IPAM plugin did not finish", &e)
-    })?;
+    let output = child
+        .wait_with_output()
+        .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "IPAM plugin did not finish", &e))?;
     if output.status.success() {
         return Ok(output.stdout);
     }
@@ -76,24 +76,16 @@ fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>
         details: String,
     }
     let _ = env;
-    Err(
-        match serde_json::from_slice::<DelegateError>(&output.stdout) {
-            Ok(e) => CniError {
-                code: e.code,
-                msg: format!("IPAM {command} failed: {}", e.msg),
-                details: e.details,
-            },
-            Err(_) => CniError {
-                code: ErrorCode::IoFailure as u32,
-                msg: format!(
-                    "IPAM plugin {} failed ({})",
-                    plugin.display(),
-                    output.status
-                ),
-                details: String::from_utf8_lossy(&output.stderr).into_owned(),
-            },
+    Err(match serde_json::from_slice::<DelegateError>(&output.stdout) {
+        Ok(e) => {
+            CniError { code: e.code, msg: format!("IPAM {command} failed: {}", e.msg), details: e.details }
+        }
+        Err(_) => CniError {
+            code: ErrorCode::IoFailure as u32,
+            msg: format!("IPAM plugin {} failed ({})", plugin.display(), output.status),
+            details: String::from_utf8_lossy(&output.stderr).into_owned(),
         },
-    )
+    })
 }
 
 pub fn add(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<Allocation, CniError> {
@@ -111,27 +103,12 @@ pub fn add(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<Allocation, CniEr
         address: String,
     }
     let result: IpamResult = serde_json::from_slice(&out).map_err(|e| {
-        CniError::with_source(
-            ErrorCode::DecodeFailure,
-            "IPAM plugin returned an unreadable result",
-            &e,
-        )
+        CniError::with_source(ErrorCode::DecodeFailure, "IPAM plugin returned an unreadable result", &e)
     })?;
-    let prefix = result
-        .ips
-        .iter()
-        .find_map(|ip| ip.address.parse::<Ipv4Net>().ok())
-        .ok_or_else(|| {
-            CniError::new(
-                ErrorCode::InvalidNetworkConfig,
-                "IPAM returned no IPv4 address; give it an IPv4 range",
-            )
-        })?;
-    Ok(Allocation {
-        address: prefix.addr(),
-        prefix,
-        dns: result.dns,
-    })
+    let prefix = result.ips.iter().find_map(|ip| ip.address.parse::<Ipv4Net>().ok()).ok_or_else(|| {
+        CniError::new(ErrorCode::InvalidNetworkConfig, "IPAM returned no IPv4 address; give it an IPv4 range")
+    })?;
+    Ok(Allocation { address: prefix.addr(), prefix, dns: result.dns })
 }
 
 pub fn del(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<(), CniError> {

@@ -23,9 +23,7 @@ where
     F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         // The socket is bound to the namespace of the thread that creates it.
         let (connection, handle, _) = rtnetlink::new_connection()?;
@@ -51,10 +49,7 @@ fn state_of(msg: &LinkMessage) -> LinkState {
             _ => None,
         })
         .unwrap_or_default();
-    LinkState {
-        index: msg.header.index,
-        mac,
-    }
+    LinkState { index: msg.header.index, mac }
 }
 
 /// The link called `name`, if there is one.
@@ -92,11 +87,7 @@ pub async fn create_veth(
 }
 
 pub async fn set_up(handle: &Handle, index: u32) -> NlResult<()> {
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
+    handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await
 }
 
 pub async fn delete(handle: &Handle, index: u32) -> NlResult<()> {
@@ -111,11 +102,7 @@ pub async fn configure_pod_interface(
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
 ) -> NlResult<()> {
-    handle
-        .address()
-        .add(index, addr.into(), 32)
-        .execute()
-        .await?;
+    handle.address().add(index, addr.into(), 32).execute().await?;
     set_up(handle, index).await?;
     let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(gateway, 32)

@@ -38,29 +38,16 @@ pub fn invoke(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome
     // Errors are reported in the config's version when we can read it.
     let version_hint = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
+        .and_then(|v| v.get("cniVersion").and_then(|v| v.as_str()).map(str::to_owned))
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_owned());
     match dispatch(get_env, stdin) {
-        Ok(stdout) => Outcome {
-            stdout,
-            success: true,
-        },
-        Err(e) => Outcome {
-            stdout: e.to_json(&version_hint),
-            success: false,
-        },
+        Ok(stdout) => Outcome { stdout, success: true },
+        Err(e) => Outcome { stdout: e.to_json(&version_hint), success: false },
     }
 }
 
-fn dispatch(
-    get_env: impl Fn(&str) -> Option<String>,
-    stdin: &[u8],
-) -> Result<serde_json::Value, CniError> {
+fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
     let env = Env::from_vars(get_env)?;
     match env.command.as_str() {
         // VERSION needs no config beyond (optionally) its version.
@@ -78,17 +65,12 @@ fn dispatch(
         "STATUS" => {
             let conf = NetConf::parse(stdin)?;
             agent_status(&conf)
-                .map(|()| serde_json::Value::Null)
-                .map_err(|e| CniError {
-                    code: ErrorCode::PluginNotAvailable as u32,
-                    ..e
-                })
+                .map(|_mtu| serde_json::Value::Null)
+                .map_err(|e| CniError { code: ErrorCode::PluginNotAvailable as u32, ..e })
         }
         other => Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!(
-                "CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"
-            ),
+            format!("CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"),
         )),
     }
 }
@@ -109,18 +91,20 @@ fn agent_error(e: ClientError) -> CniError {
             "the datapath agent is not running on this node; try again when it is ready",
             &e,
         ),
-        other => CniError::with_source(
-            ErrorCode::IoFailure,
-            "the datapath agent refused the request",
-            &other,
-        ),
+        other => {
+            CniError::with_source(ErrorCode::IoFailure, "the datapath agent refused the request", &other)
+        }
     }
 }
 
-fn agent_status(conf: &NetConf) -> Result<(), CniError> {
-    api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT)
-        .map(|_| ())
-        .map_err(agent_error)
+/// The agent's answer to STATUS: up, and the MTU pods on this node get.
+fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
+    match api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT).map_err(agent_error)? {
+        api::Response::Status { pod_mtu, .. } => Ok(pod_mtu),
+        other => {
+            Err(CniError::new(ErrorCode::IoFailure, format!("unexpected answer from the agent: {other:?}")))
+        }
+    }
 }
 
 /// What this ADD created so far: exactly what a failure must undo.
@@ -146,10 +130,11 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
         )
     })?;
     // Before any side effect: without the agent nothing would forward.
-    agent_status(conf)?;
+    let agent_mtu = agent_status(conf)?;
+    let mtu = conf.mtu.unwrap_or(agent_mtu);
 
     let mut undo = Undo::default();
-    let result = add_steps(env, conf, stdin, &ipam_type, &netns_file, &mut undo);
+    let result = add_steps(env, conf, stdin, &ipam_type, &netns_file, mtu, &mut undo);
     if result.is_err() {
         rollback(env, conf, stdin, &ipam_type, undo);
     }
@@ -162,6 +147,7 @@ fn add_steps(
     stdin: &[u8],
     ipam_type: &str,
     netns_file: &std::fs::File,
+    mtu: u32,
     undo: &mut Undo,
 ) -> Result<serde_json::Value, CniError> {
     let allocation = ipam::add(env, ipam_type, stdin)?;
@@ -169,7 +155,6 @@ fn add_steps(
     let pod_ip = allocation.address;
 
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
-    let mtu = conf.mtu();
     let host = link::with_handle(|handle| async move {
         if link::get(&handle, &host_name).await?.is_some() {
             anyhow::bail!("host veth {host_name} already exists (container already added?)");
@@ -177,19 +162,13 @@ fn add_steps(
         link::create_veth(&handle, &host_name, &env.ifname, netns_file, mtu)
             .await
             .context("creating the veth pair")?;
-        let host = link::get(&handle, &host_name)
-            .await?
-            .context("veth vanished after creation")?;
+        let host = link::get(&handle, &host_name).await?.context("veth vanished after creation")?;
         Ok((host_name, host))
     });
     let (host_name, host) = match host {
         Ok(v) => v,
         Err(e) => {
-            return Err(CniError::from_anyhow(
-                ErrorCode::IoFailure,
-                "cannot create the pod's veth pair",
-                &e,
-            ));
+            return Err(CniError::from_anyhow(ErrorCode::IoFailure, "cannot create the pod's veth pair", &e));
         }
     };
     undo.host_veth = Some(host.index);
@@ -206,34 +185,18 @@ fn add_steps(
             Ok(pod)
         })
     })
-    .map_err(|e| {
-        CniError::with_source(
-            ErrorCode::IoFailure,
-            "cannot enter the pod's network namespace",
-            &e,
-        )
-    })?
-    .map_err(|e| {
-        CniError::from_anyhow(
-            ErrorCode::IoFailure,
-            "cannot configure the pod interface",
-            &e,
-        )
-    })?;
+    .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot enter the pod's network namespace", &e))?
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the pod interface", &e))?;
 
     let host_index = host.index;
     link::with_handle(|handle| async move {
-        link::set_up(&handle, host_index)
-            .await
-            .context("bringing the host veth up")?;
+        link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
         link::add_host_route(&handle, pod_ip, host_index)
             .await
             .context("adding the node's route to the pod")?;
         Ok(())
     })
-    .map_err(|e| {
-        CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e)
-    })?;
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
 
     let (pod_namespace, pod_name) = env.k8s_pod();
     let spec = EndpointSpec {
@@ -254,14 +217,10 @@ fn add_steps(
         host_ifindex: Some(host.index),
         pod_ipv4: Some(pod_ip),
     });
-    api::call(
-        &conf.agent_socket(),
-        &Request::AddEndpoint(spec),
-        AGENT_TIMEOUT,
-    )
-    .map_err(agent_error)?;
+    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec), AGENT_TIMEOUT).map_err(agent_error)?;
 
-    let mut ip = json!({ "address": format!("{pod_ip}/32"), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
+    let mut ip =
+        json!({ "address": format!("{pod_ip}/32"), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
     if conf.cni_version == "0.4.0" {
         ip["version"] = json!("4");
     }
@@ -279,11 +238,7 @@ fn add_steps(
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {
     if let Some(reference) = undo.endpoint {
-        let _ = api::call(
-            &conf.agent_socket(),
-            &Request::DelEndpoint(reference),
-            AGENT_TIMEOUT,
-        );
+        let _ = api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT);
     }
     if let Some(index) = undo.host_veth {
         // Deleting the host end deletes the pod end and the /32 route with it.
@@ -308,11 +263,8 @@ fn prev_result_ipv4(conf: &NetConf) -> Option<Ipv4Addr> {
 fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let lookup_name = host_name.clone();
-    let host =
-        link::with_handle(|handle| async move { Ok(link::get(&handle, &lookup_name).await?) })
-            .map_err(|e| {
-                CniError::from_anyhow(ErrorCode::IoFailure, "cannot look up the host veth", &e)
-            })?;
+    let host = link::with_handle(|handle| async move { Ok(link::get(&handle, &lookup_name).await?) })
+        .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot look up the host veth", &e))?;
 
     // 1. Stop delivering to the pod. With the agent down the entry is removed
     //    by its reconciliation on start (the veth will be gone by then).
@@ -322,11 +274,7 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         host_ifindex: host.as_ref().map(|h| h.index),
         pod_ipv4: prev_result_ipv4(conf),
     };
-    match api::call(
-        &conf.agent_socket(),
-        &Request::DelEndpoint(reference),
-        AGENT_TIMEOUT,
-    ) {
+    match api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT) {
         Ok(_) | Err(ClientError::Unreachable { .. }) => {}
         Err(e) => return Err(agent_error(e)),
     }
@@ -340,11 +288,7 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
             }
         })
         .map_err(|e| {
-            CniError::from_anyhow(
-                ErrorCode::IoFailure,
-                format!("cannot delete veth {host_name}"),
-                &e,
-            )
+            CniError::from_anyhow(ErrorCode::IoFailure, format!("cannot delete veth {host_name}"), &e)
         })?;
     }
     // 3. The address lease.

@@ -11,7 +11,6 @@ pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// The pod's default gateway: link-local, answered by the datapath's ARP responder.
 pub const POD_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 pub const DEFAULT_VETH_PREFIX: &str = "dp";
-pub const DEFAULT_MTU: u32 = 1500;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,7 +22,8 @@ pub struct NetConf {
     /// The agent's API socket.
     #[serde(default)]
     pub agent_socket: Option<PathBuf>,
-    /// MTU of the pod interface and its host veth.
+    /// MTU of the pod interface and its host veth; by default the agent's
+    /// (uplink MTU, less 50 bytes in VXLAN mode).
     #[serde(default)]
     pub mtu: Option<u32>,
     /// Prefix of host-side veth names (at most 4 characters).
@@ -77,9 +77,7 @@ impl NetConf {
             ));
         }
         if let Some(prefix) = &self.host_veth_prefix
-            && (prefix.is_empty()
-                || prefix.len() > 4
-                || !prefix.chars().all(|c| c.is_ascii_alphanumeric()))
+            && (prefix.is_empty() || prefix.len() > 4 || !prefix.chars().all(|c| c.is_ascii_alphanumeric()))
         {
             return Err(CniError::new(
                 ErrorCode::InvalidNetworkConfig,
@@ -90,17 +88,10 @@ impl NetConf {
     }
 
     pub fn agent_socket(&self) -> PathBuf {
-        self.agent_socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET))
-    }
-    pub fn mtu(&self) -> u32 {
-        self.mtu.unwrap_or(DEFAULT_MTU)
+        self.agent_socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET))
     }
     pub fn veth_prefix(&self) -> &str {
-        self.host_veth_prefix
-            .as_deref()
-            .unwrap_or(DEFAULT_VETH_PREFIX)
+        self.host_veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
     }
 }
 
@@ -119,9 +110,7 @@ impl Env {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let command = get("CNI_COMMAND")
             .filter(|c| !c.is_empty())
-            .ok_or_else(|| {
-                CniError::new(ErrorCode::InvalidEnvironment, "CNI_COMMAND is not set")
-            })?;
+            .ok_or_else(|| CniError::new(ErrorCode::InvalidEnvironment, "CNI_COMMAND is not set"))?;
         let args = parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?;
         Ok(Self {
             command,
@@ -144,10 +133,7 @@ impl Env {
             let (value, hint) = match *name {
                 "CNI_CONTAINERID" => (&self.container_id, "the container ID"),
                 "CNI_NETNS" => (&self.netns, "the path of the pod's network namespace"),
-                "CNI_IFNAME" => (
-                    &self.ifname,
-                    "the interface name to create in the pod, e.g. eth0",
-                ),
+                "CNI_IFNAME" => (&self.ifname, "the interface name to create in the pod, e.g. eth0"),
                 _ => continue,
             };
             if value.is_empty() {
@@ -170,10 +156,7 @@ impl Env {
     }
 
     pub fn k8s_pod(&self) -> (Option<String>, Option<String>) {
-        (
-            self.args.get("K8S_POD_NAMESPACE").cloned(),
-            self.args.get("K8S_POD_NAME").cloned(),
-        )
+        (self.args.get("K8S_POD_NAMESPACE").cloned(), self.args.get("K8S_POD_NAME").cloned())
     }
 }
 
@@ -198,26 +181,20 @@ mod tests {
 
     #[test]
     fn parses_k8s_args() {
-        let a =
-            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
+        let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("garbage").is_err());
     }
 
     #[test]
     fn config_errors_have_the_right_codes() {
-        assert_eq!(
-            NetConf::parse(b"{not json").unwrap_err().code,
-            ErrorCode::DecodeFailure as u32
-        );
-        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"datapath-cni"}"#)
-            .unwrap_err();
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, ErrorCode::DecodeFailure as u32);
+        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"datapath-cni"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::IncompatibleVersion as u32);
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","type":"datapath-cni"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidNetworkConfig as u32);
         assert!(e.details.contains("name"), "{e}");
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":10}"#)
-            .unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":10}"#).unwrap_err();
         assert!(e.msg.contains("mtu"), "{e}");
     }
 }

@@ -1,0 +1,215 @@
+//! Verdicts shared by all programs, and the forwarding steps they share:
+//! delivery to a local pod, and the way out to a peer node.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_change_type, bpf_skb_set_tunnel_key,
+    },
+    programs::TcContext,
+};
+use datapath_common::{DropReason, EndpointKey, ForwardPath, NodeConfig, RoutingMode};
+
+use crate::{
+    maps::{ENDPOINTS, count_drop, count_forward, remote_node_for},
+    packet::{EthHdr, Ipv4Hdr, csum_replace16},
+};
+
+const AF_INET: u8 = 2;
+/// `PACKET_HOST` for `bpf_skb_change_type`: the frame is for this host.
+const PACKET_HOST: u32 = 0;
+
+/// What to do with a packet that is not dropped.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// Into the pod behind this host veth (`bpf_redirect_peer`).
+    Deliver { host_ifindex: u32 },
+    /// The frame was rewritten into an ARP reply: send it back out of the
+    /// veth it came in on, to the pod that asked.
+    ArpReply { ifindex: u32 },
+    /// Let the node's stack have it.
+    HostStack,
+    /// For this node itself, arrived by tunnel: mark it PACKET_HOST first
+    /// (its inner destination MAC is not ours).
+    HostStackFromTunnel,
+    /// Native routing, next hop resolved by the FIB: MACs already written.
+    OutUplink { ifindex: u32 },
+    /// Native routing, the neighbour subsystem resolves the peer's MAC.
+    OutUplinkNeigh { ifindex: u32, node_ipv4: [u8; 4] },
+    /// Overlay: encapsulate towards the peer through the VXLAN device.
+    OutOverlay { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
+}
+
+/// Count the verdict and turn it into the TC action.
+#[inline(always)]
+pub fn apply(ctx: &TcContext, verdict: Result<Verdict, DropReason>) -> i32 {
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(reason) => return drop(reason),
+    };
+    // SAFETY (helper calls): plain helpers with valid arguments; each returns
+    // the TC action to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags).
+    match verdict {
+        Verdict::Deliver { host_ifindex } => {
+            count_forward(ForwardPath::LocalDelivery);
+            unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }
+        }
+        Verdict::ArpReply { ifindex } => {
+            count_forward(ForwardPath::ArpReply);
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        Verdict::HostStack => {
+            count_forward(ForwardPath::ToHostStack);
+            TC_ACT_OK as i32
+        }
+        Verdict::HostStackFromTunnel => {
+            count_forward(ForwardPath::ToHostStack);
+            unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            TC_ACT_OK as i32
+        }
+        Verdict::OutUplink { ifindex } => {
+            count_forward(ForwardPath::ToRemoteNative);
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        Verdict::OutUplinkNeigh { ifindex, node_ipv4 } => {
+            count_forward(ForwardPath::ToRemoteNative);
+            let mut nh = bpf_redir_neigh {
+                nh_family: AF_INET as u32,
+                __bindgen_anon_1: unsafe { core::mem::zeroed() },
+            };
+            // Network byte order, as the bytes sit in the header.
+            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(node_ipv4);
+            unsafe {
+                bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
+            }
+        }
+        Verdict::OutOverlay { vxlan_ifindex, node_ipv4, vni } => {
+            // SAFETY: all-zero is a valid bpf_tunnel_key.
+            let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+            key.tunnel_id = vni;
+            // The helper takes the outer destination in host byte order.
+            key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
+            key.tunnel_ttl = 64;
+            let rc = unsafe {
+                bpf_skb_set_tunnel_key(
+                    ctx.skb.skb,
+                    &mut key,
+                    core::mem::size_of::<bpf_tunnel_key>() as u32,
+                    0,
+                )
+            };
+            if rc != 0 {
+                return drop(DropReason::TunnelEncapFailed);
+            }
+            count_forward(ForwardPath::ToRemoteOverlay);
+            unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 }
+        }
+    }
+}
+
+#[inline(always)]
+fn drop(reason: DropReason) -> i32 {
+    count_drop(reason);
+    TC_ACT_SHOT as i32
+}
+
+/// We route, so we own the TTL: nothing downstream decrements it for us.
+#[inline(always)]
+pub fn decrement_ttl(ip: *mut Ipv4Hdr) -> Result<(), DropReason> {
+    // SAFETY: callers pass a bounds-checked header.
+    unsafe {
+        let ttl = (*ip).ttl;
+        if ttl <= 1 {
+            return Err(DropReason::TtlExceeded);
+        }
+        let protocol = (*ip).protocol;
+        let check = u16::from_be_bytes((*ip).check);
+        let old_word = u16::from_be_bytes([ttl, protocol]);
+        let new_word = u16::from_be_bytes([ttl - 1, protocol]);
+        (*ip).ttl = ttl - 1;
+        (*ip).check = csum_replace16(check, old_word, new_word).to_be_bytes();
+    }
+    Ok(())
+}
+
+/// If `daddr` is a pod on this node: TTL, MACs, and the verdict to deliver it.
+#[inline(always)]
+pub fn to_local_pod(
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    daddr: [u8; 4],
+) -> Option<Result<Verdict, DropReason>> {
+    // SAFETY: copied out at once.
+    let endpoint = match unsafe { ENDPOINTS.get(EndpointKey { ipv4: daddr }) } {
+        Some(endpoint) => *endpoint,
+        None => return None,
+    };
+    if let Err(reason) = decrement_ttl(ip) {
+        return Some(Err(reason));
+    }
+    // SAFETY: bounds-checked by the caller.
+    unsafe {
+        (*eth).dst = endpoint.pod_mac;
+        (*eth).src = endpoint.host_mac;
+    }
+    Some(Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex }))
+}
+
+/// If `daddr` is on a peer node (its pod CIDR or its address): the way there
+/// in this node's mode.
+#[inline(always)]
+pub fn to_remote_node(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    daddr: [u8; 4],
+    config: &NodeConfig,
+) -> Option<Result<Verdict, DropReason>> {
+    let node = remote_node_for(daddr)?;
+    let mode = config.mode;
+    if mode != RoutingMode::Native as u32 && mode != RoutingMode::Vxlan as u32 {
+        return None;
+    }
+    if let Err(reason) = decrement_ttl(ip) {
+        return Some(Err(reason));
+    }
+    if mode == RoutingMode::Vxlan as u32 {
+        return Some(Ok(Verdict::OutOverlay {
+            vxlan_ifindex: config.vxlan_ifindex,
+            node_ipv4: node.node_ipv4,
+            vni: config.vni,
+        }));
+    }
+    // Native: ask the FIB first (kernel route to the peer's pod CIDR, MACs
+    // from the neighbour cache); use it only if it agrees with our map.
+    // SAFETY: all-zero is a valid bpf_fib_lookup; ip is bounds-checked.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    unsafe {
+        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).saddr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+        params.ifindex = (*ctx.skb.skb).ifindex;
+    }
+    let rc = unsafe {
+        fib_lookup(ctx.skb.skb.cast(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    // After a successful lookup ipv4_dst holds the next hop.
+    let next_hop = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+        && params.ifindex == config.uplink_ifindex
+        && next_hop == u32::from_ne_bytes(node.node_ipv4)
+    {
+        // SAFETY: bounds-checked by the caller.
+        unsafe {
+            (*eth).src = params.smac;
+            (*eth).dst = params.dmac;
+        }
+        return Some(Ok(Verdict::OutUplink { ifindex: params.ifindex }));
+    }
+    // No neighbour entry yet (or no route): let the helper resolve it.
+    Some(Ok(Verdict::OutUplinkNeigh { ifindex: config.uplink_ifindex, node_ipv4: node.node_ipv4 }))
+}

@@ -1,0 +1,66 @@
+//! "From overlay": TC ingress of the collect_md VXLAN device. The kernel has
+//! already removed the outer headers; the tunnel metadata says who sent it.
+//! Only known peer nodes, with this cluster's VNI, may send; the inner source
+//! must belong to the sender (its pod CIDR or its own address). Packets for a
+//! local pod go straight into it; packets for this node go to its stack.
+
+use aya_ebpf::{
+    bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, macros::classifier, programs::TcContext,
+};
+use datapath_common::{DropReason, NodeKey};
+
+use crate::{
+    forward::{Verdict, apply, to_local_pod},
+    maps::{KNOWN_NODES, node_config, remote_node_for},
+    packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
+};
+
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    let verdict = classify(&ctx);
+    apply(&ctx, verdict)
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key; the helper fills it.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    let rc = unsafe {
+        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if rc != 0 {
+        return Err(DropReason::NoTunnelKey);
+    }
+    // The helper gives the outer source in host byte order.
+    let outer_source = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    // SAFETY: only checked for presence.
+    if unsafe { KNOWN_NODES.get(NodeKey { ipv4: outer_source }) }.is_none() {
+        return Err(DropReason::UnknownTunnelSource);
+    }
+    let config = node_config();
+    if key.tunnel_id != config.vni {
+        return Err(DropReason::WrongVni);
+    }
+
+    pull_headers(ctx);
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    if ethertype(eth) != ETH_P_IP {
+        // Peers only tunnel IPv4 today.
+        return Err(DropReason::OverlayUnknownDestination);
+    }
+    let (eth, ip) = ipv4_headers(ctx)?;
+    // SAFETY: bounds-checked by ipv4_headers.
+    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let from_sender = same_ipv4(saddr, outer_source)
+        || remote_node_for(saddr).is_some_and(|n| same_ipv4(n.node_ipv4, outer_source));
+    if !from_sender {
+        return Err(DropReason::OverlaySpoofedSource);
+    }
+    if let Some(verdict) = to_local_pod(eth, ip, daddr) {
+        return verdict;
+    }
+    if same_ipv4(daddr, config.node_ipv4) {
+        return Ok(Verdict::HostStackFromTunnel);
+    }
+    Err(DropReason::OverlayUnknownDestination)
+}
