@@ -1,0 +1,248 @@
+//! Cross-node forwarding in a lab of simulated nodes: node namespaces whose
+//! uplinks are plugged into one bridge (the physical network), pods made by
+//! the real CNI plugin, an outside host on the same network. Every test runs
+//! in both modes: native routing and VXLAN overlay.
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    time::{Duration, Instant},
+};
+
+use datapath_tests::{
+    lab::{Fabric, Netns, Node, Pod, ping, tcp_echo},
+    require_root, sh,
+};
+
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 200);
+
+struct Lab {
+    // Drop order: pods before nodes before the fabric.
+    pods: Vec<Pod>,
+    a: Node,
+    b: Node,
+    outside: Netns,
+    _fabric: Fabric,
+}
+
+fn lab(mode: &str) -> Lab {
+    let fabric = Fabric::new();
+    let outside = fabric.add_host("outside", OUTSIDE_IP);
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
+    let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
+    a.set_peers(vec![b.as_peer()]);
+    b.set_peers(vec![a.as_peer()]);
+    a.start_agent();
+    b.start_agent();
+    let pods = vec![a.add_pod("a1"), a.add_pod("a2"), b.add_pod("b1")];
+    Lab { pods, a, b, outside, _fabric: fabric }
+}
+
+fn pod_mtu(mode: &str) -> u32 {
+    if mode == "vxlan" { 1450 } else { 1500 }
+}
+
+/// Who connected to a TCP server in `ns` on `ip`: accept one connection from
+/// a client in `client_ns` and return the peer address the server saw.
+fn source_seen_by(server_ns: &Netns, ip: Ipv4Addr, client_ns: &Netns) -> Ipv4Addr {
+    let file = std::fs::File::open(server_ns.path()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        let (_, peer) = listener.accept().unwrap();
+        peer.ip()
+    });
+    let port = rx.recv().unwrap();
+    assert!(
+        client_ns.exec_ok(&["timeout", "5", "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")]),
+        "connect to {ip}:{port}"
+    );
+    match server.join().unwrap() {
+        std::net::IpAddr::V4(v4) => v4,
+        other => panic!("IPv6 peer {other}"),
+    }
+}
+
+fn cross_node(mode: &str) {
+    let lab = lab(mode);
+    let [a1, a2, b1] = [&lab.pods[0], &lab.pods[1], &lab.pods[2]];
+
+    // Pod to pod across nodes, both ways, and on the same node still.
+    assert!(ping(&a1.netns, b1.ip, 3), "{mode}: ping a1 -> b1");
+    assert!(ping(&b1.netns, a1.ip, 3), "{mode}: ping b1 -> a1");
+    assert!(ping(&a2.netns, a1.ip, 2), "{mode}: same node");
+    tcp_echo(&b1.netns, b1.ip, &a1.netns, 4 << 20).expect("TCP a1 -> b1");
+    tcp_echo(&a2.netns, a2.ip, &b1.netns, 4 << 20).expect("TCP b1 -> a2");
+
+    // Node to remote pod (and its replies), pod to remote node.
+    assert!(ping(&lab.a.netns, b1.ip, 2), "{mode}: node a -> pod b1");
+    assert!(ping(&b1.netns, lab.a.node_ip, 2), "{mode}: pod b1 -> node a");
+    tcp_echo(&b1.netns, b1.ip, &lab.a.netns, 1 << 20).expect("TCP node a -> b1");
+    tcp_echo(&lab.b.netns, lab.b.node_ip, &a1.netns, 1 << 20).expect("TCP a1 -> node b");
+
+    // Pod to outside: masqueraded to the node's address, replies come back.
+    assert!(ping(&a1.netns, OUTSIDE_IP, 2), "{mode}: pod -> outside");
+    assert_eq!(source_seen_by(&lab.outside, OUTSIDE_IP, &a1.netns), lab.a.node_ip, "{mode}: SNAT to node A");
+    assert_eq!(source_seen_by(&lab.outside, OUTSIDE_IP, &b1.netns), lab.b.node_ip, "{mode}: SNAT to node B");
+    // Pod to pod is never masqueraded.
+    assert_eq!(source_seen_by(&b1.netns, b1.ip, &a1.netns), a1.ip, "{mode}: pod source kept across nodes");
+
+    // MTU: DF at exactly the pod MTU passes; one byte more is refused with
+    // "message too long", not lost.
+    let mtu = pod_mtu(mode);
+    let link = sh(&["ip", "-n", &a1.netns.name, "link", "show", "eth0"]);
+    assert!(link.contains(&format!("mtu {mtu}")), "{mode}: pod MTU {mtu}: {link}");
+    let fits = (mtu - 28).to_string();
+    let too_big = (mtu - 27).to_string();
+    assert!(
+        a1.netns.exec_ok(&["ping", "-c", "2", "-W", "2", "-M", "do", "-s", &fits, &b1.ip.to_string()]),
+        "{mode}: DF ping of {fits} bytes"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &a1.netns.name, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", &too_big])
+        .arg(b1.ip.to_string())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("message too long"), "{mode}: {text}");
+    // Large TCP segments across the tunnel/uplink (PMTU right, no fragments lost).
+    tcp_echo(&b1.netns, b1.ip, &a1.netns, 16 << 20).expect("bulk TCP a1 -> b1");
+
+    // Spoofed pod source on the way out is dropped on the sending node.
+    sh(&["ip", "-n", &a1.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
+    let before = lab.a.drop_count("spoofed_source");
+    assert!(!a1.netns.exec_ok(&[
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "10.244.1.250",
+        &b1.ip.to_string()
+    ]));
+    assert!(lab.a.drop_count("spoofed_source") >= before + 2, "{mode}: spoofed source counted");
+
+    // The right paths were used, and nothing was dropped elsewhere.
+    let path = if mode == "vxlan" { "to_remote_overlay" } else { "to_remote_native" };
+    for node in [&lab.a, &lab.b] {
+        let counters = node.inspect("counters");
+        assert!(counters["forwards"][path].as_u64().unwrap() > 10, "{mode}: {counters}");
+        for (reason, n) in counters["drops"].as_object().unwrap() {
+            if reason != "spoofed_source" {
+                assert_eq!(n.as_u64(), Some(0), "{mode}: unexpected drops of {reason}: {counters}");
+            }
+        }
+    }
+    let nodes = lab.a.inspect("nodes");
+    assert_eq!(nodes, serde_json::json!([{ "pod_cidr": "10.244.2.0/24", "node_ip": "10.250.0.2" }]));
+}
+
+#[test]
+fn cross_node_native_routing() {
+    if !require_root("cross_node_native_routing") {
+        return;
+    }
+    cross_node("native");
+}
+
+#[test]
+fn cross_node_vxlan_overlay() {
+    if !require_root("cross_node_vxlan_overlay") {
+        return;
+    }
+    cross_node("vxlan");
+}
+
+#[test]
+fn forged_vxlan_from_an_unknown_host_is_dropped() {
+    if !require_root("forged_vxlan_from_an_unknown_host_is_dropped") {
+        return;
+    }
+    let lab = lab("vxlan");
+    let a1 = &lab.pods[0];
+    // The outside host builds its own VXLAN towards node A, with the
+    // cluster's VNI and port, and claims an address in node B's pod CIDR.
+    let o = &lab.outside.name;
+    sh(&[
+        "ip",
+        "-n",
+        o,
+        "link",
+        "add",
+        "dptvx",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "remote",
+        "10.250.0.1",
+        "dstport",
+        "8472",
+    ]);
+    sh(&["ip", "-n", o, "addr", "add", "10.244.2.99/24", "dev", "dptvx"]);
+    sh(&["ip", "-n", o, "link", "set", "dptvx", "up"]);
+    sh(&["ip", "-n", o, "route", "add", "10.244.1.0/24", "dev", "dptvx"]);
+    sh(&["ip", "-n", o, "neigh", "add", &a1.ip.to_string(), "lladdr", "ee:ee:ee:ee:ee:01", "dev", "dptvx"]);
+    let before = lab.a.drop_count("unknown_tunnel_source");
+    assert!(!lab.outside.exec_ok(&["ping", "-c", "3", "-i", "0.2", "-W", "1", &a1.ip.to_string()]));
+    let after = lab.a.drop_count("unknown_tunnel_source");
+    assert!(after >= before + 3, "unknown_tunnel_source {before} -> {after}");
+    assert_eq!(
+        lab.a.inspect("counters")["forwards"]["local_delivery"].as_u64(),
+        Some(0),
+        "nothing delivered"
+    );
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn peer_list_changes_apply_live_without_restart() {
+    if !require_root("peer_list_changes_apply_live_without_restart") {
+        return;
+    }
+    for mode in ["native", "vxlan"] {
+        let fabric = Fabric::new();
+        let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
+        let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
+        b.set_peers(vec![a.as_peer()]);
+        a.start_agent();
+        b.start_agent();
+        let a1 = a.add_pod("a1");
+        let b1 = b.add_pod("b1");
+        assert!(!ping(&a1.netns, b1.ip, 1), "{mode}: A does not know B yet");
+
+        a.set_peers(vec![b.as_peer()]);
+        wait_for("peer added", || a.inspect("nodes").as_array().unwrap().len() == 1);
+        assert!(ping(&a1.netns, b1.ip, 2), "{mode}: after adding B to A's peers");
+        assert!(a.host_routes().contains("10.244.2.0/24"), "{mode}: node route: {}", a.host_routes());
+
+        // A third node appears; B's entry must not be touched.
+        let c = Node::on_fabric(&fabric, "10.244.3.0/24", Ipv4Addr::new(10, 250, 0, 3), mode);
+        a.set_peers(vec![b.as_peer(), c.as_peer()]);
+        wait_for("second peer", || a.inspect("nodes").as_array().unwrap().len() == 2);
+        assert!(ping(&a1.netns, b1.ip, 2), "{mode}: B still reachable");
+
+        a.set_peers(vec![]);
+        wait_for("peers removed", || a.inspect("nodes").as_array().unwrap().is_empty());
+        assert!(!a.host_routes().contains("10.244.2.0/24"), "{mode}: route removed: {}", a.host_routes());
+        assert!(a.agent_log().contains("peer nodes programmed"), "{}", a.agent_log());
+
+        // A bad edit is refused and changes nothing.
+        a.set_peers(vec![a.as_peer()]);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(a.agent_log().contains("ignoring invalid config change"), "{}", a.agent_log());
+        assert!(a.inspect("nodes").as_array().unwrap().is_empty());
+        drop((a1, b1));
+    }
+}
