@@ -246,3 +246,30 @@ fn peer_list_changes_apply_live_without_restart() {
         drop((a1, b1));
     }
 }
+
+#[test]
+fn agent_restart_keeps_cross_node_forwarding_and_state() {
+    if !require_root("agent_restart_keeps_cross_node_forwarding_and_state") {
+        return;
+    }
+    for mode in ["native", "vxlan"] {
+        let mut lab = lab(mode);
+        let (a1, b1) = (&lab.pods[0], &lab.pods[2]);
+        let routes_before = lab.a.host_routes();
+        let nodes_before = lab.a.inspect("nodes");
+        let vxlan_before = sh(&["ip", "-n", &lab.a.netns.name, "-o", "link", "show"]);
+
+        lab.a.kill_agent();
+        assert!(ping(&a1.netns, b1.ip, 2), "{mode}: forwarding with agent A SIGKILLed");
+        assert!(ping(&b1.netns, a1.ip, 2), "{mode}: and back");
+        assert!(ping(&lab.a.netns, b1.ip, 1), "{mode}: node A -> b1 with its agent down");
+
+        lab.a.start_agent();
+        assert!(ping(&a1.netns, b1.ip, 2), "{mode}: after restart");
+        assert_eq!(lab.a.host_routes(), routes_before, "{mode}: routes unchanged");
+        assert_eq!(lab.a.inspect("nodes"), nodes_before, "{mode}: remote nodes unchanged");
+        // Same devices with the same ifindexes: nothing was recreated.
+        assert_eq!(sh(&["ip", "-n", &lab.a.netns.name, "-o", "link", "show"]), vxlan_before, "{mode}: links");
+        assert!(lab.a.agent_log().contains("added=0 updated=0 removed=0"), "{mode}: {}", lab.a.agent_log());
+    }
+}

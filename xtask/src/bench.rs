@@ -1,8 +1,13 @@
-//! `cargo xtask bench`: same-node pod-to-pod TCP_RR, TCP_CRR and throughput
-//! for our datapath, a Linux bridge as flannel builds it, and a bare veth
-//! pair (the physical limit here), measured in one run, CPUs pinned (client
-//! on CPU 0, server on CPU 1), repeats interleaved across setups so drift hits
-//! all alike; min/median/max per figure and the ratio of medians to bare veth.
+//! `cargo xtask bench`: pod-to-pod TCP_RR, TCP_CRR and throughput, measured
+//! in one run against baselines built with iproute2 exactly as flannel builds
+//! them (../shared/reference/baselines.md), CPUs pinned (client on CPU 0,
+//! server on CPU 1), repeats interleaved across setups so drift hits all
+//! alike; min/median/max per figure and the ratio of medians to the suite's
+//! physical limit.
+//!
+//! - same-node: bare veth pair (limit), Linux bridge (flannel), ours.
+//! - cross-node: node to node over the uplink (limit), ours native, ours
+//!   VXLAN, flannel host-gw, flannel vxlan.
 
 use std::{
     io::{Read as _, Write as _},
@@ -18,7 +23,7 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_tests::{
-    lab::{Netns, Node, Pod},
+    lab::{Fabric, Netns, Node, Pod},
     sh,
 };
 
@@ -32,8 +37,11 @@ pub struct BenchArgs {
     /// Repeats of every measurement (at least 3 for min/median/max).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Which comparison to run.
+    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "all"])]
+    pub suite: String,
     /// Where to write the JSON report.
-    #[arg(long, default_value = "target/bench/same-node.json")]
+    #[arg(long, default_value = "target/bench/report.json")]
     pub output: PathBuf,
 }
 
@@ -120,6 +128,145 @@ impl Bridge {
             server_ip: Ipv4Addr::new(10, 202, 0, 3),
         }
     }
+}
+
+/// A flannel node: pods on `cni0`, and either host-gw routes or the
+/// `flannel.1` VXLAN device with static fdb and neighbour entries.
+struct FlannelNode {
+    node: Netns,
+    pod: Netns,
+}
+
+fn flannel_pair(prefix: &str, fabric: &Fabric, vxlan: bool) -> ([FlannelNode; 2], Pair) {
+    let mtu = if vxlan { "1450" } else { "1500" };
+    let tag = if vxlan { "fv" } else { "fh" };
+    let nodes: Vec<FlannelNode> = (1..=2u8)
+        .map(|n| {
+            let node = Netns::new(format!("{prefix}-{tag}{n}-node"));
+            let pod = Netns::new(format!("{prefix}-{tag}{n}-pod"));
+            let (ns, p) = (node.name.clone(), pod.name.clone());
+            fabric.plug(&ns, "eth0");
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("10.251.0.{n}/24"), "dev", "eth0"]);
+            sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            sh(&["ip", "-n", &ns, "link", "add", "cni0", "type", "bridge"]);
+            sh(&["ip", "-n", &ns, "link", "set", "cni0", "mtu", mtu, "up"]);
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("10.246.{n}.1/24"), "dev", "cni0"]);
+            sh(&[
+                "ip", "-n", &ns, "link", "add", "vethA", "mtu", mtu, "type", "veth", "peer", "name", "eth0",
+                "netns", &p,
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "vethA", "master", "cni0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "dev", "vethA", "type", "bridge_slave", "hairpin", "on"]);
+            sh(&["ip", "-n", &p, "addr", "add", &format!("10.246.{n}.2/24"), "dev", "eth0"]);
+            sh(&["ip", "-n", &p, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &p, "route", "add", "default", "via", &format!("10.246.{n}.1")]);
+            FlannelNode { node, pod }
+        })
+        .collect();
+    for (n, m) in [(1u8, 2u8), (2, 1)] {
+        let ns = &nodes[usize::from(n - 1)].node.name;
+        if vxlan {
+            let local = format!("10.251.0.{n}");
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "set",
+                "flannel.1",
+                "address",
+                &format!("02:fe:00:00:00:0{n}"),
+                "mtu",
+                "1450",
+                "up",
+            ]);
+            sh(&["ip", "-n", ns, "addr", "add", &format!("10.246.{n}.0/32"), "dev", "flannel.1"]);
+            let peer_mac = format!("02:fe:00:00:00:0{m}");
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &format!("10.246.{m}.0"),
+                "lladdr",
+                &peer_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ]);
+            sh(&[
+                "bridge",
+                "-n",
+                ns,
+                "fdb",
+                "replace",
+                &peer_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &format!("10.251.0.{m}"),
+                "self",
+                "permanent",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &format!("10.246.{m}.0/24"),
+                "via",
+                &format!("10.246.{m}.0"),
+                "dev",
+                "flannel.1",
+                "onlink",
+            ]);
+        } else {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &format!("10.246.{m}.0/24"),
+                "via",
+                &format!("10.251.0.{m}"),
+                "dev",
+                "eth0",
+            ]);
+        }
+    }
+    let pair = Pair {
+        name: if vxlan { "flannel vxlan" } else { "flannel host-gw" },
+        client: nodes[0].pod.path(),
+        client_name: nodes[0].pod.name.clone(),
+        server: nodes[1].pod.path(),
+        server_name: nodes[1].pod.name.clone(),
+        server_ip: Ipv4Addr::new(10, 246, 2, 2),
+    };
+    let mut it = nodes.into_iter();
+    ([it.next().unwrap(), it.next().unwrap()], pair)
 }
 
 fn ours_pair(a: &Pod, b: &Pod) -> Pair {
@@ -238,45 +385,120 @@ fn stats(mut v: Vec<f64>) -> Stats {
     Stats { min: v[0], median, max: v[v.len() - 1] }
 }
 
+/// Everything a setup owns; dropped (and cleaned up) after the suite.
+type Guards = Vec<Box<dyn std::any::Any>>;
+
+fn same_node_suite(prefix: &str) -> (Vec<Pair>, Guards) {
+    let veth = BareVeth::new(prefix);
+    let bridge = Bridge::new(prefix);
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("bench-a");
+    let b = node.add_pod("bench-b");
+    let pairs = vec![veth.pair(), bridge.pair(), ours_pair(&a, &b)];
+    (pairs, vec![Box::new(a), Box::new(b), Box::new(node), Box::new(veth), Box::new(bridge)])
+}
+
+fn cross_node_suite(prefix: &str) -> (Vec<Pair>, Guards) {
+    let mut guards: Guards = Vec::new();
+    let mut pairs = Vec::new();
+
+    // The limit: two hosts on the same physical network, nothing else.
+    let fabric = Fabric::new();
+    let h1 = fabric.add_host("limit-a", Ipv4Addr::new(10, 252, 0, 1));
+    let h2 = fabric.add_host("limit-b", Ipv4Addr::new(10, 252, 0, 2));
+    pairs.push(Pair {
+        name: "node to node (limit)",
+        client: h1.path(),
+        client_name: h1.name.clone(),
+        server: h2.path(),
+        server_name: h2.name.clone(),
+        server_ip: Ipv4Addr::new(10, 252, 0, 2),
+    });
+    guards.extend([Box::new(h1) as Box<dyn std::any::Any>, Box::new(h2), Box::new(fabric)]);
+
+    for mode in ["native", "vxlan"] {
+        let fabric = Fabric::new();
+        let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
+        let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
+        a.set_peers(vec![b.as_peer()]);
+        b.set_peers(vec![a.as_peer()]);
+        a.start_agent();
+        b.start_agent();
+        let a1 = a.add_pod("bench-a1");
+        let b1 = b.add_pod("bench-b1");
+        let mut pair = ours_pair(&a1, &b1);
+        pair.name = if mode == "native" { "ours native" } else { "ours vxlan" };
+        pairs.push(pair);
+        guards.extend([
+            Box::new(a1) as Box<dyn std::any::Any>,
+            Box::new(b1),
+            Box::new(a),
+            Box::new(b),
+            Box::new(fabric),
+        ]);
+    }
+    for vxlan in [false, true] {
+        let fabric = Fabric::new();
+        let (nodes, pair) = flannel_pair(prefix, &fabric, vxlan);
+        pairs.push(pair);
+        guards.extend([Box::new(nodes) as Box<dyn std::any::Any>, Box::new(fabric)]);
+    }
+    (pairs, guards)
+}
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (network namespaces, BPF)");
     anyhow::ensure!(args.repeats >= 3, "--repeats must be at least 3 for min/median/max");
     let bins = build_bins(true)?;
     // SAFETY: single-threaded here; read by the lab helpers.
     unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
-    let duration = Duration::from_secs(args.duration);
     let prefix = format!("dpb{}", std::process::id());
+    let mut reports = Vec::new();
+    for suite in ["same-node", "cross-node"] {
+        if args.suite != "all" && args.suite != suite {
+            continue;
+        }
+        let (pairs, guards) =
+            if suite == "same-node" { same_node_suite(&prefix) } else { cross_node_suite(&prefix) };
+        reports.push(run_suite(suite, &pairs, &args)?);
+        drop(pairs);
+        // Pods before nodes before fabrics: the order they were pushed in.
+        for guard in guards {
+            drop(guard);
+        }
+    }
+    if let Some(dir) = args.output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.output, serde_json::to_string_pretty(&reports)?)?;
+    println!("\nJSON report: {}", args.output.display());
+    Ok(())
+}
 
-    let veth = BareVeth::new(&prefix);
-    let bridge = Bridge::new(&prefix);
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
-    node.start_agent();
-    let a = node.add_pod("bench-a");
-    let b = node.add_pod("bench-b");
-    let pairs = [veth.pair(), bridge.pair(), ours_pair(&a, &b)];
-
+fn run_suite(suite: &str, pairs: &[Pair], args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let duration = Duration::from_secs(args.duration);
     let metrics = ["TCP_RR (trans/s)", "TCP_CRR (trans/s)", "TCP stream (Gbit/s)"];
     let mut samples = vec![vec![Vec::new(); metrics.len()]; pairs.len()];
     for rep in 0..args.repeats {
         for (i, pair) in pairs.iter().enumerate() {
-            eprintln!("repeat {}/{}: {}", rep + 1, args.repeats, pair.name);
+            eprintln!("{suite} repeat {}/{}: {}", rep + 1, args.repeats, pair.name);
             samples[i][0].push(request_response(pair, duration, false)?);
             samples[i][1].push(request_response(pair, duration, true)?);
             samples[i][2].push(throughput(pair, duration)?);
         }
     }
-
     let results: Vec<Vec<Stats>> =
         samples.into_iter().map(|per| per.into_iter().map(stats).collect()).collect();
     println!(
-        "\nSame-node pod to pod, {} s x {} repeats, client CPU 0, server CPU 1 ({} CPUs)",
+        "\n{suite} pod to pod, {} s x {} repeats, client CPU 0, server CPU 1 ({} CPUs)",
         args.duration,
         args.repeats,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
         "{:<28} {:<20} {:>12} {:>12} {:>12} {:>10}",
-        "setup", "metric", "min", "median", "max", "vs veth"
+        "setup", "metric", "min", "median", "max", "vs limit"
     );
     for (i, pair) in pairs.iter().enumerate() {
         for (m, metric) in metrics.iter().enumerate() {
@@ -288,7 +510,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let report = serde_json::json!({
+    Ok(serde_json::json!({
+        "suite": suite,
         "duration_s": args.duration,
         "repeats": args.repeats,
         "setups": pairs.iter().enumerate().map(|(i, p)| serde_json::json!({
@@ -296,14 +519,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "tcp_rr_tps": results[i][0],
             "tcp_crr_tps": results[i][1],
             "tcp_stream_gbps": results[i][2],
+            "ratio_to_limit": {
+                "tcp_rr": results[i][0].median / results[0][0].median,
+                "tcp_crr": results[i][1].median / results[0][1].median,
+                "tcp_stream": results[i][2].median / results[0][2].median,
+            },
         })).collect::<Vec<_>>(),
-    });
-    if let Some(dir) = args.output.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&report)?)?;
-    println!("\nJSON report: {}", args.output.display());
-    drop((a, b));
-    drop(node);
-    Ok(())
+    }))
 }

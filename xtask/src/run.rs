@@ -1,6 +1,7 @@
-//! `cargo xtask run`: with no arguments, a demo node with two pods in network
-//! namespaces, the real agent and CNI plugin, until Ctrl-C; with
-//! `-- <agent args>`, the agent itself on this host.
+//! `cargo xtask run`: with no arguments, a demo cluster of two simulated
+//! nodes (network namespaces on one "physical" bridge) with two pods each,
+//! the real agent and CNI plugin, in native or VXLAN mode, until Ctrl-C;
+//! with `-- <agent args>`, the agent itself on this host.
 
 use std::{
     net::Ipv4Addr,
@@ -9,12 +10,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_tests::lab::{Node, ping, tcp_echo};
+use datapath_tests::lab::{Fabric, Node, ping, tcp_echo};
 
 use crate::{build_bins, run_cmd};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// Cross-node mode of the demo: native or vxlan.
+    #[arg(long, default_value = "native", value_parser = ["native", "vxlan"])]
+    pub mode: String,
     /// Arguments for `datapath-agent` (e.g. `run --config /etc/datapath/agent.toml`).
     #[arg(last = true)]
     pub agent_args: Vec<String>,
@@ -43,62 +47,85 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         unsafe { nix::sys::signal::signal(sig, handler) }.context("installing signal handler")?;
     }
 
-    println!("== demo node: namespace, uplink, agent");
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
-    node.start_agent();
-    println!(
-        "node namespace {}  bpffs {}  agent log {}",
-        node.netns.name,
-        node.bpffs_dir.display(),
-        node.work_dir.join("agent.log").display()
-    );
-    println!("== two pods through the CNI plugin");
-    let a = node.add_pod("pod-a");
-    let b = node.add_pod("pod-b");
-    println!("pod-a {} (netns {}, host veth {})", a.ip, a.netns.name, a.host_veth);
-    println!("pod-b {} (netns {}, host veth {})", b.ip, b.netns.name, b.host_veth);
+    println!("== demo cluster, {} mode: two nodes on one bridge, agents", args.mode);
+    let fabric = Fabric::new();
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), &args.mode);
+    let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), &args.mode);
+    a.set_peers(vec![b.as_peer()]);
+    b.set_peers(vec![a.as_peer()]);
+    a.start_agent();
+    b.start_agent();
+    for node in [&a, &b] {
+        println!(
+            "node {} ({}, pod CIDR {}): netns {}, bpffs {}, log {}",
+            node.id,
+            node.node_ip,
+            node.pod_cidr,
+            node.netns.name,
+            node.bpffs_dir.display(),
+            node.work_dir.join("agent.log").display()
+        );
+    }
+    println!("\n== four pods through the CNI plugin");
+    let pods = [a.add_pod("a1"), a.add_pod("a2"), b.add_pod("b1"), b.add_pod("b2")];
+    for p in &pods {
+        println!("{:<16} netns {:<28} host veth {}", p.ip.to_string(), p.netns.name, p.host_veth);
+    }
 
-    println!("\n== datapath-agent inspect endpoints");
-    show(
-        std::process::Command::new(bins.join("datapath-agent"))
-            .args(["inspect", "endpoints", "--bpffs-dir"])
-            .arg(&node.bpffs_dir),
-    );
-    println!("\n== bpftool map dump pinned {}/maps/endpoints", node.bpffs_dir.display());
+    for node in [&a, &b] {
+        println!("\n== node {}: datapath-agent inspect endpoints / nodes", node.id);
+        show(
+            node.in_node(&bins.join("datapath-agent"))
+                .args(["inspect", "endpoints", "--bpffs-dir"])
+                .arg(&node.bpffs_dir),
+        );
+        show(
+            node.in_node(&bins.join("datapath-agent"))
+                .args(["inspect", "nodes", "--bpffs-dir"])
+                .arg(&node.bpffs_dir),
+        );
+    }
+    println!("\n== bpftool map dump pinned {}/maps/remote_nodes", a.bpffs_dir.display());
     show(
         std::process::Command::new("bpftool")
             .args(["map", "dump", "pinned"])
-            .arg(node.bpffs_dir.join("maps/endpoints")),
+            .arg(a.bpffs_dir.join("maps/remote_nodes")),
     );
 
     println!("\n== checks");
+    let [a1, a2, b1, b2] = &pods;
     let checks = [
-        ("ping pod-a -> pod-b", ping(&a.netns, b.ip, 3)),
-        ("ping pod-b -> pod-a", ping(&b.netns, a.ip, 3)),
-        ("ping node -> pod-a", ping(&node.netns, a.ip, 3)),
-        ("TCP pod-a -> pod-b (1 MiB echoed)", tcp_echo(&b.netns, b.ip, &a.netns, 1 << 20).is_ok()),
-        ("TCP pod-b -> pod-a (1 MiB echoed)", tcp_echo(&a.netns, a.ip, &b.netns, 1 << 20).is_ok()),
+        ("ping a1 -> a2 (same node)", ping(&a1.netns, a2.ip, 2)),
+        ("ping a1 -> b1 (other node)", ping(&a1.netns, b1.ip, 2)),
+        ("ping b2 -> a2 (other node)", ping(&b2.netns, a2.ip, 2)),
+        ("ping node a -> b1", ping(&a.netns, b1.ip, 2)),
+        ("ping b1 -> node a", ping(&b1.netns, a.node_ip, 2)),
+        ("TCP a1 -> b1 (4 MiB echoed)", tcp_echo(&b1.netns, b1.ip, &a1.netns, 4 << 20).is_ok()),
+        ("TCP b2 -> a2 (4 MiB echoed)", tcp_echo(&a2.netns, a2.ip, &b2.netns, 4 << 20).is_ok()),
     ];
     for (what, ok) in &checks {
         println!("{:<40} {}", what, if *ok { "ok" } else { "FAILED" });
     }
-    println!("\n== datapath-agent inspect counters");
-    show(
-        std::process::Command::new(bins.join("datapath-agent"))
-            .args(["inspect", "counters", "--bpffs-dir"])
-            .arg(&node.bpffs_dir),
-    );
+    for node in [&a, &b] {
+        println!("\n== node {}: datapath-agent inspect counters", node.id);
+        show(
+            node.in_node(&bins.join("datapath-agent"))
+                .args(["inspect", "counters", "--bpffs-dir"])
+                .arg(&node.bpffs_dir),
+        );
+    }
 
-    println!("\nTry it: ip netns exec {} ping {}", a.netns.name, b.ip);
+    println!("\nTry it: ip netns exec {} ping {}", a1.netns.name, b1.ip);
     println!("Running until Ctrl-C; everything is removed on exit.");
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("\n== cleaning up");
-    let _ = node.del_pod(&a);
-    let _ = node.del_pod(&b);
-    drop((a, b));
-    drop(node);
+    for (node, pod) in [(&a, a1), (&a, a2), (&b, b1), (&b, b2)] {
+        let _ = node.del_pod(pod);
+    }
+    drop(pods);
+    drop((a, b, fabric));
     anyhow::ensure!(checks.iter().all(|(_, ok)| *ok), "some checks failed");
     Ok(())
 }
