@@ -123,6 +123,18 @@ impl Default for Fabric {
     }
 }
 
+/// Two nodes on `fabric` (10.250.0.1 with 10.244.1.0/24, 10.250.0.2 with
+/// 10.244.2.0/24), each in the other's peer list, agents running.
+pub fn peered_nodes(fabric: &Fabric, mode: &str) -> (Node, Node) {
+    let mut a = Node::on_fabric(fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
+    let mut b = Node::on_fabric(fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
+    a.set_peers(vec![b.as_peer()]);
+    b.set_peers(vec![a.as_peer()]);
+    a.start_agent();
+    b.start_agent();
+    (a, b)
+}
+
 /// A peer line in an agent's config.
 #[derive(Clone, Debug)]
 pub struct Peer {

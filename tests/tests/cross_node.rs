@@ -9,7 +9,7 @@ use std::{
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, Pod, ping, tcp_echo},
+    lab::{Fabric, Netns, Node, Pod, peered_nodes, ping, tcp_echo},
     require_root, sh,
 };
 
@@ -27,12 +27,7 @@ struct Lab {
 fn lab(mode: &str) -> Lab {
     let fabric = Fabric::new();
     let outside = fabric.add_host("outside", OUTSIDE_IP);
-    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
-    let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
-    a.set_peers(vec![b.as_peer()]);
-    b.set_peers(vec![a.as_peer()]);
-    a.start_agent();
-    b.start_agent();
+    let (a, b) = peered_nodes(&fabric, mode);
     let pods = vec![a.add_pod("a1"), a.add_pod("a2"), b.add_pod("b1")];
     Lab { pods, a, b, outside, _fabric: fabric }
 }

@@ -85,6 +85,17 @@ impl Harness {
         self
     }
 
+    /// One test run of `from_pod`, returning what the kernel said.
+    fn try_run(&self, frame: &[u8]) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        self.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+    }
+
     fn run_program(&self, program: &'static str, frame: &[u8]) -> Run {
         let mut out = vec![0u8; frame.len() + 256];
         let result = self
@@ -312,15 +323,7 @@ fn truncated_ethernet_is_refused_by_the_kernel_before_the_program() {
     // A frame shorter than 14 bytes never reaches a TC program (the kernel
     // refuses it in test runs and never builds such an skb on a veth); the
     // program still guards with DropReason::TruncatedEthernet.
-    let h = Harness::new();
-    let frame = [0u8; 10];
-    let mut out = [0u8; 64];
-    let result = h.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
-        data_in: Some(&frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    });
+    let result = Harness::new().try_run(&[0u8; 10]);
     assert!(result.is_err(), "kernel accepted a 10-byte frame: {result:?}");
 }
 
@@ -331,16 +334,8 @@ fn ipv4_header_shorter_than_20_bytes_is_refused_by_the_kernel_test_run() {
     }
     // BPF_PROG_TEST_RUN insists on a full IPv4 header for IPv4 frames, so this
     // case is tested on a real veth (same_node.rs: raw frames from a pod).
-    let h = Harness::new();
     let bytes = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
-    let frame = ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes[..10]);
-    let mut out = [0u8; 64];
-    let result = h.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
-        data_in: Some(&frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    });
+    let result = Harness::new().try_run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes[..10]));
     assert!(result.is_err(), "kernel ran a truncated IPv4 header: {result:?}");
 }
 

@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, Pod},
+    lab::{Fabric, Netns, Node, Pod, peered_nodes},
     sh,
 };
 
@@ -55,6 +55,19 @@ struct Pair {
     server_ip: Ipv4Addr,
 }
 
+impl Pair {
+    fn between(name: &'static str, client: &Netns, server: &Netns, server_ip: Ipv4Addr) -> Self {
+        Pair {
+            name,
+            client: client.path(),
+            client_name: client.name.clone(),
+            server: server.path(),
+            server_name: server.name.clone(),
+            server_ip,
+        }
+    }
+}
+
 /// Bare veth pair: two namespaces, one cable.
 struct BareVeth {
     a: Netns,
@@ -76,14 +89,7 @@ impl BareVeth {
         Self { a, b }
     }
     fn pair(&self) -> Pair {
-        Pair {
-            name: "bare veth pair (limit)",
-            client: self.a.path(),
-            client_name: self.a.name.clone(),
-            server: self.b.path(),
-            server_name: self.b.name.clone(),
-            server_ip: Ipv4Addr::new(10, 201, 0, 2),
-        }
+        Pair::between("bare veth pair (limit)", &self.a, &self.b, Ipv4Addr::new(10, 201, 0, 2))
     }
 }
 
@@ -119,14 +125,7 @@ impl Bridge {
     }
     fn pair(&self) -> Pair {
         let _ = &self.node;
-        Pair {
-            name: "Linux bridge (flannel)",
-            client: self.a.path(),
-            client_name: self.a.name.clone(),
-            server: self.b.path(),
-            server_name: self.b.name.clone(),
-            server_ip: Ipv4Addr::new(10, 202, 0, 3),
-        }
+        Pair::between("Linux bridge (flannel)", &self.a, &self.b, Ipv4Addr::new(10, 202, 0, 3))
     }
 }
 
@@ -257,27 +256,14 @@ fn flannel_pair(prefix: &str, fabric: &Fabric, vxlan: bool) -> ([FlannelNode; 2]
             ]);
         }
     }
-    let pair = Pair {
-        name: if vxlan { "flannel vxlan" } else { "flannel host-gw" },
-        client: nodes[0].pod.path(),
-        client_name: nodes[0].pod.name.clone(),
-        server: nodes[1].pod.path(),
-        server_name: nodes[1].pod.name.clone(),
-        server_ip: Ipv4Addr::new(10, 246, 2, 2),
-    };
+    let name = if vxlan { "flannel vxlan" } else { "flannel host-gw" };
+    let pair = Pair::between(name, &nodes[0].pod, &nodes[1].pod, Ipv4Addr::new(10, 246, 2, 2));
     let mut it = nodes.into_iter();
     ([it.next().unwrap(), it.next().unwrap()], pair)
 }
 
 fn ours_pair(a: &Pod, b: &Pod) -> Pair {
-    Pair {
-        name: "ours (TCX + redirect_peer)",
-        client: a.netns.path(),
-        client_name: a.netns.name.clone(),
-        server: b.netns.path(),
-        server_name: b.netns.name.clone(),
-        server_ip: b.ip,
-    }
+    Pair::between("ours (TCX + redirect_peer)", &a.netns, &b.netns, b.ip)
 }
 
 fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
@@ -314,6 +300,11 @@ fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) 
     let client_ns = pair.client.clone();
     let client = std::thread::spawn(move || -> anyhow::Result<u64> {
         enter(&client_ns, 0)?;
+        if new_connection_each {
+            // Reuse TIME_WAIT ports for new connections (this namespace only):
+            // otherwise TCP_CRR measures the ephemeral port search, not the path.
+            std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        }
         let addr = (server_ip, port).into();
         let connect = || -> anyhow::Result<TcpStream> {
             let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -407,24 +398,12 @@ fn cross_node_suite(prefix: &str) -> (Vec<Pair>, Guards) {
     let fabric = Fabric::new();
     let h1 = fabric.add_host("limit-a", Ipv4Addr::new(10, 252, 0, 1));
     let h2 = fabric.add_host("limit-b", Ipv4Addr::new(10, 252, 0, 2));
-    pairs.push(Pair {
-        name: "node to node (limit)",
-        client: h1.path(),
-        client_name: h1.name.clone(),
-        server: h2.path(),
-        server_name: h2.name.clone(),
-        server_ip: Ipv4Addr::new(10, 252, 0, 2),
-    });
+    pairs.push(Pair::between("node to node (limit)", &h1, &h2, Ipv4Addr::new(10, 252, 0, 2)));
     guards.extend([Box::new(h1) as Box<dyn std::any::Any>, Box::new(h2), Box::new(fabric)]);
 
     for mode in ["native", "vxlan"] {
         let fabric = Fabric::new();
-        let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
-        let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), mode);
-        a.set_peers(vec![b.as_peer()]);
-        b.set_peers(vec![a.as_peer()]);
-        a.start_agent();
-        b.start_agent();
+        let (a, b) = peered_nodes(&fabric, mode);
         let a1 = a.add_pod("bench-a1");
         let b1 = b.add_pod("bench-b1");
         let mut pair = ours_pair(&a1, &b1);

@@ -4,13 +4,12 @@
 //! with `-- <agent args>`, the agent itself on this host.
 
 use std::{
-    net::Ipv4Addr,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use datapath_tests::lab::{Fabric, Node, ping, tcp_echo};
+use datapath_tests::lab::{Fabric, peered_nodes, ping, tcp_echo};
 
 use crate::{build_bins, run_cmd};
 
@@ -49,12 +48,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
     println!("== demo cluster, {} mode: two nodes on one bridge, agents", args.mode);
     let fabric = Fabric::new();
-    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), &args.mode);
-    let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), &args.mode);
-    a.set_peers(vec![b.as_peer()]);
-    b.set_peers(vec![a.as_peer()]);
-    a.start_agent();
-    b.start_agent();
+    let (a, b) = peered_nodes(&fabric, &args.mode);
     for node in [&a, &b] {
         println!(
             "node {} ({}, pod CIDR {}): netns {}, bpffs {}, log {}",
