@@ -256,6 +256,8 @@ impl Node {
 
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
+        // A SIGKILLed agent leaves its socket behind: readiness is a new one.
+        let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
         let child = self
             .in_node(&bin_dir().join("datapath-agent"))
@@ -300,6 +302,27 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the agent, from /proc (KiB).
+    pub fn agent_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent_pid().unwrap())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Program ID behind a pinned link (which program a hook runs now).
+    pub fn link_prog_id(&self, pin: &Path) -> u64 {
+        let out = sh(&["bpftool", "-j", "link", "show", "pinned", &pin.display().to_string()]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["prog_id"].as_u64().unwrap()
     }
 
     pub fn agent_log(&self) -> String {

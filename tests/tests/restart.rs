@@ -1,0 +1,194 @@
+//! The agent restarts and upgrades without interrupting forwarding, and
+//! reconciles what changed while it was away.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use datapath_tests::{
+    lab::{Fabric, Netns, Node, peered_nodes, ping},
+    require_root,
+};
+
+/// A TCP stream from `client` to `server_ip` in `server`; returns the
+/// longest gap between two successful reads on the server side while it ran.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    server: std::thread::JoinHandle<anyhow::Result<(Duration, u64)>>,
+    client: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(ns.path()).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+impl Stream {
+    fn start(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = in_netns(server, move || -> anyhow::Result<(Duration, u64)> {
+            let listener = TcpListener::bind((server_ip, 0))?;
+            tx.send(listener.local_addr()?.port())?;
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = vec![0u8; 1 << 16];
+            let (mut last, mut longest, mut bytes) = (Instant::now(), Duration::ZERO, 0u64);
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    return Ok((longest, bytes));
+                }
+                bytes += n as u64;
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let client_stop = Arc::clone(&stop);
+        let client = in_netns(client, move || -> anyhow::Result<()> {
+            let mut conn = TcpStream::connect((server_ip, port))?;
+            conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+            let chunk = vec![7u8; 16 << 10];
+            while !client_stop.load(Ordering::Relaxed) {
+                conn.write_all(&chunk)?;
+                // Paced, so the stream is a steady flow rather than a hog.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        Self { stop, server, client }
+    }
+
+    fn finish(self) -> (Duration, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.client.join().unwrap().expect("TCP client");
+        self.server.join().unwrap().expect("TCP server")
+    }
+}
+
+/// `ping -i 0.005` in the background; returns (transmitted, received).
+fn ping_flood(from: &Netns, dst: Ipv4Addr, count: u32) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", &from.name, "ping", "-q", "-i", "0.005", "-W", "1", "-c"])
+        .arg(count.to_string())
+        .arg(dst.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn ping_result(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("{text}"));
+    let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn sigkill_and_restart_under_load_lose_nothing() {
+    if !require_root("sigkill_and_restart_under_load_lose_nothing") {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (mut a, mut b) = peered_nodes(&fabric, "native");
+    let a1 = a.add_pod("a1");
+    let a2 = a.add_pod("a2");
+    let b1 = b.add_pod("b1");
+    assert!(ping(&a1.netns, b1.ip, 1));
+    let state_before =
+        [a.inspect("endpoints"), a.inspect("nodes"), b.inspect("endpoints"), b.inspect("nodes")];
+    let link = a.bpffs_dir.join("links").join(&a1.host_veth);
+    let prog_before = a.link_prog_id(&link);
+
+    let cross = ping_flood(&a1.netns, b1.ip, 2000);
+    let local = ping_flood(&a2.netns, a1.ip, 2000);
+    let stream = Stream::start(&b1.netns, b1.ip, &a1.netns);
+    let started = Instant::now();
+    let mut progs = vec![prog_before];
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(700));
+        a.kill_agent();
+        b.kill_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        // Each start loads the programs anew and swaps them into the pinned
+        // links with bpf_link_update: an upgrade, under traffic.
+        a.start_agent();
+        b.start_agent();
+        progs.push(a.link_prog_id(&link));
+    }
+    let restarts = started.elapsed();
+    let (cross_tx, cross_rx) = ping_result(cross);
+    let (local_tx, local_rx) = ping_result(local);
+    let (stall, bytes) = stream.finish();
+    eprintln!(
+        "3 SIGKILL+restarts of both agents in {restarts:?}: cross-node pings {cross_rx}/{cross_tx}, \
+         same-node pings {local_rx}/{local_tx}, TCP {} MiB with longest gap {stall:?}, program ids {progs:?}",
+        bytes >> 20
+    );
+    assert_eq!(cross_rx, cross_tx, "cross-node pings lost");
+    assert_eq!(local_rx, local_tx, "same-node pings lost");
+    assert!(stall < Duration::from_millis(500), "TCP stalled for {stall:?}");
+    for pair in progs.windows(2) {
+        assert_ne!(pair[0], pair[1], "each restart attached a newly loaded program: {progs:?}");
+    }
+    let state_after =
+        [a.inspect("endpoints"), a.inspect("nodes"), b.inspect("endpoints"), b.inspect("nodes")];
+    assert_eq!(state_after, state_before, "maps identical after the restarts");
+}
+
+#[test]
+fn changes_made_while_the_agent_is_down_are_reconciled() {
+    if !require_root("changes_made_while_the_agent_is_down_are_reconciled") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    node.kill_agent();
+
+    // DEL while the agent is down: the veth and lease go, the map entry stays
+    // stale until the agent is back.
+    let del = node.del_pod(&b);
+    assert!(del.success, "DEL with the agent down: {}", del.raw_stdout);
+    assert_eq!(node.host_veths(), vec![a.host_veth.clone()]);
+    // ADD while the agent is down: try again later, nothing made.
+    let c = Netns::new(format!("{}-c", node.id));
+    let add = node.cni(
+        &Node::cni_env("ADD", "c-container", &c.path().display().to_string()),
+        node.cni_config().to_string().as_bytes(),
+    );
+    assert_eq!(add.stdout["code"].as_u64(), Some(11), "{}", add.raw_stdout);
+    assert!(ping(&a.netns, Ipv4Addr::new(10, 250, 0, 1), 1), "a keeps working meanwhile");
+
+    node.start_agent();
+    let endpoints = node.inspect("endpoints");
+    let ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, vec![a.ip.to_string()], "b's stale entry removed, a's kept");
+    assert!(!node.bpffs_dir.join("links").join(&b.host_veth).exists(), "b's link pin removed");
+    assert!(node.agent_log().contains("stale_endpoints_removed=1"), "{}", node.agent_log());
+    assert!(ping(&node.netns, a.ip, 1));
+    // And the pod refused earlier can be added now.
+    let add = node.cni(
+        &Node::cni_env("ADD", "c-container", &c.path().display().to_string()),
+        node.cni_config().to_string().as_bytes(),
+    );
+    assert!(add.success, "{}", add.raw_stdout);
+}
