@@ -22,6 +22,10 @@ pub enum Request {
     AddEndpoint(EndpointSpec),
     /// Forget a pod. Idempotent.
     DelEndpoint(EndpointRef),
+    /// Is this endpoint programmed as ADD left it? (CNI CHECK)
+    CheckEndpoint(EndpointRef),
+    /// Every endpoint the agent has a record of (CNI GC, idempotent ADD).
+    ListEndpoints,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -62,6 +66,13 @@ pub enum Response {
         pod_mtu: u32,
     },
     Done,
+    /// What CHECK found wrong; empty when all is well.
+    Check {
+        problems: Vec<String>,
+    },
+    Endpoints {
+        endpoints: Vec<EndpointSpec>,
+    },
     Error {
         message: String,
     },

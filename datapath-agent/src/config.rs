@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/datapath";
 pub const DEFAULT_API_SOCKET: &str = "/run/datapath/agent.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/datapath";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +28,9 @@ pub struct AgentConfig {
     /// Unix socket on which the agent serves the CNI plugin.
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
+    /// Where the agent keeps its endpoint records (who each pod is).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// The whole cluster's pod network; every node's pod CIDR is inside it.
     pub cluster_cidr: Ipv4Net,
     /// This node's address on the uplink (what peers send to).
@@ -101,6 +105,9 @@ fn default_vni() -> u32 {
 
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from(DEFAULT_BPFFS_DIR)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 fn default_api_socket() -> PathBuf {
     PathBuf::from(DEFAULT_API_SOCKET)
@@ -179,6 +186,13 @@ impl AgentConfig {
             });
         }
         self.validate_topology()?;
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid {
+                field: "state_dir",
+                problem: format!("{} is not an absolute path", self.state_dir.display()),
+                fix: "use an absolute path, e.g. \"/var/lib/datapath\"",
+            });
+        }
         if !self.api_socket.is_absolute() {
             return Err(ConfigError::Invalid {
                 field: "api_socket",
@@ -315,6 +329,8 @@ impl AgentConfig {
             Some("bpffs_dir")
         } else if self.api_socket != other.api_socket {
             Some("api_socket")
+        } else if self.state_dir != other.state_dir {
+            Some("state_dir")
         } else if self.cluster_cidr != other.cluster_cidr {
             Some("cluster_cidr")
         } else if self.node_ip != other.node_ip {

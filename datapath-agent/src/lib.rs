@@ -9,3 +9,4 @@ pub mod mac;
 pub mod masquerade;
 pub mod netns;
 pub mod node_net;
+pub mod state;

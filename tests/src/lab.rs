@@ -225,11 +225,12 @@ impl Node {
 
     pub fn agent_config(&self) -> String {
         let mut config = format!(
-            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\n",
+            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\n",
             id = self.id,
             cidr = self.pod_cidr,
             bpffs = self.bpffs_dir.display(),
             sock = self.socket.display(),
+            state = self.work_dir.join("state").display(),
             ip = self.node_ip,
             mode = self.mode,
         );
@@ -399,6 +400,8 @@ impl Node {
             .in_node(&bin_dir().join("datapath-agent"))
             .args(["inspect", what, "--json", "--bpffs-dir"])
             .arg(&self.bpffs_dir)
+            .arg("--state-dir")
+            .arg(self.work_dir.join("state"))
             .output()
             .unwrap();
         assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use crate::{
-    config::DEFAULT_BPFFS_DIR,
+    config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     datapath::{PinLayout, PinnedMaps},
     mac::MacAddr,
+    state::EndpointStore,
 };
 
 #[derive(Debug, clap::Args)]
@@ -17,6 +18,9 @@ pub struct InspectArgs {
     /// bpffs directory the agent pins under.
     #[arg(long, global = true, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
+    /// The agent's state directory (endpoint records: pod names, containers).
+    #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -34,6 +38,8 @@ pub enum InspectWhat {
 
 #[derive(serde::Serialize)]
 struct EndpointRow {
+    pod: Option<String>,
+    container_id: Option<String>,
     pod_ip: std::net::Ipv4Addr,
     pod_mac: MacAddr,
     host_ifindex: u32,
@@ -47,10 +53,20 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     })?;
     match args.what {
         InspectWhat::Endpoints => {
+            // Records may be missing (another state dir, or the agent never
+            // wrote them): the maps are the truth, the records add names.
+            let records = EndpointStore::open(&args.state_dir).and_then(|s| s.list()).unwrap_or_default();
             let rows: Vec<EndpointRow> = maps
                 .endpoints()?
                 .into_iter()
-                .map(|(ip, ep)| EndpointRow {
+                .map(|(ip, ep)| (ip, ep, records.iter().find(|r| r.pod_ipv4 == ip)))
+                .map(|(ip, ep, record)| EndpointRow {
+                    pod: record.and_then(|r| match (&r.pod_namespace, &r.pod_name) {
+                        (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+                        (None, Some(name)) => Some(name.clone()),
+                        _ => None,
+                    }),
+                    container_id: record.map(|r| r.container_id.clone()),
                     pod_ip: ip,
                     pod_mac: MacAddr(ep.pod_mac),
                     host_ifindex: ep.host_ifindex,
@@ -64,12 +80,13 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<16} {:<18} {:<16} {:<8} {:<18}",
-                    "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC"
+                    "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18}",
+                    "POD", "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC"
                 );
                 for r in rows {
                     println!(
-                        "{:<16} {:<18} {:<16} {:<8} {:<18}",
+                        "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18}",
+                        r.pod.as_deref().unwrap_or("-"),
                         r.pod_ip.to_string(),
                         r.pod_mac.to_string(),
                         r.host_ifname.as_deref().unwrap_or("(gone)"),

@@ -21,6 +21,7 @@ use crate::{
     config::{AgentConfig, Mode},
     datapath::{Datapath, LocalEndpoint, PinLayout, RemoteRoute},
     node_net::{self, RouteVia},
+    state::EndpointStore,
 };
 
 #[derive(Debug, clap::Args)]
@@ -33,6 +34,7 @@ pub struct RunArgs {
 struct Agent {
     config: AgentConfig,
     datapath: Datapath,
+    store: EndpointStore,
     pod_mtu: u32,
     route_via: RouteVia,
 }
@@ -81,8 +83,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
-    let mut agent = Agent { config, datapath, pod_mtu, route_via };
+    let store = EndpointStore::open(&config.state_dir)?;
+    let mut agent = Agent { config, datapath, store, pod_mtu, route_via };
     let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    let stale_records = agent.reconcile_records()?;
     agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
     agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
     crate::masquerade::apply(
@@ -99,6 +103,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         links_updated = report.links_updated,
         stale_links_removed = report.stale_links_removed,
         stale_endpoints_removed = report.stale_endpoints_removed,
+        stale_records,
         "datapath loaded and reconciled"
     );
 
@@ -217,6 +222,20 @@ fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Recei
 }
 
 impl Agent {
+    /// Records whose veth is gone (DEL happened while we were down) go too.
+    fn reconcile_records(&mut self) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for record in self.store.list()? {
+            let alive =
+                nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex);
+            if !alive {
+                self.store.remove(&record.host_ifname)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Program maps and routes from the peer list: only what differs changes.
     async fn apply_peers(&mut self, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
         let desired: Vec<RemoteRoute> = self
@@ -254,6 +273,18 @@ impl Agent {
             }
             Request::AddEndpoint(spec) => self.add_endpoint(spec),
             Request::DelEndpoint(reference) => self.del_endpoint(reference),
+            Request::CheckEndpoint(reference) => {
+                return match self.check_endpoint(&reference) {
+                    Ok(problems) => Response::Check { problems },
+                    Err(e) => Response::Error { message: format!("{e:#}") },
+                };
+            }
+            Request::ListEndpoints => {
+                return match self.store.list() {
+                    Ok(endpoints) => Response::Endpoints { endpoints },
+                    Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
+                };
+            }
         };
         match result {
             Ok(()) => Response::Done,
@@ -295,6 +326,14 @@ impl Agent {
             );
             return Err(e).context("programming the endpoint");
         }
+        if let Err(e) = self.store.save(&spec) {
+            let _ = self.datapath.remove_endpoint(
+                &spec.host_ifname,
+                Some(spec.host_ifindex),
+                Some(spec.pod_ipv4),
+            );
+            return Err(e).context("recording the endpoint");
+        }
         tracing::info!(
             container = spec.container_id,
             pod = format!("{}/{}", spec.pod_namespace.as_deref().unwrap_or("-"), spec.pod_name.as_deref().unwrap_or("-")),
@@ -305,11 +344,51 @@ impl Agent {
         Ok(())
     }
 
+    /// Compare the datapath with the record: map entries, link, veth.
+    fn check_endpoint(&self, reference: &EndpointRef) -> anyhow::Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let Some(record) = self.store.get(&reference.host_ifname)? else {
+            return Ok(vec![format!("the agent has no endpoint for veth {}", reference.host_ifname)]);
+        };
+        if record.container_id != reference.container_id {
+            problems
+                .push(format!("veth {} belongs to container {}", record.container_id, reference.host_ifname));
+        }
+        if let Some(ip) = reference.pod_ipv4
+            && ip != record.pod_ipv4
+        {
+            problems.push(format!("prevResult says {ip}, the agent has {}", record.pod_ipv4));
+        }
+        match nix::net::if_::if_nametoindex(record.host_ifname.as_str()) {
+            Ok(ifindex) if ifindex == record.host_ifindex => {}
+            Ok(ifindex) => problems.push(format!(
+                "veth {} is ifindex {ifindex}, recorded {}",
+                record.host_ifname, record.host_ifindex
+            )),
+            Err(_) => problems.push(format!("host veth {} is missing", record.host_ifname)),
+        }
+        match self.datapath.endpoints()?.into_iter().find(|(ip, _)| *ip == record.pod_ipv4) {
+            Some((_, ep)) if ep.host_ifindex == record.host_ifindex && ep.pod_mac == record.pod_mac.0 => {}
+            Some(_) => problems.push(format!("endpoint map entry for {} points elsewhere", record.pod_ipv4)),
+            None => problems.push(format!("no endpoint map entry for {}", record.pod_ipv4)),
+        }
+        if !self.datapath.pins().link(&record.host_ifname).exists() {
+            problems.push(format!("no program link pinned for {}", record.host_ifname));
+        }
+        Ok(problems)
+    }
+
     fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
-        let removed = self
+        // The record knows the IP even when the plugin no longer does.
+        let recorded = self.store.get(&reference.host_ifname)?;
+        let pod_ipv4 = reference.pod_ipv4.or(recorded.as_ref().map(|r| r.pod_ipv4));
+        let mut removed = self
             .datapath
-            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, reference.pod_ipv4)
+            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, pod_ipv4)
             .context("removing the endpoint")?;
+        if self.store.remove(&reference.host_ifname)? {
+            removed += 1;
+        }
         tracing::info!(
             container = reference.container_id,
             veth = reference.host_ifname,

@@ -14,6 +14,8 @@ pub enum ErrorCode {
     InvalidNetworkConfig = 7,
     TryAgainLater = 11,
     PluginNotAvailable = 50,
+    /// Plugin-specific (100+): the endpoint is not as ADD left it.
+    EndpointDamaged = 100,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

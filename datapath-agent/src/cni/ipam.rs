@@ -42,10 +42,18 @@ fn find_plugin(env: &Env, plugin: &str) -> Result<PathBuf, CniError> {
     })
 }
 
-/// Run the IPAM plugin with `command` (ADD or DEL) and the same config.
+/// Run the IPAM plugin with `command` for the attachment `env` names (not
+/// necessarily our own invocation's: GC releases other containers' leases).
 fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    let cni_path = env.path.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let cni_args = env.args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";");
     let mut child = Command::new(plugin)
         .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &env.container_id)
+        .env("CNI_NETNS", &env.netns)
+        .env("CNI_IFNAME", &env.ifname)
+        .env("CNI_PATH", cni_path)
+        .env("CNI_ARGS", cni_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -75,7 +83,6 @@ fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>
         #[serde(default)]
         details: String,
     }
-    let _ = env;
     Err(match serde_json::from_slice::<DelegateError>(&output.stdout) {
         Ok(e) => {
             CniError { code: e.code, msg: format!("IPAM {command} failed: {}", e.msg), details: e.details }
@@ -88,9 +95,55 @@ fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>
     })
 }
 
+/// The config as the IPAM plugin can take it: same content, with a
+/// cniVersion it supports (Debian's host-local 1.1.1 stops at 1.0.0; the
+/// ADD/DEL formats we use are the same in 1.0.0 and 1.1.0).
+fn for_plugin(env: &Env, plugin: &Path, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    let mut conf: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::with_source(ErrorCode::DecodeFailure, "network configuration is not JSON", &e)
+    })?;
+    let wanted = conf.get("cniVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    #[derive(Deserialize)]
+    struct Versions {
+        #[serde(rename = "supportedVersions")]
+        supported: Vec<String>,
+    }
+    let versions: Versions = serde_json::from_slice(&exec(
+        env,
+        plugin,
+        "VERSION",
+        br#"{"cniVersion":"0.4.0"}"#,
+    )?)
+    .map_err(|e| {
+        CniError::with_source(ErrorCode::DecodeFailure, "IPAM plugin VERSION answer is unreadable", &e)
+    })?;
+    if versions.supported.contains(&wanted) {
+        return Ok(stdin.to_vec());
+    }
+    let parse = |v: &str| -> Vec<u32> { v.split('.').filter_map(|p| p.parse().ok()).collect() };
+    let best = versions
+        .supported
+        .iter()
+        .filter(|v| parse(v) <= parse(&wanted) && parse(v) >= parse("0.4.0"))
+        .max_by_key(|v| parse(v))
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::IncompatibleVersion,
+                format!(
+                    "IPAM plugin {} supports none of cniVersion {wanted} or older down to 0.4.0 (it has {})",
+                    plugin.display(),
+                    versions.supported.join(", ")
+                ),
+            )
+        })?;
+    conf["cniVersion"] = serde_json::Value::String(best.clone());
+    Ok(conf.to_string().into_bytes())
+}
+
 pub fn add(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<Allocation, CniError> {
     let plugin = find_plugin(env, ipam_type)?;
-    let out = exec(env, &plugin, "ADD", stdin)?;
+    let conf = for_plugin(env, &plugin, stdin)?;
+    let out = exec(env, &plugin, "ADD", &conf)?;
     #[derive(Deserialize)]
     struct IpamResult {
         #[serde(default)]
@@ -113,5 +166,6 @@ pub fn add(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<Allocation, CniEr
 
 pub fn del(env: &Env, ipam_type: &str, stdin: &[u8]) -> Result<(), CniError> {
     let plugin = find_plugin(env, ipam_type)?;
-    exec(env, &plugin, "DEL", stdin).map(|_| ())
+    let conf = for_plugin(env, &plugin, stdin)?;
+    exec(env, &plugin, "DEL", &conf).map(|_| ())
 }

@@ -127,3 +127,66 @@ pub async fn add_host_route(handle: &Handle, pod_ip: Ipv4Addr, host_index: u32) 
         .build();
     handle.route().add(route).execute().await
 }
+
+/// Does an IPv4 route to `dst/prefix` exist, out of `oif`, with `gateway`?
+pub async fn has_route(
+    handle: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    oif: u32,
+    gateway: Option<Ipv4Addr>,
+) -> NlResult<bool> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(msg) = routes.try_next().await? {
+        if msg.header.destination_prefix_length != prefix {
+            continue;
+        }
+        let mut found_dst = prefix == 0;
+        let (mut found_oif, mut found_gw) = (false, gateway.is_none());
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => found_dst = *ip == dst,
+                RouteAttribute::Oif(index) => found_oif = *index == oif,
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => found_gw = Some(*ip) == gateway,
+                _ => {}
+            }
+        }
+        if found_dst && found_oif && found_gw {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Does link `index` carry `addr/prefix`?
+pub async fn has_address(handle: &Handle, index: u32, addr: Ipv4Addr, prefix: u8) -> NlResult<bool> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut addrs = handle.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = addrs.try_next().await? {
+        let matches = msg.header.prefix_len == prefix
+            && msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(std::net::IpAddr::V4(ip)) if *ip == addr));
+        if matches {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Names of all links in this namespace.
+pub async fn names(handle: &Handle) -> NlResult<Vec<(u32, String)>> {
+    let mut out = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(msg) = links.try_next().await? {
+        if let Some(name) = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        }) {
+            out.push((msg.header.index, name));
+        }
+    }
+    Ok(out)
+}

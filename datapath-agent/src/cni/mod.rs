@@ -62,6 +62,15 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
             env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
             del(&env, &conf, stdin).map(|()| serde_json::Value::Null)
         }
+        "CHECK" => {
+            let conf = NetConf::parse(stdin)?;
+            env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            check(&env, &conf).map(|()| serde_json::Value::Null)
+        }
+        "GC" => {
+            let conf = NetConf::parse(stdin)?;
+            gc(&env, &conf, stdin).map(|()| serde_json::Value::Null)
+        }
         "STATUS" => {
             let conf = NetConf::parse(stdin)?;
             agent_status(&conf)
@@ -70,7 +79,7 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
         }
         other => Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!("CNI_COMMAND {other:?} is not supported yet; supported: ADD, DEL, STATUS, VERSION"),
+            format!("CNI_COMMAND {other:?} is not a CNI verb; use ADD, DEL, CHECK, STATUS, GC or VERSION"),
         )),
     }
 }
@@ -132,6 +141,31 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
     // Before any side effect: without the agent nothing would forward.
     let agent_mtu = agent_status(conf)?;
     let mtu = conf.mtu.unwrap_or(agent_mtu);
+
+    // ADD for a container that is already added: the same answer, nothing made.
+    let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
+    if let Some(record) = recorded_endpoint(conf, &host_name)? {
+        if record.container_id != env.container_id || record.cni_ifname != env.ifname {
+            return Err(CniError::new(
+                ErrorCode::InvalidEnvironment,
+                format!(
+                    "host veth {host_name} belongs to container {} ({})",
+                    record.container_id, record.cni_ifname
+                ),
+            ));
+        }
+        let problems = endpoint_problems(env, conf, record.pod_ipv4)?;
+        if !problems.is_empty() {
+            return Err(CniError::new(
+                ErrorCode::EndpointDamaged,
+                format!(
+                    "container already added but its endpoint is damaged: {}; DEL it and ADD again",
+                    problems.join("; ")
+                ),
+            ));
+        }
+        return Ok(add_result(conf, env, &record, serde_json::Value::Null));
+    }
 
     let mut undo = Undo::default();
     let result = add_steps(env, conf, stdin, &ipam_type, &netns_file, mtu, &mut undo);
@@ -199,7 +233,7 @@ fn add_steps(
     .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
 
     let (pod_namespace, pod_name) = env.k8s_pod();
-    let spec = EndpointSpec {
+    let spec_for_result = EndpointSpec {
         container_id: env.container_id.clone(),
         cni_ifname: env.ifname.clone(),
         netns: env.netns.clone(),
@@ -217,23 +251,173 @@ fn add_steps(
         host_ifindex: Some(host.index),
         pod_ipv4: Some(pod_ip),
     });
-    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec), AGENT_TIMEOUT).map_err(agent_error)?;
+    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec_for_result.clone()), AGENT_TIMEOUT)
+        .map_err(agent_error)?;
 
-    let mut ip =
-        json!({ "address": format!("{pod_ip}/32"), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
+    Ok(add_result(conf, env, &spec_for_result, allocation.dns))
+}
+
+/// The ADD result for an endpoint (also the answer to a repeated ADD).
+fn add_result(conf: &NetConf, env: &Env, ep: &EndpointSpec, dns: serde_json::Value) -> serde_json::Value {
+    let mut ip = json!({ "address": format!("{}/32", ep.pod_ipv4), "gateway": POD_GATEWAY.to_string(), "interface": 1 });
     if conf.cni_version == "0.4.0" {
         ip["version"] = json!("4");
     }
-    Ok(json!({
+    json!({
         "cniVersion": conf.cni_version,
         "interfaces": [
-            { "name": host_name, "mac": host.mac.to_string() },
-            { "name": env.ifname, "mac": pod.mac.to_string(), "sandbox": env.netns },
+            { "name": ep.host_ifname, "mac": ep.host_mac.to_string() },
+            { "name": env.ifname, "mac": ep.pod_mac.to_string(), "sandbox": env.netns },
         ],
         "ips": [ip],
         "routes": [{ "dst": "0.0.0.0/0", "gw": POD_GATEWAY.to_string() }],
-        "dns": if allocation.dns.is_null() { json!({}) } else { allocation.dns },
-    }))
+        "dns": if dns.is_null() { json!({}) } else { dns },
+    })
+}
+
+fn unexpected(other: api::Response) -> CniError {
+    CniError::new(ErrorCode::IoFailure, format!("unexpected answer from the agent: {other:?}"))
+}
+
+/// Every endpoint the agent has a record of.
+fn recorded_endpoints(conf: &NetConf) -> Result<Vec<EndpointSpec>, CniError> {
+    match api::call(&conf.agent_socket(), &Request::ListEndpoints, AGENT_TIMEOUT).map_err(agent_error)? {
+        api::Response::Endpoints { endpoints } => Ok(endpoints),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The agent's record for this host veth, if it has one.
+fn recorded_endpoint(conf: &NetConf, host_name: &str) -> Result<Option<EndpointSpec>, CniError> {
+    Ok(recorded_endpoints(conf)?.into_iter().find(|e| e.host_ifname == host_name))
+}
+
+/// Everything that differs from what ADD leaves: host veth and route, the
+/// pod's interface, address and default route, and the agent's view (map
+/// entry, link, record).
+fn endpoint_problems(env: &Env, conf: &NetConf, pod_ip: Ipv4Addr) -> Result<Vec<String>, CniError> {
+    let mut problems = Vec::new();
+    let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
+    let lookup = host_name.clone();
+    let host = link::with_handle(|handle| async move {
+        let Some(host) = link::get(&handle, &lookup).await? else { return Ok(None) };
+        let route = link::has_route(&handle, pod_ip, 32, host.index, None).await?;
+        Ok(Some((host, route)))
+    })
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot inspect the host side", &e))?;
+    match &host {
+        None => problems.push(format!("host veth {host_name} is missing")),
+        Some((_, false)) => problems.push(format!("the node has no route to {pod_ip} via {host_name}")),
+        Some(_) => {}
+    }
+    let ifname = env.ifname.clone();
+    let pod = netns::run_in(Path::new(&env.netns), move || {
+        link::with_handle(|handle| async move {
+            let Some(pod) = link::get(&handle, &ifname).await? else {
+                return Ok(vec![format!("{ifname} is missing in the pod")]);
+            };
+            let mut found = Vec::new();
+            if !link::has_address(&handle, pod.index, pod_ip, 32).await? {
+                found.push(format!("{ifname} lacks {pod_ip}/32"));
+            }
+            if !link::has_route(&handle, Ipv4Addr::UNSPECIFIED, 0, pod.index, Some(POD_GATEWAY)).await? {
+                found.push(format!("the pod has no default route via {POD_GATEWAY}"));
+            }
+            Ok(found)
+        })
+    })
+    .map_err(|e| {
+        CniError::with_source(ErrorCode::UnknownContainer, format!("cannot enter {}", env.netns), &e)
+    })?
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot inspect the pod", &e))?;
+    problems.extend(pod);
+    let reference = EndpointRef {
+        container_id: env.container_id.clone(),
+        host_ifname: host_name,
+        host_ifindex: host.map(|(h, _)| h.index),
+        pod_ipv4: Some(pod_ip),
+    };
+    match api::call(&conf.agent_socket(), &Request::CheckEndpoint(reference), AGENT_TIMEOUT)
+        .map_err(agent_error)?
+    {
+        api::Response::Check { problems: agent } => problems.extend(agent),
+        other => return Err(unexpected(other)),
+    }
+    Ok(problems)
+}
+
+/// CHECK: the endpoint is as ADD left it, or an error listing what is not.
+fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    let pod_ip = prev_result_ipv4(conf).ok_or_else(|| {
+        CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            "CHECK needs \"prevResult\" with the pod's IPv4 address (the ADD result)",
+        )
+    })?;
+    let problems = endpoint_problems(env, conf, pod_ip)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            ErrorCode::EndpointDamaged,
+            format!("endpoint is not as ADD left it: {}", problems.join("; ")),
+        ))
+    }
+}
+
+/// GC: remove every endpoint of ours whose (container ID, interface) is not
+/// in `cni.dev/valid-attachments`, exactly as DEL would, and orphan host veths
+/// with our name pattern that no valid attachment owns.
+fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    #[derive(serde::Deserialize)]
+    struct Attachment {
+        #[serde(rename = "containerID")]
+        container_id: String,
+        ifname: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct GcConf {
+        #[serde(rename = "cni.dev/valid-attachments", default)]
+        valid: Vec<Attachment>,
+    }
+    let gc_conf: GcConf = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::with_source(
+            ErrorCode::InvalidNetworkConfig,
+            "\"cni.dev/valid-attachments\" is not a list of {containerID, ifname}",
+            &e,
+        )
+    })?;
+    let valid: Vec<String> = gc_conf
+        .valid
+        .iter()
+        .map(|a| host_veth_name(conf.veth_prefix(), &a.container_id, &a.ifname))
+        .collect();
+    let records = recorded_endpoints(conf)?;
+    for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)) {
+        let stale = Env {
+            container_id: record.container_id.clone(),
+            ifname: record.cni_ifname.clone(),
+            netns: String::new(),
+            ..env.clone()
+        };
+        del(&stale, conf, stdin)?;
+    }
+    // Veths that look like ours but have neither a record nor a valid owner
+    // (an ADD killed half-way): remove them too.
+    let prefix = conf.veth_prefix().to_owned();
+    let known: Vec<String> = records.iter().map(|r| r.host_ifname.clone()).chain(valid).collect();
+    link::with_handle(|handle| async move {
+        for (index, name) in link::names(&handle).await? {
+            let ours = name.len() == 15
+                && name.starts_with(&prefix)
+                && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
+            if ours && !known.contains(&name) {
+                link::delete(&handle, index).await?;
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot remove orphan veths", &e))
 }
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {
