@@ -16,6 +16,7 @@ APT_PACKAGES=(
     nftables                                             # masquerading of pod -> outside traffic
     containernetworking-plugins                          # host-local IPAM, loopback
     iperf3                                               # throughput figures (xtask bench)
+    containerd runc podman catatonit busybox-static      # real runtimes in the tests
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -41,6 +42,10 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
         cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
         --no-default-features --features llvm-22
 fi
+
+# CRI v1 client for the containerd tests (tests/runtimes/cri_driver.py).
+python3 -c "import cri_api.v1.api_pb2_grpc" 2>/dev/null \
+    || python3 -m pip install --quiet --root-user-action=ignore container-runtime-interface-api==2.0.1
 
 # bpffs: the agent pins maps and links under it.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
