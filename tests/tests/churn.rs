@@ -1,5 +1,5 @@
 //! 500 pods created and deleted through the CNI plugin on one node: nothing
-//! leaks (veth, route, lease, map entry, pinned link), the agent's memory
+//! leaks (veth, route, lease, map entry, pinned link, endpoint record), the agent's memory
 //! stays flat, and the time from ADD to a pod that answers ping is reported.
 
 use std::{
@@ -62,5 +62,10 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     assert_eq!(node.ipam_leases(), Vec::<String>::new(), "leases left");
     assert_eq!(node.inspect("endpoints"), serde_json::json!([]), "map entries left");
     assert_eq!(std::fs::read_dir(node.bpffs_dir.join("links")).unwrap().count(), 0, "link pins left");
+    assert_eq!(
+        std::fs::read_dir(node.work_dir.join("state/endpoints")).unwrap().count(),
+        0,
+        "endpoint records left"
+    );
     assert!(rss_end <= rss_after_warmup + 2048, "agent grew from {rss_after_warmup} to {rss_end} KiB");
 }

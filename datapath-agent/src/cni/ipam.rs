@@ -66,9 +66,15 @@ fn exec(env: &Env, plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>
             )
         })?;
     if let Some(mut input) = child.stdin.take() {
-        input
-            .write_all(stdin)
-            .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot feed the IPAM plugin", &e))?;
+        // A plugin may answer without reading its stdin (VERSION does):
+        // a broken pipe here is not an error, its exit status will tell.
+        match input.write_all(stdin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                return Err(CniError::with_source(ErrorCode::IoFailure, "cannot feed the IPAM plugin", &e));
+            }
+        }
     }
     let output = child
         .wait_with_output()
