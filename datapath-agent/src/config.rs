@@ -47,6 +47,57 @@ pub struct AgentConfig {
     /// The other nodes (static topology for dev VMs and tests).
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Where node facts and peers come from.
+    #[serde(default)]
+    pub source: Source,
+    /// Kubernetes source settings.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    /// Address of the health endpoints (/healthz, /readyz); none if unset.
+    #[serde(default)]
+    pub health_address: Option<std::net::SocketAddr>,
+    /// CNI network config the agent writes once it is ready (e.g.
+    /// /etc/cni/net.d/10-datapath.conflist); none if unset.
+    #[serde(default)]
+    pub cni_config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Everything from this file (dev VMs, tests).
+    #[default]
+    Static,
+    /// node_name (or $NODE_NAME), pod_cidr and node_ip from this node's Node
+    /// object, peers from all Node objects, watched.
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// kubeconfig to use; in-cluster service account config when unset.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// What the Node object says about this node (Kubernetes source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub node_ip: Ipv4Addr,
+}
+
+/// The part of the file needed before the rest can be resolved.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SourceSettings {
+    #[serde(default)]
+    pub source: Source,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -143,8 +194,36 @@ impl AgentConfig {
 
     /// Parse and validate (no access to the system: see [`Self::check_host`]).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: AgentConfig = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source: Box::new(source) })?;
+        Self::parse_with(text, None)
+    }
+
+    /// Which source the file asks for (and its settings), before resolving.
+    pub fn source_settings(text: &str) -> Result<SourceSettings, ConfigError> {
+        toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source: Box::new(source) })
+    }
+
+    /// Parse with the node's facts from its Node object filled in
+    /// (Kubernetes source); the file must not set them itself.
+    pub fn parse_with(text: &str, identity: Option<&NodeIdentity>) -> Result<Self, ConfigError> {
+        let parse_err = |source| ConfigError::Parse { path: PathBuf::new(), source: Box::new(source) };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        if let Some(id) = identity {
+            for field in ["pod_cidr", "node_ip"] {
+                if table.contains_key(field) {
+                    return Err(ConfigError::Invalid {
+                        field: if field == "pod_cidr" { "pod_cidr" } else { "node_ip" },
+                        problem: "is set in the file, but the Node object decides it in kubernetes mode"
+                            .into(),
+                        fix: "remove it from the file (the agent reads spec.podCIDR and the InternalIP)",
+                    });
+                }
+            }
+            table.insert("node_name".into(), id.node_name.clone().into());
+            table.insert("pod_cidr".into(), id.pod_cidr.to_string().into());
+            table.insert("node_ip".into(), id.node_ip.to_string().into());
+        }
+        let config: AgentConfig = table.try_into().map_err(parse_err)?;
         config.validate()?;
         Ok(config)
     }
@@ -205,6 +284,16 @@ impl AgentConfig {
 
     fn validate_topology(&self) -> Result<(), ConfigError> {
         let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        if self.source == Source::Kubernetes && !self.peers.is_empty() {
+            return invalid(
+                "peers",
+                format!(
+                    "{} static peers given, but peers come from Node objects in kubernetes mode",
+                    self.peers.len()
+                ),
+                "remove [[peers]] or use source = \"static\"",
+            );
+        }
         if self.cluster_cidr != self.cluster_cidr.trunc() {
             return invalid(
                 "cluster_cidr",
@@ -341,6 +430,12 @@ impl AgentConfig {
             Some("masquerade")
         } else if self.vxlan != other.vxlan {
             Some("vxlan")
+        } else if self.source != other.source || self.kubernetes != other.kubernetes {
+            Some("source")
+        } else if self.health_address != other.health_address {
+            Some("health_address")
+        } else if self.cni_config_file != other.cni_config_file {
+            Some("cni_config_file")
         } else {
             None
         }

@@ -5,6 +5,8 @@ pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;
+pub mod health;
+pub mod kubernetes;
 pub mod mac;
 pub mod masquerade;
 pub mod netns;

@@ -150,6 +150,8 @@ pub struct Node {
     pub node_ip: Ipv4Addr,
     pub mode: String,
     pub peers: Vec<Peer>,
+    /// Kubernetes source: the kubeconfig the agent uses (None: static config).
+    pub kubeconfig: Option<PathBuf>,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -197,6 +199,7 @@ impl Node {
             node_ip,
             mode: mode.into(),
             peers: Vec::new(),
+            kubeconfig: None,
             work_dir,
             bpffs_dir,
             socket,
@@ -216,6 +219,18 @@ impl Node {
         self.write_config();
     }
 
+    /// Switch to the Kubernetes source: node facts and peers from the API
+    /// server behind `kubeconfig`; health on 127.0.0.1:9976 (node netns); the
+    /// CNI config written to `<work_dir>/net.d/` when ready.
+    pub fn use_kubernetes(&mut self, kubeconfig: &Path) {
+        self.kubeconfig = Some(kubeconfig.to_owned());
+        self.write_config();
+    }
+
+    pub fn written_cni_config(&self) -> PathBuf {
+        self.work_dir.join("net.d/10-datapath.conflist")
+    }
+
     fn write_config(&self) {
         // Write and rename: the agent polling the file never reads half of it.
         let tmp = self.work_dir.join("agent.toml.tmp");
@@ -224,6 +239,18 @@ impl Node {
     }
 
     pub fn agent_config(&self) -> String {
+        if let Some(kubeconfig) = &self.kubeconfig {
+            return format!(
+                "node_name = \"{id}\"\nsource = \"kubernetes\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\ncni_config_file = \"{cni}\"\n\n[kubernetes]\nkubeconfig = \"{kc}\"\n",
+                id = self.id,
+                bpffs = self.bpffs_dir.display(),
+                sock = self.socket.display(),
+                state = self.work_dir.join("state").display(),
+                mode = self.mode,
+                cni = self.written_cni_config().display(),
+                kc = kubeconfig.display(),
+            );
+        }
         let mut config = format!(
             "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\n",
             id = self.id,

@@ -4,6 +4,7 @@
 //! Every kernel object a test makes carries the prefix `dpt` plus the test
 //! process id, and is removed by a guard's `Drop`, also when the test fails.
 
+pub mod kube_api;
 pub mod lab;
 pub mod packets;
 

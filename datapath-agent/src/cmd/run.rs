@@ -18,8 +18,9 @@ use datapath_common::{NodeConfig, RoutingMode, program_names};
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::{AgentConfig, Mode},
+    config::{AgentConfig, ConfigError, Mode, Source},
     datapath::{Datapath, LocalEndpoint, PinLayout, RemoteRoute},
+    health::Health,
     node_net::{self, RouteVia},
     state::EndpointStore,
 };
@@ -40,8 +41,17 @@ struct Agent {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = AgentConfig::load(&args.config)?;
+    let (config, kube_client) = load_config(&args.config).await?;
     config.check_host()?;
+    let health = Arc::new(Health::default());
+    if let Some(address) = config.health_address {
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            if let Err(e) = crate::health::serve(address, health).await {
+                tracing::error!(error = format!("{e:#}"), "health endpoints failed");
+            }
+        });
+    }
     let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
 
@@ -110,7 +120,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let socket_path = agent.config.api_socket.clone();
     let listener = bind_private_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
-    let mut config_changes = watch_config(args.config.clone(), agent.config.clone());
+    // Peers come from the file (static) or from Node objects (Kubernetes).
+    let mut config_changes = match kube_client {
+        None => watch_config(args.config.clone(), agent.config.clone()),
+        Some(_) => tokio::sync::mpsc::channel(1).1,
+    };
+    let mut node_peers = kube_client.map(|client| {
+        crate::kubernetes::watch_peers(
+            client,
+            agent.config.node_name.clone(),
+            agent.config.pod_cidr,
+            agent.config.cluster_cidr,
+        )
+    });
+    if node_peers.is_none() {
+        become_ready(&agent.config, &health)?;
+    }
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
 
@@ -129,6 +154,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         });
                     }
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+            }
+            Some(peers) = next_node_peers(&mut node_peers) => {
+                let mut agent = agent.lock().await;
+                agent.config.peers = peers;
+                match agent.apply_peers(&netlink).await {
+                    Ok(()) if !health.is_ready() => become_ready(&agent.config, &health)?,
+                    Ok(()) => {}
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "applying the Node list failed"),
                 }
             }
             Some(new_config) = config_changes.recv() => {
@@ -187,6 +221,75 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
         out.push(b'\n');
         write.write_all(&out).await?;
     }
+    Ok(())
+}
+
+/// The config, resolved: from the file alone (static source), or with this
+/// node's facts from its Node object (Kubernetes source, which also returns
+/// the client for the Node watch).
+async fn load_config(path: &Path) -> anyhow::Result<(AgentConfig, Option<kube::Client>)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let in_file = |e: ConfigError| match e {
+        ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+        other => other,
+    };
+    let settings = AgentConfig::source_settings(&text).map_err(in_file)?;
+    match settings.source {
+        Source::Static => Ok((AgentConfig::parse(&text).map_err(in_file)?, None)),
+        Source::Kubernetes => {
+            let node_name = settings
+                .node_name
+                .or_else(|| std::env::var("NODE_NAME").ok())
+                .filter(|n| !n.is_empty())
+                .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
+            let client = crate::kubernetes::client(&settings.kubernetes).await?;
+            let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
+            tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
+            Ok((AgentConfig::parse_with(&text, Some(&identity)).map_err(in_file)?, Some(client)))
+        }
+    }
+}
+
+/// The next peer list from the Node watch (never, in static mode).
+async fn next_node_peers(
+    rx: &mut Option<tokio::sync::watch::Receiver<Option<Vec<crate::config::PeerConfig>>>>,
+) -> Option<Vec<crate::config::PeerConfig>> {
+    let Some(rx) = rx else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(peers) = rx.borrow_and_update().clone() {
+            return Some(peers);
+        }
+    }
+}
+
+/// Ready: tell the probes, and give the runtime our CNI config (only now, so
+/// kubelet never sends a pod to a node whose datapath is not in place).
+fn become_ready(config: &AgentConfig, health: &Health) -> anyhow::Result<()> {
+    if let Some(path) = &config.cni_config_file {
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "datapath",
+            "plugins": [{
+                "type": "datapath-cni",
+                "agentSocket": config.api_socket,
+                "ipam": { "type": "host-local", "ranges": [[{ "subnet": config.pod_cidr.to_string() }]] },
+            }],
+        });
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&conflist)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("installing {}", path.display()))?;
+        tracing::info!(file = %path.display(), "CNI config written");
+    }
+    health.set_ready();
+    tracing::info!("ready");
     Ok(())
 }
 

@@ -1,0 +1,206 @@
+//! A stand-in for the Kubernetes API server, for the Node resource only: it
+//! serves real Node objects over HTTP the way the API server does (GET one,
+//! list with a resourceVersion, watch as a chunked stream of ADDED /
+//! MODIFIED / DELETED / BOOKMARK events), and lets a test disconnect the
+//! watches or make requests fail. No API server can run on these machines;
+//! this keeps `kube`'s real client, watcher and reflector in the loop.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use crate::lab::Netns;
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, serde_json::Value>,
+    resource_version: u64,
+    watchers: Vec<mpsc::Sender<String>>,
+    fail_next: u32,
+    requests: Vec<String>,
+}
+
+pub struct FakeApiServer {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+/// A Node object as the API server serves it.
+pub fn node_object(name: &str, pod_cidr: Option<&str>, internal_ip: &str) -> serde_json::Value {
+    let mut spec = serde_json::json!({});
+    if let Some(cidr) = pod_cidr {
+        spec = serde_json::json!({ "podCIDR": cidr, "podCIDRs": [cidr] });
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": name, "uid": format!("uid-{name}"), "labels": { "kubernetes.io/hostname": name } },
+        "spec": spec,
+        "status": { "addresses": [
+            { "type": "InternalIP", "address": internal_ip },
+            { "type": "Hostname", "address": name },
+        ] },
+    })
+}
+
+impl FakeApiServer {
+    /// Listen on `address:6443` inside `ns` (a namespace on the simulated
+    /// physical network, so agents in node namespaces reach it).
+    pub fn start(ns: &Netns, address: Ipv4Addr) -> Self {
+        let state = Arc::new(Mutex::new(State { resource_version: 1000, ..Default::default() }));
+        let file = std::fs::File::open(ns.path()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let server_state = Arc::clone(&state);
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listener = TcpListener::bind((address, 6443)).unwrap();
+            tx.send(()).unwrap();
+            for conn in listener.incoming().flatten() {
+                let state = Arc::clone(&server_state);
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &state);
+                });
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Self { address, port: 6443, state }
+    }
+
+    /// A kubeconfig that points at this server (plain HTTP, no auth).
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}:{}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n",
+            self.address, self.port
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn broadcast(state: &mut State, event: serde_json::Value) {
+        let line = format!("{event}\n");
+        state.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    /// Create or replace a Node (ADDED or MODIFIED to every watch).
+    pub fn apply(&self, mut node: serde_json::Value) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        node["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
+        let name = node["metadata"]["name"].as_str().unwrap().to_owned();
+        let kind = if state.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+        state.nodes.insert(name, node.clone());
+        Self::broadcast(&mut state, serde_json::json!({ "type": kind, "object": node }));
+    }
+
+    pub fn delete(&self, name: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        if let Some(mut node) = state.nodes.remove(name) {
+            node["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
+            Self::broadcast(&mut state, serde_json::json!({ "type": "DELETED", "object": node }));
+        }
+    }
+
+    pub fn bookmark(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        let rv = state.resource_version.to_string();
+        let event = serde_json::json!({ "type": "BOOKMARK", "object": { "kind": "Node", "apiVersion": "v1", "metadata": { "resourceVersion": rv } } });
+        Self::broadcast(&mut state, event);
+    }
+
+    /// End every open watch (as an API server restart or a load balancer does).
+    pub fn disconnect_watches(&self) {
+        self.state.lock().unwrap().watchers.clear();
+    }
+
+    /// The next `n` requests get HTTP 500.
+    pub fn fail_next(&self, n: u32) {
+        self.state.lock().unwrap().fail_next = n;
+    }
+
+    /// Request lines served so far (method and path).
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+fn status(code: u16, reason: &str) -> String {
+    serde_json::json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason, "reason": reason, "code": code }).to_string()
+}
+
+fn respond(conn: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
+    write!(
+        conn,
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
+            break;
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let watch_rx = {
+        let mut s = state.lock().unwrap();
+        s.requests.push(request_line.trim().to_owned());
+        if s.fail_next > 0 {
+            s.fail_next -= 1;
+            drop(s);
+            return respond(&mut conn, 500, &status(500, "InternalError"));
+        }
+        if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+            let body = s.nodes.get(name).map(|n| n.to_string());
+            drop(s);
+            return match body {
+                Some(body) => respond(&mut conn, 200, &body),
+                None => respond(&mut conn, 404, &status(404, "NotFound")),
+            };
+        }
+        if path != "/api/v1/nodes" {
+            drop(s);
+            return respond(&mut conn, 404, &status(404, "NotFound"));
+        }
+        if !query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1") {
+            let list = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "NodeList",
+                "metadata": { "resourceVersion": s.resource_version.to_string() },
+                "items": s.nodes.values().collect::<Vec<_>>(),
+            })
+            .to_string();
+            drop(s);
+            return respond(&mut conn, 200, &list);
+        }
+        let (tx, rx) = mpsc::channel();
+        s.watchers.push(tx);
+        rx
+    };
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
+    conn.flush()?;
+    // Until the server drops this watch (disconnect) or the client goes away.
+    while let Ok(line) = watch_rx.recv() {
+        write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
+        conn.flush()?;
+    }
+    write!(conn, "0\r\n\r\n")?;
+    conn.flush()
+}
