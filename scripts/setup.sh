@@ -10,6 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# SETUP_MINIMAL=1 (image builds): only what building needs, no test tools.
+if [ "${SETUP_MINIMAL:-0}" = 1 ]; then
+APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
+else
 APT_PACKAGES=(
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev   # bpf-linker build
     bpftool iproute2 iputils-ping util-linux             # inspection, namespaces, nsenter
@@ -18,6 +22,7 @@ APT_PACKAGES=(
     iperf3                                               # throughput figures (xtask bench)
     containerd runc podman catatonit busybox-static      # real runtimes in the tests
 )
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,10 +49,14 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
 fi
 
 # CRI v1 client for the containerd tests (tests/runtimes/cri_driver.py).
-python3 -c "import cri_api.v1.api_pb2_grpc" 2>/dev/null \
-    || python3 -m pip install --quiet --root-user-action=ignore container-runtime-interface-api==2.0.1
+if [ "${SETUP_MINIMAL:-0}" != 1 ]; then
+    python3 -c "import cri_api.v1.api_pb2_grpc" 2>/dev/null \
+        || python3 -m pip install --quiet --root-user-action=ignore container-runtime-interface-api==2.0.1
+fi
 
-# bpffs: the agent pins maps and links under it.
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+# bpffs: the agent pins maps and links under it (not inside image builds).
+if [ "${SETUP_SKIP_BPFFS:-0}" != 1 ]; then
+    mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+fi
 
 echo "setup: done"

@@ -216,5 +216,12 @@ pub async fn sync_routes(
 /// `net.ipv4.ip_forward=1` in this network namespace: pods' traffic to the
 /// outside and its replies are forwarded by the node's stack.
 pub fn enable_ip_forwarding() -> anyhow::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward")
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    // Kubernetes nodes normally have it on already (kubeadm checks): then a
+    // container with a read-only /proc/sys needs no privilege for this.
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1")
+        .context("enabling net.ipv4.ip_forward (set it on the node: sysctl -w net.ipv4.ip_forward=1)")
 }

@@ -21,6 +21,9 @@ struct State {
     nodes: BTreeMap<String, serde_json::Value>,
     resource_version: u64,
     watchers: Vec<mpsc::Sender<String>>,
+    /// (resourceVersion, event line): a watch from resourceVersion N gets
+    /// every event after N first, as the API server's watch cache replays.
+    events: Vec<(u64, String)>,
     fail_next: u32,
     requests: Vec<String>,
 }
@@ -85,6 +88,10 @@ impl FakeApiServer {
 
     fn broadcast(state: &mut State, event: serde_json::Value) {
         let line = format!("{event}\n");
+        if event["type"] != "BOOKMARK" {
+            let rv = state.resource_version;
+            state.events.push((rv, line.clone()));
+        }
         state.watchers.retain(|w| w.send(line.clone()).is_ok());
     }
 
@@ -187,7 +194,16 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             drop(s);
             return respond(&mut conn, 200, &list);
         }
+        let since: u64 = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(s.resource_version);
         let (tx, rx) = mpsc::channel();
+        // Replay and register under one lock: no event falls in between.
+        for (_, line) in s.events.iter().filter(|(rv, _)| *rv > since) {
+            let _ = tx.send(line.clone());
+        }
         s.watchers.push(tx);
         rx
     };
