@@ -120,6 +120,21 @@ fn agents_follow_the_node_list_and_forward() {
     let logs = [a.agent_log(), b.agent_log(), c.agent_log()].concat();
     assert!(logs.contains("Node watch failed"), "the 500s reached an agent's watcher: {logs}");
 
+    // B's InternalIP changes: A re-points B's CIDR (one map update and a
+    // route replace), then back.
+    let node_ip_of_b = |a: &Node| {
+        a.inspect("nodes").as_array().unwrap().iter().find(|n| n["pod_cidr"] == "10.244.2.0/24").unwrap()["node_ip"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.12"));
+    wait_for("A to follow B's new address", || node_ip_of_b(&a) == "10.250.0.12");
+    assert!(a.host_routes().contains("10.244.2.0/24 via 10.250.0.12"), "{}", a.host_routes());
+    api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.2"));
+    wait_for("A to follow B back", || node_ip_of_b(&a) == "10.250.0.2");
+    assert!(ping(&a1.netns, b1.ip, 2), "A -> B after the address came back");
+
     // C is deleted: A and B stop routing to it (maps and node routes).
     api.delete(&c.id);
     wait_for("A to drop C", || peer_cidrs(&a) == ["10.244.2.0/24"]);
