@@ -444,6 +444,7 @@ fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError>
 
 /// Read-only view of the pinned maps, for `inspect` (works with the agent down).
 pub struct PinnedMaps {
+    node_config: Map,
     remote_nodes: Map,
     endpoints: Map,
     drops: Map,
@@ -458,6 +459,7 @@ impl PinnedMaps {
             Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
         };
         Ok(Self {
+            node_config: open(map_names::NODE_CONFIG)?,
             remote_nodes: open(map_names::REMOTE_NODES)?,
             endpoints: open(map_names::ENDPOINTS)?,
             drops: open(map_names::DROP_COUNTERS)?,
@@ -475,6 +477,13 @@ impl PinnedMaps {
 
     pub fn remote_routes(&self) -> Result<Vec<RemoteRoute>, DatapathError> {
         read_remote_routes(&self.remote_nodes)
+    }
+
+    pub fn node_config(&self) -> Result<NodeConfig, DatapathError> {
+        let name = map_names::NODE_CONFIG;
+        let array: Array<&MapData, NodeConfig> =
+            Array::try_from(&self.node_config).map_err(|source| DatapathError::Map { name, source })?;
+        array.get(&0, 0).map_err(|source| DatapathError::Map { name, source })
     }
 }
 

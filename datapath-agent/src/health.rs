@@ -1,4 +1,5 @@
-//! Liveness and readiness endpoints for the DaemonSet's probes.
+//! Liveness and readiness endpoints for the DaemonSet's probes, and the
+//! Prometheus metrics (`/metrics`, see `metrics.rs`), on `health_address`.
 //! `/healthz`: the agent's event loop answers. `/readyz`: the datapath is
 //! loaded and reconciled, the CNI API is served and (Kubernetes source) the
 //! first complete Node list has been applied.
@@ -13,6 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+use prometheus_client::registry::Registry;
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -28,8 +30,30 @@ impl Health {
     }
 }
 
-pub async fn serve(address: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+pub async fn serve(address: SocketAddr, health: Arc<Health>, metrics: Registry) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics);
     let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &metrics) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            body,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [("content-type", "text/plain")],
+                            String::new(),
+                        ),
+                    }
+                }
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",

@@ -9,6 +9,7 @@ pub mod health;
 pub mod kubernetes;
 pub mod mac;
 pub mod masquerade;
+pub mod metrics;
 pub mod netns;
 pub mod node_net;
 pub mod state;

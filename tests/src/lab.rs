@@ -252,7 +252,7 @@ impl Node {
             );
         }
         let mut config = format!(
-            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\n",
+            "node_name = \"{id}\"\npod_cidr = \"{cidr}\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nnode_ip = \"{ip}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\n",
             id = self.id,
             cidr = self.pod_cidr,
             bpffs = self.bpffs_dir.display(),
@@ -580,4 +580,22 @@ pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
         mac[i] = u8::from_str_radix(part, 16).unwrap();
     }
     mac
+}
+
+/// HTTP GET `path` from 127.0.0.1:`port` inside `ns` (the agent's health and
+/// metrics endpoint): (status, body).
+pub fn http_get_local(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_owned();
+    in_netns(&ns.path(), move || {
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent's HTTP endpoint");
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    })
+    .join()
+    .unwrap()
 }

@@ -5,14 +5,13 @@
 //! errors without touching the maps, and the result forwards for real.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use datapath_tests::{
     kube_api::{FakeApiServer, node_object},
-    lab::{Fabric, Netns, Node, ping},
+    lab::{Fabric, Netns, Node, http_get_local, ping},
     require_root, sh,
 };
 
@@ -35,20 +34,8 @@ fn peer_cidrs(node: &Node) -> Vec<String> {
         .collect()
 }
 
-/// GET a path from the agent's health address inside the node namespace.
 fn health(ns: &Netns, path: &str) -> u16 {
-    let file = std::fs::File::open(ns.path()).unwrap();
-    let path = path.to_owned();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut conn = TcpStream::connect(("127.0.0.1", 9976)).unwrap();
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        conn.read_to_string(&mut answer).unwrap();
-        answer.split_whitespace().nth(1).unwrap().parse().unwrap()
-    })
-    .join()
-    .unwrap()
+    http_get_local(ns, 9976, path).0
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub enum InspectWhat {
     Counters,
     /// Remote pod CIDRs and the node each one lives on.
     Nodes,
+    /// What the programs run with: node address, mode, interfaces, VNI.
+    Config,
 }
 
 #[derive(serde::Serialize)]
@@ -92,6 +94,41 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         r.host_ifname.as_deref().unwrap_or("(gone)"),
                         r.host_ifindex,
                         r.host_mac.to_string()
+                    );
+                }
+            }
+        }
+        InspectWhat::Config => {
+            let c = maps.node_config()?;
+            let ifname = |index: u32| {
+                (index != 0)
+                    .then(|| {
+                        nix::net::if_::if_indextoname(index).ok().map(|n| n.to_string_lossy().into_owned())
+                    })
+                    .flatten()
+            };
+            let mode = match c.mode {
+                m if m == datapath_common::RoutingMode::Native as u32 => "native",
+                m if m == datapath_common::RoutingMode::Vxlan as u32 => "vxlan",
+                _ => "unset",
+            };
+            let view = serde_json::json!({
+                "node_ip": std::net::Ipv4Addr::from(c.node_ipv4),
+                "mode": mode,
+                "uplink_ifindex": c.uplink_ifindex,
+                "uplink": ifname(c.uplink_ifindex),
+                "vxlan_ifindex": c.vxlan_ifindex,
+                "vxlan_device": ifname(c.vxlan_ifindex),
+                "vni": c.vni,
+                "bpffs_dir": args.bpffs_dir,
+            });
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                for (key, value) in view.as_object().into_iter().flatten() {
+                    println!(
+                        "{key:<16} {}",
+                        value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string())
                     );
                 }
             }

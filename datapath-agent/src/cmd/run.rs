@@ -21,6 +21,7 @@ use crate::{
     config::{AgentConfig, ConfigError, Mode, Source},
     datapath::{Datapath, LocalEndpoint, PinLayout, RemoteRoute},
     health::Health,
+    metrics::AgentErrors,
     node_net::{self, RouteVia},
     state::EndpointStore,
 };
@@ -33,6 +34,7 @@ pub struct RunArgs {
 }
 
 struct Agent {
+    errors: Arc<AgentErrors>,
     config: AgentConfig,
     datapath: Datapath,
     store: EndpointStore,
@@ -44,10 +46,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config, kube_client) = load_config(&args.config).await?;
     config.check_host()?;
     let health = Arc::new(Health::default());
+    let errors = Arc::new(AgentErrors::default());
     if let Some(address) = config.health_address {
         let health = Arc::clone(&health);
+        let registry = crate::metrics::registry(PinLayout::new(&config.bpffs_dir), Arc::clone(&errors));
         tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(address, health).await {
+            if let Err(e) = crate::health::serve(address, health, registry).await {
                 tracing::error!(error = format!("{e:#}"), "health endpoints failed");
             }
         });
@@ -94,7 +98,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
-    let mut agent = Agent { config, datapath, store, pod_mtu, route_via };
+    let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors };
     let report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
     agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
@@ -162,7 +166,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 match agent.apply_peers(&netlink).await {
                     Ok(()) if !health.is_ready() => become_ready(&agent.config, &health)?,
                     Ok(()) => {}
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "applying the Node list failed"),
+                    Err(e) => {
+                        agent.errors.inc();
+                        tracing::error!(error = format!("{e:#}"), "applying the Node list failed");
+                    }
                 }
             }
             Some(new_config) = config_changes.recv() => {
@@ -172,6 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 agent.config.peers = new_config.peers;
                 if let Err(e) = agent.apply_peers(&netlink).await {
+                    agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the new peer list failed");
                 }
             }
@@ -392,6 +400,7 @@ impl Agent {
         match result {
             Ok(()) => Response::Done,
             Err(e) => {
+                self.errors.inc();
                 tracing::warn!(error = format!("{e:#}"), "request refused");
                 Response::Error { message: format!("{e:#}") }
             }

@@ -1,0 +1,145 @@
+//! Drops provoked from a pod show up, with their reason, identically in
+//! `inspect counters`, in Prometheus `/metrics` and in bpftool; `inspect`
+//! shows the live state.
+
+use std::net::Ipv4Addr;
+
+use datapath_tests::{
+    lab::{Node, http_get_local, mac_of, send_raw_frames},
+    packets::{ETH_P_8021Q, ETH_P_IP, Ipv4, arp_request, ethernet},
+    require_root, sh,
+};
+
+/// `name{label="value"} N` from an OpenMetrics text body.
+fn sample(metrics: &str, name: &str, label: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = if label.is_empty() { rest } else { rest.strip_prefix(&format!("{{{label}}}"))? };
+        rest.trim().parse().ok()
+    })
+}
+
+#[test]
+fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
+    if !require_root("provoked_drops_agree_in_inspect_metrics_and_bpftool") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    // Resolve the gateway with the real address first: a pod that must ARP
+    // while using a spoofed source also sends spoofed ARP (counted too).
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 1));
+    let baseline = node.inspect("counters");
+    assert!(baseline["drops"].as_object().unwrap().values().all(|n| n == 0), "{baseline}");
+
+    // spoofed_source x3, ttl_exceeded x2, and one each of malformed_ipv4,
+    // vlan_tagged, spoofed_arp from raw frames.
+    sh(&["ip", "-n", &a.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
+    assert!(!a.netns.exec_ok(&[
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "10.244.1.250",
+        &b.ip.to_string()
+    ]));
+    assert!(!a.netns.exec_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", &b.ip.to_string()]));
+    let pod_mac = mac_of(&a.netns, "eth0");
+    let host_mac = mac_of(&node.netns, &a.host_veth);
+    let ip = Ipv4::icmp_echo(a.ip.octets(), b.ip.octets()).bytes();
+    let mut tagged = vec![0x00, 0x64, 0x08, 0x00];
+    tagged.extend_from_slice(&ip);
+    send_raw_frames(
+        &a.netns,
+        "eth0",
+        vec![
+            ethernet(host_mac, pod_mac, ETH_P_IP, &ip[..10]),
+            ethernet(host_mac, pod_mac, ETH_P_8021Q, &tagged),
+            arp_request(pod_mac, b.ip.octets(), [169, 254, 1, 1]),
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let counters = node.inspect("counters");
+    let expected = [
+        ("spoofed_source", 3),
+        ("ttl_exceeded", 2),
+        ("malformed_ipv4", 1),
+        ("vlan_tagged", 1),
+        ("spoofed_arp", 1),
+    ];
+    for (reason, n) in expected {
+        assert_eq!(counters["drops"][reason].as_u64(), Some(n), "{reason}: {counters}");
+    }
+    for (reason, n) in counters["drops"].as_object().unwrap() {
+        if !expected.iter().any(|(r, _)| r == reason) {
+            assert_eq!(n.as_u64(), Some(0), "nothing else dropped: {reason}");
+        }
+    }
+
+    let (status, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for (reason, n) in counters["drops"].as_object().unwrap() {
+        assert_eq!(
+            sample(&metrics, "datapath_drops_total", &format!("reason=\"{reason}\"")),
+            n.as_u64(),
+            "/metrics agrees with inspect on {reason}:\n{metrics}"
+        );
+    }
+    for (path, n) in counters["forwards"].as_object().unwrap() {
+        assert_eq!(
+            sample(&metrics, "datapath_forwards_total", &format!("path=\"{path}\"")),
+            n.as_u64(),
+            "{path}"
+        );
+    }
+    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2), "{metrics}");
+    assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(16384));
+
+    // bpftool (Debian's) sees the same per-CPU counter for spoofed_source.
+    let dump = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "lookup",
+        "pinned",
+        &node.bpffs_dir.join("maps/drop_counters").display().to_string(),
+        "key",
+        "1",
+        "0",
+        "0",
+        "0",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    // With -j, bpftool prints raw bytes under "values" and the BTF view under "formatted".
+    let total: u64 =
+        v["formatted"]["values"].as_array().unwrap().iter().map(|c| c["value"].as_u64().unwrap()).sum();
+    assert_eq!(total, 3, "{dump}");
+
+    // inspect config shows what the programs run with.
+    let config = node.inspect("config");
+    assert_eq!(config["mode"], "native", "{config}");
+    assert_eq!(config["node_ip"], "10.250.0.1");
+    assert_eq!(config["uplink"], "dptup0");
+
+    // Pods come and go: inspect endpoints and the gauge follow.
+    let c = node.add_pod("c");
+    assert!(node.del_pod(&a).success);
+    let endpoints = node.inspect("endpoints");
+    let mut ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
+    ips.sort();
+    let mut want = vec![b.ip.to_string(), c.ip.to_string()];
+    want.sort();
+    assert_eq!(ips, want);
+    let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2));
+}
