@@ -599,3 +599,39 @@ pub fn http_get_local(ns: &Netns, port: u16, path: &str) -> (u16, String) {
     .join()
     .unwrap()
 }
+
+/// The pod takes `spoofed` as a second address and pings `dst` from it
+/// `count` times; true if any reply came back (it must not).
+pub fn ping_from_spoofed_address(pod: &Pod, spoofed: &str, dst: Ipv4Addr, count: u32) -> bool {
+    let _ = sh_ok(&["ip", "-n", &pod.netns.name, "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]);
+    pod.netns.exec_ok(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        spoofed,
+        &dst.to_string(),
+    ])
+}
+
+/// Frames a misbehaving pod `from` (on `node`) can send towards `to`, one
+/// per named drop reason: a 10-byte IPv4 header (malformed_ipv4), an
+/// 802.1Q-tagged IPv4 packet (vlan_tagged), ARP claiming `to`'s address
+/// (spoofed_arp).
+pub fn malformed_frames(node: &Node, from: &Pod, to: &Pod) -> Vec<Vec<u8>> {
+    use crate::packets::{ETH_P_8021Q, ETH_P_IP, Ipv4, arp_request, ethernet};
+    let pod_mac = mac_of(&from.netns, "eth0");
+    let host_mac = mac_of(&node.netns, &from.host_veth);
+    let ip = Ipv4::icmp_echo(from.ip.octets(), to.ip.octets()).bytes();
+    let mut tagged = vec![0x00, 0x64, 0x08, 0x00];
+    tagged.extend_from_slice(&ip);
+    vec![
+        ethernet(host_mac, pod_mac, ETH_P_IP, &ip[..10]),
+        ethernet(host_mac, pod_mac, ETH_P_8021Q, &tagged),
+        arp_request(pod_mac, to.ip.octets(), [169, 254, 1, 1]),
+    ]
+}

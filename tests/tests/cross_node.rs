@@ -9,7 +9,7 @@ use std::{
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, Pod, peered_nodes, ping, tcp_echo},
+    lab::{Fabric, Netns, Node, Pod, peered_nodes, ping, ping_from_spoofed_address, tcp_echo},
     require_root, sh,
 };
 
@@ -105,20 +105,8 @@ fn cross_node(mode: &str) {
     tcp_echo(&b1.netns, b1.ip, &a1.netns, 16 << 20).expect("bulk TCP a1 -> b1");
 
     // Spoofed pod source on the way out is dropped on the sending node.
-    sh(&["ip", "-n", &a1.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
     let before = lab.a.drop_count("spoofed_source");
-    assert!(!a1.netns.exec_ok(&[
-        "ping",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        "-I",
-        "10.244.1.250",
-        &b1.ip.to_string()
-    ]));
+    assert!(!ping_from_spoofed_address(a1, "10.244.1.250", b1.ip, 2));
     assert!(lab.a.drop_count("spoofed_source") >= before + 2, "{mode}: spoofed source counted");
 
     // The right paths were used, and nothing was dropped elsewhere.

@@ -5,8 +5,7 @@
 use std::net::Ipv4Addr;
 
 use datapath_tests::{
-    lab::{Node, http_get_local, mac_of, send_raw_frames},
-    packets::{ETH_P_8021Q, ETH_P_IP, Ipv4, arp_request, ethernet},
+    lab::{Node, http_get_local, malformed_frames, ping_from_spoofed_address, send_raw_frames},
     require_root, sh,
 };
 
@@ -37,35 +36,9 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
 
     // spoofed_source x3, ttl_exceeded x2, and one each of malformed_ipv4,
     // vlan_tagged, spoofed_arp from raw frames.
-    sh(&["ip", "-n", &a.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
-    assert!(!a.netns.exec_ok(&[
-        "ping",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        "-I",
-        "10.244.1.250",
-        &b.ip.to_string()
-    ]));
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 3));
     assert!(!a.netns.exec_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", &b.ip.to_string()]));
-    let pod_mac = mac_of(&a.netns, "eth0");
-    let host_mac = mac_of(&node.netns, &a.host_veth);
-    let ip = Ipv4::icmp_echo(a.ip.octets(), b.ip.octets()).bytes();
-    let mut tagged = vec![0x00, 0x64, 0x08, 0x00];
-    tagged.extend_from_slice(&ip);
-    send_raw_frames(
-        &a.netns,
-        "eth0",
-        vec![
-            ethernet(host_mac, pod_mac, ETH_P_IP, &ip[..10]),
-            ethernet(host_mac, pod_mac, ETH_P_8021Q, &tagged),
-            arp_request(pod_mac, b.ip.octets(), [169, 254, 1, 1]),
-        ],
-    )
-    .unwrap();
+    send_raw_frames(&a.netns, "eth0", malformed_frames(&node, &a, &b)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
 
     let counters = node.inspect("counters");

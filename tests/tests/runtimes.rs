@@ -330,18 +330,21 @@ impl Podman {
         Self { dir, node_ns: node.netns.path() }
     }
 
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
+    /// `podman` in the node's netns with this instance's root and config.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node_ns.display()))
             .arg("podman")
             .arg("--root")
             .arg(self.dir.join("root"))
             .arg("--runroot")
             .arg(self.dir.join("runroot"))
-            .args(args)
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .output()
-            .unwrap();
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"));
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().unwrap();
         assert!(
             out.status.success(),
             "podman {args:?}: {}{}",
@@ -354,16 +357,7 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        let _ = Command::new("nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
-            .arg("podman")
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--runroot")
-            .arg(self.dir.join("runroot"))
-            .args(["pod", "rm", "-a", "-f"])
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .output();
+        let _ = self.command().args(["pod", "rm", "-a", "-f"]).output();
         let _ = Command::new("pkill").args(["-f", &self.dir.display().to_string()]).status();
         unmount_below(&self.dir);
     }

@@ -4,8 +4,7 @@
 use std::net::Ipv4Addr;
 
 use datapath_tests::{
-    lab::{Node, mac_of, ping, send_raw_frames, tcp_echo},
-    packets::{ETH_P_8021Q, ETH_P_IP, Ipv4, arp_request, ethernet},
+    lab::{Node, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames, tcp_echo},
     require_root, sh,
 };
 
@@ -76,20 +75,8 @@ fn spoofed_source_from_a_pod_is_dropped() {
     let b = node.add_pod("b");
     assert!(ping(&a.netns, b.ip, 1));
     // The pod takes an address that is not its own and uses it.
-    sh(&["ip", "-n", &a.netns.name, "addr", "add", "10.244.1.250/32", "dev", "eth0"]);
     let before = node.drop_count("spoofed_source");
-    assert!(!a.netns.exec_ok(&[
-        "ping",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        "-I",
-        "10.244.1.250",
-        &b.ip.to_string()
-    ]));
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 3));
     let after = node.drop_count("spoofed_source");
     assert!(after >= before + 3, "spoofed_source {before} -> {after}");
     // Its real address still works.
@@ -120,18 +107,10 @@ fn malformed_frames_from_a_pod_are_dropped_with_their_reason() {
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
-    let pod_mac = mac_of(&a.netns, "eth0");
-    let host_mac = mac_of(&node.netns, &a.host_veth);
-    let ip = Ipv4::icmp_echo(a.ip.octets(), b.ip.octets()).bytes();
-
-    let truncated_ipv4 = ethernet(host_mac, pod_mac, ETH_P_IP, &ip[..10]);
-    let mut tagged = vec![0x00, 0x64, 0x08, 0x00];
-    tagged.extend_from_slice(&ip);
-    let vlan = ethernet(host_mac, pod_mac, ETH_P_8021Q, &tagged);
-    let arp_for_b = arp_request(pod_mac, b.ip.octets(), [169, 254, 1, 1]);
+    let frames = malformed_frames(&node, &a, &b);
 
     let before = node.inspect("counters");
-    send_raw_frames(&a.netns, "eth0", vec![truncated_ipv4, vlan, arp_for_b]).unwrap();
+    send_raw_frames(&a.netns, "eth0", frames).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let after = node.inspect("counters");
     for reason in ["malformed_ipv4", "vlan_tagged", "spoofed_arp"] {
