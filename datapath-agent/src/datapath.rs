@@ -580,50 +580,49 @@ impl Datapath {
     /// entries that differ: no flush, so forwarding to unchanged peers never
     /// sees a gap, and a changed peer is switched with one map update.
     pub fn sync_remote_nodes(&mut self, desired: &[RemoteRoute]) -> Result<SyncReport, DatapathError> {
+        use std::collections::{HashMap as StdHashMap, HashSet};
         let mut report = SyncReport::default();
         let trie_name = map_names::REMOTE_NODES;
         let trie_err = |source| DatapathError::Map { name: trie_name, source };
-        let current = self.remote_routes()?;
+        // Hash lookups on both sides: a 100k-CIDR cluster must not be O(n^2).
+        let current: StdHashMap<ipnet::Ipv4Net, Ipv4Addr> =
+            self.remote_routes()?.into_iter().map(|r| (r.pod_cidr, r.node_ip)).collect();
+        let wanted: HashSet<ipnet::Ipv4Net> = desired.iter().map(|d| d.pod_cidr).collect();
+        let key_of = |net: ipnet::Ipv4Net| LpmKey::new(u32::from(net.prefix_len()), net.network().octets());
         {
             let mut trie: LpmTrie<&mut MapData, [u8; 4], RemoteNode> =
                 LpmTrie::try_from(self.map_mut(trie_name)?).map_err(trie_err)?;
             for want in desired {
-                let key =
-                    LpmKey::new(u32::from(want.pod_cidr.prefix_len()), want.pod_cidr.network().octets());
-                match current.iter().find(|c| c.pod_cidr == want.pod_cidr) {
-                    Some(have) if have.node_ip == want.node_ip => continue,
+                match current.get(&want.pod_cidr) {
+                    Some(ip) if *ip == want.node_ip => continue,
                     Some(_) => report.updated += 1,
                     None => report.added += 1,
                 }
-                trie.insert(&key, RemoteNode { node_ipv4: want.node_ip.octets(), flags: 0 }, 0)
-                    .map_err(trie_err)?;
+                trie.insert(
+                    &key_of(want.pod_cidr),
+                    RemoteNode { node_ipv4: want.node_ip.octets(), flags: 0 },
+                    0,
+                )
+                .map_err(trie_err)?;
             }
-            for have in &current {
-                if !desired.iter().any(|d| d.pod_cidr == have.pod_cidr) {
-                    let key =
-                        LpmKey::new(u32::from(have.pod_cidr.prefix_len()), have.pod_cidr.network().octets());
-                    trie.remove(&key).map_err(trie_err)?;
-                    report.removed += 1;
-                }
+            for have in current.keys().filter(|c| !wanted.contains(c)) {
+                trie.remove(&key_of(*have)).map_err(trie_err)?;
+                report.removed += 1;
             }
         }
         let nodes_name = map_names::KNOWN_NODES;
         let nodes_err = |source| DatapathError::Map { name: nodes_name, source };
         let mut nodes: HashMap<&mut MapData, NodeKey, RemoteNode> =
             HashMap::try_from(self.map_mut(nodes_name)?).map_err(nodes_err)?;
-        let have: Vec<NodeKey> = nodes.keys().filter_map(Result::ok).collect();
-        for want in desired {
-            let key = NodeKey { ipv4: want.node_ip.octets() };
-            if !have.contains(&key) {
-                nodes
-                    .insert(key, RemoteNode { node_ipv4: want.node_ip.octets(), flags: 0 }, 0)
-                    .map_err(nodes_err)?;
-            }
+        let have: HashSet<[u8; 4]> = nodes.keys().filter_map(Result::ok).map(|k| k.ipv4).collect();
+        let want_ips: HashSet<[u8; 4]> = desired.iter().map(|d| d.node_ip.octets()).collect();
+        for ip in want_ips.difference(&have) {
+            nodes
+                .insert(NodeKey { ipv4: *ip }, RemoteNode { node_ipv4: *ip, flags: 0 }, 0)
+                .map_err(nodes_err)?;
         }
-        for key in have {
-            if !desired.iter().any(|d| d.node_ip.octets() == key.ipv4) {
-                nodes.remove(&key).map_err(nodes_err)?;
-            }
+        for ip in have.difference(&want_ips) {
+            nodes.remove(&NodeKey { ipv4: *ip }).map_err(nodes_err)?;
         }
         Ok(report)
     }

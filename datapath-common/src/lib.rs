@@ -39,10 +39,13 @@ pub mod program_names {
 }
 
 /// Capacity of the endpoint and pod interface maps (local pods on one node).
-/// Kubernetes defaults to 110 pods per node; this leaves ample headroom.
-pub const MAX_LOCAL_ENDPOINTS: u32 = 16_384;
-/// Capacity of the remote pod CIDR trie and the known node map.
-pub const MAX_REMOTE_NODES: u32 = 8_192;
+/// Kubernetes defaults to 110 pods per node; 64k is Cilium's default too.
+pub const MAX_LOCAL_ENDPOINTS: u32 = 65_536;
+/// Capacity of the remote pod CIDR trie (not preallocated: costs only what
+/// is used).
+pub const MAX_REMOTE_NODES: u32 = 131_072;
+/// Capacity of the known node map (Kubernetes supports 5,000 nodes).
+pub const MAX_KNOWN_NODES: u32 = 16_384;
 /// Slots in the drop counter array; [`DropReason`] values must stay below it.
 pub const DROP_COUNTER_SLOTS: u32 = 64;
 /// Slots in the forward counter array; [`ForwardPath`] values must stay below it.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     DROP_COUNTER_SLOTS, DropReason, Endpoint, EndpointKey, FORWARD_COUNTER_SLOTS, ForwardPath,
-    MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, NodeConfig, NodeKey, PodInterface, RemoteNode,
+    MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, NodeConfig, NodeKey, PodInterface, RemoteNode,
 };
 
 #[btf_map]
@@ -41,7 +41,7 @@ pub fn count_forward(path: ForwardPath) {
 pub static REMOTE_NODES: LpmTrie<[u8; 4], RemoteNode, { MAX_REMOTE_NODES as usize }> = LpmTrie::new();
 
 #[btf_map]
-pub static KNOWN_NODES: HashMap<NodeKey, RemoteNode, { MAX_REMOTE_NODES as usize }> = HashMap::new();
+pub static KNOWN_NODES: HashMap<NodeKey, RemoteNode, { MAX_KNOWN_NODES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -75,7 +75,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
         );
     }
     assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2), "{metrics}");
-    assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(16384));
+    assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(65536));
 
     // bpftool (Debian's) sees the same per-CPU counter for spoofed_source.
     let dump = sh(&[

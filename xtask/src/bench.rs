@@ -38,8 +38,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Which comparison to run.
-    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "all"])]
+    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "all"])]
     pub suite: String,
+    /// One short repeat of everything, so the benchmark cannot rot (part of
+    /// `cargo xtask test`); its figures mean nothing.
+    #[arg(long)]
+    pub smoke: bool,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/report.json")]
     pub output: PathBuf,
@@ -364,13 +368,13 @@ fn throughput(pair: &Pair, duration: Duration) -> anyhow::Result<f64> {
 }
 
 #[derive(serde::Serialize, Clone, Copy)]
-struct Stats {
+pub(crate) struct Stats {
     min: f64,
     median: f64,
     max: f64,
 }
 
-fn stats(mut v: Vec<f64>) -> Stats {
+pub(crate) fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
     let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
     Stats { min: v[0], median, max: v[v.len() - 1] }
@@ -426,32 +430,193 @@ fn cross_node_suite(prefix: &str) -> (Vec<Pair>, Guards) {
     (pairs, guards)
 }
 
-pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (network namespaces, BPF)");
-    anyhow::ensure!(args.repeats >= 3, "--repeats must be at least 3 for min/median/max");
-    let bins = build_bins(true)?;
+    if args.smoke {
+        args.duration = 1;
+        args.repeats = 1;
+    } else {
+        anyhow::ensure!(args.repeats >= 3, "--repeats must be at least 3 for min/median/max");
+    }
+    let bins = build_bins(!args.smoke)?;
     // SAFETY: single-threaded here; read by the lab helpers.
     unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
     let prefix = format!("dpb{}", std::process::id());
+    let wants = |suite: &str| args.suite == "all" || args.suite == suite;
     let mut reports = Vec::new();
+    let mut medians: std::collections::BTreeMap<String, f64> = Default::default();
     for suite in ["same-node", "cross-node"] {
-        if args.suite != "all" && args.suite != suite {
+        if !wants(suite) {
             continue;
         }
         let (pairs, guards) =
             if suite == "same-node" { same_node_suite(&prefix) } else { cross_node_suite(&prefix) };
-        reports.push(run_suite(suite, &pairs, &args)?);
+        let report = run_suite(suite, &pairs, &args)?;
+        for setup in report["setups"].as_array().into_iter().flatten() {
+            for metric in ["tcp_rr_tps", "tcp_crr_tps", "tcp_stream_gbps"] {
+                medians.insert(
+                    format!("{suite}/{}/{metric}", setup["setup"].as_str().unwrap_or_default()),
+                    setup[metric]["median"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
+        reports.push(report);
         drop(pairs);
         // Pods before nodes before fabrics: the order they were pushed in.
         for guard in guards {
             drop(guard);
         }
     }
+    let mut targets = Vec::new();
+    if wants("programs") {
+        let count = if args.smoke { 10_000 } else { 1_000_000 };
+        let paths = crate::bench_extra::program_paths(count, args.repeats)?;
+        println!(
+            "\nper-packet cost, BPF_PROG_TEST_RUN, {count} packets x {} repeats (ns/packet)",
+            args.repeats
+        );
+        println!("{:<34} {:>8} {:>8} {:>8}", "path", "min", "median", "max");
+        for (name, s) in &paths {
+            println!("{:<34} {:>8.1} {:>8.1} {:>8.1}", name, s.min, s.median, s.max);
+        }
+        if let Some((_, s)) = paths.iter().find(|(n, _)| *n == "local delivery") {
+            targets.push(crate::bench_extra::Target {
+                what: "local delivery ns/packet".into(),
+                value: s.median,
+                at_least: false,
+                target: 40.0,
+            });
+        }
+        reports.push(serde_json::json!({
+            "suite": "programs",
+            "packets_per_repeat": count,
+            "repeats": args.repeats,
+            "ns_per_packet": paths.iter().map(|(n, s)| serde_json::json!({ "path": n, "stats": s })).collect::<Vec<_>>(),
+        }));
+    }
+    if wants("control") {
+        let (pods, endpoints, cidrs) = if args.smoke { (5, 1_000, 1_000) } else { (100, 65_536, 100_000) };
+        let c = crate::bench_extra::control_plane(pods, endpoints, cidrs)?;
+        println!("\ncontrol plane");
+        println!(
+            "CNI ADD -> pod answers ping, {} pods: p50 {:?}, p99 {:?}",
+            c.pods, c.add_to_ping_p50, c.add_to_ping_p99
+        );
+        println!("agent RSS idle: {} KiB", c.agent_rss_idle_kib);
+        println!(
+            "{} endpoints + {} remote pod CIDRs programmed in {:?}, RSS +{} KiB",
+            c.endpoints, c.remote_cidrs, c.program_time, c.rss_at_scale_kib
+        );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        targets.push(crate::bench_extra::Target {
+            what: format!("CNI ADD to ready p99 ms ({} pods)", c.pods),
+            value: ms(c.add_to_ping_p99),
+            at_least: false,
+            target: 100.0,
+        });
+        targets.push(crate::bench_extra::Target {
+            what: format!("{} endpoints + {} CIDRs programmed, s", c.endpoints, c.remote_cidrs),
+            value: c.program_time.as_secs_f64(),
+            at_least: false,
+            target: 2.0,
+        });
+        targets.push(crate::bench_extra::Target {
+            what: "agent RSS at that scale, MB (idle agent + maps' cost)".into(),
+            value: (c.agent_rss_idle_kib + c.rss_at_scale_kib) as f64 / 1024.0,
+            at_least: false,
+            target: 40.0,
+        });
+        reports.push(serde_json::json!({
+            "suite": "control",
+            "pods": c.pods,
+            "add_to_ping_ms": { "p50": ms(c.add_to_ping_p50), "p99": ms(c.add_to_ping_p99) },
+            "agent_rss_idle_kib": c.agent_rss_idle_kib,
+            "endpoints": c.endpoints,
+            "remote_cidrs": c.remote_cidrs,
+            "program_seconds": c.program_time.as_secs_f64(),
+            "rss_growth_at_scale_kib": c.rss_at_scale_kib,
+        }));
+    }
+    let ratio = |a: &str, b: &str| -> Option<f64> {
+        let (x, y) = (medians.get(a)?, medians.get(b)?);
+        (*y > 0.0).then(|| x / y)
+    };
+    let ours_same = "same-node/ours (TCX + redirect_peer)";
+    for (what, num, den, target) in [
+        (
+            "same-node TCP_RR vs bare veth",
+            format!("{ours_same}/tcp_rr_tps"),
+            "same-node/bare veth pair (limit)/tcp_rr_tps",
+            1.0,
+        ),
+        (
+            "same-node TCP_RR vs Linux bridge",
+            format!("{ours_same}/tcp_rr_tps"),
+            "same-node/Linux bridge (flannel)/tcp_rr_tps",
+            1.15,
+        ),
+        (
+            "same-node throughput vs bare veth",
+            format!("{ours_same}/tcp_stream_gbps"),
+            "same-node/bare veth pair (limit)/tcp_stream_gbps",
+            0.95,
+        ),
+        (
+            "native TCP_RR vs node to node",
+            "cross-node/ours native/tcp_rr_tps".into(),
+            "cross-node/node to node (limit)/tcp_rr_tps",
+            0.97,
+        ),
+        (
+            "native TCP_RR vs flannel host-gw",
+            "cross-node/ours native/tcp_rr_tps".into(),
+            "cross-node/flannel host-gw/tcp_rr_tps",
+            1.2,
+        ),
+        (
+            "native throughput vs node to node",
+            "cross-node/ours native/tcp_stream_gbps".into(),
+            "cross-node/node to node (limit)/tcp_stream_gbps",
+            0.95,
+        ),
+        (
+            "overlay TCP_RR vs flannel vxlan",
+            "cross-node/ours vxlan/tcp_rr_tps".into(),
+            "cross-node/flannel vxlan/tcp_rr_tps",
+            1.2,
+        ),
+        (
+            "overlay throughput vs flannel vxlan",
+            "cross-node/ours vxlan/tcp_stream_gbps".into(),
+            "cross-node/flannel vxlan/tcp_stream_gbps",
+            1.0,
+        ),
+    ] {
+        if let Some(value) = ratio(&num, den) {
+            targets.push(crate::bench_extra::Target { what: what.into(), value, at_least: true, target });
+        }
+    }
+    println!("\ntargets (ratios of medians; smoke runs mean nothing)");
+    for t in &targets {
+        println!("{}", t.line());
+    }
+    reports.push(serde_json::json!({
+        "suite": "targets",
+        "targets": targets.iter().map(|t| serde_json::json!({ "what": t.what, "value": t.value, "target": t.target, "at_least": t.at_least, "met": t.met() })).collect::<Vec<_>>(),
+    }));
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&reports)?)?;
-    println!("\nJSON report: {}", args.output.display());
+    let machine = serde_json::json!({
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))),
+        "smoke": args.smoke,
+    });
+    let report = serde_json::json!({ "machine": machine, "suites": reports });
+    std::fs::write(&args.output, serde_json::to_string_pretty(&report)?)?;
+    println!("\nmachine: {machine}");
+    println!("JSON report: {}", args.output.display());
     Ok(())
 }
 

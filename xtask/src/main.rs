@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's developer tasks.
 
 mod bench;
+mod bench_extra;
 mod run;
 mod test;
 

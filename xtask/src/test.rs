@@ -17,6 +17,18 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     run_cmd(cargo().current_dir(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     println!("== build agent and CNI plugin");
     let bins = build_bins(false)?;
+    if args.cargo_test_args.is_empty() {
+        // One short repeat of every suite, so the benchmark cannot rot; its
+        // figures mean nothing (a timed test is not a benchmark).
+        println!("== cargo xtask bench --smoke");
+        crate::bench::bench(crate::bench::BenchArgs {
+            duration: 1,
+            repeats: 1,
+            suite: "all".into(),
+            smoke: true,
+            output: root.join("target/bench/smoke.json"),
+        })?;
+    }
     println!("== cargo test (kernel tests run serially)");
     // Tests that touch kernel state share one machine: one test at a time.
     run_cmd(
