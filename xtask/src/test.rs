@@ -31,12 +31,34 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     }
     println!("== cargo test (kernel tests run serially)");
     // Tests that touch kernel state share one machine: one test at a time.
-    run_cmd(
-        cargo()
-            .current_dir(&root)
-            .env("DATAPATH_BIN_DIR", &bins)
-            .args(["test", "--no-fail-fast"])
-            .args(&args.cargo_test_args)
-            .args(["--", "--test-threads=1"]),
-    )
+    let mut child = cargo()
+        .current_dir(&root)
+        .env("DATAPATH_BIN_DIR", &bins)
+        .args(["test", "--no-fail-fast"])
+        .args(&args.cargo_test_args)
+        .args(["--", "--test-threads=1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Pass the output through, and total the per-binary results so the run
+    // ends with one line that says what ran.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed");
+    anyhow::ensure!(status.success() && failed == 0, "cargo test failed ({failed} failed)");
+    anyhow::ensure!(passed > 0, "cargo test ran no test");
+    Ok(())
 }
