@@ -8,11 +8,7 @@
 //! A newer program build replaces the running one on each pinned link with
 //! `bpf_link_update`, so no packet ever meets a missing program.
 
-use std::{
-    fs, io,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{fs, io, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -669,8 +665,4 @@ fn read_remote_routes(map: &Map) -> Result<Vec<RemoteRoute>, DatapathError> {
         .collect();
     out.sort_by_key(|r| (r.pod_cidr.network(), r.pod_cidr.prefix_len()));
     Ok(out)
-}
-
-pub fn pin_root_exists(path: &Path) -> bool {
-    path.join("maps").is_dir()
 }

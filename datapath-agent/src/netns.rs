@@ -30,18 +30,23 @@ pub fn open(path: &Path) -> Result<File, NetnsError> {
     File::open(path).map_err(|source| NetnsError::Open { path: path.display().to_string(), source })
 }
 
-/// Run `work` on a thread inside the network namespace at `path`.
+/// Move the calling thread into the network namespace at `path`.
+pub fn enter(path: &Path) -> Result<(), NetnsError> {
+    let file = open(path)?;
+    setns(&file, CloneFlags::CLONE_NEWNET)
+        .map_err(|source| NetnsError::Enter { path: path.display().to_string(), source })
+}
+
+/// Run `work` on a thread inside the network namespace at `path`, and wait.
 pub fn run_in<T, F>(path: &Path, work: F) -> Result<T, NetnsError>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let file = open(path)?;
+    let path = path.to_owned();
     let shown = path.display().to_string();
-    let thread_path = shown.clone();
-    std::thread::spawn(move || {
-        setns(&file, CloneFlags::CLONE_NEWNET)
-            .map_err(|source| NetnsError::Enter { path: thread_path, source })?;
+    std::thread::spawn(move || -> Result<T, NetnsError> {
+        enter(&path)?;
         Ok(work())
     })
     .join()

@@ -57,11 +57,9 @@ impl FakeApiServer {
     /// physical network, so agents in node namespaces reach it).
     pub fn start(ns: &Netns, address: Ipv4Addr) -> Self {
         let state = Arc::new(Mutex::new(State { resource_version: 1000, ..Default::default() }));
-        let file = std::fs::File::open(ns.path()).unwrap();
         let (tx, rx) = mpsc::channel();
         let server_state = Arc::clone(&state);
-        std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        crate::lab::in_netns(&ns.path(), move || {
             let listener = TcpListener::bind((address, 6443)).unwrap();
             tx.send(()).unwrap();
             for conn in listener.incoming().flatten() {

@@ -481,13 +481,15 @@ pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> bool {
     from.exec_ok(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
 }
 
-fn in_netns<T: Send + 'static>(
+/// Run `f` on a new thread inside the namespace at `ns` (entered with the
+/// agent's own helper); join the handle for its result.
+pub fn in_netns<T: Send + 'static>(
     ns: &Path,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let file = std::fs::File::open(ns).unwrap();
+    let ns = ns.to_owned();
     std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        datapath_agent::netns::enter(&ns).expect("enter the namespace");
         f()
     })
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, Pod, peered_nodes, ping, ping_from_spoofed_address, tcp_echo},
+    lab::{Fabric, Netns, Node, Pod, in_netns, peered_nodes, ping, ping_from_spoofed_address, tcp_echo},
     require_root, sh,
 };
 
@@ -39,10 +39,8 @@ fn pod_mtu(mode: &str) -> u32 {
 /// Who connected to a TCP server in `ns` on `ip`: accept one connection from
 /// a client in `client_ns` and return the peer address the server saw.
 fn source_seen_by(server_ns: &Netns, ip: Ipv4Addr, client_ns: &Netns) -> Ipv4Addr {
-    let file = std::fs::File::open(server_ns.path()).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let server = in_netns(&server_ns.path(), move || {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         tx.send(listener.local_addr().unwrap().port()).unwrap();
         let (_, peer) = listener.accept().unwrap();

@@ -13,7 +13,7 @@ use std::{
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, peered_nodes, ping},
+    lab::{Fabric, Netns, Node, in_netns, peered_nodes, ping},
     require_root,
 };
 
@@ -25,22 +25,11 @@ struct Stream {
     client: std::thread::JoinHandle<anyhow::Result<()>>,
 }
 
-fn in_netns<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let file = std::fs::File::open(ns.path()).unwrap();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-}
-
 impl Stream {
     fn start(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let server = in_netns(server, move || -> anyhow::Result<(Duration, u64)> {
+        let server = in_netns(&server.path(), move || -> anyhow::Result<(Duration, u64)> {
             let listener = TcpListener::bind((server_ip, 0))?;
             tx.send(listener.local_addr()?.port())?;
             let (mut conn, _) = listener.accept()?;
@@ -59,7 +48,7 @@ impl Stream {
         });
         let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let client_stop = Arc::clone(&stop);
-        let client = in_netns(client, move || -> anyhow::Result<()> {
+        let client = in_netns(&client.path(), move || -> anyhow::Result<()> {
             let mut conn = TcpStream::connect((server_ip, port))?;
             conn.set_write_timeout(Some(Duration::from_secs(5)))?;
             let chunk = vec![7u8; 16 << 10];

@@ -13,7 +13,7 @@ use std::{
 
 use datapath_tests::{
     bin_dir,
-    lab::{Fabric, Netns, Node, peered_nodes},
+    lab::{Fabric, Netns, Node, in_netns, peered_nodes},
     require_root, sh,
 };
 
@@ -234,9 +234,7 @@ fn unmount_below(dir: &Path) {
 
 /// HTTP GET from inside `from`, retried while the server starts.
 fn http_get(from: &Netns, ip: Ipv4Addr, port: u16) -> String {
-    let file = std::fs::File::open(from.path()).unwrap();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    in_netns(&from.path(), move || {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let attempt = (|| -> std::io::Result<String> {

@@ -271,8 +271,7 @@ fn ours_pair(a: &Pod, b: &Pod) -> Pair {
 }
 
 fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
-    let file = std::fs::File::open(ns)?;
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    datapath_agent::netns::enter(ns)?;
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
