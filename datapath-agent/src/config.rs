@@ -60,6 +60,29 @@ pub struct AgentConfig {
     /// /etc/cni/net.d/10-datapath.conflist); none if unset.
     #[serde(default)]
     pub cni_config_file: Option<PathBuf>,
+    /// aya-log from the programs: "off" loads the normal build, which has no
+    /// logging code; "debug" loads the debug build, which logs every verdict
+    /// to the agent's log (target `datapath_ebpf`, level debug). Switching
+    /// is a restart, and hitless like any upgrade.
+    #[serde(default)]
+    pub ebpf_log: EbpfLog,
+    /// Monitor events each CPU may emit per second (drops, and every
+    /// forwarding decision while `monitor --forwards` runs); the rest are
+    /// counted as rate limited.
+    #[serde(default = "default_monitor_events_per_second")]
+    pub monitor_events_per_second: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfLog {
+    #[default]
+    Off,
+    Debug,
+}
+
+fn default_monitor_events_per_second() -> u32 {
+    datapath_common::DEFAULT_MONITOR_EVENTS_PER_SECOND
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -272,6 +295,13 @@ impl AgentConfig {
                 fix: "use an absolute path, e.g. \"/var/lib/datapath\"",
             });
         }
+        if !(1..=1_000_000).contains(&self.monitor_events_per_second) {
+            return Err(ConfigError::Invalid {
+                field: "monitor_events_per_second",
+                problem: format!("{} is outside 1..=1000000", self.monitor_events_per_second),
+                fix: "use the default (1000) unless the monitor reports rate-limited events you need",
+            });
+        }
         if !self.api_socket.is_absolute() {
             return Err(ConfigError::Invalid {
                 field: "api_socket",
@@ -436,6 +466,10 @@ impl AgentConfig {
             Some("health_address")
         } else if self.cni_config_file != other.cni_config_file {
             Some("cni_config_file")
+        } else if self.ebpf_log != other.ebpf_log {
+            Some("ebpf_log")
+        } else if self.monitor_events_per_second != other.monitor_events_per_second {
+            Some("monitor_events_per_second")
         } else {
             None
         }

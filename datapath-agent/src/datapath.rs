@@ -12,7 +12,7 @@ use std::{fs, io, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -20,11 +20,35 @@ use aya::{
     },
 };
 use datapath_common::{
-    DropReason, Endpoint, EndpointKey, ForwardPath, NodeConfig, NodeKey, PodInterface, RemoteNode, map_names,
-    program_names,
+    Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, ForwardPath, MAX_TRAFFIC_SLOTS,
+    MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NodeConfig, NodeKey, PodInterface, RemoteNode, drop_slot,
+    forward_slot, map_names, program_names,
 };
 
-use crate::{ebpf::DATAPATH_OBJECT, mac::MacAddr};
+use crate::{
+    ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
+    mac::MacAddr,
+};
+
+/// Which build of the programs to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramBuild {
+    /// No logging code at all.
+    #[default]
+    Normal,
+    /// Every verdict logged with aya-log (to the agent's log at debug level).
+    Debug,
+}
+
+impl ProgramBuild {
+    fn object(self) -> &'static [u8] {
+        match self {
+            ProgramBuild::Normal => DATAPATH_OBJECT,
+            ProgramBuild::Debug => DATAPATH_DEBUG_OBJECT,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -136,6 +160,8 @@ pub struct ReconcileReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
+    /// Traffic counter slots held by endpoints (rebuilt from the map on load).
+    traffic_slots: std::collections::BTreeSet<u32>,
 }
 
 fn ifindex_exists(ifindex: u32) -> bool {
@@ -147,7 +173,7 @@ fn ifindex_exists(ifindex: u32) -> bool {
 impl Datapath {
     /// Load the programs with every map pinned under `pins` (reusing maps that
     /// are already pinned there: their contents survive).
-    pub fn load_pinned(pins: PinLayout) -> Result<Self, DatapathError> {
+    pub fn load_pinned(pins: PinLayout, build: ProgramBuild) -> Result<Self, DatapathError> {
         for dir in [pins.maps_dir(), pins.links_dir(), pins.node_links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
@@ -158,9 +184,15 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader
-            .load(DATAPATH_OBJECT)
+            .load(build.object())
             .map_err(|source| DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) })?;
-        let mut datapath = Self { ebpf, pins };
+        let mut datapath = Self { ebpf, pins, traffic_slots: Default::default() };
+        datapath.traffic_slots = datapath
+            .endpoints()?
+            .iter()
+            .map(|(_, ep)| ep.traffic_slot)
+            .filter(|slot| *slot < MAX_TRAFFIC_SLOTS)
+            .collect();
         datapath.load_programs()?;
         Ok(datapath)
     }
@@ -170,7 +202,8 @@ impl Datapath {
         let ebpf = EbpfLoader::new()
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load { dir: PathBuf::new(), source: Box::new(source) })?;
-        let mut datapath = Self { ebpf, pins: PinLayout::new("/nonexistent") };
+        let mut datapath =
+            Self { ebpf, pins: PinLayout::new("/nonexistent"), traffic_slots: Default::default() };
         datapath.load_programs()?;
         Ok(datapath)
     }
@@ -230,10 +263,29 @@ impl Datapath {
     /// Re-adding the same veth updates the entries and keeps the existing link.
     pub fn add_endpoint(&mut self, ep: &LocalEndpoint) -> Result<(), DatapathError> {
         let map_err = |name| move |source| DatapathError::Map { name, source };
+        let key = EndpointKey { ipv4: ep.pod_ipv4.octets() };
+        let existing = self.endpoints_mut()?.get(&key, 0).ok();
+        let traffic_slot = match existing {
+            // Re-adding the same pod keeps its counters.
+            Some(old) if old.host_ifindex == ep.host_ifindex && old.traffic_slot != NO_TRAFFIC_SLOT => {
+                old.traffic_slot
+            }
+            other => {
+                if let Some(old) = other {
+                    self.traffic_slots.remove(&old.traffic_slot);
+                }
+                self.allocate_traffic_slot()?
+            }
+        };
         self.pod_interfaces_mut()?
             .insert(
                 ep.host_ifindex,
-                PodInterface { pod_ipv4: ep.pod_ipv4.octets(), host_mac: ep.host_mac.0, _pad: [0; 2] },
+                PodInterface {
+                    pod_ipv4: ep.pod_ipv4.octets(),
+                    host_mac: ep.host_mac.0,
+                    _pad: [0; 2],
+                    traffic_slot,
+                },
                 0,
             )
             .map_err(map_err(map_names::POD_INTERFACES))?;
@@ -245,11 +297,38 @@ impl Datapath {
                     pod_mac: ep.pod_mac.0,
                     host_mac: ep.host_mac.0,
                     flags: 0,
+                    traffic_slot,
                 },
                 0,
             )
             .map_err(map_err(map_names::ENDPOINTS))?;
         self.attach(&ep.host_ifname, ep.host_ifindex)
+    }
+
+    /// The lowest free traffic slot, its counters zeroed (a previous pod may
+    /// have used it); [`NO_TRAFFIC_SLOT`] when all are taken (the pod then
+    /// forwards normally, uncounted).
+    fn allocate_traffic_slot(&mut self) -> Result<u32, DatapathError> {
+        let Some(slot) = (0..MAX_TRAFFIC_SLOTS).find(|slot| !self.traffic_slots.contains(slot)) else {
+            tracing::warn!(
+                max = MAX_TRAFFIC_SLOTS,
+                "all traffic counter slots taken; this pod is not counted"
+            );
+            return Ok(NO_TRAFFIC_SLOT);
+        };
+        let name = map_names::ENDPOINT_TRAFFIC;
+        let map_err = |source| DatapathError::Map { name, source };
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Map {
+            name,
+            source: aya::maps::MapError::IoError(source),
+        })?;
+        let mut traffic: PerCpuArray<&mut MapData, EndpointTraffic> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err)?;
+        let zeroes = PerCpuValues::try_from(vec![EndpointTraffic::default(); cpus])
+            .map_err(|source| map_err(aya::maps::MapError::IoError(source)))?;
+        traffic.set(slot, zeroes, 0).map_err(map_err)?;
+        self.traffic_slots.insert(slot);
+        Ok(slot)
     }
 
     fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
@@ -340,6 +419,7 @@ impl Datapath {
                 removed += 1;
             }
         }
+        self.release_unused_traffic_slots()?;
         let pin = self.pins.link(host_ifname);
         match fs::remove_file(&pin) {
             Ok(()) => removed += 1,
@@ -399,7 +479,16 @@ impl Datapath {
             let _ = self.endpoints_mut()?.remove(key);
         }
         report.stale_endpoints_removed = stale_endpoints.len();
+        self.release_unused_traffic_slots()?;
         Ok(report)
+    }
+
+    /// Forget slots no endpoint holds any more.
+    fn release_unused_traffic_slots(&mut self) -> Result<(), DatapathError> {
+        let held: std::collections::BTreeSet<u32> =
+            self.endpoints()?.iter().map(|(_, ep)| ep.traffic_slot).collect();
+        self.traffic_slots.retain(|slot| held.contains(slot));
+        Ok(())
     }
 
     fn update_link(&mut self, fd_link: FdLink, ifname: &str) -> Result<(), DatapathError> {
@@ -445,6 +534,8 @@ pub struct PinnedMaps {
     endpoints: Map,
     drops: Map,
     forwards: Map,
+    traffic: Map,
+    monitor_counters: Map,
 }
 
 impl PinnedMaps {
@@ -460,7 +551,14 @@ impl PinnedMaps {
             endpoints: open(map_names::ENDPOINTS)?,
             drops: open(map_names::DROP_COUNTERS)?,
             forwards: open(map_names::FORWARD_COUNTERS)?,
+            traffic: open(map_names::ENDPOINT_TRAFFIC)?,
+            monitor_counters: open(map_names::MONITOR_COUNTERS)?,
         })
+    }
+
+    /// An endpoint's packets and bytes, summed over CPUs (zero without a slot).
+    pub fn endpoint_traffic(&self, traffic_slot: u32) -> Result<EndpointTraffic, DatapathError> {
+        read_traffic(&self.traffic, traffic_slot)
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
@@ -468,7 +566,7 @@ impl PinnedMaps {
     }
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        Counters::read(&self.drops, &self.forwards)
+        Counters::read(&self.drops, &self.forwards, &self.monitor_counters)
     }
 
     pub fn remote_routes(&self) -> Result<Vec<RemoteRoute>, DatapathError> {
@@ -483,27 +581,75 @@ impl PinnedMaps {
     }
 }
 
-/// Counter totals summed over CPUs.
+fn read_traffic(map: &Map, traffic_slot: u32) -> Result<EndpointTraffic, DatapathError> {
+    let name = map_names::ENDPOINT_TRAFFIC;
+    if traffic_slot >= MAX_TRAFFIC_SLOTS {
+        return Ok(EndpointTraffic::default());
+    }
+    let array: PerCpuArray<&MapData, EndpointTraffic> =
+        PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+    let per_cpu = array.get(&traffic_slot, 0).map_err(|source| DatapathError::Map { name, source })?;
+    Ok(per_cpu.iter().fold(EndpointTraffic::default(), |sum, t| EndpointTraffic {
+        sent_packets: sum.sent_packets + t.sent_packets,
+        sent_bytes: sum.sent_bytes + t.sent_bytes,
+        delivered_packets: sum.delivered_packets + t.delivered_packets,
+        delivered_bytes: sum.delivered_bytes + t.delivered_bytes,
+    }))
+}
+
+type CounterMap = std::collections::BTreeMap<&'static str, u64>;
+
+/// Counter totals summed over CPUs: over all directions (`drops`,
+/// `forwards`) and per direction (the program that saw the packet).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
-    pub drops: std::collections::BTreeMap<&'static str, u64>,
-    pub forwards: std::collections::BTreeMap<&'static str, u64>,
+    pub drops: CounterMap,
+    pub forwards: CounterMap,
+    pub drops_by_direction: std::collections::BTreeMap<&'static str, CounterMap>,
+    pub forwards_by_direction: std::collections::BTreeMap<&'static str, CounterMap>,
+    /// Monitor events emitted, rate limited and lost to a full ring buffer.
+    pub monitor_events: CounterMap,
 }
 
 impl Counters {
-    fn read(drops: &Map, forwards: &Map) -> Result<Self, DatapathError> {
-        let sum = |map: &Map, name: &'static str, slot: u32| -> Result<u64, DatapathError> {
+    fn read(drops: &Map, forwards: &Map, monitor: &Map) -> Result<Self, DatapathError> {
+        let read_all = |map: &Map, name: &'static str| -> Result<Vec<u64>, DatapathError> {
             let array: PerCpuArray<&MapData, u64> =
                 PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-            let values = array.get(&slot, 0).map_err(|source| DatapathError::Map { name, source })?;
-            Ok(values.iter().sum())
+            (0..array.len())
+                .map(|slot| {
+                    array
+                        .get(&slot, 0)
+                        .map(|values| values.iter().sum())
+                        .map_err(|source| DatapathError::Map { name, source })
+                })
+                .collect()
         };
+        let drop_slots = read_all(drops, map_names::DROP_COUNTERS)?;
+        let forward_slots = read_all(forwards, map_names::FORWARD_COUNTERS)?;
+        let monitor_slots = read_all(monitor, map_names::MONITOR_COUNTERS)?;
+        let at = |slots: &[u64], slot: u32| slots.get(slot as usize).copied().unwrap_or(0);
         let mut counters = Counters::default();
+        for direction in Direction::ALL {
+            let drops = counters.drops_by_direction.entry(direction.name()).or_default();
+            for reason in DropReason::ALL {
+                drops.insert(reason.name(), at(&drop_slots, drop_slot(direction, reason)));
+            }
+            let forwards = counters.forwards_by_direction.entry(direction.name()).or_default();
+            for path in ForwardPath::ALL {
+                forwards.insert(path.name(), at(&forward_slots, forward_slot(direction, path)));
+            }
+        }
         for reason in DropReason::ALL {
-            counters.drops.insert(reason.name(), sum(drops, map_names::DROP_COUNTERS, reason as u32)?);
+            let total = Direction::ALL.iter().map(|d| at(&drop_slots, drop_slot(*d, reason))).sum();
+            counters.drops.insert(reason.name(), total);
         }
         for path in ForwardPath::ALL {
-            counters.forwards.insert(path.name(), sum(forwards, map_names::FORWARD_COUNTERS, path as u32)?);
+            let total = Direction::ALL.iter().map(|d| at(&forward_slots, forward_slot(*d, path))).sum();
+            counters.forwards.insert(path.name(), total);
+        }
+        for outcome in MonitorOutcome::ALL {
+            counters.monitor_events.insert(outcome.name(), at(&monitor_slots, outcome as u32));
         }
         Ok(counters)
     }
@@ -518,7 +664,35 @@ impl Counters {
 
 impl Datapath {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        Counters::read(self.map(map_names::DROP_COUNTERS)?, self.map(map_names::FORWARD_COUNTERS)?)
+        Counters::read(
+            self.map(map_names::DROP_COUNTERS)?,
+            self.map(map_names::FORWARD_COUNTERS)?,
+            self.map(map_names::MONITOR_COUNTERS)?,
+        )
+    }
+
+    pub fn endpoint_traffic(&self, traffic_slot: u32) -> Result<EndpointTraffic, DatapathError> {
+        read_traffic(self.map(map_names::ENDPOINT_TRAFFIC)?, traffic_slot)
+    }
+
+    pub fn monitor_config(&self) -> Result<MonitorConfig, DatapathError> {
+        let name = map_names::MONITOR_CONFIG;
+        let array: Array<&MapData, MonitorConfig> =
+            Array::try_from(self.map(name)?).map_err(|source| DatapathError::Map { name, source })?;
+        array.get(&0, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Set what the programs report to the monitor.
+    pub fn set_monitor_config(&mut self, config: MonitorConfig) -> Result<(), DatapathError> {
+        let name = map_names::MONITOR_CONFIG;
+        let mut array: Array<&mut MapData, MonitorConfig> =
+            Array::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })?;
+        array.set(0, config, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The debug build's aya-log ring buffer, if this is the debug build.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Direct map access for packet-level tests (unpinned datapath).

@@ -2,8 +2,9 @@
 //! scrape time: the maps are the counters, so nothing is copied or lost
 //! across agent restarts, and a scrape costs a handful of map reads.
 //!
-//! datapath_drops_total{reason}      packets dropped, by named reason
-//! datapath_forwards_total{path}     packets forwarded, by path
+//! datapath_drops_total{direction,reason}  packets dropped, by program and named reason
+//! datapath_forwards_total{direction,path} packets forwarded, by program and path
+//! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
 //! datapath_endpoints                local pod endpoints
 //! datapath_remote_nodes             peer pod CIDRs programmed
 //! datapath_map_entries{map}         fill level of the sized maps ...
@@ -61,8 +62,11 @@ impl Collector for DatapathCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (reason, n) in &counters.drops {
-                ConstCounter::new(*n).encode(metric.encode_family(&vec![("reason", *reason)])?)?;
+            for (direction, drops) in &counters.drops_by_direction {
+                for (reason, n) in drops {
+                    let labels = vec![("direction", *direction), ("reason", *reason)];
+                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+                }
             }
             let mut metric = encoder.encode_descriptor(
                 "datapath_forwards",
@@ -70,8 +74,20 @@ impl Collector for DatapathCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (path, n) in &counters.forwards {
-                ConstCounter::new(*n).encode(metric.encode_family(&vec![("path", *path)])?)?;
+            for (direction, forwards) in &counters.forwards_by_direction {
+                for (path, n) in forwards {
+                    let labels = vec![("direction", *direction), ("path", *path)];
+                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            let mut metric = encoder.encode_descriptor(
+                "datapath_monitor_events",
+                "Monitor events: emitted, rate_limited (over the per-CPU budget), ring_full (lost)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, n) in &counters.monitor_events {
+                ConstCounter::new(*n).encode(metric.encode_family(&vec![("outcome", *outcome)])?)?;
             }
         }
         let endpoints = maps.endpoints().map(|e| e.len() as i64).unwrap_or(0);

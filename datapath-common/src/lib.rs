@@ -12,10 +12,22 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// Host veth ifindex -> [`super::PodInterface`]: who is sending on this veth.
     pub const POD_INTERFACES: &str = "POD_INTERFACES";
-    /// Per-CPU packet counters indexed by [`super::DropReason`].
+    /// Per-CPU packet counters indexed by [`super::drop_slot`] (direction and
+    /// [`super::DropReason`]).
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
-    /// Per-CPU packet counters indexed by [`super::ForwardPath`].
+    /// Per-CPU packet counters indexed by [`super::forward_slot`] (direction and
+    /// [`super::ForwardPath`]).
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+    /// Per-CPU [`super::EndpointTraffic`] indexed by the endpoint's traffic slot.
+    pub const ENDPOINT_TRAFFIC: &str = "ENDPOINT_TRAFFIC";
+    /// Ring buffer of [`super::MonitorEvent`]s, read by `datapath-agent monitor`.
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
+    /// One [`super::MonitorConfig`] at index 0.
+    pub const MONITOR_CONFIG: &str = "MONITOR_CONFIG";
+    /// Per-CPU [`super::MonitorBudget`]: the rate limiter's state.
+    pub const MONITOR_BUDGET: &str = "MONITOR_BUDGET";
+    /// Per-CPU counters of monitor events, indexed by [`super::MonitorOutcome`].
+    pub const MONITOR_COUNTERS: &str = "MONITOR_COUNTERS";
     /// LPM trie: remote pod CIDR -> [`super::RemoteNode`].
     pub const REMOTE_NODES: &str = "REMOTE_NODES";
     /// Peer node IPv4 -> [`super::RemoteNode`]: tunnel sources we accept, and
@@ -24,8 +36,20 @@ pub mod map_names {
     /// One [`super::NodeConfig`] at index 0.
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 7] =
-        [ENDPOINTS, POD_INTERFACES, DROP_COUNTERS, FORWARD_COUNTERS, REMOTE_NODES, KNOWN_NODES, NODE_CONFIG];
+    pub const ALL: [&str; 12] = [
+        ENDPOINTS,
+        POD_INTERFACES,
+        DROP_COUNTERS,
+        FORWARD_COUNTERS,
+        REMOTE_NODES,
+        KNOWN_NODES,
+        NODE_CONFIG,
+        ENDPOINT_TRAFFIC,
+        MONITOR_EVENTS,
+        MONITOR_CONFIG,
+        MONITOR_BUDGET,
+        MONITOR_COUNTERS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -46,10 +70,70 @@ pub const MAX_LOCAL_ENDPOINTS: u32 = 65_536;
 pub const MAX_REMOTE_NODES: u32 = 131_072;
 /// Capacity of the known node map (Kubernetes supports 5,000 nodes).
 pub const MAX_KNOWN_NODES: u32 = 16_384;
-/// Slots in the drop counter array; [`DropReason`] values must stay below it.
-pub const DROP_COUNTER_SLOTS: u32 = 64;
-/// Slots in the forward counter array; [`ForwardPath`] values must stay below it.
-pub const FORWARD_COUNTER_SLOTS: u32 = 16;
+/// Drop counter slots per direction; [`DropReason`] values must stay below it.
+pub const DROP_REASON_SLOTS: u32 = 64;
+/// Forward counter slots per direction; [`ForwardPath`] values must stay below it.
+pub const FORWARD_PATH_SLOTS: u32 = 16;
+/// Slots in the drop counter array: one block of reasons per direction.
+pub const DROP_COUNTER_SLOTS: u32 = DROP_REASON_SLOTS * Direction::COUNT;
+/// Slots in the forward counter array: one block of paths per direction.
+pub const FORWARD_COUNTER_SLOTS: u32 = FORWARD_PATH_SLOTS * Direction::COUNT;
+/// Endpoints with their own traffic counters (per CPU, preallocated, so kept
+/// far below [`MAX_LOCAL_ENDPOINTS`]; Kubernetes' max-pods defaults to 110).
+/// Endpoints beyond it forward normally, uncounted.
+pub const MAX_TRAFFIC_SLOTS: u32 = 4_096;
+/// Traffic slot of an endpoint that has none (out of range: never counted).
+pub const NO_TRAFFIC_SLOT: u32 = u32::MAX;
+/// Size of the monitor ring buffer in bytes (a power of two, page aligned).
+pub const MONITOR_RING_BYTES: u32 = 1 << 18;
+/// Default monitor events per second per CPU (when `MonitorConfig` says 0).
+pub const DEFAULT_MONITOR_EVENTS_PER_SECOND: u32 = 1_000;
+
+/// Which program saw the packet: where it came from.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by a local pod (TC ingress of its host veth).
+    FromPod = 0,
+    /// Arrived on the uplink (native routing).
+    FromUplink = 1,
+    /// Arrived through the VXLAN device (overlay).
+    FromOverlay = 2,
+}
+
+impl Direction {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [Direction; 3] = [Direction::FromPod, Direction::FromUplink, Direction::FromOverlay];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::FromPod => "from_pod",
+            Direction::FromUplink => "from_uplink",
+            Direction::FromOverlay => "from_overlay",
+        }
+    }
+
+    pub const fn from_u32(value: u32) -> Option<Direction> {
+        match value {
+            0 => Some(Direction::FromPod),
+            1 => Some(Direction::FromUplink),
+            2 => Some(Direction::FromOverlay),
+            _ => None,
+        }
+    }
+}
+
+/// Slot of (direction, reason) in the drop counter array.
+#[inline(always)]
+pub const fn drop_slot(direction: Direction, reason: DropReason) -> u32 {
+    direction as u32 * DROP_REASON_SLOTS + reason as u32
+}
+
+/// Slot of (direction, path) in the forward counter array.
+#[inline(always)]
+pub const fn forward_slot(direction: Direction, path: ForwardPath) -> u32 {
+    direction as u32 * FORWARD_PATH_SLOTS + path as u32
+}
 
 /// Key of the endpoint map: a pod's IPv4 address, network byte order.
 #[repr(C)]
@@ -71,6 +155,8 @@ pub struct Endpoint {
     pub host_mac: [u8; 6],
     /// Reserved for flags (policy, service backends); zero today.
     pub flags: u32,
+    /// Index of this pod's [`EndpointTraffic`] counters, or [`NO_TRAFFIC_SLOT`].
+    pub traffic_slot: u32,
 }
 
 /// What the "from pod" program knows about the veth a packet entered on.
@@ -82,6 +168,94 @@ pub struct PodInterface {
     /// MAC of the host-side veth: the answer to the pod's ARP requests.
     pub host_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Index of this pod's [`EndpointTraffic`] counters, or [`NO_TRAFFIC_SLOT`].
+    pub traffic_slot: u32,
+}
+
+/// Packets and bytes of one pod (per CPU). Sent: everything the pod put on
+/// its veth (before any verdict). Delivered: what the datapath redirected
+/// into it (the host stack's own deliveries, e.g. kubelet probes, are not here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointTraffic {
+    pub sent_packets: u64,
+    pub sent_bytes: u64,
+    pub delivered_packets: u64,
+    pub delivered_bytes: u64,
+}
+
+/// What the monitor reports, and how many events each CPU may emit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorConfig {
+    /// Non-zero: also report every forwarding decision (drops always are).
+    pub trace_forwards: u32,
+    /// Events per second per CPU; 0 means [`DEFAULT_MONITOR_EVENTS_PER_SECOND`].
+    pub events_per_second: u32,
+}
+
+/// Per-CPU rate limiter state: events emitted in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorBudget {
+    pub window_start_ns: u64,
+    pub used: u32,
+    pub _pad: u32,
+}
+
+/// What became of a monitor event: the slot in `MONITOR_COUNTERS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MonitorOutcome {
+    Emitted = 0,
+    /// Over the per-CPU budget: not emitted (a flood cannot starve the datapath).
+    RateLimited = 1,
+    /// The ring buffer was full (nobody reading, or reading too slowly).
+    RingFull = 2,
+}
+
+impl MonitorOutcome {
+    pub const ALL: [MonitorOutcome; 3] =
+        [MonitorOutcome::Emitted, MonitorOutcome::RateLimited, MonitorOutcome::RingFull];
+    pub const SLOTS: u32 = 4;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            MonitorOutcome::Emitted => "emitted",
+            MonitorOutcome::RateLimited => "rate_limited",
+            MonitorOutcome::RingFull => "ring_full",
+        }
+    }
+}
+
+/// An event kind in [`MonitorEvent::kind`].
+pub const EVENT_DROP: u8 = 1;
+pub const EVENT_FORWARD: u8 = 2;
+
+/// One verdict, as the monitor shows it. Addresses and ports in network
+/// order as in the packet; zero where the packet has none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    pub packet_len: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub ethertype: [u8; 2],
+    /// A [`Direction`] value.
+    pub direction: u8,
+    /// [`EVENT_DROP`] or [`EVENT_FORWARD`].
+    pub kind: u8,
+    /// A [`DropReason`] or [`ForwardPath`] value, by `kind`.
+    pub code: u8,
+    /// IPv4 protocol number, 0 if not IPv4.
+    pub protocol: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Key of the known node map: a peer node's IPv4, network byte order.
@@ -133,7 +307,7 @@ pub struct NodeConfig {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    // SAFETY: all three are repr(C), made only of integers and byte arrays, with
+    // SAFETY: all are repr(C), made only of integers and byte arrays, with
     // explicit padding fields, so every bit pattern is valid and there are no holes.
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::Endpoint {}
@@ -141,6 +315,10 @@ mod pod_impls {
     unsafe impl aya::Pod for super::NodeKey {}
     unsafe impl aya::Pod for super::RemoteNode {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::EndpointTraffic {}
+    unsafe impl aya::Pod for super::MonitorConfig {}
+    unsafe impl aya::Pod for super::MonitorBudget {}
+    unsafe impl aya::Pod for super::MonitorEvent {}
 }
 
 /// Why a packet was dropped. The discriminant is the slot in the drop counter
@@ -307,19 +485,23 @@ mod tests {
     #[test]
     fn counter_slots_fit_their_maps() {
         for r in DropReason::ALL {
-            assert!((r as u32) < DROP_COUNTER_SLOTS, "{r:?}");
+            assert!((r as u32) < DROP_REASON_SLOTS, "{r:?}");
+            assert!((r as u32) < 256, "fits MonitorEvent::code");
             assert_eq!(DropReason::from_u32(r as u32), Some(r));
         }
         for p in ForwardPath::ALL {
-            assert!((p as u32) < FORWARD_COUNTER_SLOTS, "{p:?}");
+            assert!((p as u32) < FORWARD_PATH_SLOTS, "{p:?}");
         }
     }
 
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<EndpointKey>(), 4);
-        assert_eq!(core::mem::size_of::<Endpoint>(), 20);
-        assert_eq!(core::mem::size_of::<PodInterface>(), 12);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 24);
+        assert_eq!(core::mem::size_of::<PodInterface>(), 16);
+        assert_eq!(core::mem::size_of::<EndpointTraffic>(), 32);
+        assert_eq!(core::mem::size_of::<MonitorBudget>(), 16);
+        assert_eq!(core::mem::size_of::<MonitorEvent>(), 40);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
         assert_eq!(core::mem::size_of::<NodeConfig>(), 24);
     }

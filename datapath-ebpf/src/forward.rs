@@ -11,11 +11,15 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use datapath_common::{DropReason, EndpointKey, ForwardPath, NodeConfig, RoutingMode};
+use aya_log_ebpf::debug;
+use datapath_common::{
+    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, EndpointKey, ForwardPath, NodeConfig, RoutingMode,
+};
 
 use crate::{
-    maps::{ENDPOINTS, count_drop, count_forward, remote_node_for},
-    packet::{EthHdr, Ipv4Hdr, csum_replace16},
+    maps::{ENDPOINTS, count_delivered, count_drop, count_forward, monitor_config, remote_node_for},
+    monitor,
+    packet::{ETH_HLEN, EthHdr, Ipv4Hdr, csum_replace16},
 };
 
 const AF_INET: u8 = 2;
@@ -26,7 +30,7 @@ const PACKET_HOST: u32 = 0;
 #[derive(Clone, Copy)]
 pub enum Verdict {
     /// Into the pod behind this host veth (`bpf_redirect_peer`).
-    Deliver { host_ifindex: u32 },
+    Deliver { host_ifindex: u32, traffic_slot: u32 },
     /// The frame was rewritten into an ARP reply: send it back out of the
     /// veth it came in on, to the pod that asked.
     ArpReply { ifindex: u32 },
@@ -43,48 +47,63 @@ pub enum Verdict {
     OutOverlay { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
 }
 
-/// Count the verdict and turn it into the TC action.
+/// Count the verdict, report it to the monitor (drops always, forwards when
+/// asked) and turn it into the TC action. `LOG`: the debug build also logs it.
 #[inline(always)]
-pub fn apply(ctx: &TcContext, verdict: Result<Verdict, DropReason>) -> i32 {
-    let verdict = match verdict {
-        Ok(v) => v,
-        Err(reason) => return drop(reason),
+pub fn apply<const LOG: bool>(
+    ctx: &TcContext,
+    direction: Direction,
+    verdict: Result<Verdict, DropReason>,
+) -> i32 {
+    let monitor = monitor_config();
+    let (action, path) = match verdict {
+        Ok(verdict) => match act(ctx, verdict) {
+            Ok(done) => done,
+            Err(reason) => return drop::<LOG>(ctx, direction, reason, monitor.events_per_second),
+        },
+        Err(reason) => return drop::<LOG>(ctx, direction, reason, monitor.events_per_second),
     };
+    count_forward(direction, path);
+    if monitor.trace_forwards != 0 {
+        monitor::report(ctx, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
+    }
+    if LOG {
+        let (saddr, daddr) = addresses(ctx);
+        debug!(ctx, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, path.name());
+    }
+    action
+}
+
+/// The TC action of a verdict, and the path it counts as.
+#[inline(always)]
+fn act(ctx: &TcContext, verdict: Verdict) -> Result<(i32, ForwardPath), DropReason> {
     // SAFETY (helper calls): plain helpers with valid arguments; each returns
     // the TC action to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags).
-    match verdict {
-        Verdict::Deliver { host_ifindex } => {
-            count_forward(ForwardPath::LocalDelivery);
-            unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }
+    Ok(match verdict {
+        Verdict::Deliver { host_ifindex, traffic_slot } => {
+            count_delivered(traffic_slot, ctx.len());
+            (unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }, ForwardPath::LocalDelivery)
         }
-        Verdict::ArpReply { ifindex } => {
-            count_forward(ForwardPath::ArpReply);
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
-        }
-        Verdict::HostStack => {
-            count_forward(ForwardPath::ToHostStack);
-            TC_ACT_OK as i32
-        }
+        Verdict::ArpReply { ifindex } => (unsafe { bpf_redirect(ifindex, 0) as i32 }, ForwardPath::ArpReply),
+        Verdict::HostStack => (TC_ACT_OK as i32, ForwardPath::ToHostStack),
         Verdict::HostStackFromTunnel => {
-            count_forward(ForwardPath::ToHostStack);
             unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
-            TC_ACT_OK as i32
+            (TC_ACT_OK as i32, ForwardPath::ToHostStack)
         }
         Verdict::OutUplink { ifindex } => {
-            count_forward(ForwardPath::ToRemoteNative);
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
+            (unsafe { bpf_redirect(ifindex, 0) as i32 }, ForwardPath::ToRemoteNative)
         }
         Verdict::OutUplinkNeigh { ifindex, node_ipv4 } => {
-            count_forward(ForwardPath::ToRemoteNative);
             let mut nh = bpf_redir_neigh {
                 nh_family: AF_INET as u32,
                 __bindgen_anon_1: unsafe { core::mem::zeroed() },
             };
             // Network byte order, as the bytes sit in the header.
             nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(node_ipv4);
-            unsafe {
+            let action = unsafe {
                 bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
-            }
+            };
+            (action, ForwardPath::ToRemoteNative)
         }
         Verdict::OutOverlay { vxlan_ifindex, node_ipv4, vni } => {
             // SAFETY: all-zero is a valid bpf_tunnel_key.
@@ -102,18 +121,36 @@ pub fn apply(ctx: &TcContext, verdict: Result<Verdict, DropReason>) -> i32 {
                 )
             };
             if rc != 0 {
-                return drop(DropReason::TunnelEncapFailed);
+                return Err(DropReason::TunnelEncapFailed);
             }
-            count_forward(ForwardPath::ToRemoteOverlay);
-            unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 }
+            (unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 }, ForwardPath::ToRemoteOverlay)
         }
-    }
+    })
 }
 
 #[inline(always)]
-fn drop(reason: DropReason) -> i32 {
-    count_drop(reason);
+fn drop<const LOG: bool>(
+    ctx: &TcContext,
+    direction: Direction,
+    reason: DropReason,
+    events_per_second: u32,
+) -> i32 {
+    count_drop(direction, reason);
+    monitor::report(ctx, direction, EVENT_DROP, reason as u8, events_per_second);
+    if LOG {
+        let (saddr, daddr) = addresses(ctx);
+        debug!(ctx, "{} {:i} -> {:i}: dropped, {}", direction.name(), saddr, daddr, reason.name());
+    }
     TC_ACT_SHOT as i32
+}
+
+/// IPv4 source and destination for the debug log (zero if not IPv4).
+#[inline(always)]
+fn addresses(ctx: &TcContext) -> ([u8; 4], [u8; 4]) {
+    match ctx.load::<[u8; 8]>(ETH_HLEN + 12) {
+        Ok(a) => ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]),
+        Err(_) => ([0; 4], [0; 4]),
+    }
 }
 
 /// We route, so we own the TTL: nothing downstream decrements it for us.
@@ -155,7 +192,7 @@ pub fn to_local_pod(
         (*eth).dst = endpoint.pod_mac;
         (*eth).src = endpoint.host_mac;
     }
-    Some(Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex }))
+    Some(Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex, traffic_slot: endpoint.traffic_slot }))
 }
 
 /// If `daddr` is on a peer node (its pod CIDR or its address): the way there

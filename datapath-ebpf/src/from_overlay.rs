@@ -4,10 +4,8 @@
 //! must belong to the sender (its pod CIDR or its own address). Packets for a
 //! local pod go straight into it; packets for this node go to its stack.
 
-use aya_ebpf::{
-    bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, macros::classifier, programs::TcContext,
-};
-use datapath_common::{DropReason, NodeKey};
+use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, programs::TcContext};
+use datapath_common::{Direction, DropReason, NodeKey};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod},
@@ -15,10 +13,11 @@ use crate::{
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
 };
 
-#[classifier]
-pub fn from_overlay(ctx: TcContext) -> i32 {
+/// The program; `LOG` selects the debug build (see [`crate::programs!`]).
+#[inline(always)]
+pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
     let verdict = classify(&ctx);
-    apply(&ctx, verdict)
+    apply::<LOG>(&ctx, Direction::FromOverlay, verdict)
 }
 
 #[inline(always)]

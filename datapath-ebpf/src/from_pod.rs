@@ -7,22 +7,23 @@
 //! peer nodes themselves) straight to the peer, natively or through VXLAN, and
 //! hands everything else to the host stack.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use datapath_common::DropReason;
+use aya_ebpf::programs::TcContext;
+use datapath_common::{Direction, DropReason};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod, to_remote_node},
-    maps::{POD_INTERFACES, node_config},
+    maps::{POD_INTERFACES, count_sent, node_config},
     packet::{
         ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, EthHdr,
         ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4,
     },
 };
 
-#[classifier]
-pub fn from_pod(ctx: TcContext) -> i32 {
+/// The program; `LOG` selects the debug build (see [`crate::programs!`]).
+#[inline(always)]
+pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
     let verdict = classify(&ctx);
-    apply(&ctx, verdict)
+    apply::<LOG>(&ctx, Direction::FromPod, verdict)
 }
 
 #[inline(always)]
@@ -34,6 +35,7 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Some(iface) => *iface,
         None => return Err(DropReason::UnknownInterface),
     };
+    count_sent(iface.traffic_slot, ctx.len());
     // veth's VLAN offload moves an 802.1Q tag out of the frame into skb
     // metadata before TC runs, so a tagged frame looks untagged here.
     // SAFETY: as above.

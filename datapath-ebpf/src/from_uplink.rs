@@ -3,18 +3,19 @@
 //! everything else (the node's own traffic, ARP, VLANs, replies to
 //! masqueraded connections) is the host stack's business, untouched.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use datapath_common::DropReason;
+use aya_ebpf::programs::TcContext;
+use datapath_common::{Direction, DropReason};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod},
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers},
 };
 
-#[classifier]
-pub fn from_uplink(ctx: TcContext) -> i32 {
+/// The program; `LOG` selects the debug build (see [`crate::programs!`]).
+#[inline(always)]
+pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
     let verdict = classify(&ctx);
-    apply(&ctx, verdict)
+    apply::<LOG>(&ctx, Direction::FromUplink, verdict)
 }
 
 #[inline(always)]

@@ -2,12 +2,14 @@
 //! Names and sizes come from `datapath-common`, shared with the agent.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use datapath_common::{
-    DROP_COUNTER_SLOTS, DropReason, Endpoint, EndpointKey, FORWARD_COUNTER_SLOTS, ForwardPath,
-    MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, NodeConfig, NodeKey, PodInterface, RemoteNode,
+    DROP_COUNTER_SLOTS, Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS,
+    ForwardPath, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_TRAFFIC_SLOTS,
+    MONITOR_RING_BYTES, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig, NodeKey,
+    PodInterface, RemoteNode, drop_slot, forward_slot,
 };
 
 #[btf_map]
@@ -22,18 +24,75 @@ pub static DROP_COUNTERS: PerCpuArray<u64, { DROP_COUNTER_SLOTS as usize }> = Pe
 #[btf_map]
 pub static FORWARD_COUNTERS: PerCpuArray<u64, { FORWARD_COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
+#[btf_map]
+pub static ENDPOINT_TRAFFIC: PerCpuArray<EndpointTraffic, { MAX_TRAFFIC_SLOTS as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub static MONITOR_EVENTS: RingBuf<MonitorEvent, { MONITOR_RING_BYTES as usize }> = RingBuf::new();
+
+#[btf_map]
+pub static MONITOR_CONFIG: Array<MonitorConfig, 1> = Array::new();
+
+#[btf_map]
+pub static MONITOR_BUDGET: PerCpuArray<MonitorBudget, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static MONITOR_COUNTERS: PerCpuArray<u64, { MonitorOutcome::SLOTS as usize }> = PerCpuArray::new();
+
 #[inline(always)]
-pub fn count_drop(reason: DropReason) {
-    if let Some(slot) = DROP_COUNTERS.get_ptr_mut(reason as u32) {
+pub fn count_drop(direction: Direction, reason: DropReason) {
+    if let Some(slot) = DROP_COUNTERS.get_ptr_mut(drop_slot(direction, reason)) {
         // Per-CPU slot: no other writer, a plain add is race-free.
         unsafe { *slot += 1 };
     }
 }
 
 #[inline(always)]
-pub fn count_forward(path: ForwardPath) {
-    if let Some(slot) = FORWARD_COUNTERS.get_ptr_mut(path as u32) {
+pub fn count_forward(direction: Direction, path: ForwardPath) {
+    if let Some(slot) = FORWARD_COUNTERS.get_ptr_mut(forward_slot(direction, path)) {
         unsafe { *slot += 1 };
+    }
+}
+
+/// A packet the pod put on its veth. Slots beyond the array (the endpoint
+/// has none) are simply not counted.
+#[inline(always)]
+pub fn count_sent(traffic_slot: u32, bytes: u32) {
+    if let Some(traffic) = ENDPOINT_TRAFFIC.get_ptr_mut(traffic_slot) {
+        // SAFETY: per-CPU slot, no other writer.
+        unsafe {
+            (*traffic).sent_packets += 1;
+            (*traffic).sent_bytes += bytes as u64;
+        }
+    }
+}
+
+/// A packet the datapath redirected into the pod.
+#[inline(always)]
+pub fn count_delivered(traffic_slot: u32, bytes: u32) {
+    if let Some(traffic) = ENDPOINT_TRAFFIC.get_ptr_mut(traffic_slot) {
+        // SAFETY: per-CPU slot, no other writer.
+        unsafe {
+            (*traffic).delivered_packets += 1;
+            (*traffic).delivered_bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_monitor(outcome: MonitorOutcome) {
+    if let Some(slot) = MONITOR_COUNTERS.get_ptr_mut(outcome as u32) {
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The monitor settings; all zero (drops only, default rate) until set.
+#[inline(always)]
+pub fn monitor_config() -> MonitorConfig {
+    match MONITOR_CONFIG.get(0) {
+        Some(config) => *config,
+        None => MonitorConfig::default(),
     }
 }
 

@@ -152,6 +152,8 @@ pub struct Node {
     pub peers: Vec<Peer>,
     /// Kubernetes source: the kubeconfig the agent uses (None: static config).
     pub kubeconfig: Option<PathBuf>,
+    /// Extra top-level config lines (e.g. `ebpf_log = "debug"`).
+    pub extra_config: String,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -200,6 +202,7 @@ impl Node {
             mode: mode.into(),
             peers: Vec::new(),
             kubeconfig: None,
+            extra_config: String::new(),
             work_dir,
             bpffs_dir,
             socket,
@@ -224,6 +227,12 @@ impl Node {
     /// CNI config written to `<work_dir>/net.d/` when ready.
     pub fn use_kubernetes(&mut self, kubeconfig: &Path) {
         self.kubeconfig = Some(kubeconfig.to_owned());
+        self.write_config();
+    }
+
+    /// Set extra top-level config lines, read at the next agent start.
+    pub fn set_extra_config(&mut self, lines: &str) {
+        self.extra_config = lines.to_owned();
         self.write_config();
     }
 
@@ -261,6 +270,7 @@ impl Node {
             ip = self.node_ip,
             mode = self.mode,
         );
+        config.push_str(&self.extra_config);
         for p in &self.peers {
             config.push_str(&format!(
                 "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
@@ -353,6 +363,15 @@ impl Node {
         v["prog_id"].as_u64().unwrap()
     }
 
+    /// The tag (hash of the instructions) of the program a pinned link runs:
+    /// differs between builds, equal for the same build loaded twice.
+    pub fn link_prog_tag(&self, pin: &Path) -> String {
+        let id = self.link_prog_id(pin).to_string();
+        let out = sh(&["bpftool", "-j", "prog", "show", "id", &id]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["tag"].as_str().unwrap().to_owned()
+    }
+
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.work_dir.join("agent.log")).unwrap_or_default()
     }
@@ -433,6 +452,16 @@ impl Node {
             .unwrap();
         assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `inspect endpoints` without the traffic counters: what is programmed.
+    pub fn programmed_endpoints(&self) -> serde_json::Value {
+        let mut endpoints = self.inspect("endpoints");
+        for endpoint in endpoints.as_array_mut().unwrap() {
+            let fields = endpoint.as_object_mut().unwrap();
+            fields.retain(|name, _| !name.starts_with("sent_") && !name.starts_with("delivered_"));
+        }
+        endpoints
     }
 
     pub fn drop_count(&self, reason: &str) -> u64 {

@@ -9,13 +9,21 @@ use datapath_tests::{
     require_root, sh,
 };
 
-/// `name{label="value"} N` from an OpenMetrics text body.
+/// The sum of `name{...label="value"...} N` over all samples carrying
+/// `label` (e.g. one reason over all directions) in an OpenMetrics body.
 fn sample(metrics: &str, name: &str, label: &str) -> Option<u64> {
-    metrics.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let rest = if label.is_empty() { rest } else { rest.strip_prefix(&format!("{{{label}}}"))? };
-        rest.trim().parse().ok()
-    })
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once('}')?,
+                None => ("", rest),
+            };
+            let wanted = label.is_empty() || labels.split(',').any(|l| l == label);
+            wanted.then(|| value.trim().parse::<u64>().ok()).flatten()
+        })
+        .reduce(|a, b| a + b)
 }
 
 #[test]

@@ -28,6 +28,8 @@ const HOST_B_IFINDEX: u32 = 4242;
 const GATEWAY: [u8; 4] = [169, 254, 1, 1];
 const NODE_IP: [u8; 4] = [192, 0, 2, 1];
 const PEER_IP: [u8; 4] = [192, 0, 2, 2];
+const POD_A_SLOT: u32 = 0;
+const POD_B_SLOT: u32 = 1;
 const REMOTE_POD_IP: [u8; 4] = [10, 244, 2, 7];
 const OUTSIDE_IP: [u8; 4] = [198, 51, 100, 9];
 
@@ -45,12 +47,26 @@ impl Harness {
     fn new() -> Self {
         let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
         datapath
-            .insert_pod_interface(1, PodInterface { pod_ipv4: POD_A_IP, host_mac: HOST_A_MAC, _pad: [0; 2] })
+            .insert_pod_interface(
+                1,
+                PodInterface {
+                    pod_ipv4: POD_A_IP,
+                    host_mac: HOST_A_MAC,
+                    _pad: [0; 2],
+                    traffic_slot: POD_A_SLOT,
+                },
+            )
             .unwrap();
         datapath
             .insert_endpoint(
                 Ipv4Addr::from(POD_B_IP),
-                Endpoint { host_ifindex: HOST_B_IFINDEX, pod_mac: POD_B_MAC, host_mac: HOST_B_MAC, flags: 0 },
+                Endpoint {
+                    host_ifindex: HOST_B_IFINDEX,
+                    pod_mac: POD_B_MAC,
+                    host_mac: HOST_B_MAC,
+                    flags: 0,
+                    traffic_slot: POD_B_SLOT,
+                },
             )
             .unwrap();
         Self { datapath }
@@ -226,6 +242,35 @@ fn ipv4_to_local_pod_is_redirected_with_rewritten_macs_and_ttl() {
     assert_eq!(&run.out[12..22], &frame[12..22]);
     assert_eq!(hdr[9..10], frame[23..24]);
     assert_eq!(&run.out[26..], &frame[26..]);
+}
+
+#[test]
+fn traffic_is_counted_per_endpoint_and_drops_per_direction() {
+    if !require_root("traffic_is_counted_per_endpoint_and_drops_per_direction") {
+        return;
+    }
+    let h = Harness::new().with_peer(RoutingMode::Vxlan);
+    let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP));
+    for _ in 0..3 {
+        assert_eq!(h.run(&frame).verdict, TC_ACT_REDIRECT);
+    }
+    // A spoofed packet is still "sent" by the pod, then dropped.
+    h.run(&ip_frame(&Ipv4::icmp_echo([10, 244, 1, 99], POD_B_IP)));
+    let len = frame.len() as u64;
+    let a = h.datapath.endpoint_traffic(POD_A_SLOT).unwrap();
+    assert_eq!((a.sent_packets, a.sent_bytes, a.delivered_packets), (4, 4 * len, 0), "{a:?}");
+    let b = h.datapath.endpoint_traffic(POD_B_SLOT).unwrap();
+    assert_eq!((b.sent_packets, b.delivered_packets, b.delivered_bytes), (0, 3, 3 * len), "{b:?}");
+
+    // The same reason from another program is kept apart.
+    let run = h.run_program(program_names::FROM_OVERLAY, &frame);
+    let drops = &run.counters.drops_by_direction;
+    assert_eq!(drops["from_pod"]["spoofed_source"], 1);
+    assert_eq!(drops["from_overlay"]["no_tunnel_key"], 1);
+    assert_eq!(drops["from_pod"]["no_tunnel_key"], 0);
+    assert_eq!(run.counters.forwards_by_direction["from_pod"]["local_delivery"], 3);
+    // Every drop was offered to the monitor (nobody reads this private ring).
+    assert_eq!(run.counters.monitor_events["emitted"], 2, "{:?}", run.counters.monitor_events);
 }
 
 #[test]

@@ -101,33 +101,58 @@ fn sigkill_and_restart_under_load_lose_nothing() {
     let b1 = b.add_pod("b1");
     assert!(ping(&a1.netns, b1.ip, 1));
     let state_before =
-        [a.inspect("endpoints"), a.inspect("nodes"), b.inspect("endpoints"), b.inspect("nodes")];
+        [a.programmed_endpoints(), a.inspect("nodes"), b.programmed_endpoints(), b.inspect("nodes")];
+    let sent_by = |node: &Node, ip: Ipv4Addr| -> u64 {
+        let endpoints = node.inspect("endpoints");
+        let endpoint = endpoints.as_array().unwrap().iter().find(|e| e["pod_ip"] == ip.to_string()).cloned();
+        endpoint.unwrap()["sent_packets"].as_u64().unwrap()
+    };
+    let a2_sent_before = sent_by(&a, a2.ip);
     let link = a.bpffs_dir.join("links").join(&a1.host_veth);
     let prog_before = a.link_prog_id(&link);
 
-    let cross = ping_flood(&a1.netns, b1.ip, 2000);
-    let local = ping_flood(&a2.netns, a1.ip, 2000);
+    let tag_normal = a.link_prog_tag(&link);
+
+    let cross = ping_flood(&a1.netns, b1.ip, 2500);
+    let local = ping_flood(&a2.netns, a1.ip, 2500);
     let stream = Stream::start(&b1.netns, b1.ip, &a1.netns);
     let started = Instant::now();
     let mut progs = vec![prog_before];
-    for _ in 0..3 {
+    // Three SIGKILL + restarts with the same build, then an upgrade to a
+    // different build (the debug build: other instructions, aya-log calls)
+    // and back. Each start loads the programs anew and swaps them into the
+    // pinned links with bpf_link_update, under traffic.
+    let builds = ["off", "off", "off", "debug", "off"];
+    let mut tags = Vec::new();
+    for ebpf_log in builds {
         std::thread::sleep(Duration::from_millis(700));
         a.kill_agent();
         b.kill_agent();
+        a.set_extra_config(&format!("ebpf_log = \"{ebpf_log}\"\n"));
+        b.set_extra_config(&format!("ebpf_log = \"{ebpf_log}\"\n"));
         std::thread::sleep(Duration::from_millis(300));
-        // Each start loads the programs anew and swaps them into the pinned
-        // links with bpf_link_update: an upgrade, under traffic.
         a.start_agent();
         b.start_agent();
         progs.push(a.link_prog_id(&link));
+        tags.push(a.link_prog_tag(&link));
+        if ebpf_log == "debug" {
+            // The new build is the one running: its log lines arrive.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !a.agent_log().contains("local_delivery") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let log = a.agent_log();
+            assert!(log.contains("datapath_ebpf") && log.contains("local_delivery"), "{log}");
+        }
     }
     let restarts = started.elapsed();
     let (cross_tx, cross_rx) = ping_result(cross);
     let (local_tx, local_rx) = ping_result(local);
     let (stall, bytes) = stream.finish();
     eprintln!(
-        "3 SIGKILL+restarts of both agents in {restarts:?}: cross-node pings {cross_rx}/{cross_tx}, \
-         same-node pings {local_rx}/{local_tx}, TCP {} MiB with longest gap {stall:?}, program ids {progs:?}",
+        "4 SIGKILL+restarts of both agents and 1 downgrade, builds {builds:?}, in {restarts:?}: \
+         cross-node pings {cross_rx}/{cross_tx}, same-node pings {local_rx}/{local_tx}, TCP {} MiB with \
+         longest gap {stall:?}, program ids {progs:?}, tags {tags:?}",
         bytes >> 20
     );
     assert_eq!(cross_rx, cross_tx, "cross-node pings lost");
@@ -136,9 +161,19 @@ fn sigkill_and_restart_under_load_lose_nothing() {
     for pair in progs.windows(2) {
         assert_ne!(pair[0], pair[1], "each restart attached a newly loaded program: {progs:?}");
     }
+    for (build, tag) in builds.iter().zip(&tags) {
+        if *build == "off" {
+            assert_eq!(*tag, tag_normal, "same build, same instructions: {tags:?}");
+        } else {
+            assert_ne!(*tag, tag_normal, "the debug build is a different program: {tags:?}");
+        }
+    }
     let state_after =
-        [a.inspect("endpoints"), a.inspect("nodes"), b.inspect("endpoints"), b.inspect("nodes")];
+        [a.programmed_endpoints(), a.inspect("nodes"), b.programmed_endpoints(), b.inspect("nodes")];
     assert_eq!(state_after, state_before, "maps identical after the restarts");
+    // Per-pod counters live in pinned maps too: they kept counting throughout.
+    let a2_sent_after = sent_by(&a, a2.ip);
+    assert!(a2_sent_after >= a2_sent_before + u64::from(local_tx), "{a2_sent_before} -> {a2_sent_after}");
 }
 
 #[test]

@@ -170,7 +170,7 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
     let mut node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
-    let endpoints_before = node.inspect("endpoints");
+    let endpoints_before = node.programmed_endpoints();
 
     node.stop_agent();
     assert!(ping(&a.netns, b.ip, 2), "forwarding with the agent stopped");
@@ -178,7 +178,7 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
 
     node.start_agent();
     assert!(ping(&a.netns, b.ip, 2), "forwarding after restart");
-    assert_eq!(node.inspect("endpoints"), endpoints_before, "restart changed no endpoint");
+    assert_eq!(node.programmed_endpoints(), endpoints_before, "restart changed no endpoint");
     assert!(
         node.agent_log().contains("links_updated=2"),
         "both links moved to the new program:\n{}",
@@ -189,7 +189,7 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
     assert!(ping(&a.netns, b.ip, 2), "forwarding with the agent SIGKILLed");
     node.start_agent();
     assert!(ping(&b.netns, a.ip, 2), "forwarding after the second restart");
-    assert_eq!(node.inspect("endpoints"), endpoints_before);
+    assert_eq!(node.programmed_endpoints(), endpoints_before);
 
     // A pod added after the restart works with the ones from before.
     let c = node.add_pod("c");

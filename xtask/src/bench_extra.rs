@@ -27,7 +27,10 @@ const HOST_MAC_A: [u8; 6] = [2, 0xee, 0, 0, 0, 10];
 /// and pod B local, 10.244.2.0/24 on a peer node, in `mode`.
 fn datapath(mode: RoutingMode) -> anyhow::Result<Datapath> {
     let mut dp = Datapath::load_unpinned()?;
-    dp.insert_pod_interface(1, PodInterface { pod_ipv4: POD_A, host_mac: HOST_MAC_A, _pad: [0; 2] })?;
+    dp.insert_pod_interface(
+        1,
+        PodInterface { pod_ipv4: POD_A, host_mac: HOST_MAC_A, _pad: [0; 2], traffic_slot: 0 },
+    )?;
     dp.insert_endpoint(
         Ipv4Addr::from(POD_B),
         Endpoint {
@@ -35,6 +38,7 @@ fn datapath(mode: RoutingMode) -> anyhow::Result<Datapath> {
             pod_mac: [2, 0xaa, 0, 0, 0, 11],
             host_mac: [2, 0xee, 0, 0, 0, 11],
             flags: 0,
+            traffic_slot: 1,
         },
     )?;
     dp.set_node_config(NodeConfig {
@@ -153,6 +157,7 @@ pub fn control_plane(pods: usize, endpoints: usize, cidrs: usize) -> anyhow::Res
                 pod_mac: [2, 0, 0, 0, 0, 1],
                 host_mac: [2, 0, 0, 0, 0, 2],
                 flags: 0,
+                traffic_slot: datapath_common::NO_TRAFFIC_SLOT,
             },
         )?;
     }

@@ -1,7 +1,8 @@
-//! `datapath-agent`: the node agent (`run`) and its inspection CLI (`inspect`).
+//! `datapath-agent`: the node agent (`run`), its inspection CLI (`inspect`)
+//! and the live event monitor (`monitor`).
 
 use clap::{Parser, Subcommand};
-use datapath_agent::cmd::{inspect, run};
+use datapath_agent::cmd::{inspect, monitor, run};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "eBPF pod datapath: node agent and inspection CLI")]
@@ -16,13 +17,17 @@ enum Command {
     Run(run::RunArgs),
     /// Show what the pinned maps hold.
     Inspect(inspect::InspectArgs),
+    /// Stream drop events (and with --forwards every verdict) as they happen.
+    Monitor(monitor::MonitorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The programs' own log lines (target datapath_ebpf) exist only
+                // with ebpf_log = "debug": show them when that build runs.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,datapath_ebpf=debug")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -34,5 +39,6 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(run::run(args)),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Monitor(args) => monitor::monitor(args),
     }
 }

@@ -47,6 +47,11 @@ struct EndpointRow {
     host_ifindex: u32,
     host_ifname: Option<String>,
     host_mac: MacAddr,
+    /// Packets and bytes the pod sent, and that the datapath delivered to it.
+    sent_packets: u64,
+    sent_bytes: u64,
+    delivered_packets: u64,
+    delivered_bytes: u64,
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -58,11 +63,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             // Records may be missing (another state dir, or the agent never
             // wrote them): the maps are the truth, the records add names.
             let records = EndpointStore::open(&args.state_dir).and_then(|s| s.list()).unwrap_or_default();
-            let rows: Vec<EndpointRow> = maps
-                .endpoints()?
-                .into_iter()
-                .map(|(ip, ep)| (ip, ep, records.iter().find(|r| r.pod_ipv4 == ip)))
-                .map(|(ip, ep, record)| EndpointRow {
+            let mut rows = Vec::new();
+            for (ip, ep) in maps.endpoints()? {
+                let record = records.iter().find(|r| r.pod_ipv4 == ip);
+                let traffic = maps.endpoint_traffic(ep.traffic_slot)?;
+                rows.push(EndpointRow {
                     pod: record.and_then(|r| match (&r.pod_namespace, &r.pod_name) {
                         (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
                         (None, Some(name)) => Some(name.clone()),
@@ -76,24 +81,37 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         .ok()
                         .map(|n| n.to_string_lossy().into_owned()),
                     host_mac: MacAddr(ep.host_mac),
-                })
-                .collect();
+                    sent_packets: traffic.sent_packets,
+                    sent_bytes: traffic.sent_bytes,
+                    delivered_packets: traffic.delivered_packets,
+                    delivered_bytes: traffic.delivered_bytes,
+                });
+            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18}",
-                    "POD", "POD IP", "POD MAC", "HOST VETH", "IFINDEX", "HOST MAC"
+                    "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18} {:>21} {:>21}",
+                    "POD",
+                    "POD IP",
+                    "POD MAC",
+                    "HOST VETH",
+                    "IFINDEX",
+                    "HOST MAC",
+                    "SENT PKTS/BYTES",
+                    "DELIVERED PKTS/BYTES"
                 );
                 for r in rows {
                     println!(
-                        "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18}",
+                        "{:<32} {:<16} {:<18} {:<16} {:<8} {:<18} {:>21} {:>21}",
                         r.pod.as_deref().unwrap_or("-"),
                         r.pod_ip.to_string(),
                         r.pod_mac.to_string(),
                         r.host_ifname.as_deref().unwrap_or("(gone)"),
                         r.host_ifindex,
-                        r.host_mac.to_string()
+                        r.host_mac.to_string(),
+                        format!("{}/{}", r.sent_packets, r.sent_bytes),
+                        format!("{}/{}", r.delivered_packets, r.delivered_bytes),
                     );
                 }
             }
@@ -107,11 +125,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     })
                     .flatten()
             };
-            let mode = match c.mode {
-                m if m == datapath_common::RoutingMode::Native as u32 => "native",
-                m if m == datapath_common::RoutingMode::Vxlan as u32 => "vxlan",
-                _ => "unset",
-            };
+            let mode = mode_name(c.mode);
             let view = serde_json::json!({
                 "node_ip": std::net::Ipv4Addr::from(c.node_ipv4),
                 "mode": mode,
@@ -138,18 +152,21 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             struct NodeRow {
                 pod_cidr: String,
                 node_ip: std::net::Ipv4Addr,
+                /// How this node reaches it: one mode per node today.
+                mode: &'static str,
             }
+            let mode = mode_name(maps.node_config()?.mode);
             let rows: Vec<NodeRow> = maps
                 .remote_routes()?
                 .into_iter()
-                .map(|r| NodeRow { pod_cidr: r.pod_cidr.to_string(), node_ip: r.node_ip })
+                .map(|r| NodeRow { pod_cidr: r.pod_cidr.to_string(), node_ip: r.node_ip, mode })
                 .collect();
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<20} {:<16}", "POD CIDR", "NODE IP");
+                println!("{:<20} {:<16} {:<8}", "POD CIDR", "NODE IP", "MODE");
                 for r in rows {
-                    println!("{:<20} {:<16}", r.pod_cidr, r.node_ip.to_string());
+                    println!("{:<20} {:<16} {:<8}", r.pod_cidr, r.node_ip.to_string(), r.mode);
                 }
             }
         }
@@ -158,15 +175,42 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&counters)?);
             } else {
-                println!("{:<8} {:<20} {:>12}", "KIND", "NAME", "PACKETS");
-                for (name, n) in &counters.forwards {
-                    println!("{:<8} {:<20} {:>12}", "forward", name, n);
+                let directions = datapath_common::Direction::ALL.map(|d| d.name());
+                println!(
+                    "{:<8} {:<28} {:>12} {:>12} {:>12} {:>12}",
+                    "KIND", "NAME", "PACKETS", directions[0], directions[1], directions[2]
+                );
+                let rows = [
+                    ("forward", &counters.forwards, &counters.forwards_by_direction),
+                    ("drop", &counters.drops, &counters.drops_by_direction),
+                ];
+                for (kind, totals, by_direction) in rows {
+                    for (name, n) in totals {
+                        let per = directions.map(|d| by_direction.get(d).and_then(|m| m.get(name)).copied());
+                        println!(
+                            "{:<8} {:<28} {:>12} {:>12} {:>12} {:>12}",
+                            kind,
+                            name,
+                            n,
+                            per[0].unwrap_or(0),
+                            per[1].unwrap_or(0),
+                            per[2].unwrap_or(0)
+                        );
+                    }
                 }
-                for (name, n) in &counters.drops {
-                    println!("{:<8} {:<20} {:>12}", "drop", name, n);
+                for (outcome, n) in &counters.monitor_events {
+                    println!("{:<8} {:<28} {:>12}", "monitor", outcome, n);
                 }
             }
         }
     }
     Ok(())
+}
+
+fn mode_name(mode: u32) -> &'static str {
+    match mode {
+        m if m == datapath_common::RoutingMode::Native as u32 => "native",
+        m if m == datapath_common::RoutingMode::Vxlan as u32 => "vxlan",
+        _ => "unset",
+    }
 }

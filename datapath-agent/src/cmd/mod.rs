@@ -1,3 +1,4 @@
 //! One module per `datapath-agent` verb.
 pub mod inspect;
+pub mod monitor;
 pub mod run;

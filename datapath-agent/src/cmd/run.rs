@@ -14,12 +14,12 @@ use tokio::{
     sync::Mutex,
 };
 
-use datapath_common::{NodeConfig, RoutingMode, program_names};
+use datapath_common::{MonitorConfig, NodeConfig, RoutingMode, program_names};
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::{AgentConfig, ConfigError, Mode, Source},
-    datapath::{Datapath, LocalEndpoint, PinLayout, RemoteRoute},
+    config::{AgentConfig, ConfigError, EbpfLog, Mode, Source},
+    datapath::{Datapath, LocalEndpoint, PinLayout, ProgramBuild, RemoteRoute},
     health::Health,
     metrics::AgentErrors,
     node_net::{self, RouteVia},
@@ -81,8 +81,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     node_net::enable_ip_forwarding()?;
 
-    let mut datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir))
+    let build = match config.ebpf_log {
+        EbpfLog::Off => ProgramBuild::Normal,
+        EbpfLog::Debug => ProgramBuild::Debug,
+    };
+    let mut datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir), build)
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
+    if build == ProgramBuild::Debug {
+        crate::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
+            .context("reading the debug build's aya-log ring buffer")?;
+    }
+    // The monitor's forward tracing belongs to a running `monitor`: keep it.
+    let monitor = datapath.monitor_config().context("reading the monitor config map")?;
+    datapath
+        .set_monitor_config(MonitorConfig { events_per_second: config.monitor_events_per_second, ..monitor })
+        .context("writing the monitor config map")?;
     datapath
         .set_node_config(NodeConfig {
             node_ipv4: config.node_ip.octets(),

@@ -1,0 +1,249 @@
+//! `datapath-agent monitor`: stream the programs' verdicts from the pinned
+//! ring buffer. Drops are always reported; `--forwards` also asks the programs
+//! for every forwarding decision while the monitor runs. Each CPU emits at
+//! most `monitor_events_per_second` events (agent config); what was rate
+//! limited or lost to a full ring buffer is counted and shown at the end.
+//! Works with the agent down; one monitor at a time (a ring buffer has one
+//! reader).
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, Map, MapData, RingBuf};
+use datapath_common::{
+    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath, MonitorConfig, MonitorEvent, map_names,
+};
+
+use crate::{
+    config::DEFAULT_BPFFS_DIR,
+    datapath::{PinLayout, PinnedMaps},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct MonitorArgs {
+    /// Also show every forwarding decision, not only drops (costs a ring
+    /// buffer write per packet while the monitor runs, within the rate limit).
+    #[arg(long)]
+    pub forwards: bool,
+    /// Also show events queued before the monitor started.
+    #[arg(long)]
+    pub backlog: bool,
+    /// Print one JSON object per event.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// bpffs directory the agent pins under.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+/// One event as the monitor prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventView {
+    pub time: String,
+    pub interface: String,
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    /// The drop reason or the forward path.
+    pub reason: &'static str,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    pub length: u32,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
+    let pins = PinLayout::new(&args.bpffs_dir);
+    let open = |name: &'static str| -> anyhow::Result<Map> {
+        let path = pins.map(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (has the agent ever run?)", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    };
+    let mut ring = RingBuf::try_from(open(map_names::MONITOR_EVENTS)?)?;
+    let mut config_map: Array<MapData, MonitorConfig> = Array::try_from(open(map_names::MONITOR_CONFIG)?)?;
+    let counters_at_start = PinnedMaps::open(&pins)?.counters()?.monitor_events;
+
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+    let previous = config_map.get(&0, 0)?;
+    if args.forwards {
+        config_map.set(0, MonitorConfig { trace_forwards: 1, ..previous }, 0)?;
+    }
+    let started = Instant::now();
+    let start_ns = monotonic_ns();
+    let clock = Clock::now();
+    let mut shown = 0u64;
+    let mut skipped = 0u64;
+    let result = (|| -> anyhow::Result<()> {
+        let deadline = args.seconds.map(|s| started + Duration::from_secs_f64(s));
+        loop {
+            while let Some(item) = ring.next() {
+                let Some(event) = decode(&item) else { continue };
+                if !args.backlog && event.timestamp_ns < start_ns {
+                    skipped += 1;
+                    continue;
+                }
+                let view = view(&event, &clock);
+                if args.json {
+                    println!("{}", serde_json::to_string(&view)?);
+                } else {
+                    println!("{}", view.line());
+                }
+                shown += 1;
+                if args.count.is_some_and(|n| shown >= n) {
+                    return Ok(());
+                }
+            }
+            if STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+            wait_readable(ring.as_fd().as_raw_fd(), Duration::from_millis(100));
+        }
+    })();
+    if args.forwards {
+        // Back to what it was (drops only), so the datapath stops paying for it.
+        let now = config_map.get(&0, 0)?;
+        config_map.set(0, MonitorConfig { trace_forwards: previous.trace_forwards, ..now }, 0)?;
+    }
+    let counters_now = PinnedMaps::open(&pins)?.counters()?.monitor_events;
+    let delta = |name: &str| {
+        counters_now.get(name).copied().unwrap_or(0) - counters_at_start.get(name).copied().unwrap_or(0)
+    };
+    eprintln!(
+        "{shown} events shown in {:.1}s; meanwhile {} rate limited, {} lost to a full ring buffer{}",
+        started.elapsed().as_secs_f64(),
+        delta("rate_limited"),
+        delta("ring_full"),
+        if skipped > 0 {
+            format!(", {skipped} queued from before skipped (--backlog shows them)")
+        } else {
+            String::new()
+        }
+    );
+    result
+}
+
+fn decode(bytes: &[u8]) -> Option<MonitorEvent> {
+    if bytes.len() < size_of::<MonitorEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; MonitorEvent is plain data, read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MonitorEvent>()) })
+}
+
+fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC is what bpf_ktime_get_ns counts.
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Converts the programs' monotonic timestamps to wall-clock time.
+struct Clock {
+    wall: jiff::Timestamp,
+    monotonic_ns: u64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self { wall: jiff::Timestamp::now(), monotonic_ns: monotonic_ns() }
+    }
+
+    fn wall_time(&self, monotonic_ns: u64) -> jiff::Timestamp {
+        let offset = monotonic_ns as i128 - self.monotonic_ns as i128;
+        let offset =
+            jiff::SignedDuration::from_nanos(offset.clamp(i64::MIN as i128, i64::MAX as i128) as i64);
+        self.wall.checked_add(offset).unwrap_or(self.wall)
+    }
+}
+
+fn view(event: &MonitorEvent, clock: &Clock) -> EventView {
+    let direction = Direction::from_u32(u32::from(event.direction)).map_or("unknown", Direction::name);
+    let (verdict, reason) = match event.kind {
+        EVENT_DROP => {
+            ("dropped", DropReason::from_u32(u32::from(event.code)).map_or("unknown", DropReason::name))
+        }
+        EVENT_FORWARD => (
+            "forwarded",
+            ForwardPath::ALL.iter().find(|p| **p as u8 == event.code).map_or("unknown", |p| p.name()),
+        ),
+        _ => ("unknown", "unknown"),
+    };
+    let ethertype = u16::from_be_bytes(event.ethertype);
+    let ports = matches!(event.protocol, 6 | 17);
+    let endpoint = |addr: [u8; 4], port: [u8; 2]| {
+        let addr = Ipv4Addr::from(addr);
+        if ports { format!("{addr}:{}", u16::from_be_bytes(port)) } else { addr.to_string() }
+    };
+    let (protocol, source, destination) = match ethertype {
+        0x0800 => (
+            match event.protocol {
+                1 => "icmp".to_owned(),
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                n => format!("ip-proto-{n}"),
+            },
+            endpoint(event.saddr, event.sport),
+            endpoint(event.daddr, event.dport),
+        ),
+        0x0806 => ("arp".to_owned(), "-".to_owned(), "-".to_owned()),
+        0 => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+        other => (format!("ethertype-0x{other:04x}"), "-".to_owned(), "-".to_owned()),
+    };
+    EventView {
+        time: format!("{:.6}", clock.wall_time(event.timestamp_ns)),
+        interface: nix::net::if_::if_indextoname(event.ifindex)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("if{}", event.ifindex)),
+        direction,
+        verdict,
+        reason,
+        protocol,
+        source,
+        destination,
+        length: event.packet_len,
+    }
+}
+
+impl EventView {
+    pub fn line(&self) -> String {
+        format!(
+            "{} {:<16} {:<12} {:<5} {:>21} -> {:<21} {:<9} {} ({} bytes)",
+            self.time,
+            self.interface,
+            self.direction,
+            self.protocol,
+            self.source,
+            self.destination,
+            self.verdict,
+            self.reason,
+            self.length
+        )
+    }
+}
+
+fn wait_readable(fd: i32, timeout: Duration) {
+    let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; an interrupted or failed poll just returns.
+    unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
+}

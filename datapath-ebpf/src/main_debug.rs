@@ -1,0 +1,6 @@
+//! The debug build: the same programs, logging every verdict with aya-log
+//! (the agent loads it with `datapath_log = "debug"`).
+#![no_std]
+#![no_main]
+
+datapath_ebpf::programs!(log = true);

@@ -1,0 +1,91 @@
+//! Monitor events: one [`MonitorEvent`] per drop (and per forwarding
+//! decision while a monitor asks for them) into a ring buffer that
+//! `datapath-agent monitor` reads. Each CPU may emit a bounded number of events
+//! per second, so a flood of bad packets costs a counter increment, not a
+//! ring buffer write per packet.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use datapath_common::{DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, MonitorEvent, MonitorOutcome};
+
+use crate::{
+    maps::{MONITOR_BUDGET, MONITOR_EVENTS, count_monitor},
+    packet::{ETH_HLEN, ETH_P_IP},
+};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Take one event from this CPU's budget for the current second.
+#[inline(always)]
+fn within_budget(now: u64, events_per_second: u32) -> bool {
+    let limit = if events_per_second == 0 { DEFAULT_MONITOR_EVENTS_PER_SECOND } else { events_per_second };
+    let Some(budget) = MONITOR_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no other writer.
+    unsafe {
+        if now.wrapping_sub((*budget).window_start_ns) >= NS_PER_SECOND {
+            (*budget).window_start_ns = now;
+            (*budget).used = 0;
+        }
+        if (*budget).used >= limit {
+            return false;
+        }
+        (*budget).used += 1;
+    }
+    true
+}
+
+/// Report one verdict. Reads the addresses with `bpf_skb_load_bytes`, which
+/// copes with any packet length, so malformed packets are reported too.
+#[inline(always)]
+pub fn report(ctx: &TcContext, direction: Direction, kind: u8, code: u8, events_per_second: u32) {
+    // SAFETY: a plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_budget(now, events_per_second) {
+        count_monitor(MonitorOutcome::RateLimited);
+        return;
+    }
+    let Some(mut entry) = MONITOR_EVENTS.reserve(0) else {
+        count_monitor(MonitorOutcome::RingFull);
+        return;
+    };
+    let mut event = MonitorEvent {
+        timestamp_ns: now,
+        // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        packet_len: ctx.len(),
+        direction: direction as u8,
+        kind,
+        code,
+        ..MonitorEvent::default()
+    };
+    if let Ok(ethertype) = ctx.load::<[u8; 2]>(12) {
+        event.ethertype = ethertype;
+        if u16::from_be_bytes(ethertype) == ETH_P_IP {
+            describe_ipv4(ctx, &mut event);
+        }
+    }
+    entry.write(event);
+    entry.submit(0);
+    count_monitor(MonitorOutcome::Emitted);
+}
+
+#[inline(always)]
+fn describe_ipv4(ctx: &TcContext, event: &mut MonitorEvent) {
+    let Ok(header) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+        return;
+    };
+    event.protocol = header[9];
+    event.saddr = [header[12], header[13], header[14], header[15]];
+    event.daddr = [header[16], header[17], header[18], header[19]];
+    let first_fragment = u16::from_be_bytes([header[6], header[7]]) & 0x1fff == 0;
+    if first_fragment && (event.protocol == IPPROTO_TCP || event.protocol == IPPROTO_UDP) {
+        let ihl = (header[0] & 0x0f) as usize * 4;
+        if let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + ihl) {
+            event.sport = [ports[0], ports[1]];
+            event.dport = [ports[2], ports[3]];
+        }
+    }
+}
