@@ -454,6 +454,33 @@ impl Node {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Start `datapath-agent monitor --json <args>` in the node; returns once
+    /// it is watching.
+    pub fn monitor(&self, args: &[&str]) -> Monitor {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.monitor_text(&all)
+    }
+
+    /// Start `datapath-agent monitor <args>` (table output unless `--json`).
+    pub fn monitor_text(&self, args: &[&str]) -> Monitor {
+        use std::io::BufRead as _;
+        let mut child = self
+            .in_node(&bin_dir().join("datapath-agent"))
+            .args(["monitor", "--bpffs-dir"])
+            .arg(&self.bpffs_dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn monitor");
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        assert!(first.starts_with("monitoring"), "monitor did not start: {first}");
+        Monitor { child, stderr }
+    }
+
     /// `inspect endpoints` without the traffic counters: what is programmed.
     pub fn programmed_endpoints(&self) -> serde_json::Value {
         let mut endpoints = self.inspect("endpoints");
@@ -599,6 +626,58 @@ pub fn send_raw_frames(ns: &Netns, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow
     })
     .join()
     .map_err(|_| anyhow::anyhow!("raw sender panicked"))?
+}
+
+/// A running `datapath-agent monitor --json`.
+pub struct Monitor {
+    child: Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl Monitor {
+    /// Wait for it to stop (by --count or --seconds): the events it printed
+    /// and its closing summary line.
+    pub fn finish(self) -> (Vec<serde_json::Value>, String) {
+        let (stdout, summary) = self.finish_text();
+        let events =
+            stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+        (events, summary)
+    }
+
+    /// Wait for it to stop: what it printed, and its closing summary line.
+    pub fn finish_text(mut self) -> (String, String) {
+        use std::io::Read as _;
+        let mut stdout = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        let mut summary = String::new();
+        self.stderr.read_to_string(&mut summary).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "monitor failed: {summary}");
+        (stdout, summary)
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send one VXLAN datagram from `from_ip` (inside `ns`) to `to_ip`:`port`,
+/// carrying `inner` (an Ethernet frame) with network identifier `vni`: what
+/// a peer node's tunnel sends, built by hand to send what it would not.
+pub fn send_vxlan(ns: &Netns, from_ip: Ipv4Addr, to_ip: Ipv4Addr, port: u16, vni: u32, inner: Vec<u8>) {
+    in_netns(&ns.path(), move || {
+        let socket = std::net::UdpSocket::bind((from_ip, 0)).unwrap();
+        // RFC 7348: flags (I bit), 3 reserved, VNI (24 bits), 1 reserved.
+        let vni = vni.to_be_bytes();
+        let mut datagram = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        datagram.extend_from_slice(&inner);
+        socket.send_to(&datagram, (to_ip, port)).unwrap();
+    })
+    .join()
+    .unwrap();
 }
 
 /// MAC of `ifname` inside `ns`.

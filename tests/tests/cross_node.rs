@@ -9,7 +9,11 @@ use std::{
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, Pod, in_netns, peered_nodes, ping, ping_from_spoofed_address, tcp_echo},
+    lab::{
+        Fabric, Netns, Node, Pod, in_netns, peered_nodes, ping, ping_from_spoofed_address, send_vxlan,
+        tcp_echo,
+    },
+    packets::{ETH_P_IP, Ipv4, ethernet},
     require_root, sh,
 };
 
@@ -119,7 +123,10 @@ fn cross_node(mode: &str) {
         }
     }
     let nodes = lab.a.inspect("nodes");
-    assert_eq!(nodes, serde_json::json!([{ "pod_cidr": "10.244.2.0/24", "node_ip": "10.250.0.2" }]));
+    assert_eq!(
+        nodes,
+        serde_json::json!([{ "pod_cidr": "10.244.2.0/24", "node_ip": "10.250.0.2", "mode": mode }])
+    );
 }
 
 #[test]
@@ -177,6 +184,38 @@ fn forged_vxlan_from_an_unknown_host_is_dropped() {
         Some(0),
         "nothing delivered"
     );
+}
+
+#[test]
+fn forged_vxlan_from_a_peer_node_is_dropped_with_its_reason() {
+    if !require_root("forged_vxlan_from_a_peer_node_is_dropped_with_its_reason") {
+        return;
+    }
+    let lab = lab("vxlan");
+    let a1 = &lab.pods[0];
+    let monitor = lab.a.monitor(&["--count", "2", "--seconds", "20"]);
+    let inner = |src: [u8; 4]| {
+        let ip = Ipv4::icmp_echo(src, a1.ip.octets()).bytes();
+        ethernet([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2], ETH_P_IP, &ip)
+    };
+    // From node B's own address (a known tunnel source): a VNI that is not
+    // the cluster's, then the right VNI with an inner source outside B's pod CIDR.
+    let (b_ip, a_ip) = (lab.b.node_ip, lab.a.node_ip);
+    send_vxlan(&lab.b.netns, b_ip, a_ip, 8472, 2, inner([10, 244, 2, 77]));
+    send_vxlan(&lab.b.netns, b_ip, a_ip, 8472, 1, inner([10, 244, 9, 9]));
+    let (events, summary) = monitor.finish();
+    let counters = lab.a.inspect("counters");
+    let overlay = &counters["drops_by_direction"]["from_overlay"];
+    assert_eq!(overlay["wrong_vni"].as_u64(), Some(1), "{counters}");
+    assert_eq!(overlay["overlay_spoofed_source"].as_u64(), Some(1), "{counters}");
+    let reasons: Vec<&str> = events.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["wrong_vni", "overlay_spoofed_source"], "{summary}");
+    assert!(
+        events.iter().all(|e| e["direction"] == "from_overlay" && e["interface"] == "dp-vxlan"),
+        "{events:#?}"
+    );
+    assert_eq!(events[1]["source"], "10.244.9.9");
+    assert_eq!(events[1]["destination"], a1.ip.to_string());
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

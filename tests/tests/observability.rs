@@ -41,6 +41,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     assert!(datapath_tests::lab::ping(&a.netns, b.ip, 1));
     let baseline = node.inspect("counters");
     assert!(baseline["drops"].as_object().unwrap().values().all(|n| n == 0), "{baseline}");
+    let monitor = node.monitor(&["--count", "8", "--seconds", "20"]);
 
     // spoofed_source x3, ttl_exceeded x2, and one each of malformed_ipv4,
     // vlan_tagged, spoofed_arp from raw frames.
@@ -49,6 +50,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     send_raw_frames(&a.netns, "eth0", malformed_frames(&node, &a, &b)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
 
+    let (events, summary) = monitor.finish();
     let counters = node.inspect("counters");
     let expected = [
         ("spoofed_source", 3),
@@ -65,6 +67,22 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
             assert_eq!(n.as_u64(), Some(0), "nothing else dropped: {reason}");
         }
     }
+
+    // The monitor saw each drop, with its reason and the packet's addresses.
+    for (reason, n) in expected {
+        let seen = events.iter().filter(|e| e["reason"] == reason).count() as u64;
+        assert_eq!(seen, n, "monitor events for {reason}: {events:#?}\n{summary}");
+    }
+    let spoofed = events.iter().find(|e| e["reason"] == "spoofed_source").unwrap();
+    assert_eq!(spoofed["verdict"], "dropped");
+    assert_eq!(spoofed["direction"], "from_pod");
+    assert_eq!(spoofed["interface"], a.host_veth.as_str());
+    assert_eq!(spoofed["protocol"], "icmp");
+    assert_eq!(spoofed["source"], "10.244.1.250");
+    assert_eq!(spoofed["destination"], b.ip.to_string());
+    assert!(summary.contains("8 events shown") && summary.contains("0 rate limited"), "{summary}");
+    assert_eq!(counters["monitor_events"]["emitted"].as_u64(), Some(8), "{counters}");
+    assert_eq!(counters["drops_by_direction"]["from_pod"]["spoofed_source"].as_u64(), Some(3));
 
     let (status, metrics) = http_get_local(&node.netns, 9976, "/metrics");
     assert_eq!(status, 200, "{metrics}");
@@ -83,6 +101,12 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
         );
     }
     assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "datapath_drops_total", "direction=\"from_pod\""),
+        Some(8),
+        "all from the pod:\n{metrics}"
+    );
+    assert_eq!(sample(&metrics, "datapath_monitor_events_total", "outcome=\"emitted\""), Some(8));
     assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(65536));
 
     // bpftool (Debian's) sees the same per-CPU counter for spoofed_source.
@@ -111,6 +135,14 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     assert_eq!(config["node_ip"], "10.250.0.1");
     assert_eq!(config["uplink"], "dptup0");
 
+    // Per-pod traffic: a sent all of the above (8 drops and the good ping).
+    let endpoints = node.inspect("endpoints");
+    let of =
+        |ip: Ipv4Addr| endpoints.as_array().unwrap().iter().find(|e| e["pod_ip"] == ip.to_string()).cloned();
+    let a_row = of(a.ip).unwrap();
+    assert!(a_row["sent_packets"].as_u64().unwrap() >= 9, "{a_row}");
+    assert!(of(b.ip).unwrap()["delivered_packets"].as_u64().unwrap() >= 1);
+
     // Pods come and go: inspect endpoints and the gauge follow.
     let c = node.add_pod("c");
     assert!(node.del_pod(&a).success);
@@ -123,4 +155,44 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     assert_eq!(ips, want);
     let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
     assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2));
+}
+
+#[test]
+fn monitor_traces_forwards_within_its_rate_limit() {
+    if !require_root("monitor_traces_forwards_within_its_rate_limit") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.set_extra_config("monitor_events_per_second = 50\n");
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 1));
+
+    // A flood of ~1,000 forwarding decisions per second against 50 events
+    // per second per CPU: the monitor sees a bounded sample, the rest is counted.
+    let monitor = node.monitor(&["--forwards", "--seconds", "2"]);
+    assert!(a.netns.exec_ok(&["ping", "-q", "-c", "600", "-i", "0.002", &b.ip.to_string()]));
+    let (events, summary) = monitor.finish();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(!events.is_empty() && events.len() <= 50 * cpus * 3, "{} events: {summary}", events.len());
+    assert!(
+        events.iter().any(|e| e["verdict"] == "forwarded"
+            && e["reason"] == "local_delivery"
+            && e["source"] == a.ip.to_string()
+            && e["destination"] == b.ip.to_string()
+            && e["protocol"] == "icmp"),
+        "{events:#?}"
+    );
+    let counters = node.inspect("counters");
+    let limited = counters["monitor_events"]["rate_limited"].as_u64().unwrap();
+    assert!(limited > 100, "{counters}");
+    assert!(!summary.contains(" 0 rate limited"), "{summary}");
+
+    // Once the monitor is gone, forwards are no longer reported.
+    let emitted = counters["monitor_events"]["emitted"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 3));
+    let after = node.inspect("counters")["monitor_events"]["emitted"].as_u64().unwrap();
+    assert_eq!(after, emitted, "forward tracing switched off when the monitor stopped");
 }

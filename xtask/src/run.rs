@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_tests::lab::{Fabric, peered_nodes, ping, tcp_echo};
+use datapath_tests::lab::{Fabric, peered_nodes, ping, ping_from_spoofed_address, tcp_echo};
 
 use crate::{build_bins, run_cmd};
 
@@ -100,6 +100,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for (what, ok) in &checks {
         println!("{:<40} {}", what, if *ok { "ok" } else { "FAILED" });
     }
+    println!(
+        "\n== node {}: datapath-agent monitor (a1 pings b1 from a spoofed address, then with TTL 1)",
+        a.id
+    );
+    let monitor = a.monitor_text(&["--count", "2", "--seconds", "10"]);
+    ping_from_spoofed_address(a1, "10.244.1.250", b1.ip, 1);
+    a1.netns.exec_ok(&["ping", "-c", "1", "-W", "1", "-t", "1", &b1.ip.to_string()]);
+    let (events, summary) = monitor.finish_text();
+    print!("{events}{summary}");
+    println!("\n== node {}: datapath-agent monitor --forwards (one ping a1 -> b1 and its reply)", a.id);
+    let monitor = a.monitor_text(&["--forwards", "--count", "2", "--seconds", "10"]);
+    ping(&a1.netns, b1.ip, 1);
+    let (events, summary) = monitor.finish_text();
+    print!("{events}{summary}");
+
     for node in [&a, &b] {
         println!("\n== node {}: datapath-agent inspect counters", node.id);
         show(

@@ -91,6 +91,11 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let start_ns = monotonic_ns();
+    eprintln!(
+        "monitoring {} ({}); Ctrl-C to stop",
+        args.bpffs_dir.display(),
+        if args.forwards { "drops and forwards" } else { "drops" }
+    );
     let clock = Clock::now();
     let mut shown = 0u64;
     let mut skipped = 0u64;
