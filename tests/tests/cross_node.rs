@@ -193,23 +193,27 @@ fn forged_vxlan_from_a_peer_node_is_dropped_with_its_reason() {
     }
     let lab = lab("vxlan");
     let a1 = &lab.pods[0];
-    let monitor = lab.a.monitor(&["--count", "2", "--seconds", "20"]);
-    let inner = |src: [u8; 4]| {
-        let ip = Ipv4::icmp_echo(src, a1.ip.octets()).bytes();
+    let monitor = lab.a.monitor(&["--count", "3", "--seconds", "20"]);
+    let inner_to = |src: [u8; 4], dst: [u8; 4]| {
+        let ip = Ipv4::icmp_echo(src, dst).bytes();
         ethernet([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2], ETH_P_IP, &ip)
     };
+    let inner = |src: [u8; 4]| inner_to(src, a1.ip.octets());
     // From node B's own address (a known tunnel source): a VNI that is not
     // the cluster's, then the right VNI with an inner source outside B's pod CIDR.
     let (b_ip, a_ip) = (lab.b.node_ip, lab.a.node_ip);
     send_vxlan(&lab.b.netns, b_ip, a_ip, 8472, 2, inner([10, 244, 2, 77]));
     send_vxlan(&lab.b.netns, b_ip, a_ip, 8472, 1, inner([10, 244, 9, 9]));
+    // And a well-formed packet for an address in A's pod CIDR that no pod has.
+    send_vxlan(&lab.b.netns, b_ip, a_ip, 8472, 1, inner_to([10, 244, 2, 77], [10, 244, 1, 200]));
     let (events, summary) = monitor.finish();
     let counters = lab.a.inspect("counters");
     let overlay = &counters["drops_by_direction"]["from_overlay"];
     assert_eq!(overlay["wrong_vni"].as_u64(), Some(1), "{counters}");
     assert_eq!(overlay["overlay_spoofed_source"].as_u64(), Some(1), "{counters}");
+    assert_eq!(overlay["overlay_unknown_destination"].as_u64(), Some(1), "{counters}");
     let reasons: Vec<&str> = events.iter().map(|e| e["reason"].as_str().unwrap()).collect();
-    assert_eq!(reasons, ["wrong_vni", "overlay_spoofed_source"], "{summary}");
+    assert_eq!(reasons, ["wrong_vni", "overlay_spoofed_source", "overlay_unknown_destination"], "{summary}");
     assert!(
         events.iter().all(|e| e["direction"] == "from_overlay" && e["interface"] == "dp-vxlan"),
         "{events:#?}"

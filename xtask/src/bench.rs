@@ -8,6 +8,9 @@
 //! - same-node: bare veth pair (limit), Linux bridge (flannel), ours.
 //! - cross-node: node to node over the uplink (limit), ours native, ours
 //!   VXLAN, flannel host-gw, flannel vxlan.
+//!
+//! The JSON report gets an SVG chart beside it (`crate::chart`);
+//! `--chart-only REPORT.json` redraws one without measuring.
 
 use std::{
     io::{Read as _, Write as _},
@@ -44,9 +47,17 @@ pub struct BenchArgs {
     /// `cargo xtask test`); its figures mean nothing.
     #[arg(long)]
     pub smoke: bool,
-    /// Where to write the JSON report.
-    #[arg(long, default_value = "target/bench/report.json")]
-    pub output: PathBuf,
+    /// Where to write the JSON report [default: target/bench/report.json, or
+    /// target/bench/smoke.json with --smoke].
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Where to write the SVG chart [default: the JSON report's path with `.svg`].
+    #[arg(long, value_name = "SVG")]
+    pub chart: Option<PathBuf>,
+    /// Measure nothing: redraw the chart of an existing JSON report (beside
+    /// it, or at --chart), e.g. `--chart-only target/bench/report.json`.
+    #[arg(long, value_name = "JSON")]
+    pub chart_only: Option<PathBuf>,
 }
 
 /// Two endpoints to measure between: namespaces and the server's address.
@@ -267,7 +278,7 @@ fn flannel_pair(prefix: &str, fabric: &Fabric, vxlan: bool) -> ([FlannelNode; 2]
 }
 
 fn ours_pair(a: &Pod, b: &Pod) -> Pair {
-    Pair::between("ours (TCX + redirect_peer)", &a.netns, &b.netns, b.ip)
+    Pair::between(OURS_SAME, &a.netns, &b.netns, b.ip)
 }
 
 fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
@@ -429,7 +440,97 @@ fn cross_node_suite(prefix: &str) -> (Vec<Pair>, Guards) {
     (pairs, guards)
 }
 
+/// A target on the ratio of two setups' medians of one metric in one suite.
+pub(crate) struct RatioTarget {
+    pub what: &'static str,
+    pub suite: &'static str,
+    pub setup: &'static str,
+    pub versus: &'static str,
+    /// The setup's JSON key: `tcp_rr_tps`, `tcp_crr_tps` or `tcp_stream_gbps`.
+    pub metric: &'static str,
+    /// At least this ratio.
+    pub target: f64,
+}
+
+const OURS_SAME: &str = "ours (TCX + redirect_peer)";
+
+pub(crate) const RATIO_TARGETS: [RatioTarget; 8] = [
+    RatioTarget {
+        what: "same-node TCP_RR vs bare veth",
+        suite: "same-node",
+        setup: OURS_SAME,
+        versus: "bare veth pair (limit)",
+        metric: "tcp_rr_tps",
+        target: 1.0,
+    },
+    RatioTarget {
+        what: "same-node TCP_RR vs Linux bridge",
+        suite: "same-node",
+        setup: OURS_SAME,
+        versus: "Linux bridge (flannel)",
+        metric: "tcp_rr_tps",
+        target: 1.15,
+    },
+    RatioTarget {
+        what: "same-node throughput vs bare veth",
+        suite: "same-node",
+        setup: OURS_SAME,
+        versus: "bare veth pair (limit)",
+        metric: "tcp_stream_gbps",
+        target: 0.95,
+    },
+    RatioTarget {
+        what: "native TCP_RR vs node to node",
+        suite: "cross-node",
+        setup: "ours native",
+        versus: "node to node (limit)",
+        metric: "tcp_rr_tps",
+        target: 0.97,
+    },
+    RatioTarget {
+        what: "native TCP_RR vs flannel host-gw",
+        suite: "cross-node",
+        setup: "ours native",
+        versus: "flannel host-gw",
+        metric: "tcp_rr_tps",
+        target: 1.2,
+    },
+    RatioTarget {
+        what: "native throughput vs node to node",
+        suite: "cross-node",
+        setup: "ours native",
+        versus: "node to node (limit)",
+        metric: "tcp_stream_gbps",
+        target: 0.95,
+    },
+    RatioTarget {
+        what: "overlay TCP_RR vs flannel vxlan",
+        suite: "cross-node",
+        setup: "ours vxlan",
+        versus: "flannel vxlan",
+        metric: "tcp_rr_tps",
+        target: 1.2,
+    },
+    RatioTarget {
+        what: "overlay throughput vs flannel vxlan",
+        suite: "cross-node",
+        setup: "ours vxlan",
+        versus: "flannel vxlan",
+        metric: "tcp_stream_gbps",
+        target: 1.0,
+    },
+];
+
 pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(json) = &args.chart_only {
+        let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+        let svg = chart_path(json, args.chart.as_deref())?;
+        crate::chart::draw(&report, &svg)?;
+        println!("chart: {}", svg.display());
+        return Ok(());
+    }
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (network namespaces, BPF)");
     if args.smoke {
         args.duration = 1;
@@ -437,6 +538,10 @@ pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     } else {
         anyhow::ensure!(args.repeats >= 3, "--repeats must be at least 3 for min/median/max");
     }
+    // A smoke run's meaningless figures never replace a real report.
+    let output = args.output.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.smoke { "target/bench/smoke.json" } else { "target/bench/report.json" })
+    });
     let bins = build_bins(!args.smoke)?;
     // SAFETY: single-threaded here; read by the lab helpers.
     unsafe { std::env::set_var("DATAPATH_BIN_DIR", &bins) };
@@ -540,70 +645,34 @@ pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
         let (x, y) = (medians.get(a)?, medians.get(b)?);
         (*y > 0.0).then(|| x / y)
     };
-    let ours_same = "same-node/ours (TCX + redirect_peer)";
-    for (what, num, den, target) in [
-        (
-            "same-node TCP_RR vs bare veth",
-            format!("{ours_same}/tcp_rr_tps"),
-            "same-node/bare veth pair (limit)/tcp_rr_tps",
-            1.0,
-        ),
-        (
-            "same-node TCP_RR vs Linux bridge",
-            format!("{ours_same}/tcp_rr_tps"),
-            "same-node/Linux bridge (flannel)/tcp_rr_tps",
-            1.15,
-        ),
-        (
-            "same-node throughput vs bare veth",
-            format!("{ours_same}/tcp_stream_gbps"),
-            "same-node/bare veth pair (limit)/tcp_stream_gbps",
-            0.95,
-        ),
-        (
-            "native TCP_RR vs node to node",
-            "cross-node/ours native/tcp_rr_tps".into(),
-            "cross-node/node to node (limit)/tcp_rr_tps",
-            0.97,
-        ),
-        (
-            "native TCP_RR vs flannel host-gw",
-            "cross-node/ours native/tcp_rr_tps".into(),
-            "cross-node/flannel host-gw/tcp_rr_tps",
-            1.2,
-        ),
-        (
-            "native throughput vs node to node",
-            "cross-node/ours native/tcp_stream_gbps".into(),
-            "cross-node/node to node (limit)/tcp_stream_gbps",
-            0.95,
-        ),
-        (
-            "overlay TCP_RR vs flannel vxlan",
-            "cross-node/ours vxlan/tcp_rr_tps".into(),
-            "cross-node/flannel vxlan/tcp_rr_tps",
-            1.2,
-        ),
-        (
-            "overlay throughput vs flannel vxlan",
-            "cross-node/ours vxlan/tcp_stream_gbps".into(),
-            "cross-node/flannel vxlan/tcp_stream_gbps",
-            1.0,
-        ),
-    ] {
-        if let Some(value) = ratio(&num, den) {
-            targets.push(crate::bench_extra::Target { what: what.into(), value, at_least: true, target });
+    for r in &RATIO_TARGETS {
+        let key = |setup: &str| format!("{}/{setup}/{}", r.suite, r.metric);
+        if let Some(value) = ratio(&key(r.setup), &key(r.versus)) {
+            targets.push(crate::bench_extra::Target {
+                what: r.what.into(),
+                value,
+                at_least: true,
+                target: r.target,
+            });
         }
     }
     println!("\ntargets (ratios of medians; smoke runs mean nothing)");
     for t in &targets {
         println!("{}", t.line());
     }
+    let target_json = |t: &crate::bench_extra::Target| {
+        let mut j = serde_json::json!({ "what": t.what, "value": t.value, "target": t.target, "at_least": t.at_least, "met": t.met() });
+        // What a ratio target divides, so the chart can place it.
+        if let Some(r) = RATIO_TARGETS.iter().find(|r| r.what == t.what) {
+            j["ratio_of"] = serde_json::json!({ "suite": r.suite, "setup": r.setup, "versus": r.versus, "metric": r.metric });
+        }
+        j
+    };
     reports.push(serde_json::json!({
         "suite": "targets",
-        "targets": targets.iter().map(|t| serde_json::json!({ "what": t.what, "value": t.value, "target": t.target, "at_least": t.at_least, "met": t.met() })).collect::<Vec<_>>(),
+        "targets": targets.iter().map(target_json).collect::<Vec<_>>(),
     }));
-    if let Some(dir) = args.output.parent() {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let machine = serde_json::json!({
@@ -613,10 +682,23 @@ pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
         "smoke": args.smoke,
     });
     let report = serde_json::json!({ "machine": machine, "suites": reports });
-    std::fs::write(&args.output, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&output, serde_json::to_string_pretty(&report)?)?;
+    let svg = chart_path(&output, args.chart.as_deref())?;
+    crate::chart::draw(&report, &svg)?;
     println!("\nmachine: {machine}");
-    println!("JSON report: {}", args.output.display());
+    println!("JSON report: {}", output.display());
+    println!("chart: {}", svg.display());
     Ok(())
+}
+
+/// The chart's path: `chart` if given, else the report's with `.svg`.
+fn chart_path(report: &Path, chart: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let svg = chart.map_or_else(|| report.with_extension("svg"), Path::to_owned);
+    anyhow::ensure!(svg != report, "the chart would overwrite the report {}", report.display());
+    if let Some(dir) = svg.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(svg)
 }
 
 fn run_suite(suite: &str, pairs: &[Pair], args: &BenchArgs) -> anyhow::Result<serde_json::Value> {

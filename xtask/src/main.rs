@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_extra;
+mod chart;
 mod run;
 mod test;
 
@@ -20,7 +21,8 @@ enum Task {
     Test(test::TestArgs),
     /// Demo node with two pods (no arguments), or the agent on this host (`-- <agent args>`).
     Run(run::RunArgs),
-    /// Same-node pod-to-pod TCP_RR and throughput: ours vs Linux bridge vs bare veth.
+    /// Pod-to-pod TCP_RR, TCP_CRR and throughput against baselines, ns/packet, control plane;
+    /// JSON report and SVG chart (`--chart-only JSON` redraws a chart).
     Bench(bench::BenchArgs),
 }
 

@@ -26,7 +26,9 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             repeats: 1,
             suite: "all".into(),
             smoke: true,
-            output: root.join("target/bench/smoke.json"),
+            output: Some(root.join("target/bench/smoke.json")),
+            chart: None,
+            chart_only: None,
         })?;
     }
     println!("== cargo test (kernel tests run serially)");
