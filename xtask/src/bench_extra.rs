@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
 use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{Endpoint, NodeConfig, PodInterface, RoutingMode, program_names};
@@ -56,43 +57,274 @@ fn datapath(mode: RoutingMode) -> anyhow::Result<Datapath> {
     Ok(dp)
 }
 
+/// An ICMP echo from pod A. TTL 255: a test run feeds the program the same
+/// buffer on every repeat, and each forward decrements the TTL.
 fn frame(dst: [u8; 4]) -> Vec<u8> {
-    ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &Ipv4::icmp_echo(POD_A, dst).bytes())
+    let mut ip = Ipv4::icmp_echo(POD_A, dst);
+    ip.ttl = 255;
+    ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &ip.bytes())
 }
 
-/// ns/packet of each program path, `repeats` times `count` packets.
-pub fn program_paths(count: u32, repeats: usize) -> anyhow::Result<Vec<(&'static str, Stats)>> {
-    let cases: [(&str, RoutingMode, &str, Vec<u8>); 6] = [
-        ("local delivery", RoutingMode::Native, program_names::FROM_POD, frame(POD_B)),
-        ("remote native", RoutingMode::Native, program_names::FROM_POD, frame(REMOTE_POD)),
-        ("remote overlay", RoutingMode::Vxlan, program_names::FROM_POD, frame(REMOTE_POD)),
+/// The figures of one program path: raw ns/packet, and net of the test-run
+/// harness (the same frame and repeat count through an empty program, in
+/// the same round).
+pub struct ProgramPath {
+    pub name: &'static str,
+    pub raw: Stats,
+    pub net: Stats,
+    /// The empty program, same frame and repeats per run.
+    pub harness: Stats,
+    pub per_run: u32,
+}
+
+/// One measured path and the counter that proves the packets took it.
+struct Case {
+    name: &'static str,
+    mode: RoutingMode,
+    program: &'static str,
+    packet: Vec<u8>,
+    /// Repeats per test run: the program rewrites the buffer in place (TTL,
+    /// ARP reply), so a run may only repeat while the path stays the same.
+    per_run: u32,
+    /// `forward/<path>` or `drop/<reason>`, which must count every packet.
+    counts_as: &'static str,
+}
+
+/// ns/packet of each program path: `rounds` rounds of `count` packets, each
+/// round running every path once (so a noisy moment hits all of them alike),
+/// on one pinned CPU, each next to the empty program's cost in that round.
+/// Fails if a path's packets did not all take it (counted by the datapath).
+/// `only`: just the path of that name (to profile it alone with perf).
+pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::Result<Vec<ProgramPath>> {
+    let case = |name, mode, program, packet, per_run, counts_as| Case {
+        name,
+        mode,
+        program,
+        packet,
+        per_run,
+        counts_as,
+    };
+    let cases = [
+        case(
+            "local delivery",
+            RoutingMode::Native,
+            program_names::FROM_POD,
+            frame(POD_B),
+            250,
+            "forward/local_delivery",
+        ),
+        case(
+            "remote native",
+            RoutingMode::Native,
+            program_names::FROM_POD,
+            frame(REMOTE_POD),
+            250,
+            "forward/to_remote_native",
+        ),
+        case(
+            "remote overlay",
+            RoutingMode::Vxlan,
+            program_names::FROM_POD,
+            frame(REMOTE_POD),
+            250,
+            "forward/to_remote_overlay",
+        ),
         // Test runs cannot attach tunnel metadata: this is the drop path.
-        ("overlay ingress (no tunnel key)", RoutingMode::Vxlan, program_names::FROM_OVERLAY, frame(POD_B)),
-        (
+        case(
+            "overlay ingress (no tunnel key)",
+            RoutingMode::Vxlan,
+            program_names::FROM_OVERLAY,
+            frame(POD_B),
+            250,
+            "drop/no_tunnel_key",
+        ),
+        // The reply overwrites the request: one packet per run.
+        case(
             "ARP reply",
             RoutingMode::Native,
             program_names::FROM_POD,
             arp_request(MAC_A, POD_A, [169, 254, 1, 1]),
+            1,
+            "forward/arp_reply",
         ),
-        ("pass to host", RoutingMode::Native, program_names::FROM_POD, frame([198, 51, 100, 9])),
+        case(
+            "pass to host",
+            RoutingMode::Native,
+            program_names::FROM_POD,
+            frame([198, 51, 100, 9]),
+            250,
+            "forward/to_host_stack",
+        ),
     ];
-    let mut out = Vec::new();
-    for (name, mode, program, packet) in cases {
-        let dp = datapath(mode)?;
-        let mut samples = Vec::new();
-        for _ in 0..repeats {
-            let mut data_out = vec![0u8; packet.len() + 256];
-            let result = dp.program(program)?.test_run(TestRunOptions {
-                data_in: Some(&packet),
-                data_out: Some(&mut data_out),
-                repeat: count,
-                ..Default::default()
-            })?;
-            samples.push(result.duration.as_nanos() as f64);
-        }
-        out.push((name, stats(samples)));
+    let cases: Vec<Case> = cases.into_iter().filter(|c| only.is_none_or(|o| c.name == o)).collect();
+    if cases.is_empty() {
+        anyhow::bail!("no program path is called {only:?}");
     }
-    Ok(out)
+    let _pinned = PinnedCpu::last()?;
+    let empty = EmptyProgram::load()?;
+    let datapaths = cases.iter().map(|c| datapath(c.mode)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut harness = vec![Vec::new(); cases.len()];
+    let mut raw = vec![Vec::new(); cases.len()];
+    let mut net = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (i, (c, dp)) in cases.iter().zip(&datapaths).enumerate() {
+            let runs = (count / c.per_run).max(1);
+            let before = counted(dp, c.counts_as)?;
+            let mut data_out = vec![0u8; c.packet.len() + 256];
+            let (mut ours, mut base) = (0.0, 0.0);
+            for _ in 0..runs {
+                let result = dp.program(c.program)?.test_run(TestRunOptions {
+                    data_in: Some(&c.packet),
+                    data_out: Some(&mut data_out),
+                    repeat: c.per_run,
+                    ..Default::default()
+                })?;
+                // The kernel reports the mean over the run's repeats.
+                ours += result.duration.as_nanos() as f64;
+                base += empty.ns_per_packet(&c.packet, c.per_run)?;
+            }
+            let took = counted(dp, c.counts_as)? - before;
+            let sent = u64::from(runs) * u64::from(c.per_run);
+            if took != sent {
+                anyhow::bail!(
+                    "{}: {took} of {sent} packets counted as {}; the bench measured another path",
+                    c.name,
+                    c.counts_as
+                );
+            }
+            let (ours, base) = (ours / f64::from(runs), base / f64::from(runs));
+            harness[i].push(base);
+            raw[i].push(ours);
+            net[i].push((ours - base).max(0.0));
+        }
+    }
+    let paths = cases
+        .iter()
+        .zip(raw.into_iter().zip(net).zip(harness))
+        .map(|(c, ((raw, net), harness))| ProgramPath {
+            name: c.name,
+            raw: stats(raw),
+            net: stats(net),
+            harness: stats(harness),
+            per_run: c.per_run,
+        })
+        .collect();
+    Ok(paths)
+}
+
+/// The datapath's own count of `forward/<path>` or `drop/<reason>`.
+fn counted(dp: &Datapath, counter: &str) -> anyhow::Result<u64> {
+    let counters = dp.counters()?;
+    let (map, name) = match counter.split_once('/') {
+        Some(("forward", name)) => (&counters.forwards, name),
+        Some(("drop", name)) => (&counters.drops, name),
+        _ => anyhow::bail!("bad counter name {counter}"),
+    };
+    map.get(name).copied().with_context(|| format!("no counter {counter}"))
+}
+
+/// The calling thread on the machine's last CPU until dropped: test runs
+/// execute on the caller's CPU, so every figure comes from the same one.
+struct PinnedCpu(nix::sched::CpuSet);
+
+impl PinnedCpu {
+    fn last() -> anyhow::Result<Self> {
+        use nix::{sched, unistd::Pid};
+        let before = sched::sched_getaffinity(Pid::from_raw(0))?;
+        let cpus = std::thread::available_parallelism()?.get();
+        let mut only = sched::CpuSet::new();
+        only.set(cpus - 1)?;
+        sched::sched_setaffinity(Pid::from_raw(0), &only)?;
+        Ok(PinnedCpu(before))
+    }
+}
+
+impl Drop for PinnedCpu {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}
+
+/// `r0 = TC_ACT_OK; exit`: what BPF_PROG_TEST_RUN costs by itself (skb set-up,
+/// the call, the clock), loaded from two raw instructions because it must not
+/// live in the datapath's object.
+struct EmptyProgram(std::os::fd::OwnedFd);
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+}
+
+impl EmptyProgram {
+    fn load() -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+        // mov64 r0, 0 ; exit
+        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+        let license = c"GPL";
+        let attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: attr points at live, correctly laid-out memory for the call.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const _, size_of::<ProgLoadAttr>())
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("loading the empty program");
+        }
+        // SAFETY: a new descriptor we own.
+        Ok(EmptyProgram(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    fn ns_per_packet(&self, packet: &[u8], count: u32) -> anyhow::Result<f64> {
+        use std::os::fd::AsRawFd as _;
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: self.0.as_raw_fd() as u32,
+            data_size_in: packet.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: packet.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: count,
+            ..Default::default()
+        };
+        // SAFETY: as above; the kernel writes only within data_out's size.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut _, size_of::<TestRunAttr>())
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("test-running the empty program");
+        }
+        Ok(attr.duration as f64)
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

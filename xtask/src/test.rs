@@ -29,6 +29,7 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             output: Some(root.join("target/bench/smoke.json")),
             chart: None,
             chart_only: None,
+            program_path: None,
         })?;
     }
     println!("== cargo test (kernel tests run serially)");
