@@ -36,7 +36,17 @@ pub mod map_names {
     /// One [`super::NodeConfig`] at index 0.
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    /// [`super::ServiceKey`] (VIP, port, protocol) -> [`super::Service`].
+    pub const SERVICES: &str = "SERVICES";
+    /// [`super::BackendKey`] (service id, slot) -> [`super::Backend`].
+    pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
+    /// [`super::ConntrackKey`] (a connection's 5-tuple as one direction sees
+    /// it) -> [`super::ConntrackEntry`]: the Service translation to apply.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// [`super::AffinityKey`] (service id, client) -> [`super::AffinityEntry`]
+    /// for sessionAffinity: ClientIP (LRU).
+    pub const SERVICE_AFFINITY: &str = "SERVICE_AFFINITY";
+    pub const ALL: [&str; 16] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -49,6 +59,10 @@ pub mod map_names {
         MONITOR_CONFIG,
         MONITOR_BUDGET,
         MONITOR_COUNTERS,
+        SERVICES,
+        SERVICE_BACKENDS,
+        CONNTRACK,
+        SERVICE_AFFINITY,
     ];
 }
 
@@ -88,6 +102,21 @@ pub const NO_TRAFFIC_SLOT: u32 = u32::MAX;
 pub const MONITOR_RING_BYTES: u32 = 1 << 18;
 /// Default monitor events per second per CPU (when `MonitorConfig` says 0).
 pub const DEFAULT_MONITOR_EVENTS_PER_SECOND: u32 = 1_000;
+
+/// Capacity of the Service map: (VIP, port, protocol) triples.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend map: all Services' (service, slot) entries.
+pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
+/// Default capacity of the connection-tracking map (two entries per
+/// connection: one per direction). `conntrack_max_entries` in the config.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
+/// Capacity of the sessionAffinity map (LRU: the oldest affinity goes first).
+pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
+/// Source address a pod's connection to itself through a Service is
+/// translated to: a packet from its own address would be a martian to it.
+pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Which program saw the packet: where it came from.
 #[repr(u32)]
@@ -305,6 +334,135 @@ pub struct NodeConfig {
     pub flags: u32,
 }
 
+/// A Service port: cluster IP, port and protocol, as they sit in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// What the datapath needs of a Service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Agent-chosen, unique while the Service exists; keys its backends.
+    pub id: u32,
+    /// Backends in slots 0..backend_count; 0 = reject new connections.
+    pub backend_count: u32,
+    /// [`SERVICE_AFFINITY_CLIENT_IP`] or 0.
+    pub flags: u32,
+    /// sessionAffinity timeout (ClientIP).
+    pub affinity_timeout_seconds: u32,
+}
+
+/// sessionAffinity: ClientIP.
+pub const SERVICE_AFFINITY_CLIENT_IP: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// A ready endpoint of a Service: pod address and target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub ipv4: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// One direction of a translated connection, as its packets carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConntrackKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Network byte order.
+    pub sport: [u8; 2],
+    /// Network byte order.
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Forward entry (client -> VIP): rewrite the destination to `nat_addr`:
+/// `nat_port` (the backend). Reply entry (backend -> client): rewrite the
+/// source to `nat_addr`:`nat_port` (the VIP). Hairpin: the forward entry
+/// also rewrites the source to [`HAIRPIN_IPV4`], the reply entry the
+/// destination back to `client_ipv4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    pub nat_addr: [u8; 4],
+    /// Network byte order.
+    pub nat_port: [u8; 2],
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub kind: u8,
+    /// [`CT_HAIRPIN`], [`CT_CLOSING`].
+    pub flags: u8,
+    /// The client's own address (hairpin reply entries).
+    pub client_ipv4: [u8; 4],
+    pub service_id: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+}
+
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+/// The client is the backend itself (a pod reaching itself through a Service).
+pub const CT_HAIRPIN: u8 = 1;
+/// A FIN or RST was seen: the agent removes the pair once it is quiet.
+pub const CT_CLOSING: u8 = 2;
+
+impl ConntrackKey {
+    /// The key of the other direction of the same connection.
+    pub fn pair(&self, entry: &ConntrackEntry) -> ConntrackKey {
+        let hairpin = entry.flags & CT_HAIRPIN != 0;
+        if entry.kind == CT_FORWARD {
+            ConntrackKey {
+                saddr: entry.nat_addr,
+                daddr: if hairpin { HAIRPIN_IPV4 } else { self.saddr },
+                sport: entry.nat_port,
+                dport: self.sport,
+                protocol: self.protocol,
+                _pad: [0; 3],
+            }
+        } else {
+            ConntrackKey {
+                saddr: if hairpin { entry.client_ipv4 } else { self.daddr },
+                daddr: entry.nat_addr,
+                sport: self.dport,
+                dport: entry.nat_port,
+                protocol: self.protocol,
+                _pad: [0; 3],
+            }
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_ipv4: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend: Backend,
+    pub last_used_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all are repr(C), made only of integers and byte arrays, with
@@ -319,6 +477,14 @@ mod pod_impls {
     unsafe impl aya::Pod for super::MonitorConfig {}
     unsafe impl aya::Pod for super::MonitorBudget {}
     unsafe impl aya::Pod for super::MonitorEvent {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::ConntrackKey {}
+    unsafe impl aya::Pod for super::ConntrackEntry {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
 }
 
 /// Why a packet was dropped. The discriminant is the slot in the drop counter
@@ -356,10 +522,16 @@ pub enum DropReason {
     OverlaySpoofedSource = 13,
     /// Setting the tunnel key for encapsulation failed.
     TunnelEncapFailed = 14,
+    /// New connection to a Service port with no ready backend (answered with
+    /// ICMP port unreachable so the client fails at once).
+    ServiceNoBackend = 15,
+    /// New connection to a Service while the connection-tracking map is full
+    /// (answered with ICMP port unreachable; existing connections go on).
+    ConntrackFull = 16,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::TruncatedEthernet,
@@ -374,6 +546,8 @@ impl DropReason {
         DropReason::OverlayUnknownDestination,
         DropReason::OverlaySpoofedSource,
         DropReason::TunnelEncapFailed,
+        DropReason::ServiceNoBackend,
+        DropReason::ConntrackFull,
     ];
 
     /// Stable snake_case name, used in CLI output, logs and metrics.
@@ -393,6 +567,8 @@ impl DropReason {
             DropReason::OverlayUnknownDestination => "overlay_unknown_destination",
             DropReason::OverlaySpoofedSource => "overlay_spoofed_source",
             DropReason::TunnelEncapFailed => "tunnel_encap_failed",
+            DropReason::ServiceNoBackend => "service_no_backend",
+            DropReason::ConntrackFull => "conntrack_full",
         }
     }
 
@@ -425,6 +601,12 @@ impl DropReason {
                 "decapsulated packet whose source is not in the sending node's pod CIDR"
             }
             DropReason::TunnelEncapFailed => "setting the VXLAN tunnel key failed",
+            DropReason::ServiceNoBackend => {
+                "new connection to a Service with no ready backend (refused with ICMP port unreachable)"
+            }
+            DropReason::ConntrackFull => {
+                "connection-tracking map full: new Service connection refused (raise conntrack_max_entries)"
+            }
         }
     }
 
