@@ -330,9 +330,14 @@ pub struct NodeConfig {
     pub vxlan_ifindex: u32,
     /// VXLAN network identifier.
     pub vni: u32,
-    /// Reserved; zero today.
+    /// [`NODE_FLAG_SERVICES`].
     pub flags: u32,
 }
+
+/// Services (or live Service connections) exist: TCP and UDP packets are
+/// looked up in the Service and connection-tracking maps. Unset, they cost
+/// nothing.
+pub const NODE_FLAG_SERVICES: u32 = 1;
 
 /// A Service port: cluster IP, port and protocol, as they sit in the packet.
 #[repr(C)]
