@@ -533,10 +533,12 @@ pub enum DropReason {
     /// New connection to a Service while the connection-tracking map is full
     /// (answered with ICMP port unreachable; existing connections go on).
     ConntrackFull = 16,
+    /// Rewriting a Service connection's addresses or checksums failed.
+    NatRewriteFailed = 17,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::TruncatedEthernet,
@@ -553,6 +555,7 @@ impl DropReason {
         DropReason::TunnelEncapFailed,
         DropReason::ServiceNoBackend,
         DropReason::ConntrackFull,
+        DropReason::NatRewriteFailed,
     ];
 
     /// Stable snake_case name, used in CLI output, logs and metrics.
@@ -574,6 +577,7 @@ impl DropReason {
             DropReason::TunnelEncapFailed => "tunnel_encap_failed",
             DropReason::ServiceNoBackend => "service_no_backend",
             DropReason::ConntrackFull => "conntrack_full",
+            DropReason::NatRewriteFailed => "nat_rewrite_failed",
         }
     }
 
@@ -611,6 +615,9 @@ impl DropReason {
             }
             DropReason::ConntrackFull => {
                 "connection-tracking map full: new Service connection refused (raise conntrack_max_entries)"
+            }
+            DropReason::NatRewriteFailed => {
+                "rewriting a Service connection's addresses, ports or checksums failed (kernel helper error)"
             }
         }
     }

@@ -45,6 +45,10 @@ pub enum Verdict {
     OutUplinkNeigh { ifindex: u32, node_ipv4: [u8; 4] },
     /// Overlay: encapsulate towards the peer through the VXLAN device.
     OutOverlay { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
+    /// A new Service connection that cannot be served: counted and reported
+    /// as a drop for `reason`, and answered with ICMP port unreachable back
+    /// out of the veth it came in on, so the client fails at once.
+    Refuse { ifindex: u32, reason: DropReason },
 }
 
 /// Count the verdict, report it to the monitor (drops always, forwards when
@@ -56,6 +60,14 @@ pub fn apply<const LOG: bool>(
     verdict: Result<Verdict, DropReason>,
 ) -> i32 {
     let monitor = monitor_config();
+    if let Ok(Verdict::Refuse { ifindex, reason }) = verdict {
+        drop::<LOG>(ctx, direction, reason, monitor.events_per_second);
+        return match crate::services::into_port_unreachable(ctx) {
+            // SAFETY: plain helper; returns TC_ACT_REDIRECT.
+            Ok(()) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+            Err(_) => TC_ACT_SHOT as i32,
+        };
+    }
     let (action, path) = match verdict {
         Ok(verdict) => match act(ctx, verdict) {
             Ok(done) => done,
@@ -125,6 +137,8 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<(i32, ForwardPath), DropReas
             }
             (unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 }, ForwardPath::ToRemoteOverlay)
         }
+        // Handled by `apply` before it gets here.
+        Verdict::Refuse { reason, .. } => return Err(reason),
     })
 }
 

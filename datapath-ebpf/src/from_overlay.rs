@@ -5,12 +5,13 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, programs::TcContext};
-use datapath_common::{Direction, DropReason, NodeKey};
+use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES, NodeKey};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod},
     maps::{KNOWN_NODES, node_config, remote_node_for},
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
+    services::{Translation, translate},
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
@@ -47,14 +48,22 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         // Peers only tunnel IPv4 today.
         return Err(DropReason::OverlayUnknownDestination);
     }
-    let (eth, ip) = ipv4_headers(ctx)?;
+    let (mut eth, mut ip) = ipv4_headers(ctx)?;
     // SAFETY: bounds-checked by ipv4_headers.
-    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let saddr = unsafe { (*ip).saddr };
     let from_sender = same_ipv4(saddr, outer_source)
         || remote_node_for(saddr).is_some_and(|n| same_ipv4(n.node_ipv4, outer_source));
     if !from_sender {
         return Err(DropReason::OverlaySpoofedSource);
     }
+    // Replies of Service connections opened by pods on this node (checked
+    // above with the backend's address, which the sender owns).
+    if config.flags & NODE_FLAG_SERVICES != 0 {
+        if let Translation::Rewritten = translate(ctx, ip, false)? {
+            (eth, ip) = ipv4_headers(ctx)?;
+        }
+    }
+    let daddr = unsafe { (*ip).daddr };
     if let Some(verdict) = to_local_pod(eth, ip, daddr) {
         return verdict;
     }

@@ -8,7 +8,7 @@
 //! hands everything else to the host stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason};
+use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod, to_remote_node},
@@ -17,6 +17,7 @@ use crate::{
         ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, EthHdr,
         ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4,
     },
+    services::{Translation, translate},
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
@@ -45,7 +46,7 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
     pull_headers(ctx);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     match ethertype(eth) {
-        ETH_P_IP => ipv4(ctx, iface.pod_ipv4),
+        ETH_P_IP => ipv4(ctx, ifindex, iface.pod_ipv4),
         ETH_P_ARP => arp(ctx, ifindex, iface.pod_ipv4, iface.host_mac),
         ETH_P_8021Q | ETH_P_8021AD => Err(DropReason::VlanTagged),
         // IPv6 and everything else: the host stack decides (no IPv6 datapath yet).
@@ -54,17 +55,25 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &TcContext, pod_ipv4: [u8; 4]) -> Result<Verdict, DropReason> {
-    let (eth, ip) = ipv4_headers(ctx)?;
+fn ipv4(ctx: &TcContext, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict, DropReason> {
+    let (mut eth, mut ip) = ipv4_headers(ctx)?;
     // SAFETY (derefs): bounds-checked by ipv4_headers.
     if !same_ipv4(unsafe { (*ip).saddr }, pod_ipv4) {
         return Err(DropReason::SpoofedSource);
+    }
+    let config = node_config();
+    if config.flags & NODE_FLAG_SERVICES != 0 {
+        match translate(ctx, ip, true)? {
+            Translation::None => {}
+            // The helpers that rewrote it invalidated every packet pointer.
+            Translation::Rewritten => (eth, ip) = ipv4_headers(ctx)?,
+            Translation::Refuse(reason) => return Ok(Verdict::Refuse { ifindex, reason }),
+        }
     }
     let daddr = unsafe { (*ip).daddr };
     if let Some(verdict) = to_local_pod(eth, ip, daddr) {
         return verdict;
     }
-    let config = node_config();
     if let Some(verdict) = to_remote_node(ctx, eth, ip, daddr, &config) {
         return verdict;
     }

@@ -4,11 +4,13 @@
 //! masqueraded connections) is the host stack's business, untouched.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason};
+use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{Verdict, apply, to_local_pod},
+    maps::node_config,
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers},
+    services::{Translation, translate},
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
@@ -29,10 +31,16 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         return Ok(Verdict::HostStack);
     }
     // A header we cannot read is not for a pod of ours: the stack decides.
-    let (eth, ip) = match ipv4_headers(ctx) {
+    let (mut eth, mut ip) = match ipv4_headers(ctx) {
         Ok(headers) => headers,
         Err(_) => return Ok(Verdict::HostStack),
     };
+    // Replies of Service connections opened by pods on this node.
+    if node_config().flags & NODE_FLAG_SERVICES != 0 {
+        if let Translation::Rewritten = translate(ctx, ip, false)? {
+            (eth, ip) = ipv4_headers(ctx)?;
+        }
+    }
     // SAFETY: bounds-checked by ipv4_headers.
     let daddr = unsafe { (*ip).daddr };
     match to_local_pod(eth, ip, daddr) {

@@ -15,6 +15,7 @@ pub mod from_uplink;
 pub mod maps;
 pub mod monitor;
 pub mod packet;
+pub mod services;
 
 /// Define the three TC programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a

@@ -2,15 +2,39 @@
 //! Names and sizes come from `datapath-common`, shared with the agent.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use datapath_common::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     DROP_COUNTER_SLOTS, Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS,
-    ForwardPath, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_TRAFFIC_SLOTS,
-    MONITOR_RING_BYTES, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig, NodeKey,
-    PodInterface, RemoteNode, drop_slot, forward_slot,
+    ForwardPath, MAX_AFFINITY_ENTRIES, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES,
+    MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, MonitorBudget, MonitorConfig,
+    MonitorEvent, MonitorOutcome, NodeConfig, NodeKey, PodInterface, RemoteNode, Service, ServiceKey,
+    drop_slot, forward_slot,
 };
+
+/// Allocated as Services come: most clusters have far fewer than the maximum.
+const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }, ON_DEMAND> = HashMap::new();
+
+#[btf_map]
+pub static SERVICE_BACKENDS: HashMap<BackendKey, Backend, { MAX_SERVICE_BACKENDS as usize }, ON_DEMAND> =
+    HashMap::new();
+
+/// Preallocated (the agent sets the size from `conntrack_max_entries`): a
+/// new connection never waits for an allocation, and a full map refuses new
+/// connections instead of evicting live ones.
+#[btf_map]
+pub static CONNTRACK: HashMap<ConntrackKey, ConntrackEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_LOCAL_ENDPOINTS as usize }> = HashMap::new();

@@ -88,3 +88,95 @@ pub fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) 
     a.extend_from_slice(&target_ip);
     ethernet([0xff; 6], sender_mac, ETH_P_ARP, &a)
 }
+
+/// Checksum of a TCP or UDP segment with its IPv4 pseudo-header.
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> u16 {
+    let mut data = Vec::with_capacity(12 + segment.len());
+    data.extend_from_slice(&src);
+    data.extend_from_slice(&dst);
+    data.extend_from_slice(&[0, protocol]);
+    data.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    data.extend_from_slice(segment);
+    checksum(&data)
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+
+impl Ipv4 {
+    /// A TCP segment (20-byte header, `payload` after it) with valid checksums.
+    pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8, payload: &[u8]) -> Self {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        t.extend_from_slice(payload);
+        let c = l4_checksum(src, dst, 6, &t);
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        Self { src, dst, ttl: 64, protocol: 6, options: vec![], frag: 0x4000, payload: t }
+    }
+
+    /// A UDP datagram; `with_checksum: false` sends checksum 0 (none).
+    pub fn udp(
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        payload: &[u8],
+        with_checksum: bool,
+    ) -> Self {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(payload);
+        if with_checksum {
+            let c = l4_checksum(src, dst, 17, &u);
+            u[6..8].copy_from_slice(&c.to_be_bytes());
+        }
+        Self { src, dst, ttl: 64, protocol: 17, options: vec![], frag: 0x4000, payload: u }
+    }
+}
+
+/// An Ethernet/IPv4 frame taken apart, for checking what a program wrote.
+#[derive(Debug)]
+pub struct Parsed {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub protocol: u8,
+    pub ip_header_ok: bool,
+    /// The L4 bytes (after the IPv4 header, up to its total length).
+    pub l4: Vec<u8>,
+}
+
+impl Parsed {
+    pub fn new(frame: &[u8]) -> Self {
+        let ip = &frame[14..];
+        let hl = (ip[0] & 0x0f) as usize * 4;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        Parsed {
+            src: ip[12..16].try_into().unwrap(),
+            dst: ip[16..20].try_into().unwrap(),
+            protocol: ip[9],
+            ip_header_ok: checksum(&ip[..hl]) == 0,
+            l4: ip[hl..total].to_vec(),
+        }
+    }
+    pub fn sport(&self) -> u16 {
+        u16::from_be_bytes([self.l4[0], self.l4[1]])
+    }
+    pub fn dport(&self) -> u16 {
+        u16::from_be_bytes([self.l4[2], self.l4[3]])
+    }
+    /// TCP/UDP checksum verifies (a UDP checksum of 0 means none).
+    pub fn l4_checksum_ok(&self) -> bool {
+        if self.protocol == 17 && self.l4[6..8] == [0, 0] {
+            return true;
+        }
+        l4_checksum(self.src, self.dst, self.protocol, &self.l4) == 0
+    }
+}

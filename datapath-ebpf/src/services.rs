@@ -1,0 +1,312 @@
+//! ClusterIP Services: a pod's new TCP or UDP connection to a Service port
+//! gets a backend, and both directions of it a connection-tracking entry
+//! that says how to rewrite them. The client's packets have their
+//! destination rewritten to the backend where they leave the client's pod
+//! ("from pod"); the backend's replies get the Service address back as
+//! their source where they reach the client's node (whichever program that
+//! is), so the client only ever sees the Service address.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    programs::TcContext,
+};
+use datapath_common::{
+    AffinityEntry, AffinityKey, BackendKey, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_REPLY, ConntrackEntry,
+    ConntrackKey, DropReason, HAIRPIN_IPV4, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+};
+
+use crate::{
+    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICES},
+    packet::{ETH_HLEN, Ipv4Hdr, ptr_at, same_ipv4},
+};
+
+/// `-EEXIST`: another CPU opened the same connection first.
+const EEXIST: i32 = -17;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// Offsets in the IPv4 header.
+const IP_CHECK: usize = ETH_HLEN + 10;
+const IP_SADDR: usize = ETH_HLEN + 12;
+const IP_DADDR: usize = ETH_HLEN + 16;
+/// Write `last_seen_ns` at most this often: one cache line write per
+/// connection per interval, not per packet.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// What [`translate`] did.
+pub enum Translation {
+    /// Not a Service connection: forward as it is.
+    None,
+    /// Addresses or ports rewritten: packet pointers must be taken again.
+    Rewritten,
+    /// A new connection the Service cannot take: refuse it.
+    Refuse(DropReason),
+}
+
+/// The TCP/UDP ports and where the L4 header starts.
+struct Ports {
+    l4: usize,
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// Translate a TCP or UDP packet that belongs to (or opens) a Service
+/// connection. `ip` is bounds-checked and validated by the caller. Only
+/// "from pod" may open connections (`may_open`); the other programs only
+/// translate replies.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<Translation, DropReason> {
+    // SAFETY (derefs of ip): bounds-checked by the caller.
+    let (protocol, saddr, daddr, version_ihl, frag_off) =
+        unsafe { ((*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).version_ihl, (*ip).frag_off) };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return Ok(Translation::None);
+    }
+    // Later fragments carry no ports: they cannot be matched (a known gap).
+    if u16::from_be_bytes(frag_off) & 0x1fff != 0 {
+        return Ok(Translation::None);
+    }
+    let Some(ports) = ports(ctx, version_ihl) else {
+        return Ok(Translation::None);
+    };
+    let key = ConntrackKey { saddr, daddr, sport: ports.sport, dport: ports.dport, protocol, _pad: [0; 3] };
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live entry; a racing update of these fields is harmless.
+        let entry_copy = unsafe {
+            if now.wrapping_sub((*entry).last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
+                (*entry).last_seen_ns = now;
+            }
+            if protocol == IPPROTO_TCP && (*entry).flags & CT_CLOSING == 0 {
+                if let Ok(flags) = ctx.load::<u8>(ports.l4 + 13) {
+                    if flags & (TCP_FIN | TCP_RST) != 0 {
+                        (*entry).flags |= CT_CLOSING;
+                    }
+                }
+            }
+            *entry
+        };
+        rewrite(ctx, &key, &entry_copy, &ports)?;
+        return Ok(Translation::Rewritten);
+    }
+    if !may_open {
+        return Ok(Translation::None);
+    }
+    let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(service) = (unsafe { SERVICES.get(service_key) }).copied() else {
+        return Ok(Translation::None);
+    };
+    if service.backend_count == 0 {
+        return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
+    }
+    let affinity_key = AffinityKey { service_id: service.id, client_ipv4: saddr };
+    let with_affinity = service.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
+    let mut backend = None;
+    if with_affinity {
+        // SAFETY: copied out at once.
+        if let Some(affinity) = unsafe { SERVICE_AFFINITY.get(affinity_key) } {
+            let timeout = service.affinity_timeout_seconds as u64 * NS_PER_SECOND;
+            if now.wrapping_sub(affinity.last_used_ns) < timeout {
+                backend = Some(affinity.backend);
+            }
+        }
+    }
+    let backend = match backend {
+        Some(backend) => backend,
+        None => {
+            // SAFETY: plain helper without arguments.
+            let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+            // SAFETY: copied out at once.
+            match unsafe { SERVICE_BACKENDS.get(BackendKey { service_id: service.id, slot }) } {
+                Some(backend) => *backend,
+                // The agent is shrinking this Service right now.
+                None => return Ok(Translation::Refuse(DropReason::ServiceNoBackend)),
+            }
+        }
+    };
+    if with_affinity {
+        let entry = AffinityEntry { backend, last_used_ns: now };
+        let _ = SERVICE_AFFINITY.insert(affinity_key, entry, 0);
+    }
+    let hairpin = same_ipv4(backend.ipv4, saddr);
+    let forward = ConntrackEntry {
+        nat_addr: backend.ipv4,
+        nat_port: backend.port,
+        kind: CT_FORWARD,
+        flags: if hairpin { CT_HAIRPIN } else { 0 },
+        client_ipv4: saddr,
+        service_id: service.id,
+        last_seen_ns: now,
+    };
+    let reply_key = key.pair(&forward);
+    let reply = ConntrackEntry { nat_addr: daddr, nat_port: ports.dport, kind: CT_REPLY, ..forward };
+    match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            // Another CPU opened it a moment ago: use its choice.
+            // SAFETY: copied out at once.
+            return match unsafe { CONNTRACK.get(key) } {
+                Some(entry) => {
+                    let entry = *entry;
+                    rewrite(ctx, &key, &entry, &ports)?;
+                    Ok(Translation::Rewritten)
+                }
+                None => Ok(Translation::Refuse(DropReason::ConntrackFull)),
+            };
+        }
+        // Full: the old connections keep their entries, this one is refused.
+        Err(_) => return Ok(Translation::Refuse(DropReason::ConntrackFull)),
+    }
+    if CONNTRACK.insert(reply_key, reply, 0).is_err() {
+        let _ = CONNTRACK.remove(key);
+        return Ok(Translation::Refuse(DropReason::ConntrackFull));
+    }
+    rewrite(ctx, &key, &forward, &ports)?;
+    Ok(Translation::Rewritten)
+}
+
+#[inline(always)]
+fn ports(ctx: &TcContext, version_ihl: u8) -> Option<Ports> {
+    let ihl = (version_ihl & 0x0f) as usize * 4;
+    // The common case, no IP options, with direct access; else a copy.
+    let raw: [u8; 4] = if ihl == 20 {
+        let p: *const [u8; 4] = ptr_at(ctx, ETH_HLEN + 20)?;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *p }
+    } else {
+        ctx.load::<[u8; 4]>(ETH_HLEN + ihl).ok()?
+    };
+    Some(Ports { l4: ETH_HLEN + ihl, sport: [raw[0], raw[1]], dport: [raw[2], raw[3]] })
+}
+
+/// Apply a connection's translation to this packet, checksums included
+/// (the helpers also handle CHECKSUM_PARTIAL packets from veths and UDP
+/// without a checksum).
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    ports: &Ports,
+) -> Result<(), DropReason> {
+    let hairpin = entry.flags & CT_HAIRPIN != 0;
+    let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
+        (ports.l4 + 16, 0)
+    } else {
+        (ports.l4 + 6, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    if entry.kind == CT_FORWARD {
+        // Client -> backend (and, hairpin, from the hairpin address).
+        set_addr(ctx, IP_DADDR, l4_check, mangled_0, key.daddr, entry.nat_addr)?;
+        set_port(ctx, ports.l4 + 2, l4_check, mangled_0, key.dport, entry.nat_port)?;
+        if hairpin {
+            set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, HAIRPIN_IPV4)?;
+        }
+    } else {
+        // Backend -> client: from the Service address again.
+        set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, entry.nat_addr)?;
+        set_port(ctx, ports.l4, l4_check, mangled_0, key.sport, entry.nat_port)?;
+        if hairpin {
+            set_addr(ctx, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_addr(
+    ctx: &TcContext,
+    offset: usize,
+    l4_check: usize,
+    mangled_0: u64,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), DropReason> {
+    // The helpers take the values as they sit in the packet.
+    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    ctx.l4_csum_replace(l4_check, from, to, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)
+        .and_then(|()| ctx.l3_csum_replace(IP_CHECK, from, to, 4))
+        .and_then(|()| ctx.store(offset, &new, 0))
+        .map_err(|_| DropReason::NatRewriteFailed)
+}
+
+#[inline(always)]
+fn set_port(
+    ctx: &TcContext,
+    offset: usize,
+    l4_check: usize,
+    mangled_0: u64,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64);
+    ctx.l4_csum_replace(l4_check, from, to, mangled_0 | 2)
+        .and_then(|()| ctx.store(offset, &new, 0))
+        .map_err(|_| DropReason::NatRewriteFailed)
+}
+
+/// Turn the packet into an ICMP port unreachable from the Service address
+/// back to the client (RFC 792: the IP header and 8 bytes of the original),
+/// so that connect() fails at once instead of timing out.
+#[inline(always)]
+pub fn into_port_unreachable(ctx: &TcContext) -> Result<(), DropReason> {
+    const REPLY_LEN: usize = ETH_HLEN + 20 + 8 + 28;
+    let original: [u8; ETH_HLEN + 28] = ctx.load(0).map_err(|_| DropReason::MalformedIpv4)?;
+    // Only option-less headers are quoted; a client with IP options waits.
+    if original[ETH_HLEN] != 0x45 {
+        return Err(DropReason::MalformedIpv4);
+    }
+    let mut reply = [0u8; REPLY_LEN];
+    // Ethernet: back to the pod, from the host veth.
+    reply[0..6].copy_from_slice(&original[6..12]);
+    reply[6..12].copy_from_slice(&original[0..6]);
+    reply[12] = 0x08;
+    // IPv4: from the Service address (the original destination).
+    let ip = ETH_HLEN;
+    reply[ip] = 0x45;
+    reply[ip + 1] = 0xc0;
+    reply[ip + 2..ip + 4].copy_from_slice(&((20 + 8 + 28) as u16).to_be_bytes());
+    reply[ip + 8] = 64;
+    reply[ip + 9] = 1;
+    reply[ip + 12..ip + 16].copy_from_slice(&original[ETH_HLEN + 16..ETH_HLEN + 20]);
+    reply[ip + 16..ip + 20].copy_from_slice(&original[ETH_HLEN + 12..ETH_HLEN + 16]);
+    let check = checksum(&reply, ip, 20);
+    reply[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    // ICMP destination unreachable, port unreachable, quoting the original.
+    let icmp = ip + 20;
+    reply[icmp] = 3;
+    reply[icmp + 1] = 3;
+    reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
+    let check = checksum(&reply, icmp, 8 + 28);
+    reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());
+
+    // SAFETY: plain helper on the context pointer.
+    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
+    if rc != 0 {
+        return Err(DropReason::NatRewriteFailed);
+    }
+    ctx.store(0, &reply, 0).map_err(|_| DropReason::NatRewriteFailed)
+}
+
+/// Internet checksum of `len` bytes of `bytes` from `start` (even length).
+#[inline(always)]
+fn checksum<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < len {
+        let at = start + i;
+        if at + 1 < N {
+            sum += u16::from_be_bytes([bytes[at], bytes[at + 1]]) as u32;
+        }
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

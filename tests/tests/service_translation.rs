@@ -1,0 +1,347 @@
+//! Service translation at packet level: the real programs, loaded into the
+//! kernel, run on crafted TCP and UDP frames with BPF_PROG_TEST_RUN. Checks
+//! the rewritten addresses, ports and checksums, the connection-tracking
+//! entries, refusals and their counters. The lab tests (services.rs) run the
+//! same paths with real sockets.
+//!
+//! In BPF_PROG_TEST_RUN the skb's device is the loopback (ifindex 1), so the
+//! client pod is registered under ifindex 1.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::{
+    maps::HashMap,
+    programs::{TestRun as _, TestRunOptions},
+};
+use datapath_agent::datapath::{Counters, Datapath};
+use datapath_common::{
+    Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
+    NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,
+};
+use datapath_tests::{packets::*, require_root};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: [u8; 4] = [10, 244, 1, 10];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
+const HOST_CLIENT_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x0a];
+const BACKENDS: [[u8; 4]; 4] = [[10, 244, 1, 21], [10, 244, 1, 22], [10, 244, 1, 23], [10, 244, 1, 24]];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+struct Harness {
+    datapath: Datapath,
+}
+
+struct Run {
+    verdict: u32,
+    out: Vec<u8>,
+    counters: Counters,
+}
+
+impl Harness {
+    /// A node with the client pod (on the test-run device) and four backend
+    /// pods, Services switched on.
+    fn new() -> Self {
+        let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
+        datapath
+            .insert_pod_interface(
+                1,
+                PodInterface { pod_ipv4: CLIENT, host_mac: HOST_CLIENT_MAC, _pad: [0; 2], traffic_slot: 0 },
+            )
+            .unwrap();
+        for (i, ip) in BACKENDS.iter().chain([&CLIENT]).enumerate() {
+            let n = i as u8 + 1;
+            datapath
+                .insert_endpoint(
+                    Ipv4Addr::from(*ip),
+                    Endpoint {
+                        host_ifindex: 4000 + u32::from(n),
+                        pod_mac: [0x02, 0xaa, 0, 0, 1, n],
+                        host_mac: [0x02, 0xee, 0, 0, 1, n],
+                        flags: 0,
+                        traffic_slot: u32::from(n),
+                    },
+                )
+                .unwrap();
+        }
+        let mut harness = Self { datapath };
+        harness.set_services_flag(true);
+        harness
+    }
+
+    fn set_services_flag(&mut self, on: bool) {
+        self.datapath
+            .set_node_config(NodeConfig {
+                node_ipv4: [192, 0, 2, 1],
+                mode: RoutingMode::Native as u32,
+                uplink_ifindex: 1,
+                vxlan_ifindex: 0,
+                vni: 1,
+                flags: if on { NODE_FLAG_SERVICES } else { 0 },
+            })
+            .unwrap();
+    }
+
+    /// Service `id` at VIP:port/protocol over `backends` (ip, target port).
+    fn service(&mut self, id: u32, port: u16, protocol: u8, backends: &[([u8; 4], u16)]) {
+        let ebpf = self.datapath.ebpf_mut();
+        let mut slots: HashMap<_, BackendKey, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::SERVICE_BACKENDS).unwrap()).unwrap();
+        for (slot, (ip, port)) in backends.iter().enumerate() {
+            let key = BackendKey { service_id: id, slot: slot as u32 };
+            slots.insert(key, Backend { ipv4: *ip, port: port.to_be_bytes(), _pad: [0; 2] }, 0).unwrap();
+        }
+        let mut services: HashMap<_, ServiceKey, Service> =
+            HashMap::try_from(ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
+        let key = ServiceKey { vip: VIP, port: port.to_be_bytes(), protocol, _pad: 0 };
+        let service =
+            Service { id, backend_count: backends.len() as u32, flags: 0, affinity_timeout_seconds: 0 };
+        services.insert(key, service, 0).unwrap();
+    }
+
+    fn conntrack(&mut self) -> BTreeMap<ConntrackKey, ConntrackEntry> {
+        let map: HashMap<_, ConntrackKey, ConntrackEntry> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    fn run(&self, program: &'static str, ip: &Ipv4) -> Run {
+        let frame = ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .datapath
+            .program(program)
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        Run { verdict: result.return_value, out, counters: self.datapath.counters().unwrap() }
+    }
+
+    fn from_pod(&self, ip: &Ipv4) -> Run {
+        self.run(program_names::FROM_POD, ip)
+    }
+}
+
+fn syn(sport: u16, dport: u16) -> Ipv4 {
+    Ipv4::tcp(CLIENT, sport, VIP, dport, TCP_SYN, &[])
+}
+
+#[test]
+fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service() {
+    if !require_root("tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 8080)]);
+
+    let run = h.from_pod(&syn(40000, 80));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the local backend");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (CLIENT, 40000));
+    assert_eq!((out.dst, out.dport()), (BACKENDS[0], 8080), "destination is the backend");
+    assert!(out.ip_header_ok, "IPv4 checksum");
+    assert!(out.l4_checksum_ok(), "TCP checksum after the rewrite");
+
+    let ct = h.conntrack();
+    assert_eq!(ct.len(), 2, "one entry per direction: {ct:?}");
+
+    // The backend's answer, as it reaches the client's node from the uplink.
+    let reply = Ipv4::tcp(BACKENDS[0], 8080, CLIENT, 40000, TCP_SYN | TCP_ACK, &[]);
+    let run = h.run(program_names::FROM_UPLINK, &reply);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (VIP, 80), "the client sees the Service, never the backend");
+    assert_eq!((out.dst, out.dport()), (CLIENT, 40000));
+    assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums of the reply");
+    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::LocalDelivery), 2);
+}
+
+#[test]
+fn udp_is_translated_with_and_without_a_checksum() {
+    if !require_root("udp_is_translated_with_and_without_a_checksum") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 53, UDP, &[(BACKENDS[1], 5353)]);
+    for (sport, with_checksum) in [(50000, true), (50001, false)] {
+        let run = h.from_pod(&Ipv4::udp(CLIENT, sport, VIP, 53, b"query", with_checksum));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.dst, out.dport()), (BACKENDS[1], 5353));
+        assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums ({with_checksum})");
+        if !with_checksum {
+            assert_eq!(out.l4[6..8], [0, 0], "a datagram without checksum keeps none");
+        }
+        let reply = Ipv4::udp(BACKENDS[1], 5353, CLIENT, sport, b"answer", with_checksum);
+        let out = Parsed::new(&h.run(program_names::FROM_UPLINK, &reply).out);
+        assert_eq!((out.src, out.sport()), (VIP, 53));
+        assert!(out.l4_checksum_ok());
+    }
+}
+
+#[test]
+fn a_connection_keeps_its_backend_while_backends_are_added() {
+    if !require_root("a_connection_keeps_its_backend_while_backends_are_added") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80), (BACKENDS[1], 80)]);
+    let first = Parsed::new(&h.from_pod(&syn(41000, 80)).out).dst;
+    h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
+    for _ in 0..20 {
+        let ack = Ipv4::tcp(CLIENT, 41000, VIP, 80, TCP_ACK, b"more");
+        let out = Parsed::new(&h.from_pod(&ack).out);
+        assert_eq!(out.dst, first, "every packet of the connection goes to the same backend");
+    }
+}
+
+#[test]
+fn new_connections_spread_over_all_backends() {
+    if !require_root("new_connections_spread_over_all_backends") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
+    let mut seen = BTreeMap::new();
+    for sport in 42000..42200 {
+        *seen.entry(Parsed::new(&h.from_pod(&syn(sport, 80)).out).dst).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), BACKENDS.len(), "every backend got connections: {seen:?}");
+    assert!(seen.values().all(|n| *n >= 20), "roughly even over 200 connections: {seen:?}");
+    assert_eq!(h.conntrack().len(), 400);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_via_the_hairpin_address() {
+    if !require_root("a_pod_reaches_itself_through_its_service_via_the_hairpin_address") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(CLIENT, 8080)]);
+    let out = Parsed::new(&h.from_pod(&syn(43000, 80)).out);
+    // From its own address it would be a martian to the pod.
+    assert_eq!((out.src, out.sport()), (HAIRPIN_IPV4, 43000));
+    assert_eq!((out.dst, out.dport()), (CLIENT, 8080));
+    assert!(out.l4_checksum_ok());
+    // Its answer goes to the hairpin address, from its own veth.
+    let reply = Ipv4::tcp(CLIENT, 8080, HAIRPIN_IPV4, 43000, TCP_SYN | TCP_ACK, &[]);
+    let run = h.from_pod(&reply);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (VIP, 80));
+    assert_eq!((out.dst, out.dport()), (CLIENT, 43000));
+    assert!(out.ip_header_ok && out.l4_checksum_ok());
+}
+
+#[test]
+fn a_service_without_backends_refuses_with_port_unreachable() {
+    if !require_root("a_service_without_backends_refuses_with_port_unreachable") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[]);
+    let request = syn(44000, 80);
+    let run = h.from_pod(&request);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the refusal goes back to the pod");
+    assert_eq!(run.counters.drop_count(DropReason::ServiceNoBackend), 1);
+    assert_eq!(run.out[0..6], CLIENT_MAC, "to the pod's MAC");
+    let icmp = Parsed::new(&run.out);
+    assert_eq!((icmp.src, icmp.dst, icmp.protocol), (VIP, CLIENT, 1));
+    assert!(icmp.ip_header_ok);
+    assert_eq!(icmp.l4[0..2], [3, 3], "destination unreachable, port unreachable");
+    assert_eq!(checksum(&icmp.l4), 0, "ICMP checksum");
+    assert_eq!(icmp.l4[8..36], request.bytes()[..28], "quotes the original header and ports");
+    assert!(h.conntrack().is_empty(), "nothing tracked for a refused connection");
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
+    if !require_root("a_full_conntrack_refuses_new_connections_and_keeps_old_ones") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    assert_eq!(Parsed::new(&h.from_pod(&syn(45000, 80)).out).dst, BACKENDS[0]);
+    // Fill the rest of the map with other connections' entries.
+    {
+        let mut map: HashMap<_, ConntrackKey, ConntrackEntry> =
+            HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        let mut i: u32 = 0;
+        loop {
+            let b = i.to_be_bytes();
+            let key = ConntrackKey {
+                saddr: [10, 99, b[2], b[3]],
+                daddr: VIP,
+                sport: [b[0], b[1]],
+                dport: 80u16.to_be_bytes(),
+                protocol: TCP,
+                _pad: [0; 3],
+            };
+            if map.insert(key, ConntrackEntry::default(), 0).is_err() {
+                break;
+            }
+            i += 1;
+        }
+        assert!(i > 1000, "filled after {i} entries");
+    }
+    let run = h.from_pod(&syn(45001, 80));
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackFull), 1, "new connection refused");
+    assert_eq!(Parsed::new(&run.out).protocol, 1, "with ICMP port unreachable");
+    let old = Ipv4::tcp(CLIENT, 45000, VIP, 80, TCP_ACK, b"still here");
+    let run = h.from_pod(&old);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(Parsed::new(&run.out).dst, BACKENDS[0], "the old connection goes on");
+}
+
+#[test]
+fn fin_marks_the_connection_closing() {
+    if !require_root("fin_marks_the_connection_closing") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    h.from_pod(&syn(46000, 80));
+    assert!(h.conntrack().values().all(|e| e.flags & datapath_common::CT_CLOSING == 0));
+    h.from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_FIN | TCP_ACK, &[]));
+    let closing = h.conntrack().values().filter(|e| e.flags & datapath_common::CT_CLOSING != 0).count();
+    assert_eq!(closing, 1, "the direction that saw the FIN");
+}
+
+#[test]
+fn without_the_services_flag_nothing_is_translated() {
+    if !require_root("without_the_services_flag_nothing_is_translated") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    h.set_services_flag(false);
+    let run = h.from_pod(&syn(47000, 80));
+    assert_eq!(run.verdict, TC_ACT_OK, "to the host stack, as before Services");
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    assert!(h.conntrack().is_empty());
+}
+
+#[test]
+fn other_ports_and_protocols_of_the_vip_are_not_translated() {
+    if !require_root("other_ports_and_protocols_of_the_vip_are_not_translated") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    let run = h.from_pod(&syn(48000, 81));
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    let run = h.from_pod(&Ipv4::udp(CLIENT, 48001, VIP, 80, b"x", true));
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    assert_ne!(run.verdict, TC_ACT_SHOT);
+    assert!(h.conntrack().is_empty());
+}
