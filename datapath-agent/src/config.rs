@@ -71,6 +71,139 @@ pub struct AgentConfig {
     /// counted as rate limited.
     #[serde(default = "default_monitor_events_per_second")]
     pub monitor_events_per_second: u32,
+    /// Capacity of the connection-tracking map, in entries (two per Service
+    /// connection: one per direction). Sizes the map when it is created, so
+    /// a change needs the pinned map removed and a restart (docs/services.md).
+    #[serde(default = "default_conntrack_max_entries")]
+    pub conntrack_max_entries: u32,
+    /// A TCP Service connection with no packet for this long is forgotten.
+    #[serde(default = "default_conntrack_tcp_idle_seconds")]
+    pub conntrack_tcp_idle_seconds: u32,
+    /// A UDP Service "connection" (a 5-tuple) with no packet for this long is
+    /// forgotten; the next packet picks a backend anew.
+    #[serde(default = "default_conntrack_udp_idle_seconds")]
+    pub conntrack_udp_idle_seconds: u32,
+    /// A TCP connection that saw a FIN or RST is forgotten this long after its
+    /// last packet (room for the final ACKs and retransmissions).
+    #[serde(default = "default_conntrack_closing_seconds")]
+    pub conntrack_closing_seconds: u32,
+    /// ClusterIP Services (static source): cluster IP, ports and ready
+    /// backends. Applied live when the file changes.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// A ClusterIP Service, spelled as in Kubernetes where it can be.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The Service's name (metadata.name); shown by `inspect services`.
+    pub name: String,
+    /// The Service's namespace (metadata.namespace).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The virtual address pods connect to (spec.clusterIP).
+    pub cluster_ip: Ipv4Addr,
+    /// "None" (each connection to any backend) or "ClientIP" (each client
+    /// keeps its backend while it keeps using the Service).
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    /// ClientIP affinity lasts this long after the client's last new
+    /// connection (sessionAffinityConfig.clientIP.timeoutSeconds).
+    #[serde(default = "default_session_affinity_timeout_seconds")]
+    pub session_affinity_timeout_seconds: u32,
+    /// The Service's ports (spec.ports); at least one.
+    pub ports: Vec<ServicePortConfig>,
+    /// Addresses of the ready backend pods (ready endpoints); none means
+    /// every new connection is refused at once.
+    #[serde(default)]
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// One port of a Service: pods connect to `cluster_ip:port`, backends
+/// listen on `target_port`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePortConfig {
+    /// The port on the cluster IP.
+    pub port: u16,
+    /// "TCP" (default) or "UDP".
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+    /// The port the backends listen on; the same as `port` when unset.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// The port's name (spec.ports[].name); shown by `inspect services`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ServicePortConfig {
+    pub fn target_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// spec.sessionAffinity.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+impl SessionAffinity {
+    /// The Kubernetes spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SessionAffinity::None => "None",
+            SessionAffinity::ClientIp => "ClientIP",
+        }
+    }
+}
+
+/// spec.ports[].protocol. SCTP parses so that it can be refused with a fix
+/// rather than as an unknown word.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, Default)]
+pub enum ServiceProtocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl ServiceProtocol {
+    /// The Kubernetes spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ServiceProtocol::Tcp => "TCP",
+            ServiceProtocol::Udp => "UDP",
+            ServiceProtocol::Sctp => "SCTP",
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_session_affinity_timeout_seconds() -> u32 {
+    10_800
+}
+fn default_conntrack_max_entries() -> u32 {
+    datapath_common::DEFAULT_CONNTRACK_ENTRIES
+}
+fn default_conntrack_tcp_idle_seconds() -> u32 {
+    21_600
+}
+fn default_conntrack_udp_idle_seconds() -> u32 {
+    60
+}
+fn default_conntrack_closing_seconds() -> u32 {
+    10
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -160,6 +293,11 @@ pub struct PeerConfig {
     pub node_ip: Ipv4Addr,
     pub pod_cidr: Ipv4Net,
 }
+
+/// Bounds of `conntrack_max_entries`: below, a handful of clients fill it;
+/// above, the preallocated map costs hundreds of MiB of kernel memory.
+pub const MIN_CONNTRACK_ENTRIES: u32 = 1_024;
+pub const MAX_CONNTRACK_ENTRIES: u32 = 4_194_304;
 
 /// Bytes VXLAN over IPv4 adds: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -309,6 +447,199 @@ impl AgentConfig {
                 fix: "use an absolute path, e.g. \"/run/datapath/agent.sock\"",
             });
         }
+        self.validate_conntrack()?;
+        self.validate_services()
+    }
+
+    fn validate_conntrack(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        let entries = self.conntrack_max_entries;
+        if !(MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(&entries) {
+            return invalid(
+                "conntrack_max_entries",
+                format!("{entries} is outside {MIN_CONNTRACK_ENTRIES}..={MAX_CONNTRACK_ENTRIES}"),
+                "use the default (131072) or size it at two entries per expected concurrent connection",
+            );
+        }
+        // Every connection takes one entry per direction.
+        if !entries.is_multiple_of(2) {
+            return invalid(
+                "conntrack_max_entries",
+                format!("{entries} is odd, but each connection takes two entries"),
+                "use an even number, e.g. 131072",
+            );
+        }
+        for (field, value, max, fix) in [
+            (
+                "conntrack_tcp_idle_seconds",
+                self.conntrack_tcp_idle_seconds,
+                604_800,
+                "use 1..=604800; the default 21600 (6 h) suits long-lived idle connections",
+            ),
+            (
+                "conntrack_udp_idle_seconds",
+                self.conntrack_udp_idle_seconds,
+                86_400,
+                "use 1..=86400; the default is 60",
+            ),
+            (
+                "conntrack_closing_seconds",
+                self.conntrack_closing_seconds,
+                3_600,
+                "use 1..=3600; the default is 10",
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return invalid(field, format!("{value} is outside 1..={max}"), fix);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        if self.source == Source::Kubernetes && !self.services.is_empty() {
+            return invalid(
+                "services",
+                format!(
+                    "{} static Services given, but the file's Services are read only with \
+                     source = \"static\"",
+                    self.services.len()
+                ),
+                "remove [[services]] or use source = \"static\"",
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut service_ports = std::collections::HashMap::new();
+        let mut backend_slots: u64 = 0;
+        for (i, service) in self.services.iter().enumerate() {
+            let name = &service.name;
+            let id = format!("{}/{name}", service.namespace);
+            for (field, value) in [("services.name", name), ("services.namespace", &service.namespace)] {
+                if value.is_empty() || value.len() > 253 {
+                    return invalid(
+                        field,
+                        format!("Service #{}: {value:?} is empty or longer than 253 characters", i + 1),
+                        "use the Kubernetes object's name and namespace, e.g. name = \"web\"",
+                    );
+                }
+            }
+            if !names.insert((&service.namespace, name)) {
+                return invalid(
+                    "services.name",
+                    format!("two Services are called {id}"),
+                    "give each Service a unique (namespace, name)",
+                );
+            }
+            let ip = service.cluster_ip;
+            if self.cluster_cidr.contains(&ip) {
+                return invalid(
+                    "services.cluster_ip",
+                    format!("{id}: {ip} is inside cluster_cidr {}", self.cluster_cidr),
+                    "take cluster IPs from the Service range (--service-cluster-ip-range, e.g. 10.96.0.0/12)",
+                );
+            }
+            if ip == self.node_ip || self.peers.iter().any(|p| p.node_ip == ip) {
+                return invalid(
+                    "services.cluster_ip",
+                    format!("{id}: {ip} is a node's address"),
+                    "take cluster IPs from the Service range, never a node address",
+                );
+            }
+            // Link-local holds the pods' gateway and the hairpin address.
+            if ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || ip.is_link_local()
+            {
+                return invalid(
+                    "services.cluster_ip",
+                    format!("{id}: {ip} is not a unicast address a Service can have"),
+                    "take cluster IPs from the Service range, e.g. 10.96.0.10",
+                );
+            }
+            if !(1..=86_400).contains(&service.session_affinity_timeout_seconds) {
+                return invalid(
+                    "services.session_affinity_timeout_seconds",
+                    format!("{id}: {} is outside 1..=86400", service.session_affinity_timeout_seconds),
+                    "use 1..=86400 (Kubernetes' limit); the default is 10800",
+                );
+            }
+            if service.ports.is_empty() {
+                return invalid(
+                    "services.ports",
+                    format!("{id} has no port"),
+                    "add at least one [[services.ports]] with port = <number>",
+                );
+            }
+            for port in &service.ports {
+                if port.port == 0 || port.target_port == Some(0) {
+                    return invalid(
+                        "services.ports.port",
+                        format!("{id}: 0 is not a port"),
+                        "use 1..=65535 for port and target_port",
+                    );
+                }
+                if port.protocol == ServiceProtocol::Sctp {
+                    return invalid(
+                        "services.ports.protocol",
+                        format!("{id} port {}: SCTP is not supported by this datapath", port.port),
+                        "use \"TCP\" or \"UDP\", or leave this port to kube-proxy",
+                    );
+                }
+                if let Some(other) = service_ports.insert((ip, port.port, port.protocol), id.clone()) {
+                    return invalid(
+                        "services.ports",
+                        format!(
+                            "{ip}:{}/{} belongs to both {other} and {id}",
+                            port.port,
+                            port.protocol.name()
+                        ),
+                        "give every Service its own cluster IP, and each port/protocol once",
+                    );
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for backend in &service.backends {
+                if !self.cluster_cidr.contains(backend) {
+                    return invalid(
+                        "services.backends",
+                        format!("{id}: backend {backend} is not inside cluster_cidr {}", self.cluster_cidr),
+                        "list the ready pods' addresses (EndpointSlice endpoints), all in the pod network",
+                    );
+                }
+                if !seen.insert(backend) {
+                    return invalid(
+                        "services.backends",
+                        format!("{id}: backend {backend} is listed twice"),
+                        "list each ready pod once",
+                    );
+                }
+            }
+            backend_slots += (service.ports.len() * service.backends.len()) as u64;
+        }
+        if service_ports.len() as u64 > u64::from(datapath_common::MAX_SERVICES) {
+            return invalid(
+                "services.ports",
+                format!(
+                    "{} Service ports, more than the datapath's {}",
+                    service_ports.len(),
+                    datapath_common::MAX_SERVICES
+                ),
+                "fewer Service ports per node",
+            );
+        }
+        if backend_slots > u64::from(datapath_common::MAX_SERVICE_BACKENDS) {
+            return invalid(
+                "services.backends",
+                format!(
+                    "{backend_slots} backends over all Service ports, more than the datapath's {}",
+                    datapath_common::MAX_SERVICE_BACKENDS
+                ),
+                "fewer backends or Service ports",
+            );
+        }
         Ok(())
     }
 
@@ -437,6 +768,7 @@ impl AgentConfig {
     }
 
     /// Fields that only a restart may change (the datapath is built around them).
+    /// `peers`, `services` and the conntrack timeouts are applied live.
     pub fn restart_only_fields_differ(&self, other: &AgentConfig) -> Option<&'static str> {
         if self.node_name != other.node_name {
             Some("node_name")
@@ -470,6 +802,8 @@ impl AgentConfig {
             Some("ebpf_log")
         } else if self.monitor_events_per_second != other.monitor_events_per_second {
             Some("monitor_events_per_second")
+        } else if self.conntrack_max_entries != other.conntrack_max_entries {
+            Some("conntrack_max_entries")
         } else {
             None
         }
@@ -588,6 +922,126 @@ node_ip = "192.168.1.10"
         assert!(e.contains("mode"), "{e}");
         let e = error_of(&format!("{GOOD}\n[vxlan]\nvni = 0\n"));
         assert!(e.contains("`vxlan.vni`"), "{e}");
+    }
+
+    const WEB: &str = r#"
+[[services]]
+name = "web"
+cluster_ip = "10.96.0.10"
+backends = ["10.244.1.5", "10.244.2.7"]
+[[services.ports]]
+port = 80
+target_port = 8080
+name = "http"
+[[services.ports]]
+port = 53
+protocol = "UDP"
+"#;
+
+    #[test]
+    fn accepts_services_with_kubernetes_defaults() {
+        let c = AgentConfig::parse(&format!("{GOOD}{WEB}")).unwrap();
+        assert_eq!(c.conntrack_max_entries, datapath_common::DEFAULT_CONNTRACK_ENTRIES);
+        assert_eq!(
+            (c.conntrack_tcp_idle_seconds, c.conntrack_udp_idle_seconds, c.conntrack_closing_seconds),
+            (21_600, 60, 10)
+        );
+        let web = &c.services[0];
+        assert_eq!(web.namespace, "default");
+        assert_eq!(web.session_affinity, SessionAffinity::None);
+        assert_eq!(web.session_affinity_timeout_seconds, 10_800);
+        assert_eq!(web.ports[0].target_port(), 8080);
+        assert_eq!(web.ports[0].name.as_deref(), Some("http"));
+        assert_eq!((web.ports[1].protocol, web.ports[1].target_port()), (ServiceProtocol::Udp, 53));
+
+        let sticky = WEB.replace(
+            "cluster_ip = \"10.96.0.10\"",
+            "cluster_ip = \"10.96.0.10\"\nsession_affinity = \"ClientIP\"\nsession_affinity_timeout_seconds = 60",
+        );
+        let c = AgentConfig::parse(&format!("{GOOD}{sticky}")).unwrap();
+        assert_eq!(c.services[0].session_affinity, SessionAffinity::ClientIp);
+        assert_eq!(c.services[0].session_affinity_timeout_seconds, 60);
+        // An empty backend list is valid: the Service refuses connections.
+        let empty = WEB.replace("backends = [\"10.244.1.5\", \"10.244.2.7\"]", "backends = []");
+        assert!(AgentConfig::parse(&format!("{GOOD}{empty}")).unwrap().services[0].backends.is_empty());
+    }
+
+    #[test]
+    fn refuses_bad_services_naming_the_field() {
+        let other = |ip: &str, port: &str| {
+            format!(
+                "[[services]]\nname = \"other\"\ncluster_ip = \"{ip}\"\n[[services.ports]]\nport = {port}\n"
+            )
+        };
+        for (services, field, words) in [
+            (WEB.replace("10.96.0.10", "10.244.3.3"), "services.cluster_ip", "inside cluster_cidr"),
+            (WEB.replace("10.96.0.10", "192.168.1.10"), "services.cluster_ip", "node's address"),
+            (WEB.replace("10.96.0.10", "169.254.42.1"), "services.cluster_ip", "not a unicast"),
+            (WEB.replace("10.244.2.7", "192.168.7.7"), "services.backends", "not inside cluster_cidr"),
+            (WEB.replace("10.244.2.7", "10.244.1.5"), "services.backends", "listed twice"),
+            (WEB.replace("port = 53\nprotocol = \"UDP\"", "port = 80"), "services.ports", "belongs to both"),
+            (format!("{WEB}{}", other("10.96.0.10", "80")), "services.ports", "10.96.0.10:80/TCP"),
+            (WEB.replace("protocol = \"UDP\"", "protocol = \"SCTP\""), "services.ports.protocol", "SCTP"),
+            (WEB.replace("\nport = 80", "\nport = 0"), "services.ports.port", "not a port"),
+            (WEB.replace("target_port = 8080", "target_port = 0"), "services.ports.port", "not a port"),
+            (
+                format!("{WEB}{}", other("10.96.0.11", "80").replace("other", "web")),
+                "services.name",
+                "two Services",
+            ),
+            (
+                "[[services]]\nname = \"bare\"\ncluster_ip = \"10.96.0.12\"\nports = []\n".to_owned(),
+                "services.ports",
+                "no port",
+            ),
+            (
+                WEB.replace(
+                    "cluster_ip = \"10.96.0.10\"",
+                    "cluster_ip = \"10.96.0.10\"\nsession_affinity_timeout_seconds = 0",
+                ),
+                "services.session_affinity_timeout_seconds",
+                "outside",
+            ),
+        ] {
+            let e = error_of(&format!("{GOOD}{services}"));
+            assert!(e.contains(&format!("`{field}`")) && e.contains(words), "{field}/{words}: {e}");
+        }
+        // The same port with the other protocol, or on another address, is another Service port.
+        AgentConfig::parse(&format!("{GOOD}{WEB}{}", other("10.96.0.10", "53"))).unwrap();
+        AgentConfig::parse(&format!("{GOOD}{WEB}{}", other("10.96.0.11", "80"))).unwrap();
+        // Kubernetes spelling only.
+        let e = error_of(&format!("{GOOD}{}", WEB.replace("protocol = \"UDP\"", "protocol = \"udp\"")));
+        assert!(e.contains("protocol"), "{e}");
+        let e = error_of(&format!(
+            "{GOOD}{}",
+            WEB.replace(
+                "cluster_ip = \"10.96.0.10\"",
+                "cluster_ip = \"10.96.0.10\"\nsession_affinity = \"clientip\""
+            )
+        ));
+        assert!(e.contains("session_affinity"), "{e}");
+        let e = error_of(&format!("{GOOD}source = \"kubernetes\"\n{WEB}"));
+        assert!(e.contains("`services`"), "{e}");
+    }
+
+    #[test]
+    fn conntrack_limits_are_checked_and_its_size_needs_a_restart() {
+        for (line, field) in [
+            ("conntrack_max_entries = 1023", "conntrack_max_entries"),
+            ("conntrack_max_entries = 2049", "conntrack_max_entries"),
+            ("conntrack_max_entries = 8388608", "conntrack_max_entries"),
+            ("conntrack_tcp_idle_seconds = 0", "conntrack_tcp_idle_seconds"),
+            ("conntrack_udp_idle_seconds = 0", "conntrack_udp_idle_seconds"),
+            ("conntrack_closing_seconds = 0", "conntrack_closing_seconds"),
+        ] {
+            let e = error_of(&format!("{GOOD}{line}\n"));
+            assert!(e.contains(&format!("`{field}`")), "{line}: {e}");
+        }
+        let base = AgentConfig::parse(GOOD).unwrap();
+        let resized = AgentConfig::parse(&format!("{GOOD}conntrack_max_entries = 1024\n")).unwrap();
+        assert_eq!(base.restart_only_fields_differ(&resized), Some("conntrack_max_entries"));
+        let live = AgentConfig::parse(&format!("{GOOD}conntrack_udp_idle_seconds = 30\n{WEB}")).unwrap();
+        assert_eq!(base.restart_only_fields_differ(&live), None, "Services and timeouts apply live");
     }
 
     #[test]

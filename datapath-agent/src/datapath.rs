@@ -8,11 +8,14 @@
 //! A newer program build replaces the running one on each pinned link with
 //! `bpf_link_update`, so no packet ever meets a missing program.
 
-use std::{fs, io, net::Ipv4Addr, path::PathBuf};
+use std::{borrow::BorrowMut, fs, io, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -20,14 +23,16 @@ use aya::{
     },
 };
 use datapath_common::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, ForwardPath, MAX_TRAFFIC_SLOTS,
-    MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NodeConfig, NodeKey, PodInterface, RemoteNode, drop_slot,
-    forward_slot, map_names, program_names,
+    MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NODE_FLAG_SERVICES, NodeConfig, NodeKey, PodInterface,
+    RemoteNode, Service, ServiceKey, drop_slot, forward_slot, map_names, program_names,
 };
 
 use crate::{
     ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
     mac::MacAddr,
+    services::{ConntrackLimits, MapWrite, ProgrammedState, ServicePort},
 };
 
 /// Which build of the programs to load.
@@ -157,11 +162,27 @@ pub struct ReconcileReport {
     pub stale_endpoints_removed: usize,
 }
 
+/// Sizes chosen at load time (maps are created with them; pinned maps keep
+/// the size they were created with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Capacity of the CONNTRACK map (`conntrack_max_entries`).
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { conntrack_entries: DEFAULT_CONNTRACK_ENTRIES }
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
     /// Traffic counter slots held by endpoints (rebuilt from the map on load).
     traffic_slots: std::collections::BTreeSet<u32>,
+    /// Capacity of the CONNTRACK map in use (a pinned map keeps its own).
+    conntrack_capacity: u32,
 }
 
 fn ifindex_exists(ifindex: u32) -> bool {
@@ -172,21 +193,50 @@ fn ifindex_exists(ifindex: u32) -> bool {
 
 impl Datapath {
     /// Load the programs with every map pinned under `pins` (reusing maps that
-    /// are already pinned there: their contents survive).
+    /// are already pinned there: their contents survive), with default sizes.
     pub fn load_pinned(pins: PinLayout, build: ProgramBuild) -> Result<Self, DatapathError> {
+        Self::load_pinned_with(pins, build, LoadOptions::default())
+    }
+
+    /// [`Self::load_pinned`] with the sizes of `options` for maps created now.
+    /// A CONNTRACK map pinned with another size is kept as it is (replacing
+    /// it would cut every live Service connection); the log says how to resize.
+    pub fn load_pinned_with(
+        pins: PinLayout,
+        build: ProgramBuild,
+        options: LoadOptions,
+    ) -> Result<Self, DatapathError> {
         for dir in [pins.maps_dir(), pins.links_dir(), pins.node_links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
         let map_paths: Vec<(&'static str, PathBuf)> =
             map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let conntrack_pin = pins.map(map_names::CONNTRACK);
+        let conntrack_capacity = match MapInfo::from_pin(&conntrack_pin) {
+            Ok(info) if info.max_entries() != options.conntrack_entries => {
+                tracing::warn!(
+                    pinned = info.max_entries(),
+                    configured = options.conntrack_entries,
+                    map = %conntrack_pin.display(),
+                    "conntrack_max_entries differs from the pinned connection-tracking map, which is kept \
+                     so that live connections go on; to resize it, remove the pin while no Service \
+                     connection matters and restart the agent"
+                );
+                info.max_entries()
+            }
+            _ => options.conntrack_entries,
+        };
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // For a pinned map this only keeps aya's idea of it in line with the
+        // kernel's; a new map is created with it.
+        loader.map_max_entries(map_names::CONNTRACK, conntrack_capacity);
         let ebpf = loader
             .load(build.object())
             .map_err(|source| DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) })?;
-        let mut datapath = Self { ebpf, pins, traffic_slots: Default::default() };
+        let mut datapath = Self { ebpf, pins, traffic_slots: Default::default(), conntrack_capacity };
         datapath.traffic_slots = datapath
             .endpoints()?
             .iter()
@@ -199,11 +249,21 @@ impl Datapath {
 
     /// Load the programs with private, unpinned maps (packet-level tests).
     pub fn load_unpinned() -> Result<Self, DatapathError> {
+        Self::load_unpinned_with(LoadOptions::default())
+    }
+
+    /// [`Self::load_unpinned`] with the map sizes of `options`.
+    pub fn load_unpinned_with(options: LoadOptions) -> Result<Self, DatapathError> {
         let ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CONNTRACK, options.conntrack_entries)
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load { dir: PathBuf::new(), source: Box::new(source) })?;
-        let mut datapath =
-            Self { ebpf, pins: PinLayout::new("/nonexistent"), traffic_slots: Default::default() };
+        let mut datapath = Self {
+            ebpf,
+            pins: PinLayout::new("/nonexistent"),
+            traffic_slots: Default::default(),
+            conntrack_capacity: options.conntrack_entries,
+        };
         datapath.load_programs()?;
         Ok(datapath)
     }
@@ -529,6 +589,7 @@ fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError>
 
 /// Read-only view of the pinned maps, for `inspect` (works with the agent down).
 pub struct PinnedMaps {
+    pins: PinLayout,
     node_config: Map,
     remote_nodes: Map,
     endpoints: Map,
@@ -538,14 +599,17 @@ pub struct PinnedMaps {
     monitor_counters: Map,
 }
 
+/// A map opened from its pin under `pins`.
+fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+}
+
 impl PinnedMaps {
     pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
-        let open = |name: &'static str| -> Result<Map, DatapathError> {
-            let data =
-                MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
-            Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
-        };
+        let open = |name| open_pinned(pins, name);
         Ok(Self {
+            pins: pins.clone(),
             node_config: open(map_names::NODE_CONFIG)?,
             remote_nodes: open(map_names::REMOTE_NODES)?,
             endpoints: open(map_names::ENDPOINTS)?,
@@ -554,6 +618,42 @@ impl PinnedMaps {
             traffic: open(map_names::ENDPOINT_TRAFFIC)?,
             monitor_counters: open(map_names::MONITOR_COUNTERS)?,
         })
+    }
+
+    // The Service maps are opened when asked for, so that the other views
+    // keep working on maps pinned by an agent that predates them.
+
+    /// Every Service port with its backends, by key.
+    pub fn services(&self) -> Result<Vec<ProgrammedService>, DatapathError> {
+        read_services(
+            &open_pinned(&self.pins, map_names::SERVICES)?,
+            &open_pinned(&self.pins, map_names::SERVICE_BACKENDS)?,
+        )
+    }
+
+    /// Service ports programmed (entries of SERVICES).
+    pub fn service_count(&self) -> Result<usize, DatapathError> {
+        let name = map_names::SERVICES;
+        let map = open_pinned(&self.pins, name)?;
+        let services: HashMap<&MapData, ServiceKey, Service> =
+            HashMap::try_from(&map).map_err(|source| DatapathError::Map { name, source })?;
+        services
+            .keys()
+            .try_fold(0, |n, key| key.map(|_| n + 1))
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Every connection-tracking entry, by key.
+    pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, DatapathError> {
+        read_conntrack(&open_pinned(&self.pins, map_names::CONNTRACK)?)
+    }
+
+    /// Capacity of the pinned connection-tracking map, in entries.
+    pub fn conntrack_capacity(&self) -> Result<u32, DatapathError> {
+        let name = map_names::CONNTRACK;
+        MapInfo::from_pin(self.pins.map(name))
+            .map(|info| info.max_entries())
+            .map_err(|source| DatapathError::Map { name, source })
     }
 
     /// An endpoint's packets and bytes, summed over CPUs (zero without a slot).
@@ -839,4 +939,268 @@ fn read_remote_routes(map: &Map) -> Result<Vec<RemoteRoute>, DatapathError> {
         .collect();
     out.sort_by_key(|r| (r.pod_cidr.network(), r.pod_cidr.prefix_len()));
     Ok(out)
+}
+
+/// A Service port as the maps hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgrammedService {
+    pub key: ServiceKey,
+    pub service: Service,
+    /// The backends in slots 0..backend_count, in slot order.
+    pub backends: Vec<Backend>,
+}
+
+/// What a sweep of the connection-tracking map did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries removed (two per connection).
+    pub removed: usize,
+    /// Entries left, as of the sweep's snapshot.
+    pub remaining: usize,
+}
+
+/// `map.get(key)`, with an absent key as `None`.
+fn get_present<T: std::borrow::Borrow<MapData>, K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<T, K, V>,
+    key: &K,
+) -> Result<Option<V>, MapError> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `map.remove(key)`; false if it was not there (the programs or another
+/// sweep removed it first).
+fn remove_present<T: BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<T, K, V>,
+    key: &K,
+) -> Result<bool, MapError> {
+    match map.remove(key) {
+        Ok(()) => Ok(true),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the map holds any entry (one syscall, whatever its size).
+fn has_entries<T: std::borrow::Borrow<MapData>, K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<T, K, V>,
+) -> Result<bool, MapError> {
+    map.keys().next().transpose().map(|key| key.is_some())
+}
+
+fn read_services(services: &Map, backends: &Map) -> Result<Vec<ProgrammedService>, DatapathError> {
+    let err = |name| move |source| DatapathError::Map { name, source };
+    let services: HashMap<&MapData, ServiceKey, Service> =
+        HashMap::try_from(services).map_err(err(map_names::SERVICES))?;
+    let backends: HashMap<&MapData, BackendKey, Backend> =
+        HashMap::try_from(backends).map_err(err(map_names::SERVICE_BACKENDS))?;
+    let entries: Vec<(ServiceKey, Service)> =
+        services.iter().collect::<Result<_, _>>().map_err(err(map_names::SERVICES))?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (key, service) in entries {
+        let mut slots = Vec::with_capacity(service.backend_count as usize);
+        for slot in 0..service.backend_count {
+            let slot_key = BackendKey { service_id: service.id, slot };
+            if let Some(backend) =
+                get_present(&backends, &slot_key).map_err(err(map_names::SERVICE_BACKENDS))?
+            {
+                slots.push(backend);
+            }
+        }
+        out.push(ProgrammedService { key, service, backends: slots });
+    }
+    out.sort_by_key(|s| s.key);
+    Ok(out)
+}
+
+fn read_conntrack(map: &Map) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, DatapathError> {
+    let name = map_names::CONNTRACK;
+    let conntrack: HashMap<&MapData, ConntrackKey, ConntrackEntry> =
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+    let mut out: Vec<(ConntrackKey, ConntrackEntry)> =
+        conntrack.iter().collect::<Result<_, _>>().map_err(|source| DatapathError::Map { name, source })?;
+    out.sort_by_key(|(key, _)| *key);
+    Ok(out)
+}
+
+/// Remove every connection quiet for longer than its limit, both entries
+/// at once. The keys are read first and removed afterwards (removing while
+/// walking a hash map restarts the walk), which also works on a full map.
+/// Each expired entry is looked up again just before it goes: a packet
+/// may have refreshed it since the snapshot.
+fn sweep_conntrack<T: BorrowMut<MapData>>(
+    map: &mut HashMap<T, ConntrackKey, ConntrackEntry>,
+    now_ns: u64,
+    limits: &ConntrackLimits,
+) -> Result<GcReport, DatapathError> {
+    let name = map_names::CONNTRACK;
+    let err = |source| DatapathError::Map { name, source };
+    let snapshot: std::collections::HashMap<ConntrackKey, ConntrackEntry> =
+        map.iter().collect::<Result<_, _>>().map_err(err)?;
+    let mut removed = 0;
+    for key in crate::services::expired_keys(&snapshot, now_ns, limits) {
+        let Some(entry) = get_present(map, &key).map_err(err)? else { continue };
+        let pair_key = key.pair(&entry);
+        let pair = get_present(map, &pair_key).map_err(err)?;
+        if !crate::services::expired(&key, &entry, pair.as_ref(), now_ns, limits) {
+            continue;
+        }
+        removed += usize::from(remove_present(map, &key).map_err(err)?);
+        if pair.is_some() {
+            removed += usize::from(remove_present(map, &pair_key).map_err(err)?);
+        }
+    }
+    Ok(GcReport { removed, remaining: snapshot.len().saturating_sub(removed) })
+}
+
+/// The connection-tracking map opened from its pin, for the collector: a
+/// sweep of a large map takes a while, and this way it does not hold up
+/// the agent (CNI requests, Service syncs) meanwhile.
+pub struct PinnedConntrack {
+    map: HashMap<MapData, ConntrackKey, ConntrackEntry>,
+}
+
+impl PinnedConntrack {
+    pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
+        let name = map_names::CONNTRACK;
+        let map = HashMap::try_from(open_pinned(pins, name)?)
+            .map_err(|source| DatapathError::Map { name, source })?;
+        Ok(Self { map })
+    }
+
+    /// See [`Datapath::conntrack_gc`].
+    pub fn sweep(&mut self, now_ns: u64, limits: &ConntrackLimits) -> Result<GcReport, DatapathError> {
+        sweep_conntrack(&mut self.map, now_ns, limits)
+    }
+}
+
+impl Datapath {
+    fn hash_map_mut<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
+        HashMap::try_from(self.map_mut(name)?).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, DatapathError> {
+        HashMap::try_from(self.map(name)?).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Every Service port with its backends, by key.
+    pub fn services(&self) -> Result<Vec<ProgrammedService>, DatapathError> {
+        read_services(self.map(map_names::SERVICES)?, self.map(map_names::SERVICE_BACKENDS)?)
+    }
+
+    /// Every connection-tracking entry, by key.
+    pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, DatapathError> {
+        read_conntrack(self.map(map_names::CONNTRACK)?)
+    }
+
+    /// Capacity of the connection-tracking map in use, in entries.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_capacity
+    }
+
+    fn programmed_state(&self) -> Result<ProgrammedState, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let services = self
+            .hash_map::<ServiceKey, Service>(map_names::SERVICES)?
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(map_names::SERVICES))?;
+        let backends = self
+            .hash_map::<BackendKey, Backend>(map_names::SERVICE_BACKENDS)?
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(map_names::SERVICE_BACKENDS))?;
+        Ok(ProgrammedState { services, backends })
+    }
+
+    /// Make the Service maps serve exactly `desired`, changing only what
+    /// differs, in an order no packet can catch half done (see
+    /// [`crate::services::plan_sync`]); then switch the programs' Service
+    /// lookups on or off ([`Self::update_services_flag`]). Connections
+    /// already tracked keep their backend: conntrack is not touched.
+    pub fn sync_services(&mut self, desired: &[ServicePort]) -> Result<SyncReport, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let plan = crate::services::plan_sync(&self.programmed_state()?, desired);
+        // Read once, at the first affinity to forget: affinities the
+        // programs add later are for backends still wanted.
+        let mut affinities: Option<Vec<(AffinityKey, AffinityEntry)>> = None;
+        for write in &plan.writes {
+            match write {
+                MapWrite::PutBackend(key, backend) => self
+                    .hash_map_mut::<BackendKey, Backend>(map_names::SERVICE_BACKENDS)?
+                    .insert(key, backend, 0)
+                    .map_err(err(map_names::SERVICE_BACKENDS))?,
+                MapWrite::PutService(key, service) => self
+                    .hash_map_mut::<ServiceKey, Service>(map_names::SERVICES)?
+                    .insert(key, service, 0)
+                    .map_err(err(map_names::SERVICES))?,
+                MapWrite::DeleteService(key) => {
+                    let mut services = self.hash_map_mut::<ServiceKey, Service>(map_names::SERVICES)?;
+                    remove_present(&mut services, key).map_err(err(map_names::SERVICES))?;
+                }
+                MapWrite::DeleteBackend(key) => {
+                    let mut backends =
+                        self.hash_map_mut::<BackendKey, Backend>(map_names::SERVICE_BACKENDS)?;
+                    remove_present(&mut backends, key).map_err(err(map_names::SERVICE_BACKENDS))?;
+                }
+                MapWrite::ForgetAffinity { service_id, backends } => {
+                    let name = map_names::SERVICE_AFFINITY;
+                    let mut map = self.hash_map_mut::<AffinityKey, AffinityEntry>(name)?;
+                    let known = match &mut affinities {
+                        Some(known) => known,
+                        None => affinities.insert(map.iter().collect::<Result<_, _>>().map_err(err(name))?),
+                    };
+                    let doomed = |(key, entry): &(AffinityKey, AffinityEntry)| {
+                        key.service_id == *service_id
+                            && backends.as_ref().is_none_or(|gone| gone.contains(&entry.backend))
+                    };
+                    for (key, _) in known.iter().filter(|e| doomed(e)) {
+                        remove_present(&mut map, key).map_err(err(name))?;
+                    }
+                    known.retain(|e| !doomed(e));
+                }
+            }
+        }
+        self.update_services_flag()?;
+        Ok(plan.report)
+    }
+
+    /// Set `NODE_FLAG_SERVICES` while any Service is programmed or any
+    /// connection is tracked (its replies still need translating), clear it
+    /// when neither: then TCP and UDP cost the programs no lookup. Only the
+    /// flag changes in NODE_CONFIG. Returns whether it is set.
+    pub fn update_services_flag(&mut self) -> Result<bool, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let services = has_entries(&self.hash_map::<ServiceKey, Service>(map_names::SERVICES)?)
+            .map_err(err(map_names::SERVICES))?;
+        let on = services
+            || has_entries(&self.hash_map::<ConntrackKey, ConntrackEntry>(map_names::CONNTRACK)?)
+                .map_err(err(map_names::CONNTRACK))?;
+        let config = self.node_config()?;
+        let flags = if on { config.flags | NODE_FLAG_SERVICES } else { config.flags & !NODE_FLAG_SERVICES };
+        if flags != config.flags {
+            self.set_node_config(NodeConfig { flags, ..config })?;
+            tracing::info!(on, "Service translation switched");
+        }
+        Ok(on)
+    }
+
+    /// Remove every connection that has been quiet for longer than its
+    /// limit at `now_ns` (CLOCK_MONOTONIC, the programs' clock): closing
+    /// (FIN or RST seen in either direction) after `closing_ns`, otherwise
+    /// TCP after `tcp_idle_ns`, UDP after `udp_idle_ns`, counted from the
+    /// later of its two directions' last packets. Both entries go together.
+    pub fn conntrack_gc(&mut self, now_ns: u64, limits: &ConntrackLimits) -> Result<GcReport, DatapathError> {
+        let mut map = self.hash_map_mut::<ConntrackKey, ConntrackEntry>(map_names::CONNTRACK)?;
+        sweep_conntrack(&mut map, now_ns, limits)
+    }
 }

@@ -7,6 +7,9 @@
 //! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
 //! datapath_endpoints                local pod endpoints
 //! datapath_remote_nodes             peer pod CIDRs programmed
+//! datapath_services                 Service ports programmed
+//! datapath_conntrack_entries        connection-tracking entries (two per connection), at the last sweep
+//! datapath_conntrack_gc_removed_total  entries the agent's collector removed
 //! datapath_map_entries{map}         fill level of the sized maps ...
 //! datapath_map_capacity{map}        ... and their capacity
 //! datapath_agent_errors_total       failed reconciliations and refused requests
@@ -16,7 +19,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use datapath_common::{MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES};
+use datapath_common::{MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICES};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -24,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::{PinLayout, PinnedMaps};
+use crate::datapath::{GcReport, PinLayout, PinnedMaps};
 
 /// Errors the agent hit (peer sync, refused CNI requests), for alerting.
 #[derive(Debug, Default)]
@@ -36,10 +39,34 @@ impl AgentErrors {
     }
 }
 
+/// What the agent's connection-tracking collector saw. Counting a large
+/// map at every scrape would cost a syscall per entry; the collector walks
+/// it every few seconds anyway.
+#[derive(Debug, Default)]
+pub struct ConntrackStats {
+    /// Entries at the last sweep; absent before the first one.
+    entries: std::sync::Mutex<Option<u64>>,
+    gc_removed: AtomicU64,
+}
+
+impl ConntrackStats {
+    pub fn record_sweep(&self, report: &GcReport) {
+        self.gc_removed.fetch_add(report.removed as u64, Ordering::Relaxed);
+        if let Ok(mut entries) = self.entries.lock() {
+            *entries = Some(report.remaining as u64);
+        }
+    }
+
+    fn entries(&self) -> Option<u64> {
+        self.entries.lock().ok().and_then(|e| *e)
+    }
+}
+
 #[derive(Debug)]
 struct DatapathCollector {
     pins: PinLayout,
     errors: Arc<AgentErrors>,
+    conntrack: Arc<ConntrackStats>,
 }
 
 impl Collector for DatapathCollector {
@@ -52,6 +79,24 @@ impl Collector for DatapathCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(errors).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
+        let mut metric = encoder.encode_descriptor(
+            "datapath_conntrack_gc_removed",
+            "Connection-tracking entries the agent removed (idle or closed connections; two per connection)",
+            None,
+            MetricType::Counter,
+        )?;
+        let removed = self.conntrack.gc_removed.load(Ordering::Relaxed);
+        ConstCounter::new(removed).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
+        let conntrack_entries = self.conntrack.entries();
+        if let Some(entries) = conntrack_entries {
+            let metric = encoder.encode_descriptor(
+                "datapath_conntrack_entries",
+                "Connection-tracking entries (two per Service connection), at the agent's last sweep",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(entries as i64).encode(metric)?;
+        }
 
         // The maps may be unreadable for a moment at start; then say nothing.
         let Ok(maps) = PinnedMaps::open(&self.pins) else { return Ok(()) };
@@ -106,6 +151,17 @@ impl Collector for DatapathCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(remote).encode(metric)?;
+        // Absent on maps pinned by an agent without Services: say nothing.
+        let services = maps.service_count().ok().map(|n| n as i64);
+        if let Some(services) = services {
+            let metric = encoder.encode_descriptor(
+                "datapath_services",
+                "Service ports programmed (cluster IP, port, protocol)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(services).encode(metric)?;
+        }
         let mut metric = encoder.encode_descriptor(
             "datapath_map_entries",
             "Entries in the sized maps",
@@ -114,6 +170,12 @@ impl Collector for DatapathCollector {
         )?;
         ConstGauge::new(endpoints).encode(metric.encode_family(&vec![("map", "endpoints")])?)?;
         ConstGauge::new(remote).encode(metric.encode_family(&vec![("map", "remote_nodes")])?)?;
+        if let Some(services) = services {
+            ConstGauge::new(services).encode(metric.encode_family(&vec![("map", "services")])?)?;
+        }
+        if let Some(entries) = conntrack_entries {
+            ConstGauge::new(entries as i64).encode(metric.encode_family(&vec![("map", "conntrack")])?)?;
+        }
         let mut metric = encoder.encode_descriptor(
             "datapath_map_capacity",
             "Capacity of the sized maps",
@@ -124,13 +186,21 @@ impl Collector for DatapathCollector {
             .encode(metric.encode_family(&vec![("map", "endpoints")])?)?;
         ConstGauge::new(i64::from(MAX_REMOTE_NODES))
             .encode(metric.encode_family(&vec![("map", "remote_nodes")])?)?;
+        if services.is_some() {
+            ConstGauge::new(i64::from(MAX_SERVICES))
+                .encode(metric.encode_family(&vec![("map", "services")])?)?;
+        }
+        if let Ok(capacity) = maps.conntrack_capacity() {
+            ConstGauge::new(i64::from(capacity))
+                .encode(metric.encode_family(&vec![("map", "conntrack")])?)?;
+        }
         Ok(())
     }
 }
 
 /// The registry the /metrics endpoint serves.
-pub fn registry(pins: PinLayout, errors: Arc<AgentErrors>) -> Registry {
+pub fn registry(pins: PinLayout, errors: Arc<AgentErrors>, conntrack: Arc<ConntrackStats>) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DatapathCollector { pins, errors }));
+    registry.register_collector(Box::new(DatapathCollector { pins, errors, conntrack }));
     registry
 }

@@ -37,13 +37,37 @@ fn every_document_is_a_known_kubernetes_object() {
 }
 
 #[test]
-fn rbac_is_read_only_on_nodes() {
+fn rbac_is_read_only_on_nodes_services_and_endpointslices() {
     let role: ClusterRole = one("ClusterRole");
     let rules = role.rules.unwrap();
-    assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].resources.as_deref(), Some(&["nodes".to_owned()][..]));
-    let verbs: BTreeSet<&str> = rules[0].verbs.iter().map(String::as_str).collect();
-    assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
+    let granted: BTreeSet<(String, String, String)> = rules
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = r.verbs.clone();
+                resources.clone().into_iter().flat_map(move |res| {
+                    let g = g.clone();
+                    verbs.clone().into_iter().map(move |v| (g.clone(), res.clone(), v))
+                })
+            })
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = [
+        ("", "nodes", "get"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+        ("", "services", "get"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+    ]
+    .iter()
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(granted, want, "read-only, and only what the agent watches");
     let binding: ClusterRoleBinding = one("ClusterRoleBinding");
     let sa: ServiceAccount = one("ServiceAccount");
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());

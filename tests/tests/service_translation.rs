@@ -127,7 +127,7 @@ impl Harness {
         Run { verdict: result.return_value, out, counters: self.datapath.counters().unwrap() }
     }
 
-    fn from_pod(&self, ip: &Ipv4) -> Run {
+    fn run_from_pod(&self, ip: &Ipv4) -> Run {
         self.run(program_names::FROM_POD, ip)
     }
 }
@@ -144,7 +144,7 @@ fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service(
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 8080)]);
 
-    let run = h.from_pod(&syn(40000, 80));
+    let run = h.run_from_pod(&syn(40000, 80));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the local backend");
     let out = Parsed::new(&run.out);
     assert_eq!((out.src, out.sport()), (CLIENT, 40000));
@@ -174,7 +174,7 @@ fn udp_is_translated_with_and_without_a_checksum() {
     let mut h = Harness::new();
     h.service(1, 53, UDP, &[(BACKENDS[1], 5353)]);
     for (sport, with_checksum) in [(50000, true), (50001, false)] {
-        let run = h.from_pod(&Ipv4::udp(CLIENT, sport, VIP, 53, b"query", with_checksum));
+        let run = h.run_from_pod(&Ipv4::udp(CLIENT, sport, VIP, 53, b"query", with_checksum));
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
         let out = Parsed::new(&run.out);
         assert_eq!((out.dst, out.dport()), (BACKENDS[1], 5353));
@@ -196,11 +196,11 @@ fn a_connection_keeps_its_backend_while_backends_are_added() {
     }
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80), (BACKENDS[1], 80)]);
-    let first = Parsed::new(&h.from_pod(&syn(41000, 80)).out).dst;
+    let first = Parsed::new(&h.run_from_pod(&syn(41000, 80)).out).dst;
     h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
     for _ in 0..20 {
         let ack = Ipv4::tcp(CLIENT, 41000, VIP, 80, TCP_ACK, b"more");
-        let out = Parsed::new(&h.from_pod(&ack).out);
+        let out = Parsed::new(&h.run_from_pod(&ack).out);
         assert_eq!(out.dst, first, "every packet of the connection goes to the same backend");
     }
 }
@@ -214,7 +214,7 @@ fn new_connections_spread_over_all_backends() {
     h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
     let mut seen = BTreeMap::new();
     for sport in 42000..42200 {
-        *seen.entry(Parsed::new(&h.from_pod(&syn(sport, 80)).out).dst).or_insert(0) += 1;
+        *seen.entry(Parsed::new(&h.run_from_pod(&syn(sport, 80)).out).dst).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), BACKENDS.len(), "every backend got connections: {seen:?}");
     assert!(seen.values().all(|n| *n >= 20), "roughly even over 200 connections: {seen:?}");
@@ -228,14 +228,14 @@ fn a_pod_reaches_itself_through_its_service_via_the_hairpin_address() {
     }
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(CLIENT, 8080)]);
-    let out = Parsed::new(&h.from_pod(&syn(43000, 80)).out);
+    let out = Parsed::new(&h.run_from_pod(&syn(43000, 80)).out);
     // From its own address it would be a martian to the pod.
     assert_eq!((out.src, out.sport()), (HAIRPIN_IPV4, 43000));
     assert_eq!((out.dst, out.dport()), (CLIENT, 8080));
     assert!(out.l4_checksum_ok());
     // Its answer goes to the hairpin address, from its own veth.
     let reply = Ipv4::tcp(CLIENT, 8080, HAIRPIN_IPV4, 43000, TCP_SYN | TCP_ACK, &[]);
-    let run = h.from_pod(&reply);
+    let run = h.run_from_pod(&reply);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let out = Parsed::new(&run.out);
     assert_eq!((out.src, out.sport()), (VIP, 80));
@@ -251,7 +251,7 @@ fn a_service_without_backends_refuses_with_port_unreachable() {
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[]);
     let request = syn(44000, 80);
-    let run = h.from_pod(&request);
+    let run = h.run_from_pod(&request);
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "the refusal goes back to the pod");
     assert_eq!(run.counters.drop_count(DropReason::ServiceNoBackend), 1);
     assert_eq!(run.out[0..6], CLIENT_MAC, "to the pod's MAC");
@@ -271,7 +271,7 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
     }
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
-    assert_eq!(Parsed::new(&h.from_pod(&syn(45000, 80)).out).dst, BACKENDS[0]);
+    assert_eq!(Parsed::new(&h.run_from_pod(&syn(45000, 80)).out).dst, BACKENDS[0]);
     // Fill the rest of the map with other connections' entries.
     {
         let mut map: HashMap<_, ConntrackKey, ConntrackEntry> =
@@ -294,11 +294,11 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
         }
         assert!(i > 1000, "filled after {i} entries");
     }
-    let run = h.from_pod(&syn(45001, 80));
+    let run = h.run_from_pod(&syn(45001, 80));
     assert_eq!(run.counters.drop_count(DropReason::ConntrackFull), 1, "new connection refused");
     assert_eq!(Parsed::new(&run.out).protocol, 1, "with ICMP port unreachable");
     let old = Ipv4::tcp(CLIENT, 45000, VIP, 80, TCP_ACK, b"still here");
-    let run = h.from_pod(&old);
+    let run = h.run_from_pod(&old);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(Parsed::new(&run.out).dst, BACKENDS[0], "the old connection goes on");
 }
@@ -310,9 +310,9 @@ fn fin_marks_the_connection_closing() {
     }
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
-    h.from_pod(&syn(46000, 80));
+    h.run_from_pod(&syn(46000, 80));
     assert!(h.conntrack().values().all(|e| e.flags & datapath_common::CT_CLOSING == 0));
-    h.from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_FIN | TCP_ACK, &[]));
+    h.run_from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_FIN | TCP_ACK, &[]));
     let closing = h.conntrack().values().filter(|e| e.flags & datapath_common::CT_CLOSING != 0).count();
     assert_eq!(closing, 1, "the direction that saw the FIN");
 }
@@ -325,7 +325,7 @@ fn without_the_services_flag_nothing_is_translated() {
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
     h.set_services_flag(false);
-    let run = h.from_pod(&syn(47000, 80));
+    let run = h.run_from_pod(&syn(47000, 80));
     assert_eq!(run.verdict, TC_ACT_OK, "to the host stack, as before Services");
     assert_eq!(Parsed::new(&run.out).dst, VIP);
     assert!(h.conntrack().is_empty());
@@ -338,9 +338,9 @@ fn other_ports_and_protocols_of_the_vip_are_not_translated() {
     }
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
-    let run = h.from_pod(&syn(48000, 81));
+    let run = h.run_from_pod(&syn(48000, 81));
     assert_eq!(Parsed::new(&run.out).dst, VIP);
-    let run = h.from_pod(&Ipv4::udp(CLIENT, 48001, VIP, 80, b"x", true));
+    let run = h.run_from_pod(&Ipv4::udp(CLIENT, 48001, VIP, 80, b"x", true));
     assert_eq!(Parsed::new(&run.out).dst, VIP);
     assert_ne!(run.verdict, TC_ACT_SHOT);
     assert!(h.conntrack().is_empty());

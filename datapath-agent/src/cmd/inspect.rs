@@ -8,6 +8,7 @@ use crate::{
     config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     datapath::{PinLayout, PinnedMaps},
     mac::MacAddr,
+    services,
     state::EndpointStore,
 };
 
@@ -36,6 +37,53 @@ pub enum InspectWhat {
     Nodes,
     /// What the programs run with: node address, mode, interfaces, VNI.
     Config,
+    /// Service ports (cluster IP, port, protocol) and their backends.
+    Services,
+    /// Tracked Service connections: client, Service, backend, idle time.
+    Conntrack,
+}
+
+/// One Service port, as `inspect services --json` prints it.
+#[derive(serde::Serialize)]
+struct ServiceRow {
+    /// From the agent's names file; null if it has no record of this id.
+    namespace: Option<String>,
+    name: Option<String>,
+    port_name: Option<String>,
+    cluster_ip: std::net::Ipv4Addr,
+    port: u16,
+    protocol: &'static str,
+    id: u32,
+    /// "None" or "ClientIP".
+    session_affinity: &'static str,
+    /// With ClientIP, how long a client keeps its backend; else null.
+    session_affinity_timeout_seconds: Option<u32>,
+    backends: Vec<BackendRow>,
+}
+
+#[derive(serde::Serialize)]
+struct BackendRow {
+    ip: std::net::Ipv4Addr,
+    port: u16,
+}
+
+/// One tracked connection, as `inspect conntrack --json` prints it.
+#[derive(serde::Serialize)]
+struct ConnectionRow {
+    protocol: &'static str,
+    client_ip: std::net::Ipv4Addr,
+    client_port: u16,
+    service_ip: std::net::Ipv4Addr,
+    service_port: u16,
+    backend_ip: std::net::Ipv4Addr,
+    backend_port: u16,
+    /// Seconds since the later of its two directions' last packets (the
+    /// programs refresh it about once a second).
+    idle_seconds: u64,
+    /// A FIN or RST was seen: it goes after `conntrack_closing_seconds` idle.
+    closing: bool,
+    /// A pod connected to itself through the Service.
+    hairpin: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -134,6 +182,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "vxlan_ifindex": c.vxlan_ifindex,
                 "vxlan_device": ifname(c.vxlan_ifindex),
                 "vni": c.vni,
+                // Whether TCP and UDP are looked up in the Service maps.
+                "services": c.flags & datapath_common::NODE_FLAG_SERVICES != 0,
                 "bpffs_dir": args.bpffs_dir,
             });
             if args.json {
@@ -167,6 +217,111 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 println!("{:<20} {:<16} {:<8}", "POD CIDR", "NODE IP", "MODE");
                 for r in rows {
                     println!("{:<20} {:<16} {:<8}", r.pod_cidr, r.node_ip.to_string(), r.mode);
+                }
+            }
+        }
+        InspectWhat::Services => {
+            // The names file may be missing (another state dir): the maps are
+            // the truth, the file adds names.
+            let names = services::load_names(&args.state_dir).unwrap_or_default();
+            let rows: Vec<ServiceRow> = maps
+                .services()?
+                .into_iter()
+                .map(|s| {
+                    let record = names.iter().find(|n| n.names(s.service.id, &s.key));
+                    let client_ip = s.service.flags & datapath_common::SERVICE_AFFINITY_CLIENT_IP != 0;
+                    let affinity = if client_ip {
+                        crate::config::SessionAffinity::ClientIp
+                    } else {
+                        crate::config::SessionAffinity::None
+                    };
+                    ServiceRow {
+                        namespace: record.map(|r| r.namespace.clone()),
+                        name: record.map(|r| r.name.clone()),
+                        port_name: record.and_then(|r| r.port_name.clone()),
+                        cluster_ip: s.key.vip.into(),
+                        port: u16::from_be_bytes(s.key.port),
+                        protocol: services::protocol_name(s.key.protocol),
+                        id: s.service.id,
+                        session_affinity: affinity.name(),
+                        session_affinity_timeout_seconds: client_ip
+                            .then_some(s.service.affinity_timeout_seconds),
+                        backends: s
+                            .backends
+                            .iter()
+                            .map(|b| {
+                                let address = services::backend_address(b);
+                                BackendRow { ip: *address.ip(), port: address.port() }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<40} {:<26} {:>6} {:<16} BACKENDS",
+                    "NAMESPACE/NAME", "CLUSTER-IP:PORT/PROTO", "ID", "AFFINITY"
+                );
+                for r in rows {
+                    let name = match (&r.namespace, &r.name, &r.port_name) {
+                        (Some(ns), Some(name), Some(port)) => format!("{ns}/{name}:{port}"),
+                        (Some(ns), Some(name), None) => format!("{ns}/{name}"),
+                        _ => "-".to_owned(),
+                    };
+                    let affinity = match r.session_affinity_timeout_seconds {
+                        Some(timeout) => format!("{}/{timeout}s", r.session_affinity),
+                        None => r.session_affinity.to_owned(),
+                    };
+                    let backends: Vec<String> =
+                        r.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+                    println!(
+                        "{:<40} {:<26} {:>6} {:<16} {}",
+                        name,
+                        format!("{}:{}/{}", r.cluster_ip, r.port, r.protocol),
+                        r.id,
+                        affinity,
+                        if backends.is_empty() { "(none: refused)".to_owned() } else { backends.join(",") }
+                    );
+                }
+            }
+        }
+        InspectWhat::Conntrack => {
+            let now = services::monotonic_now_ns().context("reading CLOCK_MONOTONIC")?;
+            let rows: Vec<ConnectionRow> = services::connections(&maps.conntrack()?)
+                .into_iter()
+                .map(|c| ConnectionRow {
+                    protocol: services::protocol_name(c.protocol),
+                    client_ip: *c.client.ip(),
+                    client_port: c.client.port(),
+                    service_ip: *c.service.ip(),
+                    service_port: c.service.port(),
+                    backend_ip: *c.backend.ip(),
+                    backend_port: c.backend.port(),
+                    idle_seconds: now.saturating_sub(c.last_seen_ns) / 1_000_000_000,
+                    closing: c.closing,
+                    hairpin: c.hairpin,
+                })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<6} {:<22} {:<22} {:<22} {:>8} {:<8} {:<7}",
+                    "PROTO", "CLIENT", "SERVICE", "BACKEND", "IDLE", "STATE", "HAIRPIN"
+                );
+                for r in rows {
+                    println!(
+                        "{:<6} {:<22} {:<22} {:<22} {:>8} {:<8} {:<7}",
+                        r.protocol,
+                        format!("{}:{}", r.client_ip, r.client_port),
+                        format!("{}:{}", r.service_ip, r.service_port),
+                        format!("{}:{}", r.backend_ip, r.backend_port),
+                        format!("{}s", r.idle_seconds),
+                        if r.closing { "closing" } else { "open" },
+                        if r.hairpin { "yes" } else { "no" },
+                    );
                 }
             }
         }
@@ -212,5 +367,83 @@ fn mode_name(mode: u32) -> &'static str {
         m if m == datapath_common::RoutingMode::Native as u32 => "native",
         m if m == datapath_common::RoutingMode::Vxlan as u32 => "vxlan",
         _ => "unset",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn keys(value: impl serde::Serialize) -> Vec<String> {
+        let mut keys: Vec<String> =
+            serde_json::to_value(value).unwrap().as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Scripts and the end-to-end tests read these keys: renaming one breaks them.
+    #[test]
+    fn json_keys_are_the_documented_ones() {
+        let service = ServiceRow {
+            namespace: Some("default".into()),
+            name: Some("web".into()),
+            port_name: None,
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: "TCP",
+            id: 1,
+            session_affinity: "None",
+            session_affinity_timeout_seconds: None,
+            backends: vec![BackendRow { ip: Ipv4Addr::new(10, 244, 1, 5), port: 8080 }],
+        };
+        assert_eq!(
+            keys(&service),
+            [
+                "backends",
+                "cluster_ip",
+                "id",
+                "name",
+                "namespace",
+                "port",
+                "port_name",
+                "protocol",
+                "session_affinity",
+                "session_affinity_timeout_seconds"
+            ]
+        );
+        assert_eq!(keys(&service.backends[0]), ["ip", "port"]);
+        let json = serde_json::to_value(&service).unwrap();
+        assert_eq!(json["cluster_ip"], "10.96.0.10");
+        assert_eq!(json["backends"][0]["port"], 8080);
+
+        let connection = ConnectionRow {
+            protocol: "UDP",
+            client_ip: Ipv4Addr::new(10, 244, 1, 2),
+            client_port: 40_000,
+            service_ip: Ipv4Addr::new(10, 96, 0, 10),
+            service_port: 53,
+            backend_ip: Ipv4Addr::new(10, 244, 1, 5),
+            backend_port: 5353,
+            idle_seconds: 3,
+            closing: false,
+            hairpin: false,
+        };
+        assert_eq!(
+            keys(&connection),
+            [
+                "backend_ip",
+                "backend_port",
+                "client_ip",
+                "client_port",
+                "closing",
+                "hairpin",
+                "idle_seconds",
+                "protocol",
+                "service_ip",
+                "service_port"
+            ]
+        );
     }
 }

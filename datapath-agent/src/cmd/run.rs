@@ -14,17 +14,24 @@ use tokio::{
     sync::Mutex,
 };
 
-use datapath_common::{MonitorConfig, NodeConfig, RoutingMode, program_names};
+use datapath_common::{
+    MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, ServiceKey, program_names,
+};
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
     config::{AgentConfig, ConfigError, EbpfLog, Mode, Source},
-    datapath::{Datapath, LocalEndpoint, PinLayout, ProgramBuild, RemoteRoute},
+    datapath::{Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute},
     health::Health,
-    metrics::AgentErrors,
+    metrics::{AgentErrors, ConntrackStats},
     node_net::{self, RouteVia},
+    services::{self, ConntrackLimits},
     state::EndpointStore,
 };
+
+/// How often the agent removes idle and closed Service connections from
+/// the connection-tracking map.
+const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -47,9 +54,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.check_host()?;
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
+    let conntrack_stats = Arc::new(ConntrackStats::default());
     if let Some(address) = config.health_address {
         let health = Arc::clone(&health);
-        let registry = crate::metrics::registry(PinLayout::new(&config.bpffs_dir), Arc::clone(&errors));
+        let registry = crate::metrics::registry(
+            PinLayout::new(&config.bpffs_dir),
+            Arc::clone(&errors),
+            Arc::clone(&conntrack_stats),
+        );
         tokio::spawn(async move {
             if let Err(e) = crate::health::serve(address, health, registry).await {
                 tracing::error!(error = format!("{e:#}"), "health endpoints failed");
@@ -85,7 +97,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         EbpfLog::Off => ProgramBuild::Normal,
         EbpfLog::Debug => ProgramBuild::Debug,
     };
-    let mut datapath = Datapath::load_pinned(PinLayout::new(&config.bpffs_dir), build)
+    let load_options = LoadOptions { conntrack_entries: config.conntrack_max_entries };
+    let mut datapath = Datapath::load_pinned_with(PinLayout::new(&config.bpffs_dir), build, load_options)
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
     if build == ProgramBuild::Debug {
         crate::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
@@ -96,6 +109,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     datapath
         .set_monitor_config(MonitorConfig { events_per_second: config.monitor_events_per_second, ..monitor })
         .context("writing the monitor config map")?;
+    // Service translation stays as the last agent left it until the Services
+    // are synced below: tracked connections must keep their translation.
+    let services_flag =
+        datapath.node_config().context("reading the node config map")?.flags & NODE_FLAG_SERVICES;
     datapath
         .set_node_config(NodeConfig {
             node_ipv4: config.node_ip.octets(),
@@ -106,7 +123,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             uplink_ifindex: uplink.index,
             vxlan_ifindex,
             vni: config.vxlan.vni,
-            flags: 0,
+            flags: services_flag,
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
@@ -116,6 +133,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stale_records = agent.reconcile_records()?;
     agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
     agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    // Static Services are all known now. In kubernetes mode the file has
+    // none: the maps stay as the last agent left them (no connection to a
+    // Service is refused across a restart) until a Service list arrives.
+    if agent.config.source == Source::Static {
+        agent.apply_services().context("programming the Services")?;
+    }
     crate::masquerade::apply(
         agent
             .config
@@ -142,6 +165,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => watch_config(args.config.clone(), agent.config.clone()),
         Some(_) => tokio::sync::mpsc::channel(1).1,
     };
+    // Services come from the file (static) or from Services and EndpointSlices.
+    let mut kube_services = kube_client.clone().map(crate::kubernetes_services::watch_services);
     let mut node_peers = kube_client.map(|client| {
         crate::kubernetes::watch_peers(
             client,
@@ -153,8 +178,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if node_peers.is_none() {
         become_ready(&agent.config, &health)?;
     }
+    let conntrack = PinnedConntrack::open(agent.datapath.pins())
+        .context("opening the connection-tracking map for its collector")?;
+    let gc_errors = Arc::clone(&agent.errors);
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
+    spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -173,7 +202,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
-            Some(peers) = next_node_peers(&mut node_peers) => {
+            Some(services) = next_from_watch(&mut kube_services) => {
+                let mut agent = agent.lock().await;
+                agent.config.services =
+                    crate::kubernetes_services::pod_backed(services, agent.config.cluster_cidr);
+                if let Err(e) = tokio::task::block_in_place(|| agent.apply_services()) {
+                    agent.errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "applying the Service list failed");
+                }
+            }
+            Some(peers) = next_from_watch(&mut node_peers) => {
                 let mut agent = agent.lock().await;
                 agent.config.peers = peers;
                 match agent.apply_peers(&netlink).await {
@@ -188,12 +226,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(new_config) = config_changes.recv() => {
                 let mut agent = agent.lock().await;
                 if let Some(field) = agent.config.restart_only_fields_differ(&new_config) {
-                    tracing::warn!(field, "this config change needs an agent restart; only peers are applied live");
+                    tracing::warn!(
+                        field,
+                        "this config change needs an agent restart; only peers, services and the conntrack \
+                         timeouts are applied live"
+                    );
                 }
                 agent.config.peers = new_config.peers;
+                // The collector reads the timeouts at each sweep.
+                agent.config.conntrack_tcp_idle_seconds = new_config.conntrack_tcp_idle_seconds;
+                agent.config.conntrack_udp_idle_seconds = new_config.conntrack_udp_idle_seconds;
+                agent.config.conntrack_closing_seconds = new_config.conntrack_closing_seconds;
                 if let Err(e) = agent.apply_peers(&netlink).await {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the new peer list failed");
+                }
+                // Also when they did not change: a sync of what already
+                // matches writes nothing, and one that failed before is retried.
+                agent.config.services = new_config.services;
+                if let Err(e) = tokio::task::block_in_place(|| agent.apply_services()) {
+                    agent.errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "applying the new Services failed");
                 }
             }
             _ = sigterm.recv() => break,
@@ -204,6 +257,55 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("agent stopped; datapath left running");
     Ok(())
+}
+
+/// Every [`CONNTRACK_GC_INTERVAL`], remove idle and closed Service
+/// connections. The sweep works on its own handle of the pinned map, so
+/// the agent's lock is held only to read the timeouts and to switch the
+/// programs' Service lookups off once nothing is left.
+fn spawn_conntrack_gc(
+    agent: Arc<Mutex<Agent>>,
+    mut conntrack: PinnedConntrack,
+    stats: Arc<ConntrackStats>,
+    errors: Arc<AgentErrors>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNTRACK_GC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let limits = ConntrackLimits::from_config(&agent.lock().await.config);
+            let swept = services::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
+                tokio::task::block_in_place(|| conntrack.sweep(now, &limits))
+                    .context("sweeping the connection-tracking map")
+            });
+            let report = match swept {
+                Ok(report) => report,
+                Err(e) => {
+                    errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "connection-tracking collection failed");
+                    continue;
+                }
+            };
+            stats.record_sweep(&report);
+            if report.removed > 0 {
+                tracing::debug!(
+                    removed = report.removed,
+                    remaining = report.remaining,
+                    "idle Service connections removed"
+                );
+            }
+            // The last connection of a removed Service may just have gone.
+            let mut agent = agent.lock().await;
+            if let Err(e) = agent.datapath.update_services_flag() {
+                errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "switching Service translation failed"
+                );
+            }
+        }
+    });
 }
 
 /// Bind the API socket so that only root can connect: the directory is 0700
@@ -273,16 +375,16 @@ async fn load_config(path: &Path) -> anyhow::Result<(AgentConfig, Option<kube::C
 }
 
 /// The next peer list from the Node watch (never, in static mode).
-async fn next_node_peers(
-    rx: &mut Option<tokio::sync::watch::Receiver<Option<Vec<crate::config::PeerConfig>>>>,
-) -> Option<Vec<crate::config::PeerConfig>> {
+/// The next complete list from a Kubernetes watch (peers, Services); never
+/// resolves without one (static source).
+async fn next_from_watch<T: Clone>(rx: &mut Option<tokio::sync::watch::Receiver<Option<T>>>) -> Option<T> {
     let Some(rx) = rx else { return std::future::pending().await };
     loop {
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
-        if let Some(peers) = rx.borrow_and_update().clone() {
-            return Some(peers);
+        if let Some(list) = rx.borrow_and_update().clone() {
+            return Some(list);
         }
     }
 }
@@ -378,6 +480,31 @@ impl Agent {
             removed = maps.removed,
             routes_removed,
             "peer nodes programmed"
+        );
+        Ok(())
+    }
+
+    /// Program the Service maps from `config.services` (only what differs)
+    /// and record who each Service id is for `inspect services`.
+    fn apply_services(&mut self) -> anyhow::Result<()> {
+        let desired = services::desired_services(&self.config.services);
+        let report = self.datapath.sync_services(&desired).context("programming the Service maps")?;
+        let programmed: Vec<(ServiceKey, u32)> = self
+            .datapath
+            .services()
+            .context("reading the Service maps back")?
+            .iter()
+            .map(|s| (s.key, s.service.id))
+            .collect();
+        services::save_names(&self.config.state_dir, &services::service_names(&programmed, &desired))
+            .context("recording the Service names")?;
+        tracing::info!(
+            services = self.config.services.len(),
+            service_ports = desired.len(),
+            added = report.added,
+            updated = report.updated,
+            removed = report.removed,
+            "Services programmed"
         );
         Ok(())
     }
