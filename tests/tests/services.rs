@@ -415,3 +415,50 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones_vxlan() {
         conntrack_full("vxlan");
     }
 }
+
+fn client_ip_affinity(mode: &str) {
+    let mut lab = lab(mode);
+    let all = lab.backend_ips();
+    let sticky = service("web", WEB_VIP, &all).replacen(
+        "backends =",
+        "session_affinity = \"ClientIP\"\nsession_affinity_timeout_seconds = 300\nbackends =",
+        1,
+    );
+    lab.set_services(&sticky);
+    wait_programmed(&lab.a, WEB_VIP, &all);
+    let first = ask(&mut connect(&lab.client, WEB_VIP).unwrap()).0;
+    for _ in 0..20 {
+        let mut conn = connect(&lab.client, WEB_VIP).unwrap();
+        assert_eq!(ask(&mut conn).0, first, "ClientIP affinity: every connection to the same backend");
+    }
+    let services = lab.a.inspect("services");
+    let web = services.as_array().unwrap().iter().find(|s| s["cluster_ip"] == WEB_VIP.to_string()).unwrap();
+    assert_eq!(web["session_affinity"], "ClientIP");
+    // Its backend leaves the Service: the affinity goes with it.
+    let rest: Vec<Ipv4Addr> = all.iter().copied().filter(|ip| *ip != first).collect();
+    lab.set_services(&service("web", WEB_VIP, &rest).replacen(
+        "backends =",
+        "session_affinity = \"ClientIP\"\nbackends =",
+        1,
+    ));
+    wait_programmed(&lab.a, WEB_VIP, &rest);
+    let next = ask(&mut connect(&lab.client, WEB_VIP).unwrap()).0;
+    assert!(rest.contains(&next), "a remaining backend, not {first}");
+    for _ in 0..10 {
+        assert_eq!(ask(&mut connect(&lab.client, WEB_VIP).unwrap()).0, next, "sticky again");
+    }
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend_native() {
+    if require_root("client_ip_affinity_keeps_a_client_on_one_backend_native") {
+        client_ip_affinity("native");
+    }
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend_vxlan() {
+    if require_root("client_ip_affinity_keeps_a_client_on_one_backend_vxlan") {
+        client_ip_affinity("vxlan");
+    }
+}
