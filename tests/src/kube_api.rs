@@ -1,9 +1,10 @@
-//! A stand-in for the Kubernetes API server, for the Node resource only: it
-//! serves real Node objects over HTTP the way the API server does (GET one,
-//! list with a resourceVersion, watch as a chunked stream of ADDED /
-//! MODIFIED / DELETED / BOOKMARK events), and lets a test disconnect the
-//! watches or make requests fail. No API server can run on these machines;
-//! this keeps `kube`'s real client, watcher and reflector in the loop.
+//! A stand-in for the Kubernetes API server, for the resources the agent
+//! watches (Nodes, Services, EndpointSlices): it serves real objects over
+//! HTTP the way the API server does (GET one Node, list a collection with a
+//! resourceVersion, watch as a chunked stream of ADDED / MODIFIED / DELETED /
+//! BOOKMARK events), and lets a test disconnect the watches or make requests
+//! fail. No API server can run on these machines; this keeps `kube`'s real
+//! client, watcher and reflector in the loop.
 
 use std::{
     collections::BTreeMap,
@@ -16,16 +17,42 @@ use std::{
 
 use crate::lab::Netns;
 
+/// The collections served: (path, kind, list kind, apiVersion).
+const COLLECTIONS: [(&str, &str, &str, &str); 3] = [
+    ("/api/v1/nodes", "Node", "NodeList", "v1"),
+    ("/api/v1/services", "Service", "ServiceList", "v1"),
+    ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice", "EndpointSliceList", "discovery.k8s.io/v1"),
+];
+
 #[derive(Default)]
-struct State {
-    nodes: BTreeMap<String, serde_json::Value>,
-    resource_version: u64,
+struct Collection {
+    /// By "namespace/name" ("name" for cluster-scoped objects).
+    objects: BTreeMap<String, serde_json::Value>,
     watchers: Vec<mpsc::Sender<String>>,
     /// (resourceVersion, event line): a watch from resourceVersion N gets
     /// every event after N first, as the API server's watch cache replays.
     events: Vec<(u64, String)>,
+}
+
+#[derive(Default)]
+struct State {
+    collections: BTreeMap<&'static str, Collection>,
+    resource_version: u64,
     fail_next: u32,
     requests: Vec<String>,
+}
+
+/// The collection path of an object's kind.
+fn collection_of(kind: &str) -> &'static str {
+    COLLECTIONS.iter().find(|c| c.1 == kind).unwrap_or_else(|| panic!("kind {kind} not served")).0
+}
+
+fn object_key(object: &serde_json::Value) -> String {
+    let name = object["metadata"]["name"].as_str().expect("metadata.name");
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
 }
 
 pub struct FakeApiServer {
@@ -84,46 +111,65 @@ impl FakeApiServer {
         path
     }
 
-    fn broadcast(state: &mut State, event: serde_json::Value) {
+    fn broadcast(state: &mut State, collection: &'static str, event: serde_json::Value) {
         let line = format!("{event}\n");
+        let rv = state.resource_version;
+        let c = state.collections.entry(collection).or_default();
         if event["type"] != "BOOKMARK" {
-            let rv = state.resource_version;
-            state.events.push((rv, line.clone()));
+            c.events.push((rv, line.clone()));
         }
-        state.watchers.retain(|w| w.send(line.clone()).is_ok());
+        c.watchers.retain(|w| w.send(line.clone()).is_ok());
     }
 
-    /// Create or replace a Node (ADDED or MODIFIED to every watch).
-    pub fn apply(&self, mut node: serde_json::Value) {
+    /// Create or replace an object of a served kind (ADDED or MODIFIED to
+    /// every watch of its collection).
+    pub fn apply(&self, mut object: serde_json::Value) {
+        let collection = collection_of(object["kind"].as_str().expect("kind"));
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
-        node["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
-        let name = node["metadata"]["name"].as_str().unwrap().to_owned();
-        let kind = if state.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
-        state.nodes.insert(name, node.clone());
-        Self::broadcast(&mut state, serde_json::json!({ "type": kind, "object": node }));
+        object["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
+        let key = object_key(&object);
+        let c = state.collections.entry(collection).or_default();
+        let kind = if c.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        c.objects.insert(key, object.clone());
+        Self::broadcast(&mut state, collection, serde_json::json!({ "type": kind, "object": object }));
     }
 
+    /// Delete a Node.
     pub fn delete(&self, name: &str) {
+        self.delete_object("Node", name);
+    }
+
+    /// Delete an object by kind and key ("namespace/name", or "name").
+    pub fn delete_object(&self, kind: &str, key: &str) {
+        let collection = collection_of(kind);
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
-        if let Some(mut node) = state.nodes.remove(name) {
-            node["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
-            Self::broadcast(&mut state, serde_json::json!({ "type": "DELETED", "object": node }));
+        let rv = state.resource_version.to_string();
+        if let Some(mut object) = state.collections.entry(collection).or_default().objects.remove(key) {
+            object["metadata"]["resourceVersion"] = rv.into();
+            Self::broadcast(
+                &mut state,
+                collection,
+                serde_json::json!({ "type": "DELETED", "object": object }),
+            );
         }
     }
 
+    /// A BOOKMARK on the Node watches.
     pub fn bookmark(&self) {
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
         let rv = state.resource_version.to_string();
         let event = serde_json::json!({ "type": "BOOKMARK", "object": { "kind": "Node", "apiVersion": "v1", "metadata": { "resourceVersion": rv } } });
-        Self::broadcast(&mut state, event);
+        Self::broadcast(&mut state, "/api/v1/nodes", event);
     }
 
     /// End every open watch (as an API server restart or a load balancer does).
     pub fn disconnect_watches(&self) {
-        self.state.lock().unwrap().watchers.clear();
+        for c in self.state.lock().unwrap().collections.values_mut() {
+            c.watchers.clear();
+        }
     }
 
     /// The next `n` requests get HTTP 500.
@@ -170,23 +216,26 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             return respond(&mut conn, 500, &status(500, "InternalError"));
         }
         if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
-            let body = s.nodes.get(name).map(|n| n.to_string());
+            let body =
+                s.collections.get("/api/v1/nodes").and_then(|c| c.objects.get(name)).map(|n| n.to_string());
             drop(s);
             return match body {
                 Some(body) => respond(&mut conn, 200, &body),
                 None => respond(&mut conn, 404, &status(404, "NotFound")),
             };
         }
-        if path != "/api/v1/nodes" {
+        let Some(&(collection, _, list_kind, api_version)) = COLLECTIONS.iter().find(|c| c.0 == path) else {
             drop(s);
             return respond(&mut conn, 404, &status(404, "NotFound"));
-        }
+        };
         if !query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1") {
+            let rv = s.resource_version.to_string();
+            let c = s.collections.entry(collection).or_default();
             let list = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "NodeList",
-                "metadata": { "resourceVersion": s.resource_version.to_string() },
-                "items": s.nodes.values().collect::<Vec<_>>(),
+                "apiVersion": api_version,
+                "kind": list_kind,
+                "metadata": { "resourceVersion": rv },
+                "items": c.objects.values().collect::<Vec<_>>(),
             })
             .to_string();
             drop(s);
@@ -199,10 +248,11 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             .unwrap_or(s.resource_version);
         let (tx, rx) = mpsc::channel();
         // Replay and register under one lock: no event falls in between.
-        for (_, line) in s.events.iter().filter(|(rv, _)| *rv > since) {
+        let c = s.collections.entry(collection).or_default();
+        for (_, line) in c.events.iter().filter(|(rv, _)| *rv > since) {
             let _ = tx.send(line.clone());
         }
-        s.watchers.push(tx);
+        c.watchers.push(tx);
         rx
     };
     write!(

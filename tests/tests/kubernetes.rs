@@ -156,3 +156,114 @@ fn kubernetes_mode_refuses_a_file_that_sets_what_the_node_decides() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`pod_cidr`") && stderr.contains("Node object"), "{stderr}");
 }
+
+/// A Service and its EndpointSlice as the API server serves them.
+fn service_objects(vip: &str, ready: &[(Ipv4Addr, bool)]) -> (serde_json::Value, serde_json::Value) {
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": "web", "namespace": "shop", "uid": "uid-web" },
+        "spec": { "clusterIP": vip, "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": "http" }] },
+    });
+    let endpoints: Vec<serde_json::Value> = ready
+        .iter()
+        .map(|(ip, ready)| serde_json::json!({ "addresses": [ip.to_string()], "conditions": { "ready": ready } }))
+        .collect();
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": { "name": "web-abc12", "namespace": "shop", "uid": "uid-web-abc12",
+                      "labels": { "kubernetes.io/service-name": "web" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": endpoints,
+    });
+    (service, slice)
+}
+
+#[test]
+fn services_follow_service_and_endpointslice_objects() {
+    if !require_root("services_follow_service_and_endpointslice_objects") {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let fabric = Fabric::new();
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
+    let kubeconfig = api.kubeconfig(&a.work_dir);
+    a.use_kubernetes(&kubeconfig);
+    a.start_agent();
+    wait_for("A ready", || health(&a.netns, "/readyz") == 200);
+    let client = a.add_pod("client");
+    let backend = a.add_pod("backend");
+    let not_ready = a.add_pod("notready");
+    // The backend answers on its named target port, 8080.
+    let ip = backend.ip;
+    let listener = datapath_tests::lab::in_netns(&backend.netns.path(), move || {
+        std::net::TcpListener::bind((ip, 8080)).unwrap()
+    })
+    .join()
+    .unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"hello from the backend");
+        }
+    });
+
+    let (service, slice) = service_objects("10.96.0.10", &[(backend.ip, true), (not_ready.ip, false)]);
+    api.apply(service);
+    api.apply(slice);
+    let programmed = |a: &Node| {
+        a.inspect("services")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let backends: Vec<String> = s["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| format!("{}:{}", b["ip"].as_str().unwrap(), b["port"]))
+                    .collect();
+                format!(
+                    "{}/{} {}:{} {}",
+                    s["namespace"].as_str().unwrap(),
+                    s["name"].as_str().unwrap(),
+                    s["cluster_ip"].as_str().unwrap(),
+                    s["port"],
+                    backends.join(",")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let want = vec![format!("shop/web 10.96.0.10:80 {}:8080", backend.ip)];
+    wait_for("the Service programmed from the API", || programmed(&a) == want);
+
+    let fetch = |client: &datapath_tests::lab::Pod| {
+        datapath_tests::lab::in_netns(&client.netns.path(), || -> std::io::Result<String> {
+            let mut conn = std::net::TcpStream::connect_timeout(
+                &(Ipv4Addr::new(10, 96, 0, 10), 80).into(),
+                Duration::from_secs(3),
+            )?;
+            let mut text = String::new();
+            conn.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(fetch(&client).expect("through the Service"), "hello from the backend");
+
+    // The endpoint goes unready: new connections are refused at once.
+    let (_, slice) = service_objects("10.96.0.10", &[(backend.ip, false)]);
+    api.apply(slice);
+    wait_for("no backends left", || programmed(&a) == vec!["shop/web 10.96.0.10:80 ".to_owned()]);
+    let err = fetch(&client).expect_err("no ready endpoint");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // The Service is deleted: nothing left programmed.
+    api.delete_object("Service", "shop/web");
+    wait_for("the Service removed", || programmed(&a).is_empty());
+}
