@@ -20,6 +20,7 @@ APT_PACKAGES=(
     nftables                                             # masquerading of pod -> outside traffic
     containernetworking-plugins                          # host-local IPAM, loopback
     iperf3                                               # throughput figures (xtask bench)
+    iptables                                             # kube-proxy baseline (xtask bench --suite services)
     containerd runc podman catatonit busybox-static      # real runtimes in the tests
 )
 fi

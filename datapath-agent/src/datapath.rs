@@ -183,6 +183,11 @@ pub struct Datapath {
     traffic_slots: std::collections::BTreeSet<u32>,
     /// Capacity of the CONNTRACK map in use (a pinned map keeps its own).
     conntrack_capacity: u32,
+    /// What the Service maps hold, read from them at the first sync and kept
+    /// up to date by each write after it (the agent is their only writer):
+    /// one Service change then costs its own writes, not a read of them all.
+    /// `None` after a failed write, so the next sync reads the maps again.
+    programmed_services: Option<crate::services::ProgrammedState>,
 }
 
 fn ifindex_exists(ifindex: u32) -> bool {
@@ -236,7 +241,13 @@ impl Datapath {
         let ebpf = loader
             .load(build.object())
             .map_err(|source| DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) })?;
-        let mut datapath = Self { ebpf, pins, traffic_slots: Default::default(), conntrack_capacity };
+        let mut datapath = Self {
+            ebpf,
+            pins,
+            traffic_slots: Default::default(),
+            conntrack_capacity,
+            programmed_services: None,
+        };
         datapath.traffic_slots = datapath
             .endpoints()?
             .iter()
@@ -263,6 +274,7 @@ impl Datapath {
             pins: PinLayout::new("/nonexistent"),
             traffic_slots: Default::default(),
             conntrack_capacity: options.conntrack_entries,
+            programmed_services: None,
         };
         datapath.load_programs()?;
         Ok(datapath)
@@ -1129,11 +1141,16 @@ impl Datapath {
     /// already tracked keep their backend: conntrack is not touched.
     pub fn sync_services(&mut self, desired: &[ServicePort]) -> Result<SyncReport, DatapathError> {
         let err = |name| move |source| DatapathError::Map { name, source };
-        let plan = crate::services::plan_sync(&self.programmed_state()?, desired);
+        let mut programmed = match self.programmed_services.take() {
+            Some(state) => state,
+            None => self.programmed_state()?,
+        };
+        let plan = crate::services::plan_sync(&programmed, desired);
         // Read once, at the first affinity to forget: affinities the
         // programs add later are for backends still wanted.
         let mut affinities: Option<Vec<(AffinityKey, AffinityEntry)>> = None;
         for write in &plan.writes {
+            // On an error `programmed` is dropped: the next sync reads the maps.
             match write {
                 MapWrite::PutBackend(key, backend) => self
                     .hash_map_mut::<BackendKey, Backend>(map_names::SERVICE_BACKENDS)?
@@ -1169,7 +1186,9 @@ impl Datapath {
                     known.retain(|e| !doomed(e));
                 }
             }
+            programmed.apply(write);
         }
+        self.programmed_services = Some(programmed);
         self.update_services_flag()?;
         Ok(plan.report)
     }

@@ -135,6 +135,27 @@ pub struct ProgrammedState {
     pub backends: BTreeMap<BackendKey, Backend>,
 }
 
+impl ProgrammedState {
+    /// The maps after one write of a plan (affinities aside).
+    pub fn apply(&mut self, write: &MapWrite) {
+        match write {
+            MapWrite::PutBackend(k, v) => {
+                self.backends.insert(*k, *v);
+            }
+            MapWrite::PutService(k, v) => {
+                self.services.insert(*k, *v);
+            }
+            MapWrite::DeleteService(k) => {
+                self.services.remove(k);
+            }
+            MapWrite::DeleteBackend(k) => {
+                self.backends.remove(k);
+            }
+            MapWrite::ForgetAffinity { .. } => {}
+        }
+    }
+}
+
 /// One step of a Service sync, in the order it must happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapWrite {
@@ -532,21 +553,7 @@ mod tests {
     fn apply(state: &ProgrammedState, plan: &ServicePlan) -> ProgrammedState {
         let mut state = state.clone();
         for write in &plan.writes {
-            match write {
-                MapWrite::PutBackend(k, v) => {
-                    state.backends.insert(*k, *v);
-                }
-                MapWrite::PutService(k, v) => {
-                    state.services.insert(*k, *v);
-                }
-                MapWrite::DeleteService(k) => {
-                    state.services.remove(k);
-                }
-                MapWrite::DeleteBackend(k) => {
-                    state.backends.remove(k);
-                }
-                MapWrite::ForgetAffinity { .. } => {}
-            }
+            state.apply(write);
         }
         state
     }

@@ -8,13 +8,15 @@
 //! - same-node: bare veth pair (limit), Linux bridge (flannel), ours.
 //! - cross-node: node to node over the uplink (limit), ours native, ours
 //!   VXLAN, flannel host-gw, flannel vxlan.
+//! - services: ClusterIP Services at 1k and 10k, ours against kube-proxy's
+//!   iptables rules (`crate::bench_services`).
 //!
 //! The JSON report gets an SVG chart beside it (`crate::chart`);
 //! `--chart-only REPORT.json` redraws one without measuring.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -41,7 +43,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Which comparison to run.
-    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "all"])]
+    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "services", "all"])]
     pub suite: String,
     /// One short repeat of everything, so the benchmark cannot rot (part of
     /// `cargo xtask test`); its figures mean nothing.
@@ -65,17 +67,22 @@ pub struct BenchArgs {
 }
 
 /// Two endpoints to measure between: namespaces and the server's address.
-struct Pair {
-    name: &'static str,
-    client: PathBuf,
+pub(crate) struct Pair {
+    pub(crate) name: &'static str,
+    pub(crate) client: PathBuf,
     client_name: String,
-    server: PathBuf,
+    pub(crate) server: PathBuf,
     server_name: String,
-    server_ip: Ipv4Addr,
+    pub(crate) server_ip: Ipv4Addr,
+    /// The port the server listens on (0: any free one).
+    pub(crate) server_port: u16,
+    /// Where the client connects (a Service address that leads to the
+    /// server), if not straight to the server.
+    pub(crate) connect_to: Option<SocketAddrV4>,
 }
 
 impl Pair {
-    fn between(name: &'static str, client: &Netns, server: &Netns, server_ip: Ipv4Addr) -> Self {
+    pub(crate) fn between(name: &'static str, client: &Netns, server: &Netns, server_ip: Ipv4Addr) -> Self {
         Pair {
             name,
             client: client.path(),
@@ -83,7 +90,22 @@ impl Pair {
             server: server.path(),
             server_name: server.name.clone(),
             server_ip,
+            server_port: 0,
+            connect_to: None,
         }
+    }
+
+    /// The client connects to `service`, which leads to the server listening
+    /// on `server_port`.
+    pub(crate) fn via(mut self, service: SocketAddrV4, server_port: u16) -> Self {
+        self.connect_to = Some(service);
+        self.server_port = server_port;
+        self
+    }
+
+    /// Where the client connects, given the port the server listens on.
+    pub(crate) fn target(&self, port: u16) -> SocketAddr {
+        self.connect_to.map_or(SocketAddr::from((self.server_ip, port)), SocketAddr::V4)
     }
 }
 
@@ -285,7 +307,7 @@ fn ours_pair(a: &Pod, b: &Pod) -> Pair {
     Pair::between(OURS_SAME, &a.netns, &b.netns, b.ip)
 }
 
-fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
+pub(crate) fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
     datapath_agent::netns::enter(ns)?;
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
@@ -295,14 +317,18 @@ fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
 
 /// 1-byte request/response over one TCP connection (netperf TCP_RR) or a new
 /// connection per transaction (TCP_CRR). Returns transactions per second.
-fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) -> anyhow::Result<f64> {
+pub(crate) fn request_response(
+    pair: &Pair,
+    duration: Duration,
+    new_connection_each: bool,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
-    let (server_ns, server_ip) = (pair.server.clone(), pair.server_ip);
+    let (server_ns, server_ip, server_port) = (pair.server.clone(), pair.server_ip, pair.server_port);
     let server_stop = Arc::clone(&stop);
     let server = std::thread::spawn(move || -> anyhow::Result<()> {
         enter(&server_ns, 1)?;
-        let listener = TcpListener::bind((server_ip, 0))?;
+        let listener = TcpListener::bind((server_ip, server_port))?;
         tx.send(listener.local_addr()?.port())?;
         let mut byte = [0u8; 1];
         while !server_stop.load(Ordering::Relaxed) {
@@ -315,6 +341,7 @@ fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) 
         Ok(())
     });
     let port: u16 = rx.recv_timeout(Duration::from_secs(5))?;
+    let target = pair.target(port);
     let client_ns = pair.client.clone();
     let client = std::thread::spawn(move || -> anyhow::Result<u64> {
         enter(&client_ns, 0)?;
@@ -323,9 +350,8 @@ fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) 
             // otherwise TCP_CRR measures the ephemeral port search, not the path.
             std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
         }
-        let addr = (server_ip, port).into();
         let connect = || -> anyhow::Result<TcpStream> {
-            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let c = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
             c.set_nodelay(true)?;
             Ok(c)
         };
@@ -350,7 +376,7 @@ fn request_response(pair: &Pair, duration: Duration, new_connection_each: bool) 
         let ns = pair.client.clone();
         move || -> anyhow::Result<()> {
             enter(&ns, 0)?;
-            let _ = TcpStream::connect_timeout(&(server_ip, port).into(), Duration::from_secs(1));
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
             Ok(())
         }
     })
@@ -667,6 +693,11 @@ pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
             "program_seconds": c.program_time.as_secs_f64(),
             "rss_growth_at_scale_kib": c.rss_at_scale_kib,
         }));
+    }
+    if wants("services") {
+        let (report, service_targets) = crate::bench_services::services(&prefix, &args)?;
+        reports.push(report);
+        targets.extend(service_targets);
     }
     let ratio = |a: &str, b: &str| -> Option<f64> {
         let (x, y) = (medians.get(a)?, medians.get(b)?);

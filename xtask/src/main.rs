@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_extra;
+mod bench_services;
 mod chart;
 mod run;
 mod test;
@@ -21,7 +22,8 @@ enum Task {
     Test(test::TestArgs),
     /// Demo node with two pods (no arguments), or the agent on this host (`-- <agent args>`).
     Run(run::RunArgs),
-    /// Pod-to-pod TCP_RR, TCP_CRR and throughput against baselines, ns/packet, control plane;
+    /// Pod-to-pod TCP_RR, TCP_CRR and throughput against baselines, ns/packet, control plane,
+    /// Services against kube-proxy;
     /// JSON report and SVG chart (`--chart-only JSON` redraws a chart).
     Bench(bench::BenchArgs),
 }

@@ -1,0 +1,729 @@
+//! `cargo xtask bench --suite services`: ClusterIP Services at scale (issue
+//! 8), ours against kube-proxy in iptables mode, built in the same run.
+//!
+//! At N = 1,000 and 10,000 Services (smoke: 10 and 100), one setup each:
+//!
+//! - **ours**: a lab node (real agent, native mode) with a client and a
+//!   backend pod made by the CNI plugin, and N Services in the agent's
+//!   config; the measured one is 10.96.0.10:80 -> backend:8080, the others
+//!   have their own cluster IPs and the same backend.
+//! - **kube-proxy**: the same topology without our datapath, routed like
+//!   Calico (/32 routes on the host veths, pods' gateway 169.254.1.1 as a
+//!   static neighbour), and kube-proxy's nat table for the same N Services
+//!   loaded with one `iptables-restore` (Debian's, iptables-nft), the
+//!   measured Service last in KUBE-SERVICES: the worst case of the linear
+//!   scan every new connection makes.
+//!
+//! Measured, repeats interleaved over the four setups, client on CPU 0 and
+//! server on CPU 1: TCP_CRR through the Service, and the time `connect()` to
+//! the cluster IP takes (first packet: SYN out, DNAT, SYN-ACK back). Then the
+//! time to apply one Service change at N: ours, `Datapath::sync_services` on
+//! a private datapath holding N Services for a list that differs in one
+//! Service's backend; kube-proxy, one `iptables-restore --noflush` of the
+//! whole nat table (its full sync), in the node with N Services.
+
+use std::{
+    hash::{Hash as _, Hasher as _},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use datapath_agent::{config::SessionAffinity, datapath::Datapath, services::ServicePort};
+use datapath_common::IPPROTO_TCP;
+use datapath_tests::{
+    lab::{CLUSTER_CIDR, Netns, Node, Pod, VETH_PREFIX, mac_of},
+    sh,
+};
+
+use crate::{
+    bench::{BenchArgs, Pair, Stats, enter, request_response, stats},
+    bench_extra::Target,
+};
+
+/// The measured Service: clients connect here.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+/// The backend listens here (the Service's target port).
+const SERVER_PORT: u16 = 8080;
+/// A backend address no pod has: what one Service's change switches to.
+const OTHER_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
+const OURS: &str = "ours";
+const KUBE_PROXY: &str = "kube-proxy iptables";
+
+/// The cluster IP of the `i`-th other Service: 10.96.0.100 upwards, inside
+/// 10.96.0.0/16 (up to 65,000-odd), never the measured one.
+fn other_vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 100)) + i as u32)
+}
+
+/// One Service port with one backend, as both setups program it.
+#[derive(Clone)]
+struct Svc {
+    name: String,
+    vip: Ipv4Addr,
+    backend: SocketAddrV4,
+}
+
+/// The N Services of a setup: N-1 others, then the measured one (last, so
+/// kube-proxy's KUBE-SERVICES scan passes all others first).
+fn service_list(n: usize, backend: Ipv4Addr) -> Vec<Svc> {
+    let to = SocketAddrV4::new(backend, SERVER_PORT);
+    let mut all: Vec<Svc> =
+        (0..n - 1).map(|i| Svc { name: format!("svc-{i}"), vip: other_vip(i), backend: to }).collect();
+    all.push(Svc { name: "measured".into(), vip: VIP, backend: to });
+    all
+}
+
+/// `[[services]]` entries for the agent's config.
+fn agent_config(services: &[Svc]) -> String {
+    let mut out = String::new();
+    for s in services {
+        out.push_str(&format!(
+            "\n[[services]]\nname = \"{}\"\nnamespace = \"bench\"\ncluster_ip = \"{}\"\nbackends = [\"{}\"]\n\
+             [[services.ports]]\nname = \"http\"\nport = {SERVICE_PORT}\ntarget_port = {}\n",
+            s.name,
+            s.vip,
+            s.backend.ip(),
+            s.backend.port()
+        ));
+    }
+    out
+}
+
+fn service_ports(services: &[Svc]) -> Vec<ServicePort> {
+    services
+        .iter()
+        .map(|s| ServicePort {
+            namespace: "bench".into(),
+            name: s.name.clone(),
+            port_name: Some("http".into()),
+            cluster_ip: s.vip,
+            port: SERVICE_PORT,
+            protocol: IPPROTO_TCP,
+            session_affinity: SessionAffinity::None,
+            affinity_timeout_seconds: 10_800,
+            backends: vec![s.backend],
+        })
+        .collect()
+}
+
+/// Our node: agent, client and backend pods, N Services programmed.
+struct OursSetup {
+    // Drop order: pods, then the node.
+    client: Pod,
+    backend: Pod,
+    node: Node,
+}
+
+impl OursSetup {
+    fn new(n: usize) -> anyhow::Result<Self> {
+        let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+        node.start_agent();
+        let client = node.add_pod("svc-client");
+        let backend = node.add_pod("svc-backend");
+        // Closed connections are forgotten after 1 s (default 10), so that the
+        // connect() runs find no entry of an earlier run's 5-tuple.
+        node.set_extra_config(&format!(
+            "conntrack_closing_seconds = 1\n{}",
+            agent_config(&service_list(n, backend.ip))
+        ));
+        let setup = Self { client, backend, node };
+        // The agent reads the file every 500 ms; wait until all N are in the maps.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let programmed = setup.node.inspect("services").as_array().map_or(0, Vec::len);
+            if programmed == n {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the agent programmed {programmed} of {n} Services:\n{}",
+                setup.node.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(setup)
+    }
+
+    /// Wait (up to 30 s) until the node tracks no connection, so that the
+    /// next connections' first packets take the Service lookup, not an entry
+    /// an earlier connection of the same 5-tuple left; returns how many
+    /// were still tracked.
+    fn wait_untracked(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let tracked = self.node.inspect("conntrack").as_array().map_or(0, Vec::len);
+            if tracked == 0 || Instant::now() > deadline {
+                return tracked;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn pair(&self) -> Pair {
+        Pair::between(OURS, &self.client.netns, &self.backend.netns, self.backend.ip)
+            .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
+    }
+}
+
+/// kube-proxy's node: pods routed like Calico, the nat table as kube-proxy
+/// writes it.
+struct KubeProxySetup {
+    // Drop order: pods, then the node.
+    client: Netns,
+    backend: Netns,
+    node: Netns,
+    services: Vec<Svc>,
+    /// Chains of the last restore (a resync deletes the ones it no longer uses).
+    chains: Vec<String>,
+}
+
+const KP_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const KP_BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+/// The pods' gateway, as Calico gives it: a static neighbour, never an address.
+const POD_GATEWAY: &str = "169.254.1.1";
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl KubeProxySetup {
+    fn new(prefix: &str, n: usize) -> anyhow::Result<Self> {
+        let node = Netns::new(format!("{prefix}-kp{n}-node"));
+        let client = Netns::new(format!("{prefix}-kp{n}-client"));
+        let backend = Netns::new(format!("{prefix}-kp{n}-backend"));
+        let ns = node.name.clone();
+        sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for (pod, veth, ip) in [
+            (&client, format!("{VETH_PREFIX}kpc"), KP_CLIENT_IP),
+            (&backend, format!("{VETH_PREFIX}kpb"), KP_BACKEND_IP),
+        ] {
+            let (p, ip) = (pod.name.as_str(), ip.to_string());
+            sh(&["ip", "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", p]);
+            sh(&["ip", "-n", &ns, "link", "set", &veth, "up"]);
+            sh(&["ip", "-n", p, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            sh(&["ip", "-n", p, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", p, "route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
+            sh(&["ip", "-n", p, "route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
+            let host_mac = mac_string(mac_of(&node, &veth));
+            let pod_mac = mac_string(mac_of(pod, "eth0"));
+            sh(&[
+                "ip",
+                "-n",
+                p,
+                "neigh",
+                "replace",
+                POD_GATEWAY,
+                "lladdr",
+                &host_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
+            sh(&["ip", "-n", &ns, "route", "add", &format!("{ip}/32"), "dev", &veth]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "neigh",
+                "replace",
+                &ip,
+                "lladdr",
+                &pod_mac,
+                "dev",
+                &veth,
+                "nud",
+                "permanent",
+            ]);
+        }
+        let mut setup =
+            Self { client, backend, node, services: service_list(n, KP_BACKEND_IP), chains: Vec::new() };
+        // The whole nat table in one restore, flushing what was there.
+        setup.restore(&["-w"], true)?;
+        Ok(setup)
+    }
+
+    fn pair(&self) -> Pair {
+        Pair::between(KUBE_PROXY, &self.client, &self.backend, KP_BACKEND_IP)
+            .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
+    }
+
+    /// Write the nat table for `self.services` with `iptables-restore ARGS`
+    /// in the node; returns how long the command took (spawn included, as
+    /// kube-proxy pays it too).
+    fn restore(&mut self, args: &[&str], initial: bool) -> anyhow::Result<Duration> {
+        let (text, chains) = nat_table(&self.services, &self.chains, initial);
+        let started = Instant::now();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node.name, "iptables-restore"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running iptables-restore (Debian package iptables; run scripts/setup.sh)")?;
+        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            out.status.success(),
+            "iptables-restore {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.chains = chains;
+        Ok(took)
+    }
+
+    /// Rules in the nat table (a sanity check that all N are there).
+    fn rule_count(&self) -> usize {
+        sh(&["ip", "netns", "exec", &self.node.name, "iptables", "-w", "-t", "nat", "-S"])
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count()
+    }
+}
+
+/// kube-proxy's chain name hash: 16 characters of base32 over a hash of
+/// what names the chain (kube-proxy takes SHA-256; any stable hash names
+/// chains alike).
+fn chain_hash(what: &str) -> String {
+    const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let half = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        (what, salt).hash(&mut h);
+        h.finish()
+    };
+    let bits = (u128::from(half(1)) << 64) | u128::from(half(2));
+    (0..16).map(|i| BASE32[((bits >> (5 * i)) & 31) as usize] as char).collect()
+}
+
+/// The nat table as kube-proxy (iptables mode, with --cluster-cidr) writes
+/// it for `services` (one TCP port each, named "http"): with `initial`, the
+/// built-in chains and their jumps too (a plain restore replaces the whole
+/// table); otherwise what its full sync writes with `--noflush`: every
+/// KUBE-* chain declared (which flushes it) and refilled, and the chains of
+/// `previous` no longer used declared and deleted. Returns the text and the
+/// chains it leaves.
+fn nat_table(services: &[Svc], previous: &[String], initial: bool) -> (String, Vec<String>) {
+    let mut chains: Vec<String> =
+        ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"].map(String::from).into();
+    let mut rules = String::new();
+    if initial {
+        rules.push_str(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
+        );
+    }
+    rules.push_str(
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
+    );
+    let mut per_service = String::new();
+    for s in services {
+        let port_name = format!("bench/{}:http", s.name);
+        let svc = format!("KUBE-SVC-{}", chain_hash(&format!("{port_name}tcp")));
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{port_name} cluster IP\" -m tcp --dport {SERVICE_PORT} -j {svc}\n",
+            s.vip
+        ));
+        per_service.push_str(&format!(
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{port_name} cluster IP\" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ\n",
+            s.vip
+        ));
+        let endpoints = [s.backend];
+        let mut seps = Vec::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{port_name}tcp{ep}")));
+            // Endpoint i of n takes 1/(n-i) of what the earlier ones left.
+            let left = endpoints.len() - i;
+            let pick = if left > 1 {
+                format!(" -m statistic --mode random --probability {:.11}", 1.0 / left as f64)
+            } else {
+                String::new()
+            };
+            per_service
+                .push_str(&format!("-A {svc} -m comment --comment \"{port_name} -> {ep}\"{pick} -j {sep}\n"));
+            seps.push((sep, ep));
+        }
+        chains.push(svc);
+        for (sep, ep) in seps {
+            per_service.push_str(&format!(
+                "-A {sep} -s {}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ\n\
+                 -A {sep} -p tcp -m comment --comment \"{port_name}\" -m tcp -j DNAT --to-destination {ep}\n",
+                ep.ip()
+            ));
+            chains.push(sep);
+        }
+    }
+    rules.push_str(&per_service);
+    rules.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+    );
+    let wanted: std::collections::HashSet<&String> = chains.iter().collect();
+    let stale: Vec<&String> = previous.iter().filter(|c| !wanted.contains(c)).collect();
+    let mut text = String::from("*nat\n");
+    if initial {
+        for builtin in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
+            text.push_str(&format!(":{builtin} ACCEPT [0:0]\n"));
+        }
+    }
+    for chain in chains.iter().chain(stale.iter().copied()) {
+        text.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    text.push_str(&rules);
+    for chain in &stale {
+        text.push_str(&format!("-X {chain}\n"));
+    }
+    text.push_str("COMMIT\n");
+    (text, chains)
+}
+
+/// Median time `connect()` to the pair's Service takes, over `count` new
+/// connections one after another, in µs. The client closes each with a
+/// reset (SO_LINGER 0): no TIME_WAIT sockets pile up in its namespace to
+/// slow the next runs' port search.
+fn connect_latency(pair: &Pair, count: usize) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (server_ns, server_ip, port) = (pair.server.clone(), pair.server_ip, pair.server_port);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server_stop = Arc::clone(&stop);
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        enter(&server_ns, 1)?;
+        let listener = TcpListener::bind((server_ip, port))?;
+        tx.send(())?;
+        let mut byte = [0u8; 1];
+        while !server_stop.load(Ordering::Relaxed) {
+            let (mut conn, _) = listener.accept()?;
+            // Until the client closes: it closes first, as in TCP_CRR.
+            while let Ok(n) = conn.read(&mut byte) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(5))?;
+    let target = pair.target(port);
+    let client_ns = pair.client.clone();
+    let client = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+        enter(&client_ns, 0)?;
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        let mut times = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            let conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+            times.push(started.elapsed().as_secs_f64() * 1e6);
+            reset_on_close(&conn)?;
+            drop(conn);
+        }
+        Ok(times)
+    });
+    let times = client.join().map_err(|_| anyhow::anyhow!("client panicked"));
+    stop.store(true, Ordering::Relaxed);
+    let _ = std::thread::spawn({
+        let ns = pair.client.clone();
+        move || -> anyhow::Result<()> {
+            enter(&ns, 0)?;
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+            Ok(())
+        }
+    })
+    .join();
+    let _ = server.join();
+    Ok(stats(times??).median)
+}
+
+fn reset_on_close(conn: &TcpStream) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a live socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Times (ms) of `changes` Service changes on our datapath: a private
+/// datapath holding `n` Services, each change a list that differs from the
+/// programmed one in one Service's backend. Also (second) the times of
+/// reading the `n` Services back from the maps, as each sync first does:
+/// what of the change's time grows with N.
+fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mut desired = service_ports(&service_list(n, Ipv4Addr::new(10, 244, 1, 3)));
+    let mut dp = Datapath::load_unpinned()?;
+    let report = dp.sync_services(&desired)?;
+    anyhow::ensure!(report.added == n, "{} of {n} Services added", report.added);
+    let mut times = Vec::with_capacity(changes);
+    for k in 0..changes {
+        // Service 0 (never the measured one) swaps between two backends.
+        let ip = if k % 2 == 0 { OTHER_BACKEND } else { Ipv4Addr::new(10, 244, 1, 3) };
+        desired[0].backends = vec![SocketAddrV4::new(ip, SERVER_PORT)];
+        let started = Instant::now();
+        let report = dp.sync_services(&desired)?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            (report.added, report.updated, report.removed) == (0, 1, 0),
+            "one Service change made {report:?}"
+        );
+    }
+    let mut reads = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let read = dp.services()?.len();
+        reads.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(read == n, "read back {read} of {n} Services");
+    }
+    Ok((times, reads))
+}
+
+/// kube-proxy's full sync after one Service's endpoint changed: the whole
+/// nat table with `iptables-restore --noflush`, `changes` times (ms). The
+/// table is left as it was.
+fn kube_proxy_change_ms(setup: &mut KubeProxySetup, changes: usize) -> anyhow::Result<Vec<f64>> {
+    let original = setup.services[0].backend;
+    let mut times = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let ip = if k % 2 == 0 { OTHER_BACKEND } else { *original.ip() };
+        setup.services[0].backend = SocketAddrV4::new(ip, SERVER_PORT);
+        times.push(setup.restore(&["-w", "--noflush", "--counters"], false)?.as_secs_f64() * 1e3);
+    }
+    if setup.services[0].backend != original {
+        setup.services[0].backend = original;
+        setup.restore(&["-w", "--noflush", "--counters"], false)?;
+    }
+    Ok(times)
+}
+
+/// Run `f` on a thread pinned to CPU 0 (and so are the commands it spawns).
+fn pinned<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    std::thread::spawn(move || {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("panicked"))?
+}
+
+/// One setup's figures at one N.
+struct Row {
+    setup: &'static str,
+    n: usize,
+    crr: Vec<f64>,
+    connect_us: Vec<f64>,
+    change_ms: Vec<f64>,
+}
+
+pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::Value, Vec<Target>)> {
+    let sizes: [usize; 2] = if args.smoke { [10, 100] } else { [1_000, 10_000] };
+    let connections = if args.smoke { 200 } else { 2_000 };
+    let (ours_changes, kube_proxy_changes) = if args.smoke { (4, 2) } else { (20, 5) };
+    let duration = Duration::from_secs(args.duration);
+    let iptables = sh(&["iptables-restore", "--version"]).trim().to_owned();
+
+    // Setups: ours and kube-proxy's at each N (the guards remove everything,
+    // also on failure).
+    let mut ours = Vec::new();
+    let mut kube_proxy = Vec::new();
+    for &n in &sizes {
+        eprintln!("services: setting up ours and kube-proxy with {n} Services");
+        ours.push(OursSetup::new(n)?);
+        let kp = KubeProxySetup::new(prefix, n)?;
+        let rules = kp.rule_count();
+        anyhow::ensure!(rules >= 5 * n, "kube-proxy's nat table has {rules} rules for {n} Services");
+        kube_proxy.push(kp);
+    }
+    let pairs: Vec<(Pair, usize, Option<&OursSetup>)> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| [(ours[i].pair(), n, Some(&ours[i])), (kube_proxy[i].pair(), n, None)])
+        .collect();
+    let mut rows: Vec<Row> = pairs
+        .iter()
+        .map(|(p, n, _)| Row {
+            setup: p.name,
+            n: *n,
+            crr: Vec::new(),
+            connect_us: Vec::new(),
+            change_ms: Vec::new(),
+        })
+        .collect();
+    // connect() first: TCP_CRR leaves thousands of TIME_WAIT sockets in the
+    // client, which would slow the connect() runs after it.
+    let mut still_tracked = 0;
+    for rep in 0..args.repeats {
+        for ((pair, n, ours), row) in pairs.iter().zip(&mut rows) {
+            eprintln!("services connect() {}/{}: {} with {n} Services", rep + 1, args.repeats, pair.name);
+            if let Some(ours) = ours {
+                still_tracked = still_tracked.max(ours.wait_untracked());
+            }
+            row.connect_us.push(connect_latency(pair, connections)?);
+        }
+    }
+    for rep in 0..args.repeats {
+        for ((pair, n, _), row) in pairs.iter().zip(&mut rows) {
+            eprintln!("services TCP_CRR {}/{}: {} with {n} Services", rep + 1, args.repeats, pair.name);
+            row.crr.push(request_response(pair, duration, true)?);
+        }
+    }
+    drop(pairs);
+    drop(ours);
+    // Changes: ours on a private datapath, kube-proxy in its node.
+    let mut read_back = Vec::new();
+    for &n in &sizes {
+        eprintln!("services: one Service change at {n} Services");
+        let (times, reads) = pinned(move || ours_change_ms(n, ours_changes))?;
+        read_back.push((n, stats(reads)));
+        rows.iter_mut().find(|r| r.setup == OURS && r.n == n).context("row")?.change_ms = times;
+        let mut kp = kube_proxy.remove(0);
+        let times = pinned(move || kube_proxy_change_ms(&mut kp, kube_proxy_changes).map(|t| (t, kp)));
+        let (times, kp) = times?;
+        drop(kp);
+        rows.iter_mut().find(|r| r.setup == KUBE_PROXY && r.n == n).context("row")?.change_ms = times;
+    }
+
+    println!(
+        "\nServices (ClusterIP): TCP_CRR and connect() through a Service at N Services, {} s x {} repeats,\n\
+         {connections} connects per repeat (median of each), client CPU 0, server CPU 1; kube-proxy = {iptables}\n\
+         rules in a node namespace (routed pods, no bridge), the measured Service LAST in KUBE-SERVICES\n\
+         (worst case of its linear scan, which grows with N). One change: ours = Datapath::sync_services\n\
+         for one Service's new backend ({ours_changes} changes, this xtask build), kube-proxy = one\n\
+         iptables-restore --noflush of the whole nat table, its full sync ({kube_proxy_changes} changes).\n\
+         connect() runs (each connection reset by the client) come before the TCP_CRR runs. Ours forgets\n\
+         closed connections after 1 s (conntrack_closing_seconds) and each connect() run starts with\n\
+         none tracked, so every SYN takes the Service lookup",
+        args.duration, args.repeats
+    );
+    if still_tracked > 0 {
+        println!("NOTE: {still_tracked} connections were still tracked when a connect() run began");
+    }
+    println!("{:<22} {:>7} {:<26} {:>12} {:>12} {:>12}", "setup", "N", "metric", "min", "median", "max");
+    let summary: Vec<(&Row, Stats, Stats, Stats)> = rows
+        .iter()
+        .map(|r| (r, stats(r.crr.clone()), stats(r.connect_us.clone()), stats(r.change_ms.clone())))
+        .collect();
+    for (r, crr, connect, change) in &summary {
+        for (metric, s) in
+            [("TCP_CRR (trans/s)", crr), ("connect() (us, median)", connect), ("one change (ms)", change)]
+        {
+            println!(
+                "{:<22} {:>7} {:<26} {:>12.1} {:>12.1} {:>12.1}",
+                r.setup, r.n, metric, s.min, s.median, s.max
+            );
+        }
+    }
+    for (n, s) in &read_back {
+        println!(
+            "ours at {n}: reading the {n} Services back from the maps (each sync's first step): \
+             {:.1} ms median (min {:.1}, max {:.1})",
+            s.median, s.min, s.max
+        );
+    }
+    let find = |setup: &str, n: usize| summary.iter().find(|(r, ..)| r.setup == setup && r.n == n);
+    let (small, big) = (sizes[0], sizes[1]);
+    let mut targets = Vec::new();
+    if let (Some(o), Some(k)) = (find(OURS, big), find(KUBE_PROXY, big)) {
+        targets.push(Target {
+            what: format!("Service TCP_CRR ours / kube-proxy, {big} Services"),
+            value: o.1.median / k.1.median,
+            at_least: true,
+            target: 1.5,
+        });
+    }
+    if let (Some(b), Some(s)) = (find(OURS, big), find(OURS, small)) {
+        targets.push(Target {
+            what: format!("Service connect() ours {big} / {small} Services"),
+            value: b.2.median / s.2.median,
+            at_least: false,
+            target: 1.1,
+        });
+        targets.push(Target {
+            what: format!("one Service change at {big} Services, ms"),
+            value: b.3.median,
+            at_least: false,
+            target: 10.0,
+        });
+    }
+    let report = serde_json::json!({
+        "suite": "services",
+        "duration_s": args.duration,
+        "repeats": args.repeats,
+        "connects_per_repeat": connections,
+        "kube_proxy": {
+            "iptables": iptables,
+            "measured_service": "last in KUBE-SERVICES (worst case of the linear scan)",
+            "change": "iptables-restore --noflush --counters of the whole nat table (full sync)",
+            "changes": kube_proxy_changes,
+        },
+        "ours_conntrack_closing_seconds": 1,
+        "ours_tracked_before_connects": still_tracked,
+        "ours_change": {
+            "what": "Datapath::sync_services, one Service's backend changed",
+            "changes": ours_changes,
+            "read_back_ms": read_back.iter().map(|(n, s)| serde_json::json!({ "services": n, "stats": s })).collect::<Vec<_>>(),
+        },
+        "results": summary.iter().map(|(r, crr, connect, change)| serde_json::json!({
+            "setup": r.setup,
+            "services": r.n,
+            "tcp_crr_tps": crr,
+            "connect_us": connect,
+            "change_ms": change,
+        })).collect::<Vec<_>>(),
+    });
+    Ok((report, targets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_table_is_kube_proxys_layout_with_the_measured_service_last() {
+        let all = service_list(3, KP_BACKEND_IP);
+        let (text, chains) = nat_table(&all, &[], true);
+        assert!(text.starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n") && text.ends_with("COMMIT\n"));
+        // 4 fixed chains, one KUBE-SVC and one KUBE-SEP per Service.
+        assert_eq!(chains.len(), 4 + 2 * 3);
+        let portals: Vec<&str> = text.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ")).collect();
+        assert_eq!(portals.len(), 3);
+        assert!(portals[2].starts_with("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp"), "{}", portals[2]);
+        assert!(text.contains("-j DNAT --to-destination 10.244.1.3:8080\n"));
+        // A resync after one endpoint changed deletes that Service's old KUBE-SEP.
+        let mut changed = all.clone();
+        changed[0].backend = SocketAddrV4::new(OTHER_BACKEND, SERVER_PORT);
+        let (resync, after) = nat_table(&changed, &chains, false);
+        assert!(!resync.contains("PREROUTING"));
+        let gone: Vec<&String> = chains.iter().filter(|c| !after.contains(c)).collect();
+        assert_eq!(gone.len(), 1);
+        assert!(resync.contains(&format!("-X {}\n", gone[0])));
+    }
+
+    #[test]
+    fn other_cluster_ips_stay_in_the_service_range() {
+        let all = service_list(10_000, KP_BACKEND_IP);
+        let range: ipnet::Ipv4Net = "10.96.0.0/16".parse().unwrap();
+        let distinct: std::collections::HashSet<Ipv4Addr> = all.iter().map(|s| s.vip).collect();
+        assert_eq!(distinct.len(), 10_000);
+        assert!(all.iter().all(|s| range.contains(&s.vip)));
+    }
+}
