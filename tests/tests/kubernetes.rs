@@ -34,6 +34,18 @@ fn peer_cidrs(node: &Node) -> Vec<String> {
         .collect()
 }
 
+/// The API server on the physical network and node A (10.244.1.0/24 at
+/// 10.250.0.1) with its Node object, configured for kubernetes mode, not started.
+fn one_node_in_kubernetes_mode(fabric: &Fabric) -> (FakeApiServer, Node) {
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
+    let kubeconfig = api.kubeconfig(&a.work_dir);
+    a.use_kubernetes(&kubeconfig);
+    (api, a)
+}
+
 fn health(ns: &Netns, path: &str) -> u16 {
     http_get_local(ns, 9976, path).0
 }
@@ -137,12 +149,7 @@ fn kubernetes_mode_refuses_a_file_that_sets_what_the_node_decides() {
         return;
     }
     let fabric = Fabric::new();
-    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
-    let api = FakeApiServer::start(&fabric.netns, API_IP);
-    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
-    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
-    let kubeconfig = api.kubeconfig(&a.work_dir);
-    a.use_kubernetes(&kubeconfig);
+    let (_api, a) = one_node_in_kubernetes_mode(&fabric);
     let mut text = std::fs::read_to_string(a.config_path()).unwrap();
     text = text.replacen("source = ", "pod_cidr = \"10.244.1.0/24\"\nsource = ", 1);
     std::fs::write(a.config_path(), text).unwrap();
@@ -188,12 +195,7 @@ fn services_follow_service_and_endpointslice_objects() {
     }
     use std::io::{Read as _, Write as _};
     let fabric = Fabric::new();
-    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
-    let api = FakeApiServer::start(&fabric.netns, API_IP);
-    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
-    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
-    let kubeconfig = api.kubeconfig(&a.work_dir);
-    a.use_kubernetes(&kubeconfig);
+    let (api, mut a) = one_node_in_kubernetes_mode(&fabric);
     a.start_agent();
     wait_for("A ready", || health(&a.netns, "/readyz") == 200);
     let client = a.add_pod("client");

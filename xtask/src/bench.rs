@@ -370,8 +370,19 @@ pub(crate) fn request_response(
         Ok(done)
     });
     let done = client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    stop_server(pair, target, &stop, server);
+    Ok(done as f64 / duration.as_secs_f64())
+}
+
+/// Stop a server thread blocked in accept(): set `stop`, then connect once
+/// from the client's namespace so that accept() returns and sees it.
+pub(crate) fn stop_server<T>(
+    pair: &Pair,
+    target: std::net::SocketAddr,
+    stop: &AtomicBool,
+    server: std::thread::JoinHandle<T>,
+) {
     stop.store(true, Ordering::Relaxed);
-    // Unblock the server's accept.
     let _ = std::thread::spawn({
         let ns = pair.client.clone();
         move || -> anyhow::Result<()> {
@@ -382,7 +393,6 @@ pub(crate) fn request_response(
     })
     .join();
     let _ = server.join();
-    Ok(done as f64 / duration.as_secs_f64())
 }
 
 /// iperf3, client pinned to CPU 0 and server to CPU 1. Returns Gbit/s.

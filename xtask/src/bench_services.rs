@@ -431,17 +431,7 @@ fn connect_latency(pair: &Pair, count: usize) -> anyhow::Result<f64> {
         Ok(times)
     });
     let times = client.join().map_err(|_| anyhow::anyhow!("client panicked"));
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::thread::spawn({
-        let ns = pair.client.clone();
-        move || -> anyhow::Result<()> {
-            enter(&ns, 0)?;
-            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
-            Ok(())
-        }
-    })
-    .join();
-    let _ = server.join();
+    crate::bench::stop_server(pair, target, &stop, server);
     Ok(stats(times??).median)
 }
 
