@@ -32,7 +32,7 @@ use datapath_common::{
 use crate::{
     ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
     mac::MacAddr,
-    services::{ConntrackLimits, MapWrite, ProgrammedState, ServicePort},
+    services::{ConntrackLimits, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
 };
 
 /// Which build of the programs to load.
@@ -1131,7 +1131,7 @@ impl Datapath {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(err(map_names::SERVICE_BACKENDS))?;
-        Ok(ProgrammedState { services, backends })
+        Ok(ProgrammedState::new(services, backends))
     }
 
     /// Make the Service maps serve exactly `desired`, changing only what
@@ -1140,12 +1140,40 @@ impl Datapath {
     /// lookups on or off ([`Self::update_services_flag`]). Connections
     /// already tracked keep their backend: conntrack is not touched.
     pub fn sync_services(&mut self, desired: &[ServicePort]) -> Result<SyncReport, DatapathError> {
-        let err = |name| move |source| DatapathError::Map { name, source };
-        let mut programmed = match self.programmed_services.take() {
-            Some(state) => state,
-            None => self.programmed_state()?,
-        };
+        let programmed = self.take_programmed_services()?;
         let plan = crate::services::plan_sync(&programmed, desired);
+        self.carry_out(programmed, plan)
+    }
+
+    /// Like [`Self::sync_services`] for the keys in `changes` only, every
+    /// other Service left as it is: one Service's change costs its own
+    /// writes whatever the number of Services.
+    pub fn sync_service_changes(&mut self, changes: &ServiceChanges) -> Result<SyncReport, DatapathError> {
+        let programmed = self.take_programmed_services()?;
+        let plan = crate::services::plan_changes(&programmed, changes);
+        self.carry_out(programmed, plan)
+    }
+
+    /// What the Service maps hold, from the agent's record of its own
+    /// writes (read from the maps once, or after a failed write).
+    pub fn programmed_services(&mut self) -> Result<&ProgrammedState, DatapathError> {
+        let state = self.take_programmed_services()?;
+        Ok(self.programmed_services.insert(state))
+    }
+
+    fn take_programmed_services(&mut self) -> Result<ProgrammedState, DatapathError> {
+        match self.programmed_services.take() {
+            Some(state) => Ok(state),
+            None => self.programmed_state(),
+        }
+    }
+
+    fn carry_out(
+        &mut self,
+        mut programmed: ProgrammedState,
+        plan: ServicePlan,
+    ) -> Result<SyncReport, DatapathError> {
+        let err = |name| move |source| DatapathError::Map { name, source };
         // Read once, at the first affinity to forget: affinities the
         // programs add later are for backends still wanted.
         let mut affinities: Option<Vec<(AffinityKey, AffinityEntry)>> = None;

@@ -13,5 +13,6 @@ pub mod masquerade;
 pub mod metrics;
 pub mod netns;
 pub mod node_net;
+pub mod service_sync;
 pub mod services;
 pub mod state;

@@ -34,6 +34,11 @@ const FIRST_SERVICE_ID: u32 = 1;
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
+/// The `SERVICES` key of cluster IP, port and protocol.
+pub fn service_key(cluster_ip: Ipv4Addr, port: u16, protocol: u8) -> ServiceKey {
+    ServiceKey { vip: cluster_ip.octets(), port: port.to_be_bytes(), protocol, _pad: 0 }
+}
+
 /// One Service port as the datapath serves it: one `SERVICES` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
@@ -52,12 +57,7 @@ pub struct ServicePort {
 
 impl ServicePort {
     pub fn key(&self) -> ServiceKey {
-        ServiceKey {
-            vip: self.cluster_ip.octets(),
-            port: self.port.to_be_bytes(),
-            protocol: self.protocol,
-            _pad: 0,
-        }
+        service_key(self.cluster_ip, self.port, self.protocol)
     }
 
     /// The `Service` value with `id` and `backend_count` backends. Without
@@ -97,7 +97,7 @@ pub fn protocol_name(protocol: u8) -> &'static str {
 }
 
 /// The Service ports `services` ask for, one per (cluster IP, port, protocol).
-pub fn desired_services(services: &[ServiceConfig]) -> Vec<ServicePort> {
+pub fn desired_services<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for service in services {
         for port in &service.ports {
@@ -127,15 +127,28 @@ pub fn desired_services(services: &[ServiceConfig]) -> Vec<ServicePort> {
     out
 }
 
-/// What the Service maps hold now.
+/// What the Service maps hold now, kept by the agent between syncs so that
+/// a change costs its own writes, not a read of every map.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProgrammedState {
     pub services: BTreeMap<ServiceKey, Service>,
     /// Every slot in `SERVICE_BACKENDS`, including any no Service reaches.
     pub backends: BTreeMap<BackendKey, Backend>,
+    /// The ids `services` hold, and ids below the highest that none holds
+    /// (a superset: it may also hold ids above): a new Service takes the
+    /// lowest free id without a walk over every Service.
+    ids: BTreeSet<u32>,
+    free_ids: BTreeSet<u32>,
 }
 
 impl ProgrammedState {
+    pub fn new(services: BTreeMap<ServiceKey, Service>, backends: BTreeMap<BackendKey, Backend>) -> Self {
+        let ids: BTreeSet<u32> = services.values().map(|s| s.id).collect();
+        let highest = ids.last().copied().unwrap_or(0);
+        let free_ids = (FIRST_SERVICE_ID..highest).filter(|id| !ids.contains(id)).collect();
+        ProgrammedState { services, backends, ids, free_ids }
+    }
+
     /// The maps after one write of a plan (affinities aside).
     pub fn apply(&mut self, write: &MapWrite) {
         match write {
@@ -143,16 +156,35 @@ impl ProgrammedState {
                 self.backends.insert(*k, *v);
             }
             MapWrite::PutService(k, v) => {
-                self.services.insert(*k, *v);
+                if let Some(old) = self.services.insert(*k, *v)
+                    && old.id != v.id
+                {
+                    self.forget_id(old.id);
+                }
+                self.ids.insert(v.id);
+                self.free_ids.remove(&v.id);
             }
             MapWrite::DeleteService(k) => {
-                self.services.remove(k);
+                if let Some(old) = self.services.remove(k) {
+                    self.forget_id(old.id);
+                }
             }
             MapWrite::DeleteBackend(k) => {
                 self.backends.remove(k);
             }
             MapWrite::ForgetAffinity { .. } => {}
         }
+    }
+
+    fn forget_id(&mut self, id: u32) {
+        self.ids.remove(&id);
+        self.free_ids.insert(id);
+    }
+
+    /// The slots `SERVICE_BACKENDS` holds for `id`, by slot.
+    fn slots(&self, id: u32) -> BTreeMap<u32, Backend> {
+        let range = BackendKey { service_id: id, slot: 0 }..=BackendKey { service_id: id, slot: u32::MAX };
+        self.backends.range(range).map(|(k, v)| (k.slot, *v)).collect()
     }
 }
 
@@ -177,9 +209,37 @@ pub struct ServicePlan {
     pub report: SyncReport,
 }
 
-/// The map writes that turn `current` into `desired`, ordered so that a
-/// packet looking up a Service at any moment in between finds a count
-/// whose slots all hold a backend that was or is wanted:
+/// What a sync should make of some Service keys: `Some` the port to
+/// serve, `None` nothing (removed).
+pub type ServiceChanges<'a> = BTreeMap<ServiceKey, Option<&'a ServicePort>>;
+
+/// The map writes that turn `current` into `desired` (the whole list),
+/// ordered as [`plan_changes`] orders them; slots an interrupted sync left
+/// under an id no Service holds are deleted too.
+pub fn plan_sync(current: &ProgrammedState, desired: &[ServicePort]) -> ServicePlan {
+    let mut changes: ServiceChanges = BTreeMap::new();
+    for port in desired {
+        changes.entry(port.key()).or_insert(Some(port));
+    }
+    for key in current.services.keys() {
+        changes.entry(*key).or_insert(None);
+    }
+    let (mut plan, allocated) = plan_changes_allocating(current, &changes);
+    // Slots of no Service (an agent stopped in the middle of a sync): no
+    // packet can reach them.
+    for key in current.backends.keys() {
+        if !current.ids.contains(&key.service_id) && !allocated.contains(&key.service_id) {
+            plan.writes.push(MapWrite::DeleteBackend(*key));
+        }
+    }
+    plan
+}
+
+/// The map writes that make the Service keys in `changes` what they say,
+/// leaving every other key alone: the cost is that of the change, not of
+/// the number of Services. Ordered so that a packet looking up a Service
+/// at any moment in between finds a count whose slots all hold a backend
+/// that was or is wanted:
 /// - a new or grown Service: slots first, then the Service entry;
 /// - a shrunk one: slots that stay are rewritten first, then the count is
 ///   lowered, then the slots beyond it are deleted;
@@ -190,60 +250,53 @@ pub struct ServicePlan {
 /// backend or to one moved down from beyond the new count. Ids are stable:
 /// a Service keeps its id, a new one gets the lowest id no current Service
 /// holds (never one freed in the same sync: its slots may still be there).
-pub fn plan_sync(current: &ProgrammedState, desired: &[ServicePort]) -> ServicePlan {
-    let mut plan = ServicePlan::default();
-    let mut slots_by_id: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
-    for (key, backend) in &current.backends {
-        slots_by_id.entry(key.service_id).or_default().insert(key.slot, *backend);
-    }
-    let mut used_ids: BTreeSet<u32> = current.services.values().map(|s| s.id).collect();
-    let mut next_id = FIRST_SERVICE_ID;
-    let mut allocate = |used: &mut BTreeSet<u32>| {
-        while used.contains(&next_id) {
-            next_id += 1;
-        }
-        used.insert(next_id);
-        next_id
-    };
+pub fn plan_changes(current: &ProgrammedState, changes: &ServiceChanges) -> ServicePlan {
+    plan_changes_allocating(current, changes).0
+}
 
-    let mut wanted: BTreeMap<ServiceKey, &ServicePort> = BTreeMap::new();
-    for port in desired {
-        wanted.entry(port.key()).or_insert(port);
-    }
-    for (key, want) in &wanted {
+fn plan_changes_allocating(
+    current: &ProgrammedState,
+    changes: &ServiceChanges,
+) -> (ServicePlan, BTreeSet<u32>) {
+    let mut plan = ServicePlan::default();
+    let mut allocated = BTreeSet::new();
+    // Lowest first: ids no Service holds, then ones above all ever used.
+    let mut free = current.free_ids.iter().copied();
+    let mut fresh = current.ids.last().max(current.free_ids.last()).map_or(FIRST_SERVICE_ID, |id| id + 1);
+    let mut allocate = || {
+        free.next().unwrap_or_else(|| {
+            fresh += 1;
+            fresh - 1
+        })
+    };
+    for (key, want) in changes.iter().filter_map(|(k, w)| w.map(|w| (k, w))) {
         let present = current.services.get(key);
         let id = match present {
             Some(service) => service.id,
-            None => allocate(&mut used_ids),
+            None => {
+                let id = allocate();
+                allocated.insert(id);
+                id
+            }
         };
-        let slots = slots_by_id.remove(&id).unwrap_or_default();
         let before = plan.writes.len();
-        plan_service(&mut plan.writes, *key, id, present, &slots, want);
+        plan_service(&mut plan.writes, *key, id, present, &current.slots(id), want);
         match present {
             None => plan.report.added += 1,
             Some(_) if plan.writes.len() > before => plan.report.updated += 1,
             Some(_) => {}
         }
     }
-    for (key, service) in &current.services {
-        if wanted.contains_key(key) {
-            continue;
-        }
+    for key in changes.iter().filter(|(_, w)| w.is_none()).map(|(k, _)| k) {
+        let Some(service) = current.services.get(key) else { continue };
         plan.writes.push(MapWrite::DeleteService(*key));
-        for slot in slots_by_id.remove(&service.id).unwrap_or_default().into_keys() {
+        for slot in current.slots(service.id).into_keys() {
             plan.writes.push(MapWrite::DeleteBackend(BackendKey { service_id: service.id, slot }));
         }
         plan.writes.push(MapWrite::ForgetAffinity { service_id: service.id, backends: None });
         plan.report.removed += 1;
     }
-    // Slots of no Service (an agent stopped in the middle of a sync): no
-    // packet can reach them.
-    for (service_id, slots) in slots_by_id {
-        for slot in slots.into_keys() {
-            plan.writes.push(MapWrite::DeleteBackend(BackendKey { service_id, slot }));
-        }
-    }
-    plan
+    (plan, allocated)
 }
 
 fn plan_service(
@@ -473,54 +526,81 @@ impl ServiceName {
     }
 }
 
-/// The names of the programmed Services: each entry of `programmed`
-/// (key and id) with the desired Service port of the same key.
-pub fn service_names(programmed: &[(ServiceKey, u32)], desired: &[ServicePort]) -> Vec<ServiceName> {
-    let by_key: HashMap<ServiceKey, &ServicePort> = desired.iter().map(|p| (p.key(), p)).collect();
-    programmed
-        .iter()
-        .filter_map(|(key, id)| {
-            let port = by_key.get(key)?;
-            Some(ServiceName {
-                id: *id,
-                namespace: port.namespace.clone(),
-                name: port.name.clone(),
-                port_name: port.port_name.clone(),
-                cluster_ip: port.cluster_ip,
-                port: port.port,
-                protocol: protocol_name(port.protocol).to_owned(),
-            })
-        })
-        .collect()
+impl ServiceName {
+    /// The record for `port`, programmed under `id`.
+    pub fn of(id: u32, port: &ServicePort) -> Self {
+        ServiceName {
+            id,
+            namespace: port.namespace.clone(),
+            name: port.name.clone(),
+            port_name: port.port_name.clone(),
+            cluster_ip: port.cluster_ip,
+            port: port.port,
+            protocol: protocol_name(port.protocol).to_owned(),
+        }
+    }
+
+    /// The Service key this record is about.
+    pub fn key(&self) -> Option<ServiceKey> {
+        let protocol = match self.protocol.as_str() {
+            "TCP" => IPPROTO_TCP,
+            "UDP" => IPPROTO_UDP,
+            _ => return None,
+        };
+        Some(service_key(self.cluster_ip, self.port, protocol))
+    }
 }
 
-pub fn names_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("services.json")
+/// `<state_dir>/services/`: one `<id>.json` per programmed Service port, so
+/// that one Service's change rewrites its own record, not every Service's.
+pub fn names_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("services")
 }
 
-/// Replace `<state_dir>/services.json` atomically (temp file + rename): a
-/// reader sees the old names or the new ones, never half.
-pub fn save_names(state_dir: &Path, names: &[ServiceName]) -> Result<(), ServiceNamesError> {
-    let path = names_path(state_dir);
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(names)
+/// Write the record of `name.id` atomically (temp file + rename): a reader
+/// sees the old record or the new one, never half.
+pub fn save_name(state_dir: &Path, name: &ServiceName) -> Result<(), ServiceNamesError> {
+    let dir = names_dir(state_dir);
+    let path = dir.join(format!("{}.json", name.id));
+    let tmp = dir.join(format!("{}.json.tmp", name.id));
+    let text = serde_json::to_vec(name)
         .map_err(|source| ServiceNamesError::Decode { path: path.clone(), source })?;
-    fs::create_dir_all(state_dir)
+    fs::create_dir_all(&dir)
         .and_then(|()| fs::write(&tmp, text))
         .and_then(|()| fs::rename(&tmp, &path))
         .map_err(|source| ServiceNamesError::Io { path, source })
 }
 
-/// The saved names; none if the agent never wrote any.
-pub fn load_names(state_dir: &Path) -> Result<Vec<ServiceName>, ServiceNamesError> {
-    let path = names_path(state_dir);
-    match fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|source| ServiceNamesError::Decode { path, source })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(ServiceNamesError::Io { path, source }),
+/// Remove the record of `id`; none there is fine.
+pub fn remove_name(state_dir: &Path, id: u32) -> Result<(), ServiceNamesError> {
+    let path = names_dir(state_dir).join(format!("{id}.json"));
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ServiceNamesError::Io { path, source: e }),
+        _ => Ok(()),
     }
+}
+
+/// Every saved record, by id; none if the agent never wrote any.
+pub fn load_names(state_dir: &Path) -> Result<BTreeMap<u32, ServiceName>, ServiceNamesError> {
+    let dir = names_dir(state_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => return Err(ServiceNamesError::Io { path: dir, source }),
+    };
+    let mut names = BTreeMap::new();
+    for entry in entries {
+        let path = entry.map_err(|source| ServiceNamesError::Io { path: dir.clone(), source })?.path();
+        // Temp files of a write in progress are not records yet.
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let bytes = fs::read(&path).map_err(|source| ServiceNamesError::Io { path: path.clone(), source })?;
+        let name: ServiceName =
+            serde_json::from_slice(&bytes).map_err(|source| ServiceNamesError::Decode { path, source })?;
+        names.insert(name.id, name);
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -696,7 +776,7 @@ mod tests {
                 MapWrite::ForgetAffinity { service_id: id, backends: None },
             ]
         );
-        assert_eq!(gone, ProgrammedState::default());
+        assert!(gone.services.is_empty() && gone.backends.is_empty(), "{gone:?}");
         assert_eq!(plan.report, SyncReport { added: 0, updated: 0, removed: 1 });
     }
 
@@ -718,6 +798,54 @@ mod tests {
             &[service_port(80, &[1]), service_port(82, &[1]), service_port(83, &[1]), service_port(84, &[1])],
         );
         assert_eq!(later.services[&service_port(84, &[]).key()].id, 2);
+    }
+
+    #[test]
+    fn a_change_plans_only_its_own_keys_and_ends_where_a_whole_sync_would() {
+        let all: Vec<ServicePort> = (0..40).map(|i| service_port(1000 + i, &[1, 2, 3])).collect();
+        let (_, mut state) = sync(&ProgrammedState::default(), &all);
+        let shrunk = service_port(1005, &[3]);
+        let added = [service_port(2000, &[4]), service_port(2001, &[4, 5])];
+        // Shrink one; remove two; add two.
+        let steps: Vec<Vec<(ServiceKey, Option<&ServicePort>)>> = vec![
+            vec![(shrunk.key(), Some(&shrunk))],
+            vec![(all[7].key(), None), (all[9].key(), None)],
+            added.iter().map(|p| (p.key(), Some(p))).collect(),
+        ];
+        let mut desired = all.clone();
+        for (i, step) in steps.into_iter().enumerate() {
+            let changes: ServiceChanges = step.into_iter().collect();
+            for (key, port) in &changes {
+                desired.retain(|p| p.key() != *key);
+                desired.extend(port.cloned());
+            }
+            let plan = plan_changes(&state, &changes);
+            assert_never_half_written(&state, &plan, &desired);
+            let touched: BTreeSet<u32> = plan
+                .writes
+                .iter()
+                .map(|w| match w {
+                    MapWrite::PutBackend(k, _) | MapWrite::DeleteBackend(k) => k.service_id,
+                    MapWrite::PutService(_, v) => v.id,
+                    MapWrite::DeleteService(k) => state.services[k].id,
+                    MapWrite::ForgetAffinity { service_id, .. } => *service_id,
+                })
+                .collect();
+            assert_eq!(touched.len(), changes.len(), "step {i}: wrote ids {touched:?} for {changes:?}");
+            state = apply(&state, &plan);
+            assert!(
+                plan_sync(&state, &desired).writes.is_empty(),
+                "step {i}: a whole sync finds nothing left"
+            );
+            // The record of ids matches one rebuilt from the maps.
+            let rebuilt = ProgrammedState::new(state.services.clone(), state.backends.clone());
+            assert_eq!(state.ids, rebuilt.ids, "step {i}");
+            assert!(rebuilt.free_ids.is_subset(&state.free_ids), "step {i}");
+        }
+        assert_eq!(layout(&state, &shrunk.key()), vec![pod(3)]);
+        // The two added took the two freed ids (8 and 10), lowest first.
+        assert_eq!(state.services[&added[0].key()].id, 8);
+        assert_eq!(state.services[&added[1].key()].id, 10);
     }
 
     #[test]
@@ -850,18 +978,22 @@ mod tests {
     }
 
     #[test]
-    fn names_match_only_their_own_service() {
-        let desired = [service_port(80, &[1])];
-        let key = desired[0].key();
-        let names = service_names(&[(key, 4)], &desired);
-        assert_eq!(names.len(), 1);
-        assert!(names[0].names(4, &key));
-        assert!(!names[0].names(5, &key));
-        assert!(!names[0].names(4, &service_port(81, &[]).key()));
+    fn names_match_only_their_own_service_and_are_saved_one_file_each() {
+        let key = service_port(80, &[1]).key();
+        let name = ServiceName::of(4, &service_port(80, &[1]));
+        assert!(name.names(4, &key));
+        assert_eq!(name.key(), Some(key));
+        assert!(!name.names(5, &key));
+        assert!(!name.names(4, &service_port(81, &[]).key()));
         let dir = std::env::temp_dir().join(format!("dp-names-{}", std::process::id()));
         assert!(load_names(&dir).unwrap().is_empty());
-        save_names(&dir, &names).unwrap();
-        assert_eq!(load_names(&dir).unwrap(), names);
+        let other = ServiceName::of(7, &service_port(81, &[1]));
+        save_name(&dir, &name).unwrap();
+        save_name(&dir, &other).unwrap();
+        assert_eq!(load_names(&dir).unwrap(), [(4, name.clone()), (7, other)].into());
+        remove_name(&dir, 7).unwrap();
+        remove_name(&dir, 7).unwrap();
+        assert_eq!(load_names(&dir).unwrap(), [(4, name)].into());
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -572,6 +572,19 @@ pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (network namespaces, BPF)");
+    if !args.smoke && cfg!(debug_assertions) {
+        // Part of what is measured runs in this process (the control-plane
+        // and Service-change figures): measure the agent's code as it ships,
+        // optimised, by running this task again from a release build.
+        use std::os::unix::process::CommandExt as _;
+        eprintln!("bench: re-running from a release build of xtask");
+        let error = crate::cargo()
+            .current_dir(crate::workspace_root())
+            .args(["run", "--release", "--quiet", "--package", "xtask", "--"])
+            .args(std::env::args_os().skip(1))
+            .exec();
+        return Err(anyhow::Error::new(error).context("re-running the benchmark from a release build"));
+    }
     if args.smoke {
         args.duration = 1;
         args.repeats = 1;

@@ -17,10 +17,12 @@
 //! Measured, repeats interleaved over the four setups, client on CPU 0 and
 //! server on CPU 1: TCP_CRR through the Service, and the time `connect()` to
 //! the cluster IP takes (first packet: SYN out, DNAT, SYN-ACK back). Then the
-//! time to apply one Service change at N: ours, `Datapath::sync_services` on
-//! a private datapath holding N Services for a list that differs in one
-//! Service's backend; kube-proxy, one `iptables-restore --noflush` of the
-//! whole nat table (its full sync), in the node with N Services.
+//! time to apply one Service change at N: ours, the agent's own
+//! `ServiceSync::change` (as the Kubernetes watch hands a change over) on a
+//! private datapath holding N Services, for one Service's new backend, and
+//! the same change as a whole new list (`replace_all`, a config reload);
+//! kube-proxy, one `iptables-restore --noflush` of the whole nat table (its
+//! full sync), in the node with N Services. Run from a release build.
 
 use std::{
     hash::{Hash as _, Hasher as _},
@@ -35,8 +37,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_agent::{config::SessionAffinity, datapath::Datapath, services::ServicePort};
-use datapath_common::IPPROTO_TCP;
+use datapath_agent::{
+    config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
+    datapath::Datapath,
+    service_sync::{ServiceRef, ServiceSync},
+};
 use datapath_tests::{
     lab::{CLUSTER_CIDR, Netns, Node, Pod, VETH_PREFIX, mac_of},
     sh,
@@ -97,19 +102,24 @@ fn agent_config(services: &[Svc]) -> String {
     out
 }
 
-fn service_ports(services: &[Svc]) -> Vec<ServicePort> {
+/// The Services as the agent holds them (what `[[services]]` or the
+/// Kubernetes watch gives it).
+fn service_configs(services: &[Svc]) -> Vec<ServiceConfig> {
     services
         .iter()
-        .map(|s| ServicePort {
-            namespace: "bench".into(),
+        .map(|s| ServiceConfig {
             name: s.name.clone(),
-            port_name: Some("http".into()),
+            namespace: "bench".into(),
             cluster_ip: s.vip,
-            port: SERVICE_PORT,
-            protocol: IPPROTO_TCP,
             session_affinity: SessionAffinity::None,
-            affinity_timeout_seconds: 10_800,
-            backends: vec![s.backend],
+            session_affinity_timeout_seconds: 10_800,
+            ports: vec![ServicePortConfig {
+                port: SERVICE_PORT,
+                protocol: ServiceProtocol::Tcp,
+                target_port: Some(s.backend.port()),
+                name: Some("http".into()),
+            }],
+            backends: vec![*s.backend.ip()],
         })
         .collect()
 }
@@ -452,37 +462,62 @@ fn reset_on_close(conn: &TcpStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Times (ms) of `changes` Service changes on our datapath: a private
-/// datapath holding `n` Services, each change a list that differs from the
-/// programmed one in one Service's backend. Also (second) the times of
-/// reading the `n` Services back from the maps, as each sync first does:
-/// what of the change's time grows with N.
+/// Times (ms) of `changes` Service changes on our datapath, as the agent
+/// makes them: a private datapath and state dir holding `n` Services, each
+/// change one Service's backend swapped. First, a change as the Kubernetes
+/// watch hands it over (`ServiceSync::change`: that Service's map entries
+/// and its names record); second, the same change as a whole new list
+/// (`ServiceSync::replace_all`: a config-file reload or a relist).
 fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let mut desired = service_ports(&service_list(n, Ipv4Addr::new(10, 244, 1, 3)));
+    let mut list = service_configs(&service_list(n, Ipv4Addr::new(10, 244, 1, 3)));
+    let state_dir = tempdir_named("dpb-svc-state")?;
     let mut dp = Datapath::load_unpinned()?;
-    let report = dp.sync_services(&desired)?;
+    let mut sync = ServiceSync::new(state_dir.0.clone());
+    let report = sync.replace_all(&mut dp, list.clone())?;
     anyhow::ensure!(report.added == n, "{} of {n} Services added", report.added);
-    let mut times = Vec::with_capacity(changes);
-    for k in 0..changes {
+    let mut one = Vec::with_capacity(changes);
+    let mut whole = Vec::with_capacity(changes);
+    for k in 0..changes * 2 {
         // Service 0 (never the measured one) swaps between two backends.
         let ip = if k % 2 == 0 { OTHER_BACKEND } else { Ipv4Addr::new(10, 244, 1, 3) };
-        desired[0].backends = vec![SocketAddrV4::new(ip, SERVER_PORT)];
-        let started = Instant::now();
-        let report = dp.sync_services(&desired)?;
-        times.push(started.elapsed().as_secs_f64() * 1e3);
+        list[0].backends = vec![ip];
+        let report = if k < changes {
+            let changed = [(ServiceRef::of(&list[0]), Some(list[0].clone()))].into();
+            let started = Instant::now();
+            let report = sync.change(&mut dp, changed)?;
+            one.push(started.elapsed().as_secs_f64() * 1e3);
+            report
+        } else {
+            let new_list = list.clone();
+            let started = Instant::now();
+            let report = sync.replace_all(&mut dp, new_list)?;
+            whole.push(started.elapsed().as_secs_f64() * 1e3);
+            report
+        };
         anyhow::ensure!(
             (report.added, report.updated, report.removed) == (0, 1, 0),
             "one Service change made {report:?}"
         );
     }
-    let mut reads = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        let read = dp.services()?.len();
-        reads.push(started.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(read == n, "read back {read} of {n} Services");
+    let names = datapath_agent::services::load_names(&state_dir.0)?;
+    anyhow::ensure!(names.len() == n, "{} names records for {n} Services", names.len());
+    Ok((one, whole))
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+fn tempdir_named(prefix: &str) -> anyhow::Result<TempDir> {
+    let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(TempDir(path))
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    Ok((times, reads))
 }
 
 /// kube-proxy's full sync after one Service's endpoint changed: the whole
@@ -579,11 +614,11 @@ pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::V
     drop(pairs);
     drop(ours);
     // Changes: ours on a private datapath, kube-proxy in its node.
-    let mut read_back = Vec::new();
+    let mut whole_list = Vec::new();
     for &n in &sizes {
         eprintln!("services: one Service change at {n} Services");
-        let (times, reads) = pinned(move || ours_change_ms(n, ours_changes))?;
-        read_back.push((n, stats(reads)));
+        let (times, whole) = pinned(move || ours_change_ms(n, ours_changes))?;
+        whole_list.push((n, stats(whole)));
         rows.iter_mut().find(|r| r.setup == OURS && r.n == n).context("row")?.change_ms = times;
         let mut kp = kube_proxy.remove(0);
         let times = pinned(move || kube_proxy_change_ms(&mut kp, kube_proxy_changes).map(|t| (t, kp)));
@@ -596,8 +631,8 @@ pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::V
         "\nServices (ClusterIP): TCP_CRR and connect() through a Service at N Services, {} s x {} repeats,\n\
          {connections} connects per repeat (median of each), client CPU 0, server CPU 1; kube-proxy = {iptables}\n\
          rules in a node namespace (routed pods, no bridge), the measured Service LAST in KUBE-SERVICES\n\
-         (worst case of its linear scan, which grows with N). One change: ours = Datapath::sync_services\n\
-         for one Service's new backend ({ours_changes} changes, this xtask build), kube-proxy = one\n\
+         (worst case of its linear scan, which grows with N). One change: ours = the agent's ServiceSync::change\n\
+         for one Service's new backend, maps and names record ({ours_changes} changes), kube-proxy = one\n\
          iptables-restore --noflush of the whole nat table, its full sync ({kube_proxy_changes} changes).\n\
          connect() runs (each connection reset by the client) come before the TCP_CRR runs. Ours forgets\n\
          closed connections after 1 s (conntrack_closing_seconds) and each connect() run starts with\n\
@@ -622,9 +657,9 @@ pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::V
             );
         }
     }
-    for (n, s) in &read_back {
+    for (n, s) in &whole_list {
         println!(
-            "ours at {n}: reading the {n} Services back from the maps (each sync's first step): \
+            "ours at {n}: the same change as a whole new list (config reload or relist, ServiceSync::replace_all): \
              {:.1} ms median (min {:.1}, max {:.1})",
             s.median, s.min, s.max
         );
@@ -668,9 +703,9 @@ pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::V
         "ours_conntrack_closing_seconds": 1,
         "ours_tracked_before_connects": still_tracked,
         "ours_change": {
-            "what": "Datapath::sync_services, one Service's backend changed",
+            "what": "ServiceSync::change (as from the Kubernetes watch), one Service's backend changed",
             "changes": ours_changes,
-            "read_back_ms": read_back.iter().map(|(n, s)| serde_json::json!({ "services": n, "stats": s })).collect::<Vec<_>>(),
+            "whole_list_ms": whole_list.iter().map(|(n, s)| serde_json::json!({ "services": n, "stats": s })).collect::<Vec<_>>(),
         },
         "results": summary.iter().map(|(r, crr, connect, change)| serde_json::json!({
             "setup": r.setup,

@@ -228,7 +228,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 .services()?
                 .into_iter()
                 .map(|s| {
-                    let record = names.iter().find(|n| n.names(s.service.id, &s.key));
+                    let record = names.get(&s.service.id).filter(|n| n.names(s.service.id, &s.key));
                     let client_ip = s.service.flags & datapath_common::SERVICE_AFFINITY_CLIENT_IP != 0;
                     let affinity = if client_ip {
                         crate::config::SessionAffinity::ClientIp

@@ -1,6 +1,7 @@
 //! `datapath-agent run`: load and pin the datapath, reconcile, serve the CNI plugin.
 
 use std::{
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -14,17 +15,17 @@ use tokio::{
     sync::Mutex,
 };
 
-use datapath_common::{
-    MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, ServiceKey, program_names,
-};
+use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::{AgentConfig, ConfigError, EbpfLog, Mode, Source},
+    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source},
     datapath::{Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute},
     health::Health,
+    kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
     node_net::{self, RouteVia},
+    service_sync::{ServiceRef, ServiceSync},
     services::{self, ConntrackLimits},
     state::EndpointStore,
 };
@@ -47,6 +48,7 @@ struct Agent {
     store: EndpointStore,
     pod_mtu: u32,
     route_via: RouteVia,
+    services: ServiceSync,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -128,7 +130,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
-    let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors };
+    let services = ServiceSync::new(config.state_dir.clone());
+    let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors, services };
     let report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
     agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
@@ -137,7 +140,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // none: the maps stay as the last agent left them (no connection to a
     // Service is refused across a restart) until a Service list arrives.
     if agent.config.source == Source::Static {
-        agent.apply_services().context("programming the Services")?;
+        let list = agent.config.services.clone();
+        agent.apply_services(list).context("programming the Services")?;
     }
     crate::masquerade::apply(
         agent
@@ -202,11 +206,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
-            Some(services) = next_from_watch(&mut kube_services) => {
+            Some(first) = next_update(&mut kube_services) => {
+                // Whatever else has queued up meanwhile goes in the same sync.
+                let mut updates = vec![first];
+                while let Some(update) = kube_services.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                    updates.push(update);
+                }
                 let mut agent = agent.lock().await;
-                agent.config.services =
-                    crate::kubernetes_services::pod_backed(services, agent.config.cluster_cidr);
-                if let Err(e) = tokio::task::block_in_place(|| agent.apply_services()) {
+                if let Err(e) = tokio::task::block_in_place(|| agent.apply_service_updates(updates)) {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the Service list failed");
                 }
@@ -244,7 +251,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 // Also when they did not change: a sync of what already
                 // matches writes nothing, and one that failed before is retried.
                 agent.config.services = new_config.services;
-                if let Err(e) = tokio::task::block_in_place(|| agent.apply_services()) {
+                let list = agent.config.services.clone();
+                if let Err(e) = tokio::task::block_in_place(|| agent.apply_services(list)) {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the new Services failed");
                 }
@@ -377,6 +385,14 @@ async fn load_config(path: &Path) -> anyhow::Result<(AgentConfig, Option<kube::C
 /// The next peer list from the Node watch (never, in static mode).
 /// The next complete list from a Kubernetes watch (peers, Services); never
 /// resolves without one (static source).
+/// The next update from `rx`; never, without one.
+async fn next_update<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_from_watch<T: Clone>(rx: &mut Option<tokio::sync::watch::Receiver<Option<T>>>) -> Option<T> {
     let Some(rx) = rx else { return std::future::pending().await };
     loop {
@@ -484,29 +500,58 @@ impl Agent {
         Ok(())
     }
 
-    /// Program the Service maps from `config.services` (only what differs)
-    /// and record who each Service id is for `inspect services`.
-    fn apply_services(&mut self) -> anyhow::Result<()> {
-        let desired = services::desired_services(&self.config.services);
-        let report = self.datapath.sync_services(&desired).context("programming the Service maps")?;
-        let programmed: Vec<(ServiceKey, u32)> = self
-            .datapath
-            .services()
-            .context("reading the Service maps back")?
-            .iter()
-            .map(|s| (s.key, s.service.id))
-            .collect();
-        services::save_names(&self.config.state_dir, &services::service_names(&programmed, &desired))
-            .context("recording the Service names")?;
+    /// Serve exactly the Services in `list` (only what differs is written).
+    fn apply_services(&mut self, list: Vec<ServiceConfig>) -> anyhow::Result<()> {
+        let count = list.len();
+        let report = self.services.replace_all(&mut self.datapath, list)?;
         tracing::info!(
-            services = self.config.services.len(),
-            service_ports = desired.len(),
+            services = count,
             added = report.added,
             updated = report.updated,
             removed = report.removed,
             "Services programmed"
         );
         Ok(())
+    }
+
+    /// Apply what the Kubernetes watch sent, in order, as one sync: a whole
+    /// list (a first sync or a relist) replaces everything, single changes
+    /// touch only their own Service. Services not backed by pods only are
+    /// left to kube-proxy ([`kubernetes_services::is_pod_backed`]).
+    fn apply_service_updates(&mut self, updates: Vec<ServiceUpdate>) -> anyhow::Result<()> {
+        let cluster_cidr = self.config.cluster_cidr;
+        let ours =
+            |c: Option<ServiceConfig>| c.filter(|c| kubernetes_services::is_pod_backed(c, cluster_cidr));
+        let mut all: Option<BTreeMap<ServiceRef, ServiceConfig>> = None;
+        let mut changed = BTreeMap::new();
+        for update in updates {
+            match update {
+                ServiceUpdate::All(list) => {
+                    all = Some(list.into_iter().map(|s| (ServiceRef::of(&s), s)).collect());
+                    changed.clear();
+                }
+                ServiceUpdate::One(service, config) => {
+                    changed.insert(service, ours(config));
+                }
+            }
+        }
+        let Some(mut all) = all else {
+            let report = self.services.change(&mut self.datapath, changed)?;
+            tracing::debug!(
+                added = report.added,
+                updated = report.updated,
+                removed = report.removed,
+                "Service change programmed"
+            );
+            return Ok(());
+        };
+        for (service, config) in changed {
+            match config {
+                Some(config) => all.insert(service, config),
+                None => all.remove(&service),
+            };
+        }
+        self.apply_services(all.into_values().filter_map(|c| ours(Some(c))).collect())
     }
 
     fn handle(&mut self, request: Request) -> Response {

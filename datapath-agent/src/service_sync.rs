@@ -1,0 +1,187 @@
+//! The agent's side of Service programming: which Services it serves (by
+//! namespace and name), the Service maps brought to them, and the names
+//! records `inspect services` reads. A change to one Service costs the
+//! writes of that Service alone (maps and records), whatever the number of
+//! Services; only a whole new list (start, config reload, a Kubernetes
+//! relist) walks them all.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
+
+use datapath_common::ServiceKey;
+
+use crate::{
+    config::ServiceConfig,
+    datapath::{Datapath, DatapathError, SyncReport},
+    services::{self, ServiceChanges, ServiceName, ServiceNamesError, ServicePort},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceSyncError {
+    #[error("programming the Service maps")]
+    Datapath(#[source] DatapathError),
+    #[error("recording the Service names for inspect")]
+    Names(#[source] ServiceNamesError),
+}
+
+/// A Service by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    pub fn of(service: &ServiceConfig) -> Self {
+        ServiceRef { namespace: service.namespace.clone(), name: service.name.clone() }
+    }
+}
+
+pub struct ServiceSync {
+    state_dir: PathBuf,
+    /// Every Service served, as last applied.
+    services: BTreeMap<ServiceRef, ServiceConfig>,
+    /// The names records on disk, by key; `None` until first read.
+    names: Option<HashMap<ServiceKey, ServiceName>>,
+    /// Whether the maps and records are known to match `services` (after a
+    /// whole sync, until an error): then a new list is applied as the
+    /// changes it makes, not by a walk over every map entry.
+    in_sync: bool,
+}
+
+impl ServiceSync {
+    pub fn new(state_dir: PathBuf) -> Self {
+        ServiceSync { state_dir, services: BTreeMap::new(), names: None, in_sync: false }
+    }
+
+    /// The Services served now.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.services.values()
+    }
+
+    /// Serve exactly `list`. The first time (and after an error) that is a
+    /// whole sync: every Service map entry and slot not in it goes, and so
+    /// does every record no programmed Service port has (what an earlier
+    /// agent left). After that only the Services that differ are written.
+    pub fn replace_all(
+        &mut self,
+        datapath: &mut Datapath,
+        list: Vec<ServiceConfig>,
+    ) -> Result<SyncReport, ServiceSyncError> {
+        let list: BTreeMap<ServiceRef, ServiceConfig> =
+            list.into_iter().map(|s| (ServiceRef::of(&s), s)).collect();
+        if self.in_sync {
+            let mut changed: BTreeMap<ServiceRef, Option<ServiceConfig>> = self
+                .services
+                .keys()
+                .filter(|service| !list.contains_key(*service))
+                .map(|service| (service.clone(), None))
+                .collect();
+            for (service, config) in list {
+                if self.services.get(&service) != Some(&config) {
+                    changed.insert(service, Some(config));
+                }
+            }
+            return self.change(datapath, changed);
+        }
+        let desired = services::desired_services(list.values());
+        let report = datapath.sync_services(&desired).map_err(ServiceSyncError::Datapath)?;
+        self.services = list;
+        let names = self.names()?;
+        let mut keys: Vec<ServiceKey> = names.keys().copied().collect();
+        keys.extend(desired.iter().map(ServicePort::key));
+        let by_key: HashMap<ServiceKey, &ServicePort> = desired.iter().map(|p| (p.key(), p)).collect();
+        self.record_names(datapath, keys, &by_key)?;
+        self.in_sync = true;
+        Ok(report)
+    }
+
+    /// Apply the new state of some Services (`None`: gone), leaving all
+    /// others untouched.
+    pub fn change(
+        &mut self,
+        datapath: &mut Datapath,
+        changed: BTreeMap<ServiceRef, Option<ServiceConfig>>,
+    ) -> Result<SyncReport, ServiceSyncError> {
+        // Until this one succeeds, the next whole list is a whole sync.
+        let was_in_sync = std::mem::replace(&mut self.in_sync, false);
+        let mut old_ports = Vec::new();
+        let mut new_ports = Vec::new();
+        for (service, config) in &changed {
+            if let Some(old) = self.services.get(service) {
+                old_ports.extend(services::desired_services([old]));
+            }
+            if let Some(new) = config {
+                new_ports.extend(services::desired_services([new]));
+            }
+        }
+        // Gone first, so a key that moved to another Service is kept.
+        let mut changes: ServiceChanges = old_ports.iter().map(|p| (p.key(), None)).collect();
+        changes.extend(new_ports.iter().map(|p| (p.key(), Some(p))));
+        let report = datapath.sync_service_changes(&changes).map_err(ServiceSyncError::Datapath)?;
+        for (service, config) in changed {
+            match config {
+                Some(config) => self.services.insert(service, config),
+                None => self.services.remove(&service),
+            };
+        }
+        let by_key: HashMap<ServiceKey, &ServicePort> = new_ports.iter().map(|p| (p.key(), p)).collect();
+        self.record_names(datapath, changes.into_keys().collect(), &by_key)?;
+        self.in_sync = was_in_sync;
+        Ok(report)
+    }
+
+    fn names(&mut self) -> Result<&mut HashMap<ServiceKey, ServiceName>, ServiceSyncError> {
+        if self.names.is_none() {
+            let on_disk = services::load_names(&self.state_dir).map_err(ServiceSyncError::Names)?;
+            let mut names = HashMap::new();
+            for (id, name) in on_disk {
+                match name.key() {
+                    Some(key) => {
+                        names.insert(key, name);
+                    }
+                    None => services::remove_name(&self.state_dir, id).map_err(ServiceSyncError::Names)?,
+                }
+            }
+            self.names = Some(names);
+        }
+        Ok(self.names.get_or_insert_default())
+    }
+
+    /// Bring the records of `keys` in line with the maps: a programmed key
+    /// gets the record of its port in `desired` under its id, any other
+    /// loses its record.
+    fn record_names(
+        &mut self,
+        datapath: &mut Datapath,
+        keys: Vec<ServiceKey>,
+        desired: &HashMap<ServiceKey, &ServicePort>,
+    ) -> Result<(), ServiceSyncError> {
+        let state_dir = self.state_dir.clone();
+        let programmed = datapath.programmed_services().map_err(ServiceSyncError::Datapath)?;
+        let ids: Vec<(ServiceKey, Option<u32>)> =
+            keys.into_iter().map(|k| (k, programmed.services.get(&k).map(|s| s.id))).collect();
+        let names = self.names()?;
+        let io = ServiceSyncError::Names;
+        let mut writes = Vec::new();
+        // Every stale record goes before any new one is written: a stale
+        // record may hold the id a new one takes.
+        for (key, id) in ids {
+            let want = id.zip(desired.get(&key)).map(|(id, port)| ServiceName::of(id, port));
+            if names.get(&key) == want.as_ref() {
+                continue;
+            }
+            if let Some(old) = names.remove(&key) {
+                services::remove_name(&state_dir, old.id).map_err(io)?;
+            }
+            writes.extend(want.map(|name| (key, name)));
+        }
+        for (key, name) in writes {
+            services::save_name(&state_dir, &name).map_err(io)?;
+            names.insert(key, name);
+        }
+        Ok(())
+    }
+}
