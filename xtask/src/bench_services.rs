@@ -651,8 +651,10 @@ pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::V
         for (metric, s) in
             [("TCP_CRR (trans/s)", crr), ("connect() (us, median)", connect), ("one change (ms)", change)]
         {
+            // Our change times are well under a millisecond: show them.
+            let digits = if s.max < 10.0 { 3 } else { 1 };
             println!(
-                "{:<22} {:>7} {:<26} {:>12.1} {:>12.1} {:>12.1}",
+                "{:<22} {:>7} {:<26} {:>12.digits$} {:>12.digits$} {:>12.digits$}",
                 r.setup, r.n, metric, s.min, s.median, s.max
             );
         }
