@@ -46,7 +46,11 @@ pub mod map_names {
     /// [`super::AffinityKey`] (service id, client) -> [`super::AffinityEntry`]
     /// for sessionAffinity: ClientIP (LRU).
     pub const SERVICE_AFFINITY: &str = "SERVICE_AFFINITY";
-    pub const ALL: [&str; 16] = [
+    /// [`super::FragmentKey`] (a datagram's addresses, IP id, protocol) ->
+    /// [`super::FragmentTranslation`]: what the first fragment of a Service
+    /// datagram was rewritten to, for its later fragments (LRU).
+    pub const SERVICE_FRAGMENTS: &str = "SERVICE_FRAGMENTS";
+    pub const ALL: [&str; 17] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -63,6 +67,7 @@ pub mod map_names {
         SERVICE_BACKENDS,
         CONNTRACK,
         SERVICE_AFFINITY,
+        SERVICE_FRAGMENTS,
     ];
 }
 
@@ -112,6 +117,8 @@ pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
 /// Capacity of the sessionAffinity map (LRU: the oldest affinity goes first).
 pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
+/// Fragmented Service datagrams in flight at once (LRU: the oldest goes).
+pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8_192;
 /// Source address a pod's connection to itself through a Service is
 /// translated to: a packet from its own address would be a martian to it.
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
@@ -468,6 +475,28 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
+/// One IPv4 datagram, as each of its fragments carries it: only the first
+/// has ports, so the later ones are matched by this.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IPv4 identification field, network order.
+    pub id: [u8; 2],
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// The addresses the first fragment of a Service datagram got; its later
+/// fragments get the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentTranslation {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all are repr(C), made only of integers and byte arrays, with
@@ -490,6 +519,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ConntrackEntry {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentTranslation {}
 }
 
 /// Why a packet was dropped. The discriminant is the slot in the drop counter

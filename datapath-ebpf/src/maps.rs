@@ -9,10 +9,10 @@ use aya_ebpf::{
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     DROP_COUNTER_SLOTS, Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS,
-    ForwardPath, MAX_AFFINITY_ENTRIES, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES,
-    MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, MonitorBudget, MonitorConfig,
-    MonitorEvent, MonitorOutcome, NodeConfig, NodeKey, PodInterface, RemoteNode, Service, ServiceKey,
-    drop_slot, forward_slot,
+    ForwardPath, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_FRAGMENTED_DATAGRAMS,
+    MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES,
+    MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome,
+    NodeConfig, NodeKey, PodInterface, RemoteNode, Service, ServiceKey, drop_slot, forward_slot,
 };
 
 /// Allocated as Services come: most clusters have far fewer than the maximum.
@@ -35,6 +35,13 @@ pub static CONNTRACK: HashMap<ConntrackKey, ConntrackEntry, { DEFAULT_CONNTRACK_
 #[btf_map]
 pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY_ENTRIES as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+pub static SERVICE_FRAGMENTS: LruHashMap<
+    FragmentKey,
+    FragmentTranslation,
+    { MAX_FRAGMENTED_DATAGRAMS as usize },
+> = LruHashMap::new();
 
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_LOCAL_ENDPOINTS as usize }> = HashMap::new();

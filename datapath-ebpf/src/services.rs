@@ -13,11 +13,12 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityEntry, AffinityKey, BackendKey, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_REPLY, ConntrackEntry,
-    ConntrackKey, DropReason, HAIRPIN_IPV4, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+    ConntrackKey, DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IPPROTO_TCP, IPPROTO_UDP,
+    SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
 };
 
 use crate::{
-    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICES},
+    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{ETH_HLEN, Ipv4Hdr, ptr_at, same_ipv4},
 };
 
@@ -33,6 +34,9 @@ const IP_DADDR: usize = ETH_HLEN + 16;
 /// connection per interval, not per packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 const NS_PER_SECOND: u64 = 1_000_000_000;
+/// IPv4 flags and fragment offset: more fragments follow; the offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 /// What [`translate`] did.
 pub enum Translation {
@@ -58,15 +62,19 @@ struct Ports {
 #[inline(always)]
 pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<Translation, DropReason> {
     // SAFETY (derefs of ip): bounds-checked by the caller.
-    let (protocol, saddr, daddr, version_ihl, frag_off) =
-        unsafe { ((*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).version_ihl, (*ip).frag_off) };
+    let (protocol, saddr, daddr, version_ihl, frag_off, ip_id) =
+        unsafe { ((*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).version_ihl, (*ip).frag_off, (*ip).id) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Ok(Translation::None);
     }
-    // Later fragments carry no ports: they cannot be matched (a known gap).
-    if u16::from_be_bytes(frag_off) & 0x1fff != 0 {
-        return Ok(Translation::None);
+    let frag_off = u16::from_be_bytes(frag_off);
+    let datagram = FragmentKey { saddr, daddr, id: ip_id, protocol, _pad: 0 };
+    // Later fragments carry no ports: they get what their first got.
+    if frag_off & IP_OFFSET != 0 {
+        return later_fragment(ctx, &datagram, frag_off & IP_MF == 0);
     }
+    // A first fragment: remember its translation for the later ones.
+    let fragments = (frag_off & IP_MF != 0).then_some(&datagram);
     let Some(ports) = ports(ctx, version_ihl) else {
         return Ok(Translation::None);
     };
@@ -88,8 +96,7 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
             }
             *entry
         };
-        rewrite(ctx, &key, &entry_copy, &ports)?;
-        return Ok(Translation::Rewritten);
+        return apply(ctx, &key, &entry_copy, &ports, fragments);
     }
     if !may_open {
         return Ok(Translation::None);
@@ -151,8 +158,7 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
             return match unsafe { CONNTRACK.get(key) } {
                 Some(entry) => {
                     let entry = *entry;
-                    rewrite(ctx, &key, &entry, &ports)?;
-                    Ok(Translation::Rewritten)
+                    apply(ctx, &key, &entry, &ports, fragments)
                 }
                 None => Ok(Translation::Refuse(DropReason::ConntrackFull)),
             };
@@ -164,8 +170,55 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
         let _ = CONNTRACK.remove(key);
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
-    rewrite(ctx, &key, &forward, &ports)?;
+    apply(ctx, &key, &forward, &ports, fragments)
+}
+
+/// Rewrite this packet for its connection; for the first fragment of a
+/// datagram, record the new addresses for its later fragments.
+#[inline(always)]
+fn apply(
+    ctx: &TcContext,
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    ports: &Ports,
+    fragments: Option<&FragmentKey>,
+) -> Result<Translation, DropReason> {
+    let (saddr, daddr) = rewrite(ctx, key, entry, ports)?;
+    if let Some(datagram) = fragments {
+        // Full (LRU): the oldest datagram's record goes, not this one.
+        let _ = SERVICE_FRAGMENTS.insert(*datagram, FragmentTranslation { saddr, daddr }, 0);
+    }
     Ok(Translation::Rewritten)
+}
+
+/// A later fragment: the addresses its datagram's first fragment got (no
+/// ports here, and no L4 checksum to fix). The last fragment ends the
+/// record, so a later datagram that reuses the IP id is not mistaken for
+/// this one. Fragments of datagrams that are no Service's pass as they are.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, datagram: &FragmentKey, last: bool) -> Result<Translation, DropReason> {
+    // SAFETY: copied out at once.
+    let Some(new) = (unsafe { SERVICE_FRAGMENTS.get(*datagram) }).copied() else {
+        return Ok(Translation::None);
+    };
+    if last {
+        let _ = SERVICE_FRAGMENTS.remove(*datagram);
+    }
+    set_ip_addr(ctx, IP_SADDR, datagram.saddr, new.saddr)?;
+    set_ip_addr(ctx, IP_DADDR, datagram.daddr, new.daddr)?;
+    Ok(Translation::Rewritten)
+}
+
+/// Rewrite an address in the IPv4 header only (a later fragment).
+#[inline(always)]
+fn set_ip_addr(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    ctx.l3_csum_replace(IP_CHECK, from, to, 4)
+        .and_then(|()| ctx.store(offset, &new, 0))
+        .map_err(|_| DropReason::NatRewriteFailed)
 }
 
 #[inline(always)]
@@ -184,14 +237,14 @@ fn ports(ctx: &TcContext, version_ihl: u8) -> Option<Ports> {
 
 /// Apply a connection's translation to this packet, checksums included
 /// (the helpers also handle CHECKSUM_PARTIAL packets from veths and UDP
-/// without a checksum).
+/// without a checksum). Returns the new source and destination addresses.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
     key: &ConntrackKey,
     entry: &ConntrackEntry,
     ports: &Ports,
-) -> Result<(), DropReason> {
+) -> Result<([u8; 4], [u8; 4]), DropReason> {
     let hairpin = entry.flags & CT_HAIRPIN != 0;
     let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
         (ports.l4 + 16, 0)
@@ -204,16 +257,19 @@ fn rewrite(
         set_port(ctx, ports.l4 + 2, l4_check, mangled_0, key.dport, entry.nat_port)?;
         if hairpin {
             set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, HAIRPIN_IPV4)?;
+            return Ok((HAIRPIN_IPV4, entry.nat_addr));
         }
+        Ok((key.saddr, entry.nat_addr))
     } else {
         // Backend -> client: from the Service address again.
         set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, entry.nat_addr)?;
         set_port(ctx, ports.l4, l4_check, mangled_0, key.sport, entry.nat_port)?;
         if hairpin {
             set_addr(ctx, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
+            return Ok((entry.nat_addr, entry.client_ipv4));
         }
+        Ok((entry.nat_addr, key.daddr))
     }
-    Ok(())
 }
 
 #[inline(always)]

@@ -189,6 +189,56 @@ fn udp_is_translated_with_and_without_a_checksum() {
     }
 }
 
+/// A later fragment of a UDP datagram: no ports, the same IP id as its
+/// first fragment (the builder's), `frag` = flags and offset.
+fn later_fragment(src: [u8; 4], dst: [u8; 4], frag: u16, fill: u8) -> Ipv4 {
+    Ipv4 { src, dst, ttl: 64, protocol: UDP, options: vec![], frag, payload: vec![fill; 40] }
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_both_ways() {
+    if !require_root("later_fragments_follow_their_first_fragment_both_ways") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.service(1, 53, UDP, &[(BACKENDS[2], 5353)]);
+    let mut first = Ipv4::udp(CLIENT, 50100, VIP, 53, &[7; 64], true);
+    first.frag = 0x2000; // more fragments, offset 0
+    let run = h.run_from_pod(&first);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.dst, out.dport()), (BACKENDS[2], 5353));
+
+    // Offsets in 8-byte units: 72 bytes (UDP header + 64) then 112.
+    for frag in [0x2000 | 9, 14] {
+        let run = h.run_from_pod(&later_fragment(CLIENT, VIP, frag, 9));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "fragment {frag:#x} goes to the backend");
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.src, out.dst), (CLIENT, BACKENDS[2]), "fragment {frag:#x}");
+        assert!(out.ip_header_ok, "IPv4 checksum of fragment {frag:#x}");
+        assert_eq!(out.l4, vec![9; 40], "payload untouched");
+    }
+    // The last fragment ended the record: a stray one with the same id is
+    // not taken for that datagram.
+    let run = h.run_from_pod(&later_fragment(CLIENT, VIP, 14, 9));
+    assert_eq!((run.verdict, Parsed::new(&run.out).dst), (TC_ACT_OK, VIP));
+
+    // The answer, in fragments too, as it comes in from the uplink.
+    let mut reply = Ipv4::udp(BACKENDS[2], 5353, CLIENT, 50100, &[5; 64], true);
+    reply.frag = 0x2000;
+    let out = Parsed::new(&h.run(program_names::FROM_UPLINK, &reply).out);
+    assert_eq!((out.src, out.sport()), (VIP, 53));
+    let run = h.run(program_names::FROM_UPLINK, &later_fragment(BACKENDS[2], CLIENT, 9, 6));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.dst), (VIP, CLIENT), "the client sees the Service in every fragment");
+    assert!(out.ip_header_ok);
+
+    // Fragments of a datagram no Service translated pass untouched.
+    let run = h.run(program_names::FROM_UPLINK, &later_fragment(BACKENDS[3], CLIENT, 9, 6));
+    assert_eq!(Parsed::new(&run.out).src, BACKENDS[3]);
+}
+
 #[test]
 fn a_connection_keeps_its_backend_while_backends_are_added() {
     if !require_root("a_connection_keeps_its_backend_while_backends_are_added") {

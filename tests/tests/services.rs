@@ -124,10 +124,14 @@ impl Server {
         });
         let flag = Arc::clone(&stop);
         std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
+            let mut buf = vec![0u8; 65_536];
             while !flag.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{ip} {}", peer.ip()).as_bytes(), peer);
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    // As long as the query: a big query gets a big answer
+                    // (both in IP fragments).
+                    let mut answer = format!("{ip} {}\n", peer.ip()).into_bytes();
+                    answer.resize(answer.len().max(n), b'.');
+                    let _ = udp.send_to(&answer, peer);
                 }
             }
         });
@@ -178,13 +182,22 @@ fn parse_answer(line: &str) -> (Ipv4Addr, Ipv4Addr) {
 
 /// One UDP query from a fresh socket: (backend, address the reply came from).
 fn ask_udp(client: &Pod, vip: Ipv4Addr) -> std::io::Result<(Ipv4Addr, SocketAddr)> {
+    ask_udp_sized(client, vip, 3).map(|(backend, from, _)| (backend, from))
+}
+
+/// A UDP query of `size` bytes from a fresh socket (the backend answers as
+/// many): (backend, address the reply came from, reply size).
+fn ask_udp_sized(client: &Pod, vip: Ipv4Addr, size: usize) -> std::io::Result<(Ipv4Addr, SocketAddr, usize)> {
     in_netns(&client.netns.path(), move || {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-        socket.send_to(b"who", (vip, 53))?;
-        let mut buf = [0u8; 100];
+        let mut query = b"who\n".to_vec();
+        query.resize(size.max(query.len()), b'?');
+        socket.send_to(&query[..size], (vip, 53))?;
+        let mut buf = vec![0u8; 65_536];
         let (n, from) = socket.recv_from(&mut buf)?;
-        Ok((parse_answer(std::str::from_utf8(&buf[..n]).unwrap()).0, from))
+        let text = String::from_utf8_lossy(&buf[..n]);
+        Ok((parse_answer(text.lines().next().unwrap_or_default()).0, from, n))
     })
     .join()
     .unwrap()
@@ -214,6 +227,21 @@ fn spread_over_backends(mode: &str) {
         udp_seen.insert(backend);
     }
     assert_eq!(udp_seen.len(), backends.len(), "UDP queries reached every backend: {udp_seen:?}");
+
+    // Datagrams bigger than the MTU travel in IP fragments both ways; only
+    // the first fragment has ports, the others follow its translation.
+    let mut big_seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (backend, from, size) =
+            ask_udp_sized(&lab.client, WEB_VIP, 4000).expect("answer to a 4000-byte query");
+        assert_eq!(from, SocketAddr::from((WEB_VIP, 53)), "the fragmented reply comes from the Service");
+        assert_eq!(size, 4000, "the whole reply, reassembled");
+        big_seen.insert(backend);
+    }
+    assert!(
+        big_seen.iter().any(|b| *b != lab.backends[0].ip),
+        "fragmented queries reached a backend on the other node: {big_seen:?}"
+    );
 
     // What the agent shows: live connections, each behind the Service.
     let mut conn = connect(&lab.client, WEB_VIP).unwrap();
