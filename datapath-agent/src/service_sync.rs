@@ -41,24 +41,32 @@ impl ServiceRef {
 
 pub struct ServiceSync {
     state_dir: PathBuf,
-    /// Every Service served, as last applied.
+    /// Every Service to serve: what the source said last.
     services: BTreeMap<ServiceRef, ServiceConfig>,
     /// The names records on disk, by key; `None` until first read.
     names: Option<HashMap<ServiceKey, ServiceName>>,
-    /// Whether the maps and records are known to match `services` (after a
-    /// whole sync, until an error): then a new list is applied as the
-    /// changes it makes, not by a walk over every map entry.
+    /// Whether a whole list has been given yet. Until then the maps stay
+    /// as an earlier agent left them (its connections go on).
+    have_list: bool,
+    /// Whether the maps and records match `services` (after a whole sync,
+    /// until an error): then a change is applied as the writes it needs.
+    /// Otherwise the next change, or [`Self::retry`], is a whole sync.
     in_sync: bool,
 }
 
 impl ServiceSync {
     pub fn new(state_dir: PathBuf) -> Self {
-        ServiceSync { state_dir, services: BTreeMap::new(), names: None, in_sync: false }
+        ServiceSync { state_dir, services: BTreeMap::new(), names: None, have_list: false, in_sync: false }
     }
 
-    /// The Services served now.
+    /// The Services to serve.
     pub fn services(&self) -> impl Iterator<Item = &ServiceConfig> {
         self.services.values()
+    }
+
+    /// Whether the maps are known to serve exactly [`Self::services`].
+    pub fn in_sync(&self) -> bool {
+        self.in_sync
     }
 
     /// Serve exactly `list`. The first time (and after an error) that is a
@@ -72,41 +80,32 @@ impl ServiceSync {
     ) -> Result<SyncReport, ServiceSyncError> {
         let list: BTreeMap<ServiceRef, ServiceConfig> =
             list.into_iter().map(|s| (ServiceRef::of(&s), s)).collect();
-        if self.in_sync {
-            let mut changed: BTreeMap<ServiceRef, Option<ServiceConfig>> = self
-                .services
-                .keys()
-                .filter(|service| !list.contains_key(*service))
-                .map(|service| (service.clone(), None))
-                .collect();
-            for (service, config) in list {
-                if self.services.get(&service) != Some(&config) {
-                    changed.insert(service, Some(config));
-                }
-            }
-            return self.change(datapath, changed);
+        self.have_list = true;
+        if !self.in_sync {
+            self.services = list;
+            return self.whole_sync(datapath);
         }
-        let desired = services::desired_services(list.values());
-        let report = datapath.sync_services(&desired).map_err(ServiceSyncError::Datapath)?;
-        self.services = list;
-        let names = self.names()?;
-        let mut keys: Vec<ServiceKey> = names.keys().copied().collect();
-        keys.extend(desired.iter().map(ServicePort::key));
-        let by_key: HashMap<ServiceKey, &ServicePort> = desired.iter().map(|p| (p.key(), p)).collect();
-        self.record_names(datapath, keys, &by_key)?;
-        self.in_sync = true;
-        Ok(report)
+        let mut changed: BTreeMap<ServiceRef, Option<ServiceConfig>> = self
+            .services
+            .keys()
+            .filter(|service| !list.contains_key(*service))
+            .map(|service| (service.clone(), None))
+            .collect();
+        for (service, config) in list {
+            if self.services.get(&service) != Some(&config) {
+                changed.insert(service, Some(config));
+            }
+        }
+        self.change(datapath, changed)
     }
 
     /// Apply the new state of some Services (`None`: gone), leaving all
-    /// others untouched.
+    /// others untouched (a whole sync instead while not in sync).
     pub fn change(
         &mut self,
         datapath: &mut Datapath,
         changed: BTreeMap<ServiceRef, Option<ServiceConfig>>,
     ) -> Result<SyncReport, ServiceSyncError> {
-        // Until this one succeeds, the next whole list is a whole sync.
-        let was_in_sync = std::mem::replace(&mut self.in_sync, false);
         let mut old_ports = Vec::new();
         let mut new_ports = Vec::new();
         for (service, config) in &changed {
@@ -117,19 +116,47 @@ impl ServiceSync {
                 new_ports.extend(services::desired_services([new]));
             }
         }
-        // Gone first, so a key that moved to another Service is kept.
-        let mut changes: ServiceChanges = old_ports.iter().map(|p| (p.key(), None)).collect();
-        changes.extend(new_ports.iter().map(|p| (p.key(), Some(p))));
-        let report = datapath.sync_service_changes(&changes).map_err(ServiceSyncError::Datapath)?;
         for (service, config) in changed {
             match config {
                 Some(config) => self.services.insert(service, config),
                 None => self.services.remove(&service),
             };
         }
+        if !self.in_sync {
+            return if self.have_list { self.whole_sync(datapath) } else { Ok(SyncReport::default()) };
+        }
+        // Until this succeeds, the next change is a whole sync.
+        self.in_sync = false;
+        // Gone first, so a key that moved to another Service is kept.
+        let mut changes: ServiceChanges = old_ports.iter().map(|p| (p.key(), None)).collect();
+        changes.extend(new_ports.iter().map(|p| (p.key(), Some(p))));
+        let report = datapath.sync_service_changes(&changes).map_err(ServiceSyncError::Datapath)?;
         let by_key: HashMap<ServiceKey, &ServicePort> = new_ports.iter().map(|p| (p.key(), p)).collect();
         self.record_names(datapath, changes.into_keys().collect(), &by_key)?;
-        self.in_sync = was_in_sync;
+        self.in_sync = true;
+        Ok(report)
+    }
+
+    /// After a failed sync: try again, as a whole sync. Nothing to do when
+    /// in sync, or before the first list.
+    pub fn retry(&mut self, datapath: &mut Datapath) -> Result<Option<SyncReport>, ServiceSyncError> {
+        if self.in_sync || !self.have_list {
+            return Ok(None);
+        }
+        self.whole_sync(datapath).map(Some)
+    }
+
+    fn whole_sync(&mut self, datapath: &mut Datapath) -> Result<SyncReport, ServiceSyncError> {
+        let desired = services::desired_services(self.services.values());
+        let report = datapath.sync_services(&desired).map_err(ServiceSyncError::Datapath)?;
+        // Read the records again: a failed sync may have left any.
+        self.names = None;
+        let names = self.names()?;
+        let mut keys: Vec<ServiceKey> = names.keys().copied().collect();
+        keys.extend(desired.iter().map(ServicePort::key));
+        let by_key: HashMap<ServiceKey, &ServicePort> = desired.iter().map(|p| (p.key(), p)).collect();
+        self.record_names(datapath, keys, &by_key)?;
+        self.in_sync = true;
         Ok(report)
     }
 
@@ -173,8 +200,9 @@ impl ServiceSync {
             if names.get(&key) == want.as_ref() {
                 continue;
             }
-            if let Some(old) = names.remove(&key) {
+            if let Some(old) = names.get(&key) {
                 services::remove_name(&state_dir, old.id).map_err(io)?;
+                names.remove(&key);
             }
             writes.extend(want.map(|name| (key, name)));
         }

@@ -33,6 +33,8 @@ use crate::{
 /// How often the agent removes idle and closed Service connections from
 /// the connection-tracking map.
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a failed Service sync is tried again.
+const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -189,6 +191,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let agent = Arc::new(Mutex::new(agent));
     spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
 
+    // A Service sync that failed (e.g. a full map) is tried again, whole.
+    let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
+    service_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
@@ -255,6 +260,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = tokio::task::block_in_place(|| agent.apply_services(list)) {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the new Services failed");
+                }
+            }
+            _ = service_retry.tick() => {
+                let mut agent = agent.lock().await;
+                let agent = &mut *agent;
+                if !agent.services.in_sync() {
+                    match tokio::task::block_in_place(|| agent.services.retry(&mut agent.datapath)) {
+                        Ok(Some(report)) => tracing::info!(
+                            added = report.added,
+                            updated = report.updated,
+                            removed = report.removed,
+                            "Services programmed on retry"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => {
+                            agent.errors.inc();
+                            tracing::error!(
+                                error = format!("{:#}", anyhow::Error::from(e)),
+                                "programming the Services failed again"
+                            );
+                        }
+                    }
                 }
             }
             _ = sigterm.recv() => break,
