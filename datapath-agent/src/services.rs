@@ -243,8 +243,10 @@ pub fn plan_sync(current: &ProgrammedState, desired: &[ServicePort]) -> ServiceP
 /// - a new or grown Service: slots first, then the Service entry;
 /// - a shrunk one: slots that stay are rewritten first, then the count is
 ///   lowered, then the slots beyond it are deleted;
-/// - a removed one: its Service entry first, then its slots, then its
-///   affinities.
+/// - a removed one: its Service entry first, then its slots;
+/// - ClientIP affinities: forgotten for a Service that turns affinity on
+///   (or is new with it) before its entry, and for backends a sticky
+///   Service loses after its count; no other change walks the affinity map.
 ///
 /// Kept backends keep their slots; a removed backend's slot goes to a new
 /// backend or to one moved down from beyond the new count. Ids are stable:
@@ -293,7 +295,8 @@ fn plan_changes_allocating(
         for slot in current.slots(service.id).into_keys() {
             plan.writes.push(MapWrite::DeleteBackend(BackendKey { service_id: service.id, slot }));
         }
-        plan.writes.push(MapWrite::ForgetAffinity { service_id: service.id, backends: None });
+        // Its affinities stay until the LRU drops them: harmless, as a
+        // Service that takes the id with affinity forgets them first.
         plan.report.removed += 1;
     }
     (plan, allocated)
@@ -330,9 +333,14 @@ fn plan_service(
         *hole = rest.next().copied();
     }
 
-    if present.is_none() {
-        // The id may have been a removed Service's whose affinities an
-        // interrupted sync left behind: none may carry over.
+    let value = want.value(id, count);
+    let sticky = |s: &Service| s.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
+    // The programs read affinities only while the flag is on, so only a
+    // Service that turns it on (or a new one with it) may meet entries
+    // left under its id (a removed Service's, or its own from an earlier
+    // spell): forget them before the flag is written. Everything else
+    // needs no walk over the affinity map.
+    if sticky(&value) && !present.is_some_and(sticky) {
         writes.push(MapWrite::ForgetAffinity { service_id: id, backends: None });
     }
     for (slot, backend) in layout.iter().enumerate() {
@@ -343,20 +351,16 @@ fn plan_service(
             writes.push(MapWrite::PutBackend(BackendKey { service_id: id, slot }, *backend));
         }
     }
-    let value = want.value(id, count);
     if present != Some(&value) {
         writes.push(MapWrite::PutService(key, value));
     }
     for slot in slots.keys().filter(|slot| **slot >= count) {
         writes.push(MapWrite::DeleteBackend(BackendKey { service_id: id, slot: *slot }));
     }
-    if let Some(old_value) = present {
-        let affinity_off = old_value.flags & SERVICE_AFFINITY_CLIENT_IP != 0
-            && value.flags & SERVICE_AFFINITY_CLIENT_IP == 0;
+    // A sticky Service's clients of a backend that left start afresh.
+    if present.is_some_and(sticky) && sticky(&value) {
         let gone: BTreeSet<Backend> = old.iter().filter(|b| !wanted.contains(*b)).copied().collect();
-        if affinity_off {
-            writes.push(MapWrite::ForgetAffinity { service_id: id, backends: None });
-        } else if !gone.is_empty() {
+        if !gone.is_empty() {
             writes.push(MapWrite::ForgetAffinity { service_id: id, backends: Some(gone) });
         }
     }
@@ -730,10 +734,6 @@ mod tests {
                 MapWrite::PutService(key, Service { backend_count: 2, ..state.services[&key] }),
                 MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 2 }),
                 MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 3 }),
-                MapWrite::ForgetAffinity {
-                    service_id: id,
-                    backends: Some([backend(pod(2)), backend(pod(3))].into())
-                },
             ]
         );
         assert_eq!(plan.report, SyncReport { added: 0, updated: 1, removed: 0 });
@@ -749,10 +749,7 @@ mod tests {
         assert_eq!(layout(&after, &key), vec![pod(3), pod(2), pod(5), pod(6)]);
         let entry = plan.writes.iter().position(|w| matches!(w, MapWrite::PutService(..))).unwrap();
         assert_eq!(entry, 3, "three slots written first: {:?}", plan.writes);
-        assert!(matches!(
-            plan.writes.last(),
-            Some(MapWrite::ForgetAffinity { backends: Some(b), .. }) if *b == [backend(pod(1))].into()
-        ));
+        assert_eq!(plan.writes.len(), 4, "no affinity to forget without ClientIP: {:?}", plan.writes);
     }
 
     #[test]
@@ -773,7 +770,6 @@ mod tests {
                 MapWrite::DeleteService(key),
                 MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 0 }),
                 MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 1 }),
-                MapWrite::ForgetAffinity { service_id: id, backends: None },
             ]
         );
         assert!(gone.services.is_empty() && gone.backends.is_empty(), "{gone:?}");
@@ -862,19 +858,45 @@ mod tests {
     }
 
     #[test]
-    fn affinity_switched_off_forgets_all_and_timeout_without_affinity_is_no_change() {
-        let mut sticky = service_port(80, &[1]);
-        sticky.session_affinity = SessionAffinity::ClientIp;
-        let (_, state) = sync(&ProgrammedState::default(), &[sticky.clone()]);
-        let key = sticky.key();
+    fn only_clientip_services_walk_the_affinity_map() {
+        let sticky = |backends: &[u8]| {
+            let mut port = service_port(80, backends);
+            port.session_affinity = SessionAffinity::ClientIp;
+            port
+        };
+        let forgets = |plan: &ServicePlan| -> Vec<MapWrite> {
+            plan.writes.iter().filter(|w| matches!(w, MapWrite::ForgetAffinity { .. })).cloned().collect()
+        };
+        // New with affinity: entries left under the id go before the
+        // entry that switches the programs' affinity lookups on.
+        let (plan, state) = sync(&ProgrammedState::default(), &[sticky(&[1, 2])]);
+        let key = sticky(&[]).key();
         assert_eq!(state.services[&key].flags, SERVICE_AFFINITY_CLIENT_IP);
         assert_eq!(state.services[&key].affinity_timeout_seconds, 10_800);
-        let (plan, after) = sync(&state, &[service_port(80, &[1])]);
-        assert_eq!(after.services[&key].flags, 0);
-        assert!(plan.writes.contains(&MapWrite::ForgetAffinity { service_id: 1, backends: None }));
-        let mut other_timeout = service_port(80, &[1]);
+        assert_eq!(plan.writes[0], MapWrite::ForgetAffinity { service_id: 1, backends: None });
+        // A backend leaves: its clients' affinities go, after the count.
+        let (plan, state) = sync(&state, &[sticky(&[2])]);
+        assert_eq!(
+            plan.writes.last(),
+            Some(&MapWrite::ForgetAffinity { service_id: 1, backends: Some([backend(pod(1))].into()) })
+        );
+        // Switched off: nothing to forget (the programs stop reading them).
+        let (plan, off) = sync(&state, &[service_port(80, &[2])]);
+        assert_eq!(off.services[&key].flags, 0);
+        assert!(forgets(&plan).is_empty(), "{:?}", plan.writes);
+        // A timeout without affinity is no change.
+        let mut other_timeout = service_port(80, &[2]);
         other_timeout.affinity_timeout_seconds = 5;
-        assert!(plan_sync(&after, &[other_timeout]).writes.is_empty());
+        assert!(plan_sync(&off, &[other_timeout]).writes.is_empty());
+        // Switched on again: the old spell's entries go first.
+        let (plan, _) = sync(&off, &[sticky(&[2])]);
+        assert_eq!(plan.writes[0], MapWrite::ForgetAffinity { service_id: 1, backends: None });
+        // Without affinity, neither adding, shrinking nor removing forgets.
+        let (plan, plain) = sync(&ProgrammedState::default(), &[service_port(81, &[1, 2])]);
+        assert!(forgets(&plan).is_empty());
+        let (plan, plain) = sync(&plain, &[service_port(81, &[2])]);
+        assert!(forgets(&plan).is_empty());
+        assert!(forgets(&sync(&plain, &[]).0).is_empty());
     }
 
     fn tcp_connection(
