@@ -209,7 +209,8 @@ fn later_fragment(ctx: &TcContext, datagram: &FragmentKey, last: bool) -> Result
     Ok(Translation::Rewritten)
 }
 
-/// Rewrite an address in the IPv4 header only (a later fragment).
+/// Rewrite an address in the IPv4 header and its checksum (alone, for a
+/// later fragment, which has no L4 header).
 #[inline(always)]
 fn set_ip_addr(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {
     if old == new {
@@ -284,9 +285,8 @@ fn set_addr(
     // The helpers take the values as they sit in the packet.
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
     ctx.l4_csum_replace(l4_check, from, to, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)
-        .and_then(|()| ctx.l3_csum_replace(IP_CHECK, from, to, 4))
-        .and_then(|()| ctx.store(offset, &new, 0))
-        .map_err(|_| DropReason::NatRewriteFailed)
+        .map_err(|_| DropReason::NatRewriteFailed)?;
+    set_ip_addr(ctx, offset, old, new)
 }
 
 #[inline(always)]
