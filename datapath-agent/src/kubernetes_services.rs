@@ -202,32 +202,36 @@ pub fn watch_services(client: Client) -> mpsc::UnboundedReceiver<ServiceUpdate> 
                     continue;
                 }
             };
-            let touched: Vec<ServiceRef> = match (kind, change) {
+            // `None`: a list is (re)complete, send everything.
+            let touched: Option<Vec<ServiceRef>> = match (kind, change) {
                 // Mid-relist states are partial: wait for InitDone.
                 (_, Change::Relisting) => continue,
                 (Kind::Service, Change::Synced) => {
                     services_synced = true;
-                    Vec::new()
+                    None
                 }
                 (Kind::Slice, Change::Synced) => {
                     slices_synced = true;
                     index = SliceIndex::from_slices(slice_store.state().iter().map(|s| s.as_ref()));
-                    Vec::new()
+                    None
                 }
-                (Kind::Service, Change::Objects(refs)) => refs,
-                (Kind::Slice, Change::Objects(slices)) => slices
-                    .into_iter()
-                    .flat_map(|slice| {
-                        let now =
-                            slice_store.get(&reflector::ObjectRef::new(&slice.name).within(&slice.namespace));
-                        index.update(slice, now.as_deref().and_then(slice_service))
-                    })
-                    .collect(),
+                (Kind::Service, Change::Objects(refs)) => Some(refs),
+                // A slice of no Service of ours (IPv6, unlabelled) touches none.
+                (Kind::Slice, Change::Objects(slices)) => Some(
+                    slices
+                        .into_iter()
+                        .flat_map(|slice| {
+                            let now = slice_store
+                                .get(&reflector::ObjectRef::new(&slice.name).within(&slice.namespace));
+                            index.update(slice, now.as_deref().and_then(slice_service))
+                        })
+                        .collect(),
+                ),
             };
             if !(services_synced && slices_synced) {
                 continue;
             }
-            if touched.is_empty() {
+            let Some(touched) = touched else {
                 // Both lists (re)complete: everything, once.
                 let services = service_store.state();
                 let slices = slice_store.state();
@@ -238,7 +242,7 @@ pub fn watch_services(client: Client) -> mpsc::UnboundedReceiver<ServiceUpdate> 
                     return;
                 }
                 continue;
-            }
+            };
             for service in touched {
                 let object =
                     service_store.get(&reflector::ObjectRef::new(&service.name).within(&service.namespace));

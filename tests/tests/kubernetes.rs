@@ -258,6 +258,39 @@ fn services_follow_service_and_endpointslice_objects() {
     };
     assert_eq!(fetch(&client).expect("through the Service"), "hello from the backend");
 
+    // A second slice of the same Service adds its endpoint; an IPv6 slice
+    // with the same label changes nothing; removing the second slice takes
+    // its endpoint away again (each event recomputes that Service alone).
+    let extra_slice = |name: &str, address_type: &str, address: String| {
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": { "name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                          "labels": { "kubernetes.io/service-name": "web" } },
+            "addressType": address_type,
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": [address], "conditions": { "ready": true } }],
+        })
+    };
+    api.apply(extra_slice("web-def34", "IPv4", client.ip.to_string()));
+    // Backends in address order (slots follow the order they came in).
+    let sorted = |mut list: Vec<String>| {
+        for entry in &mut list {
+            let (head, backends) = entry.rsplit_once(' ').unwrap();
+            let mut backends: Vec<&str> = backends.split(',').collect();
+            backends.sort_by_key(|b| b.parse::<std::net::SocketAddrV4>().unwrap());
+            *entry = format!("{head} {}", backends.join(","));
+        }
+        list
+    };
+    let both = sorted(vec![format!("shop/web 10.96.0.10:80 {}:8080,{}:8080", backend.ip, client.ip)]);
+    wait_for("the second slice's endpoint added", || sorted(programmed(&a)) == both);
+    api.apply(extra_slice("web-v6", "IPv6", "fd00::5".to_owned()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sorted(programmed(&a)), both, "an IPv6 slice changes nothing");
+    api.delete_object("EndpointSlice", "shop/web-def34");
+    wait_for("the second slice's endpoint removed", || programmed(&a) == want);
+
     // The endpoint goes unready: new connections are refused at once.
     let (_, slice) = service_objects("10.96.0.10", &[(backend.ip, false)]);
     api.apply(slice);
