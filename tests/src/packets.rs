@@ -1,4 +1,13 @@
-//! Builders for the frames the packet-level tests feed to the programs.
+//! Builders for the frames the packet-level tests feed to the programs, and
+//! one BPF_PROG_TEST_RUN of a program with what it did.
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use datapath_agent::datapath::{Counters, Datapath};
+use datapath_common::{DropReason, ForwardPath};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -178,5 +187,55 @@ impl Parsed {
             return true;
         }
         l4_checksum(self.src, self.dst, self.protocol, &self.l4) == 0
+    }
+}
+
+/// What one test run did: the program's verdict, the frame as it left, and
+/// the datapath's counters after it.
+pub struct Run {
+    pub verdict: u32,
+    pub out: Vec<u8>,
+    pub counters: Counters,
+}
+
+/// Run `program` of `datapath` once on `frame` (BPF_PROG_TEST_RUN; the
+/// skb's device is the loopback, ifindex 1).
+pub fn test_run(datapath: &Datapath, program: &'static str, frame: &[u8]) -> Run {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = datapath
+        .program(program)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    Run { verdict: result.return_value, out, counters: datapath.counters().unwrap() }
+}
+
+impl Run {
+    /// Exactly one counter, the named one, moved by exactly one (the
+    /// counters of a freshly loaded datapath start at zero).
+    pub fn assert_only_drop(&self, reason: DropReason) {
+        assert_eq!(self.verdict, TC_ACT_SHOT, "verdict");
+        for r in DropReason::ALL {
+            assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
+        }
+        for p in ForwardPath::ALL {
+            assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
+        }
+    }
+
+    pub fn assert_only_forward(&self, path: ForwardPath, verdict: u32) {
+        assert_eq!(self.verdict, verdict, "verdict");
+        for p in ForwardPath::ALL {
+            assert_eq!(self.counters.forward_count(p), u64::from(p == path), "forward counter {}", p.name());
+        }
+        for r in DropReason::ALL {
+            assert_eq!(self.counters.drop_count(r), 0, "drop counter {}", r.name());
+        }
     }
 }

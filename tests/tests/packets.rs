@@ -8,15 +8,11 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use datapath_agent::datapath::{Counters, Datapath, RemoteRoute};
+use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{
     DropReason, Endpoint, ForwardPath, NodeConfig, PodInterface, RoutingMode, program_names,
 };
 use datapath_tests::{packets::*, require_root};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const POD_A_IP: [u8; 4] = [10, 244, 1, 10];
 const POD_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
@@ -35,12 +31,6 @@ const OUTSIDE_IP: [u8; 4] = [198, 51, 100, 9];
 
 struct Harness {
     datapath: Datapath,
-}
-
-struct Run {
-    verdict: u32,
-    out: Vec<u8>,
-    counters: Counters,
 }
 
 impl Harness {
@@ -113,43 +103,7 @@ impl Harness {
     }
 
     fn run_program(&self, program: &'static str, frame: &[u8]) -> Run {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .datapath
-            .program(program)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        Run { verdict: result.return_value, out, counters: self.datapath.counters().unwrap() }
-    }
-}
-
-impl Run {
-    /// Exactly one counter, the named one, moved by exactly one.
-    fn assert_only_drop(&self, reason: DropReason) {
-        assert_eq!(self.verdict, TC_ACT_SHOT, "verdict");
-        for r in DropReason::ALL {
-            assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
-        }
-        for p in ForwardPath::ALL {
-            assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
-        }
-    }
-
-    fn assert_only_forward(&self, path: ForwardPath, verdict: u32) {
-        assert_eq!(self.verdict, verdict, "verdict");
-        for p in ForwardPath::ALL {
-            assert_eq!(self.counters.forward_count(p), u64::from(p == path), "forward counter {}", p.name());
-        }
-        for r in DropReason::ALL {
-            assert_eq!(self.counters.drop_count(r), 0, "drop counter {}", r.name());
-        }
+        test_run(&self.datapath, program, frame)
     }
 }
 

@@ -9,20 +9,13 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::{
-    maps::HashMap,
-    programs::{TestRun as _, TestRunOptions},
-};
-use datapath_agent::datapath::{Counters, Datapath};
+use aya::maps::HashMap;
+use datapath_agent::datapath::Datapath;
 use datapath_common::{
     Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
     NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,
 };
 use datapath_tests::{packets::*, require_root};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 10];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
@@ -34,12 +27,6 @@ const UDP: u8 = 17;
 
 struct Harness {
     datapath: Datapath,
-}
-
-struct Run {
-    verdict: u32,
-    out: Vec<u8>,
-    counters: Counters,
 }
 
 impl Harness {
@@ -110,21 +97,7 @@ impl Harness {
     }
 
     fn run(&self, program: &'static str, ip: &Ipv4) -> Run {
-        let frame = ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .datapath
-            .program(program)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        Run { verdict: result.return_value, out, counters: self.datapath.counters().unwrap() }
+        test_run(&self.datapath, program, &ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes()))
     }
 
     fn run_from_pod(&self, ip: &Ipv4) -> Run {
