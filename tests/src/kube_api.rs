@@ -38,7 +38,8 @@ struct Collection {
 struct State {
     collections: BTreeMap<&'static str, Collection>,
     resource_version: u64,
-    fail_next: u32,
+    /// (path prefix, count): the next `count` requests under the prefix get 500.
+    fail_next: Option<(String, u32)>,
     requests: Vec<String>,
 }
 
@@ -172,9 +173,11 @@ impl FakeApiServer {
         }
     }
 
-    /// The next `n` requests get HTTP 500.
-    pub fn fail_next(&self, n: u32) {
-        self.state.lock().unwrap().fail_next = n;
+    /// The next `n` requests whose path starts with `path_prefix` get HTTP
+    /// 500. A prefix, because every agent watches several collections and a
+    /// test means one watcher's trouble.
+    pub fn fail_next(&self, path_prefix: &str, n: u32) {
+        self.state.lock().unwrap().fail_next = Some((path_prefix.to_owned(), n));
     }
 
     /// Request lines served so far (method and path).
@@ -210,8 +213,11 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let watch_rx = {
         let mut s = state.lock().unwrap();
         s.requests.push(request_line.trim().to_owned());
-        if s.fail_next > 0 {
-            s.fail_next -= 1;
+        if let Some((prefix, left)) = &mut s.fail_next
+            && *left > 0
+            && path.starts_with(prefix.as_str())
+        {
+            *left -= 1;
             drop(s);
             return respond(&mut conn, 500, &status(500, "InternalError"));
         }

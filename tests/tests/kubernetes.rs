@@ -108,7 +108,7 @@ fn agents_follow_the_node_list_and_forward() {
     let mut relabelled = node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.2");
     relabelled["metadata"]["labels"]["tier"] = "gold".into();
     api.apply(relabelled);
-    api.fail_next(4);
+    api.fail_next("/api/v1/nodes", 4);
     api.disconnect_watches();
     std::thread::sleep(Duration::from_secs(3));
     assert!(ping(&a1.netns, b1.ip, 2), "forwarding during API trouble");
