@@ -25,8 +25,8 @@ use aya::{
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, ForwardPath, MAX_TRAFFIC_SLOTS,
-    MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NODE_FLAG_SERVICES, NodeConfig, NodeKey, PodInterface,
-    RemoteNode, Service, ServiceKey, drop_slot, forward_slot, map_names, program_names,
+    ModeMismatch, MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NODE_FLAG_SERVICES, NodeConfig, NodeKey,
+    PodInterface, RemoteNode, Service, ServiceKey, drop_slot, forward_slot, map_names, program_names,
 };
 
 use crate::{
@@ -658,6 +658,19 @@ impl PinnedMaps {
     /// Every connection-tracking entry, by key.
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, DatapathError> {
         read_conntrack(&open_pinned(&self.pins, map_names::CONNTRACK)?)
+    }
+
+    /// Peer nodes caught sending in the other routing mode, with their count.
+    pub fn peer_mode_mismatches(&self) -> Result<Vec<(Ipv4Addr, ModeMismatch)>, DatapathError> {
+        let name = map_names::PEER_MODE_MISMATCHES;
+        let map = open_pinned(&self.pins, name)?;
+        let peers: HashMap<&MapData, NodeKey, ModeMismatch> =
+            HashMap::try_from(&map).map_err(|source| DatapathError::Map { name, source })?;
+        peers
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (Ipv4Addr::from(key.ipv4), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })
     }
 
     /// Capacity of the pinned connection-tracking map, in entries.

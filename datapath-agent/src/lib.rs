@@ -11,6 +11,7 @@ pub mod kubernetes_services;
 pub mod mac;
 pub mod masquerade;
 pub mod metrics;
+pub mod mode_mismatch;
 pub mod netns;
 pub mod node_net;
 pub mod service_sync;

@@ -50,7 +50,13 @@ pub mod map_names {
     /// [`super::FragmentTranslation`]: what the first fragment of a Service
     /// datagram was rewritten to, for its later fragments (LRU).
     pub const SERVICE_FRAGMENTS: &str = "SERVICE_FRAGMENTS";
-    pub const ALL: [&str; 17] = [
+    /// Per-CPU [`super::RateBudget`]: ICMP errors the programs sent in the
+    /// current second (time exceeded, port unreachable), for their rate limit.
+    pub const ICMP_BUDGET: &str = "ICMP_BUDGET";
+    /// [`super::NodeKey`] (a peer node) -> [`super::ModeMismatch`]: packets
+    /// that peer sent in the other routing mode (the agent logs them).
+    pub const PEER_MODE_MISMATCHES: &str = "PEER_MODE_MISMATCHES";
+    pub const ALL: [&str; 19] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -68,6 +74,8 @@ pub mod map_names {
         CONNTRACK,
         SERVICE_AFFINITY,
         SERVICE_FRAGMENTS,
+        ICMP_BUDGET,
+        PEER_MODE_MISMATCHES,
     ];
 }
 
@@ -105,6 +113,10 @@ pub const MAX_TRAFFIC_SLOTS: u32 = 4_096;
 pub const NO_TRAFFIC_SLOT: u32 = u32::MAX;
 /// Size of the monitor ring buffer in bytes (a power of two, page aligned).
 pub const MONITOR_RING_BYTES: u32 = 1 << 18;
+/// ICMP errors (time exceeded, port unreachable) each CPU may send per
+/// second, as the kernel's `icmp_msgs_per_sec` default: a flood of expiring
+/// or refused packets costs a counter, not a reply each.
+pub const ICMP_ERRORS_PER_SECOND: u32 = 1_000;
 /// Default monitor events per second per CPU (when `MonitorConfig` says 0).
 pub const DEFAULT_MONITOR_EVENTS_PER_SECOND: u32 = 1_000;
 
@@ -230,13 +242,27 @@ pub struct MonitorConfig {
     pub events_per_second: u32,
 }
 
-/// Per-CPU rate limiter state: events emitted in the current one-second window.
+/// Per-CPU rate limiter state: events (or ICMP errors) emitted in the
+/// current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct MonitorBudget {
+pub struct RateBudget {
     pub window_start_ns: u64,
     pub used: u32,
     pub _pad: u32,
+}
+
+/// The monitor's per-CPU rate limiter.
+pub type MonitorBudget = RateBudget;
+
+/// Packets a peer node sent in the other routing mode: VXLAN to a native
+/// node, or plain pod traffic to a VXLAN node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ModeMismatch {
+    pub packets: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last one (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
 }
 
 /// What became of a monitor event: the slot in `MONITOR_COUNTERS`.
@@ -339,6 +365,38 @@ pub struct NodeConfig {
     pub vni: u32,
     /// [`NODE_FLAG_SERVICES`].
     pub flags: u32,
+    /// UDP port of the cluster's VXLAN (network byte order): on a native
+    /// node, VXLAN from a peer to it means the peer runs the other mode.
+    pub vxlan_port: [u8; 2],
+    /// Prefix length of [`NodeConfig::pod_cidr`].
+    pub pod_prefix_len: u8,
+    pub _pad: u8,
+    /// This node's pod CIDR (network address, network byte order): no
+    /// packet from outside may claim a source in it.
+    pub pod_cidr: [u8; 4],
+}
+
+impl NodeConfig {
+    /// Is `ipv4` inside this node's pod CIDR?
+    #[inline(always)]
+    pub fn in_pod_cidr(&self, ipv4: [u8; 4]) -> bool {
+        if self.pod_prefix_len == 0 {
+            // Unset (no node config yet): claims nothing.
+            return false;
+        }
+        let mask = u32::MAX.checked_shl(32 - self.pod_prefix_len as u32).unwrap_or(0);
+        u32::from_be_bytes(ipv4) & mask == u32::from_be_bytes(self.pod_cidr) & mask
+    }
+}
+
+/// A source address no host may use, as Linux's route input refuses it
+/// (`ip_route_input_slow`, RFC 1812 5.3.7): 0.0.0.0/8, 127.0.0.0/8 (no
+/// `route_localnet` on the node), multicast 224.0.0.0/4 and the limited
+/// broadcast 255.255.255.255. (Linux accepts 240.0.0.0/4 as unicast.)
+#[inline(always)]
+pub const fn is_martian_source(ipv4: [u8; 4]) -> bool {
+    let first = ipv4[0];
+    first == 0 || first == 127 || first & 0xf0 == 0xe0 || u32::from_be_bytes(ipv4) == u32::MAX
 }
 
 /// Services (or live Service connections) exist: TCP and UDP packets are
@@ -509,7 +567,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::EndpointTraffic {}
     unsafe impl aya::Pod for super::MonitorConfig {}
-    unsafe impl aya::Pod for super::MonitorBudget {}
+    unsafe impl aya::Pod for super::RateBudget {}
+    unsafe impl aya::Pod for super::ModeMismatch {}
     unsafe impl aya::Pod for super::MonitorEvent {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Service {}
@@ -566,10 +625,32 @@ pub enum DropReason {
     ConntrackFull = 16,
     /// Rewriting a Service connection's addresses or checksums failed.
     NatRewriteFailed = 17,
+    /// Frame to be forwarded whose destination MAC is not this node's
+    /// (another host's unicast, broadcast or multicast): the kernel forwards
+    /// only `PACKET_HOST` frames.
+    WrongDestinationMac = 18,
+    /// Source address no host may use (0.0.0.0/8, 127.0.0.0/8, multicast,
+    /// 255.255.255.255).
+    MartianSource = 19,
+    /// Strict reverse-path check (as `rp_filter=1`) failed: the source is not
+    /// reachable back through the interface the packet came in on (a local
+    /// pod's or this node's own address from outside, or no route back).
+    ReversePath = 20,
+    /// IPv4 header checksum does not verify.
+    BadIpChecksum = 21,
+    /// IPv4 packet with options (source routing, record route, ...) to be
+    /// forwarded: not forwarded by the datapath.
+    IpOptions = 22,
+    /// A peer node sends in the other routing mode (VXLAN to a native node,
+    /// plain pod traffic to a VXLAN node).
+    PeerModeMismatch = 23,
+    /// Forwarding is disabled on the interface the packet came in on
+    /// (`net.ipv4.conf.<dev>.forwarding=0`): the kernel would not forward it.
+    ForwardingDisabled = 24,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::TruncatedEthernet,
@@ -587,6 +668,13 @@ impl DropReason {
         DropReason::ServiceNoBackend,
         DropReason::ConntrackFull,
         DropReason::NatRewriteFailed,
+        DropReason::WrongDestinationMac,
+        DropReason::MartianSource,
+        DropReason::ReversePath,
+        DropReason::BadIpChecksum,
+        DropReason::IpOptions,
+        DropReason::PeerModeMismatch,
+        DropReason::ForwardingDisabled,
     ];
 
     /// Stable snake_case name, used in CLI output, logs and metrics.
@@ -609,6 +697,13 @@ impl DropReason {
             DropReason::ServiceNoBackend => "service_no_backend",
             DropReason::ConntrackFull => "conntrack_full",
             DropReason::NatRewriteFailed => "nat_rewrite_failed",
+            DropReason::WrongDestinationMac => "wrong_destination_mac",
+            DropReason::MartianSource => "martian_source",
+            DropReason::ReversePath => "reverse_path",
+            DropReason::BadIpChecksum => "bad_ip_checksum",
+            DropReason::IpOptions => "ip_options",
+            DropReason::PeerModeMismatch => "peer_mode_mismatch",
+            DropReason::ForwardingDisabled => "forwarding_disabled",
         }
     }
 
@@ -618,7 +713,9 @@ impl DropReason {
             DropReason::SpoofedSource => {
                 "a pod sent IPv4 with a source address that is not its own (anti-spoofing)"
             }
-            DropReason::TtlExceeded => "TTL would reach 0 when forwarded (routing loop?)",
+            DropReason::TtlExceeded => {
+                "TTL would reach 0 when forwarded (traceroute, or a routing loop): answered with ICMP time exceeded"
+            }
             DropReason::TruncatedEthernet => "frame shorter than an Ethernet header",
             DropReason::MalformedIpv4 => {
                 "IPv4 header truncated, bad version/IHL or total length beyond the frame"
@@ -649,6 +746,25 @@ impl DropReason {
             }
             DropReason::NatRewriteFailed => {
                 "rewriting a Service connection's addresses, ports or checksums failed (kernel helper error)"
+            }
+            DropReason::WrongDestinationMac => {
+                "frame to forward not addressed to this node's MAC (other host, broadcast or multicast)"
+            }
+            DropReason::MartianSource => {
+                "martian source address (0.0.0.0/8, 127.0.0.0/8, multicast or 255.255.255.255)"
+            }
+            DropReason::ReversePath => {
+                "reverse-path check failed (rp_filter=1): source not reachable back through the ingress interface (spoofed or reflected)"
+            }
+            DropReason::BadIpChecksum => "IPv4 header checksum does not verify",
+            DropReason::IpOptions => {
+                "IPv4 packet with options (source route, record route, ...) is not forwarded"
+            }
+            DropReason::PeerModeMismatch => {
+                "a peer node sends in the other routing mode (native vs vxlan): set the same mode on every node"
+            }
+            DropReason::ForwardingDisabled => {
+                "forwarding is off on the ingress interface (net.ipv4.conf.<dev>.forwarding=0)"
             }
         }
     }
@@ -720,6 +836,30 @@ mod tests {
     }
 
     #[test]
+    fn martian_sources_are_linux_martians() {
+        for martian in
+            [[0, 0, 0, 0], [0, 1, 2, 3], [127, 0, 0, 1], [224, 0, 0, 5], [239, 255, 1, 1], [255; 4]]
+        {
+            assert!(is_martian_source(martian), "{martian:?}");
+        }
+        for fine in [[10, 244, 1, 2], [1, 0, 0, 0], [126, 255, 255, 255], [240, 0, 0, 1], [169, 254, 1, 1]] {
+            assert!(!is_martian_source(fine), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn pod_cidr_membership() {
+        let config = NodeConfig { pod_cidr: [10, 244, 1, 0], pod_prefix_len: 24, ..NodeConfig::default() };
+        assert!(config.in_pod_cidr([10, 244, 1, 0]));
+        assert!(config.in_pod_cidr([10, 244, 1, 255]));
+        assert!(!config.in_pod_cidr([10, 244, 2, 1]));
+        let host = NodeConfig { pod_cidr: [10, 0, 0, 7], pod_prefix_len: 32, ..NodeConfig::default() };
+        assert!(host.in_pod_cidr([10, 0, 0, 7]) && !host.in_pod_cidr([10, 0, 0, 6]));
+        // Unset: nothing is inside.
+        assert!(!NodeConfig::default().in_pod_cidr([0, 0, 0, 0]));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<EndpointKey>(), 4);
         assert_eq!(core::mem::size_of::<Endpoint>(), 24);
@@ -728,6 +868,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<MonitorBudget>(), 16);
         assert_eq!(core::mem::size_of::<MonitorEvent>(), 40);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
-        assert_eq!(core::mem::size_of::<NodeConfig>(), 24);
+        assert_eq!(core::mem::size_of::<NodeConfig>(), 32);
+        assert_eq!(core::mem::size_of::<ModeMismatch>(), 16);
     }
 }

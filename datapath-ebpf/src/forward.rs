@@ -13,18 +13,28 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use datapath_common::{
-    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, EndpointKey, ForwardPath, NodeConfig, RoutingMode,
+    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, Endpoint, EndpointKey, ForwardPath, NodeConfig,
+    RoutingMode,
 };
 
 use crate::{
+    icmp::{IcmpError, into_icmp_error},
     maps::{ENDPOINTS, count_delivered, count_drop, count_forward, monitor_config, remote_node_for},
     monitor,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, csum_replace16},
+    strict::PACKET_HOST,
 };
 
 const AF_INET: u8 = 2;
-/// `PACKET_HOST` for `bpf_skb_change_type`: the frame is for this host.
-const PACKET_HOST: u32 = 0;
+
+/// Which way an ICMP error goes back to the sender of the packet it is about.
+#[derive(Clone, Copy)]
+pub enum Back {
+    /// Out of this interface (the veth or uplink the packet came in on).
+    Out { ifindex: u32 },
+    /// Encapsulated back to the peer node that tunnelled the packet to us.
+    Tunnel { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
+}
 
 /// What to do with a packet that is not dropped.
 #[derive(Clone, Copy)]
@@ -45,10 +55,11 @@ pub enum Verdict {
     OutUplinkNeigh { ifindex: u32, node_ipv4: [u8; 4] },
     /// Overlay: encapsulate towards the peer through the VXLAN device.
     OutOverlay { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
-    /// A new Service connection that cannot be served: counted and reported
-    /// as a drop for `reason`, and answered with ICMP port unreachable back
-    /// out of the veth it came in on, so the client fails at once.
-    Refuse { ifindex: u32, reason: DropReason },
+    /// Dropped for `reason` (counted and reported as such), and answered
+    /// with `error` from `source` the way it came (`back`), as a router
+    /// answers: time exceeded for an expiring TTL, port unreachable for a
+    /// Service connection nobody can take (the client fails at once).
+    Answer { reason: DropReason, error: IcmpError, source: [u8; 4], back: Back },
 }
 
 /// Count the verdict, report it to the monitor (drops always, forwards when
@@ -60,12 +71,12 @@ pub fn apply<const LOG: bool>(
     verdict: Result<Verdict, DropReason>,
 ) -> i32 {
     let monitor = monitor_config();
-    if let Ok(Verdict::Refuse { ifindex, reason }) = verdict {
+    if let Ok(Verdict::Answer { reason, error, source, back }) = verdict {
+        // Reported first: the event describes the packet, not the reply.
         drop::<LOG>(ctx, direction, reason, monitor.events_per_second);
-        return match crate::services::into_port_unreachable(ctx) {
-            // SAFETY: plain helper; returns TC_ACT_REDIRECT.
-            Ok(()) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-            Err(_) => TC_ACT_SHOT as i32,
+        return match into_icmp_error(ctx, error, source) {
+            Ok(true) => send_back(ctx, back).unwrap_or(TC_ACT_SHOT as i32),
+            Ok(false) | Err(_) => TC_ACT_SHOT as i32,
         };
     }
     let (action, path) = match verdict {
@@ -94,6 +105,12 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<(i32, ForwardPath), DropReas
     Ok(match verdict {
         Verdict::Deliver { host_ifindex, traffic_slot } => {
             count_delivered(traffic_slot, ctx.len());
+            // The pod's stack must see the frame as addressed to it. The
+            // forwarding checks only let PACKET_HOST frames this far, but
+            // a decapsulated frame's type comes from its inner MAC.
+            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+                unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            }
             (unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }, ForwardPath::LocalDelivery)
         }
         Verdict::ArpReply { ifindex } => (unsafe { bpf_redirect(ifindex, 0) as i32 }, ForwardPath::ArpReply),
@@ -118,28 +135,41 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<(i32, ForwardPath), DropReas
             (action, ForwardPath::ToRemoteNative)
         }
         Verdict::OutOverlay { vxlan_ifindex, node_ipv4, vni } => {
-            // SAFETY: all-zero is a valid bpf_tunnel_key.
-            let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-            key.tunnel_id = vni;
-            // The helper takes the outer destination in host byte order.
-            key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
-            key.tunnel_ttl = 64;
-            let rc = unsafe {
-                bpf_skb_set_tunnel_key(
-                    ctx.skb.skb,
-                    &mut key,
-                    core::mem::size_of::<bpf_tunnel_key>() as u32,
-                    0,
-                )
-            };
-            if rc != 0 {
-                return Err(DropReason::TunnelEncapFailed);
-            }
-            (unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 }, ForwardPath::ToRemoteOverlay)
+            (encapsulate(ctx, vxlan_ifindex, node_ipv4, vni)?, ForwardPath::ToRemoteOverlay)
         }
         // Handled by `apply` before it gets here.
-        Verdict::Refuse { reason, .. } => return Err(reason),
+        Verdict::Answer { reason, .. } => return Err(reason),
     })
+}
+
+/// Towards `node_ipv4` through the collect_md VXLAN device.
+#[inline(always)]
+fn encapsulate(ctx: &TcContext, vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32) -> Result<i32, DropReason> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni;
+    // The helper takes the outer destination in host byte order.
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
+    key.tunnel_ttl = 64;
+    // SAFETY: plain helper with a valid key of its size.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if rc != 0 {
+        return Err(DropReason::TunnelEncapFailed);
+    }
+    // SAFETY: plain helper; returns TC_ACT_REDIRECT.
+    Ok(unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 })
+}
+
+/// Send an ICMP error (already written over the packet) back to its sender.
+#[inline(always)]
+fn send_back(ctx: &TcContext, back: Back) -> Result<i32, DropReason> {
+    match back {
+        // SAFETY: plain helper; returns TC_ACT_REDIRECT.
+        Back::Out { ifindex } => Ok(unsafe { bpf_redirect(ifindex, 0) as i32 }),
+        Back::Tunnel { vxlan_ifindex, node_ipv4, vni } => encapsulate(ctx, vxlan_ifindex, node_ipv4, vni),
+    }
 }
 
 #[inline(always)]
@@ -186,27 +216,47 @@ pub fn decrement_ttl(ip: *mut Ipv4Hdr) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// If `daddr` is a pod on this node: TTL, MACs, and the verdict to deliver it.
+/// Does the TTL run out here? Such a packet is answered with time exceeded
+/// (checked before any translation, so the quote is what the sender sent).
 #[inline(always)]
-pub fn to_local_pod(
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    daddr: [u8; 4],
-) -> Option<Result<Verdict, DropReason>> {
+pub fn ttl_expires(ip: *const Ipv4Hdr) -> bool {
+    // SAFETY: callers pass a bounds-checked header.
+    unsafe { (*ip).ttl <= 1 }
+}
+
+/// The pod on this node with address `daddr`, if any.
+#[inline(always)]
+pub fn local_endpoint(daddr: [u8; 4]) -> Option<Endpoint> {
     // SAFETY: copied out at once.
-    let endpoint = match unsafe { ENDPOINTS.get(EndpointKey { ipv4: daddr }) } {
-        Some(endpoint) => *endpoint,
-        None => return None,
-    };
-    if let Err(reason) = decrement_ttl(ip) {
-        return Some(Err(reason));
-    }
+    unsafe { ENDPOINTS.get(EndpointKey { ipv4: daddr }) }.copied()
+}
+
+/// Deliver to a local pod: TTL, MACs, and the verdict.
+#[inline(always)]
+pub fn deliver(eth: *mut EthHdr, ip: *mut Ipv4Hdr, endpoint: &Endpoint) -> Result<Verdict, DropReason> {
+    decrement_ttl(ip)?;
     // SAFETY: bounds-checked by the caller.
     unsafe {
         (*eth).dst = endpoint.pod_mac;
         (*eth).src = endpoint.host_mac;
     }
-    Some(Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex, traffic_slot: endpoint.traffic_slot }))
+    Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex, traffic_slot: endpoint.traffic_slot })
+}
+
+/// Would this packet be forwarded by us rather than handed to the host
+/// stack? Asked only of packets the forwarding checks refused: we refuse
+/// them only if we would otherwise have forwarded them.
+#[inline(always)]
+pub fn forwarded_by_us(ctx: &TcContext, ip: *const Ipv4Hdr, config: &NodeConfig) -> bool {
+    // SAFETY: callers pass a bounds-checked header.
+    let daddr = unsafe { (*ip).daddr };
+    if local_endpoint(daddr).is_some() {
+        return true;
+    }
+    if config.mode != RoutingMode::Unset as u32 && remote_node_for(daddr).is_some() {
+        return true;
+    }
+    config.flags & datapath_common::NODE_FLAG_SERVICES != 0 && crate::services::is_service(ctx, ip)
 }
 
 /// If `daddr` is on a peer node (its pod CIDR or its address): the way there

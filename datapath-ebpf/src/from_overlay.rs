@@ -8,10 +8,12 @@ use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, progra
 use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES, NodeKey};
 
 use crate::{
-    forward::{Verdict, apply, to_local_pod},
+    forward::{Back, Verdict, apply, deliver, local_endpoint, ttl_expires},
+    icmp::IcmpError,
     maps::{KNOWN_NODES, node_config, remote_node_for},
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
+    strict,
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
@@ -42,6 +44,12 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         return Err(DropReason::WrongVni);
     }
 
+    // The inner frame's VLAN tag, as the device's receive put it into the
+    // metadata: peers never tunnel VLANs.
+    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Err(DropReason::VlanTagged);
+    }
     pull_headers(ctx);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     if ethertype(eth) != ETH_P_IP {
@@ -56,16 +64,33 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
     if !from_sender {
         return Err(DropReason::OverlaySpoofedSource);
     }
-    // Replies of Service connections opened by pods on this node (checked
-    // above with the backend's address, which the sender owns).
-    if config.flags & NODE_FLAG_SERVICES != 0 {
-        if let Translation::Rewritten = translate(ctx, ip, false)? {
-            (eth, ip) = ipv4_headers(ctx)?;
-        }
-    }
     let daddr = unsafe { (*ip).daddr };
-    if let Some(verdict) = to_local_pod(eth, ip, daddr) {
-        return verdict;
+    if let Some(endpoint) = local_endpoint(daddr) {
+        // What the kernel checks before it forwards, but the MAC: the inner
+        // one is the sending node's choice (the sender was checked above).
+        strict::header_ok(ip)?;
+        if ttl_expires(ip) {
+            let back = Back::Tunnel {
+                vxlan_ifindex: config.vxlan_ifindex,
+                node_ipv4: outer_source,
+                vni: config.vni,
+            };
+            return Ok(Verdict::Answer {
+                reason: DropReason::TtlExceeded,
+                error: IcmpError::TimeExceeded,
+                source: config.node_ipv4,
+                back,
+            });
+        }
+        // Replies of Service connections opened by pods on this node
+        // (checked above with the backend's address, which the sender
+        // owns): the source becomes the Service; the destination stays.
+        if config.flags & NODE_FLAG_SERVICES != 0 {
+            if let Translation::Rewritten = translate(ctx, ip, false)? {
+                (eth, ip) = ipv4_headers(ctx)?;
+            }
+        }
+        return deliver(eth, ip, &endpoint);
     }
     if same_ipv4(daddr, config.node_ipv4) {
         return Ok(Verdict::HostStackFromTunnel);

@@ -11,13 +11,15 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
 
 use crate::{
-    forward::{Verdict, apply, to_local_pod, to_remote_node},
+    forward::{Back, Verdict, apply, deliver, forwarded_by_us, local_endpoint, to_remote_node, ttl_expires},
+    icmp::IcmpError,
     maps::{POD_INTERFACES, count_sent, node_config},
     packet::{
         ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, EthHdr,
         ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4,
     },
     services::{Translation, translate},
+    strict,
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
@@ -62,17 +64,45 @@ fn ipv4(ctx: &TcContext, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict, Dro
         return Err(DropReason::SpoofedSource);
     }
     let config = node_config();
+    // The kernel's checks before it forwards (wrong MAC, options, header
+    // checksum, TTL), made before any translation so that an error quotes
+    // what the pod sent. A packet that fails one is ours to refuse only if
+    // we would forward it; the host stack judges the rest itself.
+    if let Err(reason) = strict::frame_ok(ctx, ip) {
+        return if forwarded_by_us(ctx, ip, &config) { Err(reason) } else { Ok(Verdict::HostStack) };
+    }
+    if ttl_expires(ip) {
+        if !forwarded_by_us(ctx, ip, &config) {
+            return Ok(Verdict::HostStack);
+        }
+        return Ok(Verdict::Answer {
+            reason: DropReason::TtlExceeded,
+            error: IcmpError::TimeExceeded,
+            source: config.node_ipv4,
+            back: Back::Out { ifindex },
+        });
+    }
     if config.flags & NODE_FLAG_SERVICES != 0 {
         match translate(ctx, ip, true)? {
             Translation::None => {}
             // The helpers that rewrote it invalidated every packet pointer.
             Translation::Rewritten => (eth, ip) = ipv4_headers(ctx)?,
-            Translation::Refuse(reason) => return Ok(Verdict::Refuse { ifindex, reason }),
+            Translation::Refuse(reason) => {
+                // From the Service address the client asked for.
+                let service = unsafe { (*ip).daddr };
+                let back = Back::Out { ifindex };
+                return Ok(Verdict::Answer {
+                    reason,
+                    error: IcmpError::PortUnreachable,
+                    source: service,
+                    back,
+                });
+            }
         }
     }
     let daddr = unsafe { (*ip).daddr };
-    if let Some(verdict) = to_local_pod(eth, ip, daddr) {
-        return verdict;
+    if let Some(endpoint) = local_endpoint(daddr) {
+        return deliver(eth, ip, &endpoint);
     }
     if let Some(verdict) = to_remote_node(ctx, eth, ip, daddr, &config) {
         return verdict;

@@ -1,17 +1,27 @@
-//! "From uplink": TC ingress of the node's uplink in native routing mode.
-//! Packets for a pod on this node go straight into it (`bpf_redirect_peer`);
-//! everything else (the node's own traffic, ARP, VLANs, replies to
-//! masqueraded connections) is the host stack's business, untouched.
+//! "From uplink": TC ingress of the node's uplink, in both modes. Packets
+//! for a pod on this node go straight into it (`bpf_redirect_peer`) once
+//! they pass the checks the kernel would make to forward them (MAC,
+//! header, martian and reverse-path source, TTL); everything else (the
+//! node's own traffic, ARP, VLANs, replies to masqueraded connections) is
+//! the host stack's business, untouched. It also notices peers that send
+//! in the other routing mode.
 
-use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use datapath_common::{
+    Direction, DropReason, IPPROTO_UDP, ModeMismatch, NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode,
+};
 
 use crate::{
-    forward::{Verdict, apply, to_local_pod},
-    maps::node_config,
-    packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers},
+    forward::{Back, Verdict, apply, deliver, local_endpoint, ttl_expires},
+    icmp::IcmpError,
+    maps::{KNOWN_NODES, PEER_MODE_MISMATCHES, node_config, remote_pod_cidr_owner},
+    packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
+    strict,
 };
+
+/// The VLAN id bits of a tag control information field.
+const VLAN_VID_MASK: u32 = 0x0fff;
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
 #[inline(always)]
@@ -35,16 +45,97 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Ok(headers) => headers,
         Err(_) => return Ok(Verdict::HostStack),
     };
-    // Replies of Service connections opened by pods on this node.
-    if node_config().flags & NODE_FLAG_SERVICES != 0 {
+    // SAFETY (derefs of ip): bounds-checked by ipv4_headers.
+    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let config = node_config();
+    if same_ipv4(daddr, config.node_ipv4) {
+        // The node's own traffic (VXLAN too, in overlay mode).
+        if config.mode == RoutingMode::Native as u32 && vxlan_from_peer(ctx, ip, &config) {
+            record_mode_mismatch(saddr);
+            return Err(DropReason::PeerModeMismatch);
+        }
+        return Ok(Verdict::HostStack);
+    }
+    let Some(endpoint) = local_endpoint(daddr) else {
+        return Ok(Verdict::HostStack);
+    };
+    // For a local pod: what the kernel checks before it forwards. A frame
+    // of a VLAN goes to the stack, which gives it to its VLAN device if the
+    // node has one and drops it otherwise. A priority tag (VLAN 0) is no
+    // VLAN: the kernel forwards it as untagged, so it gets every check
+    // here (handed to the stack, it would meet only the node's own
+    // rp_filter, often off).
+    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
+    let (vlan_present, vlan_tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
+    if vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0 {
+        return Ok(Verdict::HostStack);
+    }
+    strict::frame_ok(ctx, ip)?;
+    if config.mode == RoutingMode::Vxlan as u32 {
+        // Pod traffic of a peer must come through the tunnel.
+        if let Some(peer) = remote_pod_cidr_owner(saddr) {
+            record_mode_mismatch(peer.node_ipv4);
+            return Err(DropReason::PeerModeMismatch);
+        }
+    }
+    strict::source_ok(ctx, saddr, &config)?;
+    if ttl_expires(ip) {
+        // SAFETY: as above.
+        let uplink = unsafe { (*ctx.skb.skb).ifindex };
+        return Ok(Verdict::Answer {
+            reason: DropReason::TtlExceeded,
+            error: IcmpError::TimeExceeded,
+            source: config.node_ipv4,
+            back: Back::Out { ifindex: uplink },
+        });
+    }
+    // Replies of Service connections opened by pods on this node: the
+    // source becomes the Service again; the destination stays the pod.
+    if config.flags & NODE_FLAG_SERVICES != 0 {
         if let Translation::Rewritten = translate(ctx, ip, false)? {
             (eth, ip) = ipv4_headers(ctx)?;
         }
     }
-    // SAFETY: bounds-checked by ipv4_headers.
-    let daddr = unsafe { (*ip).daddr };
-    match to_local_pod(eth, ip, daddr) {
-        Some(verdict) => verdict,
-        None => Ok(Verdict::HostStack),
+    deliver(eth, ip, &endpoint)
+}
+
+/// VXLAN from a known peer node to this node's VXLAN port: on a native
+/// node that peer runs the overlay.
+#[inline(always)]
+fn vxlan_from_peer(ctx: &TcContext, ip: *const Ipv4Hdr, config: &NodeConfig) -> bool {
+    // SAFETY: bounds-checked by the caller.
+    let (protocol, version_ihl, saddr) = unsafe { ((*ip).protocol, (*ip).version_ihl, (*ip).saddr) };
+    if protocol != IPPROTO_UDP || version_ihl != 0x45 {
+        return false;
+    }
+    let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + 20) else {
+        return false;
+    };
+    if [ports[2], ports[3]] != config.vxlan_port {
+        return false;
+    }
+    // SAFETY: only checked for presence.
+    unsafe { KNOWN_NODES.get(NodeKey { ipv4: saddr }) }.is_some()
+}
+
+/// Count a packet `peer` sent in the other mode, for the agent to log.
+#[inline(always)]
+fn record_mode_mismatch(peer: [u8; 4]) {
+    let key = NodeKey { ipv4: peer };
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match PEER_MODE_MISMATCHES.get_ptr_mut(key) {
+        Some(entry) => {
+            // SAFETY: a live entry. Another CPU may add at the same moment
+            // and one count be lost: it only tells the agent to warn.
+            unsafe {
+                (*entry).packets += 1;
+                (*entry).last_seen_ns = now;
+            }
+        }
+        None => {
+            let first = ModeMismatch { packets: 1, last_seen_ns: now };
+            let _ = PEER_MODE_MISMATCHES.insert(key, first, BPF_NOEXIST as u64);
+        }
     }
 }

@@ -12,10 +12,13 @@ pub mod forward;
 pub mod from_overlay;
 pub mod from_pod;
 pub mod from_uplink;
+pub mod icmp;
 pub mod maps;
 pub mod monitor;
 pub mod packet;
+pub mod rate_limit;
 pub mod services;
+pub mod strict;
 
 /// Define the three TC programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a

@@ -11,8 +11,9 @@ use datapath_common::{
     DROP_COUNTER_SLOTS, Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS,
     ForwardPath, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_FRAGMENTED_DATAGRAMS,
     MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES,
-    MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome,
-    NodeConfig, NodeKey, PodInterface, RemoteNode, Service, ServiceKey, drop_slot, forward_slot,
+    MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent,
+    MonitorOutcome, NodeConfig, NodeKey, PodInterface, RateBudget, RemoteNode, Service, ServiceKey,
+    drop_slot, forward_slot,
 };
 
 /// Allocated as Services come: most clusters have far fewer than the maximum.
@@ -67,6 +68,16 @@ pub static MONITOR_CONFIG: Array<MonitorConfig, 1> = Array::new();
 
 #[btf_map]
 pub static MONITOR_BUDGET: PerCpuArray<MonitorBudget, 1> = PerCpuArray::new();
+
+/// ICMP errors sent by this CPU in the current second (rate limit).
+#[btf_map]
+pub static ICMP_BUDGET: PerCpuArray<RateBudget, 1> = PerCpuArray::new();
+
+/// Peers caught sending in the other routing mode; only known nodes get an
+/// entry, so it cannot grow past them.
+#[btf_map]
+pub static PEER_MODE_MISMATCHES: HashMap<NodeKey, ModeMismatch, { MAX_KNOWN_NODES as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static MONITOR_COUNTERS: PerCpuArray<u64, { MonitorOutcome::SLOTS as usize }> = PerCpuArray::new();
@@ -143,6 +154,12 @@ pub fn node_config() -> NodeConfig {
         Some(config) => *config,
         None => NodeConfig::default(),
     }
+}
+
+/// The peer node whose pod CIDR holds `addr`.
+#[inline(always)]
+pub fn remote_pod_cidr_owner(addr: [u8; 4]) -> Option<RemoteNode> {
+    REMOTE_NODES.get(&Key { prefix_len: 32, data: addr }).copied()
 }
 
 /// The peer node behind a destination: a remote pod CIDR or a peer's address.

@@ -13,31 +13,17 @@ use datapath_common::{DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, MonitorEvent
 use crate::{
     maps::{MONITOR_BUDGET, MONITOR_EVENTS, count_monitor},
     packet::{ETH_HLEN, ETH_P_IP},
+    rate_limit,
 };
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-const NS_PER_SECOND: u64 = 1_000_000_000;
 
 /// Take one event from this CPU's budget for the current second.
 #[inline(always)]
 fn within_budget(now: u64, events_per_second: u32) -> bool {
     let limit = if events_per_second == 0 { DEFAULT_MONITOR_EVENTS_PER_SECOND } else { events_per_second };
-    let Some(budget) = MONITOR_BUDGET.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU slot, no other writer.
-    unsafe {
-        if now.wrapping_sub((*budget).window_start_ns) >= NS_PER_SECOND {
-            (*budget).window_start_ns = now;
-            (*budget).used = 0;
-        }
-        if (*budget).used >= limit {
-            return false;
-        }
-        (*budget).used += 1;
-    }
-    true
+    rate_limit::take(MONITOR_BUDGET.get_ptr_mut(0), now, limit)
 }
 
 /// Report one verdict. Reads the addresses with `bpf_skb_load_bytes`, which

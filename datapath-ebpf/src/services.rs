@@ -307,62 +307,20 @@ fn set_port(
         .map_err(|_| DropReason::NatRewriteFailed)
 }
 
-/// Turn the packet into an ICMP port unreachable from the Service address
-/// back to the client (RFC 792: the IP header and 8 bytes of the original),
-/// so that connect() fails at once instead of timing out.
+/// Is this packet for a Service port (a new or tracked connection to it)?
+/// Only looked at for packets the forwarding checks refused, to tell a
+/// packet we would forward (refused with a reason) from one for the host.
 #[inline(always)]
-pub fn into_port_unreachable(ctx: &TcContext) -> Result<(), DropReason> {
-    const REPLY_LEN: usize = ETH_HLEN + 20 + 8 + 28;
-    let original: [u8; ETH_HLEN + 28] = ctx.load(0).map_err(|_| DropReason::MalformedIpv4)?;
-    // Only option-less headers are quoted; a client with IP options waits.
-    if original[ETH_HLEN] != 0x45 {
-        return Err(DropReason::MalformedIpv4);
+pub fn is_service(ctx: &TcContext, ip: *const Ipv4Hdr) -> bool {
+    // SAFETY (derefs of ip): bounds-checked by the caller.
+    let (protocol, daddr, version_ihl) = unsafe { ((*ip).protocol, (*ip).daddr, (*ip).version_ihl) };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return false;
     }
-    let mut reply = [0u8; REPLY_LEN];
-    // Ethernet: back to the pod, from the host veth.
-    reply[0..6].copy_from_slice(&original[6..12]);
-    reply[6..12].copy_from_slice(&original[0..6]);
-    reply[12] = 0x08;
-    // IPv4: from the Service address (the original destination).
-    let ip = ETH_HLEN;
-    reply[ip] = 0x45;
-    reply[ip + 1] = 0xc0;
-    reply[ip + 2..ip + 4].copy_from_slice(&((20 + 8 + 28) as u16).to_be_bytes());
-    reply[ip + 8] = 64;
-    reply[ip + 9] = 1;
-    reply[ip + 12..ip + 16].copy_from_slice(&original[ETH_HLEN + 16..ETH_HLEN + 20]);
-    reply[ip + 16..ip + 20].copy_from_slice(&original[ETH_HLEN + 12..ETH_HLEN + 16]);
-    let check = checksum(&reply, ip, 20);
-    reply[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    // ICMP destination unreachable, port unreachable, quoting the original.
-    let icmp = ip + 20;
-    reply[icmp] = 3;
-    reply[icmp + 1] = 3;
-    reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
-    let check = checksum(&reply, icmp, 8 + 28);
-    reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());
-
-    // SAFETY: plain helper on the context pointer.
-    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
-    if rc != 0 {
-        return Err(DropReason::NatRewriteFailed);
-    }
-    ctx.store(0, &reply, 0).map_err(|_| DropReason::NatRewriteFailed)
-}
-
-/// Internet checksum of `len` bytes of `bytes` from `start` (even length).
-#[inline(always)]
-fn checksum<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u16 {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < len {
-        let at = start + i;
-        if at + 1 < N {
-            sum += u16::from_be_bytes([bytes[at], bytes[at + 1]]) as u32;
-        }
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    let Some(ports) = ports(ctx, version_ihl) else {
+        return false;
+    };
+    let key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
+    // SAFETY: only checked for presence.
+    unsafe { SERVICES.get(key) }.is_some()
 }

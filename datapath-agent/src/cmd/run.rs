@@ -77,21 +77,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Node networking first: the programs need the ifindexes.
     let uplink = node_net::uplink(&netlink, &config.uplink_interface).await?;
-    let (vxlan_ifindex, route_via, node_program) = match config.mode {
+    // The uplink's program runs in both modes: it delivers to local pods
+    // what arrives for them unencapsulated (after the kernel's forwarding
+    // checks) and notices peers that send in the other mode.
+    let uplink_program = (program_names::FROM_UPLINK, config.uplink_interface.clone());
+    let (vxlan_ifindex, route_via, node_programs) = match config.mode {
         Mode::Native => {
             node_net::remove_vxlan_if_present(&netlink, &config.vxlan.device).await?;
-            (
-                0,
-                RouteVia::Native { uplink_index: uplink.index },
-                (program_names::FROM_UPLINK, config.uplink_interface.clone()),
-            )
+            (0, RouteVia::Native { uplink_index: uplink.index }, vec![uplink_program])
         }
         Mode::Vxlan => {
             let vxlan = node_net::ensure_vxlan(&netlink, &config, uplink.mtu).await?;
             (
                 vxlan.index,
                 RouteVia::Overlay { vxlan_index: vxlan.index, vni: config.vxlan.vni },
-                (program_names::FROM_OVERLAY, config.vxlan.device.clone()),
+                vec![uplink_program, (program_names::FROM_OVERLAY, config.vxlan.device.clone())],
             )
         }
     };
@@ -128,6 +128,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             vxlan_ifindex,
             vni: config.vxlan.vni,
             flags: services_flag,
+            vxlan_port: config.vxlan.port.to_be_bytes(),
+            pod_prefix_len: config.pod_cidr.prefix_len(),
+            _pad: 0,
+            pod_cidr: config.pod_cidr.network().octets(),
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
@@ -136,7 +140,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors, services };
     let report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
-    agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
+    agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
     agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
     // Static Services are all known now. In kubernetes mode the file has
     // none: the maps stay as the last agent left them (no connection to a
@@ -184,12 +188,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if node_peers.is_none() {
         become_ready(&agent.config, &health)?;
     }
+    let (config_bpffs_dir, config_mode) = (agent.config.bpffs_dir.clone(), agent.config.mode);
     let conntrack = PinnedConntrack::open(agent.datapath.pins())
         .context("opening the connection-tracking map for its collector")?;
     let gc_errors = Arc::clone(&agent.errors);
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
     spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
+    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), config_mode);
 
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);

@@ -1,0 +1,118 @@
+//! ICMP errors the programs send in the kernel's place: time exceeded for a
+//! packet whose TTL runs out on us (traceroute), port unreachable for a new
+//! Service connection nobody can take. Each turns the offending packet
+//! itself into the reply (RFC 792: quoting its IPv4 header and first 8
+//! payload bytes) and is rate-limited per CPU, as the kernel's are.
+
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND};
+
+use crate::{maps::ICMP_BUDGET, packet::ETH_HLEN, rate_limit};
+
+const IPPROTO_ICMP: u8 = 1;
+/// IPv4 header length of the packets we quote and of the reply.
+const IPV4_HLEN: usize = 20;
+/// The reply: Ethernet, IPv4, ICMP header, quoted IPv4 header + 8 bytes.
+const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + 8 + IPV4_HLEN + 8;
+/// What of the original is read: Ethernet + IPv4 header + 8 bytes.
+const QUOTED_LEN: usize = ETH_HLEN + IPV4_HLEN + 8;
+
+/// Which error to send.
+#[derive(Clone, Copy)]
+pub enum IcmpError {
+    /// Type 11 code 0: TTL exceeded in transit.
+    TimeExceeded,
+    /// Type 3 code 3: destination port unreachable.
+    PortUnreachable,
+}
+
+impl IcmpError {
+    #[inline(always)]
+    const fn type_code(self) -> (u8, u8) {
+        match self {
+            IcmpError::TimeExceeded => (11, 0),
+            IcmpError::PortUnreachable => (3, 3),
+        }
+    }
+}
+
+/// Turn the packet into `error` from `source` back to its sender: MACs
+/// swapped, so the reply leaves the way the packet came in. `Ok(false)`:
+/// nothing to send, where the kernel sends nothing either (RFC 1122
+/// 3.2.2: not about a later fragment or another ICMP error) or this CPU
+/// used its budget for this second; the packet is dropped, counted under
+/// its reason all the same.
+#[inline(always)]
+pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Result<bool, DropReason> {
+    let Ok(original) = ctx.load::<[u8; QUOTED_LEN]>(0) else {
+        // Shorter than a header and 8 bytes: nothing worth quoting.
+        return Ok(false);
+    };
+    let ip = ETH_HLEN;
+    // Only option-less headers are quoted (the forwarding checks refuse
+    // packets with options before any error is due).
+    if original[ip] != 0x45 {
+        return Ok(false);
+    }
+    let later_fragment = u16::from_be_bytes([original[ip + 6], original[ip + 7]]) & 0x1fff != 0;
+    let icmp_type = original[ip + IPV4_HLEN];
+    // Echo reply 0, echo 8, timestamp 13/14, ...: queries; the rest are errors.
+    let about_an_error = original[ip + 9] == IPPROTO_ICMP && matches!(icmp_type, 3 | 4 | 5 | 11 | 12);
+    if later_fragment || about_an_error {
+        return Ok(false);
+    }
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !rate_limit::take(ICMP_BUDGET.get_ptr_mut(0), now, ICMP_ERRORS_PER_SECOND) {
+        return Ok(false);
+    }
+
+    let (icmp_type, icmp_code) = error.type_code();
+    let mut reply = [0u8; REPLY_LEN];
+    // Ethernet: back to where it came from.
+    reply[0..6].copy_from_slice(&original[6..12]);
+    reply[6..12].copy_from_slice(&original[0..6]);
+    reply[12] = 0x08;
+    // IPv4: internetwork control precedence, as Linux's icmp_send.
+    reply[ip] = 0x45;
+    reply[ip + 1] = 0xc0;
+    reply[ip + 2..ip + 4].copy_from_slice(&((REPLY_LEN - ETH_HLEN) as u16).to_be_bytes());
+    reply[ip + 8] = 64;
+    reply[ip + 9] = IPPROTO_ICMP;
+    reply[ip + 12..ip + 16].copy_from_slice(&source);
+    reply[ip + 16..ip + 20].copy_from_slice(&original[ip + 12..ip + 16]);
+    let check = checksum(&reply, ip, IPV4_HLEN);
+    reply[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    // ICMP: type, code, checksum, 4 unused bytes, then the quote.
+    let icmp = ip + IPV4_HLEN;
+    reply[icmp] = icmp_type;
+    reply[icmp + 1] = icmp_code;
+    reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
+    let check = checksum(&reply, icmp, 8 + IPV4_HLEN + 8);
+    reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());
+
+    // SAFETY: plain helper on the context pointer.
+    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
+    if rc != 0 {
+        return Err(DropReason::NatRewriteFailed);
+    }
+    ctx.store(0, &reply, 0).map_err(|_| DropReason::NatRewriteFailed)?;
+    Ok(true)
+}
+
+/// Internet checksum of `len` bytes of `bytes` from `start` (even length).
+#[inline(always)]
+fn checksum<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < len {
+        let at = start + i;
+        if at + 1 < N {
+            sum += u16::from_be_bytes([bytes[at], bytes[at + 1]]) as u32;
+        }
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

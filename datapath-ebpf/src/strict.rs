@@ -1,0 +1,112 @@
+//! The kernel's own checks on a packet it receives and forwards, for the
+//! packets we forward in its place (docs/why-dropped.md, "never more
+//! permissive than the kernel"). A redirect skips `ip_rcv`, the route
+//! input and `ip_forward`, so whatever those would refuse we refuse here,
+//! each with its own drop reason. Packets we hand to the host stack are
+//! left to the kernel: it checks them itself.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup,
+    },
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+use datapath_common::{DropReason, NodeConfig, is_martian_source};
+
+use crate::packet::Ipv4Hdr;
+
+const AF_INET: u8 = 2;
+/// `skb->pkt_type` of a frame addressed to this host's MAC.
+pub const PACKET_HOST: u32 = 0;
+/// Version 4, no options.
+const IPV4_NO_OPTIONS: u8 = 0x45;
+
+/// `ip_rcv_core` and `ip_forward` on the frame itself: addressed to us
+/// (not another host's MAC, not broadcast or multicast), header checksum
+/// right, no options. The caller checks the TTL (it is answered, not only
+/// dropped) and, for traffic from outside, the source ([`source_ok`]).
+#[inline(always)]
+pub fn frame_ok(ctx: &TcContext, ip: *const Ipv4Hdr) -> Result<(), DropReason> {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return Err(DropReason::WrongDestinationMac);
+    }
+    header_ok(ip)
+}
+
+/// The header checks of [`frame_ok`] without the MAC: for a decapsulated
+/// frame, whose inner MACs are the sending node's choice.
+#[inline(always)]
+pub fn header_ok(ip: *const Ipv4Hdr) -> Result<(), DropReason> {
+    // SAFETY: the caller passes a bounds-checked header (ipv4_headers).
+    if unsafe { (*ip).version_ihl } != IPV4_NO_OPTIONS {
+        return Err(DropReason::IpOptions);
+    }
+    if !checksum_ok(ip) {
+        return Err(DropReason::BadIpChecksum);
+    }
+    Ok(())
+}
+
+/// `ip_fast_csum`: the ones'-complement sum of an option-less header,
+/// checksum included, is 0xffff. Summing native-order words gives the
+/// byte-swapped sum, and 0xffff is its own swap.
+#[inline(always)]
+fn checksum_ok(ip: *const Ipv4Hdr) -> bool {
+    let words = ip as *const [u32; 5];
+    // SAFETY: a bounds-checked 20-byte header (the caller's contract).
+    let w = unsafe { *words };
+    let mut sum = w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64 + w[4] as u64;
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// The route input's source checks for a packet from outside the node that
+/// we would deliver into a local pod: not a martian, not this node's own
+/// pod CIDR or address (a reflection or a land attack), and reachable back
+/// through the interface it came in on (strict reverse path, as
+/// `rp_filter=1`; the kernel's FIB decides, so the node's own routes count).
+#[inline(always)]
+pub fn source_ok(ctx: &TcContext, saddr: [u8; 4], config: &NodeConfig) -> Result<(), DropReason> {
+    if is_martian_source(saddr) {
+        return Err(DropReason::MartianSource);
+    }
+    if config.in_pod_cidr(saddr) || saddr == config.node_ipv4 {
+        return Err(DropReason::ReversePath);
+    }
+    reverse_path_ok(ctx, saddr)
+}
+
+/// `fib_validate_source` with `rp_filter=1`: the route back to `saddr` must
+/// leave through the interface the packet arrived on. The lookup skips the
+/// neighbour table (only the route matters) and checks no MTU.
+#[inline(always)]
+fn reverse_path_ok(ctx: &TcContext, saddr: [u8; 4]) -> Result<(), DropReason> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    params.family = AF_INET;
+    params.ifindex = ingress;
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(saddr);
+    // SAFETY: plain helper; params is a valid, writable struct of its size.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if params.ifindex == ingress => Ok(()),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Err(DropReason::ForwardingDisabled),
+        // Another interface, a local address, no route, blackhole, prohibit.
+        _ => Err(DropReason::ReversePath),
+    }
+}
