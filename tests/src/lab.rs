@@ -82,6 +82,13 @@ impl Fabric {
         let netns = Netns::new(format!("dpt{}x{n}-fabric", std::process::id()));
         sh(&["ip", "-n", &netns.name, "link", "add", FABRIC_BRIDGE, "type", "bridge"]);
         sh(&["ip", "-n", &netns.name, "link", "set", FABRIC_BRIDGE, "up"]);
+        // A physical switch does not validate IPv4 headers; a bridge with
+        // br_netfilter loaded on the host does (and drops malformed ones):
+        // keep it a plain wire. (No such sysctl without br_netfilter.)
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net.bridge.bridge-nf-call-{table}=0");
+            let _ = sh_ok(&["ip", "netns", "exec", &netns.name, "sysctl", "-qw", &key]);
+        }
         Self { netns, ports: AtomicU32::new(0) }
     }
 
@@ -594,8 +601,13 @@ pub fn tcp_echo(server: &Netns, server_ip: Ipv4Addr, client: &Netns, len: usize)
 /// Send raw Ethernet frames out of `ifname` inside `ns` (AF_PACKET), as a
 /// misbehaving pod could.
 pub fn send_raw_frames(ns: &Netns, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    send_raw_frames_in(&ns.path(), ifname, frames)
+}
+
+/// [`send_raw_frames`] from the namespace at `netns` (a path under /run/netns).
+pub fn send_raw_frames_in(netns: &Path, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
     let ifname = ifname.to_owned();
-    in_netns(&ns.path(), move || -> anyhow::Result<()> {
+    in_netns(netns, move || -> anyhow::Result<()> {
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())?;
         // SAFETY: plain socket calls with checked results; addr is a zeroed sockaddr_ll.
         unsafe {

@@ -6,6 +6,7 @@
 
 pub mod kube_api;
 pub mod lab;
+pub mod oracle;
 pub mod packets;
 
 use std::path::PathBuf;

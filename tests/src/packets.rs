@@ -5,6 +5,8 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use datapath_agent::datapath::{Counters, Datapath};
 use datapath_common::{DropReason, ForwardPath};
 
+use crate::{lab::Netns, sh};
+
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
@@ -190,6 +192,98 @@ impl Parsed {
     }
 }
 
+/// The device a test run's packet arrives on: a veth in a namespace of its
+/// own, so that the run sees what a real ingress has. Its MAC decides the
+/// frame's `pkt_type` (the kernel's `eth_type_trans` in the test run: a
+/// frame to another MAC is PACKET_OTHERHOST, as on the wire), and its
+/// namespace's routes are what `bpf_fib_lookup` consults. The loopback
+/// that runs use otherwise has an all-zero MAC and the host's routes.
+pub struct RunDevice {
+    netns: Netns,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// The run device's own address (192.0.2.0/24 is its link; the far end of
+/// the veth is 192.0.2.2, the "peer").
+pub const RUN_DEVICE_IP: [u8; 4] = [192, 0, 2, 1];
+
+impl RunDevice {
+    /// `dpt<pid>x<n>-run` with veth `dptrun0` (MAC `mac`, 192.0.2.1/24,
+    /// forwarding on) whose peer `dptrun1` stays in the namespace, and the
+    /// `routes` given (`ip route add` arguments, e.g. "10.244.2.0/24 via
+    /// 192.0.2.2").
+    pub fn new(mac: [u8; 6], routes: &[&str]) -> Self {
+        let netns = Netns::new(format!("dpt{}x{}-run", std::process::id(), next_run_device()));
+        let ns = netns.name.as_str();
+        let mac_text = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        sh(&[
+            "ip", "-n", ns, "link", "add", "dptrun0", "address", &mac_text, "type", "veth", "peer", "name",
+            "dptrun1",
+        ]);
+        sh(&["ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", "dptrun0"]);
+        sh(&["ip", "-n", ns, "link", "set", "dptrun0", "up"]);
+        sh(&["ip", "-n", ns, "link", "set", "dptrun1", "up"]);
+        sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        for route in routes {
+            let mut args = vec!["ip", "-n", ns, "route", "add"];
+            args.extend(route.split_whitespace());
+            sh(&args);
+        }
+        let out = sh(&["ip", "-n", ns, "-j", "link", "show", "dptrun0"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let ifindex = v[0]["ifindex"].as_u64().expect("ifindex") as u32;
+        Self { netns, ifindex, mac }
+    }
+}
+
+impl RunDevice {
+    /// The namespace the device is in (for extra routes or sysctls).
+    pub fn netns_name(&self) -> &str {
+        &self.netns.name
+    }
+}
+
+fn next_run_device() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it in `ctx_in`: all zero
+/// but `ifindex` (offset 40), the device the packet arrives on.
+pub fn skb_context(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Run `program` once on `frame` as if it arrived on `device`.
+pub fn test_run_on(device: &RunDevice, datapath: &Datapath, program: &'static str, frame: &[u8]) -> Run {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = skb_context(device.ifindex);
+    let path = device.netns.path();
+    // The device and the FIB the helpers see are those of the calling
+    // thread's namespace: run from a thread inside the device's.
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                datapath_agent::netns::enter(&path).expect("enter the run device's namespace");
+                datapath.program(program).unwrap().test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat: 1,
+                    ..Default::default()
+                })
+            })
+            .join()
+            .expect("test run thread")
+    })
+    .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    Run { verdict: result.return_value, out, counters: datapath.counters().unwrap() }
+}
+
 /// What one test run did: the program's verdict, the frame as it left, and
 /// the datapath's counters after it.
 pub struct Run {
@@ -221,6 +315,18 @@ impl Run {
     /// counters of a freshly loaded datapath start at zero).
     pub fn assert_only_drop(&self, reason: DropReason) {
         assert_eq!(self.verdict, TC_ACT_SHOT, "verdict");
+        for r in DropReason::ALL {
+            assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
+        }
+        for p in ForwardPath::ALL {
+            assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
+        }
+    }
+
+    /// Dropped for `reason` alone, and answered: the frame was turned into
+    /// an ICMP error and redirected back (a drop as far as counters go).
+    pub fn assert_answered(&self, reason: DropReason) {
+        assert_eq!(self.verdict, TC_ACT_REDIRECT, "verdict: the ICMP error is sent back");
         for r in DropReason::ALL {
             assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
         }

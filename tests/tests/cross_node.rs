@@ -296,3 +296,33 @@ fn agent_restart_keeps_cross_node_forwarding_and_state() {
         assert!(lab.a.agent_log().contains("added=0 updated=0 removed=0"), "{mode}: {}", lab.a.agent_log());
     }
 }
+
+#[test]
+fn a_peer_in_the_other_mode_is_named_not_black_holed_silently() {
+    if !require_root("a_peer_in_the_other_mode_is_named_not_black_holed_silently") {
+        return;
+    }
+    // Node A runs native routing, node B the overlay: each drops the
+    // other's pod traffic as peer_mode_mismatch and its agent says which
+    // peer, and how to fix it.
+    let fabric = Fabric::new();
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    let mut b = Node::on_fabric(&fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), "vxlan");
+    a.set_peers(vec![b.as_peer()]);
+    b.set_peers(vec![a.as_peer()]);
+    a.start_agent();
+    b.start_agent();
+    let (a1, b1) = (a.add_pod("a1"), b.add_pod("b1"));
+    // b1 -> a1 arrives at A as VXLAN; a1's attempt arrives at B unencapsulated.
+    assert!(!ping(&b1.netns, a1.ip, 2), "a VXLAN packet reached a native node's pod");
+    assert!(!ping(&a1.netns, b1.ip, 2), "a plain pod packet reached a VXLAN node's pod");
+    assert!(a.drop_count("peer_mode_mismatch") > 0, "A counted nothing");
+    assert!(b.drop_count("peer_mode_mismatch") > 0, "B counted nothing");
+    let named = |node: &Node, peer: Ipv4Addr| {
+        let log = node.agent_log();
+        log.lines().any(|l| l.contains("runs the other routing mode") && l.contains(&peer.to_string()))
+    };
+    wait_for("A to name B", || named(&a, b.node_ip));
+    wait_for("B to name A", || named(&b, a.node_ip));
+    drop((a1, b1));
+}

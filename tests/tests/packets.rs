@@ -1,16 +1,24 @@
-//! Packet-level tests: the real "from pod" program, loaded into the kernel,
-//! run on crafted frames with BPF_PROG_TEST_RUN. Checks verdicts, output bytes
-//! and that exactly the expected counter moved.
+//! Packet-level tests: the real programs, loaded into the kernel, run on
+//! crafted frames with BPF_PROG_TEST_RUN. Checks verdicts, output bytes and
+//! that exactly the expected counter moved.
 //!
-//! In BPF_PROG_TEST_RUN the skb's device is the loopback (ifindex 1), so the
-//! sending pod is registered under ifindex 1.
+//! Each run's packet arrives on a [`RunDevice`]: a veth in a namespace of
+//! the test's own, with the host veth's MAC (so a frame to it is
+//! PACKET_HOST and one to any other MAC is not, as on the wire), the node's
+//! address 192.0.2.1/24 and a route to the peer's pod CIDR, which the
+//! reverse-path check consults. The sending pod is registered on it, and it
+//! doubles as the uplink for "from uplink" runs.
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::{HashMap, PerCpuArray, PerCpuValues},
+    programs::{TestRun as _, TestRunOptions},
+};
 use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{
-    DropReason, Endpoint, ForwardPath, NodeConfig, PodInterface, RoutingMode, program_names,
+    DropReason, Endpoint, ForwardPath, ICMP_ERRORS_PER_SECOND, ModeMismatch, NodeConfig, NodeKey,
+    PodInterface, RateBudget, RoutingMode, map_names, program_names,
 };
 use datapath_tests::{packets::*, require_root};
 
@@ -22,23 +30,28 @@ const POD_B_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0b];
 const HOST_B_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x0b];
 const HOST_B_IFINDEX: u32 = 4242;
 const GATEWAY: [u8; 4] = [169, 254, 1, 1];
-const NODE_IP: [u8; 4] = [192, 0, 2, 1];
+const NODE_IP: [u8; 4] = RUN_DEVICE_IP;
 const PEER_IP: [u8; 4] = [192, 0, 2, 2];
+/// The peer node's MAC, as its frames carry it on the uplink.
+const PEER_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 2];
 const POD_A_SLOT: u32 = 0;
 const POD_B_SLOT: u32 = 1;
 const REMOTE_POD_IP: [u8; 4] = [10, 244, 2, 7];
 const OUTSIDE_IP: [u8; 4] = [198, 51, 100, 9];
+const VXLAN_PORT: u16 = 8472;
 
 struct Harness {
     datapath: Datapath,
+    device: RunDevice,
 }
 
 impl Harness {
+    /// Pod A sending on the run device, pod B local; no cross-node mode.
     fn new() -> Self {
-        let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
-        datapath
+        let mut h = Self::empty();
+        h.datapath
             .insert_pod_interface(
-                1,
+                h.device.ifindex,
                 PodInterface {
                     pod_ipv4: POD_A_IP,
                     host_mac: HOST_A_MAC,
@@ -47,7 +60,7 @@ impl Harness {
                 },
             )
             .unwrap();
-        datapath
+        h.datapath
             .insert_endpoint(
                 Ipv4Addr::from(POD_B_IP),
                 Endpoint {
@@ -59,27 +72,35 @@ impl Harness {
                 },
             )
             .unwrap();
-        Self { datapath }
+        h
     }
 
+    /// Nothing registered.
     fn empty() -> Self {
-        Self { datapath: Datapath::load_unpinned().expect("load") }
+        let device = RunDevice::new(HOST_A_MAC, &["10.244.2.0/24 via 192.0.2.2"]);
+        Self { datapath: Datapath::load_unpinned().expect("load the eBPF object (verifier)"), device }
     }
 
     fn run(&self, frame: &[u8]) -> Run {
         self.run_program(program_names::FROM_POD, frame)
     }
 
-    /// Make this node part of a cluster: a peer owning 10.244.2.0/24 at 192.0.2.2.
+    /// Make this node part of a cluster: a peer owning 10.244.2.0/24 at
+    /// 192.0.2.2; this node 192.0.2.1 with 10.244.1.0/24, its uplink the
+    /// run device.
     fn with_peer(mut self, mode: RoutingMode) -> Self {
         self.datapath
             .set_node_config(NodeConfig {
                 node_ipv4: NODE_IP,
                 mode: mode as u32,
-                uplink_ifindex: 1,
-                vxlan_ifindex: 1,
+                uplink_ifindex: self.device.ifindex,
+                vxlan_ifindex: self.device.ifindex,
                 vni: 1,
                 flags: 0,
+                vxlan_port: VXLAN_PORT.to_be_bytes(),
+                pod_cidr: [10, 244, 1, 0],
+                pod_prefix_len: 24,
+                _pad: 0,
             })
             .unwrap();
         self.datapath
@@ -91,7 +112,7 @@ impl Harness {
         self
     }
 
-    /// One test run of `from_pod`, returning what the kernel said.
+    /// One test run of `from_pod` on the loopback, returning what the kernel said.
     fn try_run(&self, frame: &[u8]) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
         let mut out = vec![0u8; frame.len() + 256];
         self.datapath.program_from_pod().unwrap().test_run(TestRunOptions {
@@ -103,7 +124,33 @@ impl Harness {
     }
 
     fn run_program(&self, program: &'static str, frame: &[u8]) -> Run {
-        test_run(&self.datapath, program, frame)
+        test_run_on(&self.device, &self.datapath, program, frame)
+    }
+
+    fn run_from_uplink(&self, frame: &[u8]) -> Run {
+        self.run_program(program_names::FROM_UPLINK, frame)
+    }
+
+    /// Every CPU has sent its ICMP errors for this second.
+    fn exhaust_icmp_budget(&mut self) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let mut budget: PerCpuArray<_, RateBudget> =
+            PerCpuArray::try_from(self.datapath.ebpf_mut().map_mut(map_names::ICMP_BUDGET).unwrap()).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        let spent = RateBudget { window_start_ns: now_ns, used: ICMP_ERRORS_PER_SECOND, _pad: 0 };
+        budget.set(0, PerCpuValues::try_from(vec![spent; cpus]).unwrap(), 0).unwrap();
+    }
+
+    fn device_netns(&self) -> String {
+        self.device.netns_name().to_owned()
+    }
+
+    fn mode_mismatches(&mut self) -> Vec<(NodeKey, ModeMismatch)> {
+        let map: HashMap<_, NodeKey, ModeMismatch> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::PEER_MODE_MISMATCHES).unwrap())
+                .unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 }
 
@@ -263,17 +310,135 @@ fn spoofed_source_to_host_is_dropped_too() {
     h.run(&ip_frame(&ip)).assert_only_drop(DropReason::SpoofedSource);
 }
 
+/// The ICMP time exceeded a router sends for `sent` (an Ethernet frame
+/// whose TTL ran out), from `router`, with the MACs swapped: built here
+/// byte by byte from RFC 792, not by the code under test.
+fn time_exceeded(sent: &[u8], router: [u8; 4]) -> Vec<u8> {
+    let original_ip = &sent[14..];
+    let mut icmp = vec![11, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&original_ip[..28]);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&router);
+    ip.extend_from_slice(&original_ip[12..16]);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ethernet(sent[6..12].try_into().unwrap(), sent[0..6].try_into().unwrap(), ETH_P_IP, &ip)
+}
+
 #[test]
-fn ttl_one_is_dropped() {
-    if !require_root("ttl_one_is_dropped") {
+fn ttl_one_is_answered_with_time_exceeded() {
+    if !require_root("ttl_one_is_answered_with_time_exceeded") {
         return;
     }
     for ttl in [0u8, 1] {
-        let h = Harness::new();
+        let h = Harness::new().with_peer(RoutingMode::Native);
         let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
         ip.ttl = ttl;
+        let frame = ip_frame(&ip);
+        let run = h.run(&frame);
+        run.assert_answered(DropReason::TtlExceeded);
+        assert_eq!(run.out, time_exceeded(&frame, NODE_IP), "ttl {ttl}: exact reply bytes");
+        let reply = Parsed::new(&run.out);
+        assert!(reply.ip_header_ok && checksum(&reply.l4) == 0, "checksums verify");
+    }
+}
+
+#[test]
+fn no_time_exceeded_about_an_icmp_error_or_a_later_fragment() {
+    if !require_root("no_time_exceeded_about_an_icmp_error_or_a_later_fragment") {
+        return;
+    }
+    // RFC 1122 3.2.2: never an ICMP error about an ICMP error, nor about a
+    // fragment other than the first. Dropped and counted all the same.
+    let mut error = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
+    error.payload[0] = 3; // destination unreachable
+    let mut later = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
+    later.frag = 0x00b9;
+    for mut ip in [error, later] {
+        ip.ttl = 1;
+        let h = Harness::new().with_peer(RoutingMode::Native);
         h.run(&ip_frame(&ip)).assert_only_drop(DropReason::TtlExceeded);
     }
+}
+
+#[test]
+fn time_exceeded_is_rate_limited_per_cpu() {
+    if !require_root("time_exceeded_is_rate_limited_per_cpu") {
+        return;
+    }
+    let mut h = Harness::new().with_peer(RoutingMode::Native);
+    h.exhaust_icmp_budget();
+    let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
+    ip.ttl = 1;
+    // Over the budget: counted, not answered.
+    h.run(&ip_frame(&ip)).assert_only_drop(DropReason::TtlExceeded);
+}
+
+#[test]
+fn ttl_one_to_the_host_stack_is_the_hosts_business() {
+    if !require_root("ttl_one_to_the_host_stack_is_the_hosts_business") {
+        return;
+    }
+    // Not forwarded by us (this node, the outside): the kernel delivers or
+    // answers it itself.
+    for dst in [NODE_IP, OUTSIDE_IP] {
+        let h = Harness::new().with_peer(RoutingMode::Native);
+        let mut ip = Ipv4::icmp_echo(POD_A_IP, dst);
+        ip.ttl = 1;
+        let frame = ip_frame(&ip);
+        let run = h.run(&frame);
+        run.assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+        assert_eq!(run.out, frame);
+    }
+}
+
+#[test]
+fn frames_not_addressed_to_the_node_are_not_forwarded() {
+    if !require_root("frames_not_addressed_to_the_node_are_not_forwarded") {
+        return;
+    }
+    let ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
+    let remote = Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP).bytes();
+    let other_host = [0x02, 0x42, 0, 0, 0, 1];
+    let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
+    for (what, dst, packet) in [
+        ("another host's MAC, to a local pod", other_host, &ip),
+        ("broadcast, to a local pod", [0xff; 6], &ip),
+        ("multicast, to a local pod", multicast, &ip),
+        ("broadcast, to a remote pod", [0xff; 6], &remote),
+    ] {
+        let h = Harness::new().with_peer(RoutingMode::Native);
+        let run = h.run(&ethernet(dst, POD_A_MAC, ETH_P_IP, packet));
+        assert_eq!(run.counters.drop_count(DropReason::WrongDestinationMac), 1, "{what}");
+        run.assert_only_drop(DropReason::WrongDestinationMac);
+    }
+    // A broadcast the pod means for the node (DHCP-style) is the node's.
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let dhcp = Ipv4::udp(POD_A_IP, 68, [255; 4], 67, b"discover", true).bytes();
+    h.run(&ethernet([0xff; 6], POD_A_MAC, ETH_P_IP, &dhcp))
+        .assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+}
+
+#[test]
+fn bad_header_checksum_is_not_forwarded() {
+    if !require_root("bad_header_checksum_is_not_forwarded") {
+        return;
+    }
+    for dst in [POD_B_IP, REMOTE_POD_IP] {
+        let h = Harness::new().with_peer(RoutingMode::Native);
+        let mut bytes = Ipv4::icmp_echo(POD_A_IP, dst).bytes();
+        bytes[10] ^= 0x5a;
+        h.run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes)).assert_only_drop(DropReason::BadIpChecksum);
+    }
+    // The node's own traffic: the kernel checks it (and drops it).
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let mut bytes = Ipv4::icmp_echo(POD_A_IP, NODE_IP).bytes();
+    bytes[10] ^= 0x5a;
+    h.run(&ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &bytes))
+        .assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
 }
 
 #[test]
@@ -370,19 +535,28 @@ fn bad_ihl_version_or_length_is_dropped() {
 }
 
 #[test]
-fn ipv4_options_are_forwarded_intact() {
-    if !require_root("ipv4_options_are_forwarded_intact") {
+fn ipv4_options_are_not_forwarded() {
+    if !require_root("ipv4_options_are_not_forwarded") {
         return;
     }
-    let h = Harness::new();
-    let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
-    ip.options = vec![0x94, 0x04, 0x00, 0x00]; // Router Alert
+    // Router alert, record route, loose source route: the datapath forwards
+    // none (the kernel refuses source routes, and would process the rest).
+    for option in
+        [vec![0x94, 0x04, 0x00, 0x00], vec![0x07, 0x07, 0x04, 0, 0, 0, 0, 0x00], vec![0x83, 0x03, 0x04, 0x00]]
+    {
+        let h = Harness::new();
+        let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
+        ip.options = option;
+        h.run(&ip_frame(&ip)).assert_only_drop(DropReason::IpOptions);
+    }
+    // For the node itself: the kernel's to judge, untouched.
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let mut ip = Ipv4::icmp_echo(POD_A_IP, NODE_IP);
+    ip.options = vec![0x94, 0x04, 0x00, 0x00];
     let frame = ip_frame(&ip);
     let run = h.run(&frame);
-    run.assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
-    assert_eq!(checksum(&run.out[14..38]), 0, "checksum over the 24-byte header");
-    assert_eq!(&run.out[34..38], &[0x94, 0x04, 0, 0]);
-    assert_eq!(&run.out[38..], &frame[38..]);
+    run.assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+    assert_eq!(run.out, frame);
 }
 
 #[test]
@@ -482,15 +656,18 @@ fn remote_pod_without_a_mode_goes_to_the_host_stack() {
 }
 
 #[test]
-fn remote_pod_with_ttl_one_is_dropped() {
-    if !require_root("remote_pod_with_ttl_one_is_dropped") {
+fn remote_pod_with_ttl_one_is_answered() {
+    if !require_root("remote_pod_with_ttl_one_is_answered") {
         return;
     }
     for mode in [RoutingMode::Native, RoutingMode::Vxlan] {
         let h = Harness::new().with_peer(mode);
         let mut ip = Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP);
         ip.ttl = 1;
-        h.run(&ip_frame(&ip)).assert_only_drop(DropReason::TtlExceeded);
+        let frame = ip_frame(&ip);
+        let run = h.run(&frame);
+        run.assert_answered(DropReason::TtlExceeded);
+        assert_eq!(run.out, time_exceeded(&frame, NODE_IP));
     }
 }
 
@@ -504,17 +681,20 @@ fn spoofed_source_to_a_remote_pod_is_dropped() {
         .assert_only_drop(DropReason::SpoofedSource);
 }
 
+/// A frame the peer node (PEER_MAC) puts on the uplink for this node.
+fn from_peer(ip: &[u8]) -> Vec<u8> {
+    ethernet(HOST_A_MAC, PEER_MAC, ETH_P_IP, ip)
+}
+
 #[test]
 fn from_uplink_delivers_local_pods_and_passes_the_rest() {
     if !require_root("from_uplink_delivers_local_pods_and_passes_the_rest") {
         return;
     }
-    let uplink_mac = [0x02, 0x99, 0, 0, 0, 1];
-    let peer_mac = [0x02, 0x99, 0, 0, 0, 2];
-    // A remote pod's packet for our pod B.
+    // A remote pod's packet for our pod B (the route back is the uplink).
     let h = Harness::new().with_peer(RoutingMode::Native);
-    let frame = ethernet(uplink_mac, peer_mac, ETH_P_IP, &Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes());
-    let run = h.run_program(program_names::FROM_UPLINK, &frame);
+    let frame = from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes());
+    let run = h.run_from_uplink(&frame);
     run.assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
     assert_eq!(&run.out[0..6], &POD_B_MAC);
     assert_eq!(&run.out[6..12], &HOST_B_MAC);
@@ -527,16 +707,130 @@ fn from_uplink_delivers_local_pods_and_passes_the_rest() {
     let mut bad_ihl = Ipv4::icmp_echo(PEER_IP, NODE_IP).bytes();
     bad_ihl[0] = 0x44;
     for frame in [
-        ethernet(uplink_mac, peer_mac, ETH_P_IP, &Ipv4::icmp_echo(PEER_IP, NODE_IP).bytes()),
-        arp_request(peer_mac, PEER_IP, NODE_IP),
-        ethernet(uplink_mac, peer_mac, ETH_P_8021Q, &tagged),
-        ethernet(uplink_mac, peer_mac, ETH_P_IP, &bad_ihl),
+        from_peer(&Ipv4::icmp_echo(PEER_IP, NODE_IP).bytes()),
+        arp_request(PEER_MAC, PEER_IP, NODE_IP),
+        ethernet(HOST_A_MAC, PEER_MAC, ETH_P_8021Q, &tagged),
+        from_peer(&bad_ihl),
     ] {
         let h = Harness::new().with_peer(RoutingMode::Native);
-        let run = h.run_program(program_names::FROM_UPLINK, &frame);
+        let run = h.run_from_uplink(&frame);
         run.assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
         assert_eq!(run.out, frame);
     }
+}
+
+#[test]
+fn from_uplink_refuses_what_the_kernel_would_not_forward() {
+    if !require_root("from_uplink_refuses_what_the_kernel_would_not_forward") {
+        return;
+    }
+    let echo = |src: [u8; 4]| Ipv4::icmp_echo(src, POD_B_IP).bytes();
+    let mut bad_checksum = echo(REMOTE_POD_IP);
+    bad_checksum[10] ^= 0xff;
+    let mut options = Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP);
+    options.options = vec![0x83, 0x03, 0x04, 0x00];
+    let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
+        (
+            "another host's MAC",
+            ethernet([0x02, 0x42, 0, 0, 0, 1], PEER_MAC, ETH_P_IP, &echo(REMOTE_POD_IP)),
+            DropReason::WrongDestinationMac,
+        ),
+        (
+            "broadcast MAC",
+            ethernet([0xff; 6], PEER_MAC, ETH_P_IP, &echo(REMOTE_POD_IP)),
+            DropReason::WrongDestinationMac,
+        ),
+        (
+            "multicast MAC",
+            ethernet([0x01, 0, 0x5e, 0, 0, 1], PEER_MAC, ETH_P_IP, &echo(REMOTE_POD_IP)),
+            DropReason::WrongDestinationMac,
+        ),
+        ("loopback source", from_peer(&echo([127, 0, 0, 1])), DropReason::MartianSource),
+        ("zero-network source", from_peer(&echo([0, 0, 0, 7])), DropReason::MartianSource),
+        ("multicast source", from_peer(&echo([224, 0, 0, 5])), DropReason::MartianSource),
+        ("broadcast source", from_peer(&echo([255; 4])), DropReason::MartianSource),
+        ("the destination itself (land)", from_peer(&echo(POD_B_IP)), DropReason::ReversePath),
+        ("a neighbour pod (reflection)", from_peer(&echo(POD_A_IP)), DropReason::ReversePath),
+        ("an unused address of our pod CIDR", from_peer(&echo([10, 244, 1, 200])), DropReason::ReversePath),
+        ("this node's own address", from_peer(&echo(NODE_IP)), DropReason::ReversePath),
+        ("a source with no route back", from_peer(&echo(OUTSIDE_IP)), DropReason::ReversePath),
+        ("bad header checksum", from_peer(&bad_checksum), DropReason::BadIpChecksum),
+        ("source-route option", from_peer(&options.bytes()), DropReason::IpOptions),
+    ];
+    for (what, frame, reason) in cases {
+        let h = Harness::new().with_peer(RoutingMode::Native);
+        let run = h.run_from_uplink(&frame);
+        assert_eq!(run.counters.drop_count(reason), 1, "{what}: counted as {}", reason.name());
+        run.assert_only_drop(reason);
+    }
+}
+
+#[test]
+fn from_uplink_reverse_path_follows_the_nodes_routes() {
+    if !require_root("from_uplink_reverse_path_follows_the_nodes_routes") {
+        return;
+    }
+    // A source routed back through the uplink passes: the link's own
+    // subnet and a prefix the node routes that way.
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    h.run_from_uplink(&from_peer(&Ipv4::icmp_echo([192, 0, 2, 77], POD_B_IP).bytes()))
+        .assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
+    // Routed through another interface (the veth's far end): strict
+    // reverse path refuses it, as rp_filter=1 does.
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let mut route = vec!["ip", "-n"];
+    let ns = h.device_netns();
+    route.extend([ns.as_str(), "route", "add", "203.0.113.0/24", "dev", "dptrun1"]);
+    datapath_tests::sh(&route);
+    h.run_from_uplink(&from_peer(&Ipv4::icmp_echo([203, 0, 113, 5], POD_B_IP).bytes()))
+        .assert_only_drop(DropReason::ReversePath);
+    // Forwarding off on the uplink: the kernel would not forward at all.
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let ns = h.device_netns();
+    datapath_tests::sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.conf.dptrun0.forwarding=0"]);
+    h.run_from_uplink(&from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes()))
+        .assert_only_drop(DropReason::ForwardingDisabled);
+}
+
+#[test]
+fn from_uplink_ttl_one_is_answered_back_out_of_the_uplink() {
+    if !require_root("from_uplink_ttl_one_is_answered_back_out_of_the_uplink") {
+        return;
+    }
+    let h = Harness::new().with_peer(RoutingMode::Native);
+    let mut ip = Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP);
+    ip.ttl = 1;
+    let frame = from_peer(&ip.bytes());
+    let run = h.run_from_uplink(&frame);
+    run.assert_answered(DropReason::TtlExceeded);
+    assert_eq!(run.out, time_exceeded(&frame, NODE_IP), "to the peer's MAC, from the node's address");
+}
+
+#[test]
+fn peers_in_the_other_mode_are_named() {
+    if !require_root("peers_in_the_other_mode_are_named") {
+        return;
+    }
+    // A native node gets VXLAN from a known peer.
+    let mut h = Harness::new().with_peer(RoutingMode::Native);
+    let vxlan = Ipv4::udp(PEER_IP, 41000, NODE_IP, VXLAN_PORT, &[0x08, 0, 0, 0, 0, 0, 1, 0], false);
+    h.run_from_uplink(&from_peer(&vxlan.bytes())).assert_only_drop(DropReason::PeerModeMismatch);
+    let noted = h.mode_mismatches();
+    assert_eq!(noted.len(), 1);
+    assert_eq!((noted[0].0.ipv4, noted[0].1.packets), (PEER_IP, 1), "the peer is noted for the agent");
+    // Not from a node, or another port: the node's own business.
+    for ip in [
+        Ipv4::udp([192, 0, 2, 77], 41000, NODE_IP, VXLAN_PORT, b"x", false),
+        Ipv4::udp(PEER_IP, 41000, NODE_IP, 53, b"x", false),
+    ] {
+        let h = Harness::new().with_peer(RoutingMode::Native);
+        h.run_from_uplink(&from_peer(&ip.bytes())).assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+    }
+    // A VXLAN node gets a peer's pod traffic unencapsulated.
+    let mut h = Harness::new().with_peer(RoutingMode::Vxlan);
+    h.run_from_uplink(&from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes()))
+        .assert_only_drop(DropReason::PeerModeMismatch);
+    assert_eq!(h.mode_mismatches()[0].0.ipv4, PEER_IP, "noted as the CIDR's node");
 }
 
 #[test]

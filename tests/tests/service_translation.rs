@@ -4,13 +4,14 @@
 //! entries, refusals and their counters. The lab tests (services.rs) run the
 //! same paths with real sockets.
 //!
-//! In BPF_PROG_TEST_RUN the skb's device is the loopback (ifindex 1), so the
-//! client pod is registered under ifindex 1.
+//! Each run's packet arrives on a [`RunDevice`] with the client's host veth
+//! MAC (see packets.rs): the client pod is registered on it, and it doubles
+//! as the uplink that remote backends' replies come in through.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::HashMap;
-use datapath_agent::datapath::Datapath;
+use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{
     Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
     NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,
@@ -21,22 +22,29 @@ const CLIENT: [u8; 4] = [10, 244, 1, 10];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
 const HOST_CLIENT_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x0a];
 const BACKENDS: [[u8; 4]; 4] = [[10, 244, 1, 21], [10, 244, 1, 22], [10, 244, 1, 23], [10, 244, 1, 24]];
+/// Backends on the peer node (10.244.2.0/24 at 192.0.2.2): their replies
+/// reach the client's node through the uplink.
+const REMOTE_BACKENDS: [[u8; 4]; 4] =
+    [[10, 244, 2, 21], [10, 244, 2, 22], [10, 244, 2, 23], [10, 244, 2, 24]];
+const PEER_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
 struct Harness {
     datapath: Datapath,
+    device: RunDevice,
 }
 
 impl Harness {
     /// A node with the client pod (on the test-run device) and four backend
     /// pods, Services switched on.
     fn new() -> Self {
+        let device = RunDevice::new(HOST_CLIENT_MAC, &["10.244.2.0/24 via 192.0.2.2"]);
         let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
         datapath
             .insert_pod_interface(
-                1,
+                device.ifindex,
                 PodInterface { pod_ipv4: CLIENT, host_mac: HOST_CLIENT_MAC, _pad: [0; 2], traffic_slot: 0 },
             )
             .unwrap();
@@ -55,7 +63,13 @@ impl Harness {
                 )
                 .unwrap();
         }
-        let mut harness = Self { datapath };
+        datapath
+            .sync_remote_nodes(&[RemoteRoute {
+                pod_cidr: "10.244.2.0/24".parse().unwrap(),
+                node_ip: Ipv4Addr::new(192, 0, 2, 2),
+            }])
+            .unwrap();
+        let mut harness = Self { datapath, device };
         harness.set_services_flag(true);
         harness
     }
@@ -63,12 +77,15 @@ impl Harness {
     fn set_services_flag(&mut self, on: bool) {
         self.datapath
             .set_node_config(NodeConfig {
-                node_ipv4: [192, 0, 2, 1],
+                node_ipv4: RUN_DEVICE_IP,
                 mode: RoutingMode::Native as u32,
-                uplink_ifindex: 1,
+                uplink_ifindex: self.device.ifindex,
                 vxlan_ifindex: 0,
                 vni: 1,
                 flags: if on { NODE_FLAG_SERVICES } else { 0 },
+                pod_cidr: [10, 244, 1, 0],
+                pod_prefix_len: 24,
+                ..NodeConfig::default()
             })
             .unwrap();
     }
@@ -97,7 +114,18 @@ impl Harness {
     }
 
     fn run(&self, program: &'static str, ip: &Ipv4) -> Run {
-        test_run(&self.datapath, program, &ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes()))
+        test_run_on(
+            &self.device,
+            &self.datapath,
+            program,
+            &ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes()),
+        )
+    }
+
+    /// A remote backend's packet as it reaches this node on the uplink.
+    fn run_from_uplink(&self, ip: &Ipv4) -> Run {
+        let frame = ethernet(HOST_CLIENT_MAC, PEER_MAC, ETH_P_IP, &ip.bytes());
+        test_run_on(&self.device, &self.datapath, program_names::FROM_UPLINK, &frame)
     }
 
     fn run_from_pod(&self, ip: &Ipv4) -> Run {
@@ -115,13 +143,13 @@ fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service(
         return;
     }
     let mut h = Harness::new();
-    h.service(1, 80, TCP, &[(BACKENDS[0], 8080)]);
+    h.service(1, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
 
     let run = h.run_from_pod(&syn(40000, 80));
-    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the local backend");
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent to the backend's node");
     let out = Parsed::new(&run.out);
     assert_eq!((out.src, out.sport()), (CLIENT, 40000));
-    assert_eq!((out.dst, out.dport()), (BACKENDS[0], 8080), "destination is the backend");
+    assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[0], 8080), "destination is the backend");
     assert!(out.ip_header_ok, "IPv4 checksum");
     assert!(out.l4_checksum_ok(), "TCP checksum after the rewrite");
 
@@ -129,14 +157,15 @@ fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service(
     assert_eq!(ct.len(), 2, "one entry per direction: {ct:?}");
 
     // The backend's answer, as it reaches the client's node from the uplink.
-    let reply = Ipv4::tcp(BACKENDS[0], 8080, CLIENT, 40000, TCP_SYN | TCP_ACK, &[]);
-    let run = h.run(program_names::FROM_UPLINK, &reply);
+    let reply = Ipv4::tcp(REMOTE_BACKENDS[0], 8080, CLIENT, 40000, TCP_SYN | TCP_ACK, &[]);
+    let run = h.run_from_uplink(&reply);
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
     let out = Parsed::new(&run.out);
     assert_eq!((out.src, out.sport()), (VIP, 80), "the client sees the Service, never the backend");
     assert_eq!((out.dst, out.dport()), (CLIENT, 40000));
     assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums of the reply");
-    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::LocalDelivery), 2);
+    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::ToRemoteNative), 1);
+    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::LocalDelivery), 1);
 }
 
 #[test]
@@ -145,18 +174,18 @@ fn udp_is_translated_with_and_without_a_checksum() {
         return;
     }
     let mut h = Harness::new();
-    h.service(1, 53, UDP, &[(BACKENDS[1], 5353)]);
+    h.service(1, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
     for (sport, with_checksum) in [(50000, true), (50001, false)] {
         let run = h.run_from_pod(&Ipv4::udp(CLIENT, sport, VIP, 53, b"query", with_checksum));
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
         let out = Parsed::new(&run.out);
-        assert_eq!((out.dst, out.dport()), (BACKENDS[1], 5353));
+        assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[1], 5353));
         assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums ({with_checksum})");
         if !with_checksum {
             assert_eq!(out.l4[6..8], [0, 0], "a datagram without checksum keeps none");
         }
-        let reply = Ipv4::udp(BACKENDS[1], 5353, CLIENT, sport, b"answer", with_checksum);
-        let out = Parsed::new(&h.run(program_names::FROM_UPLINK, &reply).out);
+        let reply = Ipv4::udp(REMOTE_BACKENDS[1], 5353, CLIENT, sport, b"answer", with_checksum);
+        let out = Parsed::new(&h.run_from_uplink(&reply).out);
         assert_eq!((out.src, out.sport()), (VIP, 53));
         assert!(out.l4_checksum_ok());
     }
@@ -174,20 +203,20 @@ fn later_fragments_follow_their_first_fragment_both_ways() {
         return;
     }
     let mut h = Harness::new();
-    h.service(1, 53, UDP, &[(BACKENDS[2], 5353)]);
+    h.service(1, 53, UDP, &[(REMOTE_BACKENDS[2], 5353)]);
     let mut first = Ipv4::udp(CLIENT, 50100, VIP, 53, &[7; 64], true);
     first.frag = 0x2000; // more fragments, offset 0
     let run = h.run_from_pod(&first);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let out = Parsed::new(&run.out);
-    assert_eq!((out.dst, out.dport()), (BACKENDS[2], 5353));
+    assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[2], 5353));
 
     // Offsets in 8-byte units: 72 bytes (UDP header + 64) then 112.
     for frag in [0x2000 | 9, 14] {
         let run = h.run_from_pod(&later_fragment(CLIENT, VIP, frag, 9));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "fragment {frag:#x} goes to the backend");
         let out = Parsed::new(&run.out);
-        assert_eq!((out.src, out.dst), (CLIENT, BACKENDS[2]), "fragment {frag:#x}");
+        assert_eq!((out.src, out.dst), (CLIENT, REMOTE_BACKENDS[2]), "fragment {frag:#x}");
         assert!(out.ip_header_ok, "IPv4 checksum of fragment {frag:#x}");
         assert_eq!(out.l4, vec![9; 40], "payload untouched");
     }
@@ -197,19 +226,19 @@ fn later_fragments_follow_their_first_fragment_both_ways() {
     assert_eq!((run.verdict, Parsed::new(&run.out).dst), (TC_ACT_OK, VIP));
 
     // The answer, in fragments too, as it comes in from the uplink.
-    let mut reply = Ipv4::udp(BACKENDS[2], 5353, CLIENT, 50100, &[5; 64], true);
+    let mut reply = Ipv4::udp(REMOTE_BACKENDS[2], 5353, CLIENT, 50100, &[5; 64], true);
     reply.frag = 0x2000;
-    let out = Parsed::new(&h.run(program_names::FROM_UPLINK, &reply).out);
+    let out = Parsed::new(&h.run_from_uplink(&reply).out);
     assert_eq!((out.src, out.sport()), (VIP, 53));
-    let run = h.run(program_names::FROM_UPLINK, &later_fragment(BACKENDS[2], CLIENT, 9, 6));
+    let run = h.run_from_uplink(&later_fragment(REMOTE_BACKENDS[2], CLIENT, 9, 6));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
     let out = Parsed::new(&run.out);
     assert_eq!((out.src, out.dst), (VIP, CLIENT), "the client sees the Service in every fragment");
     assert!(out.ip_header_ok);
 
     // Fragments of a datagram no Service translated pass untouched.
-    let run = h.run(program_names::FROM_UPLINK, &later_fragment(BACKENDS[3], CLIENT, 9, 6));
-    assert_eq!(Parsed::new(&run.out).src, BACKENDS[3]);
+    let run = h.run_from_uplink(&later_fragment(REMOTE_BACKENDS[3], CLIENT, 9, 6));
+    assert_eq!(Parsed::new(&run.out).src, REMOTE_BACKENDS[3]);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{Endpoint, NodeConfig, PodInterface, RoutingMode, program_names};
 use datapath_tests::{
     lab::{Netns, Node},
-    packets::{ETH_P_IP, Ipv4, arp_request, ethernet},
+    packets::{ETH_P_IP, Ipv4, RUN_DEVICE_IP, RunDevice, arp_request, ethernet, skb_context},
 };
 
 use crate::bench::{Stats, stats};
@@ -23,13 +23,14 @@ const POD_B: [u8; 4] = [10, 244, 1, 11];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 7];
 const MAC_A: [u8; 6] = [2, 0xaa, 0, 0, 0, 10];
 const HOST_MAC_A: [u8; 6] = [2, 0xee, 0, 0, 0, 10];
+const PEER_MAC: [u8; 6] = [2, 0x99, 0, 0, 0, 2];
 
-/// A datapath with private maps: pod A (on the test-run device, ifindex 1)
-/// and pod B local, 10.244.2.0/24 on a peer node, in `mode`.
-fn datapath(mode: RoutingMode) -> anyhow::Result<Datapath> {
+/// A datapath with private maps: pod A (on the run device, which is also
+/// the uplink) and pod B local, 10.244.2.0/24 on a peer node, in `mode`.
+fn datapath(mode: RoutingMode, device: &RunDevice) -> anyhow::Result<Datapath> {
     let mut dp = Datapath::load_unpinned()?;
     dp.insert_pod_interface(
-        1,
+        device.ifindex,
         PodInterface { pod_ipv4: POD_A, host_mac: HOST_MAC_A, _pad: [0; 2], traffic_slot: 0 },
     )?;
     dp.insert_endpoint(
@@ -43,12 +44,15 @@ fn datapath(mode: RoutingMode) -> anyhow::Result<Datapath> {
         },
     )?;
     dp.set_node_config(NodeConfig {
-        node_ipv4: [192, 0, 2, 1],
+        node_ipv4: RUN_DEVICE_IP,
         mode: mode as u32,
-        uplink_ifindex: 1,
-        vxlan_ifindex: 1,
+        uplink_ifindex: device.ifindex,
+        vxlan_ifindex: device.ifindex,
         vni: 1,
         flags: 0,
+        pod_cidr: [10, 244, 1, 0],
+        pod_prefix_len: 24,
+        ..NodeConfig::default()
     })?;
     dp.sync_remote_nodes(&[RemoteRoute {
         pod_cidr: "10.244.2.0/24".parse()?,
@@ -63,6 +67,14 @@ fn frame(dst: [u8; 4]) -> Vec<u8> {
     let mut ip = Ipv4::icmp_echo(POD_A, dst);
     ip.ttl = 255;
     ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &ip.bytes())
+}
+
+/// An ICMP echo from a remote pod to pod B, as the peer node puts it on
+/// the uplink (the run device). TTL 255, as above.
+fn uplink_frame() -> Vec<u8> {
+    let mut ip = Ipv4::icmp_echo(REMOTE_POD, POD_B);
+    ip.ttl = 255;
+    ethernet(HOST_MAC_A, PEER_MAC, ETH_P_IP, &ip.bytes())
 }
 
 /// The figures of one program path: raw ns/packet, and net of the test-run
@@ -113,6 +125,16 @@ pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::R
             250,
             "forward/local_delivery",
         ),
+        // From a remote pod: the forwarding checks (MAC, header, martian,
+        // own-CIDR and reverse-path source) and delivery.
+        case(
+            "uplink delivery",
+            RoutingMode::Native,
+            program_names::FROM_UPLINK,
+            uplink_frame(),
+            250,
+            "forward/local_delivery",
+        ),
         case(
             "remote native",
             RoutingMode::Native,
@@ -160,9 +182,49 @@ pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::R
     if cases.is_empty() {
         anyhow::bail!("no program path is called {only:?}");
     }
+    // Packets arrive on a real device (its MAC makes them PACKET_HOST, its
+    // namespace holds the routes the reverse-path check consults); test
+    // runs see the calling thread's namespace, so all of it runs in there.
+    let device = RunDevice::new(HOST_MAC_A, &["10.244.2.0/24 via 192.0.2.2"]);
+    let ctx = skb_context(device.ifindex);
+    let netns_path = std::path::PathBuf::from(format!("/run/netns/{}", device.netns_name()));
+    let (raw, net, harness) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                datapath_agent::netns::enter(&netns_path)?;
+                measure(&cases, &device, &ctx, count, rounds)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the measuring thread panicked"))?
+    })?;
+    let paths = cases
+        .iter()
+        .zip(raw.into_iter().zip(net).zip(harness))
+        .map(|(c, ((raw, net), harness))| ProgramPath {
+            name: c.name,
+            raw: stats(raw),
+            net: stats(net),
+            harness: stats(harness),
+            per_run: c.per_run,
+        })
+        .collect();
+    Ok(paths)
+}
+
+type Samples = Vec<Vec<f64>>;
+
+/// The rounds of [`program_paths`], on the calling thread (in the run
+/// device's namespace): raw, net and harness ns/packet per case and round.
+fn measure(
+    cases: &[Case],
+    device: &RunDevice,
+    ctx: &[u8],
+    count: u32,
+    rounds: usize,
+) -> anyhow::Result<(Samples, Samples, Samples)> {
     let _pinned = PinnedCpu::last()?;
     let empty = EmptyProgram::load()?;
-    let datapaths = cases.iter().map(|c| datapath(c.mode)).collect::<anyhow::Result<Vec<_>>>()?;
+    let datapaths = cases.iter().map(|c| datapath(c.mode, device)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut harness = vec![Vec::new(); cases.len()];
     let mut raw = vec![Vec::new(); cases.len()];
     let mut net = vec![Vec::new(); cases.len()];
@@ -176,12 +238,13 @@ pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::R
                 let result = dp.program(c.program)?.test_run(TestRunOptions {
                     data_in: Some(&c.packet),
                     data_out: Some(&mut data_out),
+                    ctx_in: Some(ctx),
                     repeat: c.per_run,
                     ..Default::default()
                 })?;
                 // The kernel reports the mean over the run's repeats.
                 ours += result.duration.as_nanos() as f64;
-                base += empty.ns_per_packet(&c.packet, c.per_run)?;
+                base += empty.ns_per_packet(&c.packet, ctx, c.per_run)?;
             }
             let took = counted(dp, c.counts_as)? - before;
             let sent = u64::from(runs) * u64::from(c.per_run);
@@ -198,18 +261,7 @@ pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::R
             net[i].push((ours - base).max(0.0));
         }
     }
-    let paths = cases
-        .iter()
-        .zip(raw.into_iter().zip(net).zip(harness))
-        .map(|(c, ((raw, net), harness))| ProgramPath {
-            name: c.name,
-            raw: stats(raw),
-            net: stats(net),
-            harness: stats(harness),
-            per_run: c.per_run,
-        })
-        .collect();
-    Ok(paths)
+    Ok((raw, net, harness))
 }
 
 /// The datapath's own count of `forward/<path>` or `drop/<reason>`.
@@ -275,6 +327,10 @@ struct TestRunAttr {
     data_out: u64,
     repeat: u32,
     duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
 }
 
 impl EmptyProgram {
@@ -303,7 +359,7 @@ impl EmptyProgram {
         Ok(EmptyProgram(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
     }
 
-    fn ns_per_packet(&self, packet: &[u8], count: u32) -> anyhow::Result<f64> {
+    fn ns_per_packet(&self, packet: &[u8], ctx: &[u8], count: u32) -> anyhow::Result<f64> {
         use std::os::fd::AsRawFd as _;
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
         let mut out = vec![0u8; packet.len() + 256];
@@ -314,6 +370,8 @@ impl EmptyProgram {
             data_in: packet.as_ptr() as u64,
             data_out: out.as_mut_ptr() as u64,
             repeat: count,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
             ..Default::default()
         };
         // SAFETY: as above; the kernel writes only within data_out's size.
