@@ -23,7 +23,7 @@ use crate::{
     netns,
 };
 use error::{CniError, ErrorCode};
-use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS};
+use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS, version_at_least};
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -365,34 +365,61 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// GC: remove every endpoint of ours whose (container ID, interface) is not
-/// in `cni.dev/valid-attachments`, exactly as DEL would, and orphan host veths
-/// with our name pattern that no valid attachment owns.
-fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
-    #[derive(serde::Deserialize)]
-    struct Attachment {
-        #[serde(rename = "containerID")]
-        container_id: String,
-        ifname: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct GcConf {
-        #[serde(rename = "cni.dev/valid-attachments", default)]
-        valid: Vec<Attachment>,
-    }
-    let gc_conf: GcConf = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::with_source(
-            ErrorCode::InvalidNetworkConfig,
-            "\"cni.dev/valid-attachments\" is not a list of {containerID, ifname}",
-            &e,
-        )
+/// The key of GC's input that lists the attachments to keep (spec 1.1).
+const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+
+#[derive(serde::Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// The attachments GC must keep. Only an explicit list (`[]` included) lets
+/// GC remove anything: a config without it (or with null) says nothing about
+/// what the runtime still uses, and removing on that would take every pod.
+fn valid_attachments(stdin: &[u8]) -> Result<Vec<Attachment>, CniError> {
+    let conf: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::with_source(ErrorCode::DecodeFailure, "network configuration is not JSON", &e)
     })?;
-    let valid: Vec<String> = gc_conf
-        .valid
+    match conf.get(VALID_ATTACHMENTS) {
+        None | Some(serde_json::Value::Null) => Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "GC needs \"{VALID_ATTACHMENTS}\", the list of attachments still in use ([] if none); without it nothing is removed"
+            ),
+        )),
+        Some(list) => serde_json::from_value(list.clone()).map_err(|e| {
+            CniError::with_source(
+                ErrorCode::InvalidNetworkConfig,
+                format!("\"{VALID_ATTACHMENTS}\" is not a list of {{\"containerID\", \"ifname\"}}; nothing is removed"),
+                &e,
+            )
+        }),
+    }
+}
+
+/// GC (spec 1.1.0 and later only): remove every endpoint of ours whose
+/// (container ID, interface) is not in `cni.dev/valid-attachments`, exactly
+/// as DEL would, and orphan host veths with our name pattern that no valid
+/// attachment owns. One attachment that cannot be removed does not stop the
+/// others; the errors are reported together at the end.
+fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    if !version_at_least(&conf.cni_version, "1.1.0") {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!(
+                "GC needs cniVersion 1.1.0 or later (the config has {}): earlier versions define neither GC nor \"{VALID_ATTACHMENTS}\"; nothing is removed",
+                conf.cni_version
+            ),
+        ));
+    }
+    let valid: Vec<String> = valid_attachments(stdin)?
         .iter()
         .map(|a| host_veth_name(conf.veth_prefix(), &a.container_id, &a.ifname))
         .collect();
     let records = recorded_endpoints(conf)?;
+    let mut failed = Vec::new();
     for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)) {
         let stale = Env {
             container_id: record.container_id.clone(),
@@ -400,13 +427,15 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
             netns: String::new(),
             ..env.clone()
         };
-        del(&stale, conf, stdin)?;
+        if let Err(e) = del(&stale, conf, stdin) {
+            failed.push((record.container_id.clone(), record.cni_ifname.clone(), e));
+        }
     }
     // Veths that look like ours but have neither a record nor a valid owner
     // (an ADD killed half-way): remove them too.
     let prefix = conf.veth_prefix().to_owned();
     let known: Vec<String> = records.iter().map(|r| r.host_ifname.clone()).chain(valid).collect();
-    link::with_handle(|handle| async move {
+    let swept = link::with_handle(|handle| async move {
         for (index, name) in link::names(&handle).await? {
             let ours = name.len() == 15
                 && name.starts_with(&prefix)
@@ -417,7 +446,18 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         }
         Ok(())
     })
-    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot remove orphan veths", &e))
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot remove orphan veths", &e));
+    let Some((_, _, first)) = failed.first() else { return swept };
+    let mut details: Vec<String> =
+        failed.iter().map(|(container, ifname, e)| format!("{container} ({ifname}): {e}")).collect();
+    if let Err(e) = swept {
+        details.push(e.to_string());
+    }
+    Err(CniError {
+        code: first.code,
+        msg: format!("GC could not remove {} stale attachment(s); it removed the others", failed.len()),
+        details: details.join("; "),
+    })
 }
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {

@@ -95,6 +95,12 @@ impl NetConf {
     }
 }
 
+/// Is spec version `version` at least `min`? ("1.1.0" >= "1.0.0")
+pub fn version_at_least(version: &str, min: &str) -> bool {
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    parse(version) >= parse(min)
+}
+
 /// The CNI_* environment.
 #[derive(Debug, Clone)]
 pub struct Env {
@@ -184,6 +190,14 @@ mod tests {
         let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("garbage").is_err());
+    }
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(version_at_least("1.1.0", "1.1.0"));
+        assert!(version_at_least("1.10.0", "1.1.0"));
+        assert!(!version_at_least("1.0.0", "1.1.0"));
+        assert!(!version_at_least("0.4.0", "1.1.0"));
     }
 
     #[test]
