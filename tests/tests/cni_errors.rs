@@ -178,3 +178,36 @@ fn exhausted_pool_fails_cleanly() {
     assert_eq!(node.host_veths().len(), 1, "only the first pod's veth");
     assert_eq!(node.ipam_leases(), vec!["10.244.1.10".to_owned()]);
 }
+
+#[test]
+fn cni_netns_that_is_not_a_network_namespace_gets_code_4() {
+    if !require_root("cni_netns_that_is_not_a_network_namespace_gets_code_4") {
+        return;
+    }
+    let node = node();
+    let file = node.work_dir.join("not-a-netns");
+    std::fs::write(&file, b"").unwrap();
+    let dir = node.work_dir.join("not-a-netns-dir");
+    std::fs::create_dir(&dir).unwrap();
+    let conf = node.cni_config().to_string();
+    let paths = [
+        file.display().to_string(),
+        dir.display().to_string(),
+        "/dev/null".to_owned(),
+        // A namespace, but a mount namespace.
+        "/proc/self/ns/mnt".to_owned(),
+    ];
+    for path in &paths {
+        let run = node.cni(&Node::cni_env("ADD", "c1", path), conf.as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains(path.as_str()), "msg {msg:?} names the path {path}");
+        assert_nothing_left(&node);
+
+        let mut check_conf = node.cni_config();
+        check_conf["prevResult"] = serde_json::json!({ "ips": [{ "address": "10.244.1.2/32" }] });
+        let run = node.cni(&Node::cni_env("CHECK", "c1", path), check_conf.to_string().as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+    }
+    assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
+}

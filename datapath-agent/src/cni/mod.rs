@@ -116,6 +116,27 @@ fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
     }
 }
 
+/// The pod's network namespace, CNI_NETNS: code 3 if it is not there (the
+/// container is gone), code 4 if it is something else than a network
+/// namespace (a file, a directory, a device, another kind of namespace).
+fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
+    netns::open(Path::new(&env.netns)).map_err(|e| match &e {
+        netns::NetnsError::NotNetwork { found, .. } => CniError::with_source(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_NETNS {} is not a network namespace but {found}; it must name one, e.g. /proc/<pid>/ns/net or a bind mount of it",
+                env.netns
+            ),
+            &e,
+        ),
+        _ => CniError::with_source(
+            ErrorCode::UnknownContainer,
+            format!("network namespace {} cannot be opened", env.netns),
+            &e,
+        ),
+    })
+}
+
 /// What this ADD created so far: exactly what a failure must undo.
 #[derive(Default)]
 struct Undo {
@@ -130,14 +151,7 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
         .as_ref()
         .map(|i| i.plugin_type.clone())
         .ok_or_else(|| CniError::new(ErrorCode::InvalidNetworkConfig, "\"ipam\" is missing; add e.g. {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"<node pod CIDR>\"}]]}"))?;
-    let netns_path = Path::new(&env.netns);
-    let netns_file = netns::open(netns_path).map_err(|e| {
-        CniError::with_source(
-            ErrorCode::UnknownContainer,
-            format!("network namespace {} cannot be opened", env.netns),
-            &e,
-        )
-    })?;
+    let netns_file = open_pod_netns(env)?;
     // Before any side effect: without the agent nothing would forward.
     let agent_mtu = agent_status(conf)?;
     let mtu = conf.mtu.unwrap_or(agent_mtu);
@@ -354,6 +368,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             "CHECK needs \"prevResult\" with the pod's IPv4 address (the ADD result)",
         )
     })?;
+    open_pod_netns(env)?;
     let problems = endpoint_problems(env, conf, pod_ip)?;
     if problems.is_empty() {
         Ok(())
