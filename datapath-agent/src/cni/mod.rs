@@ -10,6 +10,7 @@
 pub mod error;
 pub mod ipam;
 pub mod link;
+pub mod lock;
 pub mod types;
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
@@ -52,19 +53,28 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
     match env.command.as_str() {
         // VERSION needs no config beyond (optionally) its version.
         "VERSION" => Ok(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS })),
+        // ADD, DEL and CHECK of one container run one at a time (the lock is
+        // released when the call returns): a runtime may send DEL while its
+        // ADD still runs, and neither may then see the other half-done.
         "ADD" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            let _container = lock_container(&conf, &env.container_id)?;
+            // Until the agent records it, our veth has no owner GC could see.
+            let _no_sweep = lock::DirLock::shared(&conf.lock_dir(), lock::LOCK_WAIT)
+                .map_err(|e| lock_error(e, "GC is removing veths without an owner"))?;
             add(&env, &conf, stdin)
         }
         "DEL" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
+            let _container = lock_container(&conf, &env.container_id)?;
             del(&env, &conf, stdin).map(|()| serde_json::Value::Null)
         }
         "CHECK" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            let _container = lock_container(&conf, &env.container_id)?;
             check(&env, &conf).map(|()| serde_json::Value::Null)
         }
         "GC" => {
@@ -82,6 +92,21 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
             format!("CNI_COMMAND {other:?} is not a CNI verb; use ADD, DEL, CHECK, STATUS, GC or VERSION"),
         )),
     }
+}
+
+fn lock_error(e: lock::LockError, busy: &str) -> CniError {
+    match e {
+        lock::LockError::Busy { .. } => {
+            CniError::with_source(ErrorCode::TryAgainLater, format!("{busy}; try again later"), &e)
+        }
+        other => CniError::with_source(ErrorCode::IoFailure, "cannot take the CNI lock", &other),
+    }
+}
+
+/// Hold this container's lock (waiting for a call on it under way).
+fn lock_container(conf: &NetConf, container_id: &str) -> Result<lock::ContainerLock, CniError> {
+    lock::ContainerLock::acquire(&conf.lock_dir(), container_id, lock::LOCK_WAIT)
+        .map_err(|e| lock_error(e, "another CNI call for this container is still running"))
 }
 
 /// Host-side veth name: prefix + hash of (container ID, ifname), so DEL finds
@@ -442,26 +467,13 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
             netns: String::new(),
             ..env.clone()
         };
-        if let Err(e) = del(&stale, conf, stdin) {
+        // As DEL does: never beside another call on the same container.
+        let removed = lock_container(conf, &record.container_id).and_then(|_held| del(&stale, conf, stdin));
+        if let Err(e) = removed {
             failed.push((record.container_id.clone(), record.cni_ifname.clone(), e));
         }
     }
-    // Veths that look like ours but have neither a record nor a valid owner
-    // (an ADD killed half-way): remove them too.
-    let prefix = conf.veth_prefix().to_owned();
-    let known: Vec<String> = records.iter().map(|r| r.host_ifname.clone()).chain(valid).collect();
-    let swept = link::with_handle(|handle| async move {
-        for (index, name) in link::names(&handle).await? {
-            let ours = name.len() == 15
-                && name.starts_with(&prefix)
-                && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
-            if ours && !known.contains(&name) {
-                link::delete(&handle, index).await?;
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot remove orphan veths", &e));
+    let swept = sweep_orphan_veths(conf, valid);
     let Some((_, _, first)) = failed.first() else { return swept };
     let mut details: Vec<String> =
         failed.iter().map(|(container, ifname, e)| format!("{container} ({ifname}): {e}")).collect();
@@ -473,6 +485,33 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         msg: format!("GC could not remove {} stale attachment(s); it removed the others", failed.len()),
         details: details.join("; "),
     })
+}
+
+/// Remove veths that look like ours but have neither a record nor a valid
+/// owner (an ADD killed half-way). No ADD runs meanwhile, and the records are
+/// read once none does: a veth an ADD has just made is never taken for one.
+fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError> {
+    let _no_add = lock::DirLock::exclusive(&conf.lock_dir(), lock::LOCK_WAIT)
+        .map_err(|e| lock_error(e, "ADDs are still under way"))?;
+    let prefix = conf.veth_prefix().to_owned();
+    let known: Vec<String> =
+        recorded_endpoints(conf)?.into_iter().map(|r| r.host_ifname).chain(valid).collect();
+    link::with_handle(|handle| async move {
+        for (index, name) in link::names(&handle).await? {
+            let ours = name.len() == 15
+                && name.starts_with(&prefix)
+                && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
+            if ours && !known.contains(&name) {
+                match link::delete(&handle, index).await {
+                    // Gone meanwhile (a DEL of its pod): what we wanted.
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+                    other => other?,
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot remove orphan veths", &e))
 }
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {

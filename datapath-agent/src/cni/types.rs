@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-use super::error::{CniError, ErrorCode};
+use super::{
+    error::{CniError, ErrorCode},
+    lock::DEFAULT_LOCK_DIR,
+};
 use crate::config::DEFAULT_API_SOCKET;
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -29,6 +32,9 @@ pub struct NetConf {
     /// Prefix of host-side veth names (at most 4 characters).
     #[serde(default)]
     pub host_veth_prefix: Option<String>,
+    /// Where the per-container lock files go (see `lock`).
+    #[serde(default)]
+    pub lock_dir: Option<PathBuf>,
     #[serde(default)]
     pub ipam: Option<IpamConf>,
     #[serde(default)]
@@ -84,7 +90,19 @@ impl NetConf {
                 format!("\"hostVethPrefix\": {prefix:?} must be 1-4 ASCII letters or digits"),
             ));
         }
+        if let Some(dir) = &self.lock_dir
+            && !dir.is_absolute()
+        {
+            return Err(CniError::new(
+                ErrorCode::InvalidNetworkConfig,
+                format!("\"lockDir\": {} must be an absolute path (default {DEFAULT_LOCK_DIR})", dir.display()),
+            ));
+        }
         Ok(())
+    }
+
+    pub fn lock_dir(&self) -> PathBuf {
+        self.lock_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_DIR))
     }
 
     pub fn agent_socket(&self) -> PathBuf {
