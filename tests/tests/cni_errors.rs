@@ -211,3 +211,29 @@ fn cni_netns_that_is_not_a_network_namespace_gets_code_4() {
     }
     assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
 }
+
+#[test]
+fn del_succeeds_for_a_container_id_ipam_rejects() {
+    if !require_root("del_succeeds_for_a_container_id_ipam_rejects") {
+        return;
+    }
+    let node = node();
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    let conf = node.cni_config().to_string();
+    for id in ["a/b", "with space", "../../etc/passwd", "-leading-dash"] {
+        let add = node.cni(&Node::cni_env("ADD", id, &netns), conf.as_bytes());
+        assert!(!add.success, "ADD {id:?}: {}", add.raw_stdout);
+        assert_eq!(add.stdout["code"].as_u64(), Some(4), "ADD {id:?}: {}", add.raw_stdout);
+        assert_nothing_left(&node);
+        // Nothing was made, so there is nothing to release: DEL succeeds, every time.
+        for attempt in 1..=2 {
+            let del = node.cni(&Node::cni_env("DEL", id, &netns), conf.as_bytes());
+            assert!(del.success, "DEL #{attempt} of {id:?}: {}", del.raw_stdout);
+        }
+        let msg = add.stdout["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains("CNI_CONTAINERID"), "ADD {id:?}: msg {msg:?} names CNI_CONTAINERID");
+        assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left for {id:?}");
+    }
+    assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"));
+}

@@ -59,6 +59,7 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
         "ADD" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            env.require_valid_container_id()?;
             let _container = lock_container(&conf, &env.container_id)?;
             // Until the agent records it, our veth has no owner GC could see.
             let _no_sweep = lock::DirLock::shared(&conf.lock_dir(), lock::LOCK_WAIT)
@@ -74,6 +75,7 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
         "CHECK" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            env.require_valid_container_id()?;
             let _container = lock_container(&conf, &env.container_id)?;
             check(&env, &conf).map(|()| serde_json::Value::Null)
         }
@@ -538,6 +540,15 @@ fn prev_result_ipv4(conf: &NetConf) -> Option<Ipv4Addr> {
         .next()
 }
 
+/// Does this IPAM DEL failure show that there is no lease to release? Only
+/// when the IPAM plugin refuses the environment (code 4) for a container ID
+/// the spec forbids: it refuses that ID in ADD as well, so it never gave it a
+/// lease (and our ADD refuses it before IPAM). For a well-formed ID the same
+/// answer is an error: a lease may be held.
+fn ipam_cannot_hold(env: &Env, e: &CniError) -> bool {
+    !types::container_id_is_valid(&env.container_id) && e.code == ErrorCode::InvalidEnvironment as u32
+}
+
 fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let lookup_name = host_name.clone();
@@ -571,7 +582,11 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     }
     // 3. The address lease.
     if let Some(ipam) = &conf.ipam {
-        ipam::del(env, &ipam.plugin_type, stdin)?;
+        match ipam::del(env, &ipam.plugin_type, stdin) {
+            Ok(()) => {}
+            Err(e) if ipam_cannot_hold(env, &e) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -579,6 +594,23 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_ipam_refusal_of_a_malformed_id_means_no_lease() {
+        let env = |id: &'static str| {
+            Env::from_vars(move |k| match k {
+                "CNI_COMMAND" => Some("DEL".into()),
+                "CNI_CONTAINERID" => Some(id.into()),
+                _ => None,
+            })
+            .unwrap()
+        };
+        let refused = CniError::new(ErrorCode::InvalidEnvironment, "invalid characters in containerID");
+        let failed = CniError::new(ErrorCode::IoFailure, "cannot write the lease file");
+        assert!(ipam_cannot_hold(&env("a/b"), &refused));
+        assert!(!ipam_cannot_hold(&env("a/b"), &failed), "another failure may leave a lease");
+        assert!(!ipam_cannot_hold(&env("abc123"), &refused), "a well-formed ID may hold a lease");
+    }
 
     #[test]
     fn veth_names_are_stable_unique_and_short() {

@@ -179,9 +179,32 @@ impl Env {
         Ok(())
     }
 
+    /// ADD and CHECK take only container IDs of the spec's form, as IPAM
+    /// plugins do: refused here, before anything is made or locked.
+    pub fn require_valid_container_id(&self) -> Result<(), CniError> {
+        if container_id_is_valid(&self.container_id) {
+            return Ok(());
+        }
+        Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_CONTAINERID {:?} is not a container ID: it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+                self.container_id
+            ),
+        ))
+    }
+
     pub fn k8s_pod(&self) -> (Option<String>, Option<String>) {
         (self.args.get("K8S_POD_NAMESPACE").cloned(), self.args.get("K8S_POD_NAME").cloned())
     }
+}
+
+/// A container ID as the spec defines it: a letter or digit, then letters,
+/// digits, `_`, `.` or `-`.
+pub fn container_id_is_valid(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// CNI_ARGS: `KEY=VALUE;KEY=VALUE`.
@@ -208,6 +231,16 @@ mod tests {
         let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("garbage").is_err());
+    }
+
+    #[test]
+    fn container_ids_of_the_spec_form() {
+        for id in ["a", "0f3c9e", "pod_1.web-x", "A-"] {
+            assert!(container_id_is_valid(id), "{id:?}");
+        }
+        for id in ["", "a/b", "with space", "../../etc/passwd", "-x", ".x", "_x", "a:b", "é"] {
+            assert!(!container_id_is_valid(id), "{id:?}");
+        }
     }
 
     #[test]
