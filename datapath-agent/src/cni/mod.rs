@@ -6,6 +6,8 @@
 //! endpoint with the agent (which attaches the program). Any failure undoes
 //! exactly what this invocation created, in reverse order.
 //! DEL: undo all of that; idempotent, works without the netns.
+//! GC (1.1.0): DEL what `cni.dev/valid-attachments` omits; nothing without it.
+//! Calls on one container run one at a time (`lock`).
 
 pub mod error;
 pub mod ipam;
