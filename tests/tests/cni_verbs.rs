@@ -198,7 +198,19 @@ fn gc_without_valid_attachments_or_before_1_1_removes_nothing() {
     let a = node.add_pod("a");
     let b = node.add_pod("b");
     // A veth with our name pattern and no owner: a GC that runs would remove it.
-    sh(&["ip", "-n", &node.netns.name, "link", "add", ORPHAN_VETH, "type", "veth", "peer", "name", "dptorphan"]);
+    sh(&[
+        "ip",
+        "-n",
+        &node.netns.name,
+        "link",
+        "add",
+        ORPHAN_VETH,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dptorphan",
+    ]);
     let only_a = serde_json::json!([{ "containerID": a.container_id, "ifname": "eth0" }]);
     let refused = |version: &str, attachments: Option<serde_json::Value>, code: u64, msg: &str| {
         let mut conf = node.cni_config();
@@ -222,8 +234,18 @@ fn gc_without_valid_attachments_or_before_1_1_removes_nothing() {
     // on purpose, so nothing is removed.
     refused("1.1.0", None, 7, "cni.dev/valid-attachments");
     refused("1.1.0", Some(serde_json::Value::Null), 7, "cni.dev/valid-attachments");
-    refused("1.1.0", Some(serde_json::json!({ "containerID": a.container_id })), 7, "cni.dev/valid-attachments");
-    refused("1.1.0", Some(serde_json::json!([{ "containerID": a.container_id }])), 7, "cni.dev/valid-attachments");
+    refused(
+        "1.1.0",
+        Some(serde_json::json!({ "containerID": a.container_id })),
+        7,
+        "cni.dev/valid-attachments",
+    );
+    refused(
+        "1.1.0",
+        Some(serde_json::json!([{ "containerID": a.container_id }])),
+        7,
+        "cni.dev/valid-attachments",
+    );
 
     // An explicit list still works: b goes, a stays.
     let mut conf = node.cni_config();

@@ -214,7 +214,9 @@ mod tests {
         drop(ContainerLock::acquire(&dir, "c2", Duration::from_millis(30)).unwrap());
         let waiter = {
             let dir = dir.clone();
-            std::thread::spawn(move || ContainerLock::acquire(&dir, "c1", LOCK_WAIT).map(|l| l.path().to_owned()))
+            std::thread::spawn(move || {
+                ContainerLock::acquire(&dir, "c1", LOCK_WAIT).map(|l| l.path().to_owned())
+            })
         };
         std::thread::sleep(Duration::from_millis(50));
         drop(first);

@@ -95,7 +95,10 @@ impl NetConf {
         {
             return Err(CniError::new(
                 ErrorCode::InvalidNetworkConfig,
-                format!("\"lockDir\": {} must be an absolute path (default {DEFAULT_LOCK_DIR})", dir.display()),
+                format!(
+                    "\"lockDir\": {} must be an absolute path (default {DEFAULT_LOCK_DIR})",
+                    dir.display()
+                ),
             ));
         }
         Ok(())
