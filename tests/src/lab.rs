@@ -65,6 +65,8 @@ pub struct CniRun {
     pub success: bool,
     pub stdout: serde_json::Value,
     pub raw_stdout: String,
+    /// What the plugin logged (a panic, a lock-file warning).
+    pub stderr: String,
 }
 
 /// The physical network between nodes: a bridge in a namespace of its own.
@@ -390,12 +392,25 @@ impl Node {
             "type": "datapath-cni",
             "agentSocket": self.socket,
             "hostVethPrefix": VETH_PREFIX,
+            "lockDir": self.cni_lock_dir(),
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": self.pod_cidr }]],
                 "dataDir": self.work_dir.join("ipam"),
             }
         })
+    }
+
+    /// Where this node's plugin keeps its per-container lock files.
+    pub fn cni_lock_dir(&self) -> PathBuf {
+        self.work_dir.join("cni-locks")
+    }
+
+    /// Files in the plugin's lock directory (none while no CNI call runs).
+    pub fn cni_lock_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.cni_lock_dir())
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
     }
 
     /// Run the plugin in the node namespace, as a runtime would.
@@ -412,7 +427,8 @@ impl Node {
         let out = child.wait_with_output().unwrap();
         let raw_stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stdout = serde_json::from_str(raw_stdout.trim()).unwrap_or(serde_json::Value::Null);
-        CniRun { success: out.status.success(), stdout, raw_stdout }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        CniRun { success: out.status.success(), stdout, raw_stdout, stderr }
     }
 
     pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -432,7 +448,13 @@ impl Node {
         let path = netns.path().display().to_string();
         let run =
             self.cni(&Self::cni_env("ADD", &container_id, &path), self.cni_config().to_string().as_bytes());
-        assert!(run.success, "CNI ADD failed: {}\nagent log:\n{}", run.raw_stdout, self.agent_log());
+        assert!(
+            run.success,
+            "CNI ADD failed: {}\nplugin stderr: {}\nagent log:\n{}",
+            run.raw_stdout,
+            run.stderr,
+            self.agent_log()
+        );
         let address = run.stdout["ips"][0]["address"].as_str().expect("result has an address");
         let ip: Ipv4Addr = address.trim_end_matches("/32").parse().unwrap();
         let host_veth = run.stdout["interfaces"][0]["name"].as_str().unwrap().to_owned();

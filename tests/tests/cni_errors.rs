@@ -178,3 +178,62 @@ fn exhausted_pool_fails_cleanly() {
     assert_eq!(node.host_veths().len(), 1, "only the first pod's veth");
     assert_eq!(node.ipam_leases(), vec!["10.244.1.10".to_owned()]);
 }
+
+#[test]
+fn cni_netns_that_is_not_a_network_namespace_gets_code_4() {
+    if !require_root("cni_netns_that_is_not_a_network_namespace_gets_code_4") {
+        return;
+    }
+    let node = node();
+    let file = node.work_dir.join("not-a-netns");
+    std::fs::write(&file, b"").unwrap();
+    let dir = node.work_dir.join("not-a-netns-dir");
+    std::fs::create_dir(&dir).unwrap();
+    let conf = node.cni_config().to_string();
+    let paths = [
+        file.display().to_string(),
+        dir.display().to_string(),
+        "/dev/null".to_owned(),
+        // A namespace, but a mount namespace.
+        "/proc/self/ns/mnt".to_owned(),
+    ];
+    for path in &paths {
+        let run = node.cni(&Node::cni_env("ADD", "c1", path), conf.as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains(path.as_str()), "msg {msg:?} names the path {path}");
+        assert_nothing_left(&node);
+
+        let mut check_conf = node.cni_config();
+        check_conf["prevResult"] = serde_json::json!({ "ips": [{ "address": "10.244.1.2/32" }] });
+        let run = node.cni(&Node::cni_env("CHECK", "c1", path), check_conf.to_string().as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+    }
+    assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
+}
+
+#[test]
+fn del_succeeds_for_a_container_id_ipam_rejects() {
+    if !require_root("del_succeeds_for_a_container_id_ipam_rejects") {
+        return;
+    }
+    let node = node();
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    let conf = node.cni_config().to_string();
+    for id in ["a/b", "with space", "../../etc/passwd", "-leading-dash"] {
+        let add = node.cni(&Node::cni_env("ADD", id, &netns), conf.as_bytes());
+        assert!(!add.success, "ADD {id:?}: {}", add.raw_stdout);
+        assert_eq!(add.stdout["code"].as_u64(), Some(4), "ADD {id:?}: {}", add.raw_stdout);
+        assert_nothing_left(&node);
+        // Nothing was made, so there is nothing to release: DEL succeeds, every time.
+        for attempt in 1..=2 {
+            let del = node.cni(&Node::cni_env("DEL", id, &netns), conf.as_bytes());
+            assert!(del.success, "DEL #{attempt} of {id:?}: {}", del.raw_stdout);
+        }
+        let msg = add.stdout["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains("CNI_CONTAINERID"), "ADD {id:?}: msg {msg:?} names CNI_CONTAINERID");
+        assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left for {id:?}");
+    }
+    assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"));
+}

@@ -156,3 +156,103 @@ fn k8s_pod_names_reach_inspect_and_all_versions_work() {
     }
     assert_eq!(node.inspect("endpoints"), serde_json::json!([]));
 }
+
+/// Everything `pods` were given is still in place, and they answer.
+#[track_caller]
+fn assert_pods_intact(node: &Node, pods: &[&Pod]) {
+    let mut veths = node.host_veths();
+    veths.sort();
+    let mut want: Vec<String> = pods.iter().map(|p| p.host_veth.clone()).collect();
+    want.extend([ORPHAN_VETH.to_owned(), "dptorphan".to_owned()]);
+    want.sort();
+    assert_eq!(veths, want, "host veths (and the orphan-looking one) kept");
+    let mut leases = node.ipam_leases();
+    leases.sort();
+    let mut ips: Vec<String> = pods.iter().map(|p| p.ip.to_string()).collect();
+    ips.sort();
+    assert_eq!(leases, ips, "leases kept");
+    let endpoints = node.inspect("endpoints");
+    let mut programmed: Vec<String> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap().to_owned()).collect();
+    programmed.sort();
+    assert_eq!(programmed, ips, "map entries kept");
+    for pod in pods {
+        assert!(node.bpffs_dir.join("links").join(&pod.host_veth).exists(), "link pin of {}", pod.host_veth);
+        assert!(
+            node.work_dir.join("state/endpoints").join(format!("{}.json", pod.host_veth)).exists(),
+            "record of {}",
+            pod.host_veth
+        );
+        assert!(ping(&node.netns, pod.ip, 1), "{} still answers", pod.ip);
+    }
+}
+
+const ORPHAN_VETH: &str = "dpt0123456789ab";
+
+#[test]
+fn gc_without_valid_attachments_or_before_1_1_removes_nothing() {
+    if !require_root("gc_without_valid_attachments_or_before_1_1_removes_nothing") {
+        return;
+    }
+    let node = node();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    // A veth with our name pattern and no owner: a GC that runs would remove it.
+    sh(&[
+        "ip",
+        "-n",
+        &node.netns.name,
+        "link",
+        "add",
+        ORPHAN_VETH,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dptorphan",
+    ]);
+    let only_a = serde_json::json!([{ "containerID": a.container_id, "ifname": "eth0" }]);
+    let refused = |version: &str, attachments: Option<serde_json::Value>, code: u64, msg: &str| {
+        let mut conf = node.cni_config();
+        conf["cniVersion"] = version.into();
+        if let Some(list) = attachments {
+            conf["cni.dev/valid-attachments"] = list;
+        }
+        let run = node.cni(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
+        assert!(!run.success, "GC {version} must be refused: {}", run.raw_stdout);
+        assert_eq!(run.stdout["code"].as_u64(), Some(code), "{}", run.raw_stdout);
+        let text = run.stdout["msg"].as_str().unwrap_or_default();
+        assert!(text.contains(msg), "msg {text:?} lacks {msg:?}");
+        assert_pods_intact(&node, &[&a, &b]);
+    };
+    // The reproduction: the normal config (1.0.0, no list) as GC.
+    refused("1.0.0", None, 1, "1.1.0");
+    // GC is a 1.1.0 verb: an older config is refused even with a list.
+    refused("1.0.0", Some(only_a.clone()), 1, "1.1.0");
+    refused("0.4.0", Some(only_a.clone()), 1, "1.1.0");
+    // 1.1.0 without the list, or with null: the runtime named nothing as valid
+    // on purpose, so nothing is removed.
+    refused("1.1.0", None, 7, "cni.dev/valid-attachments");
+    refused("1.1.0", Some(serde_json::Value::Null), 7, "cni.dev/valid-attachments");
+    refused(
+        "1.1.0",
+        Some(serde_json::json!({ "containerID": a.container_id })),
+        7,
+        "cni.dev/valid-attachments",
+    );
+    refused(
+        "1.1.0",
+        Some(serde_json::json!([{ "containerID": a.container_id }])),
+        7,
+        "cni.dev/valid-attachments",
+    );
+
+    // An explicit list still works: b goes, a stays.
+    let mut conf = node.cni_config();
+    conf["cniVersion"] = "1.1.0".into();
+    conf["cni.dev/valid-attachments"] = only_a;
+    let run = node.cni(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    assert_eq!(node.host_veths(), vec![a.host_veth.clone()]);
+    assert_eq!(node.ipam_leases(), vec![a.ip.to_string()]);
+}

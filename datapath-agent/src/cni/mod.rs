@@ -6,10 +6,13 @@
 //! endpoint with the agent (which attaches the program). Any failure undoes
 //! exactly what this invocation created, in reverse order.
 //! DEL: undo all of that; idempotent, works without the netns.
+//! GC (1.1.0): DEL what `cni.dev/valid-attachments` omits; nothing without it.
+//! Calls on one container run one at a time (`lock`).
 
 pub mod error;
 pub mod ipam;
 pub mod link;
+pub mod lock;
 pub mod types;
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
@@ -23,7 +26,7 @@ use crate::{
     netns,
 };
 use error::{CniError, ErrorCode};
-use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS};
+use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS, version_at_least};
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,19 +55,30 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
     match env.command.as_str() {
         // VERSION needs no config beyond (optionally) its version.
         "VERSION" => Ok(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS })),
+        // ADD, DEL and CHECK of one container run one at a time (the lock is
+        // released when the call returns): a runtime may send DEL while its
+        // ADD still runs, and neither may then see the other half-done.
         "ADD" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            env.require_valid_container_id()?;
+            let _container = lock_container(&conf, &env.container_id)?;
+            // Until the agent records it, our veth has no owner GC could see.
+            let _no_sweep = lock::DirLock::shared(&conf.lock_dir(), lock::LOCK_WAIT)
+                .map_err(|e| lock_error(e, "GC is removing veths without an owner"))?;
             add(&env, &conf, stdin)
         }
         "DEL" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
+            let _container = lock_container(&conf, &env.container_id)?;
             del(&env, &conf, stdin).map(|()| serde_json::Value::Null)
         }
         "CHECK" => {
             let conf = NetConf::parse(stdin)?;
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+            env.require_valid_container_id()?;
+            let _container = lock_container(&conf, &env.container_id)?;
             check(&env, &conf).map(|()| serde_json::Value::Null)
         }
         "GC" => {
@@ -82,6 +96,21 @@ fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<se
             format!("CNI_COMMAND {other:?} is not a CNI verb; use ADD, DEL, CHECK, STATUS, GC or VERSION"),
         )),
     }
+}
+
+fn lock_error(e: lock::LockError, busy: &str) -> CniError {
+    match e {
+        lock::LockError::Busy { .. } => {
+            CniError::with_source(ErrorCode::TryAgainLater, format!("{busy}; try again later"), &e)
+        }
+        other => CniError::with_source(ErrorCode::IoFailure, "cannot take the CNI lock", &other),
+    }
+}
+
+/// Hold this container's lock (waiting for a call on it under way).
+fn lock_container(conf: &NetConf, container_id: &str) -> Result<lock::ContainerLock, CniError> {
+    lock::ContainerLock::acquire(&conf.lock_dir(), container_id, lock::LOCK_WAIT)
+        .map_err(|e| lock_error(e, "another CNI call for this container is still running"))
 }
 
 /// Host-side veth name: prefix + hash of (container ID, ifname), so DEL finds
@@ -116,6 +145,27 @@ fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
     }
 }
 
+/// The pod's network namespace, CNI_NETNS: code 3 if it is not there (the
+/// container is gone), code 4 if it is something else than a network
+/// namespace (a file, a directory, a device, another kind of namespace).
+fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
+    netns::open(Path::new(&env.netns)).map_err(|e| match &e {
+        netns::NetnsError::NotNetwork { found, .. } => CniError::with_source(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_NETNS {} is not a network namespace but {found}; it must name one, e.g. /proc/<pid>/ns/net or a bind mount of it",
+                env.netns
+            ),
+            &e,
+        ),
+        _ => CniError::with_source(
+            ErrorCode::UnknownContainer,
+            format!("network namespace {} cannot be opened", env.netns),
+            &e,
+        ),
+    })
+}
+
 /// What this ADD created so far: exactly what a failure must undo.
 #[derive(Default)]
 struct Undo {
@@ -130,14 +180,7 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
         .as_ref()
         .map(|i| i.plugin_type.clone())
         .ok_or_else(|| CniError::new(ErrorCode::InvalidNetworkConfig, "\"ipam\" is missing; add e.g. {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"<node pod CIDR>\"}]]}"))?;
-    let netns_path = Path::new(&env.netns);
-    let netns_file = netns::open(netns_path).map_err(|e| {
-        CniError::with_source(
-            ErrorCode::UnknownContainer,
-            format!("network namespace {} cannot be opened", env.netns),
-            &e,
-        )
-    })?;
+    let netns_file = open_pod_netns(env)?;
     // Before any side effect: without the agent nothing would forward.
     let agent_mtu = agent_status(conf)?;
     let mtu = conf.mtu.unwrap_or(agent_mtu);
@@ -354,6 +397,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             "CHECK needs \"prevResult\" with the pod's IPv4 address (the ADD result)",
         )
     })?;
+    open_pod_netns(env)?;
     let problems = endpoint_problems(env, conf, pod_ip)?;
     if problems.is_empty() {
         Ok(())
@@ -365,34 +409,61 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// GC: remove every endpoint of ours whose (container ID, interface) is not
-/// in `cni.dev/valid-attachments`, exactly as DEL would, and orphan host veths
-/// with our name pattern that no valid attachment owns.
-fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
-    #[derive(serde::Deserialize)]
-    struct Attachment {
-        #[serde(rename = "containerID")]
-        container_id: String,
-        ifname: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct GcConf {
-        #[serde(rename = "cni.dev/valid-attachments", default)]
-        valid: Vec<Attachment>,
-    }
-    let gc_conf: GcConf = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::with_source(
-            ErrorCode::InvalidNetworkConfig,
-            "\"cni.dev/valid-attachments\" is not a list of {containerID, ifname}",
-            &e,
-        )
+/// The key of GC's input that lists the attachments to keep (spec 1.1).
+const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+
+#[derive(serde::Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// The attachments GC must keep. Only an explicit list (`[]` included) lets
+/// GC remove anything: a config without it (or with null) says nothing about
+/// what the runtime still uses, and removing on that would take every pod.
+fn valid_attachments(stdin: &[u8]) -> Result<Vec<Attachment>, CniError> {
+    let conf: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::with_source(ErrorCode::DecodeFailure, "network configuration is not JSON", &e)
     })?;
-    let valid: Vec<String> = gc_conf
-        .valid
+    match conf.get(VALID_ATTACHMENTS) {
+        None | Some(serde_json::Value::Null) => Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "GC needs \"{VALID_ATTACHMENTS}\", the list of attachments still in use ([] if none); without it nothing is removed"
+            ),
+        )),
+        Some(list) => serde_json::from_value(list.clone()).map_err(|e| {
+            CniError::with_source(
+                ErrorCode::InvalidNetworkConfig,
+                format!("\"{VALID_ATTACHMENTS}\" is not a list of {{\"containerID\", \"ifname\"}}; nothing is removed"),
+                &e,
+            )
+        }),
+    }
+}
+
+/// GC (spec 1.1.0 and later only): remove every endpoint of ours whose
+/// (container ID, interface) is not in `cni.dev/valid-attachments`, exactly
+/// as DEL would, and orphan host veths with our name pattern that no valid
+/// attachment owns. One attachment that cannot be removed does not stop the
+/// others; the errors are reported together at the end.
+fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
+    if !version_at_least(&conf.cni_version, "1.1.0") {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!(
+                "GC needs cniVersion 1.1.0 or later (the config has {}): earlier versions define neither GC nor \"{VALID_ATTACHMENTS}\"; nothing is removed",
+                conf.cni_version
+            ),
+        ));
+    }
+    let valid: Vec<String> = valid_attachments(stdin)?
         .iter()
         .map(|a| host_veth_name(conf.veth_prefix(), &a.container_id, &a.ifname))
         .collect();
     let records = recorded_endpoints(conf)?;
+    let mut failed = Vec::new();
     for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)) {
         let stale = Env {
             container_id: record.container_id.clone(),
@@ -400,19 +471,46 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
             netns: String::new(),
             ..env.clone()
         };
-        del(&stale, conf, stdin)?;
+        // As DEL does: never beside another call on the same container.
+        let removed = lock_container(conf, &record.container_id).and_then(|_held| del(&stale, conf, stdin));
+        if let Err(e) = removed {
+            failed.push((record.container_id.clone(), record.cni_ifname.clone(), e));
+        }
     }
-    // Veths that look like ours but have neither a record nor a valid owner
-    // (an ADD killed half-way): remove them too.
+    let swept = sweep_orphan_veths(conf, valid);
+    let Some((_, _, first)) = failed.first() else { return swept };
+    let mut details: Vec<String> =
+        failed.iter().map(|(container, ifname, e)| format!("{container} ({ifname}): {e}")).collect();
+    if let Err(e) = swept {
+        details.push(e.to_string());
+    }
+    Err(CniError {
+        code: first.code,
+        msg: format!("GC could not remove {} stale attachment(s); it removed the others", failed.len()),
+        details: details.join("; "),
+    })
+}
+
+/// Remove veths that look like ours but have neither a record nor a valid
+/// owner (an ADD killed half-way). No ADD runs meanwhile, and the records are
+/// read once none does: a veth an ADD has just made is never taken for one.
+fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError> {
+    let _no_add = lock::DirLock::exclusive(&conf.lock_dir(), lock::LOCK_WAIT)
+        .map_err(|e| lock_error(e, "ADDs are still under way"))?;
     let prefix = conf.veth_prefix().to_owned();
-    let known: Vec<String> = records.iter().map(|r| r.host_ifname.clone()).chain(valid).collect();
+    let known: Vec<String> =
+        recorded_endpoints(conf)?.into_iter().map(|r| r.host_ifname).chain(valid).collect();
     link::with_handle(|handle| async move {
         for (index, name) in link::names(&handle).await? {
             let ours = name.len() == 15
                 && name.starts_with(&prefix)
                 && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
             if ours && !known.contains(&name) {
-                link::delete(&handle, index).await?;
+                match link::delete(&handle, index).await {
+                    // Gone meanwhile (a DEL of its pod): what we wanted.
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+                    other => other?,
+                }
             }
         }
         Ok(())
@@ -442,6 +540,15 @@ fn prev_result_ipv4(conf: &NetConf) -> Option<Ipv4Addr> {
         .filter_map(|ip| ip.get("address")?.as_str()?.parse::<ipnet::Ipv4Net>().ok())
         .map(|net| net.addr())
         .next()
+}
+
+/// Does this IPAM DEL failure show that there is no lease to release? Only
+/// when the IPAM plugin refuses the environment (code 4) for a container ID
+/// the spec forbids: it refuses that ID in ADD as well, so it never gave it a
+/// lease (and our ADD refuses it before IPAM). For a well-formed ID the same
+/// answer is an error: a lease may be held.
+fn ipam_cannot_hold(env: &Env, e: &CniError) -> bool {
+    !types::container_id_is_valid(&env.container_id) && e.code == ErrorCode::InvalidEnvironment as u32
 }
 
 fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
@@ -477,7 +584,11 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     }
     // 3. The address lease.
     if let Some(ipam) = &conf.ipam {
-        ipam::del(env, &ipam.plugin_type, stdin)?;
+        match ipam::del(env, &ipam.plugin_type, stdin) {
+            Ok(()) => {}
+            Err(e) if ipam_cannot_hold(env, &e) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -485,6 +596,23 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_ipam_refusal_of_a_malformed_id_means_no_lease() {
+        let env = |id: &'static str| {
+            Env::from_vars(move |k| match k {
+                "CNI_COMMAND" => Some("DEL".into()),
+                "CNI_CONTAINERID" => Some(id.into()),
+                _ => None,
+            })
+            .unwrap()
+        };
+        let refused = CniError::new(ErrorCode::InvalidEnvironment, "invalid characters in containerID");
+        let failed = CniError::new(ErrorCode::IoFailure, "cannot write the lease file");
+        assert!(ipam_cannot_hold(&env("a/b"), &refused));
+        assert!(!ipam_cannot_hold(&env("a/b"), &failed), "another failure may leave a lease");
+        assert!(!ipam_cannot_hold(&env("abc123"), &refused), "a well-formed ID may hold a lease");
+    }
 
     #[test]
     fn veth_names_are_stable_unique_and_short() {

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-use super::error::{CniError, ErrorCode};
+use super::{
+    error::{CniError, ErrorCode},
+    lock::DEFAULT_LOCK_DIR,
+};
 use crate::config::DEFAULT_API_SOCKET;
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -29,6 +32,9 @@ pub struct NetConf {
     /// Prefix of host-side veth names (at most 4 characters).
     #[serde(default)]
     pub host_veth_prefix: Option<String>,
+    /// Where the per-container lock files go (see `lock`).
+    #[serde(default)]
+    pub lock_dir: Option<PathBuf>,
     #[serde(default)]
     pub ipam: Option<IpamConf>,
     #[serde(default)]
@@ -84,7 +90,22 @@ impl NetConf {
                 format!("\"hostVethPrefix\": {prefix:?} must be 1-4 ASCII letters or digits"),
             ));
         }
+        if let Some(dir) = &self.lock_dir
+            && !dir.is_absolute()
+        {
+            return Err(CniError::new(
+                ErrorCode::InvalidNetworkConfig,
+                format!(
+                    "\"lockDir\": {} must be an absolute path (default {DEFAULT_LOCK_DIR})",
+                    dir.display()
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    pub fn lock_dir(&self) -> PathBuf {
+        self.lock_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_DIR))
     }
 
     pub fn agent_socket(&self) -> PathBuf {
@@ -93,6 +114,12 @@ impl NetConf {
     pub fn veth_prefix(&self) -> &str {
         self.host_veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
     }
+}
+
+/// Is spec version `version` at least `min`? ("1.1.0" >= "1.0.0")
+pub fn version_at_least(version: &str, min: &str) -> bool {
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    parse(version) >= parse(min)
 }
 
 /// The CNI_* environment.
@@ -155,9 +182,32 @@ impl Env {
         Ok(())
     }
 
+    /// ADD and CHECK take only container IDs of the spec's form, as IPAM
+    /// plugins do: refused here, before anything is made or locked.
+    pub fn require_valid_container_id(&self) -> Result<(), CniError> {
+        if container_id_is_valid(&self.container_id) {
+            return Ok(());
+        }
+        Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_CONTAINERID {:?} is not a container ID: it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+                self.container_id
+            ),
+        ))
+    }
+
     pub fn k8s_pod(&self) -> (Option<String>, Option<String>) {
         (self.args.get("K8S_POD_NAMESPACE").cloned(), self.args.get("K8S_POD_NAME").cloned())
     }
+}
+
+/// A container ID as the spec defines it: a letter or digit, then letters,
+/// digits, `_`, `.` or `-`.
+pub fn container_id_is_valid(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// CNI_ARGS: `KEY=VALUE;KEY=VALUE`.
@@ -184,6 +234,24 @@ mod tests {
         let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("garbage").is_err());
+    }
+
+    #[test]
+    fn container_ids_of_the_spec_form() {
+        for id in ["a", "0f3c9e", "pod_1.web-x", "A-"] {
+            assert!(container_id_is_valid(id), "{id:?}");
+        }
+        for id in ["", "a/b", "with space", "../../etc/passwd", "-x", ".x", "_x", "a:b", "é"] {
+            assert!(!container_id_is_valid(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(version_at_least("1.1.0", "1.1.0"));
+        assert!(version_at_least("1.10.0", "1.1.0"));
+        assert!(!version_at_least("1.0.0", "1.1.0"));
+        assert!(!version_at_least("0.4.0", "1.1.0"));
     }
 
     #[test]
