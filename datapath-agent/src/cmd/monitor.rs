@@ -72,10 +72,8 @@ extern "C" fn request_stop(_: libc::c_int) {
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs_dir);
     let open = |name: &'static str| -> anyhow::Result<Map> {
-        let path = pins.map(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (has the agent ever run?)", path.display()))?;
-        Ok(Map::from_map_data(data)?)
+        crate::datapath::open_pinned(&pins, name)
+            .with_context(|| format!("opening {} (has the agent ever run?)", pins.map(name).display()))
     };
     let mut ring = RingBuf::try_from(open(map_names::MONITOR_EVENTS)?)?;
     let mut config_map: Array<MapData, MonitorConfig> = Array::try_from(open(map_names::MONITOR_CONFIG)?)?;
