@@ -7,6 +7,7 @@
 pub mod kube_api;
 pub mod lab;
 pub mod packets;
+pub mod traffic;
 
 use std::path::PathBuf;
 
