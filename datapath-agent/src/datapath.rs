@@ -1,12 +1,14 @@
 //! Loading, pinning and programming the eBPF datapath.
 //!
 //! Layout under the bpffs directory (default `/sys/fs/bpf/datapath`):
-//!   maps/<map name>      the BTF maps (reused across agent restarts)
-//!   links/<host veth>    one TCX link per pod veth (forwarding survives the agent)
+//!   maps/<map name>-v<layout version>   the BTF maps (reused across agent restarts)
+//!   links/<host veth>                   one TCX link per pod veth (forwarding survives the agent)
 //!
-//! On start the agent reopens what is pinned and reconciles; it never flushes.
-//! A newer program build replaces the running one on each pinned link with
-//! `bpf_link_update`, so no packet ever meets a missing program.
+//! On start the agent checks every pinned map against this build's layouts
+//! ([`crate::map_pins`]: reused, migrated or refused), reopens what is pinned
+//! and reconciles; it never flushes. A newer program build replaces the
+//! running one on each pinned link with `bpf_link_update`, so no packet ever
+//! meets a missing program.
 
 use std::{borrow::BorrowMut, fs, io, net::Ipv4Addr, path::PathBuf};
 
@@ -32,6 +34,7 @@ use datapath_common::{
 use crate::{
     ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
     mac::MacAddr,
+    map_pins::MapPins,
     services::{ConntrackLimits, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
 };
 
@@ -110,6 +113,8 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Layout(#[from] crate::map_pins::LayoutError),
 }
 
 /// A local pod endpoint as the agent programs it.
@@ -138,8 +143,11 @@ impl PinLayout {
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// The pin of map `name` in this build's layout: `maps/<name>-v<version>`.
     pub fn map(&self, name: &str) -> PathBuf {
-        self.maps_dir().join(name.to_ascii_lowercase())
+        let layout = crate::map_layout::layout(name)
+            .unwrap_or_else(|| panic!("map {name} has no entry in map_layout::LAYOUTS"));
+        self.maps_dir().join(layout.pin_name())
     }
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
@@ -203,9 +211,10 @@ impl Datapath {
         Self::load_pinned_with(pins, build, LoadOptions::default())
     }
 
-    /// [`Self::load_pinned`] with the sizes of `options` for maps created now.
-    /// A CONNTRACK map pinned with another size is kept as it is (replacing
-    /// it would cut every live Service connection); the log says how to resize.
+    /// [`Self::load_pinned`] with the sizes of `options`. A map pinned with
+    /// another size (e.g. `conntrack_max_entries` changed) is migrated into
+    /// a map of the new size, its entries kept; a pin of another layout is
+    /// migrated or refused ([`crate::map_pins`]).
     pub fn load_pinned_with(
         pins: PinLayout,
         build: ProgramBuild,
@@ -214,48 +223,97 @@ impl Datapath {
         for dir in [pins.maps_dir(), pins.links_dir(), pins.node_links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
-        let conntrack_pin = pins.map(map_names::CONNTRACK);
-        let conntrack_capacity = match MapInfo::from_pin(&conntrack_pin) {
-            Ok(info) if info.max_entries() != options.conntrack_entries => {
-                tracing::warn!(
-                    pinned = info.max_entries(),
-                    configured = options.conntrack_entries,
-                    map = %conntrack_pin.display(),
-                    "conntrack_max_entries differs from the pinned connection-tracking map, which is kept \
-                     so that live connections go on; to resize it, remove the pin while no Service \
-                     connection matters and restart the agent"
-                );
-                info.max_entries()
-            }
-            _ => options.conntrack_entries,
-        };
+        let object = build.object();
+        let map_pins = MapPins::check(&pins, object, &[(map_names::CONNTRACK, options.conntrack_entries)])?;
+        map_pins.prepare()?;
+        let load_paths = map_pins.load_paths();
         let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
+        for (name, path) in &load_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        // For a pinned map this only keeps aya's idea of it in line with the
-        // kernel's; a new map is created with it.
-        loader.map_max_entries(map_names::CONNTRACK, conntrack_capacity);
-        let ebpf = loader
-            .load(build.object())
-            .map_err(|source| DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) })?;
+        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_entries);
+        let ebpf = match loader.load(object) {
+            Ok(ebpf) => ebpf,
+            Err(source) => {
+                map_pins.abandon();
+                return Err(DatapathError::Load { dir: pins.root.clone(), source: Box::new(source) });
+            }
+        };
         let mut datapath = Self {
             ebpf,
             pins,
             traffic_slots: Default::default(),
-            conntrack_capacity,
+            conntrack_capacity: options.conntrack_entries,
             programmed_services: None,
         };
+        let before_switch = map_pins
+            .copy_before_switch(&mut datapath.ebpf)
+            .map_err(DatapathError::from)
+            .and_then(|()| datapath.load_programs());
+        if let Err(e) = before_switch {
+            map_pins.abandon();
+            return Err(e);
+        }
+        if map_pins.migrating() {
+            datapath.switch_pinned_links()?;
+            map_pins.copy_after_switch(&mut datapath.ebpf);
+        }
+        map_pins.commit()?;
         datapath.traffic_slots = datapath
             .endpoints()?
             .iter()
             .map(|(_, ep)| ep.traffic_slot)
             .filter(|slot| *slot < MAX_TRAFFIC_SLOTS)
             .collect();
-        datapath.load_programs()?;
         Ok(datapath)
+    }
+
+    /// Point every pinned link whose interface exists at the programs just
+    /// loaded (and so at their maps), before a migration removes the old
+    /// maps' pins. A link that cannot be switched keeps its program, which
+    /// keeps the old maps alive; the reconcile after the load retries it.
+    fn switch_pinned_links(&mut self) -> Result<(), DatapathError> {
+        let mut links: Vec<(&'static str, String, PathBuf)> = Vec::new();
+        for (dir, node_level) in [(self.pins.links_dir(), false), (self.pins.node_links_dir(), true)] {
+            let entries =
+                fs::read_dir(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                let (program, ifname) = if node_level {
+                    let Some((program, ifname)) = file_name.split_once('@') else { continue };
+                    let known =
+                        [program_names::FROM_UPLINK, program_names::FROM_OVERLAY, program_names::FROM_POD];
+                    let Some(program) = known.into_iter().find(|p| *p == program) else { continue };
+                    (program, ifname.to_owned())
+                } else {
+                    (program_names::FROM_POD, file_name)
+                };
+                links.push((program, ifname, entry.path()));
+            }
+        }
+        let (mut switched, mut kept) = (0, 0);
+        for (program, ifname, path) in links {
+            if nix::net::if_::if_nametoindex(ifname.as_str()).is_err() {
+                continue; // Its interface is gone: the reconcile removes it.
+            }
+            let result = PinnedLink::from_pin(&path)
+                .map_err(|source| DatapathError::Link { ifname: ifname.clone(), source })
+                .and_then(|link| self.update_link_to(program, link.into(), &ifname));
+            match result {
+                Ok(()) => switched += 1,
+                Err(e) => {
+                    kept += 1;
+                    tracing::warn!(
+                        link = %path.display(),
+                        error = format!("{e:#}"),
+                        "link not switched to the migrated maps: it keeps the previous programs and maps"
+                    );
+                }
+            }
+        }
+        tracing::info!(switched, kept, "pinned links switched to the programs of the migrated maps");
+        Ok(())
     }
 
     /// Load the programs with private, unpinned maps (packet-level tests).
@@ -611,9 +669,26 @@ pub struct PinnedMaps {
     monitor_counters: Map,
 }
 
-/// A map opened from its pin under `pins`.
-fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map, DatapathError> {
-    let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+/// A map opened from its pin under `pins`, in this build's layout.
+pub fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map, DatapathError> {
+    let path = pins.map(name);
+    let data = match MapData::from_pin(&path) {
+        Ok(data) => data,
+        Err(source) => {
+            let others = crate::map_pins::other_layouts(pins, name);
+            if !path.exists() && !others.is_empty() {
+                let version = crate::map_layout::layout(name).map_or(0, |layout| layout.version);
+                return Err(crate::map_pins::LayoutError::OnlyOtherLayout {
+                    name,
+                    pins: crate::map_pins::PathList(others),
+                    version,
+                    expected: path,
+                }
+                .into());
+            }
+            return Err(DatapathError::Map { name, source });
+        }
+    };
     Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
 }
 

@@ -9,6 +9,8 @@ pub mod health;
 pub mod kubernetes;
 pub mod kubernetes_services;
 pub mod mac;
+pub mod map_layout;
+pub mod map_pins;
 pub mod masquerade;
 pub mod metrics;
 pub mod mode_mismatch;

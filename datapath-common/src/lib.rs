@@ -294,6 +294,12 @@ impl MonitorOutcome {
 pub const EVENT_DROP: u8 = 1;
 pub const EVENT_FORWARD: u8 = 2;
 
+/// Layout of [`MonitorEvent`] written by these programs, in its `version`
+/// field. Bump it whenever a field is added, moved or changes meaning, so a
+/// `monitor` of another build refuses the events instead of misreading them.
+/// Events of builds from before versions carry 0 there and the layout of 1.
+pub const MONITOR_EVENT_VERSION: u8 = 1;
+
 /// One verdict, as the monitor shows it. Addresses and ports in network
 /// order as in the packet; zero where the packet has none.
 #[repr(C)]
@@ -317,8 +323,14 @@ pub struct MonitorEvent {
     pub code: u8,
     /// IPv4 protocol number, 0 if not IPv4.
     pub protocol: u8,
-    pub _pad: [u8; 6],
+    /// [`MONITOR_EVENT_VERSION`]. At byte [`MONITOR_EVENT_VERSION_OFFSET`] in
+    /// every version, so any reader can tell which layout the rest has.
+    pub version: u8,
+    pub _pad: [u8; 5],
 }
+
+/// Where [`MonitorEvent::version`] sits, in every version of the event.
+pub const MONITOR_EVENT_VERSION_OFFSET: usize = 34;
 
 /// Key of the known node map: a peer node's IPv4, network byte order.
 #[repr(C)]
@@ -867,6 +879,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointTraffic>(), 32);
         assert_eq!(core::mem::size_of::<MonitorBudget>(), 16);
         assert_eq!(core::mem::size_of::<MonitorEvent>(), 40);
+        assert_eq!(core::mem::offset_of!(MonitorEvent, version), MONITOR_EVENT_VERSION_OFFSET);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
         assert_eq!(core::mem::size_of::<NodeConfig>(), 32);
         assert_eq!(core::mem::size_of::<ModeMismatch>(), 16);

@@ -8,7 +8,9 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::TcContext,
 };
-use datapath_common::{DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, MonitorEvent, MonitorOutcome};
+use datapath_common::{
+    DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, MONITOR_EVENT_VERSION, MonitorEvent, MonitorOutcome,
+};
 
 use crate::{
     maps::{MONITOR_BUDGET, MONITOR_EVENTS, count_monitor},
@@ -50,6 +52,7 @@ pub fn report(ctx: &TcContext, direction: Direction, kind: u8, code: u8, events_
         direction: direction as u8,
         kind,
         code,
+        version: MONITOR_EVENT_VERSION,
         ..MonitorEvent::default()
     };
     if let Ok(ethertype) = ctx.load::<[u8; 2]>(12) {

@@ -8,6 +8,7 @@ pub mod kube_api;
 pub mod lab;
 pub mod oracle;
 pub mod packets;
+pub mod traffic;
 
 use std::path::PathBuf;
 

@@ -116,7 +116,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
         "map",
         "lookup",
         "pinned",
-        &node.bpffs_dir.join("maps/drop_counters").display().to_string(),
+        &node.bpffs_dir.join("maps/drop_counters-v1").display().to_string(),
         "key",
         "1",
         "0",

@@ -2,92 +2,15 @@
 //! reconciles what changed while it was away.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use datapath_tests::{
-    lab::{Fabric, Netns, Node, in_netns, peered_nodes, ping},
+    lab::{Fabric, Netns, Node, peered_nodes, ping},
     require_root,
+    traffic::{Stream, ping_flood, ping_result},
 };
-
-/// A TCP stream from `client` to `server_ip` in `server`; returns the
-/// longest gap between two successful reads on the server side while it ran.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    server: std::thread::JoinHandle<anyhow::Result<(Duration, u64)>>,
-    client: std::thread::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Stream {
-    fn start(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let server = in_netns(&server.path(), move || -> anyhow::Result<(Duration, u64)> {
-            let listener = TcpListener::bind((server_ip, 0))?;
-            tx.send(listener.local_addr()?.port())?;
-            let (mut conn, _) = listener.accept()?;
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut buf = vec![0u8; 1 << 16];
-            let (mut last, mut longest, mut bytes) = (Instant::now(), Duration::ZERO, 0u64);
-            loop {
-                let n = conn.read(&mut buf)?;
-                if n == 0 {
-                    return Ok((longest, bytes));
-                }
-                bytes += n as u64;
-                longest = longest.max(last.elapsed());
-                last = Instant::now();
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        let client_stop = Arc::clone(&stop);
-        let client = in_netns(&client.path(), move || -> anyhow::Result<()> {
-            let mut conn = TcpStream::connect((server_ip, port))?;
-            conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-            let chunk = vec![7u8; 16 << 10];
-            while !client_stop.load(Ordering::Relaxed) {
-                conn.write_all(&chunk)?;
-                // Paced, so the stream is a steady flow rather than a hog.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Ok(())
-        });
-        Self { stop, server, client }
-    }
-
-    fn finish(self) -> (Duration, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.client.join().unwrap().expect("TCP client");
-        self.server.join().unwrap().expect("TCP server")
-    }
-}
-
-/// `ping -i 0.005` in the background; returns (transmitted, received).
-fn ping_flood(from: &Netns, dst: Ipv4Addr, count: u32) -> std::process::Child {
-    Command::new("ip")
-        .args(["netns", "exec", &from.name, "ping", "-q", "-i", "0.005", "-W", "1", "-c"])
-        .arg(count.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn ping_result(child: std::process::Child) -> (u32, u32) {
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("{text}"));
-    let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
-    (nums[0], nums[1])
-}
 
 #[test]
 fn sigkill_and_restart_under_load_lose_nothing() {

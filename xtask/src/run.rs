@@ -79,11 +79,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 .arg(&node.bpffs_dir),
         );
     }
-    println!("\n== bpftool map dump pinned {}/maps/remote_nodes", a.bpffs_dir.display());
+    println!("\n== bpftool map dump pinned {}/maps/remote_nodes-v1", a.bpffs_dir.display());
     show(
         std::process::Command::new("bpftool")
             .args(["map", "dump", "pinned"])
-            .arg(a.bpffs_dir.join("maps/remote_nodes")),
+            .arg(a.bpffs_dir.join("maps/remote_nodes-v1")),
     );
 
     println!("\n== checks");
