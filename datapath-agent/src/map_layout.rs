@@ -19,8 +19,8 @@ use aya::{
 use aya_obj::generated::BPF_NOEXIST;
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, Endpoint, EndpointKey,
-    FragmentKey, FragmentTranslation, MonitorConfig, NodeConfig, NodeKey, PodInterface, RemoteNode, Service,
-    ServiceKey, map_names,
+    FragmentKey, FragmentTranslation, ModeMismatch, MonitorConfig, NodeConfig, NodeKey, PodInterface,
+    RemoteNode, Service, ServiceKey, map_names,
 };
 
 /// Copies entries from an old map into a new one (for an [`Upgrade`]: from
@@ -159,13 +159,14 @@ pub const LAYOUTS: &[MapLayout] = &[
         incompatible: Refuse,
         upgrades: &[],
     },
+    // v2: the VXLAN port and the node's pod CIDR appended (24 -> 32 bytes).
     MapLayout {
         name: map_names::NODE_CONFIG,
-        version: 1,
+        version: 2,
         holds: "the node's settings (forwarding mode, uplink, whether Service lookups are on)",
         entries: Slots(copy_slots::<NodeConfig>),
         incompatible: Refuse,
-        upgrades: &[],
+        upgrades: &[Upgrade { from_version: 1, entries: Slots(node_config_from_v1) }],
     },
     MapLayout {
         name: map_names::ENDPOINT_TRAFFIC,
@@ -237,6 +238,22 @@ pub const LAYOUTS: &[MapLayout] = &[
         holds: "ClientIP session affinities (clients may get another backend)",
         entries: Keyed(copy_hash::<AffinityKey, AffinityEntry>),
         incompatible: Refuse,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::ICMP_BUDGET,
+        version: 1,
+        holds: "the per-CPU rate limiter state of the ICMP errors the programs send",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::PEER_MODE_MISMATCHES,
+        version: 1,
+        holds: "peers seen sending in the other routing mode (logged again if they go on)",
+        entries: Keyed(copy_hash::<NodeKey, ModeMismatch>),
+        incompatible: StartEmpty,
         upgrades: &[],
     },
     MapLayout {
@@ -340,6 +357,41 @@ fn copy_slots<V: Pod + PartialEq + Default>(old: &Map, new: &mut Map) -> Result<
     Ok(copied)
 }
 
+/// `node_config` as layout v1 had it: today's first 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NodeConfigV1 {
+    node_ipv4: [u8; 4],
+    mode: u32,
+    uplink_ifindex: u32,
+    vxlan_ifindex: u32,
+    vni: u32,
+    flags: u32,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no padding.
+unsafe impl Pod for NodeConfigV1 {}
+
+/// v1 -> v2: every field kept (above all the flag that keeps Service lookups
+/// on); the VXLAN port and pod CIDR stay zero (no own-CIDR check) until the
+/// agent writes the node's settings a moment later.
+fn node_config_from_v1(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    let old: Array<&MapData, NodeConfigV1> = Array::try_from(old)?;
+    let mut new: Array<&mut MapData, NodeConfig> = Array::try_from(new)?;
+    let v1 = old.get(&0, 0)?;
+    let config = NodeConfig {
+        node_ipv4: v1.node_ipv4,
+        mode: v1.mode,
+        uplink_ifindex: v1.uplink_ifindex,
+        vxlan_ifindex: v1.vxlan_ifindex,
+        vni: v1.vni,
+        flags: v1.flags,
+        ..NodeConfig::default()
+    };
+    new.set(0, config, 0)?;
+    Ok(Copied { entries: 1, left_out: 0 })
+}
+
 /// Per-CPU arrays of `N` u64 counters per slot: the old counts are added to
 /// what the new map counted since the switch, CPU by CPU. (An increment
 /// between the read and the write of a slot on that CPU is lost: the copy of
@@ -378,6 +430,13 @@ mod tests {
         assert_eq!(endpoints.pin_name(), "endpoints-v1");
         assert_eq!(endpoints.unversioned_pin_name(), "endpoints");
         assert!(layout("NO_SUCH_MAP").is_none());
+    }
+
+    #[test]
+    fn node_config_v1_is_the_head_of_v2() {
+        assert_eq!(std::mem::size_of::<NodeConfigV1>(), 24);
+        assert_eq!(std::mem::offset_of!(NodeConfig, flags), std::mem::offset_of!(NodeConfigV1, flags));
+        assert_eq!(std::mem::offset_of!(NodeConfig, vxlan_port), 24, "v2 appends after v1's fields");
     }
 
     #[test]

@@ -198,15 +198,47 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     let b = node.add_pod("b");
     assert!(ping(&a.netns, b.ip, 1));
     let endpoints_before = node.programmed_endpoints();
+    let config_before = node.inspect("config");
     node.kill_agent();
-    // What a build before layout versions pinned: the same maps, without
-    // a version in their names.
+    // What the release before layout versions pinned: the same maps without
+    // a version in their names, but for node_config, which had 24-byte
+    // values (layout v1: no VXLAN port, no pod CIDR) and holds the node's
+    // settings with the Service flag on; and without the maps added since.
     let mut ids = Vec::new();
     for name in pins(&node) {
+        let path = maps_dir(&node).join(&name);
+        if name == "node_config-v2" {
+            std::fs::remove_file(&path).unwrap();
+            continue;
+        }
+        if name.starts_with("icmp_budget") || name.starts_with("peer_mode_mismatches") {
+            std::fs::remove_file(&path).unwrap();
+            continue;
+        }
         let bare = name.strip_suffix("-v1").unwrap_or_else(|| panic!("unexpected pin {name}")).to_owned();
-        std::fs::rename(maps_dir(&node).join(&name), maps_dir(&node).join(&bare)).unwrap();
+        std::fs::rename(&path, maps_dir(&node).join(&bare)).unwrap();
         ids.push((name, map_id(&maps_dir(&node).join(&bare))));
     }
+    let old_config = maps_dir(&node).join("node_config");
+    bpftool_create(&old_config, "array", 4, 24, 1, "NODE_CONFIG");
+    let link: serde_json::Value =
+        serde_json::from_str(&sh(&["ip", "-n", &node.netns.name, "-j", "link", "show", "dptup0"])).unwrap();
+    let uplink_ifindex = link[0]["ifindex"].as_u64().unwrap() as u32;
+    let mut value: Vec<u8> = Vec::new();
+    value.extend_from_slice(&node.node_ip.octets());
+    value.extend_from_slice(&1u32.to_ne_bytes()); // native
+    value.extend_from_slice(&uplink_ifindex.to_ne_bytes());
+    value.extend_from_slice(&0u32.to_ne_bytes());
+    value.extend_from_slice(&1u32.to_ne_bytes()); // VNI
+    value.extend_from_slice(&1u32.to_ne_bytes()); // Service lookups on
+    let old_config_text = old_config.display().to_string();
+    let mut update: Vec<String> =
+        ["bpftool", "map", "update", "pinned", &old_config_text, "key", "0", "0", "0", "0", "value"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    update.extend(value.iter().map(|b| b.to_string()));
+    sh(&update.iter().map(String::as_str).collect::<Vec<_>>());
 
     let flood = ping_flood(&a.netns, b.ip, 600);
     std::thread::sleep(Duration::from_millis(500));
@@ -217,10 +249,17 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     for (name, id) in &ids {
         assert_eq!(map_id(&maps_dir(&node).join(name)), *id, "{name}: the same map, renamed, not copied");
     }
-    assert!(pins(&node).iter().all(|p| p.ends_with("-v1")), "{:?}", pins(&node));
+    let now = pins(&node);
+    assert!(
+        now.contains(&"node_config-v2".to_owned()) && !now.contains(&"node_config".to_owned()),
+        "{now:?}"
+    );
+    assert!(now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v2"), "{now:?}");
     assert_eq!(node.programmed_endpoints(), endpoints_before);
+    assert_eq!(node.inspect("config"), config_before, "the node's settings as before");
     let log = node.agent_log();
-    assert!(log.contains("pin renamed to its layout version") && !log.contains("map migrated"), "{log}");
+    assert!(log.contains("pin renamed to its layout version"), "{log}");
+    assert!(log.contains("converted from layout v1"), "node_config converted: {log}");
 }
 
 #[test]

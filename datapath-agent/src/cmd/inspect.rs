@@ -182,6 +182,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "vxlan_ifindex": c.vxlan_ifindex,
                 "vxlan_device": ifname(c.vxlan_ifindex),
                 "vni": c.vni,
+                "vxlan_port": u16::from_be_bytes(c.vxlan_port),
+                // No source from outside may claim an address in it.
+                "pod_cidr": format!("{}/{}", std::net::Ipv4Addr::from(c.pod_cidr), c.pod_prefix_len),
                 // Whether TCP and UDP are looked up in the Service maps.
                 "services": c.flags & datapath_common::NODE_FLAG_SERVICES != 0,
                 "bpffs_dir": args.bpffs_dir,
