@@ -196,3 +196,38 @@ fn monitor_traces_forwards_within_its_rate_limit() {
     let after = node.inspect("counters")["monitor_events"]["emitted"].as_u64().unwrap();
     assert_eq!(after, emitted, "forward tracing switched off when the monitor stopped");
 }
+
+/// `inspect ... | head -1`: the reader goes away before the listing is
+/// written. The CLI must end as other tools do (quietly, by SIGPIPE or
+/// with success), not panic with "failed printing to stdout".
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    if !require_root("inspect_into_a_closed_pipe_exits_quietly") {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let _a = node.add_pod("a");
+    let _b = node.add_pod("b");
+    for what in ["endpoints", "counters", "nodes", "config"] {
+        // The read end is closed before the CLI starts: its first write fails.
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(read_end);
+        let out = node
+            .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+            .args(["inspect", what, "--bpffs-dir"])
+            .arg(&node.bpffs_dir)
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "inspect {what} into a closed pipe said: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "inspect {what} into a closed pipe ended with {}",
+            out.status
+        );
+    }
+}
