@@ -104,6 +104,12 @@ pub enum DatapathError {
     },
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
+    #[error("looking up interface index {ifindex}")]
+    InterfaceLookup {
+        ifindex: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("removing pin {path}")]
     Unpin {
         path: PathBuf,
@@ -160,6 +166,16 @@ pub struct ReconcileReport {
     pub links_updated: usize,
     pub stale_links_removed: usize,
     pub stale_endpoints_removed: usize,
+    pub stale_interfaces_removed: usize,
+}
+
+/// What [`Datapath::sweep_gone_interfaces`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// POD_INTERFACES entries.
+    pub interfaces: usize,
+    /// ENDPOINTS entries.
+    pub endpoints: usize,
 }
 
 /// Sizes chosen at load time (maps are created with them; pinned maps keep
@@ -190,10 +206,29 @@ pub struct Datapath {
     programmed_services: Option<crate::services::ProgrammedState>,
 }
 
-fn ifindex_exists(ifindex: u32) -> bool {
+/// The name of the interface with this index in our namespace, `None` if
+/// there is none. Only the kernel's "no such device" is an absence: any
+/// other failure (no socket left for the lookup, say) is an error, so that
+/// nothing belonging to a live interface is ever taken for stale. (nix's
+/// `if_indextoname` cannot tell: it answers an empty name for a missing
+/// index.)
+pub fn interface_name(ifindex: u32) -> Result<Option<String>, DatapathError> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
-    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENXIO | libc::ENODEV) => Ok(None),
+            _ => Err(DatapathError::InterfaceLookup { ifindex, source: error }),
+        };
+    }
+    // SAFETY: on success the name is a NUL-terminated string in buf.
+    Ok(Some(unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()))
+}
+
+fn interface_exists(ifindex: u32) -> Result<bool, DatapathError> {
+    interface_name(ifindex).map(|name| name.is_some())
 }
 
 impl Datapath {
@@ -428,7 +463,7 @@ impl Datapath {
             }
             fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
         }
-        if !ifindex_exists(ifindex) {
+        if !interface_exists(ifindex)? {
             return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
         let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
@@ -462,33 +497,36 @@ impl Datapath {
         let mut removed = 0;
         let mut ips: Vec<[u8; 4]> = pod_ipv4.iter().map(|ip| ip.octets()).collect();
         if let Some(ifindex) = host_ifindex {
+            let name = map_names::POD_INTERFACES;
+            let map_err = |source| DatapathError::Map { name, source };
             let mut ifaces = self.pod_interfaces_mut()?;
-            if let Ok(iface) = ifaces.get(&ifindex, 0) {
+            if let Some(iface) = get_present(&ifaces, &ifindex).map_err(map_err)? {
                 ips.push(iface.pod_ipv4);
-                if ifaces.remove(&ifindex).is_ok() {
-                    removed += 1;
-                }
+                removed += usize::from(remove_present(&mut ifaces, &ifindex).map_err(map_err)?);
             }
             // Any endpoint delivered through this veth, whatever its IP.
-            let endpoints = self.endpoints_mut()?;
-            for (key, value) in endpoints.iter().filter_map(Result::ok) {
-                if value.host_ifindex == ifindex {
-                    ips.push(key.ipv4);
+            for (ip, endpoint) in self.endpoints()? {
+                if endpoint.host_ifindex == ifindex {
+                    ips.push(ip.octets());
                 }
             }
         }
-        let mut endpoints = self.endpoints_mut()?;
+        let name = map_names::ENDPOINTS;
+        let map_err = |source| DatapathError::Map { name, source };
         for ip in ips {
             let key = EndpointKey { ipv4: ip };
-            // Only remove an IP entry that points at this veth (or when we
-            // cannot tell): the IP may already belong to a newer pod.
-            let ours = match (endpoints.get(&key, 0), host_ifindex) {
-                (Ok(v), Some(ifindex)) => v.host_ifindex == ifindex,
-                (Ok(_), None) => true,
-                (Err(_), _) => false,
+            let Some(endpoint) = get_present(&self.endpoints_mut()?, &key).map_err(map_err)? else {
+                continue;
             };
-            if ours && endpoints.remove(&key).is_ok() {
-                removed += 1;
+            // Only remove an IP entry that points at this veth: the IP may
+            // already belong to a newer pod. Without the veth's index, only
+            // one whose interface is gone.
+            let ours = match host_ifindex {
+                Some(ifindex) => endpoint.host_ifindex == ifindex,
+                None => !interface_exists(endpoint.host_ifindex)?,
+            };
+            if ours {
+                removed += usize::from(remove_present(&mut self.endpoints_mut()?, &key).map_err(map_err)?);
             }
         }
         self.release_unused_traffic_slots()?;
@@ -531,27 +569,43 @@ impl Datapath {
             }
         }
 
-        let stale_ifindexes: Vec<u32> = self
+        let swept = self.sweep_gone_interfaces()?;
+        report.stale_endpoints_removed = swept.endpoints;
+        report.stale_interfaces_removed = swept.interfaces;
+        Ok(report)
+    }
+
+    /// Forget every POD_INTERFACES and ENDPOINTS entry whose host veth no
+    /// longer exists (its pod's namespace went before DEL came, or an agent
+    /// that did not know better left it): such an entry can never carry a
+    /// packet, and it would hold its slot until the index were reused. An
+    /// entry of a live interface is never touched.
+    pub fn sweep_gone_interfaces(&mut self) -> Result<SweepReport, DatapathError> {
+        let mut report = SweepReport::default();
+        let name = map_names::POD_INTERFACES;
+        let ifindexes: Vec<u32> = self
             .pod_interfaces_mut()?
             .keys()
-            .filter_map(Result::ok)
-            .filter(|ifindex| !ifindex_exists(*ifindex))
-            .collect();
-        for ifindex in &stale_ifindexes {
-            let _ = self.pod_interfaces_mut()?.remove(ifindex);
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        for ifindex in ifindexes {
+            if !interface_exists(ifindex)? {
+                let removed = remove_present(&mut self.pod_interfaces_mut()?, &ifindex)
+                    .map_err(|source| DatapathError::Map { name, source })?;
+                report.interfaces += usize::from(removed);
+            }
         }
-        let stale_endpoints: Vec<EndpointKey> = self
-            .endpoints_mut()?
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, ep)| !ifindex_exists(ep.host_ifindex))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &stale_endpoints {
-            let _ = self.endpoints_mut()?.remove(key);
+        let name = map_names::ENDPOINTS;
+        for (ip, endpoint) in self.endpoints()? {
+            if !interface_exists(endpoint.host_ifindex)? {
+                let removed = remove_present(&mut self.endpoints_mut()?, &EndpointKey { ipv4: ip.octets() })
+                    .map_err(|source| DatapathError::Map { name, source })?;
+                report.endpoints += usize::from(removed);
+            }
         }
-        report.stale_endpoints_removed = stale_endpoints.len();
-        self.release_unused_traffic_slots()?;
+        if report.endpoints > 0 {
+            self.release_unused_traffic_slots()?;
+        }
         Ok(report)
     }
 
@@ -593,8 +647,11 @@ fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError>
     let name = map_names::ENDPOINTS;
     let endpoints: HashMap<&MapData, EndpointKey, Endpoint> =
         HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    let mut out: Vec<(Ipv4Addr, Endpoint)> =
-        endpoints.iter().filter_map(Result::ok).map(|(k, v)| (Ipv4Addr::from(k.ipv4), v)).collect();
+    let mut out: Vec<(Ipv4Addr, Endpoint)> = endpoints
+        .iter()
+        .map(|entry| entry.map(|(k, v)| (Ipv4Addr::from(k.ipv4), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| DatapathError::Map { name, source })?;
     out.sort_by_key(|(ip, _)| *ip);
     Ok(out)
 }

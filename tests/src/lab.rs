@@ -491,6 +491,35 @@ impl Node {
         endpoints
     }
 
+    /// The host veth indexes POD_INTERFACES holds (read from its pin).
+    pub fn pod_interface_indexes(&self) -> Vec<u32> {
+        use datapath_common::{PodInterface, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
+        let map: aya::maps::HashMap<_, u32, PodInterface> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        let mut indexes: Vec<u32> = map.keys().collect::<Result<_, _>>().unwrap();
+        indexes.sort();
+        indexes
+    }
+
+    /// Put an entry into POD_INTERFACES behind the agent's back (what an
+    /// older agent could leave behind).
+    pub fn insert_pod_interface(&self, ifindex: u32, pod_ipv4: Ipv4Addr) {
+        use datapath_common::{NO_TRAFFIC_SLOT, PodInterface, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
+        let mut map: aya::maps::HashMap<_, u32, PodInterface> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        let entry = PodInterface {
+            pod_ipv4: pod_ipv4.octets(),
+            host_mac: [0x02, 0, 0, 0, 0, 1],
+            _pad: [0; 2],
+            traffic_slot: NO_TRAFFIC_SLOT,
+        };
+        map.insert(ifindex, entry, 0).unwrap();
+    }
+
     pub fn drop_count(&self, reason: &str) -> u64 {
         self.inspect("counters")["drops"][reason].as_u64().unwrap()
     }

@@ -20,7 +20,10 @@ use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
     config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source},
-    datapath::{Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute},
+    datapath::{
+        Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute,
+        SweepReport,
+    },
     health::Health,
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
@@ -35,6 +38,9 @@ use crate::{
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a failed Service sync is tried again.
 const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often map entries of interfaces that no longer exist are swept (also
+/// after each DEL and at start).
+const INTERFACE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -159,6 +165,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         links_updated = report.links_updated,
         stale_links_removed = report.stale_links_removed,
         stale_endpoints_removed = report.stale_endpoints_removed,
+        stale_interfaces_removed = report.stale_interfaces_removed,
         stale_records,
         "datapath loaded and reconciled"
     );
@@ -194,6 +201,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
     service_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
+    interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interface_sweep.reset();
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
@@ -283,6 +293,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+            _ = interface_sweep.tick() => {
+                let mut agent = agent.lock().await;
+                tokio::task::block_in_place(|| agent.sweep_gone_interfaces());
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -505,6 +519,26 @@ impl Agent {
         Ok(removed)
     }
 
+    /// [`Datapath::sweep_gone_interfaces`], logged; a failure is counted and
+    /// left for the next sweep (the entries only waste space meanwhile).
+    fn sweep_gone_interfaces(&mut self) {
+        match self.datapath.sweep_gone_interfaces() {
+            Ok(report) if report != SweepReport::default() => tracing::info!(
+                interfaces = report.interfaces,
+                endpoints = report.endpoints,
+                "map entries of interfaces that no longer exist removed"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "sweeping entries of interfaces that no longer exist failed"
+                );
+            }
+        }
+    }
+
     /// Program maps and routes from the peer list: only what differs changes.
     async fn apply_peers(&mut self, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
         let desired: Vec<RemoteRoute> = self
@@ -703,12 +737,23 @@ impl Agent {
     }
 
     fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
-        // The record knows the IP even when the plugin no longer does.
+        // The record knows the IP and the veth's index even when the plugin
+        // no longer does (the pod's namespace, and with it the veth, went
+        // first). The recorded index counts only while no other interface
+        // has taken it.
         let recorded = self.store.get(&reference.host_ifname)?;
         let pod_ipv4 = reference.pod_ipv4.or(recorded.as_ref().map(|r| r.pod_ipv4));
+        let recorded_ifindex = match recorded.as_ref().map(|r| r.host_ifindex) {
+            Some(ifindex) => match crate::datapath::interface_name(ifindex)? {
+                Some(name) if name != reference.host_ifname => None,
+                _ => Some(ifindex),
+            },
+            None => None,
+        };
+        let host_ifindex = reference.host_ifindex.or(recorded_ifindex);
         let mut removed = self
             .datapath
-            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, pod_ipv4)
+            .remove_endpoint(&reference.host_ifname, host_ifindex, pod_ipv4)
             .context("removing the endpoint")?;
         if self.store.remove(&reference.host_ifname)? {
             removed += 1;
@@ -719,6 +764,9 @@ impl Agent {
             removed,
             "endpoint deleted"
         );
+        // A DEL is when a pod's veth may have gone without one (a runtime
+        // that lost the container): forget whatever such a veth left.
+        self.sweep_gone_interfaces();
         Ok(())
     }
 }
