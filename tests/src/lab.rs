@@ -293,20 +293,67 @@ impl Node {
     }
 
     pub fn start_agent(&mut self) {
+        self.start_agent_with(None);
+    }
+
+    /// Start the agent with the kernel refusing each `bpf(cmd, ...)` of
+    /// `commands` with EPERM (a seccomp filter): a real syscall failing for
+    /// the real agent, as an LSM policy or an older kernel would make it.
+    pub fn start_agent_refusing_bpf_commands(&mut self, commands: &[u32]) {
+        use seccompiler::{
+            SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+        };
+        let rules = commands
+            .iter()
+            .map(|cmd| {
+                let is_cmd =
+                    SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(*cmd))
+                        .unwrap();
+                SeccompRule::new(vec![is_cmd]).unwrap()
+            })
+            .collect();
+        let filter = SeccompFilter::new(
+            [(libc::SYS_bpf, rules)].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            std::env::consts::ARCH.try_into().unwrap(),
+        )
+        .unwrap();
+        self.start_agent_with(Some(filter.try_into().unwrap()));
+    }
+
+    fn start_agent_with(&mut self, seccomp: Option<seccompiler::BpfProgram>) {
+        self.launch_agent(seccomp);
+        self.wait_for_agent_socket();
+    }
+
+    /// Start the agent without waiting for it to serve anything.
+    pub fn launch_agent(&mut self, seccomp: Option<seccompiler::BpfProgram>) {
+        use std::os::unix::process::CommandExt as _;
         assert!(self.agent.is_none(), "agent already running");
         // A SIGKILLed agent leaves its socket behind: readiness is a new one.
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
-        let child = self
-            .in_node(&bin_dir().join("datapath-agent"))
+        let mut command = self.in_node(&bin_dir().join("datapath-agent"));
+        command
             .args(["run", "--config"])
             .arg(self.config_path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
-        self.agent = Some(child);
+            .stderr(log);
+        if let Some(filter) = seccomp {
+            // SAFETY: between fork and exec only prctl and seccomp run, on
+            // a filter built before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    seccompiler::apply_filter(&filter).map_err(|e| std::io::Error::other(e.to_string()))
+                });
+            }
+        }
+        self.agent = Some(command.spawn().expect("spawn agent"));
+    }
+
+    fn wait_for_agent_socket(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {

@@ -21,8 +21,8 @@ use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
     config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source},
     datapath::{
-        Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute,
-        SweepReport,
+        Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
+        ProgramBuild, RemoteRoute, SweepReport,
     },
     health::Health,
     kubernetes_services::{self, ServiceUpdate},
@@ -38,6 +38,9 @@ use crate::{
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a failed Service sync is tried again.
 const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a link that could not be switched to the loaded program is
+/// tried again.
+const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often map entries of interfaces that no longer exist are swept (also
 /// after each DEL and at start).
 const INTERFACE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -57,6 +60,16 @@ struct Agent {
     pod_mtu: u32,
     route_via: RouteVia,
     services: ServiceSync,
+    /// Live links that could not be switched to the loaded program: they
+    /// keep forwarding with the one they have, and are retried.
+    pending_links: Vec<PendingLink>,
+}
+
+/// A pinned link to switch to the loaded program again.
+struct PendingLink {
+    program: &'static str,
+    ifname: String,
+    pin: PathBuf,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -139,10 +152,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
     let services = ServiceSync::new(config.state_dir.clone());
-    let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors, services };
-    let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    let mut agent =
+        Agent { config, datapath, store, pod_mtu, route_via, errors, services, pending_links: Vec::new() };
+    let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
-    agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
+    let node_links_failed =
+        agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
+    let links_failed = report.links_failed.len() + node_links_failed.len();
+    for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
+        agent.keep_failed_link(failure);
+    }
     agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
     // Static Services are all known now. In kubernetes mode the file has
     // none: the maps stay as the last agent left them (no connection to a
@@ -166,6 +185,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stale_links_removed = report.stale_links_removed,
         stale_endpoints_removed = report.stale_endpoints_removed,
         stale_interfaces_removed = report.stale_interfaces_removed,
+        links_failed,
         stale_records,
         "datapath loaded and reconciled"
     );
@@ -201,6 +221,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
     service_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut link_retry = tokio::time::interval(LINK_RETRY_INTERVAL);
+    link_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    link_retry.reset();
     let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
     interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interface_sweep.reset();
@@ -292,6 +315,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                             );
                         }
                     }
+                }
+            }
+            _ = link_retry.tick() => {
+                let mut agent = agent.lock().await;
+                if !agent.pending_links.is_empty() {
+                    tokio::task::block_in_place(|| agent.retry_pending_links());
                 }
             }
             _ = interface_sweep.tick() => {
@@ -517,6 +546,47 @@ impl Agent {
             }
         }
         Ok(removed)
+    }
+
+    /// A live link whose switch to the loaded program failed: say why, count
+    /// it, keep it (it forwards with the program it has) and retry later.
+    fn keep_failed_link(&mut self, failure: LinkFailure) {
+        self.errors.inc();
+        tracing::error!(
+            ifname = failure.ifname,
+            pin = %failure.pin.display(),
+            error = format!("{:#}", anyhow::Error::from(failure.error)),
+            "cannot switch this link to the loaded program; keeping it (it forwards with the program it \
+             has) and retrying"
+        );
+        self.pending_links.push(PendingLink {
+            program: failure.program,
+            ifname: failure.ifname,
+            pin: failure.pin,
+        });
+    }
+
+    fn retry_pending_links(&mut self) {
+        for link in std::mem::take(&mut self.pending_links) {
+            match self.datapath.retry_link(link.program, &link.ifname, &link.pin) {
+                Ok(LinkRetry::Updated) => {
+                    tracing::info!(ifname = link.ifname, "link switched to the loaded program on retry")
+                }
+                Ok(LinkRetry::StaleRemoved) => {
+                    tracing::info!(ifname = link.ifname, "removing the link pin of a gone interface")
+                }
+                Ok(LinkRetry::Gone) => {}
+                Err(error) => {
+                    self.errors.inc();
+                    tracing::warn!(
+                        ifname = link.ifname,
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "switching this link to the loaded program failed again; keeping it"
+                    );
+                    self.pending_links.push(link);
+                }
+            }
+        }
     }
 
     /// [`Datapath::sweep_gone_interfaces`], logged; a failure is counted and
