@@ -245,7 +245,9 @@ pub struct NodeIdentity {
     pub node_ip: Ipv4Addr,
 }
 
-/// The part of the file needed before the rest can be resolved.
+/// The part of the file needed before the rest can be resolved: the
+/// source, and what the agent owns on the node (locked and served before
+/// it waits for the Node object in kubernetes mode).
 #[derive(Debug, Clone, Deserialize)]
 pub struct SourceSettings {
     #[serde(default)]
@@ -254,6 +256,33 @@ pub struct SourceSettings {
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub node_name: Option<String>,
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    #[serde(default)]
+    pub health_address: Option<std::net::SocketAddr>,
+}
+
+impl SourceSettings {
+    /// The checks of [`AgentConfig::parse`] and [`AgentConfig::check_host`]
+    /// on these fields, for use before the rest of the file can be resolved.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (field, path) in
+            [("bpffs_dir", &self.bpffs_dir), ("state_dir", &self.state_dir), ("api_socket", &self.api_socket)]
+        {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: format!("{} is not an absolute path", path.display()),
+                    fix: "use an absolute path (see the defaults in docs/architecture.md)",
+                });
+            }
+        }
+        check_on_bpffs(&self.bpffs_dir)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -833,20 +862,25 @@ impl AgentConfig {
                 fix: "use the address the uplink has (see `ip -4 addr show <uplink>`)",
             });
         }
-        let bpffs_root = self.bpffs_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        match nix::sys::statfs::statfs(bpffs_root) {
-            Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
-            _ => Err(ConfigError::Invalid {
-                field: "bpffs_dir",
-                problem: format!("{} is not on a bpf filesystem", self.bpffs_dir.display()),
-                fix: "mount bpffs (mount -t bpf bpf /sys/fs/bpf) and point bpffs_dir under it",
-            }),
-        }
+        check_on_bpffs(&self.bpffs_dir)
     }
 
     /// True if `ip` is a usable pod address of this node.
     pub fn owns_pod_ip(&self, ip: Ipv4Addr) -> bool {
         self.pod_cidr.contains(&ip)
+    }
+}
+
+/// `bpffs_dir` (or its closest existing parent) is on a bpf filesystem.
+fn check_on_bpffs(bpffs_dir: &Path) -> Result<(), ConfigError> {
+    let bpffs_root = bpffs_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    match nix::sys::statfs::statfs(bpffs_root) {
+        Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            field: "bpffs_dir",
+            problem: format!("{} is not on a bpf filesystem", bpffs_dir.display()),
+            fix: "mount bpffs (mount -t bpf bpf /sys/fs/bpf) and point bpffs_dir under it",
+        }),
     }
 }
 

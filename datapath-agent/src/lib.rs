@@ -12,6 +12,7 @@ pub mod mac;
 pub mod masquerade;
 pub mod metrics;
 pub mod netns;
+pub mod node_lock;
 pub mod node_net;
 pub mod service_sync;
 pub mod services;

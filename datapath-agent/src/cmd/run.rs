@@ -19,7 +19,7 @@ use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source},
+    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
     datapath::{
         Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
         ProgramBuild, RemoteRoute, SweepReport,
@@ -27,6 +27,7 @@ use crate::{
     health::Health,
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
+    node_lock::NodeLock,
     node_net::{self, RouteVia},
     service_sync::{ServiceRef, ServiceSync},
     services::{self, ConntrackLimits},
@@ -73,15 +74,19 @@ struct PendingLink {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (config, kube_client) = load_config(&args.config).await?;
-    config.check_host()?;
+    let config_file = ConfigFile::read(&args.config)?;
+    // One agent per node, settled before anything is touched: the locks on
+    // the pinned state and the records, then the CNI socket.
+    let settings = &config_file.settings;
+    let _node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
+    refuse_a_socket_that_answers(&settings.api_socket)?;
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
     let conntrack_stats = Arc::new(ConntrackStats::default());
-    if let Some(address) = config.health_address {
+    if let Some(address) = settings.health_address {
         let health = Arc::clone(&health);
         let registry = crate::metrics::registry(
-            PinLayout::new(&config.bpffs_dir),
+            PinLayout::new(&settings.bpffs_dir),
             Arc::clone(&errors),
             Arc::clone(&conntrack_stats),
         );
@@ -91,6 +96,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let (config, kube_client) = config_file.resolve().await?;
+    config.check_host()?;
     let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
 
@@ -191,7 +198,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let socket_path = agent.config.api_socket.clone();
-    let listener = bind_private_socket(&socket_path)?;
+    let (listener, socket_identity) = bind_private_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
     // Peers come from the file (static) or from Node objects (Kubernetes).
     let mut config_changes = match kube_client {
@@ -332,7 +339,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     // Pinned maps and links stay: forwarding goes on while the agent is away.
-    let _ = std::fs::remove_file(&socket_path);
+    remove_own_socket(&socket_path, socket_identity);
     tracing::info!("agent stopped; datapath left running");
     Ok(())
 }
@@ -386,24 +393,69 @@ fn spawn_conntrack_gc(
     });
 }
 
+/// Refuse to start while `path` answers: another agent (with other pinned
+/// state) serves it, and taking it over would send its CNI calls here.
+fn refuse_a_socket_that_answers(path: &Path) -> anyhow::Result<()> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "{} is served by another process (another datapath-agent?); refusing to take it over: \
+             stop that process first, or give this agent another api_socket",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Device and inode of the socket file this agent bound.
+type SocketIdentity = (u64, u64);
+
 /// Bind the API socket so that only root can connect: the directory is 0700
 /// and the socket 0600 (a pod must never be able to register endpoints).
-fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// What is at the path already is removed only if it is a socket that
+/// nobody answers on (left by an agent that was killed).
+fn bind_private_socket(path: &Path) -> anyhow::Result<(UnixListener, SocketIdentity)> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let dir = path.parent().context("api_socket has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "api_socket {} exists and is not a socket; refusing to remove it: move it away or choose \
+             another api_socket",
+            path.display()
+        ),
+        Ok(_) => {
+            refuse_a_socket_that_answers(path)?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(listener)
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Remove the API socket on the way out, unless it is no longer the one we
+/// bound (someone removed it and another process bound the path since).
+fn remove_own_socket(path: &Path, ours: SocketIdentity) {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == ours => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot remove the API socket");
+            }
+        }
+        Ok(_) => tracing::warn!(
+            socket = %path.display(),
+            "the API socket is no longer the one this agent bound; leaving it"
+        ),
+        Err(_) => {}
+    }
 }
 
 async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyhow::Result<()> {
@@ -425,29 +477,57 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
     Ok(())
 }
 
-/// The config, resolved: from the file alone (static source), or with this
-/// node's facts from its Node object (Kubernetes source, which also returns
-/// the client for the Node watch).
-async fn load_config(path: &Path) -> anyhow::Result<(AgentConfig, Option<kube::Client>)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let in_file = |e: ConfigError| match e {
+/// A parse error of the config text, with the file's path.
+fn in_file(path: &Path, e: ConfigError) -> ConfigError {
+    match e {
         ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
         other => other,
-    };
-    let settings = AgentConfig::source_settings(&text).map_err(in_file)?;
-    match settings.source {
-        Source::Static => Ok((AgentConfig::parse(&text).map_err(in_file)?, None)),
-        Source::Kubernetes => {
-            let node_name = settings
-                .node_name
-                .or_else(|| std::env::var("NODE_NAME").ok())
-                .filter(|n| !n.is_empty())
-                .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
-            let client = crate::kubernetes::client(&settings.kubernetes).await?;
-            let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
-            tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
-            Ok((AgentConfig::parse_with(&text, Some(&identity)).map_err(in_file)?, Some(client)))
+    }
+}
+
+/// The config file, read, with what is needed before it can be resolved.
+struct ConfigFile {
+    path: PathBuf,
+    text: String,
+    settings: SourceSettings,
+}
+
+impl ConfigFile {
+    /// Read and check what can be checked without the Node object: a static
+    /// file whole, a kubernetes one as far as [`SourceSettings`] goes.
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let file = |e| in_file(path, e);
+        let settings = AgentConfig::source_settings(&text).map_err(file)?;
+        match settings.source {
+            Source::Static => AgentConfig::parse(&text).map_err(file)?.check_host()?,
+            Source::Kubernetes => settings.check()?,
+        }
+        Ok(Self { path: path.to_owned(), text, settings })
+    }
+
+    /// The config, resolved: from the file alone (static source), or with
+    /// this node's facts from its Node object (Kubernetes source, which also
+    /// returns the client for the Node watch).
+    async fn resolve(&self) -> anyhow::Result<(AgentConfig, Option<kube::Client>)> {
+        match self.settings.source {
+            Source::Static => Ok((AgentConfig::parse(&self.text).map_err(|e| in_file(&self.path, e))?, None)),
+            Source::Kubernetes => {
+                let node_name = self
+                    .settings
+                    .node_name
+                    .clone()
+                    .or_else(|| std::env::var("NODE_NAME").ok())
+                    .filter(|n| !n.is_empty())
+                    .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
+                let client = crate::kubernetes::client(&self.settings.kubernetes).await?;
+                let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
+                tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
+                let config = AgentConfig::parse_with(&self.text, Some(&identity))
+                    .map_err(|e| in_file(&self.path, e))?;
+                Ok((config, Some(client)))
+            }
         }
     }
 }
