@@ -54,8 +54,13 @@ pub struct AgentConfig {
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
     /// Address of the health endpoints (/healthz, /readyz); none if unset.
+    /// One that cannot be bound stops the agent at start.
     #[serde(default)]
     pub health_address: Option<std::net::SocketAddr>,
+    /// /healthz fails once the agent's event loop has not turned for this
+    /// long (a stuck call or lock): the liveness probe then restarts it.
+    #[serde(default = "default_event_loop_stall_seconds")]
+    pub event_loop_stall_seconds: u32,
     /// CNI network config the agent writes once it is ready (e.g.
     /// /etc/cni/net.d/10-datapath.conflist); none if unset.
     #[serde(default)]
@@ -229,12 +234,30 @@ pub enum Source {
     Kubernetes,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// kubeconfig to use; in-cluster service account config when unset.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// /readyz fails once a watch (Nodes, Services, EndpointSlices) has
+    /// kept failing for this long; the agent keeps forwarding with what it
+    /// last knew meanwhile.
+    #[serde(default = "default_watch_failure_seconds")]
+    pub watch_failure_seconds: u32,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self { kubeconfig: None, watch_failure_seconds: default_watch_failure_seconds() }
+    }
+}
+
+fn default_watch_failure_seconds() -> u32 {
+    60
+}
+fn default_event_loop_stall_seconds() -> u32 {
+    30
 }
 
 /// What the Node object says about this node (Kubernetes source).
@@ -474,6 +497,20 @@ impl AgentConfig {
                 field: "api_socket",
                 problem: format!("{} is not an absolute path", self.api_socket.display()),
                 fix: "use an absolute path, e.g. \"/run/datapath/agent.sock\"",
+            });
+        }
+        if !(1..=3_600).contains(&self.event_loop_stall_seconds) {
+            return Err(ConfigError::Invalid {
+                field: "event_loop_stall_seconds",
+                problem: format!("{} is outside 1..=3600", self.event_loop_stall_seconds),
+                fix: "use the default (30), longer than the agent's slowest step (a full Service sync)",
+            });
+        }
+        if !(1..=86_400).contains(&self.kubernetes.watch_failure_seconds) {
+            return Err(ConfigError::Invalid {
+                field: "kubernetes.watch_failure_seconds",
+                problem: format!("{} is outside 1..=86400", self.kubernetes.watch_failure_seconds),
+                fix: "use the default (60): how long the API server may fail before the node goes unready",
             });
         }
         self.validate_conntrack()?;
@@ -825,6 +862,8 @@ impl AgentConfig {
             Some("source")
         } else if self.health_address != other.health_address {
             Some("health_address")
+        } else if self.event_loop_stall_seconds != other.event_loop_stall_seconds {
+            Some("event_loop_stall_seconds")
         } else if self.cni_config_file != other.cni_config_file {
             Some("cni_config_file")
         } else if self.ebpf_log != other.ebpf_log {

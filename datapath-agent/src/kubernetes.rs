@@ -4,7 +4,7 @@
 //! a change: the peer list is recomputed from the reflector's store, which
 //! keeps the last known state, and applied by diff.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -16,7 +16,10 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use crate::config::{KubernetesConfig, NodeIdentity, PeerConfig};
+use crate::{
+    config::{KubernetesConfig, NodeIdentity, PeerConfig},
+    health::Health,
+};
 
 /// What a Node object says, as far as the datapath cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,15 +126,21 @@ pub fn watch_peers(
     self_name: String,
     own_pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
+    health: Arc<Health>,
 ) -> watch::Receiver<Option<Vec<PeerConfig>>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let api: Api<Node> = Api::all(client);
         let (store, writer) = reflector::store();
-        let mut events =
-            reflector(writer, watcher(api, watcher::Config::default())).default_backoff().boxed();
+        let mut events = reflector(writer, watcher(api, watcher::Config::default()))
+            .backoff(WatchBackoff::new("Node", Arc::clone(&health)))
+            .boxed();
         let mut synced = false;
         while let Some(event) = events.next().await {
+            match &event {
+                Ok(_) => health.watch_ok("Node"),
+                Err(e) => health.watch_failed("Node", e),
+            }
             match event {
                 Ok(watcher::Event::InitDone) => synced = true,
                 // Mid-relist states are partial: wait for InitDone.
@@ -156,6 +165,38 @@ pub fn watch_peers(
         }
     });
     rx
+}
+
+/// kube's default watch backoff, telling `health` each retry's delay (the
+/// readiness check needs it to know when a failing watch has recovered).
+pub struct WatchBackoff {
+    inner: watcher::DefaultBackoff,
+    watch: &'static str,
+    health: Arc<Health>,
+}
+
+impl WatchBackoff {
+    pub fn new(watch: &'static str, health: Arc<Health>) -> Self {
+        Self { inner: watcher::DefaultBackoff::default(), watch, health }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.inner.next();
+        if let Some(delay) = delay {
+            self.health.watch_retry_scheduled(self.watch, delay);
+        }
+        delay
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
 }
 
 #[cfg(test)]

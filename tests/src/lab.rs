@@ -154,6 +154,8 @@ pub struct Node {
     pub kubeconfig: Option<PathBuf>,
     /// Extra top-level config lines (e.g. `ebpf_log = "debug"`).
     pub extra_config: String,
+    /// Extra lines of the `[kubernetes]` table (Kubernetes source).
+    pub kubernetes_extra_config: String,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -203,6 +205,7 @@ impl Node {
             peers: Vec::new(),
             kubeconfig: None,
             extra_config: String::new(),
+            kubernetes_extra_config: String::new(),
             work_dir,
             bpffs_dir,
             socket,
@@ -236,6 +239,12 @@ impl Node {
         self.write_config();
     }
 
+    /// Set extra lines of the `[kubernetes]` table, read at the next start.
+    pub fn set_kubernetes_extra_config(&mut self, lines: &str) {
+        self.kubernetes_extra_config = lines.to_owned();
+        self.write_config();
+    }
+
     pub fn written_cni_config(&self) -> PathBuf {
         self.work_dir.join("net.d/10-datapath.conflist")
     }
@@ -250,7 +259,9 @@ impl Node {
     pub fn agent_config(&self) -> String {
         if let Some(kubeconfig) = &self.kubeconfig {
             return format!(
-                "node_name = \"{id}\"\nsource = \"kubernetes\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\ncni_config_file = \"{cni}\"\n\n[kubernetes]\nkubeconfig = \"{kc}\"\n",
+                "node_name = \"{id}\"\nsource = \"kubernetes\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\ncni_config_file = \"{cni}\"\n{extra}\n[kubernetes]\nkubeconfig = \"{kc}\"\n{kubernetes_extra}",
+                extra = self.extra_config,
+                kubernetes_extra = self.kubernetes_extra_config,
                 id = self.id,
                 bpffs = self.bpffs_dir.display(),
                 sock = self.socket.display(),
@@ -353,7 +364,8 @@ impl Node {
         self.agent = Some(command.spawn().expect("spawn agent"));
     }
 
-    fn wait_for_agent_socket(&mut self) {
+    /// Wait until the agent serves the CNI plugin (panics if it exits).
+    pub fn wait_for_agent_socket(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
@@ -387,6 +399,11 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Whether the agent started last is still running.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -771,16 +788,22 @@ pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
 /// HTTP GET `path` from 127.0.0.1:`port` inside `ns` (the agent's health and
 /// metrics endpoint): (status, body).
 pub fn http_get_local(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+    try_http_get_local(ns, port, path).expect("connect to the agent's HTTP endpoint")
+}
+
+/// [`http_get_local`], with a refused connection as an error.
+pub fn try_http_get_local(ns: &Netns, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let path = path.to_owned();
     in_netns(&ns.path(), move || {
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent's HTTP endpoint");
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut answer = String::new();
-        conn.read_to_string(&mut answer).unwrap();
+        conn.read_to_string(&mut answer)?;
         let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (status, body)
+        Ok((status, body))
     })
     .join()
     .unwrap()

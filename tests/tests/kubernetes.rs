@@ -11,14 +11,14 @@ use std::{
 
 use datapath_tests::{
     kube_api::{FakeApiServer, node_object},
-    lab::{Fabric, Netns, Node, http_get_local, ping},
+    lab::{Fabric, Netns, Node, http_get_local, ping, try_http_get_local},
     require_root, sh,
 };
 
 const API_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(40);
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
@@ -301,4 +301,51 @@ fn services_follow_service_and_endpointslice_objects() {
     // The Service is deleted: nothing left programmed.
     api.delete_object("Service", "shop/web");
     wait_for("the Service removed", || programmed(&a).is_empty());
+}
+
+/// Until the API server gives this node's Node object the agent is live
+/// (so the liveness probe does not restart it into CrashLoopBackOff during
+/// an API outage) but not ready, and /metrics answers. Once running, it
+/// goes unready when a watch has failed for longer than
+/// `kubernetes.watch_failure_seconds`, and ready again when it recovers.
+#[test]
+fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
+    if !require_root("health_is_served_while_waiting_for_the_api_and_follows_the_watches") {
+        return;
+    }
+    let fabric = Fabric::new();
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    let kubeconfig = api.kubeconfig(&a.work_dir);
+    a.use_kubernetes(&kubeconfig);
+    a.set_kubernetes_extra_config("watch_failure_seconds = 2\n");
+    // No Node object yet: the agent waits for it.
+    a.launch_agent(None);
+    let status =
+        |a: &Node, path: &str| try_http_get_local(&a.netns, 9976, path).map(|(status, _)| status).ok();
+    wait_for("/healthz served while waiting", || status(&a, "/healthz") == Some(200));
+    assert_eq!(status(&a, "/readyz"), Some(503));
+    assert_eq!(status(&a, "/metrics"), Some(200));
+    assert!(a.agent_log().contains("cannot read this node's Node object yet"), "{}", a.agent_log());
+    assert!(a.agent_running(), "still waiting");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&a, "/healthz"), Some(200), "still live");
+
+    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
+    a.wait_for_agent_socket();
+    wait_for("A ready", || status(&a, "/readyz") == Some(200));
+
+    // The Node watch fails on and on: not ready after the bound (forwarding
+    // and the maps stay as they are meanwhile).
+    let before = a.inspect("nodes");
+    api.fail_next_lists("/api/v1/nodes", 1_000);
+    api.disconnect_watches();
+    wait_for("unready while the Node watch fails", || status(&a, "/readyz") == Some(503));
+    let (_, body) = try_http_get_local(&a.netns, 9976, "/readyz").unwrap();
+    assert!(body.contains("the Node watch has been failing"), "{body}");
+    assert_eq!(status(&a, "/healthz"), Some(200), "live all along");
+    assert_eq!(a.inspect("nodes"), before);
+    api.fail_next_lists("/api/v1/nodes", 0);
+    wait_for("ready again once the watch recovers", || status(&a, "/readyz") == Some(200));
 }

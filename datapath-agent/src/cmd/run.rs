@@ -24,7 +24,7 @@ use crate::{
         Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
         ProgramBuild, RemoteRoute, SweepReport,
     },
-    health::Health,
+    health::{ConfigRejection, Health},
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
     node_lock::NodeLock,
@@ -39,6 +39,8 @@ use crate::{
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a failed Service sync is tried again.
 const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the event loop beats for the liveness probe.
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a link that could not be switched to the loaded program is
 /// tried again.
 const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -61,6 +63,7 @@ struct Agent {
     pod_mtu: u32,
     route_via: RouteVia,
     services: ServiceSync,
+    health: Arc<Health>,
     /// Live links that could not be switched to the loaded program: they
     /// keep forwarding with the one they have, and are retried.
     pending_links: Vec<PendingLink>,
@@ -83,15 +86,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
     let conntrack_stats = Arc::new(ConntrackStats::default());
+    // Served from now on, also while waiting for the API server below (live,
+    // not ready). An address that cannot be bound is fatal: the probes
+    // would fail, and the node would never see this agent ready.
     if let Some(address) = settings.health_address {
+        let listener = crate::health::bind(address).await?;
         let health = Arc::clone(&health);
         let registry = crate::metrics::registry(
             PinLayout::new(&settings.bpffs_dir),
             Arc::clone(&errors),
             Arc::clone(&conntrack_stats),
+            Arc::clone(&health),
         );
         tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(address, health, registry).await {
+            if let Err(e) = crate::health::serve(listener, health, registry).await {
                 tracing::error!(error = format!("{e:#}"), "health endpoints failed");
             }
         });
@@ -159,12 +167,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
     let services = ServiceSync::new(config.state_dir.clone());
-    let mut agent =
-        Agent { config, datapath, store, pod_mtu, route_via, errors, services, pending_links: Vec::new() };
+    let mut agent = Agent {
+        config,
+        datapath,
+        store,
+        pod_mtu,
+        route_via,
+        errors,
+        services,
+        health: Arc::clone(&health),
+        pending_links: Vec::new(),
+    };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
-    let node_links_failed =
-        agent.datapath.sync_node_links(&[node_program]).context("attaching the node programs")?;
+    let node_links_failed = agent
+        .datapath
+        .sync_node_links(std::slice::from_ref(&node_program))
+        .context("attaching the node programs")?;
     let links_failed = report.links_failed.len() + node_links_failed.len();
     for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
         agent.keep_failed_link(failure);
@@ -197,22 +216,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "datapath loaded and reconciled"
     );
 
+    // Readiness also needs the pins it made to stay in place.
+    health.configure(
+        agent.datapath.pins().clone(),
+        vec![agent.datapath.pins().node_link(node_program.0, &node_program.1)],
+        std::time::Duration::from_secs(agent.config.event_loop_stall_seconds.into()),
+        std::time::Duration::from_secs(agent.config.kubernetes.watch_failure_seconds.into()),
+    );
     let socket_path = agent.config.api_socket.clone();
     let (listener, socket_identity) = bind_private_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
     // Peers come from the file (static) or from Node objects (Kubernetes).
     let mut config_changes = match kube_client {
-        None => watch_config(args.config.clone(), agent.config.clone()),
+        None => watch_config(args.config.clone(), agent.config.clone(), Arc::clone(&health)),
         Some(_) => tokio::sync::mpsc::channel(1).1,
     };
     // Services come from the file (static) or from Services and EndpointSlices.
-    let mut kube_services = kube_client.clone().map(crate::kubernetes_services::watch_services);
+    let mut kube_services = kube_client
+        .clone()
+        .map(|client| crate::kubernetes_services::watch_services(client, Arc::clone(&health)));
     let mut node_peers = kube_client.map(|client| {
         crate::kubernetes::watch_peers(
             client,
             agent.config.node_name.clone(),
             agent.config.pod_cidr,
             agent.config.cluster_cidr,
+            Arc::clone(&health),
         )
     });
     if node_peers.is_none() {
@@ -234,10 +263,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
     interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interface_sweep.reset();
+    // The loop's pulse for /healthz: taken with the agent's lock, so a lock
+    // that stays held stops it too.
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
         tokio::select! {
+            _ = heartbeat.tick() => {
+                let _agent = agent.lock().await;
+                health.beat();
+            }
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, _)) => {
@@ -267,7 +304,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut agent = agent.lock().await;
                 agent.config.peers = peers;
                 match agent.apply_peers(&netlink).await {
-                    Ok(()) if !health.is_ready() => become_ready(&agent.config, &health)?,
+                    Ok(()) if !health.is_started() => become_ready(&agent.config, &health)?,
                     Ok(()) => {}
                     Err(e) => {
                         agent.errors.inc();
@@ -277,12 +314,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(new_config) = config_changes.recv() => {
                 let mut agent = agent.lock().await;
-                if let Some(field) = agent.config.restart_only_fields_differ(&new_config) {
-                    tracing::warn!(
-                        field,
-                        "this config change needs an agent restart; only peers, services and the conntrack \
-                         timeouts are applied live"
-                    );
+                match agent.config.restart_only_fields_differ(&new_config) {
+                    Some(field) => {
+                        tracing::warn!(
+                            field,
+                            "this config change needs an agent restart; only peers, services and the \
+                             conntrack timeouts are applied live"
+                        );
+                        health.config_rejected(
+                            ConfigRejection::NeedsRestart,
+                            format!("`{field}` changed: not applied until the agent restarts"),
+                        );
+                    }
+                    None => health.config_accepted(),
                 }
                 agent.config.peers = new_config.peers;
                 // The collector reads the timeouts at each sweep.
@@ -583,8 +627,13 @@ fn become_ready(config: &AgentConfig, health: &Health) -> anyhow::Result<()> {
 }
 
 /// Poll the config file; send each new valid version. An invalid edit is
-/// logged and ignored: the running state stays as it is.
-fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Receiver<AgentConfig> {
+/// logged, counted and shown by /readyz, and otherwise ignored: the running
+/// state stays as it is.
+fn watch_config(
+    path: PathBuf,
+    initial: AgentConfig,
+    health: Arc<Health>,
+) -> tokio::sync::mpsc::Receiver<AgentConfig> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut current = initial;
@@ -605,8 +654,13 @@ fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Recei
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = format!("{e:#}"), "ignoring invalid config change"),
+                // Back to what runs.
+                Ok(_) => health.config_accepted(),
+                Err(e) => {
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!(error, "ignoring invalid config change");
+                    health.config_rejected(ConfigRejection::Invalid, error);
+                }
             }
         }
     });
@@ -774,6 +828,7 @@ impl Agent {
                         pod_cidr: self.config.pod_cidr.to_string(),
                         endpoints: endpoints.len(),
                         pod_mtu: self.pod_mtu,
+                        last_config_error: self.health.last_config_error(),
                     },
                     Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
                 };
