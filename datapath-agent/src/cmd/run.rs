@@ -188,7 +188,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
         agent.keep_failed_link(failure);
     }
-    agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    // In kubernetes mode the peers are not known until the first Node list:
+    // what is pinned stays routed until then (a restart must not cut
+    // cross-node traffic, and an API server that fails its lists must not
+    // either); the list is then applied by diff.
+    if agent.config.source == Source::Static {
+        agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    }
     // Static Services are all known now. In kubernetes mode the file has
     // none: the maps stay as the last agent left them (no connection to a
     // Service is refused across a restart) until a Service list arrives.
@@ -235,12 +241,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut kube_services = kube_client
         .clone()
         .map(|client| crate::kubernetes_services::watch_services(client, Arc::clone(&health)));
+    let programmed = agent.datapath.remote_routes().context("reading the programmed peers")?;
     let mut node_peers = kube_client.map(|client| {
         crate::kubernetes::watch_peers(
             client,
             agent.config.node_name.clone(),
             agent.config.pod_cidr,
             agent.config.cluster_cidr,
+            programmed,
             Arc::clone(&health),
         )
     });
