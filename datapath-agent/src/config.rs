@@ -300,7 +300,7 @@ impl SourceSettings {
                 return Err(ConfigError::Invalid {
                     field,
                     problem: format!("{} is not an absolute path", path.display()),
-                    fix: "use an absolute path (see the defaults in docs/architecture.md)",
+                    fix: "use an absolute path (the defaults are in the README's configuration example)",
                 });
             }
         }
