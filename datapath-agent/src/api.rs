@@ -64,6 +64,9 @@ pub enum Response {
         endpoints: usize,
         /// MTU for pod interfaces (uplink MTU, less VXLAN overhead in overlay mode).
         pod_mtu: u32,
+        /// Why the last edit of the config file was not applied, if it was not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_config_error: Option<String>,
     },
     Done,
     /// What CHECK found wrong; empty when all is well.

@@ -54,8 +54,13 @@ pub struct AgentConfig {
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
     /// Address of the health endpoints (/healthz, /readyz); none if unset.
+    /// One that cannot be bound stops the agent at start.
     #[serde(default)]
     pub health_address: Option<std::net::SocketAddr>,
+    /// /healthz fails once the agent's event loop has not turned for this
+    /// long (a stuck call or lock): the liveness probe then restarts it.
+    #[serde(default = "default_event_loop_stall_seconds")]
+    pub event_loop_stall_seconds: u32,
     /// CNI network config the agent writes once it is ready (e.g.
     /// /etc/cni/net.d/10-datapath.conflist); none if unset.
     #[serde(default)]
@@ -229,12 +234,30 @@ pub enum Source {
     Kubernetes,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// kubeconfig to use; in-cluster service account config when unset.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// /readyz fails once a watch (Nodes, Services, EndpointSlices) has
+    /// kept failing for this long; the agent keeps forwarding with what it
+    /// last knew meanwhile.
+    #[serde(default = "default_watch_failure_seconds")]
+    pub watch_failure_seconds: u32,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self { kubeconfig: None, watch_failure_seconds: default_watch_failure_seconds() }
+    }
+}
+
+fn default_watch_failure_seconds() -> u32 {
+    60
+}
+fn default_event_loop_stall_seconds() -> u32 {
+    30
 }
 
 /// What the Node object says about this node (Kubernetes source).
@@ -245,7 +268,9 @@ pub struct NodeIdentity {
     pub node_ip: Ipv4Addr,
 }
 
-/// The part of the file needed before the rest can be resolved.
+/// The part of the file needed before the rest can be resolved: the
+/// source, and what the agent owns on the node (locked and served before
+/// it waits for the Node object in kubernetes mode).
 #[derive(Debug, Clone, Deserialize)]
 pub struct SourceSettings {
     #[serde(default)]
@@ -254,6 +279,33 @@ pub struct SourceSettings {
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub node_name: Option<String>,
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    #[serde(default)]
+    pub health_address: Option<std::net::SocketAddr>,
+}
+
+impl SourceSettings {
+    /// The checks of [`AgentConfig::parse`] and [`AgentConfig::check_host`]
+    /// on these fields, for use before the rest of the file can be resolved.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (field, path) in
+            [("bpffs_dir", &self.bpffs_dir), ("state_dir", &self.state_dir), ("api_socket", &self.api_socket)]
+        {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: format!("{} is not an absolute path", path.display()),
+                    fix: "use an absolute path (the defaults are in the README's configuration example)",
+                });
+            }
+        }
+        check_on_bpffs(&self.bpffs_dir)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -445,6 +497,20 @@ impl AgentConfig {
                 field: "api_socket",
                 problem: format!("{} is not an absolute path", self.api_socket.display()),
                 fix: "use an absolute path, e.g. \"/run/datapath/agent.sock\"",
+            });
+        }
+        if !(1..=3_600).contains(&self.event_loop_stall_seconds) {
+            return Err(ConfigError::Invalid {
+                field: "event_loop_stall_seconds",
+                problem: format!("{} is outside 1..=3600", self.event_loop_stall_seconds),
+                fix: "use the default (30), longer than the agent's slowest step (a full Service sync)",
+            });
+        }
+        if !(1..=86_400).contains(&self.kubernetes.watch_failure_seconds) {
+            return Err(ConfigError::Invalid {
+                field: "kubernetes.watch_failure_seconds",
+                problem: format!("{} is outside 1..=86400", self.kubernetes.watch_failure_seconds),
+                fix: "use the default (60): how long the API server may fail before the node goes unready",
             });
         }
         self.validate_conntrack()?;
@@ -796,6 +862,8 @@ impl AgentConfig {
             Some("source")
         } else if self.health_address != other.health_address {
             Some("health_address")
+        } else if self.event_loop_stall_seconds != other.event_loop_stall_seconds {
+            Some("event_loop_stall_seconds")
         } else if self.cni_config_file != other.cni_config_file {
             Some("cni_config_file")
         } else if self.ebpf_log != other.ebpf_log {
@@ -833,20 +901,25 @@ impl AgentConfig {
                 fix: "use the address the uplink has (see `ip -4 addr show <uplink>`)",
             });
         }
-        let bpffs_root = self.bpffs_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        match nix::sys::statfs::statfs(bpffs_root) {
-            Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
-            _ => Err(ConfigError::Invalid {
-                field: "bpffs_dir",
-                problem: format!("{} is not on a bpf filesystem", self.bpffs_dir.display()),
-                fix: "mount bpffs (mount -t bpf bpf /sys/fs/bpf) and point bpffs_dir under it",
-            }),
-        }
+        check_on_bpffs(&self.bpffs_dir)
     }
 
     /// True if `ip` is a usable pod address of this node.
     pub fn owns_pod_ip(&self, ip: Ipv4Addr) -> bool {
         self.pod_cidr.contains(&ip)
+    }
+}
+
+/// `bpffs_dir` (or its closest existing parent) is on a bpf filesystem.
+fn check_on_bpffs(bpffs_dir: &Path) -> Result<(), ConfigError> {
+    let bpffs_root = bpffs_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    match nix::sys::statfs::statfs(bpffs_root) {
+        Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            field: "bpffs_dir",
+            problem: format!("{} is not on a bpf filesystem", bpffs_dir.display()),
+            fix: "mount bpffs (mount -t bpf bpf /sys/fs/bpf) and point bpffs_dir under it",
+        }),
     }
 }
 

@@ -107,6 +107,18 @@ pub enum DatapathError {
     },
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
+    #[error("looking up interface {ifname}")]
+    InterfaceByName {
+        ifname: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("looking up interface index {ifindex}")]
+    InterfaceLookup {
+        ifindex: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("removing pin {path}")]
     Unpin {
         path: PathBuf,
@@ -163,11 +175,24 @@ impl PinLayout {
 }
 
 /// What reconciliation on start did, for the log.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub links_updated: usize,
     pub stale_links_removed: usize,
     pub stale_endpoints_removed: usize,
+    pub stale_interfaces_removed: usize,
+    /// Live links that could not be switched to the new program: kept, to
+    /// be retried with [`Datapath::retry_link`].
+    pub links_failed: Vec<LinkFailure>,
+}
+
+/// What [`Datapath::sweep_gone_interfaces`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// POD_INTERFACES entries.
+    pub interfaces: usize,
+    /// ENDPOINTS entries.
+    pub endpoints: usize,
 }
 
 /// Sizes chosen at load time (maps are created with them; pinned maps keep
@@ -198,10 +223,29 @@ pub struct Datapath {
     programmed_services: Option<crate::services::ProgrammedState>,
 }
 
-fn ifindex_exists(ifindex: u32) -> bool {
+/// The name of the interface with this index in our namespace, `None` if
+/// there is none. Only the kernel's "no such device" is an absence: any
+/// other failure (no socket left for the lookup, say) is an error, so that
+/// nothing belonging to a live interface is ever taken for stale. (nix's
+/// `if_indextoname` cannot tell: it answers an empty name for a missing
+/// index.)
+pub fn interface_name(ifindex: u32) -> Result<Option<String>, DatapathError> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
-    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENXIO | libc::ENODEV) => Ok(None),
+            _ => Err(DatapathError::InterfaceLookup { ifindex, source: error }),
+        };
+    }
+    // SAFETY: on success the name is a NUL-terminated string in buf.
+    Ok(Some(unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()))
+}
+
+fn interface_exists(ifindex: u32) -> Result<bool, DatapathError> {
+    interface_name(ifindex).map(|name| name.is_some())
 }
 
 impl Datapath {
@@ -476,17 +520,16 @@ impl Datapath {
         pin: PathBuf,
     ) -> Result<(), DatapathError> {
         if pin.exists() {
-            // A pinned link for this veth name. Updating a TCX link whose device
-            // is gone fails (ENOLINK), so success means it is attached to the
-            // veth that has this name now: keep it, now running our program.
-            if let Ok(link) = PinnedLink::from_pin(&pin)
-                && self.update_link_to(program, link.into(), ifname).is_ok()
-            {
-                return Ok(());
+            match self.refresh_pinned_link(program, ifname, &pin)? {
+                PinnedLinkState::Updated => return Ok(()),
+                PinnedLinkState::Stale => {
+                    tracing::info!(ifname, pin = %pin.display(), "replacing the link pin of a gone interface");
+                    fs::remove_file(&pin)
+                        .map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
+                }
             }
-            fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
         }
-        if !ifindex_exists(ifindex) {
+        if !interface_exists(ifindex)? {
             return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
         let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
@@ -520,33 +563,36 @@ impl Datapath {
         let mut removed = 0;
         let mut ips: Vec<[u8; 4]> = pod_ipv4.iter().map(|ip| ip.octets()).collect();
         if let Some(ifindex) = host_ifindex {
+            let name = map_names::POD_INTERFACES;
+            let map_err = |source| DatapathError::Map { name, source };
             let mut ifaces = self.pod_interfaces_mut()?;
-            if let Ok(iface) = ifaces.get(&ifindex, 0) {
+            if let Some(iface) = get_present(&ifaces, &ifindex).map_err(map_err)? {
                 ips.push(iface.pod_ipv4);
-                if ifaces.remove(&ifindex).is_ok() {
-                    removed += 1;
-                }
+                removed += usize::from(remove_present(&mut ifaces, &ifindex).map_err(map_err)?);
             }
             // Any endpoint delivered through this veth, whatever its IP.
-            let endpoints = self.endpoints_mut()?;
-            for (key, value) in endpoints.iter().filter_map(Result::ok) {
-                if value.host_ifindex == ifindex {
-                    ips.push(key.ipv4);
+            for (ip, endpoint) in self.endpoints()? {
+                if endpoint.host_ifindex == ifindex {
+                    ips.push(ip.octets());
                 }
             }
         }
-        let mut endpoints = self.endpoints_mut()?;
+        let name = map_names::ENDPOINTS;
+        let map_err = |source| DatapathError::Map { name, source };
         for ip in ips {
             let key = EndpointKey { ipv4: ip };
-            // Only remove an IP entry that points at this veth (or when we
-            // cannot tell): the IP may already belong to a newer pod.
-            let ours = match (endpoints.get(&key, 0), host_ifindex) {
-                (Ok(v), Some(ifindex)) => v.host_ifindex == ifindex,
-                (Ok(_), None) => true,
-                (Err(_), _) => false,
+            let Some(endpoint) = get_present(&self.endpoints_mut()?, &key).map_err(map_err)? else {
+                continue;
             };
-            if ours && endpoints.remove(&key).is_ok() {
-                removed += 1;
+            // Only remove an IP entry that points at this veth: the IP may
+            // already belong to a newer pod. Without the veth's index, only
+            // one whose interface is gone.
+            let ours = match host_ifindex {
+                Some(ifindex) => endpoint.host_ifindex == ifindex,
+                None => !interface_exists(endpoint.host_ifindex)?,
+            };
+            if ours {
+                removed += usize::from(remove_present(&mut self.endpoints_mut()?, &key).map_err(map_err)?);
             }
         }
         self.release_unused_traffic_slots()?;
@@ -570,46 +616,66 @@ impl Datapath {
         let links_dir = self.pins.links_dir();
         let entries = fs::read_dir(&links_dir)
             .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
-        for entry in entries.filter_map(Result::ok) {
+        for entry in entries {
+            let entry = entry.map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
             let path = entry.path();
             let ifname = entry.file_name().to_string_lossy().into_owned();
-            let alive = nix::net::if_::if_nametoindex(ifname.as_str()).ok();
-            // A link whose veth is gone is defunct and refuses the update.
-            let updated = match (alive, PinnedLink::from_pin(&path)) {
-                (Some(_), Ok(pinned)) => self.update_link(pinned.into(), &ifname).is_ok(),
-                _ => false,
-            };
-            if updated {
-                report.links_updated += 1;
-            } else {
-                tracing::info!(ifname, "removing stale link pin");
-                fs::remove_file(&path)
-                    .map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
-                report.stale_links_removed += 1;
+            match self.refresh_pinned_link(program_names::FROM_POD, &ifname, &path) {
+                Ok(PinnedLinkState::Updated) => report.links_updated += 1,
+                Ok(PinnedLinkState::Stale) => {
+                    tracing::info!(ifname, "removing the link pin of a gone interface");
+                    fs::remove_file(&path)
+                        .map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
+                    report.stale_links_removed += 1;
+                }
+                // The link stays and goes on forwarding (with the program it
+                // has); the switch is tried again later.
+                Err(error) => report.links_failed.push(LinkFailure {
+                    program: program_names::FROM_POD,
+                    ifname,
+                    pin: path,
+                    error,
+                }),
             }
         }
 
-        let stale_ifindexes: Vec<u32> = self
+        let swept = self.sweep_gone_interfaces()?;
+        report.stale_endpoints_removed = swept.endpoints;
+        report.stale_interfaces_removed = swept.interfaces;
+        Ok(report)
+    }
+
+    /// Forget every POD_INTERFACES and ENDPOINTS entry whose host veth no
+    /// longer exists (its pod's namespace went before DEL came, or an agent
+    /// that did not know better left it): such an entry can never carry a
+    /// packet, and it would hold its slot until the index were reused. An
+    /// entry of a live interface is never touched.
+    pub fn sweep_gone_interfaces(&mut self) -> Result<SweepReport, DatapathError> {
+        let mut report = SweepReport::default();
+        let name = map_names::POD_INTERFACES;
+        let ifindexes: Vec<u32> = self
             .pod_interfaces_mut()?
             .keys()
-            .filter_map(Result::ok)
-            .filter(|ifindex| !ifindex_exists(*ifindex))
-            .collect();
-        for ifindex in &stale_ifindexes {
-            let _ = self.pod_interfaces_mut()?.remove(ifindex);
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        for ifindex in ifindexes {
+            if !interface_exists(ifindex)? {
+                let removed = remove_present(&mut self.pod_interfaces_mut()?, &ifindex)
+                    .map_err(|source| DatapathError::Map { name, source })?;
+                report.interfaces += usize::from(removed);
+            }
         }
-        let stale_endpoints: Vec<EndpointKey> = self
-            .endpoints_mut()?
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, ep)| !ifindex_exists(ep.host_ifindex))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &stale_endpoints {
-            let _ = self.endpoints_mut()?.remove(key);
+        let name = map_names::ENDPOINTS;
+        for (ip, endpoint) in self.endpoints()? {
+            if !interface_exists(endpoint.host_ifindex)? {
+                let removed = remove_present(&mut self.endpoints_mut()?, &EndpointKey { ipv4: ip.octets() })
+                    .map_err(|source| DatapathError::Map { name, source })?;
+                report.endpoints += usize::from(removed);
+            }
         }
-        report.stale_endpoints_removed = stale_endpoints.len();
-        self.release_unused_traffic_slots()?;
+        if report.endpoints > 0 {
+            self.release_unused_traffic_slots()?;
+        }
         Ok(report)
     }
 
@@ -619,10 +685,6 @@ impl Datapath {
             self.endpoints()?.iter().map(|(_, ep)| ep.traffic_slot).collect();
         self.traffic_slots.retain(|slot| held.contains(slot));
         Ok(())
-    }
-
-    fn update_link(&mut self, fd_link: FdLink, ifname: &str) -> Result<(), DatapathError> {
-        self.update_link_to(program_names::FROM_POD, fd_link, ifname)
     }
 
     fn update_link_to(
@@ -651,8 +713,11 @@ fn read_endpoints(map: &Map) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError>
     let name = map_names::ENDPOINTS;
     let endpoints: HashMap<&MapData, EndpointKey, Endpoint> =
         HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    let mut out: Vec<(Ipv4Addr, Endpoint)> =
-        endpoints.iter().filter_map(Result::ok).map(|(k, v)| (Ipv4Addr::from(k.ipv4), v)).collect();
+    let mut out: Vec<(Ipv4Addr, Endpoint)> = endpoints
+        .iter()
+        .map(|entry| entry.map(|(k, v)| (Ipv4Addr::from(k.ipv4), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| DatapathError::Map { name, source })?;
     out.sort_by_key(|(ip, _)| *ip);
     Ok(out)
 }
@@ -984,7 +1049,8 @@ impl Datapath {
         let nodes_err = |source| DatapathError::Map { name: nodes_name, source };
         let mut nodes: HashMap<&mut MapData, NodeKey, RemoteNode> =
             HashMap::try_from(self.map_mut(nodes_name)?).map_err(nodes_err)?;
-        let have: HashSet<[u8; 4]> = nodes.keys().filter_map(Result::ok).map(|k| k.ipv4).collect();
+        let have: HashSet<[u8; 4]> =
+            nodes.keys().map(|k| k.map(|k| k.ipv4)).collect::<Result<_, _>>().map_err(nodes_err)?;
         let want_ips: HashSet<[u8; 4]> = desired.iter().map(|d| d.node_ip.octets()).collect();
         for ip in want_ips.difference(&have) {
             nodes
@@ -999,12 +1065,17 @@ impl Datapath {
 
     /// Attach the node-level programs that `wanted` lists ((program, ifname))
     /// with pinned links, swapping the program of live ones atomically, and
-    /// unpin every other node-level link.
-    pub fn sync_node_links(&mut self, wanted: &[(&'static str, String)]) -> Result<(), DatapathError> {
+    /// unpin every other node-level link. A live link whose switch fails is
+    /// kept and returned (to retry with [`Self::retry_link`]).
+    pub fn sync_node_links(
+        &mut self,
+        wanted: &[(&'static str, String)],
+    ) -> Result<Vec<LinkFailure>, DatapathError> {
         let dir = self.pins.node_links_dir();
         let entries =
             fs::read_dir(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
-        for entry in entries.filter_map(Result::ok) {
+        for entry in entries {
+            let entry = entry.map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !wanted.iter().any(|(p, i)| format!("{p}@{i}") == name) {
                 let path = entry.path();
@@ -1012,23 +1083,117 @@ impl Datapath {
                 fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path, source })?;
             }
         }
+        let mut failed = Vec::new();
         for (program, ifname) in wanted {
             let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
                 .map_err(|_| DatapathError::NoInterface { ifname: ifname.clone() })?;
             let pin = self.pins.node_link(program, ifname);
-            self.attach_pinned(program, ifname, ifindex, pin)?;
+            match self.attach_pinned(program, ifname, ifindex, pin.clone()) {
+                Ok(()) => {}
+                // A live link we could not switch: it stays, and is retried.
+                Err(error) if pin.exists() => {
+                    failed.push(LinkFailure { program, ifname: ifname.clone(), pin, error });
+                }
+                Err(error) => return Err(error),
+            }
         }
-        Ok(())
+        Ok(failed)
     }
+
+    /// Try again to switch a link whose switch failed (a [`LinkFailure`]).
+    pub fn retry_link(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        pin: &std::path::Path,
+    ) -> Result<LinkRetry, DatapathError> {
+        if !pin.exists() {
+            // DEL took it meanwhile.
+            return Ok(LinkRetry::Gone);
+        }
+        match self.refresh_pinned_link(program, ifname, pin)? {
+            PinnedLinkState::Updated => Ok(LinkRetry::Updated),
+            PinnedLinkState::Stale => {
+                fs::remove_file(pin)
+                    .map_err(|source| DatapathError::Unpin { path: pin.to_owned(), source })?;
+                Ok(LinkRetry::StaleRemoved)
+            }
+        }
+    }
+
+    /// Switch the link pinned at `pin` (of `ifname`) to `program`, atomically.
+    /// It is stale only when its interface is really gone: no interface has
+    /// the name, or the kernel refuses the update with ENOLINK (the link's
+    /// device went away, so the name now belongs to a newer interface). Any
+    /// other failure is an error, and the link is left as it is.
+    fn refresh_pinned_link(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        pin: &std::path::Path,
+    ) -> Result<PinnedLinkState, DatapathError> {
+        match nix::net::if_::if_nametoindex(ifname) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::ENODEV) => return Ok(PinnedLinkState::Stale),
+            Err(errno) => {
+                return Err(DatapathError::InterfaceByName {
+                    ifname: ifname.to_owned(),
+                    source: errno.into(),
+                });
+            }
+        }
+        let link = PinnedLink::from_pin(pin)
+            .map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
+        match self.update_link_to(program, link.into(), ifname) {
+            Ok(()) => Ok(PinnedLinkState::Updated),
+            Err(DatapathError::Attach {
+                source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }),
+                ..
+            }) if io_error.raw_os_error() == Some(libc::ENOLINK) => Ok(PinnedLinkState::Stale),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// What a pinned link turned out to be when switched to our program.
+enum PinnedLinkState {
+    /// Live, and now running the program just loaded.
+    Updated,
+    /// Its interface is gone: it can carry nothing.
+    Stale,
+}
+
+/// A pinned link that could not be switched to the program loaded now; it
+/// stays, forwarding with the program it has, until [`Datapath::retry_link`]
+/// succeeds.
+#[derive(Debug)]
+pub struct LinkFailure {
+    pub program: &'static str,
+    pub ifname: String,
+    pub pin: PathBuf,
+    pub error: DatapathError,
+}
+
+/// What [`Datapath::retry_link`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRetry {
+    /// Switched to the loaded program.
+    Updated,
+    /// Its interface had gone: pin removed.
+    StaleRemoved,
+    /// The pin was removed meanwhile (DEL).
+    Gone,
 }
 
 fn read_remote_routes(map: &Map) -> Result<Vec<RemoteRoute>, DatapathError> {
     let name = map_names::REMOTE_NODES;
     let trie: LpmTrie<&MapData, [u8; 4], RemoteNode> =
         LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    let mut out: Vec<RemoteRoute> = trie
-        .iter()
-        .filter_map(Result::ok)
+    let entries: Vec<(LpmKey<[u8; 4]>, RemoteNode)> =
+        trie.iter().collect::<Result<_, _>>().map_err(|source| DatapathError::Map { name, source })?;
+    // Every key was written from an Ipv4Net, so each makes one back.
+    let mut out: Vec<RemoteRoute> = entries
+        .into_iter()
         .filter_map(|(key, node)| {
             let prefix = u8::try_from(key.prefix_len()).ok()?;
             Some(RemoteRoute {

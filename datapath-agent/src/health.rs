@@ -1,36 +1,234 @@
 //! Liveness and readiness endpoints for the DaemonSet's probes, and the
 //! Prometheus metrics (`/metrics`, see `metrics.rs`), on `health_address`.
-//! `/healthz`: the agent's event loop answers. `/readyz`: the datapath is
-//! loaded and reconciled, the CNI API is served and (Kubernetes source) the
-//! first complete Node list has been applied.
+//! They are served from the agent's first moments (bound before anything
+//! else; a bind failure is fatal), also while it waits for the API server.
+//!
+//! `/healthz` (live): the agent's event loop turns: it beats at least every
+//! second, holding the agent's lock for a moment, and the probe fails once
+//! no beat came for `event_loop_stall_seconds` (a stuck lock, a blocked
+//! call). Before the loop runs (waiting for the Node object) it is live.
+//!
+//! `/readyz` (ready): the datapath is loaded and reconciled, the CNI API
+//! served and (Kubernetes source) the first complete Node list applied; the
+//! pinned maps and node-level links are in place; and no watch has kept
+//! failing for longer than `kubernetes.watch_failure_seconds`. Its body
+//! says why not, and shows the last rejected config edit.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
+    path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::registry::Registry;
 
+use crate::datapath::{PinLayout, PinnedMaps};
+
+/// A watch's retry fails (with a refusal or an HTTP error) within this long
+/// of its start: no new error by then means the retry worked. (A watch that
+/// restarts well yields no event to tell.)
+const WATCH_RETRY_ALLOWANCE: Duration = Duration::from_secs(10);
+
+/// Why an edit of the config file was not applied (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigRejection {
+    /// The new file does not parse or validate: nothing of it applied.
+    Invalid,
+    /// A field only a restart can change differs: that field not applied.
+    NeedsRestart,
+}
+
+impl ConfigRejection {
+    pub const ALL: [ConfigRejection; 2] = [ConfigRejection::Invalid, ConfigRejection::NeedsRestart];
+    pub const fn name(self) -> &'static str {
+        match self {
+            ConfigRejection::Invalid => "invalid",
+            ConfigRejection::NeedsRestart => "needs_restart",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WatchFailure {
+    since: Instant,
+    last: Instant,
+    /// When the last error came, its retry was due this much later.
+    retry_delay: Duration,
+    error: String,
+}
+
+impl WatchFailure {
+    /// Errors still come: the last one's retry has not had time to succeed.
+    fn ongoing(&self) -> bool {
+        self.last.elapsed() <= self.retry_delay + WATCH_RETRY_ALLOWANCE
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Health {
-    ready: AtomicBool,
+    /// The datapath is loaded and reconciled, the CNI API served and the
+    /// first Node list applied (Kubernetes source).
+    started: AtomicBool,
+    /// Pins that must exist while the datapath is loaded (node-level links).
+    required_pins: Mutex<Vec<PathBuf>>,
+    pins: Mutex<Option<PinLayout>>,
+    /// Last beat of the event loop; `None` until the loop runs.
+    heartbeat: Mutex<Option<Instant>>,
+    stall_limit_ms: AtomicU64,
+    watch_grace_ms: AtomicU64,
+    /// Failing watches by name, since when, and their last error.
+    watches: Mutex<BTreeMap<&'static str, WatchFailure>>,
+    /// The delay before each watch's next retry, as its backoff last said.
+    watch_retry_delays: Mutex<BTreeMap<&'static str, Duration>>,
+    /// The last rejected config edit (cleared by an accepted one).
+    last_config_error: Mutex<Option<String>>,
+    config_rejected: [AtomicU64; 2],
 }
 
 impl Health {
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
+    /// Readiness will also need the pinned maps under `pins` and the
+    /// node-level link pins `required` in place; liveness allows the event
+    /// loop `stall_limit` between beats; a watch may fail for `watch_grace`.
+    pub fn configure(
+        &self,
+        pins: PinLayout,
+        required: Vec<PathBuf>,
+        stall_limit: Duration,
+        watch_grace: Duration,
+    ) {
+        *lock(&self.pins) = Some(pins);
+        *lock(&self.required_pins) = required;
+        self.stall_limit_ms.store(stall_limit.as_millis() as u64, Ordering::Relaxed);
+        self.watch_grace_ms.store(watch_grace.as_millis() as u64, Ordering::Relaxed);
     }
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+
+    pub fn set_ready(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the start-up steps are done (not whether `/readyz` answers 200).
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// The event loop turned.
+    pub fn beat(&self) {
+        *lock(&self.heartbeat) = Some(Instant::now());
+    }
+
+    /// The backoff of watch `name` scheduled its next retry `delay` from now
+    /// (it does so for each error, before the error reaches the agent).
+    pub fn watch_retry_scheduled(&self, name: &'static str, delay: Duration) {
+        lock(&self.watch_retry_delays).insert(name, delay);
+    }
+
+    /// A watch (`name`: "Node", "Service", "EndpointSlice") failed with `error`.
+    pub fn watch_failed(&self, name: &'static str, error: &dyn std::error::Error) {
+        let now = Instant::now();
+        let retry_delay = lock(&self.watch_retry_delays).get(name).copied().unwrap_or_default();
+        let mut watches = lock(&self.watches);
+        let failure = watches.entry(name).or_insert(WatchFailure {
+            since: now,
+            last: now,
+            retry_delay,
+            error: String::new(),
+        });
+        if !failure.ongoing() {
+            // The last streak ended (a retry worked); this is a new one.
+            failure.since = now;
+        }
+        failure.last = now;
+        failure.retry_delay = retry_delay;
+        failure.error = error.to_string();
+    }
+
+    /// A watch delivered an event: it works.
+    pub fn watch_ok(&self, name: &'static str) {
+        lock(&self.watches).remove(name);
+    }
+
+    pub fn config_rejected(&self, why: ConfigRejection, error: String) {
+        self.config_rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_config_error) = Some(error);
+    }
+
+    pub fn config_accepted(&self) {
+        *lock(&self.last_config_error) = None;
+    }
+
+    pub fn last_config_error(&self) -> Option<String> {
+        lock(&self.last_config_error).clone()
+    }
+
+    /// Rejected config edits so far, by reason.
+    pub fn config_rejections(&self) -> [(ConfigRejection, u64); 2] {
+        ConfigRejection::ALL.map(|why| (why, self.config_rejected[why as usize].load(Ordering::Relaxed)))
+    }
+
+    /// `Err(why)` when the event loop has not turned for too long.
+    pub fn live(&self) -> Result<(), String> {
+        let Some(beat) = *lock(&self.heartbeat) else { return Ok(()) };
+        let limit = Duration::from_millis(self.stall_limit_ms.load(Ordering::Relaxed));
+        let quiet = beat.elapsed();
+        if quiet > limit {
+            return Err(format!("the agent's event loop has not turned for {:.0?}", quiet));
+        }
+        Ok(())
+    }
+
+    /// `Err(why)` when the node should get no new pod from this agent.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.is_started() {
+            return Err("the datapath or the Node list is not in place yet".into());
+        }
+        for pin in lock(&self.required_pins).iter() {
+            if !pin.exists() {
+                return Err(format!("the datapath is not loaded: {} is missing", pin.display()));
+            }
+        }
+        if let Some(pins) = lock(&self.pins).as_ref()
+            && let Err(e) = PinnedMaps::open(pins)
+        {
+            return Err(format!("the datapath is not loaded: {:#}", anyhow::Error::from(e)));
+        }
+        let grace = Duration::from_millis(self.watch_grace_ms.load(Ordering::Relaxed));
+        for (name, failure) in lock(&self.watches).iter() {
+            let failing = failure.since.elapsed();
+            if failure.ongoing() && failing > grace {
+                return Err(format!(
+                    "the {name} watch has been failing for {failing:.0?}: {}",
+                    failure.error
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
-pub async fn serve(address: SocketAddr, health: Arc<Health>, metrics: Registry) -> anyhow::Result<()> {
+/// A poisoned lock only means a panic elsewhere; the data is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Bind `address` (an error if it cannot be: the probes would fail).
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding health_address {address} (is another agent or program using it?)"))
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    metrics: Registry,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics);
     let app = Router::new()
         .route(
@@ -54,20 +252,33 @@ pub async fn serve(address: SocketAddr, health: Arc<Health>, metrics: Registry) 
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
         .route(
-            "/readyz",
+            "/healthz",
             get(|State(health): State<Arc<Health>>| async move {
-                if health.is_ready() {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: datapath or node list not in place yet\n")
+                match health.live() {
+                    Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {why}\n")),
                 }
             }),
         )
+        .route(
+            "/readyz",
+            get(|State(health): State<Arc<Health>>| async move {
+                // Map reads and stats: off the async workers.
+                let checked = Arc::clone(&health);
+                let ready = tokio::task::spawn_blocking(move || checked.ready())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+                let (status, mut body) = match ready {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                };
+                if let Some(error) = health.last_config_error() {
+                    body.push_str(&format!("last rejected config edit: {error}\n"));
+                }
+                (status, body)
+            }),
+        )
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding health address {address}"))?;
     axum::serve(listener, app).await.context("health server")
 }

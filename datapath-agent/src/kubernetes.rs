@@ -4,7 +4,7 @@
 //! a change: the peer list is recomputed from the reflector's store, which
 //! keeps the last known state, and applied by diff.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -16,7 +16,11 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use crate::config::{KubernetesConfig, NodeIdentity, PeerConfig};
+use crate::{
+    config::{KubernetesConfig, NodeIdentity, PeerConfig},
+    datapath::RemoteRoute,
+    health::Health,
+};
 
 /// What a Node object says, as far as the datapath cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,16 +54,20 @@ pub fn facts(node: &Node) -> NodeFacts {
 
 /// The peers to program: every other node with an IPv4 pod CIDR inside the
 /// cluster CIDR and an IPv4 InternalIP. A node without them yet (podCIDR not
-/// allocated, addresses not reported) is skipped until an update brings them;
-/// one whose CIDR overlaps an earlier node's is refused, loudly.
+/// allocated, addresses not reported) is skipped until an update brings them.
+/// Of nodes whose CIDRs overlap (or who share an address), the one already
+/// routed (named in `routed`) keeps its place and the newcomer is refused,
+/// loudly: a new Node object must not break traffic to a working node.
+/// Between newcomers alone, the name decides.
 pub fn peers_from<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
     self_name: &str,
     own_pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
+    routed: &BTreeSet<String>,
 ) -> Vec<PeerConfig> {
     let mut all: Vec<NodeFacts> = nodes.into_iter().map(facts).collect();
-    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all.sort_by(|a, b| (!routed.contains(&a.name), &a.name).cmp(&(!routed.contains(&b.name), &b.name)));
     let mut peers: Vec<PeerConfig> = Vec::new();
     for node in all.into_iter().filter(|n| n.name != self_name) {
         let (Some(pod_cidr), Some(node_ip)) = (node.pod_cidr, node.internal_ip) else {
@@ -69,9 +77,18 @@ pub fn peers_from<'a>(
         let overlaps = |other: Ipv4Net| other.contains(&pod_cidr) || pod_cidr.contains(&other);
         if !cluster_cidr.contains(&pod_cidr) {
             tracing::warn!(node = node.name, %pod_cidr, %cluster_cidr, "pod CIDR outside the cluster CIDR; not routed");
-        } else if overlaps(own_pod_cidr) || peers.iter().any(|p| overlaps(p.pod_cidr) || p.node_ip == node_ip)
-        {
-            tracing::warn!(node = node.name, %pod_cidr, %node_ip, "pod CIDR or address clashes with another node; not routed");
+        } else if overlaps(own_pod_cidr) {
+            tracing::warn!(node = node.name, %pod_cidr, "pod CIDR overlaps this node's own; not routed");
+        } else if let Some(holder) = peers.iter().find(|p| overlaps(p.pod_cidr) || p.node_ip == node_ip) {
+            tracing::warn!(
+                node = node.name,
+                %pod_cidr,
+                %node_ip,
+                routed_node = holder.name,
+                routed_pod_cidr = %holder.pod_cidr,
+                routed_node_ip = %holder.node_ip,
+                "pod CIDR or address clashes with a node already routed; this one is not routed"
+            );
         } else {
             peers.push(PeerConfig { name: node.name, node_ip, pod_cidr });
         }
@@ -116,22 +133,34 @@ pub async fn own_identity(client: &Client, node_name: &str) -> anyhow::Result<No
 }
 
 /// Watch all Nodes; send the peer list each time it may have changed, from
-/// the first complete list on (`None` until then). The receiver applies
-/// changes by diff, so an unchanged list costs nothing.
+/// the first complete list on (`None` until then: what is pinned stays
+/// programmed meanwhile). The receiver applies changes by diff, so an
+/// unchanged list costs nothing. `programmed` is what the maps route now
+/// (left by the previous agent): of clashing nodes, those keep their place.
 pub fn watch_peers(
     client: Client,
     self_name: String,
     own_pod_cidr: Ipv4Net,
     cluster_cidr: Ipv4Net,
+    programmed: Vec<RemoteRoute>,
+    health: Arc<Health>,
 ) -> watch::Receiver<Option<Vec<PeerConfig>>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let api: Api<Node> = Api::all(client);
         let (store, writer) = reflector::store();
-        let mut events =
-            reflector(writer, watcher(api, watcher::Config::default())).default_backoff().boxed();
+        let mut events = reflector(writer, watcher(api, watcher::Config::default()))
+            .backoff(WatchBackoff::new("Node", Arc::clone(&health)))
+            .boxed();
         let mut synced = false;
+        // Names of the nodes routed now; known by route only until the
+        // first list names them.
+        let mut routed: Option<BTreeSet<String>> = None;
         while let Some(event) = events.next().await {
+            match &event {
+                Ok(_) => health.watch_ok("Node"),
+                Err(e) => health.watch_failed("Node", e),
+            }
             match event {
                 Ok(watcher::Event::InitDone) => synced = true,
                 // Mid-relist states are partial: wait for InitDone.
@@ -145,8 +174,26 @@ pub fn watch_peers(
             }
             if synced {
                 let nodes = store.state();
-                let peers =
-                    peers_from(nodes.iter().map(|n| n.as_ref()), &self_name, own_pod_cidr, cluster_cidr);
+                let routed = routed.get_or_insert_with(|| {
+                    nodes
+                        .iter()
+                        .map(|n| facts(n))
+                        .filter(|f| {
+                            programmed
+                                .iter()
+                                .any(|r| Some(r.pod_cidr) == f.pod_cidr && Some(r.node_ip) == f.internal_ip)
+                        })
+                        .map(|f| f.name)
+                        .collect()
+                });
+                let peers = peers_from(
+                    nodes.iter().map(|n| n.as_ref()),
+                    &self_name,
+                    own_pod_cidr,
+                    cluster_cidr,
+                    routed,
+                );
+                *routed = peers.iter().map(|p| p.name.clone()).collect();
                 tx.send_if_modified(|current| {
                     let changed = current.as_ref() != Some(&peers);
                     *current = Some(peers);
@@ -156,6 +203,38 @@ pub fn watch_peers(
         }
     });
     rx
+}
+
+/// kube's default watch backoff, telling `health` each retry's delay (the
+/// readiness check needs it to know when a failing watch has recovered).
+pub struct WatchBackoff {
+    inner: watcher::DefaultBackoff,
+    watch: &'static str,
+    health: Arc<Health>,
+}
+
+impl WatchBackoff {
+    pub fn new(watch: &'static str, health: Arc<Health>) -> Self {
+        Self { inner: watcher::DefaultBackoff::default(), watch, health }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.inner.next();
+        if let Some(delay) = delay {
+            self.health.watch_retry_scheduled(self.watch, delay);
+        }
+        delay
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
 }
 
 #[cfg(test)]
@@ -224,10 +303,35 @@ mod tests {
             served("mine", &["10.244.1.0/24"], &[("InternalIP", "192.168.1.16")]),
             served("c", &["10.244.3.0/24"], &[("InternalIP", "192.168.1.13")]),
         ];
-        let peers =
-            peers_from(&nodes, "self", "10.244.1.0/24".parse().unwrap(), "10.244.0.0/16".parse().unwrap());
+        let peers = peers_from(
+            &nodes,
+            "self",
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+            &BTreeSet::new(),
+        );
         let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, vec!["b", "c"]);
         assert_eq!(peers[0].node_ip, "192.168.1.11".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn of_clashing_nodes_the_routed_one_stays() {
+        let nodes = [
+            served("b", &["10.244.2.0/24"], &[("InternalIP", "192.168.1.11")]),
+            // Sorts before b, same CIDR: a newcomer, refused.
+            served("a-new", &["10.244.2.0/24"], &[("InternalIP", "192.168.1.21")]),
+            // Another newcomer with b's address.
+            served("a-same-ip", &["10.244.5.0/24"], &[("InternalIP", "192.168.1.11")]),
+        ];
+        let (own, cluster) = ("10.244.1.0/24".parse().unwrap(), "10.244.0.0/16".parse().unwrap());
+        let routed: BTreeSet<String> = ["b".to_owned()].into();
+        let peers = peers_from(&nodes, "self", own, cluster, &routed);
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["b"]);
+        // Between newcomers alone, the name decides: b clashes with both.
+        let peers = peers_from(&nodes, "self", own, cluster, &BTreeSet::new());
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["a-new", "a-same-ip"]);
     }
 }

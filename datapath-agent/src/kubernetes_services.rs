@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use futures::StreamExt as _;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
+    health::Health,
+    kubernetes::WatchBackoff,
     service_sync::ServiceRef,
 };
 
@@ -175,29 +178,37 @@ pub enum ServiceUpdate {
 /// Service's new state, worked out from that Service and its own slices
 /// (kept in an index by Service), so that one change costs the same at 10
 /// Services as at 10,000.
-pub fn watch_services(client: Client) -> mpsc::UnboundedReceiver<ServiceUpdate> {
+pub fn watch_services(client: Client, health: Arc<Health>) -> mpsc::UnboundedReceiver<ServiceUpdate> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let (service_store, service_writer) = reflector::store();
         let (slice_store, slice_writer) = reflector::store();
         let services =
             reflector(service_writer, watcher(Api::<Service>::all(client.clone()), Default::default()))
-                .default_backoff()
+                .backoff(WatchBackoff::new("Service", Arc::clone(&health)))
                 .map(|e| e.map(|e| Change::from_event(&e, |s: &Service| vec![service_ref(s)])));
         let slices = reflector(slice_writer, watcher(Api::<EndpointSlice>::all(client), Default::default()))
-            .default_backoff()
+            .backoff(WatchBackoff::new("EndpointSlice", Arc::clone(&health)))
             .map(|e| e.map(|e| Change::from_event(&e, |s: &EndpointSlice| vec![slice_key(s)])));
         let mut events = futures::stream::select(
-            services.map(|c| c.map(|c| (Kind::Service, c))).boxed(),
-            slices.map(|c| c.map(|c| (Kind::Slice, c))).boxed(),
+            services.map(|c| (Kind::Service, c)).boxed(),
+            slices.map(|c| (Kind::Slice, c)).boxed(),
         );
         let (mut services_synced, mut slices_synced) = (false, false);
         let mut index = SliceIndex::default();
         let mut sent: HashMap<ServiceRef, ServiceConfig> = HashMap::new();
-        while let Some(event) = events.next().await {
-            let (kind, change) = match event {
-                Ok(event) => event,
+        while let Some((kind, event)) = events.next().await {
+            let watch = match kind {
+                Kind::Service => "Service",
+                Kind::Slice => "EndpointSlice",
+            };
+            let change = match event {
+                Ok(change) => {
+                    health.watch_ok(watch);
+                    change
+                }
                 Err(e) => {
+                    health.watch_failed(watch, &e);
                     tracing::warn!(error = %e, "Service/EndpointSlice watch failed; keeping the current Services and retrying");
                     continue;
                 }

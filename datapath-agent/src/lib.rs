@@ -15,6 +15,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod mode_mismatch;
 pub mod netns;
+pub mod node_lock;
 pub mod node_net;
 pub mod service_sync;
 pub mod services;

@@ -13,6 +13,7 @@
 //! datapath_map_entries{map}         fill level of the sized maps ...
 //! datapath_map_capacity{map}        ... and their capacity
 //! datapath_agent_errors_total       failed reconciliations and refused requests
+//! datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
 
 use std::sync::{
     Arc,
@@ -27,7 +28,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::{GcReport, PinLayout, PinnedMaps};
+use crate::{
+    datapath::{GcReport, PinLayout, PinnedMaps},
+    health::Health,
+};
 
 /// Errors the agent hit (peer sync, refused CNI requests), for alerting.
 #[derive(Debug, Default)]
@@ -67,10 +71,21 @@ struct DatapathCollector {
     pins: PinLayout,
     errors: Arc<AgentErrors>,
     conntrack: Arc<ConntrackStats>,
+    health: Arc<Health>,
 }
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "datapath_config_edits_rejected",
+            "Edits of the config file not applied: invalid (nothing applied) or needs_restart (a \
+             restart-only field changed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (why, n) in self.health.config_rejections() {
+            ConstCounter::new(n).encode(metric.encode_family(&vec![("reason", why.name())])?)?;
+        }
         let errors = self.errors.0.load(Ordering::Relaxed);
         let mut metric = encoder.encode_descriptor(
             "datapath_agent_errors",
@@ -199,8 +214,13 @@ impl Collector for DatapathCollector {
 }
 
 /// The registry the /metrics endpoint serves.
-pub fn registry(pins: PinLayout, errors: Arc<AgentErrors>, conntrack: Arc<ConntrackStats>) -> Registry {
+pub fn registry(
+    pins: PinLayout,
+    errors: Arc<AgentErrors>,
+    conntrack: Arc<ConntrackStats>,
+    health: Arc<Health>,
+) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DatapathCollector { pins, errors, conntrack }));
+    registry.register_collector(Box::new(DatapathCollector { pins, errors, conntrack, health }));
     registry
 }

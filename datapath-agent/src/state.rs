@@ -78,8 +78,8 @@ impl EndpointStore {
         let entries =
             fs::read_dir(&self.dir).map_err(|source| StateError::Io { path: self.dir.clone(), source })?;
         let mut out = Vec::new();
-        for entry in entries.filter_map(Result::ok) {
-            let path = entry.path();
+        for entry in entries {
+            let path = entry.map_err(|source| StateError::Io { path: self.dir.clone(), source })?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 let bytes =
                     fs::read(&path).map_err(|source| StateError::Io { path: path.clone(), source })?;

@@ -38,9 +38,25 @@ struct Collection {
 struct State {
     collections: BTreeMap<&'static str, Collection>,
     resource_version: u64,
-    /// (path prefix, count): the next `count` requests under the prefix get 500.
-    fail_next: Option<(String, u32)>,
+    /// The next `count` requests whose path matches get 500.
+    fail_next: Option<(PathMatch, u32)>,
     requests: Vec<String>,
+}
+
+/// Which request paths [`FakeApiServer::fail_next`] and
+/// [`FakeApiServer::fail_next_lists`] fail.
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+        }
+    }
 }
 
 /// The collection path of an object's kind.
@@ -177,7 +193,14 @@ impl FakeApiServer {
     /// 500. A prefix, because every agent watches several collections and a
     /// test means one watcher's trouble.
     pub fn fail_next(&self, path_prefix: &str, n: u32) {
-        self.state.lock().unwrap().fail_next = Some((path_prefix.to_owned(), n));
+        self.state.lock().unwrap().fail_next = Some((PathMatch::Prefix(path_prefix.to_owned()), n));
+    }
+
+    /// The next `n` lists and watches of the collection at `path` (e.g.
+    /// "/api/v1/nodes") get HTTP 500; GETs of single objects still work (an
+    /// API server overloaded for lists, as during a rollout).
+    pub fn fail_next_lists(&self, path: &str, n: u32) {
+        self.state.lock().unwrap().fail_next = Some((PathMatch::Exact(path.to_owned()), n));
     }
 
     /// Request lines served so far (method and path).
@@ -213,9 +236,9 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let watch_rx = {
         let mut s = state.lock().unwrap();
         s.requests.push(request_line.trim().to_owned());
-        if let Some((prefix, left)) = &mut s.fail_next
+        if let Some((matching, left)) = &mut s.fail_next
             && *left > 0
-            && path.starts_with(prefix.as_str())
+            && matching.matches(path)
         {
             *left -= 1;
             drop(s);

@@ -163,6 +163,8 @@ pub struct Node {
     pub kubeconfig: Option<PathBuf>,
     /// Extra top-level config lines (e.g. `ebpf_log = "debug"`).
     pub extra_config: String,
+    /// Extra lines of the `[kubernetes]` table (Kubernetes source).
+    pub kubernetes_extra_config: String,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -212,6 +214,7 @@ impl Node {
             peers: Vec::new(),
             kubeconfig: None,
             extra_config: String::new(),
+            kubernetes_extra_config: String::new(),
             work_dir,
             bpffs_dir,
             socket,
@@ -245,6 +248,12 @@ impl Node {
         self.write_config();
     }
 
+    /// Set extra lines of the `[kubernetes]` table, read at the next start.
+    pub fn set_kubernetes_extra_config(&mut self, lines: &str) {
+        self.kubernetes_extra_config = lines.to_owned();
+        self.write_config();
+    }
+
     pub fn written_cni_config(&self) -> PathBuf {
         self.work_dir.join("net.d/10-datapath.conflist")
     }
@@ -259,7 +268,9 @@ impl Node {
     pub fn agent_config(&self) -> String {
         if let Some(kubeconfig) = &self.kubeconfig {
             return format!(
-                "node_name = \"{id}\"\nsource = \"kubernetes\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\ncni_config_file = \"{cni}\"\n\n[kubernetes]\nkubeconfig = \"{kc}\"\n",
+                "node_name = \"{id}\"\nsource = \"kubernetes\"\nuplink_interface = \"{UPLINK}\"\nbpffs_dir = \"{bpffs}\"\napi_socket = \"{sock}\"\nstate_dir = \"{state}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\nmode = \"{mode}\"\nhealth_address = \"127.0.0.1:9976\"\ncni_config_file = \"{cni}\"\n{extra}\n[kubernetes]\nkubeconfig = \"{kc}\"\n{kubernetes_extra}",
+                extra = self.extra_config,
+                kubernetes_extra = self.kubernetes_extra_config,
                 id = self.id,
                 bpffs = self.bpffs_dir.display(),
                 sock = self.socket.display(),
@@ -302,20 +313,68 @@ impl Node {
     }
 
     pub fn start_agent(&mut self) {
+        self.start_agent_with(None);
+    }
+
+    /// Start the agent with the kernel refusing each `bpf(cmd, ...)` of
+    /// `commands` with EPERM (a seccomp filter): a real syscall failing for
+    /// the real agent, as an LSM policy or an older kernel would make it.
+    pub fn start_agent_refusing_bpf_commands(&mut self, commands: &[u32]) {
+        use seccompiler::{
+            SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+        };
+        let rules = commands
+            .iter()
+            .map(|cmd| {
+                let is_cmd =
+                    SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(*cmd))
+                        .unwrap();
+                SeccompRule::new(vec![is_cmd]).unwrap()
+            })
+            .collect();
+        let filter = SeccompFilter::new(
+            [(libc::SYS_bpf, rules)].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            std::env::consts::ARCH.try_into().unwrap(),
+        )
+        .unwrap();
+        self.start_agent_with(Some(filter.try_into().unwrap()));
+    }
+
+    fn start_agent_with(&mut self, seccomp: Option<seccompiler::BpfProgram>) {
+        self.launch_agent(seccomp);
+        self.wait_for_agent_socket();
+    }
+
+    /// Start the agent without waiting for it to serve anything.
+    pub fn launch_agent(&mut self, seccomp: Option<seccompiler::BpfProgram>) {
+        use std::os::unix::process::CommandExt as _;
         assert!(self.agent.is_none(), "agent already running");
         // A SIGKILLed agent leaves its socket behind: readiness is a new one.
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
-        let child = self
-            .in_node(&bin_dir().join("datapath-agent"))
+        let mut command = self.in_node(&bin_dir().join("datapath-agent"));
+        command
             .args(["run", "--config"])
             .arg(self.config_path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
-        self.agent = Some(child);
+            .stderr(log);
+        if let Some(filter) = seccomp {
+            // SAFETY: between fork and exec only prctl and seccomp run, on
+            // a filter built before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    seccompiler::apply_filter(&filter).map_err(|e| std::io::Error::other(e.to_string()))
+                });
+            }
+        }
+        self.agent = Some(command.spawn().expect("spawn agent"));
+    }
+
+    /// Wait until the agent serves the CNI plugin (panics if it exits).
+    pub fn wait_for_agent_socket(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
@@ -349,6 +408,11 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Whether the agent started last is still running.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -518,6 +582,35 @@ impl Node {
             fields.retain(|name, _| !name.starts_with("sent_") && !name.starts_with("delivered_"));
         }
         endpoints
+    }
+
+    /// The host veth indexes POD_INTERFACES holds (read from its pin).
+    pub fn pod_interface_indexes(&self) -> Vec<u32> {
+        use datapath_common::{PodInterface, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
+        let map: aya::maps::HashMap<_, u32, PodInterface> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        let mut indexes: Vec<u32> = map.keys().collect::<Result<_, _>>().unwrap();
+        indexes.sort();
+        indexes
+    }
+
+    /// Put an entry into POD_INTERFACES behind the agent's back (what an
+    /// older agent could leave behind).
+    pub fn insert_pod_interface(&self, ifindex: u32, pod_ipv4: Ipv4Addr) {
+        use datapath_common::{NO_TRAFFIC_SLOT, PodInterface, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
+        let mut map: aya::maps::HashMap<_, u32, PodInterface> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        let entry = PodInterface {
+            pod_ipv4: pod_ipv4.octets(),
+            host_mac: [0x02, 0, 0, 0, 0, 1],
+            _pad: [0; 2],
+            traffic_slot: NO_TRAFFIC_SLOT,
+        };
+        map.insert(ifindex, entry, 0).unwrap();
     }
 
     pub fn drop_count(&self, reason: &str) -> u64 {
@@ -729,16 +822,22 @@ pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
 /// HTTP GET `path` from 127.0.0.1:`port` inside `ns` (the agent's health and
 /// metrics endpoint): (status, body).
 pub fn http_get_local(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+    try_http_get_local(ns, port, path).expect("connect to the agent's HTTP endpoint")
+}
+
+/// [`http_get_local`], with a refused connection as an error.
+pub fn try_http_get_local(ns: &Netns, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let path = path.to_owned();
     in_netns(&ns.path(), move || {
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent's HTTP endpoint");
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut answer = String::new();
-        conn.read_to_string(&mut answer).unwrap();
+        conn.read_to_string(&mut answer)?;
         let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (status, body)
+        Ok((status, body))
     })
     .join()
     .unwrap()

@@ -41,3 +41,33 @@ fn bad_values_are_refused_naming_the_field() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/agent.toml"));
 }
+
+/// A health_address that cannot be bound stops the agent at start: running
+/// on without its probes would have Kubernetes restart it forever.
+#[test]
+fn a_health_address_that_cannot_be_bound_is_fatal() {
+    if !require_root("a_health_address_that_cannot_be_bound_is_fatal") {
+        return;
+    }
+    let mut node = datapath_tests::lab::Node::new("10.244.1.0/24", std::net::Ipv4Addr::new(10, 250, 0, 1));
+    // Someone else has the port in the node's namespace.
+    let taken = datapath_tests::lab::in_netns(&node.netns.path(), || {
+        std::net::TcpListener::bind(("127.0.0.1", 9976)).unwrap()
+    })
+    .join()
+    .unwrap();
+    node.launch_agent(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.agent_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent runs without its health address:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = node.agent_log();
+    assert!(log.contains("health_address 127.0.0.1:9976"), "{log}");
+    assert!(!node.socket.exists(), "it served nothing");
+    drop(taken);
+}

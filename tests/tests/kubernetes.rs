@@ -11,14 +11,14 @@ use std::{
 
 use datapath_tests::{
     kube_api::{FakeApiServer, node_object},
-    lab::{Fabric, Netns, Node, http_get_local, ping},
+    lab::{Fabric, Netns, Node, http_get_local, ping, try_http_get_local},
     require_root, sh,
 };
 
 const API_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(40);
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
@@ -301,4 +301,201 @@ fn services_follow_service_and_endpointslice_objects() {
     // The Service is deleted: nothing left programmed.
     api.delete_object("Service", "shop/web");
     wait_for("the Service removed", || programmed(&a).is_empty());
+}
+
+/// Until the API server gives this node's Node object the agent is live
+/// (so the liveness probe does not restart it into CrashLoopBackOff during
+/// an API outage) but not ready, and /metrics answers. Once running, it
+/// goes unready when a watch has failed for longer than
+/// `kubernetes.watch_failure_seconds`, and ready again when it recovers.
+#[test]
+fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
+    if !require_root("health_is_served_while_waiting_for_the_api_and_follows_the_watches") {
+        return;
+    }
+    let fabric = Fabric::new();
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    let kubeconfig = api.kubeconfig(&a.work_dir);
+    a.use_kubernetes(&kubeconfig);
+    a.set_kubernetes_extra_config("watch_failure_seconds = 2\n");
+    // No Node object yet: the agent waits for it.
+    a.launch_agent(None);
+    let status =
+        |a: &Node, path: &str| try_http_get_local(&a.netns, 9976, path).map(|(status, _)| status).ok();
+    wait_for("/healthz served while waiting", || status(&a, "/healthz") == Some(200));
+    assert_eq!(status(&a, "/readyz"), Some(503));
+    assert_eq!(status(&a, "/metrics"), Some(200));
+    assert!(a.agent_log().contains("cannot read this node's Node object yet"), "{}", a.agent_log());
+    assert!(a.agent_running(), "still waiting");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&a, "/healthz"), Some(200), "still live");
+
+    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
+    a.wait_for_agent_socket();
+    wait_for("A ready", || status(&a, "/readyz") == Some(200));
+
+    // The Node watch fails on and on: not ready after the bound (forwarding
+    // and the maps stay as they are meanwhile).
+    let before = a.inspect("nodes");
+    api.fail_next_lists("/api/v1/nodes", 1_000);
+    api.disconnect_watches();
+    wait_for("unready while the Node watch fails", || status(&a, "/readyz") == Some(503));
+    let (_, body) = try_http_get_local(&a.netns, 9976, "/readyz").unwrap();
+    assert!(body.contains("the Node watch has been failing"), "{body}");
+    assert_eq!(status(&a, "/healthz"), Some(200), "live all along");
+    assert_eq!(a.inspect("nodes"), before);
+    api.fail_next_lists("/api/v1/nodes", 0);
+    wait_for("ready again once the watch recovers", || status(&a, "/readyz") == Some(200));
+}
+
+/// Nodes A and B in kubernetes mode with their Node objects, both agents
+/// running and each routing to the other; a pod on each.
+fn two_nodes_in_kubernetes_mode(fabric: &Fabric) -> (FakeApiServer, Node, Node) {
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    let mut b = Node::on_fabric(fabric, "10.244.2.0/24", Ipv4Addr::new(10, 250, 0, 2), "native");
+    api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
+    api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.2"));
+    for node in [&mut a, &mut b] {
+        let kubeconfig = api.kubeconfig(&node.work_dir);
+        node.use_kubernetes(&kubeconfig);
+        node.start_agent();
+    }
+    wait_for("A to know B", || peer_cidrs(&a) == ["10.244.2.0/24"]);
+    wait_for("B to know A", || peer_cidrs(&b) == ["10.244.1.0/24"]);
+    (api, a, b)
+}
+
+fn peer_routes(node: &Node) -> Vec<(String, String)> {
+    node.inspect("nodes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["pod_cidr"].as_str().unwrap().to_owned(), n["node_ip"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// `ping -i 0.002` (500 per second) from `from` to `dst`, `count` of them.
+fn ping_flood(from: &Netns, dst: Ipv4Addr, count: u32) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &from.name, "ping", "-q", "-i", "0.002", "-W", "1", "-c"])
+        .arg(count.to_string())
+        .arg(dst.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (transmitted, received) of a finished `ping`.
+fn ping_result(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("{text}"));
+    let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+/// A restart in kubernetes mode keeps every peer routed until the first
+/// Node list has come, then applies it by diff: SIGKILL + restart under a
+/// 2 ms ping flood across nodes loses nothing, with the API healthy and
+/// with the API failing its Node lists for a while after the restart.
+#[test]
+fn kubernetes_mode_restart_loses_nothing_even_while_node_lists_fail() {
+    if !require_root("kubernetes_mode_restart_loses_nothing_even_while_node_lists_fail") {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (api, mut a, b) = two_nodes_in_kubernetes_mode(&fabric);
+    let a1 = a.add_pod("a1");
+    let b1 = b.add_pod("b1");
+    assert!(ping(&a1.netns, b1.ip, 1));
+    let routes_before = peer_routes(&a);
+    let host_routes = |node: &Node| {
+        let mut routes: Vec<String> =
+            node.host_routes().lines().filter(|l| l.contains("10.244.2.0/24")).map(str::to_owned).collect();
+        routes.sort();
+        routes
+    };
+    let host_routes_before = host_routes(&a);
+    let ready = |a: &Node| http_get_local(&a.netns, 9976, "/readyz").0 == 200;
+
+    // 10,000 at 2 ms: longer than both restarts below take.
+    let flood = ping_flood(&a1.netns, b1.ip, 10_000);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The API answers at once.
+    a.kill_agent();
+    a.start_agent();
+    wait_for("A ready after the restart", || ready(&a));
+    assert_eq!(peer_routes(&a), routes_before);
+
+    // The API fails its Node lists: the restarted agent reads its own Node
+    // but gets no list for a while; the pinned peers stay routed meanwhile.
+    let lists_before = api.requests().len();
+    api.fail_next_lists("/api/v1/nodes", 3);
+    a.kill_agent();
+    a.start_agent();
+    wait_for("the failing lists to reach the agent", || a.agent_log().contains("Node watch failed"));
+    assert!(!ready(&a), "not ready before a Node list");
+    assert_eq!(peer_routes(&a), routes_before, "peers kept while the lists fail");
+    assert_eq!(host_routes(&a), host_routes_before, "node routes kept while the lists fail");
+    wait_for("A ready once a list succeeds", || ready(&a));
+    assert_eq!(peer_routes(&a), routes_before);
+    assert!(api.requests()[lists_before..].iter().any(|r| r.starts_with("GET /api/v1/nodes?")));
+    let restarts = started.elapsed();
+
+    let mut flood = flood;
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the ping flood ended before the restarts did ({restarts:?}); it must cover them"
+    );
+    let (transmitted, received) = ping_result(flood);
+    eprintln!(
+        "kubernetes mode, 2 SIGKILL + restarts (API healthy, then Node lists failing) in {restarts:?}: \
+         {received}/{transmitted} pings across nodes"
+    );
+    assert_eq!(received, transmitted, "pings lost across the restarts");
+}
+
+/// A Node whose pod CIDR overlaps one already routed is refused with a
+/// warning, whatever its name; the routed node keeps its traffic, also
+/// across a restart, and the newcomer is routed once the other one goes.
+#[test]
+fn a_new_node_clashing_with_a_routed_one_is_refused() {
+    if !require_root("a_new_node_clashing_with_a_routed_one_is_refused") {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (api, mut a, b) = two_nodes_in_kubernetes_mode(&fabric);
+    let a1 = a.add_pod("a1");
+    let b1 = b.add_pod("b1");
+    let routes_before = peer_routes(&a);
+    assert_eq!(routes_before, [("10.244.2.0/24".to_owned(), "10.250.0.2".to_owned())]);
+
+    // "aaa-newcomer" sorts before B's name.
+    api.apply(node_object("aaa-newcomer", Some("10.244.2.0/24"), "10.250.0.99"));
+    wait_for("A to process the newcomer", || {
+        a.agent_log().contains("aaa-newcomer") || peer_routes(&a) != routes_before
+    });
+    assert_eq!(peer_routes(&a), routes_before, "B keeps its CIDR:\n{}", a.agent_log());
+    assert!(a.agent_log().contains("clashes with a node already routed"), "{}", a.agent_log());
+    assert!(ping(&a1.netns, b1.ip, 2), "A -> B unaffected");
+
+    // A restart: what is pinned decides, not the names.
+    a.kill_agent();
+    a.start_agent();
+    wait_for("A ready", || http_get_local(&a.netns, 9976, "/readyz").0 == 200);
+    assert_eq!(peer_routes(&a), routes_before, "B keeps its CIDR across a restart");
+    assert!(ping(&a1.netns, b1.ip, 2));
+
+    // B goes: the newcomer takes the CIDR.
+    api.delete(&b.id);
+    wait_for("the newcomer routed", || {
+        peer_routes(&a) == [("10.244.2.0/24".to_owned(), "10.250.0.99".to_owned())]
+    });
 }

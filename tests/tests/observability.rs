@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use datapath_tests::{
-    lab::{Node, http_get_local, malformed_frames, ping_from_spoofed_address, send_raw_frames},
+    lab::{Node, http_get_local, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames},
     require_root, sh,
 };
 
@@ -195,4 +195,152 @@ fn monitor_traces_forwards_within_its_rate_limit() {
     assert!(datapath_tests::lab::ping(&a.netns, b.ip, 3));
     let after = node.inspect("counters")["monitor_events"]["emitted"].as_u64().unwrap();
     assert_eq!(after, emitted, "forward tracing switched off when the monitor stopped");
+}
+
+/// `inspect ... | head -1`: the reader goes away before the listing is
+/// written. The CLI must end as other tools do (quietly, by SIGPIPE or
+/// with success), not panic with "failed printing to stdout".
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    if !require_root("inspect_into_a_closed_pipe_exits_quietly") {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let _a = node.add_pod("a");
+    let _b = node.add_pod("b");
+    for what in ["endpoints", "counters", "nodes", "config"] {
+        // The read end is closed before the CLI starts: its first write fails.
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(read_end);
+        let out = node
+            .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+            .args(["inspect", what, "--bpffs-dir"])
+            .arg(&node.bpffs_dir)
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "inspect {what} into a closed pipe said: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "inspect {what} into a closed pipe ended with {}",
+            out.status
+        );
+    }
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// /healthz fails while the agent's event loop is stuck, and recovers with
+/// it. The loop is stuck for real: a CNI DEL reads the pod's record from the
+/// state directory while holding the agent's lock, and here the record is a
+/// FIFO nobody writes (as a hung file system would hold the read).
+#[test]
+fn liveness_fails_while_the_event_loop_is_stuck() {
+    if !require_root("liveness_fails_while_the_event_loop_is_stuck") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.set_extra_config("event_loop_stall_seconds = 2\n");
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
+
+    let record = node.work_dir.join("state/endpoints").join(format!("{}.json", b.host_veth));
+    std::fs::remove_file(&record).unwrap();
+    nix::unistd::mkfifo(&record, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let del = {
+        let cni = node.cni_config();
+        let env: Vec<(String, String)> = Node::cni_env("DEL", &b.container_id, "")
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let program = node.in_node(&datapath_tests::bin_dir().join("datapath-cni"));
+        std::thread::spawn(move || {
+            let mut program = program;
+            program
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("CNI_PATH", format!("{}:/usr/lib/cni", datapath_tests::bin_dir().display()))
+                .envs(env)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null());
+            let mut child = program.spawn().unwrap();
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(cni.to_string().as_bytes()).unwrap();
+            child.wait().unwrap()
+        })
+    };
+    wait_until("/healthz to fail", || http_get_local(&node.netns, 9976, "/healthz").0 == 503);
+    let (_, body) = http_get_local(&node.netns, 9976, "/healthz");
+    assert!(body.contains("event loop has not turned"), "{body}");
+    assert!(ping(&a.netns, b.ip, 1), "forwarding goes on meanwhile");
+
+    // A writer comes and goes: the read ends (with an unreadable record).
+    std::fs::OpenOptions::new().write(true).open(&record).unwrap();
+    wait_until("/healthz to recover", || http_get_local(&node.netns, 9976, "/healthz").0 == 200);
+    del.join().unwrap();
+    std::fs::remove_file(&record).unwrap();
+    let c = node.add_pod("c");
+    assert!(ping(&c.netns, a.ip, 1), "the agent works again");
+}
+
+/// /readyz: ready while the datapath is in place, with a rejected edit of
+/// the config file shown (and counted in /metrics) until a good one comes;
+/// not ready once the datapath is gone (a node-level link pin removed).
+#[test]
+fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
+    if !require_root("readiness_shows_rejected_config_edits_and_follows_the_datapath") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let readyz = |node: &Node| http_get_local(&node.netns, 9976, "/readyz");
+    wait_until("ready", || readyz(&node).0 == 200);
+    let rejected = |node: &Node, reason: &str| {
+        let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+        sample(&metrics, "datapath_config_edits_rejected_total", &format!("reason=\"{reason}\""))
+    };
+    assert_eq!(rejected(&node, "invalid"), Some(0));
+
+    // An invalid edit: nothing applied, still ready, the error shown and counted.
+    let good = std::fs::read_to_string(node.config_path()).unwrap();
+    std::fs::write(node.config_path(), format!("monitor_events_per_second = 0\n{good}")).unwrap();
+    wait_until("the rejected edit shown", || readyz(&node).1.contains("last rejected config edit"));
+    let (status, body) = readyz(&node);
+    assert_eq!(status, 200, "the running config stays: {body}");
+    assert!(body.contains("monitor_events_per_second"), "the error names the field: {body}");
+    assert_eq!(rejected(&node, "invalid"), Some(1));
+    // A good edit clears it.
+    std::fs::write(node.config_path(), &good).unwrap();
+    wait_until("the error cleared", || !readyz(&node).1.contains("last rejected config edit"));
+
+    // A field only a restart changes: counted and shown too.
+    std::fs::write(node.config_path(), format!("ebpf_log = \"debug\"\n{good}")).unwrap();
+    wait_until("the restart-only edit shown", || readyz(&node).1.contains("`ebpf_log` changed"));
+    assert_eq!(rejected(&node, "needs_restart"), Some(1));
+    std::fs::write(node.config_path(), &good).unwrap();
+
+    // The datapath taken away under the agent: not ready.
+    let uplink_link =
+        std::fs::read_dir(node.bpffs_dir.join("node-links")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(&uplink_link).unwrap();
+    wait_until("not ready", || readyz(&node).0 == 503);
+    let (_, body) = readyz(&node);
+    assert!(body.contains("not loaded") && body.contains(&uplink_link.display().to_string()), "{body}");
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200, "still live");
+    // A restart puts it back.
+    node.stop_agent();
+    node.start_agent();
+    wait_until("ready again", || readyz(&node).0 == 200);
 }

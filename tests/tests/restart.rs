@@ -139,3 +139,61 @@ fn changes_made_while_the_agent_is_down_are_reconciled() {
     );
     assert!(add.success, "{}", add.raw_stdout);
 }
+
+/// `BPF_LINK_UPDATE` in `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_LINK_UPDATE: u32 = 29;
+
+/// A restart whose switch of a live pod's link to the new program fails
+/// (here the kernel refuses bpf(BPF_LINK_UPDATE)) must not detach the pod:
+/// the link stays, forwarding with the program it has, the error is logged
+/// with its cause, and the switch is retried; a later start switches it.
+#[test]
+fn a_live_link_whose_switch_fails_is_kept_and_retried() {
+    if !require_root("a_live_link_whose_switch_fails_is_kept_and_retried") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let links =
+        [a.host_veth.clone(), b.host_veth.clone()].map(|veth| node.bpffs_dir.join("links").join(veth));
+    let progs_before = links.clone().map(|link| node.link_prog_id(&link));
+    node.kill_agent();
+
+    node.start_agent_refusing_bpf_commands(&[BPF_LINK_UPDATE]);
+    let wait_for_log = |node: &Node, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.agent_log().contains(text) {
+            assert!(Instant::now() < deadline, "no {text:?} in the log:\n{}", node.agent_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for_log(&node, "datapath loaded and reconciled");
+    for link in &links {
+        assert!(link.exists(), "{} kept:\n{}", link.display(), node.agent_log());
+    }
+    assert_eq!(links.clone().map(|link| node.link_prog_id(&link)), progs_before, "still the old programs");
+    assert!(ping(&a.netns, b.ip, 2), "a -> b with its links kept:\n{}", node.agent_log());
+    assert!(ping(&node.netns, a.ip, 1), "node -> a");
+    let log = node.agent_log();
+    // Both pods' links and the uplink's.
+    assert!(log.contains("links_failed=3"), "{log}");
+    assert!(
+        log.contains("cannot switch this link to the loaded program")
+            && log.contains("Operation not permitted"),
+        "the error and its cause are logged:\n{log}"
+    );
+    assert!(log.contains("stale_links_removed=0"), "nothing taken for stale:\n{log}");
+    wait_for_log(&node, "switching this link to the loaded program failed again");
+    assert!(ping(&a.netns, b.ip, 1), "a -> b after the retry failed");
+
+    // Without the fault, the next start switches both.
+    node.stop_agent();
+    node.start_agent();
+    assert!(node.agent_log().contains("links_updated=2"), "{}", node.agent_log());
+    for (link, before) in links.iter().zip(progs_before) {
+        assert_ne!(node.link_prog_id(link), before, "switched to the new program");
+    }
+    assert!(ping(&a.netns, b.ip, 1));
+}

@@ -195,3 +195,58 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
     let c = node.add_pod("c");
     assert!(ping(&c.netns, a.ip, 2));
 }
+
+/// The pod's namespace is deleted before DEL (a runtime that lost the
+/// container; containerd's RemovePodSandbox after a vanished netns): the
+/// host veth goes with it. DEL must still forget the pod's interface entry
+/// (by the index the agent recorded), and a DEL sweeps entries of
+/// interfaces that no longer exist, never those of live ones.
+#[test]
+fn del_after_the_netns_is_gone_leaves_no_interface_entry() {
+    if !require_root("del_after_the_netns_is_gone_leaves_no_interface_entry") {
+        return;
+    }
+    let node = node();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let index_of = |veth: &str| nix::net::if_::if_nametoindex(veth).unwrap();
+    let (a_index, b_index) = datapath_tests::lab::in_netns(&node.netns.path(), {
+        let (a, b) = (a.host_veth.clone(), b.host_veth.clone());
+        move || (index_of(&a), index_of(&b))
+    })
+    .join()
+    .unwrap();
+    let mut both = vec![a_index, b_index];
+    both.sort();
+    assert_eq!(node.pod_interface_indexes(), both);
+
+    sh(&["ip", "netns", "del", &b.netns.name]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.host_veths().contains(&b.host_veth) {
+        assert!(std::time::Instant::now() < deadline, "b's veth outlived its namespace");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let del = node.del_pod(&b);
+    assert!(del.success, "DEL after the netns went: {}", del.raw_stdout);
+    assert_eq!(
+        node.pod_interface_indexes(),
+        vec![a_index],
+        "b's interface entry forgotten, a's kept:\n{}",
+        node.agent_log()
+    );
+    let endpoints = node.inspect("endpoints");
+    let ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, vec![a.ip.to_string()]);
+    assert!(!node.bpffs_dir.join("links").join(&b.host_veth).exists(), "b's link pin removed");
+
+    // An entry of an interface that does not exist (left by an agent that
+    // leaked it) goes at the next DEL, whoever it is for; a's stays.
+    node.insert_pod_interface(0x7fff_fff0, Ipv4Addr::new(10, 244, 1, 250));
+    assert_eq!(node.pod_interface_indexes(), vec![a_index, 0x7fff_fff0]);
+    let never =
+        node.cni(&Node::cni_env("DEL", "never-existed", ""), node.cni_config().to_string().as_bytes());
+    assert!(never.success, "{}", never.raw_stdout);
+    assert_eq!(node.pod_interface_indexes(), vec![a_index], "the stale entry swept, a's kept");
+    assert!(ping(&node.netns, a.ip, 1), "a untouched");
+}

@@ -1,8 +1,10 @@
 //! `datapath-agent`: the node agent (`run`), its inspection CLI (`inspect`)
 //! and the live event monitor (`monitor`).
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use datapath_agent::cmd::{inspect, monitor, run};
+use nix::sys::signal::{SigHandler, Signal, signal};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "eBPF pod datapath: node agent and inspection CLI")]
@@ -38,7 +40,14 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(run::run(args)),
-        Command::Inspect(args) => inspect::inspect(args),
+        Command::Inspect(args) => {
+            // Rust ignores SIGPIPE, so a closed pipe (`inspect ... | head -1`)
+            // would make println! panic. A listing has nothing to clean up:
+            // end quietly on SIGPIPE, as other command-line tools do.
+            // SAFETY: no other thread exists yet, and no handler is installed.
+            unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.context("restoring SIGPIPE")?;
+            inspect::inspect(args)
+        }
         Command::Monitor(args) => monitor::monitor(args),
     }
 }

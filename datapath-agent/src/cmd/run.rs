@@ -19,11 +19,15 @@ use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode
 
 use crate::{
     api::{EndpointRef, EndpointSpec, Request, Response},
-    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source},
-    datapath::{Datapath, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack, ProgramBuild, RemoteRoute},
-    health::Health,
+    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
+    datapath::{
+        Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
+        ProgramBuild, RemoteRoute, SweepReport,
+    },
+    health::{ConfigRejection, Health},
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
+    node_lock::NodeLock,
     node_net::{self, RouteVia},
     service_sync::{ServiceRef, ServiceSync},
     services::{self, ConntrackLimits},
@@ -35,6 +39,14 @@ use crate::{
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a failed Service sync is tried again.
 const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the event loop beats for the liveness probe.
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a link that could not be switched to the loaded program is
+/// tried again.
+const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often map entries of interfaces that no longer exist are swept (also
+/// after each DEL and at start).
+const INTERFACE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -51,27 +63,49 @@ struct Agent {
     pod_mtu: u32,
     route_via: RouteVia,
     services: ServiceSync,
+    health: Arc<Health>,
+    /// Live links that could not be switched to the loaded program: they
+    /// keep forwarding with the one they have, and are retried.
+    pending_links: Vec<PendingLink>,
+}
+
+/// A pinned link to switch to the loaded program again.
+struct PendingLink {
+    program: &'static str,
+    ifname: String,
+    pin: PathBuf,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (config, kube_client) = load_config(&args.config).await?;
-    config.check_host()?;
+    let config_file = ConfigFile::read(&args.config)?;
+    // One agent per node, settled before anything is touched: the locks on
+    // the pinned state and the records, then the CNI socket.
+    let settings = &config_file.settings;
+    let _node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
+    refuse_a_socket_that_answers(&settings.api_socket)?;
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
     let conntrack_stats = Arc::new(ConntrackStats::default());
-    if let Some(address) = config.health_address {
+    // Served from now on, also while waiting for the API server below (live,
+    // not ready). An address that cannot be bound is fatal: the probes
+    // would fail, and the node would never see this agent ready.
+    if let Some(address) = settings.health_address {
+        let listener = crate::health::bind(address).await?;
         let health = Arc::clone(&health);
         let registry = crate::metrics::registry(
-            PinLayout::new(&config.bpffs_dir),
+            PinLayout::new(&settings.bpffs_dir),
             Arc::clone(&errors),
             Arc::clone(&conntrack_stats),
+            Arc::clone(&health),
         );
         tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(address, health, registry).await {
+            if let Err(e) = crate::health::serve(listener, health, registry).await {
                 tracing::error!(error = format!("{e:#}"), "health endpoints failed");
             }
         });
     }
+    let (config, kube_client) = config_file.resolve().await?;
+    config.check_host()?;
     let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
 
@@ -137,11 +171,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
     let services = ServiceSync::new(config.state_dir.clone());
-    let mut agent = Agent { config, datapath, store, pod_mtu, route_via, errors, services };
-    let report = agent.datapath.reconcile().context("reconciling pinned state")?;
+    let mut agent = Agent {
+        config,
+        datapath,
+        store,
+        pod_mtu,
+        route_via,
+        errors,
+        services,
+        health: Arc::clone(&health),
+        pending_links: Vec::new(),
+    };
+    let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
-    agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
-    agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    let node_links_failed =
+        agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
+    let links_failed = report.links_failed.len() + node_links_failed.len();
+    for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
+        agent.keep_failed_link(failure);
+    }
+    // In kubernetes mode the peers are not known until the first Node list:
+    // what is pinned stays routed until then (a restart must not cut
+    // cross-node traffic, and an API server that fails its lists must not
+    // either); the list is then applied by diff.
+    if agent.config.source == Source::Static {
+        agent.apply_peers(&netlink).await.context("programming the peer nodes")?;
+    }
     // Static Services are all known now. In kubernetes mode the file has
     // none: the maps stay as the last agent left them (no connection to a
     // Service is refused across a restart) until a Service list arrives.
@@ -163,26 +218,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         links_updated = report.links_updated,
         stale_links_removed = report.stale_links_removed,
         stale_endpoints_removed = report.stale_endpoints_removed,
+        stale_interfaces_removed = report.stale_interfaces_removed,
+        links_failed,
         stale_records,
         "datapath loaded and reconciled"
     );
 
+    // Readiness also needs the pins it made to stay in place.
+    health.configure(
+        agent.datapath.pins().clone(),
+        node_programs
+            .iter()
+            .map(|(program, ifname)| agent.datapath.pins().node_link(program, ifname))
+            .collect(),
+        std::time::Duration::from_secs(agent.config.event_loop_stall_seconds.into()),
+        std::time::Duration::from_secs(agent.config.kubernetes.watch_failure_seconds.into()),
+    );
     let socket_path = agent.config.api_socket.clone();
-    let listener = bind_private_socket(&socket_path)?;
+    let (listener, socket_identity) = bind_private_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "serving the CNI plugin");
     // Peers come from the file (static) or from Node objects (Kubernetes).
     let mut config_changes = match kube_client {
-        None => watch_config(args.config.clone(), agent.config.clone()),
+        None => watch_config(args.config.clone(), agent.config.clone(), Arc::clone(&health)),
         Some(_) => tokio::sync::mpsc::channel(1).1,
     };
     // Services come from the file (static) or from Services and EndpointSlices.
-    let mut kube_services = kube_client.clone().map(crate::kubernetes_services::watch_services);
+    let mut kube_services = kube_client
+        .clone()
+        .map(|client| crate::kubernetes_services::watch_services(client, Arc::clone(&health)));
+    let programmed = agent.datapath.remote_routes().context("reading the programmed peers")?;
     let mut node_peers = kube_client.map(|client| {
         crate::kubernetes::watch_peers(
             client,
             agent.config.node_name.clone(),
             agent.config.pod_cidr,
             agent.config.cluster_cidr,
+            programmed,
+            Arc::clone(&health),
         )
     });
     if node_peers.is_none() {
@@ -200,10 +272,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
     service_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut link_retry = tokio::time::interval(LINK_RETRY_INTERVAL);
+    link_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    link_retry.reset();
+    let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
+    interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interface_sweep.reset();
+    // The loop's pulse for /healthz: taken with the agent's lock, so a lock
+    // that stays held stops it too.
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
         tokio::select! {
+            _ = heartbeat.tick() => {
+                let _agent = agent.lock().await;
+                health.beat();
+            }
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, _)) => {
@@ -233,7 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut agent = agent.lock().await;
                 agent.config.peers = peers;
                 match agent.apply_peers(&netlink).await {
-                    Ok(()) if !health.is_ready() => become_ready(&agent.config, &health)?,
+                    Ok(()) if !health.is_started() => become_ready(&agent.config, &health)?,
                     Ok(()) => {}
                     Err(e) => {
                         agent.errors.inc();
@@ -243,12 +329,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(new_config) = config_changes.recv() => {
                 let mut agent = agent.lock().await;
-                if let Some(field) = agent.config.restart_only_fields_differ(&new_config) {
-                    tracing::warn!(
-                        field,
-                        "this config change needs an agent restart; only peers, services and the conntrack \
-                         timeouts are applied live"
-                    );
+                match agent.config.restart_only_fields_differ(&new_config) {
+                    Some(field) => {
+                        tracing::warn!(
+                            field,
+                            "this config change needs an agent restart; only peers, services and the \
+                             conntrack timeouts are applied live"
+                        );
+                        health.config_rejected(
+                            ConfigRejection::NeedsRestart,
+                            format!("`{field}` changed: not applied until the agent restarts"),
+                        );
+                    }
+                    None => health.config_accepted(),
                 }
                 agent.config.peers = new_config.peers;
                 // The collector reads the timeouts at each sweep.
@@ -290,12 +383,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = link_retry.tick() => {
+                let mut agent = agent.lock().await;
+                if !agent.pending_links.is_empty() {
+                    tokio::task::block_in_place(|| agent.retry_pending_links());
+                }
+            }
+            _ = interface_sweep.tick() => {
+                let mut agent = agent.lock().await;
+                tokio::task::block_in_place(|| agent.sweep_gone_interfaces());
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     // Pinned maps and links stay: forwarding goes on while the agent is away.
-    let _ = std::fs::remove_file(&socket_path);
+    remove_own_socket(&socket_path, socket_identity);
     tracing::info!("agent stopped; datapath left running");
     Ok(())
 }
@@ -349,24 +452,69 @@ fn spawn_conntrack_gc(
     });
 }
 
+/// Refuse to start while `path` answers: another agent (with other pinned
+/// state) serves it, and taking it over would send its CNI calls here.
+fn refuse_a_socket_that_answers(path: &Path) -> anyhow::Result<()> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "{} is served by another process (another datapath-agent?); refusing to take it over: \
+             stop that process first, or give this agent another api_socket",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Device and inode of the socket file this agent bound.
+type SocketIdentity = (u64, u64);
+
 /// Bind the API socket so that only root can connect: the directory is 0700
 /// and the socket 0600 (a pod must never be able to register endpoints).
-fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// What is at the path already is removed only if it is a socket that
+/// nobody answers on (left by an agent that was killed).
+fn bind_private_socket(path: &Path) -> anyhow::Result<(UnixListener, SocketIdentity)> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let dir = path.parent().context("api_socket has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "api_socket {} exists and is not a socket; refusing to remove it: move it away or choose \
+             another api_socket",
+            path.display()
+        ),
+        Ok(_) => {
+            refuse_a_socket_that_answers(path)?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(listener)
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Remove the API socket on the way out, unless it is no longer the one we
+/// bound (someone removed it and another process bound the path since).
+fn remove_own_socket(path: &Path, ours: SocketIdentity) {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == ours => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot remove the API socket");
+            }
+        }
+        Ok(_) => tracing::warn!(
+            socket = %path.display(),
+            "the API socket is no longer the one this agent bound; leaving it"
+        ),
+        Err(_) => {}
+    }
 }
 
 async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyhow::Result<()> {
@@ -388,29 +536,57 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> anyho
     Ok(())
 }
 
-/// The config, resolved: from the file alone (static source), or with this
-/// node's facts from its Node object (Kubernetes source, which also returns
-/// the client for the Node watch).
-async fn load_config(path: &Path) -> anyhow::Result<(AgentConfig, Option<kube::Client>)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let in_file = |e: ConfigError| match e {
+/// A parse error of the config text, with the file's path.
+fn in_file(path: &Path, e: ConfigError) -> ConfigError {
+    match e {
         ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
         other => other,
-    };
-    let settings = AgentConfig::source_settings(&text).map_err(in_file)?;
-    match settings.source {
-        Source::Static => Ok((AgentConfig::parse(&text).map_err(in_file)?, None)),
-        Source::Kubernetes => {
-            let node_name = settings
-                .node_name
-                .or_else(|| std::env::var("NODE_NAME").ok())
-                .filter(|n| !n.is_empty())
-                .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
-            let client = crate::kubernetes::client(&settings.kubernetes).await?;
-            let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
-            tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
-            Ok((AgentConfig::parse_with(&text, Some(&identity)).map_err(in_file)?, Some(client)))
+    }
+}
+
+/// The config file, read, with what is needed before it can be resolved.
+struct ConfigFile {
+    path: PathBuf,
+    text: String,
+    settings: SourceSettings,
+}
+
+impl ConfigFile {
+    /// Read and check what can be checked without the Node object: a static
+    /// file whole, a kubernetes one as far as [`SourceSettings`] goes.
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let file = |e| in_file(path, e);
+        let settings = AgentConfig::source_settings(&text).map_err(file)?;
+        match settings.source {
+            Source::Static => AgentConfig::parse(&text).map_err(file)?.check_host()?,
+            Source::Kubernetes => settings.check()?,
+        }
+        Ok(Self { path: path.to_owned(), text, settings })
+    }
+
+    /// The config, resolved: from the file alone (static source), or with
+    /// this node's facts from its Node object (Kubernetes source, which also
+    /// returns the client for the Node watch).
+    async fn resolve(&self) -> anyhow::Result<(AgentConfig, Option<kube::Client>)> {
+        match self.settings.source {
+            Source::Static => Ok((AgentConfig::parse(&self.text).map_err(|e| in_file(&self.path, e))?, None)),
+            Source::Kubernetes => {
+                let node_name = self
+                    .settings
+                    .node_name
+                    .clone()
+                    .or_else(|| std::env::var("NODE_NAME").ok())
+                    .filter(|n| !n.is_empty())
+                    .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
+                let client = crate::kubernetes::client(&self.settings.kubernetes).await?;
+                let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
+                tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
+                let config = AgentConfig::parse_with(&self.text, Some(&identity))
+                    .map_err(|e| in_file(&self.path, e))?;
+                Ok((config, Some(client)))
+            }
         }
     }
 }
@@ -466,8 +642,13 @@ fn become_ready(config: &AgentConfig, health: &Health) -> anyhow::Result<()> {
 }
 
 /// Poll the config file; send each new valid version. An invalid edit is
-/// logged and ignored: the running state stays as it is.
-fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Receiver<AgentConfig> {
+/// logged, counted and shown by /readyz, and otherwise ignored: the running
+/// state stays as it is.
+fn watch_config(
+    path: PathBuf,
+    initial: AgentConfig,
+    health: Arc<Health>,
+) -> tokio::sync::mpsc::Receiver<AgentConfig> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut current = initial;
@@ -488,8 +669,13 @@ fn watch_config(path: PathBuf, initial: AgentConfig) -> tokio::sync::mpsc::Recei
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = format!("{e:#}"), "ignoring invalid config change"),
+                // Back to what runs.
+                Ok(_) => health.config_accepted(),
+                Err(e) => {
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!(error, "ignoring invalid config change");
+                    health.config_rejected(ConfigRejection::Invalid, error);
+                }
             }
         }
     });
@@ -509,6 +695,67 @@ impl Agent {
             }
         }
         Ok(removed)
+    }
+
+    /// A live link whose switch to the loaded program failed: say why, count
+    /// it, keep it (it forwards with the program it has) and retry later.
+    fn keep_failed_link(&mut self, failure: LinkFailure) {
+        self.errors.inc();
+        tracing::error!(
+            ifname = failure.ifname,
+            pin = %failure.pin.display(),
+            error = format!("{:#}", anyhow::Error::from(failure.error)),
+            "cannot switch this link to the loaded program; keeping it (it forwards with the program it \
+             has) and retrying"
+        );
+        self.pending_links.push(PendingLink {
+            program: failure.program,
+            ifname: failure.ifname,
+            pin: failure.pin,
+        });
+    }
+
+    fn retry_pending_links(&mut self) {
+        for link in std::mem::take(&mut self.pending_links) {
+            match self.datapath.retry_link(link.program, &link.ifname, &link.pin) {
+                Ok(LinkRetry::Updated) => {
+                    tracing::info!(ifname = link.ifname, "link switched to the loaded program on retry")
+                }
+                Ok(LinkRetry::StaleRemoved) => {
+                    tracing::info!(ifname = link.ifname, "removing the link pin of a gone interface")
+                }
+                Ok(LinkRetry::Gone) => {}
+                Err(error) => {
+                    self.errors.inc();
+                    tracing::warn!(
+                        ifname = link.ifname,
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "switching this link to the loaded program failed again; keeping it"
+                    );
+                    self.pending_links.push(link);
+                }
+            }
+        }
+    }
+
+    /// [`Datapath::sweep_gone_interfaces`], logged; a failure is counted and
+    /// left for the next sweep (the entries only waste space meanwhile).
+    fn sweep_gone_interfaces(&mut self) {
+        match self.datapath.sweep_gone_interfaces() {
+            Ok(report) if report != SweepReport::default() => tracing::info!(
+                interfaces = report.interfaces,
+                endpoints = report.endpoints,
+                "map entries of interfaces that no longer exist removed"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "sweeping entries of interfaces that no longer exist failed"
+                );
+            }
+        }
     }
 
     /// Program maps and routes from the peer list: only what differs changes.
@@ -596,6 +843,7 @@ impl Agent {
                         pod_cidr: self.config.pod_cidr.to_string(),
                         endpoints: endpoints.len(),
                         pod_mtu: self.pod_mtu,
+                        last_config_error: self.health.last_config_error(),
                     },
                     Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
                 };
@@ -709,12 +957,23 @@ impl Agent {
     }
 
     fn del_endpoint(&mut self, reference: EndpointRef) -> anyhow::Result<()> {
-        // The record knows the IP even when the plugin no longer does.
+        // The record knows the IP and the veth's index even when the plugin
+        // no longer does (the pod's namespace, and with it the veth, went
+        // first). The recorded index counts only while no other interface
+        // has taken it.
         let recorded = self.store.get(&reference.host_ifname)?;
         let pod_ipv4 = reference.pod_ipv4.or(recorded.as_ref().map(|r| r.pod_ipv4));
+        let recorded_ifindex = match recorded.as_ref().map(|r| r.host_ifindex) {
+            Some(ifindex) => match crate::datapath::interface_name(ifindex)? {
+                Some(name) if name != reference.host_ifname => None,
+                _ => Some(ifindex),
+            },
+            None => None,
+        };
+        let host_ifindex = reference.host_ifindex.or(recorded_ifindex);
         let mut removed = self
             .datapath
-            .remove_endpoint(&reference.host_ifname, reference.host_ifindex, pod_ipv4)
+            .remove_endpoint(&reference.host_ifname, host_ifindex, pod_ipv4)
             .context("removing the endpoint")?;
         if self.store.remove(&reference.host_ifname)? {
             removed += 1;
@@ -725,6 +984,9 @@ impl Agent {
             removed,
             "endpoint deleted"
         );
+        // A DEL is when a pod's veth may have gone without one (a runtime
+        // that lost the container): forget whatever such a veth left.
+        self.sweep_gone_interfaces();
         Ok(())
     }
 }
