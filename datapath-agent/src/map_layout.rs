@@ -257,6 +257,14 @@ pub const LAYOUTS: &[MapLayout] = &[
         upgrades: &[],
     },
     MapLayout {
+        name: map_names::RPF_CACHE,
+        version: 1,
+        holds: "recently confirmed reverse paths (each flow's next packet asks the FIB again)",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
         name: map_names::SERVICE_FRAGMENTS,
         version: 1,
         holds: "translations of Service datagrams in fragments (datagrams in flight are lost)",

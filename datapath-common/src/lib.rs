@@ -56,7 +56,10 @@ pub mod map_names {
     /// [`super::NodeKey`] (a peer node) -> [`super::ModeMismatch`]: packets
     /// that peer sent in the other routing mode (the agent logs them).
     pub const PEER_MODE_MISMATCHES: &str = "PEER_MODE_MISMATCHES";
-    pub const ALL: [&str; 19] = [
+    /// Per-CPU [`super::RpfCacheEntry`] slots: sources whose reverse path
+    /// the FIB confirmed lately, so a flow pays the lookup once, not per packet.
+    pub const RPF_CACHE: &str = "RPF_CACHE";
+    pub const ALL: [&str; 20] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -76,6 +79,7 @@ pub mod map_names {
         SERVICE_FRAGMENTS,
         ICMP_BUDGET,
         PEER_MODE_MISMATCHES,
+        RPF_CACHE,
     ];
 }
 
@@ -117,6 +121,12 @@ pub const MONITOR_RING_BYTES: u32 = 1 << 18;
 /// second, as the kernel's `icmp_msgs_per_sec` default: a flood of expiring
 /// or refused packets costs a counter, not a reply each.
 pub const ICMP_ERRORS_PER_SECOND: u32 = 1_000;
+/// Slots of the per-CPU reverse-path cache (a power of two: indexed by a
+/// hash of the source).
+pub const RPF_CACHE_SLOTS: u32 = 256;
+/// Packets a cached reverse-path verdict serves before the FIB is asked
+/// again: a route change reaches a flow within this many of its packets.
+pub const RPF_CACHE_USES: u32 = 4_096;
 /// Default monitor events per second per CPU (when `MonitorConfig` says 0).
 pub const DEFAULT_MONITOR_EVENTS_PER_SECOND: u32 = 1_000;
 
@@ -254,6 +264,18 @@ pub struct RateBudget {
 
 /// The monitor's per-CPU rate limiter.
 pub type MonitorBudget = RateBudget;
+
+/// A source whose reverse path the FIB confirmed through `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RpfCacheEntry {
+    pub saddr: [u8; 4],
+    pub ifindex: u32,
+    /// Packets served since the FIB was asked; at [`RPF_CACHE_USES`] it is
+    /// asked again.
+    pub uses: u32,
+    pub _pad: u32,
+}
 
 /// Packets a peer node sent in the other routing mode: VXLAN to a native
 /// node, or plain pod traffic to a VXLAN node.
@@ -581,6 +603,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::MonitorConfig {}
     unsafe impl aya::Pod for super::RateBudget {}
     unsafe impl aya::Pod for super::ModeMismatch {}
+    unsafe impl aya::Pod for super::RpfCacheEntry {}
     unsafe impl aya::Pod for super::MonitorEvent {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Service {}
@@ -883,5 +906,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
         assert_eq!(core::mem::size_of::<NodeConfig>(), 32);
         assert_eq!(core::mem::size_of::<ModeMismatch>(), 16);
+        assert_eq!(core::mem::size_of::<RpfCacheEntry>(), 16);
+        assert!(RPF_CACHE_SLOTS.is_power_of_two());
     }
 }

@@ -12,8 +12,8 @@ use datapath_common::{
     ForwardPath, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_FRAGMENTED_DATAGRAMS,
     MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES,
     MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent,
-    MonitorOutcome, NodeConfig, NodeKey, PodInterface, RateBudget, RemoteNode, Service, ServiceKey,
-    drop_slot, forward_slot,
+    MonitorOutcome, NodeConfig, NodeKey, PodInterface, RPF_CACHE_SLOTS, RateBudget, RemoteNode,
+    RpfCacheEntry, Service, ServiceKey, drop_slot, forward_slot,
 };
 
 /// Allocated as Services come: most clusters have far fewer than the maximum.
@@ -72,6 +72,10 @@ pub static MONITOR_BUDGET: PerCpuArray<MonitorBudget, 1> = PerCpuArray::new();
 /// ICMP errors sent by this CPU in the current second (rate limit).
 #[btf_map]
 pub static ICMP_BUDGET: PerCpuArray<RateBudget, 1> = PerCpuArray::new();
+
+/// Sources whose reverse path was confirmed lately (per CPU, direct-mapped).
+#[btf_map]
+pub static RPF_CACHE: PerCpuArray<RpfCacheEntry, { RPF_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 /// Peers caught sending in the other routing mode; only known nodes get an
 /// entry, so it cannot grow past them.

@@ -13,9 +13,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use datapath_common::{DropReason, NodeConfig, is_martian_source};
+use datapath_common::{
+    DropReason, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
+};
 
-use crate::packet::Ipv4Hdr;
+use crate::{maps::RPF_CACHE, packet::Ipv4Hdr};
 
 const AF_INET: u8 = 2;
 /// `skb->pkt_type` of a frame addressed to this host's MAC.
@@ -83,14 +85,39 @@ pub fn source_ok(ctx: &TcContext, saddr: [u8; 4], config: &NodeConfig) -> Result
 }
 
 /// `fib_validate_source` with `rp_filter=1`: the route back to `saddr` must
-/// leave through the interface the packet arrived on. The lookup skips the
-/// neighbour table (only the route matters) and checks no MTU.
+/// leave through the interface the packet arrived on. A FIB lookup costs
+/// more than the rest of the path, so a confirmed source is remembered per
+/// CPU (direct-mapped by a hash of it) for [`RPF_CACHE_USES`] packets; only
+/// confirmations are remembered, so a refused source asks every time.
 #[inline(always)]
 fn reverse_path_ok(ctx: &TcContext, saddr: [u8; 4]) -> Result<(), DropReason> {
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let slot = u32::from_ne_bytes(saddr).wrapping_mul(0x9e37_79b1) >> 24 & (RPF_CACHE_SLOTS - 1);
+    let cached = RPF_CACHE.get_ptr_mut(slot);
+    if let Some(entry) = cached {
+        // SAFETY: a per-CPU slot: no other writer.
+        unsafe {
+            if (*entry).saddr == saddr && (*entry).ifindex == ingress && (*entry).uses < RPF_CACHE_USES {
+                (*entry).uses += 1;
+                return Ok(());
+            }
+        }
+    }
+    fib_reverse_path(ctx, saddr, ingress)?;
+    if let Some(entry) = cached {
+        // SAFETY: as above.
+        unsafe { *entry = RpfCacheEntry { saddr, ifindex: ingress, uses: 0, _pad: 0 } };
+    }
+    Ok(())
+}
+
+/// The FIB's answer: the route to `saddr` (the neighbour table skipped, no
+/// MTU check) must leave through `ingress`.
+#[inline(always)]
+fn fib_reverse_path(ctx: &TcContext, saddr: [u8; 4], ingress: u32) -> Result<(), DropReason> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.ifindex = ingress;
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(saddr);

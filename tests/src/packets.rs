@@ -268,6 +268,11 @@ pub fn test_run_on(device: &RunDevice, datapath: &Datapath, program: &'static st
         scope
             .spawn(|| {
                 datapath_agent::netns::enter(&path).expect("enter the run device's namespace");
+                // Always the same CPU: per-CPU state (caches, budgets) then
+                // carries from one run to the next, as it does for a flow.
+                let mut first = nix::sched::CpuSet::new();
+                first.set(0).expect("CPU 0");
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &first).expect("pin to CPU 0");
                 datapath.program(program).unwrap().test_run(TestRunOptions {
                     data_in: Some(frame),
                     data_out: Some(&mut out),

@@ -18,7 +18,8 @@ use aya::{
 use datapath_agent::datapath::{Datapath, RemoteRoute};
 use datapath_common::{
     DropReason, Endpoint, ForwardPath, ICMP_ERRORS_PER_SECOND, ModeMismatch, NodeConfig, NodeKey,
-    PodInterface, RateBudget, RoutingMode, map_names, program_names,
+    PodInterface, RPF_CACHE_SLOTS, RPF_CACHE_USES, RateBudget, RoutingMode, RpfCacheEntry, map_names,
+    program_names,
 };
 use datapath_tests::{packets::*, require_root};
 
@@ -790,6 +791,45 @@ fn from_uplink_reverse_path_follows_the_nodes_routes() {
     datapath_tests::sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.conf.dptrun0.forwarding=0"]);
     h.run_from_uplink(&from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes()))
         .assert_only_drop(DropReason::ForwardingDisabled);
+}
+
+#[test]
+fn a_confirmed_reverse_path_is_remembered_for_a_bounded_number_of_packets() {
+    if !require_root("a_confirmed_reverse_path_is_remembered_for_a_bounded_number_of_packets") {
+        return;
+    }
+    let mut h = Harness::new().with_peer(RoutingMode::Native);
+    let frame = from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes());
+    h.run_from_uplink(&frame).assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
+    // The route back goes away: the cached confirmation still serves...
+    let ns = h.device_netns();
+    datapath_tests::sh(&["ip", "-n", &ns, "route", "del", "10.244.2.0/24"]);
+    let run = h.run_from_uplink(&frame);
+    assert_eq!(run.counters.forward_count(ForwardPath::LocalDelivery), 2, "served from the cache");
+    // ...until it has served its packets: then the FIB is asked again.
+    {
+        let mut cache: PerCpuArray<_, RpfCacheEntry> =
+            PerCpuArray::try_from(h.datapath.ebpf_mut().map_mut(map_names::RPF_CACHE).unwrap()).unwrap();
+        for slot in 0..RPF_CACHE_SLOTS {
+            let entries = cache.get(&slot, 0).unwrap();
+            if entries.iter().any(|e| e.saddr == REMOTE_POD_IP) {
+                let used: Vec<RpfCacheEntry> = entries
+                    .iter()
+                    .map(|e| {
+                        if e.saddr == REMOTE_POD_IP {
+                            RpfCacheEntry { uses: RPF_CACHE_USES, ..*e }
+                        } else {
+                            *e
+                        }
+                    })
+                    .collect();
+                cache.set(slot, PerCpuValues::try_from(used).unwrap(), 0).unwrap();
+            }
+        }
+    }
+    let run = h.run_from_uplink(&frame);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(run.counters.drop_count(DropReason::ReversePath), 1, "the FIB says no now");
 }
 
 #[test]
