@@ -26,9 +26,10 @@ use aya::{
 };
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
-    Direction, DropReason, Endpoint, EndpointKey, EndpointTraffic, ForwardPath, MAX_TRAFFIC_SLOTS,
-    ModeMismatch, MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NODE_FLAG_SERVICES, NodeConfig, NodeKey,
-    PodInterface, RemoteNode, Service, ServiceKey, drop_slot, forward_slot, map_names, program_names,
+    Direction, DropReason, ENDPOINT_FLAG_HOST_DOWN, Endpoint, EndpointKey, EndpointTraffic, ForwardPath,
+    MAX_TRAFFIC_SLOTS, ModeMismatch, MonitorConfig, MonitorOutcome, NO_TRAFFIC_SLOT, NODE_FLAG_SERVICES,
+    NodeConfig, NodeKey, PodInterface, RemoteNode, Service, ServiceKey, drop_slot, forward_slot, map_names,
+    program_names,
 };
 
 use crate::{
@@ -966,6 +967,41 @@ impl Datapath {
         self.pod_interfaces_mut()?
             .insert(ifindex, iface, 0)
             .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Mark the pod behind host veth `ifindex` down (or up again): the
+    /// programs deliver nothing to a pod whose host veth is down. Returns the
+    /// pod's address if the mark changed (`None`: not a pod's veth, or
+    /// already so).
+    pub fn set_host_veth_down(
+        &mut self,
+        ifindex: u32,
+        down: bool,
+    ) -> Result<Option<Ipv4Addr>, DatapathError> {
+        let name = map_names::ENDPOINTS;
+        let err = |source| DatapathError::Map { name, source };
+        let mut endpoints = self.endpoints_mut()?;
+        let mut found = None;
+        for entry in endpoints.iter() {
+            let (key, endpoint) = entry.map_err(err)?;
+            if endpoint.host_ifindex == ifindex {
+                found = Some((key, endpoint));
+                break;
+            }
+        }
+        let Some((key, endpoint)) = found else {
+            return Ok(None);
+        };
+        let flags = if down {
+            endpoint.flags | ENDPOINT_FLAG_HOST_DOWN
+        } else {
+            endpoint.flags & !ENDPOINT_FLAG_HOST_DOWN
+        };
+        if flags == endpoint.flags {
+            return Ok(None);
+        }
+        endpoints.insert(key, Endpoint { flags, ..endpoint }, 0).map_err(err)?;
+        Ok(Some(Ipv4Addr::from(key.ipv4)))
     }
 
     pub fn insert_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {

@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod health;
 pub mod kubernetes;
 pub mod kubernetes_services;
+pub mod link_state;
 pub mod mac;
 pub mod map_layout;
 pub mod map_pins;

@@ -211,11 +211,15 @@ pub struct Endpoint {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (source MAC of delivered frames, the pod's gateway).
     pub host_mac: [u8; 6],
-    /// Reserved for flags (policy, service backends); zero today.
+    /// [`ENDPOINT_FLAG_HOST_DOWN`]; the rest reserved (policy, ...).
     pub flags: u32,
     /// Index of this pod's [`EndpointTraffic`] counters, or [`NO_TRAFFIC_SLOT`].
     pub traffic_slot: u32,
 }
+
+/// The pod's host veth is administratively down: the kernel would not
+/// forward to the pod (its /32 route is gone), so neither do we.
+pub const ENDPOINT_FLAG_HOST_DOWN: u32 = 1;
 
 /// What the "from pod" program knows about the veth a packet entered on.
 #[repr(C)]
@@ -408,6 +412,9 @@ pub struct NodeConfig {
     /// This node's pod CIDR (network address, network byte order): no
     /// packet from outside may claim a source in it.
     pub pod_cidr: [u8; 4],
+    /// The pods' MTU (0: unknown): a packet no larger needs no MTU check on
+    /// its way into a pod.
+    pub pod_mtu: u32,
 }
 
 impl NodeConfig {
@@ -682,10 +689,15 @@ pub enum DropReason {
     /// Forwarding is disabled on the interface the packet came in on
     /// (`net.ipv4.conf.<dev>.forwarding=0`): the kernel would not forward it.
     ForwardingDisabled = 24,
+    /// Larger than the destination pod's MTU with DF set: answered with ICMP
+    /// fragmentation needed (without DF the kernel fragments it).
+    PacketTooBig = 25,
+    /// The destination pod's host veth is administratively down.
+    EndpointDown = 26,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::TruncatedEthernet,
@@ -710,6 +722,8 @@ impl DropReason {
         DropReason::IpOptions,
         DropReason::PeerModeMismatch,
         DropReason::ForwardingDisabled,
+        DropReason::PacketTooBig,
+        DropReason::EndpointDown,
     ];
 
     /// Stable snake_case name, used in CLI output, logs and metrics.
@@ -739,6 +753,8 @@ impl DropReason {
             DropReason::IpOptions => "ip_options",
             DropReason::PeerModeMismatch => "peer_mode_mismatch",
             DropReason::ForwardingDisabled => "forwarding_disabled",
+            DropReason::PacketTooBig => "packet_too_big",
+            DropReason::EndpointDown => "endpoint_down",
         }
     }
 
@@ -801,6 +817,10 @@ impl DropReason {
             DropReason::ForwardingDisabled => {
                 "forwarding is off on the ingress interface (net.ipv4.conf.<dev>.forwarding=0)"
             }
+            DropReason::PacketTooBig => {
+                "larger than the destination pod's MTU with DF set: answered with ICMP fragmentation needed"
+            }
+            DropReason::EndpointDown => "the destination pod's host veth is administratively down",
         }
     }
 
@@ -904,7 +924,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<MonitorEvent>(), 40);
         assert_eq!(core::mem::offset_of!(MonitorEvent, version), MONITOR_EVENT_VERSION_OFFSET);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
-        assert_eq!(core::mem::size_of::<NodeConfig>(), 32);
+        assert_eq!(core::mem::size_of::<NodeConfig>(), 36);
         assert_eq!(core::mem::size_of::<ModeMismatch>(), 16);
         assert_eq!(core::mem::size_of::<RpfCacheEntry>(), 16);
         assert!(RPF_CACHE_SLOTS.is_power_of_two());

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use datapath_common::{
-    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, Endpoint, EndpointKey, ForwardPath, NodeConfig,
-    RoutingMode,
+    Direction, DropReason, ENDPOINT_FLAG_HOST_DOWN, EVENT_DROP, EVENT_FORWARD, Endpoint, EndpointKey,
+    ForwardPath, NodeConfig, RoutingMode,
 };
 
 use crate::{
@@ -231,9 +231,13 @@ pub fn local_endpoint(daddr: [u8; 4]) -> Option<Endpoint> {
     unsafe { ENDPOINTS.get(EndpointKey { ipv4: daddr }) }.copied()
 }
 
-/// Deliver to a local pod: TTL, MACs, and the verdict.
+/// Deliver to a local pod: TTL, MACs, and the verdict. A pod whose host
+/// veth is down gets nothing, as from the kernel (its route is gone).
 #[inline(always)]
 pub fn deliver(eth: *mut EthHdr, ip: *mut Ipv4Hdr, endpoint: &Endpoint) -> Result<Verdict, DropReason> {
+    if endpoint.flags & ENDPOINT_FLAG_HOST_DOWN != 0 {
+        return Err(DropReason::EndpointDown);
+    }
     decrement_ttl(ip)?;
     // SAFETY: bounds-checked by the caller.
     unsafe {
@@ -241,6 +245,30 @@ pub fn deliver(eth: *mut EthHdr, ip: *mut Ipv4Hdr, endpoint: &Endpoint) -> Resul
         (*eth).src = endpoint.host_mac;
     }
     Ok(Verdict::Deliver { host_ifindex: endpoint.host_ifindex, traffic_slot: endpoint.traffic_slot })
+}
+
+/// The MTU check on the way into a pod: `None` to go on; else the verdict,
+/// with an ICMP fragmentation needed from `source` the way it came for a
+/// DF packet, and the host stack (which fragments it) for the others.
+#[inline(always)]
+pub fn too_big_for_pod(
+    ctx: &TcContext,
+    ip: *const Ipv4Hdr,
+    endpoint: &Endpoint,
+    config: &NodeConfig,
+    back: Back,
+    fragmenter: Verdict,
+) -> Option<Verdict> {
+    match crate::strict::fits_pod(ctx, ip, endpoint.host_ifindex, config) {
+        crate::strict::Fit::Fits => None,
+        crate::strict::Fit::TooBig { mtu, df: true } => Some(Verdict::Answer {
+            reason: DropReason::PacketTooBig,
+            error: IcmpError::FragmentationNeeded { mtu: mtu as u16 },
+            source: config.node_ipv4,
+            back,
+        }),
+        crate::strict::Fit::TooBig { df: false, .. } => Some(fragmenter),
+    }
 }
 
 /// Would this packet be forwarded by us rather than handed to the host

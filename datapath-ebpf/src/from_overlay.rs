@@ -8,7 +8,7 @@ use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, progra
 use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES, NodeKey};
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, local_endpoint, ttl_expires},
+    forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     maps::{KNOWN_NODES, node_config, remote_node_for},
     packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
@@ -69,18 +69,20 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         // What the kernel checks before it forwards, but the MAC: the inner
         // one is the sending node's choice (the sender was checked above).
         strict::header_ok(ip)?;
+        let back =
+            Back::Tunnel { vxlan_ifindex: config.vxlan_ifindex, node_ipv4: outer_source, vni: config.vni };
         if ttl_expires(ip) {
-            let back = Back::Tunnel {
-                vxlan_ifindex: config.vxlan_ifindex,
-                node_ipv4: outer_source,
-                vni: config.vni,
-            };
             return Ok(Verdict::Answer {
                 reason: DropReason::TtlExceeded,
                 error: IcmpError::TimeExceeded,
                 source: config.node_ipv4,
                 back,
             });
+        }
+        if let Some(verdict) =
+            too_big_for_pod(ctx, ip, &endpoint, &config, back, Verdict::HostStackFromTunnel)
+        {
+            return Ok(verdict);
         }
         // Replies of Service connections opened by pods on this node
         // (checked above with the backend's address, which the sender

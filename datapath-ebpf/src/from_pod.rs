@@ -11,7 +11,10 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, forwarded_by_us, local_endpoint, to_remote_node, ttl_expires},
+    forward::{
+        Back, Verdict, apply, deliver, forwarded_by_us, local_endpoint, to_remote_node, too_big_for_pod,
+        ttl_expires,
+    },
     icmp::IcmpError,
     maps::{POD_INTERFACES, count_sent, node_config},
     packet::{
@@ -102,6 +105,11 @@ fn ipv4(ctx: &TcContext, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict, Dro
     }
     let daddr = unsafe { (*ip).daddr };
     if let Some(endpoint) = local_endpoint(daddr) {
+        // Pods of one node share an MTU unless one was given a smaller one.
+        let back = Back::Out { ifindex };
+        if let Some(verdict) = too_big_for_pod(ctx, ip, &endpoint, &config, back, Verdict::HostStack) {
+            return Ok(verdict);
+        }
         return deliver(eth, ip, &endpoint);
     }
     if let Some(verdict) = to_remote_node(ctx, eth, ip, daddr, &config) {

@@ -12,7 +12,7 @@ use datapath_common::{
 };
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, local_endpoint, ttl_expires},
+    forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     maps::{KNOWN_NODES, PEER_MODE_MISMATCHES, node_config, remote_pod_cidr_owner},
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
@@ -79,15 +79,18 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
     }
     strict::source_ok(ctx, saddr, &config)?;
+    // SAFETY: as above.
+    let back = Back::Out { ifindex: unsafe { (*ctx.skb.skb).ifindex } };
     if ttl_expires(ip) {
-        // SAFETY: as above.
-        let uplink = unsafe { (*ctx.skb.skb).ifindex };
         return Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,
             error: IcmpError::TimeExceeded,
             source: config.node_ipv4,
-            back: Back::Out { ifindex: uplink },
+            back,
         });
+    }
+    if let Some(verdict) = too_big_for_pod(ctx, ip, &endpoint, &config, back, Verdict::HostStack) {
+        return Ok(verdict);
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.

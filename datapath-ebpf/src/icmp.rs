@@ -1,6 +1,7 @@
 //! ICMP errors the programs send in the kernel's place: time exceeded for a
-//! packet whose TTL runs out on us (traceroute), port unreachable for a new
-//! Service connection nobody can take. Each turns the offending packet
+//! packet whose TTL runs out on us (traceroute), fragmentation needed for a
+//! DF packet too big for the pod (path MTU discovery), port unreachable for
+//! a new Service connection nobody can take. Each turns the offending packet
 //! itself into the reply (RFC 792: quoting its IPv4 header and first 8
 //! payload bytes) and is rate-limited per CPU, as the kernel's are.
 
@@ -24,6 +25,9 @@ pub enum IcmpError {
     TimeExceeded,
     /// Type 3 code 3: destination port unreachable.
     PortUnreachable,
+    /// Type 3 code 4: fragmentation needed and DF set, with the next hop's
+    /// MTU (RFC 1191).
+    FragmentationNeeded { mtu: u16 },
 }
 
 impl IcmpError {
@@ -32,6 +36,19 @@ impl IcmpError {
         match self {
             IcmpError::TimeExceeded => (11, 0),
             IcmpError::PortUnreachable => (3, 3),
+            IcmpError::FragmentationNeeded { .. } => (3, 4),
+        }
+    }
+
+    /// The second word of the ICMP header: the next-hop MTU, or unused.
+    #[inline(always)]
+    const fn rest_of_header(self) -> [u8; 4] {
+        match self {
+            IcmpError::FragmentationNeeded { mtu } => {
+                let mtu = mtu.to_be_bytes();
+                [0, 0, mtu[0], mtu[1]]
+            }
+            _ => [0; 4],
         }
     }
 }
@@ -87,6 +104,7 @@ pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Re
     let icmp = ip + IPV4_HLEN;
     reply[icmp] = icmp_type;
     reply[icmp + 1] = icmp_code;
+    reply[icmp + 4..icmp + 8].copy_from_slice(&error.rest_of_header());
     reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
     let check = checksum(&reply, icmp, 8 + IPV4_HLEN + 8);
     reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());

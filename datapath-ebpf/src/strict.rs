@@ -8,16 +8,19 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
     },
-    helpers::bpf_fib_lookup as fib_lookup,
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup},
     programs::TcContext,
 };
 use datapath_common::{
     DropReason, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
 };
 
-use crate::{maps::RPF_CACHE, packet::Ipv4Hdr};
+use crate::{
+    maps::RPF_CACHE,
+    packet::{ETH_HLEN, Ipv4Hdr},
+};
 
 const AF_INET: u8 = 2;
 /// `skb->pkt_type` of a frame addressed to this host's MAC.
@@ -137,3 +140,40 @@ fn fib_reverse_path(ctx: &TcContext, saddr: [u8; 4], ingress: u32) -> Result<(),
         _ => Err(DropReason::ReversePath),
     }
 }
+
+/// What `ip_forward`'s MTU check says of delivering a packet into a pod.
+pub enum Fit {
+    Fits,
+    /// Larger than the pod's MTU (`mtu`); `df`: the sender forbade
+    /// fragmenting it.
+    TooBig {
+        mtu: u32,
+        df: bool,
+    },
+}
+
+/// The packet against the MTU of the pod behind `host_ifindex` (its veth
+/// pair has one MTU). A packet no larger than the node's pod MTU costs one
+/// comparison; a larger one (or a GRO aggregate, checked segment by
+/// segment) asks the device.
+#[inline(always)]
+pub fn fits_pod(ctx: &TcContext, ip: *const Ipv4Hdr, host_ifindex: u32, config: &NodeConfig) -> Fit {
+    let l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    if config.pod_mtu == 0 || l3_len <= config.pod_mtu {
+        return Fit::Fits;
+    }
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper on the context pointer; mtu is writable.
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), host_ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS as u64) };
+    // 0: it fits (a GRO aggregate whose segments do); below 0: no such
+    // device, which the redirect then reports.
+    if rc <= 0 {
+        return Fit::Fits;
+    }
+    // SAFETY: the caller passes a bounds-checked header.
+    let df = u16::from_be_bytes(unsafe { (*ip).frag_off }) & IP_DF != 0;
+    Fit::TooBig { mtu, df }
+}
+
+/// IPv4 "don't fragment".
+const IP_DF: u16 = 0x4000;

@@ -492,6 +492,14 @@ pub fn corpus() -> Vec<Class> {
         class("TTL 0", ALL, |p| with_ip(p, |_, ip| ip.ttl = 0)),
         class("TTL 1", ALL, |p| with_ip(p, |_, ip| ip.ttl = 1)),
         class("TTL 2", ALL, |p| with_ip(p, |_, ip| ip.ttl = 2)),
+        // Pods have the uplink's MTU less 50 in overlay mode: a full-size
+        // packet from the fabric is too big for them.
+        class("1500 bytes with DF", Sender::UPLINK, |p| Shape { pad_to: Some(1472), ..p.base() }),
+        class("1500 bytes without DF", Sender::UPLINK, |p| {
+            let mut shape = Shape { pad_to: Some(1472), ..p.base() };
+            ipv4(&mut shape).frag = 0;
+            shape
+        }),
         class("option: record route", ALL, |p| {
             with_ip(p, |_, ip| ip.options = vec![0x07, 0x07, 0x04, 0, 0, 0, 0, 0x01])
         }),
@@ -592,6 +600,8 @@ pub struct Outcome {
     /// Our datapath only: the counters (drop reasons, forward paths) on A
     /// and B that the probe moved, beyond what a sentinel alone moves.
     pub counted: Vec<String>,
+    /// Our datapath only: some counter says what became of the probe.
+    pub accounted: bool,
 }
 
 /// Receives in every pod and sender namespace, and records what arrived.
@@ -820,13 +830,23 @@ pub fn run_corpus(
             let delta = |from: &BTreeMap<String, u64>, to: &BTreeMap<String, u64>, name: &str| {
                 to.get(name).copied().unwrap_or(0).saturating_sub(from.get(name).copied().unwrap_or(0))
             };
-            let counted =
+            let counted: Vec<String> =
                 c2.keys().filter(|name| delta(&c1, &c2, name) > delta(&c0, &c1, name)).cloned().collect();
+            // Sentinels are never dropped nor handed to the stack: any such
+            // count while the probe went through is the probe's (other
+            // traffic, e.g. an ARP exchange, can hide its forwards in the
+            // comparison above).
+            let accounted = !counted.is_empty()
+                || c2.keys().any(|name| {
+                    (name.starts_with("drop/") || name == "forward/to_host_stack")
+                        && delta(&c1, &c2, name) > 0
+                });
             let target = probe.target().netns.clone();
             let outcome = Outcome {
                 delivered: sent.is_ok() && listeners.delivered_to(&target, id),
                 answered: listeners.answer(id),
                 counted,
+                accounted,
             };
             outcomes.insert((c, sender), outcome);
         }

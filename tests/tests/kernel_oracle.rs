@@ -77,16 +77,20 @@ fn differential(mode: &str) {
         if !ours.delivered && kernel.delivered {
             *stricter.entry(class.name).or_insert(0) += 1;
         }
-        if !ours.delivered && !class.before_programs && ours.counted.is_empty() {
+        if !ours.delivered && !class.before_programs && !ours.accounted {
             failures.push(format!(
                 "{} from {}: not delivered and counted under no reason",
                 class.name,
                 sender.name()
             ));
         }
-        // A router answers an expiring TTL: where the kernel does, we do.
-        let time_exceeded = |o: &Outcome| o.answered.is_some_and(|(icmp_type, _, _)| icmp_type == 11);
-        if class.name.starts_with("TTL ") && time_exceeded(kernel) != time_exceeded(ours) {
+        // A router answers an expiring TTL and a DF packet too big for the
+        // next hop: where the kernel does, we do (other ICMP errors, e.g.
+        // the kernel's port unreachable for tunnel probes, aside).
+        let router_answer = |o: &Outcome| {
+            o.answered.map(|(t, c, _)| (t, c)).filter(|answer| matches!(answer, (11, 0) | (3, 4)))
+        };
+        if router_answer(kernel) != router_answer(ours) {
             let stricter_before = *sender == Sender::OutsideTunnel;
             if !stricter_before {
                 failures.push(format!(

@@ -102,6 +102,7 @@ impl Harness {
                 pod_cidr: [10, 244, 1, 0],
                 pod_prefix_len: 24,
                 _pad: 0,
+                pod_mtu: 1500,
             })
             .unwrap();
         self.datapath
@@ -830,6 +831,94 @@ fn a_confirmed_reverse_path_is_remembered_for_a_bounded_number_of_packets() {
     let run = h.run_from_uplink(&frame);
     assert_eq!(run.verdict, TC_ACT_SHOT);
     assert_eq!(run.counters.drop_count(DropReason::ReversePath), 1, "the FIB says no now");
+}
+
+/// A pod B whose host veth is the run device's peer (`dptrun1`), with MTU
+/// `mtu`, and the node's pod MTU set to it: bpf_check_mtu asks a real device.
+fn with_pod_b_behind_a_real_veth(mut h: Harness, mtu: u32) -> Harness {
+    let ns = h.device_netns();
+    datapath_tests::sh(&["ip", "-n", &ns, "link", "set", "dptrun1", "mtu", &mtu.to_string()]);
+    let link: serde_json::Value =
+        serde_json::from_str(&datapath_tests::sh(&["ip", "-n", &ns, "-j", "link", "show", "dptrun1"]))
+            .unwrap();
+    let ifindex = link[0]["ifindex"].as_u64().unwrap() as u32;
+    let endpoint = Endpoint {
+        host_ifindex: ifindex,
+        pod_mac: POD_B_MAC,
+        host_mac: HOST_B_MAC,
+        flags: 0,
+        traffic_slot: POD_B_SLOT,
+    };
+    h.datapath.insert_endpoint(Ipv4Addr::from(POD_B_IP), endpoint).unwrap();
+    let config = h.datapath.node_config().unwrap();
+    h.datapath.set_node_config(NodeConfig { pod_mtu: mtu, ..config }).unwrap();
+    h
+}
+
+/// An echo of `total` bytes (IPv4 total length) from a remote pod to pod B.
+fn sized_echo(total: usize, df: bool) -> Ipv4 {
+    let mut ip = Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP);
+    ip.payload.resize(total - 20, 0x5a);
+    let c = checksum(&{
+        let mut icmp = ip.payload.clone();
+        icmp[2..4].copy_from_slice(&[0, 0]);
+        icmp
+    });
+    ip.payload[2..4].copy_from_slice(&c.to_be_bytes());
+    ip.frag = if df { 0x4000 } else { 0 };
+    ip
+}
+
+#[test]
+fn packets_larger_than_the_pods_mtu_get_fragmentation_needed_or_the_kernel() {
+    if !require_root("packets_larger_than_the_pods_mtu_get_fragmentation_needed_or_the_kernel") {
+        return;
+    }
+    // At the MTU: delivered.
+    let h = with_pod_b_behind_a_real_veth(Harness::new().with_peer(RoutingMode::Native), 1400);
+    h.run_from_uplink(&from_peer(&sized_echo(1400, true).bytes()))
+        .assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
+    // Above it with DF: ICMP fragmentation needed with the pod's MTU, from
+    // the node, back to the sender (RFC 1191), exact bytes.
+    let h = with_pod_b_behind_a_real_veth(Harness::new().with_peer(RoutingMode::Native), 1400);
+    let frame = from_peer(&sized_echo(1401, true).bytes());
+    let run = h.run_from_uplink(&frame);
+    run.assert_answered(DropReason::PacketTooBig);
+    let mut expected = time_exceeded(&frame, NODE_IP);
+    let icmp = 14 + 20;
+    expected[icmp..icmp + 2].copy_from_slice(&[3, 4]);
+    expected[icmp + 6..icmp + 8].copy_from_slice(&1400u16.to_be_bytes());
+    expected[icmp + 2..icmp + 4].copy_from_slice(&[0, 0]);
+    let c = checksum(&expected[icmp..]);
+    expected[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(run.out, expected);
+    // Without DF: the kernel's to fragment, untouched.
+    let h = with_pod_b_behind_a_real_veth(Harness::new().with_peer(RoutingMode::Native), 1400);
+    let frame = from_peer(&sized_echo(1401, false).bytes());
+    let run = h.run_from_uplink(&frame);
+    run.assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
+    assert_eq!(run.out, frame);
+}
+
+#[test]
+fn nothing_is_delivered_to_a_pod_whose_host_veth_is_down() {
+    if !require_root("nothing_is_delivered_to_a_pod_whose_host_veth_is_down") {
+        return;
+    }
+    let mut h = Harness::new().with_peer(RoutingMode::Native);
+    h.datapath.set_host_veth_down(HOST_B_IFINDEX, true).unwrap();
+    h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP))).assert_only_drop(DropReason::EndpointDown);
+    let h2 = {
+        let mut h2 = Harness::new().with_peer(RoutingMode::Native);
+        h2.datapath.set_host_veth_down(HOST_B_IFINDEX, true).unwrap();
+        h2
+    };
+    h2.run_from_uplink(&from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes()))
+        .assert_only_drop(DropReason::EndpointDown);
+    // Up again: delivered.
+    assert_eq!(h.datapath.set_host_veth_down(HOST_B_IFINDEX, false).unwrap(), Some(Ipv4Addr::from(POD_B_IP)));
+    let run = h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP)));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
 }
 
 #[test]

@@ -250,3 +250,46 @@ fn del_after_the_netns_is_gone_leaves_no_interface_entry() {
     assert_eq!(node.pod_interface_indexes(), vec![a_index], "the stale entry swept, a's kept");
     assert!(ping(&node.netns, a.ip, 1), "a untouched");
 }
+
+#[test]
+fn a_pod_whose_host_veth_is_down_gets_nothing_and_is_back_when_it_is_up() {
+    if !require_root("a_pod_whose_host_veth_is_down_gets_nothing_and_is_back_when_it_is_up") {
+        return;
+    }
+    let node = node();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    // An operator quarantines b: the kernel drops its /32 route; the agent
+    // marks it down, and the programs deliver nothing more into it.
+    sh(&["ip", "-n", &node.netns.name, "link", "set", &b.host_veth, "down"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.drop_count("endpoint_down") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no endpoint_down drop:\n{}", node.agent_log());
+        let _ = ping(&a.netns, b.ip, 1);
+    }
+    let before = node.inspect("endpoints");
+    let delivered = |endpoints: &serde_json::Value| {
+        endpoints.as_array().unwrap().iter().find(|e| e["pod_ip"] == b.ip.to_string()).unwrap()["delivered_packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(!ping(&a.netns, b.ip, 2), "b answered while its veth was down");
+    assert_eq!(
+        delivered(&node.inspect("endpoints")),
+        delivered(&before),
+        "delivered into a pod that is down"
+    );
+    assert!(node.agent_log().contains("host veth down"), "{}", node.agent_log());
+    // Up again: delivered, and the node reaches it again (its route back).
+    sh(&["ip", "-n", &node.netns.name, "link", "set", &b.host_veth, "up"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ping(&a.netns, b.ip, 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b unreachable after its veth came up:\n{}",
+            node.agent_log()
+        );
+    }
+    assert!(ping(&node.netns, b.ip, 2), "node -> pod: the route was not restored:\n{}", node.host_routes());
+}

@@ -95,6 +95,8 @@ struct EndpointRow {
     host_ifindex: u32,
     host_ifname: Option<String>,
     host_mac: MacAddr,
+    /// The host veth is administratively down: nothing is delivered to the pod.
+    host_veth_down: bool,
     /// Packets and bytes the pod sent, and that the datapath delivered to it.
     sent_packets: u64,
     sent_bytes: u64,
@@ -129,6 +131,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         .ok()
                         .map(|n| n.to_string_lossy().into_owned()),
                     host_mac: MacAddr(ep.host_mac),
+                    host_veth_down: ep.flags & datapath_common::ENDPOINT_FLAG_HOST_DOWN != 0,
                     sent_packets: traffic.sent_packets,
                     sent_bytes: traffic.sent_bytes,
                     delivered_packets: traffic.delivered_packets,
@@ -155,7 +158,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         r.pod.as_deref().unwrap_or("-"),
                         r.pod_ip.to_string(),
                         r.pod_mac.to_string(),
-                        r.host_ifname.as_deref().unwrap_or("(gone)"),
+                        match (r.host_ifname.as_deref(), r.host_veth_down) {
+                            (None, _) => "(gone)".to_owned(),
+                            (Some(name), true) => format!("{name} (down)"),
+                            (Some(name), false) => name.to_owned(),
+                        },
                         r.host_ifindex,
                         r.host_mac.to_string(),
                         format!("{}/{}", r.sent_packets, r.sent_bytes),

@@ -166,6 +166,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pod_prefix_len: config.pod_cidr.prefix_len(),
             _pad: 0,
             pod_cidr: config.pod_cidr.network().octets(),
+            pod_mtu: node_net::pod_mtu(&config, uplink.mtu),
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
@@ -184,6 +185,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
+    // Pods' veths taken down (or up again) while no agent ran; then every
+    // change as it happens.
+    let mut link_changes = crate::link_state::watch()?;
+    crate::link_state::sync_all(&mut agent.datapath, &netlink)
+        .await
+        .context("reading the pods' veth states")?;
     let node_links_failed =
         agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
     let links_failed = report.links_failed.len() + node_links_failed.len();
@@ -289,6 +296,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = heartbeat.tick() => {
                 let _agent = agent.lock().await;
                 health.beat();
+            }
+            Some(change) = link_changes.recv() => {
+                let mut agent = agent.lock().await;
+                if let Err(e) = crate::link_state::apply(&mut agent.datapath, &netlink, change).await {
+                    agent.errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "following a pod veth's state failed");
+                }
             }
             accepted = listener.accept() => {
                 match accepted {
