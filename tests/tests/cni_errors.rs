@@ -237,3 +237,65 @@ fn del_succeeds_for_a_container_id_ipam_rejects() {
     }
     assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"));
 }
+
+/// A listening unix socket standing in for an agent that takes no calls
+/// (out of file descriptors, overloaded): nothing is ever accepted.
+struct StuckAgent {
+    path: std::path::PathBuf,
+    _listener: socket2::Socket,
+    /// Connections that fill the backlog.
+    _queued: Vec<std::os::unix::net::UnixStream>,
+}
+
+impl StuckAgent {
+    /// A backlog of `backlog`, with `queued` connections waiting in it.
+    fn new(path: std::path::PathBuf, backlog: i32, queued: usize) -> Self {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let _ = std::fs::remove_file(&path);
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(backlog).unwrap();
+        let queued = (0..queued).map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap()).collect();
+        Self { path, _listener: listener, _queued: queued }
+    }
+}
+
+impl Drop for StuckAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn an_agent_that_takes_no_calls_means_try_again_later() {
+    if !require_root("an_agent_that_takes_no_calls_means_try_again_later") {
+        return;
+    }
+    // No agent: a socket that never accepts stands in for one that is out of
+    // file descriptors or overloaded.
+    let node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    std::fs::create_dir_all(node.socket.parent().unwrap()).unwrap();
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    let conf = node.cni_config().to_string();
+    // (1) Room in the backlog: the connection is made, no answer comes.
+    // (2) Backlog full (a backlog of 0 holds one): the connect itself waits.
+    for (case, backlog, queued) in [("no answer", 8, 0), ("backlog full", 0, 1)] {
+        let stuck = StuckAgent::new(node.socket.clone(), backlog, queued);
+        for verb in ["ADD", "DEL"] {
+            let run = node
+                .cni_within(
+                    &Node::cni_env(verb, "c1", &netns),
+                    conf.as_bytes(),
+                    std::time::Duration::from_secs(40),
+                )
+                .unwrap_or_else(|| panic!("{case}: {verb} hung on the agent socket"));
+            assert_error(&run, 11, "try again later");
+            let msg = run.stdout["msg"].as_str().unwrap();
+            assert!(msg.contains("overloaded"), "{case}: {verb}: {msg}");
+        }
+        assert_eq!(node.host_veths(), Vec::<String>::new());
+        assert_eq!(node.ipam_leases(), Vec::<String>::new());
+        drop(stuck);
+    }
+}

@@ -122,11 +122,25 @@ pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String 
     format!("{prefix}{}", &hex[..keep])
 }
 
+/// The CNI error for a failed call to the agent. An agent that is down,
+/// overloaded (backlog full, no answer in time) or restarting is transient:
+/// code 11, so the runtime tries again. Only a refusal or a garbled answer is
+/// an error of this call (code 5).
 fn agent_error(e: ClientError) -> CniError {
     match e {
         ClientError::Unreachable { .. } => CniError::with_source(
             ErrorCode::TryAgainLater,
             "the datapath agent is not running on this node; try again when it is ready",
+            &e,
+        ),
+        ClientError::Busy { .. } => CniError::with_source(
+            ErrorCode::TryAgainLater,
+            "the datapath agent is overloaded and did not answer in time; try again later",
+            &e,
+        ),
+        ClientError::Closed { .. } => CniError::with_source(
+            ErrorCode::TryAgainLater,
+            "the datapath agent closed the connection without answering (restarting?); try again later",
             &e,
         ),
         other => {
