@@ -238,6 +238,37 @@ fn del_succeeds_for_a_container_id_ipam_rejects() {
     assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"));
 }
 
+#[test]
+fn cni_netns_of_the_node_itself_gets_code_4() {
+    if !require_root("cni_netns_of_the_node_itself_gets_code_4") {
+        return;
+    }
+    let node = node();
+    let routes_before = node.host_routes();
+    let conf = node.cni_config().to_string();
+    // The node's namespace by its bind mount, and as the plugin's own /proc
+    // entry (the plugin runs in the node's namespace, as a runtime's would).
+    for path in [node.netns.path().display().to_string(), "/proc/self/ns/net".to_owned()] {
+        let run = node.cni(&Node::cni_env("ADD", "c1", &path), conf.as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(
+            msg.contains(&path) && msg.contains("node"),
+            "msg {msg:?} names the path {path} and the node"
+        );
+        assert_nothing_left(&node);
+        assert_eq!(node.host_routes(), routes_before, "the node's routes are untouched");
+        assert!(!sh(&["ip", "-n", &node.netns.name, "link"]).contains("eth0"), "no eth0 in the node");
+
+        let mut check_conf = node.cni_config();
+        check_conf["prevResult"] = serde_json::json!({ "ips": [{ "address": "10.244.1.2/32" }] });
+        let run = node.cni(&Node::cni_env("CHECK", "c1", &path), check_conf.to_string().as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+    }
+    assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
+}
+
+
 /// A listening unix socket standing in for an agent that takes no calls
 /// (out of file descriptors, overloaded): nothing is ever accepted.
 struct StuckAgent {

@@ -161,9 +161,11 @@ fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
 
 /// The pod's network namespace, CNI_NETNS: code 3 if it is not there (the
 /// container is gone), code 4 if it is something else than a network
-/// namespace (a file, a directory, a device, another kind of namespace).
+/// namespace (a file, a directory, a device, another kind of namespace) or
+/// the plugin's own, the node's (the pod's default route would replace the
+/// node's).
 fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
-    netns::open(Path::new(&env.netns)).map_err(|e| match &e {
+    let file = netns::open(Path::new(&env.netns)).map_err(|e| match &e {
         netns::NetnsError::NotNetwork { found, .. } => CniError::with_source(
             ErrorCode::InvalidEnvironment,
             format!(
@@ -177,7 +179,20 @@ fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
             format!("network namespace {} cannot be opened", env.netns),
             &e,
         ),
-    })
+    })?;
+    let own = netns::is_current(&file).map_err(|e| {
+        CniError::with_source(ErrorCode::IoFailure, "cannot compare CNI_NETNS with the node's namespace", &e)
+    })?;
+    if own {
+        return Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_NETNS {} is the node's own network namespace (the plugin's), not a pod's; it must name the pod's network namespace",
+                env.netns
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// What this ADD created so far: exactly what a failure must undo.
