@@ -268,6 +268,34 @@ fn cni_netns_of_the_node_itself_gets_code_4() {
     assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
 }
 
+#[test]
+fn mtu_above_the_agents_pod_mtu_gets_code_7() {
+    if !require_root("mtu_above_the_agents_pod_mtu_gets_code_7") {
+        return;
+    }
+    let node = node();
+    // The lab's uplink is a plain veth: MTU 1500, native mode, pod MTU 1500.
+    let pod_mtu = node.cni(&[("CNI_COMMAND", "STATUS")], node.cni_config().to_string().as_bytes());
+    assert!(pod_mtu.success, "{}", pod_mtu.raw_stdout);
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    for too_big in [1501, 9000] {
+        let mut conf = node.cni_config();
+        conf["mtu"] = too_big.into();
+        let run = node.cni(&Node::cni_env("ADD", "c1", &netns), conf.to_string().as_bytes());
+        assert_error(&run, 7, "\"mtu\"");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains(&too_big.to_string()) && msg.contains("at most 1500"), "{msg}");
+        assert_nothing_left(&node);
+        assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"), "nothing made in the pod");
+    }
+    // Up to the pod MTU is fine, and the pod gets what it asked for.
+    let mut conf = node.cni_config();
+    conf["mtu"] = 1400.into();
+    let run = node.cni(&Node::cni_env("ADD", "c1", &netns), conf.to_string().as_bytes());
+    assert!(run.success, "{}", run.raw_stdout);
+    assert!(sh(&["ip", "-n", &pod.name, "link", "show", "eth0"]).contains("mtu 1400"));
+}
 
 /// A listening unix socket standing in for an agent that takes no calls
 /// (out of file descriptors, overloaded): nothing is ever accepted.

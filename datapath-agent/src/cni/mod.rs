@@ -212,6 +212,18 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
     let netns_file = open_pod_netns(env)?;
     // Before any side effect: without the agent nothing would forward.
     let agent_mtu = agent_status(conf)?;
+    if let Some(mtu) = conf.mtu
+        && mtu > agent_mtu
+    {
+        // Larger packets than the uplink (less the tunnel's overhead) carries
+        // would be dropped on the way out, silently.
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "\"mtu\": {mtu} is larger than this node's pod MTU {agent_mtu} (the uplink's, less VXLAN overhead in vxlan mode); use at most {agent_mtu}, or leave \"mtu\" out to get {agent_mtu}"
+            ),
+        ));
+    }
     let mtu = conf.mtu.unwrap_or(agent_mtu);
 
     // ADD for a container that is already added: the same answer, nothing made.
