@@ -42,6 +42,11 @@ pub struct EndpointSpec {
     pub pod_namespace: Option<String>,
     #[serde(default)]
     pub pod_name: Option<String>,
+    /// The CNI network (the config's `name`) this attachment belongs to, so
+    /// that GC of one network never removes another's. None in records made
+    /// before it was recorded: GC leaves those alone (DEL still removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

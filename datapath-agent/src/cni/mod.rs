@@ -229,12 +229,15 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
     // ADD for a container that is already added: the same answer, nothing made.
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     if let Some(record) = recorded_endpoint(conf, &host_name)? {
-        if record.container_id != env.container_id || record.cni_ifname != env.ifname {
+        let other_network = record.network.as_deref().is_some_and(|n| n != conf.name);
+        if record.container_id != env.container_id || record.cni_ifname != env.ifname || other_network {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
                 format!(
-                    "host veth {host_name} belongs to container {} ({})",
-                    record.container_id, record.cni_ifname
+                    "host veth {host_name} belongs to container {} ({}) of network {}",
+                    record.container_id,
+                    record.cni_ifname,
+                    record.network.as_deref().unwrap_or("(not recorded)")
                 ),
             ));
         }
@@ -328,6 +331,7 @@ fn add_steps(
         pod_mac: pod.mac,
         pod_namespace,
         pod_name,
+        network: Some(conf.name.clone()),
     };
     undo.endpoint = Some(EndpointRef {
         container_id: env.container_id.clone(),
@@ -484,11 +488,15 @@ fn valid_attachments(stdin: &[u8]) -> Result<Vec<Attachment>, CniError> {
     }
 }
 
-/// GC (spec 1.1.0 and later only): remove every endpoint of ours whose
-/// (container ID, interface) is not in `cni.dev/valid-attachments`, exactly
-/// as DEL would, and orphan host veths with our name pattern that no valid
-/// attachment owns. One attachment that cannot be removed does not stop the
-/// others; the errors are reported together at the end.
+/// GC (spec 1.1.0 and later only): remove every endpoint of this network
+/// (the config's `name`) whose (container ID, interface) is not in
+/// `cni.dev/valid-attachments`, exactly as DEL would, and orphan host veths
+/// with our name pattern that no record and no valid attachment owns. The
+/// list is per network: endpoints of other networks (another conflist,
+/// multus) are never touched, nor are records without a network (made before
+/// it was recorded: which network they belong to is unknown). One attachment
+/// that cannot be removed does not stop the others; the errors are reported
+/// together at the end.
 fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     if !version_at_least(&conf.cni_version, "1.1.0") {
         return Err(CniError::new(
@@ -505,7 +513,18 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         .collect();
     let records = recorded_endpoints(conf)?;
     let mut failed = Vec::new();
-    for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)) {
+    let ours = |r: &&EndpointSpec| match &r.network {
+        Some(network) => *network == conf.name,
+        None => {
+            // Nothing else would tell why it stays.
+            eprintln!(
+                "datapath-cni: GC of network {:?} keeps endpoint {} (container {}, {}): its record does not say which network it belongs to; DEL removes it",
+                conf.name, r.host_ifname, r.container_id, r.cni_ifname
+            );
+            false
+        }
+    };
+    for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)).filter(ours) {
         let stale = Env {
             container_id: record.container_id.clone(),
             ifname: record.cni_ifname.clone(),
