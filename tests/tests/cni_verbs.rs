@@ -417,3 +417,44 @@ fn gc_keeps_endpoints_whose_record_names_no_network() {
     assert_detached(&node, &old);
     assert_eq!(node.ipam_leases(), Vec::<String>::new());
 }
+
+#[test]
+fn gc_sweeps_only_veths_never_a_bridge_named_like_one() {
+    if !require_root("gc_sweeps_only_veths_never_a_bridge_named_like_one") {
+        return;
+    }
+    let node = node();
+    let keep_pod = node.add_pod("keep");
+    let keep = Attachment { ip: keep_pod.ip, host_veth: keep_pod.host_veth.clone() };
+    // Both named prefix + 12 hex digits, neither recorded: the veth is an
+    // orphan of a killed ADD, the bridge is somebody else's device.
+    let bridge = "dptabcdef012345";
+    sh(&["ip", "-n", &node.netns.name, "link", "add", bridge, "type", "bridge"]);
+    sh(&[
+        "ip",
+        "-n",
+        &node.netns.name,
+        "link",
+        "add",
+        ORPHAN_VETH,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dptorphan",
+    ]);
+
+    let run = gc(
+        &node,
+        &node.cni_config(),
+        serde_json::json!([{ "containerID": keep_pod.container_id, "ifname": "eth0" }]),
+    );
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    let mut left = node.host_veths();
+    left.sort();
+    let mut want = vec![keep.host_veth.clone(), bridge.to_owned()];
+    want.sort();
+    assert_eq!(left, want, "the orphan veth went, the bridge stayed");
+    assert!(sh(&["ip", "-n", &node.netns.name, "-d", "link", "show", bridge]).contains("bridge"));
+    assert_attached(&node, &keep);
+}

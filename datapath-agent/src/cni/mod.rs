@@ -551,9 +551,11 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     })
 }
 
-/// Remove veths that look like ours but have neither a record nor a valid
-/// owner (an ADD killed half-way). No ADD runs meanwhile, and the records are
-/// read once none does: a veth an ADD has just made is never taken for one.
+/// Remove veths that look like ours (a veth, named prefix + hex) but have
+/// neither a record (of any network) nor a valid owner: an ADD killed
+/// half-way. No ADD runs meanwhile, and the records are read once none does:
+/// a veth an ADD has just made is never taken for one. Devices of any other
+/// kind (a bridge with such a name) are not ours, whatever their name.
 fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError> {
     let _no_add = lock::DirLock::exclusive(&conf.lock_dir(), lock::LOCK_WAIT)
         .map_err(|e| lock_error(e, "ADDs are still under way"))?;
@@ -561,7 +563,7 @@ fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError
     let known: Vec<String> =
         recorded_endpoints(conf)?.into_iter().map(|r| r.host_ifname).chain(valid).collect();
     link::with_handle(|handle| async move {
-        for (index, name) in link::names(&handle).await? {
+        for (index, name) in link::veths(&handle).await? {
             let ours = name.len() == 15
                 && name.starts_with(&prefix)
                 && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
