@@ -128,6 +128,18 @@ fn kind_of(file: &File) -> Result<Option<Found>, Errno> {
     })
 }
 
+/// Is `namespace` (an open network namespace) the one the calling thread is
+/// in? Namespaces are the same when their nsfs inodes are (device and inode).
+pub fn is_current(namespace: &File) -> Result<bool, NetnsError> {
+    const OWN: &str = "/proc/thread-self/ns/net";
+    let own = File::open(OWN).map_err(|source| NetnsError::Open { path: OWN.to_owned(), source })?;
+    let inspect = |path: &str, file: &File| {
+        fstat(file).map_err(|source| NetnsError::Inspect { path: path.to_owned(), source })
+    };
+    let (theirs, ours) = (inspect("the namespace given", namespace)?, inspect(OWN, &own)?);
+    Ok(theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino)
+}
+
 /// Move the calling thread into the network namespace at `path`.
 pub fn enter(path: &Path) -> Result<(), NetnsError> {
     let file = open(path)?;
@@ -154,6 +166,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_own_namespace_is_current() {
+        // (Another namespace is not: tests/tests/cni_errors.rs, as root.)
+        assert!(is_current(&open(Path::new("/proc/self/ns/net")).unwrap()).unwrap());
+        assert!(is_current(&open(Path::new("/proc/thread-self/ns/net")).unwrap()).unwrap());
+    }
 
     #[test]
     fn only_a_network_namespace_opens() {

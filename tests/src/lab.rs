@@ -479,6 +479,27 @@ impl Node {
 
     /// Run the plugin in the node namespace, as a runtime would.
     pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> CniRun {
+        let child = self.spawn_cni(env, stdin);
+        Self::cni_outcome(child.wait_with_output().unwrap())
+    }
+
+    /// [`Node::cni`], killing the plugin if it has not finished within
+    /// `deadline`: None then (it hung).
+    pub fn cni_within(&self, env: &[(&str, &str)], stdin: &[u8], deadline: Duration) -> Option<CniRun> {
+        let mut child = self.spawn_cni(env, stdin);
+        let until = Instant::now() + deadline;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self::cni_outcome(child.wait_with_output().unwrap()))
+    }
+
+    fn spawn_cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Child {
         let cni_path = format!("{}:/usr/lib/cni", bin_dir().display());
         let mut cmd = self.in_node(&bin_dir().join("datapath-cni"));
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").env("CNI_PATH", cni_path);
@@ -488,7 +509,10 @@ impl Node {
         let mut child =
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
+        child
+    }
+
+    fn cni_outcome(out: std::process::Output) -> CniRun {
         let raw_stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stdout = serde_json::from_str(raw_stdout.trim()).unwrap_or(serde_json::Value::Null);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -237,3 +237,124 @@ fn del_succeeds_for_a_container_id_ipam_rejects() {
     }
     assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"));
 }
+
+#[test]
+fn cni_netns_of_the_node_itself_gets_code_4() {
+    if !require_root("cni_netns_of_the_node_itself_gets_code_4") {
+        return;
+    }
+    let node = node();
+    let routes_before = node.host_routes();
+    let conf = node.cni_config().to_string();
+    // The node's namespace by its bind mount, and as the plugin's own /proc
+    // entry (the plugin runs in the node's namespace, as a runtime's would).
+    for path in [node.netns.path().display().to_string(), "/proc/self/ns/net".to_owned()] {
+        let run = node.cni(&Node::cni_env("ADD", "c1", &path), conf.as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(
+            msg.contains(&path) && msg.contains("node"),
+            "msg {msg:?} names the path {path} and the node"
+        );
+        assert_nothing_left(&node);
+        assert_eq!(node.host_routes(), routes_before, "the node's routes are untouched");
+        assert!(!sh(&["ip", "-n", &node.netns.name, "link"]).contains("eth0"), "no eth0 in the node");
+
+        let mut check_conf = node.cni_config();
+        check_conf["prevResult"] = serde_json::json!({ "ips": [{ "address": "10.244.1.2/32" }] });
+        let run = node.cni(&Node::cni_env("CHECK", "c1", &path), check_conf.to_string().as_bytes());
+        assert_error(&run, 4, "CNI_NETNS");
+    }
+    assert_eq!(node.cni_lock_files(), Vec::<String>::new(), "no lock file left");
+}
+
+#[test]
+fn mtu_above_the_agents_pod_mtu_gets_code_7() {
+    if !require_root("mtu_above_the_agents_pod_mtu_gets_code_7") {
+        return;
+    }
+    let node = node();
+    // The lab's uplink is a plain veth: MTU 1500, native mode, pod MTU 1500.
+    let pod_mtu = node.cni(&[("CNI_COMMAND", "STATUS")], node.cni_config().to_string().as_bytes());
+    assert!(pod_mtu.success, "{}", pod_mtu.raw_stdout);
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    for too_big in [1501, 9000] {
+        let mut conf = node.cni_config();
+        conf["mtu"] = too_big.into();
+        let run = node.cni(&Node::cni_env("ADD", "c1", &netns), conf.to_string().as_bytes());
+        assert_error(&run, 7, "\"mtu\"");
+        let msg = run.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains(&too_big.to_string()) && msg.contains("at most 1500"), "{msg}");
+        assert_nothing_left(&node);
+        assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"), "nothing made in the pod");
+    }
+    // Up to the pod MTU is fine, and the pod gets what it asked for.
+    let mut conf = node.cni_config();
+    conf["mtu"] = 1400.into();
+    let run = node.cni(&Node::cni_env("ADD", "c1", &netns), conf.to_string().as_bytes());
+    assert!(run.success, "{}", run.raw_stdout);
+    assert!(sh(&["ip", "-n", &pod.name, "link", "show", "eth0"]).contains("mtu 1400"));
+}
+
+/// A listening unix socket standing in for an agent that takes no calls
+/// (out of file descriptors, overloaded): nothing is ever accepted.
+struct StuckAgent {
+    path: std::path::PathBuf,
+    _listener: socket2::Socket,
+    /// Connections that fill the backlog.
+    _queued: Vec<std::os::unix::net::UnixStream>,
+}
+
+impl StuckAgent {
+    /// A backlog of `backlog`, with `queued` connections waiting in it.
+    fn new(path: std::path::PathBuf, backlog: i32, queued: usize) -> Self {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let _ = std::fs::remove_file(&path);
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(backlog).unwrap();
+        let queued = (0..queued).map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap()).collect();
+        Self { path, _listener: listener, _queued: queued }
+    }
+}
+
+impl Drop for StuckAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn an_agent_that_takes_no_calls_means_try_again_later() {
+    if !require_root("an_agent_that_takes_no_calls_means_try_again_later") {
+        return;
+    }
+    // No agent: a socket that never accepts stands in for one that is out of
+    // file descriptors or overloaded.
+    let node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    std::fs::create_dir_all(node.socket.parent().unwrap()).unwrap();
+    let pod = Netns::new(format!("{}-pod", node.id));
+    let netns = pod.path().display().to_string();
+    let conf = node.cni_config().to_string();
+    // (1) Room in the backlog: the connection is made, no answer comes.
+    // (2) Backlog full (a backlog of 0 holds one): the connect itself waits.
+    for (case, backlog, queued) in [("no answer", 8, 0), ("backlog full", 0, 1)] {
+        let stuck = StuckAgent::new(node.socket.clone(), backlog, queued);
+        for verb in ["ADD", "DEL"] {
+            let run = node
+                .cni_within(
+                    &Node::cni_env(verb, "c1", &netns),
+                    conf.as_bytes(),
+                    std::time::Duration::from_secs(40),
+                )
+                .unwrap_or_else(|| panic!("{case}: {verb} hung on the agent socket"));
+            assert_error(&run, 11, "try again later");
+            let msg = run.stdout["msg"].as_str().unwrap();
+            assert!(msg.contains("overloaded"), "{case}: {verb}: {msg}");
+        }
+        assert_eq!(node.host_veths(), Vec::<String>::new());
+        assert_eq!(node.ipam_leases(), Vec::<String>::new());
+        drop(stuck);
+    }
+}

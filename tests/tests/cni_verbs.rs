@@ -256,3 +256,205 @@ fn gc_without_valid_attachments_or_before_1_1_removes_nothing() {
     assert_eq!(node.host_veths(), vec![a.host_veth.clone()]);
     assert_eq!(node.ipam_leases(), vec![a.ip.to_string()]);
 }
+
+/// A second network on the node (another conflist, or multus): the same
+/// plugin and agent, its own name, so its own host-local leases
+/// (`<dataDir>/<name>/`), and addresses from .200 up.
+const SECOND_NETWORK: &str = "datapath-test2";
+
+fn second_network_config(node: &Node) -> serde_json::Value {
+    let mut conf = node.cni_config();
+    conf["name"] = SECOND_NETWORK.into();
+    conf["ipam"]["ranges"] = serde_json::json!([[{ "subnet": node.pod_cidr, "rangeStart": "10.244.1.200" }]]);
+    conf
+}
+
+fn second_network_leases(node: &Node) -> Vec<String> {
+    let mut leases: Vec<String> = std::fs::read_dir(node.work_dir.join("ipam").join(SECOND_NETWORK))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    leases.sort();
+    leases
+}
+
+/// One interface of a pod on one network.
+struct Attachment {
+    ip: Ipv4Addr,
+    host_veth: String,
+}
+
+/// ADD `container` (namespace `netns`) as `ifname` with `conf`.
+fn attach(node: &Node, conf: &serde_json::Value, container: &str, netns: &Netns, ifname: &str) -> Attachment {
+    let path = netns.path().display().to_string();
+    let mut env = Node::cni_env("ADD", container, &path);
+    env.retain(|(k, _)| *k != "CNI_IFNAME");
+    env.push(("CNI_IFNAME", ifname));
+    let run = node.cni(&env, conf.to_string().as_bytes());
+    assert!(run.success, "ADD {container} {ifname}: {}\n{}", run.raw_stdout, node.agent_log());
+    let ip: Ipv4Addr =
+        run.stdout["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").parse().unwrap();
+    let host_veth = run.stdout["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    Attachment { ip, host_veth }
+}
+
+fn gc(node: &Node, conf: &serde_json::Value, valid: serde_json::Value) -> datapath_tests::lab::CniRun {
+    let mut conf = conf.clone();
+    conf["cniVersion"] = "1.1.0".into();
+    conf["cni.dev/valid-attachments"] = valid;
+    node.cni(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes())
+}
+
+/// The attachment is whole: veth, map entry, link pin, record, and it answers.
+#[track_caller]
+fn assert_attached(node: &Node, pod: &Attachment) {
+    assert!(node.host_veths().contains(&pod.host_veth), "veth {} kept", pod.host_veth);
+    let endpoints = node.inspect("endpoints");
+    assert!(
+        endpoints.as_array().unwrap().iter().any(|e| e["pod_ip"] == pod.ip.to_string().as_str()),
+        "map entry of {} kept: {endpoints}",
+        pod.ip
+    );
+    assert!(node.bpffs_dir.join("links").join(&pod.host_veth).exists(), "link pin of {}", pod.host_veth);
+    assert!(
+        node.work_dir.join("state/endpoints").join(format!("{}.json", pod.host_veth)).exists(),
+        "record of {}",
+        pod.host_veth
+    );
+    assert!(ping(&node.netns, pod.ip, 1), "{} still answers", pod.ip);
+}
+
+#[track_caller]
+fn assert_detached(node: &Node, pod: &Attachment) {
+    assert!(!node.host_veths().contains(&pod.host_veth), "veth {} removed", pod.host_veth);
+    let endpoints = node.inspect("endpoints");
+    assert!(
+        !endpoints.as_array().unwrap().iter().any(|e| e["pod_ip"] == pod.ip.to_string().as_str()),
+        "map entry of {} removed: {endpoints}",
+        pod.ip
+    );
+    assert!(!node.bpffs_dir.join("links").join(&pod.host_veth).exists(), "link pin of {}", pod.host_veth);
+    assert!(!node.work_dir.join("state/endpoints").join(format!("{}.json", pod.host_veth)).exists());
+}
+
+#[test]
+fn gc_of_one_network_leaves_other_networks_alone() {
+    if !require_root("gc_of_one_network_leaves_other_networks_alone") {
+        return;
+    }
+    let node = node();
+    let first = node.cni_config();
+    let second = second_network_config(&node);
+    // Two pods on each network. (One pod on both, as multus would make it,
+    // is not possible: each ADD installs the pod's default route.)
+    let namespaces: Vec<Netns> =
+        ["a", "b", "c", "d"].iter().map(|n| Netns::new(format!("{}-{n}", node.id))).collect();
+    let a = attach(&node, &first, "pod-a", &namespaces[0], "eth0");
+    let b = attach(&node, &first, "pod-b", &namespaces[1], "eth0");
+    let c = attach(&node, &second, "pod-c", &namespaces[2], "net1");
+    let d = attach(&node, &second, "pod-d", &namespaces[3], "net1");
+    assert!(c.ip.octets()[3] >= 200 && d.ip.octets()[3] >= 200, "second network's range");
+    let second_leases = second_network_leases(&node);
+    assert_eq!(second_leases.len(), 2);
+
+    // The first network's runtime still uses a only.
+    let run = gc(&node, &first, serde_json::json!([{ "containerID": "pod-a", "ifname": "eth0" }]));
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    assert_attached(&node, &a);
+    assert_detached(&node, &b);
+    assert_eq!(node.ipam_leases(), vec![a.ip.to_string()], "b's lease released");
+    for other in [&c, &d] {
+        assert_attached(&node, other);
+    }
+    assert_eq!(second_network_leases(&node), second_leases, "the second network's leases kept");
+
+    // The second network's GC keeps what its list names and removes the
+    // rest, releasing that lease in its own IPAM store; the first network's
+    // pod stays.
+    let run = gc(&node, &second, serde_json::json!([{ "containerID": "pod-d", "ifname": "net1" }]));
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    assert_detached(&node, &c);
+    assert_attached(&node, &d);
+    assert_attached(&node, &a);
+    assert_eq!(second_network_leases(&node), vec![d.ip.to_string()]);
+    assert_eq!(node.ipam_leases(), vec![a.ip.to_string()]);
+}
+
+#[test]
+fn gc_keeps_endpoints_whose_record_names_no_network() {
+    if !require_root("gc_keeps_endpoints_whose_record_names_no_network") {
+        return;
+    }
+    let node = node();
+    let old_pod = node.add_pod("old");
+    let new_pod = node.add_pod("new");
+    let [old, new] = [&old_pod, &new_pod].map(|p| Attachment { ip: p.ip, host_veth: p.host_veth.clone() });
+    // A record as a plugin from before network names left it.
+    let record_path = node.work_dir.join("state/endpoints").join(format!("{}.json", old.host_veth));
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    assert_eq!(record["network"], "datapath-test", "ADD records the network: {record}");
+    record.as_object_mut().unwrap().remove("network");
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+
+    let run = gc(&node, &node.cni_config(), serde_json::json!([]));
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    assert_detached(&node, &new);
+    assert_attached(&node, &old);
+    assert!(
+        run.stderr.contains(&old.host_veth) && run.stderr.contains("does not say which network"),
+        "GC says why it kept {}: {}",
+        old.host_veth,
+        run.stderr
+    );
+    assert_eq!(node.ipam_leases(), vec![old.ip.to_string()]);
+    // DEL still removes it.
+    assert!(node.del_pod(&old_pod).success);
+    assert_detached(&node, &old);
+    assert_eq!(node.ipam_leases(), Vec::<String>::new());
+}
+
+#[test]
+fn gc_sweeps_only_veths_never_a_bridge_named_like_one() {
+    if !require_root("gc_sweeps_only_veths_never_a_bridge_named_like_one") {
+        return;
+    }
+    let node = node();
+    let keep_pod = node.add_pod("keep");
+    let keep = Attachment { ip: keep_pod.ip, host_veth: keep_pod.host_veth.clone() };
+    // Both named prefix + 12 hex digits, neither recorded: the veth is an
+    // orphan of a killed ADD, the bridge is somebody else's device.
+    let bridge = "dptabcdef012345";
+    sh(&["ip", "-n", &node.netns.name, "link", "add", bridge, "type", "bridge"]);
+    sh(&[
+        "ip",
+        "-n",
+        &node.netns.name,
+        "link",
+        "add",
+        ORPHAN_VETH,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "dptorphan",
+    ]);
+
+    let run = gc(
+        &node,
+        &node.cni_config(),
+        serde_json::json!([{ "containerID": keep_pod.container_id, "ifname": "eth0" }]),
+    );
+    assert!(run.success, "GC: {}", run.raw_stdout);
+    let mut left = node.host_veths();
+    left.sort();
+    let mut want = vec![keep.host_veth.clone(), bridge.to_owned()];
+    want.sort();
+    assert_eq!(left, want, "the orphan veth went, the bridge stayed");
+    assert!(sh(&["ip", "-n", &node.netns.name, "-d", "link", "show", bridge]).contains("bridge"));
+    assert_attached(&node, &keep);
+}

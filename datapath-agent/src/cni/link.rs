@@ -7,7 +7,7 @@ use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
-        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage},
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
         route::RouteScope,
     },
 };
@@ -176,15 +176,23 @@ pub async fn has_address(handle: &Handle, index: u32, addr: Ipv4Addr, prefix: u8
     Ok(false)
 }
 
-/// Names of all links in this namespace.
-pub async fn names(handle: &Handle) -> NlResult<Vec<(u32, String)>> {
+/// Index and name of every veth in this namespace (bridges, VXLAN devices
+/// and all other kinds are left out).
+pub async fn veths(handle: &Handle) -> NlResult<Vec<(u32, String)>> {
     let mut out = Vec::new();
     let mut links = handle.link().get().execute();
     while let Some(msg) = links.try_next().await? {
-        if let Some(name) = msg.attributes.iter().find_map(|a| match a {
+        let is_veth = msg.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => {
+                infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+            }
+            _ => false,
+        });
+        let name = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::IfName(n) => Some(n.clone()),
             _ => None,
-        }) {
+        });
+        if let (true, Some(name)) = (is_veth, name) {
             out.push((msg.header.index, name));
         }
     }

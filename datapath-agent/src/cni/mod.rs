@@ -122,11 +122,25 @@ pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String 
     format!("{prefix}{}", &hex[..keep])
 }
 
+/// The CNI error for a failed call to the agent. An agent that is down,
+/// overloaded (backlog full, no answer in time) or restarting is transient:
+/// code 11, so the runtime tries again. Only a refusal or a garbled answer is
+/// an error of this call (code 5).
 fn agent_error(e: ClientError) -> CniError {
     match e {
         ClientError::Unreachable { .. } => CniError::with_source(
             ErrorCode::TryAgainLater,
             "the datapath agent is not running on this node; try again when it is ready",
+            &e,
+        ),
+        ClientError::Busy { .. } => CniError::with_source(
+            ErrorCode::TryAgainLater,
+            "the datapath agent is overloaded and did not answer in time; try again later",
+            &e,
+        ),
+        ClientError::Closed { .. } => CniError::with_source(
+            ErrorCode::TryAgainLater,
+            "the datapath agent closed the connection without answering (restarting?); try again later",
             &e,
         ),
         other => {
@@ -147,9 +161,11 @@ fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
 
 /// The pod's network namespace, CNI_NETNS: code 3 if it is not there (the
 /// container is gone), code 4 if it is something else than a network
-/// namespace (a file, a directory, a device, another kind of namespace).
+/// namespace (a file, a directory, a device, another kind of namespace) or
+/// the plugin's own, the node's (the pod's default route would replace the
+/// node's).
 fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
-    netns::open(Path::new(&env.netns)).map_err(|e| match &e {
+    let file = netns::open(Path::new(&env.netns)).map_err(|e| match &e {
         netns::NetnsError::NotNetwork { found, .. } => CniError::with_source(
             ErrorCode::InvalidEnvironment,
             format!(
@@ -163,7 +179,20 @@ fn open_pod_netns(env: &Env) -> Result<std::fs::File, CniError> {
             format!("network namespace {} cannot be opened", env.netns),
             &e,
         ),
-    })
+    })?;
+    let own = netns::is_current(&file).map_err(|e| {
+        CniError::with_source(ErrorCode::IoFailure, "cannot compare CNI_NETNS with the node's namespace", &e)
+    })?;
+    if own {
+        return Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_NETNS {} is the node's own network namespace (the plugin's), not a pod's; it must name the pod's network namespace",
+                env.netns
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// What this ADD created so far: exactly what a failure must undo.
@@ -183,17 +212,32 @@ fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<serde_json::Value, Cni
     let netns_file = open_pod_netns(env)?;
     // Before any side effect: without the agent nothing would forward.
     let agent_mtu = agent_status(conf)?;
+    if let Some(mtu) = conf.mtu
+        && mtu > agent_mtu
+    {
+        // Larger packets than the uplink (less the tunnel's overhead) carries
+        // would be dropped on the way out, silently.
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "\"mtu\": {mtu} is larger than this node's pod MTU {agent_mtu} (the uplink's, less VXLAN overhead in vxlan mode); use at most {agent_mtu}, or leave \"mtu\" out to get {agent_mtu}"
+            ),
+        ));
+    }
     let mtu = conf.mtu.unwrap_or(agent_mtu);
 
     // ADD for a container that is already added: the same answer, nothing made.
     let host_name = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     if let Some(record) = recorded_endpoint(conf, &host_name)? {
-        if record.container_id != env.container_id || record.cni_ifname != env.ifname {
+        let other_network = record.network.as_deref().is_some_and(|n| n != conf.name);
+        if record.container_id != env.container_id || record.cni_ifname != env.ifname || other_network {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
                 format!(
-                    "host veth {host_name} belongs to container {} ({})",
-                    record.container_id, record.cni_ifname
+                    "host veth {host_name} belongs to container {} ({}) of network {}",
+                    record.container_id,
+                    record.cni_ifname,
+                    record.network.as_deref().unwrap_or("(not recorded)")
                 ),
             ));
         }
@@ -287,6 +331,7 @@ fn add_steps(
         pod_mac: pod.mac,
         pod_namespace,
         pod_name,
+        network: Some(conf.name.clone()),
     };
     undo.endpoint = Some(EndpointRef {
         container_id: env.container_id.clone(),
@@ -443,11 +488,15 @@ fn valid_attachments(stdin: &[u8]) -> Result<Vec<Attachment>, CniError> {
     }
 }
 
-/// GC (spec 1.1.0 and later only): remove every endpoint of ours whose
-/// (container ID, interface) is not in `cni.dev/valid-attachments`, exactly
-/// as DEL would, and orphan host veths with our name pattern that no valid
-/// attachment owns. One attachment that cannot be removed does not stop the
-/// others; the errors are reported together at the end.
+/// GC (spec 1.1.0 and later only): remove every endpoint of this network
+/// (the config's `name`) whose (container ID, interface) is not in
+/// `cni.dev/valid-attachments`, exactly as DEL would, and orphan host veths
+/// with our name pattern that no record and no valid attachment owns. The
+/// list is per network: endpoints of other networks (another conflist,
+/// multus) are never touched, nor are records without a network (made before
+/// it was recorded: which network they belong to is unknown). One attachment
+/// that cannot be removed does not stop the others; the errors are reported
+/// together at the end.
 fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     if !version_at_least(&conf.cni_version, "1.1.0") {
         return Err(CniError::new(
@@ -464,7 +513,18 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         .collect();
     let records = recorded_endpoints(conf)?;
     let mut failed = Vec::new();
-    for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)) {
+    let ours = |r: &&EndpointSpec| match &r.network {
+        Some(network) => *network == conf.name,
+        None => {
+            // Nothing else would tell why it stays.
+            eprintln!(
+                "datapath-cni: GC of network {:?} keeps endpoint {} (container {}, {}): its record does not say which network it belongs to; DEL removes it",
+                conf.name, r.host_ifname, r.container_id, r.cni_ifname
+            );
+            false
+        }
+    };
+    for record in records.iter().filter(|r| !valid.contains(&r.host_ifname)).filter(ours) {
         let stale = Env {
             container_id: record.container_id.clone(),
             ifname: record.cni_ifname.clone(),
@@ -491,9 +551,11 @@ fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     })
 }
 
-/// Remove veths that look like ours but have neither a record nor a valid
-/// owner (an ADD killed half-way). No ADD runs meanwhile, and the records are
-/// read once none does: a veth an ADD has just made is never taken for one.
+/// Remove veths that look like ours (a veth, named prefix + hex) but have
+/// neither a record (of any network) nor a valid owner: an ADD killed
+/// half-way. No ADD runs meanwhile, and the records are read once none does:
+/// a veth an ADD has just made is never taken for one. Devices of any other
+/// kind (a bridge with such a name) are not ours, whatever their name.
 fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError> {
     let _no_add = lock::DirLock::exclusive(&conf.lock_dir(), lock::LOCK_WAIT)
         .map_err(|e| lock_error(e, "ADDs are still under way"))?;
@@ -501,7 +563,7 @@ fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError
     let known: Vec<String> =
         recorded_endpoints(conf)?.into_iter().map(|r| r.host_ifname).chain(valid).collect();
     link::with_handle(|handle| async move {
-        for (index, name) in link::names(&handle).await? {
+        for (index, name) in link::veths(&handle).await? {
             let ours = name.len() == 15
                 && name.starts_with(&prefix)
                 && name[prefix.len()..].chars().all(|c| c.is_ascii_hexdigit());
