@@ -27,7 +27,7 @@ use crate::{
     health::{ConfigRejection, Health},
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
-    node_lock::NodeLock,
+    node_lock::{NetnsLock, NodeLock},
     node_net::{self, RouteVia},
     service_sync::{ServiceRef, ServiceSync},
     services::{self, ConntrackLimits},
@@ -78,11 +78,15 @@ struct PendingLink {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config_file = ConfigFile::read(&args.config)?;
-    // One agent per node, settled before anything is touched: the locks on
-    // the pinned state and the records, then the CNI socket.
+    // One agent per node, settled before anything is touched: the network
+    // namespace's lock and the CNI socket (neither makes anything), then the
+    // locks on the pinned state and the records (their directories are
+    // removed again if the start fails before the datapath is pinned).
     let settings = &config_file.settings;
-    let _node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
+    let netns_lock = NetnsLock::acquire()?;
+    netns_lock.answer_holder_queries().context("serving the network namespace's lock")?;
     refuse_a_socket_that_answers(&settings.api_socket)?;
+    let mut node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
     let conntrack_stats = Arc::new(ConntrackStats::default());
@@ -136,6 +140,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         EbpfLog::Debug => ProgramBuild::Debug,
     };
     let load_options = LoadOptions { conntrack_entries: config.conntrack_max_entries };
+    node_lock.keep_created();
     let mut datapath = Datapath::load_pinned_with(PinLayout::new(&config.bpffs_dir), build, load_options)
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
     if build == ProgramBuild::Debug {
