@@ -449,6 +449,20 @@ impl Node {
         std::fs::read_to_string(self.work_dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Wait (up to `timeout`) until the agent's log contains `text`.
+    #[track_caller]
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.agent_log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log within {timeout:?}:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn cni_config(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.0.0",

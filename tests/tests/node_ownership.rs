@@ -2,7 +2,7 @@
 //! the same pinned state, records or CNI socket, is refused (naming the
 //! first one's pid) before it touches anything, and leaves nothing behind;
 //! an agent removes the CNI socket on exit only if it is still the one it
-//! bound.
+//! bound; the node routes it owns are put back when someone deletes them.
 
 use std::{
     net::Ipv4Addr,
@@ -212,7 +212,57 @@ fn one_agent_per_network_namespace_whatever_its_directories() {
     assert_eq!(links_after, links_before, "one program on the uplink, the first agent's");
 }
 
-/// The peer of [`one_agent_per_network_namespace_whatever_its_directories`].
+/// The peer of [`one_agent_per_network_namespace_whatever_its_directories`]
+/// and [`node_routes_deleted_by_someone_else_are_put_back`].
 fn peer() -> Peer {
     Peer { name: "peer".into(), node_ip: Ipv4Addr::new(10, 250, 0, 2), pod_cidr: "10.244.2.0/24".into() }
+}
+
+/// The node's routes to other nodes' pods (proto 217) are the agent's: one
+/// deleted by someone else is added again within seconds, with a log line;
+/// a route that is not ours is never removed or replaced, also for a peer's
+/// pod CIDR (the agent says so).
+#[test]
+fn node_routes_deleted_by_someone_else_are_put_back() {
+    if !require_root("node_routes_deleted_by_someone_else_are_put_back") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.set_peers(vec![peer()]);
+    node.start_agent();
+    let ns = node.netns.name.clone();
+    let ours = "10.244.2.0/24 via 10.250.0.2 dev dptup0 proto 217";
+    let routes = || sh(&["ip", "-n", &ns, "route", "show"]);
+    assert!(routes().contains(ours), "{}", routes());
+    // Someone else's route, unrelated to the peers.
+    sh(&["ip", "-n", &ns, "route", "add", "10.99.0.0/24", "via", "10.250.0.3", "proto", "static"]);
+    let wait_for = |what: &str, check: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = routes();
+            if check(&now) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{now}\n{}", node.agent_log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    sh(&["ip", "-n", &ns, "route", "del", "10.244.2.0/24"]);
+    assert!(!routes().contains("10.244.2.0/24"));
+    let deleted = Instant::now();
+    wait_for("our route put back", &|r| r.contains(ours));
+    eprintln!("route put back after {:?}", deleted.elapsed());
+    node.wait_for_log("node route was missing", Duration::from_secs(5));
+    assert!(routes().contains("10.99.0.0/24 via 10.250.0.3"), "not ours: kept");
+
+    // Someone puts a route of their own to the peer's pod CIDR in ours'
+    // place: it is left alone, and the agent says why it cannot route.
+    sh(&["ip", "-n", &ns, "route", "replace", "10.244.2.0/24", "via", "10.250.0.3", "proto", "static"]);
+    node.wait_for_log("not ours", Duration::from_secs(30));
+    assert!(routes().contains("10.244.2.0/24 via 10.250.0.3 dev dptup0 proto static"), "{}", routes());
+    // Once it is gone, ours comes back.
+    sh(&["ip", "-n", &ns, "route", "del", "10.244.2.0/24"]);
+    wait_for("our route put back again", &|r| r.contains(ours));
+    assert!(routes().contains("10.99.0.0/24 via 10.250.0.3"), "not ours: kept");
 }

@@ -44,6 +44,9 @@ const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 /// How often a link that could not be switched to the loaded program is
 /// tried again.
 const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the node's own routes to other nodes' pods are checked (one
+/// deleted by someone else is put back).
+const ROUTE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often map entries of interfaces that no longer exist are swept (also
 /// after each DEL and at start).
 const INTERFACE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -67,6 +70,8 @@ struct Agent {
     /// Live links that could not be switched to the loaded program: they
     /// keep forwarding with the one they have, and are retried.
     pending_links: Vec<PendingLink>,
+    /// Peer pod CIDRs whose node route is someone else's (already said).
+    routes_taken: Vec<ipnet::Ipv4Net>,
 }
 
 /// A pinned link to switch to the loaded program again.
@@ -186,6 +191,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services,
         health: Arc::clone(&health),
         pending_links: Vec::new(),
+        routes_taken: Vec::new(),
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let stale_records = agent.reconcile_records()?;
@@ -280,6 +286,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut link_retry = tokio::time::interval(LINK_RETRY_INTERVAL);
     link_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     link_retry.reset();
+    let mut route_check = tokio::time::interval(ROUTE_CHECK_INTERVAL);
+    route_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    route_check.reset();
     let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
     interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interface_sweep.reset();
@@ -393,6 +402,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if !agent.pending_links.is_empty() {
                     tokio::task::block_in_place(|| agent.retry_pending_links());
                 }
+            }
+            _ = route_check.tick() => {
+                let mut agent = agent.lock().await;
+                agent.check_node_routes(&netlink).await;
             }
             _ = interface_sweep.tick() => {
                 let mut agent = agent.lock().await;
@@ -700,6 +713,47 @@ impl Agent {
             }
         }
         Ok(removed)
+    }
+
+    /// Put back the node routes of ours that someone else deleted (the
+    /// peers are those the maps hold); never touch a route that is not ours.
+    async fn check_node_routes(&mut self, netlink: &rtnetlink::Handle) {
+        let desired = match self.datapath.remote_routes() {
+            Ok(desired) => desired,
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(error = format!("{:#}", anyhow::Error::from(e)), "reading the peers failed");
+                return;
+            }
+        };
+        let check =
+            match node_net::restore_missing_routes(netlink, &desired, self.route_via, self.config.node_ip)
+                .await
+            {
+                Ok(check) => check,
+                Err(e) => {
+                    self.errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "checking the node routes failed");
+                    return;
+                }
+            };
+        for route in &check.restored {
+            tracing::warn!(
+                pod_cidr = %route.pod_cidr,
+                peer = %route.node_ip,
+                "node route was missing or changed (by someone else?): put back"
+            );
+        }
+        let taken: Vec<ipnet::Ipv4Net> = check.taken.iter().map(|route| route.pod_cidr).collect();
+        for route in check.taken.iter().filter(|route| !self.routes_taken.contains(&route.pod_cidr)) {
+            tracing::warn!(
+                pod_cidr = %route.pod_cidr,
+                peer = %route.node_ip,
+                "a route to this peer's pods that is not ours holds the place of ours: leaving it (this \
+                 node's own traffic to those pods follows it); remove it to get ours back"
+            );
+        }
+        self.routes_taken = taken;
     }
 
     /// A live link whose switch to the loaded program failed: say why, count
