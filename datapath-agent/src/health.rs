@@ -10,9 +10,12 @@
 //!
 //! `/readyz` (ready): the datapath is loaded and reconciled, the CNI API
 //! served and (Kubernetes source) the first complete Node list applied; the
-//! pinned maps and node-level links are in place; and no watch has kept
-//! failing for longer than `kubernetes.watch_failure_seconds`. Its body
-//! says why not, and shows the last rejected config edit.
+//! pinned maps and node-level links are in place; every live pod has its
+//! program attached and its map entries (as the agent's last check, every
+//! few seconds, found them: it puts back what is missing, so this fails
+//! only while it cannot); and no watch has kept failing for longer than
+//! `kubernetes.watch_failure_seconds`. Its body says why not, and shows the
+//! last rejected config edit.
 
 use std::{
     collections::BTreeMap,
@@ -87,6 +90,9 @@ pub struct Health {
     watches: Mutex<BTreeMap<&'static str, WatchFailure>>,
     /// The delay before each watch's next retry, as its backoff last said.
     watch_retry_delays: Mutex<BTreeMap<&'static str, Duration>>,
+    /// Live pods the agent could not give their program link or map
+    /// entries at its last check, and why.
+    unprogrammed_pods: Mutex<Vec<String>>,
     /// The last rejected config edit (cleared by an accepted one).
     last_config_error: Mutex<Option<String>>,
     config_rejected: [AtomicU64; 2],
@@ -154,6 +160,11 @@ impl Health {
         lock(&self.watches).remove(name);
     }
 
+    /// The live pods the last check could not program fully (empty: all are).
+    pub fn set_unprogrammed_pods(&self, pods: Vec<String>) {
+        *lock(&self.unprogrammed_pods) = pods;
+    }
+
     pub fn config_rejected(&self, why: ConfigRejection, error: String) {
         self.config_rejected[why as usize].fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_config_error) = Some(error);
@@ -197,6 +208,10 @@ impl Health {
             && let Err(e) = PinnedMaps::open(pins)
         {
             return Err(format!("the datapath is not loaded: {:#}", anyhow::Error::from(e)));
+        }
+        let unprogrammed = lock(&self.unprogrammed_pods);
+        if !unprogrammed.is_empty() {
+            return Err(format!("live pods without their datapath: {}", unprogrammed.join("; ")));
         }
         let grace = Duration::from_millis(self.watch_grace_ms.load(Ordering::Relaxed));
         for (name, failure) in lock(&self.watches).iter() {

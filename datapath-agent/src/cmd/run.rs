@@ -42,7 +42,8 @@ const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// How often the event loop beats for the liveness probe.
 const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a link that could not be switched to the loaded program is
-/// tried again.
+/// tried again, and live pods are checked for their map entries and program
+/// link (put back if missing).
 const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the node's own routes to other nodes' pods are checked (one
 /// deleted by someone else is put back).
@@ -194,7 +195,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         routes_taken: Vec::new(),
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
-    let stale_records = agent.reconcile_records()?;
+    let RecordsReport { stale: stale_records, restored: endpoints_restored } = agent.reconcile_records()?;
     let node_links_failed =
         agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
     let links_failed = report.links_failed.len() + node_links_failed.len();
@@ -232,6 +233,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stale_interfaces_removed = report.stale_interfaces_removed,
         links_failed,
         stale_records,
+        endpoints_restored,
         "datapath loaded and reconciled"
     );
 
@@ -399,9 +401,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = link_retry.tick() => {
                 let mut agent = agent.lock().await;
-                if !agent.pending_links.is_empty() {
-                    tokio::task::block_in_place(|| agent.retry_pending_links());
-                }
+                tokio::task::block_in_place(|| {
+                    if !agent.pending_links.is_empty() {
+                        agent.retry_pending_links();
+                    }
+                    agent.check_live_endpoints();
+                });
             }
             _ = route_check.tick() => {
                 let mut agent = agent.lock().await;
@@ -701,18 +706,96 @@ fn watch_config(
 }
 
 impl Agent {
-    /// Records whose veth is gone (DEL happened while we were down) go too.
-    fn reconcile_records(&mut self) -> anyhow::Result<usize> {
-        let mut removed = 0;
+    /// Records whose veth is gone (DEL happened while we were down) go too;
+    /// the endpoints of the others get back what they lost with the pins
+    /// ([`Self::check_live_endpoints`]).
+    fn reconcile_records(&mut self) -> anyhow::Result<RecordsReport> {
+        let mut report = RecordsReport::default();
         for record in self.store.list()? {
-            let alive =
-                nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex);
-            if !alive {
+            if !veth_alive(&record) {
                 self.store.remove(&record.host_ifname)?;
-                removed += 1;
+                report.stale += 1;
             }
         }
-        Ok(removed)
+        report.restored = self.check_live_endpoints();
+        Ok(report)
+    }
+
+    /// Give each live endpoint (a record whose veth exists) back what ADD
+    /// made and it lost (its map entries, its program link: pins removed
+    /// or never shared into this container), with a log line each. One that
+    /// cannot get them is logged, counted, keeps the node not ready and is
+    /// tried again at the next check. Returns how many were restored.
+    fn check_live_endpoints(&mut self) -> usize {
+        let records = match self.store.list() {
+            Ok(records) => records,
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "reading the endpoint records failed"
+                );
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        let mut unprogrammed = Vec::new();
+        for record in records.iter().filter(|record| veth_alive(record)) {
+            let pod = format!(
+                "{}/{}",
+                record.pod_namespace.as_deref().unwrap_or("-"),
+                record.pod_name.as_deref().unwrap_or("-")
+            );
+            let endpoint = LocalEndpoint {
+                pod_ipv4: record.pod_ipv4,
+                pod_mac: record.pod_mac,
+                host_ifname: record.host_ifname.clone(),
+                host_ifindex: record.host_ifindex,
+                host_mac: record.host_mac,
+            };
+            match self.datapath.restore_endpoint(&endpoint) {
+                Ok(done) => {
+                    if done.anything() {
+                        restored += 1;
+                        tracing::warn!(
+                            pod,
+                            ip = %record.pod_ipv4,
+                            veth = record.host_ifname,
+                            map_entries = done.entries,
+                            program_link = done.link,
+                            "endpoint restored from its record: its program link was missing (pin removed or \
+                             bpffs lost?) or its map entries were"
+                        );
+                    }
+                    if let Some(other) = done.address_taken_by {
+                        tracing::warn!(
+                            pod,
+                            ip = %record.pod_ipv4,
+                            veth = record.host_ifname,
+                            other_ifindex = other,
+                            "this endpoint's address is delivered to another interface; leaving that one's entry"
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.errors.inc();
+                    let attached = self.datapath.pins().link(&record.host_ifname).exists();
+                    let what = if attached { "map entries missing" } else { "no program attached" };
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!(
+                        pod,
+                        ip = %record.pod_ipv4,
+                        veth = record.host_ifname,
+                        error,
+                        "this live pod has {what} and restoring it failed: it cannot send or receive \
+                         through the datapath; retrying"
+                    );
+                    unprogrammed.push(format!("pod {pod} (veth {}): {what}: {error}", record.host_ifname));
+                }
+            }
+        }
+        self.health.set_unprogrammed_pods(unprogrammed);
+        restored
     }
 
     /// Put back the node routes of ours that someone else deleted (the
@@ -1048,4 +1131,18 @@ impl Agent {
         self.sweep_gone_interfaces();
         Ok(())
     }
+}
+
+/// What [`Agent::reconcile_records`] did.
+#[derive(Debug, Default)]
+struct RecordsReport {
+    /// Records whose veth is gone, removed.
+    stale: usize,
+    /// Live endpoints that got back map entries or a link.
+    restored: usize,
+}
+
+/// The record's veth exists, with the recorded index.
+fn veth_alive(record: &EndpointSpec) -> bool {
+    nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex)
 }
