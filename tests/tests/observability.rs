@@ -344,3 +344,98 @@ fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
     node.start_agent();
     wait_until("ready again", || readyz(&node).0 == 200);
 }
+
+/// Lower the agent's limit on open files to `limit` (as a tight container
+/// limit would have it).
+fn limit_open_files(pid: u32, limit: u64) {
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: a valid rlimit for another process; no old limit asked for.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &rlimit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// `count` TCP connections to 127.0.0.1:`port` in the node, held open
+/// without a byte sent (each connect waits at most a second).
+fn idle_connections(node: &Node, port: u16, count: usize) -> Vec<std::net::TcpStream> {
+    datapath_tests::lab::in_netns(&node.netns.path(), move || {
+        (0..count)
+            .filter_map(|_| {
+                let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1)).ok()
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether the server closed `conn` within `within` (EOF or reset), reading
+/// whatever it sent first.
+fn closed_within(conn: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whoever reaches the health endpoint (a pod, on a DaemonSet's
+/// 0.0.0.0:9976) cannot hold it: connections that send no request, or only
+/// part of one, are closed after a timeout; more connections than the cap
+/// push out the oldest idle ones, so /healthz stays answered and the agent
+/// keeps file descriptors for CNI calls.
+#[test]
+fn idle_health_connections_cannot_starve_the_agent() {
+    if !require_root("idle_health_connections_cannot_starve_the_agent") {
+        return;
+    }
+    use std::{
+        io::Write as _,
+        time::{Duration, Instant},
+    };
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    limit_open_files(node.agent_pid().unwrap(), 256);
+
+    let mut held = idle_connections(&node, 9976, 400);
+    assert!(held.len() >= 300, "{} connections made", held.len());
+    let asked = Instant::now();
+    let (status, body) = http_get_local(&node.netns, 9976, "/healthz");
+    let answered = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(answered < Duration::from_secs(1), "/healthz answered after {answered:?}");
+    // The CNI socket still gets a file descriptor.
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    // The connections beyond the cap were closed at once.
+    let open =
+        held.iter_mut().map(|c| !closed_within(c, Duration::from_millis(10))).filter(|open| *open).count();
+    assert!(open <= 64, "{open} idle connections still open");
+
+    // A request sent in part, and a connection that sends nothing: closed
+    // after the header timeout.
+    let mut partial = idle_connections(&node, 9976, 2);
+    partial[0].write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let started = Instant::now();
+    for conn in &mut partial {
+        assert!(closed_within(conn, Duration::from_secs(15)), "still open after {:?}", started.elapsed());
+    }
+    eprintln!("idle and partial connections closed after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before the client had time to send");
+    // A complete request is still answered.
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
+}
