@@ -3,6 +3,8 @@
 //! Layout under the bpffs directory (default `/sys/fs/bpf/datapath`):
 //!   maps/<map name>-v<layout version>   the BTF maps (reused across agent restarts)
 //!   links/<host veth>                   one TCX link per pod veth (forwarding survives the agent)
+//!   node-links/<program>@<interface>    the uplink's (and VXLAN device's) TCX links
+//!   monitor/                            an empty directory a running `monitor` holds a flock on
 //!
 //! On start the agent checks every pinned map against this build's layouts
 //! ([`crate::map_pins`]: reused, migrated or refused), reopens what is pinned
@@ -163,6 +165,11 @@ impl PinLayout {
     }
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
+    }
+    /// The directory a running `monitor` holds an exclusive flock on
+    /// ([`crate::monitor_lock`]).
+    pub fn monitor_lock(&self) -> PathBuf {
+        self.root.join("monitor")
     }
     /// Links of node-level programs (uplink, VXLAN device), named
     /// `<program>@<interface>`.

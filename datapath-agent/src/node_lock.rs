@@ -244,7 +244,7 @@ fn lock(path: &Path, file: io::Result<File>) -> Result<Flock<File>, NodeLockErro
 }
 
 /// The pid /proc/locks gives for the flock on `file`'s inode.
-fn holder_of(file: &File) -> Holder {
+pub(crate) fn holder_of(file: &File) -> Holder {
     let (Ok(meta), Ok(locks)) = (file.metadata(), std::fs::read_to_string("/proc/locks")) else {
         return Holder::Unknown;
     };

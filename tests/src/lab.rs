@@ -463,6 +463,17 @@ impl Node {
         }
     }
 
+    /// `trace_forwards` of the pinned monitor config: whether the programs
+    /// report every forwarding decision to the monitor.
+    pub fn trace_forwards(&self) -> u32 {
+        use datapath_common::{MonitorConfig, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::MONITOR_CONFIG)).unwrap();
+        let map: aya::maps::Array<_, MonitorConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        map.get(&0, 0).unwrap().trace_forwards
+    }
+
     pub fn cni_config(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.0.0",

@@ -439,3 +439,148 @@ fn idle_health_connections_cannot_starve_the_agent() {
     // A complete request is still answered.
     assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
 }
+
+/// A `datapath-agent monitor` reading into `stdout` (a pipe), its stderr
+/// captured; returns once it is watching.
+fn spawn_monitor(node: &Node, args: &[&str]) -> std::process::Child {
+    use std::io::Read as _;
+    let mut child = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.starts_with("monitoring"), "monitor did not start: {first}");
+    // Keep the rest of stderr for the test (the child keeps writing into it).
+    child.stderr = Some(stderr);
+    child
+}
+
+fn wait_for_exit(child: &mut std::process::Child, within: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("monitor still running after {within:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn rest_of_stderr(child: &mut std::process::Child) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `monitor --forwards | head -1`: the reader goes away; the monitor ends
+/// without a panic and puts forward tracing back as it found it. So does
+/// SIGTERM or SIGINT.
+#[test]
+fn a_monitor_into_a_closed_pipe_restores_forward_tracing() {
+    if !require_root("a_monitor_into_a_closed_pipe_restores_forward_tracing") {
+        return;
+    }
+    use std::io::BufRead as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(node.trace_forwards(), 0);
+
+    let mut monitor = spawn_monitor(&node, &["--forwards"]);
+    assert_eq!(node.trace_forwards(), 1);
+    let traffic = std::thread::spawn({
+        let name = a.netns.name.clone();
+        let dst = b.ip.to_string();
+        move || {
+            datapath_tests::sh_ok(&[
+                "ip", "netns", "exec", &name, "ping", "-q", "-c", "40", "-i", "0.05", &dst,
+            ])
+        }
+    });
+    // `head -1`: one line read, then the pipe closed.
+    let mut line = String::new();
+    std::io::BufReader::new(monitor.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("forwarded"), "{line}");
+    let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+    let stderr = rest_of_stderr(&mut monitor);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.code() != Some(101), "{status}: {stderr}");
+    assert_eq!(node.trace_forwards(), 0, "forward tracing switched off again: {stderr}");
+    assert!(traffic.join().unwrap());
+
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        let mut monitor = spawn_monitor(&node, &["--forwards"]);
+        assert_eq!(node.trace_forwards(), 1);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor.id() as i32), signal).unwrap();
+        let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+        assert!(status.success(), "{signal}: {status}");
+        assert_eq!(node.trace_forwards(), 0, "after {signal}");
+    }
+}
+
+/// One monitor at a time (the ring buffer has one reader): a second is
+/// refused naming the first. Forward tracing left on by a SIGKILLed
+/// monitor is switched off by the next monitor, and by the agent.
+#[test]
+fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
+    if !require_root("one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    let mut first = spawn_monitor(&node, &["--forwards"]);
+    let second = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--seconds", "5", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second monitor ran: {said}");
+    assert!(said.contains("another monitor") && said.contains(&format!("pid {}", first.id())), "{said}");
+    assert_eq!(node.trace_forwards(), 1, "the first monitor's tracing stays");
+
+    // SIGKILL: nothing is restored by the monitor itself. The agent
+    // notices no monitor holds it any more.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while node.trace_forwards() != 0 {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(15), "still on:\n{}", node.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    node.wait_for_log("forward tracing", std::time::Duration::from_secs(2));
+
+    // With the agent down, the next monitor does it: a plain monitor shows
+    // drops only, as it says.
+    node.stop_agent();
+    let mut killed = spawn_monitor(&node, &["--forwards"]);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(node.trace_forwards(), 1);
+    let plain = node.monitor(&["--seconds", "2"]);
+    assert_eq!(node.trace_forwards(), 0, "the plain monitor switched the leftover off");
+    assert!(ping(&a.netns, b.ip, 3));
+    let (events, summary) = plain.finish();
+    assert!(events.iter().all(|e| e["verdict"] != "forwarded"), "{events:#?}\n{summary}");
+    assert_eq!(node.trace_forwards(), 0);
+}

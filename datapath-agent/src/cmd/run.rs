@@ -27,6 +27,7 @@ use crate::{
     health::{ConfigRejection, Health},
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
+    monitor_lock::{MonitorLock, MonitorLockError},
     node_lock::{NetnsLock, NodeLock},
     node_net::{self, RouteVia},
     service_sync::{ServiceRef, ServiceSync},
@@ -42,8 +43,9 @@ const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// How often the event loop beats for the liveness probe.
 const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a link that could not be switched to the loaded program is
-/// tried again, and live pods are checked for their map entries and program
-/// link (put back if missing).
+/// tried again, live pods are checked for their map entries and program
+/// link (put back if missing), and forward tracing left on by a killed
+/// monitor is switched off.
 const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the node's own routes to other nodes' pods are checked (one
 /// deleted by someone else is put back).
@@ -153,11 +155,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         crate::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
             .context("reading the debug build's aya-log ring buffer")?;
     }
-    // The monitor's forward tracing belongs to a running `monitor`: keep it.
+    // The monitor's forward tracing belongs to a running `monitor`: kept,
+    // unless no monitor runs (one was killed and left it on).
     let monitor = datapath.monitor_config().context("reading the monitor config map")?;
     datapath
         .set_monitor_config(MonitorConfig { events_per_second: config.monitor_events_per_second, ..monitor })
         .context("writing the monitor config map")?;
+    switch_off_abandoned_forward_tracing(&mut datapath)?;
     // Service translation stays as the last agent left it until the Services
     // are synced below: tracked connections must keep their translation.
     let services_flag =
@@ -406,6 +410,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         agent.retry_pending_links();
                     }
                     agent.check_live_endpoints();
+                    if let Err(e) = switch_off_abandoned_forward_tracing(&mut agent.datapath) {
+                        agent.errors.inc();
+                        tracing::warn!(error = format!("{e:#}"), "checking the monitor's forward tracing failed");
+                    }
                 });
             }
             _ = route_check.tick() => {
@@ -1145,4 +1153,25 @@ struct RecordsReport {
 /// The record's veth exists, with the recorded index.
 fn veth_alive(record: &EndpointSpec) -> bool {
     nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex)
+}
+
+/// Forward tracing is on only while a `monitor` runs: when no monitor
+/// holds its lock, a `trace_forwards` still set was left by one that was
+/// killed; switch it off (the programs would otherwise pay for it forever).
+/// Returns whether it did.
+fn switch_off_abandoned_forward_tracing(datapath: &mut Datapath) -> anyhow::Result<bool> {
+    let _no_monitor = match MonitorLock::try_acquire(datapath.pins()) {
+        Ok(lock) => lock,
+        Err(MonitorLockError::Held { .. }) => return Ok(false),
+        Err(e) => return Err(e).context("looking for a running monitor"),
+    };
+    let config = datapath.monitor_config().context("reading the monitor config map")?;
+    if config.trace_forwards == 0 {
+        return Ok(false);
+    }
+    datapath
+        .set_monitor_config(MonitorConfig { trace_forwards: 0, ..config })
+        .context("writing the monitor config map")?;
+    tracing::warn!("forward tracing was left on by a monitor that is gone (killed?); switched off");
+    Ok(true)
 }
