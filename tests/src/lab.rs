@@ -474,6 +474,16 @@ impl Node {
         map.get(&0, 0).unwrap().trace_forwards
     }
 
+    /// The peers PEER_MODE_MISMATCHES holds (read from its pin).
+    pub fn peer_mode_mismatch_peers(&self) -> Vec<Ipv4Addr> {
+        use datapath_common::{ModeMismatch, NodeKey, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::PEER_MODE_MISMATCHES)).unwrap();
+        let map: aya::maps::HashMap<_, NodeKey, ModeMismatch> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        map.keys().map(|key| Ipv4Addr::from(key.unwrap().ipv4)).collect()
+    }
+
     pub fn cni_config(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.0.0",

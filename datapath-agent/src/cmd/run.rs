@@ -164,15 +164,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     switch_off_abandoned_forward_tracing(&mut datapath)?;
     // Service translation stays as the last agent left it until the Services
     // are synced below: tracked connections must keep their translation.
-    let services_flag =
-        datapath.node_config().context("reading the node config map")?.flags & NODE_FLAG_SERVICES;
+    let node_config_before = datapath.node_config().context("reading the node config map")?;
+    let services_flag = node_config_before.flags & NODE_FLAG_SERVICES;
+    // The mode the notes of peers in the other mode were made under.
+    let mode_before =
+        [Mode::Native, Mode::Vxlan].into_iter().find(|mode| node_config_before.mode == routing_mode(*mode));
     datapath
         .set_node_config(NodeConfig {
             node_ipv4: config.node_ip.octets(),
-            mode: match config.mode {
-                Mode::Native => RoutingMode::Native as u32,
-                Mode::Vxlan => RoutingMode::Vxlan as u32,
-            },
+            mode: routing_mode(config.mode),
             uplink_ifindex: uplink.index,
             vxlan_ifindex,
             vni: config.vxlan.vni,
@@ -284,7 +284,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
     spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
-    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), config_mode);
+    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), mode_before, config_mode);
 
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
@@ -1153,6 +1153,13 @@ struct RecordsReport {
 /// The record's veth exists, with the recorded index.
 fn veth_alive(record: &EndpointSpec) -> bool {
     nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex)
+}
+
+fn routing_mode(mode: Mode) -> u32 {
+    match mode {
+        Mode::Native => RoutingMode::Native as u32,
+        Mode::Vxlan => RoutingMode::Vxlan as u32,
+    }
 }
 
 /// Forward tracing is on only while a `monitor` runs: when no monitor
