@@ -3,6 +3,8 @@
 //! Layout under the bpffs directory (default `/sys/fs/bpf/datapath`):
 //!   maps/<map name>-v<layout version>   the BTF maps (reused across agent restarts)
 //!   links/<host veth>                   one TCX link per pod veth (forwarding survives the agent)
+//!   node-links/<program>@<interface>    the uplink's (and VXLAN device's) TCX links
+//!   monitor/                            an empty directory a running `monitor` holds a flock on
 //!
 //! On start the agent checks every pinned map against this build's layouts
 //! ([`crate::map_pins`]: reused, migrated or refused), reopens what is pinned
@@ -165,6 +167,11 @@ impl PinLayout {
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
     }
+    /// The directory a running `monitor` holds an exclusive flock on
+    /// ([`crate::monitor_lock`]).
+    pub fn monitor_lock(&self) -> PathBuf {
+        self.root.join("monitor")
+    }
     /// Links of node-level programs (uplink, VXLAN device), named
     /// `<program>@<interface>`.
     pub fn node_links_dir(&self) -> PathBuf {
@@ -185,6 +192,24 @@ pub struct ReconcileReport {
     /// Live links that could not be switched to the new program: kept, to
     /// be retried with [`Datapath::retry_link`].
     pub links_failed: Vec<LinkFailure>,
+}
+
+/// What [`Datapath::restore_endpoint`] put back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Its ENDPOINTS and POD_INTERFACES entries.
+    pub entries: bool,
+    /// Its program link (attached and pinned).
+    pub link: bool,
+    /// Its address is delivered to this other interface, which exists: its
+    /// entries were left alone.
+    pub address_taken_by: Option<u32>,
+}
+
+impl Restored {
+    pub fn anything(&self) -> bool {
+        self.entries || self.link
+    }
 }
 
 /// What [`Datapath::sweep_gone_interfaces`] removed.
@@ -437,6 +462,12 @@ impl Datapath {
     /// the link, so the program never runs on a veth it does not know.
     /// Re-adding the same veth updates the entries and keeps the existing link.
     pub fn add_endpoint(&mut self, ep: &LocalEndpoint) -> Result<(), DatapathError> {
+        self.write_endpoint_entries(ep)?;
+        self.attach(&ep.host_ifname, ep.host_ifindex)
+    }
+
+    /// The ENDPOINTS and POD_INTERFACES entries of `ep`, as ADD writes them.
+    fn write_endpoint_entries(&mut self, ep: &LocalEndpoint) -> Result<(), DatapathError> {
         let map_err = |name| move |source| DatapathError::Map { name, source };
         let key = EndpointKey { ipv4: ep.pod_ipv4.octets() };
         let existing = self.endpoints_mut()?.get(&key, 0).ok();
@@ -466,7 +497,7 @@ impl Datapath {
             .map_err(map_err(map_names::POD_INTERFACES))?;
         self.endpoints_mut()?
             .insert(
-                EndpointKey { ipv4: ep.pod_ipv4.octets() },
+                key,
                 Endpoint {
                     host_ifindex: ep.host_ifindex,
                     pod_mac: ep.pod_mac.0,
@@ -476,8 +507,39 @@ impl Datapath {
                 },
                 0,
             )
-            .map_err(map_err(map_names::ENDPOINTS))?;
-        self.attach(&ep.host_ifname, ep.host_ifindex)
+            .map_err(map_err(map_names::ENDPOINTS))
+    }
+
+    /// Put back what is missing of a live endpoint (its veth exists) that
+    /// ADD made: its map entries and its program link, as ADD made them
+    /// (the pins were lost, or someone removed its link pin). What is in
+    /// place is not touched; an IP whose entry points at another interface
+    /// that exists is left to that one.
+    pub fn restore_endpoint(&mut self, ep: &LocalEndpoint) -> Result<Restored, DatapathError> {
+        let mut restored = Restored::default();
+        let endpoint = get_present(&self.endpoints_mut()?, &EndpointKey { ipv4: ep.pod_ipv4.octets() })
+            .map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS, source })?;
+        let interface = get_present(&self.pod_interfaces_mut()?, &ep.host_ifindex)
+            .map_err(|source| DatapathError::Map { name: map_names::POD_INTERFACES, source })?;
+        let entries_in_place = endpoint.is_some_and(|e| {
+            e.host_ifindex == ep.host_ifindex && e.pod_mac == ep.pod_mac.0 && e.host_mac == ep.host_mac.0
+        }) && interface
+            .is_some_and(|i| i.pod_ipv4 == ep.pod_ipv4.octets() && i.host_mac == ep.host_mac.0);
+        match endpoint {
+            _ if entries_in_place => {}
+            Some(other) if other.host_ifindex != ep.host_ifindex && interface_exists(other.host_ifindex)? => {
+                restored.address_taken_by = Some(other.host_ifindex);
+            }
+            _ => {
+                self.write_endpoint_entries(ep)?;
+                restored.entries = true;
+            }
+        }
+        if !self.pins.link(&ep.host_ifname).exists() {
+            self.attach(&ep.host_ifname, ep.host_ifindex)?;
+            restored.link = true;
+        }
+        Ok(restored)
     }
 
     /// The lowest free traffic slot, its counters zeroed (a previous pod may

@@ -10,9 +10,21 @@
 //!
 //! `/readyz` (ready): the datapath is loaded and reconciled, the CNI API
 //! served and (Kubernetes source) the first complete Node list applied; the
-//! pinned maps and node-level links are in place; and no watch has kept
-//! failing for longer than `kubernetes.watch_failure_seconds`. Its body
-//! says why not, and shows the last rejected config edit.
+//! pinned maps and node-level links are in place; every live pod has its
+//! program attached and its map entries (as the agent's last check, every
+//! few seconds, found them: it puts back what is missing, so this fails
+//! only while it cannot); and no watch has kept failing for longer than
+//! `kubernetes.watch_failure_seconds`. Its body says why not, and shows the
+//! last rejected config edit.
+//!
+//! Anyone who reaches `health_address` (a DaemonSet binds 0.0.0.0 on the
+//! host network: every pod) can connect, so connections are bounded: a
+//! request's head must arrive within [`REQUEST_HEAD_TIMEOUT`] of the
+//! connection's start or of the previous response (idle and half-sent
+//! requests are closed), no connection lives longer than
+//! [`CONNECTION_TIME_LIMIT`], and at most [`MAX_CONNECTIONS`] are open: a
+//! new one beyond pushes out the oldest that is not in a request, so the
+//! probes are answered and the agent keeps file descriptors for CNI calls.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +39,7 @@ use std::{
 
 use anyhow::Context as _;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 
 use crate::datapath::{PinLayout, PinnedMaps};
@@ -87,6 +100,9 @@ pub struct Health {
     watches: Mutex<BTreeMap<&'static str, WatchFailure>>,
     /// The delay before each watch's next retry, as its backoff last said.
     watch_retry_delays: Mutex<BTreeMap<&'static str, Duration>>,
+    /// Live pods the agent could not give their program link or map
+    /// entries at its last check, and why.
+    unprogrammed_pods: Mutex<Vec<String>>,
     /// The last rejected config edit (cleared by an accepted one).
     last_config_error: Mutex<Option<String>>,
     config_rejected: [AtomicU64; 2],
@@ -154,6 +170,11 @@ impl Health {
         lock(&self.watches).remove(name);
     }
 
+    /// The live pods the last check could not program fully (empty: all are).
+    pub fn set_unprogrammed_pods(&self, pods: Vec<String>) {
+        *lock(&self.unprogrammed_pods) = pods;
+    }
+
     pub fn config_rejected(&self, why: ConfigRejection, error: String) {
         self.config_rejected[why as usize].fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_config_error) = Some(error);
@@ -198,6 +219,10 @@ impl Health {
         {
             return Err(format!("the datapath is not loaded: {:#}", anyhow::Error::from(e)));
         }
+        let unprogrammed = lock(&self.unprogrammed_pods);
+        if !unprogrammed.is_empty() {
+            return Err(format!("live pods without their datapath: {}", unprogrammed.join("; ")));
+        }
         let grace = Duration::from_millis(self.watch_grace_ms.load(Ordering::Relaxed));
         for (name, failure) in lock(&self.watches).iter() {
             let failing = failure.since.elapsed();
@@ -224,13 +249,64 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener
         .with_context(|| format!("binding health_address {address} (is another agent or program using it?)"))
 }
 
+/// A request's head must arrive within this long of the connection's start
+/// or of the previous response (hyper's header read timeout): idle and
+/// half-sent requests are closed. The probes send theirs at once.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, whatever it does (a client that reads its
+/// response very slowly, say).
+pub const CONNECTION_TIME_LIMIT: Duration = Duration::from_secs(60);
+/// Connections open at once, at most (kubelet and a scraper need a few).
+pub const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
     metrics: Registry,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(metrics);
-    let app = Router::new()
+    let app = router(health, Arc::new(metrics));
+    let connections = Arc::new(Connections::default());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(REQUEST_HEAD_TIMEOUT);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: those open are still served
+                // (and time out); try again shortly, without spinning.
+                tracing::debug!(error = %e, "health endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over the cap with every connection in a request: closed at once.
+        let Some(Slot { id, state }) = connections.admit() else { continue };
+        let service = TowerToHyperService::new(app.clone());
+        let requests_of = Arc::clone(&state);
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper::service::service_fn(move |request| {
+                let in_request = InRequest::new(&requests_of);
+                let response = hyper::service::Service::call(&service, request);
+                async move {
+                    let _in_request = in_request;
+                    response.await
+                }
+            }),
+        );
+        let connections = Arc::clone(&connections);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_TIME_LIMIT, connection) => {}
+                _ = state.pushed_out.notified() => {}
+            }
+            connections.leave(id);
+        });
+    }
+}
+
+fn router(health: Arc<Health>, metrics: Arc<Registry>) -> Router {
+    Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -279,6 +355,67 @@ pub async fn serve(
                 (status, body)
             }),
         )
-        .with_state(health);
-    axum::serve(listener, app).await.context("health server")
+        .with_state(health)
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Connections {
+    next: std::sync::atomic::AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<ConnectionState>>>,
+}
+
+#[derive(Default)]
+struct ConnectionState {
+    /// Requests being handled now (a keep-alive connection has one at a time).
+    in_request: std::sync::atomic::AtomicUsize,
+    /// Told to close: a newer connection needed its place.
+    pushed_out: tokio::sync::Notify,
+}
+
+/// A connection's place among the open ones.
+struct Slot {
+    id: u64,
+    state: Arc<ConnectionState>,
+}
+
+impl Connections {
+    /// A place for a new connection: at the cap, the oldest connection not
+    /// in a request is told to close and gives its place; `None` if all are
+    /// in one.
+    fn admit(&self) -> Option<Slot> {
+        let mut open = lock(&self.open);
+        if open.len() >= MAX_CONNECTIONS {
+            let oldest_idle =
+                open.iter().find(|(_, c)| c.in_request.load(Ordering::SeqCst) == 0).map(|(id, _)| *id)?;
+            if let Some(pushed_out) = open.remove(&oldest_idle) {
+                // Stored if its task does not wait yet: it ends at its first look.
+                pushed_out.pushed_out.notify_one();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnectionState::default());
+        open.insert(id, Arc::clone(&state));
+        Some(Slot { id, state })
+    }
+
+    fn leave(&self, id: u64) {
+        lock(&self.open).remove(&id);
+    }
+}
+
+/// Counts a request in progress on its connection while it lives.
+struct InRequest(Arc<ConnectionState>);
+
+impl InRequest {
+    fn new(state: &Arc<ConnectionState>) -> Self {
+        state.in_request.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        self.0.in_request.fetch_sub(1, Ordering::SeqCst);
+    }
 }

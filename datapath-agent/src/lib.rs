@@ -15,6 +15,7 @@ pub mod map_pins;
 pub mod masquerade;
 pub mod metrics;
 pub mod mode_mismatch;
+pub mod monitor_lock;
 pub mod netns;
 pub mod node_lock;
 pub mod node_net;

@@ -1,22 +1,38 @@
-//! One agent per node. Two agents on the same pinned maps or endpoint
-//! records would undo each other's work (and take over each other's CNI
-//! socket), so `run` takes an exclusive `flock` on the bpffs directory and
-//! on `<state_dir>/agent.lock` before it touches anything, and refuses to
-//! start, naming the holder's pid, while another process holds either.
-//! The kernel drops the locks when their holder exits, however it exits
-//! (SIGKILL included), so a restart never finds a stale lock.
+//! One agent per node. Two agents on the same node would undo each other's
+//! work: the same pinned maps or endpoint records, or, whatever their
+//! directories, the same network namespace (a second `from_uplink` on the
+//! uplink, the other's node routes deleted as not wanted). So `run`, before
+//! it touches anything, binds the abstract unix socket [`NETNS_LOCK_NAME`]
+//! (abstract names belong to the network namespace, need no shared path and
+//! vanish with their holder) and takes an exclusive `flock` on the bpffs
+//! directory and on `<state_dir>/agent.lock`; while another process holds
+//! any of them it refuses to start, naming the holder's pid. The kernel
+//! drops all three when their holder exits, however it exits (SIGKILL
+//! included), so a restart never finds a stale lock.
 
 use std::{
     fs::File,
     io::{self, Write as _},
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::AsRawFd as _,
+        linux::net::SocketAddrExt as _,
+        unix::{
+            fs::MetadataExt as _,
+            net::{SocketAddr, UnixListener},
+        },
+    },
     path::{Path, PathBuf},
 };
 
 use nix::{
     errno::Errno,
     fcntl::{Flock, FlockArg},
+    sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt},
 };
+
+/// The abstract unix socket (`@datapath-agent` in `ss -xlp`) the agent of a
+/// network namespace holds for as long as it runs.
+pub const NETNS_LOCK_NAME: &str = "datapath-agent";
 
 /// The lock file in the state directory; it also holds the holder's pid,
 /// for people.
@@ -41,6 +57,18 @@ pub enum NodeLockError {
          stop it first (only one agent may own a bpffs_dir and a state_dir)"
     )]
     Held { path: PathBuf, holder: Holder },
+    #[error(
+        "another datapath-agent ({holder}) runs in this network namespace: it holds the abstract socket \
+         @{name}; stop it first (one agent per node network namespace, whatever its bpffs_dir, state_dir \
+         and api_socket)"
+    )]
+    NetnsHeld { name: String, holder: Holder },
+    #[error("cannot bind the abstract socket @{name} that marks this network namespace's agent")]
+    NetnsBind {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
@@ -74,29 +102,134 @@ impl std::fmt::Display for Holder {
 /// Held for as long as the agent runs; dropping it releases both locks.
 #[derive(Debug)]
 pub struct NodeLock {
-    _bpffs: Flock<File>,
-    _state: Flock<File>,
+    /// Directories and the lock file this agent created to lock them,
+    /// oldest first: a start that fails before the datapath is pinned
+    /// removes them again (see [`Self::keep_created`]). Removed in `drop`,
+    /// before `locks` is released.
+    created: Vec<PathBuf>,
+    locks: Vec<Flock<File>>,
 }
 
 impl NodeLock {
     /// Lock `bpffs_dir` (the directory itself: bpffs holds no plain files)
-    /// and `<state_dir>/agent.lock`, creating the directories if needed.
+    /// and then `<state_dir>/agent.lock`, creating the directories if needed.
+    /// A refusal leaves nothing it created behind.
     pub fn acquire(bpffs_dir: &Path, state_dir: &Path) -> Result<Self, NodeLockError> {
-        for dir in [bpffs_dir, state_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| NodeLockError::Create { path: dir.to_owned(), source })?;
-        }
-        let bpffs = lock(bpffs_dir, File::open(bpffs_dir))?;
+        let mut held = Self { created: Vec::new(), locks: Vec::new() };
+        create_dirs(bpffs_dir, &mut held.created)?;
+        held.locks.push(lock(bpffs_dir, File::open(bpffs_dir))?);
+        create_dirs(state_dir, &mut held.created)?;
         let state_path = state_dir.join(STATE_LOCK_FILE);
-        let file = File::options().create(true).truncate(false).write(true).open(&state_path);
+        let file = match File::options().write(true).create_new(true).open(&state_path) {
+            Ok(file) => {
+                held.created.push(state_path.clone());
+                Ok(file)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                File::options().write(true).open(&state_path)
+            }
+            Err(e) => Err(e),
+        };
         let mut state = lock(&state_path, file)?;
         let write_pid = |file: &mut File| -> io::Result<()> {
             file.set_len(0)?;
             writeln!(file, "{}", std::process::id())
         };
         write_pid(&mut state).map_err(|source| NodeLockError::WritePid { path: state_path, source })?;
-        Ok(Self { _bpffs: bpffs, _state: state })
+        held.locks.push(state);
+        Ok(held)
     }
+
+    /// The datapath is about to be pinned under the directories: from now
+    /// on they stay, whatever happens.
+    pub fn keep_created(&mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for NodeLock {
+    fn drop(&mut self) {
+        // Only what is still empty: nothing but the lock file was put there.
+        for path in self.created.iter().rev() {
+            let _ = if path.is_dir() { std::fs::remove_dir(path) } else { std::fs::remove_file(path) };
+        }
+    }
+}
+
+/// `create_dir_all`, noting each directory it made.
+fn create_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), NodeLockError> {
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    for dir in missing.into_iter().rev() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => created.push(dir.to_owned()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(NodeLockError::Create { path: dir.to_owned(), source }),
+        }
+    }
+    Ok(())
+}
+
+/// The agent of this network namespace: a listening abstract unix socket.
+/// Binding its name again fails while it exists; connecting to it tells
+/// the holder's pid (SO_PEERCRED).
+#[derive(Debug)]
+pub struct NetnsLock {
+    listener: UnixListener,
+}
+
+impl NetnsLock {
+    pub fn acquire() -> Result<Self, NodeLockError> {
+        Self::acquire_named(NETNS_LOCK_NAME)
+    }
+
+    /// [`Self::acquire`] with another name (tests).
+    pub fn acquire_named(name: &str) -> Result<Self, NodeLockError> {
+        let bind_err = |source| NodeLockError::NetnsBind { name: name.to_owned(), source };
+        let address = SocketAddr::from_abstract_name(name).map_err(bind_err)?;
+        match UnixListener::bind_addr(&address) {
+            Ok(listener) => {
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                Ok(Self { listener })
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                Err(NodeLockError::NetnsHeld { name: name.to_owned(), holder: netns_lock_holder(name) })
+            }
+            Err(e) => Err(bind_err(e)),
+        }
+    }
+
+    /// Accept and close the connections of agents asking who holds the
+    /// lock, so that their queue never fills. Needs a tokio runtime.
+    pub fn answer_holder_queries(&self) -> io::Result<()> {
+        let listener = tokio::net::UnixListener::from_std(self.listener.try_clone()?)?;
+        tokio::spawn(async move {
+            loop {
+                if listener.accept().await.is_err() {
+                    // Out of file descriptors, say: the next query waits.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The pid of the process listening on the abstract socket `name`, from a
+/// connection to it (never blocks: a full queue gives `Unknown`).
+fn netns_lock_holder(name: &str) -> Holder {
+    let holder = || -> nix::Result<u32> {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        socket::connect(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_bytes())?)?;
+        u32::try_from(socket::getsockopt(&fd, sockopt::PeerCredentials)?.pid()).map_err(|_| Errno::ESRCH)
+    };
+    // Pid 0: the holder is in a pid namespace we cannot see into.
+    holder().ok().filter(|pid| *pid != 0).map_or(Holder::Unknown, Holder::Pid)
 }
 
 fn lock(path: &Path, file: io::Result<File>) -> Result<Flock<File>, NodeLockError> {
@@ -111,7 +244,7 @@ fn lock(path: &Path, file: io::Result<File>) -> Result<Flock<File>, NodeLockErro
 }
 
 /// The pid /proc/locks gives for the flock on `file`'s inode.
-fn holder_of(file: &File) -> Holder {
+pub(crate) fn holder_of(file: &File) -> Holder {
     let (Ok(meta), Ok(locks)) = (file.metadata(), std::fs::read_to_string("/proc/locks")) else {
         return Holder::Unknown;
     };
@@ -169,8 +302,39 @@ mod tests {
             Err(NodeLockError::Held { path, .. }) => assert_eq!(path, state.join(STATE_LOCK_FILE)),
             other => panic!("same state dir: {other:?}"),
         }
+        assert!(!root.join("other-bpffs").exists(), "a refused lock removes the directory it made");
         drop(first);
         NodeLock::acquire(&bpffs, &state).expect("free again once dropped");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn what_a_lock_made_goes_unless_kept() {
+        let root = std::env::temp_dir().join(format!("dpt{}-node-lock-made", std::process::id()));
+        let (bpffs, state) = (root.join("bpffs/x"), root.join("state"));
+        drop(NodeLock::acquire(&bpffs, &state).unwrap());
+        assert!(!root.exists(), "all it made is gone");
+        let mut kept = NodeLock::acquire(&bpffs, &state).unwrap();
+        kept.keep_created();
+        drop(kept);
+        assert!(bpffs.is_dir() && state.join(STATE_LOCK_FILE).is_file());
+        // What was there before stays anyway.
+        drop(NodeLock::acquire(&bpffs, &state).unwrap());
+        assert!(bpffs.is_dir() && state.join(STATE_LOCK_FILE).is_file());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_second_netns_lock_is_refused_naming_the_holder() {
+        let name = format!("dpt{}-netns-lock", std::process::id());
+        let first = NetnsLock::acquire_named(&name).unwrap();
+        match NetnsLock::acquire_named(&name) {
+            Err(NodeLockError::NetnsHeld { holder, .. }) => {
+                assert_eq!(holder, Holder::Pid(std::process::id()))
+            }
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(first);
+        NetnsLock::acquire_named(&name).expect("free again once dropped");
     }
 }

@@ -15,7 +15,7 @@ use rtnetlink::{
     packet_route::{
         link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
         neighbour::NeighbourState,
-        route::{RouteAttribute, RouteIpTunnel, RouteMessage, RouteProtocol},
+        route::{RouteAttribute, RouteIpTunnel, RouteLwTunnelEncap, RouteMessage, RouteProtocol},
     },
 };
 
@@ -211,6 +211,84 @@ pub async fn sync_routes(
         }
     }
     Ok(removed)
+}
+
+/// What [`restore_missing_routes`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouteCheck {
+    /// Desired routes of ours that were missing (or changed), put back.
+    pub restored: Vec<RemoteRoute>,
+    /// Desired routes whose place (destination, table, metric) holds a
+    /// route that is not ours: left alone.
+    pub taken: Vec<RemoteRoute>,
+}
+
+/// Put back each of our `desired` routes that someone else deleted or
+/// changed, and nothing else: a route of another protocol is never removed
+/// or replaced (one in the place of ours is reported in `taken`), and ours
+/// that are not desired are left to [`sync_routes`].
+pub async fn restore_missing_routes(
+    handle: &Handle,
+    desired: &[RemoteRoute],
+    via: RouteVia,
+    node_ip: Ipv4Addr,
+) -> anyhow::Result<RouteCheck> {
+    let mut ours = Vec::new();
+    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(msg) = routes.try_next().await.context("listing routes")? {
+        if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
+            ours.push(msg);
+        }
+    }
+    let mut check = RouteCheck::default();
+    for route in desired {
+        let key = (route.pod_cidr.network(), route.pod_cidr.prefix_len());
+        let mine: Vec<&RouteMessage> = ours.iter().filter(|msg| destination_of(msg) == Some(key)).collect();
+        if mine.iter().any(|msg| routes_as_wanted(msg, route, via)) {
+            continue;
+        }
+        let message = route_message(route, via, node_ip);
+        // Ours, but changed: ours to replace. Missing: added only if its
+        // place is free (no NLM_F_REPLACE), so a route of someone else's
+        // that took it stays.
+        let request =
+            if mine.is_empty() { handle.route().add(message) } else { handle.route().add(message).replace() };
+        match request.execute().await {
+            Ok(()) => check.restored.push(*route),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+                check.taken.push(*route)
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("route to {} via {}", route.pod_cidr, route.node_ip));
+            }
+        }
+    }
+    Ok(check)
+}
+
+/// Whether `msg` sends the node's traffic for `route` where we would.
+fn routes_as_wanted(msg: &RouteMessage, route: &RemoteRoute, via: RouteVia) -> bool {
+    let gateway = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    let oif = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    });
+    match via {
+        RouteVia::Native { uplink_index } => gateway == Some(route.node_ip) && oif == Some(uplink_index),
+        RouteVia::Overlay { vxlan_index, .. } => {
+            let tunnel_to = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Encap(encap) => encap.iter().find_map(|e| match e {
+                    RouteLwTunnelEncap::Ip(RouteIpTunnel::Destination(ip)) => Some(*ip),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            gateway == Some(OVERLAY_GATEWAY) && oif == Some(vxlan_index) && tunnel_to == Some(route.node_ip)
+        }
+    }
 }
 
 /// `net.ipv4.ip_forward=1` in this network namespace: pods' traffic to the

@@ -449,6 +449,41 @@ impl Node {
         std::fs::read_to_string(self.work_dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Wait (up to `timeout`) until the agent's log contains `text`.
+    #[track_caller]
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.agent_log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log within {timeout:?}:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `trace_forwards` of the pinned monitor config: whether the programs
+    /// report every forwarding decision to the monitor.
+    pub fn trace_forwards(&self) -> u32 {
+        use datapath_common::{MonitorConfig, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::MONITOR_CONFIG)).unwrap();
+        let map: aya::maps::Array<_, MonitorConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        map.get(&0, 0).unwrap().trace_forwards
+    }
+
+    /// The peers PEER_MODE_MISMATCHES holds (read from its pin).
+    pub fn peer_mode_mismatch_peers(&self) -> Vec<Ipv4Addr> {
+        use datapath_common::{ModeMismatch, NodeKey, map_names};
+        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let map = aya::maps::MapData::from_pin(pins.map(map_names::PEER_MODE_MISMATCHES)).unwrap();
+        let map: aya::maps::HashMap<_, NodeKey, ModeMismatch> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+        map.keys().map(|key| Ipv4Addr::from(key.unwrap().ipv4)).collect()
+    }
+
     pub fn cni_config(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.0.0",

@@ -324,5 +324,17 @@ fn a_peer_in_the_other_mode_is_named_not_black_holed_silently() {
     };
     wait_for("A to name B", || named(&a, b.node_ip));
     wait_for("B to name A", || named(&b, a.node_ip));
+    // Worded by each node's own mode.
+    let line = |node: &Node| {
+        node.agent_log().lines().find(|l| l.contains("runs the other routing mode")).unwrap().to_owned()
+    };
+    assert!(line(&a).contains("this_node=\"native\"") && line(&a).contains("it sends VXLAN"), "{}", line(&a));
+    assert!(line(&b).contains("this_node=\"vxlan\"") && line(&b).contains("it sends plain"), "{}", line(&b));
+    // Logged, then forgotten: a restart does not tell old history again.
+    a.stop_agent();
+    a.start_agent();
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert!(!named(&a, b.node_ip), "logged again after a restart:\n{}", a.agent_log());
+    assert_eq!(a.peer_mode_mismatch_peers(), Vec::<Ipv4Addr>::new(), "the note is gone once logged");
     drop((a1, b1));
 }

@@ -344,3 +344,243 @@ fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
     node.start_agent();
     wait_until("ready again", || readyz(&node).0 == 200);
 }
+
+/// Lower the agent's limit on open files to `limit` (as a tight container
+/// limit would have it).
+fn limit_open_files(pid: u32, limit: u64) {
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: a valid rlimit for another process; no old limit asked for.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &rlimit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// `count` TCP connections to 127.0.0.1:`port` in the node, held open
+/// without a byte sent (each connect waits at most a second).
+fn idle_connections(node: &Node, port: u16, count: usize) -> Vec<std::net::TcpStream> {
+    datapath_tests::lab::in_netns(&node.netns.path(), move || {
+        (0..count)
+            .filter_map(|_| {
+                let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1)).ok()
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether the server closed `conn` within `within` (EOF or reset), reading
+/// whatever it sent first.
+fn closed_within(conn: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whoever reaches the health endpoint (a pod, on a DaemonSet's
+/// 0.0.0.0:9976) cannot hold it: connections that send no request, or only
+/// part of one, are closed after a timeout; more connections than the cap
+/// push out the oldest idle ones, so /healthz stays answered and the agent
+/// keeps file descriptors for CNI calls.
+#[test]
+fn idle_health_connections_cannot_starve_the_agent() {
+    if !require_root("idle_health_connections_cannot_starve_the_agent") {
+        return;
+    }
+    use std::{
+        io::Write as _,
+        time::{Duration, Instant},
+    };
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    limit_open_files(node.agent_pid().unwrap(), 256);
+
+    let mut held = idle_connections(&node, 9976, 400);
+    assert!(held.len() >= 300, "{} connections made", held.len());
+    let asked = Instant::now();
+    let (status, body) = http_get_local(&node.netns, 9976, "/healthz");
+    let answered = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(answered < Duration::from_secs(1), "/healthz answered after {answered:?}");
+    // The CNI socket still gets a file descriptor.
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    // The connections beyond the cap were closed at once.
+    let open =
+        held.iter_mut().map(|c| !closed_within(c, Duration::from_millis(10))).filter(|open| *open).count();
+    assert!(open <= 64, "{open} idle connections still open");
+
+    // A request sent in part, and a connection that sends nothing: closed
+    // after the header timeout.
+    let mut partial = idle_connections(&node, 9976, 2);
+    partial[0].write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let started = Instant::now();
+    for conn in &mut partial {
+        assert!(closed_within(conn, Duration::from_secs(15)), "still open after {:?}", started.elapsed());
+    }
+    eprintln!("idle and partial connections closed after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before the client had time to send");
+    // A complete request is still answered.
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
+}
+
+/// A `datapath-agent monitor` reading into `stdout` (a pipe), its stderr
+/// captured; returns once it is watching.
+fn spawn_monitor(node: &Node, args: &[&str]) -> std::process::Child {
+    use std::io::Read as _;
+    let mut child = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.starts_with("monitoring"), "monitor did not start: {first}");
+    // Keep the rest of stderr for the test (the child keeps writing into it).
+    child.stderr = Some(stderr);
+    child
+}
+
+fn wait_for_exit(child: &mut std::process::Child, within: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("monitor still running after {within:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn rest_of_stderr(child: &mut std::process::Child) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `monitor --forwards | head -1`: the reader goes away; the monitor ends
+/// without a panic and puts forward tracing back as it found it. So does
+/// SIGTERM or SIGINT.
+#[test]
+fn a_monitor_into_a_closed_pipe_restores_forward_tracing() {
+    if !require_root("a_monitor_into_a_closed_pipe_restores_forward_tracing") {
+        return;
+    }
+    use std::io::BufRead as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(node.trace_forwards(), 0);
+
+    let mut monitor = spawn_monitor(&node, &["--forwards"]);
+    assert_eq!(node.trace_forwards(), 1);
+    let traffic = std::thread::spawn({
+        let name = a.netns.name.clone();
+        let dst = b.ip.to_string();
+        move || {
+            datapath_tests::sh_ok(&[
+                "ip", "netns", "exec", &name, "ping", "-q", "-c", "40", "-i", "0.05", &dst,
+            ])
+        }
+    });
+    // `head -1`: one line read, then the pipe closed.
+    let mut line = String::new();
+    std::io::BufReader::new(monitor.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("forwarded"), "{line}");
+    let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+    let stderr = rest_of_stderr(&mut monitor);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.code() != Some(101), "{status}: {stderr}");
+    assert_eq!(node.trace_forwards(), 0, "forward tracing switched off again: {stderr}");
+    assert!(traffic.join().unwrap());
+
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        let mut monitor = spawn_monitor(&node, &["--forwards"]);
+        assert_eq!(node.trace_forwards(), 1);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor.id() as i32), signal).unwrap();
+        let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+        assert!(status.success(), "{signal}: {status}");
+        assert_eq!(node.trace_forwards(), 0, "after {signal}");
+    }
+}
+
+/// One monitor at a time (the ring buffer has one reader): a second is
+/// refused naming the first. Forward tracing left on by a SIGKILLed
+/// monitor is switched off by the next monitor, and by the agent.
+#[test]
+fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
+    if !require_root("one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    let mut first = spawn_monitor(&node, &["--forwards"]);
+    let second = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--seconds", "5", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second monitor ran: {said}");
+    assert!(said.contains("another monitor") && said.contains(&format!("pid {}", first.id())), "{said}");
+    assert_eq!(node.trace_forwards(), 1, "the first monitor's tracing stays");
+
+    // SIGKILL: nothing is restored by the monitor itself. The agent
+    // notices no monitor holds it any more.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while node.trace_forwards() != 0 {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(15), "still on:\n{}", node.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    node.wait_for_log("forward tracing", std::time::Duration::from_secs(2));
+
+    // With the agent down, the next monitor does it: a plain monitor shows
+    // drops only, as it says.
+    node.stop_agent();
+    let mut killed = spawn_monitor(&node, &["--forwards"]);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(node.trace_forwards(), 1);
+    let plain = node.monitor(&["--seconds", "2"]);
+    assert_eq!(node.trace_forwards(), 0, "the plain monitor switched the leftover off");
+    assert!(ping(&a.netns, b.ip, 3));
+    let (events, summary) = plain.finish();
+    assert!(events.iter().all(|e| e["verdict"] != "forwarded"), "{events:#?}\n{summary}");
+    assert_eq!(node.trace_forwards(), 0);
+}

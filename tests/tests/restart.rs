@@ -197,3 +197,123 @@ fn a_live_link_whose_switch_fails_is_kept_and_retried() {
     }
     assert!(ping(&a.netns, b.ip, 1));
 }
+
+/// `BPF_LINK_CREATE` in `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_LINK_CREATE: u32 = 28;
+
+/// Forget the pods' neighbour entries: the next packet needs ARP for the
+/// gateway again, which only the program on the host veth answers.
+fn flush_neighbours(pods: &[&datapath_tests::lab::Pod]) {
+    for pod in pods {
+        datapath_tests::sh(&["ip", "-n", &pod.netns.name, "neigh", "flush", "all"]);
+    }
+}
+
+/// The pinned state is lost while the agent is down (a DaemonSet without
+/// the host's bpffs, an `rm -rf` of the pin directory): the agent restores
+/// each endpoint whose veth still exists from its record, map entries and
+/// program link, as ADD made them; a record whose veth is gone is stale.
+#[test]
+fn endpoints_whose_pins_were_lost_are_restored_at_start() {
+    if !require_root("endpoints_whose_pins_were_lost_are_restored_at_start") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let c = node.add_pod("c");
+    let programmed = node.programmed_endpoints();
+    node.stop_agent();
+
+    std::fs::remove_dir_all(&node.bpffs_dir).unwrap();
+    // c's sandbox goes too, without a DEL: its record is stale now.
+    datapath_tests::sh(&["ip", "netns", "del", &c.netns.name]);
+    node.start_agent();
+    let log = node.agent_log();
+    assert!(log.contains("endpoints_restored=2") && log.contains("stale_records=1"), "{log}");
+    assert_eq!(log.matches("endpoint restored from its record").count(), 2, "{log}");
+    let endpoints = node.programmed_endpoints();
+    let ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, vec![a.ip.to_string(), b.ip.to_string()], "{endpoints:#}");
+    let without_c: Vec<serde_json::Value> =
+        programmed.as_array().unwrap().iter().filter(|e| e["pod_ip"] != c.ip.to_string()).cloned().collect();
+    assert_eq!(endpoints, serde_json::Value::Array(without_c), "as ADD made them");
+    for pod in [&a, &b] {
+        assert!(node.bpffs_dir.join("links").join(&pod.host_veth).exists(), "{} linked", pod.host_veth);
+    }
+    flush_neighbours(&[&a, &b]);
+    assert!(ping(&a.netns, b.ip, 2), "a -> b:\n{}", node.agent_log());
+    assert!(ping(&b.netns, a.ip, 1), "b -> a");
+    assert!(ping(&node.netns, a.ip, 1), "node -> a");
+    let (status, body) = datapath_tests::lab::http_get_local(&node.netns, 9976, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    // A restart with everything in place restores nothing.
+    node.stop_agent();
+    node.start_agent();
+    assert!(node.agent_log().contains("endpoints_restored=0"), "{}", node.agent_log());
+}
+
+/// A pod's link pin removed while the agent runs detaches its program: the
+/// agent notices within seconds and attaches it again. When it cannot, it
+/// says so (nothing is attached) and the node is not ready until it can.
+#[test]
+fn a_pod_link_lost_while_running_is_attached_again() {
+    if !require_root("a_pod_link_lost_while_running_is_attached_again") {
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let pin = node.bpffs_dir.join("links").join(&a.host_veth);
+    let readyz = |node: &Node| datapath_tests::lab::http_get_local(&node.netns, 9976, "/readyz");
+
+    std::fs::remove_file(&pin).unwrap();
+    let removed = Instant::now();
+    while !pin.exists() {
+        assert!(removed.elapsed() < Duration::from_secs(10), "not attached again:\n{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("link attached again after {:?}", removed.elapsed());
+    node.wait_for_log("program link was missing", Duration::from_secs(2));
+    assert!(!node.agent_log().contains("keeping it"), "{}", node.agent_log());
+    flush_neighbours(&[&a, &b]);
+    assert!(ping(&a.netns, b.ip, 2), "a -> b:\n{}", node.agent_log());
+    assert!(ping(&node.netns, a.ip, 1), "node -> a");
+    assert_eq!(readyz(&node).0, 200);
+
+    // The kernel refuses new links: the pod stays without its program.
+    node.stop_agent();
+    node.start_agent_refusing_bpf_commands(&[BPF_LINK_CREATE]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz(&node).0 != 200 {
+        assert!(Instant::now() < deadline, "not ready: {:?}\n{}", readyz(&node), node.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&pin).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while readyz(&node).0 == 200 {
+        assert!(Instant::now() < deadline, "still ready without a's program:\n{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, body) = readyz(&node);
+    assert!(body.contains(&a.host_veth) && body.contains("no program attached"), "{body}");
+    node.wait_for_log("no program attached", Duration::from_secs(2));
+    let log = node.agent_log();
+    assert!(log.contains("Operation not permitted"), "the cause is logged:\n{log}");
+    assert!(!log.contains("keeping it"), "nothing is kept: nothing is attached:\n{log}");
+    // Without the fault, the next start attaches it.
+    node.stop_agent();
+    node.start_agent();
+    assert!(pin.exists(), "{}", node.agent_log());
+    assert!(node.agent_log().contains("endpoints_restored=1"), "{}", node.agent_log());
+    flush_neighbours(&[&a, &b]);
+    assert!(ping(&a.netns, b.ip, 2), "a -> b:\n{}", node.agent_log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(&node).0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again: {:?}", readyz(&node));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -3,10 +3,14 @@
 //! for every forwarding decision while the monitor runs. Each CPU emits at
 //! most `monitor_events_per_second` events (agent config); what was rate
 //! limited or lost to a full ring buffer is counted and shown at the end.
-//! Works with the agent down; one monitor at a time (a ring buffer has one
-//! reader).
+//! Works with the agent down. One monitor at a time (a ring buffer has one
+//! reader): a second is refused ([`crate::monitor_lock`]). Forward tracing
+//! is switched off again however the monitor ends (count, time, SIGINT,
+//! SIGTERM, SIGHUP, a reader that went away); after a SIGKILL, by the next
+//! monitor or the agent.
 
 use std::{
+    io::Write as _,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
@@ -24,6 +28,7 @@ use datapath_common::{
 use crate::{
     config::DEFAULT_BPFFS_DIR,
     datapath::{PinLayout, PinnedMaps},
+    monitor_lock::MonitorLock,
 };
 
 #[derive(Debug, clap::Args)]
@@ -79,15 +84,17 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let mut ring = RingBuf::try_from(open(map_names::MONITOR_EVENTS)?)?;
     let mut config_map: Array<MapData, MonitorConfig> = Array::try_from(open(map_names::MONITOR_CONFIG)?)?;
     let counters_at_start = PinnedMaps::open(&pins)?.counters()?.monitor_events;
+    let _one_monitor = MonitorLock::acquire(&pins)?;
 
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
     }
-    let previous = config_map.get(&0, 0)?;
-    if args.forwards {
-        config_map.set(0, MonitorConfig { trace_forwards: 1, ..previous }, 0)?;
-    }
+    // No other monitor runs (we hold the lock): forward tracing on now was
+    // left on by one that was killed. Without a monitor it is off.
+    let found = config_map.get(&0, 0)?;
+    let leftover = found.trace_forwards != 0;
+    config_map.set(0, MonitorConfig { trace_forwards: u32::from(args.forwards), ..found }, 0)?;
     let started = Instant::now();
     let start_ns = monotonic_ns();
     eprintln!(
@@ -95,9 +102,13 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         args.bpffs_dir.display(),
         if args.forwards { "drops and forwards" } else { "drops" }
     );
+    if leftover && !args.forwards {
+        eprintln!("forward tracing was left on by a monitor that was killed; switched off");
+    }
     let clock = Clock::now();
     let mut shown = 0u64;
     let mut skipped = 0u64;
+    let mut out = std::io::stdout().lock();
     let result = (|| -> anyhow::Result<()> {
         let deadline = args.seconds.map(|s| started + Duration::from_secs_f64(s));
         loop {
@@ -108,10 +119,16 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 let view = view(&event, &clock);
-                if args.json {
-                    println!("{}", serde_json::to_string(&view)?);
+                let written = if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&view)?)
                 } else {
-                    println!("{}", view.line());
+                    writeln!(out, "{}", view.line())
+                };
+                match written {
+                    Ok(()) => {}
+                    // The reader went away (`monitor | head -1`): done.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e).context("writing an event"),
                 }
                 shown += 1;
                 if args.count.is_some_and(|n| shown >= n) {
@@ -124,10 +141,11 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
             wait_readable(ring.as_fd().as_raw_fd(), Duration::from_millis(100));
         }
     })();
-    if args.forwards {
-        // Back to what it was (drops only), so the datapath stops paying for it.
-        let now = config_map.get(&0, 0)?;
-        config_map.set(0, MonitorConfig { trace_forwards: previous.trace_forwards, ..now }, 0)?;
+    // Off again, so the datapath stops paying for it (with the lock held
+    // nobody else switched it on meanwhile).
+    let now = config_map.get(&0, 0)?;
+    if now.trace_forwards != 0 {
+        config_map.set(0, MonitorConfig { trace_forwards: 0, ..now }, 0)?;
     }
     let counters_now = PinnedMaps::open(&pins)?.counters()?.monitor_events;
     let delta = |name: &str| {

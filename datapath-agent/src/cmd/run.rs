@@ -27,7 +27,8 @@ use crate::{
     health::{ConfigRejection, Health},
     kubernetes_services::{self, ServiceUpdate},
     metrics::{AgentErrors, ConntrackStats},
-    node_lock::NodeLock,
+    monitor_lock::{MonitorLock, MonitorLockError},
+    node_lock::{NetnsLock, NodeLock},
     node_net::{self, RouteVia},
     service_sync::{ServiceRef, ServiceSync},
     services::{self, ConntrackLimits},
@@ -42,8 +43,13 @@ const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// How often the event loop beats for the liveness probe.
 const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a link that could not be switched to the loaded program is
-/// tried again.
+/// tried again, live pods are checked for their map entries and program
+/// link (put back if missing), and forward tracing left on by a killed
+/// monitor is switched off.
 const LINK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the node's own routes to other nodes' pods are checked (one
+/// deleted by someone else is put back).
+const ROUTE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often map entries of interfaces that no longer exist are swept (also
 /// after each DEL and at start).
 const INTERFACE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -67,6 +73,8 @@ struct Agent {
     /// Live links that could not be switched to the loaded program: they
     /// keep forwarding with the one they have, and are retried.
     pending_links: Vec<PendingLink>,
+    /// Peer pod CIDRs whose node route is someone else's (already said).
+    routes_taken: Vec<ipnet::Ipv4Net>,
 }
 
 /// A pinned link to switch to the loaded program again.
@@ -78,11 +86,15 @@ struct PendingLink {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config_file = ConfigFile::read(&args.config)?;
-    // One agent per node, settled before anything is touched: the locks on
-    // the pinned state and the records, then the CNI socket.
+    // One agent per node, settled before anything is touched: the network
+    // namespace's lock and the CNI socket (neither makes anything), then the
+    // locks on the pinned state and the records (their directories are
+    // removed again if the start fails before the datapath is pinned).
     let settings = &config_file.settings;
-    let _node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
+    let netns_lock = NetnsLock::acquire()?;
+    netns_lock.answer_holder_queries().context("serving the network namespace's lock")?;
     refuse_a_socket_that_answers(&settings.api_socket)?;
+    let mut node_lock = NodeLock::acquire(&settings.bpffs_dir, &settings.state_dir)?;
     let health = Arc::new(Health::default());
     let errors = Arc::new(AgentErrors::default());
     let conntrack_stats = Arc::new(ConntrackStats::default());
@@ -136,28 +148,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         EbpfLog::Debug => ProgramBuild::Debug,
     };
     let load_options = LoadOptions { conntrack_entries: config.conntrack_max_entries };
+    node_lock.keep_created();
     let mut datapath = Datapath::load_pinned_with(PinLayout::new(&config.bpffs_dir), build, load_options)
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
     if build == ProgramBuild::Debug {
         crate::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
             .context("reading the debug build's aya-log ring buffer")?;
     }
-    // The monitor's forward tracing belongs to a running `monitor`: keep it.
+    // The monitor's forward tracing belongs to a running `monitor`: kept,
+    // unless no monitor runs (one was killed and left it on).
     let monitor = datapath.monitor_config().context("reading the monitor config map")?;
     datapath
         .set_monitor_config(MonitorConfig { events_per_second: config.monitor_events_per_second, ..monitor })
         .context("writing the monitor config map")?;
+    switch_off_abandoned_forward_tracing(&mut datapath)?;
     // Service translation stays as the last agent left it until the Services
     // are synced below: tracked connections must keep their translation.
-    let services_flag =
-        datapath.node_config().context("reading the node config map")?.flags & NODE_FLAG_SERVICES;
+    let node_config_before = datapath.node_config().context("reading the node config map")?;
+    let services_flag = node_config_before.flags & NODE_FLAG_SERVICES;
+    // The mode the notes of peers in the other mode were made under.
+    let mode_before =
+        [Mode::Native, Mode::Vxlan].into_iter().find(|mode| node_config_before.mode == routing_mode(*mode));
     datapath
         .set_node_config(NodeConfig {
             node_ipv4: config.node_ip.octets(),
-            mode: match config.mode {
-                Mode::Native => RoutingMode::Native as u32,
-                Mode::Vxlan => RoutingMode::Vxlan as u32,
-            },
+            mode: routing_mode(config.mode),
             uplink_ifindex: uplink.index,
             vxlan_ifindex,
             vni: config.vxlan.vni,
@@ -182,9 +197,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services,
         health: Arc::clone(&health),
         pending_links: Vec::new(),
+        routes_taken: Vec::new(),
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
-    let stale_records = agent.reconcile_records()?;
+    let RecordsReport { stale: stale_records, restored: endpoints_restored } = agent.reconcile_records()?;
     // Pods' veths taken down (or up again) while no agent ran; then every
     // change as it happens.
     let mut link_changes = crate::link_state::watch()?;
@@ -228,6 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stale_interfaces_removed = report.stale_interfaces_removed,
         links_failed,
         stale_records,
+        endpoints_restored,
         "datapath loaded and reconciled"
     );
 
@@ -274,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
     spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
-    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), config_mode);
+    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), mode_before, config_mode);
 
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
@@ -282,6 +299,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut link_retry = tokio::time::interval(LINK_RETRY_INTERVAL);
     link_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     link_retry.reset();
+    let mut route_check = tokio::time::interval(ROUTE_CHECK_INTERVAL);
+    route_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    route_check.reset();
     let mut interface_sweep = tokio::time::interval(INTERFACE_SWEEP_INTERVAL);
     interface_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interface_sweep.reset();
@@ -399,9 +419,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = link_retry.tick() => {
                 let mut agent = agent.lock().await;
-                if !agent.pending_links.is_empty() {
-                    tokio::task::block_in_place(|| agent.retry_pending_links());
-                }
+                tokio::task::block_in_place(|| {
+                    if !agent.pending_links.is_empty() {
+                        agent.retry_pending_links();
+                    }
+                    agent.check_live_endpoints();
+                    if let Err(e) = switch_off_abandoned_forward_tracing(&mut agent.datapath) {
+                        agent.errors.inc();
+                        tracing::warn!(error = format!("{e:#}"), "checking the monitor's forward tracing failed");
+                    }
+                });
+            }
+            _ = route_check.tick() => {
+                let mut agent = agent.lock().await;
+                agent.check_node_routes(&netlink).await;
             }
             _ = interface_sweep.tick() => {
                 let mut agent = agent.lock().await;
@@ -697,18 +728,137 @@ fn watch_config(
 }
 
 impl Agent {
-    /// Records whose veth is gone (DEL happened while we were down) go too.
-    fn reconcile_records(&mut self) -> anyhow::Result<usize> {
-        let mut removed = 0;
+    /// Records whose veth is gone (DEL happened while we were down) go too;
+    /// the endpoints of the others get back what they lost with the pins
+    /// ([`Self::check_live_endpoints`]).
+    fn reconcile_records(&mut self) -> anyhow::Result<RecordsReport> {
+        let mut report = RecordsReport::default();
         for record in self.store.list()? {
-            let alive =
-                nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex);
-            if !alive {
+            if !veth_alive(&record) {
                 self.store.remove(&record.host_ifname)?;
-                removed += 1;
+                report.stale += 1;
             }
         }
-        Ok(removed)
+        report.restored = self.check_live_endpoints();
+        Ok(report)
+    }
+
+    /// Give each live endpoint (a record whose veth exists) back what ADD
+    /// made and it lost (its map entries, its program link: pins removed
+    /// or never shared into this container), with a log line each. One that
+    /// cannot get them is logged, counted, keeps the node not ready and is
+    /// tried again at the next check. Returns how many were restored.
+    fn check_live_endpoints(&mut self) -> usize {
+        let records = match self.store.list() {
+            Ok(records) => records,
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "reading the endpoint records failed"
+                );
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        let mut unprogrammed = Vec::new();
+        for record in records.iter().filter(|record| veth_alive(record)) {
+            let pod = format!(
+                "{}/{}",
+                record.pod_namespace.as_deref().unwrap_or("-"),
+                record.pod_name.as_deref().unwrap_or("-")
+            );
+            let endpoint = LocalEndpoint {
+                pod_ipv4: record.pod_ipv4,
+                pod_mac: record.pod_mac,
+                host_ifname: record.host_ifname.clone(),
+                host_ifindex: record.host_ifindex,
+                host_mac: record.host_mac,
+            };
+            match self.datapath.restore_endpoint(&endpoint) {
+                Ok(done) => {
+                    if done.anything() {
+                        restored += 1;
+                        tracing::warn!(
+                            pod,
+                            ip = %record.pod_ipv4,
+                            veth = record.host_ifname,
+                            map_entries = done.entries,
+                            program_link = done.link,
+                            "endpoint restored from its record: its program link was missing (pin removed or \
+                             bpffs lost?) or its map entries were"
+                        );
+                    }
+                    if let Some(other) = done.address_taken_by {
+                        tracing::warn!(
+                            pod,
+                            ip = %record.pod_ipv4,
+                            veth = record.host_ifname,
+                            other_ifindex = other,
+                            "this endpoint's address is delivered to another interface; leaving that one's entry"
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.errors.inc();
+                    let attached = self.datapath.pins().link(&record.host_ifname).exists();
+                    let what = if attached { "map entries missing" } else { "no program attached" };
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!(
+                        pod,
+                        ip = %record.pod_ipv4,
+                        veth = record.host_ifname,
+                        error,
+                        "this live pod has {what} and restoring it failed: it cannot send or receive \
+                         through the datapath; retrying"
+                    );
+                    unprogrammed.push(format!("pod {pod} (veth {}): {what}: {error}", record.host_ifname));
+                }
+            }
+        }
+        self.health.set_unprogrammed_pods(unprogrammed);
+        restored
+    }
+
+    /// Put back the node routes of ours that someone else deleted (the
+    /// peers are those the maps hold); never touch a route that is not ours.
+    async fn check_node_routes(&mut self, netlink: &rtnetlink::Handle) {
+        let desired = match self.datapath.remote_routes() {
+            Ok(desired) => desired,
+            Err(e) => {
+                self.errors.inc();
+                tracing::error!(error = format!("{:#}", anyhow::Error::from(e)), "reading the peers failed");
+                return;
+            }
+        };
+        let check =
+            match node_net::restore_missing_routes(netlink, &desired, self.route_via, self.config.node_ip)
+                .await
+            {
+                Ok(check) => check,
+                Err(e) => {
+                    self.errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "checking the node routes failed");
+                    return;
+                }
+            };
+        for route in &check.restored {
+            tracing::warn!(
+                pod_cidr = %route.pod_cidr,
+                peer = %route.node_ip,
+                "node route was missing or changed (by someone else?): put back"
+            );
+        }
+        let taken: Vec<ipnet::Ipv4Net> = check.taken.iter().map(|route| route.pod_cidr).collect();
+        for route in check.taken.iter().filter(|route| !self.routes_taken.contains(&route.pod_cidr)) {
+            tracing::warn!(
+                pod_cidr = %route.pod_cidr,
+                peer = %route.node_ip,
+                "a route to this peer's pods that is not ours holds the place of ours: leaving it (this \
+                 node's own traffic to those pods follows it); remove it to get ours back"
+            );
+        }
+        self.routes_taken = taken;
     }
 
     /// A live link whose switch to the loaded program failed: say why, count
@@ -1003,4 +1153,46 @@ impl Agent {
         self.sweep_gone_interfaces();
         Ok(())
     }
+}
+
+/// What [`Agent::reconcile_records`] did.
+#[derive(Debug, Default)]
+struct RecordsReport {
+    /// Records whose veth is gone, removed.
+    stale: usize,
+    /// Live endpoints that got back map entries or a link.
+    restored: usize,
+}
+
+/// The record's veth exists, with the recorded index.
+fn veth_alive(record: &EndpointSpec) -> bool {
+    nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex)
+}
+
+fn routing_mode(mode: Mode) -> u32 {
+    match mode {
+        Mode::Native => RoutingMode::Native as u32,
+        Mode::Vxlan => RoutingMode::Vxlan as u32,
+    }
+}
+
+/// Forward tracing is on only while a `monitor` runs: when no monitor
+/// holds its lock, a `trace_forwards` still set was left by one that was
+/// killed; switch it off (the programs would otherwise pay for it forever).
+/// Returns whether it did.
+fn switch_off_abandoned_forward_tracing(datapath: &mut Datapath) -> anyhow::Result<bool> {
+    let _no_monitor = match MonitorLock::try_acquire(datapath.pins()) {
+        Ok(lock) => lock,
+        Err(MonitorLockError::Held { .. }) => return Ok(false),
+        Err(e) => return Err(e).context("looking for a running monitor"),
+    };
+    let config = datapath.monitor_config().context("reading the monitor config map")?;
+    if config.trace_forwards == 0 {
+        return Ok(false);
+    }
+    datapath
+        .set_monitor_config(MonitorConfig { trace_forwards: 0, ..config })
+        .context("writing the monitor config map")?;
+    tracing::warn!("forward tracing was left on by a monitor that is gone (killed?); switched off");
+    Ok(true)
 }
