@@ -5,6 +5,9 @@
 //! network-order byte arrays) and the numbering of verdict counters.
 #![no_std]
 
+#[macro_use]
+mod wire_enum;
+
 /// Names of the maps, as the loader and `bpftool` see them. The pin files under
 /// the bpffs directory carry the same names.
 pub mod map_names {
@@ -147,37 +150,12 @@ pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Which program saw the packet: where it came from.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Sent by a local pod (TC ingress of its host veth).
-    FromPod = 0,
-    /// Arrived on the uplink (native routing).
-    FromUplink = 1,
-    /// Arrived through the VXLAN device (overlay).
-    FromOverlay = 2,
-}
-
-impl Direction {
-    pub const COUNT: u32 = 3;
-    pub const ALL: [Direction; 3] = [Direction::FromPod, Direction::FromUplink, Direction::FromOverlay];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Direction::FromPod => "from_pod",
-            Direction::FromUplink => "from_uplink",
-            Direction::FromOverlay => "from_overlay",
-        }
-    }
-
-    pub const fn from_u32(value: u32) -> Option<Direction> {
-        match value {
-            0 => Some(Direction::FromPod),
-            1 => Some(Direction::FromUplink),
-            2 => Some(Direction::FromOverlay),
-            _ => None,
-        }
+wire_enum! {
+    /// Which program saw the packet: where it came from.
+    pub enum Direction {
+        FromPod = 0, "from_pod", "sent by a local pod (TC ingress of its host veth)";
+        FromUplink = 1, "from_uplink", "arrived on the node's uplink (either routing mode)";
+        FromOverlay = 2, "from_overlay", "arrived through the VXLAN device (overlay)";
     }
 }
 
@@ -291,29 +269,19 @@ pub struct ModeMismatch {
     pub last_seen_ns: u64,
 }
 
-/// What became of a monitor event: the slot in `MONITOR_COUNTERS`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MonitorOutcome {
-    Emitted = 0,
-    /// Over the per-CPU budget: not emitted (a flood cannot starve the datapath).
-    RateLimited = 1,
-    /// The ring buffer was full (nobody reading, or reading too slowly).
-    RingFull = 2,
+wire_enum! {
+    /// What became of a monitor event: the slot in `MONITOR_COUNTERS`.
+    pub enum MonitorOutcome {
+        Emitted = 0, "emitted", "written to the ring buffer";
+        RateLimited = 1, "rate_limited",
+            "over the per-CPU budget: not emitted (a flood cannot starve the datapath)";
+        RingFull = 2, "ring_full", "the ring buffer was full (nobody reading, or reading too slowly)";
+    }
 }
 
 impl MonitorOutcome {
-    pub const ALL: [MonitorOutcome; 3] =
-        [MonitorOutcome::Emitted, MonitorOutcome::RateLimited, MonitorOutcome::RingFull];
+    /// Slots of `MONITOR_COUNTERS`: room for one more outcome.
     pub const SLOTS: u32 = 4;
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            MonitorOutcome::Emitted => "emitted",
-            MonitorOutcome::RateLimited => "rate_limited",
-            MonitorOutcome::RingFull => "ring_full",
-        }
-    }
 }
 
 /// An event kind in [`MonitorEvent::kind`].
@@ -376,16 +344,13 @@ pub struct RemoteNode {
     pub flags: u32,
 }
 
-/// How this node reaches other nodes' pods.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RoutingMode {
-    /// No cross-node forwarding configured: remote traffic goes to the host stack.
-    Unset = 0,
-    /// Straight out of the uplink to the peer node (L2-adjacent nodes).
-    Native = 1,
-    /// Encapsulated in VXLAN towards the peer node.
-    Vxlan = 2,
+wire_enum! {
+    /// How this node reaches other nodes' pods ([`NodeConfig::mode`]).
+    pub enum RoutingMode {
+        Unset = 0, "unset", "no cross-node forwarding configured: remote traffic goes to the host stack";
+        Native = 1, "native", "straight out of the uplink to the peer node (L2-adjacent nodes)";
+        Vxlan = 2, "vxlan", "encapsulated in VXLAN towards the peer node";
+    }
 }
 
 /// Node-wide settings the programs read (index 0 of `NODE_CONFIG`).
@@ -624,270 +589,134 @@ mod pod_impls {
     unsafe impl aya::Pod for super::FragmentTranslation {}
 }
 
-/// Why a packet was dropped. The discriminant is the slot in the drop counter
-/// map and is stable: never renumber, only append.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// IPv4 source address is not the sending pod's own address.
-    SpoofedSource = 1,
-    /// TTL was 0 or 1 on a packet we would have forwarded.
-    TtlExceeded = 2,
-    /// Frame shorter than an Ethernet header.
-    TruncatedEthernet = 3,
-    /// IPv4 header truncated, IHL below 5, wrong version, or total length
-    /// inconsistent with the frame.
-    MalformedIpv4 = 4,
-    /// ARP packet that is not Ethernet/IPv4 ARP or is truncated.
-    MalformedArp = 5,
-    /// ARP whose sender protocol address is neither the pod's IP nor 0.0.0.0.
-    SpoofedArp = 6,
-    /// 802.1Q/802.1ad-tagged frame from a pod: pods get no VLANs.
-    VlanTagged = 7,
-    /// The program ran on an interface the agent has not registered.
-    UnknownInterface = 8,
-    /// VXLAN packet whose outer source is not a known peer node.
-    UnknownTunnelSource = 9,
-    /// VXLAN packet with a VNI other than the cluster's.
-    WrongVni = 10,
-    /// Tunnel metadata missing on a packet from the VXLAN device.
-    NoTunnelKey = 11,
-    /// Decapsulated packet for neither a local pod nor this node.
-    OverlayUnknownDestination = 12,
-    /// Decapsulated packet whose inner source does not belong to the peer
-    /// that sent it (neither its pod CIDR nor its node address).
-    OverlaySpoofedSource = 13,
-    /// Setting the tunnel key for encapsulation failed.
-    TunnelEncapFailed = 14,
-    /// New connection to a Service port with no ready backend (answered with
-    /// ICMP port unreachable so the client fails at once).
-    ServiceNoBackend = 15,
-    /// New connection to a Service while the connection-tracking map is full
-    /// (answered with ICMP port unreachable; existing connections go on).
-    ConntrackFull = 16,
-    /// Rewriting a Service connection's addresses or checksums failed.
-    NatRewriteFailed = 17,
-    /// Frame to be forwarded whose destination MAC is not this node's
-    /// (another host's unicast, broadcast or multicast): the kernel forwards
-    /// only `PACKET_HOST` frames.
-    WrongDestinationMac = 18,
-    /// Source address no host may use (0.0.0.0/8, 127.0.0.0/8, multicast,
-    /// 255.255.255.255).
-    MartianSource = 19,
-    /// Strict reverse-path check (as `rp_filter=1`) failed: the source is not
-    /// reachable back through the interface the packet came in on (a local
-    /// pod's or this node's own address from outside, or no route back).
-    ReversePath = 20,
-    /// IPv4 header checksum does not verify.
-    BadIpChecksum = 21,
-    /// IPv4 packet with options (source routing, record route, ...) to be
-    /// forwarded: not forwarded by the datapath.
-    IpOptions = 22,
-    /// A peer node sends in the other routing mode (VXLAN to a native node,
-    /// plain pod traffic to a VXLAN node).
-    PeerModeMismatch = 23,
-    /// Forwarding is disabled on the interface the packet came in on
-    /// (`net.ipv4.conf.<dev>.forwarding=0`): the kernel would not forward it.
-    ForwardingDisabled = 24,
-    /// Larger than the destination pod's MTU with DF set: answered with ICMP
-    /// fragmentation needed (without DF the kernel fragments it).
-    PacketTooBig = 25,
-    /// The destination pod's host veth is administratively down.
-    EndpointDown = 26,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 26] = [
-        DropReason::SpoofedSource,
-        DropReason::TtlExceeded,
-        DropReason::TruncatedEthernet,
-        DropReason::MalformedIpv4,
-        DropReason::MalformedArp,
-        DropReason::SpoofedArp,
-        DropReason::VlanTagged,
-        DropReason::UnknownInterface,
-        DropReason::UnknownTunnelSource,
-        DropReason::WrongVni,
-        DropReason::NoTunnelKey,
-        DropReason::OverlayUnknownDestination,
-        DropReason::OverlaySpoofedSource,
-        DropReason::TunnelEncapFailed,
-        DropReason::ServiceNoBackend,
-        DropReason::ConntrackFull,
-        DropReason::NatRewriteFailed,
-        DropReason::WrongDestinationMac,
-        DropReason::MartianSource,
-        DropReason::ReversePath,
-        DropReason::BadIpChecksum,
-        DropReason::IpOptions,
-        DropReason::PeerModeMismatch,
-        DropReason::ForwardingDisabled,
-        DropReason::PacketTooBig,
-        DropReason::EndpointDown,
-    ];
-
-    /// Stable snake_case name, used in CLI output, logs and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DropReason::SpoofedSource => "spoofed_source",
-            DropReason::TtlExceeded => "ttl_exceeded",
-            DropReason::TruncatedEthernet => "truncated_ethernet",
-            DropReason::MalformedIpv4 => "malformed_ipv4",
-            DropReason::MalformedArp => "malformed_arp",
-            DropReason::SpoofedArp => "spoofed_arp",
-            DropReason::VlanTagged => "vlan_tagged",
-            DropReason::UnknownInterface => "unknown_interface",
-            DropReason::UnknownTunnelSource => "unknown_tunnel_source",
-            DropReason::WrongVni => "wrong_vni",
-            DropReason::NoTunnelKey => "no_tunnel_key",
-            DropReason::OverlayUnknownDestination => "overlay_unknown_destination",
-            DropReason::OverlaySpoofedSource => "overlay_spoofed_source",
-            DropReason::TunnelEncapFailed => "tunnel_encap_failed",
-            DropReason::ServiceNoBackend => "service_no_backend",
-            DropReason::ConntrackFull => "conntrack_full",
-            DropReason::NatRewriteFailed => "nat_rewrite_failed",
-            DropReason::WrongDestinationMac => "wrong_destination_mac",
-            DropReason::MartianSource => "martian_source",
-            DropReason::ReversePath => "reverse_path",
-            DropReason::BadIpChecksum => "bad_ip_checksum",
-            DropReason::IpOptions => "ip_options",
-            DropReason::PeerModeMismatch => "peer_mode_mismatch",
-            DropReason::ForwardingDisabled => "forwarding_disabled",
-            DropReason::PacketTooBig => "packet_too_big",
-            DropReason::EndpointDown => "endpoint_down",
-        }
-    }
-
-    /// One line for an operator: what happened and what to look at.
-    pub const fn explanation(self) -> &'static str {
-        match self {
-            DropReason::SpoofedSource => {
-                "a pod sent IPv4 with a source address that is not its own (anti-spoofing)"
-            }
-            DropReason::TtlExceeded => {
-                "TTL would reach 0 when forwarded (traceroute, or a routing loop): answered with ICMP time exceeded"
-            }
-            DropReason::TruncatedEthernet => "frame shorter than an Ethernet header",
-            DropReason::MalformedIpv4 => {
-                "IPv4 header truncated, bad version/IHL or total length beyond the frame"
-            }
-            DropReason::MalformedArp => "ARP that is not Ethernet/IPv4 or is truncated",
-            DropReason::SpoofedArp => "ARP from a pod claiming an address that is not its own",
-            DropReason::VlanTagged => "VLAN-tagged frame from a pod (pods have no VLANs)",
-            DropReason::UnknownInterface => {
-                "program attached to a veth the agent has not registered (agent state lost?)"
-            }
-            DropReason::UnknownTunnelSource => {
-                "VXLAN packet from an address that is not a known node (forged or stale peer list)"
-            }
-            DropReason::WrongVni => "VXLAN packet with a VNI other than this cluster's",
-            DropReason::NoTunnelKey => "packet on the VXLAN device without tunnel metadata",
-            DropReason::OverlayUnknownDestination => {
-                "decapsulated packet for an address that is neither a local pod nor this node"
-            }
-            DropReason::OverlaySpoofedSource => {
-                "decapsulated packet whose source is not in the sending node's pod CIDR"
-            }
-            DropReason::TunnelEncapFailed => "setting the VXLAN tunnel key failed",
-            DropReason::ServiceNoBackend => {
-                "new connection to a Service with no ready backend (refused with ICMP port unreachable)"
-            }
-            DropReason::ConntrackFull => {
-                "connection-tracking map full: new Service connection refused (raise conntrack_max_entries)"
-            }
-            DropReason::NatRewriteFailed => {
-                "rewriting a Service connection's addresses, ports or checksums failed (kernel helper error)"
-            }
-            DropReason::WrongDestinationMac => {
-                "frame to forward not addressed to this node's MAC (other host, broadcast or multicast)"
-            }
-            DropReason::MartianSource => {
-                "martian source address (0.0.0.0/8, 127.0.0.0/8, multicast or 255.255.255.255)"
-            }
-            DropReason::ReversePath => {
-                "reverse-path check failed (rp_filter=1): source not reachable back through the ingress interface (spoofed or reflected)"
-            }
-            DropReason::BadIpChecksum => "IPv4 header checksum does not verify",
-            DropReason::IpOptions => {
-                "IPv4 packet with options (source route, record route, ...) is not forwarded"
-            }
-            DropReason::PeerModeMismatch => {
-                "a peer node sends in the other routing mode (native vs vxlan): set the same mode on every node"
-            }
-            DropReason::ForwardingDisabled => {
-                "forwarding is off on the ingress interface (net.ipv4.conf.<dev>.forwarding=0)"
-            }
-            DropReason::PacketTooBig => {
-                "larger than the destination pod's MTU with DF set: answered with ICMP fragmentation needed"
-            }
-            DropReason::EndpointDown => "the destination pod's host veth is administratively down",
-        }
-    }
-
-    pub const fn from_u32(value: u32) -> Option<DropReason> {
-        let mut i = 0;
-        while i < Self::ALL.len() {
-            if Self::ALL[i] as u32 == value {
-                return Some(Self::ALL[i]);
-            }
-            i += 1;
-        }
-        None
+wire_enum! {
+    /// Why a packet was dropped. The number is the slot in the drop counter
+    /// map and is stable: never renumber, only append. docs/why-dropped.md
+    /// has a row for each (checked by `tests/tests/docs.rs`).
+    pub enum DropReason {
+        SpoofedSource = 1, "spoofed_source",
+            "a pod sent IPv4 with a source address that is not its own (anti-spoofing)";
+        TtlExceeded = 2, "ttl_exceeded",
+            "TTL would reach 0 when forwarded (traceroute, or a routing loop): answered with ICMP time exceeded";
+        TruncatedEthernet = 3, "truncated_ethernet", "frame shorter than an Ethernet header";
+        /// IHL below 5, or a total length shorter than the header.
+        MalformedIpv4 = 4, "malformed_ipv4",
+            "IPv4 header truncated, bad version/IHL or total length beyond the frame";
+        MalformedArp = 5, "malformed_arp", "ARP that is not Ethernet/IPv4 or is truncated";
+        /// Neither the pod's IP nor 0.0.0.0 (a duplicate-address probe) as the sender.
+        SpoofedArp = 6, "spoofed_arp", "ARP from a pod claiming an address that is not its own";
+        /// 802.1Q or 802.1ad, in the frame or in the skb metadata.
+        VlanTagged = 7, "vlan_tagged", "VLAN-tagged frame from a pod (pods have no VLANs)";
+        UnknownInterface = 8, "unknown_interface",
+            "program attached to a veth the agent has not registered (agent state lost?)";
+        UnknownTunnelSource = 9, "unknown_tunnel_source",
+            "VXLAN packet from an address that is not a known node (forged or stale peer list)";
+        WrongVni = 10, "wrong_vni", "VXLAN packet with a VNI other than this cluster's";
+        NoTunnelKey = 11, "no_tunnel_key", "packet on the VXLAN device without tunnel metadata";
+        OverlayUnknownDestination = 12, "overlay_unknown_destination",
+            "decapsulated packet for an address that is neither a local pod nor this node";
+        /// Neither in the sender's pod CIDR nor the sender's node address.
+        OverlaySpoofedSource = 13, "overlay_spoofed_source",
+            "decapsulated packet whose source is not in the sending node's pod CIDR";
+        TunnelEncapFailed = 14, "tunnel_encap_failed", "setting the VXLAN tunnel key failed";
+        ServiceNoBackend = 15, "service_no_backend",
+            "new connection to a Service with no ready backend (refused with ICMP port unreachable)";
+        /// Existing connections go on; the new one is answered with ICMP port unreachable.
+        ConntrackFull = 16, "conntrack_full",
+            "connection-tracking map full: new Service connection refused (raise conntrack_max_entries)";
+        NatRewriteFailed = 17, "nat_rewrite_failed",
+            "rewriting a Service connection's addresses, ports or checksums failed (kernel helper error)";
+        /// The kernel forwards only `PACKET_HOST` frames.
+        WrongDestinationMac = 18, "wrong_destination_mac",
+            "frame to forward not addressed to this node's MAC (other host, broadcast or multicast)";
+        /// As Linux's route input: see [`is_martian_source`].
+        MartianSource = 19, "martian_source",
+            "martian source address (0.0.0.0/8, 127.0.0.0/8, multicast or 255.255.255.255)";
+        /// A local pod's or this node's own address from outside, or no route back.
+        ReversePath = 20, "reverse_path",
+            "reverse-path check failed (rp_filter=1): source not reachable back through the ingress interface (spoofed or reflected)";
+        BadIpChecksum = 21, "bad_ip_checksum", "IPv4 header checksum does not verify";
+        IpOptions = 22, "ip_options",
+            "IPv4 packet with options (source route, record route, ...) is not forwarded";
+        /// VXLAN to a native node, or plain pod traffic to a VXLAN node.
+        PeerModeMismatch = 23, "peer_mode_mismatch",
+            "a peer node sends in the other routing mode (native vs vxlan): set the same mode on every node";
+        ForwardingDisabled = 24, "forwarding_disabled",
+            "forwarding is off on the ingress interface (net.ipv4.conf.<dev>.forwarding=0)";
+        /// Without DF the kernel fragments it: such a packet goes to the host stack.
+        PacketTooBig = 25, "packet_too_big",
+            "larger than the destination pod's MTU with DF set: answered with ICMP fragmentation needed";
+        EndpointDown = 26, "endpoint_down", "the destination pod's host veth is administratively down";
     }
 }
 
-/// What happened to a packet that was not dropped. The discriminant is the
-/// slot in the forward counter map; stable, append only.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardPath {
-    /// Redirected straight into a pod on this node (`bpf_redirect_peer`).
-    LocalDelivery = 0,
-    /// Handed to the node's own stack (node addresses, unknown destinations,
-    /// non-IPv4 protocols).
-    ToHostStack = 1,
-    /// ARP request answered by the program with the host veth's MAC.
-    ArpReply = 2,
-    /// Sent straight out of the uplink to the peer node (native routing).
-    ToRemoteNative = 3,
-    /// Encapsulated into VXLAN towards the peer node.
-    ToRemoteOverlay = 4,
-}
-
-impl ForwardPath {
-    pub const ALL: [ForwardPath; 5] = [
-        ForwardPath::LocalDelivery,
-        ForwardPath::ToHostStack,
-        ForwardPath::ArpReply,
-        ForwardPath::ToRemoteNative,
-        ForwardPath::ToRemoteOverlay,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            ForwardPath::LocalDelivery => "local_delivery",
-            ForwardPath::ToHostStack => "to_host_stack",
-            ForwardPath::ArpReply => "arp_reply",
-            ForwardPath::ToRemoteNative => "to_remote_native",
-            ForwardPath::ToRemoteOverlay => "to_remote_overlay",
-        }
+wire_enum! {
+    /// What happened to a packet that was not dropped. The number is the
+    /// slot in the forward counter map; stable, append only.
+    pub enum ForwardPath {
+        LocalDelivery = 0, "local_delivery", "redirected straight into a pod on this node (bpf_redirect_peer)";
+        ToHostStack = 1, "to_host_stack",
+            "handed to the node's own stack (node addresses, unknown destinations, non-IPv4 protocols)";
+        ArpReply = 2, "arp_reply", "ARP request answered by the program with the host veth's MAC";
+        ToRemoteNative = 3, "to_remote_native", "sent straight out of the uplink to the peer node (native routing)";
+        ToRemoteOverlay = 4, "to_remote_overlay", "encapsulated into VXLAN towards the peer node";
     }
 }
+
+// Every number fits its counter block, and MonitorEvent::code (a u8).
+const _: () = {
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        let slot = DropReason::ALL[i] as u32;
+        assert!(slot < DROP_REASON_SLOTS && slot <= u8::MAX as u32);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < ForwardPath::ALL.len() {
+        let slot = ForwardPath::ALL[i] as u32;
+        assert!(slot < FORWARD_PATH_SLOTS && slot <= u8::MAX as u32);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < MonitorOutcome::ALL.len() {
+        assert!((MonitorOutcome::ALL[i] as u32) < MonitorOutcome::SLOTS);
+        i += 1;
+    }
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// What the table macro promises, and what a table must keep: names
+    /// (what operators and scripts key on) unique and snake_case, an
+    /// explanation for each, `from_u32` the inverse of the number.
+    macro_rules! check_table {
+        ($Enum:ident) => {
+            for (i, a) in $Enum::ALL.iter().enumerate() {
+                assert_eq!($Enum::from_u32(*a as u32), Some(*a));
+                assert!(!a.explanation().is_empty(), "{a:?}");
+                let name = a.name();
+                assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+                for b in &$Enum::ALL[i + 1..] {
+                    assert_ne!(name, b.name(), "{a:?} and {b:?} share a name");
+                }
+            }
+            let unused = (0..=u32::from(u8::MAX)).find(|v| $Enum::ALL.iter().all(|a| *a as u32 != *v));
+            assert_eq!($Enum::from_u32(unused.unwrap()), None);
+            assert_eq!($Enum::COUNT as usize, $Enum::ALL.len());
+        };
+    }
+
     #[test]
-    fn counter_slots_fit_their_maps() {
-        for r in DropReason::ALL {
-            assert!((r as u32) < DROP_REASON_SLOTS, "{r:?}");
-            assert!((r as u32) < 256, "fits MonitorEvent::code");
-            assert_eq!(DropReason::from_u32(r as u32), Some(r));
-        }
-        for p in ForwardPath::ALL {
-            assert!((p as u32) < FORWARD_PATH_SLOTS, "{p:?}");
-        }
+    fn enum_tables_are_consistent() {
+        check_table!(DropReason);
+        check_table!(ForwardPath);
+        check_table!(Direction);
+        check_table!(MonitorOutcome);
+        check_table!(RoutingMode);
+        assert_eq!(DropReason::from_u32(0), None);
+        assert_eq!(DropReason::ALL.len(), 26);
     }
 
     #[test]

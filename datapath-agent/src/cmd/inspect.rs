@@ -373,11 +373,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn mode_name(mode: u32) -> &'static str {
-    match mode {
-        m if m == datapath_common::RoutingMode::Native as u32 => "native",
-        m if m == datapath_common::RoutingMode::Vxlan as u32 => "vxlan",
-        _ => "unset",
-    }
+    datapath_common::RoutingMode::from_u32(mode).map_or("unset", datapath_common::RoutingMode::name)
 }
 
 #[cfg(test)]

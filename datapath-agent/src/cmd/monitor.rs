@@ -231,7 +231,7 @@ fn view(event: &MonitorEvent, clock: &Clock) -> EventView {
         }
         EVENT_FORWARD => (
             "forwarded",
-            ForwardPath::ALL.iter().find(|p| **p as u8 == event.code).map_or("unknown", |p| p.name()),
+            ForwardPath::from_u32(u32::from(event.code)).map_or("unknown", ForwardPath::name),
         ),
         _ => ("unknown", "unknown"),
     };
