@@ -561,33 +561,54 @@ pub struct FragmentTranslation {
     pub daddr: [u8; 4],
 }
 
-#[cfg(feature = "user")]
-mod pod_impls {
-    // SAFETY: all are repr(C), made only of integers and byte arrays, with
-    // explicit padding fields, so every bit pattern is valid and there are no holes.
-    unsafe impl aya::Pod for super::EndpointKey {}
-    unsafe impl aya::Pod for super::Endpoint {}
-    unsafe impl aya::Pod for super::PodInterface {}
-    unsafe impl aya::Pod for super::NodeKey {}
-    unsafe impl aya::Pod for super::RemoteNode {}
-    unsafe impl aya::Pod for super::NodeConfig {}
-    unsafe impl aya::Pod for super::EndpointTraffic {}
-    unsafe impl aya::Pod for super::MonitorConfig {}
-    unsafe impl aya::Pod for super::RateBudget {}
-    unsafe impl aya::Pod for super::ModeMismatch {}
-    unsafe impl aya::Pod for super::RpfCacheEntry {}
-    unsafe impl aya::Pod for super::MonitorEvent {}
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::Service {}
-    unsafe impl aya::Pod for super::BackendKey {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::ConntrackKey {}
-    unsafe impl aya::Pod for super::ConntrackEntry {}
-    unsafe impl aya::Pod for super::AffinityKey {}
-    unsafe impl aya::Pod for super::AffinityEntry {}
-    unsafe impl aya::Pod for super::FragmentKey {}
-    unsafe impl aya::Pod for super::FragmentTranslation {}
+/// Every type that crosses the boundary, with its size in bytes: the
+/// programs and the agent must agree on each byte, so a change of layout
+/// fails the build here instead of misreading a map. The agent's side also
+/// gets `aya::Pod` for each (feature `user`).
+macro_rules! shared_types {
+    ($($Type:ident = $size:literal,)+) => {
+        $(const _: () = assert!(core::mem::size_of::<$Type>() == $size);)+
+
+        #[cfg(feature = "user")]
+        mod pod_impls {
+            use super::*;
+            // SAFETY: all are repr(C), made only of integers and byte arrays,
+            // with explicit padding fields (the sizes above leave no room for
+            // a hole), so every bit pattern is valid and there are no holes.
+            $(unsafe impl aya::Pod for $Type {})+
+        }
+    };
 }
+
+shared_types! {
+    EndpointKey = 4,
+    Endpoint = 24,
+    PodInterface = 16,
+    NodeKey = 4,
+    RemoteNode = 8,
+    NodeConfig = 36,
+    EndpointTraffic = 32,
+    MonitorConfig = 8,
+    RateBudget = 16,
+    ModeMismatch = 16,
+    RpfCacheEntry = 16,
+    MonitorEvent = 40,
+    ServiceKey = 8,
+    Service = 16,
+    BackendKey = 8,
+    Backend = 8,
+    ConntrackKey = 16,
+    ConntrackEntry = 24,
+    AffinityKey = 8,
+    AffinityEntry = 16,
+    FragmentKey = 12,
+    FragmentTranslation = 8,
+}
+
+// Any reader finds the version at the same byte in every layout.
+const _: () = assert!(core::mem::offset_of!(MonitorEvent, version) == MONITOR_EVENT_VERSION_OFFSET);
+// The reverse-path cache is indexed by a masked hash.
+const _: () = assert!(RPF_CACHE_SLOTS.is_power_of_two());
 
 wire_enum! {
     /// Why a packet was dropped. The number is the slot in the drop counter
@@ -741,21 +762,5 @@ mod tests {
         assert!(host.in_pod_cidr([10, 0, 0, 7]) && !host.in_pod_cidr([10, 0, 0, 6]));
         // Unset: nothing is inside.
         assert!(!NodeConfig::default().in_pod_cidr([0, 0, 0, 0]));
-    }
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<EndpointKey>(), 4);
-        assert_eq!(core::mem::size_of::<Endpoint>(), 24);
-        assert_eq!(core::mem::size_of::<PodInterface>(), 16);
-        assert_eq!(core::mem::size_of::<EndpointTraffic>(), 32);
-        assert_eq!(core::mem::size_of::<MonitorBudget>(), 16);
-        assert_eq!(core::mem::size_of::<MonitorEvent>(), 40);
-        assert_eq!(core::mem::offset_of!(MonitorEvent, version), MONITOR_EVENT_VERSION_OFFSET);
-        assert_eq!(core::mem::size_of::<RemoteNode>(), 8);
-        assert_eq!(core::mem::size_of::<NodeConfig>(), 36);
-        assert_eq!(core::mem::size_of::<ModeMismatch>(), 16);
-        assert_eq!(core::mem::size_of::<RpfCacheEntry>(), 16);
-        assert!(RPF_CACHE_SLOTS.is_power_of_two());
     }
 }
