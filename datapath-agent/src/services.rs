@@ -16,8 +16,8 @@ use std::{
 };
 
 use datapath_common::{
-    Backend, BackendKey, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, ConntrackEntry, ConntrackKey, IPPROTO_TCP,
-    IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, Service, ServiceKey,
+    Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN,
+    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, Service, ServiceKey,
 };
 
 use crate::{
@@ -27,11 +27,6 @@ use crate::{
 
 /// Service ids start here: a zeroed entry (id 0) names no Service.
 const FIRST_SERVICE_ID: u32 = 1;
-/// The programs refresh `last_seen_ns` at most once a second (one write per
-/// connection per second, not per packet), so the last packet may be up to
-/// this much younger than the entry says. The collector waits that much
-/// longer, so that it never removes a connection that is within its limit.
-pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
 /// The `SERVICES` key of cluster IP, port and protocol.
@@ -466,8 +461,10 @@ pub fn expired(
     } else {
         limits.udp_idle_ns
     };
-    // An entry refreshed after `now_ns` was taken is simply not idle.
-    now_ns.saturating_sub(last_seen) > limit + LAST_SEEN_GRANULARITY_NS
+    // An entry refreshed after `now_ns` was taken is simply not idle. The
+    // last packet may be up to the granularity younger than the entry says:
+    // wait that much longer, never removing a connection within its limit.
+    now_ns.saturating_sub(last_seen) > limit + CONNTRACK_LAST_SEEN_GRANULARITY_NS
 }
 
 /// The keys of every expired entry in a snapshot of the map.

@@ -147,8 +147,27 @@ pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8_192;
 /// Source address a pod's connection to itself through a Service is
 /// translated to: a packet from its own address would be a martian to it.
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
+
+/// IPv4 protocol numbers, as in the header, [`ServiceKey::protocol`] and
+/// [`MonitorEvent::protocol`].
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// Ethertypes, as in the Ethernet header and [`MonitorEvent::ethertype`]
+/// (both big-endian).
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+/// The IPv4 flags and fragment offset field (read big-endian): don't
+/// fragment, more fragments, and the offset (non-zero: a later fragment,
+/// which carries no ports).
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+/// The programs write a connection's [`ConntrackEntry::last_seen_ns`] at
+/// most this often (one cache line write per connection per interval, not
+/// per packet), so it may lag by this much: the agent's idle timeouts allow
+/// for it.
+pub const CONNTRACK_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 wire_enum! {
     /// Which program saw the packet: where it came from.

@@ -5,13 +5,13 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, programs::TcContext};
-use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES, NodeKey};
+use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_SERVICES, NodeKey};
 
 use crate::{
     forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     maps::{KNOWN_NODES, node_config, remote_node_for},
-    packet::{ETH_P_IP, EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
+    packet::{EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
 };

@@ -8,7 +8,7 @@
 //! hands everything else to the host stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, NODE_FLAG_SERVICES};
+use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{
@@ -18,8 +18,8 @@ use crate::{
     icmp::IcmpError,
     maps::{POD_INTERFACES, count_sent, node_config},
     packet::{
-        ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, EthHdr,
-        ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4,
+        ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, EthHdr, ethertype,
+        ipv4_headers, ptr_at, pull_headers, same_ipv4,
     },
     services::{Translation, translate},
     strict,

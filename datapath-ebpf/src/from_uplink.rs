@@ -8,14 +8,15 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    Direction, DropReason, IPPROTO_UDP, ModeMismatch, NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode,
+    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_SERVICES, NodeConfig, NodeKey,
+    RoutingMode,
 };
 
 use crate::{
     forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     maps::{KNOWN_NODES, PEER_MODE_MISMATCHES, node_config, remote_pod_cidr_owner},
-    packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
+    packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
 };

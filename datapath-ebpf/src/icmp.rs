@@ -6,11 +6,10 @@
 //! payload bytes) and is rate-limited per CPU, as the kernel's are.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
-use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND};
+use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND, IP_OFFSET_MASK, IPPROTO_ICMP};
 
 use crate::{maps::ICMP_BUDGET, packet::ETH_HLEN, rate_limit};
 
-const IPPROTO_ICMP: u8 = 1;
 /// IPv4 header length of the packets we quote and of the reply.
 const IPV4_HLEN: usize = 20;
 /// The reply: Ethernet, IPv4, ICMP header, quoted IPv4 header + 8 bytes.
@@ -71,7 +70,7 @@ pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Re
     if original[ip] != 0x45 {
         return Ok(false);
     }
-    let later_fragment = u16::from_be_bytes([original[ip + 6], original[ip + 7]]) & 0x1fff != 0;
+    let later_fragment = u16::from_be_bytes([original[ip + 6], original[ip + 7]]) & IP_OFFSET_MASK != 0;
     let icmp_type = original[ip + IPV4_HLEN];
     // Echo reply 0, echo 8, timestamp 13/14, ...: queries; the rest are errors.
     let about_an_error = original[ip + 9] == IPPROTO_ICMP && matches!(icmp_type, 3 | 4 | 5 | 11 | 12);

@@ -9,17 +9,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, MONITOR_EVENT_VERSION, MonitorEvent, MonitorOutcome,
+    DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP,
+    MONITOR_EVENT_VERSION, MonitorEvent, MonitorOutcome,
 };
 
 use crate::{
     maps::{MONITOR_BUDGET, MONITOR_EVENTS, count_monitor},
-    packet::{ETH_HLEN, ETH_P_IP},
+    packet::ETH_HLEN,
     rate_limit,
 };
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// Take one event from this CPU's budget for the current second.
 #[inline(always)]
@@ -74,7 +72,7 @@ fn describe_ipv4(ctx: &TcContext, event: &mut MonitorEvent) {
     event.protocol = header[9];
     event.saddr = [header[12], header[13], header[14], header[15]];
     event.daddr = [header[16], header[17], header[18], header[19]];
-    let first_fragment = u16::from_be_bytes([header[6], header[7]]) & 0x1fff == 0;
+    let first_fragment = u16::from_be_bytes([header[6], header[7]]) & IP_OFFSET_MASK == 0;
     if first_fragment && (event.protocol == IPPROTO_TCP || event.protocol == IPPROTO_UDP) {
         let ihl = (header[0] & 0x0f) as usize * 4;
         if let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + ihl) {

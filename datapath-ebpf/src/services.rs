@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    AffinityEntry, AffinityKey, BackendKey, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_REPLY, ConntrackEntry,
-    ConntrackKey, DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IPPROTO_TCP, IPPROTO_UDP,
-    SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+    AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD,
+    CT_HAIRPIN, CT_REPLY, ConntrackEntry, ConntrackKey, DropReason, FragmentKey, FragmentTranslation,
+    HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
 };
 
 use crate::{
@@ -30,13 +30,7 @@ const TCP_RST: u8 = 0x04;
 const IP_CHECK: usize = ETH_HLEN + 10;
 const IP_SADDR: usize = ETH_HLEN + 12;
 const IP_DADDR: usize = ETH_HLEN + 16;
-/// Write `last_seen_ns` at most this often: one cache line write per
-/// connection per interval, not per packet.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 const NS_PER_SECOND: u64 = 1_000_000_000;
-/// IPv4 flags and fragment offset: more fragments follow; the offset.
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
 
 /// What [`translate`] did.
 pub enum Translation {
@@ -70,7 +64,7 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
     let frag_off = u16::from_be_bytes(frag_off);
     let datagram = FragmentKey { saddr, daddr, id: ip_id, protocol, _pad: 0 };
     // Later fragments carry no ports: they get what their first got.
-    if frag_off & IP_OFFSET != 0 {
+    if frag_off & IP_OFFSET_MASK != 0 {
         return later_fragment(ctx, &datagram, frag_off & IP_MF == 0);
     }
     // A first fragment: remember its translation for the later ones.
@@ -84,7 +78,7 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a live entry; a racing update of these fields is harmless.
         let entry_copy = unsafe {
-            if now.wrapping_sub((*entry).last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
+            if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
                 (*entry).last_seen_ns = now;
             }
             if protocol == IPPROTO_TCP && (*entry).flags & CT_CLOSING == 0 {

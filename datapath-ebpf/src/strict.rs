@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    DropReason, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
+    DropReason, IP_DF, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
 };
 
 use crate::{
@@ -174,6 +174,3 @@ pub fn fits_pod(ctx: &TcContext, ip: *const Ipv4Hdr, host_ifindex: u32, config: 
     let df = u16::from_be_bytes(unsafe { (*ip).frag_off }) & IP_DF != 0;
     Fit::TooBig { mtu, df }
 }
-
-/// IPv4 "don't fragment".
-const IP_DF: u16 = 0x4000;

@@ -21,8 +21,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, RingBuf};
 use datapath_common::{
-    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath, MONITOR_EVENT_VERSION,
-    MONITOR_EVENT_VERSION_OFFSET, MonitorConfig, MonitorEvent, map_names,
+    Direction, DropReason, ETH_P_ARP, ETH_P_IP, EVENT_DROP, EVENT_FORWARD, ForwardPath, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, MONITOR_EVENT_VERSION, MONITOR_EVENT_VERSION_OFFSET, MonitorConfig,
+    MonitorEvent, map_names,
 };
 
 use crate::{
@@ -229,30 +230,29 @@ fn view(event: &MonitorEvent, clock: &Clock) -> EventView {
         EVENT_DROP => {
             ("dropped", DropReason::from_u32(u32::from(event.code)).map_or("unknown", DropReason::name))
         }
-        EVENT_FORWARD => (
-            "forwarded",
-            ForwardPath::from_u32(u32::from(event.code)).map_or("unknown", ForwardPath::name),
-        ),
+        EVENT_FORWARD => {
+            ("forwarded", ForwardPath::from_u32(u32::from(event.code)).map_or("unknown", ForwardPath::name))
+        }
         _ => ("unknown", "unknown"),
     };
     let ethertype = u16::from_be_bytes(event.ethertype);
-    let ports = matches!(event.protocol, 6 | 17);
+    let ports = matches!(event.protocol, IPPROTO_TCP | IPPROTO_UDP);
     let endpoint = |addr: [u8; 4], port: [u8; 2]| {
         let addr = Ipv4Addr::from(addr);
         if ports { format!("{addr}:{}", u16::from_be_bytes(port)) } else { addr.to_string() }
     };
     let (protocol, source, destination) = match ethertype {
-        0x0800 => (
+        ETH_P_IP => (
             match event.protocol {
-                1 => "icmp".to_owned(),
-                6 => "tcp".to_owned(),
-                17 => "udp".to_owned(),
+                IPPROTO_ICMP => "icmp".to_owned(),
+                IPPROTO_TCP => "tcp".to_owned(),
+                IPPROTO_UDP => "udp".to_owned(),
                 n => format!("ip-proto-{n}"),
             },
             endpoint(event.saddr, event.sport),
             endpoint(event.daddr, event.dport),
         ),
-        0x0806 => ("arp".to_owned(), "-".to_owned(), "-".to_owned()),
+        ETH_P_ARP => ("arp".to_owned(), "-".to_owned(), "-".to_owned()),
         0 => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
         other => (format!("ethertype-0x{other:04x}"), "-".to_owned(), "-".to_owned()),
     };
