@@ -13,13 +13,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use datapath_common::{
-    Direction, DropReason, ENDPOINT_FLAG_HOST_DOWN, EVENT_DROP, EVENT_FORWARD, Endpoint, EndpointKey,
-    ForwardPath, NodeConfig, RoutingMode,
+    Direction, DropReason, ENDPOINT_FLAG_HOST_DOWN, EVENT_DROP, EVENT_FORWARD, Endpoint, ForwardPath,
+    NodeConfig, RoutingMode,
 };
 
 use crate::{
+    counters::{count_delivered, count_drop, count_forward},
     icmp::{IcmpError, into_icmp_error},
-    maps::{ENDPOINTS, count_delivered, count_drop, count_forward, monitor_config, remote_node_for},
+    lookup::{local_endpoint, remote_node_for},
     monitor,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, csum_replace16},
     strict::PACKET_HOST,
@@ -70,7 +71,7 @@ pub fn apply<const LOG: bool>(
     direction: Direction,
     verdict: Result<Verdict, DropReason>,
 ) -> i32 {
-    let monitor = monitor_config();
+    let monitor = monitor::config();
     if let Ok(Verdict::Answer { reason, error, source, back }) = verdict {
         // Reported first: the event describes the packet, not the reply.
         drop::<LOG>(ctx, direction, reason, monitor.events_per_second);
@@ -222,13 +223,6 @@ pub fn decrement_ttl(ip: *mut Ipv4Hdr) -> Result<(), DropReason> {
 pub fn ttl_expires(ip: *const Ipv4Hdr) -> bool {
     // SAFETY: callers pass a bounds-checked header.
     unsafe { (*ip).ttl <= 1 }
-}
-
-/// The pod on this node with address `daddr`, if any.
-#[inline(always)]
-pub fn local_endpoint(daddr: [u8; 4]) -> Option<Endpoint> {
-    // SAFETY: copied out at once.
-    unsafe { ENDPOINTS.get(EndpointKey { ipv4: daddr }) }.copied()
 }
 
 /// Deliver to a local pod: TTL, MACs, and the verdict. A pod whose host

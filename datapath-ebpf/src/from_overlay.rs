@@ -5,12 +5,12 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, programs::TcContext};
-use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_SERVICES, NodeKey};
+use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_SERVICES};
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
+    forward::{Back, Verdict, apply, deliver, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
-    maps::{KNOWN_NODES, node_config, remote_node_for},
+    lookup::{is_known_node, local_endpoint, node_config, remote_node_for},
     packet::{EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
@@ -35,8 +35,7 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
     }
     // The helper gives the outer source in host byte order.
     let outer_source = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
-    // SAFETY: only checked for presence.
-    if unsafe { KNOWN_NODES.get(NodeKey { ipv4: outer_source }) }.is_none() {
+    if !is_known_node(outer_source) {
         return Err(DropReason::UnknownTunnelSource);
     }
     let config = node_config();

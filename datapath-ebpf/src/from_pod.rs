@@ -11,12 +11,10 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_SERVICES};
 
 use crate::{
-    forward::{
-        Back, Verdict, apply, deliver, forwarded_by_us, local_endpoint, to_remote_node, too_big_for_pod,
-        ttl_expires,
-    },
+    counters::count_sent,
+    forward::{Back, Verdict, apply, deliver, forwarded_by_us, to_remote_node, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
-    maps::{POD_INTERFACES, count_sent, node_config},
+    lookup::{local_endpoint, node_config, pod_interface},
     packet::{
         ARP_REPLY, ARP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, EthHdr, ethertype,
         ipv4_headers, ptr_at, pull_headers, same_ipv4,
@@ -36,10 +34,8 @@ pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
 fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out at once; hash entries may be replaced later.
-    let iface = match unsafe { POD_INTERFACES.get(ifindex) } {
-        Some(iface) => *iface,
-        None => return Err(DropReason::UnknownInterface),
+    let Some(iface) = pod_interface(ifindex) else {
+        return Err(DropReason::UnknownInterface);
     };
     count_sent(iface.traffic_slot, ctx.len());
     // veth's VLAN offload moves an 802.1Q tag out of the frame into skb

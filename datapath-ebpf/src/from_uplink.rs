@@ -13,9 +13,10 @@ use datapath_common::{
 };
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, local_endpoint, too_big_for_pod, ttl_expires},
+    forward::{Back, Verdict, apply, deliver, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
-    maps::{KNOWN_NODES, PEER_MODE_MISMATCHES, node_config, remote_pod_cidr_owner},
+    lookup::{is_known_node, local_endpoint, node_config, remote_pod_cidr_owner},
+    maps::PEER_MODE_MISMATCHES,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
@@ -118,8 +119,7 @@ fn vxlan_from_peer(ctx: &TcContext, ip: *const Ipv4Hdr, config: &NodeConfig) -> 
     if [ports[2], ports[3]] != config.vxlan_port {
         return false;
     }
-    // SAFETY: only checked for presence.
-    unsafe { KNOWN_NODES.get(NodeKey { ipv4: saddr }) }.is_some()
+    is_known_node(saddr)
 }
 
 /// Count a packet `peer` sent in the other mode, for the agent to log.

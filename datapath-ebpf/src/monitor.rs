@@ -10,14 +10,24 @@ use aya_ebpf::{
 };
 use datapath_common::{
     DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP,
-    MONITOR_EVENT_VERSION, MonitorEvent, MonitorOutcome,
+    MONITOR_EVENT_VERSION, MonitorConfig, MonitorEvent, MonitorOutcome,
 };
 
 use crate::{
-    maps::{MONITOR_BUDGET, MONITOR_EVENTS, count_monitor},
+    counters::count_monitor,
+    maps::{MONITOR_BUDGET, MONITOR_CONFIG, MONITOR_EVENTS},
     packet::ETH_HLEN,
     rate_limit,
 };
+
+/// The monitor settings; all zero (drops only, default rate) until set.
+#[inline(always)]
+pub fn config() -> MonitorConfig {
+    match MONITOR_CONFIG.get(0) {
+        Some(config) => *config,
+        None => MonitorConfig::default(),
+    }
+}
 
 /// Take one event from this CPU's budget for the current second.
 #[inline(always)]
