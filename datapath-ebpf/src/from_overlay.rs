@@ -8,12 +8,13 @@ use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_get_tunnel_key, progra
 use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_SERVICES};
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, too_big_for_pod, ttl_expires},
+    forward::{deliver, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     lookup::{is_known_node, local_endpoint, node_config, remote_node_for},
     packet::{EthHdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
+    verdict::{Back, Verdict, apply},
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).

@@ -12,7 +12,7 @@ use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_SERV
 
 use crate::{
     counters::count_sent,
-    forward::{Back, Verdict, apply, deliver, forwarded_by_us, to_remote_node, too_big_for_pod, ttl_expires},
+    forward::{deliver, forwarded_by_us, to_remote_node, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     lookup::{local_endpoint, node_config, pod_interface},
     packet::{
@@ -21,6 +21,7 @@ use crate::{
     },
     services::{Translation, translate},
     strict,
+    verdict::{Back, Verdict, apply},
 };
 
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).

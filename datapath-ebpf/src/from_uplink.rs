@@ -13,13 +13,14 @@ use datapath_common::{
 };
 
 use crate::{
-    forward::{Back, Verdict, apply, deliver, too_big_for_pod, ttl_expires},
+    forward::{deliver, too_big_for_pod, ttl_expires},
     icmp::IcmpError,
     lookup::{is_known_node, local_endpoint, node_config, remote_pod_cidr_owner},
     maps::PEER_MODE_MISMATCHES,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
     services::{Translation, translate},
     strict,
+    verdict::{Back, Verdict, apply},
 };
 
 /// The VLAN id bits of a tag control information field.

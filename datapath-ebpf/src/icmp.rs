@@ -5,6 +5,8 @@
 //! itself into the reply (RFC 792: quoting its IPv4 header and first 8
 //! payload bytes) and is rate-limited per CPU, as the kernel's are.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND, IP_OFFSET_MASK, IPPROTO_ICMP};
 
@@ -52,39 +54,47 @@ impl IcmpError {
     }
 }
 
-/// Turn the packet into `error` from `source` back to its sender: MACs
-/// swapped, so the reply leaves the way the packet came in. `Ok(false)`:
-/// nothing to send, where the kernel sends nothing either (RFC 1122
-/// 3.2.2: not about a later fragment or another ICMP error) or this CPU
-/// used its budget for this second; the packet is dropped, counted under
-/// its reason all the same.
+/// An ICMP error, made from the packet it is about and ready to replace it.
+pub struct IcmpReply([u8; REPLY_LEN]);
+
+/// The reply `error` from `source` to the sender of this packet, MACs
+/// swapped so that it leaves the way the packet came in. `None`: nothing
+/// to send, where the kernel sends nothing either (RFC 1122 3.2.2: not
+/// about a later fragment or another ICMP error) or this CPU used its
+/// budget for this second. Reads the packet, leaves it alone; the reply
+/// is made in `space`.
 #[inline(always)]
-pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Result<bool, DropReason> {
+pub fn make_reply<'a>(
+    ctx: &TcContext,
+    error: IcmpError,
+    source: [u8; 4],
+    space: &'a mut MaybeUninit<IcmpReply>,
+) -> Option<&'a IcmpReply> {
     let Ok(original) = ctx.load::<[u8; QUOTED_LEN]>(0) else {
         // Shorter than a header and 8 bytes: nothing worth quoting.
-        return Ok(false);
+        return None;
     };
     let ip = ETH_HLEN;
     // Only option-less headers are quoted (the forwarding checks refuse
     // packets with options before any error is due).
     if original[ip] != 0x45 {
-        return Ok(false);
+        return None;
     }
     let later_fragment = u16::from_be_bytes([original[ip + 6], original[ip + 7]]) & IP_OFFSET_MASK != 0;
     let icmp_type = original[ip + IPV4_HLEN];
     // Echo reply 0, echo 8, timestamp 13/14, ...: queries; the rest are errors.
     let about_an_error = original[ip + 9] == IPPROTO_ICMP && matches!(icmp_type, 3 | 4 | 5 | 11 | 12);
     if later_fragment || about_an_error {
-        return Ok(false);
+        return None;
     }
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !rate_limit::take(ICMP_BUDGET.get_ptr_mut(0), now, ICMP_ERRORS_PER_SECOND) {
-        return Ok(false);
+        return None;
     }
 
     let (icmp_type, icmp_code) = error.type_code();
-    let mut reply = [0u8; REPLY_LEN];
+    let reply = &mut space.write(IcmpReply([0u8; REPLY_LEN])).0;
     // Ethernet: back to where it came from.
     reply[0..6].copy_from_slice(&original[6..12]);
     reply[6..12].copy_from_slice(&original[0..6]);
@@ -97,7 +107,7 @@ pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Re
     reply[ip + 9] = IPPROTO_ICMP;
     reply[ip + 12..ip + 16].copy_from_slice(&source);
     reply[ip + 16..ip + 20].copy_from_slice(&original[ip + 12..ip + 16]);
-    let check = checksum(&reply, ip, IPV4_HLEN);
+    let check = checksum(reply, ip, IPV4_HLEN);
     reply[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
     // ICMP: type, code, checksum, 4 unused bytes, then the quote.
     let icmp = ip + IPV4_HLEN;
@@ -105,16 +115,21 @@ pub fn into_icmp_error(ctx: &TcContext, error: IcmpError, source: [u8; 4]) -> Re
     reply[icmp + 1] = icmp_code;
     reply[icmp + 4..icmp + 8].copy_from_slice(&error.rest_of_header());
     reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
-    let check = checksum(&reply, icmp, 8 + IPV4_HLEN + 8);
+    let check = checksum(reply, icmp, 8 + IPV4_HLEN + 8);
     reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());
+    // SAFETY: written just above.
+    Some(unsafe { space.assume_init_ref() })
+}
 
+/// Replace the packet with `reply`.
+#[inline(always)]
+pub fn write_reply(ctx: &TcContext, reply: &IcmpReply) -> Result<(), DropReason> {
     // SAFETY: plain helper on the context pointer.
     let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
     if rc != 0 {
         return Err(DropReason::NatRewriteFailed);
     }
-    ctx.store(0, &reply, 0).map_err(|_| DropReason::NatRewriteFailed)?;
-    Ok(true)
+    ctx.store(0, &reply.0, 0).map_err(|_| DropReason::NatRewriteFailed)
 }
 
 /// Internet checksum of `len` bytes of `bytes` from `start` (even length).

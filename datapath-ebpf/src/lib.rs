@@ -21,6 +21,7 @@ pub mod packet;
 pub mod rate_limit;
 pub mod services;
 pub mod strict;
+pub mod verdict;
 
 /// Define the three TC programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a

@@ -1,6 +1,12 @@
 //! Header layouts and bounds-checked access to the linear packet data.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_set_tunnel_key, programs::TcContext};
+use datapath_common::DropReason;
+
+/// Address family of IPv4, for the helpers that take one.
+pub const AF_INET: u8 = 2;
+/// `skb->pkt_type` of a frame addressed to this host's MAC.
+pub const PACKET_HOST: u32 = 0;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_8021Q: u16 = 0x8100;
@@ -84,8 +90,7 @@ pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
 /// Bounds-checked, validated Ethernet + IPv4 headers of the current frame
 /// (call after [`pull_headers`]); `Err` names why the header is unusable.
 #[inline(always)]
-pub fn ipv4_headers(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), datapath_common::DropReason> {
-    use datapath_common::DropReason;
+pub fn ipv4_headers(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), DropReason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
     // SAFETY: bounds-checked by ptr_at.
@@ -111,4 +116,25 @@ pub fn same_ipv4(a: [u8; 4], b: [u8; 4]) -> bool {
 pub fn ethertype(eth: *const EthHdr) -> u16 {
     // SAFETY: callers pass a bounds-checked pointer.
     u16::from_be_bytes(unsafe { (*eth).proto })
+}
+
+/// Give the packet the tunnel metadata that sends it to `node_ipv4` with
+/// `vni`, once redirected into the collect_md VXLAN device. Leaves the
+/// packet data alone.
+#[inline(always)]
+pub fn set_tunnel_key(ctx: &TcContext, node_ipv4: [u8; 4], vni: u32) -> Result<(), DropReason> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni;
+    // The helper takes the outer destination in host byte order.
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
+    key.tunnel_ttl = 64;
+    // SAFETY: plain helper with a valid key of its size.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if rc != 0 {
+        return Err(DropReason::TunnelEncapFailed);
+    }
+    Ok(())
 }

@@ -19,12 +19,9 @@ use datapath_common::{
 
 use crate::{
     maps::RPF_CACHE,
-    packet::{ETH_HLEN, Ipv4Hdr},
+    packet::{AF_INET, ETH_HLEN, Ipv4Hdr, PACKET_HOST},
 };
 
-const AF_INET: u8 = 2;
-/// `skb->pkt_type` of a frame addressed to this host's MAC.
-pub const PACKET_HOST: u32 = 0;
 /// Version 4, no options.
 const IPV4_NO_OPTIONS: u8 = 0x45;
 

@@ -1,0 +1,217 @@
+//! What becomes of a verdict, the same for every program and every path:
+//! it is carried out as a TC action and accounted for (counted, reported
+//! to the monitor: drops always, forwards while a monitor asks; logged in
+//! the debug build). An ICMP answer is one verdict among the others. The
+//! forwarding steps that reach a verdict are in [`crate::forward`] and the
+//! programs.
+
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use datapath_common::{Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath};
+
+use crate::{
+    counters::{count_delivered, count_drop, count_forward},
+    icmp::{IcmpError, IcmpReply, make_reply, write_reply},
+    monitor,
+    packet::{AF_INET, ETH_HLEN, PACKET_HOST, set_tunnel_key},
+};
+
+/// Which way an ICMP error goes back to the sender of the packet it is about.
+#[derive(Clone, Copy)]
+pub enum Back {
+    /// Out of this interface (the veth or uplink the packet came in on).
+    Out { ifindex: u32 },
+    /// Encapsulated back to the peer node that tunnelled the packet to us.
+    Tunnel { vxlan_ifindex: u32, node_ipv4: [u8; 4], vni: u32 },
+}
+
+/// What to do with a packet that is not simply dropped.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// Into the pod behind this host veth (`bpf_redirect_peer`).
+    Deliver { host_ifindex: u32, traffic_slot: u32 },
+    /// The frame was rewritten into an ARP reply: send it back out of the
+    /// veth it came in on, to the pod that asked.
+    ArpReply { ifindex: u32 },
+    /// Let the node's stack have it.
+    HostStack,
+    /// For this node itself, arrived by tunnel: mark it PACKET_HOST first
+    /// (its inner destination MAC is not ours).
+    HostStackFromTunnel,
+    /// Native routing, next hop resolved by the FIB: MACs already written.
+    OutUplink { ifindex: u32 },
+    /// Native routing, the neighbour subsystem resolves the peer's MAC.
+    OutUplinkNeigh { ifindex: u32, node_ipv4: [u8; 4] },
+    /// Overlay: the tunnel key (peer, VNI) is set; into the VXLAN device,
+    /// which encapsulates it.
+    OutOverlay { vxlan_ifindex: u32 },
+    /// Dropped for `reason` (counted and reported as such), and answered
+    /// with `error` from `source` the way it came (`back`), as a router
+    /// answers: time exceeded for an expiring TTL, port unreachable for a
+    /// Service connection nobody can take (the client fails at once),
+    /// fragmentation needed for a DF packet too big for the pod.
+    Answer { reason: DropReason, error: IcmpError, source: [u8; 4], back: Back },
+}
+
+/// What a verdict counts as: the counter it adds to, the monitor event it
+/// makes.
+#[derive(Clone, Copy)]
+enum Counted {
+    Forward(ForwardPath),
+    Drop(DropReason),
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn counted_as(&self) -> Counted {
+        match self {
+            Verdict::Deliver { .. } => Counted::Forward(ForwardPath::LocalDelivery),
+            Verdict::ArpReply { .. } => Counted::Forward(ForwardPath::ArpReply),
+            Verdict::HostStack | Verdict::HostStackFromTunnel => Counted::Forward(ForwardPath::ToHostStack),
+            Verdict::OutUplink { .. } | Verdict::OutUplinkNeigh { .. } => {
+                Counted::Forward(ForwardPath::ToRemoteNative)
+            }
+            Verdict::OutOverlay { .. } => Counted::Forward(ForwardPath::ToRemoteOverlay),
+            // The reply is ours; the packet itself is dropped.
+            Verdict::Answer { reason, .. } => Counted::Drop(*reason),
+        }
+    }
+}
+
+/// The part of carrying out a verdict that comes after the accounting:
+/// writing the packet, which must wait, as the monitor event describes the
+/// packet as it came.
+enum Rest<'a> {
+    /// Nothing: the TC action.
+    Done(i32),
+    /// Replace the packet with this ICMP error and send it back.
+    Reply(&'a IcmpReply, Back),
+}
+
+/// Carry out the verdict and account for it (count, report to the monitor,
+/// and in the debug build (`LOG`) log it); returns the TC action. The
+/// accounting comes after everything but writing the packet, which only an
+/// answer does: the monitor event describes the packet as it came.
+#[inline(always)]
+pub fn apply<const LOG: bool>(
+    ctx: &TcContext,
+    direction: Direction,
+    verdict: Result<Verdict, DropReason>,
+) -> i32 {
+    let mut space = MaybeUninit::uninit();
+    let (counted, rest) = match verdict {
+        Ok(verdict) => (verdict.counted_as(), act(ctx, verdict, &mut space)),
+        Err(reason) => (Counted::Drop(reason), Rest::Done(TC_ACT_SHOT)),
+    };
+    account::<LOG>(ctx, direction, counted);
+    match rest {
+        Rest::Done(action) => action,
+        Rest::Reply(reply, back) => send_back(ctx, reply, back),
+    }
+}
+
+/// Count, report to the monitor, log.
+#[inline(always)]
+fn account<const LOG: bool>(ctx: &TcContext, direction: Direction, counted: Counted) {
+    let monitor = monitor::config();
+    match counted {
+        Counted::Forward(path) => {
+            count_forward(direction, path);
+            if monitor.trace_forwards != 0 {
+                monitor::report(ctx, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
+            }
+            if LOG {
+                let (saddr, daddr) = addresses(ctx);
+                debug!(ctx, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, path.name());
+            }
+        }
+        Counted::Drop(reason) => {
+            count_drop(direction, reason);
+            monitor::report(ctx, direction, EVENT_DROP, reason as u8, monitor.events_per_second);
+            if LOG {
+                let (saddr, daddr) = addresses(ctx);
+                debug!(ctx, "{} {:i} -> {:i}: dropped, {}", direction.name(), saddr, daddr, reason.name());
+            }
+        }
+    }
+}
+
+/// The TC action of a verdict, but for writing the packet (an answer's
+/// reply is made in `space`, from the packet, and written later).
+#[inline(always)]
+fn act<'a>(ctx: &TcContext, verdict: Verdict, space: &'a mut MaybeUninit<IcmpReply>) -> Rest<'a> {
+    // SAFETY (helper calls): plain helpers with valid arguments; each returns
+    // the TC action to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags).
+    // None of them changes the packet data.
+    let action = match verdict {
+        Verdict::Deliver { host_ifindex, traffic_slot } => {
+            count_delivered(traffic_slot, ctx.len());
+            // The pod's stack must see the frame as addressed to it. The
+            // forwarding checks only let PACKET_HOST frames this far, but
+            // a decapsulated frame's type comes from its inner MAC.
+            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+                unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            }
+            unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }
+        }
+        Verdict::ArpReply { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Verdict::HostStack => TC_ACT_OK,
+        Verdict::HostStackFromTunnel => {
+            unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            TC_ACT_OK
+        }
+        Verdict::OutUplink { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Verdict::OutUplinkNeigh { ifindex, node_ipv4 } => {
+            let mut nh = bpf_redir_neigh {
+                nh_family: AF_INET as u32,
+                __bindgen_anon_1: unsafe { core::mem::zeroed() },
+            };
+            // Network byte order, as the bytes sit in the header.
+            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(node_ipv4);
+            unsafe {
+                bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
+            }
+        }
+        Verdict::OutOverlay { vxlan_ifindex } => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
+        Verdict::Answer { error, source, back, .. } => {
+            return match make_reply(ctx, error, source, space) {
+                Some(reply) => Rest::Reply(reply, back),
+                // Nothing to send: dropped, as counted.
+                None => Rest::Done(TC_ACT_SHOT),
+            };
+        }
+    };
+    Rest::Done(action)
+}
+
+/// Replace the packet with the ICMP error and send it back the way the
+/// packet came. A helper failing: dropped, as counted.
+#[inline(always)]
+fn send_back(ctx: &TcContext, reply: &IcmpReply, back: Back) -> i32 {
+    if write_reply(ctx, reply).is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY (helper calls): plain helpers; they return TC_ACT_REDIRECT.
+    match back {
+        Back::Out { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Back::Tunnel { vxlan_ifindex, node_ipv4, vni } => match set_tunnel_key(ctx, node_ipv4, vni) {
+            Ok(()) => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
+            Err(_) => TC_ACT_SHOT,
+        },
+    }
+}
+
+/// IPv4 source and destination for the debug log (zero if not IPv4).
+#[inline(always)]
+fn addresses(ctx: &TcContext) -> ([u8; 4], [u8; 4]) {
+    match ctx.load::<[u8; 8]>(ETH_HLEN + 12) {
+        Ok(a) => ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]),
+        Err(_) => ([0; 4], [0; 4]),
+    }
+}
