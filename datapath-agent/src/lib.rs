@@ -1,5 +1,4 @@
 //! The node agent and CNI plugin of the eBPF pod datapath.
-pub mod api;
 pub mod cmd;
 pub mod cni;
 pub mod config;
@@ -9,14 +8,12 @@ pub mod health;
 pub mod kubernetes;
 pub mod kubernetes_services;
 pub mod link_state;
-pub mod mac;
 pub mod map_layout;
 pub mod map_pins;
 pub mod masquerade;
 pub mod metrics;
 pub mod mode_mismatch;
 pub mod monitor_lock;
-pub mod netns;
 pub mod node_lock;
 pub mod node_net;
 pub mod service_sync;

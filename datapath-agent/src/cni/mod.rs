@@ -21,9 +21,11 @@ use anyhow::Context as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::{
-    api::{self, ClientError, EndpointRef, EndpointSpec, Request},
+use datapath_api::{
+    EndpointRef, EndpointSpec, Request,
+    client::{self, ClientError},
     netns,
+    route::add_host_route,
 };
 use error::{CniError, ErrorCode};
 use types::{Env, NetConf, POD_GATEWAY, SUPPORTED_VERSIONS, version_at_least};
@@ -151,8 +153,8 @@ fn agent_error(e: ClientError) -> CniError {
 
 /// The agent's answer to STATUS: up, and the MTU pods on this node get.
 fn agent_status(conf: &NetConf) -> Result<u32, CniError> {
-    match api::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT).map_err(agent_error)? {
-        api::Response::Status { pod_mtu, .. } => Ok(pod_mtu),
+    match client::call(&conf.agent_socket(), &Request::Status, AGENT_TIMEOUT).map_err(agent_error)? {
+        datapath_api::Response::Status { pod_mtu, .. } => Ok(pod_mtu),
         other => {
             Err(CniError::new(ErrorCode::IoFailure, format!("unexpected answer from the agent: {other:?}")))
         }
@@ -312,9 +314,7 @@ fn add_steps(
     let host_index = host.index;
     link::with_handle(|handle| async move {
         link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
-        link::add_host_route(&handle, pod_ip, host_index)
-            .await
-            .context("adding the node's route to the pod")?;
+        add_host_route(&handle, pod_ip, host_index).await.context("adding the node's route to the pod")?;
         Ok(())
     })
     .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
@@ -339,7 +339,7 @@ fn add_steps(
         host_ifindex: Some(host.index),
         pod_ipv4: Some(pod_ip),
     });
-    api::call(&conf.agent_socket(), &Request::AddEndpoint(spec_for_result.clone()), AGENT_TIMEOUT)
+    client::call(&conf.agent_socket(), &Request::AddEndpoint(spec_for_result.clone()), AGENT_TIMEOUT)
         .map_err(agent_error)?;
 
     Ok(add_result(conf, env, &spec_for_result, allocation.dns))
@@ -363,14 +363,14 @@ fn add_result(conf: &NetConf, env: &Env, ep: &EndpointSpec, dns: serde_json::Val
     })
 }
 
-fn unexpected(other: api::Response) -> CniError {
+fn unexpected(other: datapath_api::Response) -> CniError {
     CniError::new(ErrorCode::IoFailure, format!("unexpected answer from the agent: {other:?}"))
 }
 
 /// Every endpoint the agent has a record of.
 fn recorded_endpoints(conf: &NetConf) -> Result<Vec<EndpointSpec>, CniError> {
-    match api::call(&conf.agent_socket(), &Request::ListEndpoints, AGENT_TIMEOUT).map_err(agent_error)? {
-        api::Response::Endpoints { endpoints } => Ok(endpoints),
+    match client::call(&conf.agent_socket(), &Request::ListEndpoints, AGENT_TIMEOUT).map_err(agent_error)? {
+        datapath_api::Response::Endpoints { endpoints } => Ok(endpoints),
         other => Err(unexpected(other)),
     }
 }
@@ -425,10 +425,10 @@ fn endpoint_problems(env: &Env, conf: &NetConf, pod_ip: Ipv4Addr) -> Result<Vec<
         host_ifindex: host.map(|(h, _)| h.index),
         pod_ipv4: Some(pod_ip),
     };
-    match api::call(&conf.agent_socket(), &Request::CheckEndpoint(reference), AGENT_TIMEOUT)
+    match client::call(&conf.agent_socket(), &Request::CheckEndpoint(reference), AGENT_TIMEOUT)
         .map_err(agent_error)?
     {
-        api::Response::Check { problems: agent } => problems.extend(agent),
+        datapath_api::Response::Check { problems: agent } => problems.extend(agent),
         other => return Err(unexpected(other)),
     }
     Ok(problems)
@@ -582,7 +582,7 @@ fn sweep_orphan_veths(conf: &NetConf, valid: Vec<String>) -> Result<(), CniError
 
 fn rollback(env: &Env, conf: &NetConf, stdin: &[u8], ipam_type: &str, undo: Undo) {
     if let Some(reference) = undo.endpoint {
-        let _ = api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT);
+        let _ = client::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT);
     }
     if let Some(index) = undo.host_veth {
         // Deleting the host end deletes the pod end and the /32 route with it.
@@ -627,7 +627,7 @@ fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
         host_ifindex: host.as_ref().map(|h| h.index),
         pod_ipv4: prev_result_ipv4(conf),
     };
-    match api::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT) {
+    match client::call(&conf.agent_socket(), &Request::DelEndpoint(reference), AGENT_TIMEOUT) {
         Ok(_) | Err(ClientError::Unreachable { .. }) => {}
         Err(e) => return Err(agent_error(e)),
     }

@@ -8,7 +8,7 @@ use super::{
     error::{CniError, ErrorCode},
     lock::DEFAULT_LOCK_DIR,
 };
-use crate::config::DEFAULT_API_SOCKET;
+use datapath_api::DEFAULT_API_SOCKET;
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// The pod's default gateway: link-local, answered by the datapath's ARP responder.
