@@ -1,6 +1,5 @@
-//! The node agent and CNI plugin of the eBPF pod datapath.
+//! The node agent of the eBPF pod datapath (its CNI plugin: `datapath-cni`).
 pub mod cmd;
-pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-use super::{
+use crate::{
     error::{CniError, ErrorCode},
     lock::DEFAULT_LOCK_DIR,
 };
