@@ -6,11 +6,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use datapath_api::DEFAULT_API_SOCKET;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/datapath";
-pub const DEFAULT_API_SOCKET: &str = "/run/datapath/agent.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/datapath";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
+use datapath_api::mac::MacAddr;
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     Direction, DropReason, ENDPOINT_FLAG_HOST_DOWN, Endpoint, EndpointKey, EndpointTraffic, ForwardPath,
@@ -36,7 +37,6 @@ use datapath_common::{
 
 use crate::{
     ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
-    mac::MacAddr,
     map_pins::MapPins,
     services::{ConntrackLimits, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
 };

@@ -1,7 +1,5 @@
-//! The node agent and CNI plugin of the eBPF pod datapath.
-pub mod api;
+//! The node agent of the eBPF pod datapath (its CNI plugin: `datapath-cni`).
 pub mod cmd;
-pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;
@@ -9,14 +7,12 @@ pub mod health;
 pub mod kubernetes;
 pub mod kubernetes_services;
 pub mod link_state;
-pub mod mac;
 pub mod map_layout;
 pub mod map_pins;
 pub mod masquerade;
 pub mod metrics;
 pub mod mode_mismatch;
 pub mod monitor_lock;
-pub mod netns;
 pub mod node_lock;
 pub mod node_net;
 pub mod service_sync;

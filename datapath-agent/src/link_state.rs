@@ -17,7 +17,9 @@ use rtnetlink::{
 };
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::{cni::link::add_host_route, datapath::Datapath};
+use datapath_api::route::add_host_route;
+
+use crate::datapath::Datapath;
 
 /// A link's administrative state, as the kernel announced it.
 #[derive(Debug, Clone, Copy)]

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::api::EndpointSpec;
+use datapath_api::EndpointSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -726,7 +726,7 @@ pub fn in_netns<T: Send + 'static>(
 ) -> std::thread::JoinHandle<T> {
     let ns = ns.to_owned();
     std::thread::spawn(move || {
-        datapath_agent::netns::enter(&ns).expect("enter the namespace");
+        datapath_api::netns::enter(&ns).expect("enter the namespace");
         f()
     })
 }

@@ -34,7 +34,7 @@ pub fn bin_dir() -> PathBuf {
     for bin in ["datapath-agent", "datapath-cni"] {
         assert!(
             dir.join(bin).is_file(),
-            "{} not found in {}: run `cargo xtask test` (or `cargo build --bins` first)",
+            "{} not found in {}: run `cargo xtask test` (or `cargo build -p datapath-agent -p datapath-cni --bins` first)",
             bin,
             dir.display()
         );

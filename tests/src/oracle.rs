@@ -678,7 +678,7 @@ fn listen(
     answered: &Mutex<BTreeMap<u32, IcmpAnswer>>,
     ready: &AtomicU32,
 ) {
-    datapath_agent::netns::enter(&PathBuf::from(format!("/run/netns/{ns}"))).expect("enter listener netns");
+    datapath_api::netns::enter(&PathBuf::from(format!("/run/netns/{ns}"))).expect("enter listener netns");
     // IP stack deliveries, per protocol (a raw socket gets a copy of each
     // datagram the stack accepts for this host, after reassembly).
     let mut fds: Vec<(OwnedFd, bool)> = Vec::new();

@@ -267,7 +267,7 @@ pub fn test_run_on(device: &RunDevice, datapath: &Datapath, program: &'static st
     let result = std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                datapath_agent::netns::enter(&path).expect("enter the run device's namespace");
+                datapath_api::netns::enter(&path).expect("enter the run device's namespace");
                 // Always the same CPU: per-CPU state (caches, budgets) then
                 // carries from one run to the next, as it does for a flow.
                 let mut first = nix::sched::CpuSet::new();

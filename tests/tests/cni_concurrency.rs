@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_agent::cni::lock::{DirLock, LOCK_WAIT};
+use datapath_cni::lock::{DirLock, LOCK_WAIT};
 use datapath_tests::{
     lab::{CniRun, Netns, Node},
     require_root, sh,

@@ -308,7 +308,7 @@ fn ours_pair(a: &Pod, b: &Pod) -> Pair {
 }
 
 pub(crate) fn enter(ns: &Path, cpu: usize) -> anyhow::Result<()> {
-    datapath_agent::netns::enter(ns)?;
+    datapath_api::netns::enter(ns)?;
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;

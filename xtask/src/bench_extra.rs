@@ -191,7 +191,7 @@ pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::R
     let (raw, net, harness) = std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                datapath_agent::netns::enter(&netns_path)?;
+                datapath_api::netns::enter(&netns_path)?;
                 measure(&cases, &device, &ctx, count, rounds)
             })
             .join()

@@ -54,7 +54,7 @@ pub fn workspace_root() -> std::path::PathBuf {
 /// Build the agent and plugin binaries; returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<std::path::PathBuf> {
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args(["build", "-p", "datapath-agent", "--bins"]);
+    cmd.current_dir(workspace_root()).args(["build", "-p", "datapath-agent", "-p", "datapath-cni", "--bins"]);
     if release {
         cmd.arg("--release");
     }

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use datapath_api::mac::MacAddr;
 
 use crate::{
     config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     datapath::{PinLayout, PinnedMaps},
-    mac::MacAddr,
     services,
     state::EndpointStore,
 };

@@ -15,10 +15,10 @@ use tokio::{
     sync::Mutex,
 };
 
+use datapath_api::{EndpointRef, EndpointSpec, Request, Response};
 use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
 
 use crate::{
-    api::{EndpointRef, EndpointSpec, Request, Response},
     config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
     datapath::{
         Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,

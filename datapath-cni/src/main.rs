@@ -6,10 +6,10 @@ use std::io::Read as _;
 fn main() {
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
-        Ok(_) => datapath_agent::cni::invoke(|k| std::env::var(k).ok(), &stdin),
-        Err(e) => datapath_agent::cni::Outcome {
-            stdout: datapath_agent::cni::error::CniError::with_source(
-                datapath_agent::cni::error::ErrorCode::IoFailure,
+        Ok(_) => datapath_cni::invoke(|k| std::env::var(k).ok(), &stdin),
+        Err(e) => datapath_cni::Outcome {
+            stdout: datapath_cni::error::CniError::with_source(
+                datapath_cni::error::ErrorCode::IoFailure,
                 "cannot read the network configuration from stdin",
                 &e,
             )

@@ -1,14 +1,14 @@
 //! Network configuration (stdin) and environment of a CNI invocation.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use serde::Deserialize;
 
-use super::{
+use crate::{
     error::{CniError, ErrorCode},
     lock::DEFAULT_LOCK_DIR,
 };
-use crate::config::DEFAULT_API_SOCKET;
+use datapath_api::DEFAULT_API_SOCKET;
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// The pod's default gateway: link-local, answered by the datapath's ARP responder.
@@ -113,6 +113,18 @@ impl NetConf {
     }
     pub fn veth_prefix(&self) -> &str {
         self.host_veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
+    }
+
+    /// The pod's IPv4 address in `prevResult` (the ADD result), if there is one.
+    pub fn prev_result_ipv4(&self) -> Option<Ipv4Addr> {
+        self.prev_result
+            .as_ref()?
+            .get("ips")?
+            .as_array()?
+            .iter()
+            .filter_map(|ip| ip.get("address")?.as_str()?.parse::<ipnet::Ipv4Net>().ok())
+            .map(|net| net.addr())
+            .next()
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use super::{
+use crate::{
     error::{CniError, ErrorCode},
     types::Env,
 };

@@ -1,5 +1,5 @@
 //! Netlink work of the plugin, with `rtnetlink`: the veth pair, the pod's
-//! address and routes, and the host's /32 route to the pod.
+//! address and routes (the host's /32 route to the pod: `datapath_api::route`).
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
@@ -12,7 +12,7 @@ use rtnetlink::{
     },
 };
 
-use crate::mac::MacAddr;
+use datapath_api::mac::MacAddr;
 
 pub type NlResult<T> = Result<T, rtnetlink::Error>;
 
@@ -116,16 +116,6 @@ pub async fn configure_pod_interface(
         .output_interface(index)
         .build();
     handle.route().add(default).execute().await
-}
-
-/// Host side: the node reaches the pod (kubelet probes) through its veth.
-pub async fn add_host_route(handle: &Handle, pod_ip: Ipv4Addr, host_index: u32) -> NlResult<()> {
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(pod_ip, 32)
-        .output_interface(host_index)
-        .scope(RouteScope::Link)
-        .build();
-    handle.route().add(route).execute().await
 }
 
 /// Does an IPv4 route to `dst/prefix` exist, out of `oif`, with `gateway`?
