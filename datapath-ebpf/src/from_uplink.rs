@@ -13,11 +13,12 @@ use datapath_common::{
 };
 
 use crate::{
-    forward::{deliver, too_big_for_pod, ttl_expires},
+    forward::{deliver, too_big_for_pod},
+    headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, same_ipv4},
     icmp::IcmpError,
     lookup::{is_known_node, local_endpoint, node_config, remote_pod_cidr_owner},
     maps::PEER_MODE_MISMATCHES,
-    packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ethertype, ipv4_headers, ptr_at, pull_headers, same_ipv4},
+    packet::{Ipv4Headers, Packet},
     services::{Translation, translate},
     strict,
     verdict::{Back, Verdict, apply},
@@ -29,31 +30,26 @@ const VLAN_VID_MASK: u32 = 0x0fff;
 /// The program; `LOG` selects the debug build (see [`crate::programs!`]).
 #[inline(always)]
 pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
-    let verdict = classify(&ctx);
-    apply::<LOG>(&ctx, Direction::FromUplink, verdict)
+    let mut packet = Packet::new(ctx);
+    let verdict = classify(&mut packet);
+    apply::<LOG>(&mut packet, Direction::FromUplink, verdict)
 }
 
 #[inline(always)]
-fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    pull_headers(ctx);
-    let eth: *mut EthHdr = match ptr_at(ctx, 0) {
-        Some(eth) => eth,
-        None => return Ok(Verdict::HostStack),
-    };
-    if ethertype(eth) != ETH_P_IP {
+fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
+    packet.pull_headers();
+    if packet.ethertype() != Some(ETH_P_IP) {
         return Ok(Verdict::HostStack);
     }
     // A header we cannot read is not for a pod of ours: the stack decides.
-    let (mut eth, mut ip) = match ipv4_headers(ctx) {
-        Ok(headers) => headers,
-        Err(_) => return Ok(Verdict::HostStack),
+    let Ok(mut headers) = packet.ipv4() else {
+        return Ok(Verdict::HostStack);
     };
-    // SAFETY (derefs of ip): bounds-checked by ipv4_headers.
-    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let (saddr, daddr) = (headers.ip().saddr, headers.ip().daddr);
     let config = node_config();
     if same_ipv4(daddr, config.node_ipv4) {
         // The node's own traffic (VXLAN too, in overlay mode).
-        if config.mode == RoutingMode::Native as u32 && vxlan_from_peer(ctx, ip, &config) {
+        if config.mode == RoutingMode::Native as u32 && vxlan_from_peer(&headers, &config) {
             record_mode_mismatch(saddr);
             return Err(DropReason::PeerModeMismatch);
         }
@@ -68,12 +64,11 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
     // VLAN: the kernel forwards it as untagged, so it gets every check
     // here (handed to the stack, it would meet only the node's own
     // rp_filter, often off).
-    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
-    let (vlan_present, vlan_tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
+    let (vlan_present, vlan_tci) = headers.packet().vlan();
     if vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0 {
         return Ok(Verdict::HostStack);
     }
-    strict::frame_ok(ctx, ip)?;
+    strict::frame_ok(&headers)?;
     if config.mode == RoutingMode::Vxlan as u32 {
         // Pod traffic of a peer must come through the tunnel.
         if let Some(peer) = remote_pod_cidr_owner(saddr) {
@@ -81,10 +76,9 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
             return Err(DropReason::PeerModeMismatch);
         }
     }
-    strict::source_ok(ctx, saddr, &config)?;
-    // SAFETY: as above.
-    let back = Back::Out { ifindex: unsafe { (*ctx.skb.skb).ifindex } };
-    if ttl_expires(ip) {
+    strict::source_ok(headers.packet(), saddr, &config)?;
+    let back = Back::Out { ifindex: headers.packet().ifindex() };
+    if headers.ip().ttl_expires() {
         return Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,
             error: IcmpError::TimeExceeded,
@@ -92,35 +86,36 @@ fn classify(ctx: &TcContext) -> Result<Verdict, DropReason> {
             back,
         });
     }
-    if let Some(verdict) = too_big_for_pod(ctx, ip, &endpoint, &config, back, Verdict::HostStack) {
+    if let Some(verdict) = too_big_for_pod(&headers, &endpoint, &config, back, Verdict::HostStack) {
         return Ok(verdict);
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
     if config.flags & NODE_FLAG_SERVICES != 0 {
-        if let Translation::Rewritten = translate(ctx, ip, false)? {
-            (eth, ip) = ipv4_headers(ctx)?;
-        }
+        headers = match translate(headers, false)? {
+            Translation::Forward(headers) => headers,
+            // Only new connections are refused, and only "from pod" opens them.
+            Translation::Refuse(reason) => return Err(reason),
+        };
     }
-    deliver(eth, ip, &endpoint)
+    deliver(headers, &endpoint)
 }
 
 /// VXLAN from a known peer node to this node's VXLAN port: on a native
 /// node that peer runs the overlay.
 #[inline(always)]
-fn vxlan_from_peer(ctx: &TcContext, ip: *const Ipv4Hdr, config: &NodeConfig) -> bool {
-    // SAFETY: bounds-checked by the caller.
-    let (protocol, version_ihl, saddr) = unsafe { ((*ip).protocol, (*ip).version_ihl, (*ip).saddr) };
-    if protocol != IPPROTO_UDP || version_ihl != 0x45 {
+fn vxlan_from_peer(headers: &Ipv4Headers<'_>, config: &NodeConfig) -> bool {
+    let ip = headers.ip();
+    if ip.protocol != IPPROTO_UDP || ip.version_ihl != IPV4_NO_OPTIONS {
         return false;
     }
-    let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + 20) else {
+    let Some(ports) = headers.packet().load::<[u8; 4]>(ETH_HLEN + IPV4_MIN_HLEN) else {
         return false;
     };
     if [ports[2], ports[3]] != config.vxlan_port {
         return false;
     }
-    is_known_node(saddr)
+    is_known_node(ip.saddr)
 }
 
 /// Count a packet `peer` sent in the other mode, for the agent to log.

@@ -7,10 +7,10 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND, IP_OFFSET_MASK, IPPROTO_ICMP};
 
-use crate::{maps::ICMP_BUDGET, packet::ETH_HLEN, rate_limit};
+use crate::{headers::ETH_HLEN, maps::ICMP_BUDGET, packet::Packet, rate_limit};
 
 /// IPv4 header length of the packets we quote and of the reply.
 const IPV4_HLEN: usize = 20;
@@ -65,12 +65,12 @@ pub struct IcmpReply([u8; REPLY_LEN]);
 /// is made in `space`.
 #[inline(always)]
 pub fn make_reply<'a>(
-    ctx: &TcContext,
+    packet: &Packet,
     error: IcmpError,
     source: [u8; 4],
     space: &'a mut MaybeUninit<IcmpReply>,
 ) -> Option<&'a IcmpReply> {
-    let Ok(original) = ctx.load::<[u8; QUOTED_LEN]>(0) else {
+    let Some(original) = packet.load::<[u8; QUOTED_LEN]>(0) else {
         // Shorter than a header and 8 bytes: nothing worth quoting.
         return None;
     };
@@ -123,13 +123,8 @@ pub fn make_reply<'a>(
 
 /// Replace the packet with `reply`.
 #[inline(always)]
-pub fn write_reply(ctx: &TcContext, reply: &IcmpReply) -> Result<(), DropReason> {
-    // SAFETY: plain helper on the context pointer.
-    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) };
-    if rc != 0 {
-        return Err(DropReason::NatRewriteFailed);
-    }
-    ctx.store(0, &reply.0, 0).map_err(|_| DropReason::NatRewriteFailed)
+pub fn write_reply(packet: &mut Packet, reply: &IcmpReply) -> Result<(), DropReason> {
+    packet.replace_with(&reply.0)
 }
 
 /// Internet checksum of `len` bytes of `bytes` from `start` (even length).

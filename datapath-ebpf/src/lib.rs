@@ -8,11 +8,14 @@
 // there so cargo rebuilds the agent when this crate changes) the library is empty.
 #![cfg(target_arch = "bpf")]
 
+pub mod arp;
+pub mod checksum;
 pub mod counters;
 pub mod forward;
 pub mod from_overlay;
 pub mod from_pod;
 pub mod from_uplink;
+pub mod headers;
 pub mod icmp;
 pub mod lookup;
 pub mod maps;

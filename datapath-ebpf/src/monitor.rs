@@ -4,10 +4,7 @@
 //! per second, so a flood of bad packets costs a counter increment, not a
 //! ring buffer write per packet.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    programs::TcContext,
-};
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use datapath_common::{
     DEFAULT_MONITOR_EVENTS_PER_SECOND, Direction, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP,
     MONITOR_EVENT_VERSION, MonitorConfig, MonitorEvent, MonitorOutcome,
@@ -15,8 +12,9 @@ use datapath_common::{
 
 use crate::{
     counters::count_monitor,
+    headers::{ETH_HLEN, Ipv4Hdr},
     maps::{MONITOR_BUDGET, MONITOR_CONFIG, MONITOR_EVENTS},
-    packet::ETH_HLEN,
+    packet::Packet,
     rate_limit,
 };
 
@@ -39,11 +37,11 @@ fn within_budget(now: u64, events_per_second: u32) -> bool {
 /// Report one verdict. Reads the addresses with `bpf_skb_load_bytes`, which
 /// copes with any packet length, so malformed packets are reported too.
 #[inline(always)]
-pub fn report(ctx: &TcContext, direction: Direction, kind: u8, code: u8, events_per_second: u32) {
+pub fn report(packet: &Packet, direction: Direction, kind: u8, code: u8, events_per_second: u32) {
     // The budget's one-second windows only need the coarse clock, which
     // skips the TSC read that dominates a rate-limited drop in a VM; the
     // precise clock is read for events that are actually emitted.
-    // SAFETY: plain helpers without arguments.
+    // SAFETY: plain helper without arguments.
     if !within_budget(unsafe { bpf_ktime_get_coarse_ns() }, events_per_second) {
         count_monitor(MonitorOutcome::RateLimited);
         return;
@@ -53,20 +51,20 @@ pub fn report(ctx: &TcContext, direction: Direction, kind: u8, code: u8, events_
         return;
     };
     let mut event = MonitorEvent {
+        // SAFETY: plain helper without arguments.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        packet_len: ctx.len(),
+        ifindex: packet.ifindex(),
+        packet_len: packet.frame_len(),
         direction: direction as u8,
         kind,
         code,
         version: MONITOR_EVENT_VERSION,
         ..MonitorEvent::default()
     };
-    if let Ok(ethertype) = ctx.load::<[u8; 2]>(12) {
+    if let Some(ethertype) = packet.load::<[u8; 2]>(12) {
         event.ethertype = ethertype;
         if u16::from_be_bytes(ethertype) == ETH_P_IP {
-            describe_ipv4(ctx, &mut event);
+            describe_ipv4(packet, &mut event);
         }
     }
     entry.write(event);
@@ -75,19 +73,19 @@ pub fn report(ctx: &TcContext, direction: Direction, kind: u8, code: u8, events_
 }
 
 #[inline(always)]
-fn describe_ipv4(ctx: &TcContext, event: &mut MonitorEvent) {
-    let Ok(header) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+fn describe_ipv4(packet: &Packet, event: &mut MonitorEvent) {
+    let Some(ip) = packet.load::<Ipv4Hdr>(ETH_HLEN) else {
         return;
     };
-    event.protocol = header[9];
-    event.saddr = [header[12], header[13], header[14], header[15]];
-    event.daddr = [header[16], header[17], header[18], header[19]];
-    let first_fragment = u16::from_be_bytes([header[6], header[7]]) & IP_OFFSET_MASK == 0;
-    if first_fragment && (event.protocol == IPPROTO_TCP || event.protocol == IPPROTO_UDP) {
-        let ihl = (header[0] & 0x0f) as usize * 4;
-        if let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + ihl) {
-            event.sport = [ports[0], ports[1]];
-            event.dport = [ports[2], ports[3]];
-        }
+    event.protocol = ip.protocol;
+    event.saddr = ip.saddr;
+    event.daddr = ip.daddr;
+    let first_fragment = ip.frag_off() & IP_OFFSET_MASK == 0;
+    if first_fragment
+        && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP)
+        && let Some(ports) = packet.load::<[u8; 4]>(ETH_HLEN + ip.header_len())
+    {
+        event.sport = [ports[0], ports[1]];
+        event.dport = [ports[2], ports[3]];
     }
 }

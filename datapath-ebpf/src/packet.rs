@@ -1,140 +1,311 @@
-//! Header layouts and bounds-checked access to the linear packet data.
+//! The packet a program runs on, and typed views of its headers.
+//!
+//! Direct packet access hands out pointers into the linear data, and the
+//! helpers that may move or resize that data (pull, store, checksum
+//! replace, change tail) invalidate every one of them: the verifier
+//! rejects a program that uses one afterwards. Here the compiler does: the
+//! views borrow the [`Packet`] and those helpers take it `&mut`, so a view
+//! taken before them cannot be used after them; it must be taken again.
+//! Everything else (reads, copies out with `bpf_skb_load_bytes`, helpers
+//! that leave the data alone) takes `&self`. All of it inlines away: a
+//! view is the pointers the code would hold anyway.
 
-use aya_ebpf::{bindings::bpf_tunnel_key, helpers::bpf_skb_set_tunnel_key, programs::TcContext};
+use core::marker::PhantomData;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_fib_lookup, bpf_tunnel_key},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_skb_change_tail, bpf_skb_change_type,
+        bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+    },
+    programs::TcContext,
+};
 use datapath_common::DropReason;
+
+use crate::headers::{ArpEthIpv4, ETH_HLEN, EthHdr, Ipv4Hdr, MAX_HEADER_BYTES};
 
 /// Address family of IPv4, for the helpers that take one.
 pub const AF_INET: u8 = 2;
 /// `skb->pkt_type` of a frame addressed to this host's MAC.
 pub const PACKET_HOST: u32 = 0;
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
-
-#[repr(C)]
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    /// Network byte order.
-    pub proto: [u8; 2],
+/// The packet (socket buffer) a program runs on.
+pub struct Packet {
+    ctx: TcContext,
 }
 
-#[repr(C)]
-pub struct Ipv4Hdr {
-    pub version_ihl: u8,
-    pub tos: u8,
-    pub tot_len: [u8; 2],
-    pub id: [u8; 2],
-    pub frag_off: [u8; 2],
-    pub ttl: u8,
-    pub protocol: u8,
-    pub check: [u8; 2],
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-}
-pub const IPV4_MIN_HLEN: usize = 20;
+impl Packet {
+    #[inline(always)]
+    pub fn new(ctx: TcContext) -> Packet {
+        Packet { ctx }
+    }
 
-/// Ethernet/IPv4 ARP (RFC 826) as it follows the Ethernet header.
-#[repr(C)]
-pub struct ArpEthIpv4 {
-    pub htype: [u8; 2],
-    pub ptype: [u8; 2],
-    pub hlen: u8,
-    pub plen: u8,
-    pub oper: [u8; 2],
-    pub sha: [u8; 6],
-    pub spa: [u8; 4],
-    pub tha: [u8; 6],
-    pub tpa: [u8; 4],
-}
-pub const ARP_REQUEST: u16 = 1;
-pub const ARP_REPLY: u16 = 2;
+    #[inline(always)]
+    fn skb(&self) -> *mut __sk_buff {
+        self.ctx.skb.skb
+    }
 
-/// Longest header prefix any program reads: Ethernet + IPv4 with options.
-pub const MAX_HEADER_BYTES: u32 = (ETH_HLEN + 60) as u32;
+    /// Length of the whole packet, linear or not.
+    #[inline(always)]
+    pub fn frame_len(&self) -> u32 {
+        self.ctx.len()
+    }
 
-/// Make the headers linear so that direct packet access sees them. Called
-/// once, before any packet pointer is taken: a pull invalidates them all.
-/// Headers of veth traffic are normally linear already, so this rarely pulls.
-#[inline(always)]
-pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADER_BYTES { ctx.len() } else { MAX_HEADER_BYTES };
-    if ctx.data() + want as usize > ctx.data_end() {
-        // On failure the bounds checks below simply fail: a named drop.
-        let _ = ctx.pull_data(want);
+    /// The interface the packet arrived on.
+    #[inline(always)]
+    pub fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer the kernel handed us.
+        unsafe { (*self.skb()).ifindex }
+    }
+
+    /// `PACKET_HOST`, broadcast, multicast, another host's: from the
+    /// destination MAC.
+    #[inline(always)]
+    pub fn pkt_type(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.skb()).pkt_type }
+    }
+
+    /// The VLAN tag the device took out of the frame, if any (present,
+    /// tag control information).
+    #[inline(always)]
+    pub fn vlan(&self) -> (u32, u32) {
+        // SAFETY: as above.
+        unsafe { ((*self.skb()).vlan_present, (*self.skb()).vlan_tci) }
+    }
+
+    /// Copy a `T` out of the packet at `offset` (`bpf_skb_load_bytes`:
+    /// any offset, linear or not); `None` past its end.
+    #[inline(always)]
+    pub fn load<T>(&self, offset: usize) -> Option<T> {
+        self.ctx.load::<T>(offset).ok()
+    }
+
+    /// Copy a `T` out of the linear data at `offset`, bounds-checked
+    /// (direct access: cheaper than [`Packet::load`], linear data only).
+    #[inline(always)]
+    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: bounds-checked; copied out at once.
+        self.ptr_at::<T>(offset).map(|p| unsafe { *p })
+    }
+
+    /// The Ethernet type, if the frame has a whole Ethernet header.
+    #[inline(always)]
+    pub fn ethertype(&self) -> Option<u16> {
+        self.read::<EthHdr>(0).map(|eth| eth.ethertype())
+    }
+
+    /// Pointer to a `T` at `offset` in the linear data, or `None` if it
+    /// would run past `data_end`.
+    #[inline(always)]
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let start = self.ctx.data();
+        if start + offset + core::mem::size_of::<T>() > self.ctx.data_end() {
+            return None;
+        }
+        Some((start + offset) as *mut T)
+    }
+
+    /// Make the headers linear so that direct packet access sees them.
+    /// Headers of veth traffic are normally linear already, so this rarely
+    /// pulls. On failure the views below are simply refused: a named drop.
+    #[inline(always)]
+    pub fn pull_headers(&mut self) {
+        let len = self.ctx.len();
+        let want = if len < MAX_HEADER_BYTES { len } else { MAX_HEADER_BYTES };
+        if self.ctx.data() + want as usize > self.ctx.data_end() {
+            let _ = self.ctx.pull_data(want);
+        }
+    }
+
+    /// The Ethernet and IPv4 headers, bounds-checked and validated (call
+    /// after [`Packet::pull_headers`]); `Err` names why they are unusable.
+    #[inline(always)]
+    pub fn ipv4(&mut self) -> Result<Ipv4Headers<'_>, DropReason> {
+        let eth: *mut EthHdr = self.ptr_at(0).ok_or(DropReason::TruncatedEthernet)?;
+        let ip: *mut Ipv4Hdr = self.ptr_at(ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
+        // SAFETY: bounds-checked just above.
+        unsafe { (*ip).check_lengths(self.frame_len())? };
+        Ok(Ipv4Headers { eth, ip, packet: self, _borrow: PhantomData })
+    }
+
+    /// The Ethernet header and the Ethernet/IPv4 ARP body that follows it.
+    #[inline(always)]
+    pub fn arp(&mut self) -> Result<ArpHeaders<'_>, DropReason> {
+        let eth: *mut EthHdr = self.ptr_at(0).ok_or(DropReason::TruncatedEthernet)?;
+        let arp: *mut ArpEthIpv4 = self.ptr_at(ETH_HLEN).ok_or(DropReason::MalformedArp)?;
+        Ok(ArpHeaders { eth, arp, _borrow: PhantomData })
+    }
+
+    /// Write `value` at `offset`. Moves the data: views must be taken again.
+    #[inline(always)]
+    pub fn store<T>(&mut self, offset: usize, value: &T) -> Result<(), DropReason> {
+        self.ctx.store(offset, value, 0).map_err(|_| DropReason::NatRewriteFailed)
+    }
+
+    /// Fix the IPv4 header checksum at `offset` for a change of `from` to
+    /// `to` (`size` bytes; values as they sit in the packet). Moves the data.
+    #[inline(always)]
+    pub fn l3_csum_replace(
+        &mut self,
+        offset: usize,
+        from: u64,
+        to: u64,
+        size: u64,
+    ) -> Result<(), DropReason> {
+        self.ctx.l3_csum_replace(offset, from, to, size).map_err(|_| DropReason::NatRewriteFailed)
+    }
+
+    /// Fix the TCP/UDP checksum at `offset` (`flags`: the size and how,
+    /// see `bpf_l4_csum_replace`). Moves the data.
+    #[inline(always)]
+    pub fn l4_csum_replace(
+        &mut self,
+        offset: usize,
+        from: u64,
+        to: u64,
+        flags: u64,
+    ) -> Result<(), DropReason> {
+        self.ctx.l4_csum_replace(offset, from, to, flags).map_err(|_| DropReason::NatRewriteFailed)
+    }
+
+    /// Replace the whole packet with `frame`. Moves the data.
+    #[inline(always)]
+    pub fn replace_with<T>(&mut self, frame: &T) -> Result<(), DropReason> {
+        // SAFETY: plain helper on the context pointer.
+        let rc = unsafe { bpf_skb_change_tail(self.skb(), core::mem::size_of::<T>() as u32, 0) };
+        if rc != 0 {
+            return Err(DropReason::NatRewriteFailed);
+        }
+        self.store(0, frame)
+    }
+
+    /// Mark the frame as addressed to this host (`PACKET_HOST`).
+    #[inline(always)]
+    pub fn set_pkt_type_host(&self) {
+        // SAFETY: plain helper on the context pointer; it cannot fail for
+        // PACKET_HOST on a packet that is not a loopback one.
+        unsafe { bpf_skb_change_type(self.skb(), PACKET_HOST) };
+    }
+
+    /// The tunnel metadata of a packet from the collect_md VXLAN device.
+    #[inline(always)]
+    pub fn tunnel_key(&self) -> Option<bpf_tunnel_key> {
+        // SAFETY: all-zero is a valid bpf_tunnel_key; the helper fills it.
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        // SAFETY: plain helper with a writable key of its size.
+        let rc = unsafe {
+            bpf_skb_get_tunnel_key(self.skb(), &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
+        };
+        (rc == 0).then_some(key)
+    }
+
+    /// Give the packet the tunnel metadata that sends it to `node_ipv4`
+    /// with `vni`, once redirected into the collect_md VXLAN device.
+    #[inline(always)]
+    pub fn set_tunnel_key(&self, node_ipv4: [u8; 4], vni: u32) -> Result<(), DropReason> {
+        // SAFETY: all-zero is a valid bpf_tunnel_key.
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        key.tunnel_id = vni;
+        // The helper takes the outer destination in host byte order.
+        key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
+        key.tunnel_ttl = 64;
+        // SAFETY: plain helper with a valid key of its size.
+        let rc = unsafe {
+            bpf_skb_set_tunnel_key(self.skb(), &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
+        };
+        if rc != 0 {
+            return Err(DropReason::TunnelEncapFailed);
+        }
+        Ok(())
+    }
+
+    /// `bpf_fib_lookup` for this packet; returns the helper's result.
+    #[inline(always)]
+    pub fn fib_lookup(&self, params: &mut bpf_fib_lookup, flags: u32) -> i64 {
+        // SAFETY: plain helper; params is a valid, writable struct of its size.
+        unsafe { fib_lookup(self.skb().cast(), params, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) }
+    }
+
+    /// `bpf_check_mtu` of this packet against `ifindex`; returns the
+    /// helper's result, and the MTU in `mtu`.
+    #[inline(always)]
+    pub fn check_mtu(&self, ifindex: u32, mtu: &mut u32, flags: u64) -> i64 {
+        // SAFETY: plain helper on the context pointer; mtu is writable.
+        unsafe { bpf_check_mtu(self.skb().cast(), ifindex, mtu, 0, flags) }
     }
 }
 
-/// Pointer to a `T` at `offset` in the linear data, or `None` if it would run
-/// past `data_end`.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
+// The views hold raw pointers where references would do, for the
+// verifier: a reference has a niche (it is never null), which lets a
+// `Result<view, DropReason>` keep the reason in a pointer's place, and
+// LLVM then spills that pointer as a 32-bit value, which the verifier
+// refuses. The references are handed out by the methods instead.
+
+/// The Ethernet and IPv4 headers of a packet, bounds-checked and
+/// validated, borrowed from it: while the view lives no helper can move
+/// the data under it. [`Ipv4Headers::packet`] reads the rest of the packet
+/// meanwhile; [`Ipv4Headers::into_packet`] ends the view to change it.
+pub struct Ipv4Headers<'a> {
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    packet: *mut Packet,
+    _borrow: PhantomData<&'a mut Packet>,
+}
+
+impl<'a> Ipv4Headers<'a> {
+    #[inline(always)]
+    pub fn ip(&self) -> &Ipv4Hdr {
+        // SAFETY: bounds-checked when the view was made; the data cannot
+        // have moved since (the view borrows the packet).
+        unsafe { &*self.ip }
     }
-    Some((start + offset) as *mut T)
-}
 
-/// RFC 1624 incremental update of a ones'-complement checksum for one 16-bit
-/// word changing from `old` to `new` (all values as read big-endian).
-#[inline(always)]
-pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
-    let mut sum: u32 = (!check) as u32 + (!old) as u32 + new as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// Bounds-checked, validated Ethernet + IPv4 headers of the current frame
-/// (call after [`pull_headers`]); `Err` names why the header is unusable.
-#[inline(always)]
-pub fn ipv4_headers(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), DropReason> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let version_ihl = unsafe { (*ip).version_ihl };
-    let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
-        return Err(DropReason::MalformedIpv4);
+    #[inline(always)]
+    pub fn ip_mut(&mut self) -> &mut Ipv4Hdr {
+        // SAFETY: as above; `&mut self` makes it the only reference.
+        unsafe { &mut *self.ip }
     }
-    let total_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
-    let frame_l3_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
-    if total_len < header_len || total_len > frame_l3_len {
-        return Err(DropReason::MalformedIpv4);
+
+    #[inline(always)]
+    pub fn eth_mut(&mut self) -> &mut EthHdr {
+        // SAFETY: as above; the Ethernet header does not overlap the IPv4 one.
+        unsafe { &mut *self.eth }
     }
-    Ok((eth, ip))
-}
 
-#[inline(always)]
-pub fn same_ipv4(a: [u8; 4], b: [u8; 4]) -> bool {
-    u32::from_ne_bytes(a) == u32::from_ne_bytes(b)
-}
-
-#[inline(always)]
-pub fn ethertype(eth: *const EthHdr) -> u16 {
-    // SAFETY: callers pass a bounds-checked pointer.
-    u16::from_be_bytes(unsafe { (*eth).proto })
-}
-
-/// Give the packet the tunnel metadata that sends it to `node_ipv4` with
-/// `vni`, once redirected into the collect_md VXLAN device. Leaves the
-/// packet data alone.
-#[inline(always)]
-pub fn set_tunnel_key(ctx: &TcContext, node_ipv4: [u8; 4], vni: u32) -> Result<(), DropReason> {
-    // SAFETY: all-zero is a valid bpf_tunnel_key.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = vni;
-    // The helper takes the outer destination in host byte order.
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ipv4);
-    key.tunnel_ttl = 64;
-    // SAFETY: plain helper with a valid key of its size.
-    let rc = unsafe {
-        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0)
-    };
-    if rc != 0 {
-        return Err(DropReason::TunnelEncapFailed);
+    /// The packet, for reads and for the helpers that leave its data alone
+    /// (borrowed from the view: not while a header is borrowed mutably).
+    #[inline(always)]
+    pub fn packet(&self) -> &Packet {
+        // SAFETY: made from the `&'a mut Packet` the view borrows; shared
+        // while the view is.
+        unsafe { &*self.packet }
     }
-    Ok(())
+
+    /// End the view and have the packet back, to change it with the
+    /// helpers that move its data.
+    #[inline(always)]
+    pub fn into_packet(self) -> &'a mut Packet {
+        // SAFETY: the `&'a mut Packet` the view was made from; the view,
+        // and every reference it handed out, ends here.
+        unsafe { &mut *self.packet }
+    }
+}
+
+/// The Ethernet header and the ARP body of a packet, bounds-checked,
+/// borrowed from it.
+pub struct ArpHeaders<'a> {
+    eth: *mut EthHdr,
+    arp: *mut ArpEthIpv4,
+    _borrow: PhantomData<&'a mut Packet>,
+}
+
+impl ArpHeaders<'_> {
+    /// Both, to rewrite the request into a reply.
+    #[inline(always)]
+    pub fn both_mut(&mut self) -> (&mut EthHdr, &mut ArpEthIpv4) {
+        // SAFETY: bounds-checked when the view was made, the data cannot
+        // have moved since; the two do not overlap.
+        unsafe { (&mut *self.eth, &mut *self.arp) }
+    }
 }

@@ -5,11 +5,14 @@
 //! ("from pod"); the backend's replies get the Service address back as
 //! their source where they reach the client's node (whichever program that
 //! is), so the client only ever sees the Service address.
+//!
+//! [`translate`] takes the packet's header view and gives one back: the
+//! helpers that rewrite a packet move its data, so the view is taken again
+//! after them.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-    programs::TcContext,
 };
 use datapath_common::{
     AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD,
@@ -18,26 +21,31 @@ use datapath_common::{
 };
 
 use crate::{
+    headers::{ETH_HLEN, IPV4_MIN_HLEN, Ipv4Hdr, same_ipv4},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
-    packet::{ETH_HLEN, Ipv4Hdr, ptr_at, same_ipv4},
+    packet::{Ipv4Headers, Packet},
 };
 
 /// `-EEXIST`: another CPU opened the same connection first.
 const EEXIST: i32 = -17;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
-/// Offsets in the IPv4 header.
-const IP_CHECK: usize = ETH_HLEN + 10;
-const IP_SADDR: usize = ETH_HLEN + 12;
-const IP_DADDR: usize = ETH_HLEN + 16;
+/// Where the TCP flags sit in the TCP header.
+const TCP_FLAGS: usize = 13;
+/// Where the checksum sits in the TCP and UDP headers.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+/// Offsets of IPv4 header fields in the frame.
+const IP_CHECK: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, check);
+const IP_SADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, saddr);
+const IP_DADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, daddr);
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// What [`translate`] did.
-pub enum Translation {
-    /// Not a Service connection: forward as it is.
-    None,
-    /// Addresses or ports rewritten: packet pointers must be taken again.
-    Rewritten,
+/// What [`translate`] made of a packet.
+pub enum Translation<'a> {
+    /// Forward it, translated if it belongs to a Service connection: its
+    /// headers, taken again if they were rewritten.
+    Forward(Ipv4Headers<'a>),
     /// A new connection the Service cannot take: refuse it.
     Refuse(DropReason),
 }
@@ -50,27 +58,25 @@ struct Ports {
 }
 
 /// Translate a TCP or UDP packet that belongs to (or opens) a Service
-/// connection. `ip` is bounds-checked and validated by the caller. Only
-/// "from pod" may open connections (`may_open`); the other programs only
-/// translate replies.
+/// connection. Only "from pod" may open connections (`may_open`); the
+/// other programs only translate replies.
 #[inline(always)]
-pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<Translation, DropReason> {
-    // SAFETY (derefs of ip): bounds-checked by the caller.
-    let (protocol, saddr, daddr, version_ihl, frag_off, ip_id) =
-        unsafe { ((*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).version_ihl, (*ip).frag_off, (*ip).id) };
+pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation<'_>, DropReason> {
+    let ip = headers.ip();
+    let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return Ok(Translation::None);
+        return Ok(Translation::Forward(headers));
     }
-    let frag_off = u16::from_be_bytes(frag_off);
-    let datagram = FragmentKey { saddr, daddr, id: ip_id, protocol, _pad: 0 };
+    let frag_off = ip.frag_off();
+    let datagram = FragmentKey { saddr, daddr, id: ip.id, protocol, _pad: 0 };
     // Later fragments carry no ports: they get what their first got.
     if frag_off & IP_OFFSET_MASK != 0 {
-        return later_fragment(ctx, &datagram, frag_off & IP_MF == 0);
+        return later_fragment(headers, &datagram, frag_off & IP_MF == 0);
     }
     // A first fragment: remember its translation for the later ones.
     let fragments = (frag_off & IP_MF != 0).then_some(&datagram);
-    let Some(ports) = ports(ctx, version_ihl) else {
-        return Ok(Translation::None);
+    let Some(ports) = ports(headers.packet(), ip.version_ihl) else {
+        return Ok(Translation::Forward(headers));
     };
     let key = ConntrackKey { saddr, daddr, sport: ports.sport, dport: ports.dport, protocol, _pad: [0; 3] };
     // SAFETY: plain helper without arguments.
@@ -81,24 +87,24 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
             if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
                 (*entry).last_seen_ns = now;
             }
-            if protocol == IPPROTO_TCP && (*entry).flags & CT_CLOSING == 0 {
-                if let Ok(flags) = ctx.load::<u8>(ports.l4 + 13) {
-                    if flags & (TCP_FIN | TCP_RST) != 0 {
-                        (*entry).flags |= CT_CLOSING;
-                    }
-                }
+            if protocol == IPPROTO_TCP
+                && (*entry).flags & CT_CLOSING == 0
+                && let Some(flags) = headers.packet().load::<u8>(ports.l4 + TCP_FLAGS)
+                && flags & (TCP_FIN | TCP_RST) != 0
+            {
+                (*entry).flags |= CT_CLOSING;
             }
             *entry
         };
-        return apply(ctx, &key, &entry_copy, &ports, fragments);
+        return apply(headers, &key, &entry_copy, &ports, fragments);
     }
     if !may_open {
-        return Ok(Translation::None);
+        return Ok(Translation::Forward(headers));
     }
     let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(service) = (unsafe { SERVICES.get(service_key) }).copied() else {
-        return Ok(Translation::None);
+        return Ok(Translation::Forward(headers));
     };
     if service.backend_count == 0 {
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
@@ -152,7 +158,7 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
             return match unsafe { CONNTRACK.get(key) } {
                 Some(entry) => {
                     let entry = *entry;
-                    apply(ctx, &key, &entry, &ports, fragments)
+                    apply(headers, &key, &entry, &ports, fragments)
                 }
                 None => Ok(Translation::Refuse(DropReason::ConntrackFull)),
             };
@@ -164,25 +170,28 @@ pub fn translate(ctx: &TcContext, ip: *const Ipv4Hdr, may_open: bool) -> Result<
         let _ = CONNTRACK.remove(key);
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
-    apply(ctx, &key, &forward, &ports, fragments)
+    apply(headers, &key, &forward, &ports, fragments)
 }
 
-/// Rewrite this packet for its connection; for the first fragment of a
-/// datagram, record the new addresses for its later fragments.
+/// Rewrite this packet for its connection, checksums included (the
+/// helpers also handle CHECKSUM_PARTIAL packets from veths and UDP
+/// without a checksum); for the first fragment of a datagram, record the
+/// new addresses for its later fragments.
 #[inline(always)]
-fn apply(
-    ctx: &TcContext,
+fn apply<'a>(
+    headers: Ipv4Headers<'a>,
     key: &ConntrackKey,
     entry: &ConntrackEntry,
     ports: &Ports,
     fragments: Option<&FragmentKey>,
-) -> Result<Translation, DropReason> {
-    let (saddr, daddr) = rewrite(ctx, key, entry, ports)?;
+) -> Result<Translation<'a>, DropReason> {
+    let packet = headers.into_packet();
+    let (saddr, daddr) = rewrite_connection(packet, key, entry, ports.l4)?;
     if let Some(datagram) = fragments {
         // Full (LRU): the oldest datagram's record goes, not this one.
         let _ = SERVICE_FRAGMENTS.insert(*datagram, FragmentTranslation { saddr, daddr }, 0);
     }
-    Ok(Translation::Rewritten)
+    Ok(Translation::Forward(packet.ipv4()?))
 }
 
 /// A later fragment: the addresses its datagram's first fragment got (no
@@ -190,77 +199,80 @@ fn apply(
 /// record, so a later datagram that reuses the IP id is not mistaken for
 /// this one. Fragments of datagrams that are no Service's pass as they are.
 #[inline(always)]
-fn later_fragment(ctx: &TcContext, datagram: &FragmentKey, last: bool) -> Result<Translation, DropReason> {
+fn later_fragment<'a>(
+    headers: Ipv4Headers<'a>,
+    datagram: &FragmentKey,
+    last: bool,
+) -> Result<Translation<'a>, DropReason> {
     // SAFETY: copied out at once.
     let Some(new) = (unsafe { SERVICE_FRAGMENTS.get(*datagram) }).copied() else {
-        return Ok(Translation::None);
+        return Ok(Translation::Forward(headers));
     };
     if last {
         let _ = SERVICE_FRAGMENTS.remove(*datagram);
     }
-    set_ip_addr(ctx, IP_SADDR, datagram.saddr, new.saddr)?;
-    set_ip_addr(ctx, IP_DADDR, datagram.daddr, new.daddr)?;
-    Ok(Translation::Rewritten)
+    let packet = headers.into_packet();
+    set_ip_addr(packet, IP_SADDR, datagram.saddr, new.saddr)?;
+    set_ip_addr(packet, IP_DADDR, datagram.daddr, new.daddr)?;
+    Ok(Translation::Forward(packet.ipv4()?))
 }
 
 /// Rewrite an address in the IPv4 header and its checksum (alone, for a
 /// later fragment, which has no L4 header).
 #[inline(always)]
-fn set_ip_addr(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {
+fn set_ip_addr(packet: &mut Packet, offset: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {
     if old == new {
         return Ok(());
     }
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
-    ctx.l3_csum_replace(IP_CHECK, from, to, 4)
-        .and_then(|()| ctx.store(offset, &new, 0))
-        .map_err(|_| DropReason::NatRewriteFailed)
+    packet.l3_csum_replace(IP_CHECK, from, to, 4)?;
+    packet.store(offset, &new)
 }
 
 #[inline(always)]
-fn ports(ctx: &TcContext, version_ihl: u8) -> Option<Ports> {
+fn ports(packet: &Packet, version_ihl: u8) -> Option<Ports> {
     let ihl = (version_ihl & 0x0f) as usize * 4;
     // The common case, no IP options, with direct access; else a copy.
-    let raw: [u8; 4] = if ihl == 20 {
-        let p: *const [u8; 4] = ptr_at(ctx, ETH_HLEN + 20)?;
-        // SAFETY: bounds-checked by ptr_at.
-        unsafe { *p }
+    let raw: [u8; 4] = if ihl == IPV4_MIN_HLEN {
+        packet.read(ETH_HLEN + IPV4_MIN_HLEN)?
     } else {
-        ctx.load::<[u8; 4]>(ETH_HLEN + ihl).ok()?
+        packet.load(ETH_HLEN + ihl)?
     };
     Some(Ports { l4: ETH_HLEN + ihl, sport: [raw[0], raw[1]], dport: [raw[2], raw[3]] })
 }
 
-/// Apply a connection's translation to this packet, checksums included
-/// (the helpers also handle CHECKSUM_PARTIAL packets from veths and UDP
-/// without a checksum). Returns the new source and destination addresses.
+/// Apply a connection's translation to this packet. Returns the new
+/// source and destination addresses.
 #[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
+fn rewrite_connection(
+    packet: &mut Packet,
     key: &ConntrackKey,
     entry: &ConntrackEntry,
-    ports: &Ports,
+    l4: usize,
 ) -> Result<([u8; 4], [u8; 4]), DropReason> {
     let hairpin = entry.flags & CT_HAIRPIN != 0;
     let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
-        (ports.l4 + 16, 0)
+        (l4 + TCP_CHECK, 0)
     } else {
-        (ports.l4 + 6, BPF_F_MARK_MANGLED_0 as u64)
+        (l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
     };
+    // The ports: source first, destination second, in TCP and UDP alike.
+    let (sport, dport) = (l4, l4 + 2);
     if entry.kind == CT_FORWARD {
         // Client -> backend (and, hairpin, from the hairpin address).
-        set_addr(ctx, IP_DADDR, l4_check, mangled_0, key.daddr, entry.nat_addr)?;
-        set_port(ctx, ports.l4 + 2, l4_check, mangled_0, key.dport, entry.nat_port)?;
+        set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.nat_addr)?;
+        set_port(packet, dport, l4_check, mangled_0, key.dport, entry.nat_port)?;
         if hairpin {
-            set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, HAIRPIN_IPV4)?;
+            set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, HAIRPIN_IPV4)?;
             return Ok((HAIRPIN_IPV4, entry.nat_addr));
         }
         Ok((key.saddr, entry.nat_addr))
     } else {
         // Backend -> client: from the Service address again.
-        set_addr(ctx, IP_SADDR, l4_check, mangled_0, key.saddr, entry.nat_addr)?;
-        set_port(ctx, ports.l4, l4_check, mangled_0, key.sport, entry.nat_port)?;
+        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, entry.nat_addr)?;
+        set_port(packet, sport, l4_check, mangled_0, key.sport, entry.nat_port)?;
         if hairpin {
-            set_addr(ctx, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
+            set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
             return Ok((entry.nat_addr, entry.client_ipv4));
         }
         Ok((entry.nat_addr, key.daddr))
@@ -269,7 +281,7 @@ fn rewrite(
 
 #[inline(always)]
 fn set_addr(
-    ctx: &TcContext,
+    packet: &mut Packet,
     offset: usize,
     l4_check: usize,
     mangled_0: u64,
@@ -278,14 +290,13 @@ fn set_addr(
 ) -> Result<(), DropReason> {
     // The helpers take the values as they sit in the packet.
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
-    ctx.l4_csum_replace(l4_check, from, to, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)
-        .map_err(|_| DropReason::NatRewriteFailed)?;
-    set_ip_addr(ctx, offset, old, new)
+    packet.l4_csum_replace(l4_check, from, to, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)?;
+    set_ip_addr(packet, offset, old, new)
 }
 
 #[inline(always)]
 fn set_port(
-    ctx: &TcContext,
+    packet: &mut Packet,
     offset: usize,
     l4_check: usize,
     mangled_0: u64,
@@ -296,25 +307,24 @@ fn set_port(
         return Ok(());
     }
     let (from, to) = (u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64);
-    ctx.l4_csum_replace(l4_check, from, to, mangled_0 | 2)
-        .and_then(|()| ctx.store(offset, &new, 0))
-        .map_err(|_| DropReason::NatRewriteFailed)
+    packet.l4_csum_replace(l4_check, from, to, mangled_0 | 2)?;
+    packet.store(offset, &new)
 }
 
 /// Is this packet for a Service port (a new or tracked connection to it)?
 /// Only looked at for packets the forwarding checks refused, to tell a
 /// packet we would forward (refused with a reason) from one for the host.
 #[inline(always)]
-pub fn is_service(ctx: &TcContext, ip: *const Ipv4Hdr) -> bool {
-    // SAFETY (derefs of ip): bounds-checked by the caller.
-    let (protocol, daddr, version_ihl) = unsafe { ((*ip).protocol, (*ip).daddr, (*ip).version_ihl) };
+pub fn is_service(headers: &Ipv4Headers<'_>) -> bool {
+    let (packet, ip) = (headers.packet(), headers.ip());
+    let protocol = ip.protocol;
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return false;
     }
-    let Some(ports) = ports(ctx, version_ihl) else {
+    let Some(ports) = ports(packet, ip.version_ihl) else {
         return false;
     };
-    let key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
+    let key = ServiceKey { vip: ip.daddr, port: ports.dport, protocol, _pad: 0 };
     // SAFETY: only checked for presence.
     unsafe { SERVICES.get(key) }.is_some()
 }

@@ -3,69 +3,33 @@
 //! permissive than the kernel"). A redirect skips `ip_rcv`, the route
 //! input and `ip_forward`, so whatever those would refuse we refuse here,
 //! each with its own drop reason. Packets we hand to the host stack are
-//! left to the kernel: it checks them itself.
+//! left to the kernel: it checks them itself. The checks of the header
+//! alone are [`crate::headers::Ipv4Hdr::check_forwardable`].
 
-use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
-    },
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup},
-    programs::TcContext,
+use aya_ebpf::bindings::{
+    BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
 };
 use datapath_common::{
     DropReason, IP_DF, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
 };
 
 use crate::{
+    headers::ETH_HLEN,
     maps::RPF_CACHE,
-    packet::{AF_INET, ETH_HLEN, Ipv4Hdr, PACKET_HOST},
+    packet::{AF_INET, Ipv4Headers, PACKET_HOST, Packet},
 };
-
-/// Version 4, no options.
-const IPV4_NO_OPTIONS: u8 = 0x45;
 
 /// `ip_rcv_core` and `ip_forward` on the frame itself: addressed to us
 /// (not another host's MAC, not broadcast or multicast), header checksum
 /// right, no options. The caller checks the TTL (it is answered, not only
 /// dropped) and, for traffic from outside, the source ([`source_ok`]).
 #[inline(always)]
-pub fn frame_ok(ctx: &TcContext, ip: *const Ipv4Hdr) -> Result<(), DropReason> {
-    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
-    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+pub fn frame_ok(headers: &Ipv4Headers<'_>) -> Result<(), DropReason> {
+    if headers.packet().pkt_type() != PACKET_HOST {
         return Err(DropReason::WrongDestinationMac);
     }
-    header_ok(ip)
-}
-
-/// The header checks of [`frame_ok`] without the MAC: for a decapsulated
-/// frame, whose inner MACs are the sending node's choice.
-#[inline(always)]
-pub fn header_ok(ip: *const Ipv4Hdr) -> Result<(), DropReason> {
-    // SAFETY: the caller passes a bounds-checked header (ipv4_headers).
-    if unsafe { (*ip).version_ihl } != IPV4_NO_OPTIONS {
-        return Err(DropReason::IpOptions);
-    }
-    if !checksum_ok(ip) {
-        return Err(DropReason::BadIpChecksum);
-    }
-    Ok(())
-}
-
-/// `ip_fast_csum`: the ones'-complement sum of an option-less header,
-/// checksum included, is 0xffff. Summing native-order words gives the
-/// byte-swapped sum, and 0xffff is its own swap.
-#[inline(always)]
-fn checksum_ok(ip: *const Ipv4Hdr) -> bool {
-    let words = ip as *const [u32; 5];
-    // SAFETY: a bounds-checked 20-byte header (the caller's contract).
-    let w = unsafe { *words };
-    let mut sum = w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64 + w[4] as u64;
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    headers.ip().check_forwardable()
 }
 
 /// The route input's source checks for a packet from outside the node that
@@ -74,14 +38,14 @@ fn checksum_ok(ip: *const Ipv4Hdr) -> bool {
 /// through the interface it came in on (strict reverse path, as
 /// `rp_filter=1`; the kernel's FIB decides, so the node's own routes count).
 #[inline(always)]
-pub fn source_ok(ctx: &TcContext, saddr: [u8; 4], config: &NodeConfig) -> Result<(), DropReason> {
+pub fn source_ok(packet: &Packet, saddr: [u8; 4], config: &NodeConfig) -> Result<(), DropReason> {
     if is_martian_source(saddr) {
         return Err(DropReason::MartianSource);
     }
     if config.in_pod_cidr(saddr) || saddr == config.node_ipv4 {
         return Err(DropReason::ReversePath);
     }
-    reverse_path_ok(ctx, saddr)
+    reverse_path_ok(packet, saddr)
 }
 
 /// `fib_validate_source` with `rp_filter=1`: the route back to `saddr` must
@@ -90,9 +54,8 @@ pub fn source_ok(ctx: &TcContext, saddr: [u8; 4], config: &NodeConfig) -> Result
 /// CPU (direct-mapped by a hash of it) for [`RPF_CACHE_USES`] packets; only
 /// confirmations are remembered, so a refused source asks every time.
 #[inline(always)]
-fn reverse_path_ok(ctx: &TcContext, saddr: [u8; 4]) -> Result<(), DropReason> {
-    // SAFETY: ctx.skb.skb is the context pointer the kernel handed us.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+fn reverse_path_ok(packet: &Packet, saddr: [u8; 4]) -> Result<(), DropReason> {
+    let ingress = packet.ifindex();
     let slot = u32::from_ne_bytes(saddr).wrapping_mul(0x9e37_79b1) >> 24 & (RPF_CACHE_SLOTS - 1);
     let cached = RPF_CACHE.get_ptr_mut(slot);
     if let Some(entry) = cached {
@@ -104,7 +67,7 @@ fn reverse_path_ok(ctx: &TcContext, saddr: [u8; 4]) -> Result<(), DropReason> {
             }
         }
     }
-    fib_reverse_path(ctx, saddr, ingress)?;
+    fib_reverse_path(packet, saddr, ingress)?;
     if let Some(entry) = cached {
         // SAFETY: as above.
         unsafe { *entry = RpfCacheEntry { saddr, ifindex: ingress, uses: 0, _pad: 0 } };
@@ -115,21 +78,13 @@ fn reverse_path_ok(ctx: &TcContext, saddr: [u8; 4]) -> Result<(), DropReason> {
 /// The FIB's answer: the route to `saddr` (the neighbour table skipped, no
 /// MTU check) must leave through `ingress`.
 #[inline(always)]
-fn fib_reverse_path(ctx: &TcContext, saddr: [u8; 4], ingress: u32) -> Result<(), DropReason> {
+fn fib_reverse_path(packet: &Packet, saddr: [u8; 4], ingress: u32) -> Result<(), DropReason> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.ifindex = ingress;
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(saddr);
-    // SAFETY: plain helper; params is a valid, writable struct of its size.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
+    let rc = packet.fib_lookup(&mut params, BPF_FIB_LOOKUP_SKIP_NEIGH);
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if params.ifindex == ingress => Ok(()),
         BPF_FIB_LKUP_RET_FWD_DISABLED => Err(DropReason::ForwardingDisabled),
@@ -154,20 +109,18 @@ pub enum Fit {
 /// comparison; a larger one (or a GRO aggregate, checked segment by
 /// segment) asks the device.
 #[inline(always)]
-pub fn fits_pod(ctx: &TcContext, ip: *const Ipv4Hdr, host_ifindex: u32, config: &NodeConfig) -> Fit {
-    let l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+pub fn fits_pod(headers: &Ipv4Headers<'_>, host_ifindex: u32, config: &NodeConfig) -> Fit {
+    let packet = headers.packet();
+    let l3_len = packet.frame_len().saturating_sub(ETH_HLEN as u32);
     if config.pod_mtu == 0 || l3_len <= config.pod_mtu {
         return Fit::Fits;
     }
     let mut mtu: u32 = 0;
-    // SAFETY: plain helper on the context pointer; mtu is writable.
-    let rc = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), host_ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS as u64) };
+    let rc = packet.check_mtu(host_ifindex, &mut mtu, BPF_MTU_CHK_SEGS as u64);
     // 0: it fits (a GRO aggregate whose segments do); below 0: no such
     // device, which the redirect then reports.
     if rc <= 0 {
         return Fit::Fits;
     }
-    // SAFETY: the caller passes a bounds-checked header.
-    let df = u16::from_be_bytes(unsafe { (*ip).frag_off }) & IP_DF != 0;
-    Fit::TooBig { mtu, df }
+    Fit::TooBig { mtu, df: headers.ip().frag_off() & IP_DF != 0 }
 }

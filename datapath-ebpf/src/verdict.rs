@@ -9,17 +9,17 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
-    programs::TcContext,
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
 };
 use aya_log_ebpf::debug;
 use datapath_common::{Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath};
 
 use crate::{
     counters::{count_delivered, count_drop, count_forward},
+    headers::{ETH_HLEN, Ipv4Hdr},
     icmp::{IcmpError, IcmpReply, make_reply, write_reply},
     monitor,
-    packet::{AF_INET, ETH_HLEN, PACKET_HOST, set_tunnel_key},
+    packet::{AF_INET, PACKET_HOST, Packet},
 };
 
 /// Which way an ICMP error goes back to the sender of the packet it is about.
@@ -100,43 +100,43 @@ enum Rest<'a> {
 /// answer does: the monitor event describes the packet as it came.
 #[inline(always)]
 pub fn apply<const LOG: bool>(
-    ctx: &TcContext,
+    packet: &mut Packet,
     direction: Direction,
     verdict: Result<Verdict, DropReason>,
 ) -> i32 {
     let mut space = MaybeUninit::uninit();
     let (counted, rest) = match verdict {
-        Ok(verdict) => (verdict.counted_as(), act(ctx, verdict, &mut space)),
+        Ok(verdict) => (verdict.counted_as(), act(packet, verdict, &mut space)),
         Err(reason) => (Counted::Drop(reason), Rest::Done(TC_ACT_SHOT)),
     };
-    account::<LOG>(ctx, direction, counted);
+    account::<LOG>(packet, direction, counted);
     match rest {
         Rest::Done(action) => action,
-        Rest::Reply(reply, back) => send_back(ctx, reply, back),
+        Rest::Reply(reply, back) => send_back(packet, reply, back),
     }
 }
 
 /// Count, report to the monitor, log.
 #[inline(always)]
-fn account<const LOG: bool>(ctx: &TcContext, direction: Direction, counted: Counted) {
+fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Counted) {
     let monitor = monitor::config();
     match counted {
         Counted::Forward(path) => {
             count_forward(direction, path);
             if monitor.trace_forwards != 0 {
-                monitor::report(ctx, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
+                monitor::report(packet, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
             }
             if LOG {
-                let (saddr, daddr) = addresses(ctx);
-                debug!(ctx, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, path.name());
+                let (saddr, daddr) = addresses(packet);
+                debug!(packet, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, path.name());
             }
         }
         Counted::Drop(reason) => {
             count_drop(direction, reason);
-            monitor::report(ctx, direction, EVENT_DROP, reason as u8, monitor.events_per_second);
+            monitor::report(packet, direction, EVENT_DROP, reason as u8, monitor.events_per_second);
             if LOG {
-                let (saddr, daddr) = addresses(ctx);
-                debug!(ctx, "{} {:i} -> {:i}: dropped, {}", direction.name(), saddr, daddr, reason.name());
+                let (saddr, daddr) = addresses(packet);
+                debug!(packet, "{} {:i} -> {:i}: dropped, {}", direction.name(), saddr, daddr, reason.name());
             }
         }
     }
@@ -145,25 +145,25 @@ fn account<const LOG: bool>(ctx: &TcContext, direction: Direction, counted: Coun
 /// The TC action of a verdict, but for writing the packet (an answer's
 /// reply is made in `space`, from the packet, and written later).
 #[inline(always)]
-fn act<'a>(ctx: &TcContext, verdict: Verdict, space: &'a mut MaybeUninit<IcmpReply>) -> Rest<'a> {
+fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpReply>) -> Rest<'a> {
     // SAFETY (helper calls): plain helpers with valid arguments; each returns
     // the TC action to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags).
     // None of them changes the packet data.
     let action = match verdict {
         Verdict::Deliver { host_ifindex, traffic_slot } => {
-            count_delivered(traffic_slot, ctx.len());
+            count_delivered(traffic_slot, packet.frame_len());
             // The pod's stack must see the frame as addressed to it. The
             // forwarding checks only let PACKET_HOST frames this far, but
             // a decapsulated frame's type comes from its inner MAC.
-            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
-                unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            if packet.pkt_type() != PACKET_HOST {
+                packet.set_pkt_type_host();
             }
             unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }
         }
         Verdict::ArpReply { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Verdict::HostStack => TC_ACT_OK,
         Verdict::HostStackFromTunnel => {
-            unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            packet.set_pkt_type_host();
             TC_ACT_OK
         }
         Verdict::OutUplink { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
@@ -180,7 +180,7 @@ fn act<'a>(ctx: &TcContext, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
         }
         Verdict::OutOverlay { vxlan_ifindex } => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
         Verdict::Answer { error, source, back, .. } => {
-            return match make_reply(ctx, error, source, space) {
+            return match make_reply(packet, error, source, space) {
                 Some(reply) => Rest::Reply(reply, back),
                 // Nothing to send: dropped, as counted.
                 None => Rest::Done(TC_ACT_SHOT),
@@ -193,14 +193,14 @@ fn act<'a>(ctx: &TcContext, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
 /// Replace the packet with the ICMP error and send it back the way the
 /// packet came. A helper failing: dropped, as counted.
 #[inline(always)]
-fn send_back(ctx: &TcContext, reply: &IcmpReply, back: Back) -> i32 {
-    if write_reply(ctx, reply).is_err() {
+fn send_back(packet: &mut Packet, reply: &IcmpReply, back: Back) -> i32 {
+    if write_reply(packet, reply).is_err() {
         return TC_ACT_SHOT;
     }
     // SAFETY (helper calls): plain helpers; they return TC_ACT_REDIRECT.
     match back {
         Back::Out { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        Back::Tunnel { vxlan_ifindex, node_ipv4, vni } => match set_tunnel_key(ctx, node_ipv4, vni) {
+        Back::Tunnel { vxlan_ifindex, node_ipv4, vni } => match packet.set_tunnel_key(node_ipv4, vni) {
             Ok(()) => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
             Err(_) => TC_ACT_SHOT,
         },
@@ -209,9 +209,10 @@ fn send_back(ctx: &TcContext, reply: &IcmpReply, back: Back) -> i32 {
 
 /// IPv4 source and destination for the debug log (zero if not IPv4).
 #[inline(always)]
-fn addresses(ctx: &TcContext) -> ([u8; 4], [u8; 4]) {
-    match ctx.load::<[u8; 8]>(ETH_HLEN + 12) {
-        Ok(a) => ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]),
-        Err(_) => ([0; 4], [0; 4]),
+fn addresses(packet: &Packet) -> ([u8; 4], [u8; 4]) {
+    const SADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, saddr);
+    match packet.load::<[[u8; 4]; 2]>(SADDR) {
+        Some([saddr, daddr]) => (saddr, daddr),
+        None => ([0; 4], [0; 4]),
     }
 }

@@ -1,0 +1,27 @@
+//! The Internet checksum (RFC 1071): ones'-complement sums of 16-bit words,
+//! as IPv4, ICMP, TCP and UDP carry them.
+
+/// RFC 1624 incremental update of a checksum for one 16-bit word changing
+/// from `old` to `new` (all values as read big-endian).
+#[inline(always)]
+pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum: u32 = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// `ip_fast_csum`: does an option-less IPv4 header, as its five 32-bit
+/// words read in native order, verify? Its ones'-complement sum, checksum
+/// included, is 0xffff. Summing native-order words gives the byte-swapped
+/// sum, and 0xffff is its own swap.
+#[inline(always)]
+pub fn ipv4_header_verifies(words: [u32; 5]) -> bool {
+    let w = words;
+    let mut sum = w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64 + w[4] as u64;
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
