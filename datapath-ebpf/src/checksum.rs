@@ -11,6 +11,31 @@ pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
+/// The checksum of the `len` bytes of `bytes` from `start` (an even
+/// number of them; none past its end are read).
+#[inline(always)]
+pub fn checksum_of<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < len {
+        let at = start + i;
+        if at + 1 < N {
+            sum += u16::from_be_bytes([bytes[at], bytes[at + 1]]) as u32;
+        }
+        i += 2;
+    }
+    fold(sum)
+}
+
+/// The checksum of a sum of 16-bit words: its carries folded back in
+/// (twice: the first fold may carry again), complemented.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// `ip_fast_csum`: does an option-less IPv4 header, as its five 32-bit
 /// words read in native order, verify? Its ones'-complement sum, checksum
 /// included, is 0xffff. Summing native-order words gives the byte-swapped

@@ -60,10 +60,22 @@ pub struct ArpEthIpv4 {
     pub tpa: [u8; 4],
 }
 
+/// The ICMP header (RFC 792): type, code, checksum, then four bytes whose
+/// meaning depends on the type (unused, or the next-hop MTU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
 // Layouts as on the wire: byte arrays only (alignment 1), no padding.
 const _: () = assert!(size_of::<EthHdr>() == ETH_HLEN);
 const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN);
 const _: () = assert!(size_of::<ArpEthIpv4>() == 28);
+const _: () = assert!(size_of::<IcmpHdr>() == 8);
 
 impl EthHdr {
     #[inline(always)]

@@ -3,31 +3,94 @@
 //! DF packet too big for the pod (path MTU discovery), port unreachable for
 //! a new Service connection nobody can take. Each turns the offending packet
 //! itself into the reply (RFC 792: quoting its IPv4 header and first 8
-//! payload bytes) and is rate-limited per CPU, as the kernel's are.
+//! payload bytes); sending it (rate-limited per CPU, as the kernel's are) is
+//! [`crate::verdict`]'s.
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use datapath_common::{DropReason, ICMP_ERRORS_PER_SECOND, IP_OFFSET_MASK, IPPROTO_ICMP};
+use datapath_common::{ETH_P_IP, IP_OFFSET_MASK, IPPROTO_ICMP};
 
-use crate::{headers::ETH_HLEN, maps::ICMP_BUDGET, packet::Packet, rate_limit};
+use crate::{
+    checksum::checksum_of,
+    headers::{ETH_HLEN, EthHdr, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, IcmpHdr, Ipv4Hdr},
+};
 
-/// IPv4 header length of the packets we quote and of the reply.
-const IPV4_HLEN: usize = 20;
-/// The reply: Ethernet, IPv4, ICMP header, quoted IPv4 header + 8 bytes.
-const REPLY_LEN: usize = ETH_HLEN + IPV4_HLEN + 8 + IPV4_HLEN + 8;
-/// What of the original is read: Ethernet + IPv4 header + 8 bytes.
-const QUOTED_LEN: usize = ETH_HLEN + IPV4_HLEN + 8;
+/// ICMP types (RFC 792) and codes.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_SOURCE_QUENCH: u8 = 4;
+pub const ICMP_REDIRECT: u8 = 5;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Codes of [`ICMP_DEST_UNREACH`] and [`ICMP_TIME_EXCEEDED`].
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_EXC_TTL: u8 = 0;
+
+/// The reply's IPv4 TOS: precedence "internetwork control", as Linux's
+/// `icmp_send` sets it.
+const TOS_INTERNETWORK_CONTROL: u8 = 0xc0;
+/// The reply's TTL.
+const REPLY_TTL: u8 = 64;
+/// What an error quotes of the packet it is about beyond its IPv4 header.
+const QUOTED_PAYLOAD: usize = 8;
+
+/// What an error is about: the start of the offending frame, as much as
+/// the reply quotes (an option-less IPv4 header and 8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Original {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub payload: [u8; QUOTED_PAYLOAD],
+}
+
+/// A whole reply frame: Ethernet, IPv4, the ICMP header, the quote.
+pub struct IcmpReply(pub [u8; REPLY_LEN]);
+
+pub const ORIGINAL_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN + QUOTED_PAYLOAD;
+const ICMP_ERROR_LEN: usize = size_of::<IcmpHdr>() + IPV4_MIN_HLEN + QUOTED_PAYLOAD;
+pub const REPLY_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN + ICMP_ERROR_LEN;
+// A wire layout: byte arrays only, no padding.
+const _: () = assert!(size_of::<Original>() == ORIGINAL_LEN);
+
+/// Where the reply's fields sit in its frame, from the header layouts.
+mod at {
+    use core::mem::{offset_of, size_of};
+
+    use crate::headers::{ETH_HLEN, EthHdr, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr};
+
+    pub const ETH_DST: usize = offset_of!(EthHdr, dst);
+    pub const ETH_SRC: usize = offset_of!(EthHdr, src);
+    pub const ETH_PROTO: usize = offset_of!(EthHdr, proto);
+    pub const IP: usize = ETH_HLEN;
+    pub const IP_VERSION_IHL: usize = IP + offset_of!(Ipv4Hdr, version_ihl);
+    pub const IP_TOS: usize = IP + offset_of!(Ipv4Hdr, tos);
+    pub const IP_TOT_LEN: usize = IP + offset_of!(Ipv4Hdr, tot_len);
+    pub const IP_TTL: usize = IP + offset_of!(Ipv4Hdr, ttl);
+    pub const IP_PROTOCOL: usize = IP + offset_of!(Ipv4Hdr, protocol);
+    pub const IP_CHECK: usize = IP + offset_of!(Ipv4Hdr, check);
+    pub const IP_SADDR: usize = IP + offset_of!(Ipv4Hdr, saddr);
+    pub const IP_DADDR: usize = IP + offset_of!(Ipv4Hdr, daddr);
+    pub const ICMP: usize = IP + IPV4_MIN_HLEN;
+    pub const ICMP_TYPE: usize = ICMP + offset_of!(IcmpHdr, icmp_type);
+    pub const ICMP_CODE: usize = ICMP + offset_of!(IcmpHdr, code);
+    pub const ICMP_CHECK: usize = ICMP + offset_of!(IcmpHdr, check);
+    pub const ICMP_REST: usize = ICMP + offset_of!(IcmpHdr, rest);
+    /// The quote: the original's IPv4 header, then its first 8 bytes.
+    pub const QUOTED_IP: usize = ICMP + size_of::<IcmpHdr>();
+    pub const QUOTED_PAYLOAD: usize = QUOTED_IP + IPV4_MIN_HLEN;
+}
 
 /// Which error to send.
 #[derive(Clone, Copy)]
 pub enum IcmpError {
-    /// Type 11 code 0: TTL exceeded in transit.
+    /// TTL exceeded in transit.
     TimeExceeded,
-    /// Type 3 code 3: destination port unreachable.
+    /// Destination port unreachable.
     PortUnreachable,
-    /// Type 3 code 4: fragmentation needed and DF set, with the next hop's
-    /// MTU (RFC 1191).
+    /// Fragmentation needed and DF set, with the next hop's MTU (RFC 1191).
     FragmentationNeeded { mtu: u16 },
 }
 
@@ -35,9 +98,9 @@ impl IcmpError {
     #[inline(always)]
     const fn type_code(self) -> (u8, u8) {
         match self {
-            IcmpError::TimeExceeded => (11, 0),
-            IcmpError::PortUnreachable => (3, 3),
-            IcmpError::FragmentationNeeded { .. } => (3, 4),
+            IcmpError::TimeExceeded => (ICMP_TIME_EXCEEDED, ICMP_EXC_TTL),
+            IcmpError::PortUnreachable => (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
+            IcmpError::FragmentationNeeded { .. } => (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
         }
     }
 
@@ -54,92 +117,82 @@ impl IcmpError {
     }
 }
 
-/// An ICMP error, made from the packet it is about and ready to replace it.
-pub struct IcmpReply([u8; REPLY_LEN]);
-
-/// The reply `error` from `source` to the sender of this packet, MACs
-/// swapped so that it leaves the way the packet came in. `None`: nothing
-/// to send, where the kernel sends nothing either (RFC 1122 3.2.2: not
-/// about a later fragment or another ICMP error) or this CPU used its
-/// budget for this second. Reads the packet, leaves it alone; the reply
-/// is made in `space`.
+/// May an error be sent about this packet? Not where the kernel sends none
+/// (RFC 1122 3.2.2): about a later fragment or about another ICMP error;
+/// and only option-less headers are quoted (the forwarding checks refuse
+/// packets with options before any error is due).
 #[inline(always)]
-pub fn make_reply<'a>(
-    packet: &Packet,
-    error: IcmpError,
-    source: [u8; 4],
-    space: &'a mut MaybeUninit<IcmpReply>,
-) -> Option<&'a IcmpReply> {
-    let Some(original) = packet.load::<[u8; QUOTED_LEN]>(0) else {
-        // Shorter than a header and 8 bytes: nothing worth quoting.
-        return None;
-    };
-    let ip = ETH_HLEN;
-    // Only option-less headers are quoted (the forwarding checks refuse
-    // packets with options before any error is due).
-    if original[ip] != 0x45 {
-        return None;
+pub fn may_answer(original: &Original) -> bool {
+    let ip = &original.ip;
+    if ip.version_ihl != IPV4_NO_OPTIONS {
+        return false;
     }
-    let later_fragment = u16::from_be_bytes([original[ip + 6], original[ip + 7]]) & IP_OFFSET_MASK != 0;
-    let icmp_type = original[ip + IPV4_HLEN];
-    // Echo reply 0, echo 8, timestamp 13/14, ...: queries; the rest are errors.
-    let about_an_error = original[ip + 9] == IPPROTO_ICMP && matches!(icmp_type, 3 | 4 | 5 | 11 | 12);
-    if later_fragment || about_an_error {
-        return None;
-    }
-    // SAFETY: plain helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if !rate_limit::take(ICMP_BUDGET.get_ptr_mut(0), now, ICMP_ERRORS_PER_SECOND) {
-        return None;
-    }
-
-    let (icmp_type, icmp_code) = error.type_code();
-    let reply = &mut space.write(IcmpReply([0u8; REPLY_LEN])).0;
-    // Ethernet: back to where it came from.
-    reply[0..6].copy_from_slice(&original[6..12]);
-    reply[6..12].copy_from_slice(&original[0..6]);
-    reply[12] = 0x08;
-    // IPv4: internetwork control precedence, as Linux's icmp_send.
-    reply[ip] = 0x45;
-    reply[ip + 1] = 0xc0;
-    reply[ip + 2..ip + 4].copy_from_slice(&((REPLY_LEN - ETH_HLEN) as u16).to_be_bytes());
-    reply[ip + 8] = 64;
-    reply[ip + 9] = IPPROTO_ICMP;
-    reply[ip + 12..ip + 16].copy_from_slice(&source);
-    reply[ip + 16..ip + 20].copy_from_slice(&original[ip + 12..ip + 16]);
-    let check = checksum(reply, ip, IPV4_HLEN);
-    reply[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    // ICMP: type, code, checksum, 4 unused bytes, then the quote.
-    let icmp = ip + IPV4_HLEN;
-    reply[icmp] = icmp_type;
-    reply[icmp + 1] = icmp_code;
-    reply[icmp + 4..icmp + 8].copy_from_slice(&error.rest_of_header());
-    reply[icmp + 8..].copy_from_slice(&original[ETH_HLEN..]);
-    let check = checksum(reply, icmp, 8 + IPV4_HLEN + 8);
-    reply[icmp + 2..icmp + 4].copy_from_slice(&check.to_be_bytes());
-    // SAFETY: written just above.
-    Some(unsafe { space.assume_init_ref() })
+    let later_fragment = ip.frag_off() & IP_OFFSET_MASK != 0;
+    // Echo, timestamp, ...: queries; these are errors.
+    let icmp_type = original.payload[0];
+    let about_an_error = ip.protocol == IPPROTO_ICMP
+        && matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH
+                | ICMP_SOURCE_QUENCH
+                | ICMP_REDIRECT
+                | ICMP_TIME_EXCEEDED
+                | ICMP_PARAMETER_PROBLEM
+        );
+    !later_fragment && !about_an_error
 }
 
-/// Replace the packet with `reply`.
-#[inline(always)]
-pub fn write_reply(packet: &mut Packet, reply: &IcmpReply) -> Result<(), DropReason> {
-    packet.replace_with(&reply.0)
+impl IcmpReply {
+    /// Make in `space` the error `error` from `source` to the sender of
+    /// `original`, quoting it, with the MACs swapped so that it leaves the
+    /// way the original came in. Written into the frame in place, field by
+    /// field, and its checksums summed from there: made as a struct of the
+    /// header layouts instead, the debug build's programs needed more than
+    /// the verifier's million instructions.
+    #[inline(always)]
+    pub fn make<'a>(
+        space: &'a mut MaybeUninit<IcmpReply>,
+        original: &Original,
+        error: IcmpError,
+        source: [u8; 4],
+    ) -> &'a IcmpReply {
+        let (icmp_type, code) = error.type_code();
+        let reply = &mut space.write(IcmpReply([0; REPLY_LEN])).0;
+        put(reply, at::ETH_DST, &original.eth.src);
+        put(reply, at::ETH_SRC, &original.eth.dst);
+        put(reply, at::ETH_PROTO, &ETH_P_IP.to_be_bytes());
+        reply[at::IP_VERSION_IHL] = IPV4_NO_OPTIONS;
+        reply[at::IP_TOS] = TOS_INTERNETWORK_CONTROL;
+        put(reply, at::IP_TOT_LEN, &((REPLY_LEN - ETH_HLEN) as u16).to_be_bytes());
+        reply[at::IP_TTL] = REPLY_TTL;
+        reply[at::IP_PROTOCOL] = IPPROTO_ICMP;
+        put(reply, at::IP_SADDR, &source);
+        put(reply, at::IP_DADDR, &original.ip.saddr);
+        let check = checksum_of(reply, at::IP, IPV4_MIN_HLEN);
+        put(reply, at::IP_CHECK, &check.to_be_bytes());
+        reply[at::ICMP_TYPE] = icmp_type;
+        reply[at::ICMP_CODE] = code;
+        put(reply, at::ICMP_REST, &error.rest_of_header());
+        put(reply, at::QUOTED_IP, bytes_of::<_, IPV4_MIN_HLEN>(&original.ip));
+        put(reply, at::QUOTED_PAYLOAD, &original.payload);
+        let check = checksum_of(reply, at::ICMP, ICMP_ERROR_LEN);
+        put(reply, at::ICMP_CHECK, &check.to_be_bytes());
+        // SAFETY: written just above.
+        unsafe { space.assume_init_ref() }
+    }
 }
 
-/// Internet checksum of `len` bytes of `bytes` from `start` (even length).
+/// Write `bytes` into `frame` at `offset`.
 #[inline(always)]
-fn checksum<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u16 {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < len {
-        let at = start + i;
-        if at + 1 < N {
-            sum += u16::from_be_bytes([bytes[at], bytes[at + 1]]) as u32;
-        }
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+fn put<const N: usize>(frame: &mut [u8; REPLY_LEN], offset: usize, bytes: &[u8; N]) {
+    frame[offset..offset + N].copy_from_slice(bytes);
+}
+
+/// The bytes of a wire layout (`N` is its size).
+#[inline(always)]
+fn bytes_of<T: Copy, const N: usize>(value: &T) -> &[u8; N] {
+    const { assert!(size_of::<T>() == N) };
+    // SAFETY: used on the repr(C) layouts above, made of byte arrays only
+    // (alignment 1, no padding), of exactly N bytes.
+    unsafe { &*(value as *const T).cast::<[u8; N]>() }
 }

@@ -9,17 +9,21 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
 };
 use aya_log_ebpf::debug;
-use datapath_common::{Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath};
+use datapath_common::{
+    Direction, DropReason, EVENT_DROP, EVENT_FORWARD, ForwardPath, ICMP_ERRORS_PER_SECOND,
+};
 
 use crate::{
     counters::{count_delivered, count_drop, count_forward},
     headers::{ETH_HLEN, Ipv4Hdr},
-    icmp::{IcmpError, IcmpReply, make_reply, write_reply},
+    icmp::{IcmpError, IcmpReply, Original, may_answer},
+    maps::ICMP_BUDGET,
     monitor,
     packet::{AF_INET, PACKET_HOST, Packet},
+    rate_limit,
 };
 
 /// Which way an ICMP error goes back to the sender of the packet it is about.
@@ -190,11 +194,35 @@ fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
     Rest::Done(action)
 }
 
+/// The reply `error` from `source` to the sender of this packet, made in
+/// `space`. `None`: nothing to send, where the kernel sends nothing either
+/// ([`may_answer`]) or this CPU used its budget for this second (the
+/// kernel's `icmp_msgs_per_sec`). Reads the packet, leaves it alone.
+#[inline(always)]
+fn make_reply<'a>(
+    packet: &Packet,
+    error: IcmpError,
+    source: [u8; 4],
+    space: &'a mut MaybeUninit<IcmpReply>,
+) -> Option<&'a IcmpReply> {
+    // Shorter than a header and 8 bytes: nothing worth quoting.
+    let original: Original = packet.load(0)?;
+    if !may_answer(&original) {
+        return None;
+    }
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !rate_limit::take(ICMP_BUDGET.get_ptr_mut(0), now, ICMP_ERRORS_PER_SECOND) {
+        return None;
+    }
+    Some(IcmpReply::make(space, &original, error, source))
+}
+
 /// Replace the packet with the ICMP error and send it back the way the
 /// packet came. A helper failing: dropped, as counted.
 #[inline(always)]
 fn send_back(packet: &mut Packet, reply: &IcmpReply, back: Back) -> i32 {
-    if write_reply(packet, reply).is_err() {
+    if packet.replace_with(reply).is_err() {
         return TC_ACT_SHOT;
     }
     // SAFETY (helper calls): plain helpers; they return TC_ACT_REDIRECT.
