@@ -52,3 +52,65 @@ pub fn answer(
     arp.spa = target_ip;
     Ok(ArpOutcome::Replied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: [u8; 4] = [10, 244, 1, 2];
+    const POD_MAC: [u8; 6] = [2, 0xaa, 0, 0, 0, 2];
+    const HOST_MAC: [u8; 6] = [2, 0xee, 0, 0, 0, 2];
+    const GATEWAY: [u8; 4] = [169, 254, 1, 1];
+
+    fn request(sender: [u8; 4], target: [u8; 4]) -> (EthHdr, ArpEthIpv4) {
+        let eth = EthHdr { dst: [0xff; 6], src: POD_MAC, proto: datapath_common::ETH_P_ARP.to_be_bytes() };
+        let arp = ArpEthIpv4 {
+            htype: ARPHRD_ETHER.to_be_bytes(),
+            ptype: ETH_P_IP.to_be_bytes(),
+            hlen: 6,
+            plen: 4,
+            oper: ARP_REQUEST.to_be_bytes(),
+            sha: POD_MAC,
+            spa: sender,
+            tha: [0; 6],
+            tpa: target,
+        };
+        (eth, arp)
+    }
+
+    #[test]
+    fn the_gateway_is_answered_with_the_host_mac() {
+        let (mut eth, mut arp) = request(POD, GATEWAY);
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Ok(ArpOutcome::Replied));
+        assert_eq!((eth.dst, eth.src), (POD_MAC, HOST_MAC));
+        assert_eq!(u16::from_be_bytes(arp.oper), ARP_REPLY);
+        assert_eq!((arp.sha, arp.spa), (HOST_MAC, GATEWAY));
+        assert_eq!((arp.tha, arp.tpa), (POD_MAC, POD));
+    }
+
+    #[test]
+    fn what_is_not_ours_is_left_alone() {
+        // A request for the pod's own address, a probe, a reply.
+        let (mut eth, mut arp) = request(POD, POD);
+        let before = (eth, arp);
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Ok(ArpOutcome::NotOurs));
+        assert_eq!((eth, arp), before);
+        let (mut eth, mut arp) = request([0; 4], GATEWAY);
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Ok(ArpOutcome::NotOurs));
+        let (mut eth, mut arp) = request(POD, GATEWAY);
+        arp.oper = ARP_REPLY.to_be_bytes();
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Ok(ArpOutcome::NotOurs));
+    }
+
+    #[test]
+    fn spoofed_and_malformed_arp_is_refused() {
+        let (mut eth, mut arp) = request([10, 244, 1, 3], GATEWAY);
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Err(DropReason::SpoofedArp));
+        let (mut eth, mut arp) = request(POD, GATEWAY);
+        arp.hlen = 8;
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Err(DropReason::MalformedArp));
+        let (mut eth, mut arp) = request(POD, GATEWAY);
+        arp.ptype = 0x86ddu16.to_be_bytes();
+        assert_eq!(answer(&mut eth, &mut arp, POD, HOST_MAC), Err(DropReason::MalformedArp));
+    }
+}

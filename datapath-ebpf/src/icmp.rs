@@ -4,7 +4,7 @@
 //! a new Service connection nobody can take. Each turns the offending packet
 //! itself into the reply (RFC 792: quoting its IPv4 header and first 8
 //! payload bytes); sending it (rate-limited per CPU, as the kernel's are) is
-//! [`crate::verdict`]'s.
+//! `crate::verdict`'s.
 
 use core::mem::MaybeUninit;
 
@@ -195,4 +195,88 @@ fn bytes_of<T: Copy, const N: usize>(value: &T) -> &[u8; N] {
     // SAFETY: used on the repr(C) layouts above, made of byte arrays only
     // (alignment 1, no padding), of exactly N bytes.
     unsafe { &*(value as *const T).cast::<[u8; N]>() }
+}
+
+#[cfg(test)]
+mod tests {
+    use datapath_common::{IP_MF, IPPROTO_UDP};
+
+    use super::*;
+    use crate::{checksum::checksum, headers::tests::udp_header};
+
+    fn original(ip: Ipv4Hdr, payload: [u8; 8]) -> Original {
+        Original {
+            eth: EthHdr {
+                dst: [2, 0xee, 0, 0, 0, 1],
+                src: [2, 0xaa, 0, 0, 0, 1],
+                proto: ETH_P_IP.to_be_bytes(),
+            },
+            ip,
+            payload,
+        }
+    }
+
+    /// UDP 40000 -> 53, as the first 8 bytes after the header.
+    const UDP: [u8; 8] = [0x9c, 0x40, 0, 53, 0, 16, 0, 0];
+
+    #[test]
+    fn the_reply_quotes_the_original_and_its_checksums_verify() {
+        let sent = original(udp_header(36), UDP);
+        let node = [192, 0, 2, 1];
+        let mut space = MaybeUninit::uninit();
+        let reply = IcmpReply::make(&mut space, &sent, IcmpError::FragmentationNeeded { mtu: 1400 }, node);
+        let bytes = &reply.0;
+        // Ethernet back where it came from.
+        assert_eq!(&bytes[0..6], &sent.eth.src);
+        assert_eq!(&bytes[6..12], &sent.eth.dst);
+        assert_eq!(&bytes[12..14], &[0x08, 0x00]);
+        // IPv4 from the node to the sender, ICMP, 56 bytes, TTL 64.
+        assert_eq!(bytes[14], 0x45);
+        assert_eq!(bytes[15], 0xc0);
+        assert_eq!(u16::from_be_bytes([bytes[16], bytes[17]]), 56);
+        assert_eq!(bytes[22], 64);
+        assert_eq!(bytes[23], 1);
+        assert_eq!(&bytes[26..30], &node);
+        assert_eq!(&bytes[30..34], &sent.ip.saddr);
+        assert_eq!(checksum::<20>(bytes[14..34].try_into().unwrap()), 0, "IPv4 checksum verifies");
+        // ICMP 3/4 with the MTU, then the quote.
+        assert_eq!(&bytes[34..36], &[3, 4]);
+        assert_eq!(&bytes[38..42], &[0, 0, 0x05, 0x78]);
+        assert_eq!(&bytes[42..62], bytes_of::<_, 20>(&sent.ip));
+        assert_eq!(&bytes[62..70], &UDP);
+        assert_eq!(checksum::<36>(bytes[34..70].try_into().unwrap()), 0, "ICMP checksum verifies");
+    }
+
+    #[test]
+    fn type_and_code_of_each_error() {
+        let sent = original(udp_header(36), UDP);
+        for (error, type_code) in [(IcmpError::TimeExceeded, [11, 0]), (IcmpError::PortUnreachable, [3, 3])] {
+            let mut space = MaybeUninit::uninit();
+            let reply = IcmpReply::make(&mut space, &sent, error, [192, 0, 2, 1]);
+            assert_eq!(reply.0[34..36], type_code);
+            assert_eq!(reply.0[38..42], [0; 4], "unused");
+            assert_eq!(checksum::<36>(reply.0[34..70].try_into().unwrap()), 0, "ICMP checksum verifies");
+        }
+    }
+
+    #[test]
+    fn no_error_about_later_fragments_errors_or_options() {
+        assert!(may_answer(&original(udp_header(36), UDP)));
+        let first_fragment = Ipv4Hdr { frag_off: IP_MF.to_be_bytes(), ..udp_header(36) };
+        assert!(may_answer(&original(first_fragment, UDP)));
+        let later_fragment = Ipv4Hdr { frag_off: 0x00b9u16.to_be_bytes(), ..udp_header(36) };
+        assert!(!may_answer(&original(later_fragment, UDP)));
+        let with_options = Ipv4Hdr { version_ihl: 0x46, ..udp_header(36) };
+        assert!(!may_answer(&original(with_options, UDP)));
+        let icmp = Ipv4Hdr { protocol: IPPROTO_ICMP, ..udp_header(36) };
+        for query in [ICMP_ECHO, ICMP_ECHO_REPLY, 13, 14] {
+            assert!(may_answer(&original(icmp, [query, 0, 0, 0, 0, 0, 0, 0])), "type {query}");
+        }
+        for error in [3, 4, 5, 11, 12] {
+            assert!(!may_answer(&original(icmp, [error, 0, 0, 0, 0, 0, 0, 0])), "type {error}");
+        }
+        // The first byte of a UDP payload is no ICMP type.
+        let udp = Ipv4Hdr { protocol: IPPROTO_UDP, ..udp_header(36) };
+        assert!(may_answer(&original(udp, [3, 0, 0, 0, 0, 0, 0, 0])));
+    }
 }

@@ -3,32 +3,50 @@
 //! (the same programs with aya-log at debug level, one line per verdict).
 //! The binaries only instantiate [`programs!`]; see `docs/architecture.md`
 //! for the packet paths.
-#![no_std]
-// Only the BPF build has programs: on the host (the agent's build-dependency,
-// there so cargo rebuilds the agent when this crate changes) the library is empty.
-#![cfg(target_arch = "bpf")]
+//!
+//! The modules that need no kernel (header layouts and checks, checksums,
+//! ARP answers, ICMP replies, rate limits) build for the host too, where
+//! `cargo test -p datapath-ebpf --lib` tests them; the programs, their
+//! maps and the packet they run on build for BPF only.
+#![cfg_attr(not(test), no_std)]
 
 pub mod arp;
 pub mod checksum;
-pub mod counters;
-pub mod forward;
-pub mod from_overlay;
-pub mod from_pod;
-pub mod from_uplink;
 pub mod headers;
 pub mod icmp;
-pub mod lookup;
-pub mod maps;
-pub mod monitor;
-pub mod packet;
 pub mod rate_limit;
+
+#[cfg(target_arch = "bpf")]
+pub mod counters;
+#[cfg(target_arch = "bpf")]
+pub mod forward;
+#[cfg(target_arch = "bpf")]
+pub mod from_overlay;
+#[cfg(target_arch = "bpf")]
+pub mod from_pod;
+#[cfg(target_arch = "bpf")]
+pub mod from_uplink;
+#[cfg(target_arch = "bpf")]
+pub mod lookup;
+#[cfg(target_arch = "bpf")]
+pub mod maps;
+#[cfg(target_arch = "bpf")]
+pub mod monitor;
+#[cfg(target_arch = "bpf")]
+pub mod packet;
+#[cfg(target_arch = "bpf")]
 pub mod services;
+#[cfg(target_arch = "bpf")]
 pub mod strict;
+#[cfg(target_arch = "bpf")]
 pub mod verdict;
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
 
 /// Define the three TC programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a
 /// const generic, so the normal build carries no logging code at all.
+#[cfg(target_arch = "bpf")]
 #[macro_export]
 macro_rules! programs {
     (log = $log:expr) => {

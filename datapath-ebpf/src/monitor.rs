@@ -31,7 +31,11 @@ pub fn config() -> MonitorConfig {
 #[inline(always)]
 fn within_budget(now: u64, events_per_second: u32) -> bool {
     let limit = if events_per_second == 0 { DEFAULT_MONITOR_EVENTS_PER_SECOND } else { events_per_second };
-    rate_limit::take(MONITOR_BUDGET.get_ptr_mut(0), now, limit)
+    match MONITOR_BUDGET.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot: no other writer, no other reference.
+        Some(budget) => rate_limit::take(unsafe { &mut *budget }, now, limit),
+        None => false,
+    }
 }
 
 /// Report one verdict. Reads the addresses with `bpf_skb_load_bytes`, which

@@ -21,6 +21,7 @@ use datapath_common::{
 };
 
 use crate::{
+    NS_PER_SECOND,
     headers::{ETH_HLEN, IPV4_MIN_HLEN, Ipv4Hdr, same_ipv4},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
@@ -39,7 +40,6 @@ const UDP_CHECK: usize = 6;
 const IP_CHECK: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, check);
 const IP_SADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, saddr);
 const IP_DADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, daddr);
-const NS_PER_SECOND: u64 = 1_000_000_000;
 
 /// What [`translate`] made of a packet.
 pub enum Translation<'a> {

@@ -212,7 +212,9 @@ fn make_reply<'a>(
     }
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if !rate_limit::take(ICMP_BUDGET.get_ptr_mut(0), now, ICMP_ERRORS_PER_SECOND) {
+    // SAFETY: a per-CPU slot: no other writer, no other reference.
+    let budget = unsafe { &mut *ICMP_BUDGET.get_ptr_mut(0)? };
+    if !rate_limit::take(budget, now, ICMP_ERRORS_PER_SECOND) {
         return None;
     }
     Some(IcmpReply::make(space, &original, error, source))
