@@ -16,7 +16,8 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     println!("== cargo clippy --all-targets -- -D warnings");
     run_cmd(cargo().current_dir(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate is no default member (its programs build for BPF
-    // only): its host part (the pure logic and its unit tests) is linted here.
+    // only): its host part (the pure logic and its unit tests) and its BPF
+    // build are linted here.
     println!("== cargo clippy -p datapath-ebpf --lib --tests -- -D warnings");
     run_cmd(
         cargo()
@@ -24,6 +25,10 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             .args(["clippy", "-p", "datapath-ebpf", "--lib", "--tests"])
             .args(["--", "-D", "warnings"]),
     )?;
+    println!(
+        "== cargo +nightly clippy -p datapath-ebpf --target {BPF_TARGET} -Z build-std=core -- -D warnings"
+    );
+    run_cmd(&mut bpf_clippy(&root))?;
     println!("== build agent and CNI plugin");
     let bins = build_bins(false)?;
     if args.cargo_test_args.is_empty() {
@@ -64,6 +69,24 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(ebpf_unit.passed > 0, "the eBPF crate's unit tests ran no test");
     anyhow::ensure!(workspace.passed > 0, "cargo test ran no test");
     Ok(())
+}
+
+/// The target the eBPF crate is built for (by aya-build, from the agent's
+/// `build.rs`).
+const BPF_TARGET: &str = "bpfel-unknown-none";
+
+/// Clippy on the eBPF crate as aya-build builds it: nightly, for
+/// [`BPF_TARGET`], with `core` built from source. Run from the crate's
+/// directory with the nightly toolchain's cargo, the way aya-build does
+/// (`rustup run nightly cargo`, no inherited `RUSTC`).
+fn bpf_clippy(root: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("rustup");
+    cmd.current_dir(root.join("datapath-ebpf"))
+        .args(["run", "nightly", "cargo", "clippy", "-p", "datapath-ebpf", "--target", BPF_TARGET])
+        .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    cmd
 }
 
 /// What one `cargo test` run did.
