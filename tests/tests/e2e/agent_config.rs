@@ -17,9 +17,7 @@ fn run_with(config: &str) -> (bool, String) {
 
 #[test]
 fn bad_values_are_refused_naming_the_field() {
-    if !require_root("bad_values_are_refused_naming_the_field") {
-        return;
-    }
+    require_root!();
     let base = "node_name = \"n1\"\npod_cidr = \"10.244.1.0/24\"\nuplink_interface = \"lo\"\nbpffs_dir = \"/sys/fs/bpf/dpt-config-test\"\napi_socket = \"/tmp/dpt-config-test.sock\"\ncluster_cidr = \"10.244.0.0/16\"\nnode_ip = \"127.0.0.1\"\n";
     for (config, field) in [
         (base.replace("10.244.1.0/24", "10.244.1.0/33"), "pod_cidr"),
@@ -46,9 +44,7 @@ fn bad_values_are_refused_naming_the_field() {
 /// on without its probes would have Kubernetes restart it forever.
 #[test]
 fn a_health_address_that_cannot_be_bound_is_fatal() {
-    if !require_root("a_health_address_that_cannot_be_bound_is_fatal") {
-        return;
-    }
+    require_root!();
     let mut node = datapath_tests::lab::Node::new("10.244.1.0/24", std::net::Ipv4Addr::new(10, 250, 0, 1));
     // Someone else has the port in the node's namespace.
     let taken = datapath_tests::lab::in_netns(&node.netns.path(), || {

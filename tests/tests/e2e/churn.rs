@@ -16,9 +16,7 @@ const PODS: usize = 500;
 
 #[test]
 fn five_hundred_pods_come_and_go_without_leaks() {
-    if !require_root("five_hundred_pods_come_and_go_without_leaks") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let conf = node.cni_config().to_string();

@@ -53,9 +53,7 @@ impl Held {
 
 #[test]
 fn add_racing_del_of_the_same_container_ends_all_or_nothing() {
-    if !require_root("add_racing_del_of_the_same_container_ends_all_or_nothing") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let node = node;
@@ -115,9 +113,7 @@ fn add_racing_del_of_the_same_container_ends_all_or_nothing() {
 
 #[test]
 fn gc_leaves_the_veth_of_an_add_under_way_alone() {
-    if !require_root("gc_leaves_the_veth_of_an_add_under_way_alone") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let node = node;

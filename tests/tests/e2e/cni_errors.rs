@@ -34,9 +34,7 @@ fn assert_nothing_left(node: &Node) {
 
 #[test]
 fn bad_environment_and_config_get_the_right_codes() {
-    if !require_root("bad_environment_and_config_get_the_right_codes") {
-        return;
-    }
+    require_root!();
     let node = node();
     let pod = Netns::new(format!("{}-pod", node.id));
     let netns = pod.path().display().to_string();
@@ -85,9 +83,7 @@ fn bad_environment_and_config_get_the_right_codes() {
 
 #[test]
 fn version_lists_supported_versions() {
-    if !require_root("version_lists_supported_versions") {
-        return;
-    }
+    require_root!();
     let node = node();
     let run = node.cni(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
     assert!(run.success);
@@ -99,9 +95,7 @@ fn version_lists_supported_versions() {
 
 #[test]
 fn agent_down_means_try_again_later_and_nothing_made() {
-    if !require_root("agent_down_means_try_again_later_and_nothing_made") {
-        return;
-    }
+    require_root!();
     let mut node = node();
     node.stop_agent();
     let pod = Netns::new(format!("{}-pod", node.id));
@@ -122,9 +116,7 @@ fn agent_down_means_try_again_later_and_nothing_made() {
 
 #[test]
 fn failure_after_the_veth_exists_rolls_everything_back() {
-    if !require_root("failure_after_the_veth_exists_rolls_everything_back") {
-        return;
-    }
+    require_root!();
     let node = node();
     // IPAM hands out an address outside the agent's pod CIDR: the agent
     // refuses the endpoint after the plugin made veth, routes and lease.
@@ -142,9 +134,7 @@ fn failure_after_the_veth_exists_rolls_everything_back() {
 
 #[test]
 fn interface_name_taken_in_the_pod_rolls_back() {
-    if !require_root("interface_name_taken_in_the_pod_rolls_back") {
-        return;
-    }
+    require_root!();
     let node = node();
     let pod = Netns::new(format!("{}-pod", node.id));
     // Something already called eth0 in the pod: the veth cannot be made.
@@ -160,9 +150,7 @@ fn interface_name_taken_in_the_pod_rolls_back() {
 
 #[test]
 fn exhausted_pool_fails_cleanly() {
-    if !require_root("exhausted_pool_fails_cleanly") {
-        return;
-    }
+    require_root!();
     let node = node();
     let mut conf = node.cni_config();
     conf["ipam"]["ranges"] = serde_json::json!([[{ "subnet": "10.244.1.0/24", "rangeStart": "10.244.1.10", "rangeEnd": "10.244.1.10" }]]);
@@ -181,9 +169,7 @@ fn exhausted_pool_fails_cleanly() {
 
 #[test]
 fn cni_netns_that_is_not_a_network_namespace_gets_code_4() {
-    if !require_root("cni_netns_that_is_not_a_network_namespace_gets_code_4") {
-        return;
-    }
+    require_root!();
     let node = node();
     let file = node.work_dir.join("not-a-netns");
     std::fs::write(&file, b"").unwrap();
@@ -214,9 +200,7 @@ fn cni_netns_that_is_not_a_network_namespace_gets_code_4() {
 
 #[test]
 fn del_succeeds_for_a_container_id_ipam_rejects() {
-    if !require_root("del_succeeds_for_a_container_id_ipam_rejects") {
-        return;
-    }
+    require_root!();
     let node = node();
     let pod = Netns::new(format!("{}-pod", node.id));
     let netns = pod.path().display().to_string();
@@ -240,9 +224,7 @@ fn del_succeeds_for_a_container_id_ipam_rejects() {
 
 #[test]
 fn cni_netns_of_the_node_itself_gets_code_4() {
-    if !require_root("cni_netns_of_the_node_itself_gets_code_4") {
-        return;
-    }
+    require_root!();
     let node = node();
     let routes_before = node.host_routes();
     let conf = node.cni_config().to_string();
@@ -270,9 +252,7 @@ fn cni_netns_of_the_node_itself_gets_code_4() {
 
 #[test]
 fn mtu_above_the_agents_pod_mtu_gets_code_7() {
-    if !require_root("mtu_above_the_agents_pod_mtu_gets_code_7") {
-        return;
-    }
+    require_root!();
     let node = node();
     // The lab's uplink is a plain veth: MTU 1500, native mode, pod MTU 1500.
     let pod_mtu = node.cni(&[("CNI_COMMAND", "STATUS")], node.cni_config().to_string().as_bytes());
@@ -327,9 +307,7 @@ impl Drop for StuckAgent {
 
 #[test]
 fn an_agent_that_takes_no_calls_means_try_again_later() {
-    if !require_root("an_agent_that_takes_no_calls_means_try_again_later") {
-        return;
-    }
+    require_root!();
     // No agent: a socket that never accepts stands in for one that is out of
     // file descriptors or overloaded.
     let node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));

@@ -24,9 +24,7 @@ fn check(node: &Node, pod: &Pod) -> datapath_tests::lab::CniRun {
 
 #[test]
 fn check_passes_then_names_what_broke() {
-    if !require_root("check_passes_then_names_what_broke") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let run = check(&node, &a);
@@ -59,9 +57,7 @@ fn check_passes_then_names_what_broke() {
 
 #[test]
 fn add_twice_returns_the_same_result_and_makes_nothing() {
-    if !require_root("add_twice_returns_the_same_result_and_makes_nothing") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let netns = a.netns.path().display().to_string();
@@ -78,9 +74,7 @@ fn add_twice_returns_the_same_result_and_makes_nothing() {
 
 #[test]
 fn gc_removes_everything_not_in_valid_attachments() {
-    if !require_root("gc_removes_everything_not_in_valid_attachments") {
-        return;
-    }
+    require_root!();
     let node = node();
     let keep = node.add_pod("keep");
     let gone1 = node.add_pod("gone1");
@@ -121,9 +115,7 @@ fn gc_removes_everything_not_in_valid_attachments() {
 
 #[test]
 fn k8s_pod_names_reach_inspect_and_all_versions_work() {
-    if !require_root("k8s_pod_names_reach_inspect_and_all_versions_work") {
-        return;
-    }
+    require_root!();
     let node = node();
     for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
         let ns = Netns::new(format!("{}-v{i}", node.id));
@@ -191,9 +183,7 @@ const ORPHAN_VETH: &str = "dpt0123456789ab";
 
 #[test]
 fn gc_without_valid_attachments_or_before_1_1_removes_nothing() {
-    if !require_root("gc_without_valid_attachments_or_before_1_1_removes_nothing") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -343,9 +333,7 @@ fn assert_detached(node: &Node, pod: &Attachment) {
 
 #[test]
 fn gc_of_one_network_leaves_other_networks_alone() {
-    if !require_root("gc_of_one_network_leaves_other_networks_alone") {
-        return;
-    }
+    require_root!();
     let node = node();
     let first = node.cni_config();
     let second = second_network_config(&node);
@@ -386,9 +374,7 @@ fn gc_of_one_network_leaves_other_networks_alone() {
 
 #[test]
 fn gc_keeps_endpoints_whose_record_names_no_network() {
-    if !require_root("gc_keeps_endpoints_whose_record_names_no_network") {
-        return;
-    }
+    require_root!();
     let node = node();
     let old_pod = node.add_pod("old");
     let new_pod = node.add_pod("new");
@@ -420,9 +406,7 @@ fn gc_keeps_endpoints_whose_record_names_no_network() {
 
 #[test]
 fn gc_sweeps_only_veths_never_a_bridge_named_like_one() {
-    if !require_root("gc_sweeps_only_veths_never_a_bridge_named_like_one") {
-        return;
-    }
+    require_root!();
     let node = node();
     let keep_pod = node.add_pod("keep");
     let keep = Attachment { ip: keep_pod.ip, host_veth: keep_pod.host_veth.clone() };

@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, TcpListener},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use datapath_tests::{
@@ -14,7 +14,7 @@ use datapath_tests::{
         tcp_echo,
     },
     packets::{ETH_P_IP, Ipv4, ethernet},
-    require_root, sh,
+    require_root, sh, wait_for,
 };
 
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 200);
@@ -131,25 +131,19 @@ fn cross_node(mode: &str) {
 
 #[test]
 fn cross_node_native_routing() {
-    if !require_root("cross_node_native_routing") {
-        return;
-    }
+    require_root!();
     cross_node("native");
 }
 
 #[test]
 fn cross_node_vxlan_overlay() {
-    if !require_root("cross_node_vxlan_overlay") {
-        return;
-    }
+    require_root!();
     cross_node("vxlan");
 }
 
 #[test]
 fn forged_vxlan_from_an_unknown_host_is_dropped() {
-    if !require_root("forged_vxlan_from_an_unknown_host_is_dropped") {
-        return;
-    }
+    require_root!();
     let lab = lab("vxlan");
     let a1 = &lab.pods[0];
     // The outside host builds its own VXLAN towards node A, with the
@@ -188,9 +182,7 @@ fn forged_vxlan_from_an_unknown_host_is_dropped() {
 
 #[test]
 fn forged_vxlan_from_a_peer_node_is_dropped_with_its_reason() {
-    if !require_root("forged_vxlan_from_a_peer_node_is_dropped_with_its_reason") {
-        return;
-    }
+    require_root!();
     let lab = lab("vxlan");
     let a1 = &lab.pods[0];
     let monitor = lab.a.monitor(&["--count", "3", "--seconds", "20"]);
@@ -222,19 +214,9 @@ fn forged_vxlan_from_a_peer_node_is_dropped_with_its_reason() {
     assert_eq!(events[1]["destination"], a1.ip.to_string());
 }
 
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn peer_list_changes_apply_live_without_restart() {
-    if !require_root("peer_list_changes_apply_live_without_restart") {
-        return;
-    }
+    require_root!();
     for mode in ["native", "vxlan"] {
         let fabric = Fabric::new();
         let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), mode);
@@ -247,24 +229,30 @@ fn peer_list_changes_apply_live_without_restart() {
         assert!(!ping(&a1.netns, b1.ip, 1), "{mode}: A does not know B yet");
 
         a.set_peers(vec![b.as_peer()]);
-        wait_for("peer added", || a.inspect("nodes").as_array().unwrap().len() == 1);
+        wait_for("peer added", Duration::from_secs(10), || a.inspect("nodes").as_array().unwrap().len() == 1);
         assert!(ping(&a1.netns, b1.ip, 2), "{mode}: after adding B to A's peers");
         assert!(a.host_routes().contains("10.244.2.0/24"), "{mode}: node route: {}", a.host_routes());
 
         // A third node appears; B's entry must not be touched.
         let c = Node::on_fabric(&fabric, "10.244.3.0/24", Ipv4Addr::new(10, 250, 0, 3), mode);
         a.set_peers(vec![b.as_peer(), c.as_peer()]);
-        wait_for("second peer", || a.inspect("nodes").as_array().unwrap().len() == 2);
+        wait_for("second peer", Duration::from_secs(10), || {
+            a.inspect("nodes").as_array().unwrap().len() == 2
+        });
         assert!(ping(&a1.netns, b1.ip, 2), "{mode}: B still reachable");
 
         a.set_peers(vec![]);
-        wait_for("peers removed", || a.inspect("nodes").as_array().unwrap().is_empty());
+        wait_for("peers removed", Duration::from_secs(10), || {
+            a.inspect("nodes").as_array().unwrap().is_empty()
+        });
         assert!(!a.host_routes().contains("10.244.2.0/24"), "{mode}: route removed: {}", a.host_routes());
         assert!(a.agent_log().contains("peer nodes programmed"), "{}", a.agent_log());
 
         // A bad edit is refused and changes nothing.
         a.set_peers(vec![a.as_peer()]);
-        wait_for("the bad edit refused", || a.agent_log().contains("ignoring invalid config change"));
+        wait_for("the bad edit refused", Duration::from_secs(10), || {
+            a.agent_log().contains("ignoring invalid config change")
+        });
         assert!(a.inspect("nodes").as_array().unwrap().is_empty());
         drop((a1, b1));
     }
@@ -272,9 +260,7 @@ fn peer_list_changes_apply_live_without_restart() {
 
 #[test]
 fn agent_restart_keeps_cross_node_forwarding_and_state() {
-    if !require_root("agent_restart_keeps_cross_node_forwarding_and_state") {
-        return;
-    }
+    require_root!();
     for mode in ["native", "vxlan"] {
         let mut lab = lab(mode);
         let (a1, b1) = (&lab.pods[0], &lab.pods[2]);
@@ -299,9 +285,7 @@ fn agent_restart_keeps_cross_node_forwarding_and_state() {
 
 #[test]
 fn a_peer_in_the_other_mode_is_named_not_black_holed_silently() {
-    if !require_root("a_peer_in_the_other_mode_is_named_not_black_holed_silently") {
-        return;
-    }
+    require_root!();
     // Node A runs native routing, node B the overlay: each drops the
     // other's pod traffic as peer_mode_mismatch and its agent says which
     // peer, and how to fix it.
@@ -322,8 +306,8 @@ fn a_peer_in_the_other_mode_is_named_not_black_holed_silently() {
         let log = node.agent_log();
         log.lines().any(|l| l.contains("runs the other routing mode") && l.contains(&peer.to_string()))
     };
-    wait_for("A to name B", || named(&a, b.node_ip));
-    wait_for("B to name A", || named(&b, a.node_ip));
+    wait_for("A to name B", Duration::from_secs(10), || named(&a, b.node_ip));
+    wait_for("B to name A", Duration::from_secs(10), || named(&b, a.node_ip));
     // Worded by each node's own mode.
     let line = |node: &Node| {
         node.agent_log().lines().find(|l| l.contains("runs the other routing mode")).unwrap().to_owned()

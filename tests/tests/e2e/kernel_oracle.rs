@@ -122,16 +122,12 @@ fn differential(mode: &str) {
 
 #[test]
 fn native_mode_delivers_no_more_than_the_kernel() {
-    if !require_root("native_mode_delivers_no_more_than_the_kernel") {
-        return;
-    }
+    require_root!();
     differential("native");
 }
 
 #[test]
 fn vxlan_mode_delivers_no_more_than_the_kernel() {
-    if !require_root("vxlan_mode_delivers_no_more_than_the_kernel") {
-        return;
-    }
+    require_root!();
     differential("vxlan");
 }

@@ -90,9 +90,7 @@ fn bpftool_create(pin: &Path, kind: &str, key: u32, value: u32, entries: u32, na
 
 #[test]
 fn a_pin_with_another_value_size_is_refused_before_anything_is_touched() {
-    if !require_root("a_pin_with_another_value_size_is_refused_before_anything_is_touched") {
-        return;
-    }
+    require_root!();
     let node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     // ENDPOINTS under this build's layout version, but 20-byte values: made
     // by another build (this one's Endpoint is 24 bytes). With an entry.
@@ -135,9 +133,7 @@ fn a_pin_with_another_value_size_is_refused_before_anything_is_touched() {
 
 #[test]
 fn a_rollback_over_a_newer_layout_is_refused_and_forwarding_goes_on() {
-    if !require_root("a_rollback_over_a_newer_layout_is_refused_and_forwarding_goes_on") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -189,9 +185,7 @@ fn a_rollback_over_a_newer_layout_is_refused_and_forwarding_goes_on() {
 
 #[test]
 fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() {
-    if !require_root("pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -264,9 +258,7 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
 
 #[test]
 fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
-    if !require_root("counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -315,9 +307,7 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
 
 #[test]
 fn a_conntrack_smaller_than_its_open_connections_is_refused() {
-    if !require_root("a_conntrack_smaller_than_its_open_connections_is_refused") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     // 1500 tracked connections in a map of 2048; the config asks for 1024.
     std::fs::create_dir_all(maps_dir(&node)).unwrap();
@@ -378,9 +368,7 @@ fn web_service(backends: &[Ipv4Addr]) -> String {
 
 #[test]
 fn growing_conntrack_keeps_service_connections_without_a_lost_packet() {
-    if !require_root("growing_conntrack_keeps_service_connections_without_a_lost_packet") {
-        return;
-    }
+    require_root!();
     let fabric = Fabric::new();
     let (mut a, b) = peered_nodes(&fabric, "native");
     let client = a.add_pod("a1");

@@ -2,11 +2,11 @@
 //! `inspect counters`, in Prometheus `/metrics` and in bpftool; `inspect`
 //! shows the live state.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use datapath_tests::{
     lab::{Node, http_get_local, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames},
-    require_root, sh,
+    require_root, sh, wait_for,
 };
 
 /// The sum of `name{...label="value"...} N` over all samples carrying
@@ -28,9 +28,7 @@ fn sample(metrics: &str, name: &str, label: &str) -> Option<u64> {
 
 #[test]
 fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
-    if !require_root("provoked_drops_agree_in_inspect_metrics_and_bpftool") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -48,7 +46,10 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 3));
     assert!(!a.netns.exec_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", &b.ip.to_string()]));
     send_raw_frames(&a.netns, "eth0", malformed_frames(&node, &a, &b)).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let dropped = |counters: &serde_json::Value| -> u64 {
+        counters["drops"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum()
+    };
+    wait_for("the eight drops counted", Duration::from_secs(5), || dropped(&node.inspect("counters")) >= 8);
 
     let (events, summary) = monitor.finish();
     let counters = node.inspect("counters");
@@ -159,9 +160,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
 
 #[test]
 fn monitor_traces_forwards_within_its_rate_limit() {
-    if !require_root("monitor_traces_forwards_within_its_rate_limit") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.set_extra_config("monitor_events_per_second = 50\n");
     node.start_agent();
@@ -202,9 +201,7 @@ fn monitor_traces_forwards_within_its_rate_limit() {
 /// with success), not panic with "failed printing to stdout".
 #[test]
 fn inspect_into_a_closed_pipe_exits_quietly() {
-    if !require_root("inspect_into_a_closed_pipe_exits_quietly") {
-        return;
-    }
+    require_root!();
     use std::os::unix::process::ExitStatusExt as _;
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
@@ -232,23 +229,13 @@ fn inspect_into_a_closed_pipe_exits_quietly() {
     }
 }
 
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
 /// /healthz fails while the agent's event loop is stuck, and recovers with
 /// it. The loop is stuck for real: a CNI DEL reads the pod's record from the
 /// state directory while holding the agent's lock, and here the record is a
 /// FIFO nobody writes (as a hung file system would hold the read).
 #[test]
 fn liveness_fails_while_the_event_loop_is_stuck() {
-    if !require_root("liveness_fails_while_the_event_loop_is_stuck") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.set_extra_config("event_loop_stall_seconds = 2\n");
     node.start_agent();
@@ -281,14 +268,18 @@ fn liveness_fails_while_the_event_loop_is_stuck() {
             child.wait().unwrap()
         })
     };
-    wait_until("/healthz to fail", || http_get_local(&node.netns, 9976, "/healthz").0 == 503);
+    wait_for("/healthz to fail", Duration::from_secs(30), || {
+        http_get_local(&node.netns, 9976, "/healthz").0 == 503
+    });
     let (_, body) = http_get_local(&node.netns, 9976, "/healthz");
     assert!(body.contains("event loop has not turned"), "{body}");
     assert!(ping(&a.netns, b.ip, 1), "forwarding goes on meanwhile");
 
     // A writer comes and goes: the read ends (with an unreadable record).
     std::fs::OpenOptions::new().write(true).open(&record).unwrap();
-    wait_until("/healthz to recover", || http_get_local(&node.netns, 9976, "/healthz").0 == 200);
+    wait_for("/healthz to recover", Duration::from_secs(30), || {
+        http_get_local(&node.netns, 9976, "/healthz").0 == 200
+    });
     del.join().unwrap();
     std::fs::remove_file(&record).unwrap();
     let c = node.add_pod("c");
@@ -300,13 +291,11 @@ fn liveness_fails_while_the_event_loop_is_stuck() {
 /// not ready once the datapath is gone (a node-level link pin removed).
 #[test]
 fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
-    if !require_root("readiness_shows_rejected_config_edits_and_follows_the_datapath") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let readyz = |node: &Node| http_get_local(&node.netns, 9976, "/readyz");
-    wait_until("ready", || readyz(&node).0 == 200);
+    wait_for("ready", Duration::from_secs(30), || readyz(&node).0 == 200);
     let rejected = |node: &Node, reason: &str| {
         let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
         sample(&metrics, "datapath_config_edits_rejected_total", &format!("reason=\"{reason}\""))
@@ -316,18 +305,24 @@ fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
     // An invalid edit: nothing applied, still ready, the error shown and counted.
     let good = std::fs::read_to_string(node.config_path()).unwrap();
     std::fs::write(node.config_path(), format!("monitor_events_per_second = 0\n{good}")).unwrap();
-    wait_until("the rejected edit shown", || readyz(&node).1.contains("last rejected config edit"));
+    wait_for("the rejected edit shown", Duration::from_secs(30), || {
+        readyz(&node).1.contains("last rejected config edit")
+    });
     let (status, body) = readyz(&node);
     assert_eq!(status, 200, "the running config stays: {body}");
     assert!(body.contains("monitor_events_per_second"), "the error names the field: {body}");
     assert_eq!(rejected(&node, "invalid"), Some(1));
     // A good edit clears it.
     std::fs::write(node.config_path(), &good).unwrap();
-    wait_until("the error cleared", || !readyz(&node).1.contains("last rejected config edit"));
+    wait_for("the error cleared", Duration::from_secs(30), || {
+        !readyz(&node).1.contains("last rejected config edit")
+    });
 
     // A field only a restart changes: counted and shown too.
     std::fs::write(node.config_path(), format!("ebpf_log = \"debug\"\n{good}")).unwrap();
-    wait_until("the restart-only edit shown", || readyz(&node).1.contains("`ebpf_log` changed"));
+    wait_for("the restart-only edit shown", Duration::from_secs(30), || {
+        readyz(&node).1.contains("`ebpf_log` changed")
+    });
     assert_eq!(rejected(&node, "needs_restart"), Some(1));
     std::fs::write(node.config_path(), &good).unwrap();
 
@@ -335,14 +330,14 @@ fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
     let uplink_link =
         std::fs::read_dir(node.bpffs_dir.join("node-links")).unwrap().next().unwrap().unwrap().path();
     std::fs::remove_file(&uplink_link).unwrap();
-    wait_until("not ready", || readyz(&node).0 == 503);
+    wait_for("not ready", Duration::from_secs(30), || readyz(&node).0 == 503);
     let (_, body) = readyz(&node);
     assert!(body.contains("not loaded") && body.contains(&uplink_link.display().to_string()), "{body}");
     assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200, "still live");
     // A restart puts it back.
     node.stop_agent();
     node.start_agent();
-    wait_until("ready again", || readyz(&node).0 == 200);
+    wait_for("ready again", Duration::from_secs(30), || readyz(&node).0 == 200);
 }
 
 /// Lower the agent's limit on open files to `limit` (as a tight container
@@ -399,9 +394,7 @@ fn closed_within(conn: &mut std::net::TcpStream, within: std::time::Duration) ->
 /// keeps file descriptors for CNI calls.
 #[test]
 fn idle_health_connections_cannot_starve_the_agent() {
-    if !require_root("idle_health_connections_cannot_starve_the_agent") {
-        return;
-    }
+    require_root!();
     use std::{
         io::Write as _,
         time::{Duration, Instant},
@@ -492,9 +485,7 @@ fn rest_of_stderr(child: &mut std::process::Child) -> String {
 /// SIGTERM or SIGINT.
 #[test]
 fn a_monitor_into_a_closed_pipe_restores_forward_tracing() {
-    if !require_root("a_monitor_into_a_closed_pipe_restores_forward_tracing") {
-        return;
-    }
+    require_root!();
     use std::io::BufRead as _;
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
@@ -539,9 +530,7 @@ fn a_monitor_into_a_closed_pipe_restores_forward_tracing() {
 /// monitor is switched off by the next monitor, and by the agent.
 #[test]
 fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
-    if !require_root("one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");

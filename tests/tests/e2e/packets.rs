@@ -162,9 +162,7 @@ fn ip_frame(ip: &Ipv4) -> Vec<u8> {
 
 #[test]
 fn arp_request_for_gateway_gets_reply_with_host_mac() {
-    if !require_root("arp_request_for_gateway_gets_reply_with_host_mac") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let run = h.run(&arp_request(POD_A_MAC, POD_A_IP, GATEWAY));
     run.assert_only_forward(ForwardPath::ArpReply, TC_ACT_REDIRECT);
@@ -181,9 +179,7 @@ fn arp_request_for_gateway_gets_reply_with_host_mac() {
 
 #[test]
 fn arp_for_any_other_address_is_answered_too() {
-    if !require_root("arp_for_any_other_address_is_answered_too") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let run = h.run(&arp_request(POD_A_MAC, POD_A_IP, POD_B_IP));
     run.assert_only_forward(ForwardPath::ArpReply, TC_ACT_REDIRECT);
@@ -192,9 +188,7 @@ fn arp_for_any_other_address_is_answered_too() {
 
 #[test]
 fn arp_for_the_pods_own_ip_goes_to_host_stack() {
-    if !require_root("arp_for_the_pods_own_ip_goes_to_host_stack") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let frame = arp_request(POD_A_MAC, POD_A_IP, POD_A_IP);
     let run = h.run(&frame);
@@ -204,18 +198,14 @@ fn arp_for_the_pods_own_ip_goes_to_host_stack() {
 
 #[test]
 fn arp_claiming_another_address_is_dropped() {
-    if !require_root("arp_claiming_another_address_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     h.run(&arp_request(POD_A_MAC, POD_B_IP, GATEWAY)).assert_only_drop(DropReason::SpoofedArp);
 }
 
 #[test]
 fn truncated_or_non_ipv4_arp_is_dropped() {
-    if !require_root("truncated_or_non_ipv4_arp_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let mut frame = arp_request(POD_A_MAC, POD_A_IP, GATEWAY);
     frame.truncate(14 + 20);
@@ -228,9 +218,7 @@ fn truncated_or_non_ipv4_arp_is_dropped() {
 
 #[test]
 fn ipv4_to_local_pod_is_redirected_with_rewritten_macs_and_ttl() {
-    if !require_root("ipv4_to_local_pod_is_redirected_with_rewritten_macs_and_ttl") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
     let frame = ip_frame(&ip);
@@ -249,9 +237,7 @@ fn ipv4_to_local_pod_is_redirected_with_rewritten_macs_and_ttl() {
 
 #[test]
 fn traffic_is_counted_per_endpoint_and_drops_per_direction() {
-    if !require_root("traffic_is_counted_per_endpoint_and_drops_per_direction") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Vxlan);
     let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP));
     for _ in 0..3 {
@@ -278,9 +264,7 @@ fn traffic_is_counted_per_endpoint_and_drops_per_direction() {
 
 #[test]
 fn checksum_stays_valid_across_ttls() {
-    if !require_root("checksum_stays_valid_across_ttls") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     for ttl in [2u8, 3, 64, 128, 255] {
         let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
@@ -294,9 +278,7 @@ fn checksum_stays_valid_across_ttls() {
 
 #[test]
 fn spoofed_source_is_dropped() {
-    if !require_root("spoofed_source_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let ip = Ipv4::icmp_echo([10, 244, 1, 99], POD_B_IP);
     h.run(&ip_frame(&ip)).assert_only_drop(DropReason::SpoofedSource);
@@ -304,9 +286,7 @@ fn spoofed_source_is_dropped() {
 
 #[test]
 fn spoofed_source_to_host_is_dropped_too() {
-    if !require_root("spoofed_source_to_host_is_dropped_too") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let ip = Ipv4::icmp_echo([192, 0, 2, 1], [10, 0, 0, 1]);
     h.run(&ip_frame(&ip)).assert_only_drop(DropReason::SpoofedSource);
@@ -332,9 +312,7 @@ fn time_exceeded(sent: &[u8], router: [u8; 4]) -> Vec<u8> {
 
 #[test]
 fn ttl_one_is_answered_with_time_exceeded() {
-    if !require_root("ttl_one_is_answered_with_time_exceeded") {
-        return;
-    }
+    require_root!();
     for ttl in [0u8, 1] {
         let h = Harness::new().with_peer(RoutingMode::Native);
         let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
@@ -350,9 +328,7 @@ fn ttl_one_is_answered_with_time_exceeded() {
 
 #[test]
 fn no_time_exceeded_about_an_icmp_error_or_a_later_fragment() {
-    if !require_root("no_time_exceeded_about_an_icmp_error_or_a_later_fragment") {
-        return;
-    }
+    require_root!();
     // RFC 1122 3.2.2: never an ICMP error about an ICMP error, nor about a
     // fragment other than the first. Dropped and counted all the same.
     let mut error = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
@@ -368,9 +344,7 @@ fn no_time_exceeded_about_an_icmp_error_or_a_later_fragment() {
 
 #[test]
 fn time_exceeded_is_rate_limited_per_cpu() {
-    if !require_root("time_exceeded_is_rate_limited_per_cpu") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new().with_peer(RoutingMode::Native);
     h.exhaust_icmp_budget();
     let mut ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
@@ -381,9 +355,7 @@ fn time_exceeded_is_rate_limited_per_cpu() {
 
 #[test]
 fn ttl_one_to_the_host_stack_is_the_hosts_business() {
-    if !require_root("ttl_one_to_the_host_stack_is_the_hosts_business") {
-        return;
-    }
+    require_root!();
     // Not forwarded by us (this node, the outside): the kernel delivers or
     // answers it itself.
     for dst in [NODE_IP, OUTSIDE_IP] {
@@ -399,9 +371,7 @@ fn ttl_one_to_the_host_stack_is_the_hosts_business() {
 
 #[test]
 fn frames_not_addressed_to_the_node_are_not_forwarded() {
-    if !require_root("frames_not_addressed_to_the_node_are_not_forwarded") {
-        return;
-    }
+    require_root!();
     let ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
     let remote = Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP).bytes();
     let other_host = [0x02, 0x42, 0, 0, 0, 1];
@@ -426,9 +396,7 @@ fn frames_not_addressed_to_the_node_are_not_forwarded() {
 
 #[test]
 fn bad_header_checksum_is_not_forwarded() {
-    if !require_root("bad_header_checksum_is_not_forwarded") {
-        return;
-    }
+    require_root!();
     for dst in [POD_B_IP, REMOTE_POD_IP] {
         let h = Harness::new().with_peer(RoutingMode::Native);
         let mut bytes = Ipv4::icmp_echo(POD_A_IP, dst).bytes();
@@ -445,9 +413,7 @@ fn bad_header_checksum_is_not_forwarded() {
 
 #[test]
 fn unknown_destination_goes_to_host_stack_unmodified() {
-    if !require_root("unknown_destination_goes_to_host_stack_unmodified") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, [10, 0, 0, 1]));
     let run = h.run(&frame);
@@ -457,9 +423,7 @@ fn unknown_destination_goes_to_host_stack_unmodified() {
 
 #[test]
 fn ipv6_goes_to_host_stack() {
-    if !require_root("ipv6_goes_to_host_stack") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 58, 64];
     v6.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
@@ -471,9 +435,7 @@ fn ipv6_goes_to_host_stack() {
 
 #[test]
 fn vlan_tagged_frames_are_dropped() {
-    if !require_root("vlan_tagged_frames_are_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let mut tagged = vec![0x00, 0x64, 0x08, 0x00]; // VID 100, inner IPv4
     tagged.extend_from_slice(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes());
@@ -483,9 +445,7 @@ fn vlan_tagged_frames_are_dropped() {
 
 #[test]
 fn truncated_ethernet_is_refused_by_the_kernel_before_the_program() {
-    if !require_root("truncated_ethernet_is_refused_by_the_kernel_before_the_program") {
-        return;
-    }
+    require_root!();
     // A frame shorter than 14 bytes never reaches a TC program (the kernel
     // refuses it in test runs and never builds such an skb on a veth); the
     // program still guards with DropReason::TruncatedEthernet.
@@ -495,9 +455,7 @@ fn truncated_ethernet_is_refused_by_the_kernel_before_the_program() {
 
 #[test]
 fn ipv4_header_shorter_than_20_bytes_is_refused_by_the_kernel_test_run() {
-    if !require_root("ipv4_header_shorter_than_20_bytes_is_refused_by_the_kernel_test_run") {
-        return;
-    }
+    require_root!();
     // BPF_PROG_TEST_RUN insists on a full IPv4 header for IPv4 frames, so this
     // case is tested on a real veth (same_node.rs: raw frames from a pod).
     let bytes = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
@@ -507,9 +465,7 @@ fn ipv4_header_shorter_than_20_bytes_is_refused_by_the_kernel_test_run() {
 
 #[test]
 fn ihl_beyond_the_frame_is_dropped() {
-    if !require_root("ihl_beyond_the_frame_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new();
     let mut bytes = Ipv4::icmp_echo(POD_A_IP, POD_B_IP).bytes();
     bytes.truncate(20);
@@ -520,9 +476,7 @@ fn ihl_beyond_the_frame_is_dropped() {
 
 #[test]
 fn bad_ihl_version_or_length_is_dropped() {
-    if !require_root("bad_ihl_version_or_length_is_dropped") {
-        return;
-    }
+    require_root!();
     let ip = Ipv4::icmp_echo(POD_A_IP, POD_B_IP);
     for (what, patch) in
         [("ihl 4", (0usize, 0x44u8)), ("version 6", (0, 0x65)), ("total length beyond frame", (2, 0x7f))]
@@ -538,9 +492,7 @@ fn bad_ihl_version_or_length_is_dropped() {
 
 #[test]
 fn ipv4_options_are_not_forwarded() {
-    if !require_root("ipv4_options_are_not_forwarded") {
-        return;
-    }
+    require_root!();
     // Router alert, record route, loose source route: the datapath forwards
     // none (the kernel refuses source routes, and would process the rest).
     for option in
@@ -563,9 +515,7 @@ fn ipv4_options_are_not_forwarded() {
 
 #[test]
 fn fragments_are_forwarded_like_any_packet() {
-    if !require_root("fragments_are_forwarded_like_any_packet") {
-        return;
-    }
+    require_root!();
     // First fragment (MF) and a later one (offset 185 = 1480 bytes): the
     // datapath routes on addresses only, so both are delivered.
     for frag in [0x2000u16, 0x00b9] {
@@ -580,9 +530,7 @@ fn fragments_are_forwarded_like_any_packet() {
 
 #[test]
 fn unregistered_interface_is_dropped() {
-    if !require_root("unregistered_interface_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::empty();
     h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP))).assert_only_drop(DropReason::UnknownInterface);
 }
@@ -597,9 +545,7 @@ fn assert_routed(run: &Run, sent: &[u8]) {
 
 #[test]
 fn remote_pod_native_goes_out_of_the_uplink() {
-    if !require_root("remote_pod_native_goes_out_of_the_uplink") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Native);
     let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP));
     let run = h.run(&frame);
@@ -609,9 +555,7 @@ fn remote_pod_native_goes_out_of_the_uplink() {
 
 #[test]
 fn remote_pod_overlay_is_encapsulated() {
-    if !require_root("remote_pod_overlay_is_encapsulated") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Vxlan);
     let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP));
     let run = h.run(&frame);
@@ -621,9 +565,7 @@ fn remote_pod_overlay_is_encapsulated() {
 
 #[test]
 fn peer_node_address_is_reached_directly() {
-    if !require_root("peer_node_address_is_reached_directly") {
-        return;
-    }
+    require_root!();
     for (mode, path) in [
         (RoutingMode::Native, ForwardPath::ToRemoteNative),
         (RoutingMode::Vxlan, ForwardPath::ToRemoteOverlay),
@@ -635,9 +577,7 @@ fn peer_node_address_is_reached_directly() {
 
 #[test]
 fn outside_and_own_node_go_to_the_host_stack_unmodified() {
-    if !require_root("outside_and_own_node_go_to_the_host_stack_unmodified") {
-        return;
-    }
+    require_root!();
     for dst in [OUTSIDE_IP, NODE_IP] {
         let h = Harness::new().with_peer(RoutingMode::Native);
         let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, dst));
@@ -649,9 +589,7 @@ fn outside_and_own_node_go_to_the_host_stack_unmodified() {
 
 #[test]
 fn remote_pod_without_a_mode_goes_to_the_host_stack() {
-    if !require_root("remote_pod_without_a_mode_goes_to_the_host_stack") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Unset);
     let frame = ip_frame(&Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP));
     h.run(&frame).assert_only_forward(ForwardPath::ToHostStack, TC_ACT_OK);
@@ -659,9 +597,7 @@ fn remote_pod_without_a_mode_goes_to_the_host_stack() {
 
 #[test]
 fn remote_pod_with_ttl_one_is_answered() {
-    if !require_root("remote_pod_with_ttl_one_is_answered") {
-        return;
-    }
+    require_root!();
     for mode in [RoutingMode::Native, RoutingMode::Vxlan] {
         let h = Harness::new().with_peer(mode);
         let mut ip = Ipv4::icmp_echo(POD_A_IP, REMOTE_POD_IP);
@@ -675,9 +611,7 @@ fn remote_pod_with_ttl_one_is_answered() {
 
 #[test]
 fn spoofed_source_to_a_remote_pod_is_dropped() {
-    if !require_root("spoofed_source_to_a_remote_pod_is_dropped") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Native);
     h.run(&ip_frame(&Ipv4::icmp_echo([10, 244, 1, 99], REMOTE_POD_IP)))
         .assert_only_drop(DropReason::SpoofedSource);
@@ -690,9 +624,7 @@ fn from_peer(ip: &[u8]) -> Vec<u8> {
 
 #[test]
 fn from_uplink_delivers_local_pods_and_passes_the_rest() {
-    if !require_root("from_uplink_delivers_local_pods_and_passes_the_rest") {
-        return;
-    }
+    require_root!();
     // A remote pod's packet for our pod B (the route back is the uplink).
     let h = Harness::new().with_peer(RoutingMode::Native);
     let frame = from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes());
@@ -723,9 +655,7 @@ fn from_uplink_delivers_local_pods_and_passes_the_rest() {
 
 #[test]
 fn from_uplink_refuses_what_the_kernel_would_not_forward() {
-    if !require_root("from_uplink_refuses_what_the_kernel_would_not_forward") {
-        return;
-    }
+    require_root!();
     let echo = |src: [u8; 4]| Ipv4::icmp_echo(src, POD_B_IP).bytes();
     let mut bad_checksum = echo(REMOTE_POD_IP);
     bad_checksum[10] ^= 0xff;
@@ -769,9 +699,7 @@ fn from_uplink_refuses_what_the_kernel_would_not_forward() {
 
 #[test]
 fn from_uplink_reverse_path_follows_the_nodes_routes() {
-    if !require_root("from_uplink_reverse_path_follows_the_nodes_routes") {
-        return;
-    }
+    require_root!();
     // A source routed back through the uplink passes: the link's own
     // subnet and a prefix the node routes that way.
     let h = Harness::new().with_peer(RoutingMode::Native);
@@ -796,9 +724,7 @@ fn from_uplink_reverse_path_follows_the_nodes_routes() {
 
 #[test]
 fn a_confirmed_reverse_path_is_remembered_for_a_bounded_number_of_packets() {
-    if !require_root("a_confirmed_reverse_path_is_remembered_for_a_bounded_number_of_packets") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new().with_peer(RoutingMode::Native);
     let frame = from_peer(&Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP).bytes());
     h.run_from_uplink(&frame).assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
@@ -871,9 +797,7 @@ fn sized_echo(total: usize, df: bool) -> Ipv4 {
 
 #[test]
 fn packets_larger_than_the_pods_mtu_get_fragmentation_needed_or_the_kernel() {
-    if !require_root("packets_larger_than_the_pods_mtu_get_fragmentation_needed_or_the_kernel") {
-        return;
-    }
+    require_root!();
     // At the MTU: delivered.
     let h = with_pod_b_behind_a_real_veth(Harness::new().with_peer(RoutingMode::Native), 1400);
     h.run_from_uplink(&from_peer(&sized_echo(1400, true).bytes()))
@@ -902,9 +826,7 @@ fn packets_larger_than_the_pods_mtu_get_fragmentation_needed_or_the_kernel() {
 
 #[test]
 fn nothing_is_delivered_to_a_pod_whose_host_veth_is_down() {
-    if !require_root("nothing_is_delivered_to_a_pod_whose_host_veth_is_down") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new().with_peer(RoutingMode::Native);
     h.datapath.set_host_veth_down(HOST_B_IFINDEX, true).unwrap();
     h.run(&ip_frame(&Ipv4::icmp_echo(POD_A_IP, POD_B_IP))).assert_only_drop(DropReason::EndpointDown);
@@ -923,9 +845,7 @@ fn nothing_is_delivered_to_a_pod_whose_host_veth_is_down() {
 
 #[test]
 fn from_uplink_ttl_one_is_answered_back_out_of_the_uplink() {
-    if !require_root("from_uplink_ttl_one_is_answered_back_out_of_the_uplink") {
-        return;
-    }
+    require_root!();
     let h = Harness::new().with_peer(RoutingMode::Native);
     let mut ip = Ipv4::icmp_echo(REMOTE_POD_IP, POD_B_IP);
     ip.ttl = 1;
@@ -937,9 +857,7 @@ fn from_uplink_ttl_one_is_answered_back_out_of_the_uplink() {
 
 #[test]
 fn peers_in_the_other_mode_are_named() {
-    if !require_root("peers_in_the_other_mode_are_named") {
-        return;
-    }
+    require_root!();
     // A native node gets VXLAN from a known peer.
     let mut h = Harness::new().with_peer(RoutingMode::Native);
     let vxlan = Ipv4::udp(PEER_IP, 41000, NODE_IP, VXLAN_PORT, &[0x08, 0, 0, 0, 0, 0, 1, 0], false);
@@ -964,9 +882,7 @@ fn peers_in_the_other_mode_are_named() {
 
 #[test]
 fn from_overlay_without_tunnel_metadata_is_dropped() {
-    if !require_root("from_overlay_without_tunnel_metadata_is_dropped") {
-        return;
-    }
+    require_root!();
     // BPF_PROG_TEST_RUN cannot attach tunnel metadata, so this is the one
     // overlay-ingress verdict testable here; the others run in cross_node.rs.
     let h = Harness::new().with_peer(RoutingMode::Vxlan);

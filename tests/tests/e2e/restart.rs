@@ -14,9 +14,7 @@ use datapath_tests::{
 
 #[test]
 fn sigkill_and_restart_under_load_lose_nothing() {
-    if !require_root("sigkill_and_restart_under_load_lose_nothing") {
-        return;
-    }
+    require_root!();
     let fabric = Fabric::new();
     let (mut a, mut b) = peered_nodes(&fabric, "native");
     let a1 = a.add_pod("a1");
@@ -101,9 +99,7 @@ fn sigkill_and_restart_under_load_lose_nothing() {
 
 #[test]
 fn changes_made_while_the_agent_is_down_are_reconciled() {
-    if !require_root("changes_made_while_the_agent_is_down_are_reconciled") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -149,9 +145,7 @@ const BPF_LINK_UPDATE: u32 = 29;
 /// with its cause, and the switch is retried; a later start switches it.
 #[test]
 fn a_live_link_whose_switch_fails_is_kept_and_retried() {
-    if !require_root("a_live_link_whose_switch_fails_is_kept_and_retried") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -215,9 +209,7 @@ fn flush_neighbours(pods: &[&datapath_tests::lab::Pod]) {
 /// program link, as ADD made them; a record whose veth is gone is stale.
 #[test]
 fn endpoints_whose_pins_were_lost_are_restored_at_start() {
-    if !require_root("endpoints_whose_pins_were_lost_are_restored_at_start") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");
@@ -260,9 +252,7 @@ fn endpoints_whose_pins_were_lost_are_restored_at_start() {
 /// says so (nothing is attached) and the node is not ready until it can.
 #[test]
 fn a_pod_link_lost_while_running_is_attached_again() {
-    if !require_root("a_pod_link_lost_while_running_is_attached_again") {
-        return;
-    }
+    require_root!();
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     let a = node.add_pod("a");

@@ -268,9 +268,7 @@ fn assert_node_clean(node: &Node) {
 
 #[test]
 fn containerd_pods_get_our_addresses_and_serve_across_nodes() {
-    if !require_root("containerd_pods_get_our_addresses_and_serve_across_nodes") {
-        return;
-    }
+    require_root!();
     let fabric = Fabric::new();
     let (a, b) = peered_nodes(&fabric, "native");
     let mut containerd = Containerd::start(&a);
@@ -363,9 +361,7 @@ impl Drop for Podman {
 
 #[test]
 fn podman_pod_on_our_network_is_reachable_from_another_node() {
-    if !require_root("podman_pod_on_our_network_is_reachable_from_another_node") {
-        return;
-    }
+    require_root!();
     let fabric = Fabric::new();
     let (a, b) = peered_nodes(&fabric, "vxlan");
     let podman = Podman::new(&a, "dptnet");

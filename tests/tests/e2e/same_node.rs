@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use datapath_tests::{
     lab::{Node, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames, tcp_echo},
-    require_root, sh,
+    require_root, sh, wait_for,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -18,9 +18,7 @@ fn node() -> Node {
 
 #[test]
 fn pods_reach_each_other_and_the_node() {
-    if !require_root("pods_reach_each_other_and_the_node") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -67,9 +65,7 @@ fn pods_reach_each_other_and_the_node() {
 
 #[test]
 fn spoofed_source_from_a_pod_is_dropped() {
-    if !require_root("spoofed_source_from_a_pod_is_dropped") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -85,9 +81,7 @@ fn spoofed_source_from_a_pod_is_dropped() {
 
 #[test]
 fn ttl_one_from_a_pod_is_dropped() {
-    if !require_root("ttl_one_from_a_pod_is_dropped") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -101,9 +95,7 @@ fn ttl_one_from_a_pod_is_dropped() {
 
 #[test]
 fn malformed_frames_from_a_pod_are_dropped_with_their_reason() {
-    if !require_root("malformed_frames_from_a_pod_are_dropped_with_their_reason") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -111,9 +103,14 @@ fn malformed_frames_from_a_pod_are_dropped_with_their_reason() {
 
     let before = node.inspect("counters");
     send_raw_frames(&a.netns, "eth0", frames).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let reasons = ["malformed_ipv4", "vlan_tagged", "spoofed_arp"];
+    let count = |counters: &serde_json::Value, reason: &str| counters["drops"][reason].as_u64().unwrap();
+    wait_for("each frame counted", std::time::Duration::from_secs(5), || {
+        let now = node.inspect("counters");
+        reasons.iter().all(|r| count(&now, r) > count(&before, r))
+    });
     let after = node.inspect("counters");
-    for reason in ["malformed_ipv4", "vlan_tagged", "spoofed_arp"] {
+    for reason in reasons {
         let (x, y) = (before["drops"][reason].as_u64().unwrap(), after["drops"][reason].as_u64().unwrap());
         assert_eq!(y, x + 1, "{reason}: {before} -> {after}");
     }
@@ -123,9 +120,7 @@ fn malformed_frames_from_a_pod_are_dropped_with_their_reason() {
 
 #[test]
 fn del_removes_veth_route_map_entry_and_lease_and_is_idempotent() {
-    if !require_root("del_removes_veth_route_map_entry_and_lease_and_is_idempotent") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -164,9 +159,7 @@ fn del_removes_veth_route_map_entry_and_lease_and_is_idempotent() {
 
 #[test]
 fn forwarding_survives_agent_stop_kill_and_restart() {
-    if !require_root("forwarding_survives_agent_stop_kill_and_restart") {
-        return;
-    }
+    require_root!();
     let mut node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -203,9 +196,7 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
 /// interfaces that no longer exist, never those of live ones.
 #[test]
 fn del_after_the_netns_is_gone_leaves_no_interface_entry() {
-    if !require_root("del_after_the_netns_is_gone_leaves_no_interface_entry") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -253,9 +244,7 @@ fn del_after_the_netns_is_gone_leaves_no_interface_entry() {
 
 #[test]
 fn a_pod_whose_host_veth_is_down_gets_nothing_and_is_back_when_it_is_up() {
-    if !require_root("a_pod_whose_host_veth_is_down_gets_nothing_and_is_back_when_it_is_up") {
-        return;
-    }
+    require_root!();
     let node = node();
     let a = node.add_pod("a");
     let b = node.add_pod("b");

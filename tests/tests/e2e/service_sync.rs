@@ -73,9 +73,7 @@ fn backends_of(served: &BTreeMap<Ipv4Addr, (u32, Vec<SocketAddrV4>)>, s: &Servic
 
 #[test]
 fn a_change_touches_only_its_own_service() {
-    if !require_root("a_change_touches_only_its_own_service") {
-        return;
-    }
+    require_root!();
     let state = StateDir::new("change");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
     let mut sync = ServiceSync::new(state.0.clone());
@@ -122,9 +120,7 @@ fn a_change_touches_only_its_own_service() {
 
 #[test]
 fn the_first_list_clears_what_an_earlier_agent_left() {
-    if !require_root("the_first_list_clears_what_an_earlier_agent_left") {
-        return;
-    }
+    require_root!();
     let state = StateDir::new("first");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
     let mut earlier = ServiceSync::new(state.0.clone());
@@ -149,9 +145,7 @@ fn the_first_list_clears_what_an_earlier_agent_left() {
 
 #[test]
 fn a_failed_sync_is_redone_whole() {
-    if !require_root("a_failed_sync_is_redone_whole") {
-        return;
-    }
+    require_root!();
     let state = StateDir::new("retry");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
     let mut sync = ServiceSync::new(state.0.clone());

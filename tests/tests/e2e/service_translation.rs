@@ -139,9 +139,7 @@ fn syn(sport: u16, dport: u16) -> Ipv4 {
 
 #[test]
 fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service() {
-    if !require_root("tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
 
@@ -170,9 +168,7 @@ fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service(
 
 #[test]
 fn udp_is_translated_with_and_without_a_checksum() {
-    if !require_root("udp_is_translated_with_and_without_a_checksum") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
     for (sport, with_checksum) in [(50000, true), (50001, false)] {
@@ -199,9 +195,7 @@ fn later_fragment(src: [u8; 4], dst: [u8; 4], frag: u16, fill: u8) -> Ipv4 {
 
 #[test]
 fn later_fragments_follow_their_first_fragment_both_ways() {
-    if !require_root("later_fragments_follow_their_first_fragment_both_ways") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 53, UDP, &[(REMOTE_BACKENDS[2], 5353)]);
     let mut first = Ipv4::udp(CLIENT, 50100, VIP, 53, &[7; 64], true);
@@ -243,9 +237,7 @@ fn later_fragments_follow_their_first_fragment_both_ways() {
 
 #[test]
 fn a_connection_keeps_its_backend_while_backends_are_added() {
-    if !require_root("a_connection_keeps_its_backend_while_backends_are_added") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80), (BACKENDS[1], 80)]);
     let first = Parsed::new(&h.run_from_pod(&syn(41000, 80)).out).dst;
@@ -259,9 +251,7 @@ fn a_connection_keeps_its_backend_while_backends_are_added() {
 
 #[test]
 fn new_connections_spread_over_all_backends() {
-    if !require_root("new_connections_spread_over_all_backends") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
     let mut seen = BTreeMap::new();
@@ -275,9 +265,7 @@ fn new_connections_spread_over_all_backends() {
 
 #[test]
 fn a_pod_reaches_itself_through_its_service_via_the_hairpin_address() {
-    if !require_root("a_pod_reaches_itself_through_its_service_via_the_hairpin_address") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(CLIENT, 8080)]);
     let out = Parsed::new(&h.run_from_pod(&syn(43000, 80)).out);
@@ -297,9 +285,7 @@ fn a_pod_reaches_itself_through_its_service_via_the_hairpin_address() {
 
 #[test]
 fn a_service_without_backends_refuses_with_port_unreachable() {
-    if !require_root("a_service_without_backends_refuses_with_port_unreachable") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[]);
     let request = syn(44000, 80);
@@ -318,9 +304,7 @@ fn a_service_without_backends_refuses_with_port_unreachable() {
 
 #[test]
 fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
-    if !require_root("a_full_conntrack_refuses_new_connections_and_keeps_old_ones") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
     assert_eq!(Parsed::new(&h.run_from_pod(&syn(45000, 80)).out).dst, BACKENDS[0]);
@@ -357,9 +341,7 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
 
 #[test]
 fn fin_marks_the_connection_closing() {
-    if !require_root("fin_marks_the_connection_closing") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
     h.run_from_pod(&syn(46000, 80));
@@ -371,9 +353,7 @@ fn fin_marks_the_connection_closing() {
 
 #[test]
 fn without_the_services_flag_nothing_is_translated() {
-    if !require_root("without_the_services_flag_nothing_is_translated") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
     h.set_services_flag(false);
@@ -385,9 +365,7 @@ fn without_the_services_flag_nothing_is_translated() {
 
 #[test]
 fn other_ports_and_protocols_of_the_vip_are_not_translated() {
-    if !require_root("other_ports_and_protocols_of_the_vip_are_not_translated") {
-        return;
-    }
+    require_root!();
     let mut h = Harness::new();
     h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
     let run = h.run_from_pod(&syn(48000, 81));

@@ -14,8 +14,8 @@ use std::{
 };
 
 use datapath_tests::{
+    in_both_modes,
     lab::{Fabric, Netns, Node, Pod, in_netns, peered_nodes},
-    require_root,
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -260,19 +260,7 @@ fn spread_over_backends(mode: &str) {
     assert_eq!(entry["backend_port"], TCP_PORT);
 }
 
-#[test]
-fn tcp_and_udp_spread_over_backends_on_both_nodes_native() {
-    if require_root("tcp_and_udp_spread_over_backends_on_both_nodes_native") {
-        spread_over_backends("native");
-    }
-}
-
-#[test]
-fn tcp_and_udp_spread_over_backends_on_both_nodes_vxlan() {
-    if require_root("tcp_and_udp_spread_over_backends_on_both_nodes_vxlan") {
-        spread_over_backends("vxlan");
-    }
-}
+in_both_modes! { tcp_and_udp_spread_over_backends_on_both_nodes => spread_over_backends; }
 
 fn hairpin_and_refusal(mode: &str) {
     let mut lab = lab(mode);
@@ -311,19 +299,7 @@ fn hairpin_and_refusal(mode: &str) {
     assert_eq!(lab.a.drop_count("service_no_backend"), 2, "each refusal counted with its reason");
 }
 
-#[test]
-fn pod_reaches_itself_and_an_empty_service_refuses_at_once_native() {
-    if require_root("pod_reaches_itself_and_an_empty_service_refuses_at_once_native") {
-        hairpin_and_refusal("native");
-    }
-}
-
-#[test]
-fn pod_reaches_itself_and_an_empty_service_refuses_at_once_vxlan() {
-    if require_root("pod_reaches_itself_and_an_empty_service_refuses_at_once_vxlan") {
-        hairpin_and_refusal("vxlan");
-    }
-}
+in_both_modes! { pod_reaches_itself_and_an_empty_service_refuses_at_once => hairpin_and_refusal; }
 
 fn backend_changes(mode: &str) {
     let mut lab = lab(mode);
@@ -354,19 +330,7 @@ fn backend_changes(mode: &str) {
     }
 }
 
-#[test]
-fn backends_removed_and_added_while_a_long_connection_runs_native() {
-    if require_root("backends_removed_and_added_while_a_long_connection_runs_native") {
-        backend_changes("native");
-    }
-}
-
-#[test]
-fn backends_removed_and_added_while_a_long_connection_runs_vxlan() {
-    if require_root("backends_removed_and_added_while_a_long_connection_runs_vxlan") {
-        backend_changes("vxlan");
-    }
-}
+in_both_modes! { backends_removed_and_added_while_a_long_connection_runs => backend_changes; }
 
 fn conntrack_full(mode: &str) {
     use aya::maps::{HashMap, Map, MapData};
@@ -430,19 +394,7 @@ fn conntrack_full(mode: &str) {
     assert!(all.contains(&ask(&mut conn).0));
 }
 
-#[test]
-fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones_native() {
-    if require_root("a_full_conntrack_refuses_new_connections_and_keeps_old_ones_native") {
-        conntrack_full("native");
-    }
-}
-
-#[test]
-fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones_vxlan() {
-    if require_root("a_full_conntrack_refuses_new_connections_and_keeps_old_ones_vxlan") {
-        conntrack_full("vxlan");
-    }
-}
+in_both_modes! { a_full_conntrack_refuses_new_connections_and_keeps_old_ones => conntrack_full; }
 
 fn client_ip_affinity(mode: &str) {
     let mut lab = lab(mode);
@@ -477,16 +429,4 @@ fn client_ip_affinity(mode: &str) {
     }
 }
 
-#[test]
-fn client_ip_affinity_keeps_a_client_on_one_backend_native() {
-    if require_root("client_ip_affinity_keeps_a_client_on_one_backend_native") {
-        client_ip_affinity("native");
-    }
-}
-
-#[test]
-fn client_ip_affinity_keeps_a_client_on_one_backend_vxlan() {
-    if require_root("client_ip_affinity_keeps_a_client_on_one_backend_vxlan") {
-        client_ip_affinity("vxlan");
-    }
-}
+in_both_modes! { client_ip_affinity_keeps_a_client_on_one_backend => client_ip_affinity; }
