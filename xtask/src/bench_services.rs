@@ -559,7 +559,7 @@ struct Row {
     change_ms: Vec<f64>,
 }
 
-pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::Value, Vec<Target>)> {
+pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::Value, Vec<Target>)> {
     let sizes: [usize; 2] = if args.smoke { [10, 100] } else { [1_000, 10_000] };
     let connections = if args.smoke { 200 } else { 2_000 };
     let (ours_changes, kube_proxy_changes) = if args.smoke { (4, 2) } else { (20, 5) };
