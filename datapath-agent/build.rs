@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`datapath-ebpf`) for the BPF target on the nightly
-//! toolchain and leaves the object in OUT_DIR, where `src/ebpf.rs` embeds it.
+//! toolchain and leaves the object in OUT_DIR, where `src/bpf/ebpf.rs` embeds it.
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow};

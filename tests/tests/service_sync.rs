@@ -11,10 +11,10 @@ use std::{
 };
 
 use datapath_agent::{
-    config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
-    datapath::Datapath,
-    service_sync::{ServiceRef, ServiceSync},
-    services::{backend_address, load_names},
+    bpf::datapath::Datapath,
+    reconcile::service_sync::{ServiceRef, ServiceSync},
+    reconcile::services::{backend_address, load_names},
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
 use datapath_tests::require_root;
 

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use datapath_api::mac::MacAddr;
 
 use crate::{
-    config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
-    datapath::{PinLayout, PinnedMaps},
-    services,
-    state::EndpointStore,
+    bpf::datapath::{PinLayout, PinnedMaps},
+    host::state::EndpointStore,
+    reconcile::services,
+    source::config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
 };
 
 #[derive(Debug, clap::Args)]
@@ -241,9 +241,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     let record = names.get(&s.service.id).filter(|n| n.names(s.service.id, &s.key));
                     let client_ip = s.service.flags & datapath_common::SERVICE_AFFINITY_CLIENT_IP != 0;
                     let affinity = if client_ip {
-                        crate::config::SessionAffinity::ClientIp
+                        crate::source::config::SessionAffinity::ClientIp
                     } else {
-                        crate::config::SessionAffinity::None
+                        crate::source::config::SessionAffinity::None
                     };
                     ServiceRow {
                         namespace: record.map(|r| r.namespace.clone()),

@@ -19,20 +19,20 @@ use datapath_api::{EndpointRef, EndpointSpec, Request, Response};
 use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
 
 use crate::{
-    config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
-    datapath::{
+    bpf::datapath::{
         Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
         ProgramBuild, RemoteRoute, SweepReport,
     },
-    health::{ConfigRejection, Health},
-    kubernetes_services::{self, ServiceUpdate},
-    metrics::{AgentErrors, ConntrackStats},
-    monitor_lock::{MonitorLock, MonitorLockError},
-    node_lock::{NetnsLock, NodeLock},
-    node_net::{self, RouteVia},
-    service_sync::{ServiceRef, ServiceSync},
-    services::{self, ConntrackLimits},
-    state::EndpointStore,
+    host::node_lock::{NetnsLock, NodeLock},
+    host::node_net::{self, RouteVia},
+    host::state::EndpointStore,
+    observe::health::{ConfigRejection, Health},
+    observe::metrics::{AgentErrors, ConntrackStats},
+    observe::monitor_lock::{MonitorLock, MonitorLockError},
+    reconcile::service_sync::{ServiceRef, ServiceSync},
+    reconcile::services::{self, ConntrackLimits},
+    source::config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
+    source::kubernetes_services::{self, ServiceUpdate},
 };
 
 /// How often the agent removes idle and closed Service connections from
@@ -102,16 +102,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // not ready). An address that cannot be bound is fatal: the probes
     // would fail, and the node would never see this agent ready.
     if let Some(address) = settings.health_address {
-        let listener = crate::health::bind(address).await?;
+        let listener = crate::observe::health::bind(address).await?;
         let health = Arc::clone(&health);
-        let registry = crate::metrics::registry(
+        let registry = crate::observe::metrics::registry(
             PinLayout::new(&settings.bpffs_dir),
             Arc::clone(&errors),
             Arc::clone(&conntrack_stats),
             Arc::clone(&health),
         );
         tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(listener, health, registry).await {
+            if let Err(e) = crate::observe::health::serve(listener, health, registry).await {
                 tracing::error!(error = format!("{e:#}"), "health endpoints failed");
             }
         });
@@ -152,7 +152,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load_pinned_with(PinLayout::new(&config.bpffs_dir), build, load_options)
         .with_context(|| format!("loading the datapath under {}", config.bpffs_dir.display()))?;
     if build == ProgramBuild::Debug {
-        crate::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
+        crate::bpf::ebpf::forward_log_to_tracing(datapath.ebpf_mut())
             .context("reading the debug build's aya-log ring buffer")?;
     }
     // The monitor's forward tracing belongs to a running `monitor`: kept,
@@ -203,8 +203,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let RecordsReport { stale: stale_records, restored: endpoints_restored } = agent.reconcile_records()?;
     // Pods' veths taken down (or up again) while no agent ran; then every
     // change as it happens.
-    let mut link_changes = crate::link_state::watch()?;
-    crate::link_state::sync_all(&mut agent.datapath, &netlink)
+    let mut link_changes = crate::host::link_state::watch()?;
+    crate::host::link_state::sync_all(&mut agent.datapath, &netlink)
         .await
         .context("reading the pods' veth states")?;
     let node_links_failed =
@@ -227,7 +227,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let list = agent.config.services.clone();
         agent.apply_services(list).context("programming the Services")?;
     }
-    crate::masquerade::apply(
+    crate::host::masquerade::apply(
         agent
             .config
             .masquerade
@@ -269,10 +269,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Services come from the file (static) or from Services and EndpointSlices.
     let mut kube_services = kube_client
         .clone()
-        .map(|client| crate::kubernetes_services::watch_services(client, Arc::clone(&health)));
+        .map(|client| crate::source::kubernetes_services::watch_services(client, Arc::clone(&health)));
     let programmed = agent.datapath.remote_routes().context("reading the programmed peers")?;
     let mut node_peers = kube_client.map(|client| {
-        crate::kubernetes::watch_peers(
+        crate::source::kubernetes::watch_peers(
             client,
             agent.config.node_name.clone(),
             agent.config.pod_cidr,
@@ -291,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
     spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
-    crate::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), mode_before, config_mode);
+    crate::observe::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), mode_before, config_mode);
 
     // A Service sync that failed (e.g. a full map) is tried again, whole.
     let mut service_retry = tokio::time::interval(SERVICE_RETRY_INTERVAL);
@@ -319,7 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(change) = link_changes.recv() => {
                 let mut agent = agent.lock().await;
-                if let Err(e) = crate::link_state::apply(&mut agent.datapath, &netlink, change).await {
+                if let Err(e) = crate::host::link_state::apply(&mut agent.datapath, &netlink, change).await {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "following a pod veth's state failed");
                 }
@@ -625,8 +625,8 @@ impl ConfigFile {
                     .or_else(|| std::env::var("NODE_NAME").ok())
                     .filter(|n| !n.is_empty())
                     .context("kubernetes mode needs node_name in the config or $NODE_NAME (downward API: spec.nodeName)")?;
-                let client = crate::kubernetes::client(&self.settings.kubernetes).await?;
-                let identity = crate::kubernetes::own_identity(&client, &node_name).await?;
+                let client = crate::source::kubernetes::client(&self.settings.kubernetes).await?;
+                let identity = crate::source::kubernetes::own_identity(&client, &node_name).await?;
                 tracing::info!(node = node_name, pod_cidr = %identity.pod_cidr, node_ip = %identity.node_ip, "node facts from its Node object");
                 let config = AgentConfig::parse_with(&self.text, Some(&identity))
                     .map_err(|e| in_file(&self.path, e))?;
@@ -1128,7 +1128,7 @@ impl Agent {
         let recorded = self.store.get(&reference.host_ifname)?;
         let pod_ipv4 = reference.pod_ipv4.or(recorded.as_ref().map(|r| r.pod_ipv4));
         let recorded_ifindex = match recorded.as_ref().map(|r| r.host_ifindex) {
-            Some(ifindex) => match crate::datapath::interface_name(ifindex)? {
+            Some(ifindex) => match crate::bpf::datapath::interface_name(ifindex)? {
                 Some(name) if name != reference.host_ifname => None,
                 _ => Some(ifindex),
             },

@@ -7,7 +7,7 @@
 //!   monitor/                            an empty directory a running `monitor` holds a flock on
 //!
 //! On start the agent checks every pinned map against this build's layouts
-//! ([`crate::map_pins`]: reused, migrated or refused), reopens what is pinned
+//! ([`crate::bpf::map_pins`]: reused, migrated or refused), reopens what is pinned
 //! and reconciles; it never flushes. A newer program build replaces the
 //! running one on each pinned link with `bpf_link_update`, so no packet ever
 //! meets a missing program.
@@ -36,9 +36,11 @@ use datapath_common::{
 };
 
 use crate::{
-    ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
-    map_pins::MapPins,
-    services::{ConntrackLimits, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
+    bpf::ebpf::{DATAPATH_DEBUG_OBJECT, DATAPATH_OBJECT},
+    bpf::map_pins::MapPins,
+    reconcile::services::{
+        ConntrackLimits, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort,
+    },
 };
 
 /// Which build of the programs to load.
@@ -129,7 +131,7 @@ pub enum DatapathError {
         source: io::Error,
     },
     #[error(transparent)]
-    Layout(#[from] crate::map_pins::LayoutError),
+    Layout(#[from] crate::bpf::map_pins::LayoutError),
 }
 
 /// A local pod endpoint as the agent programs it.
@@ -160,7 +162,7 @@ impl PinLayout {
     }
     /// The pin of map `name` in this build's layout: `maps/<name>-v<version>`.
     pub fn map(&self, name: &str) -> PathBuf {
-        let layout = crate::map_layout::layout(name)
+        let layout = crate::bpf::map_layout::layout(name)
             .unwrap_or_else(|| panic!("map {name} has no entry in map_layout::LAYOUTS"));
         self.maps_dir().join(layout.pin_name())
     }
@@ -168,7 +170,7 @@ impl PinLayout {
         self.links_dir().join(host_ifname)
     }
     /// The directory a running `monitor` holds an exclusive flock on
-    /// ([`crate::monitor_lock`]).
+    /// ([`crate::observe::monitor_lock`]).
     pub fn monitor_lock(&self) -> PathBuf {
         self.root.join("monitor")
     }
@@ -246,7 +248,7 @@ pub struct Datapath {
     /// up to date by each write after it (the agent is their only writer):
     /// one Service change then costs its own writes, not a read of them all.
     /// `None` after a failed write, so the next sync reads the maps again.
-    programmed_services: Option<crate::services::ProgrammedState>,
+    programmed_services: Option<crate::reconcile::services::ProgrammedState>,
 }
 
 /// The name of the interface with this index in our namespace, `None` if
@@ -284,7 +286,7 @@ impl Datapath {
     /// [`Self::load_pinned`] with the sizes of `options`. A map pinned with
     /// another size (e.g. `conntrack_max_entries` changed) is migrated into
     /// a map of the new size, its entries kept; a pin of another layout is
-    /// migrated or refused ([`crate::map_pins`]).
+    /// migrated or refused ([`crate::bpf::map_pins`]).
     pub fn load_pinned_with(
         pins: PinLayout,
         build: ProgramBuild,
@@ -803,12 +805,12 @@ pub fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map, Datapath
     let data = match MapData::from_pin(&path) {
         Ok(data) => data,
         Err(source) => {
-            let others = crate::map_pins::other_layouts(pins, name);
+            let others = crate::bpf::map_pins::other_layouts(pins, name);
             if !path.exists() && !others.is_empty() {
-                let version = crate::map_layout::layout(name).map_or(0, |layout| layout.version);
-                return Err(crate::map_pins::LayoutError::OnlyOtherLayout {
+                let version = crate::bpf::map_layout::layout(name).map_or(0, |layout| layout.version);
+                return Err(crate::bpf::map_pins::LayoutError::OnlyOtherLayout {
                     name,
-                    pins: crate::map_pins::PathList(others),
+                    pins: crate::bpf::map_pins::PathList(others),
                     version,
                     expected: path,
                 }
@@ -1404,11 +1406,11 @@ fn sweep_conntrack<T: BorrowMut<MapData>>(
     let snapshot: std::collections::HashMap<ConntrackKey, ConntrackEntry> =
         map.iter().collect::<Result<_, _>>().map_err(err)?;
     let mut removed = 0;
-    for key in crate::services::expired_keys(&snapshot, now_ns, limits) {
+    for key in crate::reconcile::services::expired_keys(&snapshot, now_ns, limits) {
         let Some(entry) = get_present(map, &key).map_err(err)? else { continue };
         let pair_key = key.pair(&entry);
         let pair = get_present(map, &pair_key).map_err(err)?;
-        if !crate::services::expired(&key, &entry, pair.as_ref(), now_ns, limits) {
+        if !crate::reconcile::services::expired(&key, &entry, pair.as_ref(), now_ns, limits) {
             continue;
         }
         removed += usize::from(remove_present(map, &key).map_err(err)?);
@@ -1487,12 +1489,12 @@ impl Datapath {
 
     /// Make the Service maps serve exactly `desired`, changing only what
     /// differs, in an order no packet can catch half done (see
-    /// [`crate::services::plan_sync`]); then switch the programs' Service
+    /// [`crate::reconcile::services::plan_sync`]); then switch the programs' Service
     /// lookups on or off ([`Self::update_services_flag`]). Connections
     /// already tracked keep their backend: conntrack is not touched.
     pub fn sync_services(&mut self, desired: &[ServicePort]) -> Result<SyncReport, DatapathError> {
         let programmed = self.take_programmed_services()?;
-        let plan = crate::services::plan_sync(&programmed, desired);
+        let plan = crate::reconcile::services::plan_sync(&programmed, desired);
         self.carry_out(programmed, plan)
     }
 
@@ -1501,7 +1503,7 @@ impl Datapath {
     /// writes whatever the number of Services.
     pub fn sync_service_changes(&mut self, changes: &ServiceChanges) -> Result<SyncReport, DatapathError> {
         let programmed = self.take_programmed_services()?;
-        let plan = crate::services::plan_changes(&programmed, changes);
+        let plan = crate::reconcile::services::plan_changes(&programmed, changes);
         self.carry_out(programmed, plan)
     }
 

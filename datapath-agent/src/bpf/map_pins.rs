@@ -11,7 +11,7 @@
 //!   to its versioned name: the same map, nothing copied).
 //! - Same version and key/value layout, another capacity or flags (e.g.
 //!   `conntrack_max_entries` changed): migrated.
-//! - An older version with an [`crate::map_layout::Upgrade`]: migrated.
+//! - An older version with an [`crate::bpf::map_layout::Upgrade`]: migrated.
 //! - Anything else (a newer version, an older one without a conversion,
 //!   other key or value sizes under the same version): refused with a
 //!   message naming the map and what to do, before anything is touched;
@@ -45,8 +45,8 @@ use aya_obj::generated::bpf_map_type;
 use datapath_common::map_names;
 
 use crate::{
-    datapath::PinLayout,
-    map_layout::{Copied, CopyFn, Entries, Incompatible, LAYOUTS, MapLayout, UNVERSIONED_PIN_VERSION},
+    bpf::datapath::PinLayout,
+    bpf::map_layout::{Copied, CopyFn, Entries, Incompatible, LAYOUTS, MapLayout, UNVERSIONED_PIN_VERSION},
 };
 
 /// Suffix of a migration's new map until it is committed.
@@ -713,7 +713,7 @@ fn remove_pin(path: &Path) -> Result<(), LayoutError> {
 /// Pins of `name` under another layout than this build's, for a clear
 /// error when its own pin is missing (`inspect`, `monitor`).
 pub fn other_layouts(pins: &PinLayout, name: &'static str) -> Vec<PathBuf> {
-    let Some(layout) = crate::map_layout::layout(name) else { return Vec::new() };
+    let Some(layout) = crate::bpf::map_layout::layout(name) else { return Vec::new() };
     let bare = layout.unversioned_pin_name();
     // Only to make an error message more precise: unreadable entries are skipped.
     let Ok(entries) = fs::read_dir(pins.maps_dir()) else { return Vec::new() };
@@ -733,7 +733,7 @@ pub fn other_layouts(pins: &PinLayout, name: &'static str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map_layout::{Upgrade, layout};
+    use crate::bpf::map_layout::{Upgrade, layout};
 
     const ENDPOINTS: Shape =
         Shape { map_type: MapType::Hash, key_size: 4, value_size: 24, max_entries: 65_536, flags: 0 };
@@ -790,8 +790,8 @@ mod tests {
     #[test]
     fn both_program_builds_define_the_same_maps() {
         // Switching between them (ebpf_log) must never migrate a map.
-        let normal = expected_shapes(crate::ebpf::DATAPATH_OBJECT, &[]).unwrap();
-        let debug = expected_shapes(crate::ebpf::DATAPATH_DEBUG_OBJECT, &[]).unwrap();
+        let normal = expected_shapes(crate::bpf::ebpf::DATAPATH_OBJECT, &[]).unwrap();
+        let debug = expected_shapes(crate::bpf::ebpf::DATAPATH_DEBUG_OBJECT, &[]).unwrap();
         assert_eq!(normal, debug);
         assert_eq!(normal.len(), LAYOUTS.len());
         assert_eq!(normal[map_names::ENDPOINTS], ENDPOINTS);
@@ -801,7 +801,8 @@ mod tests {
             (MapType::RingBuf, 0, 0),
             "as aya creates it"
         );
-        let sized = expected_shapes(crate::ebpf::DATAPATH_OBJECT, &[(map_names::CONNTRACK, 4096)]).unwrap();
+        let sized =
+            expected_shapes(crate::bpf::ebpf::DATAPATH_OBJECT, &[(map_names::CONNTRACK, 4096)]).unwrap();
         assert_eq!(sized[map_names::CONNTRACK].max_entries, 4096);
     }
 

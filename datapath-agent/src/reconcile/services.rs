@@ -21,8 +21,8 @@ use datapath_common::{
 };
 
 use crate::{
-    config::{AgentConfig, ServiceConfig, ServiceProtocol, SessionAffinity},
-    datapath::SyncReport,
+    bpf::datapath::SyncReport,
+    source::config::{AgentConfig, ServiceConfig, ServiceProtocol, SessionAffinity},
 };
 
 /// Service ids start here: a zeroed entry (id 0) names no Service.

@@ -13,8 +13,8 @@ use aya::maps::{HashMap, MapData};
 use datapath_common::{ModeMismatch, NodeKey, map_names};
 
 use crate::{
-    config::Mode,
-    datapath::{DatapathError, PinLayout, open_pinned},
+    bpf::datapath::{DatapathError, PinLayout, open_pinned},
+    source::config::Mode,
 };
 
 /// How often the programs' notes are read.

@@ -20,8 +20,8 @@ use rtnetlink::{
 };
 
 use crate::{
-    config::{AgentConfig, Mode, VXLAN_OVERHEAD},
-    datapath::RemoteRoute,
+    bpf::datapath::RemoteRoute,
+    source::config::{AgentConfig, Mode, VXLAN_OVERHEAD},
 };
 
 /// Route protocol of the routes this agent installs (`ip route show proto 217`).

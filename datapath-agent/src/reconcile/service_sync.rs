@@ -13,9 +13,9 @@ use std::{
 use datapath_common::ServiceKey;
 
 use crate::{
-    config::ServiceConfig,
-    datapath::{Datapath, DatapathError, SyncReport},
-    services::{self, ServiceChanges, ServiceName, ServiceNamesError, ServicePort},
+    bpf::datapath::{Datapath, DatapathError, SyncReport},
+    reconcile::services::{self, ServiceChanges, ServiceName, ServiceNamesError, ServicePort},
+    source::config::ServiceConfig,
 };
 
 #[derive(Debug, thiserror::Error)]

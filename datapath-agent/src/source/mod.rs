@@ -1,0 +1,4 @@
+//! Where the desired state comes from: the config file and the Kubernetes watchers.
+pub mod config;
+pub mod kubernetes;
+pub mod kubernetes_services;
