@@ -11,9 +11,9 @@ use std::{
 };
 
 use datapath_agent::{
-    bpf::datapath::Datapath,
+    bpf::Datapath,
     reconcile::service_sync::{ServiceRef, ServiceSync},
-    reconcile::services::{backend_address, load_names},
+    reconcile::{service_names::load_names, services::backend_address},
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
 use datapath_tests::require_root;

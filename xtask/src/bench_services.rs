@@ -38,7 +38,7 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_agent::{
-    bpf::datapath::Datapath,
+    bpf::Datapath,
     reconcile::service_sync::{ServiceRef, ServiceSync},
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
@@ -499,7 +499,7 @@ fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64
             "one Service change made {report:?}"
         );
     }
-    let names = datapath_agent::reconcile::services::load_names(&state_dir.0)?;
+    let names = datapath_agent::reconcile::service_names::load_names(&state_dir.0)?;
     anyhow::ensure!(names.len() == n, "{} names records for {n} Services", names.len());
     Ok((one, whole))
 }

@@ -45,7 +45,7 @@ use aya_obj::generated::bpf_map_type;
 use datapath_common::map_names;
 
 use crate::{
-    bpf::datapath::PinLayout,
+    bpf::PinLayout,
     bpf::map_layout::{Copied, CopyFn, Entries, Incompatible, LAYOUTS, MapLayout, UNVERSIONED_PIN_VERSION},
 };
 

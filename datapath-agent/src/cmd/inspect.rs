@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use datapath_api::mac::MacAddr;
 
 use crate::{
-    bpf::datapath::{PinLayout, PinnedMaps},
+    bpf::{PinLayout, PinnedMaps},
     host::state::EndpointStore,
-    reconcile::services,
+    reconcile::{conntrack, service_names, services},
     source::config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
 };
 
@@ -233,7 +233,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         InspectWhat::Services => {
             // The names file may be missing (another state dir): the maps are
             // the truth, the file adds names.
-            let names = services::load_names(&args.state_dir).unwrap_or_default();
+            let names = service_names::load_names(&args.state_dir).unwrap_or_default();
             let rows: Vec<ServiceRow> = maps
                 .services()?
                 .into_iter()
@@ -298,8 +298,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
         InspectWhat::Conntrack => {
-            let now = services::monotonic_now_ns().context("reading CLOCK_MONOTONIC")?;
-            let rows: Vec<ConnectionRow> = services::connections(&maps.conntrack()?)
+            let now = crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC")?;
+            let rows: Vec<ConnectionRow> = conntrack::connections(&maps.conntrack()?)
                 .into_iter()
                 .map(|c| ConnectionRow {
                     protocol: services::protocol_name(c.protocol),

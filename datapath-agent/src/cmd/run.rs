@@ -19,7 +19,7 @@ use datapath_api::{EndpointRef, EndpointSpec, Request, Response};
 use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
 
 use crate::{
-    bpf::datapath::{
+    bpf::{
         Datapath, LinkFailure, LinkRetry, LoadOptions, LocalEndpoint, PinLayout, PinnedConntrack,
         ProgramBuild, RemoteRoute, SweepReport,
     },
@@ -29,8 +29,8 @@ use crate::{
     observe::health::{ConfigRejection, Health},
     observe::metrics::{AgentErrors, ConntrackStats},
     observe::monitor_lock::{MonitorLock, MonitorLockError},
+    reconcile::conntrack::{self, ConntrackLimits},
     reconcile::service_sync::{ServiceRef, ServiceSync},
-    reconcile::services::{self, ConntrackLimits},
     source::config::{AgentConfig, ConfigError, EbpfLog, Mode, ServiceConfig, Source, SourceSettings},
     source::kubernetes_services::{self, ServiceUpdate},
 };
@@ -285,12 +285,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         become_ready(&agent.config, &health)?;
     }
     let (config_bpffs_dir, config_mode) = (agent.config.bpffs_dir.clone(), agent.config.mode);
-    let conntrack = PinnedConntrack::open(agent.datapath.pins())
+    let pinned_conntrack = PinnedConntrack::open(agent.datapath.pins())
         .context("opening the connection-tracking map for its collector")?;
     let gc_errors = Arc::clone(&agent.errors);
     // An async mutex: peer updates hold it across netlink calls.
     let agent = Arc::new(Mutex::new(agent));
-    spawn_conntrack_gc(Arc::clone(&agent), conntrack, conntrack_stats, gc_errors);
+    spawn_conntrack_gc(Arc::clone(&agent), pinned_conntrack, conntrack_stats, gc_errors);
     crate::observe::mode_mismatch::spawn_watch(PinLayout::new(&config_bpffs_dir), mode_before, config_mode);
 
     // A Service sync that failed (e.g. a full map) is tried again, whole.
@@ -454,7 +454,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// programs' Service lookups off once nothing is left.
 fn spawn_conntrack_gc(
     agent: Arc<Mutex<Agent>>,
-    mut conntrack: PinnedConntrack,
+    mut pinned_conntrack: PinnedConntrack,
     stats: Arc<ConntrackStats>,
     errors: Arc<AgentErrors>,
 ) {
@@ -463,11 +463,19 @@ fn spawn_conntrack_gc(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let limits = ConntrackLimits::from_config(&agent.lock().await.config);
-            let swept = services::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
-                tokio::task::block_in_place(|| conntrack.sweep(now, &limits))
-                    .context("sweeping the connection-tracking map")
-            });
+            let limits = {
+                let config = &agent.lock().await.config;
+                ConntrackLimits::from_seconds(
+                    config.conntrack_tcp_idle_seconds,
+                    config.conntrack_udp_idle_seconds,
+                    config.conntrack_closing_seconds,
+                )
+            };
+            let swept =
+                crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
+                    tokio::task::block_in_place(|| conntrack::sweep(&mut pinned_conntrack, now, &limits))
+                        .context("sweeping the connection-tracking map")
+                });
             let report = match swept {
                 Ok(report) => report,
                 Err(e) => {
@@ -1128,7 +1136,7 @@ impl Agent {
         let recorded = self.store.get(&reference.host_ifname)?;
         let pod_ipv4 = reference.pod_ipv4.or(recorded.as_ref().map(|r| r.pod_ipv4));
         let recorded_ifindex = match recorded.as_ref().map(|r| r.host_ifindex) {
-            Some(ifindex) => match crate::bpf::datapath::interface_name(ifindex)? {
+            Some(ifindex) => match crate::bpf::interface_name(ifindex)? {
                 Some(name) if name != reference.host_ifname => None,
                 _ => Some(ifindex),
             },

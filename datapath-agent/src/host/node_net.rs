@@ -20,7 +20,7 @@ use rtnetlink::{
 };
 
 use crate::{
-    bpf::datapath::RemoteRoute,
+    bpf::RemoteRoute,
     source::config::{AgentConfig, Mode, VXLAN_OVERHEAD},
 };
 

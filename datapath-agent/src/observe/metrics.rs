@@ -29,7 +29,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    bpf::datapath::{GcReport, PinLayout, PinnedMaps},
+    bpf::{GcReport, PinLayout, PinnedMaps},
     observe::health::Health,
 };
 

@@ -13,7 +13,7 @@ use aya::maps::{HashMap, MapData};
 use datapath_common::{ModeMismatch, NodeKey, map_names};
 
 use crate::{
-    bpf::datapath::{DatapathError, PinLayout, open_pinned},
+    bpf::{DatapathError, PinLayout, open_pinned},
     source::config::Mode,
 };
 

@@ -14,7 +14,7 @@ use nix::{
 };
 
 use crate::{
-    bpf::datapath::PinLayout,
+    bpf::PinLayout,
     host::node_lock::{Holder, holder_of},
 };
 
