@@ -2,6 +2,7 @@
 //!
 //! One room per stage of the data flow (docs/architecture.md); dependencies
 //! between rooms point one way, which `rooms::tests` checks.
+pub mod agent;
 pub mod bpf;
 pub mod cmd;
 pub mod host;

@@ -5,11 +5,18 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use datapath_common::{CT_CLOSING, CT_FORWARD, CT_HAIRPIN, ConntrackEntry, ConntrackKey, IPPROTO_TCP};
 
-use crate::bpf::{DatapathError, GcReport, PinnedConntrack};
+use anyhow::Context as _;
+use tokio::sync::Mutex;
+
+use crate::{
+    bpf::{Datapath, DatapathError, GcReport, PinnedConntrack},
+    observe::metrics::{AgentErrors, ConntrackStats},
+};
 
 /// The programs refresh `last_seen_ns` at most once a second (one write per
 /// connection per second, not per packet), so the last packet may be up to
@@ -157,6 +164,67 @@ pub fn sweep(
         }
     }
     Ok(GcReport { removed, remaining: snapshot.len().saturating_sub(removed) })
+}
+
+/// How often the agent removes idle and closed Service connections from
+/// the connection-tracking map.
+const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the collector needs of the agent, under the agent's lock.
+pub trait CollectorHost: Send + 'static {
+    /// The limits now (a config reload may change them).
+    fn conntrack_limits(&self) -> ConntrackLimits;
+    fn datapath_mut(&mut self) -> &mut Datapath;
+}
+
+/// Every [`CONNTRACK_GC_INTERVAL`], remove idle and closed Service
+/// connections. The sweep works on its own handle of the pinned map, so
+/// the agent's lock is held only to read the timeouts and to switch the
+/// programs' Service lookups off once nothing is left.
+pub fn spawn_collector<A: CollectorHost>(
+    agent: Arc<Mutex<A>>,
+    mut pinned_conntrack: PinnedConntrack,
+    stats: Arc<ConntrackStats>,
+    errors: Arc<AgentErrors>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNTRACK_GC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let limits = agent.lock().await.conntrack_limits();
+            let swept =
+                crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
+                    tokio::task::block_in_place(|| sweep(&mut pinned_conntrack, now, &limits))
+                        .context("sweeping the connection-tracking map")
+                });
+            let report = match swept {
+                Ok(report) => report,
+                Err(e) => {
+                    errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "connection-tracking collection failed");
+                    continue;
+                }
+            };
+            stats.record_sweep(&report);
+            if report.removed > 0 {
+                tracing::debug!(
+                    removed = report.removed,
+                    remaining = report.remaining,
+                    "idle Service connections removed"
+                );
+            }
+            // The last connection of a removed Service may just have gone.
+            let mut agent = agent.lock().await;
+            if let Err(e) = agent.datapath_mut().update_services_flag() {
+                errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "switching Service translation failed"
+                );
+            }
+        }
+    });
 }
 
 #[cfg(test)]
