@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cmd;
 pub mod host;
+pub mod model;
 pub mod observe;
 pub mod reconcile;
 #[cfg(test)]

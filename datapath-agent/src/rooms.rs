@@ -22,20 +22,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cmd", &["model", "bpf", "host", "observe", "source", "reconcile", "agent"]),
 ];
 
-/// Uses against the rule that are still to be removed (issue 16), as
-/// (file under src/, room it uses). The test fails when one is gone, so
-/// that this list only shrinks.
-const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
-    // Config file types used as the desired state.
-    ("host/node_net.rs", "source"),
-    ("observe/mode_mismatch.rs", "source"),
-    ("reconcile/service_names.rs", "source"),
-    ("reconcile/service_sync.rs", "source"),
-    ("reconcile/services.rs", "source"),
-    ("source/kubernetes.rs", "bpf"),
-    ("source/kubernetes_services.rs", "reconcile"),
-];
-
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -140,12 +126,7 @@ fn rooms_depend_one_way() {
             }
         }
     }
-    let known: BTreeSet<(String, String)> =
-        KNOWN_VIOLATIONS.iter().map(|(f, r)| (f.to_string(), r.to_string())).collect();
-    let new: Vec<_> = violations.difference(&known).collect();
-    assert!(new.is_empty(), "uses against the direction of rooms (rooms::ALLOWED): {new:?}");
-    let fixed: Vec<_> = known.difference(&violations).collect();
-    assert!(fixed.is_empty(), "remove these from rooms::KNOWN_VIOLATIONS, they are gone: {fixed:?}");
+    assert!(violations.is_empty(), "uses against the direction of rooms (rooms::ALLOWED): {violations:?}");
 }
 
 #[test]

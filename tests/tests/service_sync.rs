@@ -12,7 +12,8 @@ use std::{
 
 use datapath_agent::{
     bpf::Datapath,
-    reconcile::service_sync::{ServiceRef, ServiceSync},
+    model::ServiceRef,
+    reconcile::service_sync::ServiceSync,
     reconcile::{service_names::load_names, services::backend_address},
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };

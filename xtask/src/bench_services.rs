@@ -39,7 +39,8 @@ use std::{
 use anyhow::Context as _;
 use datapath_agent::{
     bpf::Datapath,
-    reconcile::service_sync::{ServiceRef, ServiceSync},
+    model::ServiceRef,
+    reconcile::service_sync::ServiceSync,
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
 use datapath_tests::{

@@ -133,7 +133,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             (0, RouteVia::Native { uplink_index: uplink.index }, vec![uplink_program])
         }
         Mode::Vxlan => {
-            let vxlan = node_net::ensure_vxlan(&netlink, &config, uplink.mtu).await?;
+            let vxlan =
+                node_net::ensure_vxlan(&netlink, &config.vxlan.device, config.vxlan.port, uplink.mtu).await?;
             (
                 vxlan.index,
                 RouteVia::Overlay { vxlan_index: vxlan.index, vni: config.vxlan.vni },
@@ -181,10 +182,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             pod_prefix_len: config.pod_cidr.prefix_len(),
             _pad: 0,
             pod_cidr: config.pod_cidr.network().octets(),
-            pod_mtu: node_net::pod_mtu(&config, uplink.mtu),
+            pod_mtu: node_net::pod_mtu(config.mode, uplink.mtu),
         })
         .context("writing the node config map")?;
-    let pod_mtu = node_net::pod_mtu(&config, uplink.mtu);
+    let pod_mtu = node_net::pod_mtu(config.mode, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
     let services = ServiceSync::new(config.state_dir.clone());
     let mut agent = Agent {

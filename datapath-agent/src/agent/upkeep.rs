@@ -8,9 +8,9 @@ use datapath_api::EndpointSpec;
 
 use crate::{
     agent::{Agent, PendingLink},
-    bpf::{LinkFailure, LinkRetry, LocalEndpoint, RemoteRoute, SweepReport},
+    bpf::{LinkFailure, LinkRetry, LocalEndpoint, SweepReport},
     host::node_net,
-    reconcile::service_sync::ServiceRef,
+    model::{RemoteRoute, ServiceRef},
     source::{
         config::ServiceConfig,
         kubernetes_services::{self, ServiceUpdate},

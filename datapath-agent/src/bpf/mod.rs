@@ -37,7 +37,7 @@ pub use endpoints::{LocalEndpoint, Restored, SweepReport};
 pub use error::DatapathError;
 pub use links::{LinkFailure, LinkRetry, ReconcileReport, interface_name};
 pub use loader::{Datapath, LoadOptions, ProgramBuild};
-pub use peers::{RemoteRoute, SyncReport};
+pub use peers::SyncReport;
 pub use pinned::PinnedMaps;
 pub use pins::{PinLayout, open_pinned};
 pub use services::ProgrammedService;

@@ -5,14 +5,10 @@ use std::net::Ipv4Addr;
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
 use datapath_common::{NodeKey, RemoteNode, map_names};
 
-use crate::bpf::{Datapath, DatapathError};
-
-/// A peer node as the maps hold it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteRoute {
-    pub pod_cidr: ipnet::Ipv4Net,
-    pub node_ip: Ipv4Addr,
-}
+use crate::{
+    bpf::{Datapath, DatapathError},
+    model::RemoteRoute,
+};
 
 /// What a remote-node sync changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

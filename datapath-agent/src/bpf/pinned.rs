@@ -9,14 +9,17 @@ use datapath_common::{
     ServiceKey, map_names,
 };
 
-use crate::bpf::{
-    Counters, DatapathError, PinLayout, ProgrammedService, RemoteRoute,
-    conntrack::read_conntrack,
-    endpoints::{read_endpoints, read_traffic},
-    node_config::read_entry,
-    open_pinned,
-    peers::read_remote_routes,
-    services::read_services,
+use crate::{
+    bpf::{
+        Counters, DatapathError, PinLayout, ProgrammedService,
+        conntrack::read_conntrack,
+        endpoints::{read_endpoints, read_traffic},
+        node_config::read_entry,
+        open_pinned,
+        peers::read_remote_routes,
+        services::read_services,
+    },
+    model::RemoteRoute,
 };
 
 /// Read-only view of the pinned maps, for `inspect` (works with the agent down).

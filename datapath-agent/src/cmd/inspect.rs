@@ -241,9 +241,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     let record = names.get(&s.service.id).filter(|n| n.names(s.service.id, &s.key));
                     let client_ip = s.service.flags & datapath_common::SERVICE_AFFINITY_CLIENT_IP != 0;
                     let affinity = if client_ip {
-                        crate::source::config::SessionAffinity::ClientIp
+                        crate::model::SessionAffinity::ClientIp
                     } else {
-                        crate::source::config::SessionAffinity::None
+                        crate::model::SessionAffinity::None
                     };
                     ServiceRow {
                         namespace: record.map(|r| r.namespace.clone()),

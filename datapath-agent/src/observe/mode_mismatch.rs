@@ -14,7 +14,7 @@ use datapath_common::{ModeMismatch, NodeKey, map_names};
 
 use crate::{
     bpf::{DatapathError, PinLayout, open_pinned},
-    source::config::Mode,
+    model::Mode,
 };
 
 /// How often the programs' notes are read.

@@ -135,7 +135,7 @@ mod tests {
     use std::net::SocketAddrV4;
 
     use super::*;
-    use crate::source::config::SessionAffinity;
+    use crate::model::SessionAffinity;
 
     fn service_port(port: u16, backends: &[u8]) -> ServicePort {
         ServicePort {

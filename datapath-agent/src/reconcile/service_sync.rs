@@ -14,11 +14,11 @@ use datapath_common::ServiceKey;
 
 use crate::{
     bpf::{Datapath, DatapathError, SyncReport},
+    model::{ServiceConfig, ServiceRef},
     reconcile::{
         service_names::{self, ServiceName, ServiceNamesError},
         services::{self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
     },
-    source::config::ServiceConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -27,19 +27,6 @@ pub enum ServiceSyncError {
     Datapath(#[source] DatapathError),
     #[error("recording the Service names for inspect")]
     Names(#[source] ServiceNamesError),
-}
-
-/// A Service by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServiceRef {
-    pub fn of(service: &ServiceConfig) -> Self {
-        ServiceRef { namespace: service.namespace.clone(), name: service.name.clone() }
-    }
 }
 
 pub struct ServiceSync {

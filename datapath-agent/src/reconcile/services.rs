@@ -16,7 +16,7 @@ use datapath_common::{
 
 use crate::{
     bpf::SyncReport,
-    source::config::{ServiceConfig, ServiceProtocol, SessionAffinity},
+    model::{ServiceConfig, ServiceProtocol, SessionAffinity},
 };
 
 /// Service ids start here: a zeroed entry (id 0) names no Service.

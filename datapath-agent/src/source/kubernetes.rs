@@ -17,7 +17,7 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
-    bpf::RemoteRoute,
+    model::RemoteRoute,
     observe::health::Health,
     source::config::{KubernetesConfig, NodeIdentity, PeerConfig},
 };

@@ -21,8 +21,8 @@ use kube::{
 use tokio::sync::mpsc;
 
 use crate::{
+    model::ServiceRef,
     observe::health::Health,
-    reconcile::service_sync::ServiceRef,
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
     source::kubernetes::WatchBackoff,
 };
