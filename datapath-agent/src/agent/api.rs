@@ -195,7 +195,7 @@ impl Agent {
         };
         if record.container_id != reference.container_id {
             problems
-                .push(format!("veth {} belongs to container {}", record.container_id, reference.host_ifname));
+                .push(format!("veth {} belongs to container {}", reference.host_ifname, record.container_id));
         }
         if let Some(ip) = reference.pod_ipv4
             && ip != record.pod_ipv4
