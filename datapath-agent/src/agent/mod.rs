@@ -378,18 +378,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     }
                     None => health.config_accepted(),
                 }
-                agent.config.peers = new_config.peers;
-                // The collector reads the timeouts at each sweep.
-                agent.config.conntrack_tcp_idle_seconds = new_config.conntrack_tcp_idle_seconds;
-                agent.config.conntrack_udp_idle_seconds = new_config.conntrack_udp_idle_seconds;
-                agent.config.conntrack_closing_seconds = new_config.conntrack_closing_seconds;
+                // Only the live part is taken; the collector reads the timeouts at each sweep.
+                agent.config.apply_live(new_config.split().1);
                 if let Err(e) = agent.apply_peers(&netlink).await {
                     agent.errors.inc();
                     tracing::error!(error = format!("{e:#}"), "applying the new peer list failed");
                 }
                 // Also when they did not change: a sync of what already
                 // matches writes nothing, and one that failed before is retried.
-                agent.config.services = new_config.services;
                 let list = agent.config.services.clone();
                 if let Err(e) = tokio::task::block_in_place(|| agent.apply_services(list)) {
                     agent.errors.inc();

@@ -102,6 +102,94 @@ pub struct AgentConfig {
     pub services: Vec<ServiceConfig>,
 }
 
+/// What a config reload applies while the agent runs: the peers, the
+/// Services and the conntrack timeouts (the collector reads them at each
+/// sweep).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveConfig {
+    pub peers: Vec<PeerConfig>,
+    pub services: Vec<ServiceConfig>,
+    pub conntrack_tcp_idle_seconds: u32,
+    pub conntrack_udp_idle_seconds: u32,
+    pub conntrack_closing_seconds: u32,
+}
+
+/// What the datapath is built around at start: a change is reported as
+/// needing a restart, and not applied until then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupConfig {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub uplink_interface: String,
+    pub bpffs_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub cluster_cidr: Ipv4Net,
+    pub node_ip: Ipv4Addr,
+    pub mode: Mode,
+    pub masquerade: bool,
+    pub vxlan: VxlanConfig,
+    pub source: Source,
+    pub kubernetes: KubernetesConfig,
+    pub health_address: Option<std::net::SocketAddr>,
+    pub event_loop_stall_seconds: u32,
+    pub cni_config_file: Option<PathBuf>,
+    pub ebpf_log: EbpfLog,
+    pub monitor_events_per_second: u32,
+    pub conntrack_max_entries: u32,
+}
+
+impl StartupConfig {
+    /// The first field, in file order, by which `other` differs, named as in
+    /// the file (`kubernetes` settings count as `source`). Every field is
+    /// named here (no `..`): a new one does not compile until it is compared.
+    pub fn first_difference(&self, other: &StartupConfig) -> Option<&'static str> {
+        let StartupConfig {
+            node_name,
+            pod_cidr,
+            uplink_interface,
+            bpffs_dir,
+            api_socket,
+            state_dir,
+            cluster_cidr,
+            node_ip,
+            mode,
+            masquerade,
+            vxlan,
+            source,
+            kubernetes,
+            health_address,
+            event_loop_stall_seconds,
+            cni_config_file,
+            ebpf_log,
+            monitor_events_per_second,
+            conntrack_max_entries,
+        } = self;
+        [
+            ("node_name", *node_name != other.node_name),
+            ("pod_cidr", *pod_cidr != other.pod_cidr),
+            ("uplink_interface", *uplink_interface != other.uplink_interface),
+            ("bpffs_dir", *bpffs_dir != other.bpffs_dir),
+            ("api_socket", *api_socket != other.api_socket),
+            ("state_dir", *state_dir != other.state_dir),
+            ("cluster_cidr", *cluster_cidr != other.cluster_cidr),
+            ("node_ip", *node_ip != other.node_ip),
+            ("mode", *mode != other.mode),
+            ("masquerade", *masquerade != other.masquerade),
+            ("vxlan", *vxlan != other.vxlan),
+            ("source", *source != other.source || *kubernetes != other.kubernetes),
+            ("health_address", *health_address != other.health_address),
+            ("event_loop_stall_seconds", *event_loop_stall_seconds != other.event_loop_stall_seconds),
+            ("cni_config_file", *cni_config_file != other.cni_config_file),
+            ("ebpf_log", *ebpf_log != other.ebpf_log),
+            ("monitor_events_per_second", *monitor_events_per_second != other.monitor_events_per_second),
+            ("conntrack_max_entries", *conntrack_max_entries != other.conntrack_max_entries),
+        ]
+        .into_iter()
+        .find_map(|(field, differs)| differs.then_some(field))
+    }
+}
+
 fn default_conntrack_max_entries() -> u32 {
     datapath_common::DEFAULT_CONNTRACK_ENTRIES
 }
@@ -324,48 +412,88 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// Fields that only a restart may change (the datapath is built around them).
-    /// `peers`, `services` and the conntrack timeouts are applied live.
+    /// The config sorted into its two parts. Every field is named here (no
+    /// `..`, each bound one used): a new field does not compile until it is
+    /// put in one of them, so none can be "live but never applied".
+    pub fn split(self) -> (StartupConfig, LiveConfig) {
+        let AgentConfig {
+            node_name,
+            pod_cidr,
+            uplink_interface,
+            bpffs_dir,
+            api_socket,
+            state_dir,
+            cluster_cidr,
+            node_ip,
+            mode,
+            masquerade,
+            vxlan,
+            peers,
+            source,
+            kubernetes,
+            health_address,
+            event_loop_stall_seconds,
+            cni_config_file,
+            ebpf_log,
+            monitor_events_per_second,
+            conntrack_max_entries,
+            conntrack_tcp_idle_seconds,
+            conntrack_udp_idle_seconds,
+            conntrack_closing_seconds,
+            services,
+        } = self;
+        let startup = StartupConfig {
+            node_name,
+            pod_cidr,
+            uplink_interface,
+            bpffs_dir,
+            api_socket,
+            state_dir,
+            cluster_cidr,
+            node_ip,
+            mode,
+            masquerade,
+            vxlan,
+            source,
+            kubernetes,
+            health_address,
+            event_loop_stall_seconds,
+            cni_config_file,
+            ebpf_log,
+            monitor_events_per_second,
+            conntrack_max_entries,
+        };
+        let live = LiveConfig {
+            peers,
+            services,
+            conntrack_tcp_idle_seconds,
+            conntrack_udp_idle_seconds,
+            conntrack_closing_seconds,
+        };
+        (startup, live)
+    }
+
+    /// Take the live part of a reloaded config; the startup part stays as
+    /// the agent started with it.
+    pub fn apply_live(&mut self, live: LiveConfig) {
+        let LiveConfig {
+            peers,
+            services,
+            conntrack_tcp_idle_seconds,
+            conntrack_udp_idle_seconds,
+            conntrack_closing_seconds,
+        } = live;
+        self.peers = peers;
+        self.services = services;
+        self.conntrack_tcp_idle_seconds = conntrack_tcp_idle_seconds;
+        self.conntrack_udp_idle_seconds = conntrack_udp_idle_seconds;
+        self.conntrack_closing_seconds = conntrack_closing_seconds;
+    }
+
+    /// The first field only a restart may change (the datapath is built
+    /// around them) by which `other` differs: [`StartupConfig::first_difference`].
     pub fn restart_only_fields_differ(&self, other: &AgentConfig) -> Option<&'static str> {
-        if self.node_name != other.node_name {
-            Some("node_name")
-        } else if self.pod_cidr != other.pod_cidr {
-            Some("pod_cidr")
-        } else if self.uplink_interface != other.uplink_interface {
-            Some("uplink_interface")
-        } else if self.bpffs_dir != other.bpffs_dir {
-            Some("bpffs_dir")
-        } else if self.api_socket != other.api_socket {
-            Some("api_socket")
-        } else if self.state_dir != other.state_dir {
-            Some("state_dir")
-        } else if self.cluster_cidr != other.cluster_cidr {
-            Some("cluster_cidr")
-        } else if self.node_ip != other.node_ip {
-            Some("node_ip")
-        } else if self.mode != other.mode {
-            Some("mode")
-        } else if self.masquerade != other.masquerade {
-            Some("masquerade")
-        } else if self.vxlan != other.vxlan {
-            Some("vxlan")
-        } else if self.source != other.source || self.kubernetes != other.kubernetes {
-            Some("source")
-        } else if self.health_address != other.health_address {
-            Some("health_address")
-        } else if self.event_loop_stall_seconds != other.event_loop_stall_seconds {
-            Some("event_loop_stall_seconds")
-        } else if self.cni_config_file != other.cni_config_file {
-            Some("cni_config_file")
-        } else if self.ebpf_log != other.ebpf_log {
-            Some("ebpf_log")
-        } else if self.monitor_events_per_second != other.monitor_events_per_second {
-            Some("monitor_events_per_second")
-        } else if self.conntrack_max_entries != other.conntrack_max_entries {
-            Some("conntrack_max_entries")
-        } else {
-            None
-        }
+        self.clone().split().0.first_difference(&other.clone().split().0)
     }
 
     /// Checks that need the host: the uplink exists, bpffs_dir is on bpffs.

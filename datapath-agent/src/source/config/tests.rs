@@ -203,3 +203,63 @@ fn names_the_bad_field() {
     let e = error_of("node_name = \"x\"\n");
     assert!(e.contains("pod_cidr"), "missing field must be named: {e}");
 }
+
+/// A field's name and a change of it.
+type FieldChange = (&'static str, fn(&mut AgentConfig));
+
+#[test]
+fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
+    let base = AgentConfig::parse(GOOD).unwrap();
+    let startup: [FieldChange; 19] = [
+        ("node_name", |c| c.node_name.push('x')),
+        ("pod_cidr", |c| c.pod_cidr = "10.244.2.0/24".parse().unwrap()),
+        ("uplink_interface", |c| c.uplink_interface.push('x')),
+        ("bpffs_dir", |c| c.bpffs_dir.push("x")),
+        ("api_socket", |c| c.api_socket.push("x")),
+        ("state_dir", |c| c.state_dir.push("x")),
+        ("cluster_cidr", |c| c.cluster_cidr = "10.0.0.0/8".parse().unwrap()),
+        ("node_ip", |c| c.node_ip = Ipv4Addr::new(192, 168, 1, 11)),
+        ("mode", |c| c.mode = Mode::Vxlan),
+        ("masquerade", |c| c.masquerade = !c.masquerade),
+        ("vxlan", |c| c.vxlan.vni += 1),
+        ("source", |c| c.source = Source::Kubernetes),
+        ("source", |c| c.kubernetes.watch_failure_seconds += 1),
+        ("health_address", |c| c.health_address = Some("127.0.0.1:9000".parse().unwrap())),
+        ("event_loop_stall_seconds", |c| c.event_loop_stall_seconds += 1),
+        ("cni_config_file", |c| c.cni_config_file = Some("/etc/cni/net.d/x.conflist".into())),
+        ("ebpf_log", |c| c.ebpf_log = EbpfLog::Debug),
+        ("monitor_events_per_second", |c| c.monitor_events_per_second += 1),
+        ("conntrack_max_entries", |c| c.conntrack_max_entries *= 2),
+    ];
+    for (field, change) in startup {
+        let mut changed = base.clone();
+        change(&mut changed);
+        assert_ne!(changed, base, "{field}: the test changes nothing");
+        assert_eq!(base.restart_only_fields_differ(&changed), Some(field));
+        let mut running = base.clone();
+        running.apply_live(changed.split().1);
+        assert_eq!(running, base, "{field} is not applied live");
+    }
+    let live: [FieldChange; 5] = [
+        ("peers", |c| {
+            c.peers.push(PeerConfig {
+                name: "node-c".into(),
+                node_ip: Ipv4Addr::new(192, 168, 1, 30),
+                pod_cidr: "10.244.3.0/24".parse().unwrap(),
+            })
+        }),
+        ("services", |c| c.services = AgentConfig::parse(&format!("{GOOD}{WEB}")).unwrap().services),
+        ("conntrack_tcp_idle_seconds", |c| c.conntrack_tcp_idle_seconds += 1),
+        ("conntrack_udp_idle_seconds", |c| c.conntrack_udp_idle_seconds += 1),
+        ("conntrack_closing_seconds", |c| c.conntrack_closing_seconds += 1),
+    ];
+    for (field, change) in live {
+        let mut changed = base.clone();
+        change(&mut changed);
+        assert_ne!(changed, base, "{field}: the test changes nothing");
+        assert_eq!(base.restart_only_fields_differ(&changed), None, "{field} needs no restart");
+        let mut running = base.clone();
+        running.apply_live(changed.clone().split().1);
+        assert_eq!(running, changed, "{field} is applied live");
+    }
+}
