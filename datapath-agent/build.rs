@@ -1,6 +1,6 @@
 //! Builds the eBPF programs (`datapath-ebpf`) for the BPF target on the nightly
 //! pinned in `datapath-ebpf/rust-toolchain.toml`, and leaves the object in
-//! OUT_DIR, where `src/ebpf.rs` embeds it.
+//! OUT_DIR, where `src/bpf/ebpf.rs` embeds it.
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow};

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
-use datapath_agent::datapath::{Datapath, RemoteRoute};
+use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{Endpoint, NodeConfig, PodInterface, RoutingMode, program_names};
 use datapath_tests::{
     lab::{Netns, Node},

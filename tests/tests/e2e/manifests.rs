@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use datapath_agent::config::{AgentConfig, NodeIdentity, Source};
+use datapath_agent::source::config::{AgentConfig, NodeIdentity, Source};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{ConfigMap, ServiceAccount},

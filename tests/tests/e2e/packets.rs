@@ -15,7 +15,7 @@ use aya::{
     maps::{HashMap, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunOptions},
 };
-use datapath_agent::datapath::{Datapath, RemoteRoute};
+use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{
     DropReason, Endpoint, ForwardPath, ICMP_ERRORS_PER_SECOND, ModeMismatch, NodeConfig, NodeKey,
     PodInterface, RPF_CACHE_SLOTS, RPF_CACHE_USES, RateBudget, RoutingMode, RpfCacheEntry, map_names,

@@ -11,10 +11,11 @@ use std::{
 };
 
 use datapath_agent::{
-    config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
-    datapath::Datapath,
-    service_sync::{ServiceRef, ServiceSync},
-    services::{backend_address, load_names},
+    bpf::Datapath,
+    model::ServiceRef,
+    reconcile::service_sync::ServiceSync,
+    reconcile::{service_names::load_names, services::backend_address},
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
 use datapath_tests::require_root;
 

@@ -11,7 +11,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::HashMap;
-use datapath_agent::datapath::{Datapath, RemoteRoute};
+use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{
     Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
     NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,

@@ -334,7 +334,7 @@ in_both_modes! { backends_removed_and_added_while_a_long_connection_runs => back
 
 fn conntrack_full(mode: &str) {
     use aya::maps::{HashMap, Map, MapData};
-    use datapath_agent::datapath::PinLayout;
+    use datapath_agent::bpf::PinLayout;
     use datapath_common::{ConntrackEntry, ConntrackKey, map_names};
 
     let mut lab = lab(mode);

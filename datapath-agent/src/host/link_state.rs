@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use datapath_api::route::add_host_route;
 
-use crate::datapath::Datapath;
+use crate::bpf::Datapath;
 
 /// A link's administrative state, as the kernel announced it.
 #[derive(Debug, Clone, Copy)]

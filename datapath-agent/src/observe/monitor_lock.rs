@@ -14,8 +14,8 @@ use nix::{
 };
 
 use crate::{
-    datapath::PinLayout,
-    node_lock::{Holder, holder_of},
+    bpf::PinLayout,
+    host::node_lock::{Holder, holder_of},
 };
 
 /// How long a monitor waits for the lock before it gives up: the agent

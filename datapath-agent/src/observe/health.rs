@@ -42,7 +42,7 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 
-use crate::datapath::{PinLayout, PinnedMaps};
+use crate::bpf::{PinLayout, PinnedMaps};
 
 /// A watch's retry fails (with a refusal or an HTTP error) within this long
 /// of its start: no new error by then means the retry worked. (A watch that

@@ -13,8 +13,8 @@ use aya::maps::{HashMap, MapData};
 use datapath_common::{ModeMismatch, NodeKey, map_names};
 
 use crate::{
-    config::Mode,
-    datapath::{DatapathError, PinLayout, open_pinned},
+    bpf::{DatapathError, PinLayout, open_pinned},
+    model::Mode,
 };
 
 /// How often the programs' notes are read.
@@ -45,7 +45,7 @@ pub fn spawn_watch(pins: PinLayout, mode_before: Option<Mode>, mode: Mode) -> to
 
 fn log_and_forget(pins: &PinLayout, mode: Mode) -> Result<(), DatapathError> {
     let name = map_names::PEER_MODE_MISMATCHES;
-    let map_err = |source| DatapathError::Map { name, source };
+    let map_err = DatapathError::map(name);
     let mut notes: HashMap<MapData, NodeKey, ModeMismatch> =
         HashMap::try_from(open_pinned(pins, name)?).map_err(map_err)?;
     let noted: Vec<(NodeKey, ModeMismatch)> = notes.iter().collect::<Result<_, _>>().map_err(map_err)?;

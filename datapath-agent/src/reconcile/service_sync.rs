@@ -13,9 +13,12 @@ use std::{
 use datapath_common::ServiceKey;
 
 use crate::{
-    config::ServiceConfig,
-    datapath::{Datapath, DatapathError, SyncReport},
-    services::{self, ServiceChanges, ServiceName, ServiceNamesError, ServicePort},
+    bpf::{Datapath, DatapathError, SyncReport},
+    model::{ServiceConfig, ServiceRef},
+    reconcile::{
+        service_names::{self, ServiceName, ServiceNamesError},
+        services::{self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,19 +27,6 @@ pub enum ServiceSyncError {
     Datapath(#[source] DatapathError),
     #[error("recording the Service names for inspect")]
     Names(#[source] ServiceNamesError),
-}
-
-/// A Service by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServiceRef {
-    pub fn of(service: &ServiceConfig) -> Self {
-        ServiceRef { namespace: service.namespace.clone(), name: service.name.clone() }
-    }
 }
 
 pub struct ServiceSync {
@@ -52,11 +42,23 @@ pub struct ServiceSync {
     /// until an error): then a change is applied as the writes it needs.
     /// Otherwise the next change, or [`Self::retry`], is a whole sync.
     in_sync: bool,
+    /// What the Service maps hold, read from them at the first sync and kept
+    /// up to date by each write after it (the agent is their only writer):
+    /// one Service change then costs its own writes, not a read of them all.
+    /// `None` after a failed write, so the next sync reads the maps again.
+    programmed: Option<ProgrammedState>,
 }
 
 impl ServiceSync {
     pub fn new(state_dir: PathBuf) -> Self {
-        ServiceSync { state_dir, services: BTreeMap::new(), names: None, have_list: false, in_sync: false }
+        ServiceSync {
+            state_dir,
+            services: BTreeMap::new(),
+            names: None,
+            have_list: false,
+            in_sync: false,
+            programmed: None,
+        }
     }
 
     /// The Services to serve.
@@ -130,7 +132,9 @@ impl ServiceSync {
         // Gone first, so a key that moved to another Service is kept.
         let mut changes: ServiceChanges = old_ports.iter().map(|p| (p.key(), None)).collect();
         changes.extend(new_ports.iter().map(|p| (p.key(), Some(p))));
-        let report = datapath.sync_service_changes(&changes).map_err(ServiceSyncError::Datapath)?;
+        let report = self
+            .sync_maps(datapath, |programmed| services::plan_changes(programmed, &changes))
+            .map_err(ServiceSyncError::Datapath)?;
         let by_key: HashMap<ServiceKey, &ServicePort> = new_ports.iter().map(|p| (p.key(), p)).collect();
         self.record_names(datapath, changes.into_keys().collect(), &by_key)?;
         self.in_sync = true;
@@ -148,7 +152,9 @@ impl ServiceSync {
 
     fn whole_sync(&mut self, datapath: &mut Datapath) -> Result<SyncReport, ServiceSyncError> {
         let desired = services::desired_services(self.services.values());
-        let report = datapath.sync_services(&desired).map_err(ServiceSyncError::Datapath)?;
+        let report = self
+            .sync_maps(datapath, |programmed| services::plan_sync(programmed, &desired))
+            .map_err(ServiceSyncError::Datapath)?;
         // Read the records again: a failed sync may have left any.
         self.names = None;
         let names = self.names()?;
@@ -162,14 +168,16 @@ impl ServiceSync {
 
     fn names(&mut self) -> Result<&mut HashMap<ServiceKey, ServiceName>, ServiceSyncError> {
         if self.names.is_none() {
-            let on_disk = services::load_names(&self.state_dir).map_err(ServiceSyncError::Names)?;
+            let on_disk = service_names::load_names(&self.state_dir).map_err(ServiceSyncError::Names)?;
             let mut names = HashMap::new();
             for (id, name) in on_disk {
                 match name.key() {
                     Some(key) => {
                         names.insert(key, name);
                     }
-                    None => services::remove_name(&self.state_dir, id).map_err(ServiceSyncError::Names)?,
+                    None => {
+                        service_names::remove_name(&self.state_dir, id).map_err(ServiceSyncError::Names)?
+                    }
                 }
             }
             self.names = Some(names);
@@ -187,7 +195,7 @@ impl ServiceSync {
         desired: &HashMap<ServiceKey, &ServicePort>,
     ) -> Result<(), ServiceSyncError> {
         let state_dir = self.state_dir.clone();
-        let programmed = datapath.programmed_services().map_err(ServiceSyncError::Datapath)?;
+        let programmed = self.programmed(datapath).map_err(ServiceSyncError::Datapath)?;
         let ids: Vec<(ServiceKey, Option<u32>)> =
             keys.into_iter().map(|k| (k, programmed.services.get(&k).map(|s| s.id))).collect();
         let names = self.names()?;
@@ -201,15 +209,84 @@ impl ServiceSync {
                 continue;
             }
             if let Some(old) = names.get(&key) {
-                services::remove_name(&state_dir, old.id).map_err(io)?;
+                service_names::remove_name(&state_dir, old.id).map_err(io)?;
                 names.remove(&key);
             }
             writes.extend(want.map(|name| (key, name)));
         }
         for (key, name) in writes {
-            services::save_name(&state_dir, &name).map_err(io)?;
+            service_names::save_name(&state_dir, &name).map_err(io)?;
             names.insert(key, name);
         }
         Ok(())
     }
+
+    /// Make the Service maps serve what `plan_of` plans from what they hold,
+    /// changing only what differs, in an order no packet can catch half done
+    /// (see [`services::plan_sync`]); then switch the programs' Service
+    /// lookups on or off ([`Datapath::update_services_flag`]). Connections
+    /// already tracked keep their backend: conntrack is not touched.
+    fn sync_maps(
+        &mut self,
+        datapath: &mut Datapath,
+        plan_of: impl FnOnce(&ProgrammedState) -> ServicePlan,
+    ) -> Result<SyncReport, DatapathError> {
+        let mut programmed = self.take_programmed(datapath)?;
+        let plan = plan_of(&programmed);
+        // On an error `programmed` is dropped: the next sync reads the maps.
+        carry_out(datapath, &mut programmed, &plan)?;
+        self.programmed = Some(programmed);
+        datapath.update_services_flag()?;
+        Ok(plan.report)
+    }
+
+    /// What the Service maps hold, from the record of our own writes (read
+    /// from the maps once, or after a failed write).
+    fn programmed(&mut self, datapath: &Datapath) -> Result<&ProgrammedState, DatapathError> {
+        let state = self.take_programmed(datapath)?;
+        Ok(self.programmed.insert(state))
+    }
+
+    fn take_programmed(&mut self, datapath: &Datapath) -> Result<ProgrammedState, DatapathError> {
+        match self.programmed.take() {
+            Some(state) => Ok(state),
+            None => Ok(ProgrammedState::new(datapath.service_entries()?, datapath.backend_slots()?)),
+        }
+    }
+}
+
+/// Carry out the writes of `plan` in order, keeping `programmed` in step.
+fn carry_out(
+    datapath: &mut Datapath,
+    programmed: &mut ProgrammedState,
+    plan: &ServicePlan,
+) -> Result<(), DatapathError> {
+    // Read once, at the first affinity to forget: affinities the programs
+    // add later are for backends still wanted.
+    let mut affinities: Option<Vec<_>> = None;
+    for write in &plan.writes {
+        match write {
+            MapWrite::PutBackend(key, backend) => datapath.put_backend(key, backend)?,
+            MapWrite::PutService(key, service) => datapath.put_service(key, service)?,
+            MapWrite::DeleteService(key) => datapath.delete_service(key)?,
+            MapWrite::DeleteBackend(key) => datapath.delete_backend(key)?,
+            MapWrite::ForgetAffinity { service_id, backends } => {
+                let known = match &mut affinities {
+                    Some(known) => known,
+                    None => affinities.insert(datapath.service_affinities()?),
+                };
+                let doomed =
+                    |(key, entry): &(datapath_common::AffinityKey, datapath_common::AffinityEntry)| {
+                        key.service_id == *service_id
+                            && backends.as_ref().is_none_or(|gone| gone.contains(&entry.backend))
+                    };
+                for (key, _) in known.iter().filter(|e| doomed(e)) {
+                    datapath.delete_affinity(key)?;
+                }
+                known.retain(|e| !doomed(e));
+            }
+        }
+        programmed.apply(write);
+    }
+    Ok(())
 }

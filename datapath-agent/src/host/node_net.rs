@@ -19,10 +19,7 @@ use rtnetlink::{
     },
 };
 
-use crate::{
-    config::{AgentConfig, Mode, VXLAN_OVERHEAD},
-    datapath::RemoteRoute,
-};
+use crate::model::{Mode, RemoteRoute, VXLAN_OVERHEAD};
 
 /// Route protocol of the routes this agent installs (`ip route show proto 217`).
 pub const ROUTE_PROTOCOL: u8 = 217;
@@ -70,8 +67,8 @@ pub async fn uplink(handle: &Handle, name: &str) -> anyhow::Result<LinkFacts> {
 }
 
 /// MTU pods get: the uplink's, less the encapsulation in overlay mode.
-pub fn pod_mtu(config: &AgentConfig, uplink_mtu: u32) -> u32 {
-    match config.mode {
+pub fn pod_mtu(mode: Mode, uplink_mtu: u32) -> u32 {
+    match mode {
         Mode::Native => uplink_mtu,
         Mode::Vxlan => uplink_mtu - VXLAN_OVERHEAD,
     }
@@ -81,10 +78,10 @@ pub fn pod_mtu(config: &AgentConfig, uplink_mtu: u32) -> u32 {
 /// (recreating it would cut every tunnel). MTU and state are brought in line.
 pub async fn ensure_vxlan(
     handle: &Handle,
-    config: &AgentConfig,
+    name: &str,
+    port: u16,
     uplink_mtu: u32,
 ) -> anyhow::Result<LinkFacts> {
-    let name = &config.vxlan.device;
     let mtu = uplink_mtu - VXLAN_OVERHEAD;
     let existing = link_by_name(handle, name).await?;
     let index = match existing {
@@ -92,7 +89,7 @@ pub async fn ensure_vxlan(
         Some(_) => anyhow::bail!("{name} exists and is not a VXLAN device; rename it or set vxlan.device"),
         None => {
             let message = LinkMessageBuilder::<LinkVxlan>::new(name)
-                .port(config.vxlan.port)
+                .port(port)
                 .collect_metadata(true)
                 .learning(false)
                 .mtu(mtu)
@@ -103,7 +100,7 @@ pub async fn ensure_vxlan(
                 .execute()
                 .await
                 .with_context(|| format!("creating VXLAN device {name}"))?;
-            tracing::info!(device = name, port = config.vxlan.port, mtu, "created VXLAN device");
+            tracing::info!(device = name, port, mtu, "created VXLAN device");
             link_by_name(handle, name).await?.context("VXLAN device vanished")?.header.index
         }
     };

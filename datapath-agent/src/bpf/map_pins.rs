@@ -11,7 +11,7 @@
 //!   to its versioned name: the same map, nothing copied).
 //! - Same version and key/value layout, another capacity or flags (e.g.
 //!   `conntrack_max_entries` changed): migrated.
-//! - An older version with an [`crate::map_layout::Upgrade`]: migrated.
+//! - An older version with an [`crate::bpf::map_layout::Upgrade`]: migrated.
 //! - Anything else (a newer version, an older one without a conversion,
 //!   other key or value sizes under the same version): refused with a
 //!   message naming the map and what to do, before anything is touched;
@@ -45,193 +45,16 @@ use aya_obj::generated::bpf_map_type;
 use datapath_common::map_names;
 
 use crate::{
-    datapath::PinLayout,
-    map_layout::{Copied, CopyFn, Entries, Incompatible, LAYOUTS, MapLayout, UNVERSIONED_PIN_VERSION},
+    bpf::PinLayout,
+    bpf::map_layout::{Copied, CopyFn, Entries, Incompatible, LAYOUTS, MapLayout, UNVERSIONED_PIN_VERSION},
 };
+
+mod shape;
+
+pub use shape::{LayoutError, PathList, Reason, Shape};
 
 /// Suffix of a migration's new map until it is committed.
 const UNFINISHED: &str = "-new";
-
-/// What a map is, as the kernel (or this build's object) describes it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shape {
-    pub map_type: MapType,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-    pub flags: u32,
-}
-
-impl Shape {
-    fn of_pin(info: &MapInfo) -> Result<Self, MapError> {
-        Ok(Self {
-            map_type: info.map_type()?,
-            key_size: info.key_size(),
-            value_size: info.value_size(),
-            max_entries: info.max_entries(),
-            flags: info.map_flags(),
-        })
-    }
-
-    /// Same kind of map with keys and values of the same size: entries copy
-    /// across as they are.
-    fn same_layout(&self, other: &Shape) -> bool {
-        self.map_type == other.map_type
-            && self.key_size == other.key_size
-            && self.value_size == other.value_size
-    }
-}
-
-impl fmt::Display for Shape {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "a {:?} map with {}-byte keys, {}-byte values, {} entries and flags {:#x}",
-            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
-        )
-    }
-}
-
-/// Paths, for a message.
-#[derive(Debug)]
-pub struct PathList(pub Vec<PathBuf>);
-
-impl fmt::Display for PathList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, path) in self.0.iter().enumerate() {
-            write!(f, "{}{}", if i == 0 { "" } else { ", " }, path.display())?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
-    #[error("cannot read the map definitions of the eBPF object")]
-    Object {
-        #[source]
-        source: Box<aya_obj::ParseError>,
-    },
-    #[error("the eBPF object has no map {name}, or one of a type aya does not know")]
-    NotInObject {
-        name: &'static str,
-        #[source]
-        source: Option<MapError>,
-    },
-    #[error("cannot list the pinned maps in {path}")]
-    ListPins {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot read the pinned map {path} (is it a map?)")]
-    ReadPin {
-        path: PathBuf,
-        #[source]
-        source: MapError,
-    },
-    #[error(
-        "map {name} is pinned at {pin} with layout v{version}, newer than the v{known} this build \
-         reads: a rollback across a layout change. Nothing was changed; the programs already \
-         attached keep forwarding. Run a build that reads layout v{version} of {name}, or remove \
-         {pin} and start again, losing {holds} (docs/upgrade.md)"
-    )]
-    Newer { name: &'static str, pin: PathBuf, version: u32, known: u32, holds: &'static str },
-    #[error(
-        "map {name} is pinned at {pin} with layout v{version}, which this build (layout v{known}) \
-         cannot convert. Nothing was changed; the programs already attached keep forwarding. \
-         Upgrade through a release that converts it, or remove {pin} and start again, losing \
-         {holds} (docs/upgrade.md)"
-    )]
-    NoUpgrade { name: &'static str, pin: PathBuf, version: u32, known: u32, holds: &'static str },
-    #[error(
-        "map {name} pinned at {pin} is {found}, but layout v{version} of this build is {expected}: \
-         it was made by another build under the same layout version (a development build?), so \
-         its entries cannot be trusted. Nothing was changed; the programs already attached keep \
-         forwarding. Run the build that made it, or remove {pin} and start again, losing {holds} \
-         (docs/upgrade.md)"
-    )]
-    OtherShape {
-        name: &'static str,
-        pin: PathBuf,
-        version: u32,
-        found: Shape,
-        expected: Shape,
-        holds: &'static str,
-    },
-    #[error(
-        "map {name} is pinned more than once ({pins}) and the programs on the pinned links use \
-         {in_use} of them, so which one holds the live entries is unclear. Nothing was changed. \
-         Remove the pins the running programs do not use (`bpftool link show` gives each link's \
-         program, `bpftool prog show id N` its map_ids, `bpftool map show pinned PIN` a pin's id) \
-         and start again"
-    )]
-    Ambiguous { name: &'static str, pins: PathList, in_use: usize },
-    #[error("cannot tell which maps the programs on the pinned links use (link {path})")]
-    LinkInfo {
-        path: PathBuf,
-        #[source]
-        source: LinkError,
-    },
-    #[error("cannot tell which maps the programs on the pinned links use")]
-    ProgramInfo {
-        #[source]
-        source: ProgramError,
-    },
-    #[error(
-        "map {name}: the {capacity} entries of its new map cannot hold the entries of {from}; \
-         nothing was switched and {from} is kept. {advice}"
-    )]
-    DoesNotFit { name: &'static str, from: PathBuf, capacity: u32, advice: &'static str },
-    #[error(
-        "map {name}: copying the entries of {from} into its new map failed; nothing was switched and {from} is kept"
-    )]
-    Copy {
-        name: &'static str,
-        from: PathBuf,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {name} is not in the loaded eBPF object")]
-    NotLoaded { name: &'static str },
-    #[error("cannot {action} the pin {path}")]
-    Pin {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "map {name} is pinned only with another layout ({pins}), this build reads layout v{version} \
-         ({expected}): use the datapath-agent of the build that pinned it (docs/upgrade.md)"
-    )]
-    OnlyOtherLayout { name: &'static str, pins: PathList, version: u32, expected: PathBuf },
-}
-
-/// Why a map is migrated or replaced.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Reason {
-    /// Same layout, another capacity or other flags.
-    Resized { from: Shape },
-    /// An older layout version this build converts.
-    Upgraded { from_version: u32 },
-    /// A pin this build cannot read, for a map whose loss is harmless.
-    Incompatible { version: u32, found: Shape },
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reason::Resized { from } => {
-                write!(f, "resized from {} entries, flags {:#x}", from.max_entries, from.flags)
-            }
-            Reason::Upgraded { from_version } => write!(f, "converted from layout v{from_version}"),
-            Reason::Incompatible { version, found } => {
-                write!(f, "the pin (layout v{version}, {found}) cannot be read by this build")
-            }
-        }
-    }
-}
 
 /// What becomes of one map.
 #[derive(Clone, Copy)]
@@ -713,7 +536,7 @@ fn remove_pin(path: &Path) -> Result<(), LayoutError> {
 /// Pins of `name` under another layout than this build's, for a clear
 /// error when its own pin is missing (`inspect`, `monitor`).
 pub fn other_layouts(pins: &PinLayout, name: &'static str) -> Vec<PathBuf> {
-    let Some(layout) = crate::map_layout::layout(name) else { return Vec::new() };
+    let Some(layout) = crate::bpf::map_layout::layout(name) else { return Vec::new() };
     let bare = layout.unversioned_pin_name();
     // Only to make an error message more precise: unreadable entries are skipped.
     let Ok(entries) = fs::read_dir(pins.maps_dir()) else { return Vec::new() };
@@ -731,99 +554,4 @@ pub fn other_layouts(pins: &PinLayout, name: &'static str) -> Vec<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::map_layout::{Upgrade, layout};
-
-    const ENDPOINTS: Shape =
-        Shape { map_type: MapType::Hash, key_size: 4, value_size: 24, max_entries: 65_536, flags: 0 };
-
-    #[test]
-    fn a_pin_of_this_layout_is_reused_and_a_resized_one_migrated() {
-        let endpoints = layout(map_names::ENDPOINTS).unwrap();
-        assert_eq!(verdict(endpoints, &ENDPOINTS, 1, &ENDPOINTS), Verdict::Reuse);
-        let smaller = Shape { max_entries: 1024, ..ENDPOINTS };
-        assert_eq!(
-            verdict(endpoints, &ENDPOINTS, 1, &smaller),
-            Verdict::Migrate(Reason::Resized { from: smaller })
-        );
-        let other_flags = Shape { flags: 1, ..ENDPOINTS };
-        assert_eq!(
-            verdict(endpoints, &ENDPOINTS, 1, &other_flags),
-            Verdict::Migrate(Reason::Resized { from: other_flags })
-        );
-    }
-
-    #[test]
-    fn a_pin_this_build_cannot_read_is_refused_unless_its_loss_is_harmless() {
-        let endpoints = layout(map_names::ENDPOINTS).unwrap();
-        let wider = Shape { value_size: 28, ..ENDPOINTS };
-        assert_eq!(verdict(endpoints, &ENDPOINTS, 1, &wider), Verdict::OtherShape);
-        let lru = Shape { map_type: MapType::LruHash, ..ENDPOINTS };
-        assert_eq!(verdict(endpoints, &ENDPOINTS, 1, &lru), Verdict::OtherShape);
-        // The same shape under another version is not the same meaning.
-        assert_eq!(verdict(endpoints, &ENDPOINTS, 2, &ENDPOINTS), Verdict::Newer);
-        assert_eq!(verdict(endpoints, &ENDPOINTS, 0, &ENDPOINTS), Verdict::NoUpgrade);
-
-        let drops = layout(map_names::DROP_COUNTERS).unwrap();
-        let counters =
-            Shape { map_type: MapType::PerCpuArray, key_size: 4, value_size: 8, max_entries: 192, flags: 0 };
-        let wide = Shape { value_size: 16, ..counters };
-        let incompatible = Reason::Incompatible { version: 1, found: wide };
-        assert_eq!(verdict(drops, &counters, 1, &wide), Verdict::Replace(incompatible));
-        let newer = Reason::Incompatible { version: 3, found: counters };
-        assert_eq!(verdict(drops, &counters, 3, &counters), Verdict::Replace(newer));
-        let grown = Shape { max_entries: 128, ..counters };
-        assert_eq!(verdict(drops, &counters, 1, &grown), Verdict::Migrate(Reason::Resized { from: grown }));
-    }
-
-    #[test]
-    fn an_older_version_with_a_conversion_is_upgraded() {
-        const UPGRADES: &[Upgrade] = &[Upgrade { from_version: 1, entries: Entries::Discarded }];
-        let endpoints =
-            MapLayout { version: 2, upgrades: UPGRADES, ..*layout(map_names::ENDPOINTS).unwrap() };
-        assert_eq!(verdict(&endpoints, &ENDPOINTS, 1, &ENDPOINTS), Verdict::Upgrade(1));
-        assert_eq!(verdict(&endpoints, &ENDPOINTS, 0, &ENDPOINTS), Verdict::NoUpgrade);
-        assert_eq!(verdict(&endpoints, &ENDPOINTS, 3, &ENDPOINTS), Verdict::Newer);
-    }
-
-    #[test]
-    fn both_program_builds_define_the_same_maps() {
-        // Switching between them (ebpf_log) must never migrate a map.
-        let normal = expected_shapes(crate::ebpf::DATAPATH_OBJECT, &[]).unwrap();
-        let debug = expected_shapes(crate::ebpf::DATAPATH_DEBUG_OBJECT, &[]).unwrap();
-        assert_eq!(normal, debug);
-        assert_eq!(normal.len(), LAYOUTS.len());
-        assert_eq!(normal[map_names::ENDPOINTS], ENDPOINTS);
-        let ring = normal[map_names::MONITOR_EVENTS];
-        assert_eq!(
-            (ring.map_type, ring.key_size, ring.value_size),
-            (MapType::RingBuf, 0, 0),
-            "as aya creates it"
-        );
-        let sized = expected_shapes(crate::ebpf::DATAPATH_OBJECT, &[(map_names::CONNTRACK, 4096)]).unwrap();
-        assert_eq!(sized[map_names::CONNTRACK].max_entries, 4096);
-    }
-
-    #[test]
-    fn refusals_name_the_map_the_pin_and_what_to_do() {
-        let message = LayoutError::OtherShape {
-            name: map_names::ENDPOINTS,
-            pin: PathBuf::from("/sys/fs/bpf/datapath/maps/endpoints-v1"),
-            version: 1,
-            found: Shape { value_size: 20, ..ENDPOINTS },
-            expected: ENDPOINTS,
-            holds: "the local pods' delivery entries",
-        }
-        .to_string();
-        for part in [
-            "map ENDPOINTS",
-            "/sys/fs/bpf/datapath/maps/endpoints-v1",
-            "20-byte values",
-            "24-byte values",
-            "remove",
-        ] {
-            assert!(message.contains(part), "{part:?} missing in: {message}");
-        }
-    }
-}
+mod tests;

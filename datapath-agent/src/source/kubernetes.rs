@@ -17,9 +17,9 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
-    config::{KubernetesConfig, NodeIdentity, PeerConfig},
-    datapath::RemoteRoute,
-    health::Health,
+    model::RemoteRoute,
+    observe::health::Health,
+    source::config::{KubernetesConfig, NodeIdentity, PeerConfig},
 };
 
 /// What a Node object says, as far as the datapath cares.

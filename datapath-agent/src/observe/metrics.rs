@@ -29,8 +29,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    datapath::{GcReport, PinLayout, PinnedMaps},
-    health::Health,
+    bpf::{GcReport, PinLayout, PinnedMaps},
+    observe::health::Health,
 };
 
 /// Errors the agent hit (peer sync, refused CNI requests), for alerting.

@@ -21,10 +21,10 @@ use kube::{
 use tokio::sync::mpsc;
 
 use crate::{
-    config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
-    health::Health,
-    kubernetes::WatchBackoff,
-    service_sync::ServiceRef,
+    model::ServiceRef,
+    observe::health::Health,
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
+    source::kubernetes::WatchBackoff,
 };
 
 /// The label EndpointSlices carry with the name of their Service.

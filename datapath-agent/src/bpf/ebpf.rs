@@ -49,3 +49,10 @@ pub fn forward_log_to_tracing(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
     });
     Ok(())
 }
+
+/// CLOCK_MONOTONIC in ns: the clock of the programs' `bpf_ktime_get_ns` and
+/// `bpf_ktime_get_coarse_ns` (the coarse variant lags by at most a tick).
+pub fn monotonic_now_ns() -> nix::Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}

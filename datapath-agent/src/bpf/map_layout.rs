@@ -10,7 +10,7 @@
 //!
 //! A new map needs one entry in [`LAYOUTS`] (the build fails without it).
 //! What the agent does with a pin of another layout is in
-//! [`crate::map_pins`] and docs/upgrade.md.
+//! [`crate::bpf::map_pins`] and docs/upgrade.md.
 
 use aya::{
     Pod,
