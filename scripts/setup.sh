@@ -3,6 +3,7 @@
 # Installs the toolchain pieces the eBPF build needs, the tools the tests drive,
 # and mounts bpffs. Re-running skips whatever is already in place.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (sudo $0)" >&2
@@ -34,9 +35,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# The eBPF crate builds on nightly with -Z build-std=core, which needs rust-src.
-rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
-    || rustup component add rust-src --toolchain nightly
+# The eBPF crate builds on the nightly pinned in datapath-ebpf/rust-toolchain.toml
+# (-Z build-std=core needs rust-src; clippy lints the programs).
+EBPF_TOOLCHAIN=$(sed -n 's/^channel = "\(.*\)"$/\1/p' datapath-ebpf/rust-toolchain.toml)
+[ -n "$EBPF_TOOLCHAIN" ] || { echo "setup: no channel in datapath-ebpf/rust-toolchain.toml" >&2; exit 1; }
+for c in rust-src clippy; do
+    rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q "^$c" \
+        || rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src --component clippy
+done
 for c in clippy rustfmt; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

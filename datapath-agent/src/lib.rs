@@ -1,20 +1,14 @@
 //! The node agent of the eBPF pod datapath (its CNI plugin: `datapath-cni`).
+//!
+//! One room per stage of the data flow (docs/architecture.md); dependencies
+//! between rooms point one way, which `rooms::tests` checks.
+pub mod agent;
+pub mod bpf;
 pub mod cmd;
-pub mod config;
-pub mod datapath;
-pub mod ebpf;
-pub mod health;
-pub mod kubernetes;
-pub mod kubernetes_services;
-pub mod link_state;
-pub mod map_layout;
-pub mod map_pins;
-pub mod masquerade;
-pub mod metrics;
-pub mod mode_mismatch;
-pub mod monitor_lock;
-pub mod node_lock;
-pub mod node_net;
-pub mod service_sync;
-pub mod services;
-pub mod state;
+pub mod host;
+pub mod model;
+pub mod observe;
+pub mod reconcile;
+#[cfg(test)]
+mod rooms;
+pub mod source;

@@ -467,7 +467,7 @@ impl Node {
     /// report every forwarding decision to the monitor.
     pub fn trace_forwards(&self) -> u32 {
         use datapath_common::{MonitorConfig, map_names};
-        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let pins = datapath_agent::bpf::PinLayout::new(&self.bpffs_dir);
         let map = aya::maps::MapData::from_pin(pins.map(map_names::MONITOR_CONFIG)).unwrap();
         let map: aya::maps::Array<_, MonitorConfig> =
             aya::maps::Array::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
@@ -477,7 +477,7 @@ impl Node {
     /// The peers PEER_MODE_MISMATCHES holds (read from its pin).
     pub fn peer_mode_mismatch_peers(&self) -> Vec<Ipv4Addr> {
         use datapath_common::{ModeMismatch, NodeKey, map_names};
-        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let pins = datapath_agent::bpf::PinLayout::new(&self.bpffs_dir);
         let map = aya::maps::MapData::from_pin(pins.map(map_names::PEER_MODE_MISMATCHES)).unwrap();
         let map: aya::maps::HashMap<_, NodeKey, ModeMismatch> =
             aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
@@ -646,7 +646,7 @@ impl Node {
     /// The host veth indexes POD_INTERFACES holds (read from its pin).
     pub fn pod_interface_indexes(&self) -> Vec<u32> {
         use datapath_common::{PodInterface, map_names};
-        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let pins = datapath_agent::bpf::PinLayout::new(&self.bpffs_dir);
         let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
         let map: aya::maps::HashMap<_, u32, PodInterface> =
             aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
@@ -659,7 +659,7 @@ impl Node {
     /// older agent could leave behind).
     pub fn insert_pod_interface(&self, ifindex: u32, pod_ipv4: Ipv4Addr) {
         use datapath_common::{NO_TRAFFIC_SLOT, PodInterface, map_names};
-        let pins = datapath_agent::datapath::PinLayout::new(&self.bpffs_dir);
+        let pins = datapath_agent::bpf::PinLayout::new(&self.bpffs_dir);
         let map = aya::maps::MapData::from_pin(pins.map(map_names::POD_INTERFACES)).unwrap();
         let mut map: aya::maps::HashMap<_, u32, PodInterface> =
             aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();

@@ -12,8 +12,47 @@ pub mod traffic;
 
 use std::path::PathBuf;
 
+/// Return from the calling test (with a printed reason) when not root; under
+/// CI a skip is a failure. The test's name comes from the enclosing function.
+#[macro_export]
+macro_rules! require_root {
+    () => {{
+        fn here() {}
+        let path = ::std::any::type_name_of_val(&here);
+        // "<test binary>::<module>::<test>::here" -> "<module>::<test>",
+        // the name libtest prints.
+        let test = path.strip_suffix("::here").unwrap_or(path);
+        let test = test.split_once("::").map_or(test, |(_, rest)| rest);
+        if !$crate::require_root(test) {
+            return;
+        }
+    }};
+}
+
+/// One test per routing mode from one scenario function taking the mode:
+/// `in_both_modes! { name => scenario; }` makes `name::native` and
+/// `name::vxlan`.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($test:ident => $scenario:ident;)+) => {$(
+        mod $test {
+            #[test]
+            fn native() {
+                $crate::require_root!();
+                super::$scenario("native");
+            }
+
+            #[test]
+            fn vxlan() {
+                $crate::require_root!();
+                super::$scenario("vxlan");
+            }
+        }
+    )+};
+}
+
 /// Skip (with a printed reason) when not root; under CI a skip is a failure.
-/// Returns true when the test should go on.
+/// Returns true when the test should go on. Tests call [`require_root!`].
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -23,6 +62,18 @@ pub fn require_root(test: &str) -> bool {
     }
     eprintln!("SKIP {test}: needs root (network namespaces, bpffs, BPF programs)");
     false
+}
+
+/// Poll `check` every 100 ms until it holds; panic naming `what` after
+/// `timeout`. Waiting for a positive sign (a log line, a counter, a route)
+/// instead of sleeping a fixed time keeps tests fast and honest.
+#[track_caller]
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Where the agent and plugin binaries are: `DATAPATH_BIN_DIR` (set by

@@ -914,10 +914,9 @@ impl Topology for Ours {
     fn counters(&self) -> BTreeMap<String, u64> {
         let mut all = BTreeMap::new();
         for node in [&self.a, &self.b] {
-            let maps = datapath_agent::datapath::PinnedMaps::open(&datapath_agent::datapath::PinLayout::new(
-                &node.bpffs_dir,
-            ))
-            .expect("open the pinned maps");
+            let maps =
+                datapath_agent::bpf::PinnedMaps::open(&datapath_agent::bpf::PinLayout::new(&node.bpffs_dir))
+                    .expect("open the pinned maps");
             let counters = maps.counters().expect("read the counters");
             for (name, n) in &counters.drops {
                 *all.entry(format!("drop/{name}")).or_default() += n;

@@ -2,7 +2,7 @@
 //! one BPF_PROG_TEST_RUN of a program with what it did.
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use datapath_agent::datapath::{Counters, Datapath};
+use datapath_agent::bpf::{Counters, Datapath};
 use datapath_common::{DropReason, ForwardPath};
 
 use crate::{lab::Netns, sh};

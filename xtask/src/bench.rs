@@ -35,7 +35,7 @@ use datapath_tests::{
 use crate::build_bins;
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     pub duration: u64,
@@ -561,7 +561,7 @@ pub(crate) const RATIO_TARGETS: [RatioTarget; 8] = [
     },
 ];
 
-pub fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
+pub(crate) fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     if let Some(json) = &args.chart_only {
         let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
         let report: serde_json::Value =

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
-use datapath_agent::datapath::{Datapath, RemoteRoute};
+use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{Endpoint, NodeConfig, PodInterface, RoutingMode, program_names};
 use datapath_tests::{
     lab::{Netns, Node},
@@ -80,7 +80,7 @@ fn uplink_frame() -> Vec<u8> {
 /// The figures of one program path: raw ns/packet, and net of the test-run
 /// harness (the same frame and repeat count through an empty program, in
 /// the same round).
-pub struct ProgramPath {
+pub(crate) struct ProgramPath {
     pub name: &'static str,
     pub raw: Stats,
     pub net: Stats,
@@ -107,7 +107,11 @@ struct Case {
 /// on one pinned CPU, each next to the empty program's cost in that round.
 /// Fails if a path's packets did not all take it (counted by the datapath).
 /// `only`: just the path of that name (to profile it alone with perf).
-pub fn program_paths(count: u32, rounds: usize, only: Option<&str>) -> anyhow::Result<Vec<ProgramPath>> {
+pub(crate) fn program_paths(
+    count: u32,
+    rounds: usize,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<ProgramPath>> {
     let case = |name, mode, program, packet, per_run, counts_as| Case {
         name,
         mode,
@@ -393,7 +397,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-pub struct ControlPlane {
+pub(crate) struct ControlPlane {
     pub pods: usize,
     pub add_to_ping_p50: Duration,
     pub add_to_ping_p99: Duration,
@@ -407,7 +411,7 @@ pub struct ControlPlane {
 /// CNI ADD to a pod that answers ping over `pods` pods (real agent and
 /// plugin), then `endpoints` endpoints and `cidrs` remote pod CIDRs written
 /// into the maps with the agent's own code, timed, with the RSS it takes.
-pub fn control_plane(pods: usize, endpoints: usize, cidrs: usize) -> anyhow::Result<ControlPlane> {
+pub(crate) fn control_plane(pods: usize, endpoints: usize, cidrs: usize) -> anyhow::Result<ControlPlane> {
     let mut node = Node::new("10.244.0.0/20", Ipv4Addr::new(10, 250, 0, 1));
     node.start_agent();
     std::thread::sleep(Duration::from_millis(500));
@@ -474,7 +478,7 @@ pub fn control_plane(pods: usize, endpoints: usize, cidrs: usize) -> anyhow::Res
 }
 
 /// A figure and its target: `value` must be >= (or <=) `target`.
-pub struct Target {
+pub(crate) struct Target {
     pub what: String,
     pub value: f64,
     pub at_least: bool,
@@ -482,10 +486,10 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn met(&self) -> bool {
+    pub(crate) fn met(&self) -> bool {
         if self.at_least { self.value >= self.target } else { self.value <= self.target }
     }
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "{:<58} {:>10.2} {} {:<8} {}",
             self.what,

@@ -38,9 +38,10 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_agent::{
-    config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
-    datapath::Datapath,
-    service_sync::{ServiceRef, ServiceSync},
+    bpf::Datapath,
+    model::ServiceRef,
+    reconcile::service_sync::ServiceSync,
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
 };
 use datapath_tests::{
     lab::{CLUSTER_CIDR, Netns, Node, Pod, VETH_PREFIX, mac_of},
@@ -499,7 +500,7 @@ fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64
             "one Service change made {report:?}"
         );
     }
-    let names = datapath_agent::services::load_names(&state_dir.0)?;
+    let names = datapath_agent::reconcile::service_names::load_names(&state_dir.0)?;
     anyhow::ensure!(names.len() == n, "{} names records for {n} Services", names.len());
     Ok((one, whole))
 }
@@ -559,7 +560,7 @@ struct Row {
     change_ms: Vec<f64>,
 }
 
-pub fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::Value, Vec<Target>)> {
+pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_json::Value, Vec<Target>)> {
     let sizes: [usize; 2] = if args.smoke { [10, 100] } else { [1_000, 10_000] };
     let connections = if args.smoke { 200 } else { 2_000 };
     let (ours_changes, kube_proxy_changes) = if args.smoke { (4, 2) } else { (20, 5) };

@@ -114,7 +114,7 @@ fn suites(report: &Value) -> impl Iterator<Item = &Value> {
 }
 
 /// Draw `report` (as `cargo xtask bench` writes it) into the SVG at `path`.
-pub fn draw(report: &Value, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn draw(report: &Value, path: &Path) -> anyhow::Result<()> {
     let data_paths: Vec<&Value> =
         suites(report).filter(|s| s["setups"].as_array().is_some_and(|a| !a.is_empty())).collect();
     let programs: Vec<(String, Spread)> = suites(report)

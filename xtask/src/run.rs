@@ -14,7 +14,7 @@ use datapath_tests::lab::{Fabric, peered_nodes, ping, ping_from_spoofed_address,
 use crate::{build_bins, run_cmd};
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Cross-node mode of the demo: native or vxlan.
     #[arg(long, default_value = "native", value_parser = ["native", "vxlan"])]
     pub mode: String,
@@ -29,7 +29,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
     let bins = build_bins(false)?;
     if !args.agent_args.is_empty() {
         return run_cmd(std::process::Command::new(bins.join("datapath-agent")).args(&args.agent_args));

@@ -3,13 +3,13 @@
 use crate::{build_bins, cargo, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
-pub struct TestArgs {
+pub(crate) struct TestArgs {
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
 }
 
-pub fn test(args: TestArgs) -> anyhow::Result<()> {
+pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
     let root = workspace_root();
     println!("== cargo fmt --check");
     run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use datapath_api::mac::MacAddr;
 
 use crate::{
-    config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
-    datapath::{PinLayout, PinnedMaps},
-    services,
-    state::EndpointStore,
+    bpf::{PinLayout, PinnedMaps},
+    host::state::EndpointStore,
+    reconcile::{conntrack, service_names, services},
+    source::config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
 };
 
 #[derive(Debug, clap::Args)]
@@ -233,7 +233,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         InspectWhat::Services => {
             // The names file may be missing (another state dir): the maps are
             // the truth, the file adds names.
-            let names = services::load_names(&args.state_dir).unwrap_or_default();
+            let names = service_names::load_names(&args.state_dir).unwrap_or_default();
             let rows: Vec<ServiceRow> = maps
                 .services()?
                 .into_iter()
@@ -241,9 +241,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     let record = names.get(&s.service.id).filter(|n| n.names(s.service.id, &s.key));
                     let client_ip = s.service.flags & datapath_common::SERVICE_AFFINITY_CLIENT_IP != 0;
                     let affinity = if client_ip {
-                        crate::config::SessionAffinity::ClientIp
+                        crate::model::SessionAffinity::ClientIp
                     } else {
-                        crate::config::SessionAffinity::None
+                        crate::model::SessionAffinity::None
                     };
                     ServiceRow {
                         namespace: record.map(|r| r.namespace.clone()),
@@ -298,8 +298,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
         InspectWhat::Conntrack => {
-            let now = services::monotonic_now_ns().context("reading CLOCK_MONOTONIC")?;
-            let rows: Vec<ConnectionRow> = services::connections(&maps.conntrack()?)
+            let now = crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC")?;
+            let rows: Vec<ConnectionRow> = conntrack::connections(&maps.conntrack()?)
                 .into_iter()
                 .map(|c| ConnectionRow {
                     protocol: services::protocol_name(c.protocol),

@@ -4,7 +4,7 @@
 //! most `monitor_events_per_second` events (agent config); what was rate
 //! limited or lost to a full ring buffer is counted and shown at the end.
 //! Works with the agent down. One monitor at a time (a ring buffer has one
-//! reader): a second is refused ([`crate::monitor_lock`]). Forward tracing
+//! reader): a second is refused ([`crate::observe::monitor_lock`]). Forward tracing
 //! is switched off again however the monitor ends (count, time, SIGINT,
 //! SIGTERM, SIGHUP, a reader that went away); after a SIGKILL, by the next
 //! monitor or the agent.
@@ -27,9 +27,9 @@ use datapath_common::{
 };
 
 use crate::{
-    config::DEFAULT_BPFFS_DIR,
-    datapath::{PinLayout, PinnedMaps},
-    monitor_lock::MonitorLock,
+    bpf::{PinLayout, PinnedMaps},
+    observe::monitor_lock::MonitorLock,
+    source::config::DEFAULT_BPFFS_DIR,
 };
 
 #[derive(Debug, clap::Args)]
@@ -79,7 +79,7 @@ extern "C" fn request_stop(_: libc::c_int) {
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs_dir);
     let open = |name: &'static str| -> anyhow::Result<Map> {
-        crate::datapath::open_pinned(&pins, name)
+        crate::bpf::open_pinned(&pins, name)
             .with_context(|| format!("opening {} (has the agent ever run?)", pins.map(name).display()))
     };
     let mut ring = RingBuf::try_from(open(map_names::MONITOR_EVENTS)?)?;
@@ -199,10 +199,7 @@ pub fn decode(bytes: &[u8]) -> Result<MonitorEvent, EventError> {
 }
 
 fn monotonic_ns() -> u64 {
-    // CLOCK_MONOTONIC is what bpf_ktime_get_ns counts.
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    crate::bpf::ebpf::monotonic_now_ns().unwrap_or(0)
 }
 
 /// Converts the programs' monotonic timestamps to wall-clock time.

@@ -1,0 +1,226 @@
+//! Prometheus metrics (`prometheus-client`), read from the pinned maps at
+//! scrape time: the maps are the counters, so nothing is copied or lost
+//! across agent restarts, and a scrape costs a handful of map reads.
+//!
+//! datapath_drops_total{direction,reason}  packets dropped, by program and named reason
+//! datapath_forwards_total{direction,path} packets forwarded, by program and path
+//! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
+//! datapath_endpoints                local pod endpoints
+//! datapath_remote_nodes             peer pod CIDRs programmed
+//! datapath_services                 Service ports programmed
+//! datapath_conntrack_entries        connection-tracking entries (two per connection), at the last sweep
+//! datapath_conntrack_gc_removed_total  entries the agent's collector removed
+//! datapath_map_entries{map}         fill level of the sized maps ...
+//! datapath_map_capacity{map}        ... and their capacity
+//! datapath_agent_errors_total       failed reconciliations and refused requests
+//! datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use datapath_common::{MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICES};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::{
+    bpf::{GcReport, PinLayout, PinnedMaps},
+    observe::health::Health,
+};
+
+/// Errors the agent hit (peer sync, refused CNI requests), for alerting.
+#[derive(Debug, Default)]
+pub struct AgentErrors(AtomicU64);
+
+impl AgentErrors {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the agent's connection-tracking collector saw. Counting a large
+/// map at every scrape would cost a syscall per entry; the collector walks
+/// it every few seconds anyway.
+#[derive(Debug, Default)]
+pub struct ConntrackStats {
+    /// Entries at the last sweep; absent before the first one.
+    entries: std::sync::Mutex<Option<u64>>,
+    gc_removed: AtomicU64,
+}
+
+impl ConntrackStats {
+    pub fn record_sweep(&self, report: &GcReport) {
+        self.gc_removed.fetch_add(report.removed as u64, Ordering::Relaxed);
+        if let Ok(mut entries) = self.entries.lock() {
+            *entries = Some(report.remaining as u64);
+        }
+    }
+
+    fn entries(&self) -> Option<u64> {
+        self.entries.lock().ok().and_then(|e| *e)
+    }
+}
+
+#[derive(Debug)]
+struct DatapathCollector {
+    pins: PinLayout,
+    errors: Arc<AgentErrors>,
+    conntrack: Arc<ConntrackStats>,
+    health: Arc<Health>,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "datapath_config_edits_rejected",
+            "Edits of the config file not applied: invalid (nothing applied) or needs_restart (a \
+             restart-only field changed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (why, n) in self.health.config_rejections() {
+            ConstCounter::new(n).encode(metric.encode_family(&vec![("reason", why.name())])?)?;
+        }
+        let errors = self.errors.0.load(Ordering::Relaxed);
+        let mut metric = encoder.encode_descriptor(
+            "datapath_agent_errors",
+            "Failed reconciliations and refused requests",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(errors).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
+        let mut metric = encoder.encode_descriptor(
+            "datapath_conntrack_gc_removed",
+            "Connection-tracking entries the agent removed (idle or closed connections; two per connection)",
+            None,
+            MetricType::Counter,
+        )?;
+        let removed = self.conntrack.gc_removed.load(Ordering::Relaxed);
+        ConstCounter::new(removed).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
+        let conntrack_entries = self.conntrack.entries();
+        if let Some(entries) = conntrack_entries {
+            let metric = encoder.encode_descriptor(
+                "datapath_conntrack_entries",
+                "Connection-tracking entries (two per Service connection), at the agent's last sweep",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(entries as i64).encode(metric)?;
+        }
+
+        // The maps may be unreadable for a moment at start; then say nothing.
+        let Ok(maps) = PinnedMaps::open(&self.pins) else { return Ok(()) };
+        if let Ok(counters) = maps.counters() {
+            let mut metric = encoder.encode_descriptor(
+                "datapath_drops",
+                "Packets dropped by the datapath, by reason (see docs/why-dropped.md)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (direction, drops) in &counters.drops_by_direction {
+                for (reason, n) in drops {
+                    let labels = vec![("direction", *direction), ("reason", *reason)];
+                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            let mut metric = encoder.encode_descriptor(
+                "datapath_forwards",
+                "Packets forwarded, by path",
+                None,
+                MetricType::Counter,
+            )?;
+            for (direction, forwards) in &counters.forwards_by_direction {
+                for (path, n) in forwards {
+                    let labels = vec![("direction", *direction), ("path", *path)];
+                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            let mut metric = encoder.encode_descriptor(
+                "datapath_monitor_events",
+                "Monitor events: emitted, rate_limited (over the per-CPU budget), ring_full (lost)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, n) in &counters.monitor_events {
+                ConstCounter::new(*n).encode(metric.encode_family(&vec![("outcome", *outcome)])?)?;
+            }
+        }
+        let endpoints = maps.endpoints().map(|e| e.len() as i64).unwrap_or(0);
+        let remote = maps.remote_routes().map(|r| r.len() as i64).unwrap_or(0);
+        let metric = encoder.encode_descriptor(
+            "datapath_endpoints",
+            "Local pod endpoints",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(endpoints).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "datapath_remote_nodes",
+            "Peer pod CIDRs programmed",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(remote).encode(metric)?;
+        // Absent on maps pinned by an agent without Services: say nothing.
+        let services = maps.service_count().ok().map(|n| n as i64);
+        if let Some(services) = services {
+            let metric = encoder.encode_descriptor(
+                "datapath_services",
+                "Service ports programmed (cluster IP, port, protocol)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(services).encode(metric)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "datapath_map_entries",
+            "Entries in the sized maps",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(endpoints).encode(metric.encode_family(&vec![("map", "endpoints")])?)?;
+        ConstGauge::new(remote).encode(metric.encode_family(&vec![("map", "remote_nodes")])?)?;
+        if let Some(services) = services {
+            ConstGauge::new(services).encode(metric.encode_family(&vec![("map", "services")])?)?;
+        }
+        if let Some(entries) = conntrack_entries {
+            ConstGauge::new(entries as i64).encode(metric.encode_family(&vec![("map", "conntrack")])?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "datapath_map_capacity",
+            "Capacity of the sized maps",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(MAX_LOCAL_ENDPOINTS))
+            .encode(metric.encode_family(&vec![("map", "endpoints")])?)?;
+        ConstGauge::new(i64::from(MAX_REMOTE_NODES))
+            .encode(metric.encode_family(&vec![("map", "remote_nodes")])?)?;
+        if services.is_some() {
+            ConstGauge::new(i64::from(MAX_SERVICES))
+                .encode(metric.encode_family(&vec![("map", "services")])?)?;
+        }
+        if let Ok(capacity) = maps.conntrack_capacity() {
+            ConstGauge::new(i64::from(capacity))
+                .encode(metric.encode_family(&vec![("map", "conntrack")])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry the /metrics endpoint serves.
+pub fn registry(
+    pins: PinLayout,
+    errors: Arc<AgentErrors>,
+    conntrack: Arc<ConntrackStats>,
+    health: Arc<Health>,
+) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(DatapathCollector { pins, errors, conntrack, health }));
+    registry
+}

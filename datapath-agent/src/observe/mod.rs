@@ -1,0 +1,5 @@
+//! What the agent tells about itself: metrics, health, mode mismatches, the monitor lock.
+pub mod health;
+pub mod metrics;
+pub mod mode_mismatch;
+pub mod monitor_lock;

@@ -1,0 +1,341 @@
+//! Service connections in the connection-tracking map: the view of its
+//! entries as connections (for `inspect`), the rule by which the collector
+//! expires them, and the collector's sweep.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use datapath_common::{
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, ConntrackEntry, ConntrackKey,
+    IPPROTO_TCP,
+};
+
+use anyhow::Context as _;
+use tokio::sync::Mutex;
+
+use crate::{
+    bpf::{Datapath, DatapathError, GcReport, PinnedConntrack},
+    observe::metrics::{AgentErrors, ConntrackStats},
+};
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// One translated connection, from its forward entry, its reply entry or
+/// both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub protocol: u8,
+    pub client: SocketAddrV4,
+    pub service: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub service_id: u32,
+    /// The later of the two directions' last packets (CLOCK_MONOTONIC ns).
+    pub last_seen_ns: u64,
+    /// A FIN or RST was seen in either direction.
+    pub closing: bool,
+    /// The client is the backend itself.
+    pub hairpin: bool,
+}
+
+/// The connections the conntrack entries describe, a forward entry joined
+/// with its reply entry. A lone entry (its pair being created, removed, or
+/// lost) still makes a row: it still translates packets.
+pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection> {
+    let by_key: HashMap<ConntrackKey, ConntrackEntry> = entries.iter().copied().collect();
+    let mut out = Vec::new();
+    for (key, entry) in entries {
+        let pair_key = key.pair(entry);
+        let pair = by_key.get(&pair_key);
+        // A reply entry is shown through its forward entry when there is one.
+        if entry.kind != CT_FORWARD && pair.is_some_and(|p| p.kind == CT_FORWARD) {
+            continue;
+        }
+        let port = u16::from_be_bytes;
+        let hairpin = entry.flags & CT_HAIRPIN != 0;
+        let (client, service, backend) = if entry.kind == CT_FORWARD {
+            (
+                SocketAddrV4::new(Ipv4Addr::from(key.saddr), port(key.sport)),
+                SocketAddrV4::new(Ipv4Addr::from(key.daddr), port(key.dport)),
+                SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), port(entry.nat_port)),
+            )
+        } else {
+            let client_ip = if hairpin { entry.client_ipv4 } else { key.daddr };
+            (
+                SocketAddrV4::new(Ipv4Addr::from(client_ip), port(key.dport)),
+                SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), port(entry.nat_port)),
+                SocketAddrV4::new(Ipv4Addr::from(key.saddr), port(key.sport)),
+            )
+        };
+        out.push(Connection {
+            protocol: key.protocol,
+            client,
+            service,
+            backend,
+            service_id: entry.service_id,
+            last_seen_ns: entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns)),
+            closing: (entry.flags | pair.map_or(0, |p| p.flags)) & CT_CLOSING != 0,
+            hairpin,
+        });
+    }
+    out.sort_by_key(|c| (c.protocol, *c.client.ip(), c.client.port(), *c.service.ip(), c.service.port()));
+    out
+}
+
+/// How long a connection may stay quiet before the collector removes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackLimits {
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+    pub closing_ns: u64,
+}
+
+impl ConntrackLimits {
+    /// The limits from seconds (the config's `conntrack_*_seconds`).
+    pub fn from_seconds(tcp_idle: u32, udp_idle: u32, closing: u32) -> Self {
+        let ns = |seconds: u32| u64::from(seconds) * NS_PER_SECOND;
+        Self { tcp_idle_ns: ns(tcp_idle), udp_idle_ns: ns(udp_idle), closing_ns: ns(closing) }
+    }
+}
+
+/// Whether the connection `entry` belongs to (with `pair`, its other
+/// direction, when it exists) has been quiet longer than its limit at
+/// `now_ns`. Both directions count: a one-way UDP stream refreshes only
+/// one of them and must live on.
+pub fn expired(
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    pair: Option<&ConntrackEntry>,
+    now_ns: u64,
+    limits: &ConntrackLimits,
+) -> bool {
+    let last_seen = entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns));
+    let closing = (entry.flags | pair.map_or(0, |p| p.flags)) & CT_CLOSING != 0;
+    let limit = if closing {
+        limits.closing_ns
+    } else if key.protocol == IPPROTO_TCP {
+        limits.tcp_idle_ns
+    } else {
+        limits.udp_idle_ns
+    };
+    // An entry refreshed after `now_ns` was taken is simply not idle. The
+    // last packet may be up to the granularity younger than the entry says:
+    // wait that much longer, never removing a connection within its limit.
+    now_ns.saturating_sub(last_seen) > limit + CONNTRACK_LAST_SEEN_GRANULARITY_NS
+}
+
+/// The keys of every expired entry in a snapshot of the map.
+pub fn expired_keys(
+    snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
+    now_ns: u64,
+    limits: &ConntrackLimits,
+) -> Vec<ConntrackKey> {
+    snapshot
+        .iter()
+        .filter(|(key, entry)| expired(key, entry, snapshot.get(&key.pair(entry)), now_ns, limits))
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// Remove every connection quiet for longer than its limit, both entries
+/// at once. The keys are read first and removed afterwards (removing while
+/// walking a hash map restarts the walk), which also works on a full map.
+/// Each expired entry is looked up again just before it goes: a packet
+/// may have refreshed it since the snapshot.
+pub fn sweep(
+    map: &mut PinnedConntrack,
+    now_ns: u64,
+    limits: &ConntrackLimits,
+) -> Result<GcReport, DatapathError> {
+    let snapshot = map.snapshot()?;
+    let mut removed = 0;
+    for key in expired_keys(&snapshot, now_ns, limits) {
+        let Some(entry) = map.get(&key)? else { continue };
+        let pair_key = key.pair(&entry);
+        let pair = map.get(&pair_key)?;
+        if !expired(&key, &entry, pair.as_ref(), now_ns, limits) {
+            continue;
+        }
+        removed += usize::from(map.remove(&key)?);
+        if pair.is_some() {
+            removed += usize::from(map.remove(&pair_key)?);
+        }
+    }
+    Ok(GcReport { removed, remaining: snapshot.len().saturating_sub(removed) })
+}
+
+/// How often the agent removes idle and closed Service connections from
+/// the connection-tracking map.
+const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the collector needs of the agent, under the agent's lock.
+pub trait CollectorHost: Send + 'static {
+    /// The limits now (a config reload may change them).
+    fn conntrack_limits(&self) -> ConntrackLimits;
+    fn datapath_mut(&mut self) -> &mut Datapath;
+}
+
+/// Every [`CONNTRACK_GC_INTERVAL`], remove idle and closed Service
+/// connections. The sweep works on its own handle of the pinned map, so
+/// the agent's lock is held only to read the timeouts and to switch the
+/// programs' Service lookups off once nothing is left.
+pub fn spawn_collector<A: CollectorHost>(
+    agent: Arc<Mutex<A>>,
+    mut pinned_conntrack: PinnedConntrack,
+    stats: Arc<ConntrackStats>,
+    errors: Arc<AgentErrors>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNTRACK_GC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let limits = agent.lock().await.conntrack_limits();
+            let swept =
+                crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
+                    tokio::task::block_in_place(|| sweep(&mut pinned_conntrack, now, &limits))
+                        .context("sweeping the connection-tracking map")
+                });
+            let report = match swept {
+                Ok(report) => report,
+                Err(e) => {
+                    errors.inc();
+                    tracing::error!(error = format!("{e:#}"), "connection-tracking collection failed");
+                    continue;
+                }
+            };
+            stats.record_sweep(&report);
+            if report.removed > 0 {
+                tracing::debug!(
+                    removed = report.removed,
+                    remaining = report.remaining,
+                    "idle Service connections removed"
+                );
+            }
+            // The last connection of a removed Service may just have gone.
+            let mut agent = agent.lock().await;
+            if let Err(e) = agent.datapath_mut().update_services_flag() {
+                errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "switching Service translation failed"
+                );
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use datapath_common::{CT_REPLY, HAIRPIN_IPV4, IPPROTO_UDP};
+
+    use super::*;
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+    fn pod(n: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, n), 8080)
+    }
+
+    fn tcp_connection(
+        client_port: u16,
+        backend: SocketAddrV4,
+        hairpin: bool,
+    ) -> [(ConntrackKey, ConntrackEntry); 2] {
+        let client = if hairpin { *backend.ip() } else { Ipv4Addr::new(10, 244, 1, 50) };
+        let key = ConntrackKey {
+            saddr: client.octets(),
+            daddr: VIP.octets(),
+            sport: client_port.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let forward = ConntrackEntry {
+            nat_addr: backend.ip().octets(),
+            nat_port: backend.port().to_be_bytes(),
+            kind: CT_FORWARD,
+            flags: if hairpin { CT_HAIRPIN } else { 0 },
+            client_ipv4: client.octets(),
+            service_id: 1,
+            last_seen_ns: 1_000 * NS_PER_SECOND,
+        };
+        let reply = ConntrackEntry {
+            nat_addr: VIP.octets(),
+            nat_port: 80u16.to_be_bytes(),
+            kind: CT_REPLY,
+            ..forward
+        };
+        [(key, forward), (key.pair(&forward), reply)]
+    }
+
+    #[test]
+    fn connections_join_both_directions_including_hairpin() {
+        let [fwd, mut rep] = tcp_connection(40_000, pod(2), false);
+        rep.1.last_seen_ns += 5 * NS_PER_SECOND;
+        rep.1.flags |= CT_CLOSING;
+        let [hfwd, hrep] = tcp_connection(40_001, pod(3), true);
+        assert_eq!(hrep.0.daddr, HAIRPIN_IPV4);
+        let rows = connections(&[rep, fwd, hrep, hfwd]);
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        let plain = rows.iter().find(|c| !c.hairpin).unwrap();
+        assert_eq!(plain.client, SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 50), 40_000));
+        assert_eq!(plain.service, SocketAddrV4::new(VIP, 80));
+        assert_eq!(plain.backend, pod(2));
+        assert_eq!(plain.last_seen_ns, 1_005 * NS_PER_SECOND, "the later direction counts");
+        assert!(plain.closing);
+        let hairpin = rows.iter().find(|c| c.hairpin).unwrap();
+        assert_eq!(hairpin.client, SocketAddrV4::new(*pod(3).ip(), 40_001));
+        assert_eq!(hairpin.backend, pod(3));
+
+        // A lone reply entry still shows the same connection.
+        let lone = connections(&[hrep]);
+        assert_eq!(lone.len(), 1);
+        assert_eq!(
+            (lone[0].client, lone[0].service, lone[0].backend),
+            (hairpin.client, hairpin.service, hairpin.backend)
+        );
+    }
+
+    #[test]
+    fn gc_expires_by_protocol_closing_and_the_later_direction() {
+        let limits = ConntrackLimits {
+            tcp_idle_ns: 100 * NS_PER_SECOND,
+            udp_idle_ns: 30 * NS_PER_SECOND,
+            closing_ns: 10 * NS_PER_SECOND,
+        };
+        let [fwd, rep] = tcp_connection(40_000, pod(2), false);
+        let seen = fwd.1.last_seen_ns;
+        let snapshot: HashMap<_, _> = [fwd, rep].into_iter().collect();
+        let at = |secs: u64| seen + secs * NS_PER_SECOND;
+        // Within the limit plus the refresh granularity: kept.
+        assert!(expired_keys(&snapshot, at(101), &limits).is_empty());
+        assert_eq!(expired_keys(&snapshot, at(102), &limits).len(), 2);
+        // Refreshed after `now` was read: not idle.
+        assert!(expired_keys(&snapshot, seen - 1, &limits).is_empty());
+
+        // Closing on one side shortens both.
+        let mut closing = snapshot.clone();
+        closing.get_mut(&rep.0).unwrap().flags |= CT_CLOSING;
+        assert!(expired_keys(&closing, at(11), &limits).is_empty());
+        assert_eq!(expired_keys(&closing, at(12), &limits).len(), 2);
+
+        // A one-way stream: the reply side is old, the forward side fresh.
+        let mut one_way = snapshot.clone();
+        one_way.get_mut(&fwd.0).unwrap().last_seen_ns = at(200);
+        assert!(expired_keys(&one_way, at(250), &limits).is_empty());
+
+        // UDP uses its own limit.
+        let udp: HashMap<_, _> = [fwd, rep]
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.protocol = IPPROTO_UDP;
+                (k, v)
+            })
+            .collect();
+        assert!(expired_keys(&udp, at(31), &limits).is_empty());
+        assert_eq!(expired_keys(&udp, at(32), &limits).len(), 2);
+    }
+}

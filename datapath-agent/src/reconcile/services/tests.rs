@@ -1,0 +1,283 @@
+use super::*;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn pod(n: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, n), 8080)
+}
+
+fn service_port(port: u16, backends: &[u8]) -> ServicePort {
+    ServicePort {
+        namespace: "default".into(),
+        name: "web".into(),
+        port_name: None,
+        cluster_ip: VIP,
+        port,
+        protocol: IPPROTO_TCP,
+        session_affinity: SessionAffinity::None,
+        affinity_timeout_seconds: 10_800,
+        backends: backends.iter().map(|n| pod(*n)).collect(),
+    }
+}
+
+/// The maps after carrying out `plan` on `state` (affinity aside).
+fn apply(state: &ProgrammedState, plan: &ServicePlan) -> ProgrammedState {
+    let mut state = state.clone();
+    for write in &plan.writes {
+        state.apply(write);
+    }
+    state
+}
+
+/// What a packet would see at every step of `plan`: each Service's
+/// count must only cover filled slots, each holding a backend that the
+/// old or the new state had for that Service.
+fn assert_never_half_written(state: &ProgrammedState, plan: &ServicePlan, desired: &[ServicePort]) {
+    let mut allowed: BTreeMap<u32, BTreeSet<Backend>> = BTreeMap::new();
+    for (key, service) in &state.services {
+        for slot in 0..service.backend_count {
+            if let Some(b) = state.backends.get(&BackendKey { service_id: service.id, slot }) {
+                allowed.entry(service.id).or_default().insert(*b);
+            }
+        }
+        if let Some(port) = desired.iter().find(|p| p.key() == *key) {
+            allowed.entry(service.id).or_default().extend(port.datapath_backends());
+        }
+    }
+    let mut now = state.clone();
+    for (i, write) in plan.writes.iter().enumerate() {
+        now = apply(&now, &ServicePlan { writes: vec![write.clone()], ..Default::default() });
+        for (key, service) in &now.services {
+            let allowed_here = match allowed.get(&service.id) {
+                Some(set) => set.clone(),
+                // A new Service: only its desired backends.
+                None => desired
+                    .iter()
+                    .find(|p| p.key() == *key)
+                    .map(|p| p.datapath_backends().into_iter().collect())
+                    .unwrap_or_default(),
+            };
+            for slot in 0..service.backend_count {
+                let b = now.backends.get(&BackendKey { service_id: service.id, slot });
+                assert!(
+                    b.is_some_and(|b| allowed_here.contains(b)),
+                    "after write {i} ({write:?}) slot {slot} of id {} holds {b:?}",
+                    service.id
+                );
+            }
+        }
+    }
+}
+
+fn layout(state: &ProgrammedState, key: &ServiceKey) -> Vec<SocketAddrV4> {
+    let service = state.services[key];
+    (0..service.backend_count)
+        .map(|slot| backend_address(&state.backends[&BackendKey { service_id: service.id, slot }]))
+        .collect()
+}
+
+fn sync(state: &ProgrammedState, desired: &[ServicePort]) -> (ServicePlan, ProgrammedState) {
+    let plan = plan_sync(state, desired);
+    assert_never_half_written(state, &plan, desired);
+    let after = apply(state, &plan);
+    assert!(plan_sync(&after, desired).writes.is_empty(), "a second sync changes nothing");
+    (plan, after)
+}
+
+#[test]
+fn a_new_service_gets_its_slots_before_its_entry() {
+    let desired = [service_port(80, &[1, 2])];
+    let (plan, after) = sync(&ProgrammedState::default(), &desired);
+    let key = desired[0].key();
+    let puts: Vec<usize> = plan
+        .writes
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| matches!(w, MapWrite::PutBackend(..)))
+        .map(|(i, _)| i)
+        .collect();
+    let entry = plan.writes.iter().position(|w| matches!(w, MapWrite::PutService(..))).unwrap();
+    assert_eq!(puts.len(), 2);
+    assert!(puts.iter().all(|i| *i < entry), "{:?}", plan.writes);
+    assert_eq!(after.services[&key].id, FIRST_SERVICE_ID);
+    assert_eq!(after.services[&key].backend_count, 2);
+    assert_eq!(layout(&after, &key), vec![pod(1), pod(2)]);
+    assert_eq!(plan.report, SyncReport { added: 1, updated: 0, removed: 0 });
+}
+
+#[test]
+fn shrinking_lowers_the_count_before_deleting_slots_and_keeps_slots_of_kept_backends() {
+    let (_, state) = sync(&ProgrammedState::default(), &[service_port(80, &[1, 2, 3, 4])]);
+    let key = service_port(80, &[]).key();
+    // Remove 2 and 3: 4 moves down into 2's slot, 1 stays at slot 0.
+    let desired = [service_port(80, &[1, 4])];
+    let (plan, after) = sync(&state, &desired);
+    assert_eq!(layout(&after, &key), vec![pod(1), pod(4)]);
+    let id = state.services[&key].id;
+    assert_eq!(
+        plan.writes,
+        vec![
+            MapWrite::PutBackend(BackendKey { service_id: id, slot: 1 }, backend(pod(4))),
+            MapWrite::PutService(key, Service { backend_count: 2, ..state.services[&key] }),
+            MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 2 }),
+            MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 3 }),
+        ]
+    );
+    assert_eq!(plan.report, SyncReport { added: 0, updated: 1, removed: 0 });
+}
+
+#[test]
+fn growing_and_replacing_keep_ids_and_kept_slots() {
+    let (_, state) = sync(&ProgrammedState::default(), &[service_port(80, &[1, 2])]);
+    let key = service_port(80, &[]).key();
+    let (plan, after) = sync(&state, &[service_port(80, &[3, 2, 5, 6])]);
+    assert_eq!(after.services[&key].id, state.services[&key].id);
+    // 2 stays in slot 1; 3 replaces the removed 1 in slot 0.
+    assert_eq!(layout(&after, &key), vec![pod(3), pod(2), pod(5), pod(6)]);
+    let entry = plan.writes.iter().position(|w| matches!(w, MapWrite::PutService(..))).unwrap();
+    assert_eq!(entry, 3, "three slots written first: {:?}", plan.writes);
+    assert_eq!(plan.writes.len(), 4, "no affinity to forget without ClientIP: {:?}", plan.writes);
+}
+
+#[test]
+fn no_backends_refuses_then_removal_deletes_entry_first() {
+    let (_, state) = sync(&ProgrammedState::default(), &[service_port(80, &[1, 2])]);
+    let key = service_port(80, &[]).key();
+    let (plan, empty) = sync(&state, &[service_port(80, &[])]);
+    assert_eq!(empty.services[&key].backend_count, 0, "kept, refusing new connections");
+    assert!(matches!(plan.writes[0], MapWrite::PutService(..)), "count lowered first: {:?}", plan.writes);
+    assert!(empty.backends.is_empty());
+
+    let (_, state) = sync(&ProgrammedState::default(), &[service_port(80, &[1, 2])]);
+    let id = state.services[&key].id;
+    let (plan, gone) = sync(&state, &[]);
+    assert_eq!(
+        plan.writes,
+        vec![
+            MapWrite::DeleteService(key),
+            MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 0 }),
+            MapWrite::DeleteBackend(BackendKey { service_id: id, slot: 1 }),
+        ]
+    );
+    assert!(gone.services.is_empty() && gone.backends.is_empty(), "{gone:?}");
+    assert_eq!(plan.report, SyncReport { added: 0, updated: 0, removed: 1 });
+}
+
+#[test]
+fn new_services_take_the_lowest_free_id_but_never_one_freed_in_the_same_sync() {
+    let (_, state) = sync(
+        &ProgrammedState::default(),
+        &[service_port(80, &[1]), service_port(81, &[1]), service_port(82, &[1])],
+    );
+    let ids = |s: &ProgrammedState| s.services.values().map(|v| v.id).collect::<BTreeSet<_>>();
+    assert_eq!(ids(&state), [1, 2, 3].into());
+    // Drop 81 (id 2) and add 83 at once: 83 must not reuse 2.
+    let (_, after) = sync(&state, &[service_port(80, &[1]), service_port(82, &[1]), service_port(83, &[1])]);
+    assert_eq!(after.services[&service_port(83, &[]).key()].id, 4);
+    // Next time 2 is free again.
+    let (_, later) = sync(
+        &after,
+        &[service_port(80, &[1]), service_port(82, &[1]), service_port(83, &[1]), service_port(84, &[1])],
+    );
+    assert_eq!(later.services[&service_port(84, &[]).key()].id, 2);
+}
+
+#[test]
+fn a_change_plans_only_its_own_keys_and_ends_where_a_whole_sync_would() {
+    let all: Vec<ServicePort> = (0..40).map(|i| service_port(1000 + i, &[1, 2, 3])).collect();
+    let (_, mut state) = sync(&ProgrammedState::default(), &all);
+    let shrunk = service_port(1005, &[3]);
+    let added = [service_port(2000, &[4]), service_port(2001, &[4, 5])];
+    // Shrink one; remove two; add two.
+    let steps: Vec<Vec<(ServiceKey, Option<&ServicePort>)>> = vec![
+        vec![(shrunk.key(), Some(&shrunk))],
+        vec![(all[7].key(), None), (all[9].key(), None)],
+        added.iter().map(|p| (p.key(), Some(p))).collect(),
+    ];
+    let mut desired = all.clone();
+    for (i, step) in steps.into_iter().enumerate() {
+        let changes: ServiceChanges = step.into_iter().collect();
+        for (key, port) in &changes {
+            desired.retain(|p| p.key() != *key);
+            desired.extend(port.cloned());
+        }
+        let plan = plan_changes(&state, &changes);
+        assert_never_half_written(&state, &plan, &desired);
+        let touched: BTreeSet<u32> = plan
+            .writes
+            .iter()
+            .map(|w| match w {
+                MapWrite::PutBackend(k, _) | MapWrite::DeleteBackend(k) => k.service_id,
+                MapWrite::PutService(_, v) => v.id,
+                MapWrite::DeleteService(k) => state.services[k].id,
+                MapWrite::ForgetAffinity { service_id, .. } => *service_id,
+            })
+            .collect();
+        assert_eq!(touched.len(), changes.len(), "step {i}: wrote ids {touched:?} for {changes:?}");
+        state = apply(&state, &plan);
+        assert!(plan_sync(&state, &desired).writes.is_empty(), "step {i}: a whole sync finds nothing left");
+        // The record of ids matches one rebuilt from the maps.
+        let rebuilt = ProgrammedState::new(state.services.clone(), state.backends.clone());
+        assert_eq!(state.ids, rebuilt.ids, "step {i}");
+        assert!(rebuilt.free_ids.is_subset(&state.free_ids), "step {i}");
+    }
+    assert_eq!(layout(&state, &shrunk.key()), vec![pod(3)]);
+    // The two added took the two freed ids (8 and 10), lowest first.
+    assert_eq!(state.services[&added[0].key()].id, 8);
+    assert_eq!(state.services[&added[1].key()].id, 10);
+}
+
+#[test]
+fn leftover_slots_of_an_interrupted_sync_are_cleaned_and_unchanged_services_untouched() {
+    let (_, mut state) = sync(&ProgrammedState::default(), &[service_port(80, &[1, 2])]);
+    let key = service_port(80, &[]).key();
+    let id = state.services[&key].id;
+    // A slot beyond the count, and slots of an id no Service has.
+    state.backends.insert(BackendKey { service_id: id, slot: 2 }, backend(pod(9)));
+    state.backends.insert(BackendKey { service_id: 7, slot: 0 }, backend(pod(9)));
+    let (plan, after) = sync(&state, &[service_port(80, &[1, 2])]);
+    assert_eq!(after.backends.len(), 2);
+    assert!(plan.writes.iter().all(|w| matches!(w, MapWrite::DeleteBackend(_))), "{:?}", plan.writes);
+}
+
+#[test]
+fn only_clientip_services_walk_the_affinity_map() {
+    let sticky = |backends: &[u8]| {
+        let mut port = service_port(80, backends);
+        port.session_affinity = SessionAffinity::ClientIp;
+        port
+    };
+    let forgets = |plan: &ServicePlan| -> Vec<MapWrite> {
+        plan.writes.iter().filter(|w| matches!(w, MapWrite::ForgetAffinity { .. })).cloned().collect()
+    };
+    // New with affinity: entries left under the id go before the
+    // entry that switches the programs' affinity lookups on.
+    let (plan, state) = sync(&ProgrammedState::default(), &[sticky(&[1, 2])]);
+    let key = sticky(&[]).key();
+    assert_eq!(state.services[&key].flags, SERVICE_AFFINITY_CLIENT_IP);
+    assert_eq!(state.services[&key].affinity_timeout_seconds, 10_800);
+    assert_eq!(plan.writes[0], MapWrite::ForgetAffinity { service_id: 1, backends: None });
+    // A backend leaves: its clients' affinities go, after the count.
+    let (plan, state) = sync(&state, &[sticky(&[2])]);
+    assert_eq!(
+        plan.writes.last(),
+        Some(&MapWrite::ForgetAffinity { service_id: 1, backends: Some([backend(pod(1))].into()) })
+    );
+    // Switched off: nothing to forget (the programs stop reading them).
+    let (plan, off) = sync(&state, &[service_port(80, &[2])]);
+    assert_eq!(off.services[&key].flags, 0);
+    assert!(forgets(&plan).is_empty(), "{:?}", plan.writes);
+    // A timeout without affinity is no change.
+    let mut other_timeout = service_port(80, &[2]);
+    other_timeout.affinity_timeout_seconds = 5;
+    assert!(plan_sync(&off, &[other_timeout]).writes.is_empty());
+    // Switched on again: the old spell's entries go first.
+    let (plan, _) = sync(&off, &[sticky(&[2])]);
+    assert_eq!(plan.writes[0], MapWrite::ForgetAffinity { service_id: 1, backends: None });
+    // Without affinity, neither adding, shrinking nor removing forgets.
+    let (plan, plain) = sync(&ProgrammedState::default(), &[service_port(81, &[1, 2])]);
+    assert!(forgets(&plan).is_empty());
+    let (plan, plain) = sync(&plain, &[service_port(81, &[2])]);
+    assert!(forgets(&plan).is_empty());
+    assert!(forgets(&sync(&plain, &[]).0).is_empty());
+}

@@ -1,0 +1,5 @@
+//! Where the desired state comes from: the config file and the Kubernetes watchers.
+pub mod config;
+pub mod config_file;
+pub mod kubernetes;
+pub mod kubernetes_services;

@@ -1,0 +1,25 @@
+//! The end-to-end and packet-level tests: one test binary, one module per
+//! topic (as aya's integration tests are laid out), so the agent library
+//! is linked once. Kernel tests run one at a time (`--test-threads=1`,
+//! set by `cargo xtask test`).
+
+mod agent_config;
+mod churn;
+mod cni_concurrency;
+mod cni_errors;
+mod cni_verbs;
+mod cross_node;
+mod docs;
+mod kernel_oracle;
+mod kubernetes;
+mod manifests;
+mod map_layouts;
+mod node_ownership;
+mod observability;
+mod packets;
+mod restart;
+mod runtimes;
+mod same_node;
+mod service_sync;
+mod service_translation;
+mod services;

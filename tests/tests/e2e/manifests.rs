@@ -1,0 +1,148 @@
+//! deploy/ parses into the Kubernetes API types, asks for no more than the
+//! agent needs, and carries an agent config the agent's own loader accepts.
+//! (Pure parsing: no root needed.)
+
+use std::collections::BTreeSet;
+
+use datapath_agent::source::config::{AgentConfig, NodeIdentity, Source};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+
+fn documents() -> Vec<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/datapath.yaml")).unwrap();
+    serde_saphyr::from_multiple::<serde_json::Value>(&text).expect("deploy/datapath.yaml is YAML")
+}
+
+fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
+    let docs: Vec<serde_json::Value> = documents().into_iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(docs.len(), 1, "exactly one {kind}");
+    serde_json::from_value(docs[0].clone()).unwrap_or_else(|e| panic!("{kind} does not parse: {e}"))
+}
+
+#[test]
+fn every_document_is_a_known_kubernetes_object() {
+    let kinds: BTreeSet<String> =
+        documents().iter().map(|d| d["kind"].as_str().unwrap().to_owned()).collect();
+    let expected: BTreeSet<String> =
+        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]
+            .map(String::from)
+            .into();
+    assert_eq!(kinds, expected);
+    let _: ServiceAccount = one("ServiceAccount");
+    let _: ClusterRoleBinding = one("ClusterRoleBinding");
+}
+
+#[test]
+fn rbac_is_read_only_on_nodes_services_and_endpointslices() {
+    let role: ClusterRole = one("ClusterRole");
+    let rules = role.rules.unwrap();
+    let granted: BTreeSet<(String, String, String)> = rules
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = r.verbs.clone();
+                resources.clone().into_iter().flat_map(move |res| {
+                    let g = g.clone();
+                    verbs.clone().into_iter().map(move |v| (g.clone(), res.clone(), v))
+                })
+            })
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = [
+        ("", "nodes", "get"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+        ("", "services", "get"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+    ]
+    .iter()
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(granted, want, "read-only, and only what the agent watches");
+    let binding: ClusterRoleBinding = one("ClusterRoleBinding");
+    let sa: ServiceAccount = one("ServiceAccount");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    assert_eq!(binding.subjects.unwrap()[0].name, sa.metadata.name.unwrap());
+}
+
+#[test]
+fn daemonset_runs_everywhere_with_only_the_capabilities_it_needs() {
+    let ds: DaemonSet = one("DaemonSet");
+    let spec = ds.spec.unwrap();
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert!(
+        pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("RollingUpdate"));
+    let agent = &pod.containers[0];
+    let security = agent.security_context.clone().unwrap();
+    assert_eq!(security.privileged, Some(false));
+    let caps = security.capabilities.unwrap();
+    let added: BTreeSet<&str> = caps.add.as_ref().unwrap().iter().map(String::as_str).collect();
+    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(caps.drop.unwrap(), vec!["ALL".to_owned()]);
+    let env = agent.env.clone().unwrap();
+    let node_name = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+    assert_eq!(
+        node_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+        "spec.nodeName"
+    );
+    assert_eq!(
+        agent.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        agent.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+        Some("/healthz")
+    );
+
+    // Every path the agent's config uses is on a volume from the host.
+    let mounts: Vec<String> =
+        agent.volume_mounts.clone().unwrap().into_iter().map(|m| m.mount_path).collect();
+    let config = agent_config();
+    for path in [
+        config.bpffs_dir.clone(),
+        config.state_dir.clone(),
+        config.api_socket.parent().unwrap().to_owned(),
+        config.cni_config_file.clone().unwrap().parent().unwrap().to_owned(),
+    ] {
+        assert!(
+            mounts.iter().any(|m| path.starts_with(m)),
+            "{} is on no mounted volume ({mounts:?})",
+            path.display()
+        );
+    }
+    let init = &pod.init_containers.unwrap()[0];
+    assert!(init.command.as_ref().unwrap().join(" ").contains("/host/opt/cni/bin/datapath-cni"));
+}
+
+fn agent_config() -> AgentConfig {
+    let cm: ConfigMap = one("ConfigMap");
+    let text = cm.data.unwrap().remove("agent.toml").expect("agent.toml in the ConfigMap");
+    let settings = AgentConfig::source_settings(&text).unwrap();
+    assert_eq!(settings.source, Source::Kubernetes);
+    // What a Node object would supply.
+    let identity = NodeIdentity {
+        node_name: "worker-1".into(),
+        pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        node_ip: "172.18.0.2".parse().unwrap(),
+    };
+    AgentConfig::parse_with(&text, Some(&identity))
+        .unwrap_or_else(|e| panic!("the agent refuses the ConfigMap: {e}"))
+}
+
+#[test]
+fn configmap_is_accepted_by_the_agents_loader() {
+    let config = agent_config();
+    assert_eq!(config.health_address.unwrap().port(), 9976, "the probes' port");
+}

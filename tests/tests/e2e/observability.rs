@@ -1,0 +1,575 @@
+//! Drops provoked from a pod show up, with their reason, identically in
+//! `inspect counters`, in Prometheus `/metrics` and in bpftool; `inspect`
+//! shows the live state.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use datapath_tests::{
+    lab::{Node, http_get_local, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames},
+    require_root, sh, wait_for,
+};
+
+/// The sum of `name{...label="value"...} N` over all samples carrying
+/// `label` (e.g. one reason over all directions) in an OpenMetrics body.
+fn sample(metrics: &str, name: &str, label: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once('}')?,
+                None => ("", rest),
+            };
+            let wanted = label.is_empty() || labels.split(',').any(|l| l == label);
+            wanted.then(|| value.trim().parse::<u64>().ok()).flatten()
+        })
+        .reduce(|a, b| a + b)
+}
+
+#[test]
+fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    // Resolve the gateway with the real address first: a pod that must ARP
+    // while using a spoofed source also sends spoofed ARP (counted too).
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 1));
+    let baseline = node.inspect("counters");
+    assert!(baseline["drops"].as_object().unwrap().values().all(|n| n == 0), "{baseline}");
+    let monitor = node.monitor(&["--count", "8", "--seconds", "20"]);
+
+    // spoofed_source x3, ttl_exceeded x2, and one each of malformed_ipv4,
+    // vlan_tagged, spoofed_arp from raw frames.
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 3));
+    assert!(!a.netns.exec_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", &b.ip.to_string()]));
+    send_raw_frames(&a.netns, "eth0", malformed_frames(&node, &a, &b)).unwrap();
+    let dropped = |counters: &serde_json::Value| -> u64 {
+        counters["drops"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum()
+    };
+    wait_for("the eight drops counted", Duration::from_secs(5), || dropped(&node.inspect("counters")) >= 8);
+
+    let (events, summary) = monitor.finish();
+    let counters = node.inspect("counters");
+    let expected = [
+        ("spoofed_source", 3),
+        ("ttl_exceeded", 2),
+        ("malformed_ipv4", 1),
+        ("vlan_tagged", 1),
+        ("spoofed_arp", 1),
+    ];
+    for (reason, n) in expected {
+        assert_eq!(counters["drops"][reason].as_u64(), Some(n), "{reason}: {counters}");
+    }
+    for (reason, n) in counters["drops"].as_object().unwrap() {
+        if !expected.iter().any(|(r, _)| r == reason) {
+            assert_eq!(n.as_u64(), Some(0), "nothing else dropped: {reason}");
+        }
+    }
+
+    // The monitor saw each drop, with its reason and the packet's addresses.
+    for (reason, n) in expected {
+        let seen = events.iter().filter(|e| e["reason"] == reason).count() as u64;
+        assert_eq!(seen, n, "monitor events for {reason}: {events:#?}\n{summary}");
+    }
+    let spoofed = events.iter().find(|e| e["reason"] == "spoofed_source").unwrap();
+    assert_eq!(spoofed["verdict"], "dropped");
+    assert_eq!(spoofed["direction"], "from_pod");
+    assert_eq!(spoofed["interface"], a.host_veth.as_str());
+    assert_eq!(spoofed["protocol"], "icmp");
+    assert_eq!(spoofed["source"], "10.244.1.250");
+    assert_eq!(spoofed["destination"], b.ip.to_string());
+    assert!(summary.contains("8 events shown") && summary.contains("0 rate limited"), "{summary}");
+    assert_eq!(counters["monitor_events"]["emitted"].as_u64(), Some(8), "{counters}");
+    assert_eq!(counters["drops_by_direction"]["from_pod"]["spoofed_source"].as_u64(), Some(3));
+
+    let (status, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for (reason, n) in counters["drops"].as_object().unwrap() {
+        assert_eq!(
+            sample(&metrics, "datapath_drops_total", &format!("reason=\"{reason}\"")),
+            n.as_u64(),
+            "/metrics agrees with inspect on {reason}:\n{metrics}"
+        );
+    }
+    for (path, n) in counters["forwards"].as_object().unwrap() {
+        assert_eq!(
+            sample(&metrics, "datapath_forwards_total", &format!("path=\"{path}\"")),
+            n.as_u64(),
+            "{path}"
+        );
+    }
+    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "datapath_drops_total", "direction=\"from_pod\""),
+        Some(8),
+        "all from the pod:\n{metrics}"
+    );
+    assert_eq!(sample(&metrics, "datapath_monitor_events_total", "outcome=\"emitted\""), Some(8));
+    assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(65536));
+
+    // bpftool (Debian's) sees the same per-CPU counter for spoofed_source.
+    let dump = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "lookup",
+        "pinned",
+        &node.bpffs_dir.join("maps/drop_counters-v1").display().to_string(),
+        "key",
+        "1",
+        "0",
+        "0",
+        "0",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    // With -j, bpftool prints raw bytes under "values" and the BTF view under "formatted".
+    let total: u64 =
+        v["formatted"]["values"].as_array().unwrap().iter().map(|c| c["value"].as_u64().unwrap()).sum();
+    assert_eq!(total, 3, "{dump}");
+
+    // inspect config shows what the programs run with.
+    let config = node.inspect("config");
+    assert_eq!(config["mode"], "native", "{config}");
+    assert_eq!(config["node_ip"], "10.250.0.1");
+    assert_eq!(config["uplink"], "dptup0");
+
+    // Per-pod traffic: a sent all of the above (8 drops and the good ping).
+    let endpoints = node.inspect("endpoints");
+    let of =
+        |ip: Ipv4Addr| endpoints.as_array().unwrap().iter().find(|e| e["pod_ip"] == ip.to_string()).cloned();
+    let a_row = of(a.ip).unwrap();
+    assert!(a_row["sent_packets"].as_u64().unwrap() >= 9, "{a_row}");
+    assert!(of(b.ip).unwrap()["delivered_packets"].as_u64().unwrap() >= 1);
+
+    // Pods come and go: inspect endpoints and the gauge follow.
+    let c = node.add_pod("c");
+    assert!(node.del_pod(&a).success);
+    let endpoints = node.inspect("endpoints");
+    let mut ips: Vec<&str> =
+        endpoints.as_array().unwrap().iter().map(|e| e["pod_ip"].as_str().unwrap()).collect();
+    ips.sort();
+    let mut want = vec![b.ip.to_string(), c.ip.to_string()];
+    want.sort();
+    assert_eq!(ips, want);
+    let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2));
+}
+
+#[test]
+fn monitor_traces_forwards_within_its_rate_limit() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.set_extra_config("monitor_events_per_second = 50\n");
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 1));
+
+    // A flood of ~1,000 forwarding decisions per second against 50 events
+    // per second per CPU: the monitor sees a bounded sample, the rest is counted.
+    let monitor = node.monitor(&["--forwards", "--seconds", "2"]);
+    assert!(a.netns.exec_ok(&["ping", "-q", "-c", "600", "-i", "0.002", &b.ip.to_string()]));
+    let (events, summary) = monitor.finish();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(!events.is_empty() && events.len() <= 50 * cpus * 3, "{} events: {summary}", events.len());
+    assert!(
+        events.iter().any(|e| e["verdict"] == "forwarded"
+            && e["reason"] == "local_delivery"
+            && e["source"] == a.ip.to_string()
+            && e["destination"] == b.ip.to_string()
+            && e["protocol"] == "icmp"),
+        "{events:#?}"
+    );
+    let counters = node.inspect("counters");
+    let limited = counters["monitor_events"]["rate_limited"].as_u64().unwrap();
+    assert!(limited > 100, "{counters}");
+    assert!(!summary.contains(" 0 rate limited"), "{summary}");
+
+    // Once the monitor is gone, forwards are no longer reported.
+    let emitted = counters["monitor_events"]["emitted"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(datapath_tests::lab::ping(&a.netns, b.ip, 3));
+    let after = node.inspect("counters")["monitor_events"]["emitted"].as_u64().unwrap();
+    assert_eq!(after, emitted, "forward tracing switched off when the monitor stopped");
+}
+
+/// `inspect ... | head -1`: the reader goes away before the listing is
+/// written. The CLI must end as other tools do (quietly, by SIGPIPE or
+/// with success), not panic with "failed printing to stdout".
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    require_root!();
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let _a = node.add_pod("a");
+    let _b = node.add_pod("b");
+    for what in ["endpoints", "counters", "nodes", "config"] {
+        // The read end is closed before the CLI starts: its first write fails.
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(read_end);
+        let out = node
+            .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+            .args(["inspect", what, "--bpffs-dir"])
+            .arg(&node.bpffs_dir)
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "inspect {what} into a closed pipe said: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "inspect {what} into a closed pipe ended with {}",
+            out.status
+        );
+    }
+}
+
+/// /healthz fails while the agent's event loop is stuck, and recovers with
+/// it. The loop is stuck for real: a CNI DEL reads the pod's record from the
+/// state directory while holding the agent's lock, and here the record is a
+/// FIFO nobody writes (as a hung file system would hold the read).
+#[test]
+fn liveness_fails_while_the_event_loop_is_stuck() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.set_extra_config("event_loop_stall_seconds = 2\n");
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
+
+    let record = node.work_dir.join("state/endpoints").join(format!("{}.json", b.host_veth));
+    std::fs::remove_file(&record).unwrap();
+    nix::unistd::mkfifo(&record, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let del = {
+        let cni = node.cni_config();
+        let env: Vec<(String, String)> = Node::cni_env("DEL", &b.container_id, "")
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let program = node.in_node(&datapath_tests::bin_dir().join("datapath-cni"));
+        std::thread::spawn(move || {
+            let mut program = program;
+            program
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("CNI_PATH", format!("{}:/usr/lib/cni", datapath_tests::bin_dir().display()))
+                .envs(env)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null());
+            let mut child = program.spawn().unwrap();
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(cni.to_string().as_bytes()).unwrap();
+            child.wait().unwrap()
+        })
+    };
+    wait_for("/healthz to fail", Duration::from_secs(30), || {
+        http_get_local(&node.netns, 9976, "/healthz").0 == 503
+    });
+    let (_, body) = http_get_local(&node.netns, 9976, "/healthz");
+    assert!(body.contains("event loop has not turned"), "{body}");
+    assert!(ping(&a.netns, b.ip, 1), "forwarding goes on meanwhile");
+
+    // A writer comes and goes: the read ends (with an unreadable record).
+    std::fs::OpenOptions::new().write(true).open(&record).unwrap();
+    wait_for("/healthz to recover", Duration::from_secs(30), || {
+        http_get_local(&node.netns, 9976, "/healthz").0 == 200
+    });
+    del.join().unwrap();
+    std::fs::remove_file(&record).unwrap();
+    let c = node.add_pod("c");
+    assert!(ping(&c.netns, a.ip, 1), "the agent works again");
+}
+
+/// /readyz: ready while the datapath is in place, with a rejected edit of
+/// the config file shown (and counted in /metrics) until a good one comes;
+/// not ready once the datapath is gone (a node-level link pin removed).
+#[test]
+fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let readyz = |node: &Node| http_get_local(&node.netns, 9976, "/readyz");
+    wait_for("ready", Duration::from_secs(30), || readyz(&node).0 == 200);
+    let rejected = |node: &Node, reason: &str| {
+        let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
+        sample(&metrics, "datapath_config_edits_rejected_total", &format!("reason=\"{reason}\""))
+    };
+    assert_eq!(rejected(&node, "invalid"), Some(0));
+
+    // An invalid edit: nothing applied, still ready, the error shown and counted.
+    let good = std::fs::read_to_string(node.config_path()).unwrap();
+    std::fs::write(node.config_path(), format!("monitor_events_per_second = 0\n{good}")).unwrap();
+    wait_for("the rejected edit shown", Duration::from_secs(30), || {
+        readyz(&node).1.contains("last rejected config edit")
+    });
+    let (status, body) = readyz(&node);
+    assert_eq!(status, 200, "the running config stays: {body}");
+    assert!(body.contains("monitor_events_per_second"), "the error names the field: {body}");
+    assert_eq!(rejected(&node, "invalid"), Some(1));
+    // A good edit clears it.
+    std::fs::write(node.config_path(), &good).unwrap();
+    wait_for("the error cleared", Duration::from_secs(30), || {
+        !readyz(&node).1.contains("last rejected config edit")
+    });
+
+    // A field only a restart changes: counted and shown too.
+    std::fs::write(node.config_path(), format!("ebpf_log = \"debug\"\n{good}")).unwrap();
+    wait_for("the restart-only edit shown", Duration::from_secs(30), || {
+        readyz(&node).1.contains("`ebpf_log` changed")
+    });
+    assert_eq!(rejected(&node, "needs_restart"), Some(1));
+    std::fs::write(node.config_path(), &good).unwrap();
+
+    // The datapath taken away under the agent: not ready.
+    let uplink_link =
+        std::fs::read_dir(node.bpffs_dir.join("node-links")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(&uplink_link).unwrap();
+    wait_for("not ready", Duration::from_secs(30), || readyz(&node).0 == 503);
+    let (_, body) = readyz(&node);
+    assert!(body.contains("not loaded") && body.contains(&uplink_link.display().to_string()), "{body}");
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200, "still live");
+    // A restart puts it back.
+    node.stop_agent();
+    node.start_agent();
+    wait_for("ready again", Duration::from_secs(30), || readyz(&node).0 == 200);
+}
+
+/// Lower the agent's limit on open files to `limit` (as a tight container
+/// limit would have it).
+fn limit_open_files(pid: u32, limit: u64) {
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: a valid rlimit for another process; no old limit asked for.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &rlimit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// `count` TCP connections to 127.0.0.1:`port` in the node, held open
+/// without a byte sent (each connect waits at most a second).
+fn idle_connections(node: &Node, port: u16, count: usize) -> Vec<std::net::TcpStream> {
+    datapath_tests::lab::in_netns(&node.netns.path(), move || {
+        (0..count)
+            .filter_map(|_| {
+                let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(1)).ok()
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether the server closed `conn` within `within` (EOF or reset), reading
+/// whatever it sent first.
+fn closed_within(conn: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whoever reaches the health endpoint (a pod, on a DaemonSet's
+/// 0.0.0.0:9976) cannot hold it: connections that send no request, or only
+/// part of one, are closed after a timeout; more connections than the cap
+/// push out the oldest idle ones, so /healthz stays answered and the agent
+/// keeps file descriptors for CNI calls.
+#[test]
+fn idle_health_connections_cannot_starve_the_agent() {
+    require_root!();
+    use std::{
+        io::Write as _,
+        time::{Duration, Instant},
+    };
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    limit_open_files(node.agent_pid().unwrap(), 256);
+
+    let mut held = idle_connections(&node, 9976, 400);
+    assert!(held.len() >= 300, "{} connections made", held.len());
+    let asked = Instant::now();
+    let (status, body) = http_get_local(&node.netns, 9976, "/healthz");
+    let answered = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(answered < Duration::from_secs(1), "/healthz answered after {answered:?}");
+    // The CNI socket still gets a file descriptor.
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    // The connections beyond the cap were closed at once.
+    let open =
+        held.iter_mut().map(|c| !closed_within(c, Duration::from_millis(10))).filter(|open| *open).count();
+    assert!(open <= 64, "{open} idle connections still open");
+
+    // A request sent in part, and a connection that sends nothing: closed
+    // after the header timeout.
+    let mut partial = idle_connections(&node, 9976, 2);
+    partial[0].write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let started = Instant::now();
+    for conn in &mut partial {
+        assert!(closed_within(conn, Duration::from_secs(15)), "still open after {:?}", started.elapsed());
+    }
+    eprintln!("idle and partial connections closed after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before the client had time to send");
+    // A complete request is still answered.
+    assert_eq!(http_get_local(&node.netns, 9976, "/healthz").0, 200);
+}
+
+/// A `datapath-agent monitor` reading into `stdout` (a pipe), its stderr
+/// captured; returns once it is watching.
+fn spawn_monitor(node: &Node, args: &[&str]) -> std::process::Child {
+    use std::io::Read as _;
+    let mut child = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.starts_with("monitoring"), "monitor did not start: {first}");
+    // Keep the rest of stderr for the test (the child keeps writing into it).
+    child.stderr = Some(stderr);
+    child
+}
+
+fn wait_for_exit(child: &mut std::process::Child, within: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("monitor still running after {within:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn rest_of_stderr(child: &mut std::process::Child) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `monitor --forwards | head -1`: the reader goes away; the monitor ends
+/// without a panic and puts forward tracing back as it found it. So does
+/// SIGTERM or SIGINT.
+#[test]
+fn a_monitor_into_a_closed_pipe_restores_forward_tracing() {
+    require_root!();
+    use std::io::BufRead as _;
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(node.trace_forwards(), 0);
+
+    let mut monitor = spawn_monitor(&node, &["--forwards"]);
+    assert_eq!(node.trace_forwards(), 1);
+    let traffic = std::thread::spawn({
+        let name = a.netns.name.clone();
+        let dst = b.ip.to_string();
+        move || {
+            datapath_tests::sh_ok(&[
+                "ip", "netns", "exec", &name, "ping", "-q", "-c", "40", "-i", "0.05", &dst,
+            ])
+        }
+    });
+    // `head -1`: one line read, then the pipe closed.
+    let mut line = String::new();
+    std::io::BufReader::new(monitor.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("forwarded"), "{line}");
+    let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+    let stderr = rest_of_stderr(&mut monitor);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.code() != Some(101), "{status}: {stderr}");
+    assert_eq!(node.trace_forwards(), 0, "forward tracing switched off again: {stderr}");
+    assert!(traffic.join().unwrap());
+
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        let mut monitor = spawn_monitor(&node, &["--forwards"]);
+        assert_eq!(node.trace_forwards(), 1);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor.id() as i32), signal).unwrap();
+        let status = wait_for_exit(&mut monitor, std::time::Duration::from_secs(10));
+        assert!(status.success(), "{signal}: {status}");
+        assert_eq!(node.trace_forwards(), 0, "after {signal}");
+    }
+}
+
+/// One monitor at a time (the ring buffer has one reader): a second is
+/// refused naming the first. Forward tracing left on by a SIGKILLed
+/// monitor is switched off by the next monitor, and by the agent.
+#[test]
+fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    let mut first = spawn_monitor(&node, &["--forwards"]);
+    let second = node
+        .in_node(&datapath_tests::bin_dir().join("datapath-agent"))
+        .args(["monitor", "--seconds", "5", "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second monitor ran: {said}");
+    assert!(said.contains("another monitor") && said.contains(&format!("pid {}", first.id())), "{said}");
+    assert_eq!(node.trace_forwards(), 1, "the first monitor's tracing stays");
+
+    // SIGKILL: nothing is restored by the monitor itself. The agent
+    // notices no monitor holds it any more.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while node.trace_forwards() != 0 {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(15), "still on:\n{}", node.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    node.wait_for_log("forward tracing", std::time::Duration::from_secs(2));
+
+    // With the agent down, the next monitor does it: a plain monitor shows
+    // drops only, as it says.
+    node.stop_agent();
+    let mut killed = spawn_monitor(&node, &["--forwards"]);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(node.trace_forwards(), 1);
+    let plain = node.monitor(&["--seconds", "2"]);
+    assert_eq!(node.trace_forwards(), 0, "the plain monitor switched the leftover off");
+    assert!(ping(&a.netns, b.ip, 3));
+    let (events, summary) = plain.finish();
+    assert!(events.iter().all(|e| e["verdict"] != "forwarded"), "{events:#?}\n{summary}");
+    assert_eq!(node.trace_forwards(), 0);
+}

@@ -1,0 +1,377 @@
+//! Service translation at packet level: the real programs, loaded into the
+//! kernel, run on crafted TCP and UDP frames with BPF_PROG_TEST_RUN. Checks
+//! the rewritten addresses, ports and checksums, the connection-tracking
+//! entries, refusals and their counters. The lab tests (services.rs) run the
+//! same paths with real sockets.
+//!
+//! Each run's packet arrives on a [`RunDevice`] with the client's host veth
+//! MAC (see packets.rs): the client pod is registered on it, and it doubles
+//! as the uplink that remote backends' replies come in through.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::HashMap;
+use datapath_agent::{bpf::Datapath, model::RemoteRoute};
+use datapath_common::{
+    Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
+    NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,
+};
+use datapath_tests::{packets::*, require_root};
+
+const CLIENT: [u8; 4] = [10, 244, 1, 10];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
+const HOST_CLIENT_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x0a];
+const BACKENDS: [[u8; 4]; 4] = [[10, 244, 1, 21], [10, 244, 1, 22], [10, 244, 1, 23], [10, 244, 1, 24]];
+/// Backends on the peer node (10.244.2.0/24 at 192.0.2.2): their replies
+/// reach the client's node through the uplink.
+const REMOTE_BACKENDS: [[u8; 4]; 4] =
+    [[10, 244, 2, 21], [10, 244, 2, 22], [10, 244, 2, 23], [10, 244, 2, 24]];
+const PEER_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 2];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+struct Harness {
+    datapath: Datapath,
+    device: RunDevice,
+}
+
+impl Harness {
+    /// A node with the client pod (on the test-run device) and four backend
+    /// pods, Services switched on.
+    fn new() -> Self {
+        let device = RunDevice::new(HOST_CLIENT_MAC, &["10.244.2.0/24 via 192.0.2.2"]);
+        let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
+        datapath
+            .insert_pod_interface(
+                device.ifindex,
+                PodInterface { pod_ipv4: CLIENT, host_mac: HOST_CLIENT_MAC, _pad: [0; 2], traffic_slot: 0 },
+            )
+            .unwrap();
+        for (i, ip) in BACKENDS.iter().chain([&CLIENT]).enumerate() {
+            let n = i as u8 + 1;
+            datapath
+                .insert_endpoint(
+                    Ipv4Addr::from(*ip),
+                    Endpoint {
+                        host_ifindex: 4000 + u32::from(n),
+                        pod_mac: [0x02, 0xaa, 0, 0, 1, n],
+                        host_mac: [0x02, 0xee, 0, 0, 1, n],
+                        flags: 0,
+                        traffic_slot: u32::from(n),
+                    },
+                )
+                .unwrap();
+        }
+        datapath
+            .sync_remote_nodes(&[RemoteRoute {
+                pod_cidr: "10.244.2.0/24".parse().unwrap(),
+                node_ip: Ipv4Addr::new(192, 0, 2, 2),
+            }])
+            .unwrap();
+        let mut harness = Self { datapath, device };
+        harness.set_services_flag(true);
+        harness
+    }
+
+    fn set_services_flag(&mut self, on: bool) {
+        self.datapath
+            .set_node_config(NodeConfig {
+                node_ipv4: RUN_DEVICE_IP,
+                mode: RoutingMode::Native as u32,
+                uplink_ifindex: self.device.ifindex,
+                vxlan_ifindex: 0,
+                vni: 1,
+                flags: if on { NODE_FLAG_SERVICES } else { 0 },
+                pod_cidr: [10, 244, 1, 0],
+                pod_prefix_len: 24,
+                ..NodeConfig::default()
+            })
+            .unwrap();
+    }
+
+    /// Service `id` at VIP:port/protocol over `backends` (ip, target port).
+    fn service(&mut self, id: u32, port: u16, protocol: u8, backends: &[([u8; 4], u16)]) {
+        let ebpf = self.datapath.ebpf_mut();
+        let mut slots: HashMap<_, BackendKey, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::SERVICE_BACKENDS).unwrap()).unwrap();
+        for (slot, (ip, port)) in backends.iter().enumerate() {
+            let key = BackendKey { service_id: id, slot: slot as u32 };
+            slots.insert(key, Backend { ipv4: *ip, port: port.to_be_bytes(), _pad: [0; 2] }, 0).unwrap();
+        }
+        let mut services: HashMap<_, ServiceKey, Service> =
+            HashMap::try_from(ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
+        let key = ServiceKey { vip: VIP, port: port.to_be_bytes(), protocol, _pad: 0 };
+        let service =
+            Service { id, backend_count: backends.len() as u32, flags: 0, affinity_timeout_seconds: 0 };
+        services.insert(key, service, 0).unwrap();
+    }
+
+    fn conntrack(&mut self) -> BTreeMap<ConntrackKey, ConntrackEntry> {
+        let map: HashMap<_, ConntrackKey, ConntrackEntry> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    fn run(&self, program: &'static str, ip: &Ipv4) -> Run {
+        test_run_on(
+            &self.device,
+            &self.datapath,
+            program,
+            &ethernet(HOST_CLIENT_MAC, CLIENT_MAC, ETH_P_IP, &ip.bytes()),
+        )
+    }
+
+    /// A remote backend's packet as it reaches this node on the uplink.
+    fn run_from_uplink(&self, ip: &Ipv4) -> Run {
+        let frame = ethernet(HOST_CLIENT_MAC, PEER_MAC, ETH_P_IP, &ip.bytes());
+        test_run_on(&self.device, &self.datapath, program_names::FROM_UPLINK, &frame)
+    }
+
+    fn run_from_pod(&self, ip: &Ipv4) -> Run {
+        self.run(program_names::FROM_POD, ip)
+    }
+}
+
+fn syn(sport: u16, dport: u16) -> Ipv4 {
+    Ipv4::tcp(CLIENT, sport, VIP, dport, TCP_SYN, &[])
+}
+
+#[test]
+fn tcp_to_a_service_is_sent_to_its_backend_and_the_reply_comes_from_the_service() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+
+    let run = h.run_from_pod(&syn(40000, 80));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent to the backend's node");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (CLIENT, 40000));
+    assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[0], 8080), "destination is the backend");
+    assert!(out.ip_header_ok, "IPv4 checksum");
+    assert!(out.l4_checksum_ok(), "TCP checksum after the rewrite");
+
+    let ct = h.conntrack();
+    assert_eq!(ct.len(), 2, "one entry per direction: {ct:?}");
+
+    // The backend's answer, as it reaches the client's node from the uplink.
+    let reply = Ipv4::tcp(REMOTE_BACKENDS[0], 8080, CLIENT, 40000, TCP_SYN | TCP_ACK, &[]);
+    let run = h.run_from_uplink(&reply);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (VIP, 80), "the client sees the Service, never the backend");
+    assert_eq!((out.dst, out.dport()), (CLIENT, 40000));
+    assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums of the reply");
+    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::ToRemoteNative), 1);
+    assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::LocalDelivery), 1);
+}
+
+#[test]
+fn udp_is_translated_with_and_without_a_checksum() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
+    for (sport, with_checksum) in [(50000, true), (50001, false)] {
+        let run = h.run_from_pod(&Ipv4::udp(CLIENT, sport, VIP, 53, b"query", with_checksum));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[1], 5353));
+        assert!(out.ip_header_ok && out.l4_checksum_ok(), "checksums ({with_checksum})");
+        if !with_checksum {
+            assert_eq!(out.l4[6..8], [0, 0], "a datagram without checksum keeps none");
+        }
+        let reply = Ipv4::udp(REMOTE_BACKENDS[1], 5353, CLIENT, sport, b"answer", with_checksum);
+        let out = Parsed::new(&h.run_from_uplink(&reply).out);
+        assert_eq!((out.src, out.sport()), (VIP, 53));
+        assert!(out.l4_checksum_ok());
+    }
+}
+
+/// A later fragment of a UDP datagram: no ports, the same IP id as its
+/// first fragment (the builder's), `frag` = flags and offset.
+fn later_fragment(src: [u8; 4], dst: [u8; 4], frag: u16, fill: u8) -> Ipv4 {
+    Ipv4 { src, dst, ttl: 64, protocol: UDP, options: vec![], frag, payload: vec![fill; 40] }
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_both_ways() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 53, UDP, &[(REMOTE_BACKENDS[2], 5353)]);
+    let mut first = Ipv4::udp(CLIENT, 50100, VIP, 53, &[7; 64], true);
+    first.frag = 0x2000; // more fragments, offset 0
+    let run = h.run_from_pod(&first);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.dst, out.dport()), (REMOTE_BACKENDS[2], 5353));
+
+    // Offsets in 8-byte units: 72 bytes (UDP header + 64) then 112.
+    for frag in [0x2000 | 9, 14] {
+        let run = h.run_from_pod(&later_fragment(CLIENT, VIP, frag, 9));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "fragment {frag:#x} goes to the backend");
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.src, out.dst), (CLIENT, REMOTE_BACKENDS[2]), "fragment {frag:#x}");
+        assert!(out.ip_header_ok, "IPv4 checksum of fragment {frag:#x}");
+        assert_eq!(out.l4, vec![9; 40], "payload untouched");
+    }
+    // The last fragment ended the record: a stray one with the same id is
+    // not taken for that datagram.
+    let run = h.run_from_pod(&later_fragment(CLIENT, VIP, 14, 9));
+    assert_eq!((run.verdict, Parsed::new(&run.out).dst), (TC_ACT_OK, VIP));
+
+    // The answer, in fragments too, as it comes in from the uplink.
+    let mut reply = Ipv4::udp(REMOTE_BACKENDS[2], 5353, CLIENT, 50100, &[5; 64], true);
+    reply.frag = 0x2000;
+    let out = Parsed::new(&h.run_from_uplink(&reply).out);
+    assert_eq!((out.src, out.sport()), (VIP, 53));
+    let run = h.run_from_uplink(&later_fragment(REMOTE_BACKENDS[2], CLIENT, 9, 6));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.dst), (VIP, CLIENT), "the client sees the Service in every fragment");
+    assert!(out.ip_header_ok);
+
+    // Fragments of a datagram no Service translated pass untouched.
+    let run = h.run_from_uplink(&later_fragment(REMOTE_BACKENDS[3], CLIENT, 9, 6));
+    assert_eq!(Parsed::new(&run.out).src, REMOTE_BACKENDS[3]);
+}
+
+#[test]
+fn a_connection_keeps_its_backend_while_backends_are_added() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80), (BACKENDS[1], 80)]);
+    let first = Parsed::new(&h.run_from_pod(&syn(41000, 80)).out).dst;
+    h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
+    for _ in 0..20 {
+        let ack = Ipv4::tcp(CLIENT, 41000, VIP, 80, TCP_ACK, b"more");
+        let out = Parsed::new(&h.run_from_pod(&ack).out);
+        assert_eq!(out.dst, first, "every packet of the connection goes to the same backend");
+    }
+}
+
+#[test]
+fn new_connections_spread_over_all_backends() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &BACKENDS.map(|b| (b, 80)));
+    let mut seen = BTreeMap::new();
+    for sport in 42000..42200 {
+        *seen.entry(Parsed::new(&h.run_from_pod(&syn(sport, 80)).out).dst).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), BACKENDS.len(), "every backend got connections: {seen:?}");
+    assert!(seen.values().all(|n| *n >= 20), "roughly even over 200 connections: {seen:?}");
+    assert_eq!(h.conntrack().len(), 400);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_via_the_hairpin_address() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(CLIENT, 8080)]);
+    let out = Parsed::new(&h.run_from_pod(&syn(43000, 80)).out);
+    // From its own address it would be a martian to the pod.
+    assert_eq!((out.src, out.sport()), (HAIRPIN_IPV4, 43000));
+    assert_eq!((out.dst, out.dport()), (CLIENT, 8080));
+    assert!(out.l4_checksum_ok());
+    // Its answer goes to the hairpin address, from its own veth.
+    let reply = Ipv4::tcp(CLIENT, 8080, HAIRPIN_IPV4, 43000, TCP_SYN | TCP_ACK, &[]);
+    let run = h.run_from_pod(&reply);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.sport()), (VIP, 80));
+    assert_eq!((out.dst, out.dport()), (CLIENT, 43000));
+    assert!(out.ip_header_ok && out.l4_checksum_ok());
+}
+
+#[test]
+fn a_service_without_backends_refuses_with_port_unreachable() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[]);
+    let request = syn(44000, 80);
+    let run = h.run_from_pod(&request);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the refusal goes back to the pod");
+    assert_eq!(run.counters.drop_count(DropReason::ServiceNoBackend), 1);
+    assert_eq!(run.out[0..6], CLIENT_MAC, "to the pod's MAC");
+    let icmp = Parsed::new(&run.out);
+    assert_eq!((icmp.src, icmp.dst, icmp.protocol), (VIP, CLIENT, 1));
+    assert!(icmp.ip_header_ok);
+    assert_eq!(icmp.l4[0..2], [3, 3], "destination unreachable, port unreachable");
+    assert_eq!(checksum(&icmp.l4), 0, "ICMP checksum");
+    assert_eq!(icmp.l4[8..36], request.bytes()[..28], "quotes the original header and ports");
+    assert!(h.conntrack().is_empty(), "nothing tracked for a refused connection");
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    assert_eq!(Parsed::new(&h.run_from_pod(&syn(45000, 80)).out).dst, BACKENDS[0]);
+    // Fill the rest of the map with other connections' entries.
+    {
+        let mut map: HashMap<_, ConntrackKey, ConntrackEntry> =
+            HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        let mut i: u32 = 0;
+        loop {
+            let b = i.to_be_bytes();
+            let key = ConntrackKey {
+                saddr: [10, 99, b[2], b[3]],
+                daddr: VIP,
+                sport: [b[0], b[1]],
+                dport: 80u16.to_be_bytes(),
+                protocol: TCP,
+                _pad: [0; 3],
+            };
+            if map.insert(key, ConntrackEntry::default(), 0).is_err() {
+                break;
+            }
+            i += 1;
+        }
+        assert!(i > 1000, "filled after {i} entries");
+    }
+    let run = h.run_from_pod(&syn(45001, 80));
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackFull), 1, "new connection refused");
+    assert_eq!(Parsed::new(&run.out).protocol, 1, "with ICMP port unreachable");
+    let old = Ipv4::tcp(CLIENT, 45000, VIP, 80, TCP_ACK, b"still here");
+    let run = h.run_from_pod(&old);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(Parsed::new(&run.out).dst, BACKENDS[0], "the old connection goes on");
+}
+
+#[test]
+fn fin_marks_the_connection_closing() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    h.run_from_pod(&syn(46000, 80));
+    assert!(h.conntrack().values().all(|e| e.flags & datapath_common::CT_CLOSING == 0));
+    h.run_from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_FIN | TCP_ACK, &[]));
+    let closing = h.conntrack().values().filter(|e| e.flags & datapath_common::CT_CLOSING != 0).count();
+    assert_eq!(closing, 1, "the direction that saw the FIN");
+}
+
+#[test]
+fn without_the_services_flag_nothing_is_translated() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    h.set_services_flag(false);
+    let run = h.run_from_pod(&syn(47000, 80));
+    assert_eq!(run.verdict, TC_ACT_OK, "to the host stack, as before Services");
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    assert!(h.conntrack().is_empty());
+}
+
+#[test]
+fn other_ports_and_protocols_of_the_vip_are_not_translated() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    let run = h.run_from_pod(&syn(48000, 81));
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    let run = h.run_from_pod(&Ipv4::udp(CLIENT, 48001, VIP, 80, b"x", true));
+    assert_eq!(Parsed::new(&run.out).dst, VIP);
+    assert_ne!(run.verdict, TC_ACT_SHOT);
+    assert!(h.conntrack().is_empty());
+}
