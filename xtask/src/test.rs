@@ -1,5 +1,7 @@
 //! `cargo xtask test`: everything CI checks, in one command.
 
+use anyhow::Context as _;
+
 use crate::{build_bins, cargo, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
@@ -25,10 +27,11 @@ pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
             .args(["clippy", "-p", "datapath-ebpf", "--lib", "--tests"])
             .args(["--", "-D", "warnings"]),
     )?;
+    let toolchain = ebpf_toolchain(&root)?;
     println!(
-        "== cargo +nightly clippy -p datapath-ebpf --target {BPF_TARGET} -Z build-std=core -- -D warnings"
+        "== cargo +{toolchain} clippy -p datapath-ebpf --target {BPF_TARGET} -Z build-std=core -- -D warnings"
     );
-    run_cmd(&mut bpf_clippy(&root))?;
+    run_cmd(&mut bpf_clippy(&root, &toolchain))?;
     println!("== build agent and CNI plugin");
     let bins = build_bins(false)?;
     if args.cargo_test_args.is_empty() {
@@ -75,14 +78,31 @@ pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
 /// `build.rs`).
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
-/// Clippy on the eBPF crate as aya-build builds it: nightly, for
+/// The nightly the eBPF crate is built with: the channel pinned in its
+/// `rust-toolchain.toml`, which the agent's `build.rs` reads too.
+fn ebpf_toolchain(root: &std::path::Path) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct ToolchainFile {
+        toolchain: Toolchain,
+    }
+    #[derive(serde::Deserialize)]
+    struct Toolchain {
+        channel: String,
+    }
+    let path = root.join("datapath-ebpf").join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ToolchainFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.toolchain.channel)
+}
+
+/// Clippy on the eBPF crate as aya-build builds it: on `toolchain`, for
 /// [`BPF_TARGET`], with `core` built from source. Run from the crate's
-/// directory with the nightly toolchain's cargo, the way aya-build does
-/// (`rustup run nightly cargo`, no inherited `RUSTC`).
-fn bpf_clippy(root: &std::path::Path) -> std::process::Command {
+/// directory with that toolchain's cargo, the way aya-build does (`rustup
+/// run <toolchain> cargo`, no inherited `RUSTC`).
+fn bpf_clippy(root: &std::path::Path, toolchain: &str) -> std::process::Command {
     let mut cmd = std::process::Command::new("rustup");
     cmd.current_dir(root.join("datapath-ebpf"))
-        .args(["run", "nightly", "cargo", "clippy", "-p", "datapath-ebpf", "--target", BPF_TARGET])
+        .args(["run", toolchain, "cargo", "clippy", "-p", "datapath-ebpf", "--target", BPF_TARGET])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"])
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER");
