@@ -132,6 +132,8 @@ impl Ipv4Hdr {
         #[cfg(target_arch = "bpf")]
         let words = unsafe { *words };
         #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: `self` is a valid 20-byte header; the read makes no
+        // alignment assumption.
         let words = unsafe { words.read_unaligned() };
         words
     }

@@ -61,26 +61,26 @@ mod at {
 
     use crate::headers::{ETH_HLEN, EthHdr, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr};
 
-    pub const ETH_DST: usize = offset_of!(EthHdr, dst);
-    pub const ETH_SRC: usize = offset_of!(EthHdr, src);
-    pub const ETH_PROTO: usize = offset_of!(EthHdr, proto);
-    pub const IP: usize = ETH_HLEN;
-    pub const IP_VERSION_IHL: usize = IP + offset_of!(Ipv4Hdr, version_ihl);
-    pub const IP_TOS: usize = IP + offset_of!(Ipv4Hdr, tos);
-    pub const IP_TOT_LEN: usize = IP + offset_of!(Ipv4Hdr, tot_len);
-    pub const IP_TTL: usize = IP + offset_of!(Ipv4Hdr, ttl);
-    pub const IP_PROTOCOL: usize = IP + offset_of!(Ipv4Hdr, protocol);
-    pub const IP_CHECK: usize = IP + offset_of!(Ipv4Hdr, check);
-    pub const IP_SADDR: usize = IP + offset_of!(Ipv4Hdr, saddr);
-    pub const IP_DADDR: usize = IP + offset_of!(Ipv4Hdr, daddr);
-    pub const ICMP: usize = IP + IPV4_MIN_HLEN;
-    pub const ICMP_TYPE: usize = ICMP + offset_of!(IcmpHdr, icmp_type);
-    pub const ICMP_CODE: usize = ICMP + offset_of!(IcmpHdr, code);
-    pub const ICMP_CHECK: usize = ICMP + offset_of!(IcmpHdr, check);
-    pub const ICMP_REST: usize = ICMP + offset_of!(IcmpHdr, rest);
+    pub(super) const ETH_DST: usize = offset_of!(EthHdr, dst);
+    pub(super) const ETH_SRC: usize = offset_of!(EthHdr, src);
+    pub(super) const ETH_PROTO: usize = offset_of!(EthHdr, proto);
+    pub(super) const IP: usize = ETH_HLEN;
+    pub(super) const IP_VERSION_IHL: usize = IP + offset_of!(Ipv4Hdr, version_ihl);
+    pub(super) const IP_TOS: usize = IP + offset_of!(Ipv4Hdr, tos);
+    pub(super) const IP_TOT_LEN: usize = IP + offset_of!(Ipv4Hdr, tot_len);
+    pub(super) const IP_TTL: usize = IP + offset_of!(Ipv4Hdr, ttl);
+    pub(super) const IP_PROTOCOL: usize = IP + offset_of!(Ipv4Hdr, protocol);
+    pub(super) const IP_CHECK: usize = IP + offset_of!(Ipv4Hdr, check);
+    pub(super) const IP_SADDR: usize = IP + offset_of!(Ipv4Hdr, saddr);
+    pub(super) const IP_DADDR: usize = IP + offset_of!(Ipv4Hdr, daddr);
+    pub(super) const ICMP: usize = IP + IPV4_MIN_HLEN;
+    pub(super) const ICMP_TYPE: usize = ICMP + offset_of!(IcmpHdr, icmp_type);
+    pub(super) const ICMP_CODE: usize = ICMP + offset_of!(IcmpHdr, code);
+    pub(super) const ICMP_CHECK: usize = ICMP + offset_of!(IcmpHdr, check);
+    pub(super) const ICMP_REST: usize = ICMP + offset_of!(IcmpHdr, rest);
     /// The quote: the original's IPv4 header, then its first 8 bytes.
-    pub const QUOTED_IP: usize = ICMP + size_of::<IcmpHdr>();
-    pub const QUOTED_PAYLOAD: usize = QUOTED_IP + IPV4_MIN_HLEN;
+    pub(super) const QUOTED_IP: usize = ICMP + size_of::<IcmpHdr>();
+    pub(super) const QUOTED_PAYLOAD: usize = QUOTED_IP + IPV4_MIN_HLEN;
 }
 
 /// Which error to send.

@@ -150,9 +150,9 @@ fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Coun
 /// reply is made in `space`, from the packet, and written later).
 #[inline(always)]
 fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpReply>) -> Rest<'a> {
-    // SAFETY (helper calls): plain helpers with valid arguments; each returns
-    // the TC action to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags).
-    // None of them changes the packet data.
+    // The redirect helpers below take plain values and return the TC action
+    // to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags); none of them
+    // changes the packet data.
     let action = match verdict {
         Verdict::Deliver { host_ifindex, traffic_slot } => {
             count_delivered(traffic_slot, packet.frame_len());
@@ -162,26 +162,33 @@ fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
             if packet.pkt_type() != PACKET_HOST {
                 packet.set_pkt_type_host();
             }
+            // SAFETY: a helper taking plain values (see above).
             unsafe { bpf_redirect_peer(host_ifindex, 0) as i32 }
         }
+        // SAFETY: a helper taking plain values (see above).
         Verdict::ArpReply { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Verdict::HostStack => TC_ACT_OK,
         Verdict::HostStackFromTunnel => {
             packet.set_pkt_type_host();
             TC_ACT_OK
         }
+        // SAFETY: a helper taking plain values (see above).
         Verdict::OutUplink { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Verdict::OutUplinkNeigh { ifindex, node_ipv4 } => {
             let mut nh = bpf_redir_neigh {
                 nh_family: AF_INET as u32,
+                // SAFETY: a union of plain integers: all zeroes is valid.
                 __bindgen_anon_1: unsafe { core::mem::zeroed() },
             };
             // Network byte order, as the bytes sit in the header.
             nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(node_ipv4);
+            // SAFETY: `nh` is a valid bpf_redir_neigh of the size passed,
+            // alive for the call.
             unsafe {
                 bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
             }
         }
+        // SAFETY: a helper taking plain values (see above).
         Verdict::OutOverlay { vxlan_ifindex } => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
         Verdict::Answer { error, source, back, .. } => {
             return match make_reply(packet, error, source, space) {
@@ -227,10 +234,11 @@ fn send_back(packet: &mut Packet, reply: &IcmpReply, back: Back) -> i32 {
     if packet.replace_with(reply).is_err() {
         return TC_ACT_SHOT;
     }
-    // SAFETY (helper calls): plain helpers; they return TC_ACT_REDIRECT.
     match back {
+        // SAFETY: a helper taking plain values; it returns TC_ACT_REDIRECT.
         Back::Out { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Back::Tunnel { vxlan_ifindex, node_ipv4, vni } => match packet.set_tunnel_key(node_ipv4, vni) {
+            // SAFETY: a helper taking plain values; it returns TC_ACT_REDIRECT.
             Ok(()) => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
             Err(_) => TC_ACT_SHOT,
         },
