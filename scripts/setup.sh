@@ -39,9 +39,10 @@ fi
 # (-Z build-std=core needs rust-src; clippy lints the programs).
 EBPF_TOOLCHAIN=$(sed -n 's/^channel = "\(.*\)"$/\1/p' datapath-ebpf/rust-toolchain.toml)
 [ -n "$EBPF_TOOLCHAIN" ] || { echo "setup: no channel in datapath-ebpf/rust-toolchain.toml" >&2; exit 1; }
-for c in rust-src clippy; do
+for c in rust-src clippy rustfmt; do
     rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q "^$c" \
-        || rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src --component clippy
+        || rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal \
+            --component rust-src --component clippy --component rustfmt
 done
 for c in clippy rustfmt; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"

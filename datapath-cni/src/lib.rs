@@ -21,9 +21,8 @@ mod status;
 pub mod types;
 mod version;
 
-use sha2::{Digest as _, Sha256};
-
 use error::{CniError, ErrorCode};
+use sha2::{Digest as _, Sha256};
 use types::{Env, NetConf, SUPPORTED_VERSIONS};
 
 /// What a CNI invocation prints on stdout, and whether it succeeded.

@@ -3,6 +3,7 @@
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
+use datapath_api::mac::MacAddr;
 use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
@@ -11,8 +12,6 @@ use rtnetlink::{
         route::RouteScope,
     },
 };
-
-use datapath_api::mac::MacAddr;
 
 pub type NlResult<T> = Result<T, rtnetlink::Error>;
 

@@ -2,13 +2,13 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
+use datapath_api::DEFAULT_API_SOCKET;
 use serde::Deserialize;
 
 use crate::{
     error::{CniError, ErrorCode},
     lock::DEFAULT_LOCK_DIR,
 };
-use datapath_api::DEFAULT_API_SOCKET;
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// The pod's default gateway: link-local, answered by the datapath's ARP responder.

@@ -4,6 +4,7 @@ mod bench;
 mod bench_extra;
 mod bench_services;
 mod chart;
+mod fmt;
 mod run;
 mod test;
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Task {
     /// The whole test suite: fmt, clippy, unit, packet-level and end-to-end tests (root).
     Test(test::TestArgs),
+    /// Format the workspace as `test` checks it (nightly rustfmt: grouped imports).
+    Fmt,
     /// Demo node with two pods (no arguments), or the agent on this host (`-- <agent args>`).
     Run(run::RunArgs),
     /// Pod-to-pod TCP_RR, TCP_CRR and throughput against baselines, ns/packet, control plane,
@@ -31,6 +34,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test(args) => test::test(args),
+        Task::Fmt => fmt::fmt(false),
         Task::Run(args) => run::run(args),
         Task::Bench(args) => bench::bench(args),
     }

@@ -13,8 +13,8 @@ pub(crate) struct TestArgs {
 
 pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
     let root = workspace_root();
-    println!("== cargo fmt --check");
-    run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
+    println!("== cargo fmt --check (pinned nightly rustfmt: imports grouped std / crates / this crate)");
+    crate::fmt::fmt(true)?;
     println!("== cargo clippy --all-targets -- -D warnings");
     run_cmd(cargo().current_dir(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate is no default member (its programs build for BPF
@@ -80,7 +80,7 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 
 /// The nightly the eBPF crate is built with: the channel pinned in its
 /// `rust-toolchain.toml`, which the agent's `build.rs` reads too.
-fn ebpf_toolchain(root: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn ebpf_toolchain(root: &std::path::Path) -> anyhow::Result<String> {
     #[derive(serde::Deserialize)]
     struct ToolchainFile {
         toolchain: Toolchain,

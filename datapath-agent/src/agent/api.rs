@@ -4,13 +4,12 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
 
 use anyhow::Context as _;
+use datapath_api::{EndpointRef, EndpointSpec, Request, Response};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::Mutex,
 };
-
-use datapath_api::{EndpointRef, EndpointSpec, Request, Response};
 
 use crate::{agent::Agent, bpf::LocalEndpoint};
 

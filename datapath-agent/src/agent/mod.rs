@@ -12,12 +12,13 @@ use std::{
 };
 
 use anyhow::Context as _;
+use api::{bind_private_socket, refuse_a_socket_that_answers, remove_own_socket, serve_connection};
+use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Mutex,
 };
-
-use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
+use upkeep::RecordsReport;
 
 use crate::{
     bpf::{Datapath, LoadOptions, PinLayout, PinnedConntrack, ProgramBuild},
@@ -40,9 +41,6 @@ use crate::{
         config_file::{ConfigFile, watch_config},
     },
 };
-
-use api::{bind_private_socket, refuse_a_socket_that_answers, remove_own_socket, serve_connection};
-use upkeep::RecordsReport;
 
 /// How often a failed Service sync is tried again.
 const SERVICE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -7,6 +7,7 @@
 //! puts back the /32 route the kernel removed (node -> pod, kubelet probes).
 
 use anyhow::Context as _;
+use datapath_api::route::add_host_route;
 use futures::StreamExt as _;
 use rtnetlink::{
     Handle,
@@ -16,8 +17,6 @@ use rtnetlink::{
     sys::{AsyncSocket as _, SocketAddr},
 };
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-
-use datapath_api::route::add_host_route;
 
 use crate::bpf::Datapath;
 

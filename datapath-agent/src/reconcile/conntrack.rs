@@ -8,12 +8,11 @@ use std::{
     sync::Arc,
 };
 
+use anyhow::Context as _;
 use datapath_common::{
     CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, ConntrackEntry, ConntrackKey,
     IPPROTO_TCP,
 };
-
-use anyhow::Context as _;
 use tokio::sync::Mutex;
 
 use crate::{
