@@ -275,7 +275,9 @@ impl Datapath {
         read_traffic(self.map(map_names::ENDPOINT_TRAFFIC)?, traffic_slot)
     }
 
-    /// Direct map access for packet-level tests (unpinned datapath).
+    /// Direct map access for packet-level tests and the per-packet bench
+    /// (unpinned datapath); the agent itself writes through its reconcilers.
+    #[cfg(feature = "test-support")]
     pub fn insert_pod_interface(&mut self, ifindex: u32, iface: PodInterface) -> Result<(), DatapathError> {
         let name = map_names::POD_INTERFACES;
         self.pod_interfaces_mut()?.insert(ifindex, iface, 0).map_err(DatapathError::map(name))
@@ -316,6 +318,8 @@ impl Datapath {
         Ok(Some(Ipv4Addr::from(key.ipv4)))
     }
 
+    /// Direct map access for packet-level tests and the per-packet bench.
+    #[cfg(feature = "test-support")]
     pub fn insert_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
         let name = map_names::ENDPOINTS;
         self.endpoints_mut()?
