@@ -1,7 +1,7 @@
 //! The node agent of the eBPF pod datapath (its CNI plugin: `datapath-cni`).
 //!
 //! One room per stage of the data flow (docs/architecture.md); dependencies
-//! between rooms point one way, which `rooms::tests` checks.
+//! between rooms point one way, which `rooms::rooms_depend_one_way` checks.
 pub mod agent;
 pub mod bpf;
 pub mod cmd;

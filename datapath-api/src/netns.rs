@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn the_own_namespace_is_current() {
-        // (Another namespace is not: tests/tests/cni_errors.rs, as root.)
+        // (Another namespace is not: tests/tests/e2e/cni_errors.rs, as root.)
         assert!(is_current(&open(Path::new("/proc/self/ns/net")).unwrap()).unwrap());
         assert!(is_current(&open(Path::new("/proc/thread-self/ns/net")).unwrap()).unwrap());
     }

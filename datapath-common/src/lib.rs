@@ -632,7 +632,7 @@ const _: () = assert!(RPF_CACHE_SLOTS.is_power_of_two());
 wire_enum! {
     /// Why a packet was dropped. The number is the slot in the drop counter
     /// map and is stable: never renumber, only append. docs/why-dropped.md
-    /// has a row for each (checked by `tests/tests/docs.rs`).
+    /// has a row for each (checked by `tests/tests/e2e/docs.rs`).
     pub enum DropReason {
         SpoofedSource = 1, "spoofed_source",
             "a pod sent IPv4 with a source address that is not its own (anti-spoofing)";

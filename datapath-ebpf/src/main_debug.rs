@@ -1,5 +1,5 @@
 //! The debug build: the same programs, logging every verdict with aya-log
-//! (the agent loads it with `datapath_log = "debug"`).
+//! (the agent loads it with `ebpf_log = "debug"` in its config).
 #![no_std]
 #![no_main]
 

@@ -457,9 +457,6 @@ impl conntrack::CollectorHost for Agent {
     }
 }
 
-/// The next peer list from the Node watch (never, in static mode).
-/// The next complete list from a Kubernetes watch (peers, Services); never
-/// resolves without one (static source).
 /// The next update from `rx`; never, without one.
 async fn next_update<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
     match rx {
@@ -468,6 +465,8 @@ async fn next_update<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>
     }
 }
 
+/// The next peer list from the Node watch; never resolves without one
+/// (static source).
 async fn next_from_watch<T: Clone>(rx: &mut Option<tokio::sync::watch::Receiver<Option<T>>>) -> Option<T> {
     let Some(rx) = rx else { return std::future::pending().await };
     loop {

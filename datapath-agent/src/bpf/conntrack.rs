@@ -1,5 +1,5 @@
 //! The connection-tracking map: read whole, and opened from its pin for the
-//! collector (`reconcile::conntrack_gc`).
+//! collector (`reconcile::conntrack`).
 
 use aya::maps::{HashMap, Map, MapData};
 use datapath_common::{ConntrackEntry, ConntrackKey, map_names};

@@ -57,7 +57,7 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// [`Self::load_pinned`] with the sizes of `options`. A map pinned with
+    /// Load the programs and pin their maps, with the sizes of `options`. A map pinned with
     /// another size (e.g. `conntrack_max_entries` changed) is migrated into
     /// a map of the new size, its entries kept; a pin of another layout is
     /// migrated or refused ([`crate::bpf::map_pins`]).

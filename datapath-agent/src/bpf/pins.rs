@@ -31,8 +31,8 @@ impl PinLayout {
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
     }
-    /// The directory a running `monitor` holds an exclusive flock on
-    /// ([`crate::observe::monitor_lock`]).
+    /// The directory a running `monitor` holds an exclusive flock on (see
+    /// the observe room's monitor lock).
     pub fn monitor_lock(&self) -> PathBuf {
         self.root.join("monitor")
     }
