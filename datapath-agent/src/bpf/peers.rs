@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
-use datapath_common::{NodeKey, RemoteNode, map_names};
+use datapath_common::{ModeMismatch, NodeKey, RemoteNode, map_names};
 
 use crate::{
     bpf::{Datapath, DatapathError},
@@ -96,4 +96,37 @@ pub(super) fn read_remote_routes(map: &Map) -> Result<Vec<RemoteRoute>, Datapath
         .collect();
     out.sort_by_key(|r| (r.pod_cidr.network(), r.pod_cidr.prefix_len()));
     Ok(out)
+}
+
+/// The programs' notes of peers that sent in the other routing mode
+/// (`peer_mode_mismatches`), opened from its pin.
+pub struct PinnedModeMismatches {
+    notes: HashMap<MapData, NodeKey, ModeMismatch>,
+}
+
+impl PinnedModeMismatches {
+    pub fn open(pins: &crate::bpf::PinLayout) -> Result<Self, DatapathError> {
+        let name = map_names::PEER_MODE_MISMATCHES;
+        let notes =
+            HashMap::try_from(crate::bpf::open_pinned(pins, name)?).map_err(DatapathError::map(name))?;
+        Ok(Self { notes })
+    }
+
+    /// Every note: the peer's address and how many packets, since when.
+    pub fn notes(&self) -> Result<Vec<(Ipv4Addr, ModeMismatch)>, DatapathError> {
+        let name = map_names::PEER_MODE_MISMATCHES;
+        self.notes
+            .iter()
+            .map(|entry| entry.map(|(key, note)| (Ipv4Addr::from(key.ipv4), note)))
+            .collect::<Result<_, _>>()
+            .map_err(DatapathError::map(name))
+    }
+
+    /// Forget the note of `peer` (gone already is fine: packets counted
+    /// since it was read go with it; the peer's next ones make a new note).
+    pub fn forget(&mut self, peer: Ipv4Addr) -> Result<(), DatapathError> {
+        let name = map_names::PEER_MODE_MISMATCHES;
+        let key = NodeKey { ipv4: peer.octets() };
+        super::maps::remove_present(&mut self.notes, &key).map(|_| ()).map_err(DatapathError::map(name))
+    }
 }

@@ -12,22 +12,19 @@
 use std::{
     io::Write as _,
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, Map, MapData, RingBuf};
 use datapath_common::{
     Direction, DropReason, ETH_P_ARP, ETH_P_IP, EVENT_DROP, EVENT_FORWARD, ForwardPath, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, MONITOR_EVENT_VERSION, MONITOR_EVENT_VERSION_OFFSET, MonitorConfig,
-    MonitorEvent, map_names,
+    IPPROTO_TCP, IPPROTO_UDP, MonitorEvent,
 };
 
 use crate::{
-    bpf::{PinLayout, PinnedMaps},
+    bpf::{PinLayout, PinnedMaps, PinnedMonitor},
     observe::monitor_lock::MonitorLock,
     source::config::DEFAULT_BPFFS_DIR,
 };
@@ -78,12 +75,9 @@ extern "C" fn request_stop(_: libc::c_int) {
 
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs_dir);
-    let open = |name: &'static str| -> anyhow::Result<Map> {
-        crate::bpf::open_pinned(&pins, name)
-            .with_context(|| format!("opening {} (has the agent ever run?)", pins.map(name).display()))
-    };
-    let mut ring = RingBuf::try_from(open(map_names::MONITOR_EVENTS)?)?;
-    let mut config_map: Array<MapData, MonitorConfig> = Array::try_from(open(map_names::MONITOR_CONFIG)?)?;
+    let mut maps = PinnedMonitor::open(&pins).with_context(|| {
+        format!("opening the monitor's maps under {} (has the agent ever run?)", args.bpffs_dir.display())
+    })?;
     let counters_at_start = PinnedMaps::open(&pins)?.counters()?.monitor_events;
     let _one_monitor = MonitorLock::acquire(&pins)?;
 
@@ -93,9 +87,7 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     }
     // No other monitor runs (we hold the lock): forward tracing on now was
     // left on by one that was killed. Without a monitor it is off.
-    let found = config_map.get(&0, 0)?;
-    let leftover = found.trace_forwards != 0;
-    config_map.set(0, MonitorConfig { trace_forwards: u32::from(args.forwards), ..found }, 0)?;
+    let leftover = maps.set_trace_forwards(args.forwards)?;
     let started = Instant::now();
     let start_ns = monotonic_ns();
     eprintln!(
@@ -113,8 +105,8 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         let deadline = args.seconds.map(|s| started + Duration::from_secs_f64(s));
         loop {
-            while let Some(item) = ring.next() {
-                let event = decode(&item)?;
+            while let Some(event) = maps.next_event() {
+                let event = event?;
                 if !args.backlog && event.timestamp_ns < start_ns {
                     skipped += 1;
                     continue;
@@ -139,15 +131,12 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
             if STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(());
             }
-            wait_readable(ring.as_fd().as_raw_fd(), Duration::from_millis(100));
+            maps.wait(Duration::from_millis(100));
         }
     })();
     // Off again, so the datapath stops paying for it (with the lock held
     // nobody else switched it on meanwhile).
-    let now = config_map.get(&0, 0)?;
-    if now.trace_forwards != 0 {
-        config_map.set(0, MonitorConfig { trace_forwards: 0, ..now }, 0)?;
-    }
+    maps.set_trace_forwards(false)?;
     let counters_now = PinnedMaps::open(&pins)?.counters()?.monitor_events;
     let delta = |name: &str| {
         counters_now.get(name).copied().unwrap_or(0) - counters_at_start.get(name).copied().unwrap_or(0)
@@ -164,38 +153,6 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         }
     );
     result
-}
-
-/// An event this monitor cannot read: written by programs of another build.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EventError {
-    #[error(
-        "a monitor event has layout version {found}, this monitor reads version {MONITOR_EVENT_VERSION}: \
-         the programs writing the ring buffer are from another build; run the `datapath-agent monitor` \
-         of the agent that loaded them (docs/upgrade.md)"
-    )]
-    UnknownVersion { found: u8 },
-    #[error(
-        "a monitor event of {len} bytes, shorter than the {expected} bytes of layout version \
-         {MONITOR_EVENT_VERSION}: the programs writing the ring buffer are from another build"
-    )]
-    Truncated { len: usize, expected: usize },
-}
-
-/// Read one ring buffer record. The version byte comes first: a record of
-/// another layout is refused, never read field by field.
-pub fn decode(bytes: &[u8]) -> Result<MonitorEvent, EventError> {
-    // Builds from before event versions wrote 0 there, with the layout of 1.
-    match bytes.get(MONITOR_EVENT_VERSION_OFFSET).copied() {
-        Some(0 | MONITOR_EVENT_VERSION) => {}
-        Some(found) => return Err(EventError::UnknownVersion { found }),
-        None => {}
-    }
-    if bytes.len() < size_of::<MonitorEvent>() {
-        return Err(EventError::Truncated { len: bytes.len(), expected: size_of::<MonitorEvent>() });
-    }
-    // SAFETY: length checked; MonitorEvent is plain data, read unaligned.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MonitorEvent>()) })
 }
 
 fn monotonic_ns() -> u64 {
@@ -282,55 +239,5 @@ impl EventView {
             self.reason,
             self.length
         )
-    }
-}
-
-fn wait_readable(fd: i32, timeout: Duration) {
-    let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd; an interrupted or failed poll just returns.
-    unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(event: &MonitorEvent) -> Vec<u8> {
-        // SAFETY: MonitorEvent is plain data without holes.
-        unsafe {
-            std::slice::from_raw_parts((event as *const MonitorEvent).cast::<u8>(), size_of::<MonitorEvent>())
-        }
-        .to_vec()
-    }
-
-    #[test]
-    fn events_of_this_layout_and_of_builds_before_versions_are_read() {
-        let event = MonitorEvent {
-            timestamp_ns: 7,
-            ifindex: 3,
-            kind: EVENT_DROP,
-            code: DropReason::SpoofedSource as u8,
-            version: MONITOR_EVENT_VERSION,
-            ..MonitorEvent::default()
-        };
-        assert_eq!(decode(&record(&event)), Ok(event));
-        let before_versions = MonitorEvent { version: 0, ..event };
-        assert_eq!(decode(&record(&before_versions)), Ok(before_versions));
-    }
-
-    #[test]
-    fn an_event_of_another_layout_is_refused_by_its_version() {
-        let mut bytes = record(&MonitorEvent { version: MONITOR_EVENT_VERSION, ..MonitorEvent::default() });
-        bytes[MONITOR_EVENT_VERSION_OFFSET] = MONITOR_EVENT_VERSION + 1;
-        let err = decode(&bytes).unwrap_err();
-        assert_eq!(err, EventError::UnknownVersion { found: MONITOR_EVENT_VERSION + 1 });
-        let message = err.to_string();
-        assert!(message.contains("layout version 2") && message.contains("another build"), "{message}");
-        // A longer record of a newer layout is refused too, not read as far as it fits.
-        bytes.extend_from_slice(&[0; 16]);
-        assert!(matches!(decode(&bytes), Err(EventError::UnknownVersion { .. })));
-        let short =
-            &record(&MonitorEvent { version: MONITOR_EVENT_VERSION, ..MonitorEvent::default() })[..36];
-        assert!(matches!(decode(short), Err(EventError::Truncated { len: 36, .. })));
     }
 }

@@ -7,13 +7,10 @@
 //! again), and the line is worded by the mode this node had when the
 //! packets came (a note does not record it).
 
-use std::{net::Ipv4Addr, time::Duration};
-
-use aya::maps::{HashMap, MapData};
-use datapath_common::{ModeMismatch, NodeKey, map_names};
+use std::time::Duration;
 
 use crate::{
-    bpf::{DatapathError, PinLayout, open_pinned},
+    bpf::{DatapathError, PinLayout, PinnedModeMismatches},
     model::Mode,
 };
 
@@ -44,31 +41,21 @@ pub fn spawn_watch(pins: PinLayout, mode_before: Option<Mode>, mode: Mode) -> to
 }
 
 fn log_and_forget(pins: &PinLayout, mode: Mode) -> Result<(), DatapathError> {
-    let name = map_names::PEER_MODE_MISMATCHES;
-    let map_err = DatapathError::map(name);
-    let mut notes: HashMap<MapData, NodeKey, ModeMismatch> =
-        HashMap::try_from(open_pinned(pins, name)?).map_err(map_err)?;
-    let noted: Vec<(NodeKey, ModeMismatch)> = notes.iter().collect::<Result<_, _>>().map_err(map_err)?;
-    for (key, mismatch) in noted {
+    let mut notes = PinnedModeMismatches::open(pins)?;
+    for (peer, mismatch) in notes.notes()? {
         let (ours, theirs) = match mode {
             Mode::Native => ("native", "vxlan (it sends VXLAN)"),
             Mode::Vxlan => ("vxlan", "native (it sends plain pod traffic)"),
         };
         tracing::warn!(
-            peer = %Ipv4Addr::from(key.ipv4),
+            %peer,
             packets = mismatch.packets,
             this_node = ours,
             peer_mode = theirs,
             "a peer node runs the other routing mode (or a host forges its pods' traffic): \
              its packets are dropped as peer_mode_mismatch; set the same `mode` on every node"
         );
-        // Packets counted since the read above go with it: the peer's next
-        // ones make a new note.
-        match notes.remove(&key) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(map_err(e)),
-        }
+        notes.forget(peer)?;
     }
     Ok(())
 }
