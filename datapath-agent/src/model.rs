@@ -149,3 +149,21 @@ fn default_namespace() -> String {
 fn default_session_affinity_timeout_seconds() -> u32 {
     10_800
 }
+
+/// The Kubernetes objects NetworkPolicy is computed from, whatever their
+/// source (YAML files in `policy_dir`, or the API server): policies, the
+/// namespaces' labels, and the pods' labels, named ports and addresses.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyObjects {
+    pub policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    pub namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
+}
+
+/// A pod on this node, as the CNI plugin recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocalPod {
+    pub ipv4: Ipv4Addr,
+    pub namespace: String,
+    pub name: String,
+}

@@ -62,7 +62,19 @@ pub mod map_names {
     /// Per-CPU [`super::RpfCacheEntry`] slots: sources whose reverse path
     /// the FIB confirmed lately, so a flow pays the lookup once, not per packet.
     pub const RPF_CACHE: &str = "RPF_CACHE";
-    pub const ALL: [&str; 20] = [
+    /// [`super::EndpointKey`] (a local pod) -> [`super::PolicyEndpoint`]:
+    /// which directions of that pod NetworkPolicy isolates.
+    pub const POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
+    /// LPM trie: peer address prefix -> [`super::PolicyPeer`], the peer's
+    /// identity (the set of policy peer terms it matches).
+    pub const POLICY_PEERS: &str = "POLICY_PEERS";
+    /// LPM trie: [`super::PolicyRuleKey`] (endpoint, peer identity,
+    /// direction, protocol, port prefix) -> [`super::PolicyAllow`].
+    pub const POLICY_RULES: &str = "POLICY_RULES";
+    /// Per-CPU counters of new connections judged by policy, indexed by
+    /// [`super::policy_verdict_slot`].
+    pub const POLICY_VERDICTS: &str = "POLICY_VERDICTS";
+    pub const ALL: [&str; 24] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -83,6 +95,10 @@ pub mod map_names {
         ICMP_BUDGET,
         PEER_MODE_MISMATCHES,
         RPF_CACHE,
+        POLICY_ENDPOINTS,
+        POLICY_PEERS,
+        POLICY_RULES,
+        POLICY_VERDICTS,
     ];
 }
 
@@ -153,6 +169,7 @@ pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 /// Ethertypes, as in the Ethernet header and [`MonitorEvent::ethertype`]
 /// (both big-endian).
 pub const ETH_P_IP: u16 = 0x0800;
@@ -428,6 +445,9 @@ pub const fn is_martian_source(ipv4: [u8; 4]) -> bool {
 /// looked up in the Service and connection-tracking maps. Unset, they cost
 /// nothing.
 pub const NODE_FLAG_SERVICES: u32 = 1;
+/// Some local pod is isolated by NetworkPolicy: packets of local pods are
+/// looked up in `POLICY_ENDPOINTS`. Unset, policy costs nothing.
+pub const NODE_FLAG_POLICY: u32 = 2;
 
 /// A Service port: cluster IP, port and protocol, as they sit in the packet.
 #[repr(C)]
@@ -513,6 +533,11 @@ pub struct ConntrackEntry {
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+/// A connection NetworkPolicy allowed (no translation): keyed by its first
+/// packet's 5-tuple as it travels between the pods (after any Service
+/// translation); its replies match the key reversed. One entry per
+/// connection, no pair.
+pub const CT_POLICY: u8 = 2;
 /// The client is the backend itself (a pod reaching itself through a Service).
 pub const CT_HAIRPIN: u8 = 1;
 /// A FIN or RST was seen: the agent removes the pair once it is quiet.
@@ -520,7 +545,11 @@ pub const CT_CLOSING: u8 = 2;
 
 impl ConntrackKey {
     /// The key of the other direction of the same connection.
+    /// A [`CT_POLICY`] entry has no other entry: its own key.
     pub fn pair(&self, entry: &ConntrackEntry) -> ConntrackKey {
+        if entry.kind == CT_POLICY {
+            return *self;
+        }
         let hairpin = entry.flags & CT_HAIRPIN != 0;
         if entry.kind == CT_FORWARD {
             ConntrackKey {
@@ -580,6 +609,81 @@ pub struct FragmentTranslation {
     pub daddr: [u8; 4],
 }
 
+/// Which directions of a local pod NetworkPolicy isolates
+/// ([`POLICY_INGRESS`], [`POLICY_EGRESS`]); a pod without an entry is
+/// isolated in neither.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEndpoint {
+    pub flags: u32,
+}
+
+/// Isolated for ingress: only what a rule allows reaches the pod.
+pub const POLICY_INGRESS: u32 = 1;
+/// Isolated for egress: only what a rule allows leaves the pod.
+pub const POLICY_EGRESS: u32 = 2;
+
+/// The identity of a peer address: every address of one identity matches
+/// exactly the same policy peer terms (selectors and ipBlocks) on this
+/// node. Addresses in no entry have [`POLICY_IDENTITY_NONE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyPeer {
+    pub identity: u32,
+}
+
+/// The identity of addresses that match no peer term.
+pub const POLICY_IDENTITY_NONE: u32 = 0;
+
+/// Key of `POLICY_RULES` (the LPM trie's data after its prefix length):
+/// fields in the order they are matched, network byte order. A rule for
+/// every protocol stops after `direction` (72 bits), one for every port of a
+/// protocol after `protocol` (80 bits), a port range is split into aligned
+/// blocks (80 + 16 - k bits), a single port is all 96 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRuleKey {
+    /// The local pod the rule is for.
+    pub endpoint: [u8; 4],
+    /// The peer's identity, big-endian.
+    pub identity: [u8; 4],
+    /// [`POLICY_INGRESS`] or [`POLICY_EGRESS`].
+    pub direction: u8,
+    /// IP protocol.
+    pub protocol: u8,
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+}
+
+/// Prefix lengths of [`PolicyRuleKey`] entries.
+pub const POLICY_PREFIX_ANY_PROTOCOL: u32 = 72;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+/// Value of a `POLICY_RULES` entry: present means allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyAllow {
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Capacity of `POLICY_PEERS`: every pod of the cluster a policy of this
+/// node's pods names, and the ipBlock prefixes.
+pub const MAX_POLICY_PEERS: u32 = 262_144;
+/// Capacity of `POLICY_RULES`: (local pod, peer identity, port block) entries.
+pub const MAX_POLICY_RULES: u32 = 524_288;
+
+/// Counter slots of `POLICY_VERDICTS`.
+pub const POLICY_VERDICT_SLOTS: u32 = 4;
+
+/// Slot of (direction, allowed) in `POLICY_VERDICTS`: new connections
+/// (packets without a tracked connection) judged for an isolated pod.
+#[inline(always)]
+pub const fn policy_verdict_slot(direction: u32, allowed: bool) -> u32 {
+    (if direction == POLICY_EGRESS { 2 } else { 0 }) + if allowed { 0 } else { 1 }
+}
+
 /// Every type that crosses the boundary, with its size in bytes: the
 /// programs and the agent must agree on each byte, so a change of layout
 /// fails the build here instead of misreading a map. The agent's side also
@@ -622,6 +726,10 @@ shared_types! {
     AffinityEntry = 16,
     FragmentKey = 12,
     FragmentTranslation = 8,
+    PolicyEndpoint = 4,
+    PolicyPeer = 4,
+    PolicyRuleKey = 12,
+    PolicyAllow = 4,
 }
 
 // Any reader finds the version at the same byte in every layout.
@@ -687,6 +795,13 @@ wire_enum! {
         PacketTooBig = 25, "packet_too_big",
             "larger than the destination pod's MTU with DF set: answered with ICMP fragmentation needed";
         EndpointDown = 26, "endpoint_down", "the destination pod's host veth is administratively down";
+        /// A new connection no NetworkPolicy rule of the sending pod allows
+        /// (a TCP SYN is answered with ICMP administratively prohibited).
+        PolicyDeniedEgress = 27, "policy_denied_egress",
+            "NetworkPolicy: the sending pod is isolated for egress and no rule allows this connection";
+        /// As egress, for the receiving pod.
+        PolicyDeniedIngress = 28, "policy_denied_ingress",
+            "NetworkPolicy: the receiving pod is isolated for ingress and no rule allows this connection";
     }
 }
 
@@ -756,7 +871,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 26);
+        assert_eq!(DropReason::ALL.len(), 28);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_SERVICES};
+use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{deliver, too_big_for_pod},
@@ -13,6 +13,7 @@ use crate::{
     icmp::IcmpError,
     lookup::{is_known_node, local_endpoint, node_config, remote_node_for},
     packet::Packet,
+    policy::{self, Flow},
     services::{Translation, translate},
     verdict::{Back, Verdict, apply},
 };
@@ -80,12 +81,26 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // Replies of Service connections opened by pods on this node
         // (checked above with the backend's address, which the sender
         // owns): the source becomes the Service; the destination stays.
+        let policy_on = config.flags & NODE_FLAG_POLICY != 0;
+        // A backend's reply is judged with the addresses it travelled with.
+        let before = if policy_on { Flow::of(&headers) } else { None };
+        let mut reply = false;
         if config.flags & NODE_FLAG_SERVICES != 0 {
             headers = match translate(headers, false)? {
-                Translation::Forward(headers) => headers,
+                Translation::Forward(headers, was_reply) => {
+                    reply = was_reply;
+                    headers
+                }
                 // Only new connections are refused, and only "from pod" opens them.
                 Translation::Refuse(reason) => return Err(reason),
             };
+        }
+        // Ingress of the local pod: each node judges for its own pods.
+        if policy_on
+            && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+            && let Err(refusal) = policy::enforce(&flow, None, &config)
+        {
+            return refusal.verdict(daddr, back);
         }
         return deliver(headers, &endpoint);
     }

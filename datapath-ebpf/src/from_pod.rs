@@ -8,7 +8,7 @@
 //! hands everything else to the host stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_SERVICES};
+use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
 
 use crate::{
     arp::{self, ArpOutcome},
@@ -18,6 +18,7 @@ use crate::{
     icmp::IcmpError,
     lookup::{local_endpoint, node_config, pod_interface},
     packet::Packet,
+    policy::{self, Flow},
     services::{Translation, translate},
     strict,
     verdict::{Back, Verdict, apply},
@@ -87,10 +88,17 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
             back,
         });
     }
+    let policy_on = config.flags & NODE_FLAG_POLICY != 0;
+    // A backend's reply is judged with the addresses it left the pod with.
+    let before = if policy_on { Flow::of(&headers) } else { None };
+    let mut reply = false;
     if config.flags & NODE_FLAG_SERVICES != 0 {
         let service = headers.ip().daddr;
         headers = match translate(headers, true)? {
-            Translation::Forward(headers) => headers,
+            Translation::Forward(headers, was_reply) => {
+                reply = was_reply;
+                headers
+            }
             Translation::Refuse(reason) => {
                 // From the Service address the client asked for.
                 return Ok(Verdict::Answer {
@@ -103,6 +111,13 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
         };
     }
     let daddr = headers.ip().daddr;
+    // After the Service translation: policy is about the backend pod.
+    if policy_on
+        && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+        && let Err(refusal) = policy::enforce(&flow, Some(pod_ipv4), &config)
+    {
+        return refusal.verdict(daddr, back);
+    }
     if let Some(endpoint) = local_endpoint(daddr) {
         // Pods of one node share an MTU unless one was given a smaller one.
         if let Some(verdict) = too_big_for_pod(&headers, &endpoint, &config, back, Verdict::HostStack) {

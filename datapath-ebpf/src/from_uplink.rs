@@ -8,8 +8,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_SERVICES, NodeConfig, NodeKey,
-    RoutingMode,
+    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
+    NodeConfig, NodeKey, RoutingMode,
 };
 
 use crate::{
@@ -19,6 +19,7 @@ use crate::{
     lookup::{is_known_node, local_endpoint, node_config, remote_pod_cidr_owner},
     maps::PEER_MODE_MISMATCHES,
     packet::{Ipv4Headers, Packet},
+    policy::{self, Flow},
     services::{Translation, translate},
     strict,
     verdict::{Back, Verdict, apply},
@@ -91,12 +92,26 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
+    let policy_on = config.flags & NODE_FLAG_POLICY != 0;
+    // A backend's reply is judged with the addresses it travelled with.
+    let before = if policy_on { Flow::of(&headers) } else { None };
+    let mut reply = false;
     if config.flags & NODE_FLAG_SERVICES != 0 {
         headers = match translate(headers, false)? {
-            Translation::Forward(headers) => headers,
+            Translation::Forward(headers, was_reply) => {
+                reply = was_reply;
+                headers
+            }
             // Only new connections are refused, and only "from pod" opens them.
             Translation::Refuse(reason) => return Err(reason),
         };
+    }
+    // Ingress of the local pod: each node judges for its own pods.
+    if policy_on
+        && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+        && let Err(refusal) = policy::enforce(&flow, None, &config)
+    {
+        return refusal.verdict(daddr, back);
     }
     deliver(headers, &endpoint)
 }

@@ -27,6 +27,9 @@ pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 pub const ICMP_PORT_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_EXC_TTL: u8 = 0;
+/// Communication administratively prohibited (RFC 1812): what a filter
+/// answers (Linux's `REJECT --reject-with icmp-admin-prohibited`).
+pub const ICMP_PKT_FILTERED: u8 = 13;
 
 /// The reply's IPv4 TOS: precedence "internetwork control", as Linux's
 /// `icmp_send` sets it.
@@ -92,6 +95,8 @@ pub enum IcmpError {
     PortUnreachable,
     /// Fragmentation needed and DF set, with the next hop's MTU (RFC 1191).
     FragmentationNeeded { mtu: u16 },
+    /// Communication administratively prohibited (NetworkPolicy).
+    AdminProhibited,
 }
 
 impl IcmpError {
@@ -101,6 +106,7 @@ impl IcmpError {
             IcmpError::TimeExceeded => (ICMP_TIME_EXCEEDED, ICMP_EXC_TTL),
             IcmpError::PortUnreachable => (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
             IcmpError::FragmentationNeeded { .. } => (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
+            IcmpError::AdminProhibited => (ICMP_DEST_UNREACH, ICMP_PKT_FILTERED),
         }
     }
 

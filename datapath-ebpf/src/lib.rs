@@ -35,6 +35,8 @@ pub mod monitor;
 #[cfg(target_arch = "bpf")]
 pub mod packet;
 #[cfg(target_arch = "bpf")]
+pub mod policy;
+#[cfg(target_arch = "bpf")]
 pub mod services;
 #[cfg(target_arch = "bpf")]
 pub mod strict;

@@ -12,9 +12,11 @@ use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
     DROP_COUNTER_SLOTS, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS, FragmentKey,
     FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES,
-    MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_TRAFFIC_SLOTS,
-    MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig,
-    NodeKey, PodInterface, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
+    MAX_LOCAL_ENDPOINTS, MAX_POLICY_PEERS, MAX_POLICY_RULES, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS,
+    MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig,
+    MonitorEvent, MonitorOutcome, NodeConfig, NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow,
+    PolicyEndpoint, PolicyPeer, PolicyRuleKey, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry,
+    Service, ServiceKey,
 };
 
 /// Allocated as Services come: most clusters have far fewer than the maximum.
@@ -95,3 +97,23 @@ pub static KNOWN_NODES: HashMap<NodeKey, RemoteNode, { MAX_KNOWN_NODES as usize 
 
 #[btf_map]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Local pods NetworkPolicy isolates, and in which directions.
+#[btf_map]
+pub static POLICY_ENDPOINTS: HashMap<
+    EndpointKey,
+    PolicyEndpoint,
+    { MAX_LOCAL_ENDPOINTS as usize },
+    ON_DEMAND,
+> = HashMap::new();
+
+/// Peer address prefix -> identity (pods as /32, ipBlock prefixes).
+#[btf_map]
+pub static POLICY_PEERS: LpmTrie<[u8; 4], PolicyPeer, { MAX_POLICY_PEERS as usize }> = LpmTrie::new();
+
+/// (endpoint, identity, direction, protocol, port prefix) -> allowed.
+#[btf_map]
+pub static POLICY_RULES: LpmTrie<PolicyRuleKey, PolicyAllow, { MAX_POLICY_RULES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static POLICY_VERDICTS: PerCpuArray<u64, { POLICY_VERDICT_SLOTS as usize }> = PerCpuArray::new();

@@ -16,8 +16,9 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD,
-    CT_HAIRPIN, CT_REPLY, ConntrackEntry, ConntrackKey, DropReason, FragmentKey, FragmentTranslation,
-    HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+    CT_HAIRPIN, CT_POLICY, CT_REPLY, ConntrackEntry, ConntrackKey, DropReason, FragmentKey,
+    FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP,
+    SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
 };
 
 use crate::{
@@ -44,8 +45,10 @@ const IP_DADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, daddr);
 /// What [`translate`] made of a packet.
 pub enum Translation<'a> {
     /// Forward it, translated if it belongs to a Service connection: its
-    /// headers, taken again if they were rewritten.
-    Forward(Ipv4Headers<'a>),
+    /// headers, taken again if they were rewritten; `reply` if it was a
+    /// backend's reply (its addresses before the translation are the ones
+    /// it travelled between the pods with).
+    Forward(Ipv4Headers<'a>, bool),
     /// A new connection the Service cannot take: refuse it.
     Refuse(DropReason),
 }
@@ -65,7 +68,7 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     let ip = headers.ip();
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return Ok(Translation::Forward(headers));
+        return Ok(Translation::Forward(headers, false));
     }
     let frag_off = ip.frag_off();
     let datagram = FragmentKey { saddr, daddr, id: ip.id, protocol, _pad: 0 };
@@ -76,12 +79,16 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     // A first fragment: remember its translation for the later ones.
     let fragments = (frag_off & IP_MF != 0).then_some(&datagram);
     let Some(ports) = ports(headers.packet(), ip.version_ihl) else {
-        return Ok(Translation::Forward(headers));
+        return Ok(Translation::Forward(headers, false));
     };
     let key = ConntrackKey { saddr, daddr, sport: ports.sport, dport: ports.dport, protocol, _pad: [0; 3] };
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+    // (An entry of a connection policy allowed translates nothing.)
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        // SAFETY: a live entry, read once.
+        && unsafe { (*entry).kind } != CT_POLICY
+    {
         // SAFETY: a live entry; a racing update of these fields is harmless.
         let entry_copy = unsafe {
             if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
@@ -99,12 +106,12 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
         return apply(headers, &key, &entry_copy, &ports, fragments);
     }
     if !may_open {
-        return Ok(Translation::Forward(headers));
+        return Ok(Translation::Forward(headers, false));
     }
     let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(service) = (unsafe { SERVICES.get(service_key) }).copied() else {
-        return Ok(Translation::Forward(headers));
+        return Ok(Translation::Forward(headers, false));
     };
     if service.backend_count == 0 {
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
@@ -191,7 +198,7 @@ fn apply<'a>(
         // Full (LRU): the oldest datagram's record goes, not this one.
         let _ = SERVICE_FRAGMENTS.insert(*datagram, FragmentTranslation { saddr, daddr }, 0);
     }
-    Ok(Translation::Forward(packet.ipv4()?))
+    Ok(Translation::Forward(packet.ipv4()?, entry.kind == CT_REPLY))
 }
 
 /// A later fragment: the addresses its datagram's first fragment got (no
@@ -206,7 +213,7 @@ fn later_fragment<'a>(
 ) -> Result<Translation<'a>, DropReason> {
     // SAFETY: copied out at once.
     let Some(new) = (unsafe { SERVICE_FRAGMENTS.get(*datagram) }).copied() else {
-        return Ok(Translation::Forward(headers));
+        return Ok(Translation::Forward(headers, false));
     };
     if last {
         let _ = SERVICE_FRAGMENTS.remove(*datagram);
@@ -214,7 +221,7 @@ fn later_fragment<'a>(
     let packet = headers.into_packet();
     set_ip_addr(packet, IP_SADDR, datagram.saddr, new.saddr)?;
     set_ip_addr(packet, IP_DADDR, datagram.daddr, new.daddr)?;
-    Ok(Translation::Forward(packet.ipv4()?))
+    Ok(Translation::Forward(packet.ipv4()?, false))
 }
 
 /// Rewrite an address in the IPv4 header and its checksum (alone, for a

@@ -566,11 +566,20 @@ impl Node {
 
     /// Create a pod namespace and ADD it through the plugin.
     pub fn add_pod(&self, name: &str) -> Pod {
+        self.add_pod_as(name, "default", "test-pod")
+    }
+
+    /// [`Node::add_pod`] for the Kubernetes pod `namespace`/`pod_name`
+    /// (what the runtime passes in CNI_ARGS, and policy selects by).
+    pub fn add_pod_as(&self, name: &str, namespace: &str, pod_name: &str) -> Pod {
         let netns = Netns::new(format!("{}-{name}", self.id));
         let container_id = format!("{}-{name}-container", self.id);
         let path = netns.path().display().to_string();
-        let run =
-            self.cni(&Self::cni_env("ADD", &container_id, &path), self.cni_config().to_string().as_bytes());
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod_name}");
+        let mut env = Self::cni_env("ADD", &container_id, &path);
+        env.retain(|(key, _)| *key != "CNI_ARGS");
+        env.push(("CNI_ARGS", &args));
+        let run = self.cni(&env, self.cni_config().to_string().as_bytes());
         assert!(
             run.success,
             "CNI ADD failed: {}\nplugin stderr: {}\nagent log:\n{}",

@@ -6,6 +6,8 @@
 
 pub mod kube_api;
 pub mod lab;
+pub mod netpol;
+pub mod netpol_cases;
 pub mod oracle;
 pub mod packets;
 pub mod traffic;

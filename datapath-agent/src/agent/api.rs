@@ -183,6 +183,8 @@ impl Agent {
             veth = spec.host_ifname,
             "endpoint added"
         );
+        // Policy selects pods by name and labels: the new one's entries.
+        self.sync_policy();
         Ok(())
     }
 
@@ -251,6 +253,7 @@ impl Agent {
         // A DEL is when a pod's veth may have gone without one (a runtime
         // that lost the container): forget whatever such a veth left.
         self.sweep_gone_interfaces();
+        self.sync_policy();
         Ok(())
     }
 }

@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::Context as _;
 use api::{bind_private_socket, refuse_a_socket_that_answers, remove_own_socket, serve_connection};
-use datapath_common::{MonitorConfig, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names};
+use datapath_common::{
+    MonitorConfig, NODE_FLAG_POLICY, NODE_FLAG_SERVICES, NodeConfig, RoutingMode, program_names,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Mutex,
@@ -34,6 +36,7 @@ use crate::{
     },
     reconcile::{
         conntrack::{self, ConntrackLimits},
+        policy_sync::PolicySync,
         service_sync::ServiceSync,
     },
     source::{
@@ -72,6 +75,9 @@ struct Agent {
     pending_links: Vec<PendingLink>,
     /// Peer pod CIDRs whose node route is someone else's (already said).
     routes_taken: Vec<ipnet::Ipv4Net>,
+    policy: PolicySync,
+    /// The last policy sync failed: tried again at the next link check.
+    policy_failed: bool,
 }
 
 /// A pinned link to switch to the loaded program again.
@@ -164,7 +170,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Service translation stays as the last agent left it until the Services
     // are synced below: tracked connections must keep their translation.
     let node_config_before = datapath.node_config().context("reading the node config map")?;
-    let services_flag = node_config_before.flags & NODE_FLAG_SERVICES;
+    // So does policy (its maps too), until the policy objects are read.
+    let services_flag = node_config_before.flags & (NODE_FLAG_SERVICES | NODE_FLAG_POLICY);
     // The mode the notes of peers in the other mode were made under.
     let mode_before =
         [Mode::Native, Mode::Vxlan].into_iter().find(|mode| node_config_before.mode == routing_mode(*mode));
@@ -197,6 +204,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         health: Arc::clone(&health),
         pending_links: Vec::new(),
         routes_taken: Vec::new(),
+        policy: PolicySync::default(),
+        policy_failed: false,
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let RecordsReport { stale: stale_records, restored: endpoints_restored } = agent.reconcile_records()?;
@@ -226,6 +235,26 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         let list = agent.config.services.clone();
         agent.apply_services(list).context("programming the Services")?;
     }
+    // NetworkPolicy: the objects of policy_dir (none without one). A
+    // directory that cannot be read leaves the maps as they are (the last
+    // agent's policy goes on applying) until it can.
+    let mut policy_changes = match &agent.config.policy_dir {
+        Some(dir) => {
+            match crate::source::policy_dir::read(dir) {
+                Ok(objects) => agent.policy.set_objects(objects),
+                Err(e) => tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(e)),
+                    "policy_dir not applied; the pinned policy stays until it can be read"
+                ),
+            }
+            Some(crate::source::policy_dir::watch(dir.clone()))
+        }
+        None => {
+            agent.policy.set_objects(Default::default());
+            None
+        }
+    };
+    tokio::task::block_in_place(|| agent.sync_policy());
     crate::host::masquerade::apply(
         agent
             .config
@@ -336,6 +365,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
+            Some(objects) = next_update(&mut policy_changes) => {
+                let mut agent = agent.lock().await;
+                agent.policy.set_objects(objects);
+                tokio::task::block_in_place(|| agent.sync_policy());
+            }
             Some(first) = next_update(&mut kube_services) => {
                 // Whatever else has queued up meanwhile goes in the same sync.
                 let mut updates = vec![first];
@@ -417,6 +451,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 tokio::task::block_in_place(|| {
                     if !agent.pending_links.is_empty() {
                         agent.retry_pending_links();
+                    }
+                    if agent.policy_failed {
+                        agent.sync_policy();
                     }
                     agent.check_live_endpoints();
                     if let Err(e) = switch_off_abandoned_forward_tracing(&mut agent.datapath) {

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::Context as _;
 use datapath_api::EndpointSpec;
 
 use crate::{
     agent::{Agent, PendingLink},
     bpf::{LinkFailure, LinkRetry, LocalEndpoint, SweepReport},
     host::node_net,
-    model::{RemoteRoute, ServiceRef},
+    model::{LocalPod, RemoteRoute, ServiceRef},
     source::{
         config::ServiceConfig,
         kubernetes_services::{self, ServiceUpdate},
@@ -301,4 +302,48 @@ pub(super) struct RecordsReport {
 /// The record's veth exists, with the recorded index.
 pub(super) fn veth_alive(record: &EndpointSpec) -> bool {
     nix::net::if_::if_nametoindex(record.host_ifname.as_str()).ok() == Some(record.host_ifindex)
+}
+
+impl Agent {
+    /// This node's pods as policy knows them (from the CNI records).
+    fn local_pods(&self) -> anyhow::Result<Vec<LocalPod>> {
+        Ok(self
+            .store
+            .list()
+            .context("reading the endpoint records")?
+            .into_iter()
+            .map(|spec| LocalPod {
+                ipv4: spec.pod_ipv4,
+                namespace: spec.pod_namespace.unwrap_or_else(|| "default".into()),
+                name: spec.pod_name.unwrap_or(spec.container_id),
+            })
+            .collect())
+    }
+
+    /// Bring the policy maps to the current objects and pods. A failure
+    /// is logged and counted, and retried at the next link check.
+    pub(super) fn sync_policy(&mut self) {
+        let result = self.local_pods().and_then(|local| Ok(self.policy.sync(&mut self.datapath, &local)?));
+        match result {
+            Ok(Some(report)) => {
+                self.policy_failed = false;
+                if report.written + report.removed > 0 {
+                    tracing::info!(
+                        written = report.written,
+                        removed = report.removed,
+                        "NetworkPolicy programmed"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.policy_failed = true;
+                self.errors.inc();
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "programming NetworkPolicy failed; retried in a moment"
+                );
+            }
+        }
+    }
 }

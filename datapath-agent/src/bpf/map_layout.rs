@@ -20,7 +20,7 @@ use aya_obj::generated::BPF_NOEXIST;
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, Endpoint, EndpointKey,
     FragmentKey, FragmentTranslation, ModeMismatch, MonitorConfig, NodeConfig, NodeKey, PodInterface,
-    RemoteNode, Service, ServiceKey, map_names,
+    PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, RemoteNode, Service, ServiceKey, map_names,
 };
 
 /// Copies entries from an old map into a new one (for an [`Upgrade`]: from
@@ -226,11 +226,13 @@ pub const LAYOUTS: &[MapLayout] = &[
     },
     MapLayout {
         name: map_names::CONNTRACK,
-        version: 1,
-        holds: "the live Service connections (every one of them breaks)",
+        // v2: entries of kind CT_POLICY (connections NetworkPolicy allowed)
+        // may be present; v1 entries are all valid v2 entries.
+        version: 2,
+        holds: "the live Service connections and the connections NetworkPolicy allowed (every one of them breaks)",
         entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>),
         incompatible: Refuse,
-        upgrades: &[],
+        upgrades: &[Upgrade { from_version: 1, entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>) }],
     },
     MapLayout {
         name: map_names::SERVICE_AFFINITY,
@@ -261,6 +263,38 @@ pub const LAYOUTS: &[MapLayout] = &[
         version: 1,
         holds: "recently confirmed reverse paths (each flow's next packet asks the FIB again)",
         entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::POLICY_ENDPOINTS,
+        version: 1,
+        holds: "which local pods NetworkPolicy isolates (they would be open to everything until re-synced)",
+        entries: Keyed(copy_hash::<EndpointKey, PolicyEndpoint>),
+        incompatible: Refuse,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::POLICY_PEERS,
+        version: 1,
+        holds: "the identities of policy peers (isolated pods would refuse allowed peers until re-synced)",
+        entries: Keyed(copy_lpm::<[u8; 4], PolicyPeer>),
+        incompatible: Refuse,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::POLICY_RULES,
+        version: 1,
+        holds: "the compiled NetworkPolicy rules (isolated pods would refuse allowed peers until re-synced)",
+        entries: Keyed(copy_lpm::<PolicyRuleKey, PolicyAllow>),
+        incompatible: Refuse,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::POLICY_VERDICTS,
+        version: 1,
+        holds: "NetworkPolicy verdict counters",
+        entries: Counters(add_counters::<1>),
         incompatible: StartEmpty,
         upgrades: &[],
     },

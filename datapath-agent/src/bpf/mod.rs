@@ -30,6 +30,7 @@ pub mod node_config;
 pub mod peers;
 pub mod pinned;
 pub mod pins;
+pub mod policy;
 pub mod services;
 
 pub use conntrack::{GcReport, PinnedConntrack};

@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use datapath_common::{
-    ConntrackEntry, ConntrackKey, Endpoint, EndpointTraffic, ModeMismatch, NodeConfig, NodeKey, Service,
-    ServiceKey, map_names,
+    ConntrackEntry, ConntrackKey, Endpoint, EndpointTraffic, ModeMismatch, NodeConfig, NodeKey,
+    POLICY_EGRESS, POLICY_INGRESS, Service, ServiceKey, map_names, policy_verdict_slot,
 };
 
 use crate::{
@@ -72,6 +72,34 @@ impl PinnedMaps {
     /// Every connection-tracking entry, by key.
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, DatapathError> {
         read_conntrack(&open_pinned(&self.pins, map_names::CONNTRACK)?)
+    }
+
+    /// The NetworkPolicy maps' content.
+    pub fn policy(&self) -> Result<crate::bpf::policy::PolicyMaps, DatapathError> {
+        crate::bpf::policy::read_policy_maps(
+            &open_pinned(&self.pins, map_names::POLICY_ENDPOINTS)?,
+            &open_pinned(&self.pins, map_names::POLICY_PEERS)?,
+            &open_pinned(&self.pins, map_names::POLICY_RULES)?,
+        )
+    }
+
+    /// New connections judged by policy, summed over CPUs: (direction,
+    /// verdict, count), direction "ingress" or "egress", verdict "allowed"
+    /// or "denied".
+    pub fn policy_verdicts(&self) -> Result<Vec<(&'static str, &'static str, u64)>, DatapathError> {
+        let name = map_names::POLICY_VERDICTS;
+        let map = open_pinned(&self.pins, name)?;
+        let array: aya::maps::PerCpuArray<&MapData, u64> =
+            aya::maps::PerCpuArray::try_from(&map).map_err(DatapathError::map(name))?;
+        let mut out = Vec::new();
+        for (direction, bit) in [("ingress", POLICY_INGRESS), ("egress", POLICY_EGRESS)] {
+            for (verdict, allowed) in [("allowed", true), ("denied", false)] {
+                let values =
+                    array.get(&policy_verdict_slot(bit, allowed), 0).map_err(DatapathError::map(name))?;
+                out.push((direction, verdict, values.iter().sum()));
+            }
+        }
+        Ok(out)
     }
 
     /// Peer nodes caught sending in the other routing mode, with their count.

@@ -1,5 +1,7 @@
 //! `datapath-agent inspect`: read the pinned maps (works while the agent is down).
 
+mod policy;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -41,6 +43,13 @@ pub enum InspectWhat {
     Services,
     /// Tracked Service connections: client, Service, backend, idle time.
     Conntrack,
+    /// NetworkPolicy per local pod: what it isolates, the allow rules as
+    /// compiled (peer identity and its prefixes, protocol, ports).
+    Policy {
+        /// Only this pod.
+        #[arg(long)]
+        endpoint: Option<std::net::Ipv4Addr>,
+    },
 }
 
 /// One Service port, as `inspect services --json` prints it.
@@ -333,6 +342,35 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         if r.hairpin { "yes" } else { "no" },
                     );
                 }
+            }
+        }
+        InspectWhat::Policy { endpoint } => {
+            let records = EndpointStore::open(&args.state_dir).and_then(|s| s.list()).unwrap_or_default();
+            let names = records
+                .iter()
+                .map(|r| {
+                    let name = match (&r.pod_namespace, &r.pod_name) {
+                        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+                        _ => r.container_id.clone(),
+                    };
+                    (r.pod_ipv4, name)
+                })
+                .collect();
+            let rows = policy::rows(&maps.policy()?, &names, endpoint);
+            let verdicts = maps.policy_verdicts()?;
+            if args.json {
+                let verdicts: Vec<serde_json::Value> = verdicts
+                    .iter()
+                    .map(|(d, v, n)| serde_json::json!({"direction": d, "verdict": v, "connections": n}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"endpoints": rows, "verdicts": verdicts})
+                    )?
+                );
+            } else {
+                policy::print(&rows, &verdicts);
             }
         }
         InspectWhat::Counters => {

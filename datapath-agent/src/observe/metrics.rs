@@ -3,6 +3,7 @@
 //! across agent restarts, and a scrape costs a handful of map reads.
 //!
 //! datapath_drops_total{direction,reason}  packets dropped, by program and named reason
+//! datapath_policy_verdicts_total{direction,verdict}  new connections NetworkPolicy allowed or denied
 //! datapath_forwards_total{direction,path} packets forwarded, by program and path
 //! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
 //! datapath_endpoints                local pod endpoints
@@ -148,6 +149,18 @@ impl Collector for DatapathCollector {
             )?;
             for (outcome, n) in &counters.monitor_events {
                 ConstCounter::new(*n).encode(metric.encode_family(&vec![("outcome", *outcome)])?)?;
+            }
+        }
+        if let Ok(verdicts) = maps.policy_verdicts() {
+            let mut metric = encoder.encode_descriptor(
+                "datapath_policy_verdicts",
+                "New connections of isolated pods judged by NetworkPolicy, by direction and verdict",
+                None,
+                MetricType::Counter,
+            )?;
+            for (direction, verdict, n) in verdicts {
+                let labels = vec![("direction", direction), ("verdict", verdict)];
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
         let endpoints = maps.endpoints().map(|e| e.len() as i64).unwrap_or(0);

@@ -1,4 +1,5 @@
-//! Service connections in the connection-tracking map: the view of its
+//! Service connections (and, expired by the same rule, the connections
+//! NetworkPolicy allowed) in the connection-tracking map: the view of its
 //! entries as connections (for `inspect`), the rule by which the collector
 //! expires them, and the collector's sweep.
 
@@ -10,8 +11,8 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_common::{
-    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, ConntrackEntry, ConntrackKey,
-    IPPROTO_TCP,
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, ConntrackEntry,
+    ConntrackKey, IPPROTO_TCP,
 };
 use tokio::sync::Mutex;
 
@@ -45,7 +46,8 @@ pub struct Connection {
 pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection> {
     let by_key: HashMap<ConntrackKey, ConntrackEntry> = entries.iter().copied().collect();
     let mut out = Vec::new();
-    for (key, entry) in entries {
+    // Connections NetworkPolicy allowed translate nothing: not shown here.
+    for (key, entry) in entries.iter().filter(|(_, entry)| entry.kind != CT_POLICY) {
         let pair_key = key.pair(entry);
         let pair = by_key.get(&pair_key);
         // A reply entry is shown through its forward entry when there is one.
@@ -158,7 +160,8 @@ pub fn sweep(
             continue;
         }
         removed += usize::from(map.remove(&key)?);
-        if pair.is_some() {
+        // (A CT_POLICY entry is its own pair.)
+        if pair.is_some() && pair_key != key {
             removed += usize::from(map.remove(&pair_key)?);
         }
     }

@@ -100,6 +100,12 @@ pub struct AgentConfig {
     /// backends. Applied live when the file changes.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// NetworkPolicy objects for the static source: a directory of YAML
+    /// files holding NetworkPolicy, Namespace and Pod objects (Pods for
+    /// their labels, named ports and, for other nodes' pods, addresses).
+    /// Watched while the agent runs; unset, no policy applies.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
 }
 
 /// What a config reload applies while the agent runs: the peers, the
@@ -137,6 +143,7 @@ pub struct StartupConfig {
     pub ebpf_log: EbpfLog,
     pub monitor_events_per_second: u32,
     pub conntrack_max_entries: u32,
+    pub policy_dir: Option<PathBuf>,
 }
 
 impl StartupConfig {
@@ -164,6 +171,7 @@ impl StartupConfig {
             ebpf_log,
             monitor_events_per_second,
             conntrack_max_entries,
+            policy_dir,
         } = self;
         [
             ("node_name", *node_name != other.node_name),
@@ -184,6 +192,7 @@ impl StartupConfig {
             ("ebpf_log", *ebpf_log != other.ebpf_log),
             ("monitor_events_per_second", *monitor_events_per_second != other.monitor_events_per_second),
             ("conntrack_max_entries", *conntrack_max_entries != other.conntrack_max_entries),
+            ("policy_dir", *policy_dir != other.policy_dir),
         ]
         .into_iter()
         .find_map(|(field, differs)| differs.then_some(field))
@@ -441,6 +450,7 @@ impl AgentConfig {
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
             services,
+            policy_dir,
         } = self;
         let startup = StartupConfig {
             node_name,
@@ -462,6 +472,7 @@ impl AgentConfig {
             ebpf_log,
             monitor_events_per_second,
             conntrack_max_entries,
+            policy_dir,
         };
         let live = LiveConfig {
             peers,

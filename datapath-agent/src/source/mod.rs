@@ -3,3 +3,4 @@ pub mod config;
 pub mod config_file;
 pub mod kubernetes;
 pub mod kubernetes_services;
+pub mod policy_dir;

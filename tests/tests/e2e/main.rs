@@ -14,6 +14,7 @@ mod kernel_oracle;
 mod kubernetes;
 mod manifests;
 mod map_layouts;
+mod network_policy;
 mod node_ownership;
 mod observability;
 mod packets;

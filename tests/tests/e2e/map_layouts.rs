@@ -205,8 +205,17 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
             std::fs::remove_file(&path).unwrap();
             continue;
         }
-        if name.starts_with("icmp_budget") || name.starts_with("peer_mode_mismatches") {
+        if name.starts_with("icmp_budget")
+            || name.starts_with("peer_mode_mismatches")
+            || name.starts_with("policy_")
+        {
             std::fs::remove_file(&path).unwrap();
+            continue;
+        }
+        // conntrack is at v2 now (policy entries), with v1's entry layout:
+        // its unversioned pin is converted, not renamed.
+        if name == "conntrack-v2" {
+            std::fs::rename(&path, maps_dir(&node).join("conntrack")).unwrap();
             continue;
         }
         let bare = name.strip_suffix("-v1").unwrap_or_else(|| panic!("unexpected pin {name}")).to_owned();
@@ -248,7 +257,10 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
         now.contains(&"node_config-v2".to_owned()) && !now.contains(&"node_config".to_owned()),
         "{now:?}"
     );
-    assert!(now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v2"), "{now:?}");
+    assert!(
+        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v2" || p == "conntrack-v2"),
+        "{now:?}"
+    );
     assert_eq!(node.programmed_endpoints(), endpoints_before);
     assert_eq!(node.inspect("config"), config_before, "the node's settings as before");
     let log = node.agent_log();
@@ -311,7 +323,7 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     // 1500 tracked connections in a map of 2048; the config asks for 1024.
     std::fs::create_dir_all(maps_dir(&node)).unwrap();
-    let pin = maps_dir(&node).join("conntrack-v1");
+    let pin = maps_dir(&node).join("conntrack-v2");
     let (key, value) = (size_of::<ConntrackKey>() as u32, size_of::<ConntrackEntry>() as u32);
     bpftool_create(&pin, "hash", key, value, 2048, "CONNTRACK");
     // Fresh, so the collector keeps them.
@@ -343,7 +355,7 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     let out = run_agent_to_exit(&node);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "1500 connections do not fit in 1024 entries: {stderr}");
-    for part in ["map CONNTRACK", "1024 entries", "conntrack-v1", "Raise conntrack_max_entries", "is kept"] {
+    for part in ["map CONNTRACK", "1024 entries", "conntrack-v2", "Raise conntrack_max_entries", "is kept"] {
         assert!(stderr.contains(part), "refusal lacks {part:?}:\n{stderr}");
     }
     assert_eq!(map_id(&pin), id, "the old map is kept");
@@ -378,7 +390,7 @@ fn growing_conntrack_keeps_service_connections_without_a_lost_packet() {
     a.stop_agent();
     a.set_extra_config(&format!("conntrack_max_entries = 4096\n{}", web_service(&[local.ip])));
     a.start_agent();
-    let conntrack = maps_dir(&a).join("conntrack-v1");
+    let conntrack = maps_dir(&a).join("conntrack-v2");
     assert_eq!(max_entries(&conntrack), 4096);
     let stream = Stream::start_via(&local.netns, (local.ip, WEB_PORT), &client.netns, Some((WEB_VIP, 80)));
     let deadline = Instant::now() + Duration::from_secs(5);

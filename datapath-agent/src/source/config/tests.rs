@@ -210,7 +210,7 @@ type FieldChange = (&'static str, fn(&mut AgentConfig));
 #[test]
 fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
     let base = AgentConfig::parse(GOOD).unwrap();
-    let startup: [FieldChange; 19] = [
+    let startup: [FieldChange; 20] = [
         ("node_name", |c| c.node_name.push('x')),
         ("pod_cidr", |c| c.pod_cidr = "10.244.2.0/24".parse().unwrap()),
         ("uplink_interface", |c| c.uplink_interface.push('x')),
@@ -230,6 +230,7 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         ("ebpf_log", |c| c.ebpf_log = EbpfLog::Debug),
         ("monitor_events_per_second", |c| c.monitor_events_per_second += 1),
         ("conntrack_max_entries", |c| c.conntrack_max_entries *= 2),
+        ("policy_dir", |c| c.policy_dir = Some("/etc/datapath/policy".into())),
     ];
     for (field, change) in startup {
         let mut changed = base.clone();

@@ -1,0 +1,314 @@
+//! NetworkPolicy: a new connection of an isolated local pod is judged by
+//! the rules the agent compiled for it; an allowed one gets a [`CT_POLICY`]
+//! entry in the connection-tracking map (shared with the Services), so its
+//! later packets and its replies pass without being judged again.
+//!
+//! Judging costs the same whatever the number of policies and rules: the
+//! peer's address gives its identity (`POLICY_PEERS`, one LPM lookup), and
+//! (endpoint, identity, direction, protocol, port) is one LPM lookup in
+//! `POLICY_RULES`, whose prefixes cover "any protocol", "any port" and
+//! port ranges. Egress is judged where the packet leaves the sending pod
+//! ("from pod"); ingress where it enters the receiving pod's node, so each
+//! node decides only for its own pods. docs/policy.md has the design.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
+use datapath_common::{
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_POLICY, ConntrackEntry, ConntrackKey, DropReason,
+    EndpointKey, HAIRPIN_IPV4, IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    NodeConfig, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey, policy_verdict_slot,
+};
+
+use crate::{
+    headers::{ETH_HLEN, same_ipv4},
+    icmp::{
+        ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_ECHO_REPLY, ICMP_PARAMETER_PROBLEM, ICMP_SOURCE_QUENCH,
+        ICMP_TIME_EXCEEDED, IcmpError,
+    },
+    maps::{CONNTRACK, POLICY_ENDPOINTS, POLICY_PEERS, POLICY_RULES, POLICY_VERDICTS},
+    packet::Ipv4Headers,
+    verdict::{Back, Verdict},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Where the TCP flags sit in the TCP header.
+const TCP_FLAGS: usize = 13;
+/// Where an ICMP error quotes the packet it is about.
+const ICMP_QUOTE: usize = 8;
+
+/// What policy needs of a packet: its connection's 5-tuple as it travels
+/// between the pods, and what kind of packet it is.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub key: ConntrackKey,
+    /// Opens a connection (TCP SYN, UDP, SCTP, ICMP echo request): a
+    /// refusal is answered, so the client fails at once.
+    opens: bool,
+    /// TCP FIN or RST: the connection's entry is closing.
+    closes: bool,
+    /// An ICMP error: it belongs to the connection it quotes (`key` is
+    /// the quoted packet's 5-tuple).
+    error: bool,
+    /// The packet's own source and destination (for an ICMP error they
+    /// are not `key`'s).
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+impl Flow {
+    /// The flow of an IPv4 packet; `None` for a later fragment (no L4
+    /// header: it follows its first fragment, which was judged) and for a
+    /// header that cannot be read.
+    #[inline(always)]
+    pub fn of(headers: &Ipv4Headers<'_>) -> Option<Flow> {
+        let ip = headers.ip();
+        if ip.frag_off() & IP_OFFSET_MASK != 0 {
+            return None;
+        }
+        let l4 = ETH_HLEN + (ip.version_ihl & 0x0f) as usize * 4;
+        let packet = headers.packet();
+        let mut key = ConntrackKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: [0; 2],
+            dport: [0; 2],
+            protocol: ip.protocol,
+            _pad: [0; 3],
+        };
+        let (mut opens, mut closes, mut error) = (false, false, false);
+        match ip.protocol {
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+                let ports: [u8; 4] = packet.load(l4)?;
+                key.sport = [ports[0], ports[1]];
+                key.dport = [ports[2], ports[3]];
+                if ip.protocol == IPPROTO_TCP {
+                    let flags: u8 = packet.load(l4 + TCP_FLAGS)?;
+                    opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                    closes = flags & (TCP_FIN | TCP_RST) != 0;
+                } else {
+                    opens = true;
+                }
+            }
+            IPPROTO_ICMP => {
+                let icmp: [u8; 8] = packet.load(l4)?;
+                let id = [icmp[4], icmp[5]];
+                match icmp[0] {
+                    // An echo is tracked by its id: the request as the
+                    // source port, the reply as the destination port.
+                    ICMP_ECHO => {
+                        key.sport = id;
+                        opens = true;
+                    }
+                    ICMP_ECHO_REPLY => key.dport = id,
+                    ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
+                        key = quoted(headers, l4 + ICMP_QUOTE)?;
+                        error = true;
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        Some(Flow { key, opens, closes, error, saddr: ip.saddr, daddr: ip.daddr })
+    }
+}
+
+/// The 5-tuple of the packet an ICMP error quotes (at `at`), as that
+/// packet's sender sent it.
+#[inline(always)]
+fn quoted(headers: &Ipv4Headers<'_>, at: usize) -> Option<ConntrackKey> {
+    let packet = headers.packet();
+    let ip: [u8; 20] = packet.load(at)?;
+    let protocol = ip[9];
+    let mut key = ConntrackKey {
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [0; 2],
+        dport: [0; 2],
+        protocol,
+        _pad: [0; 3],
+    };
+    let l4 = at + (ip[0] & 0x0f) as usize * 4;
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: [u8; 4] = packet.load(l4)?;
+            key.sport = [ports[0], ports[1]];
+            key.dport = [ports[2], ports[3]];
+        }
+        IPPROTO_ICMP => {
+            let icmp: [u8; 8] = packet.load(l4)?;
+            if icmp[0] == ICMP_ECHO {
+                key.sport = [icmp[4], icmp[5]];
+            } else if icmp[0] == ICMP_ECHO_REPLY {
+                key.dport = [icmp[4], icmp[5]];
+            }
+        }
+        _ => {}
+    }
+    Some(key)
+}
+
+/// A packet policy refused.
+#[derive(Clone, Copy)]
+pub struct Refusal {
+    pub reason: DropReason,
+    /// Answer with ICMP administratively prohibited (it opens a connection).
+    pub answer: bool,
+}
+
+impl Refusal {
+    /// The verdict: answered from `source` (the destination the sender
+    /// addressed) the way the packet came, or dropped.
+    #[inline(always)]
+    pub fn verdict(self, source: [u8; 4], back: Back) -> Result<Verdict, DropReason> {
+        if !self.answer {
+            return Err(self.reason);
+        }
+        Ok(Verdict::Answer { reason: self.reason, error: IcmpError::AdminProhibited, source, back })
+    }
+}
+
+/// Judge `flow` for the local pods taking part: `sender` (the sending pod,
+/// known only to "from pod") for egress, the pod at the flow's destination
+/// (if it is local: only local pods have isolation entries) for ingress.
+/// Call only with `NODE_FLAG_POLICY` set.
+#[inline(always)]
+pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
+    let key = &flow.key;
+    // A pod reaching itself (through a Service: the hairpin address) is
+    // never judged, and neither is traffic to or from the pod's own node.
+    let (saddr, daddr) = (flow.saddr, flow.daddr);
+    if same_ipv4(saddr, daddr) || same_ipv4(saddr, HAIRPIN_IPV4) || same_ipv4(daddr, HAIRPIN_IPV4) {
+        return Ok(());
+    }
+    // What each local party is isolated in: a connection is tracked when
+    // either is isolated in any direction, so that its replies, which
+    // that party's other direction judges, pass.
+    let sender_isolation = match sender {
+        Some(sender) => isolation(sender),
+        None => 0,
+    };
+    let receiver_isolation = isolation(daddr);
+    if sender_isolation == 0 && receiver_isolation == 0 {
+        return Ok(());
+    }
+    let egress = if same_ipv4(daddr, config.node_ipv4) { 0 } else { sender_isolation & POLICY_EGRESS };
+    let ingress = if same_ipv4(saddr, config.node_ipv4) { 0 } else { receiver_isolation & POLICY_INGRESS };
+    if tracked(flow) {
+        return Ok(());
+    }
+    if flow.error {
+        // An error about a packet its receiver sent, from where it was
+        // sent to (how a refused connection fails at once), or about a
+        // connection policy allowed (above); no other.
+        if (egress == 0 && ingress == 0) || (same_ipv4(key.saddr, daddr) && same_ipv4(key.daddr, saddr)) {
+            return Ok(());
+        }
+        let reason =
+            if egress != 0 { DropReason::PolicyDeniedEgress } else { DropReason::PolicyDeniedIngress };
+        return Err(Refusal { reason, answer: false });
+    }
+    if egress != 0 {
+        let allowed = allows(sender.unwrap_or_default(), POLICY_EGRESS, key.daddr, key);
+        count(POLICY_EGRESS, allowed);
+        if !allowed {
+            return Err(Refusal { reason: DropReason::PolicyDeniedEgress, answer: flow.opens });
+        }
+    }
+    if ingress != 0 {
+        let allowed = allows(key.daddr, POLICY_INGRESS, key.saddr, key);
+        count(POLICY_INGRESS, allowed);
+        if !allowed {
+            return Err(Refusal { reason: DropReason::PolicyDeniedIngress, answer: flow.opens });
+        }
+    }
+    track(flow);
+    Ok(())
+}
+
+/// The directions NetworkPolicy isolates the local pod at `ipv4` in.
+#[inline(always)]
+fn isolation(ipv4: [u8; 4]) -> u32 {
+    // SAFETY: copied out at once.
+    unsafe { POLICY_ENDPOINTS.get(EndpointKey { ipv4 }) }.map_or(0, |e| e.flags)
+}
+
+/// Does a rule of `endpoint` allow this connection with `peer`?
+#[inline(always)]
+fn allows(endpoint: [u8; 4], direction: u32, peer: [u8; 4], key: &ConntrackKey) -> bool {
+    let identity = POLICY_PEERS.get(&Key { prefix_len: 32, data: peer }).map_or(0, |p| p.identity);
+    let rule = PolicyRuleKey {
+        endpoint,
+        identity: identity.to_be_bytes(),
+        direction: direction as u8,
+        protocol: key.protocol,
+        port: key.dport,
+    };
+    POLICY_RULES.get(&Key { prefix_len: POLICY_PREFIX_FULL, data: rule }).is_some()
+}
+
+/// Does this packet belong to a connection policy allowed: its own key
+/// (a later packet of it), the key reversed (a reply)? An ICMP error
+/// belongs to the connection of the packet it quotes.
+#[inline(always)]
+fn tracked(flow: &Flow) -> bool {
+    let key = flow.key;
+    let reversed = ConntrackKey {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    // (An echo request is keyed with its id as the source port, its reply
+    // with it as the destination port: reversed like ports.)
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    for candidate in [key, reversed] {
+        if let Some(entry) = CONNTRACK.get_ptr_mut(candidate) {
+            // SAFETY: a live entry; a racing update of these fields is harmless.
+            unsafe {
+                if (*entry).kind != CT_POLICY {
+                    continue;
+                }
+                if flow.error {
+                    return true;
+                }
+                if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
+                    (*entry).last_seen_ns = now;
+                }
+                if flow.closes && (*entry).flags & CT_CLOSING == 0 {
+                    (*entry).flags |= CT_CLOSING;
+                }
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// Remember an allowed connection. A full map still lets this packet
+/// through; its replies are judged as new packets then.
+#[inline(always)]
+fn track(flow: &Flow) {
+    // SAFETY: plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let entry = ConntrackEntry {
+        kind: CT_POLICY,
+        flags: if flow.closes { CT_CLOSING } else { 0 },
+        last_seen_ns: now,
+        ..ConntrackEntry::default()
+    };
+    let _ = CONNTRACK.insert(flow.key, entry, BPF_NOEXIST as u64);
+}
+
+#[inline(always)]
+fn count(direction: u32, allowed: bool) {
+    if let Some(slot) = POLICY_VERDICTS.get_ptr_mut(policy_verdict_slot(direction, allowed)) {
+        // SAFETY: a per-CPU slot: no other writer.
+        unsafe { *slot += 1 };
+    }
+}
