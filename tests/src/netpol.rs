@@ -27,6 +27,9 @@ use crate::{
 /// cross-node pairs.
 const ON_FIRST_NODE: [&str; 5] = ["x/a", "x/c", "y/b", "z/a", "z/c"];
 
+/// Labels as written into an object: (key, value) pairs.
+type Labels = Vec<(String, String)>;
+
 /// A truth table: `[from][to]`, pods in [`PODS`] order.
 pub type Table = [[bool; 9]; 9];
 
@@ -34,8 +37,13 @@ pub type Table = [[bool; 9]; 9];
 /// before their nodes, the nodes before the fabric.
 pub struct PolicyLab {
     _servers: Servers,
+    extra_servers: Vec<Servers>,
     /// The model's pods, in [`PODS`] order.
     pub pods: Vec<Pod>,
+    /// Pods added after the model's: ("ns/name", pod, labels).
+    extra_pods: Vec<(String, Pod, Labels)>,
+    /// Container port numbers changed from the model's: (pod, port name) -> port.
+    port_overrides: BTreeMap<(String, String), u16>,
     pub nodes: (Node, Node),
     pub dir: PathBuf,
     namespace_labels: BTreeMap<String, Vec<(String, String)>>,
@@ -66,6 +74,9 @@ impl PolicyLab {
             .collect();
         let servers = Servers::start(&pods);
         let mut lab = PolicyLab {
+            extra_servers: Vec::new(),
+            extra_pods: Vec::new(),
+            port_overrides: BTreeMap::new(),
             nodes: (a, b),
             pods,
             dir,
@@ -80,7 +91,42 @@ impl PolicyLab {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        &self.pods[index(name)]
+        match PODS.iter().position(|p| *p == name) {
+            Some(i) => &self.pods[i],
+            None => {
+                &self
+                    .extra_pods
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .unwrap_or_else(|| panic!("no pod {name}"))
+                    .1
+            }
+        }
+    }
+
+    /// A pod made later (CNI ADD on node 0 or 1), serving like the model's,
+    /// with a Pod object carrying `labels`.
+    pub fn add_pod(&mut self, node: usize, name: &str, labels: &[(&str, &str)]) -> &Pod {
+        let (namespace, pod_name) = name.split_once('/').unwrap();
+        let on = if node == 0 { &self.nodes.0 } else { &self.nodes.1 };
+        let pod = on.add_pod_as(&format!("{namespace}{pod_name}"), namespace, pod_name);
+        self.extra_servers.push(Servers::start(std::slice::from_ref(&pod)));
+        self.extra_pods.push((name.to_owned(), pod, owned(labels)));
+        self.write();
+        &self.extra_pods.last().unwrap().1
+    }
+
+    /// Change the number of a pod's named container port (its Pod object).
+    pub fn set_container_port(&mut self, pod: &str, name: &str, port: u16) {
+        self.port_overrides.insert((pod.to_owned(), name.to_owned()), port);
+        self.write();
+    }
+
+    /// Extra config lines for both agents (e.g. `[[services]]`), applied live.
+    pub fn set_agent_config(&mut self, lines: &str) {
+        let policy_dir = format!("policy_dir = \"{}\"\n", self.dir.display());
+        self.nodes.0.set_extra_config(&format!("{policy_dir}{lines}"));
+        self.nodes.1.set_extra_config(&format!("{policy_dir}{lines}"));
     }
 
     /// Back to the initial state: initial labels, no policies.
@@ -150,15 +196,24 @@ impl PolicyLab {
             ));
         }
         let mut pods = String::new();
-        for (name, pod) in PODS.iter().zip(&self.pods) {
+        let model =
+            PODS.iter().zip(&self.pods).map(|(name, pod)| (name.to_string(), pod, &self.pod_labels[*name]));
+        let extra = self.extra_pods.iter().map(|(name, pod, labels)| (name.clone(), pod, labels));
+        for (name, pod, labels) in model.chain(extra) {
             let (namespace, pod_name) = name.split_once('/').unwrap();
             let ports: Vec<serde_json::Value> = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
                 .iter()
                 .flat_map(|protocol| {
                     [80u16, 81].map(|port| {
+                        let port_name = container_port_name(*protocol, port);
+                        let number = self
+                            .port_overrides
+                            .get(&(name.clone(), port_name.clone()))
+                            .copied()
+                            .unwrap_or(port);
                         serde_json::json!({
-                            "name": container_port_name(*protocol, port),
-                            "containerPort": port,
+                            "name": port_name,
+                            "containerPort": number,
                             "protocol": protocol.api_name(),
                         })
                     })
@@ -166,7 +221,7 @@ impl PolicyLab {
                 .collect();
             pods.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  namespace: {namespace}\n  name: {pod_name}\n  labels: {}\nspec:\n  containers: [{{name: cont, ports: {}}}]\nstatus:\n  podIP: {}\n",
-                json_labels(&self.pod_labels[*name]),
+                json_labels(labels),
                 serde_json::Value::Array(ports),
                 pod.ip
             ));
