@@ -45,7 +45,7 @@ pub fn too_big_for_pod(
         Fit::Fits => None,
         Fit::TooBig { mtu, df: true } => Some(Verdict::Answer {
             reason: DropReason::PacketTooBig,
-            error: IcmpError::FragmentationNeeded { mtu: mtu as u16 },
+            error: IcmpError::fragmentation_needed(mtu as u16),
             source: config.node_ipv4,
             back,
         }),

@@ -5,7 +5,7 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
+use datapath_common::{ConntrackKey, Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{deliver, too_big_for_pod},
@@ -68,7 +68,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         if headers.ip().ttl_expires() {
             return Ok(Verdict::Answer {
                 reason: DropReason::TtlExceeded,
-                error: IcmpError::TimeExceeded,
+                error: IcmpError::TIME_EXCEEDED,
                 source: config.node_ipv4,
                 back,
             });
@@ -83,8 +83,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // owns): the source becomes the Service; the destination stays.
         let policy_on = config.flags & NODE_FLAG_POLICY != 0;
         // A backend's reply is judged with the addresses it travelled with.
-        let before = if policy_on { Flow::of(&headers) } else { None };
-        let mut reply = false;
+        let mut reply = ConntrackKey::default();
         if config.flags & NODE_FLAG_SERVICES != 0 {
             headers = match translate(headers, false)? {
                 Translation::Forward(headers, was_reply) => {
@@ -97,7 +96,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         }
         // Ingress of the local pod: each node judges for its own pods.
         if policy_on
-            && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+            && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
             && let Err(refusal) = policy::enforce(&flow, None, &config)
         {
             return refusal.verdict(daddr, back);

@@ -8,7 +8,9 @@
 //! hands everything else to the host stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
+use datapath_common::{
+    ConntrackKey, Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
+};
 
 use crate::{
     arp::{self, ArpOutcome},
@@ -83,15 +85,14 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
         }
         return Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,
-            error: IcmpError::TimeExceeded,
+            error: IcmpError::TIME_EXCEEDED,
             source: config.node_ipv4,
             back,
         });
     }
     let policy_on = config.flags & NODE_FLAG_POLICY != 0;
     // A backend's reply is judged with the addresses it left the pod with.
-    let before = if policy_on { Flow::of(&headers) } else { None };
-    let mut reply = false;
+    let mut reply = ConntrackKey::default();
     if config.flags & NODE_FLAG_SERVICES != 0 {
         let service = headers.ip().daddr;
         headers = match translate(headers, true)? {
@@ -103,7 +104,7 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
                 // From the Service address the client asked for.
                 return Ok(Verdict::Answer {
                     reason,
-                    error: IcmpError::PortUnreachable,
+                    error: IcmpError::PORT_UNREACHABLE,
                     source: service,
                     back,
                 });
@@ -113,7 +114,7 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
     let daddr = headers.ip().daddr;
     // After the Service translation: policy is about the backend pod.
     if policy_on
-        && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+        && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
         && let Err(refusal) = policy::enforce(&flow, Some(pod_ipv4), &config)
     {
         return refusal.verdict(daddr, back);

@@ -8,8 +8,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
-    NodeConfig, NodeKey, RoutingMode,
+    ConntrackKey, Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY,
+    NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode,
 };
 
 use crate::{
@@ -82,7 +82,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     if headers.ip().ttl_expires() {
         return Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,
-            error: IcmpError::TimeExceeded,
+            error: IcmpError::TIME_EXCEEDED,
             source: config.node_ipv4,
             back,
         });
@@ -94,8 +94,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     // source becomes the Service again; the destination stays the pod.
     let policy_on = config.flags & NODE_FLAG_POLICY != 0;
     // A backend's reply is judged with the addresses it travelled with.
-    let before = if policy_on { Flow::of(&headers) } else { None };
-    let mut reply = false;
+    let mut reply = ConntrackKey::default();
     if config.flags & NODE_FLAG_SERVICES != 0 {
         headers = match translate(headers, false)? {
             Translation::Forward(headers, was_reply) => {
@@ -108,7 +107,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     // Ingress of the local pod: each node judges for its own pods.
     if policy_on
-        && let Some(flow) = if reply { before } else { Flow::of(&headers) }
+        && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
         && let Err(refusal) = policy::enforce(&flow, None, &config)
     {
         return refusal.verdict(daddr, back);

@@ -86,40 +86,45 @@ mod at {
     pub(super) const QUOTED_PAYLOAD: usize = QUOTED_IP + IPV4_MIN_HLEN;
 }
 
-/// Which error to send.
-#[derive(Clone, Copy)]
-pub enum IcmpError {
-    /// TTL exceeded in transit.
-    TimeExceeded,
-    /// Destination port unreachable.
-    PortUnreachable,
-    /// Fragmentation needed and DF set, with the next hop's MTU (RFC 1191).
-    FragmentationNeeded { mtu: u16 },
-    /// Communication administratively prohibited (NetworkPolicy).
-    AdminProhibited,
+/// Which error to send: its type and code, and the next-hop MTU of a
+/// fragmentation needed (RFC 1191), 0 otherwise. A plain struct, every
+/// field always set: an enum with data leaves its other variants' bytes
+/// undefined, which LLVM may read into a register the verifier then
+/// refuses as uninitialised.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct IcmpError {
+    icmp_type: u8,
+    code: u8,
+    mtu: u16,
 }
 
 impl IcmpError {
+    /// TTL exceeded in transit.
+    pub const TIME_EXCEEDED: IcmpError =
+        IcmpError { icmp_type: ICMP_TIME_EXCEEDED, code: ICMP_EXC_TTL, mtu: 0 };
+    /// Destination port unreachable.
+    pub const PORT_UNREACHABLE: IcmpError =
+        IcmpError { icmp_type: ICMP_DEST_UNREACH, code: ICMP_PORT_UNREACH, mtu: 0 };
+    /// Communication administratively prohibited (NetworkPolicy).
+    pub const ADMIN_PROHIBITED: IcmpError =
+        IcmpError { icmp_type: ICMP_DEST_UNREACH, code: ICMP_PKT_FILTERED, mtu: 0 };
+
+    /// Fragmentation needed and DF set, with the next hop's MTU.
+    #[inline(always)]
+    pub const fn fragmentation_needed(mtu: u16) -> IcmpError {
+        IcmpError { icmp_type: ICMP_DEST_UNREACH, code: ICMP_FRAG_NEEDED, mtu }
+    }
+
     #[inline(always)]
     const fn type_code(self) -> (u8, u8) {
-        match self {
-            IcmpError::TimeExceeded => (ICMP_TIME_EXCEEDED, ICMP_EXC_TTL),
-            IcmpError::PortUnreachable => (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
-            IcmpError::FragmentationNeeded { .. } => (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
-            IcmpError::AdminProhibited => (ICMP_DEST_UNREACH, ICMP_PKT_FILTERED),
-        }
+        (self.icmp_type, self.code)
     }
 
     /// The second word of the ICMP header: the next-hop MTU, or unused.
     #[inline(always)]
     const fn rest_of_header(self) -> [u8; 4] {
-        match self {
-            IcmpError::FragmentationNeeded { mtu } => {
-                let mtu = mtu.to_be_bytes();
-                [0, 0, mtu[0], mtu[1]]
-            }
-            _ => [0; 4],
-        }
+        let mtu = self.mtu.to_be_bytes();
+        [0, 0, mtu[0], mtu[1]]
     }
 }
 
@@ -230,7 +235,7 @@ mod tests {
         let sent = original(udp_header(36), UDP);
         let node = [192, 0, 2, 1];
         let mut space = MaybeUninit::uninit();
-        let reply = IcmpReply::make(&mut space, &sent, IcmpError::FragmentationNeeded { mtu: 1400 }, node);
+        let reply = IcmpReply::make(&mut space, &sent, IcmpError::fragmentation_needed(1400), node);
         let bytes = &reply.0;
         // Ethernet back where it came from.
         assert_eq!(&bytes[0..6], &sent.eth.src);
@@ -256,7 +261,8 @@ mod tests {
     #[test]
     fn type_and_code_of_each_error() {
         let sent = original(udp_header(36), UDP);
-        for (error, type_code) in [(IcmpError::TimeExceeded, [11, 0]), (IcmpError::PortUnreachable, [3, 3])] {
+        for (error, type_code) in [(IcmpError::TIME_EXCEEDED, [11, 0]), (IcmpError::PORT_UNREACHABLE, [3, 3])]
+        {
             let mut space = MaybeUninit::uninit();
             let reply = IcmpReply::make(&mut space, &sent, error, [192, 0, 2, 1]);
             assert_eq!(reply.0[34..36], type_code);

@@ -40,7 +40,7 @@ const ICMP_QUOTE: usize = 8;
 
 /// What policy needs of a packet: its connection's 5-tuple as it travels
 /// between the pods, and what kind of packet it is.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Flow {
     pub key: ConntrackKey,
     /// Opens a connection (TCP SYN, UDP, SCTP, ICMP echo request): a
@@ -58,11 +58,45 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// This flow as its packet was before a Service translation rewrote
+    /// it: a backend's reply is judged with the addresses and ports it
+    /// travelled between the pods with. `key` all zero: no translation.
+    #[inline(always)]
+    pub fn before_translation(mut self, key: ConntrackKey) -> Flow {
+        if key.protocol == 0 {
+            return self;
+        }
+        self.key = key;
+        self.saddr = key.saddr;
+        self.daddr = key.daddr;
+        self
+    }
+
     /// The flow of an IPv4 packet; `None` for a later fragment (no L4
     /// header: it follows its first fragment, which was judged) and for a
     /// header that cannot be read.
     #[inline(always)]
     pub fn of(headers: &Ipv4Headers<'_>) -> Option<Flow> {
+        let mut flow = Flow::default();
+        (read_flow(headers, &mut flow) != 0).then_some(flow)
+    }
+}
+
+/// [`Flow::of`]'s work, into `out`; 1 if there is a flow.
+#[inline(always)]
+fn read_flow(headers: &Ipv4Headers<'_>, out: &mut Flow) -> u32 {
+    match Flow::read(headers) {
+        Some(flow) => {
+            *out = flow;
+            1
+        }
+        None => 0,
+    }
+}
+
+impl Flow {
+    #[inline(always)]
+    fn read(headers: &Ipv4Headers<'_>) -> Option<Flow> {
         let ip = headers.ip();
         if ip.frag_off() & IP_OFFSET_MASK != 0 {
             return None;
@@ -79,20 +113,24 @@ impl Flow {
         };
         let (mut opens, mut closes, mut error) = (false, false, false);
         match ip.protocol {
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-                let ports: [u8; 4] = packet.load(l4)?;
+            IPPROTO_TCP => {
+                // Direct access where the header is in the linear data (a
+                // helper call otherwise).
+                let tcp: [u8; TCP_FLAGS + 1] = packet.read(l4).or_else(|| packet.load(l4))?;
+                key.sport = [tcp[0], tcp[1]];
+                key.dport = [tcp[2], tcp[3]];
+                let flags = tcp[TCP_FLAGS];
+                opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                closes = flags & (TCP_FIN | TCP_RST) != 0;
+            }
+            IPPROTO_UDP | IPPROTO_SCTP => {
+                let ports: [u8; 4] = packet.read(l4).or_else(|| packet.load(l4))?;
                 key.sport = [ports[0], ports[1]];
                 key.dport = [ports[2], ports[3]];
-                if ip.protocol == IPPROTO_TCP {
-                    let flags: u8 = packet.load(l4 + TCP_FLAGS)?;
-                    opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                    closes = flags & (TCP_FIN | TCP_RST) != 0;
-                } else {
-                    opens = true;
-                }
+                opens = true;
             }
             IPPROTO_ICMP => {
-                let icmp: [u8; 8] = packet.load(l4)?;
+                let icmp: [u8; 8] = packet.read(l4).or_else(|| packet.load(l4))?;
                 let id = [icmp[4], icmp[5]];
                 match icmp[0] {
                     // An echo is tracked by its id: the request as the
@@ -166,7 +204,7 @@ impl Refusal {
         if !self.answer {
             return Err(self.reason);
         }
-        Ok(Verdict::Answer { reason: self.reason, error: IcmpError::AdminProhibited, source, back })
+        Ok(Verdict::Answer { reason: self.reason, error: IcmpError::ADMIN_PROHIBITED, source, back })
     }
 }
 
@@ -176,6 +214,35 @@ impl Refusal {
 /// Call only with `NODE_FLAG_POLICY` set.
 #[inline(always)]
 pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
+    let code = judge(flow, sender.map_or(0, u32::from_ne_bytes), config);
+    if code == 0 {
+        return Ok(());
+    }
+    let reason = if code & 0xff == DropReason::PolicyDeniedEgress as u32 {
+        DropReason::PolicyDeniedEgress
+    } else {
+        DropReason::PolicyDeniedIngress
+    };
+    Err(Refusal { reason, answer: code & ANSWER != 0 })
+}
+
+/// In [`judge`]'s result: answer the refusal.
+const ANSWER: u32 = 0x100;
+
+/// [`enforce`]'s work: 0 to let the packet through, else the drop reason,
+/// with [`ANSWER`] to answer it. `sender` is the sending pod's address
+/// (0: not a local pod).
+#[inline(always)]
+fn judge(flow: &Flow, sender: u32, config: &NodeConfig) -> u32 {
+    let sender = (sender != 0).then(|| sender.to_ne_bytes());
+    match decide(flow, sender, config) {
+        Ok(()) => 0,
+        Err(refusal) => refusal.reason as u32 | if refusal.answer { ANSWER } else { 0 },
+    }
+}
+
+#[inline(always)]
+fn decide(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
     let key = &flow.key;
     // A pod reaching itself (through a Service: the hairpin address) is
     // never judged, and neither is traffic to or from the pod's own node.

@@ -45,10 +45,12 @@ const IP_DADDR: usize = ETH_HLEN + core::mem::offset_of!(Ipv4Hdr, daddr);
 /// What [`translate`] made of a packet.
 pub enum Translation<'a> {
     /// Forward it, translated if it belongs to a Service connection: its
-    /// headers, taken again if they were rewritten; `reply` if it was a
-    /// backend's reply (its addresses before the translation are the ones
-    /// it travelled between the pods with).
-    Forward(Ipv4Headers<'a>, bool),
+    /// headers, taken again if they were rewritten; for a backend's reply,
+    /// its 5-tuple before the translation (the one it travelled between
+    /// the pods with), else an all-zero key (protocol 0). Not an `Option`:
+    /// LLVM leaves a `None`'s payload undefined, and the verifier refuses
+    /// the program that copies it.
+    Forward(Ipv4Headers<'a>, ConntrackKey),
     /// A new connection the Service cannot take: refuse it.
     Refuse(DropReason),
 }
@@ -68,7 +70,7 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     let ip = headers.ip();
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return Ok(Translation::Forward(headers, false));
+        return Ok(Translation::Forward(headers, ConntrackKey::default()));
     }
     let frag_off = ip.frag_off();
     let datagram = FragmentKey { saddr, daddr, id: ip.id, protocol, _pad: 0 };
@@ -79,7 +81,7 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     // A first fragment: remember its translation for the later ones.
     let fragments = (frag_off & IP_MF != 0).then_some(&datagram);
     let Some(ports) = ports(headers.packet(), ip.version_ihl) else {
-        return Ok(Translation::Forward(headers, false));
+        return Ok(Translation::Forward(headers, ConntrackKey::default()));
     };
     let key = ConntrackKey { saddr, daddr, sport: ports.sport, dport: ports.dport, protocol, _pad: [0; 3] };
     // SAFETY: plain helper without arguments.
@@ -106,12 +108,12 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
         return apply(headers, &key, &entry_copy, &ports, fragments);
     }
     if !may_open {
-        return Ok(Translation::Forward(headers, false));
+        return Ok(Translation::Forward(headers, ConntrackKey::default()));
     }
     let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(service) = (unsafe { SERVICES.get(service_key) }).copied() else {
-        return Ok(Translation::Forward(headers, false));
+        return Ok(Translation::Forward(headers, ConntrackKey::default()));
     };
     if service.backend_count == 0 {
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
@@ -198,7 +200,8 @@ fn apply<'a>(
         // Full (LRU): the oldest datagram's record goes, not this one.
         let _ = SERVICE_FRAGMENTS.insert(*datagram, FragmentTranslation { saddr, daddr }, 0);
     }
-    Ok(Translation::Forward(packet.ipv4()?, entry.kind == CT_REPLY))
+    let reply = if entry.kind == CT_REPLY { *key } else { ConntrackKey::default() };
+    Ok(Translation::Forward(packet.ipv4()?, reply))
 }
 
 /// A later fragment: the addresses its datagram's first fragment got (no
@@ -213,7 +216,7 @@ fn later_fragment<'a>(
 ) -> Result<Translation<'a>, DropReason> {
     // SAFETY: copied out at once.
     let Some(new) = (unsafe { SERVICE_FRAGMENTS.get(*datagram) }).copied() else {
-        return Ok(Translation::Forward(headers, false));
+        return Ok(Translation::Forward(headers, ConntrackKey::default()));
     };
     if last {
         let _ = SERVICE_FRAGMENTS.remove(*datagram);
@@ -221,7 +224,7 @@ fn later_fragment<'a>(
     let packet = headers.into_packet();
     set_ip_addr(packet, IP_SADDR, datagram.saddr, new.saddr)?;
     set_ip_addr(packet, IP_DADDR, datagram.daddr, new.daddr)?;
-    Ok(Translation::Forward(packet.ipv4()?, false))
+    Ok(Translation::Forward(packet.ipv4()?, ConntrackKey::default()))
 }
 
 /// Rewrite an address in the IPv4 header and its checksum (alone, for a

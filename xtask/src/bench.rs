@@ -43,7 +43,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Which comparison to run.
-    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "services", "all"])]
+    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "services", "policy", "all"])]
     pub suite: String,
     /// One short repeat of everything, so the benchmark cannot rot (part of
     /// `cargo xtask test`); its figures mean nothing.
@@ -715,6 +715,95 @@ pub(crate) fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
             "remote_cidrs": c.remote_cidrs,
             "program_seconds": c.program_time.as_secs_f64(),
             "rss_growth_at_scale_kib": c.rss_at_scale_kib,
+        }));
+    }
+    if wants("policy") {
+        let rounds = if args.smoke { 1 } else { args.repeats.max(3) * 5 };
+        let count = if args.smoke { 10_000 } else { 200_000 };
+        let paths = crate::bench_extra::policy_paths(count, rounds)?;
+        println!("\npolicy: ns/packet (BPF_PROG_TEST_RUN, CPU pinned, {rounds} rounds of {count} packets)");
+        println!(
+            "{:<44} {:>7} {:>7} {:>7}   {:>7} {:>7} {:>7}",
+            "path", "min", "median", "max", "net min", "median", "max"
+        );
+        for p in &paths {
+            println!(
+                "{:<44} {:>7.1} {:>7.1} {:>7.1}   {:>7.1} {:>7.1} {:>7.1}",
+                p.name, p.raw.min, p.raw.median, p.raw.max, p.net.min, p.net.median, p.net.max
+            );
+        }
+        let median =
+            |name: &str| paths.iter().find(|p| p.name == name).map(|p| p.net.median).unwrap_or(f64::NAN);
+        targets.push(crate::bench_extra::Target {
+            what: "policy: tracked connection, ns/packet over no policy".into(),
+            value: median("local delivery, policy, tracked") - median("local delivery, no policy"),
+            at_least: false,
+            target: 15.0,
+        });
+        for rules in ["1k", "10k"] {
+            targets.push(crate::bench_extra::Target {
+                what: format!("policy: judging a new connection, {rules} rules / 10 rules"),
+                value: median(&format!("new connection judged, {rules} rules"))
+                    / median("new connection judged, 10 rules"),
+                at_least: false,
+                target: 1.2,
+            });
+        }
+        let (pods, policies, local, changes) =
+            if args.smoke { (100, 50, 10, 5) } else { (1_000, 500, 100, 50) };
+        let change = crate::bench_policy::change_latency(pods, policies, local, changes)?;
+        // The static source looks at its directory every 50 ms: a change
+        // waits for that at most, then for the compile and the write.
+        let poll_ms = 50.0;
+        println!(
+            "policy change at {} pods / {} policies ({} local pods; maps {} endpoints, {} peers, {} rules): first sync {:.1} ms; a change compiled and written in min {:.1} / median {:.1} / max {:.1} ms, + at most {poll_ms} ms until the watch sees the file",
+            change.pods,
+            change.policies,
+            change.local,
+            change.entries.0,
+            change.entries.1,
+            change.entries.2,
+            change.first_sync.as_secs_f64() * 1000.0,
+            change.change.min,
+            change.change.median,
+            change.change.max
+        );
+        targets.push(crate::bench_extra::Target {
+            what: format!("policy change to enforcement, worst of {changes} (poll + compile + write), ms"),
+            value: change.change.max + poll_ms,
+            at_least: false,
+            target: 100.0,
+        });
+        let (pods, policies, local) = if args.smoke { (500, 100, 20) } else { (10_000, 1_000, 110) };
+        let scale = crate::bench_policy::at_scale(pods, policies, local)?;
+        println!(
+            "policy at {} pods / {} policies ({} local pods): compiled and written in {:.0} ms; maps {} endpoints, {} peers, {} rules; agent memory +{} KiB",
+            scale.pods,
+            scale.policies,
+            scale.local,
+            scale.sync.as_secs_f64() * 1000.0,
+            scale.entries.0,
+            scale.entries.1,
+            scale.entries.2,
+            scale.rss_growth_kib
+        );
+        reports.push(serde_json::json!({
+            "suite": "policy",
+            "ns_per_packet": paths.iter().map(|p| serde_json::json!({
+                "path": p.name, "stats": p.raw, "net_of_harness": p.net, "harness": p.harness,
+            })).collect::<Vec<_>>(),
+            "change": {
+                "pods": change.pods, "policies": change.policies, "local_pods": change.local,
+                "first_sync_ms": change.first_sync.as_secs_f64() * 1000.0,
+                "change_ms": change.change, "poll_ms": poll_ms,
+                "entries": { "endpoints": change.entries.0, "peers": change.entries.1, "rules": change.entries.2 },
+            },
+            "at_scale": {
+                "pods": scale.pods, "policies": scale.policies, "local_pods": scale.local,
+                "sync_ms": scale.sync.as_secs_f64() * 1000.0,
+                "entries": { "endpoints": scale.entries.0, "peers": scale.entries.1, "rules": scale.entries.2 },
+                "agent_memory_growth_kib": scale.rss_growth_kib,
+            },
         }));
     }
     if wants("services") {

@@ -100,6 +100,26 @@ struct Case {
     per_run: u32,
     /// `forward/<path>` or `drop/<reason>`, which must count every packet.
     counts_as: &'static str,
+    /// What the path needs in the maps besides the two pods and the peer.
+    setup: Setup,
+}
+
+/// Extra map content for a path.
+#[derive(Clone, Copy)]
+enum Setup {
+    None,
+    /// NetworkPolicy isolates both pods and allows A -> B (any protocol),
+    /// with this many other rules in the trie: an ICMP echo is judged
+    /// once, then tracked.
+    PolicyAllowed {
+        filler: usize,
+    },
+    /// As allowed, but A's egress allows only UDP 53 to B: a TCP segment
+    /// (not a SYN: dropped without an answer, the buffer unchanged) is
+    /// judged on every repeat.
+    PolicyDenied {
+        filler: usize,
+    },
 }
 
 /// ns/packet of each program path: `rounds` rounds of `count` packets, each
@@ -119,6 +139,7 @@ pub(crate) fn program_paths(
         packet,
         per_run,
         counts_as,
+        setup: Setup::None,
     };
     let cases = [
         case(
@@ -182,7 +203,51 @@ pub(crate) fn program_paths(
             "forward/to_host_stack",
         ),
     ];
-    let cases: Vec<Case> = cases.into_iter().filter(|c| only.is_none_or(|o| c.name == o)).collect();
+    run_cases(cases.into_iter().filter(|c| only.is_none_or(|o| c.name == o)).collect(), only, count, rounds)
+}
+
+/// ns/packet of the NetworkPolicy paths (the `policy` suite), next to
+/// local delivery without policy, measured the same way.
+pub(crate) fn policy_paths(count: u32, rounds: usize) -> anyhow::Result<Vec<ProgramPath>> {
+    let tcp_ack = {
+        let ip = Ipv4::tcp(POD_A, 40000, POD_B, 80, datapath_tests::packets::TCP_ACK, b"");
+        ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &ip.bytes())
+    };
+    let local = |name, setup| Case {
+        name,
+        mode: RoutingMode::Native,
+        program: program_names::FROM_POD,
+        packet: frame(POD_B),
+        per_run: 250,
+        counts_as: "forward/local_delivery",
+        setup,
+    };
+    let judged = |name, filler| Case {
+        name,
+        mode: RoutingMode::Native,
+        program: program_names::FROM_POD,
+        packet: tcp_ack.clone(),
+        per_run: 250,
+        counts_as: "drop/policy_denied_egress",
+        setup: Setup::PolicyDenied { filler },
+    };
+    let cases = vec![
+        local("local delivery, no policy", Setup::None),
+        local("local delivery, policy, tracked", Setup::PolicyAllowed { filler: 10 }),
+        local("local delivery, policy, tracked, 10k rules", Setup::PolicyAllowed { filler: 10_000 }),
+        judged("new connection judged, 10 rules", 10),
+        judged("new connection judged, 1k rules", 1_000),
+        judged("new connection judged, 10k rules", 10_000),
+    ];
+    run_cases(cases, None, count, rounds)
+}
+
+fn run_cases(
+    cases: Vec<Case>,
+    only: Option<&str>,
+    count: u32,
+    rounds: usize,
+) -> anyhow::Result<Vec<ProgramPath>> {
     if cases.is_empty() {
         anyhow::bail!("no program path is called {only:?}");
     }
@@ -228,7 +293,14 @@ fn measure(
 ) -> anyhow::Result<(Samples, Samples, Samples)> {
     let _pinned = PinnedCpu::last()?;
     let empty = EmptyProgram::load()?;
-    let datapaths = cases.iter().map(|c| datapath(c.mode, device)).collect::<anyhow::Result<Vec<_>>>()?;
+    let datapaths = cases
+        .iter()
+        .map(|c| {
+            let mut dp = datapath(c.mode, device)?;
+            policy_setup(&mut dp, c.setup)?;
+            Ok(dp)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut harness = vec![Vec::new(); cases.len()];
     let mut raw = vec![Vec::new(); cases.len()];
     let mut net = vec![Vec::new(); cases.len()];
@@ -266,6 +338,44 @@ fn measure(
         }
     }
     Ok((raw, net, harness))
+}
+
+fn policy_setup(dp: &mut Datapath, setup: Setup) -> anyhow::Result<()> {
+    use datapath_agent::bpf::policy::{PolicyMaps, PolicyRule};
+    use datapath_common::{
+        IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+        PolicyRuleKey,
+    };
+    let (filler, allowed) = match setup {
+        Setup::None => return Ok(()),
+        Setup::PolicyAllowed { filler } => (filler, true),
+        Setup::PolicyDenied { filler } => (filler, false),
+    };
+    let (id_a, id_b) = (11u32, 12u32);
+    let mut maps = PolicyMaps::default();
+    maps.endpoints.insert(Ipv4Addr::from(POD_A), POLICY_INGRESS | POLICY_EGRESS);
+    maps.endpoints.insert(Ipv4Addr::from(POD_B), POLICY_INGRESS);
+    maps.peers.insert(Ipv4Addr::from(POD_A).into(), id_a);
+    maps.peers.insert(Ipv4Addr::from(POD_B).into(), id_b);
+    let rule = |endpoint, identity: u32, direction: u32, protocol, port: u16, prefix_len| PolicyRule {
+        prefix_len,
+        key: PolicyRuleKey {
+            endpoint,
+            identity: identity.to_be_bytes(),
+            direction: direction as u8,
+            protocol,
+            port: port.to_be_bytes(),
+        },
+    };
+    maps.rules.insert(rule(POD_B, id_a, POLICY_INGRESS, 0, 0, POLICY_PREFIX_ANY_PROTOCOL));
+    maps.rules.insert(if allowed {
+        rule(POD_A, id_b, POLICY_EGRESS, 0, 0, POLICY_PREFIX_ANY_PROTOCOL)
+    } else {
+        rule(POD_A, id_b, POLICY_EGRESS, IPPROTO_UDP, 53, POLICY_PREFIX_FULL)
+    });
+    maps.rules.extend(crate::bench_policy::filler_rules(POD_A, filler));
+    dp.write_policy_maps(&PolicyMaps::default(), &maps)?;
+    Ok(())
 }
 
 /// The datapath's own count of `forward/<path>` or `drop/<reason>`.
@@ -389,7 +499,7 @@ impl EmptyProgram {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(str::to_owned))

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_extra;
+mod bench_policy;
 mod bench_services;
 mod chart;
 mod fmt;

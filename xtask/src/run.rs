@@ -48,7 +48,16 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
 
     println!("== demo cluster, {} mode: two nodes on one bridge, agents", args.mode);
     let fabric = Fabric::new();
-    let (a, b) = peered_nodes(&fabric, &args.mode);
+    let (mut a, mut b) = peered_nodes(&fabric, &args.mode);
+    // Both agents read NetworkPolicy objects from one directory (the
+    // static source), empty until the policy step below.
+    let policy_dir = a.work_dir.join("policy");
+    std::fs::create_dir_all(&policy_dir)?;
+    for node in [&mut a, &mut b] {
+        node.set_extra_config(&format!("policy_dir = \"{}\"\n", policy_dir.display()));
+        node.stop_agent();
+        node.start_agent();
+    }
     for node in [&a, &b] {
         println!(
             "node {} ({}, pod CIDR {}): netns {}, bpffs {}, log {}",
@@ -60,8 +69,13 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
             node.work_dir.join("agent.log").display()
         );
     }
-    println!("\n== four pods through the CNI plugin");
-    let pods = [a.add_pod("a1"), a.add_pod("a2"), b.add_pod("b1"), b.add_pod("b2")];
+    println!("\n== four pods through the CNI plugin (namespace demo)");
+    let pods = [
+        a.add_pod_as("a1", "demo", "a1"),
+        a.add_pod_as("a2", "demo", "a2"),
+        b.add_pod_as("b1", "demo", "b1"),
+        b.add_pod_as("b2", "demo", "b2"),
+    ];
     for p in &pods {
         println!("{:<16} netns {:<28} host veth {}", p.ip.to_string(), p.netns.name, p.host_veth);
     }
@@ -115,6 +129,57 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
     let (events, summary) = monitor.finish_text();
     print!("{events}{summary}");
 
+    println!("\n== NetworkPolicy: deny all ingress in namespace demo, allow app=client -> app=web");
+    let labels = [("a1", "client"), ("a2", "web"), ("b1", "web"), ("b2", "other")];
+    let mut objects = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
+    for ((name, app), pod) in labels.iter().zip(&pods) {
+        objects.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{namespace: demo, name: {name}, labels: {{app: {app}}}}}\nstatus: {{podIP: {}}}\n",
+            pod.ip
+        ));
+    }
+    objects.push_str(DEMO_POLICIES);
+    print!("{DEMO_POLICIES}");
+    let tmp = policy_dir.join(".demo.yaml.tmp");
+    std::fs::write(&tmp, objects)?;
+    std::fs::rename(&tmp, policy_dir.join("demo.yaml"))?;
+    // The agents look at the directory every 50 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    // Every pod serves TCP and UDP on 80 and 81 from here on.
+    let _servers = datapath_tests::netpol::Servers::start(&pods);
+    let refused_fast = |from: &datapath_tests::lab::Pod, to: std::net::Ipv4Addr| {
+        datapath_tests::lab::in_netns(&from.netns.path(), move || {
+            let started = std::time::Instant::now();
+            let connected = datapath_tests::netpol::connects(
+                datapath_tests::netpol_cases::Protocol::Tcp,
+                std::net::SocketAddr::from((to, 80)),
+            );
+            !connected && started.elapsed() < Duration::from_secs(1)
+        })
+        .join()
+        .unwrap_or(false)
+    };
+    let policy_checks = [
+        ("ping a1 (client) -> b1 (web)", ping(&a1.netns, b1.ip, 2)),
+        ("TCP a1 (client) -> b1 (web)", tcp_echo(&b1.netns, b1.ip, &a1.netns, 64 << 10).is_ok()),
+        ("ping b2 (other) -> a2 (web) refused", !ping(&b2.netns, a2.ip, 1)),
+        ("TCP b2 (other) -> a2 (web) refused at once", refused_fast(b2, a2.ip)),
+        ("TCP a1 (client) -> b2 (other) refused at once", refused_fast(a1, b2.ip)),
+        ("ping node b -> b2 (its own node is always allowed)", ping(&b.netns, b2.ip, 1)),
+        ("ping node a -> b2 refused (another node is a peer)", !ping(&a.netns, b2.ip, 1)),
+    ];
+    for (what, ok) in &policy_checks {
+        println!("{:<48} {}", what, if *ok { "ok" } else { "FAILED" });
+    }
+    println!("\n== node {}: datapath-agent inspect policy", b.id);
+    show(
+        b.in_node(&bins.join("datapath-agent"))
+            .args(["inspect", "policy", "--bpffs-dir"])
+            .arg(&b.bpffs_dir)
+            .arg("--state-dir")
+            .arg(b.work_dir.join("state")),
+    );
+
     for node in [&a, &b] {
         println!("\n== node {}: datapath-agent inspect counters", node.id);
         show(
@@ -135,9 +200,23 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     drop(pods);
     drop((a, b, fabric));
-    anyhow::ensure!(checks.iter().all(|(_, ok)| *ok), "some checks failed");
+    anyhow::ensure!(checks.iter().chain(&policy_checks).all(|(_, ok)| *ok), "some checks failed");
     Ok(())
 }
+
+const DEMO_POLICIES: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: demo, name: deny-all-ingress}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: demo, name: web-from-client}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]
+";
 
 fn show(cmd: &mut std::process::Command) {
     match cmd.output() {

@@ -11,7 +11,7 @@ use std::{
 use crate::model::PolicyObjects;
 
 /// How often the directory is looked at for changes.
-const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyDirError {

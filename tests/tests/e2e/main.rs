@@ -18,6 +18,7 @@ mod network_policy;
 mod node_ownership;
 mod observability;
 mod packets;
+mod policy_packets;
 mod restart;
 mod runtimes;
 mod same_node;
