@@ -1,5 +1,5 @@
 //! A stand-in for the Kubernetes API server, for the resources the agent
-//! watches (Nodes, Services, EndpointSlices): it serves real objects over
+//! watches (Nodes, Services, EndpointSlices, Namespaces, Pods, NetworkPolicies): it serves real objects over
 //! HTTP the way the API server does (GET one Node, list a collection with a
 //! resourceVersion, watch as a chunked stream of ADDED / MODIFIED / DELETED /
 //! BOOKMARK events), and lets a test disconnect the watches or make requests
@@ -18,10 +18,18 @@ use std::{
 use crate::lab::Netns;
 
 /// The collections served: (path, kind, list kind, apiVersion).
-const COLLECTIONS: [(&str, &str, &str, &str); 3] = [
+const COLLECTIONS: [(&str, &str, &str, &str); 6] = [
     ("/api/v1/nodes", "Node", "NodeList", "v1"),
     ("/api/v1/services", "Service", "ServiceList", "v1"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice", "EndpointSliceList", "discovery.k8s.io/v1"),
+    ("/api/v1/namespaces", "Namespace", "NamespaceList", "v1"),
+    ("/api/v1/pods", "Pod", "PodList", "v1"),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicy",
+        "NetworkPolicyList",
+        "networking.k8s.io/v1",
+    ),
 ];
 
 #[derive(Default)]

@@ -235,11 +235,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         let list = agent.config.services.clone();
         agent.apply_services(list).context("programming the Services")?;
     }
-    // NetworkPolicy: the objects of policy_dir (none without one). A
-    // directory that cannot be read leaves the maps as they are (the last
-    // agent's policy goes on applying) until it can.
-    let mut policy_changes = match &agent.config.policy_dir {
-        Some(dir) => {
+    // NetworkPolicy: the objects of policy_dir, else (Kubernetes source)
+    // of the API server, else none. Until the objects are first read whole
+    // (a directory that cannot be read, lists not complete yet), the maps
+    // stay as the last agent left them: its policy goes on applying.
+    let mut policy_changes = match (&agent.config.policy_dir, &kube_client) {
+        (Some(dir), _) => {
             match crate::source::policy_dir::read(dir) {
                 Ok(objects) => agent.policy.set_objects(objects),
                 Err(e) => tracing::error!(
@@ -249,7 +250,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             Some(crate::source::policy_dir::watch(dir.clone()))
         }
-        None => {
+        (None, Some(client)) => {
+            Some(crate::source::kubernetes_policy::watch_policy_objects(client.clone(), Arc::clone(&health)))
+        }
+        (None, None) => {
             agent.policy.set_objects(Default::default());
             None
         }

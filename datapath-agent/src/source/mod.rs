@@ -2,5 +2,6 @@
 pub mod config;
 pub mod config_file;
 pub mod kubernetes;
+pub mod kubernetes_policy;
 pub mod kubernetes_services;
 pub mod policy_dir;

@@ -5,13 +5,15 @@
 //! errors without touching the maps, and the result forwards for real.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use datapath_tests::{
     kube_api::{FakeApiServer, node_object},
-    lab::{Fabric, Netns, Node, http_get_local, ping, try_http_get_local},
+    lab::{Fabric, Netns, Node, Pod, http_get_local, in_netns, ping, try_http_get_local},
+    netpol::{Servers, connects},
+    netpol_cases::Protocol,
     require_root, sh, wait_for,
 };
 
@@ -494,4 +496,62 @@ fn a_new_node_clashing_with_a_routed_one_is_refused() {
     wait_for("the newcomer routed", Duration::from_secs(40), || {
         peer_routes(&a) == [("10.244.2.0/24".to_owned(), "10.250.0.99".to_owned())]
     });
+}
+
+fn pod_object(namespace: &str, name: &str, app: &str, ip: Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "labels": {"app": app}},
+        "spec": {"containers": [{"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 80}]}], "hostNetwork": false},
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
+    })
+}
+
+/// NetworkPolicies, Namespaces and Pods from the API server: a policy, a
+/// label change and a deletion each reach both nodes' maps, without a
+/// policy_dir.
+#[test]
+fn network_policy_follows_the_api_objects() {
+    require_root!();
+    let fabric = Fabric::new();
+    let (api, a, b) = two_nodes_in_kubernetes_mode(&fabric);
+    let web = a.add_pod_as("web", "shop", "web");
+    let client = b.add_pod_as("client", "shop", "client");
+    let other = b.add_pod_as("other", "shop", "other");
+    let _servers = Servers::start(std::slice::from_ref(&web));
+    api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    for (name, app, pod) in [("web", "web", &web), ("client", "client", &client), ("other", "other", &other)]
+    {
+        api.apply(pod_object("shop", name, app, pod.ip));
+    }
+    let reaches = |from: &Pod| {
+        let target = SocketAddr::from((web.ip, 80));
+        in_netns(&from.netns.path(), move || connects(Protocol::Tcp, target)).join().unwrap()
+    };
+    assert!(reaches(&client) && reaches(&other), "no policy: open");
+    api.apply(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": "shop", "name": "web-from-client"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}]
+        }
+    }));
+    wait_for("the policy applied from the API", Duration::from_secs(20), || {
+        reaches(&client) && !reaches(&other)
+    });
+    // A label change: "other" becomes a client.
+    api.apply(pod_object("shop", "other", "client", other.ip));
+    wait_for("the relabelled pod allowed", Duration::from_secs(20), || reaches(&other));
+    api.delete_object("NetworkPolicy", "shop/web-from-client");
+    wait_for("the policy removed", Duration::from_secs(20), || {
+        a.inspect("policy")["endpoints"].as_array().unwrap().is_empty()
+    });
+    assert!(reaches(&client) && reaches(&other));
+    // The agent watched exactly what RBAC grants (see manifests.rs).
+    let requests = api.requests();
+    for path in ["/api/v1/pods", "/api/v1/namespaces", "/apis/networking.k8s.io/v1/networkpolicies"] {
+        assert!(requests.iter().any(|r| r.contains(path)), "{path} never requested: {requests:?}");
+    }
 }

@@ -37,7 +37,7 @@ fn every_document_is_a_known_kubernetes_object() {
 }
 
 #[test]
-fn rbac_is_read_only_on_nodes_services_and_endpointslices() {
+fn rbac_is_read_only_on_what_the_agent_watches() {
     let role: ClusterRole = one("ClusterRole");
     let rules = role.rules.unwrap();
     let granted: BTreeSet<(String, String, String)> = rules
@@ -63,6 +63,12 @@ fn rbac_is_read_only_on_nodes_services_and_endpointslices() {
         ("", "services", "watch"),
         ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+        ("networking.k8s.io", "networkpolicies", "list"),
+        ("networking.k8s.io", "networkpolicies", "watch"),
     ]
     .iter()
     .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
