@@ -5,7 +5,7 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{ConntrackKey, Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
+use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
 
 use crate::{
     forward::{deliver, too_big_for_pod},
@@ -73,6 +73,15 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
                 back,
             });
         }
+        // Ingress of the local pod (each node judges for its own pods),
+        // before anything may hand the packet to the host stack. Judged as
+        // it arrived: a Service reply is translated below, after it.
+        if config.flags & NODE_FLAG_POLICY != 0
+            && let Some(flow) = Flow::of(&headers)
+            && let Err(refusal) = policy::enforce(&flow, None, &config)
+        {
+            return refusal.verdict(daddr, back);
+        }
         if let Some(verdict) =
             too_big_for_pod(&headers, &endpoint, &config, back, Verdict::HostStackFromTunnel)
         {
@@ -81,25 +90,12 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // Replies of Service connections opened by pods on this node
         // (checked above with the backend's address, which the sender
         // owns): the source becomes the Service; the destination stays.
-        let policy_on = config.flags & NODE_FLAG_POLICY != 0;
-        // A backend's reply is judged with the addresses it travelled with.
-        let mut reply = ConntrackKey::default();
         if config.flags & NODE_FLAG_SERVICES != 0 {
             headers = match translate(headers, false)? {
-                Translation::Forward(headers, was_reply) => {
-                    reply = was_reply;
-                    headers
-                }
+                Translation::Forward(headers, _) => headers,
                 // Only new connections are refused, and only "from pod" opens them.
                 Translation::Refuse(reason) => return Err(reason),
             };
-        }
-        // Ingress of the local pod: each node judges for its own pods.
-        if policy_on
-            && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
-            && let Err(refusal) = policy::enforce(&flow, None, &config)
-        {
-            return refusal.verdict(daddr, back);
         }
         return deliver(headers, &endpoint);
     }

@@ -8,8 +8,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    ConntrackKey, Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY,
-    NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode,
+    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
+    NodeConfig, NodeKey, RoutingMode,
 };
 
 use crate::{
@@ -87,30 +87,27 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             back,
         });
     }
+    // Ingress of the local pod (each node judges for its own pods), before
+    // anything may hand the packet to the host stack: the kernel's own
+    // forwarding into the pod knows no policy. Judged as it arrived: a
+    // Service reply is translated below, after the judgement.
+    if config.flags & NODE_FLAG_POLICY != 0
+        && let Some(flow) = Flow::of(&headers)
+        && let Err(refusal) = policy::enforce(&flow, None, &config)
+    {
+        return refusal.verdict(daddr, back);
+    }
     if let Some(verdict) = too_big_for_pod(&headers, &endpoint, &config, back, Verdict::HostStack) {
         return Ok(verdict);
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
-    let policy_on = config.flags & NODE_FLAG_POLICY != 0;
-    // A backend's reply is judged with the addresses it travelled with.
-    let mut reply = ConntrackKey::default();
     if config.flags & NODE_FLAG_SERVICES != 0 {
         headers = match translate(headers, false)? {
-            Translation::Forward(headers, was_reply) => {
-                reply = was_reply;
-                headers
-            }
+            Translation::Forward(headers, _) => headers,
             // Only new connections are refused, and only "from pod" opens them.
             Translation::Refuse(reason) => return Err(reason),
         };
-    }
-    // Ingress of the local pod: each node judges for its own pods.
-    if policy_on
-        && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
-        && let Err(refusal) = policy::enforce(&flow, None, &config)
-    {
-        return refusal.verdict(daddr, back);
     }
     deliver(headers, &endpoint)
 }

@@ -55,6 +55,11 @@ pub struct Flow {
     /// are not `key`'s).
     saddr: [u8; 4],
     daddr: [u8; 4],
+    /// A first fragment (or a packet) too short to hold the header policy
+    /// judges by (ports, TCP flags, an ICMP error's quote): refused where
+    /// policy applies, as firewalls refuse the tiny-fragment attack (RFC
+    /// 1858); its later fragments could complete it past the judgement.
+    unreadable: bool,
 }
 
 impl Flow {
@@ -111,45 +116,59 @@ impl Flow {
             protocol: ip.protocol,
             _pad: [0; 3],
         };
-        let (mut opens, mut closes, mut error) = (false, false, false);
+        let (mut opens, mut closes, mut error, mut unreadable) = (false, false, false, false);
         match ip.protocol {
             IPPROTO_TCP => {
                 // Direct access where the header is in the linear data (a
                 // helper call otherwise).
-                let tcp: [u8; TCP_FLAGS + 1] = packet.read(l4).or_else(|| packet.load(l4))?;
-                key.sport = [tcp[0], tcp[1]];
-                key.dport = [tcp[2], tcp[3]];
-                let flags = tcp[TCP_FLAGS];
-                opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                closes = flags & (TCP_FIN | TCP_RST) != 0;
-            }
-            IPPROTO_UDP | IPPROTO_SCTP => {
-                let ports: [u8; 4] = packet.read(l4).or_else(|| packet.load(l4))?;
-                key.sport = [ports[0], ports[1]];
-                key.dport = [ports[2], ports[3]];
-                opens = true;
-            }
-            IPPROTO_ICMP => {
-                let icmp: [u8; 8] = packet.read(l4).or_else(|| packet.load(l4))?;
-                let id = [icmp[4], icmp[5]];
-                match icmp[0] {
-                    // An echo is tracked by its id: the request as the
-                    // source port, the reply as the destination port.
-                    ICMP_ECHO => {
-                        key.sport = id;
-                        opens = true;
+                match packet.read::<[u8; TCP_FLAGS + 1]>(l4).or_else(|| packet.load(l4)) {
+                    Some(tcp) => {
+                        key.sport = [tcp[0], tcp[1]];
+                        key.dport = [tcp[2], tcp[3]];
+                        let flags = tcp[TCP_FLAGS];
+                        opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                        closes = flags & (TCP_FIN | TCP_RST) != 0;
                     }
-                    ICMP_ECHO_REPLY => key.dport = id,
-                    ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-                        key = quoted(headers, l4 + ICMP_QUOTE)?;
-                        error = true;
-                    }
-                    _ => {}
+                    None => unreadable = true,
                 }
             }
+            IPPROTO_UDP | IPPROTO_SCTP => match packet.read::<[u8; 4]>(l4).or_else(|| packet.load(l4)) {
+                Some(ports) => {
+                    key.sport = [ports[0], ports[1]];
+                    key.dport = [ports[2], ports[3]];
+                    opens = true;
+                }
+                None => unreadable = true,
+            },
+            IPPROTO_ICMP => match packet.read::<[u8; 8]>(l4).or_else(|| packet.load(l4)) {
+                Some(icmp) => {
+                    let id = [icmp[4], icmp[5]];
+                    match icmp[0] {
+                        // An echo is tracked by its id: the request as the
+                        // source port, the reply as the destination port.
+                        ICMP_ECHO => {
+                            key.sport = id;
+                            opens = true;
+                        }
+                        ICMP_ECHO_REPLY => key.dport = id,
+                        ICMP_DEST_UNREACH
+                        | ICMP_SOURCE_QUENCH
+                        | ICMP_TIME_EXCEEDED
+                        | ICMP_PARAMETER_PROBLEM => {
+                            error = true;
+                            match quoted(headers, l4 + ICMP_QUOTE) {
+                                Some(quoted) => key = quoted,
+                                None => unreadable = true,
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                None => unreadable = true,
+            },
             _ => {}
         }
-        Some(Flow { key, opens, closes, error, saddr: ip.saddr, daddr: ip.daddr })
+        Some(Flow { key, opens, closes, error, saddr: ip.saddr, daddr: ip.daddr, unreadable })
     }
 }
 
@@ -244,10 +263,12 @@ fn judge(flow: &Flow, sender: u32, config: &NodeConfig) -> u32 {
 #[inline(always)]
 fn decide(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
     let key = &flow.key;
-    // A pod reaching itself (through a Service: the hairpin address) is
-    // never judged, and neither is traffic to or from the pod's own node.
     let (saddr, daddr) = (flow.saddr, flow.daddr);
-    if same_ipv4(saddr, daddr) || same_ipv4(saddr, HAIRPIN_IPV4) || same_ipv4(daddr, HAIRPIN_IPV4) {
+    // A pod reaching itself is never judged: directly, or through a
+    // Service (the hairpin address, which only "from pod" can see: from
+    // outside it is an address like any other).
+    let hairpin = sender.is_some() && (same_ipv4(saddr, HAIRPIN_IPV4) || same_ipv4(daddr, HAIRPIN_IPV4));
+    if same_ipv4(saddr, daddr) || hairpin {
         return Ok(());
     }
     // What each local party is isolated in: a connection is tracked when
@@ -261,21 +282,37 @@ fn decide(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(
     if sender_isolation == 0 && receiver_isolation == 0 {
         return Ok(());
     }
-    let egress = if same_ipv4(daddr, config.node_ipv4) { 0 } else { sender_isolation & POLICY_EGRESS };
+    // Traffic from the pod's own node is always allowed in (kubelet
+    // probes). Out to its node, a pod's packets that open nothing pass
+    // (its replies to those probes, whose first packets the programs never
+    // see); what opens a connection to the node is judged like any peer.
+    let to_node = same_ipv4(daddr, config.node_ipv4) && !flow.opens && !flow.error;
+    let egress = if to_node { 0 } else { sender_isolation & POLICY_EGRESS };
     let ingress = if same_ipv4(saddr, config.node_ipv4) { 0 } else { receiver_isolation & POLICY_INGRESS };
+    let refused = |reason| Err(Refusal { reason, answer: false });
+    if flow.unreadable {
+        if egress != 0 {
+            return refused(DropReason::PolicyDeniedEgress);
+        }
+        if ingress != 0 {
+            return refused(DropReason::PolicyDeniedIngress);
+        }
+        return Ok(());
+    }
     if tracked(flow) {
         return Ok(());
     }
     if flow.error {
-        // An error about a packet its receiver sent, from where it was
-        // sent to (how a refused connection fails at once), or about a
-        // connection policy allowed (above); no other.
-        if (egress == 0 && ingress == 0) || (same_ipv4(key.saddr, daddr) && same_ipv4(key.daddr, saddr)) {
-            return Ok(());
+        // An error about no connection policy allowed (an isolated pod's
+        // own attempts are tracked where it is isolated: their errors
+        // passed above).
+        if egress != 0 {
+            return refused(DropReason::PolicyDeniedEgress);
         }
-        let reason =
-            if egress != 0 { DropReason::PolicyDeniedEgress } else { DropReason::PolicyDeniedIngress };
-        return Err(Refusal { reason, answer: false });
+        if ingress != 0 {
+            return refused(DropReason::PolicyDeniedIngress);
+        }
+        return Ok(());
     }
     if egress != 0 {
         let allowed = allows(sender.unwrap_or_default(), POLICY_EGRESS, key.daddr, key);

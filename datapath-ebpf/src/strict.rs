@@ -16,6 +16,7 @@ use datapath_common::{
 
 use crate::{
     headers::ETH_HLEN,
+    headers::IPV4_MIN_HLEN,
     maps::RPF_CACHE,
     packet::{AF_INET, Ipv4Headers, PACKET_HOST, Packet},
 };
@@ -83,6 +84,9 @@ fn fib_reverse_path(packet: &Packet, saddr: [u8; 4], ingress: u32) -> Result<(),
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.ifindex = ingress;
+    // A length, or the helper checks this skb against the route's MTU and
+    // refuses a large one (FRAG_NEEDED): the reverse path has no MTU.
+    params.__bindgen_anon_1.tot_len = IPV4_MIN_HLEN as u16;
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(saddr);
     let rc = packet.fib_lookup(&mut params, BPF_FIB_LOOKUP_SKIP_NEIGH);
     match rc as u32 {

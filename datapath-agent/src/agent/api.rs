@@ -159,6 +159,13 @@ impl Agent {
             host_ifindex: spec.host_ifindex,
             host_mac: spec.host_mac,
         };
+        // Isolated before it is reachable: the new pod's policy entries
+        // are written before the entries that deliver to it.
+        self.sync_policy_with(Some(crate::model::LocalPod {
+            ipv4: spec.pod_ipv4,
+            namespace: spec.pod_namespace.clone().unwrap_or_else(|| "default".into()),
+            name: spec.pod_name.clone().unwrap_or_else(|| spec.container_id.clone()),
+        }));
         if let Err(e) = self.datapath.add_endpoint(&endpoint) {
             // Leave nothing half-made behind.
             let _ = self.datapath.remove_endpoint(

@@ -323,7 +323,19 @@ impl Agent {
     /// Bring the policy maps to the current objects and pods. A failure
     /// is logged and counted, and retried at the next link check.
     pub(super) fn sync_policy(&mut self) {
-        let result = self.local_pods().and_then(|local| Ok(self.policy.sync(&mut self.datapath, &local)?));
+        self.sync_policy_with(None);
+    }
+
+    /// [`Self::sync_policy`], counting `adding` among this node's pods (a
+    /// pod being added: isolated before it can be reached).
+    pub(super) fn sync_policy_with(&mut self, adding: Option<LocalPod>) {
+        let result = self.local_pods().and_then(|mut local| {
+            if let Some(pod) = adding {
+                local.retain(|p| p.ipv4 != pod.ipv4);
+                local.push(pod);
+            }
+            Ok(self.policy.sync(&mut self.datapath, &local)?)
+        });
         match result {
             Ok(Some(report)) => {
                 self.policy_failed = false;

@@ -111,7 +111,16 @@ pub fn compile(objects: &PolicyObjects, local: &[LocalPod]) -> Compiled {
         };
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
         let spec = policy.spec.clone().unwrap_or_default();
-        let selector = spec.pod_selector.unwrap_or_default();
+        let mut selector = spec.pod_selector.unwrap_or_default();
+        if let Some(problem) = selector_problem(&selector) {
+            // Never left open: an invalid target selector selects every pod
+            // of the namespace.
+            compiled.problems.push(format!(
+                "{namespace}/{}: podSelector: {problem}: it selects every pod of the namespace",
+                policy.metadata.name.as_deref().unwrap_or("?")
+            ));
+            selector = LabelSelector::default();
+        }
         let selected: Vec<Ipv4Addr> = local
             .iter()
             .filter(|pod| pod.namespace == namespace)
@@ -346,7 +355,13 @@ fn policy_rules(
             }
             "Egress" => (POLICY_EGRESS, egress.iter().map(|r| (r.to.clone(), r.ports.clone())).collect()),
             other => {
-                problems.push(format!("{name}: unknown policyTypes entry {other:?} (Ingress or Egress)"));
+                // The API server refuses it; whatever was meant, the pods
+                // are isolated both ways (never left open).
+                problems.push(format!(
+                    "{name}: unknown policyTypes entry {other:?} (Ingress or Egress, capitalised): its pods are \
+                     isolated in both directions"
+                ));
+                isolates |= POLICY_INGRESS | POLICY_EGRESS;
                 continue;
             }
         };
@@ -389,7 +404,27 @@ fn policy_rules(
     Some((isolates, rules))
 }
 
+/// What is wrong with a selector the API server would refuse, if anything.
+fn selector_problem(selector: &LabelSelector) -> Option<String> {
+    selector.match_expressions.iter().flatten().find_map(|r| {
+        let values = r.values.as_deref().unwrap_or_default();
+        match r.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => Some(format!("{} {} needs values", r.key, r.operator)),
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                Some(format!("{} {} takes no values", r.key, r.operator))
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => None,
+            other => Some(format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)")),
+        }
+    })
+}
+
 fn peer_term(peer: &NetworkPolicyPeer, namespace: &str) -> Result<Term, String> {
+    for selector in [&peer.pod_selector, &peer.namespace_selector].into_iter().flatten() {
+        if let Some(problem) = selector_problem(selector) {
+            return Err(format!("selector: {problem}"));
+        }
+    }
     if let Some(block) = &peer.ip_block {
         if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
             return Err("ipBlock cannot be combined with selectors in one peer".into());

@@ -35,10 +35,6 @@ pub enum PolicyDirError {
         #[source]
         source: serde_json::Error,
     },
-    #[error(
-        "{path}: document {index} has kind {kind:?}; policy_dir holds NetworkPolicy, Namespace and Pod objects only"
-    )]
-    Kind { path: PathBuf, index: usize, kind: String },
 }
 
 /// Every object in the directory's `*.yaml`, `*.yml` and `*.json` files
@@ -54,18 +50,46 @@ pub fn read(dir: &Path) -> Result<PolicyObjects, PolicyDirError> {
             if value.is_null() {
                 continue;
             }
-            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
-            let object =
-                |source| PolicyDirError::Object { path: path.clone(), index, kind: kind.clone(), source };
-            match kind.as_str() {
-                "NetworkPolicy" => objects.policies.push(serde_json::from_value(value).map_err(object)?),
-                "Namespace" => objects.namespaces.push(serde_json::from_value(value).map_err(object)?),
-                "Pod" => objects.pods.push(serde_json::from_value(value).map_err(object)?),
-                _ => return Err(PolicyDirError::Kind { path: path.clone(), index, kind }),
-            }
+            add_object(&mut objects, value, &path, index)?;
         }
     }
     Ok(objects)
+}
+
+/// One document: an object of a kind policy reads, or a list of them (as
+/// `kubectl get -o yaml` prints several: `kind: List` or `NetworkPolicyList`).
+/// Objects of other kinds are skipped (said in the log).
+fn add_object(
+    objects: &mut PolicyObjects,
+    value: serde_json::Value,
+    path: &Path,
+    index: usize,
+) -> Result<(), PolicyDirError> {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+    let object = |source| PolicyDirError::Object { path: path.to_owned(), index, kind: kind.clone(), source };
+    match kind.as_str() {
+        "NetworkPolicy" => objects.policies.push(serde_json::from_value(value).map_err(object)?),
+        "Namespace" => objects.namespaces.push(serde_json::from_value(value).map_err(object)?),
+        "Pod" => objects.pods.push(serde_json::from_value(value).map_err(object)?),
+        list if list.ends_with("List") => {
+            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+            for item in items {
+                // Items of a typed list may leave out their kind.
+                let mut item = item;
+                if item.get("kind").is_none() && list != "List" {
+                    item["kind"] = serde_json::Value::String(list.trim_end_matches("List").to_owned());
+                }
+                add_object(objects, item, path, index)?;
+            }
+        }
+        _ => tracing::warn!(
+            file = %path.display(),
+            document = index,
+            kind,
+            "policy_dir: not a NetworkPolicy, Namespace or Pod; skipped"
+        ),
+    }
+    Ok(())
 }
 
 /// The documents of a YAML text, with YAML 1.2's booleans (only `true` and
@@ -144,4 +168,29 @@ pub fn watch(dir: PathBuf) -> tokio::sync::mpsc::UnboundedReceiver<PolicyObjects
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `kubectl get -o yaml` prints for several objects (a `List`),
+    /// typed lists, and objects of other kinds (skipped) are all read.
+    #[test]
+    fn lists_are_read_and_other_kinds_skipped() {
+        let dir = std::env::temp_dir().join(format!("dpt-policy-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p, namespace: y}, spec: {podSelector: {}}}\n- {apiVersion: v1, kind: Namespace, metadata: {name: y}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: unrelated}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicyList\nitems:\n- {metadata: {name: q, namespace: n}, spec: {podSelector: {}}}\n",
+        )
+        .unwrap();
+        let objects = read(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<_> = objects.policies.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["p", "q"]);
+        // "y" stays the string it is (YAML 1.2 booleans).
+        assert_eq!(objects.policies[0].metadata.namespace.as_deref(), Some("y"));
+        assert_eq!(objects.namespaces.len(), 1);
+    }
 }

@@ -32,7 +32,10 @@ const ID_REMOTE: u32 = 13;
 /// Pod A sends on the run device (also the uplink), pods A and B are local
 /// endpoints, 10.244.2.0/24 is a native peer's; then `policy`.
 fn harness(policy: &PolicyMaps) -> (Datapath, RunDevice) {
-    let device = RunDevice::new(HOST_A_MAC, &["10.244.2.0/24 via 192.0.2.2"]);
+    // (The hairpin address routed out of the uplink, as a default route
+    // would: only policy stands between it and the pods.)
+    let device =
+        RunDevice::new(HOST_A_MAC, &["10.244.2.0/24 via 192.0.2.2", "169.254.42.0/24 via 192.0.2.2"]);
     let mut dp = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
     dp.insert_pod_interface(
         device.ifindex,
@@ -221,18 +224,106 @@ fn icmp_error(from: [u8; 4], to: [u8; 4], quoted_src: [u8; 4], quoted_dst: [u8; 
     Ipv4 { src: from, dst: to, ttl: 64, protocol: 1, options: vec![], frag: 0, payload: icmp }
 }
 
-/// B refuses everything; an ICMP error still reaches it when it is about a
-/// packet B itself sent, from where B sent it; no other one does.
+/// An ICMP error reaches an isolated pod only about a connection policy
+/// allowed (tracked): not about what the pod supposedly sent, which anyone
+/// can claim (a channel into a quarantined pod).
 #[test]
-fn icmp_errors_reach_an_isolated_pod_only_about_its_own_packets() {
+fn icmp_errors_reach_an_isolated_pod_only_about_tracked_connections() {
     require_root!();
     let maps = policy(&[(POD_B, POLICY_INGRESS)], &[]);
     let (dp, device) = harness(&maps);
     test_run_on(&device, &dp, program_names::FROM_POD, &from_a(&icmp_error(POD_A, POD_B, POD_B, POD_A)))
-        .assert_only_forward(ForwardPath::LocalDelivery, TC_ACT_REDIRECT);
-    let (dp, device) = harness(&maps);
-    test_run_on(&device, &dp, program_names::FROM_POD, &from_a(&icmp_error(POD_A, POD_B, POD_B, REMOTE_POD)))
         .assert_only_drop(DropReason::PolicyDeniedIngress);
+    // A's query to the remote pod is tracked (A is isolated); the remote
+    // pod's error about it comes in, one about another port does not.
+    let maps = policy(
+        &[(POD_A, POLICY_INGRESS | POLICY_EGRESS)],
+        &[rule(POD_A, POLICY_EGRESS, ID_REMOTE, IPPROTO_UDP, Some(53))],
+    );
+    let (dp, device) = harness(&maps);
+    let query = from_a(&Ipv4::udp(POD_A, 40000, REMOTE_POD, 53, b"query", true));
+    test_run_on(&device, &dp, program_names::FROM_POD, &query);
+    let from_peer = |ip: &Ipv4| ethernet(HOST_A_MAC, PEER_MAC, ETH_P_IP, &ip.bytes());
+    // icmp_error quotes a UDP packet 53 -> 40000 from its third argument.
+    let about = |quoted_sport: u16| {
+        let quoted = Ipv4::udp(POD_A, 40000, REMOTE_POD, quoted_sport, b"", true).bytes();
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&quoted[..28]);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        from_peer(&Ipv4 {
+            src: REMOTE_POD,
+            dst: POD_A,
+            ttl: 64,
+            protocol: 1,
+            options: vec![],
+            frag: 0,
+            payload: icmp,
+        })
+    };
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &about(53));
+    assert_eq!(
+        run.counters.forward_count(ForwardPath::LocalDelivery),
+        1,
+        "the error about the query comes in"
+    );
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &about(54));
+    assert_eq!(
+        run.counters.drop_count(DropReason::PolicyDeniedIngress),
+        1,
+        "one about nothing tracked does not"
+    );
+}
+
+/// What the red team found, each now refused: a TCP SYN whose first
+/// fragment is too short for the flags (RFC 1858), a packet too big for
+/// the pod without DF (it went to the host stack, which knows no policy),
+/// a source forged as the hairpin address from outside.
+#[test]
+fn tiny_fragments_oversized_packets_and_the_hairpin_address_are_judged() {
+    require_root!();
+    let maps = policy(&[(POD_B, POLICY_INGRESS), (POD_A, POLICY_INGRESS)], &[]);
+    let syn = Ipv4::tcp(POD_A, 40000, POD_B, 80, TCP_SYN, b"");
+    let tiny = Ipv4 { frag: 0x2000, payload: syn.payload[..8].to_vec(), ..syn.clone() };
+    let (dp, device) = harness(&maps);
+    test_run_on(&device, &dp, program_names::FROM_POD, &from_a(&tiny))
+        .assert_only_drop(DropReason::PolicyDeniedIngress);
+    let from_peer = |ip: &Ipv4| ethernet(HOST_A_MAC, PEER_MAC, ETH_P_IP, &ip.bytes());
+    let mut big = Ipv4::udp(REMOTE_POD, 40000, POD_A, 80, &[1; 1600], true);
+    big.frag = 0;
+    let (dp, device) = harness(&maps);
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &from_peer(&big));
+    assert_eq!(
+        run.counters.drop_count(DropReason::PolicyDeniedIngress),
+        1,
+        "not handed to the host stack: {:?}",
+        run.counters
+    );
+    assert_eq!(run.counters.forward_count(ForwardPath::ToHostStack), 0);
+    let forged = Ipv4::udp([169, 254, 42, 1], 40000, POD_A, 80, b"x", true);
+    let (dp, device) = harness(&maps);
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &from_peer(&forged));
+    assert_eq!(
+        run.counters.drop_count(DropReason::PolicyDeniedIngress),
+        1,
+        "the hairpin address is no free pass"
+    );
+}
+
+/// An egress-isolated pod opens nothing to its own node unless a rule
+/// allows it (the Kubernetes documentation exempts the node for ingress
+/// only); what opens nothing (replies to the node's probes) passes.
+#[test]
+fn egress_to_the_own_node_is_judged_when_it_opens_a_connection() {
+    require_root!();
+    let maps = policy(&[(POD_A, POLICY_EGRESS)], &[]);
+    let (dp, device) = harness(&maps);
+    let syn = from_a(&Ipv4::tcp(POD_A, 40000, RUN_DEVICE_IP, 10250, TCP_SYN, b""));
+    test_run_on(&device, &dp, program_names::FROM_POD, &syn).assert_answered(DropReason::PolicyDeniedEgress);
+    let (dp, device) = harness(&maps);
+    let reply = from_a(&Ipv4::tcp(POD_A, 8080, RUN_DEVICE_IP, 40000, TCP_ACK, b"HTTP/1.1 200 OK"));
+    test_run_on(&device, &dp, program_names::FROM_POD, &reply)
+        .assert_only_forward(ForwardPath::ToHostStack, 0);
 }
 
 /// A may only send to the remote pod's UDP 53 and is isolated for ingress

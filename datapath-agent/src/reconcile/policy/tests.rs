@@ -245,3 +245,30 @@ spec:
     let id = |m: &PolicyMaps| m.peers[&"10.244.2.5/32".parse::<Ipv4Net>().unwrap()];
     assert_eq!(id(&one.maps), id(&two.maps));
 }
+
+#[test]
+fn what_the_api_server_would_refuse_isolates_instead_of_opening() {
+    let lower_case = "
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {namespace: x, name: lower}
+spec: {podSelector: {}, policyTypes: [ingress]}
+";
+    let compiled = compile(&objects(&format!("{PODS}---{lower_case}")), &local());
+    assert_eq!(
+        compiled.maps.endpoints.get(&"10.244.1.2".parse().unwrap()),
+        Some(&(POLICY_INGRESS | POLICY_EGRESS))
+    );
+    assert!(compiled.problems[0].contains("isolated in both directions"), "{:?}", compiled.problems);
+    let bad_operator = "
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {namespace: x, name: bad-op}
+spec:
+  podSelector: {matchExpressions: [{key: app, operator: Equals, values: [web]}]}
+  policyTypes: [Ingress]
+";
+    let compiled = compile(&objects(&format!("{PODS}---{bad_operator}")), &local());
+    assert_eq!(compiled.maps.endpoints.get(&"10.244.1.2".parse().unwrap()), Some(&POLICY_INGRESS));
+    assert!(compiled.problems[0].contains("selects every pod"), "{:?}", compiled.problems);
+}
