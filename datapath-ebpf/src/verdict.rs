@@ -131,16 +131,14 @@ fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Coun
                 monitor::report(packet, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
             }
             if LOG {
-                let (saddr, daddr) = addresses(packet);
-                debug!(packet, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, path.name());
+                log_verdict(packet, direction, path.name());
             }
         }
         Counted::Drop(reason) => {
             count_drop(direction, reason);
             monitor::report(packet, direction, EVENT_DROP, reason as u8, monitor.events_per_second);
             if LOG {
-                let (saddr, daddr) = addresses(packet);
-                debug!(packet, "{} {:i} -> {:i}: dropped, {}", direction.name(), saddr, daddr, reason.name());
+                log_verdict(packet, direction, reason.name());
             }
         }
     }
@@ -243,6 +241,15 @@ fn send_back(packet: &mut Packet, reply: &IcmpReply, back: Back) -> i32 {
             Err(_) => TC_ACT_SHOT,
         },
     }
+}
+
+/// The debug build's line for a verdict: "<direction> <source> -> <destination>: <what>".
+/// One call site for every verdict, so the program carries aya-log's code
+/// (and its stack) once.
+#[inline(never)]
+fn log_verdict(packet: &Packet, direction: Direction, what: &'static str) {
+    let (saddr, daddr) = addresses(packet);
+    debug!(packet, "{} {:i} -> {:i}: {}", direction.name(), saddr, daddr, what);
 }
 
 /// IPv4 source and destination for the debug log (zero if not IPv4).
