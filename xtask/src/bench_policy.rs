@@ -70,11 +70,8 @@ pub(crate) fn policy(k: usize, apps: usize, version: u16) -> String {
 }
 
 fn parse(yaml: &str) -> PolicyObjects {
-    let options = serde_saphyr::options! { strict_booleans: true };
     let mut objects = PolicyObjects::default();
-    for value in
-        serde_saphyr::from_multiple_with_options::<serde_json::Value>(yaml, options).expect("bench YAML")
-    {
+    for value in datapath_agent::source::policy_dir::parse_yaml(yaml).expect("bench YAML") {
         match value["kind"].as_str() {
             Some("NetworkPolicy") => objects.policies.push(serde_json::from_value(value).unwrap()),
             Some("Namespace") => objects.namespaces.push(serde_json::from_value(value).unwrap()),

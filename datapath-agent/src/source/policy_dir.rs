@@ -95,9 +95,18 @@ fn add_object(
 /// The documents of a YAML text, with YAML 1.2's booleans (only `true` and
 /// `false`): `y`, `n`, `on`, `off` stay strings, as a namespace or label
 /// value so spelled must (the API server reads them as the strings its
-/// fields are).
+/// fields are). The parser's limits against YAML bombs are raised to fit a
+/// large cluster's objects in one file (its default stops at 1,024
+/// documents and 250,000 nodes: a few thousand pods).
 pub fn parse_yaml(text: &str) -> Result<Vec<serde_json::Value>, serde_saphyr::Error> {
-    let options = serde_saphyr::options! { strict_booleans: true };
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 50_000_000,
+            max_events: 200_000_000,
+        },
+    };
     serde_saphyr::from_multiple_with_options(text, options)
 }
 
@@ -192,5 +201,15 @@ mod tests {
         // "y" stays the string it is (YAML 1.2 booleans).
         assert_eq!(objects.policies[0].metadata.namespace.as_deref(), Some("y"));
         assert_eq!(objects.namespaces.len(), 1);
+    }
+
+    /// A large cluster's objects in one file: more documents and nodes than
+    /// the YAML parser allows by default.
+    #[test]
+    fn a_large_file_is_read() {
+        let pods: String = (0..5_000)
+            .map(|i| format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{namespace: n, name: p{i}, labels: {{app: a{i}, tier: t}}}}\nstatus: {{podIP: 10.1.{}.{}}}\n", i / 250, i % 250))
+            .collect();
+        assert_eq!(parse_yaml(&pods).unwrap().len(), 5_000);
     }
 }
