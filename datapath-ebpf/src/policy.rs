@@ -40,7 +40,7 @@ const ICMP_QUOTE: usize = 8;
 
 /// What policy needs of a packet: its connection's 5-tuple as it travels
 /// between the pods, and what kind of packet it is.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct Flow {
     pub key: ConntrackKey,
     /// Opens a connection (TCP SYN, UDP, SCTP, ICMP echo request): a
@@ -78,30 +78,10 @@ impl Flow {
     }
 
     /// The flow of an IPv4 packet; `None` for a later fragment (no L4
-    /// header: it follows its first fragment, which was judged) and for a
-    /// header that cannot be read.
+    /// header: it follows its first fragment, which was judged). A header
+    /// too short to judge gives a flow marked `unreadable`.
     #[inline(always)]
     pub fn of(headers: &Ipv4Headers<'_>) -> Option<Flow> {
-        let mut flow = Flow::default();
-        (read_flow(headers, &mut flow) != 0).then_some(flow)
-    }
-}
-
-/// [`Flow::of`]'s work, into `out`; 1 if there is a flow.
-#[inline(always)]
-fn read_flow(headers: &Ipv4Headers<'_>, out: &mut Flow) -> u32 {
-    match Flow::read(headers) {
-        Some(flow) => {
-            *out = flow;
-            1
-        }
-        None => 0,
-    }
-}
-
-impl Flow {
-    #[inline(always)]
-    fn read(headers: &Ipv4Headers<'_>) -> Option<Flow> {
         let ip = headers.ip();
         if ip.frag_off() & IP_OFFSET_MASK != 0 {
             return None;
@@ -233,35 +213,6 @@ impl Refusal {
 /// Call only with `NODE_FLAG_POLICY` set.
 #[inline(always)]
 pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
-    let code = judge(flow, sender.map_or(0, u32::from_ne_bytes), config);
-    if code == 0 {
-        return Ok(());
-    }
-    let reason = if code & 0xff == DropReason::PolicyDeniedEgress as u32 {
-        DropReason::PolicyDeniedEgress
-    } else {
-        DropReason::PolicyDeniedIngress
-    };
-    Err(Refusal { reason, answer: code & ANSWER != 0 })
-}
-
-/// In [`judge`]'s result: answer the refusal.
-const ANSWER: u32 = 0x100;
-
-/// [`enforce`]'s work: 0 to let the packet through, else the drop reason,
-/// with [`ANSWER`] to answer it. `sender` is the sending pod's address
-/// (0: not a local pod).
-#[inline(always)]
-fn judge(flow: &Flow, sender: u32, config: &NodeConfig) -> u32 {
-    let sender = (sender != 0).then(|| sender.to_ne_bytes());
-    match decide(flow, sender, config) {
-        Ok(()) => 0,
-        Err(refusal) => refusal.reason as u32 | if refusal.answer { ANSWER } else { 0 },
-    }
-}
-
-#[inline(always)]
-fn decide(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
     let key = &flow.key;
     let (saddr, daddr) = (flow.saddr, flow.daddr);
     // A pod reaching itself is never judged: directly, or through a

@@ -69,16 +69,11 @@ pub(crate) fn policy(k: usize, apps: usize, version: u16) -> String {
     )
 }
 
+/// The objects of a YAML text, read as `policy_dir` reads its files.
 fn parse(yaml: &str) -> PolicyObjects {
     let mut objects = PolicyObjects::default();
-    for value in datapath_agent::source::policy_dir::parse_yaml(yaml).expect("bench YAML") {
-        match value["kind"].as_str() {
-            Some("NetworkPolicy") => objects.policies.push(serde_json::from_value(value).unwrap()),
-            Some("Namespace") => objects.namespaces.push(serde_json::from_value(value).unwrap()),
-            Some("Pod") => objects.pods.push(serde_json::from_value(value).unwrap()),
-            _ => {}
-        }
-    }
+    datapath_agent::source::policy_dir::add_objects(&mut objects, yaml, std::path::Path::new("bench"))
+        .expect("bench YAML");
     objects
 }
 

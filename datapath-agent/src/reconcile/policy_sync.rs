@@ -32,10 +32,6 @@ impl PolicySync {
         self.objects = Some(objects);
     }
 
-    pub fn has_objects(&self) -> bool {
-        self.objects.is_some()
-    }
-
     /// Bring the maps to what the objects compile to for `local`.
     pub fn sync(
         &mut self,

@@ -44,16 +44,21 @@ pub fn read(dir: &Path) -> Result<PolicyObjects, PolicyDirError> {
     for path in files(dir)? {
         let text = std::fs::read_to_string(&path)
             .map_err(|source| PolicyDirError::Read { path: path.clone(), source })?;
-        let documents: Vec<serde_json::Value> = parse_yaml(&text)
-            .map_err(|source| PolicyDirError::Yaml { path: path.clone(), source: Box::new(source) })?;
-        for (index, value) in documents.into_iter().enumerate() {
-            if value.is_null() {
-                continue;
-            }
-            add_object(&mut objects, value, &path, index)?;
-        }
+        add_objects(&mut objects, &text, &path)?;
     }
     Ok(objects)
+}
+
+/// The objects of one YAML text (`path` names it in errors), added to `objects`.
+pub fn add_objects(objects: &mut PolicyObjects, text: &str, path: &Path) -> Result<(), PolicyDirError> {
+    let documents = parse_yaml(text)
+        .map_err(|source| PolicyDirError::Yaml { path: path.to_owned(), source: Box::new(source) })?;
+    for (index, value) in documents.into_iter().enumerate() {
+        if !value.is_null() {
+            add_object(objects, value, path, index)?;
+        }
+    }
+    Ok(())
 }
 
 /// One document: an object of a kind policy reads, or a list of them (as
