@@ -1,7 +1,9 @@
 //! ADD: ask the agent it is up; allocate an address (IPAM delegate); create
 //! the veth pair with the peer directly in the pod's netns; address, MTU and
-//! routes in the pod; a /32 route to the pod on the node; register the
-//! endpoint with the agent (which attaches the program). Any failure undoes
+//! routes in the pod; register the endpoint with the agent (which writes its
+//! policy and attaches the programs); then the host veth up and a /32 route
+//! to the pod on the node, so nothing reaches the pod before the programs
+//! judge it. Any failure undoes
 //! exactly what this invocation created, in reverse order. A repeated ADD
 //! of an attachment that is whole returns the same result, making nothing.
 
@@ -133,14 +135,6 @@ fn add_steps(
     .map_err(|e| CniError::with_source(ErrorCode::IoFailure, "cannot enter the pod's network namespace", &e))?
     .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the pod interface", &e))?;
 
-    let host_index = host.index;
-    link::with_handle(|handle| async move {
-        link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
-        add_host_route(&handle, pod_ip, host_index).await.context("adding the node's route to the pod")?;
-        Ok(())
-    })
-    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
-
     let (pod_namespace, pod_name) = env.k8s_pod();
     let spec_for_result = EndpointSpec {
         container_id: env.container_id.clone(),
@@ -163,6 +157,26 @@ fn add_steps(
     });
     client::call(&conf.agent_socket(), &Request::AddEndpoint(spec_for_result.clone()), AGENT_TIMEOUT)
         .map_err(agent_error)?;
+
+    // Only now may the node's stack route to the pod: the agent has
+    // attached the programs (to_pod judges what the stack routes in) and
+    // written the pod's policy. Until the host veth is up the pod's end
+    // has no carrier, so nothing passes unjudged either way.
+    let host_index = host.index;
+    link::with_handle(|handle| async move {
+        link::set_up(&handle, host_index).await.context("bringing the host veth up")?;
+        match add_host_route(&handle, pod_ip, host_index).await {
+            Ok(()) => {}
+            // The agent got there first: it puts a pod's route back when the
+            // pod's veth comes up, as it just did.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::EEXIST
+                    && link::has_route(&handle, pod_ip, 32, host_index, None).await? => {}
+            Err(e) => return Err(e).context("adding the node's route to the pod"),
+        }
+        Ok(())
+    })
+    .map_err(|e| CniError::from_anyhow(ErrorCode::IoFailure, "cannot configure the host side", &e))?;
 
     Ok(add_result(conf, env, &spec_for_result, allocation.dns))
 }

@@ -110,6 +110,11 @@ pub mod program_names {
     pub const FROM_UPLINK: &str = "from_uplink";
     /// TC ingress of the collect_md VXLAN device (overlay mode).
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// TC egress of each pod's host-side veth: what the node's own stack
+    /// routes into the pod (our redirects into pods bypass it).
+    pub const TO_POD: &str = "to_pod";
+    /// Every program of the object.
+    pub const ALL: [&str; 4] = [FROM_POD, FROM_UPLINK, FROM_OVERLAY, TO_POD];
 }
 
 /// Capacity of the endpoint and pod interface maps (local pods on one node).
@@ -192,6 +197,8 @@ wire_enum! {
         FromPod = 0, "from_pod", "sent by a local pod (TC ingress of its host veth)";
         FromUplink = 1, "from_uplink", "arrived on the node's uplink (either routing mode)";
         FromOverlay = 2, "from_overlay", "arrived through the VXLAN device (overlay)";
+        ToPod = 3, "to_pod",
+            "routed into a local pod by the node's own stack (TC egress of its host veth)";
     }
 }
 
@@ -815,6 +822,9 @@ wire_enum! {
         ArpReply = 2, "arp_reply", "ARP request answered by the program with the host veth's MAC";
         ToRemoteNative = 3, "to_remote_native", "sent straight out of the uplink to the peer node (native routing)";
         ToRemoteOverlay = 4, "to_remote_overlay", "encapsulated into VXLAN towards the peer node";
+        RoutedIntoPod = 5, "routed_into_pod",
+            "routed into a pod by the node's own stack (hostPort DNAT, replies to masqueraded connections, \
+             the node's own traffic), after the policy check";
     }
 }
 

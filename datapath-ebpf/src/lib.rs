@@ -41,11 +41,13 @@ pub mod services;
 #[cfg(target_arch = "bpf")]
 pub mod strict;
 #[cfg(target_arch = "bpf")]
+pub mod to_pod;
+#[cfg(target_arch = "bpf")]
 pub mod verdict;
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// Define the three TC programs, the license and the panic handler of one
+/// Define the four TC programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a
 /// const generic, so the normal build carries no logging code at all.
 #[cfg(target_arch = "bpf")]
@@ -67,6 +69,11 @@ macro_rules! programs {
         #[classifier]
         pub fn from_overlay(ctx: TcContext) -> i32 {
             $crate::from_overlay::run::<{ $log }>(ctx)
+        }
+
+        #[classifier]
+        pub fn to_pod(ctx: TcContext) -> i32 {
+            $crate::to_pod::run::<{ $log }>(ctx)
         }
 
         #[cfg(not(test))]

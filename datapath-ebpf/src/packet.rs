@@ -58,6 +58,15 @@ impl Packet {
         unsafe { (*self.skb()).ifindex }
     }
 
+    /// The interface the packet entered this node on (`skb_iif`): zero
+    /// for a packet the node made itself. On TC egress it differs from
+    /// [`Packet::ifindex`].
+    #[inline(always)]
+    pub fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.skb()).ingress_ifindex }
+    }
+
     /// `PACKET_HOST`, broadcast, multicast, another host's: from the
     /// destination MAC.
     #[inline(always)]

@@ -13,9 +13,10 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use datapath_common::{
-    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_POLICY, ConntrackEntry, ConntrackKey, DropReason,
-    EndpointKey, HAIRPIN_IPV4, IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    NodeConfig, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey, policy_verdict_slot,
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_POLICY, ConntrackEntry, ConntrackKey,
+    DropReason, EndpointKey, HAIRPIN_IPV4, IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, NodeConfig, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey,
+    policy_verdict_slot,
 };
 
 use crate::{
@@ -250,7 +251,7 @@ pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Res
         }
         return Ok(());
     }
-    if tracked(flow) {
+    if tracked(flow, false) {
         return Ok(());
     }
     if flow.error {
@@ -283,6 +284,42 @@ pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Res
     Ok(())
 }
 
+/// Judge a packet the node's own stack routes into the local pod at the
+/// flow's destination ("to pod"): that pod's ingress, unless the node
+/// itself sent it (`from_node`: its own traffic is always allowed in, and
+/// tracked like the rest so that the pod's replies pass its egress). A
+/// refusal is not answered: the sender addressed what the node translated
+/// (a hostPort, say), which an answer from here could not name. Call only
+/// with `NODE_FLAG_POLICY` set.
+#[inline(always)]
+pub fn enforce_routed(flow: &Flow, from_node: bool) -> Result<(), DropReason> {
+    let isolation = isolation(flow.daddr);
+    if isolation == 0 || same_ipv4(flow.saddr, flow.daddr) {
+        return Ok(());
+    }
+    let ingress = !from_node && isolation & POLICY_INGRESS != 0;
+    let refused = if ingress { Err(DropReason::PolicyDeniedIngress) } else { Ok(()) };
+    if flow.unreadable {
+        return refused;
+    }
+    if tracked(flow, true) {
+        return Ok(());
+    }
+    if flow.error {
+        return refused;
+    }
+    if ingress {
+        let key = &flow.key;
+        let allowed = allows(key.daddr, POLICY_INGRESS, key.saddr, key);
+        count(POLICY_INGRESS, allowed);
+        if !allowed {
+            return refused;
+        }
+    }
+    track(flow);
+    Ok(())
+}
+
 /// The directions NetworkPolicy isolates the local pod at `ipv4` in.
 #[inline(always)]
 fn isolation(ipv4: [u8; 4]) -> u32 {
@@ -306,9 +343,12 @@ fn allows(endpoint: [u8; 4], direction: u32, peer: [u8; 4], key: &ConntrackKey) 
 
 /// Does this packet belong to a connection policy allowed: its own key
 /// (a later packet of it), the key reversed (a reply)? An ICMP error
-/// belongs to the connection of the packet it quotes.
+/// belongs to the connection of the packet it quotes. With
+/// `service_replies`, a reply already translated back to a Service address
+/// belongs to the Service connection its client opened (the node's stack
+/// routes it into the pod when it had to fragment it).
 #[inline(always)]
-fn tracked(flow: &Flow) -> bool {
+fn tracked(flow: &Flow, service_replies: bool) -> bool {
     let key = flow.key;
     let reversed = ConntrackKey {
         saddr: key.daddr,
@@ -322,11 +362,14 @@ fn tracked(flow: &Flow) -> bool {
     // with it as the destination port: reversed like ports.)
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    for candidate in [key, reversed] {
+    for (candidate, reply) in [(key, false), (reversed, true)] {
         if let Some(entry) = CONNTRACK.get_ptr_mut(candidate) {
             // SAFETY: a live entry; a racing update of these fields is harmless.
             unsafe {
                 if (*entry).kind != CT_POLICY {
+                    if service_replies && reply && (*entry).kind == CT_FORWARD {
+                        return true;
+                    }
                     continue;
                 }
                 if flow.error {

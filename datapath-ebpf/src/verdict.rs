@@ -45,6 +45,9 @@ pub enum Verdict {
     ArpReply { ifindex: u32 },
     /// Let the node's stack have it.
     HostStack,
+    /// Routed into a pod by the node's own stack ("to pod"): let it go on
+    /// into the pod.
+    RoutedIntoPod,
     /// For this node itself, arrived by tunnel: mark it PACKET_HOST first
     /// (its inner destination MAC is not ours).
     HostStackFromTunnel,
@@ -78,6 +81,7 @@ impl Verdict {
             Verdict::Deliver { .. } => Counted::Forward(ForwardPath::LocalDelivery),
             Verdict::ArpReply { .. } => Counted::Forward(ForwardPath::ArpReply),
             Verdict::HostStack | Verdict::HostStackFromTunnel => Counted::Forward(ForwardPath::ToHostStack),
+            Verdict::RoutedIntoPod => Counted::Forward(ForwardPath::RoutedIntoPod),
             Verdict::OutUplink { .. } | Verdict::OutUplinkNeigh { .. } => {
                 Counted::Forward(ForwardPath::ToRemoteNative)
             }
@@ -165,7 +169,7 @@ fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
         }
         // SAFETY: a helper taking plain values (see above).
         Verdict::ArpReply { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        Verdict::HostStack => TC_ACT_OK,
+        Verdict::HostStack | Verdict::RoutedIntoPod => TC_ACT_OK,
         Verdict::HostStackFromTunnel => {
             packet.set_pkt_type_host();
             TC_ACT_OK

@@ -226,6 +226,9 @@ impl Agent {
         if !self.datapath.pins().link(&record.host_ifname).exists() {
             problems.push(format!("no program link pinned for {}", record.host_ifname));
         }
+        if !self.datapath.pins().to_pod_link(&record.host_ifname).exists() {
+            problems.push(format!("no to_pod link pinned for {}", record.host_ifname));
+        }
         Ok(problems)
     }
 

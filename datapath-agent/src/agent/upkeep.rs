@@ -80,6 +80,15 @@ impl Agent {
                              bpffs lost?) or its map entries were"
                         );
                     }
+                    if done.to_pod_link && !done.link {
+                        // Expected once after an upgrade from a build without it.
+                        tracing::info!(
+                            pod,
+                            veth = record.host_ifname,
+                            "to_pod attached to this pod's veth (the pod was made by a build without it, or its \
+                             link pin was removed)"
+                        );
+                    }
                     if let Some(other) = done.address_taken_by {
                         tracing::warn!(
                             pod,
@@ -92,7 +101,9 @@ impl Agent {
                 }
                 Err(e) => {
                     self.errors.inc();
-                    let attached = self.datapath.pins().link(&record.host_ifname).exists();
+                    let pins = self.datapath.pins();
+                    let attached = pins.link(&record.host_ifname).exists()
+                        && pins.to_pod_link(&record.host_ifname).exists();
                     let what = if attached { "map entries missing" } else { "no program attached" };
                     let error = format!("{:#}", anyhow::Error::from(e));
                     tracing::error!(

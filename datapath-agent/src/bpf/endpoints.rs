@@ -31,8 +31,10 @@ pub struct LocalEndpoint {
 pub struct Restored {
     /// Its ENDPOINTS and POD_INTERFACES entries.
     pub entries: bool,
-    /// Its program link (attached and pinned).
+    /// Its `from_pod` link (attached and pinned).
     pub link: bool,
+    /// Its `to_pod` link: missing for pods made by a build without it.
+    pub to_pod_link: bool,
     /// Its address is delivered to this other interface, which exists: its
     /// entries were left alone.
     pub address_taken_by: Option<u32>,
@@ -68,12 +70,13 @@ impl Datapath {
         HashMap::try_from(self.map_mut(name)?).map_err(DatapathError::map(name))
     }
 
-    /// Register a pod and attach the program to its host veth. Maps first, then
-    /// the link, so the program never runs on a veth it does not know.
-    /// Re-adding the same veth updates the entries and keeps the existing link.
+    /// Register a pod and attach the programs to its host veth. Maps first,
+    /// then the links, so the program never runs on a veth it does not know.
+    /// Re-adding the same veth updates the entries and keeps the existing links.
     pub fn add_endpoint(&mut self, ep: &LocalEndpoint) -> Result<(), DatapathError> {
         self.write_endpoint_entries(ep)?;
-        self.attach(&ep.host_ifname, ep.host_ifindex)
+        self.attach(&ep.host_ifname, ep.host_ifindex)?;
+        self.attach_to_pod(&ep.host_ifname, ep.host_ifindex)
     }
 
     /// The ENDPOINTS and POD_INTERFACES entries of `ep`, as ADD writes them.
@@ -148,6 +151,10 @@ impl Datapath {
             self.attach(&ep.host_ifname, ep.host_ifindex)?;
             restored.link = true;
         }
+        if !self.pins.to_pod_link(&ep.host_ifname).exists() {
+            self.attach_to_pod(&ep.host_ifname, ep.host_ifindex)?;
+            restored.to_pod_link = true;
+        }
         Ok(restored)
     }
 
@@ -219,11 +226,12 @@ impl Datapath {
             }
         }
         self.release_unused_traffic_slots()?;
-        let pin = self.pins.link(host_ifname);
-        match fs::remove_file(&pin) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
+        for pin in [self.pins.link(host_ifname), self.pins.to_pod_link(host_ifname)] {
+            match fs::remove_file(&pin) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
+            }
         }
         Ok(removed)
     }

@@ -51,13 +51,21 @@ pub(super) fn interface_exists(ifindex: u32) -> Result<bool, DatapathError> {
 }
 
 impl Datapath {
+    /// Attach `from_pod` to the pod veth's ingress.
     pub(super) fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
         let pin = self.pins.link(ifname);
         self.attach_pinned(program_names::FROM_POD, ifname, ifindex, pin)
     }
 
-    /// Attach `program` to `ifname` ingress with a link pinned at `pin`; if a
-    /// live link is pinned there already, swap its program atomically instead.
+    /// Attach `to_pod` to the pod veth's egress.
+    pub(super) fn attach_to_pod(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
+        let pin = self.pins.to_pod_link(ifname);
+        self.attach_pinned(program_names::TO_POD, ifname, ifindex, pin)
+    }
+
+    /// Attach `program` to `ifname` (egress for `to_pod`, ingress for the
+    /// others) with a link pinned at `pin`; if a live link is pinned there
+    /// already, swap its program atomically instead.
     pub(super) fn attach_pinned(
         &mut self,
         program: &'static str,
@@ -79,13 +87,11 @@ impl Datapath {
             return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
         let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
+        let attach_type =
+            if program == program_names::TO_POD { TcAttachType::Egress } else { TcAttachType::Ingress };
         let program = self.program_mut(program)?;
         let link_id = program
-            .attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
         let fd_link: FdLink =
@@ -106,29 +112,26 @@ impl Datapath {
     /// Nothing that is still valid is ever removed or re-created.
     pub fn reconcile(&mut self) -> Result<ReconcileReport, DatapathError> {
         let mut report = ReconcileReport::default();
-        let links_dir = self.pins.links_dir();
-        let entries = fs::read_dir(&links_dir)
-            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
-            let path = entry.path();
-            let ifname = entry.file_name().to_string_lossy().into_owned();
-            match self.refresh_pinned_link(program_names::FROM_POD, &ifname, &path) {
-                Ok(PinnedLinkState::Updated) => report.links_updated += 1,
-                Ok(PinnedLinkState::Stale) => {
-                    tracing::info!(ifname, "removing the link pin of a gone interface");
-                    fs::remove_file(&path)
-                        .map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
-                    report.stale_links_removed += 1;
+        for (program, links_dir) in self.pins.pod_link_dirs() {
+            let entries = fs::read_dir(&links_dir)
+                .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+            for entry in entries {
+                let entry =
+                    entry.map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+                let path = entry.path();
+                let ifname = entry.file_name().to_string_lossy().into_owned();
+                match self.refresh_pinned_link(program, &ifname, &path) {
+                    Ok(PinnedLinkState::Updated) => report.links_updated += 1,
+                    Ok(PinnedLinkState::Stale) => {
+                        tracing::info!(ifname, program, "removing the link pin of a gone interface");
+                        fs::remove_file(&path)
+                            .map_err(|source| DatapathError::Unpin { path: path.clone(), source })?;
+                        report.stale_links_removed += 1;
+                    }
+                    // The link stays and goes on forwarding (with the program it
+                    // has); the switch is tried again later.
+                    Err(error) => report.links_failed.push(LinkFailure { program, ifname, pin: path, error }),
                 }
-                // The link stays and goes on forwarding (with the program it
-                // has); the switch is tried again later.
-                Err(error) => report.links_failed.push(LinkFailure {
-                    program: program_names::FROM_POD,
-                    ifname,
-                    pin: path,
-                    error,
-                }),
             }
         }
 

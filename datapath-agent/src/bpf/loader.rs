@@ -66,7 +66,7 @@ impl Datapath {
         build: ProgramBuild,
         options: LoadOptions,
     ) -> Result<Self, DatapathError> {
-        for dir in [pins.maps_dir(), pins.links_dir(), pins.node_links_dir()] {
+        for dir in [pins.maps_dir(), pins.links_dir(), pins.to_pod_links_dir(), pins.node_links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
         let object = build.object();
@@ -114,20 +114,27 @@ impl Datapath {
     /// keeps the old maps alive; the reconcile after the load retries it.
     pub(super) fn switch_pinned_links(&mut self) -> Result<(), DatapathError> {
         let mut links: Vec<(&'static str, String, PathBuf)> = Vec::new();
-        for (dir, node_level) in [(self.pins.links_dir(), false), (self.pins.node_links_dir(), true)] {
+        let [(from_pod, from_pod_dir), (to_pod, to_pod_dir)] = self.pins.pod_link_dirs();
+        let dirs =
+            [(from_pod_dir, Some(from_pod)), (to_pod_dir, Some(to_pod)), (self.pins.node_links_dir(), None)];
+        for (dir, pod_program) in dirs {
             let entries =
                 fs::read_dir(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
             for entry in entries {
                 let entry = entry.map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
                 let file_name = entry.file_name().to_string_lossy().into_owned();
-                let (program, ifname) = if node_level {
-                    let Some((program, ifname)) = file_name.split_once('@') else { continue };
-                    let known =
-                        [program_names::FROM_UPLINK, program_names::FROM_OVERLAY, program_names::FROM_POD];
-                    let Some(program) = known.into_iter().find(|p| *p == program) else { continue };
-                    (program, ifname.to_owned())
-                } else {
-                    (program_names::FROM_POD, file_name)
+                let (program, ifname) = match pod_program {
+                    Some(program) => (program, file_name),
+                    None => {
+                        let Some((program, ifname)) = file_name.split_once('@') else { continue };
+                        let known = [
+                            program_names::FROM_UPLINK,
+                            program_names::FROM_OVERLAY,
+                            program_names::FROM_POD,
+                        ];
+                        let Some(program) = known.into_iter().find(|p| *p == program) else { continue };
+                        (program, ifname.to_owned())
+                    }
                 };
                 links.push((program, ifname, entry.path()));
             }
@@ -174,7 +181,7 @@ impl Datapath {
     }
 
     pub(super) fn load_programs(&mut self) -> Result<(), DatapathError> {
-        for name in [program_names::FROM_POD, program_names::FROM_UPLINK, program_names::FROM_OVERLAY] {
+        for name in program_names::ALL {
             self.program_mut(name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(())

@@ -225,7 +225,7 @@ fn scan(maps_dir: &Path) -> Result<Scanned, LayoutError> {
 /// Ids of the maps the programs on the pinned links use now.
 fn maps_in_use(pins: &PinLayout) -> Result<HashSet<u32>, LayoutError> {
     let mut programs = HashSet::new();
-    for dir in [pins.links_dir(), pins.node_links_dir()] {
+    for dir in [pins.links_dir(), pins.to_pod_links_dir(), pins.node_links_dir()] {
         let list_err = |source| LayoutError::ListPins { path: dir.clone(), source };
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,

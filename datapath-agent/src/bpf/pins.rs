@@ -31,6 +31,20 @@ impl PinLayout {
     pub fn link(&self, host_ifname: &str) -> PathBuf {
         self.links_dir().join(host_ifname)
     }
+    /// Links of `to_pod` on the pod veths' TC egress, named after the veth.
+    pub fn to_pod_links_dir(&self) -> PathBuf {
+        self.root.join("to-pod-links")
+    }
+    pub fn to_pod_link(&self, host_ifname: &str) -> PathBuf {
+        self.to_pod_links_dir().join(host_ifname)
+    }
+    /// The directories of per-pod links, with the program each one runs.
+    pub fn pod_link_dirs(&self) -> [(&'static str, PathBuf); 2] {
+        [
+            (datapath_common::program_names::FROM_POD, self.links_dir()),
+            (datapath_common::program_names::TO_POD, self.to_pod_links_dir()),
+        ]
+    }
     /// The directory a running `monitor` holds an exclusive flock on (see
     /// the observe room's monitor lock).
     pub fn monitor_lock(&self) -> PathBuf {

@@ -60,6 +60,7 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     assert_eq!(node.ipam_leases(), Vec::<String>::new(), "leases left");
     assert_eq!(node.inspect("endpoints"), serde_json::json!([]), "map entries left");
     assert_eq!(std::fs::read_dir(node.bpffs_dir.join("links")).unwrap().count(), 0, "link pins left");
+    assert_eq!(std::fs::read_dir(node.bpffs_dir.join("to-pod-links")).unwrap().count(), 0, "link pins left");
     assert_eq!(
         std::fs::read_dir(node.work_dir.join("state/endpoints")).unwrap().count(),
         0,

@@ -130,6 +130,7 @@ fn failure_after_the_veth_exists_rolls_everything_back() {
     assert_nothing_left(&node);
     assert!(!sh(&["ip", "-n", &pod.name, "link"]).contains("eth0"), "pod end removed too");
     assert_eq!(std::fs::read_dir(node.bpffs_dir.join("links")).unwrap().count(), 0, "no link pinned");
+    assert_eq!(std::fs::read_dir(node.bpffs_dir.join("to-pod-links")).unwrap().count(), 0, "no link pinned");
 }
 
 #[test]

@@ -109,6 +109,7 @@ fn gc_removes_everything_not_in_valid_attachments() {
     assert_eq!(ips, vec![keep.ip.to_string()]);
     for pod in [&gone1, &gone2] {
         assert!(!node.bpffs_dir.join("links").join(&pod.host_veth).exists());
+        assert!(!node.bpffs_dir.join("to-pod-links").join(&pod.host_veth).exists());
     }
     assert!(ping(&node.netns, keep.ip, 1), "the valid pod still works");
 }
@@ -170,6 +171,7 @@ fn assert_pods_intact(node: &Node, pods: &[&Pod]) {
     assert_eq!(programmed, ips, "map entries kept");
     for pod in pods {
         assert!(node.bpffs_dir.join("links").join(&pod.host_veth).exists(), "link pin of {}", pod.host_veth);
+        assert!(node.bpffs_dir.join("to-pod-links").join(&pod.host_veth).exists(), "{}", pod.host_veth);
         assert!(
             node.work_dir.join("state/endpoints").join(format!("{}.json", pod.host_veth)).exists(),
             "record of {}",

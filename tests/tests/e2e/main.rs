@@ -19,6 +19,7 @@ mod node_ownership;
 mod observability;
 mod packets;
 mod policy_packets;
+mod redteam_policy;
 mod restart;
 mod runtimes;
 mod same_node;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues};
-use datapath_common::{ConntrackEntry, ConntrackKey};
+use datapath_common::{ConntrackEntry, ConntrackKey, DROP_COUNTER_SLOTS, DROP_REASON_SLOTS};
 use datapath_tests::{
     bin_dir,
     lab::{Fabric, Node, peered_nodes, ping, ping_from_spoofed_address},
@@ -282,30 +282,31 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
     assert!(spoofed >= 3, "{spoofed}");
     node.stop_agent();
 
-    // DROP_COUNTERS as a build with fewer directions had it: 128 slots
-    // instead of 192, holding the same counts.
+    // DROP_COUNTERS as a build with one direction fewer had it, holding
+    // the same counts.
+    let (ours, fewer) = (DROP_COUNTER_SLOTS, DROP_COUNTER_SLOTS - DROP_REASON_SLOTS);
     let drops = maps_dir(&node).join("drop_counters-v1");
     let older = maps_dir(&node).join("drop_counters_older");
-    bpftool_create(&older, "percpu_array", 4, 8, 128, "DROP_COUNTERS");
+    bpftool_create(&older, "percpu_array", 4, 8, fewer, "DROP_COUNTERS");
     {
         let current: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(&drops).unwrap())).unwrap();
         let mut smaller: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(&older).unwrap())).unwrap();
-        for slot in 0..128 {
+        for slot in 0..fewer {
             let values: Vec<u64> = current.get(&slot, 0).unwrap().iter().copied().collect();
             smaller.set(slot, PerCpuValues::try_from(values).unwrap(), 0).unwrap();
         }
     }
     std::fs::rename(&older, &drops).unwrap();
-    assert_eq!(max_entries(&drops), 128);
+    assert_eq!(max_entries(&drops), fewer);
     // MONITOR_COUNTERS with 16-byte values: unreadable, and only counters.
     let monitor_counters = maps_dir(&node).join("monitor_counters-v1");
     std::fs::remove_file(&monitor_counters).unwrap();
     bpftool_create(&monitor_counters, "percpu_array", 4, 16, 4, "MONITOR_COUNTE");
 
     node.start_agent();
-    assert_eq!(max_entries(&drops), 192, "grown to this build's size");
+    assert_eq!(max_entries(&drops), ours, "grown to this build's size");
     assert_eq!(node.drop_count("spoofed_source"), spoofed, "counts carried over");
     assert_eq!(MapInfo::from_pin(&monitor_counters).unwrap().value_size(), 8, "replaced");
     let log = node.agent_log();

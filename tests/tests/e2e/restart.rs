@@ -171,8 +171,8 @@ fn a_live_link_whose_switch_fails_is_kept_and_retried() {
     assert!(ping(&a.netns, b.ip, 2), "a -> b with its links kept:\n{}", node.agent_log());
     assert!(ping(&node.netns, a.ip, 1), "node -> a");
     let log = node.agent_log();
-    // Both pods' links and the uplink's.
-    assert!(log.contains("links_failed=3"), "{log}");
+    // Both pods' links (from_pod and to_pod) and the uplink's.
+    assert!(log.contains("links_failed=5"), "{log}");
     assert!(
         log.contains("cannot switch this link to the loaded program")
             && log.contains("Operation not permitted"),
@@ -185,7 +185,7 @@ fn a_live_link_whose_switch_fails_is_kept_and_retried() {
     // Without the fault, the next start switches both.
     node.stop_agent();
     node.start_agent();
-    assert!(node.agent_log().contains("links_updated=2"), "{}", node.agent_log());
+    assert!(node.agent_log().contains("links_updated=4"), "{}", node.agent_log());
     for (link, before) in links.iter().zip(progs_before) {
         assert_ne!(node.link_prog_id(link), before, "switched to the new program");
     }
@@ -306,4 +306,31 @@ fn a_pod_link_lost_while_running_is_attached_again() {
         assert!(Instant::now() < deadline, "not ready again: {:?}", readyz(&node));
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A pod made by a build without `to_pod` (no pin on its veth's egress, as
+/// after an upgrade) gets it at the next start, without a moment of
+/// forwarding lost, and from then on what the node routes into the pod
+/// (here: the node's own pings) passes through it.
+#[test]
+fn pods_made_without_to_pod_get_it_at_start() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let pin = node.bpffs_dir.join("to-pod-links").join(&a.host_veth);
+    assert!(pin.exists(), "ADD attaches to_pod");
+    let routed = |node: &Node| node.inspect("counters")["forwards"]["routed_into_pod"].as_u64().unwrap();
+    node.stop_agent();
+    // The pin was the link's only holder: this detaches it.
+    std::fs::remove_file(&pin).unwrap();
+    let before = routed(&node);
+    assert!(ping(&node.netns, a.ip, 2), "node -> a without to_pod");
+    assert_eq!(routed(&node), before, "nothing passes a detached to_pod");
+    node.start_agent();
+    assert!(pin.exists(), "{}", node.agent_log());
+    node.wait_for_log("to_pod attached to this pod's veth", Duration::from_secs(2));
+    assert!(!node.agent_log().contains("endpoint restored from its record"), "{}", node.agent_log());
+    assert!(ping(&node.netns, a.ip, 2), "node -> a");
+    assert!(routed(&node) >= before + 2, "the node's pings pass to_pod: {}", node.inspect("counters"));
 }

@@ -262,6 +262,7 @@ fn assert_node_clean(node: &Node) {
     assert_eq!(node.inspect("endpoints"), serde_json::json!([]), "endpoints left");
     assert_eq!(node.ipam_leases(), Vec::<String>::new(), "leases left");
     assert_eq!(std::fs::read_dir(node.bpffs_dir.join("links")).unwrap().count(), 0, "link pins left");
+    assert_eq!(std::fs::read_dir(node.bpffs_dir.join("to-pod-links")).unwrap().count(), 0, "link pins left");
     assert_eq!(std::fs::read_dir(node.work_dir.join("state/endpoints")).unwrap().count(), 0, "records left");
     assert!(!node.host_routes().contains("10.244.1."), "routes left: {}", node.host_routes());
 }

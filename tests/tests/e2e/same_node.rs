@@ -173,8 +173,8 @@ fn forwarding_survives_agent_stop_kill_and_restart() {
     assert!(ping(&a.netns, b.ip, 2), "forwarding after restart");
     assert_eq!(node.programmed_endpoints(), endpoints_before, "restart changed no endpoint");
     assert!(
-        node.agent_log().contains("links_updated=2"),
-        "both links moved to the new program:\n{}",
+        node.agent_log().contains("links_updated=4"),
+        "both pods' two links moved to the new program:\n{}",
         node.agent_log()
     );
 

@@ -505,7 +505,7 @@ fn dataplane(mode: &str) {
         first[0..2].copy_from_slice(&40300u16.to_be_bytes());
         first[2..4].copy_from_slice(&80u16.to_be_bytes());
         first.extend_from_slice(&m);
-        while first.len() % 8 != 0 {
+        while !first.len().is_multiple_of(8) {
             first.push(b'.');
         }
         send_ip(&ns, vec![with_id(ip(me, target, 17, 0x2000, first), 0x7001)]);
@@ -535,7 +535,7 @@ fn dataplane(mode: &str) {
         // Later fragment first, then the first fragment.
         let m = marker("frag-reorder");
         let mut head = m.clone();
-        while (8 + head.len()) % 8 != 0 {
+        while !(8 + head.len()).is_multiple_of(8) {
             head.push(b'.');
         }
         let cut = 8 + head.len();
