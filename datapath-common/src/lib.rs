@@ -232,7 +232,8 @@ pub struct Endpoint {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (source MAC of delivered frames, the pod's gateway).
     pub host_mac: [u8; 6],
-    /// [`ENDPOINT_FLAG_HOST_DOWN`]; the rest reserved (policy, ...).
+    /// [`ENDPOINT_FLAG_HOST_DOWN`], and the directions NetworkPolicy
+    /// isolates the pod in ([`Endpoint::isolation`]); the rest reserved.
     pub flags: u32,
     /// Index of this pod's [`EndpointTraffic`] counters, or [`NO_TRAFFIC_SLOT`].
     pub traffic_slot: u32,
@@ -241,6 +242,26 @@ pub struct Endpoint {
 /// The pod's host veth is administratively down: the kernel would not
 /// forward to the pod (its /32 route is gone), so neither do we.
 pub const ENDPOINT_FLAG_HOST_DOWN: u32 = 1;
+/// Where [`Endpoint::flags`] holds the pod's isolation ([`POLICY_INGRESS`] |
+/// [`POLICY_EGRESS`], shifted): a copy of its `POLICY_ENDPOINTS` entry, so
+/// that judging a packet needs no lookup beyond the endpoint's own.
+pub const ENDPOINT_ISOLATION_SHIFT: u32 = 1;
+const ISOLATION_BITS: u32 = POLICY_INGRESS | POLICY_EGRESS;
+
+impl Endpoint {
+    /// The directions NetworkPolicy isolates this pod in.
+    #[inline(always)]
+    pub const fn isolation(&self) -> u32 {
+        (self.flags >> ENDPOINT_ISOLATION_SHIFT) & ISOLATION_BITS
+    }
+
+    /// This entry with `isolation` in its flags, the other flags kept.
+    pub const fn with_isolation(self, isolation: u32) -> Endpoint {
+        let flags = (self.flags & !(ISOLATION_BITS << ENDPOINT_ISOLATION_SHIFT))
+            | ((isolation & ISOLATION_BITS) << ENDPOINT_ISOLATION_SHIFT);
+        Endpoint { flags, ..self }
+    }
+}
 
 /// What the "from pod" program knows about the veth a packet entered on.
 #[repr(C)]
@@ -250,7 +271,12 @@ pub struct PodInterface {
     pub pod_ipv4: [u8; 4],
     /// MAC of the host-side veth: the answer to the pod's ARP requests.
     pub host_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The directions NetworkPolicy isolates the pod in ([`POLICY_INGRESS`]
+    /// | [`POLICY_EGRESS`]): a copy of its `POLICY_ENDPOINTS` entry, as in
+    /// [`Endpoint::flags`]. Zero in entries of builds before it: they were
+    /// padding (the agent writes it before any program reads it).
+    pub isolation: u8,
+    pub _pad: u8,
     /// Index of this pod's [`EndpointTraffic`] counters, or [`NO_TRAFFIC_SLOT`].
     pub traffic_slot: u32,
 }

@@ -78,7 +78,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // it arrived: a Service reply is translated below, after it.
         if config.flags & NODE_FLAG_POLICY != 0
             && let Some(flow) = Flow::of(&headers)
-            && let Err(refusal) = policy::enforce(&flow, None, &config)
+            && let Err(refusal) = policy::enforce(&flow, None, 0, endpoint.isolation(), &config)
         {
             return refusal.verdict(daddr, back);
         }

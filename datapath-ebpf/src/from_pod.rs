@@ -49,7 +49,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     packet.pull_headers();
     match packet.ethertype().ok_or(DropReason::TruncatedEthernet)? {
-        ETH_P_IP => ipv4(packet, ifindex, iface.pod_ipv4),
+        ETH_P_IP => ipv4(packet, ifindex, iface.pod_ipv4, iface.isolation as u32),
         ETH_P_ARP => {
             let mut headers = packet.arp()?;
             let (eth, arp) = headers.both_mut();
@@ -65,7 +65,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
 }
 
 #[inline(always)]
-fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict, DropReason> {
+fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) -> Result<Verdict, DropReason> {
     let mut headers = packet.ipv4()?;
     if !same_ipv4(headers.ip().saddr, pod_ipv4) {
         return Err(DropReason::SpoofedSource);
@@ -112,14 +112,16 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4]) -> Result<Verdict,
         };
     }
     let daddr = headers.ip().daddr;
+    let local = local_endpoint(daddr);
     // After the Service translation: policy is about the backend pod.
     if policy_on
         && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
-        && let Err(refusal) = policy::enforce(&flow, Some(pod_ipv4), &config)
+        && let Err(refusal) =
+            policy::enforce(&flow, Some(pod_ipv4), isolation, local.map_or(0, |e| e.isolation()), &config)
     {
         return refusal.verdict(daddr, back);
     }
-    if let Some(endpoint) = local_endpoint(daddr) {
+    if let Some(endpoint) = local {
         // Pods of one node share an MTU unless one was given a smaller one.
         if let Some(verdict) = too_big_for_pod(&headers, &endpoint, &config, back, Verdict::HostStack) {
             return Ok(verdict);

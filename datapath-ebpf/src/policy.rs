@@ -209,11 +209,20 @@ impl Refusal {
 }
 
 /// Judge `flow` for the local pods taking part: `sender` (the sending pod,
-/// known only to "from pod") for egress, the pod at the flow's destination
-/// (if it is local: only local pods have isolation entries) for ingress.
-/// Call only with `NODE_FLAG_POLICY` set.
+/// known only to "from pod", isolated in `sender_isolation`) for egress,
+/// the pod at the flow's destination (if it is local, isolated in
+/// `receiver_isolation`; zero otherwise) for ingress. Both isolations come
+/// from the entries the caller looked up anyway (`PodInterface`,
+/// `Endpoint`), copies of POLICY_ENDPOINTS. Call only with
+/// `NODE_FLAG_POLICY` set.
 #[inline(always)]
-pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Result<(), Refusal> {
+pub fn enforce(
+    flow: &Flow,
+    sender: Option<[u8; 4]>,
+    sender_isolation: u32,
+    receiver_isolation: u32,
+    config: &NodeConfig,
+) -> Result<(), Refusal> {
     let key = &flow.key;
     let (saddr, daddr) = (flow.saddr, flow.daddr);
     // A pod reaching itself is never judged: directly, or through a
@@ -226,11 +235,6 @@ pub fn enforce(flow: &Flow, sender: Option<[u8; 4]>, config: &NodeConfig) -> Res
     // What each local party is isolated in: a connection is tracked when
     // either is isolated in any direction, so that its replies, which
     // that party's other direction judges, pass.
-    let sender_isolation = match sender {
-        Some(sender) => isolation(sender),
-        None => 0,
-    };
-    let receiver_isolation = isolation(daddr);
     if sender_isolation == 0 && receiver_isolation == 0 {
         return Ok(());
     }
@@ -320,7 +324,8 @@ pub fn enforce_routed(flow: &Flow, from_node: bool) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The directions NetworkPolicy isolates the local pod at `ipv4` in.
+/// The directions NetworkPolicy isolates the local pod at `ipv4` in, from
+/// the record itself ("to pod" has no endpoint lookup of its own).
 #[inline(always)]
 fn isolation(ipv4: [u8; 4]) -> u32 {
     // SAFETY: copied out at once.

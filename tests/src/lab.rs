@@ -675,10 +675,33 @@ impl Node {
         let entry = PodInterface {
             pod_ipv4: pod_ipv4.octets(),
             host_mac: [0x02, 0, 0, 0, 0, 1],
-            _pad: [0; 2],
+            isolation: 0,
+            _pad: 0,
             traffic_slot: NO_TRAFFIC_SLOT,
         };
         map.insert(ifindex, entry, 0).unwrap();
+    }
+
+    /// Zero the copies of NetworkPolicy isolation in every ENDPOINTS and
+    /// POD_INTERFACES entry behind the agent's back (what a build without
+    /// them leaves behind).
+    pub fn clear_isolation_copies(&self) {
+        use datapath_common::{Endpoint, EndpointKey, PodInterface, map_names};
+        let pins = datapath_agent::bpf::PinLayout::new(&self.bpffs_dir);
+        let open =
+            |name| aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(pins.map(name)).unwrap());
+        let mut endpoints: aya::maps::HashMap<_, EndpointKey, Endpoint> =
+            aya::maps::HashMap::try_from(open(map_names::ENDPOINTS).unwrap()).unwrap();
+        let all: Vec<_> = endpoints.iter().map(Result::unwrap).collect();
+        for (key, endpoint) in all {
+            endpoints.insert(key, endpoint.with_isolation(0), 0).unwrap();
+        }
+        let mut interfaces: aya::maps::HashMap<_, u32, PodInterface> =
+            aya::maps::HashMap::try_from(open(map_names::POD_INTERFACES).unwrap()).unwrap();
+        let all: Vec<_> = interfaces.iter().map(Result::unwrap).collect();
+        for (ifindex, interface) in all {
+            interfaces.insert(ifindex, PodInterface { isolation: 0, ..interface }, 0).unwrap();
+        }
     }
 
     pub fn drop_count(&self, reason: &str) -> u64 {

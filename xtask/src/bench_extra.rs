@@ -31,7 +31,7 @@ fn datapath(mode: RoutingMode, device: &RunDevice) -> anyhow::Result<Datapath> {
     let mut dp = Datapath::load_unpinned()?;
     dp.insert_pod_interface(
         device.ifindex,
-        PodInterface { pod_ipv4: POD_A, host_mac: HOST_MAC_A, _pad: [0; 2], traffic_slot: 0 },
+        PodInterface { pod_ipv4: POD_A, host_mac: HOST_MAC_A, isolation: 0, _pad: 0, traffic_slot: 0 },
     )?;
     dp.insert_endpoint(
         Ipv4Addr::from(POD_B),

@@ -95,13 +95,17 @@ impl Datapath {
                 self.allocate_traffic_slot()?
             }
         };
+        // The pod's isolation as NetworkPolicy has it (written before these
+        // entries: a new pod is isolated before it is reachable).
+        let isolation = self.policy_isolation(ep.pod_ipv4)?;
         self.pod_interfaces_mut()?
             .insert(
                 ep.host_ifindex,
                 PodInterface {
                     pod_ipv4: ep.pod_ipv4.octets(),
                     host_mac: ep.host_mac.0,
-                    _pad: [0; 2],
+                    isolation: isolation as u8,
+                    _pad: 0,
                     traffic_slot,
                 },
                 0,
@@ -116,7 +120,8 @@ impl Datapath {
                     host_mac: ep.host_mac.0,
                     flags: 0,
                     traffic_slot,
-                },
+                }
+                .with_isolation(isolation),
                 0,
             )
             .map_err(DatapathError::map(map_names::ENDPOINTS))

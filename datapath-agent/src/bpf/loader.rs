@@ -86,10 +86,13 @@ impl Datapath {
             }
         };
         let mut datapath = Self { ebpf, pins, traffic_slots: Default::default() };
+        // The new programs read each pod's isolation from its endpoint
+        // entries: copied there before any link switches to them.
         let before_switch = map_pins
             .copy_before_switch(&mut datapath.ebpf)
             .map_err(DatapathError::from)
-            .and_then(|()| datapath.load_programs());
+            .and_then(|()| datapath.load_programs())
+            .and_then(|()| datapath.mirror_pinned_isolation().map(drop));
         if let Err(e) = before_switch {
             map_pins.abandon();
             return Err(e);

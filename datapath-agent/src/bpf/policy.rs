@@ -10,11 +10,15 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
 use datapath_common::{
-    EndpointKey, NODE_FLAG_POLICY, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, map_names,
+    EndpointKey, NODE_FLAG_POLICY, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
+    map_names,
 };
 use ipnet::Ipv4Net;
 
-use crate::bpf::{Datapath, DatapathError, maps::remove_present};
+use crate::bpf::{
+    Datapath, DatapathError,
+    maps::{get_present, remove_present},
+};
 
 /// One POLICY_RULES entry: its key and prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -108,6 +112,7 @@ impl Datapath {
                 );
             }
         }
+        report.written += self.mirror_isolation(&desired.endpoints)?;
         if desired.endpoints.is_empty() {
             self.set_policy_flag(false)?;
         }
@@ -131,6 +136,57 @@ impl Datapath {
             }
         }
         Ok(report)
+    }
+
+    /// The directions POLICY_ENDPOINTS isolates the local pod at `ip` in.
+    pub(super) fn policy_isolation(&self, ip: Ipv4Addr) -> Result<u32, DatapathError> {
+        let name = map_names::POLICY_ENDPOINTS;
+        let endpoints: HashMap<&MapData, EndpointKey, PolicyEndpoint> =
+            HashMap::try_from(self.map(name)?).map_err(DatapathError::map(name))?;
+        let entry =
+            get_present(&endpoints, &EndpointKey { ipv4: ip.octets() }).map_err(DatapathError::map(name))?;
+        Ok(entry.map_or(0, |e| e.flags))
+    }
+
+    /// Copy each local pod's isolation (`isolation`, as POLICY_ENDPOINTS
+    /// holds it) into its ENDPOINTS and POD_INTERFACES entries, where the
+    /// forwarding programs read it with the lookups they make anyway.
+    /// Returns the entries changed.
+    fn mirror_isolation(&mut self, isolation: &BTreeMap<Ipv4Addr, u32>) -> Result<usize, DatapathError> {
+        let of = |ip: [u8; 4]| isolation.get(&Ipv4Addr::from(ip)).copied().unwrap_or(0);
+        let mut changed = 0;
+        for (ip, endpoint) in self.endpoints()? {
+            let want = of(ip.octets());
+            if endpoint.isolation() != want {
+                let name = map_names::ENDPOINTS;
+                self.endpoints_mut()?
+                    .insert(EndpointKey { ipv4: ip.octets() }, endpoint.with_isolation(want), 0)
+                    .map_err(DatapathError::map(name))?;
+                changed += 1;
+            }
+        }
+        let name = map_names::POD_INTERFACES;
+        let interfaces: Vec<(u32, PodInterface)> =
+            self.pod_interfaces_mut()?.iter().collect::<Result<_, _>>().map_err(DatapathError::map(name))?;
+        for (ifindex, interface) in interfaces {
+            let want = of(interface.pod_ipv4) as u8;
+            if interface.isolation != want {
+                self.pod_interfaces_mut()?
+                    .insert(ifindex, PodInterface { isolation: want, ..interface }, 0)
+                    .map_err(DatapathError::map(name))?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Copy the pinned POLICY_ENDPOINTS into the endpoint entries, before
+    /// the pinned links switch to programs that read the copies: entries of
+    /// a build without them hold zero (not isolated), and the policy must
+    /// not lapse while the new agent reads its objects.
+    pub(super) fn mirror_pinned_isolation(&mut self) -> Result<usize, DatapathError> {
+        let isolation = self.policy_maps()?.endpoints;
+        self.mirror_isolation(&isolation)
     }
 
     /// Set or clear `NODE_FLAG_POLICY`, the programs' switch for policy

@@ -338,3 +338,37 @@ spec:
         assert!(results.iter().any(|ok| !ok), "{name} reached the other isolated backend: {results:?}");
     }
 }
+
+/// The forwarding programs read a pod's isolation from copies in its
+/// endpoint entries. Entries without them (left by a build that did not
+/// write them) must not open an isolated pod when the agent starts: the
+/// copies are written from the pinned POLICY_ENDPOINTS before the pinned
+/// links switch to the new programs, even while the policy objects cannot
+/// be read.
+#[test]
+fn isolation_holds_when_an_agent_starts_on_entries_without_it() {
+    datapath_tests::require_root!();
+    let mut lab = PolicyLab::new("native");
+    lab.put_policy(DENY_ALL_INGRESS_X);
+    lab.write();
+    // y/b and x/a share the first node: from_pod judges x/a's ingress.
+    let (from, target) = (lab.pod("y/b").netns.path(), SocketAddr::from((lab.pod("x/a").ip, 80)));
+    let reaches = |from: &std::path::Path| {
+        let from = from.to_owned();
+        in_netns(&from, move || connects(Protocol::Tcp, target)).join().unwrap()
+    };
+    wait_for("x/a isolated", Duration::from_secs(10), || !reaches(&from));
+    let node = &mut lab.nodes.0;
+    node.stop_agent();
+    node.clear_isolation_copies();
+    // The programs read only the copies (they are what this test is about).
+    assert!(reaches(&from), "x/a reachable without its copies: the programs do not read them");
+    // The new agent cannot read the objects: only the pinned record says x/a is isolated.
+    let hidden = lab.dir.with_extension("hidden");
+    std::fs::rename(&lab.dir, &hidden).unwrap();
+    node.start_agent();
+    let refused = !reaches(&from);
+    std::fs::rename(&hidden, &lab.dir).unwrap();
+    assert!(refused, "x/a open after the start:\n{}", node.agent_log());
+    assert!(node.agent_log().contains("policy_dir not applied"), "{}", node.agent_log());
+}

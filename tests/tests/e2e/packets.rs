@@ -56,7 +56,8 @@ impl Harness {
                 PodInterface {
                     pod_ipv4: POD_A_IP,
                     host_mac: HOST_A_MAC,
-                    _pad: [0; 2],
+                    isolation: 0,
+                    _pad: 0,
                     traffic_slot: POD_A_SLOT,
                 },
             )

@@ -39,7 +39,7 @@ fn harness(policy: &PolicyMaps) -> (Datapath, RunDevice) {
     let mut dp = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
     dp.insert_pod_interface(
         device.ifindex,
-        PodInterface { pod_ipv4: POD_A, host_mac: HOST_A_MAC, _pad: [0; 2], traffic_slot: 0 },
+        PodInterface { pod_ipv4: POD_A, host_mac: HOST_A_MAC, isolation: 0, _pad: 0, traffic_slot: 0 },
     )
     .unwrap();
     for (ip, ifindex, slot) in [(POD_A, 4241, 0), (POD_B, 4242, 1)] {

@@ -45,7 +45,13 @@ impl Harness {
         datapath
             .insert_pod_interface(
                 device.ifindex,
-                PodInterface { pod_ipv4: CLIENT, host_mac: HOST_CLIENT_MAC, _pad: [0; 2], traffic_slot: 0 },
+                PodInterface {
+                    pod_ipv4: CLIENT,
+                    host_mac: HOST_CLIENT_MAC,
+                    isolation: 0,
+                    _pad: 0,
+                    traffic_slot: 0,
+                },
             )
             .unwrap();
         for (i, ip) in BACKENDS.iter().chain([&CLIENT]).enumerate() {
