@@ -787,8 +787,11 @@ pub(crate) fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
             scale.entries.2,
             scale.rss_growth_kib
         );
+        let (connections, connection_targets) = crate::bench_policy_e2e::connections(&prefix, &args)?;
+        targets.extend(connection_targets);
         reports.push(serde_json::json!({
             "suite": "policy",
+            "connections": connections,
             "ns_per_packet": paths.iter().map(|p| serde_json::json!({
                 "path": p.name, "stats": p.raw, "net_of_harness": p.net, "harness": p.harness,
             })).collect::<Vec<_>>(),

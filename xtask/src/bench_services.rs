@@ -187,17 +187,14 @@ impl OursSetup {
 /// kube-proxy's node: pods routed like Calico, the nat table as kube-proxy
 /// writes it.
 struct KubeProxySetup {
-    // Drop order: pods, then the node.
-    client: Netns,
-    backend: Netns,
-    node: Netns,
+    pods: RoutedPods,
     services: Vec<Svc>,
     /// Chains of the last restore (a resync deletes the ones it no longer uses).
     chains: Vec<String>,
 }
 
-const KP_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const KP_BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+pub(crate) const KP_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub(crate) const KP_BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 /// The pods' gateway, as Calico gives it: a static neighbour, never an address.
 const POD_GATEWAY: &str = "169.254.1.1";
 
@@ -205,17 +202,29 @@ fn mac_string(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-impl KubeProxySetup {
-    fn new(prefix: &str, n: usize) -> anyhow::Result<Self> {
-        let node = Netns::new(format!("{prefix}-kp{n}-node"));
-        let client = Netns::new(format!("{prefix}-kp{n}-client"));
-        let backend = Netns::new(format!("{prefix}-kp{n}-backend"));
+/// A client and a backend pod routed by a node namespace the way Calico
+/// routes them, without our datapath: /32 routes on the host veths, the
+/// pods' gateway 169.254.1.1 a static neighbour. The kernel baselines
+/// (kube-proxy, an iptables NetworkPolicy) are built on it.
+pub(crate) struct RoutedPods {
+    // Drop order: pods, then the node.
+    pub(crate) client: Netns,
+    pub(crate) backend: Netns,
+    pub(crate) node: Netns,
+}
+
+impl RoutedPods {
+    /// Namespaces `<prefix>-<tag>-{node,client,backend}`.
+    pub(crate) fn new(prefix: &str, tag: &str) -> Self {
+        let node = Netns::new(format!("{prefix}-{tag}-node"));
+        let client = Netns::new(format!("{prefix}-{tag}-client"));
+        let backend = Netns::new(format!("{prefix}-{tag}-backend"));
         let ns = node.name.clone();
         sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        for (pod, veth, ip) in [
-            (&client, format!("{VETH_PREFIX}kpc"), KP_CLIENT_IP),
-            (&backend, format!("{VETH_PREFIX}kpb"), KP_BACKEND_IP),
-        ] {
+        for (pod, veth, ip) in
+            [(&client, Self::CLIENT_VETH, KP_CLIENT_IP), (&backend, Self::BACKEND_VETH, KP_BACKEND_IP)]
+        {
+            let veth = format!("{VETH_PREFIX}{veth}");
             let (p, ip) = (pod.name.as_str(), ip.to_string());
             sh(&["ip", "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", p]);
             sh(&["ip", "-n", &ns, "link", "set", &veth, "up"]);
@@ -255,15 +264,29 @@ impl KubeProxySetup {
                 "permanent",
             ]);
         }
-        let mut setup =
-            Self { client, backend, node, services: service_list(n, KP_BACKEND_IP), chains: Vec::new() };
+        Self { client, backend, node }
+    }
+
+    const CLIENT_VETH: &str = "kpc";
+    const BACKEND_VETH: &str = "kpb";
+
+    /// The backend's host veth (in the node namespace).
+    pub(crate) fn backend_veth() -> String {
+        format!("{VETH_PREFIX}{}", Self::BACKEND_VETH)
+    }
+}
+
+impl KubeProxySetup {
+    fn new(prefix: &str, n: usize) -> anyhow::Result<Self> {
+        let pods = RoutedPods::new(prefix, &format!("kp{n}"));
+        let mut setup = Self { pods, services: service_list(n, KP_BACKEND_IP), chains: Vec::new() };
         // The whole nat table in one restore, flushing what was there.
         setup.restore(&["-w"], true)?;
         Ok(setup)
     }
 
     fn pair(&self) -> Pair {
-        Pair::between(KUBE_PROXY, &self.client, &self.backend, KP_BACKEND_IP)
+        Pair::between(KUBE_PROXY, &self.pods.client, &self.pods.backend, KP_BACKEND_IP)
             .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
     }
 
@@ -274,7 +297,7 @@ impl KubeProxySetup {
         let (text, chains) = nat_table(&self.services, &self.chains, initial);
         let started = Instant::now();
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node.name, "iptables-restore"])
+            .args(["netns", "exec", &self.pods.node.name, "iptables-restore"])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -295,7 +318,7 @@ impl KubeProxySetup {
 
     /// Rules in the nat table (a sanity check that all N are there).
     fn rule_count(&self) -> usize {
-        sh(&["ip", "netns", "exec", &self.node.name, "iptables", "-w", "-t", "nat", "-S"])
+        sh(&["ip", "netns", "exec", &self.pods.node.name, "iptables", "-w", "-t", "nat", "-S"])
             .lines()
             .filter(|l| l.starts_with("-A "))
             .count()
@@ -404,7 +427,7 @@ fn nat_table(services: &[Svc], previous: &[String], initial: bool) -> (String, V
 /// connections one after another, in µs. The client closes each with a
 /// reset (SO_LINGER 0): no TIME_WAIT sockets pile up in its namespace to
 /// slow the next runs' port search.
-fn connect_latency(pair: &Pair, count: usize) -> anyhow::Result<f64> {
+pub(crate) fn connect_latency(pair: &Pair, count: usize) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let (server_ns, server_ip, port) = (pair.server.clone(), pair.server_ip, pair.server_port);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_extra;
 mod bench_policy;
+mod bench_policy_e2e;
 mod bench_services;
 mod chart;
 mod fmt;
