@@ -113,9 +113,12 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) ->
     }
     let daddr = headers.ip().daddr;
     let local = local_endpoint(daddr);
+    // An address of this node's pods that no pod has: not remembered.
+    let unassigned = local.is_none() && config.in_pod_cidr(daddr);
     // After the Service translation: policy is about the backend pod.
     if policy_on
-        && let Some(flow) = Flow::of(&headers).map(|flow| flow.before_translation(reply))
+        && let Some(flow) =
+            Flow::of(&headers).map(|flow| flow.before_translation(reply).untracked_if(unassigned))
         && let Err(refusal) =
             policy::enforce(&flow, Some(pod_ipv4), isolation, local.map_or(0, |e| e.isolation()), &config)
     {

@@ -54,13 +54,17 @@ pub struct Flow {
     error: bool,
     /// The packet's own source and destination (for an ICMP error they
     /// are not `key`'s).
-    saddr: [u8; 4],
-    daddr: [u8; 4],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
     /// A first fragment (or a packet) too short to hold the header policy
     /// judges by (ports, TCP flags, an ICMP error's quote): refused where
     /// policy applies, as firewalls refuse the tiny-fragment attack (RFC
     /// 1858); its later fragments could complete it past the judgement.
     unreadable: bool,
+    /// Allowed, but not remembered: its destination is an address of this
+    /// node's pod CIDR that no pod has (yet), and an entry made now would
+    /// let the same 5-tuple into whichever pod gets the address next.
+    untracked: bool,
 }
 
 impl Flow {
@@ -149,7 +153,23 @@ impl Flow {
             },
             _ => {}
         }
-        Some(Flow { key, opens, closes, error, saddr: ip.saddr, daddr: ip.daddr, unreadable })
+        Some(Flow {
+            key,
+            opens,
+            closes,
+            error,
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            unreadable,
+            untracked: false,
+        })
+    }
+
+    /// This flow, not to be remembered if `untracked` (see [`Flow::untracked`]).
+    #[inline(always)]
+    pub fn untracked_if(mut self, untracked: bool) -> Flow {
+        self.untracked = untracked;
+        self
     }
 }
 
@@ -226,10 +246,11 @@ pub fn enforce(
     let key = &flow.key;
     let (saddr, daddr) = (flow.saddr, flow.daddr);
     // A pod reaching itself is never judged: directly, or through a
-    // Service (the hairpin address, which only "from pod" can see: from
-    // outside it is an address like any other).
-    let hairpin = sender.is_some() && (same_ipv4(saddr, HAIRPIN_IPV4) || same_ipv4(daddr, HAIRPIN_IPV4));
-    if same_ipv4(saddr, daddr) || hairpin {
+    // Service (the hairpin address). Only "from pod" knows the sender is
+    // the pod: from outside either is an address like any other.
+    let to_itself =
+        same_ipv4(saddr, daddr) || same_ipv4(saddr, HAIRPIN_IPV4) || same_ipv4(daddr, HAIRPIN_IPV4);
+    if sender.is_some() && to_itself {
         return Ok(());
     }
     // What each local party is isolated in: a connection is tracked when
@@ -289,16 +310,16 @@ pub fn enforce(
 }
 
 /// Judge a packet the node's own stack routes into the local pod at the
-/// flow's destination ("to pod"): that pod's ingress, unless the node
-/// itself sent it (`from_node`: its own traffic is always allowed in, and
+/// flow's destination ("to pod"), isolated in `isolation`: that pod's
+/// ingress, unless the node sent it or translated it to one of its own
+/// addresses (`from_node`: its own traffic is always allowed in, and
 /// tracked like the rest so that the pod's replies pass its egress). A
 /// refusal is not answered: the sender addressed what the node translated
 /// (a hostPort, say), which an answer from here could not name. Call only
 /// with `NODE_FLAG_POLICY` set.
 #[inline(always)]
-pub fn enforce_routed(flow: &Flow, from_node: bool) -> Result<(), DropReason> {
-    let isolation = isolation(flow.daddr);
-    if isolation == 0 || same_ipv4(flow.saddr, flow.daddr) {
+pub fn enforce_routed(flow: &Flow, isolation: u32, from_node: bool) -> Result<(), DropReason> {
+    if isolation == 0 {
         return Ok(());
     }
     let ingress = !from_node && isolation & POLICY_INGRESS != 0;
@@ -327,7 +348,7 @@ pub fn enforce_routed(flow: &Flow, from_node: bool) -> Result<(), DropReason> {
 /// The directions NetworkPolicy isolates the local pod at `ipv4` in, from
 /// the record itself ("to pod" has no endpoint lookup of its own).
 #[inline(always)]
-fn isolation(ipv4: [u8; 4]) -> u32 {
+pub fn isolation(ipv4: [u8; 4]) -> u32 {
     // SAFETY: copied out at once.
     unsafe { POLICY_ENDPOINTS.get(EndpointKey { ipv4 }) }.map_or(0, |e| e.flags)
 }
@@ -397,6 +418,9 @@ fn tracked(flow: &Flow, service_replies: bool) -> bool {
 /// through; its replies are judged as new packets then.
 #[inline(always)]
 fn track(flow: &Flow) {
+    if flow.untracked {
+        return;
+    }
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let entry = ConntrackEntry {

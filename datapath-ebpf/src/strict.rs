@@ -7,16 +7,19 @@
 //! alone are [`crate::headers::Ipv4Hdr::check_forwardable`].
 
 use aya_ebpf::bindings::{
-    BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-    BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
+    BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+    BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+    bpf_fib_lookup,
 };
 use datapath_common::{
-    DropReason, IP_DF, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RpfCacheEntry, is_martian_source,
+    DropReason, HAIRPIN_IPV4, IP_DF, NodeConfig, RPF_CACHE_SLOTS, RPF_CACHE_USES, RoutingMode, RpfCacheEntry,
+    is_martian_source,
 };
 
 use crate::{
     headers::ETH_HLEN,
     headers::IPV4_MIN_HLEN,
+    lookup::{local_endpoint, remote_pod_cidr_owner},
     maps::RPF_CACHE,
     packet::{AF_INET, Ipv4Headers, PACKET_HOST, Packet},
 };
@@ -80,6 +83,18 @@ fn reverse_path_ok(packet: &Packet, saddr: [u8; 4]) -> Result<(), DropReason> {
 /// MTU check) must leave through `ingress`.
 #[inline(always)]
 fn fib_reverse_path(packet: &Packet, saddr: [u8; 4], ingress: u32) -> Result<(), DropReason> {
+    match route_back(packet, saddr, ingress) {
+        (BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH, out) if out == ingress => Ok(()),
+        (BPF_FIB_LKUP_RET_FWD_DISABLED, _) => Err(DropReason::ForwardingDisabled),
+        // Another interface, a local address, no route, blackhole, prohibit.
+        _ => Err(DropReason::ReversePath),
+    }
+}
+
+/// The FIB's route to `saddr` for a packet that came in on `ingress`: the
+/// helper's result and the interface the route leaves by.
+#[inline(always)]
+fn route_back(packet: &Packet, saddr: [u8; 4], ingress: u32) -> (u32, u32) {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -89,11 +104,56 @@ fn fib_reverse_path(packet: &Packet, saddr: [u8; 4], ingress: u32) -> Result<(),
     params.__bindgen_anon_1.tot_len = IPV4_MIN_HLEN as u16;
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(saddr);
     let rc = packet.fib_lookup(&mut params, BPF_FIB_LOOKUP_SKIP_NEIGH);
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if params.ifindex == ingress => Ok(()),
-        BPF_FIB_LKUP_RET_FWD_DISABLED => Err(DropReason::ForwardingDisabled),
-        // Another interface, a local address, no route, blackhole, prohibit.
-        _ => Err(DropReason::ReversePath),
+    (rc as u32, params.ifindex)
+}
+
+/// Whose a source is, for a packet the node's own stack routed into a pod
+/// after it came in on `came_in` ("to pod").
+pub enum RoutedSource {
+    /// One of the node's own addresses: the node sent it, or translated
+    /// it to its own address (SNAT, masquerade). (The kernel refuses its
+    /// addresses as sources from outside, unless `accept_local` is set.)
+    Node,
+    /// A peer that may send from where the packet came in.
+    Peer,
+    /// An address the packet cannot have come from where it did: a pod's
+    /// from anywhere but that pod's own way in, another source not routed
+    /// back the way it came (strict reverse path, as `rp_filter=1`,
+    /// whatever the node's own setting).
+    Forged,
+}
+
+/// See [`RoutedSource`]: a pod of this node comes in on its own veth, a
+/// peer node's pod through the uplink (native) or the VXLAN device
+/// (overlay), an address of this node's pod CIDR that no pod has from
+/// nowhere; the node's FIB judges the rest.
+#[inline(always)]
+pub fn routed_source(packet: &Packet, saddr: [u8; 4], came_in: u32, config: &NodeConfig) -> RoutedSource {
+    let came_right = |right: bool| if right { RoutedSource::Peer } else { RoutedSource::Forged };
+    if let Some(endpoint) = local_endpoint(saddr) {
+        return came_right(endpoint.host_ifindex == came_in);
+    }
+    if config.in_pod_cidr(saddr) {
+        return RoutedSource::Forged;
+    }
+    if remote_pod_cidr_owner(saddr).is_some() {
+        let way_in = if config.mode == RoutingMode::Vxlan as u32 {
+            config.vxlan_ifindex
+        } else {
+            config.uplink_ifindex
+        };
+        return came_right(came_in == way_in);
+    }
+    // The hairpin address is the Service translation's, in "from pod"
+    // only: whatever the node does with it, no one else sends from it.
+    if is_martian_source(saddr) || saddr == HAIRPIN_IPV4 {
+        return RoutedSource::Forged;
+    }
+    match route_back(packet, saddr, came_in) {
+        (BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH, out) => came_right(out == came_in),
+        // Not forwarded: a local address (broadcast and multicast are martians).
+        (BPF_FIB_LKUP_RET_NOT_FWDED, _) => RoutedSource::Node,
+        _ => RoutedSource::Forged,
     }
 }
 

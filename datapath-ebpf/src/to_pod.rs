@@ -16,6 +16,7 @@ use crate::{
     lookup::node_config,
     packet::Packet,
     policy::{self, Flow},
+    strict::{RoutedSource, routed_source},
     verdict::{Verdict, apply},
 };
 
@@ -34,7 +35,8 @@ pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
-    if node_config().flags & NODE_FLAG_POLICY == 0 {
+    let config = node_config();
+    if config.flags & NODE_FLAG_POLICY == 0 {
         return Ok(Verdict::RoutedIntoPod);
     }
     packet.pull_headers();
@@ -47,10 +49,23 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         return Ok(Verdict::RoutedIntoPod);
     };
     // A later fragment follows its first, which was judged.
-    if let Some(flow) = Flow::of(&headers) {
-        // Made by the node itself: no interface it came in on.
-        let from_node = headers.packet().ingress_ifindex() == 0;
-        policy::enforce_routed(&flow, from_node)?;
+    let Some(flow) = Flow::of(&headers) else {
+        return Ok(Verdict::RoutedIntoPod);
+    };
+    let isolation = policy::isolation(flow.daddr);
+    if isolation == 0 {
+        return Ok(Verdict::RoutedIntoPod);
     }
+    // Made by the node itself: no interface it came in on. Otherwise:
+    // policy knows a peer by its address, and one the node's stack let in
+    // from the wrong side (its rp_filter loose or off) is not that peer.
+    let came_in = headers.packet().ingress_ifindex();
+    let from_node = came_in == 0
+        || match routed_source(headers.packet(), flow.saddr, came_in, &config) {
+            RoutedSource::Node => true,
+            RoutedSource::Peer => false,
+            RoutedSource::Forged => return Err(DropReason::ReversePath),
+        };
+    policy::enforce_routed(&flow, isolation, from_node)?;
     Ok(Verdict::RoutedIntoPod)
 }

@@ -166,6 +166,17 @@ impl Agent {
             namespace: spec.pod_namespace.clone().unwrap_or_else(|| "default".into()),
             name: spec.pod_name.clone().unwrap_or_else(|| spec.container_id.clone()),
         }));
+        // The address may have been another pod's, or been tried while no
+        // pod had it: the new pod starts with no allowed connection.
+        // ("From pod" remembers none for an address no pod has, so none
+        // can appear between this and the entries below.)
+        let forgotten = self
+            .datapath
+            .forget_policy_connections(spec.pod_ipv4)
+            .context("forgetting the connections policy allowed for this address")?;
+        if forgotten > 0 {
+            tracing::info!(ip = %spec.pod_ipv4, forgotten, "connections of the address's previous owner forgotten");
+        }
         if let Err(e) = self.datapath.add_endpoint(&endpoint) {
             // Leave nothing half-made behind.
             let _ = self.datapath.remove_endpoint(
@@ -253,6 +264,17 @@ impl Agent {
             .context("removing the endpoint")?;
         if self.store.remove(&reference.host_ifname)? {
             removed += 1;
+        }
+        // Its address goes back to the pool: nothing allowed for this pod
+        // may reach the next one (ADD forgets again, in case this fails).
+        if let Some(ip) = pod_ipv4 {
+            match self.datapath.forget_policy_connections(ip) {
+                Ok(forgotten) => removed += forgotten,
+                Err(e) => {
+                    self.errors.inc();
+                    tracing::warn!(ip = %ip, error = format!("{:#}", anyhow::Error::from(e)), "forgetting the pod's connections failed");
+                }
+            }
         }
         tracing::info!(
             container = reference.container_id,
