@@ -1,9 +1,9 @@
 //! The red team's attack suite against NetworkPolicy (issue 17), written by a
-//! helper that had not seen the implementation. Not part of CI: 5 of its 12
-//! tests fail on the open finding (what the node's own kernel routes into a
-//! pod is not judged: a second NIC, hostPort DNAT, the moments of a CNI ADD).
-//! Move it into tests/tests/e2e/ (and add `mod redteam_policy;` to main.rs)
-//! once the to-pod program on the host veth's egress exists; it then must pass.
+//! helper that had not seen the implementation. 5 of its 12 tests failed on
+//! what the node's own kernel routes into a pod (a second NIC, hostPort
+//! DNAT, the moments of a CNI ADD) until `to_pod` judged it; all pass now.
+//! Its helpers (reports, captures, packet builders, outside hosts) are
+//! shared with the second suite, `redteam_to_pod.rs`.
 
 //! Red team: NetworkPolicy attacked from the outside (hostile pods, a
 //! hostile host on the nodes' L2 segment, a careless operator). Each test
@@ -32,9 +32,9 @@ use datapath_tests::{
     sh, wait_for,
 };
 
-const TCP_RST: u8 = 0x04;
-const TCP_PSH: u8 = 0x08;
-const TCP_URG: u8 = 0x20;
+pub(super) const TCP_RST: u8 = 0x04;
+pub(super) const TCP_PSH: u8 = 0x08;
+pub(super) const TCP_URG: u8 = 0x20;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -42,26 +42,26 @@ const TCP_URG: u8 = 0x20;
 
 /// The verdicts of a run: (attack, must be blocked, was delivered).
 #[derive(Default)]
-struct Report {
-    rows: Vec<(String, bool, bool)>,
+pub(super) struct Report {
+    pub(super) rows: Vec<(String, bool, bool)>,
 }
 
 impl Report {
     /// `delivered` where policy says it must not be: a finding.
-    fn blocked(&mut self, what: &str, delivered: bool) {
+    pub(super) fn blocked(&mut self, what: &str, delivered: bool) {
         eprintln!("  [{}] {what}", if delivered { "BYPASS" } else { "held" });
         self.rows.push((what.to_owned(), true, delivered));
     }
     /// Allowed by policy: must be delivered (a sanity check of the probe).
-    fn allowed(&mut self, what: &str, delivered: bool) {
+    pub(super) fn allowed(&mut self, what: &str, delivered: bool) {
         eprintln!("  [{}] {what}", if delivered { "ok" } else { "NOT DELIVERED (allowed!)" });
         self.rows.push((what.to_owned(), false, delivered));
     }
     /// Informational: documented behaviour, recorded only.
-    fn info(&mut self, what: &str, delivered: bool) {
+    pub(super) fn info(&mut self, what: &str, delivered: bool) {
         eprintln!("  [info: {}] {what}", if delivered { "delivered" } else { "not delivered" });
     }
-    fn finish(self, title: &str) {
+    pub(super) fn finish(self, title: &str) {
         let bad: Vec<String> = self
             .rows
             .iter()
@@ -80,14 +80,14 @@ impl Report {
 
 /// Frames arriving on an interface inside a namespace (AF_PACKET, outgoing
 /// frames left out), collected until dropped.
-struct Capture {
-    stop: Arc<AtomicBool>,
-    frames: Arc<Mutex<Vec<Vec<u8>>>>,
-    thread: Option<JoinHandle<()>>,
+pub(super) struct Capture {
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub(super) thread: Option<JoinHandle<()>>,
 }
 
 impl Capture {
-    fn start(ns: &Path, ifname: &str) -> Self {
+    pub(super) fn start(ns: &Path, ifname: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let frames = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -157,12 +157,12 @@ impl Capture {
         Capture { stop, frames, thread: Some(thread) }
     }
 
-    fn count(&self, marker: &[u8]) -> usize {
+    pub(super) fn count(&self, marker: &[u8]) -> usize {
         self.frames.lock().unwrap().iter().filter(|f| contains(f, marker)).count()
     }
 
     /// Wait up to `wait` for a frame carrying `marker`.
-    fn saw(&self, marker: &[u8], wait: Duration) -> bool {
+    pub(super) fn saw(&self, marker: &[u8], wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
         loop {
             if self.count(marker) > 0 {
@@ -177,7 +177,7 @@ impl Capture {
 
     /// An IPv4 packet (frame without its Ethernet header) for which `pred`
     /// holds, within `wait`.
-    fn saw_ip(&self, wait: Duration, pred: impl Fn(&[u8]) -> bool) -> bool {
+    pub(super) fn saw_ip(&self, wait: Duration, pred: impl Fn(&[u8]) -> bool) -> bool {
         let deadline = Instant::now() + wait;
         loop {
             let seen = self
@@ -203,13 +203,13 @@ impl Drop for Capture {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(super) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Send whole IPv4 packets (header included, IP_HDRINCL) from inside `ns`:
 /// the namespace's routes and ARP take them to the wire.
-fn send_ip(ns: &Path, packets: Vec<Vec<u8>>) {
+pub(super) fn send_ip(ns: &Path, packets: Vec<Vec<u8>>) {
     in_netns(ns, move || {
         // SAFETY: plain socket calls on a descriptor this thread owns.
         unsafe {
@@ -239,33 +239,40 @@ fn send_ip(ns: &Path, packets: Vec<Vec<u8>>) {
 }
 
 /// Set the IP id (and fix the header checksum) of a built packet.
-fn with_id(mut p: Vec<u8>, id: u16) -> Vec<u8> {
+pub(super) fn with_id(mut p: Vec<u8>, id: u16) -> Vec<u8> {
     p[4..6].copy_from_slice(&id.to_be_bytes());
     fix_ip_checksum(&mut p);
     p
 }
 
-fn fix_ip_checksum(p: &mut [u8]) {
+pub(super) fn fix_ip_checksum(p: &mut [u8]) {
     let hl = (p[0] & 0x0f) as usize * 4;
     p[10..12].copy_from_slice(&[0, 0]);
     let c = checksum(&p[..hl]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
-fn ip(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, frag: u16, payload: Vec<u8>) -> Vec<u8> {
+pub(super) fn ip(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, frag: u16, payload: Vec<u8>) -> Vec<u8> {
     Ipv4 { src: src.octets(), dst: dst.octets(), ttl: 64, protocol, options: vec![], frag, payload }.bytes()
 }
 
-fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub(super) fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
     Ipv4::udp(src.octets(), sport, dst.octets(), dport, payload, true).bytes()
 }
 
-fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+pub(super) fn tcp(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     Ipv4::tcp(src.octets(), sport, dst.octets(), dport, flags, payload).bytes()
 }
 
 /// An ICMP message (`rest` = the 4 bytes after the checksum).
-fn icmp(src: Ipv4Addr, dst: Ipv4Addr, typ: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+pub(super) fn icmp(src: Ipv4Addr, dst: Ipv4Addr, typ: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut m = vec![typ, code, 0, 0];
     m.extend_from_slice(&rest);
     m.extend_from_slice(body);
@@ -274,12 +281,12 @@ fn icmp(src: Ipv4Addr, dst: Ipv4Addr, typ: u8, code: u8, rest: [u8; 4], body: &[
     ip(src, dst, 1, 0, m)
 }
 
-fn marker(name: &str) -> Vec<u8> {
+pub(super) fn marker(name: &str) -> Vec<u8> {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("RTMARK-{}-{name}", N.fetch_add(1, Ordering::SeqCst)).into_bytes()
 }
 
-fn mtu_of(ns: &Netns, ifname: &str) -> u32 {
+pub(super) fn mtu_of(ns: &Netns, ifname: &str) -> u32 {
     let out = sh(&["ip", "-n", &ns.name, "-j", "link", "show", ifname]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0]["mtu"].as_u64().unwrap() as u32
@@ -288,7 +295,7 @@ fn mtu_of(ns: &Netns, ifname: &str) -> u32 {
 /// A host on the nodes' L2 segment that is not a node: plugged into the
 /// lab's fabric bridge (found by name), address `ip`/24, routes to the pod
 /// CIDRs through the nodes, as an attacker on the segment would add.
-fn outside_host(name: &str, ip: Ipv4Addr) -> Netns {
+pub(super) fn outside_host(name: &str, ip: Ipv4Addr) -> Netns {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     let pid = std::process::id();
@@ -311,23 +318,23 @@ fn outside_host(name: &str, ip: Ipv4Addr) -> Netns {
     ns
 }
 
-fn probe(lab: &PolicyLab, from: &str, to: SocketAddr, protocol: Protocol) -> bool {
+pub(super) fn probe(lab: &PolicyLab, from: &str, to: SocketAddr, protocol: Protocol) -> bool {
     in_netns(&lab.pod(from).netns.path(), move || connects(protocol, to)).join().unwrap()
 }
 
-fn probe_tcp(lab: &PolicyLab, from: &str, to: &str, port: u16) -> bool {
+pub(super) fn probe_tcp(lab: &PolicyLab, from: &str, to: &str, port: u16) -> bool {
     probe(lab, from, SocketAddr::from((lab.pod(to).ip, port)), Protocol::Tcp)
 }
 
 /// TCP servers on extra ports in a namespace (each accepted connection gets
 /// one byte, as the lab's servers do).
-struct ExtraServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+pub(super) struct ExtraServers {
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) threads: Vec<JoinHandle<()>>,
 }
 
 impl ExtraServers {
-    fn tcp(ns: &Path, ip: Ipv4Addr, ports: &[u16]) -> Self {
+    pub(super) fn tcp(ns: &Path, ip: Ipv4Addr, ports: &[u16]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = ports
             .iter()
@@ -364,21 +371,21 @@ impl Drop for ExtraServers {
     }
 }
 
-const DENY_IN_X: &str = "
+pub(super) const DENY_IN_X: &str = "
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny-in, namespace: x}
 spec: {podSelector: {}, policyTypes: [Ingress]}
 ";
 
-const DENY_OUT_Z: &str = "
+pub(super) const DENY_OUT_Z: &str = "
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny-out, namespace: z}
 spec: {podSelector: {}, policyTypes: [Egress]}
 ";
 
-fn wait_isolated(lab: &PolicyLab) {
+pub(super) fn wait_isolated(lab: &PolicyLab) {
     wait_for("x isolated for ingress on both nodes", Duration::from_secs(15), || {
         !probe_tcp(lab, "y/b", "x/a", 80)
             && !probe_tcp(lab, "y/a", "x/a", 80)
