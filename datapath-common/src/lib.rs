@@ -573,8 +573,70 @@ pub const CT_REPLY: u8 = 1;
 pub const CT_POLICY: u8 = 2;
 /// The client is the backend itself (a pod reaching itself through a Service).
 pub const CT_HAIRPIN: u8 = 1;
-/// A FIN or RST was seen: the agent removes the pair once it is quiet.
+/// An RST was seen (entries of builds before [`CT_STATEFUL`]: or a FIN):
+/// the connection is over, and the agent removes it once it is quiet for
+/// `conntrack_closing_seconds`.
 pub const CT_CLOSING: u8 = 2;
+/// TCP: this entry's direction sent a FIN (a policy entry: its first
+/// packet's direction). With a FIN both ways the connection is closing;
+/// with one, half-closed (`conntrack_half_closed_seconds`).
+pub const CT_FIN: u8 = 4;
+/// TCP: this entry's direction sent more than its first packet: the
+/// forward direction an ACK (the handshake went on), the reply direction
+/// anything. Until both directions have, the connection is opening
+/// (`conntrack_opening_seconds`, short): a flood of SYNs nobody completes
+/// cannot hold the table for the TCP idle time.
+pub const CT_SEEN: u8 = 8;
+/// [`CT_FIN`] and [`CT_SEEN`] of a policy entry's reply direction (a policy
+/// entry stands for both directions).
+pub const CT_FIN_REPLY: u8 = 16;
+pub const CT_SEEN_REPLY: u8 = 32;
+/// Made by a build that records [`CT_SEEN`]: an entry without it is from
+/// an older one, and counts as established.
+pub const CT_STATEFUL: u8 = 64;
+
+/// Where a TCP connection stands, from the flags of its entries (both
+/// directions), for the collector's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// Not yet answered and acknowledged both ways.
+    Opening,
+    Established,
+    /// One direction sent a FIN.
+    HalfClosed,
+    /// FIN both ways, or an RST.
+    Closing,
+}
+
+impl TcpState {
+    /// The state of a connection whose entry of kind `kind` has `flags`,
+    /// and whose other entry (a Service connection's other direction) has
+    /// `pair_flags` (0 when there is none).
+    pub fn of(kind: u8, flags: u8, pair_flags: u8) -> TcpState {
+        // Each direction's own bits, as a policy entry holds them.
+        let as_policy = |kind: u8, flags: u8| {
+            if kind == CT_REPLY {
+                let fin = if flags & CT_FIN != 0 { CT_FIN_REPLY } else { 0 };
+                let seen = if flags & CT_SEEN != 0 { CT_SEEN_REPLY } else { 0 };
+                (flags & !(CT_FIN | CT_SEEN)) | fin | seen
+            } else {
+                flags
+            }
+        };
+        let pair_kind = if kind == CT_REPLY { CT_FORWARD } else { CT_REPLY };
+        let state = as_policy(kind, flags) | as_policy(pair_kind, pair_flags);
+        let fins = state & (CT_FIN | CT_FIN_REPLY);
+        if state & CT_CLOSING != 0 || fins == CT_FIN | CT_FIN_REPLY {
+            TcpState::Closing
+        } else if fins != 0 {
+            TcpState::HalfClosed
+        } else if state & CT_STATEFUL != 0 && state & (CT_SEEN | CT_SEEN_REPLY) != CT_SEEN | CT_SEEN_REPLY {
+            TcpState::Opening
+        } else {
+            TcpState::Established
+        }
+    }
+}
 
 impl ConntrackKey {
     /// The key of the other direction of the same connection.

@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod headers;
 pub mod icmp;
 pub mod rate_limit;
+pub mod related;
 
 #[cfg(target_arch = "bpf")]
 pub mod counters;

@@ -13,10 +13,10 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use datapath_common::{
-    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_POLICY, ConntrackEntry, ConntrackKey,
-    DropReason, EndpointKey, HAIRPIN_IPV4, IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, NodeConfig, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey,
-    policy_verdict_slot,
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN, CT_FIN_REPLY, CT_FORWARD, CT_POLICY, CT_SEEN,
+    CT_SEEN_REPLY, CT_STATEFUL, ConntrackEntry, ConntrackKey, DropReason, EndpointKey, HAIRPIN_IPV4,
+    IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, NodeConfig, POLICY_EGRESS,
+    POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey, policy_verdict_slot,
 };
 
 use crate::{
@@ -30,9 +30,7 @@ use crate::{
     verdict::{Back, Verdict},
 };
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// Where the TCP flags sit in the TCP header.
 const TCP_FLAGS: usize = 13;
@@ -47,8 +45,9 @@ pub struct Flow {
     /// Opens a connection (TCP SYN, UDP, SCTP, ICMP echo request): a
     /// refusal is answered, so the client fails at once.
     opens: bool,
-    /// TCP FIN or RST: the connection's entry is closing.
-    closes: bool,
+    /// A TCP packet's flags (0 for other protocols): what it tells the
+    /// connection's entry.
+    tcp_flags: u8,
     /// An ICMP error: it belongs to the connection it quotes (`key` is
     /// the quoted packet's 5-tuple).
     error: bool,
@@ -77,6 +76,13 @@ impl Flow {
             return self;
         }
         self.key = key;
+        // An ICMP error about the client's packet: the quote as it
+        // travelled; the error itself goes back to that packet's sender
+        // (its source may be a router's: kept).
+        if self.error {
+            self.daddr = key.saddr;
+            return self;
+        }
         self.saddr = key.saddr;
         self.daddr = key.daddr;
         self
@@ -101,7 +107,8 @@ impl Flow {
             protocol: ip.protocol,
             _pad: [0; 3],
         };
-        let (mut opens, mut closes, mut error, mut unreadable) = (false, false, false, false);
+        let (mut opens, mut error, mut unreadable) = (false, false, false);
+        let mut tcp_flags = 0;
         match ip.protocol {
             IPPROTO_TCP => {
                 // Direct access where the header is in the linear data (a
@@ -110,9 +117,8 @@ impl Flow {
                     Some(tcp) => {
                         key.sport = [tcp[0], tcp[1]];
                         key.dport = [tcp[2], tcp[3]];
-                        let flags = tcp[TCP_FLAGS];
-                        opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                        closes = flags & (TCP_FIN | TCP_RST) != 0;
+                        tcp_flags = tcp[TCP_FLAGS];
+                        opens = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
                     }
                     None => unreadable = true,
                 }
@@ -156,7 +162,7 @@ impl Flow {
         Some(Flow {
             key,
             opens,
-            closes,
+            tcp_flags,
             error,
             saddr: ip.saddr,
             daddr: ip.daddr,
@@ -404,8 +410,9 @@ fn tracked(flow: &Flow, service_replies: bool) -> bool {
                 if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
                     (*entry).last_seen_ns = now;
                 }
-                if flow.closes && (*entry).flags & CT_CLOSING == 0 {
-                    (*entry).flags |= CT_CLOSING;
+                let events = tcp_events(flow, reply);
+                if (*entry).flags & events != events {
+                    (*entry).flags |= events;
                 }
             }
             return true;
@@ -425,11 +432,33 @@ fn track(flow: &Flow) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let entry = ConntrackEntry {
         kind: CT_POLICY,
-        flags: if flow.closes { CT_CLOSING } else { 0 },
+        flags: CT_STATEFUL | tcp_events(flow, false),
         last_seen_ns: now,
         ..ConntrackEntry::default()
     };
     let _ = CONNTRACK.insert(flow.key, entry, BPF_NOEXIST as u64);
+}
+
+/// What a packet of `flow` tells its connection's policy entry: the
+/// events of [`crate::services::tcp_events`], the reply direction's in
+/// their own bits (one entry stands for both directions).
+#[inline(always)]
+fn tcp_events(flow: &Flow, reply: bool) -> u8 {
+    if flow.key.protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let events = crate::services::tcp_events(flow.tcp_flags, reply);
+    if !reply {
+        return events;
+    }
+    let mut own = events & CT_CLOSING;
+    if events & CT_FIN != 0 {
+        own |= CT_FIN_REPLY;
+    }
+    if events & CT_SEEN != 0 {
+        own |= CT_SEEN_REPLY;
+    }
+    own
 }
 
 #[inline(always)]

@@ -15,23 +15,28 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use datapath_common::{
-    AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD,
-    CT_HAIRPIN, CT_POLICY, CT_REPLY, ConntrackEntry, ConntrackKey, DropReason, FragmentKey,
-    FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP,
-    SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+    AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
+    CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey,
+    DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
 };
 
 use crate::{
     NS_PER_SECOND,
-    headers::{ETH_HLEN, IPV4_MIN_HLEN, Ipv4Hdr, same_ipv4},
+    headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, Ipv4Hdr, same_ipv4},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
+    related::{
+        BLOCK_LEN, ICMP_TYPE, Q_FRAG, Q_PROTOCOL, Q_TCP_CHECK, Q_VERSION_IHL, QUOTING_TYPES, Quote,
+        rewrite_quote,
+    },
 };
 
 /// `-EEXIST`: another CPU opened the same connection first.
 const EEXIST: i32 = -17;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// Where the TCP flags sit in the TCP header.
 const TCP_FLAGS: usize = 13;
 /// Where the checksum sits in the TCP and UDP headers.
@@ -70,6 +75,9 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     let ip = headers.ip();
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        if protocol == IPPROTO_ICMP {
+            return related_error(headers);
+        }
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
     }
     let frag_off = ip.frag_off();
@@ -97,11 +105,14 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
                 (*entry).last_seen_ns = now;
             }
             if protocol == IPPROTO_TCP
-                && (*entry).flags & CT_CLOSING == 0
-                && let Some(flags) = headers.packet().load::<u8>(ports.l4 + TCP_FLAGS)
-                && flags & (TCP_FIN | TCP_RST) != 0
+                && let Some(tcp_flags) = headers.packet().load::<u8>(ports.l4 + TCP_FLAGS)
             {
-                (*entry).flags |= CT_CLOSING;
+                // Written only when it changes something: one write per
+                // connection and event, not per packet.
+                let events = tcp_events(tcp_flags, (*entry).kind == CT_REPLY);
+                if (*entry).flags & events != events {
+                    (*entry).flags |= events;
+                }
             }
             *entry
         };
@@ -148,17 +159,29 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
         let _ = SERVICE_AFFINITY.insert(affinity_key, entry, 0);
     }
     let hairpin = same_ipv4(backend.ipv4, saddr);
+    // What the opening packet itself says (an ACK or a FIN instead of a
+    // SYN: the backend's RST will end it).
+    let events = match headers.packet().load::<u8>(ports.l4 + TCP_FLAGS) {
+        Some(tcp_flags) if protocol == IPPROTO_TCP => tcp_events(tcp_flags, false),
+        _ => 0,
+    };
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
         nat_port: backend.port,
         kind: CT_FORWARD,
-        flags: if hairpin { CT_HAIRPIN } else { 0 },
+        flags: CT_STATEFUL | events | if hairpin { CT_HAIRPIN } else { 0 },
         client_ipv4: saddr,
         service_id: service.id,
         last_seen_ns: now,
     };
     let reply_key = key.pair(&forward);
-    let reply = ConntrackEntry { nat_addr: daddr, nat_port: ports.dport, kind: CT_REPLY, ..forward };
+    let reply = ConntrackEntry {
+        nat_addr: daddr,
+        nat_port: ports.dport,
+        kind: CT_REPLY,
+        flags: CT_STATEFUL | if hairpin { CT_HAIRPIN } else { 0 },
+        ..forward
+    };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(EEXIST) => {
@@ -180,6 +203,129 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
     apply(headers, &key, &forward, &ports, fragments)
+}
+
+/// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the
+/// entry of its direction (`reply`: the backend's).
+#[inline(always)]
+pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
+    let mut events = 0;
+    if tcp_flags & TCP_RST != 0 {
+        events |= CT_CLOSING;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        events |= CT_FIN;
+    }
+    // The client's ACK (the handshake went on), or any answer at all.
+    if reply || tcp_flags & TCP_ACK != 0 {
+        events |= CT_SEEN;
+    }
+    events
+}
+
+/// An ICMP error about a packet of a Service connection (see
+/// [`crate::related`]): the quoted packet's 5-tuple, reversed, is the key
+/// of the entry for the error's own direction. The error gets what that
+/// entry does to the addresses of its packets (its source only if the
+/// backend sent it: a router's address stays), the quote the mirror of it.
+/// For an error about the client's packet, the returned key is the quote
+/// before the rewrite (the connection as it travelled between the pods,
+/// for policy). Anything else passes as it is.
+#[inline(always)]
+fn related_error(headers: Ipv4Headers<'_>) -> Result<Translation<'_>, DropReason> {
+    let untouched = |headers| Ok(Translation::Forward(headers, ConntrackKey::default()));
+    let ip = headers.ip();
+    let (saddr, daddr) = (ip.saddr, ip.daddr);
+    // Errors are small: one in fragments is not worth reassembling here.
+    if ip.frag_off() & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return untouched(headers);
+    }
+    let l4 = ETH_HLEN + (ip.version_ihl & 0x0f) as usize * 4;
+    let Some(mut block) = headers.packet().load::<[u8; BLOCK_LEN]>(l4) else {
+        return untouched(headers);
+    };
+    let protocol = block[Q_PROTOCOL];
+    // A quote with IP options, or of a later fragment (no ports), is left
+    // as it is: rare, and what it quotes cannot be matched cheaply.
+    if !QUOTING_TYPES.contains(&block[ICMP_TYPE])
+        || block[Q_VERSION_IHL] != IPV4_NO_OPTIONS
+        || u16::from_be_bytes([block[Q_FRAG], block[Q_FRAG + 1]]) & IP_OFFSET_MASK != 0
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
+        return untouched(headers);
+    }
+    let quoted = Quote::of(&block);
+    // An error goes back to the quoted packet's sender.
+    if !same_ipv4(daddr, quoted.saddr) {
+        return untouched(headers);
+    }
+    let key = ConntrackKey {
+        saddr: quoted.daddr,
+        daddr: quoted.saddr,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let Some(entry) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return untouched(headers);
+    };
+    let hairpin = entry.flags & CT_HAIRPIN != 0;
+    let (mut new, mut new_saddr, mut new_daddr) = (quoted, saddr, daddr);
+    match entry.kind {
+        // About the client's packet: it was sent to the Service.
+        CT_REPLY => {
+            new.daddr = entry.nat_addr;
+            new.dport = entry.nat_port;
+            if same_ipv4(saddr, key.saddr) {
+                new_saddr = entry.nat_addr;
+            }
+            if hairpin {
+                new.saddr = entry.client_ipv4;
+                new_daddr = entry.client_ipv4;
+            }
+        }
+        // About the backend's reply: it came from the backend.
+        CT_FORWARD => {
+            new.saddr = entry.nat_addr;
+            new.sport = entry.nat_port;
+            new_daddr = entry.nat_addr;
+            if hairpin {
+                new.daddr = HAIRPIN_IPV4;
+                if same_ipv4(saddr, key.saddr) {
+                    new_saddr = HAIRPIN_IPV4;
+                }
+            }
+        }
+        // A connection policy allowed translates nothing.
+        _ => return untouched(headers),
+    }
+    let before = if entry.kind == CT_REPLY {
+        ConntrackKey {
+            saddr: quoted.saddr,
+            daddr: quoted.daddr,
+            sport: quoted.sport,
+            dport: quoted.dport,
+            ..key
+        }
+    } else {
+        ConntrackKey::default()
+    };
+    let packet = headers.into_packet();
+    let tcp_check = if protocol == IPPROTO_TCP {
+        packet.load::<[u8; 2]>(l4 + Q_TCP_CHECK).map(u16::from_be_bytes)
+    } else {
+        None
+    };
+    let new_tcp_check = rewrite_quote(&mut block, &new, tcp_check);
+    packet.store(l4, &block)?;
+    if let Some(check) = new_tcp_check {
+        packet.store(l4 + Q_TCP_CHECK, &check.to_be_bytes())?;
+    }
+    set_ip_addr(packet, IP_SADDR, saddr, new_saddr)?;
+    set_ip_addr(packet, IP_DADDR, daddr, new_daddr)?;
+    Ok(Translation::Forward(packet.ipv4()?, before))
 }
 
 /// Rewrite this packet for its connection, checksums included (the

@@ -154,6 +154,27 @@ impl Ipv4 {
     }
 }
 
+impl Ipv4 {
+    /// An ICMP error of `icmp_type`/`code` (`rest`: the header's last four
+    /// bytes, e.g. the MTU of a fragmentation needed) quoting `quoted`,
+    /// checksum computed from scratch.
+    pub fn icmp_error(
+        src: [u8; 4],
+        dst: [u8; 4],
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quoted: &[u8],
+    ) -> Self {
+        let mut icmp = vec![icmp_type, code, 0, 0];
+        icmp.extend_from_slice(&rest);
+        icmp.extend_from_slice(quoted);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        Self { src, dst, ttl: 64, protocol: 1, options: vec![], frag: 0, payload: icmp }
+    }
+}
+
 /// An Ethernet/IPv4 frame taken apart, for checking what a program wrote.
 #[derive(Debug)]
 pub struct Parsed {

@@ -486,10 +486,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
 impl conntrack::CollectorHost for Agent {
     fn conntrack_limits(&self) -> ConntrackLimits {
+        let c = &self.config;
         ConntrackLimits::from_seconds(
-            self.config.conntrack_tcp_idle_seconds,
-            self.config.conntrack_udp_idle_seconds,
-            self.config.conntrack_closing_seconds,
+            c.conntrack_tcp_idle_seconds,
+            c.conntrack_udp_idle_seconds,
+            c.conntrack_closing_seconds,
+            c.conntrack_half_closed_seconds,
+            c.conntrack_opening_seconds,
         )
     }
 

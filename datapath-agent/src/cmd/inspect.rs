@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use datapath_api::mac::MacAddr;
+use datapath_common::TcpState;
 
 use crate::{
     bpf::{PinLayout, PinnedMaps},
@@ -89,8 +90,12 @@ struct ConnectionRow {
     /// Seconds since the later of its two directions' last packets (the
     /// programs refresh it about once a second).
     idle_seconds: u64,
-    /// A FIN or RST was seen: it goes after `conntrack_closing_seconds` idle.
+    /// FIN both ways or an RST: it goes after `conntrack_closing_seconds`
+    /// idle.
     closing: bool,
+    /// TCP: `opening` (not yet answered and acknowledged), `established`,
+    /// `half_closed` (one FIN) or `closing`; UDP: `open`.
+    state: &'static str,
     /// A pod connected to itself through the Service.
     hairpin: bool,
 }
@@ -319,7 +324,14 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     backend_ip: *c.backend.ip(),
                     backend_port: c.backend.port(),
                     idle_seconds: now.saturating_sub(c.last_seen_ns) / 1_000_000_000,
-                    closing: c.closing,
+                    closing: c.state == Some(TcpState::Closing),
+                    state: match c.state {
+                        None => "open",
+                        Some(TcpState::Opening) => "opening",
+                        Some(TcpState::Established) => "established",
+                        Some(TcpState::HalfClosed) => "half_closed",
+                        Some(TcpState::Closing) => "closing",
+                    },
                     hairpin: c.hairpin,
                 })
                 .collect();
@@ -327,18 +339,18 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<6} {:<22} {:<22} {:<22} {:>8} {:<8} {:<7}",
+                    "{:<6} {:<22} {:<22} {:<22} {:>8} {:<11} {:<7}",
                     "PROTO", "CLIENT", "SERVICE", "BACKEND", "IDLE", "STATE", "HAIRPIN"
                 );
                 for r in rows {
                     println!(
-                        "{:<6} {:<22} {:<22} {:<22} {:>8} {:<8} {:<7}",
+                        "{:<6} {:<22} {:<22} {:<22} {:>8} {:<11} {:<7}",
                         r.protocol,
                         format!("{}:{}", r.client_ip, r.client_port),
                         format!("{}:{}", r.service_ip, r.service_port),
                         format!("{}:{}", r.backend_ip, r.backend_port),
                         format!("{}s", r.idle_seconds),
-                        if r.closing { "closing" } else { "open" },
+                        r.state,
                         if r.hairpin { "yes" } else { "no" },
                     );
                 }
@@ -472,6 +484,7 @@ mod tests {
             backend_port: 5353,
             idle_seconds: 3,
             closing: false,
+            state: "open",
             hairpin: false,
         };
         assert_eq!(
@@ -486,7 +499,8 @@ mod tests {
                 "idle_seconds",
                 "protocol",
                 "service_ip",
-                "service_port"
+                "service_port",
+                "state"
             ]
         );
     }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use datapath_common::{
     CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, ConntrackEntry,
-    ConntrackKey, IPPROTO_TCP,
+    ConntrackKey, IPPROTO_TCP, TcpState,
 };
 use tokio::sync::Mutex;
 
@@ -34,8 +34,8 @@ pub struct Connection {
     pub service_id: u32,
     /// The later of the two directions' last packets (CLOCK_MONOTONIC ns).
     pub last_seen_ns: u64,
-    /// A FIN or RST was seen in either direction.
-    pub closing: bool,
+    /// Where a TCP connection stands (`None` for UDP).
+    pub state: Option<TcpState>,
     /// The client is the backend itself.
     pub hairpin: bool,
 }
@@ -77,7 +77,8 @@ pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection
             backend,
             service_id: entry.service_id,
             last_seen_ns: entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns)),
-            closing: (entry.flags | pair.map_or(0, |p| p.flags)) & CT_CLOSING != 0,
+            state: (key.protocol == IPPROTO_TCP)
+                .then(|| TcpState::of(entry.kind, entry.flags, pair.map_or(0, |p| p.flags))),
             hairpin,
         });
     }
@@ -91,13 +92,21 @@ pub struct ConntrackLimits {
     pub tcp_idle_ns: u64,
     pub udp_idle_ns: u64,
     pub closing_ns: u64,
+    pub half_closed_ns: u64,
+    pub opening_ns: u64,
 }
 
 impl ConntrackLimits {
     /// The limits from seconds (the config's `conntrack_*_seconds`).
-    pub fn from_seconds(tcp_idle: u32, udp_idle: u32, closing: u32) -> Self {
+    pub fn from_seconds(tcp_idle: u32, udp_idle: u32, closing: u32, half_closed: u32, opening: u32) -> Self {
         let ns = |seconds: u32| u64::from(seconds) * NS_PER_SECOND;
-        Self { tcp_idle_ns: ns(tcp_idle), udp_idle_ns: ns(udp_idle), closing_ns: ns(closing) }
+        Self {
+            tcp_idle_ns: ns(tcp_idle),
+            udp_idle_ns: ns(udp_idle),
+            closing_ns: ns(closing),
+            half_closed_ns: ns(half_closed),
+            opening_ns: ns(opening),
+        }
     }
 }
 
@@ -113,11 +122,15 @@ pub fn expired(
     limits: &ConntrackLimits,
 ) -> bool {
     let last_seen = entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns));
-    let closing = (entry.flags | pair.map_or(0, |p| p.flags)) & CT_CLOSING != 0;
-    let limit = if closing {
+    let limit = if key.protocol == IPPROTO_TCP {
+        match TcpState::of(entry.kind, entry.flags, pair.map_or(0, |p| p.flags)) {
+            TcpState::Opening => limits.opening_ns,
+            TcpState::Established => limits.tcp_idle_ns,
+            TcpState::HalfClosed => limits.half_closed_ns,
+            TcpState::Closing => limits.closing_ns,
+        }
+    } else if (entry.flags | pair.map_or(0, |p| p.flags)) & CT_CLOSING != 0 {
         limits.closing_ns
-    } else if key.protocol == IPPROTO_TCP {
-        limits.tcp_idle_ns
     } else {
         limits.udp_idle_ns
     };
@@ -287,7 +300,7 @@ mod tests {
         assert_eq!(plain.service, SocketAddrV4::new(VIP, 80));
         assert_eq!(plain.backend, pod(2));
         assert_eq!(plain.last_seen_ns, 1_005 * NS_PER_SECOND, "the later direction counts");
-        assert!(plain.closing);
+        assert_eq!(plain.state, Some(TcpState::Closing), "an RST (an older build: any FIN) closes");
         let hairpin = rows.iter().find(|c| c.hairpin).unwrap();
         assert_eq!(hairpin.client, SocketAddrV4::new(*pod(3).ip(), 40_001));
         assert_eq!(hairpin.backend, pod(3));
@@ -302,11 +315,68 @@ mod tests {
     }
 
     #[test]
+    fn tcp_state_follows_fins_seen_and_rsts_of_both_directions() {
+        use datapath_common::{CT_FIN, CT_FIN_REPLY, CT_SEEN, CT_SEEN_REPLY, CT_STATEFUL};
+        let of = TcpState::of;
+        let new = CT_STATEFUL;
+        // A SYN, then its answer, then the client's ACK.
+        assert_eq!(of(CT_FORWARD, new, new), TcpState::Opening);
+        assert_eq!(of(CT_FORWARD, new, new | CT_SEEN), TcpState::Opening, "answered, never acknowledged");
+        assert_eq!(of(CT_FORWARD, new | CT_SEEN, new), TcpState::Opening, "an ACK nobody answered");
+        assert_eq!(of(CT_REPLY, new | CT_SEEN, new | CT_SEEN), TcpState::Established);
+        // One FIN: half-closed, whichever side; both: closing; RST: closing.
+        let up = new | CT_SEEN;
+        assert_eq!(of(CT_FORWARD, up | CT_FIN, up), TcpState::HalfClosed);
+        assert_eq!(of(CT_REPLY, up | CT_FIN, up), TcpState::HalfClosed);
+        assert_eq!(of(CT_FORWARD, up | CT_FIN, up | CT_FIN), TcpState::Closing);
+        assert_eq!(of(CT_REPLY, up | CT_CLOSING, up), TcpState::Closing);
+        // A policy entry holds both directions' bits itself.
+        assert_eq!(of(CT_POLICY, new | CT_SEEN, 0), TcpState::Opening);
+        assert_eq!(of(CT_POLICY, new | CT_SEEN | CT_SEEN_REPLY, 0), TcpState::Established);
+        assert_eq!(of(CT_POLICY, new | CT_SEEN | CT_SEEN_REPLY | CT_FIN_REPLY, 0), TcpState::HalfClosed);
+        assert_eq!(of(CT_POLICY, new | CT_FIN | CT_FIN_REPLY, 0), TcpState::Closing);
+        // Entries of an older build (no CT_STATEFUL): established until
+        // their FIN (which that build marked CT_CLOSING).
+        assert_eq!(of(CT_FORWARD, 0, 0), TcpState::Established);
+        assert_eq!(of(CT_FORWARD, CT_CLOSING, 0), TcpState::Closing);
+    }
+
+    #[test]
+    fn gc_times_half_closed_and_opening_connections_apart() {
+        use datapath_common::{CT_FIN, CT_SEEN, CT_STATEFUL};
+        let limits = ConntrackLimits::from_seconds(100, 30, 10, 50, 20);
+        let [mut fwd, mut rep] = tcp_connection(40_000, pod(2), false);
+        fwd.1.flags = CT_STATEFUL;
+        rep.1.flags = CT_STATEFUL;
+        let seen = fwd.1.last_seen_ns;
+        let at = |secs: u64| seen + secs * NS_PER_SECOND;
+        let with = |fwd_flags: u8, rep_flags: u8| -> HashMap<_, _> {
+            let (mut f, mut r) = (fwd, rep);
+            f.1.flags |= fwd_flags;
+            r.1.flags |= rep_flags;
+            [f, r].into_iter().collect()
+        };
+        // A SYN nobody answered: the opening limit, not the idle one.
+        assert!(expired_keys(&with(0, 0), at(21), &limits).is_empty());
+        assert_eq!(expired_keys(&with(0, 0), at(22), &limits).len(), 2);
+        // Established: the idle limit.
+        assert!(expired_keys(&with(CT_SEEN, CT_SEEN), at(101), &limits).is_empty());
+        // The client's FIN alone: half-closed, kept past the closing limit.
+        let half = with(CT_SEEN | CT_FIN, CT_SEEN);
+        assert!(expired_keys(&half, at(25), &limits).is_empty(), "a half-closed connection outlives 10 s");
+        assert_eq!(expired_keys(&half, at(52), &limits).len(), 2);
+        // FIN both ways: closing.
+        assert_eq!(expired_keys(&with(CT_SEEN | CT_FIN, CT_SEEN | CT_FIN), at(12), &limits).len(), 2);
+    }
+
+    #[test]
     fn gc_expires_by_protocol_closing_and_the_later_direction() {
         let limits = ConntrackLimits {
             tcp_idle_ns: 100 * NS_PER_SECOND,
             udp_idle_ns: 30 * NS_PER_SECOND,
             closing_ns: 10 * NS_PER_SECOND,
+            half_closed_ns: 50 * NS_PER_SECOND,
+            opening_ns: 20 * NS_PER_SECOND,
         };
         let [fwd, rep] = tcp_connection(40_000, pod(2), false);
         let seen = fwd.1.last_seen_ns;

@@ -96,6 +96,15 @@ pub struct AgentConfig {
     /// last packet (room for the final ACKs and retransmissions).
     #[serde(default = "default_conntrack_closing_seconds")]
     pub conntrack_closing_seconds: u32,
+    /// A TCP connection one side half-closed (one FIN, say a client's
+    /// `shutdown(SHUT_WR)`) is forgotten this long after its last packet:
+    /// the other side may still answer at length.
+    #[serde(default = "default_conntrack_half_closed_seconds")]
+    pub conntrack_half_closed_seconds: u32,
+    /// A TCP connection not yet answered and acknowledged (a SYN nobody
+    /// completes) is forgotten this long after its last packet.
+    #[serde(default = "default_conntrack_opening_seconds")]
+    pub conntrack_opening_seconds: u32,
     /// ClusterIP Services (static source): cluster IP, ports and ready
     /// backends. Applied live when the file changes.
     #[serde(default)]
@@ -118,6 +127,8 @@ pub struct LiveConfig {
     pub conntrack_tcp_idle_seconds: u32,
     pub conntrack_udp_idle_seconds: u32,
     pub conntrack_closing_seconds: u32,
+    pub conntrack_half_closed_seconds: u32,
+    pub conntrack_opening_seconds: u32,
 }
 
 /// What the datapath is built around at start: a change is reported as
@@ -210,6 +221,12 @@ fn default_conntrack_udp_idle_seconds() -> u32 {
 }
 fn default_conntrack_closing_seconds() -> u32 {
     10
+}
+fn default_conntrack_half_closed_seconds() -> u32 {
+    120
+}
+fn default_conntrack_opening_seconds() -> u32 {
+    60
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -449,6 +466,8 @@ impl AgentConfig {
             conntrack_tcp_idle_seconds,
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
+            conntrack_half_closed_seconds,
+            conntrack_opening_seconds,
             services,
             policy_dir,
         } = self;
@@ -480,6 +499,8 @@ impl AgentConfig {
             conntrack_tcp_idle_seconds,
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
+            conntrack_half_closed_seconds,
+            conntrack_opening_seconds,
         };
         (startup, live)
     }
@@ -493,12 +514,16 @@ impl AgentConfig {
             conntrack_tcp_idle_seconds,
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
+            conntrack_half_closed_seconds,
+            conntrack_opening_seconds,
         } = live;
         self.peers = peers;
         self.services = services;
         self.conntrack_tcp_idle_seconds = conntrack_tcp_idle_seconds;
         self.conntrack_udp_idle_seconds = conntrack_udp_idle_seconds;
         self.conntrack_closing_seconds = conntrack_closing_seconds;
+        self.conntrack_half_closed_seconds = conntrack_half_closed_seconds;
+        self.conntrack_opening_seconds = conntrack_opening_seconds;
     }
 
     /// The first field only a restart may change (the datapath is built

@@ -345,16 +345,43 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_old_ones() {
     assert_eq!(Parsed::new(&run.out).dst, BACKENDS[0], "the old connection goes on");
 }
 
+/// Each entry records what its direction did: the handshake (the reply's
+/// answer, the client's ACK), its FIN, an RST. The collector's timers read
+/// the state from both (datapath-common's `TcpState`).
 #[test]
-fn fin_marks_the_connection_closing() {
+fn each_direction_records_its_handshake_fin_and_rst() {
+    use datapath_common::{CT_CLOSING, CT_FIN, CT_FORWARD, CT_REPLY, CT_SEEN, CT_STATEFUL, TcpState};
     require_root!();
     let mut h = Harness::new();
-    h.service(1, 80, TCP, &[(BACKENDS[0], 80)]);
+    h.service(1, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+    let state = |h: &mut Harness| {
+        let ct = h.conntrack();
+        let flags = |kind| ct.values().find(|e| e.kind == kind).unwrap().flags;
+        (flags(CT_FORWARD), flags(CT_REPLY), TcpState::of(CT_FORWARD, flags(CT_FORWARD), flags(CT_REPLY)))
+    };
     h.run_from_pod(&syn(46000, 80));
-    assert!(h.conntrack().values().all(|e| e.flags & datapath_common::CT_CLOSING == 0));
+    assert_eq!(state(&mut h), (CT_STATEFUL, CT_STATEFUL, TcpState::Opening), "a SYN");
+    let answer = |flags| Ipv4::tcp(REMOTE_BACKENDS[0], 8080, CLIENT, 46000, flags, &[]);
+    h.run_from_uplink(&answer(TCP_SYN | TCP_ACK));
+    assert_eq!(state(&mut h).2, TcpState::Opening, "answered but not acknowledged");
+    h.run_from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_ACK, &[]));
+    let up = CT_STATEFUL | CT_SEEN;
+    assert_eq!(state(&mut h), (up, up, TcpState::Established));
+    // The client half-closes: the server may go on answering.
     h.run_from_pod(&Ipv4::tcp(CLIENT, 46000, VIP, 80, TCP_FIN | TCP_ACK, &[]));
-    let closing = h.conntrack().values().filter(|e| e.flags & datapath_common::CT_CLOSING != 0).count();
-    assert_eq!(closing, 1, "the direction that saw the FIN");
+    assert_eq!(state(&mut h), (up | CT_FIN, up, TcpState::HalfClosed), "one FIN: half-closed, not closing");
+    h.run_from_uplink(&answer(TCP_ACK));
+    assert_eq!(state(&mut h).2, TcpState::HalfClosed, "the server's data keeps it half-closed");
+    h.run_from_uplink(&answer(TCP_FIN | TCP_ACK));
+    assert_eq!(state(&mut h).2, TcpState::Closing, "FIN both ways");
+
+    // An RST from either side closes at once.
+    h.run_from_pod(&syn(46001, 80));
+    let rst = Ipv4::tcp(REMOTE_BACKENDS[0], 8080, CLIENT, 46001, 0x04 | TCP_ACK, &[]);
+    h.run_from_uplink(&rst);
+    let ct = h.conntrack();
+    let reply = ct.iter().find(|(k, e)| e.kind == CT_REPLY && k.dport == 46001u16.to_be_bytes()).unwrap().1;
+    assert_ne!(reply.flags & CT_CLOSING, 0, "RST: {reply:?}");
 }
 
 #[test]
@@ -380,4 +407,64 @@ fn other_ports_and_protocols_of_the_vip_are_not_translated() {
     assert_eq!(Parsed::new(&run.out).dst, VIP);
     assert_ne!(run.verdict, TC_ACT_SHOT);
     assert!(h.conntrack().is_empty());
+}
+
+/// ICMP errors about a Service connection reach the client naming the
+/// Service (netfilter's "related" translation): the quote is rewritten to
+/// what the client sent, the error's source to the Service when the
+/// backend sent it, every checksum kept right. The oracle is the error
+/// built from scratch as if the Service itself had answered, byte for byte.
+#[test]
+fn icmp_errors_about_a_service_connection_name_the_service() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service(1, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
+    h.service(2, 80, TCP, &[(REMOTE_BACKENDS[2], 8080)]);
+    let router = [192, 0, 2, 2];
+
+    // The backend's port unreachable about a UDP query.
+    let query = Ipv4::udp(CLIENT, 50000, VIP, 53, b"query", true);
+    let run = h.run_from_pod(&query);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let received = run.out[14..].to_vec();
+    let error = Ipv4::icmp_error(REMOTE_BACKENDS[1], CLIENT, 3, 3, [0; 4], &received);
+    let run = h.run_from_uplink(&error);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "delivered to the client");
+    let sent = Ipv4 { ttl: 63, ..query.clone() }.bytes();
+    let want = Ipv4 { ttl: 63, ..Ipv4::icmp_error(VIP, CLIENT, 3, 3, [0; 4], &sent) }.bytes();
+    assert_eq!(run.out[14..], want[..], "port unreachable from the Service about the query sent to it");
+
+    // A router's fragmentation needed about a TCP segment: the router's
+    // address stays (path MTU is keyed by the quote), the quote is the
+    // client's; with Linux's long quote (TCP checksum included) and with
+    // RFC 792's minimum (IP header and 8 bytes).
+    let syn = Ipv4::tcp(CLIENT, 40000, VIP, 80, TCP_SYN, b"data");
+    let received = h.run_from_pod(&syn).out[14..].to_vec();
+    let sent = Ipv4 { ttl: 63, ..syn.clone() }.bytes();
+    let mtu = [0, 0, 0x05, 0x78];
+    for quoted in [received.len(), 28] {
+        let error = Ipv4::icmp_error(router, CLIENT, 3, 4, mtu, &received[..quoted]);
+        let run = h.run_from_uplink(&error);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        let want = Ipv4 { ttl: 63, ..Ipv4::icmp_error(router, CLIENT, 3, 4, mtu, &sent[..quoted]) }.bytes();
+        assert_eq!(run.out[14..], want[..], "fragmentation needed quoting {quoted} bytes");
+    }
+
+    // The client's own error about the backend's reply goes to the backend
+    // about the reply it sent.
+    let answer = Ipv4::udp(REMOTE_BACKENDS[1], 5353, CLIENT, 50000, b"answer", true);
+    let delivered = h.run_from_uplink(&answer).out[14..].to_vec();
+    let error = Ipv4::icmp_error(CLIENT, VIP, 3, 3, [0; 4], &delivered);
+    let run = h.run_from_pod(&error);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent to the backend's node");
+    let answered = Ipv4 { ttl: 63, ..answer }.bytes();
+    let want =
+        Ipv4 { ttl: 63, ..Ipv4::icmp_error(CLIENT, REMOTE_BACKENDS[1], 3, 3, [0; 4], &answered) }.bytes();
+    assert_eq!(run.out[14..], want[..], "port unreachable to the backend about its own reply");
+
+    // An error about no tracked connection passes as it is.
+    let stranger = Ipv4::udp(CLIENT, 50001, REMOTE_BACKENDS[1], 5353, b"q", true);
+    let error = Ipv4::icmp_error(REMOTE_BACKENDS[1], CLIENT, 3, 3, [0; 4], &stranger.bytes());
+    let run = h.run_from_uplink(&error);
+    assert_eq!(run.out[14..], Ipv4 { ttl: 63, ..error }.bytes()[..], "untouched");
 }

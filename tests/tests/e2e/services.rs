@@ -21,6 +21,8 @@ use datapath_tests::{
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const CLOSED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const SLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
@@ -297,6 +299,50 @@ fn hairpin_and_refusal(mode: &str) {
     .unwrap();
     assert_eq!(udp.expect_err("UDP refused").kind(), std::io::ErrorKind::ConnectionRefused);
     assert_eq!(lab.a.drop_count("service_no_backend"), 2, "each refusal counted with its reason");
+
+    // A backend whose port is closed: its kernel's port unreachable reaches
+    // the client about the Service, so the connected socket fails at once
+    // instead of waiting for its timeout. Local and remote backends.
+    for backend in [lab.backends[0].ip, lab.backends[1].ip] {
+        lab.set_services(&format!(
+            "\n[[services]]\nname = \"closed\"\ncluster_ip = \"{CLOSED_VIP}\"\nbackends = [\"{}\"]\n\
+             [[services.ports]]\nport = 53\nprotocol = \"UDP\"\ntarget_port = {}\n",
+            backend,
+            UDP_PORT + 1
+        ));
+        wait_programmed_udp(&lab.a, CLOSED_VIP, backend);
+        let started = Instant::now();
+        let udp = in_netns(&lab.client.netns.path(), || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect((CLOSED_VIP, 53)).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            socket.send(b"who").unwrap();
+            socket.recv(&mut [0u8; 10]).map(|_| ())
+        })
+        .join()
+        .unwrap();
+        let err = udp.expect_err("nothing listens behind the Service");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{mode}, backend {backend}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(1), "refused after {:?}", started.elapsed());
+    }
+}
+
+/// Wait until `node` has programmed `vip`'s UDP port 53 with `backend`.
+fn wait_programmed_udp(node: &Node, vip: Ipv4Addr, backend: Ipv4Addr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let services = node.inspect("services");
+        let programmed = services.as_array().unwrap().iter().any(|s| {
+            s["cluster_ip"] == vip.to_string()
+                && s["protocol"].as_str() == Some("UDP")
+                && s["backends"].as_array().unwrap().iter().any(|b| b["ip"] == backend.to_string())
+        });
+        if programmed {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vip}/UDP not programmed with {backend}: {services:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 in_both_modes! { pod_reaches_itself_and_an_empty_service_refuses_at_once => hairpin_and_refusal; }
@@ -430,3 +476,54 @@ fn client_ip_affinity(mode: &str) {
 }
 
 in_both_modes! { client_ip_affinity_keeps_a_client_on_one_backend => client_ip_affinity; }
+
+/// A client that half-closes (`shutdown(SHUT_WR)`) still hears a server
+/// that answers long after: one FIN is half-closed, not closing, and the
+/// connection keeps its translation past `conntrack_closing_seconds` (1 s
+/// here) and the collector's sweeps. Both FINs then close it.
+fn half_closed(mode: &str) {
+    let mut lab = lab(mode);
+    let backend_ip = lab.backends[1].ip;
+    let listener =
+        in_netns(&lab.backends[1].netns.path(), move || TcpListener::bind((backend_ip, 9090)).unwrap())
+            .join()
+            .unwrap();
+    // Reads until the client's FIN, waits 8 s (past the closing limit and
+    // a sweep), then answers and closes.
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut request).unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        write!(conn, "late answer to {request}").unwrap();
+    });
+    lab.set_services(&format!(
+        "conntrack_closing_seconds = 1\n\n[[services]]\nname = \"slow\"\ncluster_ip = \"{SLOW_VIP}\"\n\
+         backends = [\"{}\"]\n[[services.ports]]\nport = 80\ntarget_port = 9090\n",
+        lab.backends[1].ip
+    ));
+    wait_programmed(&lab.a, SLOW_VIP, &[lab.backends[1].ip]);
+    let mut conn = connect(&lab.client, SLOW_VIP).unwrap();
+    conn.write_all(b"question").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    let state = || {
+        let rows = lab.a.inspect("conntrack");
+        rows.as_array().unwrap().iter().find(|c| c["client_port"] == port).map(|c| c["state"].clone())
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(), Some(serde_json::json!("half_closed")));
+    conn.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut answer).expect("the late answer");
+    assert_eq!(answer, "late answer to question", "{mode}");
+    server.join().unwrap();
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while state().is_some() {
+        assert!(Instant::now() < deadline, "closed both ways, still tracked: {:?}", state());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+in_both_modes! { a_half_closed_connection_hears_a_late_answer => half_closed; }

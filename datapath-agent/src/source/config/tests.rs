@@ -177,6 +177,8 @@ fn conntrack_limits_are_checked_and_its_size_needs_a_restart() {
         ("conntrack_tcp_idle_seconds = 0", "conntrack_tcp_idle_seconds"),
         ("conntrack_udp_idle_seconds = 0", "conntrack_udp_idle_seconds"),
         ("conntrack_closing_seconds = 0", "conntrack_closing_seconds"),
+        ("conntrack_half_closed_seconds = 0", "conntrack_half_closed_seconds"),
+        ("conntrack_opening_seconds = 3601", "conntrack_opening_seconds"),
     ] {
         let e = error_of(&format!("{GOOD}{line}\n"));
         assert!(e.contains(&format!("`{field}`")), "{line}: {e}");
@@ -241,7 +243,7 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         running.apply_live(changed.split().1);
         assert_eq!(running, base, "{field} is not applied live");
     }
-    let live: [FieldChange; 5] = [
+    let live: [FieldChange; 7] = [
         ("peers", |c| {
             c.peers.push(PeerConfig {
                 name: "node-c".into(),
@@ -253,6 +255,8 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         ("conntrack_tcp_idle_seconds", |c| c.conntrack_tcp_idle_seconds += 1),
         ("conntrack_udp_idle_seconds", |c| c.conntrack_udp_idle_seconds += 1),
         ("conntrack_closing_seconds", |c| c.conntrack_closing_seconds += 1),
+        ("conntrack_half_closed_seconds", |c| c.conntrack_half_closed_seconds += 1),
+        ("conntrack_opening_seconds", |c| c.conntrack_opening_seconds += 1),
     ];
     for (field, change) in live {
         let mut changed = base.clone();

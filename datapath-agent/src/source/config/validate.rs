@@ -117,6 +117,18 @@ impl AgentConfig {
                 3_600,
                 "use 1..=3600; the default is 10",
             ),
+            (
+                "conntrack_half_closed_seconds",
+                self.conntrack_half_closed_seconds,
+                86_400,
+                "use 1..=86400; the default is 120 (netfilter's FIN_WAIT)",
+            ),
+            (
+                "conntrack_opening_seconds",
+                self.conntrack_opening_seconds,
+                3_600,
+                "use 1..=3600; the default is 60 (a SYN nobody completes is gone after it)",
+            ),
         ] {
             if !(1..=max).contains(&value) {
                 return invalid(field, format!("{value} is outside 1..={max}"), fix);
