@@ -74,7 +74,11 @@ pub mod map_names {
     /// Per-CPU counters of new connections judged by policy, indexed by
     /// [`super::policy_verdict_slot`].
     pub const POLICY_VERDICTS: &str = "POLICY_VERDICTS";
-    pub const ALL: [&str; 24] = [
+    /// [`super::ConntrackClientKey`] (a client address) ->
+    /// [`super::ConntrackClient`]: its tracked connections, for
+    /// `conntrack_max_per_client` (the agent recounts at each sweep).
+    pub const CONNTRACK_CLIENTS: &str = "CONNTRACK_CLIENTS";
+    pub const ALL: [&str; 25] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -99,6 +103,7 @@ pub mod map_names {
         POLICY_PEERS,
         POLICY_RULES,
         POLICY_VERDICTS,
+        CONNTRACK_CLIENTS,
     ];
 }
 
@@ -161,6 +166,9 @@ pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
 /// Default capacity of the connection-tracking map (two entries per
 /// connection: one per direction). `conntrack_max_entries` in the config.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
+/// Client addresses whose tracked connections are counted at once (pods,
+/// and outside clients of NodePorts): past it, new clients go uncounted.
+pub const MAX_CONNTRACK_CLIENTS: u32 = 65_536;
 /// Capacity of the sessionAffinity map (LRU: the oldest affinity goes first).
 pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
 /// Fragmented Service datagrams in flight at once (LRU: the oldest goes).
@@ -449,6 +457,9 @@ pub struct NodeConfig {
     /// The pods' MTU (0: unknown): a packet no larger needs no MTU check on
     /// its way into a pod.
     pub pod_mtu: u32,
+    /// Unanswered connections one client address may have tracked at once
+    /// (`conntrack_max_per_client`; 0: no limit).
+    pub conntrack_max_per_client: u32,
 }
 
 impl NodeConfig {
@@ -581,9 +592,9 @@ pub const CT_CLOSING: u8 = 2;
 /// packet's direction). With a FIN both ways the connection is closing;
 /// with one, half-closed (`conntrack_half_closed_seconds`).
 pub const CT_FIN: u8 = 4;
-/// TCP: this entry's direction sent more than its first packet: the
-/// forward direction an ACK (the handshake went on), the reply direction
-/// anything. Until both directions have, the connection is opening
+/// This entry's direction sent more than its first packet: the forward
+/// direction an ACK (TCP: the handshake went on), the reply direction
+/// anything (any protocol: the connection was answered). Until both directions have, the connection is opening
 /// (`conntrack_opening_seconds`, short): a flood of SYNs nobody completes
 /// cannot hold the table for the TCP idle time.
 pub const CT_SEEN: u8 = 8;
@@ -594,6 +605,20 @@ pub const CT_SEEN_REPLY: u8 = 32;
 /// Made by a build that records [`CT_SEEN`]: an entry without it is from
 /// an older one, and counts as established.
 pub const CT_STATEFUL: u8 = 64;
+
+/// Is the connection an entry of kind `kind` with `flags` belongs to
+/// (`pair_flags`: its other entry's, 0 if none) still unanswered: TCP not
+/// yet answered and acknowledged both ways ([`TcpState::Opening`]), other
+/// protocols not yet answered at all? These are what
+/// `conntrack_max_per_client` limits: connections nobody completes.
+pub fn unanswered(protocol: u8, kind: u8, flags: u8, pair_flags: u8) -> bool {
+    if protocol == IPPROTO_TCP {
+        return TcpState::of(kind, flags, pair_flags) == TcpState::Opening;
+    }
+    let (own, pair) = if kind == CT_REPLY { (pair_flags, flags) } else { (flags, pair_flags) };
+    let answered = if kind == CT_POLICY { own & CT_SEEN_REPLY != 0 } else { pair & CT_SEEN != 0 };
+    (own | pair) & CT_STATEFUL != 0 && !answered
+}
 
 /// Where a TCP connection stands, from the flags of its entries (both
 /// directions), for the collector's timers.
@@ -666,6 +691,24 @@ impl ConntrackKey {
             }
         }
     }
+}
+
+/// A client address, as its connections' first packets carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConntrackClientKey {
+    pub ipv4: [u8; 4],
+}
+
+/// How many of a client's tracked connections are [`unanswered`] (Service
+/// connections it opened, connections policy allowed it): the programs add
+/// one for each they start tracking and take it off when it is answered;
+/// the agent's collector recounts at each sweep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackClient {
+    pub connections: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -804,7 +847,7 @@ shared_types! {
     PodInterface = 16,
     NodeKey = 4,
     RemoteNode = 8,
-    NodeConfig = 36,
+    NodeConfig = 40,
     EndpointTraffic = 32,
     MonitorConfig = 8,
     RateBudget = 16,
@@ -817,6 +860,8 @@ shared_types! {
     Backend = 8,
     ConntrackKey = 16,
     ConntrackEntry = 24,
+    ConntrackClientKey = 4,
+    ConntrackClient = 8,
     AffinityKey = 8,
     AffinityEntry = 16,
     FragmentKey = 12,
@@ -897,6 +942,10 @@ wire_enum! {
         /// As egress, for the receiving pod.
         PolicyDeniedIngress = 28, "policy_denied_ingress",
             "NetworkPolicy: the receiving pod is isolated for ingress and no rule allows this connection";
+        /// The client already has `conntrack_max_per_client` unanswered
+        /// connections tracked: one pod cannot fill the node's table.
+        ConntrackClientLimit = 29, "conntrack_client_limit",
+            "the client has conntrack_max_per_client unanswered connections tracked: new Service connection refused";
     }
 }
 

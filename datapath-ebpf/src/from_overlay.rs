@@ -91,7 +91,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // (checked above with the backend's address, which the sender
         // owns): the source becomes the Service; the destination stays.
         if config.flags & NODE_FLAG_SERVICES != 0 {
-            headers = match translate(headers, false)? {
+            headers = match translate(headers, false, config.conntrack_max_per_client)? {
                 Translation::Forward(headers, _) => headers,
                 // Only new connections are refused, and only "from pod" opens them.
                 Translation::Refuse(reason) => return Err(reason),

@@ -103,7 +103,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
     if config.flags & NODE_FLAG_SERVICES != 0 {
-        headers = match translate(headers, false)? {
+        headers = match translate(headers, false, config.conntrack_max_per_client)? {
             Translation::Forward(headers, _) => headers,
             // Only new connections are refused, and only "from pod" opens them.
             Translation::Refuse(reason) => return Err(reason),

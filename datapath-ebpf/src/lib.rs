@@ -18,6 +18,8 @@ pub mod rate_limit;
 pub mod related;
 
 #[cfg(target_arch = "bpf")]
+pub mod clients;
+#[cfg(target_arch = "bpf")]
 pub mod counters;
 #[cfg(target_arch = "bpf")]
 pub mod forward;

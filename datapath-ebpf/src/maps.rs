@@ -9,14 +9,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use datapath_common::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, DEFAULT_CONNTRACK_ENTRIES,
-    DROP_COUNTER_SLOTS, Endpoint, EndpointKey, EndpointTraffic, FORWARD_COUNTER_SLOTS, FragmentKey,
-    FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES,
-    MAX_LOCAL_ENDPOINTS, MAX_POLICY_PEERS, MAX_POLICY_RULES, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS,
-    MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig,
-    MonitorEvent, MonitorOutcome, NodeConfig, NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow,
-    PolicyEndpoint, PolicyPeer, PolicyRuleKey, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry,
-    Service, ServiceKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackClient, ConntrackClientKey, ConntrackEntry,
+    ConntrackKey, DEFAULT_CONNTRACK_ENTRIES, DROP_COUNTER_SLOTS, Endpoint, EndpointKey, EndpointTraffic,
+    FORWARD_COUNTER_SLOTS, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_CONNTRACK_CLIENTS,
+    MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_POLICY_PEERS, MAX_POLICY_RULES,
+    MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES,
+    ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig, NodeKey,
+    POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
+    RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
 };
 
 /// Allocated as Services come: most clusters have far fewer than the maximum.
@@ -35,6 +35,15 @@ pub static SERVICE_BACKENDS: HashMap<BackendKey, Backend, { MAX_SERVICE_BACKENDS
 #[btf_map]
 pub static CONNTRACK: HashMap<ConntrackKey, ConntrackEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
     HashMap::new();
+
+/// Each client's tracked connections (`conntrack_max_per_client`).
+#[btf_map]
+pub static CONNTRACK_CLIENTS: HashMap<
+    ConntrackClientKey,
+    ConntrackClient,
+    { MAX_CONNTRACK_CLIENTS as usize },
+    ON_DEMAND,
+> = HashMap::new();
 
 #[btf_map]
 pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY_ENTRIES as usize }> =

@@ -16,10 +16,11 @@ use datapath_common::{
     CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN, CT_FIN_REPLY, CT_FORWARD, CT_POLICY, CT_SEEN,
     CT_SEEN_REPLY, CT_STATEFUL, ConntrackEntry, ConntrackKey, DropReason, EndpointKey, HAIRPIN_IPV4,
     IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, NodeConfig, POLICY_EGRESS,
-    POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey, policy_verdict_slot,
+    POLICY_INGRESS, POLICY_PREFIX_FULL, PolicyRuleKey, policy_verdict_slot, unanswered,
 };
 
 use crate::{
+    clients,
     headers::{ETH_HLEN, same_ipv4},
     icmp::{
         ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_ECHO_REPLY, ICMP_PARAMETER_PROBLEM, ICMP_SOURCE_QUENCH,
@@ -282,7 +283,7 @@ pub fn enforce(
         }
         return Ok(());
     }
-    if tracked(flow, false) {
+    if tracked(flow, false, config.conntrack_max_per_client) {
         return Ok(());
     }
     if flow.error {
@@ -311,7 +312,7 @@ pub fn enforce(
             return Err(Refusal { reason: DropReason::PolicyDeniedIngress, answer: flow.opens });
         }
     }
-    track(flow);
+    track(flow, config.conntrack_max_per_client);
     Ok(())
 }
 
@@ -324,7 +325,12 @@ pub fn enforce(
 /// (a hostPort, say), which an answer from here could not name. Call only
 /// with `NODE_FLAG_POLICY` set.
 #[inline(always)]
-pub fn enforce_routed(flow: &Flow, isolation: u32, from_node: bool) -> Result<(), DropReason> {
+pub fn enforce_routed(
+    flow: &Flow,
+    isolation: u32,
+    from_node: bool,
+    config: &NodeConfig,
+) -> Result<(), DropReason> {
     if isolation == 0 {
         return Ok(());
     }
@@ -333,7 +339,7 @@ pub fn enforce_routed(flow: &Flow, isolation: u32, from_node: bool) -> Result<()
     if flow.unreadable {
         return refused;
     }
-    if tracked(flow, true) {
+    if tracked(flow, true, config.conntrack_max_per_client) {
         return Ok(());
     }
     if flow.error {
@@ -347,7 +353,7 @@ pub fn enforce_routed(flow: &Flow, isolation: u32, from_node: bool) -> Result<()
             return refused;
         }
     }
-    track(flow);
+    track(flow, config.conntrack_max_per_client);
     Ok(())
 }
 
@@ -380,7 +386,7 @@ fn allows(endpoint: [u8; 4], direction: u32, peer: [u8; 4], key: &ConntrackKey) 
 /// belongs to the Service connection its client opened (the node's stack
 /// routes it into the pod when it had to fragment it).
 #[inline(always)]
-fn tracked(flow: &Flow, service_replies: bool) -> bool {
+fn tracked(flow: &Flow, service_replies: bool, max_per_client: u32) -> bool {
     let key = flow.key;
     let reversed = ConntrackKey {
         saddr: key.daddr,
@@ -410,9 +416,16 @@ fn tracked(flow: &Flow, service_replies: bool) -> bool {
                 if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
                     (*entry).last_seen_ns = now;
                 }
-                let events = tcp_events(flow, reply);
-                if (*entry).flags & events != events {
-                    (*entry).flags |= events;
+                let events = events(flow, reply);
+                let old = (*entry).flags;
+                if old & events != events {
+                    let new = old | events;
+                    (*entry).flags = new;
+                    if unanswered(flow.key.protocol, CT_POLICY, old, 0)
+                        && !unanswered(flow.key.protocol, CT_POLICY, new, 0)
+                    {
+                        clients::answered(candidate.saddr, max_per_client);
+                    }
                 }
             }
             return true;
@@ -421,31 +434,35 @@ fn tracked(flow: &Flow, service_replies: bool) -> bool {
     false
 }
 
-/// Remember an allowed connection. A full map still lets this packet
-/// through; its replies are judged as new packets then.
+/// Remember an allowed connection. A full map, or a client at its
+/// `max_per_client` connections, still lets this packet through; its
+/// replies are judged as new packets then.
 #[inline(always)]
-fn track(flow: &Flow) {
-    if flow.untracked {
+fn track(flow: &Flow, max_per_client: u32) {
+    if flow.untracked || clients::at_limit(flow.key.saddr, max_per_client) {
         return;
     }
     // SAFETY: plain helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let entry = ConntrackEntry {
         kind: CT_POLICY,
-        flags: CT_STATEFUL | tcp_events(flow, false),
+        flags: CT_STATEFUL | events(flow, false),
         last_seen_ns: now,
         ..ConntrackEntry::default()
     };
-    let _ = CONNTRACK.insert(flow.key, entry, BPF_NOEXIST as u64);
+    if CONNTRACK.insert(flow.key, entry, BPF_NOEXIST as u64).is_ok() {
+        clients::count(flow.key.saddr, max_per_client);
+    }
 }
 
 /// What a packet of `flow` tells its connection's policy entry: the
-/// events of [`crate::services::tcp_events`], the reply direction's in
-/// their own bits (one entry stands for both directions).
+/// events of [`crate::services::tcp_events`] (other protocols: a reply
+/// answers), the reply direction's in their own bits (one entry stands for
+/// both directions).
 #[inline(always)]
-fn tcp_events(flow: &Flow, reply: bool) -> u8 {
+fn events(flow: &Flow, reply: bool) -> u8 {
     if flow.key.protocol != IPPROTO_TCP {
-        return 0;
+        return if reply { CT_SEEN_REPLY } else { 0 };
     }
     let events = crate::services::tcp_events(flow.tcp_flags, reply);
     if !reply {

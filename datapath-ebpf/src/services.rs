@@ -22,7 +22,7 @@ use datapath_common::{
 };
 
 use crate::{
-    NS_PER_SECOND,
+    NS_PER_SECOND, clients,
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, Ipv4Hdr, same_ipv4},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
@@ -68,10 +68,15 @@ struct Ports {
 }
 
 /// Translate a TCP or UDP packet that belongs to (or opens) a Service
-/// connection. Only "from pod" may open connections (`may_open`); the
-/// other programs only translate replies.
+/// connection. Only "from pod" may open connections (`may_open`), each
+/// client at most `max_per_client` at once (0: no limit); the other
+/// programs only translate replies.
 #[inline(always)]
-pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation<'_>, DropReason> {
+pub fn translate(
+    headers: Ipv4Headers<'_>,
+    may_open: bool,
+    max_per_client: u32,
+) -> Result<Translation<'_>, DropReason> {
     let ip = headers.ip();
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
@@ -104,14 +109,21 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
             if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
                 (*entry).last_seen_ns = now;
             }
-            if protocol == IPPROTO_TCP
-                && let Some(tcp_flags) = headers.packet().load::<u8>(ports.l4 + TCP_FLAGS)
-            {
-                // Written only when it changes something: one write per
-                // connection and event, not per packet.
-                let events = tcp_events(tcp_flags, (*entry).kind == CT_REPLY);
-                if (*entry).flags & events != events {
-                    (*entry).flags |= events;
+            let reply = (*entry).kind == CT_REPLY;
+            let events = if protocol == IPPROTO_TCP {
+                headers.packet().load::<u8>(ports.l4 + TCP_FLAGS).map_or(0, |flags| tcp_events(flags, reply))
+            } else if reply {
+                CT_SEEN
+            } else {
+                0
+            };
+            // Written only when it changes something: one write per
+            // connection and event, not per packet.
+            let old = (*entry).flags;
+            if old & events != events {
+                (*entry).flags = old | events;
+                if old & CT_SEEN == 0 && events & CT_SEEN != 0 {
+                    now_answered(&key, &*entry, protocol, max_per_client);
                 }
             }
             *entry
@@ -128,6 +140,9 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
     };
     if service.backend_count == 0 {
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
+    }
+    if clients::at_limit(saddr, max_per_client) {
+        return Ok(Translation::Refuse(DropReason::ConntrackClientLimit));
     }
     let affinity_key = AffinityKey { service_id: service.id, client_ipv4: saddr };
     let with_affinity = service.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
@@ -202,7 +217,27 @@ pub fn translate(headers: Ipv4Headers<'_>, may_open: bool) -> Result<Translation
         let _ = CONNTRACK.remove(key);
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
+    clients::count(saddr, max_per_client);
     apply(headers, &key, &forward, &ports, fragments)
+}
+
+/// This entry's direction was just seen (its [`CT_SEEN`] set): if that
+/// answers the connection (the other direction seen too, or for UDP the
+/// backend's first reply), its client's unanswered count goes down.
+#[inline(always)]
+fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_per_client: u32) {
+    if max_per_client == 0 || entry.flags & CT_STATEFUL == 0 {
+        return;
+    }
+    let answered = if protocol == IPPROTO_TCP {
+        // SAFETY: read once.
+        unsafe { CONNTRACK.get(key.pair(entry)) }.is_some_and(|pair| pair.flags & CT_SEEN != 0)
+    } else {
+        entry.kind == CT_REPLY
+    };
+    if answered {
+        clients::answered(entry.client_ipv4, max_per_client);
+    }
 }
 
 /// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the

@@ -66,6 +66,6 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             RoutedSource::Peer => false,
             RoutedSource::Forged => return Err(DropReason::ReversePath),
         };
-    policy::enforce_routed(&flow, isolation, from_node)?;
+    policy::enforce_routed(&flow, isolation, from_node, &config)?;
     Ok(Verdict::RoutedIntoPod)
 }

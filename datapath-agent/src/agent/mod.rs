@@ -188,6 +188,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _pad: 0,
             pod_cidr: config.pod_cidr.network().octets(),
             pod_mtu: node_net::pod_mtu(config.mode, uplink.mtu),
+            conntrack_max_per_client: config.conntrack_max_per_client(),
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(config.mode, uplink.mtu);

@@ -2,7 +2,7 @@
 //! collector (`reconcile::conntrack`).
 
 use aya::maps::{HashMap, Map, MapData};
-use datapath_common::{ConntrackEntry, ConntrackKey, map_names};
+use datapath_common::{ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, map_names};
 
 use crate::bpf::{
     DatapathError, PinLayout,
@@ -34,13 +34,16 @@ pub(crate) fn read_conntrack(map: &Map) -> Result<Vec<(ConntrackKey, ConntrackEn
 /// the agent (CNI requests, Service syncs) meanwhile.
 pub struct PinnedConntrack {
     map: HashMap<MapData, ConntrackKey, ConntrackEntry>,
+    clients: HashMap<MapData, ConntrackClientKey, ConntrackClient>,
 }
 
 impl PinnedConntrack {
     pub fn open(pins: &PinLayout) -> Result<Self, DatapathError> {
         let name = map_names::CONNTRACK;
         let map = HashMap::try_from(open_pinned(pins, name)?).map_err(DatapathError::map(name))?;
-        Ok(Self { map })
+        let name = map_names::CONNTRACK_CLIENTS;
+        let clients = HashMap::try_from(open_pinned(pins, name)?).map_err(DatapathError::map(name))?;
+        Ok(Self { map, clients })
     }
 
     /// Every entry, as one snapshot.
@@ -57,5 +60,41 @@ impl PinnedConntrack {
     /// removed it first).
     pub fn remove(&mut self, key: &ConntrackKey) -> Result<bool, DatapathError> {
         remove_present(&mut self.map, key).map_err(DatapathError::map(map_names::CONNTRACK))
+    }
+}
+
+impl PinnedConntrack {
+    /// Set each client's count of tracked connections to `counts` (clients
+    /// not in it have none). The programs add to these between sweeps; an
+    /// add between the snapshot the counts come from and this write is
+    /// lost, and found again at the next sweep.
+    pub fn set_client_counts(
+        &mut self,
+        counts: &std::collections::HashMap<[u8; 4], u32>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::CONNTRACK_CLIENTS;
+        let present: Vec<ConntrackClientKey> =
+            self.clients.keys().collect::<Result<_, _>>().map_err(DatapathError::map(name))?;
+        for key in present {
+            if !counts.contains_key(&key.ipv4) {
+                remove_present(&mut self.clients, &key).map_err(DatapathError::map(name))?;
+            }
+        }
+        for (ipv4, connections) in counts {
+            let value = ConntrackClient { connections: *connections, _pad: 0 };
+            self.clients
+                .insert(ConntrackClientKey { ipv4: *ipv4 }, value, 0)
+                .map_err(DatapathError::map(name))?;
+        }
+        Ok(())
+    }
+
+    /// Each client's count as the programs see it now.
+    pub fn client_counts(&self) -> Result<std::collections::HashMap<[u8; 4], u32>, DatapathError> {
+        self.clients
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (key.ipv4, value.connections)))
+            .collect::<Result<_, _>>()
+            .map_err(DatapathError::map(map_names::CONNTRACK_CLIENTS))
     }
 }

@@ -162,11 +162,15 @@ pub const LAYOUTS: &[MapLayout] = &[
     // v2: the VXLAN port and the node's pod CIDR appended (24 -> 32 bytes).
     MapLayout {
         name: map_names::NODE_CONFIG,
-        version: 2,
+        // v3: conntrack_max_per_client appended.
+        version: 3,
         holds: "the node's settings (forwarding mode, uplink, whether Service lookups are on)",
         entries: Slots(copy_slots::<NodeConfig>),
         incompatible: Refuse,
-        upgrades: &[Upgrade { from_version: 1, entries: Slots(node_config_from_v1) }],
+        upgrades: &[
+            Upgrade { from_version: 1, entries: Slots(node_config_from_v1) },
+            Upgrade { from_version: 2, entries: Slots(node_config_from_v2) },
+        ],
     },
     MapLayout {
         name: map_names::ENDPOINT_TRAFFIC,
@@ -233,6 +237,14 @@ pub const LAYOUTS: &[MapLayout] = &[
         entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>),
         incompatible: Refuse,
         upgrades: &[Upgrade { from_version: 1, entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>) }],
+    },
+    MapLayout {
+        name: map_names::CONNTRACK_CLIENTS,
+        version: 1,
+        holds: "each client's tracked connections (recounted from the connection table within 5 s)",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
     },
     MapLayout {
         name: map_names::SERVICE_AFFINITY,
@@ -434,6 +446,50 @@ fn node_config_from_v1(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
     Ok(Copied { entries: 1, left_out: 0 })
 }
 
+/// `node_config` as layout v2 had it: today's first 36 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NodeConfigV2 {
+    node_ipv4: [u8; 4],
+    mode: u32,
+    uplink_ifindex: u32,
+    vxlan_ifindex: u32,
+    vni: u32,
+    flags: u32,
+    vxlan_port: [u8; 2],
+    pod_prefix_len: u8,
+    _pad: u8,
+    pod_cidr: [u8; 4],
+    pod_mtu: u32,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no padding.
+unsafe impl Pod for NodeConfigV2 {}
+
+/// v2 -> v3: every field kept; no per-client connection limit until the
+/// agent writes the node's settings a moment later.
+fn node_config_from_v2(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    let old: Array<&MapData, NodeConfigV2> = Array::try_from(old)?;
+    let mut new: Array<&mut MapData, NodeConfig> = Array::try_from(new)?;
+    let v2 = old.get(&0, 0)?;
+    let config = NodeConfig {
+        node_ipv4: v2.node_ipv4,
+        mode: v2.mode,
+        uplink_ifindex: v2.uplink_ifindex,
+        vxlan_ifindex: v2.vxlan_ifindex,
+        vni: v2.vni,
+        flags: v2.flags,
+        vxlan_port: v2.vxlan_port,
+        pod_prefix_len: v2.pod_prefix_len,
+        _pad: v2._pad,
+        pod_cidr: v2.pod_cidr,
+        pod_mtu: v2.pod_mtu,
+        conntrack_max_per_client: 0,
+    };
+    new.set(0, config, 0)?;
+    Ok(Copied { entries: 1, left_out: 0 })
+}
+
 /// Per-CPU arrays of `N` u64 counters per slot: the old counts are added to
 /// what the new map counted since the switch, CPU by CPU. (An increment
 /// between the read and the write of a slot on that CPU is lost: the copy of
@@ -479,6 +535,13 @@ mod tests {
         assert_eq!(std::mem::size_of::<NodeConfigV1>(), 24);
         assert_eq!(std::mem::offset_of!(NodeConfig, flags), std::mem::offset_of!(NodeConfigV1, flags));
         assert_eq!(std::mem::offset_of!(NodeConfig, vxlan_port), 24, "v2 appends after v1's fields");
+    }
+
+    #[test]
+    fn node_config_v2_is_the_head_of_v3() {
+        assert_eq!(std::mem::size_of::<NodeConfigV2>(), 36);
+        assert_eq!(std::mem::offset_of!(NodeConfig, pod_mtu), std::mem::offset_of!(NodeConfigV2, pod_mtu));
+        assert_eq!(std::mem::offset_of!(NodeConfig, conntrack_max_per_client), 36, "v3 appends");
     }
 
     #[test]

@@ -208,6 +208,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "pod_cidr": format!("{}/{}", std::net::Ipv4Addr::from(c.pod_cidr), c.pod_prefix_len),
                 // Whether TCP and UDP are looked up in the Service maps.
                 "services": c.flags & datapath_common::NODE_FLAG_SERVICES != 0,
+                // Unanswered connections per client (0: no limit).
+                "conntrack_max_per_client": c.conntrack_max_per_client,
                 "bpffs_dir": args.bpffs_dir,
             });
             if args.json {

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use datapath_common::{
     CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, ConntrackEntry,
-    ConntrackKey, IPPROTO_TCP, TcpState,
+    ConntrackKey, IPPROTO_TCP, TcpState, unanswered,
 };
 use tokio::sync::Mutex;
 
@@ -163,8 +163,9 @@ pub fn sweep(
     now_ns: u64,
     limits: &ConntrackLimits,
 ) -> Result<GcReport, DatapathError> {
-    let snapshot = map.snapshot()?;
+    let mut snapshot = map.snapshot()?;
     let mut removed = 0;
+    let mut gone = std::collections::HashSet::new();
     for key in expired_keys(&snapshot, now_ns, limits) {
         let Some(entry) = map.get(&key)? else { continue };
         let pair_key = key.pair(&entry);
@@ -173,12 +174,40 @@ pub fn sweep(
             continue;
         }
         removed += usize::from(map.remove(&key)?);
+        gone.insert(key);
         // (A CT_POLICY entry is its own pair.)
         if pair.is_some() && pair_key != key {
             removed += usize::from(map.remove(&pair_key)?);
+            gone.insert(pair_key);
         }
     }
-    Ok(GcReport { removed, remaining: snapshot.len().saturating_sub(removed) })
+    for key in &gone {
+        snapshot.remove(key);
+    }
+    map.set_client_counts(&client_counts(&snapshot))?;
+    Ok(GcReport { removed, remaining: snapshot.len() })
+}
+
+/// Each client's unanswered connections, as `conntrack_max_per_client`
+/// counts them ([`datapath_common::unanswered`]): Service connections by
+/// their forward entry, connections policy allowed by their one entry,
+/// both under the address that opened them.
+pub fn client_counts(snapshot: &HashMap<ConntrackKey, ConntrackEntry>) -> HashMap<[u8; 4], u32> {
+    let mut counts = HashMap::new();
+    for (key, entry) in snapshot {
+        if entry.kind != CT_FORWARD && entry.kind != CT_POLICY {
+            continue;
+        }
+        let pair_flags = if entry.kind == CT_FORWARD {
+            snapshot.get(&key.pair(entry)).map_or(0, |pair| pair.flags)
+        } else {
+            0
+        };
+        if unanswered(key.protocol, entry.kind, entry.flags, pair_flags) {
+            *counts.entry(key.saddr).or_insert(0) += 1;
+        }
+    }
+    counts
 }
 
 /// How often the agent removes idle and closed Service connections from
@@ -339,6 +368,43 @@ mod tests {
         // their FIN (which that build marked CT_CLOSING).
         assert_eq!(of(CT_FORWARD, 0, 0), TcpState::Established);
         assert_eq!(of(CT_FORWARD, CT_CLOSING, 0), TcpState::Closing);
+    }
+
+    #[test]
+    fn clients_are_counted_by_their_unanswered_connections() {
+        use datapath_common::{CT_SEEN, CT_SEEN_REPLY, CT_STATEFUL};
+        let mut snapshot = HashMap::new();
+        // Three TCP connections of one client: a SYN, one answered but never
+        // acknowledged, one established.
+        for (port, fwd_flags, rep_flags) in [(40_000, 0, 0), (40_001, 0, CT_SEEN), (40_002, CT_SEEN, CT_SEEN)]
+        {
+            let [mut fwd, mut rep] = tcp_connection(port, pod(2), false);
+            fwd.1.flags = CT_STATEFUL | fwd_flags;
+            rep.1.flags = CT_STATEFUL | rep_flags;
+            snapshot.extend([fwd, rep]);
+        }
+        // UDP: one unanswered, one answered, by the same client.
+        for (port, rep_flags) in [(50_000, 0), (50_001, CT_SEEN)] {
+            let [mut fwd, mut rep] = tcp_connection(port, pod(2), false);
+            fwd.0.protocol = IPPROTO_UDP;
+            rep.0.protocol = IPPROTO_UDP;
+            fwd.1.flags = CT_STATEFUL;
+            rep.1.flags = CT_STATEFUL | rep_flags;
+            snapshot.extend([fwd, rep]);
+        }
+        // Policy entries of another client: one unanswered, one answered;
+        // and an entry of an older build, which counts as answered.
+        let other = [10, 244, 1, 77];
+        for (port, flags) in [(1, CT_STATEFUL | CT_SEEN), (2, CT_STATEFUL | CT_SEEN | CT_SEEN_REPLY), (3, 0)]
+        {
+            let key =
+                ConntrackKey { saddr: other, sport: [0, port], protocol: IPPROTO_TCP, ..Default::default() };
+            snapshot.insert(key, ConntrackEntry { kind: CT_POLICY, flags, ..Default::default() });
+        }
+        let counts = client_counts(&snapshot);
+        assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
+        assert_eq!(counts.get(&other), Some(&1), "{counts:?}");
+        assert_eq!(counts.len(), 2);
     }
 
     #[test]

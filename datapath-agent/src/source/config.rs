@@ -85,6 +85,14 @@ pub struct AgentConfig {
     /// a change needs the pinned map removed and a restart (docs/services.md).
     #[serde(default = "default_conntrack_max_entries")]
     pub conntrack_max_entries: u32,
+    /// Unanswered connections (TCP not yet answered and acknowledged, UDP
+    /// not yet answered) one client address (a pod, or an outside client)
+    /// may have tracked at once: a new Service connection past it is
+    /// refused (`conntrack_client_limit`), so SYNs one pod never completes
+    /// cannot fill the table. Unset: 1024, or an eighth of the table's
+    /// entries if that is less. 0: no limit.
+    #[serde(default)]
+    pub conntrack_max_per_client: Option<u32>,
     /// A TCP Service connection with no packet for this long is forgotten.
     #[serde(default = "default_conntrack_tcp_idle_seconds")]
     pub conntrack_tcp_idle_seconds: u32,
@@ -154,6 +162,7 @@ pub struct StartupConfig {
     pub ebpf_log: EbpfLog,
     pub monitor_events_per_second: u32,
     pub conntrack_max_entries: u32,
+    pub conntrack_max_per_client: Option<u32>,
     pub policy_dir: Option<PathBuf>,
 }
 
@@ -182,6 +191,7 @@ impl StartupConfig {
             ebpf_log,
             monitor_events_per_second,
             conntrack_max_entries,
+            conntrack_max_per_client,
             policy_dir,
         } = self;
         [
@@ -203,12 +213,19 @@ impl StartupConfig {
             ("ebpf_log", *ebpf_log != other.ebpf_log),
             ("monitor_events_per_second", *monitor_events_per_second != other.monitor_events_per_second),
             ("conntrack_max_entries", *conntrack_max_entries != other.conntrack_max_entries),
+            ("conntrack_max_per_client", *conntrack_max_per_client != other.conntrack_max_per_client),
             ("policy_dir", *policy_dir != other.policy_dir),
         ]
         .into_iter()
         .find_map(|(field, differs)| differs.then_some(field))
     }
 }
+
+/// Unanswered connections per client unless `conntrack_max_per_client`
+/// says otherwise: far more than any client has in flight at once (a
+/// connect() retry loop against a dead backend makes a few a second, each
+/// gone after `conntrack_opening_seconds`).
+const DEFAULT_CONNTRACK_MAX_PER_CLIENT: u32 = 1024;
 
 fn default_conntrack_max_entries() -> u32 {
     datapath_common::DEFAULT_CONNTRACK_ENTRIES
@@ -393,6 +410,12 @@ pub enum ConfigError {
 }
 
 impl AgentConfig {
+    /// `conntrack_max_per_client` as the programs get it (0: no limit).
+    pub fn conntrack_max_per_client(&self) -> u32 {
+        self.conntrack_max_per_client
+            .unwrap_or(DEFAULT_CONNTRACK_MAX_PER_CLIENT.min(self.conntrack_max_entries / 8))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -463,6 +486,7 @@ impl AgentConfig {
             ebpf_log,
             monitor_events_per_second,
             conntrack_max_entries,
+            conntrack_max_per_client,
             conntrack_tcp_idle_seconds,
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
@@ -491,6 +515,7 @@ impl AgentConfig {
             ebpf_log,
             monitor_events_per_second,
             conntrack_max_entries,
+            conntrack_max_per_client,
             policy_dir,
         };
         let live = LiveConfig {

@@ -201,11 +201,12 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     let mut ids = Vec::new();
     for name in pins(&node) {
         let path = maps_dir(&node).join(&name);
-        if name == "node_config-v2" {
+        if name == "node_config-v3" {
             std::fs::remove_file(&path).unwrap();
             continue;
         }
         if name.starts_with("icmp_budget")
+            || name.starts_with("conntrack_clients")
             || name.starts_with("peer_mode_mismatches")
             || name.starts_with("policy_")
         {
@@ -254,11 +255,11 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     }
     let now = pins(&node);
     assert!(
-        now.contains(&"node_config-v2".to_owned()) && !now.contains(&"node_config".to_owned()),
+        now.contains(&"node_config-v3".to_owned()) && !now.contains(&"node_config".to_owned()),
         "{now:?}"
     );
     assert!(
-        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v2" || p == "conntrack-v2"),
+        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v3" || p == "conntrack-v2"),
         "{now:?}"
     );
     assert_eq!(node.programmed_endpoints(), endpoints_before);
@@ -266,6 +267,69 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     let log = node.agent_log();
     assert!(log.contains("pin renamed to its layout version"), "{log}");
     assert!(log.contains("converted from layout v1"), "node_config converted: {log}");
+}
+
+/// The previous release's node_config (layout v2, 36 bytes, no per-client
+/// connection limit) is converted under traffic: the node's settings are
+/// kept, the limit written a moment later.
+#[test]
+fn node_config_of_the_previous_layout_is_converted_without_a_lost_packet() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    let config_before = node.inspect("config");
+    node.kill_agent();
+    let current = maps_dir(&node).join("node_config-v3");
+    let value: Vec<String> = {
+        let dump = sh(&[
+            "bpftool",
+            "-j",
+            "map",
+            "lookup",
+            "pinned",
+            &current.display().to_string(),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take(36)
+            .map(|b| {
+                let text = b.as_str().unwrap();
+                u8::from_str_radix(text.trim_start_matches("0x"), 16).unwrap().to_string()
+            })
+            .collect()
+    };
+    let old = maps_dir(&node).join("node_config-v2");
+    bpftool_create(&old, "array", 4, 36, 1, "NODE_CONFIG");
+    let old_text = old.display().to_string();
+    let mut update: Vec<&str> =
+        vec!["bpftool", "map", "update", "pinned", &old_text, "key", "0", "0", "0", "0", "value"];
+    update.extend(value.iter().map(String::as_str));
+    sh(&update);
+    std::fs::remove_file(&current).unwrap();
+
+    let flood = ping_flood(&a.netns, b.ip, 600);
+    std::thread::sleep(Duration::from_millis(500));
+    node.start_agent();
+    let (tx, rx) = ping_result(flood);
+    assert_eq!(rx, tx, "pings lost while converting node_config");
+    let now = pins(&node);
+    assert!(
+        now.contains(&"node_config-v3".to_owned()) && !now.contains(&"node_config-v2".to_owned()),
+        "{now:?}"
+    );
+    assert_eq!(node.inspect("config"), config_before, "the node's settings as before");
+    assert!(node.agent_log().contains("converted from layout v2"), "{}", node.agent_log());
 }
 
 #[test]
@@ -452,5 +516,5 @@ fn growing_conntrack_keeps_service_connections_without_a_lost_packet() {
     assert_eq!(backend_of(&tracked_after), backend_of(&tracked_before), "{tracked_after:#}");
     let log = a.agent_log();
     assert!(log.contains("map migrated") && log.contains("CONNTRACK"), "{log}");
-    assert_eq!(pins(&a).iter().filter(|p| p.starts_with("conntrack")).count(), 1, "{:?}", pins(&a));
+    assert_eq!(pins(&a).iter().filter(|p| p.starts_with("conntrack-")).count(), 1, "{:?}", pins(&a));
 }

@@ -104,6 +104,7 @@ impl Harness {
                 pod_prefix_len: 24,
                 _pad: 0,
                 pod_mtu: 1500,
+                conntrack_max_per_client: 0,
             })
             .unwrap();
         self.datapath

@@ -67,6 +67,7 @@ fn harness(policy: &PolicyMaps) -> (Datapath, RunDevice) {
         pod_prefix_len: 24,
         _pad: 0,
         pod_mtu: 1500,
+        conntrack_max_per_client: 0,
     })
     .unwrap();
     dp.sync_remote_nodes(&[RemoteRoute {

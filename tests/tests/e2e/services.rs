@@ -23,6 +23,7 @@ const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const CLOSED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const SLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const VOID_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
@@ -527,3 +528,83 @@ fn half_closed(mode: &str) {
 }
 
 in_both_modes! { a_half_closed_connection_hears_a_late_answer => half_closed; }
+
+/// One pod flooding a Service with SYNs nobody answers cannot deny
+/// Services to the other pods of its node: it is held to
+/// `conntrack_max_per_client` unanswered connections (refused past them,
+/// counted as `conntrack_client_limit`) while another pod keeps opening
+/// connections, none refused; its half-open entries go after
+/// `conntrack_opening_seconds`. The client's own many short connections
+/// do not count against it: they were answered.
+#[test]
+fn a_syn_flood_from_one_pod_leaves_services_to_the_others() {
+    use datapath_agent::bpf::PinLayout;
+    use datapath_common::map_names;
+    use datapath_tests::{
+        lab::{mac_of, send_raw_frames_in},
+        packets::{ETH_P_IP, Ipv4, TCP_SYN, ethernet},
+    };
+    datapath_tests::require_root!();
+    let mut lab = lab("native");
+    let all = lab.backend_ips();
+    let flooder = lab.a.add_pod("a3");
+    // 2048 entries (1024 connections); the default limit is an eighth of
+    // the entries here: 256. The void Service's backend is an address of
+    // the peer's pod CIDR that no pod has: nothing ever answers.
+    let nobody = Ipv4Addr::new(10, 244, 2, 250);
+    lab.a.stop_agent();
+    lab.a.set_extra_config(&format!(
+        "conntrack_max_entries = 2048\nconntrack_opening_seconds = 2\n{}{}",
+        service("web", WEB_VIP, &all),
+        service("void", VOID_VIP, &[nobody])
+    ));
+    std::fs::remove_file(PinLayout::new(&lab.a.bpffs_dir).map(map_names::CONNTRACK)).unwrap();
+    lab.a.start_agent();
+    wait_programmed(&lab.a, WEB_VIP, &all);
+    wait_programmed(&lab.a, VOID_VIP, &[nobody]);
+    assert_eq!(lab.a.inspect("config")["conntrack_max_per_client"], 256);
+
+    let (pod_mac, host_mac) = (mac_of(&flooder.netns, "eth0"), mac_of(&lab.a.netns, &flooder.host_veth));
+    let syns: Vec<Vec<u8>> = (0..3000u16)
+        .map(|i| {
+            let syn = Ipv4::tcp(flooder.ip.octets(), 10_000 + i, VOID_VIP.octets(), 80, TCP_SYN, &[]);
+            ethernet(host_mac, pod_mac, ETH_P_IP, &syn.bytes())
+        })
+        .collect();
+    let path = flooder.netns.path();
+    let flood = std::thread::spawn(move || send_raw_frames_in(&path, "eth0", syns));
+    let mut refused = 0;
+    for _ in 0..300 {
+        match connect(&lab.client, WEB_VIP) {
+            Ok(mut conn) => assert!(all.contains(&ask(&mut conn).0)),
+            Err(e) => {
+                eprintln!("refused: {e}");
+                refused += 1;
+            }
+        }
+    }
+    flood.join().unwrap().unwrap();
+    for _ in 0..50 {
+        match connect(&lab.client, WEB_VIP) {
+            Ok(mut conn) => assert!(all.contains(&ask(&mut conn).0)),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(refused, 0, "the other pod's connections during and after the flood");
+    let of_flooder = || {
+        let rows = lab.a.inspect("conntrack");
+        rows.as_array().unwrap().iter().filter(|c| c["client_ip"] == flooder.ip.to_string()).count()
+    };
+    let held = of_flooder();
+    // (A count lost to a race between CPUs lets a few more in.)
+    assert!((250..=270).contains(&held), "the flooder holds its limit, not the table: {held}");
+    let limited = lab.a.drop_count("conntrack_client_limit");
+    assert!(limited >= 2700, "the rest refused with its reason: {limited}");
+    assert_eq!(lab.a.drop_count("conntrack_full"), 0);
+    // Unanswered, they go after conntrack_opening_seconds (and a sweep).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while of_flooder() > 0 {
+        assert!(Instant::now() < deadline, "half-open entries still tracked: {}", of_flooder());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

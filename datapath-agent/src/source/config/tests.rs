@@ -179,6 +179,7 @@ fn conntrack_limits_are_checked_and_its_size_needs_a_restart() {
         ("conntrack_closing_seconds = 0", "conntrack_closing_seconds"),
         ("conntrack_half_closed_seconds = 0", "conntrack_half_closed_seconds"),
         ("conntrack_opening_seconds = 3601", "conntrack_opening_seconds"),
+        ("conntrack_max_per_client = 65537", "conntrack_max_per_client"),
     ] {
         let e = error_of(&format!("{GOOD}{line}\n"));
         assert!(e.contains(&format!("`{field}`")), "{line}: {e}");
@@ -212,7 +213,7 @@ type FieldChange = (&'static str, fn(&mut AgentConfig));
 #[test]
 fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
     let base = AgentConfig::parse(GOOD).unwrap();
-    let startup: [FieldChange; 20] = [
+    let startup: [FieldChange; 21] = [
         ("node_name", |c| c.node_name.push('x')),
         ("pod_cidr", |c| c.pod_cidr = "10.244.2.0/24".parse().unwrap()),
         ("uplink_interface", |c| c.uplink_interface.push('x')),
@@ -232,6 +233,7 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         ("ebpf_log", |c| c.ebpf_log = EbpfLog::Debug),
         ("monitor_events_per_second", |c| c.monitor_events_per_second += 1),
         ("conntrack_max_entries", |c| c.conntrack_max_entries *= 2),
+        ("conntrack_max_per_client", |c| c.conntrack_max_per_client = Some(7)),
         ("policy_dir", |c| c.policy_dir = Some("/etc/datapath/policy".into())),
     ];
     for (field, change) in startup {

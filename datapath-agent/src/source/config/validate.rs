@@ -98,6 +98,15 @@ impl AgentConfig {
                 "use an even number, e.g. 131072",
             );
         }
+        if let Some(per_client) = self.conntrack_max_per_client
+            && per_client > entries / 2
+        {
+            return invalid(
+                "conntrack_max_per_client",
+                format!("{per_client} is more than the {} connections the table holds", entries / 2),
+                "leave it unset (1024), set at most conntrack_max_entries / 2, or 0 for no limit",
+            );
+        }
         for (field, value, max, fix) in [
             (
                 "conntrack_tcp_idle_seconds",
