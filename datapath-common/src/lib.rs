@@ -78,7 +78,10 @@ pub mod map_names {
     /// [`super::ConntrackClient`]: its tracked connections, for
     /// `conntrack_max_per_client` (the agent recounts at each sweep).
     pub const CONNTRACK_CLIENTS: &str = "CONNTRACK_CLIENTS";
-    pub const ALL: [&str; 25] = [
+    /// Per-CPU room where the programs make an ICMP answer (the frame and
+    /// the packet it quotes: too big for their stack).
+    pub const ANSWER_SCRATCH: &str = "ANSWER_SCRATCH";
+    pub const ALL: [&str; 26] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -104,6 +107,7 @@ pub mod map_names {
         POLICY_RULES,
         POLICY_VERDICTS,
         CONNTRACK_CLIENTS,
+        ANSWER_SCRATCH,
     ];
 }
 

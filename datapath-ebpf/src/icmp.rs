@@ -50,7 +50,18 @@ pub struct Original {
 }
 
 /// A whole reply frame: Ethernet, IPv4, the ICMP header, the quote.
+#[repr(C)]
 pub struct IcmpReply(pub [u8; REPLY_LEN]);
+
+/// Where an answer is made: per CPU, in a map. On the stack, these 112
+/// bytes would sit beside everything else the programs keep there, and the
+/// debug build's (whose log call adds its own frame) would pass the
+/// verifier's 512-byte limit.
+#[repr(C)]
+pub struct AnswerScratch {
+    pub original: Original,
+    pub reply: IcmpReply,
+}
 
 pub const ORIGINAL_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN + QUOTED_PAYLOAD;
 const ICMP_ERROR_LEN: usize = size_of::<IcmpHdr>() + IPV4_MIN_HLEN + QUOTED_PAYLOAD;

@@ -19,6 +19,8 @@ use datapath_common::{
     RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
 };
 
+use crate::icmp::AnswerScratch;
+
 /// Allocated as Services come: most clusters have far fewer than the maximum.
 const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -80,6 +82,10 @@ pub static MONITOR_CONFIG: Array<MonitorConfig, 1> = Array::new();
 
 #[btf_map]
 pub static MONITOR_BUDGET: PerCpuArray<MonitorBudget, 1> = PerCpuArray::new();
+
+/// Where this CPU makes an ICMP answer (too big for the stack).
+#[btf_map]
+pub static ANSWER_SCRATCH: PerCpuArray<AnswerScratch, 1> = PerCpuArray::new();
 
 /// ICMP errors sent by this CPU in the current second (rate limit).
 #[btf_map]

@@ -54,24 +54,23 @@ pub fn report(packet: &Packet, direction: Direction, kind: u8, code: u8, events_
         count_monitor(MonitorOutcome::RingFull);
         return;
     };
-    let mut event = MonitorEvent {
-        // SAFETY: plain helper without arguments.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        ifindex: packet.ifindex(),
-        packet_len: packet.frame_len(),
-        direction: direction as u8,
-        kind,
-        code,
-        version: MONITOR_EVENT_VERSION,
-        ..MonitorEvent::default()
-    };
+    // Written in place in the ring (no copy on the stack: the programs
+    // have little of it to spare).
+    let event = entry.write(MonitorEvent::default());
+    // SAFETY: plain helper without arguments.
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    event.ifindex = packet.ifindex();
+    event.packet_len = packet.frame_len();
+    event.direction = direction as u8;
+    event.kind = kind;
+    event.code = code;
+    event.version = MONITOR_EVENT_VERSION;
     if let Some(ethertype) = packet.load::<[u8; 2]>(12) {
         event.ethertype = ethertype;
         if u16::from_be_bytes(ethertype) == ETH_P_IP {
-            describe_ipv4(packet, &mut event);
+            describe_ipv4(packet, event);
         }
     }
-    entry.write(event);
     entry.submit(0);
     count_monitor(MonitorOutcome::Emitted);
 }

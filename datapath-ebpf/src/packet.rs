@@ -90,12 +90,47 @@ impl Packet {
         self.ctx.load::<T>(offset).ok()
     }
 
+    /// Copy the packet's bytes at `offset` into `dst` (any offset, linear
+    /// or not), without a copy on the stack; `None` past its end.
+    #[inline(always)]
+    pub fn load_into<T>(&self, offset: usize, dst: &mut T) -> Option<()> {
+        // The exact size, a constant: the verifier refuses a length that
+        // may be zero (which aya's `load_bytes` clamps to).
+        // SAFETY: `dst` is `size_of::<T>()` writable bytes, written whole or
+        // not at all (the callers' `T`s are byte arrays: any bytes valid).
+        let rc = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                self.skb().cast(),
+                offset as u32,
+                (dst as *mut T).cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        (rc == 0).then_some(())
+    }
+
     /// Copy a `T` out of the linear data at `offset`, bounds-checked
     /// (direct access: cheaper than [`Packet::load`], linear data only).
     #[inline(always)]
     pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         // SAFETY: bounds-checked; copied out at once.
         self.ptr_at::<T>(offset).map(|p| unsafe { *p })
+    }
+
+    /// A `T` at `offset` in the linear data, to read and write in place
+    /// (direct access, bounds-checked; no copy on the stack). A helper
+    /// that moves the data ends the view (it borrows the packet).
+    #[inline(always)]
+    pub fn view_mut<T>(&mut self, offset: usize) -> Option<&mut T> {
+        // SAFETY: bounds-checked; the borrow of `self` keeps helpers away.
+        self.ptr_at::<T>(offset).map(|p| unsafe { &mut *p })
+    }
+
+    /// A pointer to a `T` at `offset` in the linear data (bounds-checked),
+    /// for two disjoint places at once; valid until a helper moves the data.
+    #[inline(always)]
+    pub fn ptr_mut<T>(&mut self, offset: usize) -> Option<*mut T> {
+        self.ptr_at::<T>(offset)
     }
 
     /// The Ethernet type, if the frame has a whole Ethernet header.

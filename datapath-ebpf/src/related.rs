@@ -14,33 +14,25 @@ use crate::checksum::csum_replace16;
 /// quench, time exceeded, parameter problem.
 pub const QUOTING_TYPES: [u8; 4] = [3, 4, 11, 12];
 
-/// The part of an ICMP error the rewrite reads and writes, from the start
-/// of the ICMP header: the header (8 bytes), the quoted IPv4 header
-/// without options (20) and the first 8 bytes of the quoted TCP or UDP
-/// header (ports, and UDP's checksum). Every error that may quote a
-/// packet carries at least this much (RFC 792; Linux quotes far more).
-pub const BLOCK_LEN: usize = 36;
-/// Offsets in the block.
-pub const ICMP_TYPE: usize = 0;
-const ICMP_CHECK: usize = 2;
+/// Offsets from the start of the ICMP header: the header is 8 bytes, the
+/// quoted IPv4 header (without options: 20) follows, then the quoted TCP or
+/// UDP header, whose first 8 bytes (ports, and UDP's checksum) every
+/// error that may quote a packet carries (RFC 792; Linux quotes far more).
+pub const ICMP_CHECK: usize = 2;
 pub const QUOTE: usize = 8;
-pub const Q_VERSION_IHL: usize = QUOTE;
-pub const Q_FRAG: usize = QUOTE + 6;
-pub const Q_PROTOCOL: usize = QUOTE + 9;
-const Q_CHECK: usize = QUOTE + 10;
-pub const Q_SADDR: usize = QUOTE + 12;
-pub const Q_DADDR: usize = QUOTE + 16;
-pub const Q_SPORT: usize = QUOTE + 20;
-pub const Q_DPORT: usize = QUOTE + 22;
-const Q_UDP_CHECK: usize = QUOTE + 26;
-/// The quoted TCP checksum, past the block: present only when the error
-/// quotes that much of the TCP header (Linux's do).
-pub const Q_TCP_CHECK: usize = QUOTE + 20 + 16;
+/// The quoted IPv4 header's checksum, addresses (8 bytes) and ports (4).
+pub const Q_CHECK: usize = QUOTE + 10;
+pub const Q_ADDRS: usize = QUOTE + 12;
+pub const Q_PORTS: usize = QUOTE + 20;
+pub const Q_UDP_CHECK: usize = QUOTE + 26;
+/// The quoted TCP checksum: present only when the error quotes that much
+/// of the TCP header (Linux's do).
+pub const Q_TCP_CHECK: usize = QUOTE + 36;
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
-/// What a quoted packet becomes: its addresses and ports (network order).
+/// A quoted packet's addresses and ports, as they sit in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quote {
     pub saddr: [u8; 4],
@@ -50,98 +42,97 @@ pub struct Quote {
 }
 
 impl Quote {
-    /// The quote as it sits in `block`.
+    /// The quote of a quoted packet's addresses and ports, as read from it.
     #[inline(always)]
-    pub fn of(block: &[u8; BLOCK_LEN]) -> Quote {
-        Quote {
-            saddr: [block[Q_SADDR], block[Q_SADDR + 1], block[Q_SADDR + 2], block[Q_SADDR + 3]],
-            daddr: [block[Q_DADDR], block[Q_DADDR + 1], block[Q_DADDR + 2], block[Q_DADDR + 3]],
-            sport: [block[Q_SPORT], block[Q_SPORT + 1]],
-            dport: [block[Q_DPORT], block[Q_DPORT + 1]],
-        }
+    pub fn of(addrs: [[u8; 4]; 2], ports: [[u8; 2]; 2]) -> Quote {
+        Quote { saddr: addrs[0], daddr: addrs[1], sport: ports[0], dport: ports[1] }
     }
 }
 
+/// The size of [`QuotingError`]: what the rewrite reads and writes in
+/// place, but for the quoted TCP checksum.
+pub const BLOCK_LEN: usize = Q_UDP_CHECK + 2;
+
 #[inline(always)]
-fn word<const N: usize>(bytes: &[u8; N], at: usize) -> u16 {
+fn get(bytes: &[u8; BLOCK_LEN], at: usize) -> u16 {
     u16::from_be_bytes([bytes[at], bytes[at + 1]])
 }
 
 #[inline(always)]
-fn put_word<const N: usize>(bytes: &mut [u8; N], at: usize, value: u16) {
+fn put(bytes: &mut [u8; BLOCK_LEN], at: usize, value: u16) {
     let [hi, lo] = value.to_be_bytes();
     bytes[at] = hi;
     bytes[at + 1] = lo;
 }
 
-/// Write the word at `at` of the quote, with the changes it makes to the
-/// checksums that cover it: the quoted IPv4 header's (`ip`, for its
-/// addresses), the quoted TCP or UDP checksum (`l4`: addresses through
-/// the pseudo-header, and ports) and the ICMP checksum.
+/// Change the 16-bit word at `at` of the error `block` to `new`, and every
+/// checksum that covers it, in place: the quoted IPv4 header's (for its
+/// addresses: `in_ip_header`), the quoted TCP or UDP checksum (`l4`:
+/// addresses through the pseudo-header, and ports) and the ICMP checksum,
+/// which covers the other two as well. Read and written in the packet, a
+/// word at a time: the programs have too few registers and too little
+/// stack to hold the quote and its checksums at once.
 #[inline(always)]
-fn set_word(block: &mut [u8; BLOCK_LEN], at: usize, new: u16, in_ip_header: bool, sums: &mut Sums) {
-    let old = word(block, at);
+fn set_word(block: &mut [u8; BLOCK_LEN], at: usize, new: u16, in_ip_header: bool, l4: &mut L4Check<'_>) {
+    let old = get(block, at);
     if old == new {
         return;
     }
-    put_word(block, at, new);
-    sums.icmp = csum_replace16(sums.icmp, old, new);
+    put(block, at, new);
+    let mut icmp = csum_replace16(get(block, ICMP_CHECK), old, new);
     if in_ip_header {
-        sums.ip = csum_replace16(sums.ip, old, new);
+        let check = get(block, Q_CHECK);
+        let fixed = csum_replace16(check, old, new);
+        put(block, Q_CHECK, fixed);
+        icmp = csum_replace16(icmp, check, fixed);
     }
-    sums.l4 = csum_replace16(sums.l4, old, new);
-}
-
-/// The checksums a rewrite of the quote keeps right.
-struct Sums {
-    icmp: u16,
-    ip: u16,
-    l4: u16,
-}
-
-/// Rewrite the quote in `block` to `new`, with the quoted IPv4 header's
-/// checksum, the quoted UDP checksum (unless the datagram had none), the
-/// quoted TCP checksum `tcp_check` (when the error quotes it; its new
-/// value is returned) and the ICMP checksum, so that the error is exactly
-/// what it would have been about the packet as its sender sent it. Works
-/// on scalars only: the programs have little stack to spare.
-#[inline(always)]
-pub fn rewrite_quote(block: &mut [u8; BLOCK_LEN], new: &Quote, tcp_check: Option<u16>) -> Option<u16> {
-    let protocol = block[Q_PROTOCOL];
-    let (old_ip, old_udp) = (word(block, Q_CHECK), word(block, Q_UDP_CHECK));
-    let old_l4 = match tcp_check {
-        Some(check) if protocol == IPPROTO_TCP => Some(check),
-        _ if protocol == IPPROTO_UDP && old_udp != 0 => Some(old_udp),
-        // Sent without a checksum (UDP): it stays so.
-        _ => None,
-    };
-    let mut sums = Sums { icmp: word(block, ICMP_CHECK), ip: old_ip, l4: old_l4.unwrap_or(0) };
-    let half = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
-    set_word(block, Q_SADDR, half(new.saddr, 0), true, &mut sums);
-    set_word(block, Q_SADDR + 2, half(new.saddr, 2), true, &mut sums);
-    set_word(block, Q_DADDR, half(new.daddr, 0), true, &mut sums);
-    set_word(block, Q_DADDR + 2, half(new.daddr, 2), true, &mut sums);
-    set_word(block, Q_SPORT, u16::from_be_bytes(new.sport), false, &mut sums);
-    set_word(block, Q_DPORT, u16::from_be_bytes(new.dport), false, &mut sums);
-    // The checksum fields are in the quote too: the ICMP checksum covers them.
-    put_word(block, Q_CHECK, sums.ip);
-    sums.icmp = csum_replace16(sums.icmp, old_ip, sums.ip);
-    let new_l4 = match old_l4 {
-        Some(old) => {
-            // A computed zero is sent as all ones (UDP).
-            let new = if sums.l4 == 0 && protocol == IPPROTO_UDP { 0xffff } else { sums.l4 };
-            sums.icmp = csum_replace16(sums.icmp, old, new);
-            Some(new)
+    match l4 {
+        L4Check::None => {}
+        L4Check::Udp => {
+            let check = get(block, Q_UDP_CHECK);
+            let fixed = csum_replace16(check, old, new);
+            put(block, Q_UDP_CHECK, fixed);
+            icmp = csum_replace16(icmp, check, fixed);
         }
-        None => None,
-    };
-    if protocol == IPPROTO_UDP
-        && let Some(new) = new_l4
-    {
-        put_word(block, Q_UDP_CHECK, new);
+        L4Check::Tcp(tcp) => {
+            let check = u16::from_be_bytes(**tcp);
+            let fixed = csum_replace16(check, old, new);
+            **tcp = fixed.to_be_bytes();
+            icmp = csum_replace16(icmp, check, fixed);
+        }
     }
-    put_word(block, ICMP_CHECK, sums.icmp);
-    if protocol == IPPROTO_TCP { new_l4 } else { None }
+    put(block, ICMP_CHECK, icmp);
+}
+
+/// Where the quoted L4 checksum is, if there is one to keep right.
+pub enum L4Check<'a> {
+    /// None quoted, or a UDP datagram sent without one (it stays so).
+    None,
+    /// UDP's, in the block.
+    Udp,
+    /// TCP's, past the block.
+    Tcp(&'a mut [u8; 2]),
+}
+
+/// Rewrite the quote in the error `block` to `new`, with every checksum,
+/// so that the error is exactly what it would have been about the packet
+/// as its sender sent it.
+#[inline(always)]
+pub fn rewrite_quote(block: &mut [u8; BLOCK_LEN], new: &Quote, mut l4: L4Check<'_>) {
+    let (s, d) = (u32::from_be_bytes(new.saddr), u32::from_be_bytes(new.daddr));
+    set_word(block, Q_ADDRS, (s >> 16) as u16, true, &mut l4);
+    set_word(block, Q_ADDRS + 2, s as u16, true, &mut l4);
+    set_word(block, Q_ADDRS + 4, (d >> 16) as u16, true, &mut l4);
+    set_word(block, Q_ADDRS + 6, d as u16, true, &mut l4);
+    set_word(block, Q_PORTS, u16::from_be_bytes(new.sport), false, &mut l4);
+    set_word(block, Q_PORTS + 2, u16::from_be_bytes(new.dport), false, &mut l4);
+    // A computed zero is sent as all ones (UDP: zero means none).
+    if let L4Check::Udp = l4
+        && get(block, Q_UDP_CHECK) == 0
+    {
+        put(block, Q_UDP_CHECK, 0xffff);
+        put(block, ICMP_CHECK, csum_replace16(get(block, ICMP_CHECK), 0, 0xffff));
+    }
 }
 
 #[cfg(test)]
@@ -204,21 +195,27 @@ mod tests {
         icmp
     }
 
-    fn rewritten(protocol: u8, from: &Quote, to: &Quote, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let mut got = error(&packet(protocol, from, payload));
-        let mut block: [u8; BLOCK_LEN] = got[..BLOCK_LEN].try_into().unwrap();
-        let tcp_check = (protocol == IPPROTO_TCP).then(|| word(&block_of(&got), 0));
-        let new_tcp = rewrite_quote(&mut block, to, tcp_check);
-        got[..BLOCK_LEN].copy_from_slice(&block);
-        if let Some(new) = new_tcp {
-            got[Q_TCP_CHECK..Q_TCP_CHECK + 2].copy_from_slice(&new.to_be_bytes());
-        }
-        (got, error(&packet(protocol, to, payload)))
+    /// What the programs do with an error quoting a packet: the new quote
+    /// and checksums written over the old ones, in place.
+    fn rewrite(message: &mut [u8], to: &Quote) {
+        let protocol = message[QUOTE + 9];
+        let (block, rest) = message.split_at_mut(BLOCK_LEN);
+        let block: &mut [u8; BLOCK_LEN] = block.try_into().unwrap();
+        let tcp_at = Q_TCP_CHECK - BLOCK_LEN;
+        let l4 = if protocol == IPPROTO_TCP && rest.len() >= tcp_at + 2 {
+            L4Check::Tcp((&mut rest[tcp_at..tcp_at + 2]).try_into().unwrap())
+        } else if protocol == IPPROTO_UDP && get(block, Q_UDP_CHECK) != 0 {
+            L4Check::Udp
+        } else {
+            L4Check::None
+        };
+        rewrite_quote(block, to, l4);
     }
 
-    /// The two bytes of the quoted TCP checksum, as a one-word array.
-    fn block_of(message: &[u8]) -> [u8; 2] {
-        [message[Q_TCP_CHECK], message[Q_TCP_CHECK + 1]]
+    fn rewritten(protocol: u8, from: &Quote, to: &Quote, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut got = error(&packet(protocol, from, payload));
+        rewrite(&mut got, to);
+        (got, error(&packet(protocol, to, payload)))
     }
 
     const CLIENT: [u8; 4] = [10, 244, 1, 10];
@@ -247,16 +244,14 @@ mod tests {
     fn a_datagram_without_checksum_keeps_none() {
         let seen = Quote { saddr: CLIENT, daddr: BACKEND, sport: [0x9c, 0x40], dport: [0x14, 0xe9] };
         let mut message = error(&packet(IPPROTO_UDP, &seen, b"q"));
-        message[QUOTE + 26] = 0;
-        message[QUOTE + 27] = 0;
+        message[Q_UDP_CHECK] = 0;
+        message[Q_UDP_CHECK + 1] = 0;
         message[2] = 0;
         message[3] = 0;
         let check = checksum(&message);
         message[2..4].copy_from_slice(&check.to_be_bytes());
-        let mut block: [u8; BLOCK_LEN] = message[..BLOCK_LEN].try_into().unwrap();
-        rewrite_quote(&mut block, &Quote { daddr: VIP, dport: [0, 53], ..seen }, None);
-        assert_eq!(block[Q_UDP_CHECK..Q_UDP_CHECK + 2], [0, 0]);
-        message[..BLOCK_LEN].copy_from_slice(&block);
+        rewrite(&mut message, &Quote { daddr: VIP, dport: [0, 53], ..seen });
+        assert_eq!(message[Q_UDP_CHECK..Q_UDP_CHECK + 2], [0, 0]);
         assert_eq!(checksum(&message), 0);
     }
 }

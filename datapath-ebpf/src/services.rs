@@ -27,7 +27,7 @@ use crate::{
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
     related::{
-        BLOCK_LEN, ICMP_TYPE, Q_FRAG, Q_PROTOCOL, Q_TCP_CHECK, Q_VERSION_IHL, QUOTING_TYPES, Quote,
+        BLOCK_LEN, L4Check, Q_ADDRS, Q_PORTS, Q_TCP_CHECK, Q_UDP_CHECK, QUOTE, QUOTING_TYPES, Quote,
         rewrite_quote,
     },
 };
@@ -81,7 +81,9 @@ pub fn translate(
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         if protocol == IPPROTO_ICMP {
-            return related_error(headers);
+            let packet = headers.into_packet();
+            let before = related_error(packet)?;
+            return Ok(Translation::Forward(packet.ipv4()?, before));
         }
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
     }
@@ -265,34 +267,45 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
 /// backend sent it: a router's address stays), the quote the mirror of it.
 /// For an error about the client's packet, the returned key is the quote
 /// before the rewrite (the connection as it travelled between the pods,
-/// for policy). Anything else passes as it is.
+/// for policy); else all zero. Anything else passes as it is. Not
+/// inlined: its stack frame stays out of the programs' main one.
 #[inline(always)]
-fn related_error(headers: Ipv4Headers<'_>) -> Result<Translation<'_>, DropReason> {
-    let untouched = |headers| Ok(Translation::Forward(headers, ConntrackKey::default()));
-    let ip = headers.ip();
-    let (saddr, daddr) = (ip.saddr, ip.daddr);
-    // Errors are small: one in fragments is not worth reassembling here.
-    if ip.frag_off() & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return untouched(headers);
-    }
-    let l4 = ETH_HLEN + (ip.version_ihl & 0x0f) as usize * 4;
-    let Some(mut block) = headers.packet().load::<[u8; BLOCK_LEN]>(l4) else {
-        return untouched(headers);
+fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
+    let untouched = Ok(ConntrackKey::default());
+    let (saddr, daddr) = {
+        let headers = packet.ipv4()?;
+        let ip = headers.ip();
+        // Errors are small: one in fragments is not worth reassembling
+        // here; one with IP options of its own is rare.
+        if ip.frag_off() & (IP_MF | IP_OFFSET_MASK) != 0 || ip.version_ihl != IPV4_NO_OPTIONS {
+            return untouched;
+        }
+        (ip.saddr, ip.daddr)
     };
-    let protocol = block[Q_PROTOCOL];
+    const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+    // In place: copies of these headers would cost the stack the programs
+    // have little of (the debug build's least).
+    let Some(error) = packet.view_mut::<[u8; BLOCK_LEN]>(L4) else {
+        return untouched;
+    };
+    let protocol = error[QUOTE + 9];
     // A quote with IP options, or of a later fragment (no ports), is left
     // as it is: rare, and what it quotes cannot be matched cheaply.
-    if !QUOTING_TYPES.contains(&block[ICMP_TYPE])
-        || block[Q_VERSION_IHL] != IPV4_NO_OPTIONS
-        || u16::from_be_bytes([block[Q_FRAG], block[Q_FRAG + 1]]) & IP_OFFSET_MASK != 0
+    if !QUOTING_TYPES.contains(&error[0])
+        || error[QUOTE] != IPV4_NO_OPTIONS
+        || u16::from_be_bytes([error[QUOTE + 6], error[QUOTE + 7]]) & IP_OFFSET_MASK != 0
         || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
     {
-        return untouched(headers);
+        return untouched;
     }
-    let quoted = Quote::of(&block);
+    let at4 = |i: usize| [error[i], error[i + 1], error[i + 2], error[i + 3]];
+    let quoted = Quote::of(
+        [at4(Q_ADDRS), at4(Q_ADDRS + 4)],
+        [[error[Q_PORTS], error[Q_PORTS + 1]], [error[Q_PORTS + 2], error[Q_PORTS + 3]]],
+    );
     // An error goes back to the quoted packet's sender.
     if !same_ipv4(daddr, quoted.saddr) {
-        return untouched(headers);
+        return untouched;
     }
     let key = ConntrackKey {
         saddr: quoted.daddr,
@@ -302,13 +315,13 @@ fn related_error(headers: Ipv4Headers<'_>) -> Result<Translation<'_>, DropReason
         protocol,
         _pad: [0; 3],
     };
-    // SAFETY: copied out at once.
-    let Some(entry) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        return untouched(headers);
+    // SAFETY: read in place.
+    let Some(entry) = (unsafe { CONNTRACK.get(key) }) else {
+        return untouched;
     };
-    let hairpin = entry.flags & CT_HAIRPIN != 0;
+    let (kind, hairpin) = (entry.kind, entry.flags & CT_HAIRPIN != 0);
     let (mut new, mut new_saddr, mut new_daddr) = (quoted, saddr, daddr);
-    match entry.kind {
+    match kind {
         // About the client's packet: it was sent to the Service.
         CT_REPLY => {
             new.daddr = entry.nat_addr;
@@ -334,33 +347,39 @@ fn related_error(headers: Ipv4Headers<'_>) -> Result<Translation<'_>, DropReason
             }
         }
         // A connection policy allowed translates nothing.
-        _ => return untouched(headers),
+        _ => return untouched,
     }
-    let before = if entry.kind == CT_REPLY {
-        ConntrackKey {
-            saddr: quoted.saddr,
-            daddr: quoted.daddr,
-            sport: quoted.sport,
-            dport: quoted.dport,
-            ..key
-        }
-    } else {
-        ConntrackKey::default()
+    // UDP sent without a checksum stays so; TCP's, past the view, is
+    // there if the error quotes that much.
+    let udp_with_check = protocol == IPPROTO_UDP && (error[Q_UDP_CHECK] | error[Q_UDP_CHECK + 1]) != 0;
+    let tcp_check = if protocol == IPPROTO_TCP { packet.ptr_mut::<[u8; 2]>(L4 + Q_TCP_CHECK) } else { None };
+    let Some(error) = packet.ptr_mut::<[u8; BLOCK_LEN]>(L4) else {
+        return untouched;
     };
-    let packet = headers.into_packet();
-    let tcp_check = if protocol == IPPROTO_TCP {
-        packet.load::<[u8; 2]>(l4 + Q_TCP_CHECK).map(u16::from_be_bytes)
-    } else {
-        None
-    };
-    let new_tcp_check = rewrite_quote(&mut block, &new, tcp_check);
-    packet.store(l4, &block)?;
-    if let Some(check) = new_tcp_check {
-        packet.store(l4 + Q_TCP_CHECK, &check.to_be_bytes())?;
+    // SAFETY: two disjoint, bounds-checked places in the packet; no helper
+    // moves the data while they are used.
+    unsafe {
+        let l4 = match tcp_check {
+            Some(tcp) => L4Check::Tcp(&mut *tcp),
+            None if udp_with_check => L4Check::Udp,
+            None => L4Check::None,
+        };
+        rewrite_quote(&mut *error, &new, l4);
     }
     set_ip_addr(packet, IP_SADDR, saddr, new_saddr)?;
     set_ip_addr(packet, IP_DADDR, daddr, new_daddr)?;
-    Ok(Translation::Forward(packet.ipv4()?, before))
+    // About the client's packet: the connection as it travelled.
+    if kind == CT_REPLY {
+        return Ok(ConntrackKey {
+            saddr: key.daddr,
+            daddr: key.saddr,
+            sport: key.dport,
+            dport: key.sport,
+            protocol,
+            _pad: [0; 3],
+        });
+    }
+    untouched
 }
 
 /// Rewrite this packet for its connection, checksums included (the

@@ -19,8 +19,8 @@ use datapath_common::{
 use crate::{
     counters::{count_delivered, count_drop, count_forward},
     headers::{ETH_HLEN, Ipv4Hdr},
-    icmp::{IcmpError, IcmpReply, Original, may_answer},
-    maps::ICMP_BUDGET,
+    icmp::{IcmpError, IcmpReply, may_answer},
+    maps::{ANSWER_SCRATCH, ICMP_BUDGET},
     monitor,
     packet::{AF_INET, PACKET_HOST, Packet},
     rate_limit,
@@ -112,9 +112,8 @@ pub fn apply<const LOG: bool>(
     direction: Direction,
     verdict: Result<Verdict, DropReason>,
 ) -> i32 {
-    let mut space = MaybeUninit::uninit();
     let (counted, rest) = match verdict {
-        Ok(verdict) => (verdict.counted_as(), act(packet, verdict, &mut space)),
+        Ok(verdict) => (verdict.counted_as(), act(packet, verdict)),
         Err(reason) => (Counted::Drop(reason), Rest::Done(TC_ACT_SHOT)),
     };
     account::<LOG>(packet, direction, counted);
@@ -149,9 +148,9 @@ fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Coun
 }
 
 /// The TC action of a verdict, but for writing the packet (an answer's
-/// reply is made in `space`, from the packet, and written later).
+/// reply is made in this CPU's scratch, from the packet, and written later).
 #[inline(always)]
-fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpReply>) -> Rest<'a> {
+fn act(packet: &Packet, verdict: Verdict) -> Rest<'static> {
     // The redirect helpers below take plain values and return the TC action
     // to use (TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags); none of them
     // changes the packet data.
@@ -193,7 +192,7 @@ fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
         // SAFETY: a helper taking plain values (see above).
         Verdict::OutOverlay { vxlan_ifindex } => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
         Verdict::Answer { error, source, back, .. } => {
-            return match make_reply(packet, error, source, space) {
+            return match make_reply(packet, error, source) {
                 Some(reply) => Rest::Reply(reply, back),
                 // Nothing to send: dropped, as counted.
                 None => Rest::Done(TC_ACT_SHOT),
@@ -204,19 +203,17 @@ fn act<'a>(packet: &Packet, verdict: Verdict, space: &'a mut MaybeUninit<IcmpRep
 }
 
 /// The reply `error` from `source` to the sender of this packet, made in
-/// `space`. `None`: nothing to send, where the kernel sends nothing either
+/// this CPU's [`ANSWER_SCRATCH`]. `None`: nothing to send, where the kernel sends nothing either
 /// ([`may_answer`]) or this CPU used its budget for this second (the
 /// kernel's `icmp_msgs_per_sec`). Reads the packet, leaves it alone.
 #[inline(always)]
-fn make_reply<'a>(
-    packet: &Packet,
-    error: IcmpError,
-    source: [u8; 4],
-    space: &'a mut MaybeUninit<IcmpReply>,
-) -> Option<&'a IcmpReply> {
+fn make_reply(packet: &Packet, error: IcmpError, source: [u8; 4]) -> Option<&'static IcmpReply> {
+    // SAFETY: a per-CPU slot, and a program runs to its end on its CPU:
+    // no other writer, no other reference while this one lives.
+    let scratch = unsafe { &mut *ANSWER_SCRATCH.get_ptr_mut(0)? };
     // Shorter than a header and 8 bytes: nothing worth quoting.
-    let original: Original = packet.load(0)?;
-    if !may_answer(&original) {
+    packet.load_into(0, &mut scratch.original)?;
+    if !may_answer(&scratch.original) {
         return None;
     }
     // SAFETY: plain helper without arguments.
@@ -226,7 +223,9 @@ fn make_reply<'a>(
     if !rate_limit::take(budget, now, ICMP_ERRORS_PER_SECOND) {
         return None;
     }
-    Some(IcmpReply::make(space, &original, error, source))
+    // SAFETY: MaybeUninit<T> has T's layout; `make` writes all of it.
+    let space = unsafe { &mut *(&raw mut scratch.reply).cast::<MaybeUninit<IcmpReply>>() };
+    Some(IcmpReply::make(space, &scratch.original, error, source))
 }
 
 /// Replace the packet with the ICMP error and send it back the way the

@@ -173,9 +173,15 @@ impl Datapath {
 
     /// [`Self::load_unpinned`] with the map sizes of `options`.
     pub fn load_unpinned_with(options: LoadOptions) -> Result<Self, DatapathError> {
+        Self::load_unpinned_build(options, ProgramBuild::Normal)
+    }
+
+    /// [`Self::load_unpinned_with`] of either build: the debug build's
+    /// programs must pass the verifier too (its log calls need stack).
+    pub fn load_unpinned_build(options: LoadOptions, build: ProgramBuild) -> Result<Self, DatapathError> {
         let ebpf = EbpfLoader::new()
             .map_max_entries(map_names::CONNTRACK, options.conntrack_entries)
-            .load(DATAPATH_OBJECT)
+            .load(build.object())
             .map_err(|source| DatapathError::Load { dir: PathBuf::new(), source: Box::new(source) })?;
         let mut datapath =
             Self { ebpf, pins: PinLayout::new("/nonexistent"), traffic_slots: Default::default() };

@@ -255,6 +255,14 @@ pub const LAYOUTS: &[MapLayout] = &[
         upgrades: &[],
     },
     MapLayout {
+        name: map_names::ANSWER_SCRATCH,
+        version: 1,
+        holds: "per-CPU room where an ICMP answer is made (nothing kept between packets)",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
         name: map_names::ICMP_BUDGET,
         version: 1,
         holds: "the per-CPU rate limiter state of the ICMP errors the programs send",

@@ -162,6 +162,21 @@ fn ip_frame(ip: &Ipv4) -> Vec<u8> {
     ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &ip.bytes())
 }
 
+/// Both builds of the programs pass the verifier: the debug build's log
+/// call adds its stack frame to the programs' own, and the two together
+/// must stay within the verifier's 512 bytes. Only this and the restart
+/// test load the debug build; this one fails in a second.
+#[test]
+fn both_builds_pass_the_verifier() {
+    use datapath_agent::bpf::{LoadOptions, ProgramBuild};
+    require_root!();
+    for build in [ProgramBuild::Normal, ProgramBuild::Debug] {
+        if let Err(e) = Datapath::load_unpinned_build(LoadOptions::default(), build) {
+            panic!("the {build:?} build: {:?}", anyhow::Error::from(e));
+        }
+    }
+}
+
 #[test]
 fn arp_request_for_gateway_gets_reply_with_host_mac() {
     require_root!();
