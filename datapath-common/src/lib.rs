@@ -81,7 +81,11 @@ pub mod map_names {
     /// Per-CPU room where the programs make an ICMP answer (the frame and
     /// the packet it quotes: too big for their stack).
     pub const ANSWER_SCRATCH: &str = "ANSWER_SCRATCH";
-    pub const ALL: [&str; 26] = [
+    /// LRU [`super::SockRevNatKey`] (a socket, the backend it was sent
+    /// to) -> [`super::SockRevNat`] (the Service address it asked for):
+    /// what the node's own UDP sockets see replies come from.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const ALL: [&str; 27] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -108,6 +112,7 @@ pub mod map_names {
         POLICY_VERDICTS,
         CONNTRACK_CLIENTS,
         ANSWER_SCRATCH,
+        SOCK_REVNAT,
     ];
 }
 
@@ -122,8 +127,17 @@ pub mod program_names {
     /// TC egress of each pod's host-side veth: what the node's own stack
     /// routes into the pod (our redirects into pods bypass it).
     pub const TO_POD: &str = "to_pod";
-    /// Every program of the object.
+    /// Every TC program of the object.
     pub const ALL: [&str; 4] = [FROM_POD, FROM_UPLINK, FROM_OVERLAY, TO_POD];
+    /// Socket-level load balancing for the node's own sockets (cgroup
+    /// sock_addr hooks on the root cgroup): a connect() or sendmsg() to a
+    /// Service goes straight to a backend; recvmsg() and getpeername()
+    /// show the Service again.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    pub const SOCKET_ALL: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
 }
 
 /// Capacity of the endpoint and pod interface maps (local pods on one node).
@@ -464,6 +478,10 @@ pub struct NodeConfig {
     /// Unanswered connections one client address may have tracked at once
     /// (`conntrack_max_per_client`; 0: no limit).
     pub conntrack_max_per_client: u32,
+    /// The network namespace of the node's own sockets (its cookie): the
+    /// socket programs translate Service addresses for sockets in it only
+    /// (they are attached to a cgroup, which spans namespaces). 0: none.
+    pub host_netns_cookie: u64,
 }
 
 impl NodeConfig {
@@ -697,6 +715,31 @@ impl ConntrackKey {
     }
 }
 
+/// A socket of the node's own (its cookie) and the backend address it sent
+/// to, as the socket sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub backend_ipv4: [u8; 4],
+    /// Network byte order.
+    pub backend_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// The Service address and port a socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub vip: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Capacity of the socket reverse translation map (LRU: the oldest goes).
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
+
 /// A client address, as its connections' first packets carry it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -851,7 +894,7 @@ shared_types! {
     PodInterface = 16,
     NodeKey = 4,
     RemoteNode = 8,
-    NodeConfig = 40,
+    NodeConfig = 48,
     EndpointTraffic = 32,
     MonitorConfig = 8,
     RateBudget = 16,
@@ -865,6 +908,8 @@ shared_types! {
     ConntrackKey = 16,
     ConntrackEntry = 24,
     ConntrackClientKey = 4,
+    SockRevNatKey = 16,
+    SockRevNat = 8,
     ConntrackClient = 8,
     AffinityKey = 8,
     AffinityEntry = 16,

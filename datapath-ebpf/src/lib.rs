@@ -42,6 +42,8 @@ pub mod policy;
 #[cfg(target_arch = "bpf")]
 pub mod services;
 #[cfg(target_arch = "bpf")]
+pub mod sock;
+#[cfg(target_arch = "bpf")]
 pub mod strict;
 #[cfg(target_arch = "bpf")]
 pub mod to_pod;
@@ -50,7 +52,7 @@ pub mod verdict;
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// Define the four TC programs, the license and the panic handler of one
+/// Define the four TC programs and the four socket programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a
 /// const generic, so the normal build carries no logging code at all.
 #[cfg(target_arch = "bpf")]
@@ -77,6 +79,26 @@ macro_rules! programs {
         #[classifier]
         pub fn to_pod(ctx: TcContext) -> i32 {
             $crate::to_pod::run::<{ $log }>(ctx)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(connect4)]
+        pub fn sock_connect4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_backend(ctx)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(sendmsg4)]
+        pub fn sock_sendmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_backend(ctx)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(recvmsg4)]
+        pub fn sock_recvmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_service(ctx)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(getpeername4)]
+        pub fn sock_getpeername4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_service(ctx)
         }
 
         #[cfg(not(test))]

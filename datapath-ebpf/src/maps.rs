@@ -13,10 +13,10 @@ use datapath_common::{
     ConntrackKey, DEFAULT_CONNTRACK_ENTRIES, DROP_COUNTER_SLOTS, Endpoint, EndpointKey, EndpointTraffic,
     FORWARD_COUNTER_SLOTS, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_CONNTRACK_CLIENTS,
     MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_POLICY_PEERS, MAX_POLICY_RULES,
-    MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES,
-    ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig, NodeKey,
-    POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
-    RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
+    MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_TRAFFIC_SLOTS,
+    MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig,
+    NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
+    RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey, SockRevNat, SockRevNatKey,
 };
 
 use crate::icmp::AnswerScratch;
@@ -82,6 +82,12 @@ pub static MONITOR_CONFIG: Array<MonitorConfig, 1> = Array::new();
 
 #[btf_map]
 pub static MONITOR_BUDGET: PerCpuArray<MonitorBudget, 1> = PerCpuArray::new();
+
+/// The Service address each of the node's own sockets asked for, by the
+/// backend it was sent to (socket load balancing).
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat, { MAX_SOCK_REVNAT as usize }> =
+    LruHashMap::new();
 
 /// Where this CPU makes an ICMP answer (too big for the stack).
 #[btf_map]

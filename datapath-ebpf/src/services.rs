@@ -15,10 +15,10 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use datapath_common::{
-    AffinityEntry, AffinityKey, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
+    AffinityEntry, AffinityKey, Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, ServiceKey,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, Service, ServiceKey,
 };
 
 use crate::{
@@ -146,35 +146,10 @@ pub fn translate(
     if clients::at_limit(saddr, max_per_client) {
         return Ok(Translation::Refuse(DropReason::ConntrackClientLimit));
     }
-    let affinity_key = AffinityKey { service_id: service.id, client_ipv4: saddr };
-    let with_affinity = service.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
-    let mut backend = None;
-    if with_affinity {
-        // SAFETY: copied out at once.
-        if let Some(affinity) = unsafe { SERVICE_AFFINITY.get(affinity_key) } {
-            let timeout = service.affinity_timeout_seconds as u64 * NS_PER_SECOND;
-            if now.wrapping_sub(affinity.last_used_ns) < timeout {
-                backend = Some(affinity.backend);
-            }
-        }
-    }
-    let backend = match backend {
-        Some(backend) => backend,
-        None => {
-            // SAFETY: plain helper without arguments.
-            let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-            // SAFETY: copied out at once.
-            match unsafe { SERVICE_BACKENDS.get(BackendKey { service_id: service.id, slot }) } {
-                Some(backend) => *backend,
-                // The agent is shrinking this Service right now.
-                None => return Ok(Translation::Refuse(DropReason::ServiceNoBackend)),
-            }
-        }
+    // (The agent is shrinking this Service right now if there is none.)
+    let Some(backend) = choose_backend(&service, saddr, now) else {
+        return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
     };
-    if with_affinity {
-        let entry = AffinityEntry { backend, last_used_ns: now };
-        let _ = SERVICE_AFFINITY.insert(affinity_key, entry, 0);
-    }
     let hairpin = same_ipv4(backend.ipv4, saddr);
     // What the opening packet itself says (an ACK or a FIN instead of a
     // SYN: the backend's RST will end it).
@@ -221,6 +196,36 @@ pub fn translate(
     }
     clients::count(saddr, max_per_client);
     apply(headers, &key, &forward, &ports, fragments)
+}
+
+/// A backend of `service` for a new connection of `client`: the one its
+/// ClientIP affinity names while that lasts (renewed), else one at random.
+/// `None`: no backend in the slot drawn (the agent is shrinking the
+/// Service right now). Shared by the packet and the socket programs.
+#[inline(always)]
+pub fn choose_backend(service: &Service, client: [u8; 4], now: u64) -> Option<Backend> {
+    let affinity_key = AffinityKey { service_id: service.id, client_ipv4: client };
+    let with_affinity = service.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
+    if with_affinity {
+        // SAFETY: copied out at once.
+        if let Some(affinity) = unsafe { SERVICE_AFFINITY.get(affinity_key) } {
+            let timeout = service.affinity_timeout_seconds as u64 * NS_PER_SECOND;
+            if now.wrapping_sub(affinity.last_used_ns) < timeout {
+                let backend = affinity.backend;
+                let _ =
+                    SERVICE_AFFINITY.insert(affinity_key, AffinityEntry { backend, last_used_ns: now }, 0);
+                return Some(backend);
+            }
+        }
+    }
+    // SAFETY: plain helper without arguments.
+    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    // SAFETY: copied out at once.
+    let backend = (unsafe { SERVICE_BACKENDS.get(BackendKey { service_id: service.id, slot }) }).copied()?;
+    if with_affinity {
+        let _ = SERVICE_AFFINITY.insert(affinity_key, AffinityEntry { backend, last_used_ns: now }, 0);
+    }
+    Some(backend)
 }
 
 /// This entry's direction was just seen (its [`CT_SEEN`] set): if that

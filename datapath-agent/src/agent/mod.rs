@@ -189,6 +189,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             pod_cidr: config.pod_cidr.network().octets(),
             pod_mtu: node_net::pod_mtu(config.mode, uplink.mtu),
             conntrack_max_per_client: config.conntrack_max_per_client(),
+            host_netns_cookie: if config.socket_lb {
+                crate::host::node_net::netns_cookie()
+                    .context("reading the node's network namespace cookie")?
+            } else {
+                0
+            },
         })
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(config.mode, uplink.mtu);
@@ -218,6 +224,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .context("reading the pods' veth states")?;
     let node_links_failed =
         agent.datapath.sync_node_links(&node_programs).context("attaching the node programs")?;
+    let cgroup = match (agent.config.socket_lb, &agent.config.cgroup_root) {
+        (false, _) => None,
+        (true, Some(root)) => Some(root.clone()),
+        (true, None) => {
+            Some(crate::bpf::sock_links::cgroup2_mount().context("reading /proc/self/mountinfo")?.context(
+                "socket_lb needs cgroup v2, and none is mounted: mount it, or set socket_lb = false",
+            )?)
+        }
+    };
+    agent
+        .datapath
+        .sync_socket_links(cgroup.as_deref())
+        .context("attaching the socket programs (socket_lb)")?;
     let links_failed = report.links_failed.len() + node_links_failed.len();
     for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
         agent.keep_failed_link(failure);

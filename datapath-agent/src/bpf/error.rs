@@ -71,6 +71,12 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
+    #[error("opening the cgroup {path} (cgroup_root) to attach the socket programs")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Layout(#[from] crate::bpf::map_pins::LayoutError),
 }

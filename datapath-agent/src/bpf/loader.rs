@@ -193,6 +193,9 @@ impl Datapath {
         for name in program_names::ALL {
             self.program_mut(name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
+        for name in program_names::SOCKET_ALL {
+            self.sock_program_mut(name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
         Ok(())
     }
 

@@ -20,7 +20,8 @@ use aya_obj::generated::BPF_NOEXIST;
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, Endpoint, EndpointKey,
     FragmentKey, FragmentTranslation, ModeMismatch, MonitorConfig, NodeConfig, NodeKey, PodInterface,
-    PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, RemoteNode, Service, ServiceKey, map_names,
+    PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, RemoteNode, Service, ServiceKey, SockRevNat,
+    SockRevNatKey, map_names,
 };
 
 /// Copies entries from an old map into a new one (for an [`Upgrade`]: from
@@ -252,6 +253,14 @@ pub const LAYOUTS: &[MapLayout] = &[
         holds: "ClientIP session affinities (clients may get another backend)",
         entries: Keyed(copy_hash::<AffinityKey, AffinityEntry>),
         incompatible: Refuse,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::SOCK_REVNAT,
+        version: 1,
+        holds: "the Service addresses the node's own UDP sockets asked for (their replies would show the backend)",
+        entries: Keyed(copy_hash::<SockRevNatKey, SockRevNat>),
+        incompatible: StartEmpty,
         upgrades: &[],
     },
     MapLayout {
@@ -493,6 +502,7 @@ fn node_config_from_v2(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
         pod_cidr: v2.pod_cidr,
         pod_mtu: v2.pod_mtu,
         conntrack_max_per_client: 0,
+        host_netns_cookie: 0,
     };
     new.set(0, config, 0)?;
     Ok(Copied { entries: 1, left_out: 0 })
@@ -550,6 +560,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<NodeConfigV2>(), 36);
         assert_eq!(std::mem::offset_of!(NodeConfig, pod_mtu), std::mem::offset_of!(NodeConfigV2, pod_mtu));
         assert_eq!(std::mem::offset_of!(NodeConfig, conntrack_max_per_client), 36, "v3 appends");
+        assert_eq!(std::mem::size_of::<NodeConfig>(), 48);
     }
 
     #[test]

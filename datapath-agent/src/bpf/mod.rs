@@ -4,6 +4,7 @@
 //!   maps/<map name>-v<layout version>   the BTF maps (reused across agent restarts)
 //!   links/<host veth>                   one TCX link per pod veth (forwarding survives the agent)
 //!   node-links/<program>@<interface>    the uplink's (and VXLAN device's) TCX links
+//!   sock-links/<program>                the socket programs' links on the root cgroup
 //!   monitor/                            an empty directory a running `monitor` holds a flock on
 //!
 //! On start the agent checks every pinned map against this build's layouts
@@ -32,6 +33,7 @@ pub mod pinned;
 pub mod pins;
 pub mod policy;
 pub mod services;
+pub mod sock_links;
 
 pub use conntrack::{GcReport, PinnedConntrack};
 pub use counters::Counters;

@@ -50,6 +50,10 @@ impl PinLayout {
     pub fn monitor_lock(&self) -> PathBuf {
         self.root.join("monitor")
     }
+    /// Links of the socket programs on the root cgroup, named after the program.
+    pub fn socket_links_dir(&self) -> std::path::PathBuf {
+        self.root.join("sock-links")
+    }
     /// Links of node-level programs (uplink, VXLAN device), named
     /// `<program>@<interface>`.
     pub fn node_links_dir(&self) -> PathBuf {

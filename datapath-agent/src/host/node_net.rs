@@ -300,3 +300,26 @@ pub fn enable_ip_forwarding() -> anyhow::Result<()> {
     std::fs::write(PATH, "1")
         .context("enabling net.ipv4.ip_forward (set it on the node: sysctl -w net.ipv4.ip_forward=1)")
 }
+
+/// The cookie of the network namespace this process is in (the kernel's
+/// unique, never reused id of a namespace): the socket programs act only
+/// for sockets in it.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

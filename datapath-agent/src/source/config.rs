@@ -123,6 +123,18 @@ pub struct AgentConfig {
     /// Watched while the agent runs; unset, no policy applies.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Socket-level load balancing for the node's own sockets (its
+    /// processes, hostNetwork pods): their connect() and sendmsg() to a
+    /// Service go straight to a backend (docs/services.md). Off: they
+    /// reach no Service (kube-proxy or nothing must serve them).
+    #[serde(default = "default_true")]
+    pub socket_lb: bool,
+    /// The cgroup v2 directory the socket programs are attached to: the
+    /// root of the hierarchy, so that every process is under it. Unset:
+    /// where cgroup2 is mounted (from /proc/self/mountinfo). In a
+    /// DaemonSet, mount the host's cgroup2 root into the agent's pod.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// What a config reload applies while the agent runs: the peers, the
@@ -164,6 +176,8 @@ pub struct StartupConfig {
     pub conntrack_max_entries: u32,
     pub conntrack_max_per_client: Option<u32>,
     pub policy_dir: Option<PathBuf>,
+    pub socket_lb: bool,
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl StartupConfig {
@@ -193,6 +207,8 @@ impl StartupConfig {
             conntrack_max_entries,
             conntrack_max_per_client,
             policy_dir,
+            socket_lb,
+            cgroup_root,
         } = self;
         [
             ("node_name", *node_name != other.node_name),
@@ -215,6 +231,8 @@ impl StartupConfig {
             ("conntrack_max_entries", *conntrack_max_entries != other.conntrack_max_entries),
             ("conntrack_max_per_client", *conntrack_max_per_client != other.conntrack_max_per_client),
             ("policy_dir", *policy_dir != other.policy_dir),
+            ("socket_lb", *socket_lb != other.socket_lb),
+            ("cgroup_root", *cgroup_root != other.cgroup_root),
         ]
         .into_iter()
         .find_map(|(field, differs)| differs.then_some(field))
@@ -494,6 +512,8 @@ impl AgentConfig {
             conntrack_opening_seconds,
             services,
             policy_dir,
+            socket_lb,
+            cgroup_root,
         } = self;
         let startup = StartupConfig {
             node_name,
@@ -517,6 +537,8 @@ impl AgentConfig {
             conntrack_max_entries,
             conntrack_max_per_client,
             policy_dir,
+            socket_lb,
+            cgroup_root,
         };
         let live = LiveConfig {
             peers,

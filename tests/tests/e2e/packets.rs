@@ -105,6 +105,7 @@ impl Harness {
                 _pad: 0,
                 pod_mtu: 1500,
                 conntrack_max_per_client: 0,
+                host_netns_cookie: 0,
             })
             .unwrap();
         self.datapath

@@ -68,6 +68,7 @@ fn harness(policy: &PolicyMaps) -> (Datapath, RunDevice) {
         _pad: 0,
         pod_mtu: 1500,
         conntrack_max_per_client: 0,
+        host_netns_cookie: 0,
     })
     .unwrap();
     dp.sync_remote_nodes(&[RemoteRoute {

@@ -608,3 +608,86 @@ fn a_syn_flood_from_one_pod_leaves_services_to_the_others() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The node's own sockets (its processes, hostNetwork pods) reach Services
+/// through the socket programs: connect() and sendmsg() go straight to a
+/// backend on either node, getpeername() and recvmsg() show the Service,
+/// and no packet is translated (nothing in the connection table). An empty
+/// Service refuses at once. Pods keep the packet path meanwhile.
+fn host_clients(mode: &str) {
+    let mut lab = lab(mode);
+    let all = lab.backend_ips();
+    lab.set_services(&format!("{}{}", service("web", WEB_VIP, &all), service("nobody", EMPTY_VIP, &[])));
+    wait_programmed(&lab.a, WEB_VIP, &all);
+    wait_programmed(&lab.a, EMPTY_VIP, &[]);
+    let node = lab.a.netns.path();
+
+    let mut tcp_seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (peer, backend) = in_netns(&node, || {
+            let mut conn = TcpStream::connect_timeout(&(WEB_VIP, 80).into(), Duration::from_secs(3))
+                .expect("the node connects to the Service");
+            let peer = conn.peer_addr().unwrap();
+            (peer, ask(&mut conn).0)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(peer, SocketAddr::from((WEB_VIP, 80)), "{mode}: getpeername shows the Service");
+        tcp_seen.insert(backend);
+    }
+    assert_eq!(
+        tcp_seen.len(),
+        all.len(),
+        "{mode}: the node's connections reached every backend: {tcp_seen:?}"
+    );
+
+    // UDP: unconnected (recvmsg shows the Service) and connected.
+    let mut udp_seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (backend, from) = in_netns(&node, || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            socket.send_to(b"who\n", (WEB_VIP, 53)).unwrap();
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer");
+            (parse_answer(&String::from_utf8_lossy(&buf[..n])).0, from)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(from, SocketAddr::from((WEB_VIP, 53)), "{mode}: the answer comes from the Service");
+        udp_seen.insert(backend);
+    }
+    assert_eq!(udp_seen.len(), all.len(), "{mode}: UDP reached every backend: {udp_seen:?}");
+    let (peer, answered) = in_netns(&node, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect((WEB_VIP, 53)).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        socket.send(b"who\n").unwrap();
+        let mut buf = [0u8; 512];
+        (socket.peer_addr().unwrap(), socket.recv(&mut buf).map(|n| n > 0))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(peer, SocketAddr::from((WEB_VIP, 53)));
+    assert!(answered.expect("a connected UDP socket hears its backend"));
+
+    // No per-packet translation: the node's connections are not tracked.
+    let conntrack = lab.a.inspect("conntrack");
+    assert!(
+        conntrack.as_array().unwrap().iter().all(|c| c["service_ip"] != WEB_VIP.to_string()),
+        "{mode}: {conntrack:#}"
+    );
+    // Nothing behind a Service: refused at once.
+    let started = Instant::now();
+    let err = in_netns(&node, || TcpStream::connect_timeout(&(EMPTY_VIP, 80).into(), Duration::from_secs(3)))
+        .join()
+        .unwrap()
+        .expect_err("nothing behind the Service");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{mode}: {err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // A pod still goes through the packet path.
+    let (_, seen) = ask(&mut connect(&lab.client, WEB_VIP).unwrap());
+    assert_eq!(seen, lab.client.ip);
+}
+
+in_both_modes! { the_nodes_own_sockets_reach_services_through_the_socket_programs => host_clients; }

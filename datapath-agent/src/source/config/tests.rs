@@ -213,7 +213,7 @@ type FieldChange = (&'static str, fn(&mut AgentConfig));
 #[test]
 fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
     let base = AgentConfig::parse(GOOD).unwrap();
-    let startup: [FieldChange; 21] = [
+    let startup: [FieldChange; 23] = [
         ("node_name", |c| c.node_name.push('x')),
         ("pod_cidr", |c| c.pod_cidr = "10.244.2.0/24".parse().unwrap()),
         ("uplink_interface", |c| c.uplink_interface.push('x')),
@@ -235,6 +235,8 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         ("conntrack_max_entries", |c| c.conntrack_max_entries *= 2),
         ("conntrack_max_per_client", |c| c.conntrack_max_per_client = Some(7)),
         ("policy_dir", |c| c.policy_dir = Some("/etc/datapath/policy".into())),
+        ("socket_lb", |c| c.socket_lb = !c.socket_lb),
+        ("cgroup_root", |c| c.cgroup_root = Some("/sys/fs/cgroup".into())),
     ];
     for (field, change) in startup {
         let mut changed = base.clone();
