@@ -52,7 +52,7 @@ pub mod verdict;
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// Define the four TC programs and the four socket programs, the license and the panic handler of one
+/// Define the four TC programs and the eight socket programs, the license and the panic handler of one
 /// build. `$log` says whether the build logs each verdict with aya-log: a
 /// const generic, so the normal build carries no logging code at all.
 #[cfg(target_arch = "bpf")]
@@ -83,22 +83,43 @@ macro_rules! programs {
 
         #[aya_ebpf::macros::cgroup_sock_addr(connect4)]
         pub fn sock_connect4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
-            $crate::sock::to_backend(ctx)
+            $crate::sock::to_backend(ctx, $crate::sock::AF_INET)
         }
 
         #[aya_ebpf::macros::cgroup_sock_addr(sendmsg4)]
         pub fn sock_sendmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
-            $crate::sock::to_backend(ctx)
+            $crate::sock::to_backend(ctx, $crate::sock::AF_INET)
         }
 
         #[aya_ebpf::macros::cgroup_sock_addr(recvmsg4)]
         pub fn sock_recvmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
-            $crate::sock::to_service(ctx)
+            $crate::sock::to_service(ctx, $crate::sock::AF_INET)
         }
 
         #[aya_ebpf::macros::cgroup_sock_addr(getpeername4)]
         pub fn sock_getpeername4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
-            $crate::sock::to_service(ctx)
+            $crate::sock::to_service(ctx, $crate::sock::AF_INET)
+        }
+
+        // Dual-stack sockets to IPv4-mapped Service addresses.
+        #[aya_ebpf::macros::cgroup_sock_addr(connect6)]
+        pub fn sock_connect6(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_backend(ctx, $crate::sock::AF_INET6)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(sendmsg6)]
+        pub fn sock_sendmsg6(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_backend(ctx, $crate::sock::AF_INET6)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(recvmsg6)]
+        pub fn sock_recvmsg6(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_service(ctx, $crate::sock::AF_INET6)
+        }
+
+        #[aya_ebpf::macros::cgroup_sock_addr(getpeername6)]
+        pub fn sock_getpeername6(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+            $crate::sock::to_service(ctx, $crate::sock::AF_INET6)
         }
 
         #[cfg(not(test))]

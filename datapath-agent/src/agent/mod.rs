@@ -233,10 +233,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             )?)
         }
     };
-    agent
-        .datapath
-        .sync_socket_links(cgroup.as_deref())
-        .context("attaching the socket programs (socket_lb)")?;
+    // Not fatal: pods do not depend on these links, and links pinned by an
+    // earlier start stay with the programs they have (same maps).
+    if let Err(e) = agent.datapath.sync_socket_links(cgroup.as_deref()) {
+        agent.errors.inc();
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(e)),
+            "the socket programs (socket_lb) were not attached anew: the node's own sockets keep \
+             what an earlier start attached, if anything"
+        );
+    }
     let links_failed = report.links_failed.len() + node_links_failed.len();
     for failure in std::mem::take(&mut report.links_failed).into_iter().chain(node_links_failed) {
         agent.keep_failed_link(failure);

@@ -123,7 +123,10 @@ fn agents_follow_the_node_list_and_forward() {
     };
     api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.12"));
     wait_for("A to follow B's new address", Duration::from_secs(40), || node_ip_of_b(&a) == "10.250.0.12");
-    assert!(a.host_routes().contains("10.244.2.0/24 via 10.250.0.12"), "{}", a.host_routes());
+    // (The map is written first, the node's route a moment later.)
+    wait_for("A's route to follow", Duration::from_secs(5), || {
+        a.host_routes().contains("10.244.2.0/24 via 10.250.0.12")
+    });
     api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.2"));
     wait_for("A to follow B back", Duration::from_secs(40), || node_ip_of_b(&a) == "10.250.0.2");
     assert!(ping(&a1.netns, b1.ip, 2), "A -> B after the address came back");
@@ -132,7 +135,7 @@ fn agents_follow_the_node_list_and_forward() {
     api.delete(&c.id);
     wait_for("A to drop C", Duration::from_secs(40), || peer_cidrs(&a) == ["10.244.2.0/24"]);
     wait_for("B to drop C", Duration::from_secs(40), || peer_cidrs(&b) == ["10.244.1.0/24"]);
-    assert!(!a.host_routes().contains("10.244.3.0/24"), "{}", a.host_routes());
+    wait_for("A's route to C to go", Duration::from_secs(5), || !a.host_routes().contains("10.244.3.0/24"));
     assert!(ping(&a1.netns, b1.ip, 1), "A -> B unaffected");
     drop((a1, b1, c1));
 }

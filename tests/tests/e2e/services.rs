@@ -671,6 +671,32 @@ fn host_clients(mode: &str) {
     assert_eq!(peer, SocketAddr::from((WEB_VIP, 53)));
     assert!(answered.expect("a connected UDP socket hears its backend"));
 
+    // Dual-stack sockets (AF_INET6) to the IPv4-mapped Service address, as
+    // Java's and many other runtimes' are.
+    let mapped = WEB_VIP.to_ipv6_mapped();
+    let (peer, backend) = in_netns(&node, move || {
+        let mut conn = TcpStream::connect_timeout(&(mapped, 80).into(), Duration::from_secs(3))
+            .expect("a dual-stack socket connects to the Service");
+        let peer = conn.peer_addr().unwrap();
+        (peer, ask(&mut conn).0)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(peer, SocketAddr::from((mapped, 80)), "{mode}: getpeername shows the mapped Service");
+    assert!(all.contains(&backend));
+    let (from, answered) = in_netns(&node, move || {
+        let socket = UdpSocket::bind("[::]:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        socket.send_to(b"who\n", (mapped, 53)).unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer on a dual-stack socket");
+        (from, n > 0)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(from, SocketAddr::from((mapped, 53)), "{mode}: from the mapped Service");
+    assert!(answered);
+
     // No per-packet translation: the node's connections are not tracked.
     let conntrack = lab.a.inspect("conntrack");
     assert!(
