@@ -113,7 +113,7 @@ pub fn translate(
             }
             let reply = (*entry).kind == CT_REPLY;
             let events = if protocol == IPPROTO_TCP {
-                headers.packet().load::<u8>(ports.l4 + TCP_FLAGS).map_or(0, |flags| tcp_events(flags, reply))
+                tcp_flags(headers.packet(), ports.l4).map_or(0, |flags| tcp_events(flags, reply))
             } else if reply {
                 CT_SEEN
             } else {
@@ -153,7 +153,7 @@ pub fn translate(
     let hairpin = same_ipv4(backend.ipv4, saddr);
     // What the opening packet itself says (an ACK or a FIN instead of a
     // SYN: the backend's RST will end it).
-    let events = match headers.packet().load::<u8>(ports.l4 + TCP_FLAGS) {
+    let events = match tcp_flags(headers.packet(), ports.l4) {
         Some(tcp_flags) if protocol == IPPROTO_TCP => tcp_events(tcp_flags, false),
         _ => 0,
     };
@@ -245,6 +245,13 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
     if answered {
         clients::answered(entry.client_ipv4, max_per_client);
     }
+}
+
+/// A TCP segment's flags: read in place where the header is in the linear
+/// data (every packet of a tracked connection reads them), else copied.
+#[inline(always)]
+fn tcp_flags(packet: &Packet, l4: usize) -> Option<u8> {
+    packet.read::<u8>(l4 + TCP_FLAGS).or_else(|| packet.load::<u8>(l4 + TCP_FLAGS))
 }
 
 /// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the
