@@ -251,7 +251,14 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
 /// data (every packet of a tracked connection reads them), else copied.
 #[inline(always)]
 fn tcp_flags(packet: &Packet, l4: usize) -> Option<u8> {
-    packet.read::<u8>(l4 + TCP_FLAGS).or_else(|| packet.load::<u8>(l4 + TCP_FLAGS))
+    // A constant offset for the verifier (no IP options: the common case).
+    const AT: usize = ETH_HLEN + IPV4_MIN_HLEN + TCP_FLAGS;
+    if l4 == ETH_HLEN + IPV4_MIN_HLEN
+        && let Some(flags) = packet.read::<u8>(AT)
+    {
+        return Some(flags);
+    }
+    packet.load::<u8>(l4 + TCP_FLAGS)
 }
 
 /// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the
