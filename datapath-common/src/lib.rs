@@ -1081,7 +1081,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 28);
+        assert_eq!(DropReason::ALL.len(), 29);
     }
 
     #[test]

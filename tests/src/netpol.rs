@@ -40,6 +40,9 @@ pub struct PolicyLab {
     extra_servers: Vec<Servers>,
     /// The model's pods, in [`PODS`] order.
     pub pods: Vec<Pod>,
+    /// What probes connect to, in [`PODS`] order: the pods' addresses, or
+    /// their ClusterIPs ([`PolicyLab::probe_through_services`]).
+    targets: Vec<Ipv4Addr>,
     /// Pods added after the model's: ("ns/name", pod, labels).
     extra_pods: Vec<(String, Pod, Labels)>,
     /// Container port numbers changed from the model's: (pod, port name) -> port.
@@ -73,7 +76,9 @@ impl PolicyLab {
             })
             .collect();
         let servers = Servers::start(&pods);
+        let targets = pods.iter().map(|p| p.ip).collect();
         let mut lab = PolicyLab {
+            targets,
             extra_servers: Vec::new(),
             extra_pods: Vec::new(),
             port_overrides: BTreeMap::new(),
@@ -236,9 +241,45 @@ impl PolicyLab {
         }
     }
 
+    /// From now on, probe each pod through a ClusterIP of its own
+    /// (10.96.1.1 for the first model pod, and so on), TCP and UDP ports 80
+    /// and 81 to the same ports, programmed on both nodes.
+    pub fn probe_through_services(&mut self) {
+        let mut config = String::new();
+        let mut targets = Vec::new();
+        for (i, (name, pod)) in PODS.iter().zip(&self.pods).enumerate() {
+            let (namespace, pod_name) = name.split_once('/').unwrap();
+            let vip = Ipv4Addr::new(10, 96, 1, i as u8 + 1);
+            config += &format!(
+                "\n[[services]]\nname = \"s-{namespace}-{pod_name}\"\nnamespace = \"{namespace}\"\n\
+                 cluster_ip = \"{vip}\"\nbackends = [\"{}\"]\n",
+                pod.ip
+            );
+            for (port, protocol) in [(80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP")] {
+                config += &format!(
+                    "[[services.ports]]\nname = \"{}-{port}\"\nport = {port}\nprotocol = \"{protocol}\"\ntarget_port = {port}\n",
+                    protocol.to_lowercase()
+                );
+            }
+            targets.push(vip);
+        }
+        self.set_agent_config(&config);
+        let programmed = |node: &Node| node.inspect("services").as_array().map_or(0, |s| s.len());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while programmed(&self.nodes.0) < 36 || programmed(&self.nodes.1) < 36 {
+            assert!(
+                Instant::now() < deadline,
+                "the pods' Services not programmed: {}",
+                self.nodes.0.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.targets = targets;
+    }
+
     /// Probe every pod from every other pod on `port`.
     pub fn probe(&self, protocol: Protocol, port: u16) -> Table {
-        let targets: Vec<Ipv4Addr> = self.pods.iter().map(|p| p.ip).collect();
+        let targets = self.targets.clone();
         let rows: Vec<JoinHandle<[bool; 9]>> = self
             .pods
             .iter()
