@@ -643,13 +643,15 @@ pub const CT_SEEN_REPLY: u8 = 32;
 pub const CT_STATEFUL: u8 = 64;
 
 /// Is the connection an entry of kind `kind` with `flags` belongs to
-/// (`pair_flags`: its other entry's, 0 if none) still unanswered: TCP not
-/// yet answered and acknowledged both ways ([`TcpState::Opening`]), other
-/// protocols not yet answered at all? These are what
+/// (`pair_flags`: its other entry's, 0 if none) unanswered: TCP never
+/// answered and acknowledged both ways (an RST is no answer; closing
+/// since or not), other protocols not answered at all? These are what
 /// `conntrack_max_per_client` limits: connections nobody completes.
 pub fn unanswered(protocol: u8, kind: u8, flags: u8, pair_flags: u8) -> bool {
     if protocol == IPPROTO_TCP {
-        return TcpState::of(kind, flags, pair_flags) == TcpState::Opening;
+        // Closing without ever being established counts too: segments
+        // the backend only reset (a flood of stray ACKs) were not answered.
+        return TcpState::never_established_of(kind, flags, pair_flags);
     }
     let (own, pair) = if kind == CT_REPLY { (pair_flags, flags) } else { (flags, pair_flags) };
     let answered = if kind == CT_POLICY { own & CT_SEEN_REPLY != 0 } else { pair & CT_SEEN != 0 };
@@ -689,13 +691,36 @@ impl TcpState {
         let fins = state & (CT_FIN | CT_FIN_REPLY);
         if state & CT_CLOSING != 0 || fins == CT_FIN | CT_FIN_REPLY {
             TcpState::Closing
+        } else if Self::never_established(state) {
+            // (A SYN with a FIN too opens nothing half-closed.)
+            TcpState::Opening
         } else if fins != 0 {
             TcpState::HalfClosed
-        } else if state & CT_STATEFUL != 0 && state & (CT_SEEN | CT_SEEN_REPLY) != CT_SEEN | CT_SEEN_REPLY {
-            TcpState::Opening
         } else {
             TcpState::Established
         }
+    }
+
+    /// Made by a build that records it, and not (yet) answered and
+    /// acknowledged both ways (an RST is no answer), from the bits of both
+    /// directions as a policy entry holds them.
+    fn never_established(state: u8) -> bool {
+        state & CT_STATEFUL != 0 && state & (CT_SEEN | CT_SEEN_REPLY) != CT_SEEN | CT_SEEN_REPLY
+    }
+
+    /// Was the connection an entry of kind `kind` with `flags` belongs to
+    /// (`pair_flags`: its other entry's) never established, however it
+    /// stands now (closing included)?
+    pub fn never_established_of(kind: u8, flags: u8, pair_flags: u8) -> bool {
+        let as_policy = |kind: u8, flags: u8| {
+            if kind != CT_REPLY {
+                return flags;
+            }
+            let seen = if flags & CT_SEEN != 0 { CT_SEEN_REPLY } else { 0 };
+            seen | (flags & CT_STATEFUL)
+        };
+        let pair_kind = if kind == CT_REPLY { CT_FORWARD } else { CT_REPLY };
+        Self::never_established(as_policy(kind, flags) | as_policy(pair_kind, pair_flags))
     }
 }
 

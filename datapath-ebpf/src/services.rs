@@ -37,6 +37,7 @@ const EEXIST: i32 = -17;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+const TCP_SYN: u8 = 0x02;
 /// Where the TCP flags sit in the TCP header.
 const TCP_FLAGS: usize = 13;
 /// Where the checksum sits in the TCP and UDP headers.
@@ -113,7 +114,11 @@ pub fn translate(
             }
             let reply = (*entry).kind == CT_REPLY;
             let events = if protocol == IPPROTO_TCP {
-                tcp_flags(headers.packet(), ports.l4).map_or(0, |flags| tcp_events(flags, reply))
+                let flags = tcp_flags(headers.packet(), ports.l4).unwrap_or(0);
+                if !reply && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    reopen(&key, entry);
+                }
+                tcp_events(flags, reply)
             } else if reply {
                 CT_SEEN
             } else {
@@ -272,11 +277,36 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
     if tcp_flags & TCP_FIN != 0 {
         events |= CT_FIN;
     }
-    // The client's ACK (the handshake went on), or any answer at all.
-    if reply || tcp_flags & TCP_ACK != 0 {
+    // The client's ACK (the handshake went on), or any answer but an RST:
+    // a connection refused (or a flood of stray segments the backend
+    // resets) was never answered, and keeps counting against its client.
+    if tcp_flags & TCP_RST == 0 && (reply || tcp_flags & TCP_ACK != 0) {
         events |= CT_SEEN;
     }
     events
+}
+
+/// A client's SYN on the 5-tuple of a connection that is over or closing
+/// (a FIN or RST seen either way): a new connection reusing the tuple (its
+/// client port), as netfilter takes it. Both entries start afresh: the old
+/// connection's state would otherwise end the new one's translation with
+/// the closing timer. It keeps the backend.
+#[inline(always)]
+fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry) {
+    const OVER: u8 = CT_FIN | CT_CLOSING;
+    // SAFETY: live entries; a racing update of their flags is harmless.
+    unsafe {
+        let pair = CONNTRACK.get_ptr_mut(key.pair(&*entry));
+        let pair_flags = pair.map_or(0, |pair| (*pair).flags);
+        if ((*entry).flags | pair_flags) & OVER == 0 {
+            // A retransmitted SYN of a connection still opening.
+            return;
+        }
+        (*entry).flags = ((*entry).flags & CT_HAIRPIN) | CT_STATEFUL;
+        if let Some(pair) = pair {
+            (*pair).flags = ((*pair).flags & CT_HAIRPIN) | CT_STATEFUL;
+        }
+    }
 }
 
 /// An ICMP error about a packet of a Service connection (see

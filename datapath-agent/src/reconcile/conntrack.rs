@@ -364,6 +364,15 @@ mod tests {
         assert_eq!(of(CT_POLICY, new | CT_SEEN | CT_SEEN_REPLY, 0), TcpState::Established);
         assert_eq!(of(CT_POLICY, new | CT_SEEN | CT_SEEN_REPLY | CT_FIN_REPLY, 0), TcpState::HalfClosed);
         assert_eq!(of(CT_POLICY, new | CT_FIN | CT_FIN_REPLY, 0), TcpState::Closing);
+        // Never established: a FIN does not make it half-closed (a
+        // SYN+FIN), an RST is no answer (it still counts against its client).
+        assert_eq!(of(CT_FORWARD, new | CT_FIN, new), TcpState::Opening, "SYN+FIN");
+        assert_eq!(of(CT_FORWARD, new | CT_SEEN, new | CT_CLOSING), TcpState::Closing, "an ACK reset");
+        assert!(datapath_common::unanswered(IPPROTO_TCP, CT_FORWARD, new | CT_SEEN, new | CT_CLOSING));
+        assert!(
+            !datapath_common::unanswered(IPPROTO_TCP, CT_FORWARD, up | CT_FIN, up | CT_FIN),
+            "was established"
+        );
         // Entries of an older build (no CT_STATEFUL): established until
         // their FIN (which that build marked CT_CLOSING).
         assert_eq!(of(CT_FORWARD, 0, 0), TcpState::Established);

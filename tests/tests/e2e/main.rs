@@ -20,6 +20,7 @@ mod observability;
 mod packets;
 mod policy_packets;
 mod redteam_policy;
+mod redteam_services;
 mod redteam_to_pod;
 mod restart;
 mod runtimes;
