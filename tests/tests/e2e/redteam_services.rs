@@ -23,12 +23,15 @@ use datapath_agent::bpf::PinLayout;
 use datapath_common::map_names;
 use datapath_tests::{
     in_both_modes,
-    lab::{Fabric, Netns, Node, Pod, in_netns, mac_of, peered_nodes, send_raw_frames_in},
+    lab::{Netns, Node, Pod, in_netns, mac_of, send_raw_frames_in},
     packets::{ETH_P_IP, Ipv4, TCP_ACK, TCP_SYN, ethernet},
     require_root, sh,
 };
 
-use super::redteam_policy::{TCP_RST, outside_host, send_ip};
+use super::{
+    redteam_policy::{TCP_RST, outside_host, send_ip},
+    services::{connect, lab, parse_answer, service, wait_programmed},
+};
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -41,47 +44,6 @@ const UDP_PORT: u16 = 5353;
 // ---------------------------------------------------------------------------
 // Lab (as services.rs builds it)
 // ---------------------------------------------------------------------------
-
-struct Lab {
-    _servers: Vec<Server>,
-    client: Pod,
-    backends: Vec<Pod>,
-    a: Node,
-    b: Node,
-    _fabric: Fabric,
-}
-
-/// Client a1 on node A; backends a2 (node A), b1 and b2 (node B), each
-/// answering on TCP 8080 and UDP 5353 with "<its address> <peer address>".
-fn lab(mode: &str) -> Lab {
-    let fabric = Fabric::new();
-    let (a, b) = peered_nodes(&fabric, mode);
-    let client = a.add_pod("a1");
-    let backends = vec![a.add_pod("a2"), b.add_pod("b1"), b.add_pod("b2")];
-    let servers = backends.iter().map(|p| Server::start(&p.netns, p.ip)).collect();
-    Lab { _servers: servers, client, backends, a, b, _fabric: fabric }
-}
-
-impl Lab {
-    fn set_services(&mut self, services: &str) {
-        self.a.set_extra_config(services);
-        self.b.set_extra_config(services);
-    }
-    fn backend_ips(&self) -> Vec<Ipv4Addr> {
-        self.backends.iter().map(|p| p.ip).collect()
-    }
-}
-
-/// A `[[services]]` entry with TCP 80 -> 8080 and UDP 53 -> 5353.
-fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
-    let list: Vec<String> = backends.iter().map(|ip| format!("\"{ip}\"")).collect();
-    format!(
-        "\n[[services]]\nname = \"{name}\"\ncluster_ip = \"{vip}\"\nbackends = [{}]\n\
-         [[services.ports]]\nport = 80\ntarget_port = {TCP_PORT}\n\
-         [[services.ports]]\nport = 53\nprotocol = \"UDP\"\ntarget_port = {UDP_PORT}\n",
-        list.join(", ")
-    )
-}
 
 /// A Service with one TCP port 80 -> `tcp_target` and UDP 53 -> `udp_target`.
 fn service_ports(
@@ -100,32 +62,6 @@ fn service_ports(
     )
 }
 
-fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
-    let mut want: Vec<String> = backends.iter().map(|ip| ip.to_string()).collect();
-    want.sort();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let services = node.inspect("services");
-        let programmed = services.as_array().unwrap().iter().find(|s| {
-            s["cluster_ip"] == vip.to_string() && s["port"] == 80 && s["protocol"].as_str() == Some("TCP")
-        });
-        if let Some(s) = programmed {
-            let mut have: Vec<String> = s["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| b["ip"].as_str().unwrap().to_owned())
-                .collect();
-            have.sort();
-            if have == want {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{vip} not programmed with {want:?}: {services:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Stop `node`'s agent, write `config`, drop the conntrack pin (so a new
 /// size takes effect), start it again.
 fn restart_with(node: &mut Node, config: &str) {
@@ -133,70 +69,6 @@ fn restart_with(node: &mut Node, config: &str) {
     node.set_extra_config(config);
     let _ = std::fs::remove_file(PinLayout::new(&node.bpffs_dir).map(map_names::CONNTRACK));
     node.start_agent();
-}
-
-struct Server {
-    stop: Arc<AtomicBool>,
-}
-
-impl Server {
-    fn start(ns: &Netns, ip: Ipv4Addr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tcp, udp) = in_netns(&ns.path(), move || {
-            (TcpListener::bind((ip, TCP_PORT)).unwrap(), UdpSocket::bind((ip, UDP_PORT)).unwrap())
-        })
-        .join()
-        .unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let flag = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((conn, peer)) => {
-                        std::thread::spawn(move || answer_lines(conn, ip, peer));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        let flag = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65_536];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    let mut answer = format!("{ip} {}\n", peer.ip()).into_bytes();
-                    answer.resize(answer.len().max(n), b'.');
-                    let _ = udp.send_to(&answer, peer);
-                }
-            }
-        });
-        Server { stop }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn answer_lines(conn: TcpStream, ip: Ipv4Addr, peer: SocketAddr) {
-    conn.set_nonblocking(false).unwrap();
-    let mut writer = conn.try_clone().unwrap();
-    for line in BufReader::new(conn).lines() {
-        if line.is_err() || writeln!(writer, "{ip} {}", peer.ip()).is_err() {
-            return;
-        }
-    }
-}
-
-fn connect(client: &Pod, vip: Ipv4Addr) -> std::io::Result<TcpStream> {
-    in_netns(&client.netns.path(), move || {
-        TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))
-    })
-    .join()
-    .unwrap()
 }
 
 fn ask(conn: &mut TcpStream) -> (Ipv4Addr, Ipv4Addr) {
@@ -212,13 +84,6 @@ fn try_ask(conn: &mut TcpStream) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
         return Err(std::io::Error::other("connection closed"));
     }
     Ok(parse_answer(&line))
-}
-
-fn parse_answer(line: &str) -> (Ipv4Addr, Ipv4Addr) {
-    let mut words = line.split_whitespace();
-    let backend = words.next().expect("backend").parse().unwrap();
-    let seen = words.next().expect("peer").parse().unwrap();
-    (backend, seen)
 }
 
 fn conntrack_rows(node: &Node) -> Vec<serde_json::Value> {

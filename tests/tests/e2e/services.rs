@@ -27,19 +27,19 @@ const VOID_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
-struct Lab {
+pub(super) struct Lab {
     // Drop order: servers, pods, nodes, fabric.
     _servers: Vec<Server>,
-    client: Pod,
-    backends: Vec<Pod>,
-    a: Node,
-    b: Node,
+    pub(super) client: Pod,
+    pub(super) backends: Vec<Pod>,
+    pub(super) a: Node,
+    pub(super) b: Node,
     _fabric: Fabric,
 }
 
 /// Client a1 on node A; backends a2 (node A), b1 and b2 (node B), each
 /// answering on TCP 8080 and UDP 5353 with "<its address> <peer address>".
-fn lab(mode: &str) -> Lab {
+pub(super) fn lab(mode: &str) -> Lab {
     let fabric = Fabric::new();
     let (a, b) = peered_nodes(&fabric, mode);
     let client = a.add_pod("a1");
@@ -51,18 +51,18 @@ fn lab(mode: &str) -> Lab {
 impl Lab {
     /// Services on both nodes' config (only the client's node needs them;
     /// a real cluster configures every node alike).
-    fn set_services(&mut self, services: &str) {
+    pub(super) fn set_services(&mut self, services: &str) {
         self.a.set_extra_config(services);
         self.b.set_extra_config(services);
     }
 
-    fn backend_ips(&self) -> Vec<Ipv4Addr> {
+    pub(super) fn backend_ips(&self) -> Vec<Ipv4Addr> {
         self.backends.iter().map(|p| p.ip).collect()
     }
 }
 
 /// A `[[services]]` entry with a TCP port 80 -> 8080 and a UDP port 53 -> 5353.
-fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
+pub(super) fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
     let list: Vec<String> = backends.iter().map(|ip| format!("\"{ip}\"")).collect();
     format!(
         "\n[[services]]\nname = \"{name}\"\ncluster_ip = \"{vip}\"\nbackends = [{}]\n\
@@ -73,7 +73,7 @@ fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
 }
 
 /// Wait until `node` has programmed `vip`'s TCP port with exactly `backends`.
-fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
+pub(super) fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
     let mut want: Vec<String> = backends.iter().map(|ip| ip.to_string()).collect();
     want.sort();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -100,7 +100,7 @@ fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
 }
 
 /// A backend's servers, stopped on drop.
-struct Server {
+pub(super) struct Server {
     stop: Arc<AtomicBool>,
 }
 
@@ -148,7 +148,7 @@ impl Drop for Server {
     }
 }
 
-fn answer_lines(conn: TcpStream, ip: Ipv4Addr, peer: SocketAddr) {
+pub(super) fn answer_lines(conn: TcpStream, ip: Ipv4Addr, peer: SocketAddr) {
     conn.set_nonblocking(false).unwrap();
     let mut writer = conn.try_clone().unwrap();
     for line in BufReader::new(conn).lines() {
@@ -159,7 +159,7 @@ fn answer_lines(conn: TcpStream, ip: Ipv4Addr, peer: SocketAddr) {
 }
 
 /// A TCP connection opened from the client pod (usable from any thread).
-fn connect(client: &Pod, vip: Ipv4Addr) -> std::io::Result<TcpStream> {
+pub(super) fn connect(client: &Pod, vip: Ipv4Addr) -> std::io::Result<TcpStream> {
     in_netns(&client.netns.path(), move || {
         TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))
     })
@@ -176,7 +176,7 @@ fn ask(conn: &mut TcpStream) -> (Ipv4Addr, Ipv4Addr) {
     parse_answer(&line)
 }
 
-fn parse_answer(line: &str) -> (Ipv4Addr, Ipv4Addr) {
+pub(super) fn parse_answer(line: &str) -> (Ipv4Addr, Ipv4Addr) {
     let mut words = line.split_whitespace();
     let backend = words.next().expect("backend").parse().unwrap();
     let seen = words.next().expect("peer").parse().unwrap();
