@@ -57,10 +57,59 @@ pub struct ServiceConfig {
     pub session_affinity_timeout_seconds: u32,
     /// The Service's ports (spec.ports); at least one.
     pub ports: Vec<ServicePortConfig>,
-    /// Addresses of the ready backend pods (ready endpoints); none means
-    /// every new connection is refused at once.
+    /// Addresses of the ready backend pods (ready endpoints); with no
+    /// terminating ones either, every new connection is refused at once.
     #[serde(default)]
     pub backends: Vec<Ipv4Addr>,
+    /// Backend pods that are shutting down but still serving (EndpointSlice
+    /// conditions serving and terminating, not ready): new connections go to
+    /// them only while no ready backend exists (kube-proxy's rule).
+    /// Connections already open to a backend go on whatever its condition,
+    /// until it leaves the lists.
+    #[serde(default)]
+    pub terminating_backends: Vec<Ipv4Addr>,
+    /// Further addresses of the Service (spec.externalIPs): clients in the
+    /// cluster (pods, the node itself) reach its ports there too, with the
+    /// same backends and affinity as the cluster IP.
+    #[serde(default)]
+    pub external_ips: Vec<Ipv4Addr>,
+    /// The load balancer's addresses (status.loadBalancer.ingress[].ip),
+    /// handled as `external_ips`.
+    #[serde(default)]
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// spec.internalTrafficPolicy: "Local" sends the cluster IP's
+    /// connections only to backends on the client's own node.
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
+}
+
+impl ServiceConfig {
+    /// The cluster IP, then the external and load balancer addresses.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        std::iter::once(self.cluster_ip)
+            .chain(self.external_ips.iter().copied())
+            .chain(self.load_balancer_ips.iter().copied())
+    }
+}
+
+/// spec.internalTrafficPolicy (and, later, spec.externalTrafficPolicy).
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    /// Any backend in the cluster.
+    #[default]
+    Cluster,
+    /// Only backends on the node the connection enters.
+    Local,
+}
+
+impl TrafficPolicy {
+    /// The Kubernetes spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
 }
 
 /// One port of a Service: pods connect to `cluster_ip:port`, backends

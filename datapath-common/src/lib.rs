@@ -549,7 +549,7 @@ pub struct Service {
     pub id: u32,
     /// Backends in slots 0..backend_count; 0 = reject new connections.
     pub backend_count: u32,
-    /// [`SERVICE_AFFINITY_CLIENT_IP`] or 0.
+    /// [`SERVICE_AFFINITY_CLIENT_IP`], [`SERVICE_DROP_WITHOUT_BACKEND`].
     pub flags: u32,
     /// sessionAffinity timeout (ClientIP).
     pub affinity_timeout_seconds: u32,
@@ -557,6 +557,10 @@ pub struct Service {
 
 /// sessionAffinity: ClientIP.
 pub const SERVICE_AFFINITY_CLIENT_IP: u32 = 1;
+/// With no backend, drop new connections unanswered instead of refusing
+/// them: internalTrafficPolicy Local on a node without a local backend
+/// while other nodes have some (kube-proxy drops these too).
+pub const SERVICE_DROP_WITHOUT_BACKEND: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1034,6 +1038,10 @@ wire_enum! {
         /// connections tracked: one pod cannot fill the node's table.
         ConntrackClientLimit = 29, "conntrack_client_limit",
             "the client has conntrack_max_per_client unanswered connections tracked: new Service connection refused";
+        /// internalTrafficPolicy Local: other nodes have backends, this
+        /// one has none; dropped unanswered, as kube-proxy does.
+        ServiceNoLocalBackend = 30, "service_no_local_backend",
+            "new connection to an internalTrafficPolicy Local Service with no ready backend on this node (dropped)";
     }
 }
 
@@ -1106,7 +1114,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 29);
+        assert_eq!(DropReason::ALL.len(), 30);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, Service, ServiceKey,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND, Service, ServiceKey,
 };
 
 use crate::{
@@ -146,6 +146,9 @@ pub fn translate(
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
     };
     if service.backend_count == 0 {
+        if service.flags & SERVICE_DROP_WITHOUT_BACKEND != 0 {
+            return Err(DropReason::ServiceNoLocalBackend);
+        }
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
     }
     if clients::at_limit(saddr, max_per_client) {

@@ -41,7 +41,7 @@ use datapath_agent::{
     bpf::Datapath,
     model::ServiceRef,
     reconcile::service_sync::ServiceSync,
-    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, TrafficPolicy},
 };
 use datapath_tests::{
     lab::{CLUSTER_CIDR, Netns, Node, Pod, VETH_PREFIX, mac_of},
@@ -121,6 +121,10 @@ fn service_configs(services: &[Svc]) -> Vec<ServiceConfig> {
                 name: Some("http".into()),
             }],
             backends: vec![*s.backend.ip()],
+            terminating_backends: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            internal_traffic_policy: TrafficPolicy::Cluster,
         })
         .collect()
 }
@@ -496,7 +500,7 @@ fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64
     let mut list = service_configs(&service_list(n, Ipv4Addr::new(10, 244, 1, 3)));
     let state_dir = tempdir_named("dpb-svc-state")?;
     let mut dp = Datapath::load_unpinned()?;
-    let mut sync = ServiceSync::new(state_dir.0.clone());
+    let mut sync = ServiceSync::new(state_dir.0.clone(), "10.244.1.0/24".parse().unwrap());
     let report = sync.replace_all(&mut dp, list.clone())?;
     anyhow::ensure!(report.added == n, "{} of {n} Services added", report.added);
     let mut one = Vec::with_capacity(changes);

@@ -199,7 +199,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(config.mode, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
-    let services = ServiceSync::new(config.state_dir.clone());
+    let services = ServiceSync::new(config.state_dir.clone(), config.pod_cidr);
     let mut agent = Agent {
         config,
         datapath,

@@ -277,7 +277,7 @@ impl Agent {
                     changed.clear();
                 }
                 ServiceUpdate::One(service, config) => {
-                    changed.insert(service, ours(config));
+                    changed.insert(service, ours(config.map(|c| *c)));
                 }
             }
         }

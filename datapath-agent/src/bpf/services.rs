@@ -95,6 +95,28 @@ impl Datapath {
             .map_err(DatapathError::map(name))
     }
 
+    /// Remove the tracked connections (both entries) whose forward entry
+    /// `stale` says to forget: given its key and entry, true to remove.
+    /// Returns how many connections went. The keys are read first and
+    /// removed afterwards (removing while walking restarts the walk).
+    pub fn forget_connections(
+        &mut self,
+        stale: impl Fn(&ConntrackKey, &ConntrackEntry) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let name = map_names::CONNTRACK;
+        let mut map = self.hash_map_mut::<ConntrackKey, ConntrackEntry>(name)?;
+        let doomed: Vec<(ConntrackKey, ConntrackEntry)> = map
+            .iter()
+            .filter(|e| e.as_ref().is_ok_and(|(key, entry)| stale(key, entry)))
+            .collect::<Result<_, _>>()
+            .map_err(DatapathError::map(name))?;
+        for (key, entry) in &doomed {
+            remove_present(&mut map, key).map_err(DatapathError::map(name))?;
+            remove_present(&mut map, &key.pair(entry)).map_err(DatapathError::map(name))?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Set `NODE_FLAG_SERVICES` while any Service is programmed or any
     /// connection is tracked (its replies still need translating), clear it
     /// when neither: then TCP and UDP cost the programs no lookup. Only the

@@ -68,6 +68,10 @@ struct ServiceRow {
     session_affinity: &'static str,
     /// With ClientIP, how long a client keeps its backend; else null.
     session_affinity_timeout_seconds: Option<u32>,
+    /// What a new connection meets while `backends` is empty: "refuse"
+    /// (ICMP port unreachable) or "drop" (internalTrafficPolicy Local,
+    /// backends only on other nodes).
+    without_backends: &'static str,
     backends: Vec<BackendRow>,
 }
 
@@ -272,6 +276,13 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         session_affinity: affinity.name(),
                         session_affinity_timeout_seconds: client_ip
                             .then_some(s.service.affinity_timeout_seconds),
+                        without_backends: if s.service.flags & datapath_common::SERVICE_DROP_WITHOUT_BACKEND
+                            != 0
+                        {
+                            "drop"
+                        } else {
+                            "refuse"
+                        },
                         backends: s
                             .backends
                             .iter()
@@ -288,7 +299,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             } else {
                 println!(
                     "{:<40} {:<26} {:>6} {:<16} BACKENDS",
-                    "NAMESPACE/NAME", "CLUSTER-IP:PORT/PROTO", "ID", "AFFINITY"
+                    "NAMESPACE/NAME", "ADDRESS:PORT/PROTO", "ID", "AFFINITY"
                 );
                 for r in rows {
                     let name = match (&r.namespace, &r.name, &r.port_name) {
@@ -308,7 +319,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         format!("{}:{}/{}", r.cluster_ip, r.port, r.protocol),
                         r.id,
                         affinity,
-                        if backends.is_empty() { "(none: refused)".to_owned() } else { backends.join(",") }
+                        match (backends.is_empty(), r.without_backends) {
+                            (false, _) => backends.join(","),
+                            (true, "drop") => "(none here: dropped, internalTrafficPolicy Local)".to_owned(),
+                            (true, _) => "(none: refused)".to_owned(),
+                        }
                     );
                 }
             }
@@ -454,6 +469,7 @@ mod tests {
             id: 1,
             session_affinity: "None",
             session_affinity_timeout_seconds: None,
+            without_backends: "refuse",
             backends: vec![BackendRow { ip: Ipv4Addr::new(10, 244, 1, 5), port: 8080 }],
         };
         assert_eq!(
@@ -468,7 +484,8 @@ mod tests {
                 "port_name",
                 "protocol",
                 "session_affinity",
-                "session_affinity_timeout_seconds"
+                "session_affinity_timeout_seconds",
+                "without_backends"
             ]
         );
         assert_eq!(keys(&service.backends[0]), ["ip", "port"]);

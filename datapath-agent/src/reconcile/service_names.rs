@@ -61,7 +61,7 @@ impl ServiceName {
             namespace: port.namespace.clone(),
             name: port.name.clone(),
             port_name: port.port_name.clone(),
-            cluster_ip: port.cluster_ip,
+            cluster_ip: port.address,
             port: port.port,
             protocol: protocol_name(port.protocol).to_owned(),
         }
@@ -142,7 +142,7 @@ mod tests {
             namespace: "default".into(),
             name: "web".into(),
             port_name: None,
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            address: Ipv4Addr::new(10, 96, 0, 10),
             port,
             protocol: IPPROTO_TCP,
             session_affinity: SessionAffinity::None,
@@ -151,6 +151,7 @@ mod tests {
                 .iter()
                 .map(|n| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, *n), 8080))
                 .collect(),
+            drop_without_backend: false,
         }
     }
 

@@ -10,14 +10,15 @@ use std::{
     path::PathBuf,
 };
 
-use datapath_common::ServiceKey;
+use datapath_common::{CT_FORWARD, ServiceKey};
+use ipnet::Ipv4Net;
 
 use crate::{
     bpf::{Datapath, DatapathError, SyncReport},
     model::{ServiceConfig, ServiceRef},
     reconcile::{
         service_names::{self, ServiceName, ServiceNamesError},
-        services::{self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort},
+        services::{self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort, service_key},
     },
 };
 
@@ -31,6 +32,9 @@ pub enum ServiceSyncError {
 
 pub struct ServiceSync {
     state_dir: PathBuf,
+    /// This node's pod CIDR: the backends in it are local
+    /// (internalTrafficPolicy Local).
+    local_pods: Ipv4Net,
     /// Every Service to serve: what the source said last.
     services: BTreeMap<ServiceRef, ServiceConfig>,
     /// The names records on disk, by key; `None` until first read.
@@ -50,9 +54,10 @@ pub struct ServiceSync {
 }
 
 impl ServiceSync {
-    pub fn new(state_dir: PathBuf) -> Self {
+    pub fn new(state_dir: PathBuf, local_pods: Ipv4Net) -> Self {
         ServiceSync {
             state_dir,
+            local_pods,
             services: BTreeMap::new(),
             names: None,
             have_list: false,
@@ -110,12 +115,15 @@ impl ServiceSync {
     ) -> Result<SyncReport, ServiceSyncError> {
         let mut old_ports = Vec::new();
         let mut new_ports = Vec::new();
+        let stale_udp = services::stale_udp_backends(
+            changed.iter().map(|(service, config)| (self.services.get(service), config.as_ref())),
+        );
         for (service, config) in &changed {
             if let Some(old) = self.services.get(service) {
-                old_ports.extend(services::desired_services([old]));
+                old_ports.extend(services::desired_services([old], self.local_pods));
             }
             if let Some(new) = config {
-                new_ports.extend(services::desired_services([new]));
+                new_ports.extend(services::desired_services([new], self.local_pods));
             }
         }
         for (service, config) in changed {
@@ -137,6 +145,22 @@ impl ServiceSync {
             .map_err(ServiceSyncError::Datapath)?;
         let by_key: HashMap<ServiceKey, &ServicePort> = new_ports.iter().map(|p| (p.key(), p)).collect();
         self.record_names(datapath, changes.into_keys().collect(), &by_key)?;
+        // After the maps: no new connection can pick a stale backend now.
+        if !stale_udp.is_empty() {
+            let forgotten = datapath
+                .forget_connections(|key, entry| {
+                    entry.kind == CT_FORWARD
+                        && stale_udp
+                            .get(&service_key(key.daddr.into(), u16::from_be_bytes(key.dport), key.protocol))
+                            .is_some_and(|gone| {
+                                gone.iter().any(|b| b.ipv4 == entry.nat_addr && b.port == entry.nat_port)
+                            })
+                })
+                .map_err(ServiceSyncError::Datapath)?;
+            if forgotten > 0 {
+                tracing::info!(forgotten, "UDP connections to backends that left their Service removed");
+            }
+        }
         self.in_sync = true;
         Ok(report)
     }
@@ -151,7 +175,7 @@ impl ServiceSync {
     }
 
     fn whole_sync(&mut self, datapath: &mut Datapath) -> Result<SyncReport, ServiceSyncError> {
-        let desired = services::desired_services(self.services.values());
+        let desired = services::desired_services(self.services.values(), self.local_pods);
         let report = self
             .sync_maps(datapath, |programmed| services::plan_sync(programmed, &desired))
             .map_err(ServiceSyncError::Datapath)?;

@@ -11,12 +11,14 @@ use std::{
 };
 
 use datapath_common::{
-    Backend, BackendKey, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, Service, ServiceKey,
+    Backend, BackendKey, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
+    Service, ServiceKey,
 };
+use ipnet::Ipv4Net;
 
 use crate::{
     bpf::SyncReport,
-    model::{ServiceConfig, ServiceProtocol, SessionAffinity},
+    model::{ServiceConfig, ServiceProtocol, SessionAffinity, TrafficPolicy},
 };
 
 /// Service ids start here: a zeroed entry (id 0) names no Service.
@@ -33,7 +35,9 @@ pub struct ServicePort {
     pub namespace: String,
     pub name: String,
     pub port_name: Option<String>,
-    pub cluster_ip: Ipv4Addr,
+    /// Where clients connect: the cluster IP, or an external or load
+    /// balancer address of the Service.
+    pub address: Ipv4Addr,
     pub port: u16,
     /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
     pub protocol: u8,
@@ -41,21 +45,27 @@ pub struct ServicePort {
     pub affinity_timeout_seconds: u32,
     /// Backend pod address and target port, in the order the config lists them.
     pub backends: Vec<SocketAddrV4>,
+    /// With no backend, drop new connections unanswered rather than refuse
+    /// them (internalTrafficPolicy Local, backends only on other nodes).
+    pub drop_without_backend: bool,
 }
 
 impl ServicePort {
     pub fn key(&self) -> ServiceKey {
-        service_key(self.cluster_ip, self.port, self.protocol)
+        service_key(self.address, self.port, self.protocol)
     }
 
     /// The `Service` value with `id` and `backend_count` backends. Without
     /// ClientIP affinity the timeout means nothing and is stored as 0, so a
     /// change of it alone is no update.
     fn value(&self, id: u32, backend_count: u32) -> Service {
-        let (flags, timeout) = match self.session_affinity {
+        let (mut flags, timeout) = match self.session_affinity {
             SessionAffinity::None => (0, 0),
             SessionAffinity::ClientIp => (SERVICE_AFFINITY_CLIENT_IP, self.affinity_timeout_seconds),
         };
+        if self.drop_without_backend {
+            flags |= SERVICE_DROP_WITHOUT_BACKEND;
+        }
         Service { id, backend_count, flags, affinity_timeout_seconds: timeout }
     }
 
@@ -84,10 +94,44 @@ pub fn protocol_name(protocol: u8) -> &'static str {
     }
 }
 
-/// The Service ports `services` ask for, one per (cluster IP, port, protocol).
-pub fn desired_services<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Vec<ServicePort> {
+/// Which backends new connections of a Service go to, from this node:
+/// the ready ones, or, while none is ready, the terminating ones that still
+/// serve (kube-proxy's rule, applied separately to the cluster-wide and to
+/// the node-local set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChoice {
+    /// For traffic that may go to any node's backend.
+    pub cluster: Vec<Ipv4Addr>,
+    /// Only backends on this node (those in `local_pods`).
+    pub local: Vec<Ipv4Addr>,
+}
+
+impl BackendChoice {
+    pub fn of(service: &ServiceConfig, local_pods: Ipv4Net) -> Self {
+        let usable = |only_local: bool| {
+            let pick = |list: &[Ipv4Addr]| -> Vec<Ipv4Addr> {
+                list.iter().copied().filter(|ip| !only_local || local_pods.contains(ip)).collect()
+            };
+            let ready = pick(&service.backends);
+            if ready.is_empty() { pick(&service.terminating_backends) } else { ready }
+        };
+        BackendChoice { cluster: usable(false), local: usable(true) }
+    }
+}
+
+/// The Service ports `services` ask for, one per (address, port,
+/// protocol): on the cluster IP, its backends as internalTrafficPolicy says;
+/// on an external or load balancer address, any backend in the cluster
+/// (clients there are in the cluster: kube-proxy short-circuits them the
+/// same way whatever externalTrafficPolicy says). `local_pods` is this
+/// node's pod CIDR: the backends in it are the node's own.
+pub fn desired_services<'a>(
+    services: impl IntoIterator<Item = &'a ServiceConfig>,
+    local_pods: Ipv4Net,
+) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for service in services {
+        let choice = BackendChoice::of(service, local_pods);
         for port in &service.ports {
             let protocol = match port.protocol {
                 ServiceProtocol::Tcp => IPPROTO_TCP,
@@ -95,24 +139,80 @@ pub fn desired_services<'a>(services: impl IntoIterator<Item = &'a ServiceConfig
                 // Refused by the config's validation: never reaches here.
                 ServiceProtocol::Sctp => continue,
             };
-            out.push(ServicePort {
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
-                port_name: port.name.clone(),
-                cluster_ip: service.cluster_ip,
-                port: port.port,
-                protocol,
-                session_affinity: service.session_affinity,
-                affinity_timeout_seconds: service.session_affinity_timeout_seconds,
-                backends: service
-                    .backends
-                    .iter()
-                    .map(|ip| SocketAddrV4::new(*ip, port.target_port()))
-                    .collect(),
-            });
+            let with_target = |ips: &[Ipv4Addr]| -> Vec<SocketAddrV4> {
+                ips.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port())).collect()
+            };
+            for address in service.addresses() {
+                let internal_local =
+                    address == service.cluster_ip && service.internal_traffic_policy == TrafficPolicy::Local;
+                let (backends, drop_without_backend) = if internal_local {
+                    // Backends elsewhere but none here: dropped, not refused.
+                    (with_target(&choice.local), choice.local.is_empty() && !choice.cluster.is_empty())
+                } else {
+                    (with_target(&choice.cluster), false)
+                };
+                out.push(ServicePort {
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                    port_name: port.name.clone(),
+                    address,
+                    port: port.port,
+                    protocol,
+                    session_affinity: service.session_affinity,
+                    affinity_timeout_seconds: service.session_affinity_timeout_seconds,
+                    backends,
+                    drop_without_backend,
+                });
+            }
         }
     }
     out
+}
+
+/// The UDP backends each of `service`'s addresses and UDP ports serves
+/// from (ready or terminating but serving, on any node): a UDP "connection"
+/// to any other is stale once the agent knows it.
+pub fn serving_udp_backends(service: &ServiceConfig) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
+    let mut out = BTreeMap::new();
+    for port in service.ports.iter().filter(|p| p.protocol == ServiceProtocol::Udp) {
+        let serving: BTreeSet<Backend> = service
+            .backends
+            .iter()
+            .chain(&service.terminating_backends)
+            .map(|ip| backend(SocketAddrV4::new(*ip, port.target_port())))
+            .collect();
+        for address in service.addresses() {
+            out.insert(service_key(address, port.port, IPPROTO_UDP), serving.clone());
+        }
+    }
+    out
+}
+
+/// Which UDP connections a change of Services leaves stale: those of an
+/// old Service port to a backend the new state no longer serves it from
+/// (the backend left, or the port or Service is gone). UDP has no end, so
+/// without this a client that keeps sending keeps its dead backend
+/// forever (kube-proxy clears these too). TCP connections are never cut:
+/// they end by themselves, and a terminating backend still finishes them.
+pub fn stale_udp_backends<'a>(
+    changes: impl IntoIterator<Item = (Option<&'a ServiceConfig>, Option<&'a ServiceConfig>)>,
+) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
+    let mut old = BTreeMap::new();
+    let mut new = BTreeMap::new();
+    for (before, after) in changes {
+        old.extend(before.map(serving_udp_backends).unwrap_or_default());
+        new.extend(after.map(serving_udp_backends).unwrap_or_default());
+    }
+    let mut stale = BTreeMap::new();
+    for (key, backends) in old {
+        let kept = new.get(&key);
+        let gone: BTreeSet<Backend> =
+            backends.into_iter().filter(|b| !kept.is_some_and(|k| k.contains(b))).collect();
+        if !gone.is_empty() {
+            stale.insert(key, gone);
+        }
+    }
+    stale
 }
 
 /// What the Service maps hold now, kept by the agent between syncs so that

@@ -11,7 +11,8 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 pub use crate::model::{
-    Mode, PeerConfig, ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, VXLAN_OVERHEAD,
+    Mode, PeerConfig, ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, TrafficPolicy,
+    VXLAN_OVERHEAD,
 };
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/datapath";

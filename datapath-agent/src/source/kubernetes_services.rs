@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::{
     model::ServiceRef,
     observe::health::Health,
-    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity},
+    source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, TrafficPolicy},
     source::kubernetes::WatchBackoff,
 };
 
@@ -116,15 +116,37 @@ pub fn service_config<'a>(
     if ports.is_empty() {
         return None;
     }
-    let mut backends: Vec<Ipv4Addr> = slices
-        .flat_map(|s| s.endpoints.iter())
-        // A nil ready condition means ready (the API's own rule).
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .flat_map(|e| e.addresses.iter())
-        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-        .collect();
-    backends.sort();
-    backends.dedup();
+    let mut backends = Vec::new();
+    let mut terminating_backends = Vec::new();
+    for endpoint in slices.flat_map(|s| s.endpoints.iter()) {
+        let list = match EndpointState::of(endpoint) {
+            EndpointState::Ready => &mut backends,
+            EndpointState::ServingTerminating => &mut terminating_backends,
+            EndpointState::Unusable => continue,
+        };
+        list.extend(endpoint.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()));
+    }
+    for list in [&mut backends, &mut terminating_backends] {
+        list.sort();
+        list.dedup();
+    }
+    // An address listed both ways (two slices in transition): ready wins.
+    terminating_backends.retain(|ip| backends.binary_search(ip).is_err());
+    let external_ips = ipv4_list(spec.external_ips.iter().flatten().map(String::as_str));
+    let load_balancer_ips = ipv4_list(
+        service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ingress| ingress.ip.as_deref()),
+    );
+    let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
     let session_affinity = match spec.session_affinity.as_deref() {
         Some("ClientIP") => SessionAffinity::ClientIp,
         _ => SessionAffinity::None,
@@ -144,7 +166,49 @@ pub fn service_config<'a>(
         session_affinity_timeout_seconds,
         ports,
         backends,
+        terminating_backends,
+        external_ips,
+        load_balancer_ips,
+        internal_traffic_policy,
     })
+}
+
+/// The IPv4 addresses among `addresses`, sorted, once each (IPv6 ones
+/// belong to another family's Service).
+fn ipv4_list<'a>(addresses: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = addresses.filter_map(|a| a.parse().ok()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What an EndpointSlice endpoint's conditions make of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndpointState {
+    /// Takes new connections.
+    Ready,
+    /// Shutting down but still serving: new connections only while the
+    /// Service has no ready endpoint.
+    ServingTerminating,
+    Unusable,
+}
+
+impl EndpointState {
+    /// The API's own rules: a nil `ready` means ready; a nil `serving`
+    /// means the same as `ready`; a nil `terminating` means not terminating.
+    fn of(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        if ready {
+            EndpointState::Ready
+        } else if serving && terminating {
+            EndpointState::ServingTerminating
+        } else {
+            EndpointState::Unusable
+        }
+    }
 }
 
 /// Whether all of a Service's backends are pods: a reply from the host
@@ -153,7 +217,8 @@ pub fn service_config<'a>(
 /// programs, so it could not be translated back. Those stay with
 /// kube-proxy, untouched.
 pub fn is_pod_backed(service: &ServiceConfig, cluster_cidr: ipnet::Ipv4Net) -> bool {
-    let pods_only = service.backends.iter().all(|b| cluster_cidr.contains(b));
+    let pods_only =
+        service.backends.iter().chain(&service.terminating_backends).all(|b| cluster_cidr.contains(b));
     if !pods_only {
         tracing::debug!(
             namespace = service.namespace,
@@ -170,7 +235,7 @@ pub enum ServiceUpdate {
     /// Every Service: once both lists are complete, and after each relist.
     All(Vec<ServiceConfig>),
     /// One Service's new state; `None`: gone, or nothing to balance.
-    One(ServiceRef, Option<ServiceConfig>),
+    One(ServiceRef, Option<Box<ServiceConfig>>),
 }
 
 /// Watch Services and EndpointSlices. Once both lists are complete, send
@@ -271,7 +336,7 @@ pub fn watch_services(client: Client, health: Arc<Health>) -> mpsc::UnboundedRec
                     Some(config) => sent.insert(service.clone(), config.clone()),
                     None => sent.remove(&service),
                 };
-                if tx.send(ServiceUpdate::One(service, config)).is_err() {
+                if tx.send(ServiceUpdate::One(service, config.map(Box::new))).is_err() {
                     return;
                 }
             }
@@ -425,6 +490,49 @@ mod tests {
     }
 
     #[test]
+    fn conditions_external_addresses_and_internal_traffic_policy() {
+        let services = [service(serde_json::json!({
+            "metadata": { "name": "web", "namespace": "shop" },
+            "spec": {
+                "clusterIP": "10.96.0.10",
+                "externalIPs": ["203.0.113.7", "2001:db8::7", "203.0.113.7"],
+                "internalTrafficPolicy": "Local",
+                "ports": [{ "port": 80, "targetPort": 8080 }]
+            },
+            "status": { "loadBalancer": { "ingress": [{ "ip": "198.51.100.9" }, { "hostname": "lb.example" }] } }
+        }))];
+        let slices = [slice(serde_json::json!({
+            "metadata": { "name": "web-1", "namespace": "shop", "labels": { "kubernetes.io/service-name": "web" } },
+            "addressType": "IPv4",
+            "endpoints": [
+                { "addresses": ["10.244.1.5"], "conditions": { "ready": true, "serving": true, "terminating": false } },
+                { "addresses": ["10.244.1.6"], "conditions": { "ready": false, "serving": true, "terminating": true } },
+                // Terminating and no longer serving: nothing new goes there.
+                { "addresses": ["10.244.1.7"], "conditions": { "ready": false, "serving": false, "terminating": true } },
+                // Not ready, not terminating (starting up): unused.
+                { "addresses": ["10.244.1.8"], "conditions": { "ready": false } },
+                // serving unset means as ready: terminating but not serving.
+                { "addresses": ["10.244.1.9"], "conditions": { "ready": false, "terminating": true } }
+            ]
+        }))];
+        let web = &services_from(&services, &slices)[0];
+        assert_eq!(web.backends, vec![Ipv4Addr::new(10, 244, 1, 5)]);
+        assert_eq!(web.terminating_backends, vec![Ipv4Addr::new(10, 244, 1, 6)]);
+        assert_eq!(web.external_ips, vec![Ipv4Addr::new(203, 0, 113, 7)]);
+        assert_eq!(web.load_balancer_ips, vec![Ipv4Addr::new(198, 51, 100, 9)]);
+        assert_eq!(web.internal_traffic_policy, TrafficPolicy::Local);
+        let plain = &services_from(
+            &[service(serde_json::json!({
+                "metadata": { "name": "plain", "namespace": "shop" },
+                "spec": { "clusterIP": "10.96.0.11", "internalTrafficPolicy": "Cluster", "ports": [{ "port": 80 }] }
+            }))],
+            &[],
+        )[0];
+        assert_eq!(plain.internal_traffic_policy, TrafficPolicy::Cluster);
+        assert!(plain.external_ips.is_empty() && plain.load_balancer_ips.is_empty());
+    }
+
+    #[test]
     fn services_backed_by_node_addresses_are_left_alone() {
         let service = |name: &str, backends: &[&str]| ServiceConfig {
             name: name.into(),
@@ -434,6 +542,10 @@ mod tests {
             session_affinity_timeout_seconds: DEFAULT_AFFINITY_TIMEOUT_SECONDS,
             ports: vec![],
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            terminating_backends: vec![],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            internal_traffic_policy: TrafficPolicy::Cluster,
         };
         let list = vec![
             service("kubernetes", &["192.168.1.10"]),

@@ -288,6 +288,31 @@ fn services_follow_service_and_endpointslice_objects() {
         || programmed(&a) == want,
     );
 
+    // The endpoint terminates but still serves and no other is ready: it
+    // keeps taking new connections (kube-proxy's fallback). An externalIP
+    // on the Service serves the same backend.
+    let (mut with_external, mut terminating) = service_objects("10.96.0.10", &[]);
+    with_external["spec"]["externalIPs"] = serde_json::json!(["203.0.113.7"]);
+    terminating["endpoints"] = serde_json::json!([{
+        "addresses": [backend.ip.to_string()],
+        "conditions": { "ready": false, "serving": true, "terminating": true }
+    }]);
+    api.apply(with_external);
+    api.apply(terminating);
+    let mut both_addresses = vec![
+        format!("shop/web 10.96.0.10:80 {}:8080", backend.ip),
+        format!("shop/web 203.0.113.7:80 {}:8080", backend.ip),
+    ];
+    both_addresses.sort();
+    wait_for("the terminating endpoint serves, on both addresses", Duration::from_secs(40), || {
+        let mut rows = programmed(&a);
+        rows.sort();
+        rows == both_addresses
+    });
+    assert_eq!(fetch(&client).expect("through the Service"), "hello from the backend");
+    let (service, _) = service_objects("10.96.0.10", &[]);
+    api.apply(service);
+
     // The endpoint goes unready: new connections are refused at once.
     let (_, slice) = service_objects("10.96.0.10", &[(backend.ip, false)]);
     api.apply(slice);

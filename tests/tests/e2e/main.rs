@@ -25,6 +25,7 @@ mod redteam_to_pod;
 mod restart;
 mod runtimes;
 mod same_node;
+mod service_endpoints;
 mod service_sync;
 mod service_translation;
 mod services;

@@ -11,12 +11,13 @@ fn service_port(port: u16, backends: &[u8]) -> ServicePort {
         namespace: "default".into(),
         name: "web".into(),
         port_name: None,
-        cluster_ip: VIP,
+        address: VIP,
         port,
         protocol: IPPROTO_TCP,
         session_affinity: SessionAffinity::None,
         affinity_timeout_seconds: 10_800,
         backends: backends.iter().map(|n| pod(*n)).collect(),
+        drop_without_backend: false,
     }
 }
 
@@ -280,4 +281,132 @@ fn only_clientip_services_walk_the_affinity_map() {
     let (plan, plain) = sync(&plain, &[service_port(81, &[2])]);
     assert!(forgets(&plan).is_empty());
     assert!(forgets(&sync(&plain, &[]).0).is_empty());
+}
+
+fn config(backends: &[u8], terminating: &[u8]) -> ServiceConfig {
+    let ip = |n: &u8| Ipv4Addr::new(10, 244, n / 100, n % 100);
+    ServiceConfig {
+        name: "web".into(),
+        namespace: "default".into(),
+        cluster_ip: VIP,
+        session_affinity: SessionAffinity::None,
+        session_affinity_timeout_seconds: 10_800,
+        ports: vec![crate::model::ServicePortConfig {
+            port: 80,
+            protocol: ServiceProtocol::Tcp,
+            target_port: Some(8080),
+            name: None,
+        }],
+        backends: backends.iter().map(ip).collect(),
+        terminating_backends: terminating.iter().map(ip).collect(),
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        internal_traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+/// Node 1's pods: 10.244.1.0/24 (backends written 1xx); node 2's are 2xx.
+fn node1() -> Ipv4Net {
+    "10.244.1.0/24".parse().unwrap()
+}
+
+/// (address, backend hosts as 1xx/2xx, drop flag) of each port.
+fn served(services: &[ServiceConfig]) -> Vec<(Ipv4Addr, Vec<u16>, bool)> {
+    desired_services(services, node1())
+        .into_iter()
+        .map(|p| {
+            let hosts = p
+                .backends
+                .iter()
+                .map(|b| {
+                    let o = b.ip().octets();
+                    u16::from(o[2]) * 100 + u16::from(o[3])
+                })
+                .collect();
+            (p.address, hosts, p.drop_without_backend)
+        })
+        .collect()
+}
+
+#[test]
+fn terminating_backends_take_new_connections_only_while_none_is_ready() {
+    // kube-proxy's rule: ready first; serving-terminating only without any.
+    assert_eq!(served(&[config(&[101, 201], &[102])]), vec![(VIP, vec![101, 201], false)]);
+    assert_eq!(served(&[config(&[], &[102, 202])]), vec![(VIP, vec![102, 202], false)]);
+    assert_eq!(served(&[config(&[], &[])]), vec![(VIP, vec![], false)]);
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_the_nodes_own_backends() {
+    let local = |backends: &[u8], terminating: &[u8]| {
+        let mut service = config(backends, terminating);
+        service.internal_traffic_policy = TrafficPolicy::Local;
+        served(&[service])
+    };
+    assert_eq!(local(&[101, 201, 202], &[]), vec![(VIP, vec![101], false)]);
+    // None here but some elsewhere: dropped, as kube-proxy does.
+    assert_eq!(local(&[201], &[]), vec![(VIP, vec![], true)]);
+    // None anywhere: refused, as for any Service.
+    assert_eq!(local(&[], &[]), vec![(VIP, vec![], false)]);
+    // The local fallback is separate from the cluster-wide one: a ready
+    // backend elsewhere does not hide a terminating one here.
+    assert_eq!(local(&[201], &[102]), vec![(VIP, vec![102], false)]);
+    assert_eq!(local(&[101], &[102]), vec![(VIP, vec![101], false)]);
+}
+
+#[test]
+fn external_addresses_serve_every_backend_whatever_the_internal_policy() {
+    let mut service = config(&[101, 201], &[]);
+    service.internal_traffic_policy = TrafficPolicy::Local;
+    service.external_ips = vec![Ipv4Addr::new(203, 0, 113, 7)];
+    service.load_balancer_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+    assert_eq!(
+        served(&[service]),
+        vec![
+            (VIP, vec![101], false),
+            (Ipv4Addr::new(203, 0, 113, 7), vec![101, 201], false),
+            (Ipv4Addr::new(198, 51, 100, 9), vec![101, 201], false),
+        ]
+    );
+    // Each address its own Service entry, with the drop flag only where set.
+    let ports = desired_services(&[config(&[201], &[])], node1());
+    let (plan, state) = sync(&ProgrammedState::default(), &ports);
+    assert_eq!(plan.report.added, 1);
+    assert_eq!(state.services[&ports[0].key()].flags & SERVICE_DROP_WITHOUT_BACKEND, 0);
+    let mut dropping = ports[0].clone();
+    dropping.backends.clear();
+    dropping.drop_without_backend = true;
+    let (_, state) = sync(&state, &[dropping.clone()]);
+    assert_eq!(state.services[&dropping.key()].flags, SERVICE_DROP_WITHOUT_BACKEND);
+    assert_eq!(state.services[&dropping.key()].backend_count, 0);
+}
+
+#[test]
+fn udp_flows_are_stale_only_once_their_backend_serves_no_more() {
+    let mut udp = config(&[101, 201], &[]);
+    udp.ports[0].protocol = ServiceProtocol::Udp;
+    udp.external_ips = vec![Ipv4Addr::new(203, 0, 113, 7)];
+    let at = |address: Ipv4Addr| service_key(address, 80, IPPROTO_UDP);
+    let b = |host: u8| backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, host / 100, host % 100), 8080));
+    let with = |ready: &[u8], terminating: &[u8]| {
+        let mut next = udp.clone();
+        let lists = config(ready, terminating);
+        next.backends = lists.backends;
+        next.terminating_backends = lists.terminating_backends;
+        next
+    };
+    // Terminating but serving: nothing stale.
+    assert!(stale_udp_backends([(Some(&udp), Some(&with(&[201], &[101])))]).is_empty());
+    // Gone: stale on every address of the Service.
+    let gone = stale_udp_backends([(Some(&udp), Some(&with(&[201], &[])))]);
+    assert_eq!(
+        gone,
+        [(at(VIP), [b(101)].into()), (at(Ipv4Addr::new(203, 0, 113, 7)), [b(101)].into())].into()
+    );
+    // The Service removed: all of its flows.
+    assert_eq!(stale_udp_backends([(Some(&udp), None)])[&at(VIP)], [b(101), b(201)].into());
+    // A new Service, or TCP ports: nothing.
+    assert!(stale_udp_backends([(None, Some(&udp))]).is_empty());
+    let tcp = config(&[101], &[]);
+    assert!(stale_udp_backends([(Some(&tcp), Some(&config(&[], &[])))]).is_empty());
 }

@@ -110,6 +110,18 @@ fn accepts_services_with_kubernetes_defaults() {
     // An empty backend list is valid: the Service refuses connections.
     let empty = WEB.replace("backends = [\"10.244.1.5\", \"10.244.2.7\"]", "backends = []");
     assert!(AgentConfig::parse(&format!("{GOOD}{empty}")).unwrap().services[0].backends.is_empty());
+    // Graceful termination, external addresses and the internal policy.
+    let full = WEB.replace(
+        "backends = [\"10.244.1.5\", \"10.244.2.7\"]",
+        "backends = [\"10.244.1.5\"]\nterminating_backends = [\"10.244.2.7\"]\n\
+         external_ips = [\"203.0.113.7\"]\nload_balancer_ips = [\"198.51.100.9\"]\n\
+         internal_traffic_policy = \"Local\"",
+    );
+    let web = &AgentConfig::parse(&format!("{GOOD}{full}")).unwrap().services[0];
+    assert_eq!(web.terminating_backends, vec![std::net::Ipv4Addr::new(10, 244, 2, 7)]);
+    assert_eq!(web.external_ips, vec![std::net::Ipv4Addr::new(203, 0, 113, 7)]);
+    assert_eq!(web.load_balancer_ips, vec![std::net::Ipv4Addr::new(198, 51, 100, 9)]);
+    assert_eq!(web.internal_traffic_policy, crate::model::TrafficPolicy::Local);
 }
 
 #[test]
@@ -123,6 +135,47 @@ fn refuses_bad_services_naming_the_field() {
         (WEB.replace("10.96.0.10", "169.254.42.1"), "services.cluster_ip", "not a unicast"),
         (WEB.replace("10.244.2.7", "192.168.7.7"), "services.backends", "not inside cluster_cidr"),
         (WEB.replace("10.244.2.7", "10.244.1.5"), "services.backends", "listed twice"),
+        (
+            WEB.replace("backends = [", "terminating_backends = [\"10.244.1.5\"]\nbackends = ["),
+            "services.terminating_backends",
+            "listed twice",
+        ),
+        (
+            WEB.replace("backends = [", "terminating_backends = [\"192.168.7.7\"]\nbackends = ["),
+            "services.terminating_backends",
+            "not inside cluster_cidr",
+        ),
+        (
+            WEB.replace("backends = [", "external_ips = [\"192.168.1.10\"]\nbackends = ["),
+            "services.external_ips",
+            "node's address",
+        ),
+        (
+            WEB.replace("backends = [", "load_balancer_ips = [\"10.244.9.9\"]\nbackends = ["),
+            "services.load_balancer_ips",
+            "inside cluster_cidr",
+        ),
+        (
+            WEB.replace("backends = [", "external_ips = [\"10.96.0.10\"]\nbackends = ["),
+            "services.external_ips",
+            "listed twice",
+        ),
+        (
+            format!(
+                "{WEB}{}",
+                other("10.96.0.11", "80").replace(
+                    "cluster_ip = \"10.96.0.11\"",
+                    "cluster_ip = \"10.96.0.11\"\nexternal_ips = [\"10.96.0.10\"]"
+                )
+            ),
+            "services.ports",
+            "10.96.0.10:80/TCP",
+        ),
+        (
+            WEB.replace("backends = [", "internal_traffic_policy = \"Nearby\"\nbackends = ["),
+            "services.internal_traffic_policy",
+            "",
+        ),
         (WEB.replace("port = 53\nprotocol = \"UDP\"", "port = 80"), "services.ports", "belongs to both"),
         (format!("{WEB}{}", other("10.96.0.10", "80")), "services.ports", "10.96.0.10:80/TCP"),
         (WEB.replace("protocol = \"UDP\"", "protocol = \"SCTP\""), "services.ports.protocol", "SCTP"),

@@ -181,33 +181,46 @@ impl AgentConfig {
                     "give each Service a unique (namespace, name)",
                 );
             }
-            let ip = service.cluster_ip;
-            if self.cluster_cidr.contains(&ip) {
-                return invalid(
-                    "services.cluster_ip",
-                    format!("{id}: {ip} is inside cluster_cidr {}", self.cluster_cidr),
-                    "take cluster IPs from the Service range (--service-cluster-ip-range, e.g. 10.96.0.0/12)",
-                );
-            }
-            if ip == self.node_ip || self.peers.iter().any(|p| p.node_ip == ip) {
-                return invalid(
-                    "services.cluster_ip",
-                    format!("{id}: {ip} is a node's address"),
-                    "take cluster IPs from the Service range, never a node address",
-                );
-            }
-            // Link-local holds the pods' gateway and the hairpin address.
-            if ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || ip.is_broadcast()
-                || ip.is_link_local()
-            {
-                return invalid(
-                    "services.cluster_ip",
-                    format!("{id}: {ip} is not a unicast address a Service can have"),
-                    "take cluster IPs from the Service range, e.g. 10.96.0.10",
-                );
+            let addresses = std::iter::once(("services.cluster_ip", service.cluster_ip))
+                .chain(service.external_ips.iter().map(|ip| ("services.external_ips", *ip)))
+                .chain(service.load_balancer_ips.iter().map(|ip| ("services.load_balancer_ips", *ip)));
+            let mut own = std::collections::HashSet::new();
+            for (field, ip) in addresses.clone() {
+                if self.cluster_cidr.contains(&ip) {
+                    return invalid(
+                        field,
+                        format!("{id}: {ip} is inside cluster_cidr {}", self.cluster_cidr),
+                        "take cluster IPs from the Service range (--service-cluster-ip-range, e.g. \
+                         10.96.0.0/12), external addresses from outside the pod network",
+                    );
+                }
+                if ip == self.node_ip || self.peers.iter().any(|p| p.node_ip == ip) {
+                    return invalid(
+                        field,
+                        format!("{id}: {ip} is a node's address"),
+                        "a Service address is never a node address (NodePort serves those)",
+                    );
+                }
+                // Link-local holds the pods' gateway and the hairpin address.
+                if ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_broadcast()
+                    || ip.is_link_local()
+                {
+                    return invalid(
+                        field,
+                        format!("{id}: {ip} is not a unicast address a Service can have"),
+                        "take cluster IPs from the Service range, e.g. 10.96.0.10",
+                    );
+                }
+                if !own.insert(ip) {
+                    return invalid(
+                        field,
+                        format!("{id}: {ip} is listed twice among its addresses"),
+                        "list each address once (cluster_ip, external_ips, load_balancer_ips)",
+                    );
+                }
             }
             if !(1..=86_400).contains(&service.session_affinity_timeout_seconds) {
                 return invalid(
@@ -238,36 +251,45 @@ impl AgentConfig {
                         "use \"TCP\" or \"UDP\", or leave this port to kube-proxy",
                     );
                 }
-                if let Some(other) = service_ports.insert((ip, port.port, port.protocol), id.clone()) {
-                    return invalid(
-                        "services.ports",
-                        format!(
-                            "{ip}:{}/{} belongs to both {other} and {id}",
-                            port.port,
-                            port.protocol.name()
-                        ),
-                        "give every Service its own cluster IP, and each port/protocol once",
-                    );
+                for (_, ip) in addresses.clone() {
+                    if let Some(other) = service_ports.insert((ip, port.port, port.protocol), id.clone()) {
+                        return invalid(
+                            "services.ports",
+                            format!(
+                                "{ip}:{}/{} belongs to both {other} and {id}",
+                                port.port,
+                                port.protocol.name()
+                            ),
+                            "give every Service its own cluster IP, and each address's port/protocol \
+                             to one Service",
+                        );
+                    }
                 }
             }
             let mut seen = std::collections::HashSet::new();
-            for backend in &service.backends {
+            let listed =
+                service.backends.iter().map(|ip| ("services.backends", ip)).chain(
+                    service.terminating_backends.iter().map(|ip| ("services.terminating_backends", ip)),
+                );
+            for (field, backend) in listed {
                 if !self.cluster_cidr.contains(backend) {
                     return invalid(
-                        "services.backends",
+                        field,
                         format!("{id}: backend {backend} is not inside cluster_cidr {}", self.cluster_cidr),
-                        "list the ready pods' addresses (EndpointSlice endpoints), all in the pod network",
+                        "list the pods' addresses (EndpointSlice endpoints), all in the pod network",
                     );
                 }
                 if !seen.insert(backend) {
                     return invalid(
-                        "services.backends",
+                        field,
                         format!("{id}: backend {backend} is listed twice"),
-                        "list each ready pod once",
+                        "list each pod once: ready ones in backends, terminating ones that still \
+                         serve in terminating_backends",
                     );
                 }
             }
-            backend_slots += (service.ports.len() * service.backends.len()) as u64;
+            let backends = service.backends.len().max(service.terminating_backends.len());
+            backend_slots += (service.ports.len() * addresses.count() * backends) as u64;
         }
         if service_ports.len() as u64 > u64::from(datapath_common::MAX_SERVICES) {
             return invalid(
