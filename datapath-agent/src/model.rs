@@ -81,6 +81,15 @@ pub struct ServiceConfig {
     /// connections only to backends on the client's own node.
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
+    /// spec.externalTrafficPolicy, for the node ports: "Local" sends their
+    /// connections only to backends on the node they arrive at, keeping the
+    /// client's address (the only policy served so far).
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+    /// spec.healthCheckNodePort (externalTrafficPolicy Local): the agent
+    /// answers HTTP there with this node's ready backends, as kube-proxy.
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServiceConfig {
@@ -128,6 +137,10 @@ pub struct ServicePortConfig {
     /// The port's name (spec.ports[].name); shown by `inspect services`.
     #[serde(default)]
     pub name: Option<String>,
+    /// spec.ports[].nodePort: clients outside the cluster reach the port
+    /// on the node's address there.
+    #[serde(default)]
+    pub node_port: Option<u16>,
 }
 
 impl ServicePortConfig {
@@ -177,6 +190,14 @@ impl ServiceProtocol {
             ServiceProtocol::Sctp => "SCTP",
         }
     }
+}
+
+/// The node the agent programs: its backends are those in its pod CIDR;
+/// its node ports are served on its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThisNode {
+    pub pod_cidr: Ipv4Net,
+    pub address: Ipv4Addr,
 }
 
 /// A Service by namespace and name.

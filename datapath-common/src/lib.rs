@@ -1058,6 +1058,9 @@ wire_enum! {
         RoutedIntoPod = 5, "routed_into_pod",
             "routed into a pod by the node's own stack (hostPort DNAT, replies to masqueraded connections, \
              the node's own traffic), after the policy check";
+        ToOutside = 6, "to_outside",
+            "a NodePort connection's reply sent straight out of the uplink to its client outside the cluster \
+             (next hop from the node's routes)";
     }
 }
 

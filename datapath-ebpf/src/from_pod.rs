@@ -131,6 +131,13 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) ->
         }
         return deliver(headers, &endpoint);
     }
+    // A NodePort connection's reply, now from the node's address (no pod
+    // can send from it: checked above): straight out to its client, as the
+    // node's stack would refuse it (a source of its own, from outside).
+    if same_ipv4(headers.ip().saddr, config.node_ipv4) {
+        headers.ip_mut().decrement_ttl()?;
+        return Ok(Verdict::OutRouted { ifindex: config.uplink_ifindex });
+    }
     if let Some(verdict) = to_remote_node(headers, daddr, &config) {
         return verdict;
     }

@@ -39,6 +39,7 @@ pub fn run<const LOG: bool>(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     packet.pull_headers();
+    let uplink = packet.ifindex();
     if packet.ethertype() != Some(ETH_P_IP) {
         return Ok(Verdict::HostStack);
     }
@@ -46,17 +47,47 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     let Ok(mut headers) = packet.ipv4() else {
         return Ok(Verdict::HostStack);
     };
-    let (saddr, daddr) = (headers.ip().saddr, headers.ip().daddr);
+    let saddr = headers.ip().saddr;
+    let mut daddr = headers.ip().daddr;
     let config = node_config();
+    // A NodePort connection's packets become a local backend's below.
+    let mut node_port = false;
     if same_ipv4(daddr, config.node_ipv4) {
         // The node's own traffic (VXLAN too, in overlay mode).
         if config.mode == RoutingMode::Native as u32 && vxlan_from_peer(&headers, &config) {
             record_mode_mismatch(saddr);
             return Err(DropReason::PeerModeMismatch);
         }
-        return Ok(Verdict::HostStack);
+        // Only what the kernel would forward may become a pod's: a frame
+        // of a VLAN, or one the forwarding checks refuse, stays the node's.
+        let (vlan_present, vlan_tci) = headers.packet().vlan();
+        if config.flags & NODE_FLAG_SERVICES == 0
+            || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0)
+            || strict::frame_ok(&headers).is_err()
+        {
+            return Ok(Verdict::HostStack);
+        }
+        // NodePort (the only Service ports on the node's address): a new
+        // connection gets a backend on this node, a tracked one its own.
+        headers = match translate(headers, true, config.conntrack_max_per_client)? {
+            Translation::Forward(headers, _) => headers,
+            Translation::Refuse(reason) => {
+                return Ok(Verdict::Answer {
+                    reason,
+                    error: IcmpError::PORT_UNREACHABLE,
+                    source: config.node_ipv4,
+                    back: Back::Out { ifindex: uplink },
+                });
+            }
+        };
+        daddr = headers.ip().daddr;
+        if same_ipv4(daddr, config.node_ipv4) {
+            return Ok(Verdict::HostStack);
+        }
+        node_port = true;
     }
     let Some(endpoint) = local_endpoint(daddr) else {
+        // (A NodePort backend is always local: the agent programs no other.)
         return Ok(Verdict::HostStack);
     };
     // For a local pod: what the kernel checks before it forwards. A frame
@@ -78,7 +109,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         }
     }
     strict::source_ok(headers.packet(), saddr, &config)?;
-    let back = Back::Out { ifindex: headers.packet().ifindex() };
+    let back = Back::Out { ifindex: uplink };
     if headers.ip().ttl_expires() {
         return Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,
@@ -102,7 +133,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
-    if config.flags & NODE_FLAG_SERVICES != 0 {
+    if config.flags & NODE_FLAG_SERVICES != 0 && !node_port {
         headers = match translate(headers, false, config.conntrack_max_per_client)? {
             Translation::Forward(headers, _) => headers,
             // Only new connections are refused, and only "from pod" opens them.

@@ -55,6 +55,10 @@ pub enum Verdict {
     OutUplink { ifindex: u32 },
     /// Native routing, the neighbour subsystem resolves the peer's MAC.
     OutUplinkNeigh { ifindex: u32, node_ipv4: [u8; 4] },
+    /// Out of the uplink to a host outside the cluster (a NodePort
+    /// connection's reply, from the node's address): the kernel's routes
+    /// give the next hop, the neighbour subsystem its MAC.
+    OutRouted { ifindex: u32 },
     /// Overlay: the tunnel key (peer, VNI) is set; into the VXLAN device,
     /// which encapsulates it.
     OutOverlay { vxlan_ifindex: u32 },
@@ -86,6 +90,7 @@ impl Verdict {
                 Counted::Forward(ForwardPath::ToRemoteNative)
             }
             Verdict::OutOverlay { .. } => Counted::Forward(ForwardPath::ToRemoteOverlay),
+            Verdict::OutRouted { .. } => Counted::Forward(ForwardPath::ToOutside),
             // The reply is ours; the packet itself is dropped.
             Verdict::Answer { reason, .. } => Counted::Drop(*reason),
         }
@@ -189,6 +194,11 @@ fn act(packet: &Packet, verdict: Verdict) -> Rest<'static> {
                 bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
             }
         }
+        // SAFETY: a helper taking plain values (see above); no next hop
+        // given: the helper looks the route up itself.
+        Verdict::OutRouted { ifindex } => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
         // SAFETY: a helper taking plain values (see above).
         Verdict::OutOverlay { vxlan_ifindex } => unsafe { bpf_redirect(vxlan_ifindex, 0) as i32 },
         Verdict::Answer { error, source, back, .. } => {

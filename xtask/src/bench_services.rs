@@ -40,7 +40,7 @@ use anyhow::Context as _;
 use datapath_agent::{
     bpf::Datapath,
     model::ServiceRef,
-    reconcile::service_sync::ServiceSync,
+    reconcile::{service_sync::ServiceSync, services::ThisNode},
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, TrafficPolicy},
 };
 use datapath_tests::{
@@ -119,12 +119,15 @@ fn service_configs(services: &[Svc]) -> Vec<ServiceConfig> {
                 protocol: ServiceProtocol::Tcp,
                 target_port: Some(s.backend.port()),
                 name: Some("http".into()),
+                node_port: None,
             }],
             backends: vec![*s.backend.ip()],
             terminating_backends: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             internal_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
         })
         .collect()
 }
@@ -500,7 +503,10 @@ fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64
     let mut list = service_configs(&service_list(n, Ipv4Addr::new(10, 244, 1, 3)));
     let state_dir = tempdir_named("dpb-svc-state")?;
     let mut dp = Datapath::load_unpinned()?;
-    let mut sync = ServiceSync::new(state_dir.0.clone(), "10.244.1.0/24".parse().unwrap());
+    let mut sync = ServiceSync::new(
+        state_dir.0.clone(),
+        ThisNode { pod_cidr: "10.244.1.0/24".parse()?, address: Ipv4Addr::new(192, 168, 1, 10) },
+    );
     let report = sync.replace_all(&mut dp, list.clone())?;
     anyhow::ensure!(report.added == n, "{} of {n} Services added", report.added);
     let mut one = Vec::with_capacity(changes);

@@ -33,11 +33,13 @@ use crate::{
         health::{ConfigRejection, Health},
         metrics::{AgentErrors, ConntrackStats},
         monitor_lock::{MonitorLock, MonitorLockError},
+        service_health::ServiceHealthServers,
     },
     reconcile::{
         conntrack::{self, ConntrackLimits},
         policy_sync::PolicySync,
         service_sync::ServiceSync,
+        services::ThisNode,
     },
     source::{
         config::{AgentConfig, EbpfLog, Mode, Source},
@@ -69,6 +71,8 @@ struct Agent {
     pod_mtu: u32,
     route_via: RouteVia,
     services: ServiceSync,
+    /// The health check node ports of the Services served.
+    service_health: ServiceHealthServers,
     health: Arc<Health>,
     /// Live links that could not be switched to the loaded program: they
     /// keep forwarding with the one they have, and are retried.
@@ -199,7 +203,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .context("writing the node config map")?;
     let pod_mtu = node_net::pod_mtu(config.mode, uplink.mtu);
     let store = EndpointStore::open(&config.state_dir)?;
-    let services = ServiceSync::new(config.state_dir.clone(), config.pod_cidr);
+    let services = ServiceSync::new(
+        config.state_dir.clone(),
+        ThisNode { pod_cidr: config.pod_cidr, address: config.node_ip },
+    );
     let mut agent = Agent {
         config,
         datapath,
@@ -208,6 +215,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         route_via,
         errors,
         services,
+        service_health: ServiceHealthServers::default(),
         health: Arc::clone(&health),
         pending_links: Vec::new(),
         routes_taken: Vec::new(),

@@ -246,10 +246,23 @@ impl Agent {
         Ok(())
     }
 
+    /// Serve the health check node ports of the Services the agent holds
+    /// (also after a failed map sync: they report the Services as given).
+    fn sync_service_health(&mut self) {
+        let node = crate::reconcile::services::ThisNode {
+            pod_cidr: self.config.pod_cidr,
+            address: self.config.node_ip,
+        };
+        let wanted = crate::observe::service_health::health_checks(self.services.services(), node);
+        self.service_health.sync(&wanted);
+    }
+
     /// Serve exactly the Services in `list` (only what differs is written).
     pub(super) fn apply_services(&mut self, list: Vec<ServiceConfig>) -> anyhow::Result<()> {
         let count = list.len();
-        let report = self.services.replace_all(&mut self.datapath, list)?;
+        let report = self.services.replace_all(&mut self.datapath, list);
+        self.sync_service_health();
+        let report = report?;
         tracing::info!(
             services = count,
             added = report.added,
@@ -282,7 +295,9 @@ impl Agent {
             }
         }
         let Some(mut all) = all else {
-            let report = self.services.change(&mut self.datapath, changed)?;
+            let report = self.services.change(&mut self.datapath, changed);
+            self.sync_service_health();
+            let report = report?;
             tracing::debug!(
                 added = report.added,
                 updated = report.updated,

@@ -264,7 +264,12 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Registry,
 ) -> anyhow::Result<()> {
-    let app = router(health, Arc::new(metrics));
+    serve_router(listener, router(health, Arc::new(metrics))).await
+}
+
+/// Serve `app` on `listener` with the limits above (head timeout,
+/// connection time limit, connection cap).
+pub async fn serve_router(listener: tokio::net::TcpListener, app: Router) -> anyhow::Result<()> {
     let connections = Arc::new(Connections::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(REQUEST_HEAD_TIMEOUT);

@@ -11,14 +11,15 @@ use std::{
 };
 
 use datapath_common::{CT_FORWARD, ServiceKey};
-use ipnet::Ipv4Net;
 
 use crate::{
     bpf::{Datapath, DatapathError, SyncReport},
     model::{ServiceConfig, ServiceRef},
     reconcile::{
         service_names::{self, ServiceName, ServiceNamesError},
-        services::{self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort, service_key},
+        services::{
+            self, MapWrite, ProgrammedState, ServiceChanges, ServicePlan, ServicePort, ThisNode, service_key,
+        },
     },
 };
 
@@ -32,9 +33,9 @@ pub enum ServiceSyncError {
 
 pub struct ServiceSync {
     state_dir: PathBuf,
-    /// This node's pod CIDR: the backends in it are local
-    /// (internalTrafficPolicy Local).
-    local_pods: Ipv4Net,
+    /// This node: the backends in its pod CIDR are local (traffic
+    /// policies Local), its node ports are on its address.
+    node: ThisNode,
     /// Every Service to serve: what the source said last.
     services: BTreeMap<ServiceRef, ServiceConfig>,
     /// The names records on disk, by key; `None` until first read.
@@ -54,10 +55,10 @@ pub struct ServiceSync {
 }
 
 impl ServiceSync {
-    pub fn new(state_dir: PathBuf, local_pods: Ipv4Net) -> Self {
+    pub fn new(state_dir: PathBuf, node: ThisNode) -> Self {
         ServiceSync {
             state_dir,
-            local_pods,
+            node,
             services: BTreeMap::new(),
             names: None,
             have_list: false,
@@ -117,13 +118,14 @@ impl ServiceSync {
         let mut new_ports = Vec::new();
         let stale_udp = services::stale_udp_backends(
             changed.iter().map(|(service, config)| (self.services.get(service), config.as_ref())),
+            self.node,
         );
         for (service, config) in &changed {
             if let Some(old) = self.services.get(service) {
-                old_ports.extend(services::desired_services([old], self.local_pods));
+                old_ports.extend(services::desired_services([old], self.node));
             }
             if let Some(new) = config {
-                new_ports.extend(services::desired_services([new], self.local_pods));
+                new_ports.extend(services::desired_services([new], self.node));
             }
         }
         for (service, config) in changed {
@@ -175,7 +177,7 @@ impl ServiceSync {
     }
 
     fn whole_sync(&mut self, datapath: &mut Datapath) -> Result<SyncReport, ServiceSyncError> {
-        let desired = services::desired_services(self.services.values(), self.local_pods);
+        let desired = services::desired_services(self.services.values(), self.node);
         let report = self
             .sync_maps(datapath, |programmed| services::plan_sync(programmed, &desired))
             .map_err(ServiceSyncError::Datapath)?;

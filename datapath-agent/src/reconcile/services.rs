@@ -14,7 +14,6 @@ use datapath_common::{
     Backend, BackendKey, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
     Service, ServiceKey,
 };
-use ipnet::Ipv4Net;
 
 use crate::{
     bpf::SyncReport,
@@ -107,7 +106,7 @@ pub struct BackendChoice {
 }
 
 impl BackendChoice {
-    pub fn of(service: &ServiceConfig, local_pods: Ipv4Net) -> Self {
+    pub fn of(service: &ServiceConfig, local_pods: ipnet::Ipv4Net) -> Self {
         let usable = |only_local: bool| {
             let pick = |list: &[Ipv4Addr]| -> Vec<Ipv4Addr> {
                 list.iter().copied().filter(|ip| !only_local || local_pods.contains(ip)).collect()
@@ -119,19 +118,28 @@ impl BackendChoice {
     }
 }
 
+pub use crate::model::ThisNode;
+
 /// The Service ports `services` ask for, one per (address, port,
 /// protocol): on the cluster IP, its backends as internalTrafficPolicy says;
 /// on an external or load balancer address, any backend in the cluster
 /// (clients there are in the cluster: kube-proxy short-circuits them the
-/// same way whatever externalTrafficPolicy says). `local_pods` is this
-/// node's pod CIDR: the backends in it are the node's own.
+/// same way whatever externalTrafficPolicy says); on this node's address at
+/// a node port, with externalTrafficPolicy Local, this node's backends
+/// (none here but some elsewhere: dropped, as kube-proxy does). Node ports
+/// with externalTrafficPolicy Cluster are not served yet (they need source
+/// NAT to reach other nodes' backends): left to kube-proxy.
 pub fn desired_services<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
-    local_pods: Ipv4Net,
+    node: ThisNode,
 ) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for service in services {
-        let choice = BackendChoice::of(service, local_pods);
+        let choice = BackendChoice::of(service, node.pod_cidr);
+        // Backends elsewhere but none here: dropped, not refused.
+        let local = |with_target: &dyn Fn(&[Ipv4Addr]) -> Vec<SocketAddrV4>| {
+            (with_target(&choice.local), choice.local.is_empty() && !choice.cluster.is_empty())
+        };
         for port in &service.ports {
             let protocol = match port.protocol {
                 ServiceProtocol::Tcp => IPPROTO_TCP,
@@ -142,21 +150,25 @@ pub fn desired_services<'a>(
             let with_target = |ips: &[Ipv4Addr]| -> Vec<SocketAddrV4> {
                 ips.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port())).collect()
             };
-            for address in service.addresses() {
-                let internal_local =
-                    address == service.cluster_ip && service.internal_traffic_policy == TrafficPolicy::Local;
-                let (backends, drop_without_backend) = if internal_local {
-                    // Backends elsewhere but none here: dropped, not refused.
-                    (with_target(&choice.local), choice.local.is_empty() && !choice.cluster.is_empty())
-                } else {
-                    (with_target(&choice.cluster), false)
-                };
+            let node_port = port
+                .node_port
+                .filter(|_| service.external_traffic_policy == TrafficPolicy::Local)
+                .map(|node_port| (node.address, node_port));
+            let addresses = service.addresses().map(|address| (address, port.port)).chain(node_port);
+            for (address, number) in addresses {
+                // A node port (externalTrafficPolicy Local), or the cluster
+                // IP with internalTrafficPolicy Local: this node's backends.
+                let only_local = address == node.address
+                    || (address == service.cluster_ip
+                        && service.internal_traffic_policy == TrafficPolicy::Local);
+                let (backends, drop_without_backend) =
+                    if only_local { local(&with_target) } else { (with_target(&choice.cluster), false) };
                 out.push(ServicePort {
                     namespace: service.namespace.clone(),
                     name: service.name.clone(),
                     port_name: port.name.clone(),
                     address,
-                    port: port.port,
+                    port: number,
                     protocol,
                     session_affinity: service.session_affinity,
                     affinity_timeout_seconds: service.session_affinity_timeout_seconds,
@@ -172,7 +184,10 @@ pub fn desired_services<'a>(
 /// The UDP backends each of `service`'s addresses and UDP ports serves
 /// from (ready or terminating but serving, on any node): a UDP "connection"
 /// to any other is stale once the agent knows it.
-pub fn serving_udp_backends(service: &ServiceConfig) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
+pub fn serving_udp_backends(
+    service: &ServiceConfig,
+    node: ThisNode,
+) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut out = BTreeMap::new();
     for port in service.ports.iter().filter(|p| p.protocol == ServiceProtocol::Udp) {
         let serving: BTreeSet<Backend> = service
@@ -183,6 +198,9 @@ pub fn serving_udp_backends(service: &ServiceConfig) -> BTreeMap<ServiceKey, BTr
             .collect();
         for address in service.addresses() {
             out.insert(service_key(address, port.port, IPPROTO_UDP), serving.clone());
+        }
+        if let Some(node_port) = port.node_port {
+            out.insert(service_key(node.address, node_port, IPPROTO_UDP), serving.clone());
         }
     }
     out
@@ -196,12 +214,13 @@ pub fn serving_udp_backends(service: &ServiceConfig) -> BTreeMap<ServiceKey, BTr
 /// they end by themselves, and a terminating backend still finishes them.
 pub fn stale_udp_backends<'a>(
     changes: impl IntoIterator<Item = (Option<&'a ServiceConfig>, Option<&'a ServiceConfig>)>,
+    node: ThisNode,
 ) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut old = BTreeMap::new();
     let mut new = BTreeMap::new();
     for (before, after) in changes {
-        old.extend(before.map(serving_udp_backends).unwrap_or_default());
-        new.extend(after.map(serving_udp_backends).unwrap_or_default());
+        old.extend(before.map(|s| serving_udp_backends(s, node)).unwrap_or_default());
+        new.extend(after.map(|s| serving_udp_backends(s, node)).unwrap_or_default());
     }
     let mut stale = BTreeMap::new();
     for (key, backends) in old {

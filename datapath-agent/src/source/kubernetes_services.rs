@@ -111,7 +111,20 @@ pub fn service_config<'a>(
                 }
                 _ => None,
             });
-        ports.push(ServicePortConfig { port: number, protocol, target_port, name: port.name.clone() });
+        // Node ports only where the type gives them (a ClusterIP Service
+        // keeps none; a stale one would be an API bug).
+        let node_port = port
+            .node_port
+            .filter(|_| matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")))
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        ports.push(ServicePortConfig {
+            port: number,
+            protocol,
+            target_port,
+            name: port.name.clone(),
+            node_port,
+        });
     }
     if ports.is_empty() {
         return None;
@@ -147,6 +160,10 @@ pub fn service_config<'a>(
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     };
+    let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
     let session_affinity = match spec.session_affinity.as_deref() {
         Some("ClientIP") => SessionAffinity::ClientIp,
         _ => SessionAffinity::None,
@@ -170,6 +187,12 @@ pub fn service_config<'a>(
         external_ips,
         load_balancer_ips,
         internal_traffic_policy,
+        external_traffic_policy,
+        health_check_node_port: spec
+            .health_check_node_port
+            .filter(|_| external_traffic_policy == TrafficPolicy::Local)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0),
     })
 }
 
@@ -516,6 +539,7 @@ mod tests {
             ]
         }))];
         let web = &services_from(&services, &slices)[0];
+        assert_eq!(web.ports[0].node_port, None, "a ClusterIP Service has no node port");
         assert_eq!(web.backends, vec![Ipv4Addr::new(10, 244, 1, 5)]);
         assert_eq!(web.terminating_backends, vec![Ipv4Addr::new(10, 244, 1, 6)]);
         assert_eq!(web.external_ips, vec![Ipv4Addr::new(203, 0, 113, 7)]);
@@ -529,6 +553,21 @@ mod tests {
             &[],
         )[0];
         assert_eq!(plain.internal_traffic_policy, TrafficPolicy::Cluster);
+        let balanced = &services_from(
+            &[service(serde_json::json!({
+                "metadata": { "name": "lb", "namespace": "shop" },
+                "spec": {
+                    "type": "LoadBalancer", "clusterIP": "10.96.0.12",
+                    "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                    "ports": [{ "port": 80, "nodePort": 30080 }, { "port": 81, "protocol": "UDP", "nodePort": 30081 }]
+                }
+            }))],
+            &[],
+        )[0];
+        assert_eq!(balanced.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(balanced.health_check_node_port, Some(32000));
+        let node_ports: Vec<Option<u16>> = balanced.ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, vec![Some(30080), Some(30081)]);
         assert!(plain.external_ips.is_empty() && plain.load_balancer_ips.is_empty());
     }
 
@@ -546,6 +585,8 @@ mod tests {
             external_ips: vec![],
             load_balancer_ips: vec![],
             internal_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
         };
         let list = vec![
             service("kubernetes", &["192.168.1.10"]),

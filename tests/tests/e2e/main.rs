@@ -16,6 +16,7 @@ mod manifests;
 mod map_layouts;
 mod network_policy;
 mod node_ownership;
+mod node_ports;
 mod observability;
 mod packets;
 mod policy_packets;

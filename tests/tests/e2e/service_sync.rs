@@ -14,7 +14,10 @@ use datapath_agent::{
     bpf::Datapath,
     model::ServiceRef,
     reconcile::service_sync::ServiceSync,
-    reconcile::{service_names::load_names, services::backend_address},
+    reconcile::{
+        service_names::load_names,
+        services::{ThisNode, backend_address},
+    },
     source::config::{ServiceConfig, ServicePortConfig, ServiceProtocol, SessionAffinity, TrafficPolicy},
 };
 use datapath_tests::require_root;
@@ -37,8 +40,11 @@ impl Drop for StateDir {
     }
 }
 
-/// The node's pod CIDR (the backends are all in it: none is remote).
-const LOCAL_PODS: ipnet::Ipv4Net = ipnet::Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24);
+/// The node (the backends are all in its pod CIDR: none is remote).
+const THIS_NODE: ThisNode = ThisNode {
+    pod_cidr: ipnet::Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24),
+    address: Ipv4Addr::new(192, 168, 1, 10),
+};
 
 fn service(i: u32, backends: &[u8]) -> ServiceConfig {
     ServiceConfig {
@@ -52,12 +58,15 @@ fn service(i: u32, backends: &[u8]) -> ServiceConfig {
             protocol: ServiceProtocol::Tcp,
             target_port: Some(8080),
             name: None,
+            node_port: None,
         }],
         backends: backends.iter().map(|n| Ipv4Addr::new(10, 244, 1, *n)).collect(),
         terminating_backends: Vec::new(),
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
         internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
     }
 }
 
@@ -84,7 +93,7 @@ fn a_change_touches_only_its_own_service() {
     require_root!();
     let state = StateDir::new("change");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
-    let mut sync = ServiceSync::new(state.0.clone(), LOCAL_PODS);
+    let mut sync = ServiceSync::new(state.0.clone(), THIS_NODE);
     let list: Vec<ServiceConfig> = (0..200).map(|i| service(i, &[1, 2])).collect();
     let report = sync.replace_all(&mut datapath, list.clone()).unwrap();
     assert_eq!(report.added, 200);
@@ -131,13 +140,13 @@ fn the_first_list_clears_what_an_earlier_agent_left() {
     require_root!();
     let state = StateDir::new("first");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
-    let mut earlier = ServiceSync::new(state.0.clone(), LOCAL_PODS);
+    let mut earlier = ServiceSync::new(state.0.clone(), THIS_NODE);
     earlier.replace_all(&mut datapath, (0..5).map(|i| service(i, &[1])).collect()).unwrap();
     drop(earlier);
 
     // A new agent on the same maps and state dir: Services 0..3 stay, 3 and
     // 4 are gone from the source. Nothing is removed before its list.
-    let mut sync = ServiceSync::new(state.0.clone(), LOCAL_PODS);
+    let mut sync = ServiceSync::new(state.0.clone(), THIS_NODE);
     let mut nothing = BTreeMap::new();
     nothing.insert(ServiceRef::of(&service(0, &[])), None);
     sync.change(&mut datapath, nothing).unwrap();
@@ -156,7 +165,7 @@ fn a_failed_sync_is_redone_whole() {
     require_root!();
     let state = StateDir::new("retry");
     let mut datapath = Datapath::load_unpinned().expect("load the eBPF object");
-    let mut sync = ServiceSync::new(state.0.clone(), LOCAL_PODS);
+    let mut sync = ServiceSync::new(state.0.clone(), THIS_NODE);
     sync.replace_all(&mut datapath, (0..3).map(|i| service(i, &[1])).collect()).unwrap();
     assert!(sync.in_sync());
 

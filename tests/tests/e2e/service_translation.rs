@@ -40,7 +40,11 @@ impl Harness {
     /// A node with the client pod (on the test-run device) and four backend
     /// pods, Services switched on.
     fn new() -> Self {
-        let device = RunDevice::new(HOST_CLIENT_MAC, &["10.244.2.0/24 via 192.0.2.2"]);
+        // (The outside host's network, for NodePort: routed out of the uplink.)
+        let device = RunDevice::new(
+            HOST_CLIENT_MAC,
+            &["10.244.2.0/24 via 192.0.2.2", "198.51.100.0/24 via 192.0.2.2"],
+        );
         let mut datapath = Datapath::load_unpinned().expect("load the eBPF object (verifier)");
         datapath
             .insert_pod_interface(
@@ -98,6 +102,19 @@ impl Harness {
 
     /// Service `id` at VIP:port/protocol over `backends` (ip, target port).
     fn service(&mut self, id: u32, port: u16, protocol: u8, backends: &[([u8; 4], u16)]) {
+        self.service_on(VIP, id, port, protocol, backends, 0);
+    }
+
+    /// Service `id` at `address`:port/protocol over `backends`, with `flags`.
+    fn service_on(
+        &mut self,
+        address: [u8; 4],
+        id: u32,
+        port: u16,
+        protocol: u8,
+        backends: &[([u8; 4], u16)],
+        flags: u32,
+    ) {
         let ebpf = self.datapath.ebpf_mut();
         let mut slots: HashMap<_, BackendKey, Backend> =
             HashMap::try_from(ebpf.map_mut(map_names::SERVICE_BACKENDS).unwrap()).unwrap();
@@ -107,9 +124,9 @@ impl Harness {
         }
         let mut services: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
-        let key = ServiceKey { vip: VIP, port: port.to_be_bytes(), protocol, _pad: 0 };
+        let key = ServiceKey { vip: address, port: port.to_be_bytes(), protocol, _pad: 0 };
         let service =
-            Service { id, backend_count: backends.len() as u32, flags: 0, affinity_timeout_seconds: 0 };
+            Service { id, backend_count: backends.len() as u32, flags, affinity_timeout_seconds: 0 };
         services.insert(key, service, 0).unwrap();
     }
 
@@ -467,4 +484,85 @@ fn icmp_errors_about_a_service_connection_name_the_service() {
     let error = Ipv4::icmp_error(REMOTE_BACKENDS[1], CLIENT, 3, 3, [0; 4], &stranger.bytes());
     let run = h.run_from_uplink(&error);
     assert_eq!(run.out[14..], Ipv4 { ttl: 63, ..error }.bytes()[..], "untouched");
+}
+
+/// An outside host (not on the node's segment: routed via 192.0.2.2).
+const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
+
+/// NodePort (externalTrafficPolicy Local): an outside host's packet to the
+/// node's address at the node port becomes the local backend's, and the
+/// backend's reply becomes the node's, sent straight out of the uplink.
+/// Oracle: the packets built from scratch as a router with the
+/// translation would forward them, byte for byte (TTL one less).
+#[test]
+fn node_ports_translate_both_ways_byte_exact() {
+    require_root!();
+    let mut h = Harness::new();
+    // The client pod doubles as the backend: its reply comes from the run
+    // device, registered as its host veth.
+    h.service_on(RUN_DEVICE_IP, 7, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 8, 30053, UDP, &[(CLIENT, 5353)], 0);
+    // The client pod's endpoint (registered last in Harness::new).
+    let (pod_mac, host_mac) = ([0x02, 0xaa, 0, 0, 1, 5], [0x02, 0xee, 0, 0, 1, 5]);
+    let forwarded = |mut ip: Ipv4| {
+        ip.ttl -= 1;
+        ip
+    };
+    let cases = [
+        (
+            Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, 30080, TCP_SYN, b"hello"),
+            Ipv4::tcp(OUTSIDE, 40000, CLIENT, 8080, TCP_SYN, b"hello"),
+            Ipv4::tcp(CLIENT, 8080, OUTSIDE, 40000, TCP_SYN | TCP_ACK, b"world"),
+            Ipv4::tcp(RUN_DEVICE_IP, 30080, OUTSIDE, 40000, TCP_SYN | TCP_ACK, b"world"),
+        ),
+        (
+            Ipv4::udp(OUTSIDE, 40001, RUN_DEVICE_IP, 30053, b"query", true),
+            Ipv4::udp(OUTSIDE, 40001, CLIENT, 5353, b"query", true),
+            Ipv4::udp(CLIENT, 5353, OUTSIDE, 40001, b"answer", true),
+            Ipv4::udp(RUN_DEVICE_IP, 30053, OUTSIDE, 40001, b"answer", true),
+        ),
+        (
+            Ipv4::udp(OUTSIDE, 40002, RUN_DEVICE_IP, 30053, b"query", false),
+            Ipv4::udp(OUTSIDE, 40002, CLIENT, 5353, b"query", false),
+            Ipv4::udp(CLIENT, 5353, OUTSIDE, 40002, b"answer", false),
+            Ipv4::udp(RUN_DEVICE_IP, 30053, OUTSIDE, 40002, b"answer", false),
+        ),
+    ];
+    // (The counters add up over the runs.)
+    for (n, (request, delivered, reply, sent)) in (1..).zip(cases) {
+        let run = h.run_from_uplink(&request);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "into the backend pod");
+        assert_eq!(
+            run.out,
+            ethernet(pod_mac, host_mac, ETH_P_IP, &forwarded(delivered).bytes()),
+            "the request as the backend gets it"
+        );
+        assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::LocalDelivery), n);
+
+        let run = h.run_from_pod(&reply);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "straight out of the uplink");
+        // (The MACs are the neighbour subsystem's, written on the way out.)
+        assert_eq!(run.out[14..], forwarded(sent).bytes()[..], "the reply as the outside host gets it");
+        assert_eq!(run.counters.forward_count(datapath_common::ForwardPath::ToOutside), n);
+    }
+    assert_eq!(h.conntrack().len(), 6, "two entries per connection");
+
+    // No backend here (backends elsewhere): dropped unanswered, nothing tracked.
+    h.service_on(RUN_DEVICE_IP, 9, 30081, TCP, &[], datapath_common::SERVICE_DROP_WITHOUT_BACKEND);
+    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40003, RUN_DEVICE_IP, 30081, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(run.counters.drop_count(DropReason::ServiceNoLocalBackend), 1);
+    // No backend anywhere: refused with port unreachable from the node, back out of the uplink.
+    h.service_on(RUN_DEVICE_IP, 10, 30082, TCP, &[], 0);
+    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40004, RUN_DEVICE_IP, 30082, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(run.counters.drop_count(DropReason::ServiceNoBackend), 1);
+    let icmp = Parsed::new(&run.out);
+    assert_eq!((icmp.src, icmp.dst, &icmp.l4[0..2]), (RUN_DEVICE_IP, OUTSIDE, &[3u8, 3][..]));
+    assert_eq!(h.conntrack().len(), 6);
+    // Any other port of the node's address is the node's own, untouched.
+    let own = Ipv4::tcp(OUTSIDE, 40005, RUN_DEVICE_IP, 22, TCP_SYN, &[]);
+    let run = h.run_from_uplink(&own);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(run.out[14..], own.bytes()[..]);
 }

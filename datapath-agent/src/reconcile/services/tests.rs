@@ -296,19 +296,24 @@ fn config(backends: &[u8], terminating: &[u8]) -> ServiceConfig {
             protocol: ServiceProtocol::Tcp,
             target_port: Some(8080),
             name: None,
+            node_port: None,
         }],
         backends: backends.iter().map(ip).collect(),
         terminating_backends: terminating.iter().map(ip).collect(),
         external_ips: vec![],
         load_balancer_ips: vec![],
         internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
     }
 }
 
-/// Node 1's pods: 10.244.1.0/24 (backends written 1xx); node 2's are 2xx.
-fn node1() -> Ipv4Net {
-    "10.244.1.0/24".parse().unwrap()
+/// Node 1: pods 10.244.1.0/24 (backends written 1xx); node 2's are 2xx.
+fn node1() -> ThisNode {
+    ThisNode { pod_cidr: "10.244.1.0/24".parse().unwrap(), address: NODE1 }
 }
+
+const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 
 /// (address, backend hosts as 1xx/2xx, drop flag) of each port.
 fn served(services: &[ServiceConfig]) -> Vec<(Ipv4Addr, Vec<u16>, bool)> {
@@ -396,17 +401,38 @@ fn udp_flows_are_stale_only_once_their_backend_serves_no_more() {
         next
     };
     // Terminating but serving: nothing stale.
-    assert!(stale_udp_backends([(Some(&udp), Some(&with(&[201], &[101])))]).is_empty());
+    assert!(stale_udp_backends([(Some(&udp), Some(&with(&[201], &[101])))], node1()).is_empty());
     // Gone: stale on every address of the Service.
-    let gone = stale_udp_backends([(Some(&udp), Some(&with(&[201], &[])))]);
+    let gone = stale_udp_backends([(Some(&udp), Some(&with(&[201], &[])))], node1());
     assert_eq!(
         gone,
         [(at(VIP), [b(101)].into()), (at(Ipv4Addr::new(203, 0, 113, 7)), [b(101)].into())].into()
     );
     // The Service removed: all of its flows.
-    assert_eq!(stale_udp_backends([(Some(&udp), None)])[&at(VIP)], [b(101), b(201)].into());
+    assert_eq!(stale_udp_backends([(Some(&udp), None)], node1())[&at(VIP)], [b(101), b(201)].into());
     // A new Service, or TCP ports: nothing.
-    assert!(stale_udp_backends([(None, Some(&udp))]).is_empty());
+    assert!(stale_udp_backends([(None, Some(&udp))], node1()).is_empty());
     let tcp = config(&[101], &[]);
-    assert!(stale_udp_backends([(Some(&tcp), Some(&config(&[], &[])))]).is_empty());
+    assert!(stale_udp_backends([(Some(&tcp), Some(&config(&[], &[])))], node1()).is_empty());
+}
+
+#[test]
+fn node_ports_serve_this_nodes_backends_with_external_traffic_policy_local() {
+    let mut service = config(&[101, 201], &[]);
+    service.ports[0].node_port = Some(30080);
+    // Cluster (the default): not served yet, left to kube-proxy.
+    assert_eq!(served(&[service.clone()]), vec![(VIP, vec![101, 201], false)]);
+    service.external_traffic_policy = TrafficPolicy::Local;
+    let ports = desired_services(&[service.clone()], node1());
+    assert_eq!((ports[1].address, ports[1].port), (NODE1, 30080));
+    assert_eq!(served(&[service.clone()]), vec![(VIP, vec![101, 201], false), (NODE1, vec![101], false)]);
+    // None here: dropped; none anywhere: refused.
+    let elsewhere = Ipv4Addr::new(10, 244, 2, 1);
+    service.backends = vec![elsewhere];
+    assert_eq!(served(&[service.clone()])[1], (NODE1, vec![], true));
+    service.backends = vec![];
+    service.terminating_backends = vec![Ipv4Addr::new(10, 244, 1, 2)];
+    assert_eq!(served(&[service.clone()])[1], (NODE1, vec![102], false), "terminating fallback, locally");
+    service.terminating_backends = vec![];
+    assert_eq!(served(&[service])[1], (NODE1, vec![], false));
 }

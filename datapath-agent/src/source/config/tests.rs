@@ -172,6 +172,30 @@ fn refuses_bad_services_naming_the_field() {
             "10.96.0.10:80/TCP",
         ),
         (
+            WEB.replace("target_port = 8080", "target_port = 8080\nnode_port = 30080"),
+            "services.ports.node_port",
+            "not served",
+        ),
+        (
+            WEB.replace("backends = [", "external_traffic_policy = \"Local\"\nbackends = [")
+                .replace("target_port = 8080", "target_port = 8080\nnode_port = 0"),
+            "services.ports.node_port",
+            "not a port",
+        ),
+        (
+            format!(
+                "{}{}",
+                WEB.replace("backends = [", "external_traffic_policy = \"Local\"\nbackends = [")
+                    .replace("target_port = 8080", "target_port = 8080\nnode_port = 30080"),
+                other("10.96.0.11", "80\nnode_port = 30080").replace(
+                    "cluster_ip = \"10.96.0.11\"",
+                    "cluster_ip = \"10.96.0.11\"\nexternal_traffic_policy = \"Local\""
+                )
+            ),
+            "services.ports",
+            ":30080/TCP belongs to both",
+        ),
+        (
             WEB.replace("backends = [", "internal_traffic_policy = \"Nearby\"\nbackends = ["),
             "services.internal_traffic_policy",
             "",

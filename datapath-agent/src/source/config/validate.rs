@@ -251,19 +251,63 @@ impl AgentConfig {
                         "use \"TCP\" or \"UDP\", or leave this port to kube-proxy",
                     );
                 }
-                for (_, ip) in addresses.clone() {
-                    if let Some(other) = service_ports.insert((ip, port.port, port.protocol), id.clone()) {
+                if let Some(node_port) = port.node_port {
+                    if node_port == 0 {
+                        return invalid(
+                            "services.ports.node_port",
+                            format!("{id}: 0 is not a port"),
+                            "use the Service's spec.ports[].nodePort (default range 30000-32767)",
+                        );
+                    }
+                    if service.external_traffic_policy != TrafficPolicy::Local {
+                        return invalid(
+                            "services.ports.node_port",
+                            format!(
+                                "{id}: node port {node_port} with external_traffic_policy \"{}\" is not \
+                                 served by this datapath yet",
+                                service.external_traffic_policy.name()
+                            ),
+                            "set external_traffic_policy = \"Local\" (this node's backends, the client's \
+                             address kept), or leave this Service's node ports to kube-proxy",
+                        );
+                    }
+                }
+                let node_port = port.node_port.map(|p| (self.node_ip, p));
+                for (ip, number) in addresses.clone().map(|(_, ip)| (ip, port.port)).chain(node_port) {
+                    if let Some(other) = service_ports.insert((ip, number, port.protocol), id.clone()) {
                         return invalid(
                             "services.ports",
                             format!(
-                                "{ip}:{}/{} belongs to both {other} and {id}",
-                                port.port,
+                                "{ip}:{number}/{} belongs to both {other} and {id}",
                                 port.protocol.name()
                             ),
                             "give every Service its own cluster IP, and each address's port/protocol \
                              to one Service",
                         );
                     }
+                }
+            }
+            if let Some(port) = service.health_check_node_port {
+                if port == 0 || service.external_traffic_policy != TrafficPolicy::Local {
+                    return invalid(
+                        "services.health_check_node_port",
+                        format!(
+                            "{id}: health check node port {port} needs a port and external_traffic_policy \"Local\""
+                        ),
+                        "give spec.healthCheckNodePort of a Service with externalTrafficPolicy Local, or remove it",
+                    );
+                }
+                let taken = self.services.iter().any(|other| {
+                    !std::ptr::eq(other, service)
+                        && (other.health_check_node_port == Some(port)
+                            || other.ports.iter().any(|p| p.node_port == Some(port)))
+                }) || service.ports.iter().any(|p| p.node_port == Some(port));
+                if taken {
+                    return invalid(
+                        "services.health_check_node_port",
+                        format!("{id}: health check node port {port} is also another node port"),
+                        "give every node port and health check node port its own number",
+                    );
                 }
             }
             let mut seen = std::collections::HashSet::new();
@@ -289,7 +333,8 @@ impl AgentConfig {
                 }
             }
             let backends = service.backends.len().max(service.terminating_backends.len());
-            backend_slots += (service.ports.len() * addresses.count() * backends) as u64;
+            let node_ports = service.ports.iter().filter(|p| p.node_port.is_some()).count();
+            backend_slots += ((service.ports.len() * addresses.count() + node_ports) * backends) as u64;
         }
         if service_ports.len() as u64 > u64::from(datapath_common::MAX_SERVICES) {
             return invalid(

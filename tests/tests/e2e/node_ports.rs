@@ -1,0 +1,236 @@
+//! NodePort with externalTrafficPolicy Local, in the lab, in both modes: a
+//! host outside the cluster (on the nodes' segment) reaches a Service on
+//! each node's address at its node port; the node sends it to one of its
+//! own backends and the backend sees the outside host's own address; the
+//! replies come back from the node's address and port. A node with no
+//! backend of its own drops (as kube-proxy does) while another serves; a
+//! Service with none anywhere refuses at once. The node's own services on
+//! its address are untouched.
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use datapath_tests::{
+    in_both_modes,
+    lab::{Netns, Node, in_netns, ping},
+};
+
+use super::{
+    redteam_policy::outside_host,
+    services::{lab, parse_answer},
+};
+
+const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 50);
+const WEB_NODE_PORT: u16 = 30080;
+const DNS_NODE_PORT: u16 = 30053;
+const ELSEWHERE_NODE_PORT: u16 = 30081;
+const EMPTY_NODE_PORT: u16 = 30082;
+const WEB_HEALTH_PORT: u16 = 32100;
+const ELSEWHERE_HEALTH_PORT: u16 = 32101;
+
+/// GET / on `address:port` from `host`: (status, body).
+fn http_get(host: &Netns, address: Ipv4Addr, port: u16) -> (u16, String) {
+    use std::io::Read as _;
+    in_netns(&host.path(), move || {
+        let mut conn = TcpStream::connect_timeout(&(address, port).into(), Duration::from_secs(3)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(conn, "GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    })
+    .join()
+    .unwrap()
+}
+
+/// A Service with externalTrafficPolicy Local: TCP 80 -> 8080 at node port
+/// `tcp_node_port`, and, if given, UDP 53 -> 5353 at `udp_node_port`.
+fn node_port_service(
+    name: &str,
+    vip: Ipv4Addr,
+    backends: &[Ipv4Addr],
+    tcp_node_port: u16,
+    udp_node_port: Option<u16>,
+) -> String {
+    let list: Vec<String> = backends.iter().map(|ip| format!("\"{ip}\"")).collect();
+    let mut out = format!(
+        "\n[[services]]\nname = \"{name}\"\ncluster_ip = \"{vip}\"\nexternal_traffic_policy = \"Local\"\n\
+         backends = [{}]\n[[services.ports]]\nport = 80\ntarget_port = 8080\nnode_port = {tcp_node_port}\n",
+        list.join(", ")
+    );
+    if let Some(udp) = udp_node_port {
+        out += &format!(
+            "[[services.ports]]\nport = 53\nprotocol = \"UDP\"\ntarget_port = 5353\nnode_port = {udp}\n"
+        );
+    }
+    out
+}
+
+/// Wait until `node` serves `address:port`/TCP with exactly `backends`.
+fn wait_served(node: &Node, address: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) {
+    let mut want: Vec<String> = backends.iter().map(|ip| ip.to_string()).collect();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let services = node.inspect("services");
+        let row =
+            services.as_array().unwrap().iter().find(|s| {
+                s["cluster_ip"] == address.to_string() && s["port"] == port && s["protocol"] == "TCP"
+            });
+        if let Some(row) = row {
+            let mut have: Vec<String> = row["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["ip"].as_str().unwrap().to_owned())
+                .collect();
+            have.sort();
+            if have == want {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{address}:{port} not served with {want:?}: {services:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One TCP request from `host` to `node:port`: (backend, client address it saw, peer the host saw).
+fn ask(host: &Netns, node: Ipv4Addr, port: u16) -> std::io::Result<(Ipv4Addr, Ipv4Addr, SocketAddr)> {
+    in_netns(&host.path(), move || {
+        let mut conn = TcpStream::connect_timeout(&(node, port).into(), Duration::from_millis(1500))?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        writeln!(conn, "who")?;
+        let mut line = String::new();
+        BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+        let (backend, seen) = parse_answer(&line);
+        Ok((backend, seen, conn.peer_addr()?))
+    })
+    .join()
+    .unwrap()
+}
+
+fn node_port_local(mode: &str) {
+    let mut lab = lab(mode);
+    let [a2, b1, b2] = [lab.backends[0].ip, lab.backends[1].ip, lab.backends[2].ip];
+    let with_health_check = |service: String, port: u16| {
+        service.replacen(
+            "external_traffic_policy = \"Local\"",
+            &format!("external_traffic_policy = \"Local\"\nhealth_check_node_port = {port}"),
+            1,
+        )
+    };
+    let services = |elsewhere: &[Ipv4Addr]| {
+        format!(
+            "{}{}{}",
+            with_health_check(
+                node_port_service(
+                    "web",
+                    Ipv4Addr::new(10, 96, 2, 10),
+                    &[a2, b1, b2],
+                    WEB_NODE_PORT,
+                    Some(DNS_NODE_PORT)
+                ),
+                WEB_HEALTH_PORT
+            ),
+            with_health_check(
+                node_port_service(
+                    "elsewhere",
+                    Ipv4Addr::new(10, 96, 2, 11),
+                    elsewhere,
+                    ELSEWHERE_NODE_PORT,
+                    None
+                ),
+                ELSEWHERE_HEALTH_PORT
+            ),
+            node_port_service("empty", Ipv4Addr::new(10, 96, 2, 12), &[], EMPTY_NODE_PORT, None),
+        )
+    };
+    lab.set_services(&services(&[b1]));
+    wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
+    wait_served(&lab.b, NODE_B, WEB_NODE_PORT, &[b1, b2]);
+    wait_served(&lab.a, NODE_A, ELSEWHERE_NODE_PORT, &[]);
+    wait_served(&lab.b, NODE_B, ELSEWHERE_NODE_PORT, &[b1]);
+    let outside = outside_host("client", OUTSIDE);
+
+    // Through each node, to its own backends; the backend sees the outside
+    // host's address; the host sees only the node's address and port.
+    for (node, port, want) in [(NODE_A, WEB_NODE_PORT, vec![a2]), (NODE_B, WEB_NODE_PORT, vec![b1, b2])] {
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let (backend, seen, peer) = ask(&outside, node, port).expect("through the node port");
+            assert_eq!(seen, OUTSIDE, "{mode}: the client's address is kept");
+            assert_eq!(peer, (node, port).into(), "{mode}: the answer comes from the node port");
+            reached.insert(backend);
+        }
+        assert_eq!(reached, want.into_iter().collect(), "{mode}: via {node}, its own backends only");
+    }
+    // UDP: the reply comes from the node's address and node port.
+    let (backend, from) = in_netns(&outside.path(), || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        socket.send_to(b"who\n", (NODE_A, DNS_NODE_PORT)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
+        (parse_answer(&String::from_utf8_lossy(&buf[..n])).0, from)
+    })
+    .join()
+    .unwrap();
+    assert_eq!((backend, from), (a2, (NODE_A, DNS_NODE_PORT).into()), "{mode}");
+
+    // Backends only on node B: A drops unanswered (counted), B serves.
+    let before = lab.a.drop_count("service_no_local_backend");
+    let err = ask(&outside, NODE_A, ELSEWHERE_NODE_PORT).expect_err("no backend on node A");
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{mode}: dropped, as kube-proxy does: {err}");
+    assert!(lab.a.drop_count("service_no_local_backend") > before, "{mode}: counted");
+    assert_eq!(ask(&outside, NODE_B, ELSEWHERE_NODE_PORT).expect("node B serves").0, b1);
+    // No backend anywhere: refused at once.
+    let err = ask(&outside, NODE_A, EMPTY_NODE_PORT).expect_err("no backend anywhere");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{mode}: {err}");
+
+    // The health check node ports, as a load balancer probes them: each
+    // node tells its own ready backends, 503 with none.
+    for (node, port, status, count) in [
+        (NODE_A, WEB_HEALTH_PORT, 200, 1),
+        (NODE_B, WEB_HEALTH_PORT, 200, 2),
+        (NODE_A, ELSEWHERE_HEALTH_PORT, 503, 0),
+        (NODE_B, ELSEWHERE_HEALTH_PORT, 200, 1),
+    ] {
+        let (got, body) = http_get(&outside, node, port);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(
+            (got, body["localEndpoints"].as_u64()),
+            (status, Some(count)),
+            "{mode}: {node}:{port} {body}"
+        );
+        assert_eq!(body["service"]["namespace"], "default");
+    }
+    // The last backend on node B leaves: B's health check fails too.
+    lab.set_services(&services(&[]));
+    datapath_tests::wait_for("node B's health check fails", Duration::from_secs(10), || {
+        http_get(&outside, NODE_B, ELSEWHERE_HEALTH_PORT).0 == 503
+    });
+
+    // The node's own services on its address are the node's, as before.
+    let node_ns = lab.a.netns.path();
+    let listener = in_netns(&node_ns, || TcpListener::bind((NODE_A, 9999)).unwrap()).join().unwrap();
+    let accepting = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer));
+    let conn = in_netns(&outside.path(), || {
+        TcpStream::connect_timeout(&(NODE_A, 9999).into(), Duration::from_secs(3))
+    })
+    .join()
+    .unwrap();
+    assert!(conn.is_ok(), "{mode}: the node's own port: {conn:?}");
+    assert_eq!(accepting.join().unwrap().unwrap().ip(), std::net::IpAddr::V4(OUTSIDE));
+    assert!(ping(&outside, NODE_A, 2), "{mode}: the node answers pings");
+    // Outside forwarding counts the replies sent straight out.
+    let forwards = lab.a.inspect("counters");
+    assert!(forwards["forwards"]["to_outside"].as_u64().unwrap() > 0, "{forwards:#}");
+}
+
+in_both_modes! { an_outside_host_reaches_the_local_backends_of_each_node_port => node_port_local; }
