@@ -645,6 +645,33 @@ pub const CT_SEEN_REPLY: u8 = 32;
 /// Made by a build that records [`CT_SEEN`]: an entry without it is from
 /// an older one, and counts as established.
 pub const CT_STATEFUL: u8 = 64;
+/// A NodePort connection to another node's backend (externalTrafficPolicy
+/// Cluster): its packets leave this node from the node's own address (the
+/// forward entry's key destination) and a port of [`SNAT_PORTS`], so that
+/// the replies come back here. Two fields change meaning (the entry's size
+/// stays, so the pinned map carries over):
+/// - forward entry (client -> node:node port): `client_ipv4[0..2]` is the
+///   source port given (the client is the key's source);
+/// - reply entry (backend -> node:source port): `nat_addr[0..2]` is the
+///   client's own port; `nat_port` the node port, `client_ipv4` the client.
+pub const CT_SNAT: u8 = 128;
+
+/// The source ports NodePort connections to other nodes' backends take on
+/// the node's address: above Linux's default ephemeral range (32768-60999),
+/// so that they never meet the node's own connections.
+pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
+
+impl ConntrackEntry {
+    /// A [`CT_SNAT`] forward entry's source port.
+    pub fn snat_port(&self) -> [u8; 2] {
+        [self.client_ipv4[0], self.client_ipv4[1]]
+    }
+
+    /// A [`CT_SNAT`] reply entry's client port.
+    pub fn snat_client_port(&self) -> [u8; 2] {
+        [self.nat_addr[0], self.nat_addr[1]]
+    }
+}
 
 /// Is the connection an entry of kind `kind` with `flags` belongs to
 /// (`pair_flags`: its other entry's, 0 if none) unanswered: TCP never
@@ -736,6 +763,29 @@ impl ConntrackKey {
             return *self;
         }
         let hairpin = entry.flags & CT_HAIRPIN != 0;
+        if entry.flags & CT_SNAT != 0 {
+            // The other entry is keyed on the node's address (this key's
+            // destination, or source) at the source port given.
+            return if entry.kind == CT_FORWARD {
+                ConntrackKey {
+                    saddr: entry.nat_addr,
+                    daddr: self.daddr,
+                    sport: entry.nat_port,
+                    dport: entry.snat_port(),
+                    protocol: self.protocol,
+                    _pad: [0; 3],
+                }
+            } else {
+                ConntrackKey {
+                    saddr: entry.client_ipv4,
+                    daddr: self.daddr,
+                    sport: entry.snat_client_port(),
+                    dport: entry.nat_port,
+                    protocol: self.protocol,
+                    _pad: [0; 3],
+                }
+            };
+        }
         if entry.kind == CT_FORWARD {
             ConntrackKey {
                 saddr: entry.nat_addr,
@@ -1041,7 +1091,11 @@ wire_enum! {
         /// internalTrafficPolicy Local: other nodes have backends, this
         /// one has none; dropped unanswered, as kube-proxy does.
         ServiceNoLocalBackend = 30, "service_no_local_backend",
-            "new connection to an internalTrafficPolicy Local Service with no ready backend on this node (dropped)";
+            "new connection to a Service with a Local traffic policy and no ready backend on this node (dropped)";
+        /// Four random tries found no free source port for a NodePort
+        /// connection to another node's backend.
+        SnatPortsExhausted = 31, "snat_ports_exhausted",
+            "new NodePort connection to another node's backend: no free source port (refused with ICMP port unreachable)";
     }
 }
 
@@ -1117,7 +1171,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 30);
+        assert_eq!(DropReason::ALL.len(), 31);
     }
 
     #[test]

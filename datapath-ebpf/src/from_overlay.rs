@@ -91,7 +91,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // (checked above with the backend's address, which the sender
         // owns): the source becomes the Service; the destination stays.
         if config.flags & NODE_FLAG_SERVICES != 0 {
-            headers = match translate(headers, false, config.conntrack_max_per_client)? {
+            headers = match translate::<true>(headers, false, config.conntrack_max_per_client)? {
                 Translation::Forward(headers, _) => headers,
                 // Only new connections are refused, and only "from pod" opens them.
                 Translation::Refuse(reason) => return Err(reason),
@@ -100,6 +100,20 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         return deliver(headers, &endpoint);
     }
     if same_ipv4(daddr, config.node_ipv4) {
+        // The reply of a node port's connection to a backend on the sending
+        // node (source NAT: sent to this node's address): back to its
+        // client, straight out of the uplink.
+        if config.flags & NODE_FLAG_SERVICES != 0 {
+            headers = match translate::<true>(headers, false, config.conntrack_max_per_client)? {
+                Translation::Forward(headers, _) => headers,
+                Translation::Refuse(reason) => return Err(reason),
+            };
+            if !same_ipv4(headers.ip().daddr, config.node_ipv4) {
+                headers.ip().check_forwardable()?;
+                headers.ip_mut().decrement_ttl()?;
+                return Ok(Verdict::OutRouted { ifindex: config.uplink_ifindex });
+            }
+        }
         return Ok(Verdict::HostStackFromTunnel);
     }
     Err(DropReason::OverlayUnknownDestination)

@@ -95,7 +95,7 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) ->
     let mut reply = ConntrackKey::default();
     if config.flags & NODE_FLAG_SERVICES != 0 {
         let service = headers.ip().daddr;
-        headers = match translate(headers, true, config.conntrack_max_per_client)? {
+        headers = match translate::<false>(headers, true, config.conntrack_max_per_client)? {
             Translation::Forward(headers, was_reply) => {
                 reply = was_reply;
                 headers

@@ -13,10 +13,10 @@ use datapath_common::{
 };
 
 use crate::{
-    forward::{deliver, too_big_for_pod},
+    forward::{deliver, to_remote_node, too_big_for_pod},
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, same_ipv4},
     icmp::IcmpError,
-    lookup::{is_known_node, local_endpoint, node_config, remote_pod_cidr_owner},
+    lookup::{is_known_node, local_endpoint, node_config, remote_node_for, remote_pod_cidr_owner},
     maps::PEER_MODE_MISMATCHES,
     packet::{Ipv4Headers, Packet},
     policy::{self, Flow},
@@ -69,7 +69,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         }
         // NodePort (the only Service ports on the node's address): a new
         // connection gets a backend on this node, a tracked one its own.
-        headers = match translate(headers, true, config.conntrack_max_per_client)? {
+        headers = match translate::<true>(headers, true, config.conntrack_max_per_client)? {
             Translation::Forward(headers, _) => headers,
             Translation::Refuse(reason) => {
                 return Ok(Verdict::Answer {
@@ -85,9 +85,30 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             return Ok(Verdict::HostStack);
         }
         node_port = true;
+        // From the node's address now (source NAT): a node port's packet
+        // for another node's backend, or that backend's reply on its way
+        // back to the client. What the kernel checks of what it forwards.
+        if same_ipv4(headers.ip().saddr, config.node_ipv4) {
+            strict::source_ok(headers.packet(), saddr, &config)?;
+            if headers.ip().ttl_expires() {
+                return Ok(Verdict::Answer {
+                    reason: DropReason::TtlExceeded,
+                    error: IcmpError::TIME_EXCEEDED,
+                    source: config.node_ipv4,
+                    back: Back::Out { ifindex: uplink },
+                });
+            }
+            if remote_node_for(daddr).is_some()
+                && let Some(verdict) = to_remote_node(headers, daddr, &config)
+            {
+                return verdict;
+            }
+            let mut headers = packet.ipv4()?;
+            headers.ip_mut().decrement_ttl()?;
+            return Ok(Verdict::OutRouted { ifindex: uplink });
+        }
     }
     let Some(endpoint) = local_endpoint(daddr) else {
-        // (A NodePort backend is always local: the agent programs no other.)
         return Ok(Verdict::HostStack);
     };
     // For a local pod: what the kernel checks before it forwards. A frame
@@ -134,7 +155,7 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
     if config.flags & NODE_FLAG_SERVICES != 0 && !node_port {
-        headers = match translate(headers, false, config.conntrack_max_per_client)? {
+        headers = match translate::<false>(headers, false, config.conntrack_max_per_client)? {
             Translation::Forward(headers, _) => headers,
             // Only new connections are refused, and only "from pod" opens them.
             Translation::Refuse(reason) => return Err(reason),

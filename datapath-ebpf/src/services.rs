@@ -16,14 +16,16 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
-    CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey,
+    CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND, Service, ServiceKey,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND, SNAT_PORTS, Service,
+    ServiceKey,
 };
 
 use crate::{
     NS_PER_SECOND, clients,
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, Ipv4Hdr, same_ipv4},
+    lookup::local_endpoint,
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
     related::{
@@ -69,11 +71,15 @@ struct Ports {
 }
 
 /// Translate a TCP or UDP packet that belongs to (or opens) a Service
-/// connection. Only "from pod" may open connections (`may_open`), each
-/// client at most `max_per_client` at once (0: no limit); the other
-/// programs only translate replies.
+/// connection. "From pod" opens connections (`may_open`), and "from
+/// uplink" those to the node's own address (NodePort), each client at most
+/// `max_per_client` at once (0: no limit); otherwise only replies are
+/// translated. `NODE_PORT`: the program handles NodePort connections to
+/// other nodes' backends ([`CT_SNAT`]): opens them (with `may_open`) and
+/// translates their packets; elsewhere their entries are not looked at, so
+/// "from pod" carries none of that code.
 #[inline(always)]
-pub fn translate(
+pub fn translate<const NODE_PORT: bool>(
     headers: Ipv4Headers<'_>,
     may_open: bool,
     max_per_client: u32,
@@ -106,6 +112,8 @@ pub fn translate(
     if let Some(entry) = CONNTRACK.get_ptr_mut(key)
         // SAFETY: a live entry, read once.
         && unsafe { (*entry).kind } != CT_POLICY
+        // SAFETY: as above.
+        && (NODE_PORT || unsafe { (*entry).flags } & CT_SNAT == 0)
     {
         // SAFETY: a live entry; a racing update of these fields is harmless.
         let entry_copy = unsafe {
@@ -135,7 +143,7 @@ pub fn translate(
             }
             *entry
         };
-        return apply(headers, &key, &entry_copy, &ports, fragments);
+        return apply::<NODE_PORT>(headers, &key, &entry_copy, &ports, fragments);
     }
     if !may_open {
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
@@ -165,6 +173,11 @@ pub fn translate(
         Some(tcp_flags) if protocol == IPPROTO_TCP => tcp_events(tcp_flags, false),
         _ => 0,
     };
+    // A node port's connection to another node's backend leaves from the
+    // node's address, so that the replies come back through here.
+    if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
+        return open_snat(headers, key, &ports, &backend, service.id, events, now, fragments, max_per_client);
+    }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
         nat_port: backend.port,
@@ -190,7 +203,7 @@ pub fn translate(
             return match unsafe { CONNTRACK.get(key) } {
                 Some(entry) => {
                     let entry = *entry;
-                    apply(headers, &key, &entry, &ports, fragments)
+                    apply::<NODE_PORT>(headers, &key, &entry, &ports, fragments)
                 }
                 None => Ok(Translation::Refuse(DropReason::ConntrackFull)),
             };
@@ -203,7 +216,89 @@ pub fn translate(
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
     clients::count(saddr, max_per_client);
-    apply(headers, &key, &forward, &ports, fragments)
+    apply::<NODE_PORT>(headers, &key, &forward, &ports, fragments)
+}
+
+/// Open a NodePort connection to another node's backend: a free source
+/// port of [`SNAT_PORTS`] on the node's address (the key's destination),
+/// taken by writing the reply entry first (four random tries), then the
+/// forward entry.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn open_snat<'a>(
+    headers: Ipv4Headers<'a>,
+    key: ConntrackKey,
+    ports: &Ports,
+    backend: &Backend,
+    service_id: u32,
+    events: u8,
+    now: u64,
+    fragments: Option<&FragmentKey>,
+    max_per_client: u32,
+) -> Result<Translation<'a>, DropReason> {
+    let (first, span) = (*SNAT_PORTS.start() as u32, SNAT_PORTS.end() - SNAT_PORTS.start() + 1);
+    let reply = ConntrackEntry {
+        nat_addr: [ports.sport[0], ports.sport[1], 0, 0],
+        nat_port: ports.dport,
+        kind: CT_REPLY,
+        flags: CT_STATEFUL | CT_SNAT,
+        client_ipv4: key.saddr,
+        service_id,
+        last_seen_ns: now,
+    };
+    let mut reply_key = ConntrackKey {
+        saddr: backend.ipv4,
+        daddr: key.daddr,
+        sport: backend.port,
+        dport: [0; 2],
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    let mut taken = false;
+    for _ in 0..4 {
+        // SAFETY: plain helper without arguments.
+        let port = (first + unsafe { bpf_get_prandom_u32() } % span as u32) as u16;
+        reply_key.dport = port.to_be_bytes();
+        match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                taken = true;
+                break;
+            }
+            Err(EEXIST) => continue,
+            Err(_) => return Ok(Translation::Refuse(DropReason::ConntrackFull)),
+        }
+    }
+    if !taken {
+        return Ok(Translation::Refuse(DropReason::SnatPortsExhausted));
+    }
+    let forward = ConntrackEntry {
+        nat_addr: backend.ipv4,
+        nat_port: backend.port,
+        kind: CT_FORWARD,
+        flags: CT_STATEFUL | CT_SNAT | events,
+        client_ipv4: [reply_key.dport[0], reply_key.dport[1], 0, 0],
+        ..reply
+    };
+    match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = CONNTRACK.remove(reply_key);
+            if e != EEXIST {
+                return Ok(Translation::Refuse(DropReason::ConntrackFull));
+            }
+            // Another CPU opened it a moment ago: use its choice.
+            // SAFETY: copied out at once.
+            return match unsafe { CONNTRACK.get(key) } {
+                Some(entry) => {
+                    let entry = *entry;
+                    apply::<true>(headers, &key, &entry, ports, fragments)
+                }
+                None => Ok(Translation::Refuse(DropReason::ConntrackFull)),
+            };
+        }
+    }
+    clients::count(key.saddr, max_per_client);
+    apply::<true>(headers, &key, &forward, ports, fragments)
 }
 
 /// A backend of `service` for a new connection of `client`: the one its
@@ -251,7 +346,10 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
         entry.kind == CT_REPLY
     };
     if answered {
-        clients::answered(entry.client_ipv4, max_per_client);
+        // (A forward entry's client is its key's source: a CT_SNAT one's
+        // client_ipv4 holds its port.)
+        let client = if entry.kind == CT_FORWARD { key.saddr } else { entry.client_ipv4 };
+        clients::answered(client, max_per_client);
     }
 }
 
@@ -439,7 +537,7 @@ fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
 /// without a checksum); for the first fragment of a datagram, record the
 /// new addresses for its later fragments.
 #[inline(always)]
-fn apply<'a>(
+fn apply<'a, const NODE_PORT: bool>(
     headers: Ipv4Headers<'a>,
     key: &ConntrackKey,
     entry: &ConntrackEntry,
@@ -447,7 +545,11 @@ fn apply<'a>(
     fragments: Option<&FragmentKey>,
 ) -> Result<Translation<'a>, DropReason> {
     let packet = headers.into_packet();
-    let (saddr, daddr) = rewrite_connection(packet, key, entry, ports.l4)?;
+    let (saddr, daddr) = if NODE_PORT && entry.flags & CT_SNAT != 0 {
+        rewrite_snat(packet, key, entry, ports.l4)?
+    } else {
+        rewrite_connection(packet, key, entry, ports.l4)?
+    };
     if let Some(datagram) = fragments {
         // Full (LRU): the oldest datagram's record goes, not this one.
         let _ = SERVICE_FRAGMENTS.insert(*datagram, FragmentTranslation { saddr, daddr }, 0);
@@ -538,6 +640,38 @@ fn rewrite_connection(
             return Ok((entry.nat_addr, entry.client_ipv4));
         }
         Ok((entry.nat_addr, key.daddr))
+    }
+}
+
+/// [`rewrite_connection`] for a [`CT_SNAT`] connection: both addresses
+/// and both ports change, each way.
+#[inline(always)]
+fn rewrite_snat(
+    packet: &mut Packet,
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    l4: usize,
+) -> Result<([u8; 4], [u8; 4]), DropReason> {
+    let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
+        (l4 + TCP_CHECK, 0)
+    } else {
+        (l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let (sport, dport) = (l4, l4 + 2);
+    if entry.kind == CT_FORWARD {
+        // Client -> node port becomes node:source port -> backend.
+        set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.nat_addr)?;
+        set_port(packet, dport, l4_check, mangled_0, key.dport, entry.nat_port)?;
+        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, key.daddr)?;
+        set_port(packet, sport, l4_check, mangled_0, key.sport, entry.snat_port())?;
+        Ok((key.daddr, entry.nat_addr))
+    } else {
+        // Backend -> node:source port becomes node port -> client.
+        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, key.daddr)?;
+        set_port(packet, sport, l4_check, mangled_0, key.sport, entry.nat_port)?;
+        set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
+        set_port(packet, dport, l4_check, mangled_0, key.dport, entry.snat_client_port())?;
+        Ok((key.daddr, entry.client_ipv4))
     }
 }
 

@@ -151,6 +151,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     node_net::enable_ip_forwarding()?;
+    node_net::check_ephemeral_ports();
 
     let build = match config.ebpf_log {
         EbpfLog::Off => ProgramBuild::Normal,

@@ -321,7 +321,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         affinity,
                         match (backends.is_empty(), r.without_backends) {
                             (false, _) => backends.join(","),
-                            (true, "drop") => "(none here: dropped, internalTrafficPolicy Local)".to_owned(),
+                            (true, "drop") => "(none here: dropped, traffic policy Local)".to_owned(),
                             (true, _) => "(none: refused)".to_owned(),
                         }
                     );

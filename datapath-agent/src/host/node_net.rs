@@ -301,6 +301,30 @@ pub fn enable_ip_forwarding() -> anyhow::Result<()> {
         .context("enabling net.ipv4.ip_forward (set it on the node: sysctl -w net.ipv4.ip_forward=1)")
 }
 
+/// Warn when the node's own ephemeral ports (net.ipv4.ip_local_port_range)
+/// reach into the source ports NodePort connections to other nodes'
+/// backends take (datapath_common::SNAT_PORTS): a connection of the node's
+/// own could then meet one of them on the same backend, and lose its
+/// replies to it. Linux's default (32768-60999) stays below.
+pub fn check_ephemeral_ports() {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Ok(text) = std::fs::read_to_string(PATH) else { return };
+    let high = text.split_whitespace().nth(1).and_then(|h| h.parse::<u16>().ok());
+    let snat = datapath_common::SNAT_PORTS;
+    if let Some(high) = high
+        && high >= *snat.start()
+    {
+        tracing::warn!(
+            ip_local_port_range = text.trim(),
+            "the node's ephemeral ports reach into the NodePort source ports {}-{}: \
+             set net.ipv4.ip_local_port_range's upper bound below {} (Linux's default is 32768 60999)",
+            snat.start(),
+            snat.end(),
+            snat.start()
+        );
+    }
+}
+
 /// The cookie of the network namespace this process is in (the kernel's
 /// unique, never reused id of a namespace): the socket programs act only
 /// for sockets in it.

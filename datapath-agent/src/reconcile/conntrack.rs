@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::Context as _;
 use datapath_common::{
-    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, ConntrackEntry,
-    ConntrackKey, IPPROTO_TCP, TcpState, unanswered,
+    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_SNAT,
+    ConntrackEntry, ConntrackKey, IPPROTO_TCP, TcpState, unanswered,
 };
 use tokio::sync::Mutex;
 
@@ -61,6 +61,14 @@ pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection
                 SocketAddrV4::new(Ipv4Addr::from(key.saddr), port(key.sport)),
                 SocketAddrV4::new(Ipv4Addr::from(key.daddr), port(key.dport)),
                 SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), port(entry.nat_port)),
+            )
+        } else if entry.flags & CT_SNAT != 0 {
+            // A node port's connection to another node's backend: the
+            // reply entry is keyed on the node's address and source port.
+            (
+                SocketAddrV4::new(Ipv4Addr::from(entry.client_ipv4), port(entry.snat_client_port())),
+                SocketAddrV4::new(Ipv4Addr::from(key.daddr), port(entry.nat_port)),
+                SocketAddrV4::new(Ipv4Addr::from(key.saddr), port(key.sport)),
             )
         } else {
             let client_ip = if hairpin { entry.client_ipv4 } else { key.daddr };

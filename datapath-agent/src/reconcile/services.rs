@@ -125,10 +125,9 @@ pub use crate::model::ThisNode;
 /// on an external or load balancer address, any backend in the cluster
 /// (clients there are in the cluster: kube-proxy short-circuits them the
 /// same way whatever externalTrafficPolicy says); on this node's address at
-/// a node port, with externalTrafficPolicy Local, this node's backends
-/// (none here but some elsewhere: dropped, as kube-proxy does). Node ports
-/// with externalTrafficPolicy Cluster are not served yet (they need source
-/// NAT to reach other nodes' backends): left to kube-proxy.
+/// a node port, as externalTrafficPolicy says: Local, this node's backends
+/// (none here but some elsewhere: dropped, as kube-proxy does); Cluster,
+/// any backend.
 pub fn desired_services<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
     node: ThisNode,
@@ -150,17 +149,21 @@ pub fn desired_services<'a>(
             let with_target = |ips: &[Ipv4Addr]| -> Vec<SocketAddrV4> {
                 ips.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port())).collect()
             };
-            let node_port = port
-                .node_port
-                .filter(|_| service.external_traffic_policy == TrafficPolicy::Local)
-                .map(|node_port| (node.address, node_port));
+            let node_port = port.node_port.map(|node_port| (node.address, node_port));
             let addresses = service.addresses().map(|address| (address, port.port)).chain(node_port);
             for (address, number) in addresses {
-                // A node port (externalTrafficPolicy Local), or the cluster
-                // IP with internalTrafficPolicy Local: this node's backends.
-                let only_local = address == node.address
-                    || (address == service.cluster_ip
-                        && service.internal_traffic_policy == TrafficPolicy::Local);
+                // A node port with externalTrafficPolicy Local, or the
+                // cluster IP with internalTrafficPolicy Local: this node's
+                // backends. (A node port with Cluster: any backend; the
+                // programs reach another node's from the node's address.)
+                let policy = if address == node.address {
+                    service.external_traffic_policy
+                } else if address == service.cluster_ip {
+                    service.internal_traffic_policy
+                } else {
+                    TrafficPolicy::Cluster
+                };
+                let only_local = policy == TrafficPolicy::Local;
                 let (backends, drop_without_backend) =
                     if only_local { local(&with_target) } else { (with_target(&choice.cluster), false) };
                 out.push(ServicePort {

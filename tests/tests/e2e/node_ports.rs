@@ -234,3 +234,91 @@ fn node_port_local(mode: &str) {
 }
 
 in_both_modes! { an_outside_host_reaches_the_local_backends_of_each_node_port => node_port_local; }
+
+/// A Service with externalTrafficPolicy Cluster (the default): TCP 80 ->
+/// 8080 at node port 30090, UDP 53 -> 5353 at 30091.
+fn cluster_node_port_service(backends: &[Ipv4Addr]) -> String {
+    node_port_service("spread", Ipv4Addr::new(10, 96, 2, 20), backends, 30090, Some(30091))
+        .replace("external_traffic_policy = \"Local\"\n", "")
+}
+
+fn node_port_cluster(mode: &str) {
+    let mut lab = lab(mode);
+    let all = lab.backend_ips();
+    let a2 = all[0];
+    lab.set_services(&cluster_node_port_service(&all));
+    wait_served(&lab.a, NODE_A, 30090, &all);
+    wait_served(&lab.b, NODE_B, 30090, &all);
+    let outside = outside_host("client", OUTSIDE);
+    // Through either node to every backend. A backend on the node the
+    // connection came in through sees the client; one on the other node
+    // sees that node's address (source NAT, so the reply comes back).
+    for node in [NODE_A, NODE_B] {
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let (backend, seen, peer) = ask(&outside, node, 30090).expect("through the node port");
+            assert_eq!(peer, (node, 30090).into(), "{mode}: the answer comes from the node port");
+            let local = (backend == a2) == (node == NODE_A);
+            let want = if local { OUTSIDE } else { node };
+            assert_eq!(seen, want, "{mode}: via {node}, backend {backend} sees {seen}");
+            reached.insert(backend);
+        }
+        assert_eq!(reached.len(), all.len(), "{mode}: via {node}, every backend: {reached:?}");
+    }
+    // One long connection to another node's backend keeps its way.
+    let long = in_netns(&outside.path(), move || {
+        let mut seen = Vec::new();
+        for _ in 0..30 {
+            let mut conn =
+                TcpStream::connect_timeout(&(NODE_A, 30090).into(), Duration::from_secs(3)).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut lines = BufReader::new(conn.try_clone().unwrap());
+            writeln!(conn, "who").unwrap();
+            let mut line = String::new();
+            lines.read_line(&mut line).unwrap();
+            let (backend, _) = parse_answer(&line);
+            if backend == a2 {
+                continue;
+            }
+            for _ in 0..20 {
+                writeln!(conn, "again").unwrap();
+                line.clear();
+                lines.read_line(&mut line).unwrap();
+                seen.push(parse_answer(&line).0);
+            }
+            return (backend, seen);
+        }
+        panic!("no connection reached node B's backends");
+    })
+    .join()
+    .unwrap();
+    assert!(long.1.iter().all(|b| *b == long.0), "{mode}: {long:?}");
+    // UDP through node A reaches node B's backends too, each reply from
+    // the node port.
+    let udp_backends = in_netns(&outside.path(), || {
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            socket.send_to(b"who\n", (NODE_A, 30091)).unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
+            assert_eq!(from, (NODE_A, 30091).into());
+            reached.insert(parse_answer(&String::from_utf8_lossy(&buf[..n])).0);
+        }
+        reached
+    })
+    .join()
+    .unwrap();
+    assert_eq!(udp_backends.len(), all.len(), "{mode}: {udp_backends:?}");
+    // inspect shows the outside client's connections with their backend.
+    let conntrack = lab.a.inspect("conntrack");
+    assert!(
+        conntrack.as_array().unwrap().iter().any(|c| c["client_ip"] == OUTSIDE.to_string()
+            && c["service_port"] == 30090
+            && c["backend_ip"] != a2.to_string()),
+        "{conntrack:#}"
+    );
+}
+
+in_both_modes! { node_ports_with_the_cluster_policy_reach_every_backend_through_any_node => node_port_cluster; }

@@ -566,3 +566,75 @@ fn node_ports_translate_both_ways_byte_exact() {
     assert_eq!(run.verdict, TC_ACT_OK);
     assert_eq!(run.out[14..], own.bytes()[..]);
 }
+
+/// NodePort (externalTrafficPolicy Cluster) to another node's backend: the
+/// request leaves from the node's address and a port of SNAT_PORTS, so
+/// the reply comes back here; the reply then leaves from the node port to
+/// the client. Both ways byte for byte (the port given read off the first
+/// packet), TCP and UDP with and without a checksum.
+#[test]
+fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
+    require_root!();
+    let mut h = Harness::new();
+    h.service_on(RUN_DEVICE_IP, 11, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 12, 30091, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
+    let forwarded = |mut ip: Ipv4| {
+        ip.ttl -= 1;
+        ip
+    };
+    type Make = fn([u8; 4], u16, [u8; 4], u16, &[u8]) -> Ipv4;
+    let tcp_syn: Make = |s, sp, d, dp, p| Ipv4::tcp(s, sp, d, dp, TCP_SYN, p);
+    let tcp_ack: Make = |s, sp, d, dp, p| Ipv4::tcp(s, sp, d, dp, TCP_SYN | TCP_ACK, p);
+    let udp: Make = |s, sp, d, dp, p| Ipv4::udp(s, sp, d, dp, p, true);
+    let udp_bare: Make = |s, sp, d, dp, p| Ipv4::udp(s, sp, d, dp, p, false);
+    let cases = [
+        (tcp_syn, tcp_ack, 40000, 30090, (REMOTE_BACKENDS[0], 8080)),
+        (udp, udp, 40001, 30091, (REMOTE_BACKENDS[1], 5353)),
+        (udp_bare, udp_bare, 40002, 30091, (REMOTE_BACKENDS[1], 5353)),
+    ];
+    let mut ports_given = Vec::new();
+    for (request, reply, client_port, node_port, (backend, target)) in cases {
+        let run = h.run_from_uplink(&request(OUTSIDE, client_port, RUN_DEVICE_IP, node_port, b"hello"));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "to the backend's node");
+        let out = Parsed::new(&run.out);
+        let given = out.sport();
+        assert!(datapath_common::SNAT_PORTS.contains(&given), "source port {given}");
+        ports_given.push(given);
+        assert_eq!(
+            run.out[14..],
+            forwarded(request(RUN_DEVICE_IP, given, backend, target, b"hello")).bytes()[..],
+            "the request as the backend's node gets it"
+        );
+
+        let run = h.run_from_uplink(&reply(backend, target, RUN_DEVICE_IP, given, b"world"));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "back out to the client");
+        assert_eq!(
+            run.out[14..],
+            forwarded(reply(RUN_DEVICE_IP, node_port, OUTSIDE, client_port, b"world")).bytes()[..],
+            "the reply as the client gets it"
+        );
+    }
+    let entries: Vec<_> = h.conntrack().into_iter().collect();
+    assert_eq!(entries.len(), 6, "two entries per connection: {entries:?}");
+    // Each entry's pair is the other one; inspect shows client, node port, backend.
+    let connections = datapath_agent::reconcile::conntrack::connections(&entries);
+    let shown: Vec<String> =
+        connections.iter().map(|c| format!("{} {} {}", c.client, c.service, c.backend)).collect();
+    assert_eq!(
+        shown,
+        [
+            "198.51.100.7:40000 192.0.2.1:30090 10.244.2.21:8080",
+            "198.51.100.7:40001 192.0.2.1:30091 10.244.2.22:5353",
+            "198.51.100.7:40002 192.0.2.1:30091 10.244.2.22:5353",
+        ]
+    );
+    for (key, entry) in &entries {
+        let pair = key.pair(entry);
+        assert_eq!(entries.iter().find(|(k, _)| *k == pair).map(|(_, e)| e.kind), Some(1 - entry.kind));
+    }
+    // "From pod" never uses these entries: a local pod forging the
+    // backend's reply gets nothing translated (it is refused as spoofed
+    // anyway; here the client pod sends to the node port's source port).
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, RUN_DEVICE_IP, ports_given[0], TCP_ACK, &[]));
+    assert_eq!(Parsed::new(&run.out).dst, RUN_DEVICE_IP, "untouched");
+}

@@ -417,11 +417,14 @@ fn udp_flows_are_stale_only_once_their_backend_serves_no_more() {
 }
 
 #[test]
-fn node_ports_serve_this_nodes_backends_with_external_traffic_policy_local() {
+fn node_ports_serve_as_external_traffic_policy_says() {
     let mut service = config(&[101, 201], &[]);
     service.ports[0].node_port = Some(30080);
-    // Cluster (the default): not served yet, left to kube-proxy.
-    assert_eq!(served(&[service.clone()]), vec![(VIP, vec![101, 201], false)]);
+    // Cluster (the default): every backend, on the node's address too.
+    assert_eq!(
+        served(&[service.clone()]),
+        vec![(VIP, vec![101, 201], false), (NODE1, vec![101, 201], false)]
+    );
     service.external_traffic_policy = TrafficPolicy::Local;
     let ports = desired_services(&[service.clone()], node1());
     assert_eq!((ports[1].address, ports[1].port), (NODE1, 30080));

@@ -172,11 +172,6 @@ fn refuses_bad_services_naming_the_field() {
             "10.96.0.10:80/TCP",
         ),
         (
-            WEB.replace("target_port = 8080", "target_port = 8080\nnode_port = 30080"),
-            "services.ports.node_port",
-            "not served",
-        ),
-        (
             WEB.replace("backends = [", "external_traffic_policy = \"Local\"\nbackends = [")
                 .replace("target_port = 8080", "target_port = 8080\nnode_port = 0"),
             "services.ports.node_port",

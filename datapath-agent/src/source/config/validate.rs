@@ -251,26 +251,12 @@ impl AgentConfig {
                         "use \"TCP\" or \"UDP\", or leave this port to kube-proxy",
                     );
                 }
-                if let Some(node_port) = port.node_port {
-                    if node_port == 0 {
-                        return invalid(
-                            "services.ports.node_port",
-                            format!("{id}: 0 is not a port"),
-                            "use the Service's spec.ports[].nodePort (default range 30000-32767)",
-                        );
-                    }
-                    if service.external_traffic_policy != TrafficPolicy::Local {
-                        return invalid(
-                            "services.ports.node_port",
-                            format!(
-                                "{id}: node port {node_port} with external_traffic_policy \"{}\" is not \
-                                 served by this datapath yet",
-                                service.external_traffic_policy.name()
-                            ),
-                            "set external_traffic_policy = \"Local\" (this node's backends, the client's \
-                             address kept), or leave this Service's node ports to kube-proxy",
-                        );
-                    }
+                if port.node_port == Some(0) {
+                    return invalid(
+                        "services.ports.node_port",
+                        format!("{id}: 0 is not a port"),
+                        "use the Service's spec.ports[].nodePort (default range 30000-32767)",
+                    );
                 }
                 let node_port = port.node_port.map(|p| (self.node_ip, p));
                 for (ip, number) in addresses.clone().map(|(_, ip)| (ip, port.port)).chain(node_port) {
