@@ -59,11 +59,14 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             return Err(DropReason::PeerModeMismatch);
         }
         // Only what the kernel would forward may become a pod's: a frame
-        // of a VLAN, or one the forwarding checks refuse, stays the node's.
+        // of a VLAN, or one the forwarding checks refuse (a martian or
+        // spoofed source among them: before any connection is opened for
+        // it), stays the node's.
         let (vlan_present, vlan_tci) = headers.packet().vlan();
         if config.flags & NODE_FLAG_SERVICES == 0
             || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0)
             || strict::frame_ok(&headers).is_err()
+            || strict::source_ok(headers.packet(), saddr, &config).is_err()
         {
             return Ok(Verdict::HostStack);
         }
@@ -89,7 +92,6 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // for another node's backend, or that backend's reply on its way
         // back to the client. What the kernel checks of what it forwards.
         if same_ipv4(headers.ip().saddr, config.node_ipv4) {
-            strict::source_ok(headers.packet(), saddr, &config)?;
             if headers.ip().ttl_expires() {
                 return Ok(Verdict::Answer {
                     reason: DropReason::TtlExceeded,
@@ -129,7 +131,10 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             return Err(DropReason::PeerModeMismatch);
         }
     }
-    strict::source_ok(headers.packet(), saddr, &config)?;
+    // (A node port's packet had its source checked above.)
+    if !node_port {
+        strict::source_ok(headers.packet(), saddr, &config)?;
+    }
     let back = Back::Out { ifindex: uplink };
     if headers.ip().ttl_expires() {
         return Ok(Verdict::Answer {

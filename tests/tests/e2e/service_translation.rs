@@ -560,6 +560,13 @@ fn node_ports_translate_both_ways_byte_exact() {
     let icmp = Parsed::new(&run.out);
     assert_eq!((icmp.src, icmp.dst, &icmp.l4[0..2]), (RUN_DEVICE_IP, OUTSIDE, &[3u8, 3][..]));
     assert_eq!(h.conntrack().len(), 6);
+    // A source the kernel would not forward for (one of this node's pods,
+    // from outside: spoofed or reflected) opens nothing: the node's stack
+    // judges it as its own traffic.
+    let spoofed = Ipv4::tcp(BACKENDS[0], 40006, RUN_DEVICE_IP, 30080, TCP_SYN, &[]);
+    let run = h.run_from_uplink(&spoofed);
+    assert_eq!((run.verdict, &run.out[14..]), (TC_ACT_OK, &spoofed.bytes()[..]));
+    assert_eq!(h.conntrack().len(), 6, "nothing opened for a spoofed source");
     // Any other port of the node's address is the node's own, untouched.
     let own = Ipv4::tcp(OUTSIDE, 40005, RUN_DEVICE_IP, 22, TCP_SYN, &[]);
     let run = h.run_from_uplink(&own);
