@@ -29,6 +29,10 @@ use crate::{
 
 /// The label EndpointSlices carry with the name of their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label belongs to the Service proxy it names.
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service with this label gets no virtual IP handling.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
 const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
@@ -82,6 +86,12 @@ pub fn service_config<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice> + Clone,
 ) -> Option<ServiceConfig> {
     let spec = service.spec.as_ref()?;
+    // Another Service proxy's (service.kubernetes.io/service-proxy-name),
+    // or marked headless: left alone, as kube-proxy leaves them.
+    let labels = service.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+        return None;
+    }
     // Headless ("None"), ExternalName, or IPv6-only: nothing to balance here.
     let cluster_ip = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok())?;
     let ServiceRef { namespace, name } = service_ref(service);
@@ -553,6 +563,14 @@ mod tests {
             &[],
         )[0];
         assert_eq!(plain.internal_traffic_policy, TrafficPolicy::Cluster);
+        // Another proxy's Service, or one labelled headless: not ours.
+        for label in ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"] {
+            let other = service(serde_json::json!({
+                "metadata": { "name": "other", "namespace": "shop", "labels": { label: "x" } },
+                "spec": { "clusterIP": "10.96.0.13", "ports": [{ "port": 80 }] }
+            }));
+            assert!(services_from(&[other], &[]).is_empty(), "{label}");
+        }
         let balanced = &services_from(
             &[service(serde_json::json!({
                 "metadata": { "name": "lb", "namespace": "shop" },
