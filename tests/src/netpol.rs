@@ -314,16 +314,20 @@ impl PolicyLab {
 
     /// Probe until the table is `want` (loopback not compared), for up to
     /// 10 s as upstream does (the agents need a moment to apply a change).
-    /// Err: the last table found, drawn against the expected one.
+    /// Err: the last table found, drawn against the expected one, which is
+    /// always one probed after those 10 s: a round can take longer than
+    /// that (refusals the client waits out, 1.5 s each), and a first round
+    /// made while the agents were still applying the change is no verdict.
     pub fn expect(&self, protocol: Protocol, port: u16, want: &Table) -> Result<usize, String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            let started = Instant::now();
             let got = self.probe(protocol, port);
             let wrong = differences(&got, want);
             if wrong == 0 {
                 return Ok(72);
             }
-            if Instant::now() > deadline {
+            if started > deadline {
                 return Err(format!(
                     "{wrong} of 72 cells wrong ({} {port}); X = refused, . = connected, uppercase/! = wrong\n{}",
                     protocol.api_name(),

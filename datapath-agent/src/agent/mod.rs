@@ -276,14 +276,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // stay as the last agent left them: its policy goes on applying.
     let mut policy_changes = match (&agent.config.policy_dir, &kube_client) {
         (Some(dir), _) => {
+            // Fingerprinted before the read: a file written while it reads
+            // is the watcher's first change, not lost until the next one.
+            let mut seen = crate::source::policy_dir::fingerprint(dir);
             match crate::source::policy_dir::read(dir) {
                 Ok(objects) => agent.policy.set_objects(objects),
-                Err(e) => tracing::error!(
-                    error = format!("{:#}", anyhow::Error::from(e)),
-                    "policy_dir not applied; the pinned policy stays until it can be read"
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{:#}", anyhow::Error::from(e)),
+                        "policy_dir not applied; the pinned policy stays until it can be read"
+                    );
+                    seen = None;
+                }
             }
-            Some(crate::source::policy_dir::watch(dir.clone()))
+            Some(crate::source::policy_dir::watch(dir.clone(), seen))
         }
         (None, Some(client)) => {
             Some(crate::source::kubernetes_policy::watch_policy_objects(client.clone(), Arc::clone(&health)))

@@ -131,7 +131,7 @@ fn files(dir: &Path) -> Result<Vec<PathBuf>, PolicyDirError> {
 }
 
 /// What tells a change: each file's name, size and modification time.
-fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, SystemTime)>> {
+pub fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, SystemTime)>> {
     let files = files(dir).ok()?;
     files
         .into_iter()
@@ -143,11 +143,15 @@ fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, SystemTime)>> {
 }
 
 /// Watch `dir`: each time its files change and read whole, their objects.
-/// `last` is what the agent applied at start (not sent again).
-pub fn watch(dir: PathBuf) -> tokio::sync::mpsc::UnboundedReceiver<PolicyObjects> {
+/// `seen`: the [`fingerprint`] taken before the agent's own first read (a
+/// change made while it read is sent), `None` if that read failed.
+pub fn watch(
+    dir: PathBuf,
+    seen: Option<Vec<(PathBuf, u64, SystemTime)>>,
+) -> tokio::sync::mpsc::UnboundedReceiver<PolicyObjects> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut seen = fingerprint(&dir);
+        let mut seen = seen;
         let mut failing = false;
         loop {
             tokio::time::sleep(POLL_INTERVAL).await;
