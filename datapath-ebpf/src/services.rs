@@ -615,11 +615,7 @@ fn rewrite_connection(
     l4: usize,
 ) -> Result<([u8; 4], [u8; 4]), DropReason> {
     let hairpin = entry.flags & CT_HAIRPIN != 0;
-    let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
-        (l4 + TCP_CHECK, 0)
-    } else {
-        (l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
-    };
+    let (l4_check, mangled_0) = l4_check_of(key.protocol, l4);
     // The ports: source first, destination second, in TCP and UDP alike.
     let (sport, dport) = (l4, l4 + 2);
     if entry.kind == CT_FORWARD {
@@ -643,6 +639,13 @@ fn rewrite_connection(
     }
 }
 
+/// Where a TCP or UDP packet's checksum sits, and the flag its updates
+/// need (UDP: 0 means none, and stays so).
+#[inline(always)]
+fn l4_check_of(protocol: u8, l4: usize) -> (usize, u64) {
+    if protocol == IPPROTO_TCP { (l4 + TCP_CHECK, 0) } else { (l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64) }
+}
+
 /// [`rewrite_connection`] for a [`CT_SNAT`] connection: both addresses
 /// and both ports change, each way.
 #[inline(always)]
@@ -652,11 +655,7 @@ fn rewrite_snat(
     entry: &ConntrackEntry,
     l4: usize,
 ) -> Result<([u8; 4], [u8; 4]), DropReason> {
-    let (l4_check, mangled_0) = if key.protocol == IPPROTO_TCP {
-        (l4 + TCP_CHECK, 0)
-    } else {
-        (l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
-    };
+    let (l4_check, mangled_0) = l4_check_of(key.protocol, l4);
     let (sport, dport) = (l4, l4 + 2);
     if entry.kind == CT_FORWARD {
         // Client -> node port becomes node:source port -> backend.

@@ -10,17 +10,17 @@
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use datapath_tests::{
     in_both_modes,
-    lab::{Netns, Node, in_netns, ping},
+    lab::{Netns, in_netns, ping},
 };
 
 use super::{
     redteam_policy::outside_host,
-    services::{lab, parse_answer},
+    services::{lab, parse_answer, wait_served},
 };
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -70,34 +70,6 @@ fn node_port_service(
         );
     }
     out
-}
-
-/// Wait until `node` serves `address:port`/TCP with exactly `backends`.
-fn wait_served(node: &Node, address: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) {
-    let mut want: Vec<String> = backends.iter().map(|ip| ip.to_string()).collect();
-    want.sort();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let services = node.inspect("services");
-        let row =
-            services.as_array().unwrap().iter().find(|s| {
-                s["cluster_ip"] == address.to_string() && s["port"] == port && s["protocol"] == "TCP"
-            });
-        if let Some(row) = row {
-            let mut have: Vec<String> = row["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| b["ip"].as_str().unwrap().to_owned())
-                .collect();
-            have.sort();
-            if have == want {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{address}:{port} not served with {want:?}: {services:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One TCP request from `host` to `node:port`: (backend, client address it saw, peer the host saw).

@@ -72,15 +72,20 @@ pub(super) fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> Strin
     )
 }
 
-/// Wait until `node` has programmed `vip`'s TCP port with exactly `backends`.
+/// Wait until `node` has programmed `vip`'s TCP port 80 with exactly `backends`.
 pub(super) fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
+    wait_served(node, vip, 80, backends);
+}
+
+/// Wait until `node` serves `address:port`/TCP with exactly `backends`.
+pub(super) fn wait_served(node: &Node, vip: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) {
     let mut want: Vec<String> = backends.iter().map(|ip| ip.to_string()).collect();
     want.sort();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let services = node.inspect("services");
         let programmed = services.as_array().unwrap().iter().find(|s| {
-            s["cluster_ip"] == vip.to_string() && s["port"] == 80 && s["protocol"].as_str() == Some("TCP")
+            s["cluster_ip"] == vip.to_string() && s["port"] == port && s["protocol"].as_str() == Some("TCP")
         });
         if let Some(s) = programmed {
             let mut have: Vec<String> = s["backends"]
@@ -94,7 +99,7 @@ pub(super) fn wait_programmed(node: &Node, vip: Ipv4Addr, backends: &[Ipv4Addr])
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{vip} not programmed with {want:?}: {services:#}");
+        assert!(Instant::now() < deadline, "{vip}:{port} not programmed with {want:?}: {services:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
