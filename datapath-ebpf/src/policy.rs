@@ -413,17 +413,19 @@ fn tracked(flow: &Flow, service_replies: bool, max_per_client: u32) -> bool {
                 if flow.error {
                     return true;
                 }
-                if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
-                    (*entry).last_seen_ns = now;
-                }
-                // A SYN on the tuple of a connection that is over: a new
-                // connection, which starts afresh (see services' reopen).
-                if !reply
-                    && flow.key.protocol == IPPROTO_TCP
+                // A SYN on the tuple of a connection that is over opens a
+                // new connection, which today's rules judge (as netfilter
+                // drops a closed conntrack entry on a new SYN): the old
+                // entry goes, and the caller tracks the new one if allowed.
+                if flow.key.protocol == IPPROTO_TCP
                     && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
                     && (*entry).flags & (CT_FIN | CT_FIN_REPLY | CT_CLOSING) != 0
                 {
-                    (*entry).flags = CT_STATEFUL;
+                    let _ = CONNTRACK.remove(candidate);
+                    return false;
+                }
+                if now.wrapping_sub((*entry).last_seen_ns) >= CONNTRACK_LAST_SEEN_GRANULARITY_NS {
+                    (*entry).last_seen_ns = now;
                 }
                 let events = events(flow, reply);
                 let old = (*entry).flags;

@@ -291,6 +291,60 @@ fn node_port_cluster(mode: &str) {
             && c["backend_ip"] != a2.to_string()),
         "{conntrack:#}"
     );
+    // ClientIP affinity on the node port: through each node, every new
+    // connection of the outside host goes to one backend (the node that
+    // chose it keeps the choice, as each kube-proxy does), whether that
+    // backend is local or on the other node (source NAT).
+    lab.set_services(&cluster_node_port_service(&all).replacen(
+        "backends =",
+        "session_affinity = \"ClientIP\"\nsession_affinity_timeout_seconds = 300\nbackends =",
+        1,
+    ));
+    for (node, agent) in [(NODE_A, &lab.a), (NODE_B, &lab.b)] {
+        wait_for_affinity(agent, &all);
+        let (first, _, _) = ask(&outside, node, 30090).expect("through the node port");
+        for _ in 0..15 {
+            let (backend, _, _) = ask(&outside, node, 30090).expect("through the node port");
+            assert_eq!(backend, first, "{mode}: via {node}, ClientIP affinity keeps one backend");
+        }
+        // UDP too, from new source ports each time.
+        let udp = in_netns(&outside.path(), move || {
+            let mut reached = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                socket.send_to(b"who\n", (node, 30091)).unwrap();
+                let mut buf = [0u8; 256];
+                let (n, _) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
+                reached.insert(parse_answer(&String::from_utf8_lossy(&buf[..n])).0);
+            }
+            reached
+        })
+        .join()
+        .unwrap();
+        assert_eq!(udp.len(), 1, "{mode}: via {node}, UDP with ClientIP affinity: {udp:?}");
+    }
+}
+
+/// Until `agent` shows the node port Service with ClientIP affinity and
+/// all of `backends`.
+fn wait_for_affinity(agent: &datapath_tests::lab::Node, backends: &[Ipv4Addr]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let services = agent.inspect("services");
+        let ready = [30090, 30091].iter().all(|port| {
+            services.as_array().unwrap().iter().any(|s| {
+                s["port"] == *port
+                    && s["session_affinity"] == "ClientIP"
+                    && s["backends"].as_array().is_some_and(|b| b.len() == backends.len())
+            })
+        });
+        if ready {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "affinity not programmed: {services:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 in_both_modes! { node_ports_with_the_cluster_policy_reach_every_backend_through_any_node => node_port_cluster; }

@@ -354,3 +354,64 @@ fn replies_pass_where_the_connection_was_allowed_and_nothing_else_does() {
     let run = test_run_on(&device, &dp, program_names::FROM_POD, &syn);
     assert_eq!(run.counters.drop_count(DropReason::PolicyDeniedEgress), 1);
 }
+
+/// A SYN on the 5-tuple of a connection that is over opens a new
+/// connection, which today's rules judge: while the rule allows it, it
+/// passes; after the rule is gone, it is refused even though the old
+/// connection's entry is still in its closing time (netfilter drops a
+/// closed entry on a new SYN the same way). A SYN on a connection that is
+/// still open (a retransmission) is not judged again.
+#[test]
+fn a_syn_on_a_closed_connections_tuple_is_judged_afresh() {
+    require_root!();
+    let allow =
+        policy(&[(POD_A, POLICY_INGRESS)], &[rule(POD_A, POLICY_INGRESS, ID_REMOTE, IPPROTO_TCP, Some(80))]);
+    let deny = policy(&[(POD_A, POLICY_INGRESS)], &[]);
+    let from_peer = |flags: u8| {
+        ethernet(HOST_A_MAC, PEER_MAC, ETH_P_IP, &Ipv4::tcp(REMOTE_POD, 45679, POD_A, 80, flags, b"").bytes())
+    };
+    let from_pod = |flags: u8| from_a(&Ipv4::tcp(POD_A, 80, REMOTE_POD, 45679, flags, b""));
+    // (Counters add up over the runs: each check is of what one run added.)
+    let in_ok = |dp: &Datapath, device: &RunDevice, flags: u8, what: &str| {
+        let before = dp.counters().unwrap().forward_count(ForwardPath::LocalDelivery);
+        let run = test_run_on(device, dp, program_names::FROM_UPLINK, &from_peer(flags));
+        assert_eq!(run.counters.forward_count(ForwardPath::LocalDelivery), before + 1, "{what} is delivered");
+    };
+    let out_ok = |dp: &Datapath, device: &RunDevice, flags: u8| {
+        let before = dp.counters().unwrap().forward_count(ForwardPath::ToRemoteNative);
+        let run = test_run_on(device, dp, program_names::FROM_POD, &from_pod(flags));
+        assert_eq!(run.counters.forward_count(ForwardPath::ToRemoteNative), before + 1, "A's segment leaves");
+    };
+    let close = |dp: &Datapath, device: &RunDevice| {
+        out_ok(dp, device, TCP_FIN | TCP_ACK);
+        in_ok(dp, device, TCP_FIN | TCP_ACK, "the peer's FIN");
+        in_ok(dp, device, TCP_ACK, "the last ACK");
+    };
+    let (mut dp, device) = harness(&allow);
+    // A whole connection, closed normally.
+    in_ok(&dp, &device, TCP_SYN, "the allowed SYN");
+    in_ok(&dp, &device, TCP_SYN, "a retransmitted SYN of an opening connection");
+    out_ok(&dp, &device, TCP_SYN | TCP_ACK);
+    in_ok(&dp, &device, TCP_ACK, "the handshake's ACK");
+    close(&dp, &device);
+    // While allowed, the tuple is used again: a new connection, tracked
+    // afresh (its segments pass as an open connection's).
+    in_ok(&dp, &device, TCP_SYN, "a SYN reusing the closed tuple while allowed");
+    out_ok(&dp, &device, TCP_SYN | TCP_ACK);
+    in_ok(&dp, &device, TCP_ACK, "the new handshake's ACK");
+    in_ok(&dp, &device, TCP_SYN, "a SYN on the open connection (not over: no new judgement)");
+    close(&dp, &device);
+    // The allow is taken away; the closed entry is still there.
+    dp.write_policy_maps(&allow, &deny).unwrap();
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &from_peer(TCP_SYN));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the refused SYN is answered");
+    assert_eq!(run.counters.drop_count(DropReason::PolicyDeniedIngress), 1, "the SYN on the closed tuple");
+    // Nothing of the old connection is left to ride on.
+    let run = test_run_on(&device, &dp, program_names::FROM_UPLINK, &from_peer(TCP_ACK));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "a late ACK of the old connection");
+    assert_eq!(
+        run.counters.drop_count(DropReason::PolicyDeniedIngress),
+        2,
+        "a late ACK of the old connection"
+    );
+}

@@ -1488,6 +1488,10 @@ spec:
             if s.connect_timeout(&target.into(), Duration::from_millis(1500)).is_err() {
                 return false;
             }
+            // Closed with an RST: no TIME_WAIT on either side, so the next
+            // connect from this port always reaches the datapath (a
+            // client in TIME_WAIT would refuse it itself, hiding the case).
+            let _ = s.set_linger(Some(Duration::ZERO));
             let mut t: TcpStream = s.into();
             let _ = t.set_read_timeout(Some(Duration::from_secs(1)));
             let mut b = [0u8; 1];
