@@ -538,8 +538,20 @@ pub struct ServiceKey {
     pub port: [u8; 2],
     /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
     pub protocol: u8,
-    pub _pad: u8,
+    /// Whose connections this entry serves: [`SERVICE_SCOPE_CLUSTER`] or
+    /// [`SERVICE_SCOPE_OUTSIDE`]. (This byte was padding, always 0, before
+    /// scopes: an earlier build's entries mean what scope 0 means, and an
+    /// earlier build never looks up scope 1. The map's version stays.)
+    pub scope: u8,
 }
+
+/// Clients in the cluster: pods (the packet path), the node's own sockets
+/// (socket LB), and anything at the node's address at a node port.
+pub const SERVICE_SCOPE_CLUSTER: u8 = 0;
+/// Packets from outside the cluster that arrive at the node's uplink for an
+/// external or load balancer address: served as externalTrafficPolicy says
+/// (Local: only this node's backends, the client's address kept).
+pub const SERVICE_SCOPE_OUTSIDE: u8 = 1;
 
 /// What the datapath needs of a Service port.
 #[repr(C)]
@@ -645,15 +657,19 @@ pub const CT_SEEN_REPLY: u8 = 32;
 /// Made by a build that records [`CT_SEEN`]: an entry without it is from
 /// an older one, and counts as established.
 pub const CT_STATEFUL: u8 = 64;
-/// A NodePort connection to another node's backend (externalTrafficPolicy
-/// Cluster): its packets leave this node from the node's own address (the
-/// forward entry's key destination) and a port of [`SNAT_PORTS`], so that
-/// the replies come back here. Two fields change meaning (the entry's size
-/// stays, so the pinned map carries over):
-/// - forward entry (client -> node:node port): `client_ipv4[0..2]` is the
-///   source port given (the client is the key's source);
-/// - reply entry (backend -> node:source port): `nat_addr[0..2]` is the
-///   client's own port; `nat_port` the node port, `client_ipv4` the client.
+/// A connection from outside the cluster to another node's backend (a node
+/// port, or an external or load balancer address, with
+/// externalTrafficPolicy Cluster): its packets leave this node from the
+/// node's own address and a port of [`SNAT_PORTS`], so that the replies
+/// come back here. Fields change meaning (the entry's size stays, so the
+/// pinned map carries over):
+/// - forward entry (client -> service address:port): `nat_addr:nat_port`
+///   the backend as usual; `client_ipv4` the node's address the packets
+///   leave from (the client is the key's source); `service_id` the source
+///   port given ([`ConntrackEntry::snat_port`]);
+/// - reply entry (backend -> node:source port): `nat_addr:nat_port` the
+///   Service address and port the client asked for; `client_ipv4` the
+///   client, `service_id` its port ([`ConntrackEntry::snat_client_port`]).
 pub const CT_SNAT: u8 = 128;
 
 /// The source ports NodePort connections to other nodes' backends take on
@@ -662,15 +678,24 @@ pub const CT_SNAT: u8 = 128;
 pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 impl ConntrackEntry {
-    /// A [`CT_SNAT`] forward entry's source port.
+    /// A [`CT_SNAT`] forward entry's source port (network byte order).
     pub fn snat_port(&self) -> [u8; 2] {
-        [self.client_ipv4[0], self.client_ipv4[1]]
+        port_of_id(self.service_id)
     }
 
-    /// A [`CT_SNAT`] reply entry's client port.
+    /// A [`CT_SNAT`] reply entry's client port (network byte order).
     pub fn snat_client_port(&self) -> [u8; 2] {
-        [self.nat_addr[0], self.nat_addr[1]]
+        port_of_id(self.service_id)
     }
+}
+
+/// A port (network byte order) kept in a [`CT_SNAT`] entry's `service_id`.
+pub fn snat_port_id(port: [u8; 2]) -> u32 {
+    u32::from(u16::from_be_bytes(port))
+}
+
+fn port_of_id(id: u32) -> [u8; 2] {
+    (id as u16).to_be_bytes()
 }
 
 /// Is the connection an entry of kind `kind` with `flags` belongs to
@@ -764,12 +789,12 @@ impl ConntrackKey {
         }
         let hairpin = entry.flags & CT_HAIRPIN != 0;
         if entry.flags & CT_SNAT != 0 {
-            // The other entry is keyed on the node's address (this key's
-            // destination, or source) at the source port given.
+            // The reply entry is keyed on the node's address at the source
+            // port given; the forward one on the Service address.
             return if entry.kind == CT_FORWARD {
                 ConntrackKey {
                     saddr: entry.nat_addr,
-                    daddr: self.daddr,
+                    daddr: entry.client_ipv4,
                     sport: entry.nat_port,
                     dport: entry.snat_port(),
                     protocol: self.protocol,
@@ -778,7 +803,7 @@ impl ConntrackKey {
             } else {
                 ConntrackKey {
                     saddr: entry.client_ipv4,
-                    daddr: self.daddr,
+                    daddr: entry.nat_addr,
                     sport: entry.snat_client_port(),
                     dport: entry.nat_port,
                     protocol: self.protocol,

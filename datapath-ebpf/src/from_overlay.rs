@@ -5,7 +5,9 @@
 //! local pod go straight into it; packets for this node go to its stack.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES};
+use datapath_common::{
+    Direction, DropReason, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES, SERVICE_SCOPE_CLUSTER,
+};
 
 use crate::{
     forward::{deliver, too_big_for_pod},
@@ -91,7 +93,12 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // (checked above with the backend's address, which the sender
         // owns): the source becomes the Service; the destination stays.
         if config.flags & NODE_FLAG_SERVICES != 0 {
-            headers = match translate::<true>(headers, false, config.conntrack_max_per_client)? {
+            headers = match translate::<true>(
+                headers,
+                false,
+                config.conntrack_max_per_client,
+                SERVICE_SCOPE_CLUSTER,
+            )? {
                 Translation::Forward(headers, _) => headers,
                 // Only new connections are refused, and only "from pod" opens them.
                 Translation::Refuse(reason) => return Err(reason),
@@ -104,7 +111,12 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
         // node (source NAT: sent to this node's address): back to its
         // client, straight out of the uplink.
         if config.flags & NODE_FLAG_SERVICES != 0 {
-            headers = match translate::<true>(headers, false, config.conntrack_max_per_client)? {
+            headers = match translate::<true>(
+                headers,
+                false,
+                config.conntrack_max_per_client,
+                SERVICE_SCOPE_CLUSTER,
+            )? {
                 Translation::Forward(headers, _) => headers,
                 Translation::Refuse(reason) => return Err(reason),
             };

@@ -10,6 +10,7 @@
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
     ConntrackKey, Direction, DropReason, ETH_P_ARP, ETH_P_IP, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
+    SERVICE_SCOPE_CLUSTER,
 };
 
 use crate::{
@@ -18,7 +19,7 @@ use crate::{
     forward::{deliver, forwarded_by_us, to_remote_node, too_big_for_pod},
     headers::{ETH_P_8021AD, ETH_P_8021Q, same_ipv4},
     icmp::IcmpError,
-    lookup::{local_endpoint, node_config, pod_interface},
+    lookup::{local_endpoint, node_config, pod_interface, remote_node_for},
     packet::Packet,
     policy::{self, Flow},
     services::{Translation, translate},
@@ -95,7 +96,12 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) ->
     let mut reply = ConntrackKey::default();
     if config.flags & NODE_FLAG_SERVICES != 0 {
         let service = headers.ip().daddr;
-        headers = match translate::<false>(headers, true, config.conntrack_max_per_client)? {
+        headers = match translate::<false>(
+            headers,
+            true,
+            config.conntrack_max_per_client,
+            SERVICE_SCOPE_CLUSTER,
+        )? {
             Translation::Forward(headers, was_reply) => {
                 reply = was_reply;
                 headers
@@ -131,10 +137,15 @@ fn ipv4(packet: &mut Packet, ifindex: u32, pod_ipv4: [u8; 4], isolation: u32) ->
         }
         return deliver(headers, &endpoint);
     }
-    // A NodePort connection's reply, now from the node's address (no pod
-    // can send from it: checked above): straight out to its client, as the
-    // node's stack would refuse it (a source of its own, from outside).
-    if same_ipv4(headers.ip().saddr, config.node_ipv4) {
+    // The reply of a connection from outside (a node port, or an external
+    // or load balancer address), now from that Service address (no pod
+    // can send from another address than its own: checked above):
+    // straight out to its client, as the node's stack would refuse it (a
+    // source of its own, or not of the interface it came in by).
+    let service_source = !same_ipv4(headers.ip().saddr, pod_ipv4);
+    if same_ipv4(headers.ip().saddr, config.node_ipv4)
+        || (service_source && !same_ipv4(daddr, config.node_ipv4) && remote_node_for(daddr).is_none())
+    {
         headers.ip_mut().decrement_ttl()?;
         return Ok(Verdict::OutRouted { ifindex: config.uplink_ifindex });
     }

@@ -8,8 +8,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    Direction, DropReason, ETH_P_IP, IPPROTO_UDP, ModeMismatch, NODE_FLAG_POLICY, NODE_FLAG_SERVICES,
-    NodeConfig, NodeKey, RoutingMode,
+    Direction, DropReason, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP, ModeMismatch,
+    NODE_FLAG_POLICY, NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode, SERVICE_SCOPE_CLUSTER,
+    SERVICE_SCOPE_OUTSIDE, ServiceKey,
 };
 
 use crate::{
@@ -17,7 +18,7 @@ use crate::{
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, same_ipv4},
     icmp::IcmpError,
     lookup::{is_known_node, local_endpoint, node_config, remote_node_for, remote_pod_cidr_owner},
-    maps::PEER_MODE_MISMATCHES,
+    maps::{PEER_MODE_MISMATCHES, SERVICES},
     packet::{Ipv4Headers, Packet},
     policy::{self, Flow},
     services::{Translation, translate},
@@ -50,67 +51,37 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     let saddr = headers.ip().saddr;
     let mut daddr = headers.ip().daddr;
     let config = node_config();
-    // A NodePort connection's packets become a local backend's below.
-    let mut node_port = false;
-    if same_ipv4(daddr, config.node_ipv4) {
-        // The node's own traffic (VXLAN too, in overlay mode).
-        if config.mode == RoutingMode::Native as u32 && vxlan_from_peer(&headers, &config) {
-            record_mode_mismatch(saddr);
-            return Err(DropReason::PeerModeMismatch);
-        }
-        // Only what the kernel would forward may become a pod's: a frame
-        // of a VLAN, or one the forwarding checks refuse (a martian or
-        // spoofed source among them: before any connection is opened for
-        // it), stays the node's.
-        let (vlan_present, vlan_tci) = headers.packet().vlan();
-        if config.flags & NODE_FLAG_SERVICES == 0
-            || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0)
-            || strict::frame_ok(&headers).is_err()
-            || strict::source_ok(headers.packet(), saddr, &config).is_err()
-        {
-            return Ok(Verdict::HostStack);
-        }
-        // NodePort (the only Service ports on the node's address): a new
-        // connection gets a backend on this node, a tracked one its own.
-        headers = match translate::<true>(headers, true, config.conntrack_max_per_client)? {
-            Translation::Forward(headers, _) => headers,
-            Translation::Refuse(reason) => {
-                return Ok(Verdict::Answer {
-                    reason,
-                    error: IcmpError::PORT_UNREACHABLE,
-                    source: config.node_ipv4,
-                    back: Back::Out { ifindex: uplink },
-                });
-            }
-        };
-        daddr = headers.ip().daddr;
-        if same_ipv4(daddr, config.node_ipv4) {
-            return Ok(Verdict::HostStack);
-        }
-        node_port = true;
-        // From the node's address now (source NAT): a node port's packet
-        // for another node's backend, or that backend's reply on its way
-        // back to the client. What the kernel checks of what it forwards.
-        if same_ipv4(headers.ip().saddr, config.node_ipv4) {
-            if headers.ip().ttl_expires() {
-                return Ok(Verdict::Answer {
-                    reason: DropReason::TtlExceeded,
-                    error: IcmpError::TIME_EXCEEDED,
-                    source: config.node_ipv4,
-                    back: Back::Out { ifindex: uplink },
-                });
-            }
-            if remote_node_for(daddr).is_some()
-                && let Some(verdict) = to_remote_node(headers, daddr, &config)
-            {
-                return verdict;
-            }
-            let mut headers = packet.ipv4()?;
-            headers.ip_mut().decrement_ttl()?;
-            return Ok(Verdict::OutRouted { ifindex: uplink });
-        }
+    let to_node = same_ipv4(daddr, config.node_ipv4);
+    // The node's own traffic (VXLAN too, in overlay mode).
+    if to_node && config.mode == RoutingMode::Native as u32 && vxlan_from_peer(&headers, &config) {
+        record_mode_mismatch(saddr);
+        return Err(DropReason::PeerModeMismatch);
     }
-    let Some(endpoint) = local_endpoint(daddr) else {
+    let mut endpoint = if to_node { None } else { local_endpoint(daddr) };
+    // A connection from outside to a Service continues below as its local
+    // backend's packet: at a node port of the node's address (the only
+    // Service ports there), or at an external or load balancer address
+    // (looked up only for packets no local pod is addressed by).
+    let mut from_outside = false;
+    if endpoint.is_none() {
+        let scope = if to_node {
+            SERVICE_SCOPE_CLUSTER
+        } else if config.flags & NODE_FLAG_SERVICES != 0 && outside_service(&headers) {
+            SERVICE_SCOPE_OUTSIDE
+        } else {
+            return Ok(Verdict::HostStack);
+        };
+        if let Some(verdict) = enter_service(headers, &config, uplink, scope) {
+            return verdict;
+        }
+        // Translated to a backend on this node: judged and delivered below
+        // as a packet for that pod.
+        headers = packet.ipv4()?;
+        daddr = headers.ip().daddr;
+        from_outside = true;
+        endpoint = local_endpoint(daddr);
+    }
+    let Some(endpoint) = endpoint else {
         return Ok(Verdict::HostStack);
     };
     // For a local pod: what the kernel checks before it forwards. A frame
@@ -131,8 +102,8 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
             return Err(DropReason::PeerModeMismatch);
         }
     }
-    // (A node port's packet had its source checked above.)
-    if !node_port {
+    // (A packet from outside to a Service had its source checked above.)
+    if !from_outside {
         strict::source_ok(headers.packet(), saddr, &config)?;
     }
     let back = Back::Out { ifindex: uplink };
@@ -159,14 +130,125 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     // Replies of Service connections opened by pods on this node: the
     // source becomes the Service again; the destination stays the pod.
-    if config.flags & NODE_FLAG_SERVICES != 0 && !node_port {
-        headers = match translate::<false>(headers, false, config.conntrack_max_per_client)? {
-            Translation::Forward(headers, _) => headers,
-            // Only new connections are refused, and only "from pod" opens them.
-            Translation::Refuse(reason) => return Err(reason),
-        };
+    if config.flags & NODE_FLAG_SERVICES != 0 && !from_outside {
+        headers =
+            match translate::<false>(headers, false, config.conntrack_max_per_client, SERVICE_SCOPE_CLUSTER)?
+            {
+                Translation::Forward(headers, _) => headers,
+                // Only new connections are refused, and only "from pod" opens them.
+                Translation::Refuse(reason) => return Err(reason),
+            };
     }
     deliver(headers, &endpoint)
+}
+
+/// A packet from outside the cluster to a Service address of `scope` (the
+/// node's own address at a node port, or an external or load balancer
+/// address): a new connection gets a backend as externalTrafficPolicy
+/// says, a tracked one its own. Only what the kernel would forward may
+/// become a pod's: a frame of a VLAN, or one the forwarding checks refuse
+/// (a martian or spoofed source among them: before any connection is
+/// opened for it), stays the node's. The verdict, or `None` when the
+/// packet was translated for a backend on this node: then it is judged and
+/// delivered as a packet for that pod. (No enum holding the headers: its
+/// unset payload bytes, copied, made the verifier refuse the program.)
+#[inline(always)]
+fn enter_service(
+    headers: Ipv4Headers<'_>,
+    config: &NodeConfig,
+    uplink: u32,
+    scope: u8,
+) -> Option<Result<Verdict, DropReason>> {
+    let (saddr, daddr) = (headers.ip().saddr, headers.ip().daddr);
+    let (vlan_present, vlan_tci) = headers.packet().vlan();
+    if config.flags & NODE_FLAG_SERVICES == 0
+        || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0)
+        || strict::frame_ok(&headers).is_err()
+        || strict::source_ok(headers.packet(), saddr, config).is_err()
+    {
+        return Some(Ok(Verdict::HostStack));
+    }
+    let back = Back::Out { ifindex: uplink };
+    let translated = match translate::<true>(headers, true, config.conntrack_max_per_client, scope) {
+        Ok(translated) => translated,
+        Err(reason) => return Some(Err(reason)),
+    };
+    let headers = match translated {
+        Translation::Forward(headers, _) => headers,
+        Translation::Refuse(reason) => {
+            // From the address the client asked for.
+            return Some(Ok(Verdict::Answer {
+                reason,
+                error: IcmpError::PORT_UNREACHABLE,
+                source: daddr,
+                back,
+            }));
+        }
+    };
+    let new_daddr = headers.ip().daddr;
+    if same_ipv4(new_daddr, daddr) {
+        // No Service's: the node's own (or nobody's) business.
+        return Some(Ok(Verdict::HostStack));
+    }
+    if same_ipv4(headers.ip().saddr, saddr) {
+        // Only the destination changed: a backend on this node.
+        return None;
+    }
+    // The source changed too (source NAT): a connection's packet for
+    // another node's backend, from the node's address, or that backend's
+    // reply on its way back to the client, from the Service address. What
+    // the kernel checks of what it forwards.
+    if headers.ip().ttl_expires() {
+        return Some(Ok(Verdict::Answer {
+            reason: DropReason::TtlExceeded,
+            error: IcmpError::TIME_EXCEEDED,
+            source: config.node_ipv4,
+            back,
+        }));
+    }
+    let packet = headers.into_packet();
+    if remote_node_for(new_daddr).is_some()
+        && let Ok(headers) = packet.ipv4()
+        && let Some(verdict) = to_remote_node(headers, new_daddr, config)
+    {
+        return Some(verdict);
+    }
+    Some(out_routed(packet, uplink))
+}
+
+/// Straight out of the uplink to a client outside (the FIB picks the next
+/// hop), one hop older.
+#[inline(always)]
+fn out_routed(packet: &mut Packet, uplink: u32) -> Result<Verdict, DropReason> {
+    let mut headers = packet.ipv4()?;
+    headers.ip_mut().decrement_ttl()?;
+    Ok(Verdict::OutRouted { ifindex: uplink })
+}
+
+/// Is this TCP or UDP packet for an external or load balancer address of a
+/// Service ([`SERVICE_SCOPE_OUTSIDE`])? A later fragment (no ports) may be
+/// one's: its first fragment's translation, if any, says.
+#[inline(always)]
+fn outside_service(headers: &Ipv4Headers<'_>) -> bool {
+    let ip = headers.ip();
+    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
+        return false;
+    }
+    if ip.frag_off() & IP_OFFSET_MASK != 0 {
+        return true;
+    }
+    let l4 = ETH_HLEN + (ip.version_ihl & 0x0f) as usize * 4;
+    let Some(ports) = headers.packet().load::<[u8; 4]>(l4) else {
+        return false;
+    };
+    let key = ServiceKey {
+        vip: ip.daddr,
+        port: [ports[2], ports[3]],
+        protocol: ip.protocol,
+        scope: SERVICE_SCOPE_OUTSIDE,
+    };
+    // SAFETY: only tested for presence.
+    unsafe { SERVICES.get(key) }.is_some()
 }
 
 /// VXLAN from a known peer node to this node's VXLAN port: on a native

@@ -16,6 +16,12 @@ pub fn node_config() -> NodeConfig {
     }
 }
 
+/// The node's address alone (no copy of the whole config on the stack).
+#[inline(always)]
+pub fn node_ipv4() -> [u8; 4] {
+    NODE_CONFIG.get(0).map_or([0; 4], |config| config.node_ipv4)
+}
+
 /// The pod whose host veth is `ifindex`.
 #[inline(always)]
 pub fn pod_interface(ifindex: u32) -> Option<PodInterface> {

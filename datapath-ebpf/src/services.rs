@@ -18,14 +18,14 @@ use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND, SNAT_PORTS, Service,
-    ServiceKey,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
+    SERVICE_SCOPE_CLUSTER, SNAT_PORTS, Service, ServiceKey, snat_port_id,
 };
 
 use crate::{
     NS_PER_SECOND, clients,
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, Ipv4Hdr, same_ipv4},
-    lookup::local_endpoint,
+    lookup::{local_endpoint, node_ipv4},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
     packet::{Ipv4Headers, Packet},
     related::{
@@ -83,6 +83,7 @@ pub fn translate<const NODE_PORT: bool>(
     headers: Ipv4Headers<'_>,
     may_open: bool,
     max_per_client: u32,
+    scope: u8,
 ) -> Result<Translation<'_>, DropReason> {
     let ip = headers.ip();
     let (protocol, saddr, daddr) = (ip.protocol, ip.saddr, ip.daddr);
@@ -148,7 +149,7 @@ pub fn translate<const NODE_PORT: bool>(
     if !may_open {
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
     }
-    let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, _pad: 0 };
+    let service_key = ServiceKey { vip: daddr, port: ports.dport, protocol, scope };
     // SAFETY: copied out at once.
     let Some(service) = (unsafe { SERVICES.get(service_key) }).copied() else {
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
@@ -176,7 +177,7 @@ pub fn translate<const NODE_PORT: bool>(
     // A node port's connection to another node's backend leaves from the
     // node's address, so that the replies come back through here.
     if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
-        return open_snat(headers, key, &ports, &backend, service.id, events, now, fragments, max_per_client);
+        return open_snat(headers, key, &ports, &backend, events, now, fragments, max_per_client);
     }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
@@ -230,25 +231,26 @@ fn open_snat<'a>(
     key: ConntrackKey,
     ports: &Ports,
     backend: &Backend,
-    service_id: u32,
     events: u8,
     now: u64,
     fragments: Option<&FragmentKey>,
     max_per_client: u32,
 ) -> Result<Translation<'a>, DropReason> {
     let (first, span) = (*SNAT_PORTS.start() as u32, SNAT_PORTS.end() - SNAT_PORTS.start() + 1);
+    // The node's address: the Service address may be another (external).
+    let node = node_ipv4();
     let reply = ConntrackEntry {
-        nat_addr: [ports.sport[0], ports.sport[1], 0, 0],
+        nat_addr: key.daddr,
         nat_port: ports.dport,
         kind: CT_REPLY,
         flags: CT_STATEFUL | CT_SNAT,
         client_ipv4: key.saddr,
-        service_id,
+        service_id: snat_port_id(ports.sport),
         last_seen_ns: now,
     };
     let mut reply_key = ConntrackKey {
         saddr: backend.ipv4,
-        daddr: key.daddr,
+        daddr: node,
         sport: backend.port,
         dport: [0; 2],
         protocol: key.protocol,
@@ -276,8 +278,9 @@ fn open_snat<'a>(
         nat_port: backend.port,
         kind: CT_FORWARD,
         flags: CT_STATEFUL | CT_SNAT | events,
-        client_ipv4: [reply_key.dport[0], reply_key.dport[1], 0, 0],
-        ..reply
+        client_ipv4: node,
+        service_id: snat_port_id(reply_key.dport),
+        last_seen_ns: now,
     };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -347,7 +350,7 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
     };
     if answered {
         // (A forward entry's client is its key's source: a CT_SNAT one's
-        // client_ipv4 holds its port.)
+        // client_ipv4 holds the node's address.)
         let client = if entry.kind == CT_FORWARD { key.saddr } else { entry.client_ipv4 };
         clients::answered(client, max_per_client);
     }
@@ -658,19 +661,19 @@ fn rewrite_snat(
     let (l4_check, mangled_0) = l4_check_of(key.protocol, l4);
     let (sport, dport) = (l4, l4 + 2);
     if entry.kind == CT_FORWARD {
-        // Client -> node port becomes node:source port -> backend.
+        // Client -> Service address:port becomes node:source port -> backend.
         set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.nat_addr)?;
         set_port(packet, dport, l4_check, mangled_0, key.dport, entry.nat_port)?;
-        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, key.daddr)?;
+        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, entry.client_ipv4)?;
         set_port(packet, sport, l4_check, mangled_0, key.sport, entry.snat_port())?;
-        Ok((key.daddr, entry.nat_addr))
+        Ok((entry.client_ipv4, entry.nat_addr))
     } else {
-        // Backend -> node:source port becomes node port -> client.
-        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, key.daddr)?;
+        // Backend -> node:source port becomes Service address:port -> client.
+        set_addr(packet, IP_SADDR, l4_check, mangled_0, key.saddr, entry.nat_addr)?;
         set_port(packet, sport, l4_check, mangled_0, key.sport, entry.nat_port)?;
         set_addr(packet, IP_DADDR, l4_check, mangled_0, key.daddr, entry.client_ipv4)?;
         set_port(packet, dport, l4_check, mangled_0, key.dport, entry.snat_client_port())?;
-        Ok((key.daddr, entry.client_ipv4))
+        Ok((entry.nat_addr, entry.client_ipv4))
     }
 }
 
@@ -719,7 +722,7 @@ pub fn is_service(headers: &Ipv4Headers<'_>) -> bool {
     let Some(ports) = ports(packet, ip.version_ihl) else {
         return false;
     };
-    let key = ServiceKey { vip: ip.daddr, port: ports.dport, protocol, _pad: 0 };
+    let key = ServiceKey { vip: ip.daddr, port: ports.dport, protocol, scope: SERVICE_SCOPE_CLUSTER };
     // SAFETY: only checked for presence.
     unsafe { SERVICES.get(key) }.is_some()
 }

@@ -12,7 +12,10 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
-use datapath_common::{IPPROTO_TCP, IPPROTO_UDP, NODE_FLAG_SERVICES, ServiceKey, SockRevNat, SockRevNatKey};
+use datapath_common::{
+    IPPROTO_TCP, IPPROTO_UDP, NODE_FLAG_SERVICES, SERVICE_SCOPE_CLUSTER, ServiceKey, SockRevNat,
+    SockRevNatKey,
+};
 
 use crate::{
     lookup::node_config,
@@ -93,7 +96,7 @@ pub fn to_backend(ctx: SockAddrContext, family: u32) -> i32 {
     let Some((vip, port)) = destination(addr, family) else {
         return ALLOW;
     };
-    let key = ServiceKey { vip, port, protocol, _pad: 0 };
+    let key = ServiceKey { vip, port, protocol, scope: SERVICE_SCOPE_CLUSTER };
     // SAFETY: copied out at once.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;

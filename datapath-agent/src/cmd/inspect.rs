@@ -68,6 +68,10 @@ struct ServiceRow {
     session_affinity: &'static str,
     /// With ClientIP, how long a client keeps its backend; else null.
     session_affinity_timeout_seconds: Option<u32>,
+    /// Whose connections: "cluster" (pods, the node, node ports) or
+    /// "outside" (an external or load balancer address reached from
+    /// outside the cluster, as externalTrafficPolicy says).
+    clients: &'static str,
     /// What a new connection meets while `backends` is empty: "refuse"
     /// (ICMP port unreachable) or "drop" (internalTrafficPolicy Local,
     /// backends only on other nodes).
@@ -273,6 +277,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         port: u16::from_be_bytes(s.key.port),
                         protocol: services::protocol_name(s.key.protocol),
                         id: s.service.id,
+                        clients: if s.key.scope == datapath_common::SERVICE_SCOPE_OUTSIDE {
+                            "outside"
+                        } else {
+                            "cluster"
+                        },
                         session_affinity: affinity.name(),
                         session_affinity_timeout_seconds: client_ip
                             .then_some(s.service.affinity_timeout_seconds),
@@ -467,6 +476,7 @@ mod tests {
             port: 80,
             protocol: "TCP",
             id: 1,
+            clients: "cluster",
             session_affinity: "None",
             session_affinity_timeout_seconds: None,
             without_backends: "refuse",
@@ -476,6 +486,7 @@ mod tests {
             keys(&service),
             [
                 "backends",
+                "clients",
                 "cluster_ip",
                 "id",
                 "name",

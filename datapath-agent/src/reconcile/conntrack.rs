@@ -63,11 +63,12 @@ pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection
                 SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), port(entry.nat_port)),
             )
         } else if entry.flags & CT_SNAT != 0 {
-            // A node port's connection to another node's backend: the
-            // reply entry is keyed on the node's address and source port.
+            // An outside client's connection to another node's backend:
+            // the reply entry is keyed on the node's address and source
+            // port, and holds the Service address the client asked for.
             (
                 SocketAddrV4::new(Ipv4Addr::from(entry.client_ipv4), port(entry.snat_client_port())),
-                SocketAddrV4::new(Ipv4Addr::from(key.daddr), port(entry.nat_port)),
+                SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), port(entry.nat_port)),
                 SocketAddrV4::new(Ipv4Addr::from(key.saddr), port(key.sport)),
             )
         } else {
@@ -83,7 +84,8 @@ pub fn connections(entries: &[(ConntrackKey, ConntrackEntry)]) -> Vec<Connection
             client,
             service,
             backend,
-            service_id: entry.service_id,
+            // (A CT_SNAT entry keeps a port there.)
+            service_id: if entry.flags & CT_SNAT != 0 { 0 } else { entry.service_id },
             last_seen_ns: entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns)),
             state: (key.protocol == IPPROTO_TCP)
                 .then(|| TcpState::of(entry.kind, entry.flags, pair.map_or(0, |p| p.flags))),

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use datapath_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+use datapath_common::{IPPROTO_TCP, IPPROTO_UDP, SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, ServiceKey};
 
 use crate::reconcile::services::{ServicePort, protocol_name, service_key};
 
@@ -41,6 +41,11 @@ pub struct ServiceName {
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
     pub protocol: String,
+    /// The entry serves clients outside the cluster (an external or load
+    /// balancer address's second entry). Absent in files of earlier builds,
+    /// whose entries all served the cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_outside: bool,
 }
 
 impl ServiceName {
@@ -50,6 +55,7 @@ impl ServiceName {
             && self.cluster_ip == Ipv4Addr::from(key.vip)
             && self.port == u16::from_be_bytes(key.port)
             && self.protocol == protocol_name(key.protocol)
+            && self.from_outside == (key.scope == SERVICE_SCOPE_OUTSIDE)
     }
 }
 
@@ -64,6 +70,7 @@ impl ServiceName {
             cluster_ip: port.address,
             port: port.port,
             protocol: protocol_name(port.protocol).to_owned(),
+            from_outside: port.scope == SERVICE_SCOPE_OUTSIDE,
         }
     }
 
@@ -74,7 +81,8 @@ impl ServiceName {
             "UDP" => IPPROTO_UDP,
             _ => return None,
         };
-        Some(service_key(self.cluster_ip, self.port, protocol))
+        let scope = if self.from_outside { SERVICE_SCOPE_OUTSIDE } else { SERVICE_SCOPE_CLUSTER };
+        Some(ServiceKey { scope, ..service_key(self.cluster_ip, self.port, protocol) })
     }
 }
 
@@ -152,6 +160,7 @@ mod tests {
                 .map(|n| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, *n), 8080))
                 .collect(),
             drop_without_backend: false,
+            scope: datapath_common::SERVICE_SCOPE_CLUSTER,
         }
     }
 

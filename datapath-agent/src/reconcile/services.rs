@@ -12,7 +12,7 @@ use std::{
 
 use datapath_common::{
     Backend, BackendKey, IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
-    Service, ServiceKey,
+    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, Service, ServiceKey,
 };
 
 use crate::{
@@ -25,7 +25,7 @@ const FIRST_SERVICE_ID: u32 = 1;
 
 /// The `SERVICES` key of cluster IP, port and protocol.
 pub fn service_key(cluster_ip: Ipv4Addr, port: u16, protocol: u8) -> ServiceKey {
-    ServiceKey { vip: cluster_ip.octets(), port: port.to_be_bytes(), protocol, _pad: 0 }
+    ServiceKey { vip: cluster_ip.octets(), port: port.to_be_bytes(), protocol, scope: SERVICE_SCOPE_CLUSTER }
 }
 
 /// One Service port as the datapath serves it: one `SERVICES` entry.
@@ -45,13 +45,17 @@ pub struct ServicePort {
     /// Backend pod address and target port, in the order the config lists them.
     pub backends: Vec<SocketAddrV4>,
     /// With no backend, drop new connections unanswered rather than refuse
-    /// them (internalTrafficPolicy Local, backends only on other nodes).
+    /// them (a Local traffic policy, backends only on other nodes).
     pub drop_without_backend: bool,
+    /// Whose connections the entry serves: [`SERVICE_SCOPE_CLUSTER`], or
+    /// [`SERVICE_SCOPE_OUTSIDE`] (an external or load balancer address
+    /// reached from outside the cluster).
+    pub scope: u8,
 }
 
 impl ServicePort {
     pub fn key(&self) -> ServiceKey {
-        service_key(self.address, self.port, self.protocol)
+        ServiceKey { scope: self.scope, ..service_key(self.address, self.port, self.protocol) }
     }
 
     /// The `Service` value with `id` and `backend_count` backends. Without
@@ -121,13 +125,14 @@ impl BackendChoice {
 pub use crate::model::ThisNode;
 
 /// The Service ports `services` ask for, one per (address, port,
-/// protocol): on the cluster IP, its backends as internalTrafficPolicy says;
-/// on an external or load balancer address, any backend in the cluster
-/// (clients there are in the cluster: kube-proxy short-circuits them the
-/// same way whatever externalTrafficPolicy says); on this node's address at
-/// a node port, as externalTrafficPolicy says: Local, this node's backends
-/// (none here but some elsewhere: dropped, as kube-proxy does); Cluster,
-/// any backend.
+/// protocol, scope): on the cluster IP, its backends as
+/// internalTrafficPolicy says; on an external or load balancer address,
+/// for clients in the cluster any backend (kube-proxy short-circuits them
+/// the same way whatever externalTrafficPolicy says), and for clients
+/// outside ([`SERVICE_SCOPE_OUTSIDE`]) as externalTrafficPolicy says; on
+/// this node's address at a node port, as externalTrafficPolicy says.
+/// Local: this node's backends (none here but some elsewhere: dropped, as
+/// kube-proxy does); Cluster: any backend.
 pub fn desired_services<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
     node: ThisNode,
@@ -149,14 +154,20 @@ pub fn desired_services<'a>(
             let with_target = |ips: &[Ipv4Addr]| -> Vec<SocketAddrV4> {
                 ips.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port())).collect()
             };
-            let node_port = port.node_port.map(|node_port| (node.address, node_port));
-            let addresses = service.addresses().map(|address| (address, port.port)).chain(node_port);
-            for (address, number) in addresses {
-                // A node port with externalTrafficPolicy Local, or the
-                // cluster IP with internalTrafficPolicy Local: this node's
-                // backends. (A node port with Cluster: any backend; the
-                // programs reach another node's from the node's address.)
-                let policy = if address == node.address {
+            let node_port = port.node_port.map(|node_port| (node.address, node_port, SERVICE_SCOPE_CLUSTER));
+            let in_cluster = service.addresses().map(|address| (address, port.port, SERVICE_SCOPE_CLUSTER));
+            let from_outside = service
+                .external_ips
+                .iter()
+                .chain(&service.load_balancer_ips)
+                .map(|address| (*address, port.port, SERVICE_SCOPE_OUTSIDE));
+            for (address, number, scope) in in_cluster.chain(node_port).chain(from_outside) {
+                // A node port or an outside client with
+                // externalTrafficPolicy Local, or the cluster IP with
+                // internalTrafficPolicy Local: this node's backends. (With
+                // Cluster: any backend; the programs reach another node's
+                // from the node's address.)
+                let policy = if address == node.address || scope == SERVICE_SCOPE_OUTSIDE {
                     service.external_traffic_policy
                 } else if address == service.cluster_ip {
                     service.internal_traffic_policy
@@ -177,6 +188,7 @@ pub fn desired_services<'a>(
                     affinity_timeout_seconds: service.session_affinity_timeout_seconds,
                     backends,
                     drop_without_backend,
+                    scope,
                 });
             }
         }

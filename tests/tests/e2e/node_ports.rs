@@ -348,3 +348,113 @@ fn wait_for_affinity(agent: &datapath_tests::lab::Node, backends: &[Ipv4Addr]) {
 }
 
 in_both_modes! { node_ports_with_the_cluster_policy_reach_every_backend_through_any_node => node_port_cluster; }
+
+/// An external address, routed to the nodes by the outside network (here a
+/// static route on the outside host, as a router or a load balancer that
+/// forwards to a node would).
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+
+/// The outside host sends what it sends to `address` through `node`.
+fn route_via(host: &Netns, address: Ipv4Addr, node: Ipv4Addr) {
+    let status = std::process::Command::new("ip")
+        .args(["-n", &host.name, "route", "replace", &format!("{address}/32"), "via", &node.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "route {address} via {node}");
+}
+
+/// A Service with `external_ips = [EXTERNAL]`, TCP 80 -> 8080 and UDP 53 ->
+/// 5353, no node ports, with `policy` as its externalTrafficPolicy.
+fn external_service(backends: &[Ipv4Addr], policy: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|ip| format!("\"{ip}\"")).collect();
+    format!(
+        "\n[[services]]\nname = \"outside\"\ncluster_ip = \"10.96.2.30\"\nexternal_ips = [\"{EXTERNAL}\"]\n\
+         external_traffic_policy = \"{policy}\"\nbackends = [{}]\n\
+         [[services.ports]]\nport = 80\ntarget_port = 8080\n\
+         [[services.ports]]\nport = 53\nprotocol = \"UDP\"\ntarget_port = 5353\n",
+        list.join(", ")
+    )
+}
+
+/// Until `agent` serves `EXTERNAL:80` to outside clients with `count` backends.
+fn wait_outside_entry(agent: &datapath_tests::lab::Node, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let services = agent.inspect("services");
+        let ready = services.as_array().unwrap().iter().any(|s| {
+            s["cluster_ip"] == EXTERNAL.to_string()
+                && s["port"] == 80
+                && s["clients"] == "outside"
+                && s["backends"].as_array().is_some_and(|b| b.len() == count)
+        });
+        if ready {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "outside entry not programmed: {services:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An external address reached from outside the cluster, through either
+/// node: with externalTrafficPolicy Local, the node's own backends, which
+/// see the outside host's address, and a node without one drops; with
+/// Cluster, every backend (another node's from the node's address). The
+/// answers come from the external address. UDP too. A cluster IP stays
+/// out of reach from outside.
+fn external_from_outside(mode: &str) {
+    let mut lab = lab(mode);
+    let all = lab.backend_ips();
+    let (a2, on_b) = (all[0], [all[1], all[2]]);
+    lab.set_services(&external_service(&all, "Local"));
+    wait_outside_entry(&lab.a, 1);
+    wait_outside_entry(&lab.b, 2);
+    let outside = outside_host("client", OUTSIDE);
+    for (node, local) in [(NODE_A, vec![a2]), (NODE_B, on_b.to_vec())] {
+        route_via(&outside, EXTERNAL, node);
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let (backend, seen, peer) = ask(&outside, EXTERNAL, 80).expect("through the external address");
+            assert_eq!(peer, (EXTERNAL, 80).into(), "{mode}: the answer comes from the external address");
+            assert_eq!(seen, OUTSIDE, "{mode}: via {node}, the backend sees the client's own address");
+            assert!(local.contains(&backend), "{mode}: via {node}, only its own backends: {backend}");
+            reached.insert(backend);
+        }
+        assert_eq!(reached.len(), local.len(), "{mode}: via {node}: {reached:?}");
+        let udp = in_netns(&outside.path(), || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            socket.send_to(b"who\n", (EXTERNAL, 53)).unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the external address");
+            (from, parse_answer(&String::from_utf8_lossy(&buf[..n])))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(udp.0, (EXTERNAL, 53).into(), "{mode}: UDP answer from the external address");
+        assert!(local.contains(&udp.1.0) && udp.1.1 == OUTSIDE, "{mode}: via {node}, UDP {udp:?}");
+    }
+    // Local, and no backend on node A: node A drops; node B serves.
+    lab.set_services(&external_service(&on_b, "Local"));
+    wait_outside_entry(&lab.b, 2);
+    wait_outside_entry(&lab.a, 0);
+    route_via(&outside, EXTERNAL, NODE_A);
+    let err = ask(&outside, EXTERNAL, 80).expect_err("node A has no backend of its own");
+    assert!(matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock), "{mode}: dropped: {err}");
+    // Cluster: through node A to every backend; node B's see node A.
+    lab.set_services(&external_service(&all, "Cluster"));
+    wait_outside_entry(&lab.a, 3);
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (backend, seen, peer) = ask(&outside, EXTERNAL, 80).expect("through the external address");
+        assert_eq!(peer, (EXTERNAL, 80).into());
+        let want = if backend == a2 { OUTSIDE } else { NODE_A };
+        assert_eq!(seen, want, "{mode}: backend {backend} sees {seen}");
+        reached.insert(backend);
+    }
+    assert_eq!(reached.len(), all.len(), "{mode}: every backend through node A: {reached:?}");
+    // The cluster IP is for clients in the cluster only.
+    route_via(&outside, Ipv4Addr::new(10, 96, 2, 30), NODE_A);
+    assert!(ask(&outside, Ipv4Addr::new(10, 96, 2, 30), 80).is_err(), "{mode}: a cluster IP from outside");
+}
+
+in_both_modes! { external_addresses_are_served_to_outside_clients_as_the_external_policy_says => external_from_outside; }

@@ -34,6 +34,8 @@ const UDP: u8 = 17;
 struct Harness {
     datapath: Datapath,
     device: RunDevice,
+    /// The scope `service_on` writes its entries in.
+    scope: u8,
 }
 
 impl Harness {
@@ -79,7 +81,7 @@ impl Harness {
                 node_ip: Ipv4Addr::new(192, 0, 2, 2),
             }])
             .unwrap();
-        let mut harness = Self { datapath, device };
+        let mut harness = Self { datapath, device, scope: datapath_common::SERVICE_SCOPE_CLUSTER };
         harness.set_services_flag(true);
         harness
     }
@@ -124,7 +126,7 @@ impl Harness {
         }
         let mut services: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
-        let key = ServiceKey { vip: address, port: port.to_be_bytes(), protocol, _pad: 0 };
+        let key = ServiceKey { vip: address, port: port.to_be_bytes(), protocol, scope: self.scope };
         let service =
             Service { id, backend_count: backends.len() as u32, flags, affinity_timeout_seconds: 0 };
         services.insert(key, service, 0).unwrap();
@@ -489,6 +491,10 @@ fn icmp_errors_about_a_service_connection_name_the_service() {
 /// An outside host (not on the node's segment: routed via 192.0.2.2).
 const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
 
+/// An external address of a Service, routed to this node by the outside
+/// network (a load balancer's, or a router's static route).
+const EXTERNAL: [u8; 4] = [203, 0, 113, 7];
+
 /// NodePort (externalTrafficPolicy Local): an outside host's packet to the
 /// node's address at the node port becomes the local backend's, and the
 /// backend's reply becomes the node's, sent straight out of the uplink.
@@ -496,12 +502,25 @@ const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
 /// translation would forward them, byte for byte (TTL one less).
 #[test]
 fn node_ports_translate_both_ways_byte_exact() {
+    local_backend_byte_exact(RUN_DEVICE_IP, datapath_common::SERVICE_SCOPE_CLUSTER);
+}
+
+/// The same for an external (or load balancer) address reached from
+/// outside: its entry of scope "outside" (externalTrafficPolicy Local:
+/// this node's backend), the reply from the external address.
+#[test]
+fn external_addresses_from_outside_translate_both_ways_byte_exact() {
+    local_backend_byte_exact(EXTERNAL, datapath_common::SERVICE_SCOPE_OUTSIDE);
+}
+
+fn local_backend_byte_exact(address: [u8; 4], scope: u8) {
     require_root!();
     let mut h = Harness::new();
+    h.scope = scope;
     // The client pod doubles as the backend: its reply comes from the run
     // device, registered as its host veth.
-    h.service_on(RUN_DEVICE_IP, 7, 30080, TCP, &[(CLIENT, 8080)], 0);
-    h.service_on(RUN_DEVICE_IP, 8, 30053, UDP, &[(CLIENT, 5353)], 0);
+    h.service_on(address, 7, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(address, 8, 30053, UDP, &[(CLIENT, 5353)], 0);
     // The client pod's endpoint (registered last in Harness::new).
     let (pod_mac, host_mac) = ([0x02, 0xaa, 0, 0, 1, 5], [0x02, 0xee, 0, 0, 1, 5]);
     let forwarded = |mut ip: Ipv4| {
@@ -510,22 +529,22 @@ fn node_ports_translate_both_ways_byte_exact() {
     };
     let cases = [
         (
-            Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, 30080, TCP_SYN, b"hello"),
+            Ipv4::tcp(OUTSIDE, 40000, address, 30080, TCP_SYN, b"hello"),
             Ipv4::tcp(OUTSIDE, 40000, CLIENT, 8080, TCP_SYN, b"hello"),
             Ipv4::tcp(CLIENT, 8080, OUTSIDE, 40000, TCP_SYN | TCP_ACK, b"world"),
-            Ipv4::tcp(RUN_DEVICE_IP, 30080, OUTSIDE, 40000, TCP_SYN | TCP_ACK, b"world"),
+            Ipv4::tcp(address, 30080, OUTSIDE, 40000, TCP_SYN | TCP_ACK, b"world"),
         ),
         (
-            Ipv4::udp(OUTSIDE, 40001, RUN_DEVICE_IP, 30053, b"query", true),
+            Ipv4::udp(OUTSIDE, 40001, address, 30053, b"query", true),
             Ipv4::udp(OUTSIDE, 40001, CLIENT, 5353, b"query", true),
             Ipv4::udp(CLIENT, 5353, OUTSIDE, 40001, b"answer", true),
-            Ipv4::udp(RUN_DEVICE_IP, 30053, OUTSIDE, 40001, b"answer", true),
+            Ipv4::udp(address, 30053, OUTSIDE, 40001, b"answer", true),
         ),
         (
-            Ipv4::udp(OUTSIDE, 40002, RUN_DEVICE_IP, 30053, b"query", false),
+            Ipv4::udp(OUTSIDE, 40002, address, 30053, b"query", false),
             Ipv4::udp(OUTSIDE, 40002, CLIENT, 5353, b"query", false),
             Ipv4::udp(CLIENT, 5353, OUTSIDE, 40002, b"answer", false),
-            Ipv4::udp(RUN_DEVICE_IP, 30053, OUTSIDE, 40002, b"answer", false),
+            Ipv4::udp(address, 30053, OUTSIDE, 40002, b"answer", false),
         ),
     ];
     // (The counters add up over the runs.)
@@ -548,30 +567,43 @@ fn node_ports_translate_both_ways_byte_exact() {
     assert_eq!(h.conntrack().len(), 6, "two entries per connection");
 
     // No backend here (backends elsewhere): dropped unanswered, nothing tracked.
-    h.service_on(RUN_DEVICE_IP, 9, 30081, TCP, &[], datapath_common::SERVICE_DROP_WITHOUT_BACKEND);
-    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40003, RUN_DEVICE_IP, 30081, TCP_SYN, &[]));
+    h.service_on(address, 9, 30081, TCP, &[], datapath_common::SERVICE_DROP_WITHOUT_BACKEND);
+    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40003, address, 30081, TCP_SYN, &[]));
     assert_eq!(run.verdict, TC_ACT_SHOT);
     assert_eq!(run.counters.drop_count(DropReason::ServiceNoLocalBackend), 1);
     // No backend anywhere: refused with port unreachable from the node, back out of the uplink.
-    h.service_on(RUN_DEVICE_IP, 10, 30082, TCP, &[], 0);
-    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40004, RUN_DEVICE_IP, 30082, TCP_SYN, &[]));
+    h.service_on(address, 10, 30082, TCP, &[], 0);
+    let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40004, address, 30082, TCP_SYN, &[]));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(run.counters.drop_count(DropReason::ServiceNoBackend), 1);
     let icmp = Parsed::new(&run.out);
-    assert_eq!((icmp.src, icmp.dst, &icmp.l4[0..2]), (RUN_DEVICE_IP, OUTSIDE, &[3u8, 3][..]));
+    assert_eq!((icmp.src, icmp.dst, &icmp.l4[0..2]), (address, OUTSIDE, &[3u8, 3][..]));
     assert_eq!(h.conntrack().len(), 6);
     // A source the kernel would not forward for (one of this node's pods,
     // from outside: spoofed or reflected) opens nothing: the node's stack
     // judges it as its own traffic.
-    let spoofed = Ipv4::tcp(BACKENDS[0], 40006, RUN_DEVICE_IP, 30080, TCP_SYN, &[]);
+    let spoofed = Ipv4::tcp(BACKENDS[0], 40006, address, 30080, TCP_SYN, &[]);
     let run = h.run_from_uplink(&spoofed);
     assert_eq!((run.verdict, &run.out[14..]), (TC_ACT_OK, &spoofed.bytes()[..]));
     assert_eq!(h.conntrack().len(), 6, "nothing opened for a spoofed source");
     // Any other port of the node's address is the node's own, untouched.
-    let own = Ipv4::tcp(OUTSIDE, 40005, RUN_DEVICE_IP, 22, TCP_SYN, &[]);
+    let own = Ipv4::tcp(OUTSIDE, 40005, address, 22, TCP_SYN, &[]);
     let run = h.run_from_uplink(&own);
     assert_eq!(run.verdict, TC_ACT_OK);
     assert_eq!(run.out[14..], own.bytes()[..]);
+    if scope == datapath_common::SERVICE_SCOPE_OUTSIDE {
+        // Scopes do not mix: a pod's packet to the outside clients' entry
+        // is not translated by it, and an outside host's packet to an
+        // entry for clients in the cluster (a cluster IP) is the stack's.
+        let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 41000, address, 30080, TCP_SYN, &[]));
+        assert_eq!(Parsed::new(&run.out).dst, address, "a pod's packet: not translated by the outside entry");
+        h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+        h.service_on(VIP, 20, 80, TCP, &[(CLIENT, 8080)], 0);
+        let to_cluster_ip = Ipv4::tcp(OUTSIDE, 41001, VIP, 80, TCP_SYN, &[]);
+        let run = h.run_from_uplink(&to_cluster_ip);
+        assert_eq!((run.verdict, &run.out[14..]), (TC_ACT_OK, &to_cluster_ip.bytes()[..]));
+        assert_eq!(h.conntrack().len(), 6, "nothing opened from outside to a cluster IP");
+    }
 }
 
 /// NodePort (externalTrafficPolicy Cluster) to another node's backend: the
@@ -581,10 +613,23 @@ fn node_ports_translate_both_ways_byte_exact() {
 /// packet), TCP and UDP with and without a checksum.
 #[test]
 fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
+    remote_backend_byte_exact(RUN_DEVICE_IP, datapath_common::SERVICE_SCOPE_CLUSTER);
+}
+
+/// The same for an external address reached from outside: the request
+/// leaves from the node's own address (not the external one, which the
+/// backend could not answer), the reply from the external address.
+#[test]
+fn external_addresses_from_outside_to_another_nodes_backend_byte_exact() {
+    remote_backend_byte_exact(EXTERNAL, datapath_common::SERVICE_SCOPE_OUTSIDE);
+}
+
+fn remote_backend_byte_exact(address: [u8; 4], scope: u8) {
     require_root!();
     let mut h = Harness::new();
-    h.service_on(RUN_DEVICE_IP, 11, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
-    h.service_on(RUN_DEVICE_IP, 12, 30091, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
+    h.scope = scope;
+    h.service_on(address, 11, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.service_on(address, 12, 30091, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
     let forwarded = |mut ip: Ipv4| {
         ip.ttl -= 1;
         ip
@@ -601,7 +646,7 @@ fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
     ];
     let mut ports_given = Vec::new();
     for (request, reply, client_port, node_port, (backend, target)) in cases {
-        let run = h.run_from_uplink(&request(OUTSIDE, client_port, RUN_DEVICE_IP, node_port, b"hello"));
+        let run = h.run_from_uplink(&request(OUTSIDE, client_port, address, node_port, b"hello"));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "to the backend's node");
         let out = Parsed::new(&run.out);
         let given = out.sport();
@@ -617,7 +662,7 @@ fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "back out to the client");
         assert_eq!(
             run.out[14..],
-            forwarded(reply(RUN_DEVICE_IP, node_port, OUTSIDE, client_port, b"world")).bytes()[..],
+            forwarded(reply(address, node_port, OUTSIDE, client_port, b"world")).bytes()[..],
             "the reply as the client gets it"
         );
     }
@@ -630,9 +675,9 @@ fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
     assert_eq!(
         shown,
         [
-            "198.51.100.7:40000 192.0.2.1:30090 10.244.2.21:8080",
-            "198.51.100.7:40001 192.0.2.1:30091 10.244.2.22:5353",
-            "198.51.100.7:40002 192.0.2.1:30091 10.244.2.22:5353",
+            format!("198.51.100.7:40000 {}:30090 10.244.2.21:8080", Ipv4Addr::from(address)),
+            format!("198.51.100.7:40001 {}:30091 10.244.2.22:5353", Ipv4Addr::from(address)),
+            format!("198.51.100.7:40002 {}:30091 10.244.2.22:5353", Ipv4Addr::from(address)),
         ]
     );
     for (key, entry) in &entries {

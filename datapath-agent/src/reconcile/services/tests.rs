@@ -18,6 +18,7 @@ fn service_port(port: u16, backends: &[u8]) -> ServicePort {
         affinity_timeout_seconds: 10_800,
         backends: backends.iter().map(|n| pod(*n)).collect(),
         drop_without_backend: false,
+        scope: datapath_common::SERVICE_SCOPE_CLUSTER,
     }
 }
 
@@ -371,6 +372,9 @@ fn external_addresses_serve_every_backend_whatever_the_internal_policy() {
             (VIP, vec![101], false),
             (Ipv4Addr::new(203, 0, 113, 7), vec![101, 201], false),
             (Ipv4Addr::new(198, 51, 100, 9), vec![101, 201], false),
+            // Their second entries, for clients outside (Cluster policy).
+            (Ipv4Addr::new(203, 0, 113, 7), vec![101, 201], false),
+            (Ipv4Addr::new(198, 51, 100, 9), vec![101, 201], false),
         ]
     );
     // Each address its own Service entry, with the drop flag only where set.
@@ -438,4 +442,40 @@ fn node_ports_serve_as_external_traffic_policy_says() {
     assert_eq!(served(&[service.clone()])[1], (NODE1, vec![102], false), "terminating fallback, locally");
     service.terminating_backends = vec![];
     assert_eq!(served(&[service])[1], (NODE1, vec![], false));
+}
+
+#[test]
+fn outside_clients_of_external_addresses_follow_the_external_policy() {
+    let external = Ipv4Addr::new(203, 0, 113, 7);
+    let with = |backends: &[u8], policy: TrafficPolicy| {
+        let mut service = config(backends, &[]);
+        service.external_ips = vec![external];
+        service.external_traffic_policy = policy;
+        desired_services(&[service], node1())
+    };
+    let scoped = |ports: Vec<ServicePort>| -> Vec<(u8, usize, bool)> {
+        ports
+            .iter()
+            .filter(|p| p.address == external)
+            .map(|p| (p.key().scope, p.backends.len(), p.drop_without_backend))
+            .collect()
+    };
+    use datapath_common::{SERVICE_SCOPE_CLUSTER as CLUSTER, SERVICE_SCOPE_OUTSIDE as OUTSIDE};
+    // Clients in the cluster reach every backend; outside ones this node's.
+    assert_eq!(
+        scoped(with(&[101, 201], TrafficPolicy::Local)),
+        vec![(CLUSTER, 2, false), (OUTSIDE, 1, false)]
+    );
+    // None here: outside clients are dropped, as kube-proxy does.
+    assert_eq!(scoped(with(&[201], TrafficPolicy::Local)), vec![(CLUSTER, 1, false), (OUTSIDE, 0, true)]);
+    assert_eq!(scoped(with(&[201], TrafficPolicy::Cluster)), vec![(CLUSTER, 1, false), (OUTSIDE, 1, false)]);
+    // The two entries have two keys, and the names file tells them apart.
+    let ports = with(&[101], TrafficPolicy::Local);
+    let keys: Vec<_> = ports.iter().filter(|p| p.address == external).map(|p| p.key()).collect();
+    assert_ne!(keys[0], keys[1]);
+    for (i, port) in ports.iter().enumerate() {
+        let name = crate::reconcile::service_names::ServiceName::of(i as u32 + 1, port);
+        assert_eq!(name.key(), Some(port.key()));
+        assert!(name.names(i as u32 + 1, &port.key()));
+    }
 }
