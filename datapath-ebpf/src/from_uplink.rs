@@ -59,19 +59,17 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     }
     let mut endpoint = if to_node { None } else { local_endpoint(daddr) };
     // A connection from outside to a Service continues below as its local
-    // backend's packet: at a node port of the node's address (the only
-    // Service ports there), or at an external or load balancer address
-    // (looked up only for packets no local pod is addressed by).
+    // backend's packet: at a node port of the node's address, or at an
+    // external or load balancer address (looked up only for packets no
+    // local pod is addressed by). Both are entries for clients outside
+    // (the node's address at a node port also has entries for pods and
+    // the node's sockets, which reach every backend).
     let mut from_outside = false;
     if endpoint.is_none() {
-        let scope = if to_node {
-            SERVICE_SCOPE_CLUSTER
-        } else if config.flags & NODE_FLAG_SERVICES != 0 && outside_service(&headers) {
-            SERVICE_SCOPE_OUTSIDE
-        } else {
+        if !to_node && (config.flags & NODE_FLAG_SERVICES == 0 || !outside_service(&headers)) {
             return Ok(Verdict::HostStack);
-        };
-        if let Some(verdict) = enter_service(headers, &config, uplink, scope) {
+        }
+        if let Some(verdict) = enter_service(headers, &config, uplink) {
             return verdict;
         }
         // Translated to a backend on this node: judged and delivered below
@@ -142,10 +140,10 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
     deliver(headers, &endpoint)
 }
 
-/// A packet from outside the cluster to a Service address of `scope` (the
-/// node's own address at a node port, or an external or load balancer
-/// address): a new connection gets a backend as externalTrafficPolicy
-/// says, a tracked one its own. Only what the kernel would forward may
+/// A packet from outside the cluster to a Service address (the node's own
+/// address at a node port, or an external or load balancer address): a
+/// new connection gets a backend as externalTrafficPolicy says (the
+/// entries of scope "outside"), a tracked one its own. Only what the kernel would forward may
 /// become a pod's: a frame of a VLAN, or one the forwarding checks refuse
 /// (a martian or spoofed source among them: before any connection is
 /// opened for it), stays the node's. The verdict, or `None` when the
@@ -157,7 +155,6 @@ fn enter_service(
     headers: Ipv4Headers<'_>,
     config: &NodeConfig,
     uplink: u32,
-    scope: u8,
 ) -> Option<Result<Verdict, DropReason>> {
     let (saddr, daddr) = (headers.ip().saddr, headers.ip().daddr);
     let (vlan_present, vlan_tci) = headers.packet().vlan();
@@ -169,10 +166,11 @@ fn enter_service(
         return Some(Ok(Verdict::HostStack));
     }
     let back = Back::Out { ifindex: uplink };
-    let translated = match translate::<true>(headers, true, config.conntrack_max_per_client, scope) {
-        Ok(translated) => translated,
-        Err(reason) => return Some(Err(reason)),
-    };
+    let translated =
+        match translate::<true>(headers, true, config.conntrack_max_per_client, SERVICE_SCOPE_OUTSIDE) {
+            Ok(translated) => translated,
+            Err(reason) => return Some(Err(reason)),
+        };
     let headers = match translated {
         Translation::Forward(headers, _) => headers,
         Translation::Refuse(reason) => {

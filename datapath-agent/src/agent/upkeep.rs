@@ -235,6 +235,16 @@ impl Agent {
         let maps = self.datapath.sync_remote_nodes(&desired)?;
         let routes_removed =
             node_net::sync_routes(netlink, &desired, self.route_via, self.config.node_ip).await?;
+        // Node ports on the peers' addresses, for pods and the node's sockets.
+        // A failure is the Service sync's own (retried whole, logged there):
+        // the peers are programmed either way.
+        let peers = desired.iter().map(|r| r.node_ip).collect();
+        if let Err(e) = self.services.set_peers(&mut self.datapath, peers) {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(e)),
+                "node ports on the peers' addresses not programmed yet; retried with the next Service sync"
+            );
+        }
         tracing::info!(
             peers = desired.len(),
             added = maps.added,

@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
     path::PathBuf,
 };
 
@@ -36,6 +37,9 @@ pub struct ServiceSync {
     /// This node: the backends in its pod CIDR are local (traffic
     /// policies Local), its node ports are on its address.
     node: ThisNode,
+    /// The other nodes' addresses: pods and the node's own sockets reach
+    /// node ports on them too (translated here, like a cluster IP).
+    peers: Vec<Ipv4Addr>,
     /// Every Service to serve: what the source said last.
     services: BTreeMap<ServiceRef, ServiceConfig>,
     /// The names records on disk, by key; `None` until first read.
@@ -59,6 +63,7 @@ impl ServiceSync {
         ServiceSync {
             state_dir,
             node,
+            peers: Vec::new(),
             services: BTreeMap::new(),
             names: None,
             have_list: false,
@@ -75,6 +80,27 @@ impl ServiceSync {
     /// Whether the maps are known to serve exactly [`Self::services`].
     pub fn in_sync(&self) -> bool {
         self.in_sync
+    }
+
+    /// The other nodes' addresses changed: their node port entries follow,
+    /// as a whole sync (peers change rarely). Before the first Service list
+    /// nothing is written: that list's sync includes them.
+    pub fn set_peers(
+        &mut self,
+        datapath: &mut Datapath,
+        mut peers: Vec<Ipv4Addr>,
+    ) -> Result<SyncReport, ServiceSyncError> {
+        peers.sort();
+        peers.dedup();
+        if peers == self.peers {
+            return Ok(SyncReport::default());
+        }
+        self.peers = peers;
+        let has_node_ports = self.services.values().any(|s| s.ports.iter().any(|p| p.node_port.is_some()));
+        if !self.have_list || (self.in_sync && !has_node_ports) {
+            return Ok(SyncReport::default());
+        }
+        self.whole_sync(datapath)
     }
 
     /// Serve exactly `list`. The first time (and after an error) that is a
@@ -119,13 +145,14 @@ impl ServiceSync {
         let stale_udp = services::stale_udp_backends(
             changed.iter().map(|(service, config)| (self.services.get(service), config.as_ref())),
             self.node,
+            &self.peers,
         );
         for (service, config) in &changed {
             if let Some(old) = self.services.get(service) {
-                old_ports.extend(services::desired_services([old], self.node));
+                old_ports.extend(services::desired_services([old], self.node, &self.peers));
             }
             if let Some(new) = config {
-                new_ports.extend(services::desired_services([new], self.node));
+                new_ports.extend(services::desired_services([new], self.node, &self.peers));
             }
         }
         for (service, config) in changed {
@@ -177,7 +204,7 @@ impl ServiceSync {
     }
 
     fn whole_sync(&mut self, datapath: &mut Datapath) -> Result<SyncReport, ServiceSyncError> {
-        let desired = services::desired_services(self.services.values(), self.node);
+        let desired = services::desired_services(self.services.values(), self.node, &self.peers);
         let report = self
             .sync_maps(datapath, |programmed| services::plan_sync(programmed, &desired))
             .map_err(ServiceSyncError::Datapath)?;

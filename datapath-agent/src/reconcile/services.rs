@@ -129,13 +129,18 @@ pub use crate::model::ThisNode;
 /// internalTrafficPolicy says; on an external or load balancer address,
 /// for clients in the cluster any backend (kube-proxy short-circuits them
 /// the same way whatever externalTrafficPolicy says), and for clients
-/// outside ([`SERVICE_SCOPE_OUTSIDE`]) as externalTrafficPolicy says; on
-/// this node's address at a node port, as externalTrafficPolicy says.
+/// outside ([`SERVICE_SCOPE_OUTSIDE`]) as externalTrafficPolicy says; at a
+/// node port, on this node's address for clients outside (packets that
+/// arrive at the uplink) as externalTrafficPolicy says, and on every
+/// node's address (this one's and each of `peers`) for clients in the
+/// cluster, pods and the node's own sockets, any backend (kube-proxy
+/// short-circuits pod traffic to a node port to the cluster-wide set too).
 /// Local: this node's backends (none here but some elsewhere: dropped, as
 /// kube-proxy does); Cluster: any backend.
 pub fn desired_services<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
     node: ThisNode,
+    peers: &[Ipv4Addr],
 ) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for service in services {
@@ -154,20 +159,25 @@ pub fn desired_services<'a>(
             let with_target = |ips: &[Ipv4Addr]| -> Vec<SocketAddrV4> {
                 ips.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port())).collect()
             };
-            let node_port = port.node_port.map(|node_port| (node.address, node_port, SERVICE_SCOPE_CLUSTER));
+            let node_ports = port.node_port.into_iter().flat_map(|node_port| {
+                std::iter::once((node.address, node_port, SERVICE_SCOPE_OUTSIDE)).chain(
+                    std::iter::once(&node.address)
+                        .chain(peers)
+                        .map(move |address| (*address, node_port, SERVICE_SCOPE_CLUSTER)),
+                )
+            });
             let in_cluster = service.addresses().map(|address| (address, port.port, SERVICE_SCOPE_CLUSTER));
             let from_outside = service
                 .external_ips
                 .iter()
                 .chain(&service.load_balancer_ips)
                 .map(|address| (*address, port.port, SERVICE_SCOPE_OUTSIDE));
-            for (address, number, scope) in in_cluster.chain(node_port).chain(from_outside) {
-                // A node port or an outside client with
-                // externalTrafficPolicy Local, or the cluster IP with
-                // internalTrafficPolicy Local: this node's backends. (With
-                // Cluster: any backend; the programs reach another node's
-                // from the node's address.)
-                let policy = if address == node.address || scope == SERVICE_SCOPE_OUTSIDE {
+            for (address, number, scope) in in_cluster.chain(node_ports).chain(from_outside) {
+                // An outside client with externalTrafficPolicy Local, or
+                // the cluster IP with internalTrafficPolicy Local: this
+                // node's backends. (With Cluster: any backend; the
+                // programs reach another node's from the node's address.)
+                let policy = if scope == SERVICE_SCOPE_OUTSIDE {
                     service.external_traffic_policy
                 } else if address == service.cluster_ip {
                     service.internal_traffic_policy
@@ -202,6 +212,7 @@ pub fn desired_services<'a>(
 pub fn serving_udp_backends(
     service: &ServiceConfig,
     node: ThisNode,
+    peers: &[Ipv4Addr],
 ) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut out = BTreeMap::new();
     for port in service.ports.iter().filter(|p| p.protocol == ServiceProtocol::Udp) {
@@ -215,7 +226,9 @@ pub fn serving_udp_backends(
             out.insert(service_key(address, port.port, IPPROTO_UDP), serving.clone());
         }
         if let Some(node_port) = port.node_port {
-            out.insert(service_key(node.address, node_port, IPPROTO_UDP), serving.clone());
+            for address in std::iter::once(&node.address).chain(peers) {
+                out.insert(service_key(*address, node_port, IPPROTO_UDP), serving.clone());
+            }
         }
     }
     out
@@ -230,12 +243,13 @@ pub fn serving_udp_backends(
 pub fn stale_udp_backends<'a>(
     changes: impl IntoIterator<Item = (Option<&'a ServiceConfig>, Option<&'a ServiceConfig>)>,
     node: ThisNode,
+    peers: &[Ipv4Addr],
 ) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut old = BTreeMap::new();
     let mut new = BTreeMap::new();
     for (before, after) in changes {
-        old.extend(before.map(|s| serving_udp_backends(s, node)).unwrap_or_default());
-        new.extend(after.map(|s| serving_udp_backends(s, node)).unwrap_or_default());
+        old.extend(before.map(|s| serving_udp_backends(s, node, peers)).unwrap_or_default());
+        new.extend(after.map(|s| serving_udp_backends(s, node, peers)).unwrap_or_default());
     }
     let mut stale = BTreeMap::new();
     for (key, backends) in old {

@@ -458,3 +458,53 @@ fn external_from_outside(mode: &str) {
 }
 
 in_both_modes! { external_addresses_are_served_to_outside_clients_as_the_external_policy_says => external_from_outside; }
+
+/// Pods reach a node port on every node's address, their own node's and
+/// the other's, translated at their own node like a cluster IP: every
+/// backend whatever externalTrafficPolicy says (kube-proxy short-circuits
+/// pod traffic to a node port the same way), the backend sees the pod's
+/// own address, the answer comes from the address asked. The node's own
+/// sockets too (socket load balancing).
+fn pods_reach_node_ports(mode: &str) {
+    let mut lab = lab(mode);
+    let all = lab.backend_ips();
+    lab.set_services(&node_port_service(
+        "web",
+        Ipv4Addr::new(10, 96, 2, 10),
+        &all,
+        WEB_NODE_PORT,
+        Some(DNS_NODE_PORT),
+    ));
+    wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &all);
+    wait_served(&lab.a, NODE_B, WEB_NODE_PORT, &all);
+    let client = lab.client.ip;
+    for node in [NODE_A, NODE_B] {
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (backend, seen, peer) =
+                ask(&lab.client.netns, node, WEB_NODE_PORT).expect("a pod to a node port");
+            assert_eq!(peer, (node, WEB_NODE_PORT).into(), "{mode}: the answer comes from the node port");
+            assert_eq!(seen, client, "{mode}: via {node}, {backend} sees the pod's own address");
+            reached.insert(backend);
+        }
+        assert_eq!(reached.len(), all.len(), "{mode}: via {node}, every backend: {reached:?}");
+        let udp = in_netns(&lab.client.netns.path(), move || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            socket.send_to(b"who\n", (node, DNS_NODE_PORT)).unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
+            (from, parse_answer(&String::from_utf8_lossy(&buf[..n])))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(udp.0, (node, DNS_NODE_PORT).into(), "{mode}: UDP from the node port");
+        assert!(all.contains(&udp.1.0), "{mode}: {udp:?}");
+        // The node's own sockets.
+        let (backend, _, peer) = ask(&lab.a.netns, node, WEB_NODE_PORT).expect("node A to a node port");
+        assert_eq!(peer, (node, WEB_NODE_PORT).into());
+        assert!(all.contains(&backend), "{mode}: {backend}");
+    }
+}
+
+in_both_modes! { pods_and_the_node_reach_node_ports_on_every_nodes_address => pods_reach_node_ports; }

@@ -502,7 +502,7 @@ const EXTERNAL: [u8; 4] = [203, 0, 113, 7];
 /// translation would forward them, byte for byte (TTL one less).
 #[test]
 fn node_ports_translate_both_ways_byte_exact() {
-    local_backend_byte_exact(RUN_DEVICE_IP, datapath_common::SERVICE_SCOPE_CLUSTER);
+    local_backend_byte_exact(RUN_DEVICE_IP);
 }
 
 /// The same for an external (or load balancer) address reached from
@@ -510,13 +510,15 @@ fn node_ports_translate_both_ways_byte_exact() {
 /// this node's backend), the reply from the external address.
 #[test]
 fn external_addresses_from_outside_translate_both_ways_byte_exact() {
-    local_backend_byte_exact(EXTERNAL, datapath_common::SERVICE_SCOPE_OUTSIDE);
+    local_backend_byte_exact(EXTERNAL);
 }
 
-fn local_backend_byte_exact(address: [u8; 4], scope: u8) {
+/// The entries for clients outside at `address` (the node's at a node
+/// port, or an external one), checked both ways.
+fn local_backend_byte_exact(address: [u8; 4]) {
     require_root!();
     let mut h = Harness::new();
-    h.scope = scope;
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
     // The client pod doubles as the backend: its reply comes from the run
     // device, registered as its host veth.
     h.service_on(address, 7, 30080, TCP, &[(CLIENT, 8080)], 0);
@@ -591,19 +593,17 @@ fn local_backend_byte_exact(address: [u8; 4], scope: u8) {
     let run = h.run_from_uplink(&own);
     assert_eq!(run.verdict, TC_ACT_OK);
     assert_eq!(run.out[14..], own.bytes()[..]);
-    if scope == datapath_common::SERVICE_SCOPE_OUTSIDE {
-        // Scopes do not mix: a pod's packet to the outside clients' entry
-        // is not translated by it, and an outside host's packet to an
-        // entry for clients in the cluster (a cluster IP) is the stack's.
-        let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 41000, address, 30080, TCP_SYN, &[]));
-        assert_eq!(Parsed::new(&run.out).dst, address, "a pod's packet: not translated by the outside entry");
-        h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
-        h.service_on(VIP, 20, 80, TCP, &[(CLIENT, 8080)], 0);
-        let to_cluster_ip = Ipv4::tcp(OUTSIDE, 41001, VIP, 80, TCP_SYN, &[]);
-        let run = h.run_from_uplink(&to_cluster_ip);
-        assert_eq!((run.verdict, &run.out[14..]), (TC_ACT_OK, &to_cluster_ip.bytes()[..]));
-        assert_eq!(h.conntrack().len(), 6, "nothing opened from outside to a cluster IP");
-    }
+    // Scopes do not mix: a pod's packet to the outside clients' entry
+    // is not translated by it, and an outside host's packet to an
+    // entry for clients in the cluster (a cluster IP) is the stack's.
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 41000, address, 30080, TCP_SYN, &[]));
+    assert_eq!(Parsed::new(&run.out).dst, address, "a pod's packet: not translated by the outside entry");
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service_on(VIP, 20, 80, TCP, &[(CLIENT, 8080)], 0);
+    let to_cluster_ip = Ipv4::tcp(OUTSIDE, 41001, VIP, 80, TCP_SYN, &[]);
+    let run = h.run_from_uplink(&to_cluster_ip);
+    assert_eq!((run.verdict, &run.out[14..]), (TC_ACT_OK, &to_cluster_ip.bytes()[..]));
+    assert_eq!(h.conntrack().len(), 6, "nothing opened from outside to a cluster IP");
 }
 
 /// NodePort (externalTrafficPolicy Cluster) to another node's backend: the
@@ -613,7 +613,7 @@ fn local_backend_byte_exact(address: [u8; 4], scope: u8) {
 /// packet), TCP and UDP with and without a checksum.
 #[test]
 fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
-    remote_backend_byte_exact(RUN_DEVICE_IP, datapath_common::SERVICE_SCOPE_CLUSTER);
+    remote_backend_byte_exact(RUN_DEVICE_IP);
 }
 
 /// The same for an external address reached from outside: the request
@@ -621,13 +621,13 @@ fn node_ports_to_another_nodes_backend_leave_from_the_node_byte_exact() {
 /// backend could not answer), the reply from the external address.
 #[test]
 fn external_addresses_from_outside_to_another_nodes_backend_byte_exact() {
-    remote_backend_byte_exact(EXTERNAL, datapath_common::SERVICE_SCOPE_OUTSIDE);
+    remote_backend_byte_exact(EXTERNAL);
 }
 
-fn remote_backend_byte_exact(address: [u8; 4], scope: u8) {
+fn remote_backend_byte_exact(address: [u8; 4]) {
     require_root!();
     let mut h = Harness::new();
-    h.scope = scope;
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
     h.service_on(address, 11, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
     h.service_on(address, 12, 30091, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
     let forwarded = |mut ip: Ipv4| {

@@ -84,10 +84,9 @@ pub(super) fn wait_served(node: &Node, vip: Ipv4Addr, port: u16, backends: &[Ipv
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let services = node.inspect("services");
-        let programmed = services.as_array().unwrap().iter().find(|s| {
-            s["cluster_ip"] == vip.to_string() && s["port"] == port && s["protocol"].as_str() == Some("TCP")
-        });
-        if let Some(s) = programmed {
+        // (A node's address at a node port has two entries, one for
+        // clients outside and one for the cluster's: either may be meant.)
+        let served = services.as_array().unwrap().iter().any(|s| {
             let mut have: Vec<String> = s["backends"]
                 .as_array()
                 .unwrap()
@@ -95,9 +94,13 @@ pub(super) fn wait_served(node: &Node, vip: Ipv4Addr, port: u16, backends: &[Ipv
                 .map(|b| b["ip"].as_str().unwrap().to_owned())
                 .collect();
             have.sort();
-            if have == want {
-                return;
-            }
+            s["cluster_ip"] == vip.to_string()
+                && s["port"] == port
+                && s["protocol"].as_str() == Some("TCP")
+                && have == want
+        });
+        if served {
+            return;
         }
         assert!(Instant::now() < deadline, "{vip}:{port} not programmed with {want:?}: {services:#}");
         std::thread::sleep(Duration::from_millis(100));

@@ -318,7 +318,7 @@ const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 
 /// (address, backend hosts as 1xx/2xx, drop flag) of each port.
 fn served(services: &[ServiceConfig]) -> Vec<(Ipv4Addr, Vec<u16>, bool)> {
-    desired_services(services, node1())
+    desired_services(services, node1(), &[])
         .into_iter()
         .map(|p| {
             let hosts = p
@@ -378,7 +378,7 @@ fn external_addresses_serve_every_backend_whatever_the_internal_policy() {
         ]
     );
     // Each address its own Service entry, with the drop flag only where set.
-    let ports = desired_services(&[config(&[201], &[])], node1());
+    let ports = desired_services(&[config(&[201], &[])], node1(), &[]);
     let (plan, state) = sync(&ProgrammedState::default(), &ports);
     assert_eq!(plan.report.added, 1);
     assert_eq!(state.services[&ports[0].key()].flags & SERVICE_DROP_WITHOUT_BACKEND, 0);
@@ -405,34 +405,38 @@ fn udp_flows_are_stale_only_once_their_backend_serves_no_more() {
         next
     };
     // Terminating but serving: nothing stale.
-    assert!(stale_udp_backends([(Some(&udp), Some(&with(&[201], &[101])))], node1()).is_empty());
+    assert!(stale_udp_backends([(Some(&udp), Some(&with(&[201], &[101])))], node1(), &[]).is_empty());
     // Gone: stale on every address of the Service.
-    let gone = stale_udp_backends([(Some(&udp), Some(&with(&[201], &[])))], node1());
+    let gone = stale_udp_backends([(Some(&udp), Some(&with(&[201], &[])))], node1(), &[]);
     assert_eq!(
         gone,
         [(at(VIP), [b(101)].into()), (at(Ipv4Addr::new(203, 0, 113, 7)), [b(101)].into())].into()
     );
     // The Service removed: all of its flows.
-    assert_eq!(stale_udp_backends([(Some(&udp), None)], node1())[&at(VIP)], [b(101), b(201)].into());
+    assert_eq!(stale_udp_backends([(Some(&udp), None)], node1(), &[])[&at(VIP)], [b(101), b(201)].into());
     // A new Service, or TCP ports: nothing.
-    assert!(stale_udp_backends([(None, Some(&udp))], node1()).is_empty());
+    assert!(stale_udp_backends([(None, Some(&udp))], node1(), &[]).is_empty());
     let tcp = config(&[101], &[]);
-    assert!(stale_udp_backends([(Some(&tcp), Some(&config(&[], &[])))], node1()).is_empty());
+    assert!(stale_udp_backends([(Some(&tcp), Some(&config(&[], &[])))], node1(), &[]).is_empty());
 }
 
 #[test]
 fn node_ports_serve_as_external_traffic_policy_says() {
     let mut service = config(&[101, 201], &[]);
     service.ports[0].node_port = Some(30080);
-    // Cluster (the default): every backend, on the node's address too.
+    // Cluster (the default): every backend, on the node's address too
+    // (its entry for outside clients, then its entry for the cluster's).
     assert_eq!(
         served(&[service.clone()]),
-        vec![(VIP, vec![101, 201], false), (NODE1, vec![101, 201], false)]
+        vec![(VIP, vec![101, 201], false), (NODE1, vec![101, 201], false), (NODE1, vec![101, 201], false)]
     );
     service.external_traffic_policy = TrafficPolicy::Local;
-    let ports = desired_services(&[service.clone()], node1());
+    let ports = desired_services(&[service.clone()], node1(), &[]);
     assert_eq!((ports[1].address, ports[1].port), (NODE1, 30080));
-    assert_eq!(served(&[service.clone()]), vec![(VIP, vec![101, 201], false), (NODE1, vec![101], false)]);
+    assert_eq!(
+        served(&[service.clone()]),
+        vec![(VIP, vec![101, 201], false), (NODE1, vec![101], false), (NODE1, vec![101, 201], false)]
+    );
     // None here: dropped; none anywhere: refused.
     let elsewhere = Ipv4Addr::new(10, 244, 2, 1);
     service.backends = vec![elsewhere];
@@ -451,7 +455,7 @@ fn outside_clients_of_external_addresses_follow_the_external_policy() {
         let mut service = config(backends, &[]);
         service.external_ips = vec![external];
         service.external_traffic_policy = policy;
-        desired_services(&[service], node1())
+        desired_services(&[service], node1(), &[])
     };
     let scoped = |ports: Vec<ServicePort>| -> Vec<(u8, usize, bool)> {
         ports
@@ -478,4 +482,28 @@ fn outside_clients_of_external_addresses_follow_the_external_policy() {
         assert_eq!(name.key(), Some(port.key()));
         assert!(name.names(i as u32 + 1, &port.key()));
     }
+}
+
+#[test]
+fn node_ports_follow_the_external_policy_from_outside_and_serve_every_node_address_inside() {
+    use datapath_common::{SERVICE_SCOPE_CLUSTER as CLUSTER, SERVICE_SCOPE_OUTSIDE as OUTSIDE};
+    let peer = Ipv4Addr::new(192, 168, 1, 11);
+    let mut service = config(&[101, 201], &[]);
+    service.ports[0].node_port = Some(30080);
+    service.external_traffic_policy = TrafficPolicy::Local;
+    let ports = desired_services(&[service.clone()], node1(), &[peer]);
+    let node_port: Vec<(Ipv4Addr, u8, usize)> = ports
+        .iter()
+        .filter(|p| p.port == 30080)
+        .map(|p| (p.address, p.key().scope, p.backends.len()))
+        .collect();
+    // From outside (the uplink), this node's backend only; from pods and
+    // the node's sockets, every backend, on this node's address and the
+    // peer's.
+    assert_eq!(node_port, vec![(NODE1, OUTSIDE, 1), (NODE1, CLUSTER, 2), (peer, CLUSTER, 2)]);
+    // UDP flows through any node's node port are flushed like the others.
+    service.ports[0].protocol = ServiceProtocol::Udp;
+    let serving = serving_udp_backends(&service, node1(), &[peer]);
+    assert!(serving.contains_key(&service_key(peer, 30080, IPPROTO_UDP)));
+    assert!(serving.contains_key(&service_key(NODE1, 30080, IPPROTO_UDP)));
 }
