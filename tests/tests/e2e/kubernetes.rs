@@ -222,12 +222,15 @@ fn services_follow_service_and_endpointslice_objects() {
                     .iter()
                     .map(|b| format!("{}:{}", b["ip"].as_str().unwrap(), b["port"]))
                     .collect();
+                // (An external address's entry for clients outside the
+                // cluster is marked: its backends follow externalTrafficPolicy.)
                 format!(
-                    "{}/{} {}:{} {}",
+                    "{}/{} {}:{}{} {}",
                     s["namespace"].as_str().unwrap(),
                     s["name"].as_str().unwrap(),
                     s["cluster_ip"].as_str().unwrap(),
                     s["port"],
+                    if s["clients"] == "outside" { " (outside)" } else { "" },
                     backends.join(",")
                 )
             })
@@ -302,6 +305,7 @@ fn services_follow_service_and_endpointslice_objects() {
     let mut both_addresses = vec![
         format!("shop/web 10.96.0.10:80 {}:8080", backend.ip),
         format!("shop/web 203.0.113.7:80 {}:8080", backend.ip),
+        format!("shop/web 203.0.113.7:80 (outside) {}:8080", backend.ip),
     ];
     both_addresses.sort();
     wait_for("the terminating endpoint serves, on both addresses", Duration::from_secs(40), || {
