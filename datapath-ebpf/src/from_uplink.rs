@@ -143,10 +143,10 @@ fn classify(packet: &mut Packet) -> Result<Verdict, DropReason> {
 /// A packet from outside the cluster to a Service address (the node's own
 /// address at a node port, or an external or load balancer address): a
 /// new connection gets a backend as externalTrafficPolicy says (the
-/// entries of scope "outside"), a tracked one its own. Only what the kernel would forward may
-/// become a pod's: a frame of a VLAN, or one the forwarding checks refuse
-/// (a martian or spoofed source among them: before any connection is
-/// opened for it), stays the node's. The verdict, or `None` when the
+/// entries of scope "outside"), a tracked one its own. Only what the
+/// kernel would forward may become a pod's: a frame of a VLAN, or one the
+/// forwarding checks refuse (a martian or spoofed source among them:
+/// before any connection is opened for it), stays the node's. The verdict, or `None` when the
 /// packet was translated for a backend on this node: then it is judged and
 /// delivered as a packet for that pod. (No enum holding the headers: its
 /// unset payload bytes, copied, made the verifier refuse the program.)
