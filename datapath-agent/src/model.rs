@@ -198,6 +198,10 @@ impl ServiceProtocol {
 pub struct ThisNode {
     pub pod_cidr: Ipv4Net,
     pub address: Ipv4Addr,
+    /// `serve_outside_clients`: node ports and external and load balancer
+    /// addresses get entries for clients outside the cluster, and the
+    /// health check node ports are served.
+    pub serve_outside: bool,
 }
 
 /// A Service by namespace and name.

@@ -505,7 +505,11 @@ fn ours_change_ms(n: usize, changes: usize) -> anyhow::Result<(Vec<f64>, Vec<f64
     let mut dp = Datapath::load_unpinned()?;
     let mut sync = ServiceSync::new(
         state_dir.0.clone(),
-        ThisNode { pod_cidr: "10.244.1.0/24".parse()?, address: Ipv4Addr::new(192, 168, 1, 10) },
+        ThisNode {
+            pod_cidr: "10.244.1.0/24".parse()?,
+            address: Ipv4Addr::new(192, 168, 1, 10),
+            serve_outside: false,
+        },
     );
     let report = sync.replace_all(&mut dp, list.clone())?;
     anyhow::ensure!(report.added == n, "{} of {n} Services added", report.added);

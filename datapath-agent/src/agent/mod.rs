@@ -206,7 +206,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let store = EndpointStore::open(&config.state_dir)?;
     let services = ServiceSync::new(
         config.state_dir.clone(),
-        ThisNode { pod_cidr: config.pod_cidr, address: config.node_ip },
+        ThisNode {
+            pod_cidr: config.pod_cidr,
+            address: config.node_ip,
+            serve_outside: config.serve_outside_clients,
+        },
     );
     let mut agent = Agent {
         config,

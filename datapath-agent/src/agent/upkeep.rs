@@ -262,6 +262,7 @@ impl Agent {
         let node = crate::reconcile::services::ThisNode {
             pod_cidr: self.config.pod_cidr,
             address: self.config.node_ip,
+            serve_outside: self.config.serve_outside_clients,
         };
         let wanted = crate::observe::service_health::health_checks(self.services.services(), node);
         self.service_health.sync(&wanted);
@@ -289,8 +290,11 @@ impl Agent {
     /// left to kube-proxy ([`kubernetes_services::is_pod_backed`]).
     pub(super) fn apply_service_updates(&mut self, updates: Vec<ServiceUpdate>) -> anyhow::Result<()> {
         let cluster_cidr = self.config.cluster_cidr;
-        let ours =
-            |c: Option<ServiceConfig>| c.filter(|c| kubernetes_services::is_pod_backed(c, cluster_cidr));
+        let reserved = [self.config.vxlan.port];
+        let ours = |c: Option<ServiceConfig>| {
+            c.filter(|c| kubernetes_services::is_pod_backed(c, cluster_cidr))
+                .map(|c| kubernetes_services::without_reserved_node_ports(c, &reserved))
+        };
         let mut all: Option<BTreeMap<ServiceRef, ServiceConfig>> = None;
         let mut changed = BTreeMap::new();
         for update in updates {

@@ -34,8 +34,11 @@ pub fn health_checks<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
     node: ThisNode,
 ) -> BTreeMap<u16, HealthCheck> {
+    // (Only for a node that serves outside clients: a load balancer asks
+    // it about the node ports it serves them.)
     services
         .into_iter()
+        .filter(|_| node.serve_outside)
         .filter(|s| s.external_traffic_policy == TrafficPolicy::Local)
         .filter_map(|s| {
             let port = s.health_check_node_port?;

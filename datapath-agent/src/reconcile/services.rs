@@ -136,7 +136,8 @@ pub use crate::model::ThisNode;
 /// cluster, pods and the node's own sockets, any backend (kube-proxy
 /// short-circuits pod traffic to a node port to the cluster-wide set too).
 /// Local: this node's backends (none here but some elsewhere: dropped, as
-/// kube-proxy does); Cluster: any backend.
+/// kube-proxy does); Cluster: any backend. Entries for clients outside
+/// only if the node serves them (`serve_outside_clients`).
 pub fn desired_services<'a>(
     services: impl IntoIterator<Item = &'a ServiceConfig>,
     node: ThisNode,
@@ -172,7 +173,10 @@ pub fn desired_services<'a>(
                 .iter()
                 .chain(&service.load_balancer_ips)
                 .map(|address| (*address, port.port, SERVICE_SCOPE_OUTSIDE));
-            for (address, number, scope) in in_cluster.chain(node_ports).chain(from_outside) {
+            let served = in_cluster.chain(node_ports).chain(from_outside);
+            for (address, number, scope) in
+                served.filter(|(_, _, scope)| node.serve_outside || *scope != SERVICE_SCOPE_OUTSIDE)
+            {
                 // An outside client with externalTrafficPolicy Local, or
                 // the cluster IP with internalTrafficPolicy Local: this
                 // node's backends. (With Cluster: any backend; the

@@ -130,6 +130,15 @@ pub struct AgentConfig {
     /// reach no Service (kube-proxy or nothing must serve them).
     #[serde(default = "default_true")]
     pub socket_lb: bool,
+    /// Serve node ports and external and load balancer addresses to
+    /// clients outside the cluster (packets that arrive at the uplink).
+    /// Off by default: a host outside can still fill the connection table
+    /// or the source-NAT ports with connections it never completes
+    /// (docs/services.md, "Known gaps"); kube-proxy (netfilter, with its
+    /// early drop) keeps serving those clients meanwhile. Pods and the
+    /// node's own sockets reach node ports and these addresses either way.
+    #[serde(default)]
+    pub serve_outside_clients: bool,
     /// The cgroup v2 directory the socket programs are attached to: the
     /// root of the hierarchy, so that every process is under it. Unset:
     /// where cgroup2 is mounted (from /proc/self/mountinfo). In a
@@ -178,6 +187,7 @@ pub struct StartupConfig {
     pub conntrack_max_per_client: Option<u32>,
     pub policy_dir: Option<PathBuf>,
     pub socket_lb: bool,
+    pub serve_outside_clients: bool,
     pub cgroup_root: Option<PathBuf>,
 }
 
@@ -209,6 +219,7 @@ impl StartupConfig {
             conntrack_max_per_client,
             policy_dir,
             socket_lb,
+            serve_outside_clients,
             cgroup_root,
         } = self;
         [
@@ -233,6 +244,7 @@ impl StartupConfig {
             ("conntrack_max_per_client", *conntrack_max_per_client != other.conntrack_max_per_client),
             ("policy_dir", *policy_dir != other.policy_dir),
             ("socket_lb", *socket_lb != other.socket_lb),
+            ("serve_outside_clients", *serve_outside_clients != other.serve_outside_clients),
             ("cgroup_root", *cgroup_root != other.cgroup_root),
         ]
         .into_iter()
@@ -514,6 +526,7 @@ impl AgentConfig {
             services,
             policy_dir,
             socket_lb,
+            serve_outside_clients,
             cgroup_root,
         } = self;
         let startup = StartupConfig {
@@ -539,6 +552,7 @@ impl AgentConfig {
             conntrack_max_per_client,
             policy_dir,
             socket_lb,
+            serve_outside_clients,
             cgroup_root,
         };
         let live = LiveConfig {

@@ -262,6 +262,30 @@ pub fn is_pod_backed(service: &ServiceConfig, cluster_cidr: ipnet::Ipv4Net) -> b
     pods_only
 }
 
+/// `service` without the node ports (and health check node port) this
+/// node cannot serve: one of the source-NAT ports ([`SNAT_PORTS`]) or a
+/// port of `reserved` (the VXLAN port), which a node port would take from
+/// the datapath itself. Only possible with an API server whose node port
+/// range covers them; each one left out is logged.
+pub fn without_reserved_node_ports(mut service: ServiceConfig, reserved: &[u16]) -> ServiceConfig {
+    let taken = |port: u16| datapath_common::SNAT_PORTS.contains(&port) || reserved.contains(&port);
+    for port in &mut service.ports {
+        if let Some(node_port) = port.node_port.filter(|p| taken(*p)) {
+            tracing::warn!(
+                namespace = service.namespace,
+                name = service.name,
+                node_port,
+                "node port left out: the datapath uses this port itself (source NAT 61000-65535, or VXLAN)"
+            );
+            port.node_port = None;
+        }
+    }
+    if service.health_check_node_port.is_some_and(taken) {
+        service.health_check_node_port = None;
+    }
+    service
+}
+
 /// What the Service watch sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServiceUpdate {
@@ -457,6 +481,36 @@ impl Change {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn node_ports_the_datapath_uses_itself_are_left_out() {
+        let port = |node_port: u16| ServicePortConfig {
+            port: 80,
+            protocol: ServiceProtocol::Udp,
+            target_port: None,
+            name: None,
+            node_port: Some(node_port),
+        };
+        let service = ServiceConfig {
+            name: "dns".into(),
+            namespace: "default".into(),
+            cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, 10),
+            session_affinity: SessionAffinity::None,
+            session_affinity_timeout_seconds: 0,
+            ports: vec![port(30053), port(8472), port(61000), port(65535)],
+            backends: vec![],
+            terminating_backends: vec![],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: TrafficPolicy::Local,
+            health_check_node_port: Some(62000),
+        };
+        let kept = without_reserved_node_ports(service, &[8472]);
+        let node_ports: Vec<Option<u16>> = kept.ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, [Some(30053), None, None, None]);
+        assert_eq!(kept.health_check_node_port, None);
+    }
     use super::*;
 
     fn service(json: serde_json::Value) -> Service {

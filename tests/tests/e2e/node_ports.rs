@@ -87,8 +87,27 @@ fn ask(host: &Netns, node: Ipv4Addr, port: u16) -> std::io::Result<(Ipv4Addr, Ip
     .unwrap()
 }
 
-fn node_port_local(mode: &str) {
+/// The lab, its agents serving clients outside the cluster
+/// (`serve_outside_clients`, off by default; read at start).
+fn outside_lab(mode: &str) -> super::services::Lab {
     let mut lab = lab(mode);
+    for node in [&mut lab.a, &mut lab.b] {
+        node.set_extra_config(OUTSIDE_CLIENTS);
+        node.stop_agent();
+        node.start_agent();
+    }
+    lab
+}
+
+const OUTSIDE_CLIENTS: &str = "serve_outside_clients = true\n";
+
+/// `services` on both nodes, with the setting the agents started with.
+fn set_outside_services(lab: &mut super::services::Lab, services: &str) {
+    lab.set_services(&format!("{OUTSIDE_CLIENTS}{services}"));
+}
+
+fn node_port_local(mode: &str) {
+    let mut lab = outside_lab(mode);
     let [a2, b1, b2] = [lab.backends[0].ip, lab.backends[1].ip, lab.backends[2].ip];
     let with_health_check = |service: String, port: u16| {
         service.replacen(
@@ -123,7 +142,7 @@ fn node_port_local(mode: &str) {
             node_port_service("empty", Ipv4Addr::new(10, 96, 2, 12), &[], EMPTY_NODE_PORT, None),
         )
     };
-    lab.set_services(&services(&[b1]));
+    set_outside_services(&mut lab, &services(&[b1]));
     wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
     wait_served(&lab.b, NODE_B, WEB_NODE_PORT, &[b1, b2]);
     wait_served(&lab.a, NODE_A, ELSEWHERE_NODE_PORT, &[]);
@@ -183,7 +202,7 @@ fn node_port_local(mode: &str) {
         assert_eq!(body["service"]["namespace"], "default");
     }
     // The last backend on node B leaves: B's health check fails too.
-    lab.set_services(&services(&[]));
+    set_outside_services(&mut lab, &services(&[]));
     datapath_tests::wait_for("node B's health check fails", Duration::from_secs(10), || {
         http_get(&outside, NODE_B, ELSEWHERE_HEALTH_PORT).0 == 503
     });
@@ -215,10 +234,10 @@ fn cluster_node_port_service(backends: &[Ipv4Addr]) -> String {
 }
 
 fn node_port_cluster(mode: &str) {
-    let mut lab = lab(mode);
+    let mut lab = outside_lab(mode);
     let all = lab.backend_ips();
     let a2 = all[0];
-    lab.set_services(&cluster_node_port_service(&all));
+    set_outside_services(&mut lab, &cluster_node_port_service(&all));
     wait_served(&lab.a, NODE_A, 30090, &all);
     wait_served(&lab.b, NODE_B, 30090, &all);
     let outside = outside_host("client", OUTSIDE);
@@ -295,11 +314,14 @@ fn node_port_cluster(mode: &str) {
     // connection of the outside host goes to one backend (the node that
     // chose it keeps the choice, as each kube-proxy does), whether that
     // backend is local or on the other node (source NAT).
-    lab.set_services(&cluster_node_port_service(&all).replacen(
-        "backends =",
-        "session_affinity = \"ClientIP\"\nsession_affinity_timeout_seconds = 300\nbackends =",
-        1,
-    ));
+    set_outside_services(
+        &mut lab,
+        &cluster_node_port_service(&all).replacen(
+            "backends =",
+            "session_affinity = \"ClientIP\"\nsession_affinity_timeout_seconds = 300\nbackends =",
+            1,
+        ),
+    );
     for (node, agent) in [(NODE_A, &lab.a), (NODE_B, &lab.b)] {
         wait_for_affinity(agent, &all);
         let (first, _, _) = ask(&outside, node, 30090).expect("through the node port");
@@ -402,10 +424,10 @@ fn wait_outside_entry(agent: &datapath_tests::lab::Node, count: usize) {
 /// answers come from the external address. UDP too. A cluster IP stays
 /// out of reach from outside.
 fn external_from_outside(mode: &str) {
-    let mut lab = lab(mode);
+    let mut lab = outside_lab(mode);
     let all = lab.backend_ips();
     let (a2, on_b) = (all[0], [all[1], all[2]]);
-    lab.set_services(&external_service(&all, "Local"));
+    set_outside_services(&mut lab, &external_service(&all, "Local"));
     wait_outside_entry(&lab.a, 1);
     wait_outside_entry(&lab.b, 2);
     let outside = outside_host("client", OUTSIDE);
@@ -434,14 +456,14 @@ fn external_from_outside(mode: &str) {
         assert!(local.contains(&udp.1.0) && udp.1.1 == OUTSIDE, "{mode}: via {node}, UDP {udp:?}");
     }
     // Local, and no backend on node A: node A drops; node B serves.
-    lab.set_services(&external_service(&on_b, "Local"));
+    set_outside_services(&mut lab, &external_service(&on_b, "Local"));
     wait_outside_entry(&lab.b, 2);
     wait_outside_entry(&lab.a, 0);
     route_via(&outside, EXTERNAL, NODE_A);
     let err = ask(&outside, EXTERNAL, 80).expect_err("node A has no backend of its own");
     assert!(matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock), "{mode}: dropped: {err}");
     // Cluster: through node A to every backend; node B's see node A.
-    lab.set_services(&external_service(&all, "Cluster"));
+    set_outside_services(&mut lab, &external_service(&all, "Cluster"));
     wait_outside_entry(&lab.a, 3);
     let mut reached = std::collections::BTreeSet::new();
     for _ in 0..40 {
@@ -505,6 +527,13 @@ fn pods_reach_node_ports(mode: &str) {
         assert_eq!(peer, (node, WEB_NODE_PORT).into());
         assert!(all.contains(&backend), "{mode}: {backend}");
     }
+    // These agents do not serve outside clients (`serve_outside_clients`
+    // is off by default): a host outside reaches the node's own stack,
+    // where nothing listens on the node port, and no health check port.
+    let outside = outside_host("client", OUTSIDE);
+    let err = ask(&outside, NODE_A, WEB_NODE_PORT).expect_err("not served to outside clients by default");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{mode}: {err}");
+    assert!(lab.a.inspect("services").as_array().unwrap().iter().all(|s| s["clients"] == "cluster"));
 }
 
 in_both_modes! { pods_and_the_node_reach_node_ports_on_every_nodes_address => pods_reach_node_ports; }

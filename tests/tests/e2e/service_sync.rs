@@ -44,6 +44,7 @@ impl Drop for StateDir {
 const THIS_NODE: ThisNode = ThisNode {
     pod_cidr: ipnet::Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24),
     address: Ipv4Addr::new(192, 168, 1, 10),
+    serve_outside: false,
 };
 
 fn service(i: u32, backends: &[u8]) -> ServiceConfig {

@@ -311,7 +311,7 @@ fn config(backends: &[u8], terminating: &[u8]) -> ServiceConfig {
 
 /// Node 1: pods 10.244.1.0/24 (backends written 1xx); node 2's are 2xx.
 fn node1() -> ThisNode {
-    ThisNode { pod_cidr: "10.244.1.0/24".parse().unwrap(), address: NODE1 }
+    ThisNode { pod_cidr: "10.244.1.0/24".parse().unwrap(), address: NODE1, serve_outside: true }
 }
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
@@ -506,4 +506,20 @@ fn node_ports_follow_the_external_policy_from_outside_and_serve_every_node_addre
     let serving = serving_udp_backends(&service, node1(), &[peer]);
     assert!(serving.contains_key(&service_key(peer, 30080, IPPROTO_UDP)));
     assert!(serving.contains_key(&service_key(NODE1, 30080, IPPROTO_UDP)));
+}
+
+#[test]
+fn a_node_that_does_not_serve_outside_clients_has_no_entries_for_them() {
+    let mut service = config(&[101, 201], &[]);
+    service.ports[0].node_port = Some(30080);
+    service.external_ips = vec![Ipv4Addr::new(203, 0, 113, 7)];
+    service.external_traffic_policy = TrafficPolicy::Local;
+    service.health_check_node_port = Some(32100);
+    let node = ThisNode { serve_outside: false, ..node1() };
+    let ports = desired_services(&[service.clone()], node, &[]);
+    assert!(ports.iter().all(|p| p.key().scope == datapath_common::SERVICE_SCOPE_CLUSTER), "{ports:?}");
+    // Pods and the node's sockets keep every entry of theirs.
+    assert_eq!(ports.len(), 3, "cluster IP, external address, node port: {ports:?}");
+    assert!(crate::observe::service_health::health_checks([&service], node).is_empty());
+    assert_eq!(crate::observe::service_health::health_checks([&service], node1()).len(), 1);
 }

@@ -175,7 +175,34 @@ fn refuses_bad_services_naming_the_field() {
             WEB.replace("backends = [", "external_traffic_policy = \"Local\"\nbackends = [")
                 .replace("target_port = 8080", "target_port = 8080\nnode_port = 0"),
             "services.ports.node_port",
-            "not a port",
+            "node port 0 is outside 30000-32767",
+        ),
+        (
+            // The node's own ssh port, the VXLAN port, a source-NAT port.
+            WEB.replace("target_port = 8080", "target_port = 8080\nnode_port = 22"),
+            "services.ports.node_port",
+            "node port 22 is outside 30000-32767",
+        ),
+        (
+            WEB.replace("target_port = 8080", "target_port = 8080\nnode_port = 8472"),
+            "services.ports.node_port",
+            "node port 8472 is outside",
+        ),
+        (
+            format!(
+                "[vxlan]\nport = 30472\n{}",
+                WEB.replace(
+                    "target_port = 8080",
+                    "target_port = 8080\nprotocol = \"UDP\"\nnode_port = 30472"
+                )
+            ),
+            "services.ports.node_port",
+            "is the VXLAN port",
+        ),
+        (
+            WEB.replace("target_port = 8080", "target_port = 8080\nnode_port = 62000"),
+            "services.ports.node_port",
+            "node port 62000 is outside",
         ),
         (
             format!(
@@ -285,7 +312,7 @@ type FieldChange = (&'static str, fn(&mut AgentConfig));
 #[test]
 fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
     let base = AgentConfig::parse(GOOD).unwrap();
-    let startup: [FieldChange; 23] = [
+    let startup: [FieldChange; 24] = [
         ("node_name", |c| c.node_name.push('x')),
         ("pod_cidr", |c| c.pod_cidr = "10.244.2.0/24".parse().unwrap()),
         ("uplink_interface", |c| c.uplink_interface.push('x')),
@@ -308,6 +335,7 @@ fn each_startup_field_needs_a_restart_and_each_live_field_is_applied() {
         ("conntrack_max_per_client", |c| c.conntrack_max_per_client = Some(7)),
         ("policy_dir", |c| c.policy_dir = Some("/etc/datapath/policy".into())),
         ("socket_lb", |c| c.socket_lb = !c.socket_lb),
+        ("serve_outside_clients", |c| c.serve_outside_clients = !c.serve_outside_clients),
         ("cgroup_root", |c| c.cgroup_root = Some("/sys/fs/cgroup".into())),
     ];
     for (field, change) in startup {

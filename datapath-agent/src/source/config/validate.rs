@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// Kubernetes' default node port range (kube-apiserver
+/// `--service-node-port-range`): the static file's node ports and health
+/// check node ports must be in it.
+const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
 impl AgentConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
@@ -251,11 +256,25 @@ impl AgentConfig {
                         "use \"TCP\" or \"UDP\", or leave this port to kube-proxy",
                     );
                 }
-                if port.node_port == Some(0) {
+                if let Some(node_port) = port.node_port
+                    && port.protocol == ServiceProtocol::Udp
+                    && node_port == self.vxlan.port
+                {
                     return invalid(
                         "services.ports.node_port",
-                        format!("{id}: 0 is not a port"),
-                        "use the Service's spec.ports[].nodePort (default range 30000-32767)",
+                        format!("{id}: node port {node_port}/UDP is the VXLAN port (vxlan.port)"),
+                        "give the Service another node port, or the overlay another vxlan.port",
+                    );
+                }
+                if let Some(node_port) = port.node_port
+                    && !NODE_PORT_RANGE.contains(&node_port)
+                {
+                    // Outside it, a node port could take one of the node's
+                    // own ports (ssh), the VXLAN port, or a source-NAT port.
+                    return invalid(
+                        "services.ports.node_port",
+                        format!("{id}: node port {node_port} is outside 30000-32767"),
+                        "use the Service's spec.ports[].nodePort, from Kubernetes' node port range 30000-32767",
                     );
                 }
                 let node_port = port.node_port.map(|p| (self.node_ip, p));
@@ -274,7 +293,8 @@ impl AgentConfig {
                 }
             }
             if let Some(port) = service.health_check_node_port {
-                if port == 0 || service.external_traffic_policy != TrafficPolicy::Local {
+                if !NODE_PORT_RANGE.contains(&port) || service.external_traffic_policy != TrafficPolicy::Local
+                {
                     return invalid(
                         "services.health_check_node_port",
                         format!(
