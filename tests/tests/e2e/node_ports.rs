@@ -87,6 +87,39 @@ fn ask(host: &Netns, node: Ipv4Addr, port: u16) -> std::io::Result<(Ipv4Addr, Ip
     .unwrap()
 }
 
+/// One UDP datagram from `host` (a new source port) to `address:port`:
+/// (who answered, (backend, client address it saw)).
+fn ask_udp(host: &Netns, address: Ipv4Addr, port: u16) -> (SocketAddr, (Ipv4Addr, Ipv4Addr)) {
+    in_netns(&host.path(), move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        socket.send_to(b"who\n", (address, port)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer");
+        (from, parse_answer(&String::from_utf8_lossy(&buf[..n])))
+    })
+    .join()
+    .unwrap()
+}
+
+/// Until a row of `agent`'s `inspect services` satisfies `ready` (`what`
+/// names it in the failure).
+fn wait_for_rows(
+    agent: &datapath_tests::lab::Node,
+    what: &str,
+    ready: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let services = agent.inspect("services");
+        if ready(services.as_array().unwrap()) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} not programmed: {services:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The lab, its agents serving clients outside the cluster
 /// (`serve_outside_clients`, off by default; read at start).
 fn outside_lab(mode: &str) -> super::services::Lab {
@@ -162,16 +195,7 @@ fn node_port_local(mode: &str) {
         assert_eq!(reached, want.into_iter().collect(), "{mode}: via {node}, its own backends only");
     }
     // UDP: the reply comes from the node's address and node port.
-    let (backend, from) = in_netns(&outside.path(), || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        socket.send_to(b"who\n", (NODE_A, DNS_NODE_PORT)).unwrap();
-        let mut buf = [0u8; 256];
-        let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
-        (parse_answer(&String::from_utf8_lossy(&buf[..n])).0, from)
-    })
-    .join()
-    .unwrap();
+    let (from, (backend, _)) = ask_udp(&outside, NODE_A, DNS_NODE_PORT);
     assert_eq!((backend, from), (a2, (NODE_A, DNS_NODE_PORT).into()), "{mode}");
 
     // Backends only on node B: A drops unanswered (counted), B serves.
@@ -286,21 +310,12 @@ fn node_port_cluster(mode: &str) {
     assert!(long.1.iter().all(|b| *b == long.0), "{mode}: {long:?}");
     // UDP through node A reaches node B's backends too, each reply from
     // the node port.
-    let udp_backends = in_netns(&outside.path(), || {
-        let mut reached = std::collections::BTreeSet::new();
-        for _ in 0..30 {
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            socket.send_to(b"who\n", (NODE_A, 30091)).unwrap();
-            let mut buf = [0u8; 256];
-            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
-            assert_eq!(from, (NODE_A, 30091).into());
-            reached.insert(parse_answer(&String::from_utf8_lossy(&buf[..n])).0);
-        }
-        reached
-    })
-    .join()
-    .unwrap();
+    let mut udp_backends = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (from, (backend, _)) = ask_udp(&outside, NODE_A, 30091);
+        assert_eq!(from, (NODE_A, 30091).into());
+        udp_backends.insert(backend);
+    }
     assert_eq!(udp_backends.len(), all.len(), "{mode}: {udp_backends:?}");
     // inspect shows the outside client's connections with their backend.
     let conntrack = lab.a.inspect("conntrack");
@@ -330,20 +345,8 @@ fn node_port_cluster(mode: &str) {
             assert_eq!(backend, first, "{mode}: via {node}, ClientIP affinity keeps one backend");
         }
         // UDP too, from new source ports each time.
-        let udp = in_netns(&outside.path(), move || {
-            let mut reached = std::collections::BTreeSet::new();
-            for _ in 0..10 {
-                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-                socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                socket.send_to(b"who\n", (node, 30091)).unwrap();
-                let mut buf = [0u8; 256];
-                let (n, _) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
-                reached.insert(parse_answer(&String::from_utf8_lossy(&buf[..n])).0);
-            }
-            reached
-        })
-        .join()
-        .unwrap();
+        let udp: std::collections::BTreeSet<Ipv4Addr> =
+            (0..10).map(|_| ask_udp(&outside, node, 30091).1.0).collect();
         assert_eq!(udp.len(), 1, "{mode}: via {node}, UDP with ClientIP affinity: {udp:?}");
     }
 }
@@ -351,22 +354,15 @@ fn node_port_cluster(mode: &str) {
 /// Until `agent` shows the node port Service with ClientIP affinity and
 /// all of `backends`.
 fn wait_for_affinity(agent: &datapath_tests::lab::Node, backends: &[Ipv4Addr]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let services = agent.inspect("services");
-        let ready = [30090, 30091].iter().all(|port| {
-            services.as_array().unwrap().iter().any(|s| {
+    wait_for_rows(agent, "affinity", |rows| {
+        [30090, 30091].iter().all(|port| {
+            rows.iter().any(|s| {
                 s["port"] == *port
                     && s["session_affinity"] == "ClientIP"
                     && s["backends"].as_array().is_some_and(|b| b.len() == backends.len())
             })
-        });
-        if ready {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "affinity not programmed: {services:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        })
+    });
 }
 
 in_both_modes! { node_ports_with_the_cluster_policy_reach_every_backend_through_any_node => node_port_cluster; }
@@ -400,21 +396,14 @@ fn external_service(backends: &[Ipv4Addr], policy: &str) -> String {
 
 /// Until `agent` serves `EXTERNAL:80` to outside clients with `count` backends.
 fn wait_outside_entry(agent: &datapath_tests::lab::Node, count: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let services = agent.inspect("services");
-        let ready = services.as_array().unwrap().iter().any(|s| {
+    wait_for_rows(agent, "outside entry", |rows| {
+        rows.iter().any(|s| {
             s["cluster_ip"] == EXTERNAL.to_string()
                 && s["port"] == 80
                 && s["clients"] == "outside"
                 && s["backends"].as_array().is_some_and(|b| b.len() == count)
-        });
-        if ready {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "outside entry not programmed: {services:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        })
+    });
 }
 
 /// An external address reached from outside the cluster, through either
@@ -442,16 +431,7 @@ fn external_from_outside(mode: &str) {
             reached.insert(backend);
         }
         assert_eq!(reached.len(), local.len(), "{mode}: via {node}: {reached:?}");
-        let udp = in_netns(&outside.path(), || {
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            socket.send_to(b"who\n", (EXTERNAL, 53)).unwrap();
-            let mut buf = [0u8; 256];
-            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the external address");
-            (from, parse_answer(&String::from_utf8_lossy(&buf[..n])))
-        })
-        .join()
-        .unwrap();
+        let udp = ask_udp(&outside, EXTERNAL, 53);
         assert_eq!(udp.0, (EXTERNAL, 53).into(), "{mode}: UDP answer from the external address");
         assert!(local.contains(&udp.1.0) && udp.1.1 == OUTSIDE, "{mode}: via {node}, UDP {udp:?}");
     }
@@ -510,16 +490,7 @@ fn pods_reach_node_ports(mode: &str) {
             reached.insert(backend);
         }
         assert_eq!(reached.len(), all.len(), "{mode}: via {node}, every backend: {reached:?}");
-        let udp = in_netns(&lab.client.netns.path(), move || {
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            socket.send_to(b"who\n", (node, DNS_NODE_PORT)).unwrap();
-            let mut buf = [0u8; 256];
-            let (n, from) = socket.recv_from(&mut buf).expect("a UDP answer through the node port");
-            (from, parse_answer(&String::from_utf8_lossy(&buf[..n])))
-        })
-        .join()
-        .unwrap();
+        let udp = ask_udp(&lab.client.netns, node, DNS_NODE_PORT);
         assert_eq!(udp.0, (node, DNS_NODE_PORT).into(), "{mode}: UDP from the node port");
         assert!(all.contains(&udp.1.0), "{mode}: {udp:?}");
         // The node's own sockets.
