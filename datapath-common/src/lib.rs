@@ -873,8 +873,23 @@ pub struct ConntrackClientKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackClient {
     pub connections: u32,
-    pub _pad: u32,
+    /// Under [`OUTSIDE_CLIENTS`] only: the most unanswered Service
+    /// connections all clients outside the cluster may have together
+    /// (`conntrack_max_outside`; 0: no limit). 0 under a client's own key
+    /// (its limit is [`NodeConfig::conntrack_max_per_client`]). This was
+    /// padding: an entry of an older build reads as "no limit".
+    pub limit: u32,
 }
+
+/// The key under which [`ConntrackClient`] counts the unanswered Service
+/// connections of every client outside the cluster together (node ports,
+/// external and load balancer addresses, reached from the uplink). One
+/// host can send from many addresses (any address the node routes back
+/// out of the uplink passes the reverse-path check), so a limit per
+/// address does not hold it; this one keeps such a flood to its share of
+/// the table, and the pods' own connections out of its reach. 0.0.0.0 is
+/// never a client's address (a martian source).
+pub const OUTSIDE_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [0; 4] };
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -1121,6 +1136,16 @@ wire_enum! {
         /// connection to another node's backend.
         SnatPortsExhausted = 31, "snat_ports_exhausted",
             "new NodePort connection to another node's backend: no free source port (refused with ICMP port unreachable)";
+        /// What netfilter's conntrack calls invalid (a TCP data offset
+        /// below 5 words or past the segment, a UDP length that does not
+        /// fit, an L4 header cut by fragmentation): no connection is
+        /// opened for it.
+        MalformedL4 = 32, "malformed_l4",
+            "new Service connection whose TCP or UDP header is cut short or inconsistent (tiny first fragment, data offset past the segment): dropped, nothing tracked";
+        /// All clients outside the cluster together have
+        /// `conntrack_max_outside` unanswered connections tracked.
+        ConntrackOutsideLimit = 33, "conntrack_outside_limit",
+            "clients outside the cluster have conntrack_max_outside unanswered connections tracked (a SYN flood from faked sources?): new connection from outside dropped";
     }
 }
 
@@ -1196,7 +1221,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 31);
+        assert_eq!(DropReason::ALL.len(), 33);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! nothing here and a count lost to a race heals within a sweep.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use datapath_common::{ConntrackClient, ConntrackClientKey};
+use datapath_common::{ConntrackClient, ConntrackClientKey, OUTSIDE_CLIENTS};
 
 use crate::maps::CONNTRACK_CLIENTS;
 
@@ -40,7 +40,7 @@ pub fn count(client: [u8; 4], limit: u32) {
         Some(entry) => unsafe { (*entry).connections += 1 },
         None => {
             // Another CPU's first count may win: one lost, healed by the recount.
-            let first = ConntrackClient { connections: 1, _pad: 0 };
+            let first = ConntrackClient { connections: 1, limit: 0 };
             let _ = CONNTRACK_CLIENTS.insert(key, first, BPF_NOEXIST as u64);
         }
     }
@@ -55,5 +55,48 @@ pub fn answered(client: [u8; 4], limit: u32) {
     if let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(ConntrackClientKey { ipv4: client }) {
         // SAFETY: a live entry; not atomic, as in `count`.
         unsafe { (*entry).connections = (*entry).connections.saturating_sub(1) };
+    }
+}
+
+/// Have the clients outside the cluster, together, as many unanswered
+/// connections as `conntrack_max_outside` lets them (the agent writes the
+/// limit next to their count, [`OUTSIDE_CLIENTS`])?
+#[inline(always)]
+pub fn outside_at_limit() -> bool {
+    // SAFETY: copied out at once.
+    unsafe { CONNTRACK_CLIENTS.get(OUTSIDE_CLIENTS) }.is_some_and(|c| {
+        // (A count taken below zero by a race reads huge: as none.)
+        c.limit != 0 && c.connections >= c.limit && c.connections < 1 << 31
+    })
+}
+
+/// Count a connection a client outside the cluster started, or take one
+/// off (`answered`). Atomic: a flood from outside comes in on every CPU at
+/// once, and lost counts would let it past the limit until the recount.
+/// Nothing to count before the agent wrote the entry (no limit).
+#[inline(always)]
+pub fn count_outside(answered: bool) {
+    let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(OUTSIDE_CLIENTS) else {
+        return;
+    };
+    // SAFETY: a live map value, aligned for a u32; the agent rewrites it
+    // whole between sweeps.
+    unsafe { add_atomic(&raw mut (*entry).connections, if answered { u32::MAX } else { 1 }) };
+}
+
+/// `*counter += n` (wrapping) as one atomic instruction. The BPF target
+/// has no `AtomicU32` in core, but the instruction set has a 32-bit atomic
+/// add; on the host (unit tests) the core type does it.
+#[inline(always)]
+unsafe fn add_atomic(counter: *mut u32, n: u32) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's pointer.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, n);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's pointer.
+    unsafe {
+        core::sync::atomic::AtomicU32::from_ptr(counter).fetch_add(n, core::sync::atomic::Ordering::Relaxed);
     }
 }

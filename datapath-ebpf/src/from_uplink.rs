@@ -173,6 +173,15 @@ fn enter_service(
         };
     let headers = match translated {
         Translation::Forward(headers, _) => headers,
+        // A new connection whose TTL runs out here: from the node, as a router.
+        Translation::Refuse(DropReason::TtlExceeded) => {
+            return Some(Ok(Verdict::Answer {
+                reason: DropReason::TtlExceeded,
+                error: IcmpError::TIME_EXCEEDED,
+                source: config.node_ipv4,
+                back,
+            }));
+        }
         Translation::Refuse(reason) => {
             // From the address the client asked for.
             return Some(Ok(Verdict::Answer {

@@ -9,6 +9,8 @@
 //! `cargo test -p datapath-ebpf --lib` tests them; the programs, their
 //! maps and the packet they run on build for BPF only.
 #![cfg_attr(not(test), no_std)]
+// A 32-bit atomic add (see `clients::add_atomic`).
+#![cfg_attr(target_arch = "bpf", allow(internal_features), feature(core_intrinsics))]
 
 pub mod arp;
 pub mod checksum;

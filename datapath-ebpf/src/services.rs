@@ -19,7 +19,7 @@ use datapath_common::{
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
     IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
-    SERVICE_SCOPE_CLUSTER, SNAT_PORTS, Service, ServiceKey, snat_port_id,
+    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORTS, Service, ServiceKey, snat_port_id,
 };
 
 use crate::{
@@ -160,6 +160,21 @@ pub fn translate<const NODE_PORT: bool>(
         }
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
     }
+    // Only what netfilter's conntrack would take as a valid first packet
+    // opens a connection: nothing is tracked for a packet refused below.
+    if !l4_header_valid(headers.packet(), headers.ip(), ports.l4) {
+        return Err(DropReason::MalformedL4);
+    }
+    // From outside (a node port or an external address), a packet whose
+    // TTL runs out here is never forwarded: answered, nothing tracked (it
+    // would also hold a source-NAT port until the opening timer ended).
+    if NODE_PORT && headers.ip().ttl_expires() {
+        return Ok(Translation::Refuse(DropReason::TtlExceeded));
+    }
+    let from_outside = scope == SERVICE_SCOPE_OUTSIDE;
+    if from_outside && clients::outside_at_limit() {
+        return Err(DropReason::ConntrackOutsideLimit);
+    }
     if clients::at_limit(saddr, max_per_client) {
         return Ok(Translation::Refuse(DropReason::ConntrackClientLimit));
     }
@@ -217,6 +232,9 @@ pub fn translate<const NODE_PORT: bool>(
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
     clients::count(saddr, max_per_client);
+    if from_outside {
+        clients::count_outside(false);
+    }
     apply::<NODE_PORT>(headers, &key, &forward, &ports, fragments)
 }
 
@@ -301,6 +319,8 @@ fn open_snat<'a>(
         }
     }
     clients::count(key.saddr, max_per_client);
+    // (Only connections from outside the cluster are given source ports.)
+    clients::count_outside(false);
     apply::<true>(headers, &key, &forward, ports, fragments)
 }
 
@@ -339,7 +359,7 @@ pub fn choose_backend(service: &Service, client: [u8; 4], now: u64) -> Option<Ba
 /// backend's first reply), its client's unanswered count goes down.
 #[inline(always)]
 fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_per_client: u32) {
-    if max_per_client == 0 || entry.flags & CT_STATEFUL == 0 {
+    if entry.flags & CT_STATEFUL == 0 {
         return;
     }
     let answered = if protocol == IPPROTO_TCP {
@@ -353,6 +373,12 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
         // client_ipv4 holds the node's address.)
         let client = if entry.kind == CT_FORWARD { key.saddr } else { entry.client_ipv4 };
         clients::answered(client, max_per_client);
+        // Service connections are opened by this node's pods or by clients
+        // outside the cluster: one that is not a pod here was outside.
+        // (A pod deleted meanwhile takes one off too many: the recount heals it.)
+        if local_endpoint(client).is_none() {
+            clients::count_outside(true);
+        }
     }
 }
 
@@ -606,6 +632,36 @@ fn ports(packet: &Packet, version_ihl: u8) -> Option<Ports> {
         packet.load(ETH_HLEN + ihl)?
     };
     Some(Ports { l4: ETH_HLEN + ihl, sport: [raw[0], raw[1]], dport: [raw[2], raw[3]] })
+}
+
+/// Is the TCP or UDP header at `l4` one netfilter's conntrack would call
+/// valid: wholly inside the packet (in a first fragment: inside this
+/// fragment), a TCP data offset of at least five words that ends within
+/// the segment, a UDP length that fits (a first fragment's counts the whole
+/// datagram: only its header must be here)?
+#[inline(always)]
+fn l4_header_valid(packet: &Packet, ip: &Ipv4Hdr, l4: usize) -> bool {
+    const UDP_HLEN: usize = 8;
+    const TCP_MIN_HLEN: usize = 20;
+    let l4_len = (u16::from_be_bytes(ip.tot_len) as usize).saturating_sub(ip.header_len());
+    if ip.protocol == IPPROTO_TCP {
+        let Some(data_offset) = packet.load::<u8>(l4 + 12) else {
+            return false;
+        };
+        let header_len = (data_offset >> 4) as usize * 4;
+        return header_len >= TCP_MIN_HLEN && header_len <= l4_len;
+    }
+    if l4_len < UDP_HLEN {
+        return false;
+    }
+    if ip.frag_off() & IP_MF != 0 {
+        return true;
+    }
+    let Some(length) = packet.load::<[u8; 2]>(l4 + 4) else {
+        return false;
+    };
+    let length = u16::from_be_bytes(length) as usize;
+    (UDP_HLEN..=l4_len).contains(&length)
 }
 
 /// Apply a connection's translation to this packet. Returns the new

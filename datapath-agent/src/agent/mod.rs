@@ -532,13 +532,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 impl conntrack::CollectorHost for Agent {
     fn conntrack_limits(&self) -> ConntrackLimits {
         let c = &self.config;
-        ConntrackLimits::from_seconds(
-            c.conntrack_tcp_idle_seconds,
-            c.conntrack_udp_idle_seconds,
-            c.conntrack_closing_seconds,
-            c.conntrack_half_closed_seconds,
-            c.conntrack_opening_seconds,
-        )
+        ConntrackLimits {
+            outside_limit: c.conntrack_max_outside(),
+            local_pods: Some(c.pod_cidr),
+            ..ConntrackLimits::from_seconds(
+                c.conntrack_tcp_idle_seconds,
+                c.conntrack_udp_idle_seconds,
+                c.conntrack_closing_seconds,
+                c.conntrack_half_closed_seconds,
+                c.conntrack_opening_seconds,
+            )
+        }
     }
 
     fn datapath_mut(&mut self) -> &mut Datapath {

@@ -2,7 +2,9 @@
 //! collector (`reconcile::conntrack`).
 
 use aya::maps::{HashMap, Map, MapData};
-use datapath_common::{ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, map_names};
+use datapath_common::{
+    ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, OUTSIDE_CLIENTS, map_names,
+};
 
 use crate::bpf::{
     DatapathError, PinLayout,
@@ -68,9 +70,11 @@ impl PinnedConntrack {
     /// not in it have none). The programs add to these between sweeps; an
     /// add between the snapshot the counts come from and this write is
     /// lost, and found again at the next sweep.
+    /// The count under [`OUTSIDE_CLIENTS`] gets `outside_limit` with it.
     pub fn set_client_counts(
         &mut self,
         counts: &std::collections::HashMap<[u8; 4], u32>,
+        outside_limit: u32,
     ) -> Result<(), DatapathError> {
         let name = map_names::CONNTRACK_CLIENTS;
         let present: Vec<ConntrackClientKey> =
@@ -81,12 +85,23 @@ impl PinnedConntrack {
             }
         }
         for (ipv4, connections) in counts {
-            let value = ConntrackClient { connections: *connections, _pad: 0 };
+            let limit = if *ipv4 == OUTSIDE_CLIENTS.ipv4 { outside_limit } else { 0 };
+            let value = ConntrackClient { connections: *connections, limit };
             self.clients
                 .insert(ConntrackClientKey { ipv4: *ipv4 }, value, 0)
                 .map_err(DatapathError::map(name))?;
         }
         Ok(())
+    }
+
+    /// The outside clients' count and limit as the programs see them now
+    /// (all zero before the collector's first sweep).
+    pub fn outside_clients(&self) -> Result<ConntrackClient, DatapathError> {
+        match self.clients.get(&OUTSIDE_CLIENTS, 0) {
+            Ok(value) => Ok(value),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(ConntrackClient::default()),
+            Err(e) => Err(DatapathError::map(map_names::CONNTRACK_CLIENTS)(e)),
+        }
     }
 
     /// Each client's count as the programs see it now.

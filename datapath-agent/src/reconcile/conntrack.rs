@@ -104,6 +104,13 @@ pub struct ConntrackLimits {
     pub closing_ns: u64,
     pub half_closed_ns: u64,
     pub opening_ns: u64,
+    /// `conntrack_max_outside` (0: no limit), written next to the count of
+    /// the clients outside the cluster at each sweep.
+    pub outside_limit: u32,
+    /// This node's pod CIDR: a Service connection opened by an address
+    /// outside it came from outside the cluster (only this node's pods and
+    /// outside clients open them here). `None`: nothing counted as outside.
+    pub local_pods: Option<ipnet::Ipv4Net>,
 }
 
 impl ConntrackLimits {
@@ -116,6 +123,8 @@ impl ConntrackLimits {
             closing_ns: ns(closing),
             half_closed_ns: ns(half_closed),
             opening_ns: ns(opening),
+            outside_limit: 0,
+            local_pods: None,
         }
     }
 }
@@ -194,16 +203,23 @@ pub fn sweep(
     for key in &gone {
         snapshot.remove(key);
     }
-    map.set_client_counts(&client_counts(&snapshot))?;
+    map.set_client_counts(&client_counts(&snapshot, limits.local_pods), limits.outside_limit)?;
     Ok(GcReport { removed, remaining: snapshot.len() })
 }
 
 /// Each client's unanswered connections, as `conntrack_max_per_client`
 /// counts them ([`datapath_common::unanswered`]): Service connections by
 /// their forward entry, connections policy allowed by their one entry,
-/// both under the address that opened them.
-pub fn client_counts(snapshot: &HashMap<ConntrackKey, ConntrackEntry>) -> HashMap<[u8; 4], u32> {
-    let mut counts = HashMap::new();
+/// both under the address that opened them. Under
+/// [`datapath_common::OUTSIDE_CLIENTS`] (always present), the unanswered
+/// Service connections opened by addresses outside `local_pods`, all
+/// together, as `conntrack_max_outside` counts them.
+pub fn client_counts(
+    snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
+    local_pods: Option<ipnet::Ipv4Net>,
+) -> HashMap<[u8; 4], u32> {
+    let outside_key = datapath_common::OUTSIDE_CLIENTS.ipv4;
+    let mut counts = HashMap::from([(outside_key, 0)]);
     for (key, entry) in snapshot {
         if entry.kind != CT_FORWARD && entry.kind != CT_POLICY {
             continue;
@@ -215,6 +231,11 @@ pub fn client_counts(snapshot: &HashMap<ConntrackKey, ConntrackEntry>) -> HashMa
         };
         if unanswered(key.protocol, entry.kind, entry.flags, pair_flags) {
             *counts.entry(key.saddr).or_insert(0) += 1;
+            if entry.kind == CT_FORWARD
+                && local_pods.is_some_and(|pods| !pods.contains(&Ipv4Addr::from(key.saddr)))
+            {
+                *counts.entry(outside_key).or_insert(0) += 1;
+            }
         }
     }
     counts
@@ -420,10 +441,32 @@ mod tests {
                 ConntrackKey { saddr: other, sport: [0, port], protocol: IPPROTO_TCP, ..Default::default() };
             snapshot.insert(key, ConntrackEntry { kind: CT_POLICY, flags, ..Default::default() });
         }
-        let counts = client_counts(&snapshot);
+        let counts = client_counts(&snapshot, None);
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
         assert_eq!(counts.get(&other), Some(&1), "{counts:?}");
-        assert_eq!(counts.len(), 2);
+        let outside = datapath_common::OUTSIDE_CLIENTS.ipv4;
+        assert_eq!(counts.get(&outside), Some(&0), "always written, none without the pod CIDR");
+        assert_eq!(counts.len(), 3);
+
+        // The pods are 10.244.1.0/24: the client above is one of them. The
+        // unanswered Service connections of clients outside it count twice:
+        // as their own and, all together, as outside clients' (policy
+        // entries do not: they are no Service connections).
+        let pods: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        assert_eq!(client_counts(&snapshot, Some(pods)).get(&outside), Some(&0));
+        for (n, established) in [(7, false), (8, false), (9, true)] {
+            let [mut fwd, mut rep] = tcp_connection(41_000, pod(2), false);
+            fwd.0.saddr = [198, 51, 100, n];
+            rep.1.client_ipv4 = fwd.0.saddr;
+            let seen = if established { CT_SEEN } else { 0 };
+            (fwd.1.flags, rep.1.flags) = (CT_STATEFUL | seen, CT_STATEFUL | seen);
+            rep.0 = fwd.0.pair(&fwd.1);
+            snapshot.extend([fwd, rep]);
+        }
+        let counts = client_counts(&snapshot, Some(pods));
+        assert_eq!(counts.get(&outside), Some(&2), "{counts:?}");
+        assert_eq!(counts.get(&[198, 51, 100, 7]), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
     }
 
     #[test]
@@ -462,6 +505,8 @@ mod tests {
             closing_ns: 10 * NS_PER_SECOND,
             half_closed_ns: 50 * NS_PER_SECOND,
             opening_ns: 20 * NS_PER_SECOND,
+            outside_limit: 0,
+            local_pods: None,
         };
         let [fwd, rep] = tcp_connection(40_000, pod(2), false);
         let seen = fwd.1.last_seen_ns;

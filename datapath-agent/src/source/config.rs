@@ -94,6 +94,15 @@ pub struct AgentConfig {
     /// entries if that is less. 0: no limit.
     #[serde(default)]
     pub conntrack_max_per_client: Option<u32>,
+    /// Unanswered Service connections all clients outside the cluster may
+    /// have tracked together (node ports, external and load balancer
+    /// addresses, with `serve_outside_clients`): a new one past it is
+    /// dropped (`conntrack_outside_limit`), so a SYN flood from faked
+    /// source addresses holds at most this share of the table and never
+    /// the pods' own connections. Unset: a quarter of the table's entries
+    /// (`conntrack_max_entries / 8` connections). 0: no limit.
+    #[serde(default)]
+    pub conntrack_max_outside: Option<u32>,
     /// A TCP Service connection with no packet for this long is forgotten.
     #[serde(default = "default_conntrack_tcp_idle_seconds")]
     pub conntrack_tcp_idle_seconds: u32,
@@ -185,6 +194,7 @@ pub struct StartupConfig {
     pub monitor_events_per_second: u32,
     pub conntrack_max_entries: u32,
     pub conntrack_max_per_client: Option<u32>,
+    pub conntrack_max_outside: Option<u32>,
     pub policy_dir: Option<PathBuf>,
     pub socket_lb: bool,
     pub serve_outside_clients: bool,
@@ -217,6 +227,7 @@ impl StartupConfig {
             monitor_events_per_second,
             conntrack_max_entries,
             conntrack_max_per_client,
+            conntrack_max_outside,
             policy_dir,
             socket_lb,
             serve_outside_clients,
@@ -242,6 +253,7 @@ impl StartupConfig {
             ("monitor_events_per_second", *monitor_events_per_second != other.monitor_events_per_second),
             ("conntrack_max_entries", *conntrack_max_entries != other.conntrack_max_entries),
             ("conntrack_max_per_client", *conntrack_max_per_client != other.conntrack_max_per_client),
+            ("conntrack_max_outside", *conntrack_max_outside != other.conntrack_max_outside),
             ("policy_dir", *policy_dir != other.policy_dir),
             ("socket_lb", *socket_lb != other.socket_lb),
             ("serve_outside_clients", *serve_outside_clients != other.serve_outside_clients),
@@ -447,6 +459,11 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_CONNTRACK_MAX_PER_CLIENT.min(self.conntrack_max_entries / 8))
     }
 
+    /// `conntrack_max_outside` as the programs get it (0: no limit).
+    pub fn conntrack_max_outside(&self) -> u32 {
+        self.conntrack_max_outside.unwrap_or(self.conntrack_max_entries / 8)
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -518,6 +535,7 @@ impl AgentConfig {
             monitor_events_per_second,
             conntrack_max_entries,
             conntrack_max_per_client,
+            conntrack_max_outside,
             conntrack_tcp_idle_seconds,
             conntrack_udp_idle_seconds,
             conntrack_closing_seconds,
@@ -550,6 +568,7 @@ impl AgentConfig {
             monitor_events_per_second,
             conntrack_max_entries,
             conntrack_max_per_client,
+            conntrack_max_outside,
             policy_dir,
             socket_lb,
             serve_outside_clients,

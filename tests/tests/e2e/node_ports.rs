@@ -508,3 +508,81 @@ fn pods_reach_node_ports(mode: &str) {
 }
 
 in_both_modes! { pods_and_the_node_reach_node_ports_on_every_nodes_address => pods_reach_node_ports; }
+
+/// A hostile host on the nodes' segment sends SYNs it never completes to
+/// node A's node port from 70 faked source addresses of the segment (each
+/// passes the reverse-path check, and 1000 each stays under the per-client
+/// limit): 70,000 at the default table size. Clients outside together keep
+/// to `conntrack_max_outside` (a quarter of the table): the rest is dropped
+/// (`conntrack_outside_limit`), and a pod on node A keeps reaching its
+/// Service. (Without the shared limit the flood took every entry and the
+/// pod was refused: the red team's finding.) Once the flood's entries have
+/// expired, an outside client is served again.
+#[test]
+fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
+    use datapath_tests::{
+        lab::{UPLINK, mac_of, send_raw_frames},
+        packets::{ETH_P_IP, Ipv4, TCP_SYN, ethernet},
+    };
+    datapath_tests::require_root!();
+    let mut lab = outside_lab("native");
+    let a2 = lab.backends[0].ip;
+    let vip = Ipv4Addr::new(10, 96, 3, 50);
+    set_outside_services(
+        &mut lab,
+        &format!(
+            "conntrack_opening_seconds = 5\n{}",
+            node_port_service("web", vip, &[a2], WEB_NODE_PORT, None)
+        ),
+    );
+    wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
+    let client = lab.client.netns.path();
+    let pod_connects = move |tries: usize| -> usize {
+        let client = client.clone();
+        in_netns(&client, move || {
+            (0..tries)
+                .filter(|_| {
+                    TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_millis(1500)).is_ok()
+                })
+                .count()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(pod_connects(5), 5, "control: the pod reaches the cluster IP");
+    let outside = outside_host("np-flood", OUTSIDE);
+    assert!(ask(&outside, NODE_A, WEB_NODE_PORT).is_ok(), "control: the outside host is served");
+    let (node_mac, my_mac) = (mac_of(&lab.a.netns, UPLINK), mac_of(&outside, "eth0"));
+    let flood: Vec<Vec<u8>> = (100u8..170)
+        .flat_map(|host| (0..1000u16).map(move |port| (host, port)))
+        .map(|(host, port)| {
+            let syn =
+                Ipv4::tcp([10, 250, 0, host], 20000 + port, NODE_A.octets(), WEB_NODE_PORT, TCP_SYN, &[]);
+            ethernet(node_mac, my_mac, ETH_P_IP, &syn.bytes())
+        })
+        .collect();
+    let refused_before = lab.a.drop_count("conntrack_outside_limit");
+    send_raw_frames(&outside, "eth0", flood).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let served = pod_connects(20);
+    let tracked = lab.a.inspect("conntrack").as_array().unwrap().len();
+    let refused = lab.a.drop_count("conntrack_outside_limit") - refused_before;
+    let config = lab.a.inspect("config");
+    let limit = config["conntrack_max_outside"].as_u64().unwrap();
+    assert_eq!(limit, u64::from(datapath_common::DEFAULT_CONNTRACK_ENTRIES) / 8, "the default: {config}");
+    eprintln!(
+        "70000 faked SYNs: {tracked} connections tracked (limit {limit}); {refused} dropped; pod served {served}/20"
+    );
+    assert_eq!(served, 20, "a pod denied its Service by a flood from outside");
+    assert!(
+        (limit..=limit + 40).contains(&(tracked as u64)),
+        "the flood holds its share ({limit}) and no more: {tracked} tracked"
+    );
+    assert_eq!(refused, 70_000 - limit, "the rest of the flood is dropped and counted");
+    // The flood's entries expire (5 s opening timer, a sweep every 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ask(&outside, NODE_A, WEB_NODE_PORT).is_err() {
+        assert!(std::time::Instant::now() < deadline, "outside clients never served again after the flood");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

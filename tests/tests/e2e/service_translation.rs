@@ -13,8 +13,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::maps::HashMap;
 use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{
-    Backend, BackendKey, ConntrackEntry, ConntrackKey, DropReason, Endpoint, HAIRPIN_IPV4,
-    NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey, map_names, program_names,
+    Backend, BackendKey, ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, DropReason,
+    Endpoint, HAIRPIN_IPV4, NODE_FLAG_SERVICES, NodeConfig, OUTSIDE_CLIENTS, PodInterface, RoutingMode,
+    Service, ServiceKey, map_names, program_names,
 };
 use datapath_tests::{packets::*, require_root};
 
@@ -130,6 +131,23 @@ impl Harness {
         let service =
             Service { id, backend_count: backends.len() as u32, flags, affinity_timeout_seconds: 0 };
         services.insert(key, service, 0).unwrap();
+    }
+
+    /// The outside clients' count and limit, as the agent's sweep writes them.
+    fn set_outside_budget(&mut self, connections: u32, limit: u32) {
+        let mut map: HashMap<_, ConntrackClientKey, ConntrackClient> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
+                .unwrap();
+        map.insert(OUTSIDE_CLIENTS, ConntrackClient { connections, limit }, 0).unwrap();
+    }
+
+    /// The outside clients' (count, limit) now.
+    fn outside_budget(&mut self) -> (u32, u32) {
+        let map: HashMap<_, ConntrackClientKey, ConntrackClient> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
+                .unwrap();
+        let budget = map.get(&OUTSIDE_CLIENTS, 0).unwrap();
+        (budget.connections, budget.limit)
     }
 
     fn conntrack(&mut self) -> BTreeMap<ConntrackKey, ConntrackEntry> {
@@ -689,4 +707,128 @@ fn remote_backend_byte_exact(address: [u8; 4]) {
     // anyway; here the client pod sends to the node port's source port).
     let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, RUN_DEVICE_IP, ports_given[0], TCP_ACK, &[]));
     assert_eq!(Parsed::new(&run.out).dst, RUN_DEVICE_IP, "untouched");
+}
+
+/// A first packet the kernel would never forward into a connection opens
+/// none: a TTL that runs out here (answered as a router would, from the
+/// node), and what netfilter's conntrack calls invalid (a TCP header cut
+/// short by a tiny first fragment, a data offset below five words or past
+/// the segment, a UDP length beyond the datagram), dropped and counted
+/// `malformed_l4`. Both ways in: from outside to a node port (local and
+/// remote backend), and from a pod to a cluster IP.
+#[test]
+fn malformed_first_packets_open_no_connection() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 21, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 22, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 23, 30053, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service(24, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+    let with_data_offset = |mut ip: Ipv4, words: u8| {
+        ip.payload[12] = words << 4;
+        ip
+    };
+    // The first 8 bytes of a TCP header alone, "more fragments" set.
+    let tiny_first_fragment = |dport: u16| {
+        let mut ip = Ipv4::tcp(OUTSIDE, 40003, RUN_DEVICE_IP, dport, TCP_SYN, &[]);
+        ip.payload.truncate(8);
+        ip.frag = 0x2000;
+        ip
+    };
+    let mut udp_too_long = Ipv4::udp(OUTSIDE, 40004, RUN_DEVICE_IP, 30053, b"query", false);
+    udp_too_long.payload[4..6].copy_from_slice(&200u16.to_be_bytes());
+    let mut malformed = vec![];
+    for node_port in [30080, 30090] {
+        let syn = Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, node_port, TCP_SYN, &[]);
+        malformed
+            .push((format!("data offset past the segment, :{node_port}"), with_data_offset(syn.clone(), 15)));
+        malformed.push((format!("data offset of 4 words, :{node_port}"), with_data_offset(syn, 4)));
+        malformed.push((format!("tiny first fragment, :{node_port}"), tiny_first_fragment(node_port)));
+    }
+    malformed.push(("UDP length beyond the datagram".into(), udp_too_long));
+    for (n, (what, ip)) in (1..).zip(malformed) {
+        let run = h.run_from_uplink(&ip);
+        assert_eq!(run.verdict, TC_ACT_SHOT, "{what}: dropped");
+        assert_eq!(run.counters.drop_count(DropReason::MalformedL4), n, "{what}: counted");
+        assert!(h.conntrack().is_empty(), "{what}: nothing tracked: {:?}", h.conntrack());
+    }
+    // From a pod to a cluster IP alike.
+    let run = h.run_from_pod(&with_data_offset(syn(40005, 80), 15));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "from a pod: dropped");
+    assert_eq!(run.counters.drop_count(DropReason::MalformedL4), 8);
+    assert!(h.conntrack().is_empty(), "from a pod: nothing tracked");
+
+    // TTL 1 from outside: time exceeded from the node, nothing tracked
+    // (to another node's backend it would hold a source port too).
+    for (n, node_port) in (1..).zip([30080, 30090]) {
+        let mut ip = Ipv4::tcp(OUTSIDE, 40006, RUN_DEVICE_IP, node_port, TCP_SYN, &[]);
+        ip.ttl = 1;
+        let run = h.run_from_uplink(&ip);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: the ICMP error goes back");
+        assert_eq!(run.counters.drop_count(DropReason::TtlExceeded), n);
+        let error = Parsed::new(&run.out);
+        assert_eq!((error.src, error.dst, error.protocol), (RUN_DEVICE_IP, OUTSIDE, 1), ":{node_port}");
+        assert_eq!(run.out[14 + 20], 11, ":{node_port}: ICMP time exceeded");
+        assert!(h.conntrack().is_empty(), ":{node_port}: nothing tracked");
+    }
+
+    // The same first packets well formed open their connections.
+    for node_port in [30080, 30090] {
+        let run = h.run_from_uplink(&Ipv4::tcp(OUTSIDE, 40007, RUN_DEVICE_IP, node_port, TCP_SYN, &[]));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: served");
+    }
+    let run = h.run_from_uplink(&Ipv4::udp(OUTSIDE, 40008, RUN_DEVICE_IP, 30053, b"query", false));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "UDP served");
+    assert_eq!(h.conntrack().len(), 6, "two entries per connection");
+    assert_eq!(run.counters.drop_count(DropReason::MalformedL4), 8, "no more drops");
+}
+
+/// Clients outside the cluster together may have `conntrack_max_outside`
+/// unanswered connections (3 here): past it, new connections from outside
+/// are dropped (`conntrack_outside_limit`) whatever their source address,
+/// while pods still open theirs; an answered connection no longer counts.
+#[test]
+fn clients_outside_are_held_to_their_share_of_the_connection_table() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 31, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 32, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service(33, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+    h.set_outside_budget(0, 3);
+    let outside = |n: u8| [198, 51, 100, 10 + n];
+    // Three faked sources, to a local and to a remote backend.
+    for (n, node_port) in [(1, 30080), (2, 30090), (3, 30080)] {
+        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, node_port, TCP_SYN, &[]));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "connection {n} served");
+    }
+    assert_eq!(h.outside_budget(), (3, 3), "counted");
+    for (n, node_port) in [(4, 30080), (5, 30090)] {
+        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, node_port, TCP_SYN, &[]));
+        assert_eq!(run.verdict, TC_ACT_SHOT, "connection {n} past the limit: dropped");
+    }
+    let run = h.run_from_pod(&syn(40000, 80));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a pod's connection is not held by it");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
+    assert_eq!(h.conntrack().len(), 8, "3 outside connections and the pod's");
+    assert_eq!(h.outside_budget(), (3, 3), "the pod's does not count");
+
+    // The local backend answers the first; its client acknowledges.
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, outside(1), 40000, TCP_SYN | TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the answer goes out");
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(1), 40000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the handshake completes");
+    assert_eq!(h.outside_budget(), (2, 3), "answered: no longer counted");
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(6), 40000, RUN_DEVICE_IP, 30090, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "room for one more");
+    assert_eq!(h.outside_budget(), (3, 3));
+
+    // No limit written: no limit.
+    h.set_outside_budget(3, 0);
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(7), 40000, RUN_DEVICE_IP, 30080, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "limit 0: served");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
 }

@@ -279,6 +279,7 @@ fn conntrack_limits_are_checked_and_its_size_needs_a_restart() {
         ("conntrack_half_closed_seconds = 0", "conntrack_half_closed_seconds"),
         ("conntrack_opening_seconds = 3601", "conntrack_opening_seconds"),
         ("conntrack_max_per_client = 65537", "conntrack_max_per_client"),
+        ("conntrack_max_outside = 65537", "conntrack_max_outside"),
     ] {
         let e = error_of(&format!("{GOOD}{line}\n"));
         assert!(e.contains(&format!("`{field}`")), "{line}: {e}");

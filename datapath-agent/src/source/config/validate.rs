@@ -112,6 +112,15 @@ impl AgentConfig {
                 "leave it unset (1024), set at most conntrack_max_entries / 2, or 0 for no limit",
             );
         }
+        if let Some(outside) = self.conntrack_max_outside
+            && outside > entries / 2
+        {
+            return invalid(
+                "conntrack_max_outside",
+                format!("{outside} is more than the {} connections the table holds", entries / 2),
+                "leave it unset (a quarter of the table), set at most conntrack_max_entries / 2, or 0 for no limit",
+            );
+        }
         for (field, value, max, fix) in [
             (
                 "conntrack_tcp_idle_seconds",
