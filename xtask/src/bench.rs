@@ -375,7 +375,10 @@ pub(crate) fn request_response(
 }
 
 /// Stop a server thread blocked in accept(): set `stop`, then connect once
-/// from the client's namespace so that accept() returns and sees it.
+/// from the client's namespace so that accept() returns and sees it. If
+/// that path is what failed (the run's error is on its way), connect from
+/// the server's own namespace, straight to the listener, instead of
+/// waiting forever.
 pub(crate) fn stop_server<T>(
     pair: &Pair,
     target: std::net::SocketAddr,
@@ -383,15 +386,20 @@ pub(crate) fn stop_server<T>(
     server: std::thread::JoinHandle<T>,
 ) {
     stop.store(true, Ordering::Relaxed);
-    let _ = std::thread::spawn({
-        let ns = pair.client.clone();
-        move || -> anyhow::Result<()> {
+    let direct = match pair.connect_to {
+        Some(_) => std::net::SocketAddr::from((pair.server_ip, pair.server_port)),
+        None => target,
+    };
+    for (ns, to) in [(pair.client.clone(), target), (pair.server.clone(), direct)] {
+        let woken = std::thread::spawn(move || -> anyhow::Result<bool> {
             enter(&ns, 0)?;
-            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
-            Ok(())
+            Ok(TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok())
+        })
+        .join();
+        if matches!(woken, Ok(Ok(true))) || server.is_finished() {
+            break;
         }
-    })
-    .join();
+    }
     let _ = server.join();
 }
 

@@ -51,17 +51,26 @@ use datapath_tests::{
 use crate::{
     bench::{BenchArgs, Pair, Stats, enter, request_response, stats},
     bench_extra::Target,
+    bench_kube_proxy_nft::{KUBE_PROXY_NFT, KubeProxyNftSetup},
 };
 
 /// The measured Service: clients connect here.
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const SERVICE_PORT: u16 = 80;
+pub(crate) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub(crate) const SERVICE_PORT: u16 = 80;
 /// The backend listens here (the Service's target port).
-const SERVER_PORT: u16 = 8080;
+pub(crate) const SERVER_PORT: u16 = 8080;
 /// A backend address no pod has: what one Service's change switches to.
-const OTHER_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
+pub(crate) const OTHER_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
 const OURS: &str = "ours";
 const KUBE_PROXY: &str = "kube-proxy iptables";
+/// The same setups with the node's own process as the client (a host
+/// process or hostNetwork pod): ours by socket load balancing, kube-proxy
+/// by its OUTPUT chain.
+const OURS_NODE: &str = "ours, node client";
+const KUBE_PROXY_NODE: &str = "kube-proxy iptables, node client";
+const KUBE_PROXY_NFT_NODE: &str = "kube-proxy nftables, node client";
+/// The node's own address in kube-proxy's node (ours: the lab node's).
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 
 /// The cluster IP of the `i`-th other Service: 10.96.0.100 upwards, inside
 /// 10.96.0.0/16 (up to 65,000-odd), never the measured one.
@@ -71,15 +80,15 @@ fn other_vip(i: usize) -> Ipv4Addr {
 
 /// One Service port with one backend, as both setups program it.
 #[derive(Clone)]
-struct Svc {
-    name: String,
-    vip: Ipv4Addr,
-    backend: SocketAddrV4,
+pub(crate) struct Svc {
+    pub(crate) name: String,
+    pub(crate) vip: Ipv4Addr,
+    pub(crate) backend: SocketAddrV4,
 }
 
 /// The N Services of a setup: N-1 others, then the measured one (last, so
 /// kube-proxy's KUBE-SERVICES scan passes all others first).
-fn service_list(n: usize, backend: Ipv4Addr) -> Vec<Svc> {
+pub(crate) fn service_list(n: usize, backend: Ipv4Addr) -> Vec<Svc> {
     let to = SocketAddrV4::new(backend, SERVER_PORT);
     let mut all: Vec<Svc> =
         (0..n - 1).map(|i| Svc { name: format!("svc-{i}"), vip: other_vip(i), backend: to }).collect();
@@ -189,6 +198,12 @@ impl OursSetup {
         Pair::between(OURS, &self.client.netns, &self.backend.netns, self.backend.ip)
             .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
     }
+
+    /// The node's own process as the client (socket load balancing).
+    fn node_pair(&self) -> Pair {
+        Pair::between(OURS_NODE, &self.node.netns, &self.backend.netns, self.backend.ip)
+            .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
+    }
 }
 
 /// kube-proxy's node: pods routed like Calico, the nat table as kube-proxy
@@ -271,6 +286,17 @@ impl RoutedPods {
                 "permanent",
             ]);
         }
+        // The node's uplink: its own address (a host process's source) and
+        // a default route, without which a host process's connect() to a
+        // cluster IP fails before kube-proxy's OUTPUT chain sees it.
+        let uplink = format!("{VETH_PREFIX}kpu");
+        let far_end = format!("{VETH_PREFIX}kpv");
+        sh(&["ip", "-n", &ns, "link", "add", &uplink, "type", "veth", "peer", "name", &far_end]);
+        for device in [&uplink, &far_end] {
+            sh(&["ip", "-n", &ns, "link", "set", device, "up"]);
+        }
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{NODE_IP}/24"), "dev", &uplink]);
+        sh(&["ip", "-n", &ns, "route", "add", "default", "via", "10.250.0.254", "dev", &uplink]);
         Self { client, backend, node }
     }
 
@@ -294,6 +320,11 @@ impl KubeProxySetup {
 
     fn pair(&self) -> Pair {
         Pair::between(KUBE_PROXY, &self.pods.client, &self.pods.backend, KP_BACKEND_IP)
+            .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
+    }
+
+    fn node_pair(&self) -> Pair {
+        Pair::between(KUBE_PROXY_NODE, &self.pods.node, &self.pods.backend, KP_BACKEND_IP)
             .via(SocketAddrV4::new(VIP, SERVICE_PORT), SERVER_PORT)
     }
 
@@ -335,7 +366,7 @@ impl KubeProxySetup {
 /// kube-proxy's chain name hash: 16 characters of base32 over a hash of
 /// what names the chain (kube-proxy takes SHA-256; any stable hash names
 /// chains alike).
-fn chain_hash(what: &str) -> String {
+pub(crate) fn chain_hash(what: &str) -> String {
     const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let half = |salt: u8| {
         let mut h = std::hash::DefaultHasher::new();
@@ -603,23 +634,36 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
     let (ours_changes, kube_proxy_changes) = if args.smoke { (4, 2) } else { (20, 5) };
     let duration = Duration::from_secs(args.duration);
     let iptables = sh(&["iptables-restore", "--version"]).trim().to_owned();
+    let nft = sh(&["nft", "--version"]).trim().to_owned();
 
-    // Setups: ours and kube-proxy's at each N (the guards remove everything,
-    // also on failure).
+    // Setups: ours and kube-proxy's (both modes) at each N (the guards
+    // remove everything, also on failure).
     let mut ours = Vec::new();
     let mut kube_proxy = Vec::new();
+    let mut kube_proxy_nft = Vec::new();
     for &n in &sizes {
-        eprintln!("services: setting up ours and kube-proxy with {n} Services");
+        eprintln!("services: setting up ours and kube-proxy (iptables, nftables) with {n} Services");
         ours.push(OursSetup::new(n)?);
         let kp = KubeProxySetup::new(prefix, n)?;
         let rules = kp.rule_count();
         anyhow::ensure!(rules >= 5 * n, "kube-proxy's nat table has {rules} rules for {n} Services");
         kube_proxy.push(kp);
+        kube_proxy_nft.push(KubeProxyNftSetup::new(prefix, n)?);
     }
+    // Each setup with a pod as the client, then with the node's own process.
     let pairs: Vec<(Pair, usize, Option<&OursSetup>)> = sizes
         .iter()
         .enumerate()
-        .flat_map(|(i, &n)| [(ours[i].pair(), n, Some(&ours[i])), (kube_proxy[i].pair(), n, None)])
+        .flat_map(|(i, &n)| {
+            [
+                (ours[i].pair(), n, Some(&ours[i])),
+                (kube_proxy[i].pair(), n, None),
+                (kube_proxy_nft[i].pair(), n, None),
+                (ours[i].node_pair(), n, None),
+                (kube_proxy[i].node_pair(), n, None),
+                (kube_proxy_nft[i].node_pair(KUBE_PROXY_NFT_NODE), n, None),
+            ]
+        })
         .collect();
     let mut rows: Vec<Row> = pairs
         .iter()
@@ -663,36 +707,50 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
         let (times, kp) = times?;
         drop(kp);
         rows.iter_mut().find(|r| r.setup == KUBE_PROXY && r.n == n).context("row")?.change_ms = times;
+        let mut kp = kube_proxy_nft.remove(0);
+        let times = pinned(move || kp.change_ms(kube_proxy_changes).map(|t| (t, kp)));
+        let (times, kp) = times?;
+        drop(kp);
+        rows.iter_mut().find(|r| r.setup == KUBE_PROXY_NFT && r.n == n).context("row")?.change_ms = times;
     }
 
     println!(
         "\nServices (ClusterIP): TCP_CRR and connect() through a Service at N Services, {} s x {} repeats,\n\
-         {connections} connects per repeat (median of each), client CPU 0, server CPU 1; kube-proxy = {iptables}\n\
-         rules in a node namespace (routed pods, no bridge), the measured Service LAST in KUBE-SERVICES\n\
-         (worst case of its linear scan, which grows with N). One change: ours = the agent's ServiceSync::change\n\
-         for one Service's new backend, maps and names record ({ours_changes} changes), kube-proxy = one\n\
-         iptables-restore --noflush of the whole nat table, its full sync ({kube_proxy_changes} changes).\n\
-         connect() runs (each connection reset by the client) come before the TCP_CRR runs. Ours forgets\n\
-         closed connections after 1 s (conntrack_closing_seconds) and each connect() run starts with\n\
-         none tracked, so every SYN takes the Service lookup",
+         {connections} connects per repeat (median of each), client CPU 0, server CPU 1; kube-proxy iptables =\n\
+         {iptables} rules in a node namespace (routed pods, no bridge), the measured Service LAST in\n\
+         KUBE-SERVICES (worst case of its linear scan, which grows with N); kube-proxy nftables = its table\n\
+         since Kubernetes 1.31 ({nft}): verdict maps, filter checks included. \"node client\": the\n\
+         client is the node's own process (host process, hostNetwork pod): ours by socket load balancing\n\
+         (no per-packet NAT), kube-proxy by its OUTPUT chain. One change: ours = the agent's\n\
+         ServiceSync::change for one Service's new backend, maps and names record ({ours_changes} changes);\n\
+         kube-proxy iptables = one iptables-restore --noflush of the whole nat table, its full sync;\n\
+         kube-proxy nftables = its partial sync of that Service, one nft -f - transaction\n\
+         ({kube_proxy_changes} changes each). connect() runs (each connection reset by the client) come before\n\
+         the TCP_CRR runs. Ours forgets closed connections after 1 s (conntrack_closing_seconds) and each\n\
+         connect() run starts with none tracked, so every SYN takes the Service lookup",
         args.duration, args.repeats
     );
     if still_tracked > 0 {
         println!("NOTE: {still_tracked} connections were still tracked when a connect() run began");
     }
-    println!("{:<22} {:>7} {:<26} {:>12} {:>12} {:>12}", "setup", "N", "metric", "min", "median", "max");
-    let summary: Vec<(&Row, Stats, Stats, Stats)> = rows
+    println!("{:<34} {:>7} {:<26} {:>12} {:>12} {:>12}", "setup", "N", "metric", "min", "median", "max");
+    let summary: Vec<(&Row, Stats, Stats, Option<Stats>)> = rows
         .iter()
-        .map(|r| (r, stats(r.crr.clone()), stats(r.connect_us.clone()), stats(r.change_ms.clone())))
+        .map(|r| {
+            let change = (!r.change_ms.is_empty()).then(|| stats(r.change_ms.clone()));
+            (r, stats(r.crr.clone()), stats(r.connect_us.clone()), change)
+        })
         .collect();
     for (r, crr, connect, change) in &summary {
-        for (metric, s) in
-            [("TCP_CRR (trans/s)", crr), ("connect() (us, median)", connect), ("one change (ms)", change)]
-        {
+        let mut lines = vec![("TCP_CRR (trans/s)", crr), ("connect() (us, median)", connect)];
+        if let Some(change) = change {
+            lines.push(("one change (ms)", change));
+        }
+        for (metric, s) in lines {
             // Our change times are well under a millisecond: show them.
             let digits = if s.max < 10.0 { 3 } else { 1 };
             println!(
-                "{:<22} {:>7} {:<26} {:>12.digits$} {:>12.digits$} {:>12.digits$}",
+                "{:<34} {:>7} {:<26} {:>12.digits$} {:>12.digits$} {:>12.digits$}",
                 r.setup, r.n, metric, s.min, s.median, s.max
             );
         }
@@ -707,26 +765,48 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
     let find = |setup: &str, n: usize| summary.iter().find(|(r, ..)| r.setup == setup && r.n == n);
     let (small, big) = (sizes[0], sizes[1]);
     let mut targets = Vec::new();
-    if let (Some(o), Some(k)) = (find(OURS, big), find(KUBE_PROXY, big)) {
+    if let (Some(o), Some(k), Some(f)) = (find(OURS, big), find(KUBE_PROXY, big), find(KUBE_PROXY_NFT, big)) {
+        let better = k.1.median.max(f.1.median);
         targets.push(Target {
-            what: format!("Service TCP_CRR ours / kube-proxy, {big} Services"),
-            value: o.1.median / k.1.median,
+            what: format!("Service TCP_CRR ours / the better kube-proxy mode, {big} Services"),
+            value: o.1.median / better,
             at_least: true,
             target: 1.5,
         });
     }
     if let (Some(b), Some(s)) = (find(OURS, big), find(OURS, small)) {
         targets.push(Target {
+            what: format!("Service TCP_CRR ours {big} / {small} Services (flat in N)"),
+            value: b.1.median / s.1.median,
+            at_least: true,
+            target: 0.95,
+        });
+        targets.push(Target {
             what: format!("Service connect() ours {big} / {small} Services"),
             value: b.2.median / s.2.median,
             at_least: false,
             target: 1.1,
         });
+        if let Some(change) = &b.3 {
+            targets.push(Target {
+                what: format!("one Service change at {big} Services, ms"),
+                value: change.median,
+                at_least: false,
+                target: 10.0,
+            });
+        }
+    }
+    if let (Some(o), Some(k), Some(f)) =
+        (find(OURS_NODE, big), find(KUBE_PROXY_NODE, big), find(KUBE_PROXY_NFT_NODE, big))
+    {
+        let better = k.2.median.min(f.2.median);
         targets.push(Target {
-            what: format!("one Service change at {big} Services, ms"),
-            value: b.3.median,
+            what: format!(
+                "node client connect() ours (socket LB) / the better kube-proxy mode, {big} Services"
+            ),
+            value: o.2.median / better,
             at_least: false,
-            target: 10.0,
+            target: 1.0,
         });
     }
     let report = serde_json::json!({
@@ -736,8 +816,9 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
         "connects_per_repeat": connections,
         "kube_proxy": {
             "iptables": iptables,
-            "measured_service": "last in KUBE-SERVICES (worst case of the linear scan)",
-            "change": "iptables-restore --noflush --counters of the whole nat table (full sync)",
+            "nftables": nft,
+            "measured_service": "iptables: last in KUBE-SERVICES (worst case of the linear scan); nftables: one verdict map",
+            "change": "iptables: iptables-restore --noflush --counters of the whole nat table (full sync); nftables: the partial sync of the changed Service (one nft -f - transaction)",
             "changes": kube_proxy_changes,
         },
         "ours_conntrack_closing_seconds": 1,
