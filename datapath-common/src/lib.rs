@@ -660,7 +660,7 @@ pub const CT_STATEFUL: u8 = 64;
 /// A connection from outside the cluster to another node's backend (a node
 /// port, or an external or load balancer address, with
 /// externalTrafficPolicy Cluster): its packets leave this node from the
-/// node's own address and a port of [`SNAT_PORTS`], so that the replies
+/// node's own address and a port of [`SNAT_PORT_RANGES`], so that the replies
 /// come back here. Fields change meaning (the entry's size stays, so the
 /// pinned map carries over):
 /// - forward entry (client -> service address:port): `nat_addr:nat_port`
@@ -673,9 +673,30 @@ pub const CT_STATEFUL: u8 = 64;
 pub const CT_SNAT: u8 = 128;
 
 /// The source ports NodePort connections to other nodes' backends take on
-/// the node's address: above Linux's default ephemeral range (32768-60999),
-/// so that they never meet the node's own connections.
-pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
+/// the node's address: outside Linux's default ephemeral range
+/// (32768-60999), so that they never meet the node's own connections, and
+/// outside the node port range (30000-32767) and the privileged ports. A
+/// port is held per (node address, backend address and port): each live
+/// or closing connection to one backend port through one node takes one,
+/// so these 33,512 bound how many such connections a node holds at once
+/// (61000-65535 alone, 4536, ran out under a single client's TCP_CRR).
+pub const SNAT_PORT_RANGES: [core::ops::RangeInclusive<u16>; 2] = [1_024..=29_999, 61_000..=65_535];
+/// How many ports [`SNAT_PORT_RANGES`] hold.
+pub const SNAT_PORT_COUNT: u32 = (29_999 - 1_024 + 1) + (65_535 - 61_000 + 1);
+
+/// The `index`-th port of [`SNAT_PORT_RANGES`] (`index` below
+/// [`SNAT_PORT_COUNT`]; larger ones wrap).
+#[inline(always)]
+pub const fn snat_port_at(index: u32) -> u16 {
+    const FIRST_LEN: u32 = 29_999 - 1_024 + 1;
+    let index = index % SNAT_PORT_COUNT;
+    if index < FIRST_LEN { (1_024 + index) as u16 } else { (61_000 + index - FIRST_LEN) as u16 }
+}
+
+/// Is `port` one of [`SNAT_PORT_RANGES`]?
+pub fn is_snat_port(port: u16) -> bool {
+    SNAT_PORT_RANGES.iter().any(|range| range.contains(&port))
+}
 
 impl ConntrackEntry {
     /// A [`CT_SNAT`] forward entry's source port (network byte order).
@@ -1211,6 +1232,21 @@ mod tests {
             assert_eq!($Enum::from_u32(unused.unwrap()), None);
             assert_eq!($Enum::COUNT as usize, $Enum::ALL.len());
         };
+    }
+
+    #[test]
+    fn snat_ports_are_counted_and_indexed_across_both_ranges() {
+        assert_eq!(SNAT_PORT_COUNT, 33_512);
+        let at = |i| snat_port_at(i);
+        assert_eq!((at(0), at(28_975), at(28_976), at(33_511)), (1_024, 29_999, 61_000, 65_535));
+        for i in 0..SNAT_PORT_COUNT {
+            assert!(is_snat_port(at(i)), "{i}");
+            assert!(i == 0 || at(i - 1) < at(i), "each port once: {i}");
+        }
+        assert_eq!(at(SNAT_PORT_COUNT), 1_024, "wraps");
+        for outside in [0, 1_023, 30_000, 32_767, 32_768, 60_999] {
+            assert!(!is_snat_port(outside), "{outside}");
+        }
     }
 
     #[test]

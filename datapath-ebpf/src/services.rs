@@ -19,7 +19,8 @@ use datapath_common::{
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
     IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
-    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORTS, Service, ServiceKey, snat_port_id,
+    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service, ServiceKey, snat_port_at,
+    snat_port_id,
 };
 
 use crate::{
@@ -34,6 +35,10 @@ use crate::{
     },
 };
 
+/// Random ports a NodePort connection to another node's backend tries
+/// before it is refused (`snat_ports_exhausted`): with half the ports held,
+/// 1 in 256 is refused.
+const SNAT_PORT_TRIES: usize = 8;
 /// `-EEXIST`: another CPU opened the same connection first.
 const EEXIST: i32 = -17;
 const TCP_FIN: u8 = 0x01;
@@ -239,8 +244,9 @@ pub fn translate<const NODE_PORT: bool>(
 }
 
 /// Open a NodePort connection to another node's backend: a free source
-/// port of [`SNAT_PORTS`] on the node's address (the key's destination),
-/// taken by writing the reply entry first (four random tries), then the
+/// port of [`datapath_common::SNAT_PORT_RANGES`] on the node's address (the key's destination),
+/// taken by writing the reply entry first ([`SNAT_PORT_TRIES`] random
+/// tries), then the
 /// forward entry.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -254,7 +260,6 @@ fn open_snat<'a>(
     fragments: Option<&FragmentKey>,
     max_per_client: u32,
 ) -> Result<Translation<'a>, DropReason> {
-    let (first, span) = (*SNAT_PORTS.start() as u32, SNAT_PORTS.end() - SNAT_PORTS.start() + 1);
     // The node's address: the Service address may be another (external).
     let node = node_ipv4();
     let reply = ConntrackEntry {
@@ -275,9 +280,9 @@ fn open_snat<'a>(
         _pad: [0; 3],
     };
     let mut taken = false;
-    for _ in 0..4 {
+    for _ in 0..SNAT_PORT_TRIES {
         // SAFETY: plain helper without arguments.
-        let port = (first + unsafe { bpf_get_prandom_u32() } % span as u32) as u16;
+        let port = snat_port_at(unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT);
         reply_key.dport = port.to_be_bytes();
         match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
             Ok(()) => {
@@ -432,9 +437,12 @@ fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry) {
             // A retransmitted SYN of a connection still opening.
             return;
         }
-        (*entry).flags = ((*entry).flags & CT_HAIRPIN) | CT_STATEFUL;
+        // What the connection is (hairpin, source NAT: how its fields read)
+        // stays; what happened to it starts over.
+        const KEPT: u8 = CT_HAIRPIN | CT_SNAT;
+        (*entry).flags = ((*entry).flags & KEPT) | CT_STATEFUL;
         if let Some(pair) = pair {
-            (*pair).flags = ((*pair).flags & CT_HAIRPIN) | CT_STATEFUL;
+            (*pair).flags = ((*pair).flags & KEPT) | CT_STATEFUL;
         }
     }
 }

@@ -43,7 +43,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Which comparison to run.
-    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "services", "policy", "all"])]
+    #[arg(long, default_value = "all", value_parser = ["same-node", "cross-node", "programs", "control", "services", "node-ports", "policy", "all"])]
     pub suite: String,
     /// One short repeat of everything, so the benchmark cannot rot (part of
     /// `cargo xtask test`); its figures mean nothing.
@@ -67,6 +67,7 @@ pub(crate) struct BenchArgs {
 }
 
 /// Two endpoints to measure between: namespaces and the server's address.
+#[derive(Clone)]
 pub(crate) struct Pair {
     pub(crate) name: &'static str,
     pub(crate) client: PathBuf,
@@ -172,12 +173,12 @@ impl Bridge {
 
 /// A flannel node: pods on `cni0`, and either host-gw routes or the
 /// `flannel.1` VXLAN device with static fdb and neighbour entries.
-struct FlannelNode {
-    node: Netns,
-    pod: Netns,
+pub(crate) struct FlannelNode {
+    pub(crate) node: Netns,
+    pub(crate) pod: Netns,
 }
 
-fn flannel_pair(prefix: &str, fabric: &Fabric, vxlan: bool) -> ([FlannelNode; 2], Pair) {
+pub(crate) fn flannel_pair(prefix: &str, fabric: &Fabric, vxlan: bool) -> ([FlannelNode; 2], Pair) {
     let mtu = if vxlan { "1450" } else { "1500" };
     let tag = if vxlan { "fv" } else { "fh" };
     let nodes: Vec<FlannelNode> = (1..=2u8)
@@ -322,6 +323,22 @@ pub(crate) fn request_response(
     duration: Duration,
     new_connection_each: bool,
 ) -> anyhow::Result<f64> {
+    request_response_closing(pair, duration, new_connection_each, false)
+}
+
+/// TCP_CRR with each connection closed by a reset from the client: no
+/// TIME_WAIT, so the client's ephemeral ports (the harness's own ceiling
+/// with a FIN close) never run short.
+pub(crate) fn request_response_reset(pair: &Pair, duration: Duration) -> anyhow::Result<f64> {
+    request_response_closing(pair, duration, true, true)
+}
+
+fn request_response_closing(
+    pair: &Pair,
+    duration: Duration,
+    new_connection_each: bool,
+    reset: bool,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let (server_ns, server_ip, server_port) = (pair.server.clone(), pair.server_ip, pair.server_port);
@@ -361,6 +378,9 @@ pub(crate) fn request_response(
         let start = Instant::now();
         while start.elapsed() < duration {
             if new_connection_each && done > 0 {
+                if reset {
+                    reset_on_close(&conn)?;
+                }
                 conn = connect()?;
             }
             conn.write_all(&byte)?;
@@ -372,6 +392,24 @@ pub(crate) fn request_response(
     let done = client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
     stop_server(pair, target, &stop, server);
     Ok(done as f64 / duration.as_secs_f64())
+}
+
+/// Make closing `conn` send a reset (SO_LINGER 0): no TIME_WAIT.
+pub(crate) fn reset_on_close(conn: &TcpStream) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a live socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    Ok(())
 }
 
 /// Stop a server thread blocked in accept(): set `stop`, then connect once
@@ -821,6 +859,12 @@ pub(crate) fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
         let (report, service_targets) = crate::bench_services::services(&prefix, &args)?;
         reports.push(report);
         targets.extend(service_targets);
+    }
+    // (Also alone: `--suite node-ports`.)
+    if wants("services") || args.suite == "node-ports" {
+        let (report, node_port_targets) = crate::bench_node_ports::node_ports(&prefix, &args)?;
+        reports.push(report);
+        targets.extend(node_port_targets);
     }
     let ratio = |a: &str, b: &str| -> Option<f64> {
         let (x, y) = (medians.get(a)?, medians.get(b)?);

@@ -119,7 +119,7 @@ fn port_name(s: &Svc) -> String {
     format!("bench/{}/tcp/http", s.name)
 }
 
-fn service_chain(s: &Svc) -> String {
+pub(crate) fn service_chain(s: &Svc) -> String {
     let name = port_name(s);
     format!("service-{}-{name}", &chain_hash(&name)[..8])
 }
@@ -147,7 +147,7 @@ fn service_rules(out: &mut String, s: &Svc, endpoint: SocketAddrV4) {
 
 /// The whole table for `services` (one TCP port each, one endpoint), as
 /// kube-proxy's full sync writes it, replacing any table of that name.
-fn ruleset(services: &[Svc]) -> String {
+pub(crate) fn ruleset(services: &[Svc]) -> String {
     let t = "ip kube-proxy";
     let mut out = format!(
         "add table {t} {{ comment \"rules for kube-proxy\" ; }}\ndelete table {t}\n\

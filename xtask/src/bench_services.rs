@@ -1,5 +1,6 @@
 //! `cargo xtask bench --suite services`: ClusterIP Services at scale (issue
-//! 8), ours against kube-proxy in iptables mode, built in the same run.
+//! 8, 18), ours against kube-proxy in iptables and in nftables mode, built
+//! in the same run; NodePort from outside is `bench_node_ports`.
 //!
 //! At N = 1,000 and 10,000 Services (smoke: 10 and 100), one setup each:
 //!
@@ -7,22 +8,29 @@
 //!   backend pod made by the CNI plugin, and N Services in the agent's
 //!   config; the measured one is 10.96.0.10:80 -> backend:8080, the others
 //!   have their own cluster IPs and the same backend.
-//! - **kube-proxy**: the same topology without our datapath, routed like
-//!   Calico (/32 routes on the host veths, pods' gateway 169.254.1.1 as a
-//!   static neighbour), and kube-proxy's nat table for the same N Services
-//!   loaded with one `iptables-restore` (Debian's, iptables-nft), the
-//!   measured Service last in KUBE-SERVICES: the worst case of the linear
-//!   scan every new connection makes.
+//! - **kube-proxy iptables**: the same topology without our datapath,
+//!   routed like Calico (/32 routes on the host veths, pods' gateway
+//!   169.254.1.1 as a static neighbour), and kube-proxy's nat table for the
+//!   same N Services loaded with one `iptables-restore` (Debian's,
+//!   iptables-nft), the measured Service last in KUBE-SERVICES: the worst
+//!   case of the linear scan every new connection makes.
+//! - **kube-proxy nftables**: the same, with its nftables table
+//!   (`bench_kube_proxy_nft`).
 //!
-//! Measured, repeats interleaved over the four setups, client on CPU 0 and
-//! server on CPU 1: TCP_CRR through the Service, and the time `connect()` to
-//! the cluster IP takes (first packet: SYN out, DNAT, SYN-ACK back). Then the
-//! time to apply one Service change at N: ours, the agent's own
+//! Each setup is measured twice: with a pod as the client, and with the
+//! node's own process (ours: socket load balancing; kube-proxy: its
+//! OUTPUT chain). Measured, repeats interleaved, client on CPU 0 and
+//! server on CPU 1: TCP_CRR through the Service (closed with FIN, and
+//! closed with a reset by the client, which keeps no TIME_WAIT and so is
+//! free of the harness's ephemeral-port ceiling), and the time `connect()`
+//! to the cluster IP takes (first packet: SYN out, DNAT, SYN-ACK back).
+//! Then the time to apply one Service change at N: ours, the agent's own
 //! `ServiceSync::change` (as the Kubernetes watch hands a change over) on a
 //! private datapath holding N Services, for one Service's new backend, and
 //! the same change as a whole new list (`replace_all`, a config reload);
-//! kube-proxy, one `iptables-restore --noflush` of the whole nat table (its
-//! full sync), in the node with N Services. Run from a release build.
+//! kube-proxy iptables, one `iptables-restore --noflush` of the whole nat
+//! table (its full sync); kube-proxy nftables, its partial sync of the
+//! changed Service (one `nft -f -` transaction). Run from a release build.
 
 use std::{
     hash::{Hash as _, Hasher as _},
@@ -49,7 +57,7 @@ use datapath_tests::{
 };
 
 use crate::{
-    bench::{BenchArgs, Pair, Stats, enter, request_response, stats},
+    bench::{BenchArgs, Pair, Stats, enter, request_response, request_response_reset, reset_on_close, stats},
     bench_extra::Target,
     bench_kube_proxy_nft::{KUBE_PROXY_NFT, KubeProxyNftSetup},
 };
@@ -507,23 +515,6 @@ pub(crate) fn connect_latency(pair: &Pair, count: usize) -> anyhow::Result<f64> 
     Ok(stats(times??).median)
 }
 
-fn reset_on_close(conn: &TcpStream) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a live socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    anyhow::ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
 /// Times (ms) of `changes` Service changes on our datapath, as the agent
 /// makes them: a private datapath and state dir holding `n` Services, each
 /// change one Service's backend swapped. First, a change as the Kubernetes
@@ -624,6 +615,8 @@ struct Row {
     setup: &'static str,
     n: usize,
     crr: Vec<f64>,
+    /// TCP_CRR with the client closing by reset (no TIME_WAIT).
+    crr_reset: Vec<f64>,
     connect_us: Vec<f64>,
     change_ms: Vec<f64>,
 }
@@ -671,6 +664,7 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
             setup: p.name,
             n: *n,
             crr: Vec::new(),
+            crr_reset: Vec::new(),
             connect_us: Vec::new(),
             change_ms: Vec::new(),
         })
@@ -691,6 +685,7 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
         for ((pair, n, _), row) in pairs.iter().zip(&mut rows) {
             eprintln!("services TCP_CRR {}/{}: {} with {n} Services", rep + 1, args.repeats, pair.name);
             row.crr.push(request_response(pair, duration, true)?);
+            row.crr_reset.push(request_response_reset(pair, duration)?);
         }
     }
     drop(pairs);
@@ -726,7 +721,8 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
          kube-proxy iptables = one iptables-restore --noflush of the whole nat table, its full sync;\n\
          kube-proxy nftables = its partial sync of that Service, one nft -f - transaction\n\
          ({kube_proxy_changes} changes each). connect() runs (each connection reset by the client) come before\n\
-         the TCP_CRR runs. Ours forgets closed connections after 1 s (conntrack_closing_seconds) and each\n\
+         the TCP_CRR runs. TCP_CRR reset: the client closes each connection with a reset (no TIME_WAIT),\n\
+         free of the ceiling its ephemeral ports set on the FIN-closed TCP_CRR in every setup. Ours forgets closed connections after 1 s (conntrack_closing_seconds) and each\n\
          connect() run starts with none tracked, so every SYN takes the Service lookup",
         args.duration, args.repeats
     );
@@ -734,15 +730,19 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
         println!("NOTE: {still_tracked} connections were still tracked when a connect() run began");
     }
     println!("{:<34} {:>7} {:<26} {:>12} {:>12} {:>12}", "setup", "N", "metric", "min", "median", "max");
-    let summary: Vec<(&Row, Stats, Stats, Option<Stats>)> = rows
+    let summary: Vec<(&Row, Stats, Stats, Option<Stats>, Stats)> = rows
         .iter()
         .map(|r| {
             let change = (!r.change_ms.is_empty()).then(|| stats(r.change_ms.clone()));
-            (r, stats(r.crr.clone()), stats(r.connect_us.clone()), change)
+            (r, stats(r.crr.clone()), stats(r.connect_us.clone()), change, stats(r.crr_reset.clone()))
         })
         .collect();
-    for (r, crr, connect, change) in &summary {
-        let mut lines = vec![("TCP_CRR (trans/s)", crr), ("connect() (us, median)", connect)];
+    for (r, crr, connect, change, reset) in &summary {
+        let mut lines = vec![
+            ("TCP_CRR (trans/s)", crr),
+            ("TCP_CRR reset (trans/s)", reset),
+            ("connect() (us, median)", connect),
+        ];
         if let Some(change) = change {
             lines.push(("one change (ms)", change));
         }
@@ -773,11 +773,18 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
             at_least: true,
             target: 1.5,
         });
+        let better_reset = k.4.median.max(f.4.median);
+        targets.push(Target {
+            what: format!("Service TCP_CRR reset ours / the better kube-proxy mode, {big} Services"),
+            value: o.4.median / better_reset,
+            at_least: true,
+            target: 1.5,
+        });
     }
     if let (Some(b), Some(s)) = (find(OURS, big), find(OURS, small)) {
         targets.push(Target {
-            what: format!("Service TCP_CRR ours {big} / {small} Services (flat in N)"),
-            value: b.1.median / s.1.median,
+            what: format!("Service TCP_CRR reset ours {big} / {small} Services (flat in N)"),
+            value: b.4.median / s.4.median,
             at_least: true,
             target: 0.95,
         });
@@ -828,10 +835,11 @@ pub(crate) fn services(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serde_
             "changes": ours_changes,
             "whole_list_ms": whole_list.iter().map(|(n, s)| serde_json::json!({ "services": n, "stats": s })).collect::<Vec<_>>(),
         },
-        "results": summary.iter().map(|(r, crr, connect, change)| serde_json::json!({
+        "results": summary.iter().map(|(r, crr, connect, change, reset)| serde_json::json!({
             "setup": r.setup,
             "services": r.n,
             "tcp_crr_tps": crr,
+            "tcp_crr_reset_tps": reset,
             "connect_us": connect,
             "change_ms": change,
         })).collect::<Vec<_>>(),

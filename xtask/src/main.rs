@@ -3,6 +3,7 @@
 mod bench;
 mod bench_extra;
 mod bench_kube_proxy_nft;
+mod bench_node_ports;
 mod bench_policy;
 mod bench_policy_e2e;
 mod bench_services;

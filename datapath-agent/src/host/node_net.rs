@@ -303,24 +303,21 @@ pub fn enable_ip_forwarding() -> anyhow::Result<()> {
 
 /// Warn when the node's own ephemeral ports (net.ipv4.ip_local_port_range)
 /// reach into the source ports NodePort connections to other nodes'
-/// backends take (datapath_common::SNAT_PORTS): a connection of the node's
-/// own could then meet one of them on the same backend, and lose its
-/// replies to it. Linux's default (32768-60999) stays below.
+/// backends take (datapath_common::SNAT_PORT_RANGES, 1024-29999 and
+/// 61000-65535): a connection of the node's own could then meet one of
+/// them on the same backend, and lose its replies to it. Linux's default
+/// (32768-60999) stays clear.
 pub fn check_ephemeral_ports() {
     const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
     let Ok(text) = std::fs::read_to_string(PATH) else { return };
-    let high = text.split_whitespace().nth(1).and_then(|h| h.parse::<u16>().ok());
-    let snat = datapath_common::SNAT_PORTS;
-    if let Some(high) = high
-        && high >= *snat.start()
+    let bounds: Vec<u16> = text.split_whitespace().filter_map(|b| b.parse().ok()).collect();
+    if let [low, high] = bounds[..]
+        && (low..=high).any(datapath_common::is_snat_port)
     {
         tracing::warn!(
             ip_local_port_range = text.trim(),
-            "the node's ephemeral ports reach into the NodePort source ports {}-{}: \
-             set net.ipv4.ip_local_port_range's upper bound below {} (Linux's default is 32768 60999)",
-            snat.start(),
-            snat.end(),
-            snat.start()
+            "the node's ephemeral ports reach into the NodePort source ports 1024-29999 and 61000-65535: \
+             keep net.ipv4.ip_local_port_range within 30000-60999 (Linux's default is 32768 60999)"
         );
     }
 }

@@ -263,19 +263,21 @@ pub fn is_pod_backed(service: &ServiceConfig, cluster_cidr: ipnet::Ipv4Net) -> b
 }
 
 /// `service` without the node ports (and health check node port) this
-/// node cannot serve: one of the source-NAT ports ([`SNAT_PORTS`]) or a
-/// port of `reserved` (the VXLAN port), which a node port would take from
-/// the datapath itself. Only possible with an API server whose node port
-/// range covers them; each one left out is logged.
+/// node cannot serve: a port of `reserved` (the VXLAN port), which a node
+/// port would take from the datapath itself. Only possible with an API
+/// server whose node port range covers it; each one left out is logged.
+/// (A node port may be one of the source-NAT ports: a connection to it is
+/// keyed by its client's address and port, a source-NAT connection's
+/// replies by the backend's, so the two never meet.)
 pub fn without_reserved_node_ports(mut service: ServiceConfig, reserved: &[u16]) -> ServiceConfig {
-    let taken = |port: u16| datapath_common::SNAT_PORTS.contains(&port) || reserved.contains(&port);
+    let taken = |port: u16| reserved.contains(&port);
     for port in &mut service.ports {
         if let Some(node_port) = port.node_port.filter(|p| taken(*p)) {
             tracing::warn!(
                 namespace = service.namespace,
                 name = service.name,
                 node_port,
-                "node port left out: the datapath uses this port itself (source NAT 61000-65535, or VXLAN)"
+                "node port left out: the datapath uses this port itself (VXLAN)"
             );
             port.node_port = None;
         }
@@ -506,10 +508,13 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Local,
             health_check_node_port: Some(62000),
         };
-        let kept = without_reserved_node_ports(service, &[8472]);
+        let kept = without_reserved_node_ports(service.clone(), &[8472]);
         let node_ports: Vec<Option<u16>> = kept.ports.iter().map(|p| p.node_port).collect();
-        assert_eq!(node_ports, [Some(30053), None, None, None]);
-        assert_eq!(kept.health_check_node_port, None);
+        // (Source-NAT ports may be node ports: their connections never meet.)
+        assert_eq!(node_ports, [Some(30053), None, Some(61000), Some(65535)]);
+        assert_eq!(kept.health_check_node_port, Some(62000));
+        let on_vxlan = ServiceConfig { health_check_node_port: Some(8472), ..service };
+        assert_eq!(without_reserved_node_ports(on_vxlan, &[8472]).health_check_node_port, None);
     }
     use super::*;
 

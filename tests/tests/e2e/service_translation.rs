@@ -625,7 +625,7 @@ fn local_backend_byte_exact(address: [u8; 4]) {
 }
 
 /// NodePort (externalTrafficPolicy Cluster) to another node's backend: the
-/// request leaves from the node's address and a port of SNAT_PORTS, so
+/// request leaves from the node's address and a port of SNAT_PORT_RANGES, so
 /// the reply comes back here; the reply then leaves from the node port to
 /// the client. Both ways byte for byte (the port given read off the first
 /// packet), TCP and UDP with and without a checksum.
@@ -668,7 +668,7 @@ fn remote_backend_byte_exact(address: [u8; 4]) {
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "to the backend's node");
         let out = Parsed::new(&run.out);
         let given = out.sport();
-        assert!(datapath_common::SNAT_PORTS.contains(&given), "source port {given}");
+        assert!(datapath_common::is_snat_port(given), "source port {given}");
         ports_given.push(given);
         assert_eq!(
             run.out[14..],
@@ -832,3 +832,60 @@ fn clients_outside_are_held_to_their_share_of_the_connection_table() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "limit 0: served");
     assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
 }
+
+/// A NodePort connection to another node's backend, over (FIN both ways),
+/// and its client's next connection from the same address and port (a
+/// client's ports come round again, at once with a reset close): the new
+/// connection reuses the entries, and they must still translate as source
+/// NAT: from the node's address and the port it had, the backend's answer
+/// back from the node port. (Reopening once cleared the source-NAT mark:
+/// the next SYN left with the client's own address, its answer went to the
+/// node's stack, and the client timed out, found by `bench --suite
+/// node-ports`.)
+#[test]
+fn a_node_port_connection_reopened_on_its_tuple_keeps_its_source_nat() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 41, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    let backend = REMOTE_BACKENDS[0];
+    let client = |flags: u8| Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, 30090, flags, &[]);
+    let run = h.run_from_uplink(&client(TCP_SYN));
+    let given = Parsed::new(&run.out).sport();
+    let answer = |flags: u8| Ipv4::tcp(backend, 8080, RUN_DEVICE_IP, given, flags, &[]);
+    for (from_client, flags) in [
+        (false, TCP_SYN | TCP_ACK),
+        (true, TCP_ACK),
+        (true, TCP_FIN | TCP_ACK),
+        (false, TCP_FIN | TCP_ACK),
+        (true, TCP_ACK),
+    ] {
+        let run = h.run_from_uplink(&if from_client { client(flags) } else { answer(flags) });
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the first connection's packets pass");
+    }
+    // The same client address and port, a new connection.
+    for round in 0..2 {
+        let run = h.run_from_uplink(&client(TCP_SYN));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "round {round}: the SYN goes to the backend's node");
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.src, out.sport()), (RUN_DEVICE_IP, given), "round {round}: from the node, same port");
+        assert_eq!((out.dst, out.dport()), (backend, 8080), "round {round}");
+        assert!(out.ip_header_ok && out.l4_checksum_ok(), "round {round}: checksums");
+        let run = h.run_from_uplink(&answer(TCP_SYN | TCP_ACK));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "round {round}: the answer goes back out");
+        let out = Parsed::new(&run.out);
+        assert_eq!((out.src, out.sport()), (RUN_DEVICE_IP, 30090), "round {round}: from the node port");
+        assert_eq!((out.dst, out.dport()), (OUTSIDE, 40000), "round {round}: to the client");
+        // Over again, by a reset from the client.
+        let run = h.run_from_uplink(&client(TCP_RST_FLAG));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "round {round}: the reset passes");
+    }
+    let entries = h.conntrack();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(
+        entries.values().all(|e| e.flags & datapath_common::CT_SNAT != 0),
+        "both entries still source NAT: {entries:?}"
+    );
+}
+
+const TCP_RST_FLAG: u8 = 0x04;
