@@ -141,11 +141,12 @@ pub struct AgentConfig {
     pub socket_lb: bool,
     /// Serve node ports and external and load balancer addresses to
     /// clients outside the cluster (packets that arrive at the uplink).
-    /// Off by default: a host outside can still fill the connection table
-    /// or the source-NAT ports with connections it never completes
-    /// (docs/services.md, "Known gaps"); kube-proxy (netfilter, with its
-    /// early drop) keeps serving those clients meanwhile. Pods and the
-    /// node's own sockets reach node ports and these addresses either way.
+    /// Off by default: no TCP sequence numbers are tracked, so a host
+    /// outside can end idle NodePort connections with blind forged resets,
+    /// which netfilter's window check refuses (docs/services.md, "Known
+    /// gaps"); kube-proxy keeps serving those clients meanwhile. Pods and
+    /// the node's own sockets reach node ports and these addresses either
+    /// way.
     #[serde(default)]
     pub serve_outside_clients: bool,
     /// The cgroup v2 directory the socket programs are attached to: the
