@@ -394,6 +394,26 @@ fn request_response_closing(
     Ok(done as f64 / duration.as_secs_f64())
 }
 
+/// Run `command` in namespace `ns` with `text` on its standard input (a
+/// rule set for `iptables-restore` or `nft -f -`); how long it took, spawn
+/// included (kube-proxy pays that too). Its standard error is the error.
+pub(crate) fn feed_in_netns(ns: &str, command: &[&str], text: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {} (run scripts/setup.sh)", command[0]))?;
+    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let took = started.elapsed();
+    anyhow::ensure!(out.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(took)
+}
+
 /// Make closing `conn` send a reset (SO_LINGER 0): no TIME_WAIT.
 pub(crate) fn reset_on_close(conn: &TcpStream) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;

@@ -12,18 +12,12 @@
 //! Service: one `nft -f -` transaction that writes the new endpoint's
 //! chain, rewrites the Service's chain and deletes the old endpoint's.
 
-use std::{
-    io::Write as _,
-    net::SocketAddrV4,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddrV4, time::Duration};
 
-use anyhow::Context as _;
 use datapath_tests::{lab::CLUSTER_CIDR, sh};
 
 use crate::{
-    bench::Pair,
+    bench::{Pair, feed_in_netns},
     bench_services::{
         KP_BACKEND_IP, OTHER_BACKEND, RoutedPods, SERVER_PORT, SERVICE_PORT, Svc, VIP, chain_hash,
         service_list,
@@ -69,19 +63,7 @@ impl KubeProxyNftSetup {
     /// `nft -f -` in the node with `text`; how long it took (spawn
     /// included: kube-proxy's knftables runs the same command).
     fn apply(&self, text: &str) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.pods.node.name, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft (Debian package nftables; run scripts/setup.sh)")?;
-        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        let took = started.elapsed();
-        anyhow::ensure!(out.status.success(), "nft -f - failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(took)
+        feed_in_netns(&self.pods.node.name, &["nft", "-f", "-"], text)
     }
 
     /// Service chains in the table (a sanity check that all N are there).

@@ -13,15 +13,19 @@
 //!   A (the node the client reaches), as its iptables or nftables mode
 //!   writes them.
 //!
+//! A failed run names ours' nonzero counters; with
+//! `DPT_BENCH_PAUSE_ON_FAILURE=<seconds>` it also waits that long before
+//! tearing the setups down, so that their maps can be read (`bpftool map
+//! dump pinned /sys/fs/bpf/dpt<pid>x<n>/maps/conntrack-v2`: how the
+//! reopened-tuple bug was found).
+//!
 //! TCP_CRR twice: closed as usual (FIN, the client keeps TIME_WAIT) and
 //! closed with a reset by the client, which keeps no TIME_WAIT and so
 //! escapes the harness's own ceiling (its ephemeral ports; every setup
 //! meets it at about the same rate with FIN).
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -30,7 +34,8 @@ use datapath_tests::lab::{Fabric, Netns, Node, Pod, peered_nodes};
 
 use crate::{
     bench::{
-        BenchArgs, FlannelNode, Pair, Stats, flannel_pair, request_response, request_response_reset, stats,
+        BenchArgs, FlannelNode, Pair, Stats, feed_in_netns, flannel_pair, request_response,
+        request_response_reset, stats,
     },
     bench_extra::Target,
     bench_kube_proxy_nft::{ruleset, service_chain},
@@ -169,22 +174,11 @@ impl KubeProxy {
             (svc("np-local", LOCAL_VIP, FLANNEL_LOCAL_POD), LOCAL_NODE_PORT),
             (svc("np-remote", REMOTE_VIP, FLANNEL_REMOTE_POD), REMOTE_NODE_PORT),
         ];
-        let (command, text) = match mode {
-            Mode::Iptables => ("iptables-restore", iptables_rules(&services)),
-            Mode::Nftables => ("nft", nftables_rules(&services)),
+        let (command, text): (&[&str], String) = match mode {
+            Mode::Iptables => (&["iptables-restore", "-w"], iptables_rules(&services)),
+            Mode::Nftables => (&["nft", "-f", "-"], nftables_rules(&services)),
         };
-        let node_a = &setup.nodes[0].node.name;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", node_a, command])
-            .args(if mode == Mode::Nftables { &["-f", "-"][..] } else { &["-w"][..] })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {command} (run scripts/setup.sh)"))?;
-        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(out.status.success(), "{command} failed: {}", String::from_utf8_lossy(&out.stderr));
+        feed_in_netns(&setup.nodes[0].node.name, command, &text)?;
         Ok(setup)
     }
 
@@ -334,29 +328,6 @@ pub(crate) fn node_ports(prefix: &str, args: &BenchArgs) -> anyhow::Result<(serd
                     let seconds: u64 = seconds.to_string_lossy().parse().unwrap_or(600);
                     eprintln!("failed; paused {seconds} s for a look (DPT_BENCH_PAUSE_ON_FAILURE)");
                     std::thread::sleep(Duration::from_secs(seconds));
-                }
-                for ns in [&ours.remote.netns.name, &ours.outside.name] {
-                    let out = datapath_tests::sh(&["ip", "netns", "exec", ns, "nstat", "-az"]);
-                    let interesting: Vec<&str> = out
-                        .lines()
-                        .filter(|l| {
-                            [
-                                "PAWS",
-                                "Overflow",
-                                "Drop",
-                                "Retrans",
-                                "Timeout",
-                                "Reset",
-                                "Challenge",
-                                "TW",
-                                "Syn",
-                            ]
-                            .iter()
-                            .any(|k| l.contains(k))
-                                && l.split_whitespace().nth(1).is_some_and(|n| n != "0")
-                        })
-                        .collect();
-                    eprintln!("{ns}: {interesting:?}");
                 }
                 format!(
                     "{}: node A {:?}, {tracked} connections tracked; node B {:?}",

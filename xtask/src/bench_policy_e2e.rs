@@ -22,20 +22,17 @@
 //! SYN-ACK a reply).
 
 use std::{
-    io::Write as _,
     net::Ipv4Addr,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use datapath_tests::{
     lab::{Node, Pod},
     sh,
 };
 
 use crate::{
-    bench::{BenchArgs, Pair, Stats, request_response, stats},
+    bench::{BenchArgs, Pair, Stats, feed_in_netns, request_response, stats},
     bench_extra::Target,
     bench_services::{KP_BACKEND_IP, KP_CLIENT_IP, RoutedPods, connect_latency},
 };
@@ -155,20 +152,7 @@ impl IptablesSetup {
             text.push_str(&format!("-A {chain} -s {peer}/32 -p tcp -m tcp --dport {port} -j ACCEPT\n"));
         }
         text.push_str("COMMIT\n");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &pods.node.name, "iptables-restore", "-w"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running iptables-restore (Debian package iptables; run scripts/setup.sh)")?;
-        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "iptables-restore failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        feed_in_netns(&pods.node.name, &["iptables-restore", "-w"], &text)?;
         let rules = sh(&["ip", "netns", "exec", &pods.node.name, "iptables", "-w", "-S"])
             .lines()
             .filter(|l| l.starts_with("-A "))

@@ -34,9 +34,8 @@
 
 use std::{
     hash::{Hash as _, Hasher as _},
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -57,7 +56,10 @@ use datapath_tests::{
 };
 
 use crate::{
-    bench::{BenchArgs, Pair, Stats, enter, request_response, request_response_reset, reset_on_close, stats},
+    bench::{
+        BenchArgs, Pair, Stats, enter, feed_in_netns, request_response, request_response_reset,
+        reset_on_close, stats,
+    },
     bench_extra::Target,
     bench_kube_proxy_nft::{KUBE_PROXY_NFT, KubeProxyNftSetup},
 };
@@ -341,23 +343,8 @@ impl KubeProxySetup {
     /// kube-proxy pays it too).
     fn restore(&mut self, args: &[&str], initial: bool) -> anyhow::Result<Duration> {
         let (text, chains) = nat_table(&self.services, &self.chains, initial);
-        let started = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.pods.node.name, "iptables-restore"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running iptables-restore (Debian package iptables; run scripts/setup.sh)")?;
-        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        let took = started.elapsed();
-        anyhow::ensure!(
-            out.status.success(),
-            "iptables-restore {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let command: Vec<&str> = ["iptables-restore"].into_iter().chain(args.iter().copied()).collect();
+        let took = feed_in_netns(&self.pods.node.name, &command, &text)?;
         self.chains = chains;
         Ok(took)
     }
