@@ -625,6 +625,47 @@ pub struct ConntrackEntry {
     pub service_id: u32,
     /// `bpf_ktime_get_coarse_ns` of the last packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
+    /// TCP: the sequence number just after this direction's SYN (its
+    /// initial sequence number + 1), host byte order. The other
+    /// direction's handshake ACK must acknowledge it before the
+    /// connection counts as answered (a blind ACK from a faked source
+    /// cannot). 0: none seen (UDP, a connection picked up without a SYN,
+    /// an entry converted from layout v2): not checked.
+    pub seq_after_syn: u32,
+    /// TCP: the highest acknowledgement number this direction sent, host
+    /// byte order. An RST or FIN from the other direction changes the
+    /// connection's state only if its sequence number is at or just past
+    /// it ([`TCP_RST_WINDOW`], [`TCP_FIN_WINDOW`]), so a blind RST or FIN
+    /// spray cannot cut connections short. Recorded from the client's
+    /// side only once its handshake ACK was checked. 0: none yet, not
+    /// checked.
+    pub ack: u32,
+}
+
+/// How far past the receiver's last acknowledgement an RST's sequence
+/// number may be (data in flight when it was sent) for it to close the
+/// connection here, and how far past the other direction's SYN the
+/// handshake ACK may acknowledge. Outside it, the RST is passed on but
+/// changes nothing here: the endpoint applies its own exact check (RFC
+/// 5961: an RST not at the exact place gets a challenge ACK, whose answer
+/// is an RST at the exact place), as netfilter moves a connection's state
+/// only on an RST at the exact place. A blind sender hits 1 in 65,536 per
+/// guessed 5-tuple.
+pub const TCP_RST_WINDOW: u32 = 1 << 16;
+/// The same for a FIN, which moves the connection to half-closed only
+/// inside this (bulk senders close with up to a window of data in
+/// flight).
+pub const TCP_FIN_WINDOW: u32 = 1 << 20;
+/// How far past its last acknowledgement a direction's next one may jump
+/// and still be recorded: a faked segment moves the place an RST must hit
+/// to one of its choosing 1 in 256 blind guesses, not 1 in 2.
+pub const TCP_ACK_JUMP: u32 = 1 << 24;
+
+/// Is TCP sequence number `seq` at or up to `window` past `base` (0: not
+/// known, anything is)? Wrapping, as sequence numbers do.
+#[inline(always)]
+pub fn tcp_in_window(seq: u32, base: u32, window: u32) -> bool {
+    base == 0 || seq.wrapping_sub(base) < window
 }
 
 pub const CT_FORWARD: u8 = 0;
@@ -1060,7 +1101,7 @@ shared_types! {
     BackendKey = 8,
     Backend = 8,
     ConntrackKey = 16,
-    ConntrackEntry = 24,
+    ConntrackEntry = 32,
     ConntrackClientKey = 4,
     SockRevNatKey = 16,
     SockRevNat = 8,

@@ -19,8 +19,8 @@ use datapath_common::{
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
     DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
     IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
-    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service, ServiceKey, snat_port_at,
-    snat_port_id,
+    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service, ServiceKey, TCP_ACK_JUMP,
+    TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id, tcp_in_window,
 };
 
 use crate::{
@@ -47,6 +47,8 @@ const TCP_ACK: u8 = 0x10;
 const TCP_SYN: u8 = 0x02;
 /// Where the TCP flags sit in the TCP header.
 const TCP_FLAGS: usize = 13;
+/// Where the sequence number (then the acknowledgement number) sits.
+const TCP_SEQ: usize = 4;
 /// Where the checksum sits in the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
@@ -129,10 +131,11 @@ pub fn translate<const NODE_PORT: bool>(
             let reply = (*entry).kind == CT_REPLY;
             let events = if protocol == IPPROTO_TCP {
                 let flags = tcp_flags(headers.packet(), ports.l4).unwrap_or(0);
+                let (seq, ack) = tcp_seq_ack(headers.packet(), ports.l4);
                 if !reply && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    reopen(&key, entry);
+                    reopen(&key, entry, max_per_client, seq);
                 }
-                tcp_events(flags, reply)
+                checked_tcp_events(&key, entry, flags, seq, ack)
             } else if reply {
                 CT_SEEN
             } else {
@@ -190,14 +193,28 @@ pub fn translate<const NODE_PORT: bool>(
     let hairpin = same_ipv4(backend.ipv4, saddr);
     // What the opening packet itself says (an ACK or a FIN instead of a
     // SYN: the backend's RST will end it).
-    let events = match tcp_flags(headers.packet(), ports.l4) {
-        Some(tcp_flags) if protocol == IPPROTO_TCP => tcp_events(tcp_flags, false),
-        _ => 0,
+    let (events, seq_after_syn) = match tcp_flags(headers.packet(), ports.l4) {
+        Some(tcp_flags) if protocol == IPPROTO_TCP => {
+            let syn = tcp_flags & TCP_SYN != 0;
+            let seq_after_syn =
+                if syn { tcp_seq_ack(headers.packet(), ports.l4).0.wrapping_add(1) } else { 0 };
+            (tcp_events(tcp_flags, false), seq_after_syn)
+        }
+        _ => (0, 0),
     };
     // A node port's connection to another node's backend leaves from the
     // node's address, so that the replies come back through here.
     if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
-        return open_snat(headers, key, &ports, &backend, events, now, fragments, max_per_client);
+        return open_snat(
+            headers,
+            key,
+            &ports,
+            &backend,
+            (events, seq_after_syn),
+            now,
+            fragments,
+            max_per_client,
+        );
     }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
@@ -207,6 +224,8 @@ pub fn translate<const NODE_PORT: bool>(
         client_ipv4: saddr,
         service_id: service.id,
         last_seen_ns: now,
+        seq_after_syn,
+        ack: 0,
     };
     let reply_key = key.pair(&forward);
     let reply = ConntrackEntry {
@@ -214,6 +233,7 @@ pub fn translate<const NODE_PORT: bool>(
         nat_port: ports.dport,
         kind: CT_REPLY,
         flags: CT_STATEFUL | if hairpin { CT_HAIRPIN } else { 0 },
+        seq_after_syn: 0,
         ..forward
     };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
@@ -255,7 +275,7 @@ fn open_snat<'a>(
     key: ConntrackKey,
     ports: &Ports,
     backend: &Backend,
-    events: u8,
+    (events, seq_after_syn): (u8, u32),
     now: u64,
     fragments: Option<&FragmentKey>,
     max_per_client: u32,
@@ -270,6 +290,8 @@ fn open_snat<'a>(
         client_ipv4: key.saddr,
         service_id: snat_port_id(ports.sport),
         last_seen_ns: now,
+        seq_after_syn: 0,
+        ack: 0,
     };
     let mut reply_key = ConntrackKey {
         saddr: backend.ipv4,
@@ -304,6 +326,8 @@ fn open_snat<'a>(
         client_ipv4: node,
         service_id: snat_port_id(reply_key.dport),
         last_seen_ns: now,
+        seq_after_syn,
+        ack: 0,
     };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -401,6 +425,80 @@ fn tcp_flags(packet: &Packet, l4: usize) -> Option<u8> {
     packet.load::<u8>(l4 + TCP_FLAGS)
 }
 
+/// A TCP segment's sequence and acknowledgement numbers (host order; 0, 0
+/// where they cannot be read).
+#[inline(always)]
+fn tcp_seq_ack(packet: &Packet, l4: usize) -> (u32, u32) {
+    const AT: usize = ETH_HLEN + IPV4_MIN_HLEN + TCP_SEQ;
+    let numbers = if l4 == ETH_HLEN + IPV4_MIN_HLEN
+        && let Some(numbers) = packet.read::<[u8; 8]>(AT)
+    {
+        Some(numbers)
+    } else {
+        packet.load::<[u8; 8]>(l4 + TCP_SEQ)
+    };
+    numbers.map_or((0, 0), |n| {
+        (u32::from_be_bytes([n[0], n[1], n[2], n[3]]), u32::from_be_bytes([n[4], n[5], n[6], n[7]]))
+    })
+}
+
+/// The events a TCP segment of a tracked connection sets on its entry
+/// ([`tcp_events`]), less those its sequence numbers do not bear out (the
+/// segment itself is passed either way; see [`TCP_RST_WINDOW`]): an RST
+/// or FIN away from where the other direction's last acknowledgement
+/// says this one stands, and the client's handshake ACK if it does not
+/// acknowledge the backend's SYN (a blind ACK from a faked source would
+/// count its connection answered). Records the backend's SYN and the
+/// acknowledgements these checks need. Only a segment that would change
+/// the state looks up the other entry: once per connection and event.
+///
+/// # Safety
+/// `entry` is a live entry of `key`.
+#[inline(always)]
+unsafe fn checked_tcp_events(
+    key: &ConntrackKey,
+    entry: *mut ConntrackEntry,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+) -> u8 {
+    // SAFETY: the caller's live entry; racing writes of these fields
+    // (another CPU's packet of the same direction) leave one of the values.
+    unsafe {
+        let reply = (*entry).kind == CT_REPLY;
+        let mut events = tcp_events(flags, reply);
+        let old = (*entry).flags;
+        let new = events & !old;
+        let checks = CT_CLOSING | CT_FIN | if reply { 0 } else { CT_SEEN };
+        if new & checks != 0
+            && let Some(pair) = CONNTRACK.get(key.pair(&*entry))
+        {
+            if !tcp_in_window(seq, pair.ack, TCP_RST_WINDOW) {
+                events &= !CT_CLOSING;
+            }
+            if !tcp_in_window(seq, pair.ack, TCP_FIN_WINDOW) {
+                events &= !CT_FIN;
+            }
+            if !reply && !tcp_in_window(ack, pair.seq_after_syn, TCP_RST_WINDOW) {
+                events &= !CT_SEEN;
+            }
+        }
+        if reply && flags & TCP_SYN != 0 && (*entry).seq_after_syn == 0 {
+            // The backend's first SYN-ACK (its retransmissions say the same).
+            (*entry).seq_after_syn = seq.wrapping_add(1);
+        }
+        // The client's acknowledgements count once its handshake ACK was
+        // checked (before, a faked one would move the RST check).
+        if flags & TCP_ACK != 0 && (reply || (old | events) & CT_SEEN != 0) {
+            let last = (*entry).ack;
+            if last == 0 || (ack != last && ack.wrapping_sub(last) < TCP_ACK_JUMP) {
+                (*entry).ack = ack;
+            }
+        }
+        events
+    }
+}
+
 /// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the
 /// entry of its direction (`reply`: the backend's).
 #[inline(always)]
@@ -425,24 +523,43 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
 /// (a FIN or RST seen either way): a new connection reusing the tuple (its
 /// client port), as netfilter takes it. Both entries start afresh: the old
 /// connection's state would otherwise end the new one's translation with
-/// the closing timer. It keeps the backend.
+/// the closing timer. It keeps the backend. The new connection is
+/// unanswered, so it counts against its client (and the clients outside)
+/// like any new one, unless the old one still did (never answered): a
+/// client reusing its ports is held to its limits, and the count never
+/// goes below what is unanswered when the new connection is answered.
 #[inline(always)]
-fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry) {
+fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, seq: u32) {
     const OVER: u8 = CT_FIN | CT_CLOSING;
     // SAFETY: live entries; a racing update of their flags is harmless.
-    unsafe {
+    let still_counted = unsafe {
         let pair = CONNTRACK.get_ptr_mut(key.pair(&*entry));
         let pair_flags = pair.map_or(0, |pair| (*pair).flags);
         if ((*entry).flags | pair_flags) & OVER == 0 {
             // A retransmitted SYN of a connection still opening.
             return;
         }
+        // Counted from its opening until both directions were seen (an
+        // entry of a build before CT_STATEFUL never counted).
+        let still_counted = (*entry).flags & CT_STATEFUL != 0 && (*entry).flags & pair_flags & CT_SEEN == 0;
         // What the connection is (hairpin, source NAT: how its fields read)
         // stays; what happened to it starts over.
         const KEPT: u8 = CT_HAIRPIN | CT_SNAT;
         (*entry).flags = ((*entry).flags & KEPT) | CT_STATEFUL;
+        (*entry).seq_after_syn = seq.wrapping_add(1);
+        (*entry).ack = 0;
         if let Some(pair) = pair {
             (*pair).flags = ((*pair).flags & KEPT) | CT_STATEFUL;
+            (*pair).seq_after_syn = 0;
+            (*pair).ack = 0;
+        }
+        still_counted
+    };
+    if !still_counted {
+        clients::count(key.saddr, max_per_client);
+        // As in `now_answered`: a client that is not a pod here is outside.
+        if local_endpoint(key.saddr).is_none() {
+            clients::count_outside(false);
         }
     }
 }

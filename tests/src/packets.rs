@@ -51,6 +51,9 @@ pub struct Ipv4 {
     pub payload: Vec<u8>,
 }
 
+/// The initial sequence number of every segment [`Ipv4::tcp`] makes.
+pub const TCP_ISN: u32 = 0x1234_5678;
+
 impl Ipv4 {
     pub fn icmp_echo(src: [u8; 4], dst: [u8; 4]) -> Self {
         // ICMP echo request with a valid ICMP checksum.
@@ -122,7 +125,17 @@ impl Ipv4 {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
         t[2..4].copy_from_slice(&dport.to_be_bytes());
-        t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        // Both ends start at ISN 0x12345678 and are past their SYN ever
+        // after (data or not): every segment but a SYN sits at ISN + 1,
+        // and every ACK acknowledges the other end's SYN. Consistent for
+        // the programs' sequence checks (an RST or FIN at the place the
+        // other end acknowledged, a handshake ACK of the backend's SYN);
+        // [`Ipv4::with_seq_ack`] sets others.
+        let seq = if flags & 0x02 != 0 { TCP_ISN } else { TCP_ISN + 1 };
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        if flags & 0x10 != 0 {
+            t[8..12].copy_from_slice(&(TCP_ISN + 1).to_be_bytes());
+        }
         t[12] = 5 << 4;
         t[13] = flags;
         t[14..16].copy_from_slice(&64240u16.to_be_bytes());
@@ -130,6 +143,18 @@ impl Ipv4 {
         let c = l4_checksum(src, dst, 6, &t);
         t[16..18].copy_from_slice(&c.to_be_bytes());
         Self { src, dst, ttl: 64, protocol: 6, options: vec![], frag: 0x4000, payload: t }
+    }
+
+    /// This TCP segment with sequence number `seq` and acknowledgement
+    /// number `ack` (checksum fixed).
+    pub fn with_seq_ack(mut self, seq: u32, ack: u32) -> Self {
+        let t = &mut self.payload;
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
+        t[16..18].copy_from_slice(&[0, 0]);
+        let c = l4_checksum(self.src, self.dst, 6, t);
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        self
     }
 
     /// A UDP datagram; `with_checksum: false` sends checksum 0 (none).

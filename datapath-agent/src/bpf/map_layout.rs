@@ -233,11 +233,16 @@ pub const LAYOUTS: &[MapLayout] = &[
         name: map_names::CONNTRACK,
         // v2: entries of kind CT_POLICY (connections NetworkPolicy allowed)
         // may be present; v1 entries are all valid v2 entries.
-        version: 2,
+        // v3: TCP sequence checks, `seq_after_syn` and `ack` appended (24 ->
+        // 32 bytes).
+        version: 3,
         holds: "the live Service connections and the connections NetworkPolicy allowed (every one of them breaks)",
         entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>),
         incompatible: Refuse,
-        upgrades: &[Upgrade { from_version: 1, entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>) }],
+        upgrades: &[
+            Upgrade { from_version: 1, entries: Keyed(conntrack_from_v2) },
+            Upgrade { from_version: 2, entries: Keyed(conntrack_from_v2) },
+        ],
     },
     MapLayout {
         name: map_names::CONNTRACK_CLIENTS,
@@ -508,6 +513,53 @@ fn node_config_from_v2(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
     Ok(Copied { entries: 1, left_out: 0 })
 }
 
+/// A connection-tracking entry of layout v1 and v2 (v1's are all valid v2
+/// entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConntrackEntryV2 {
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+    pub kind: u8,
+    pub flags: u8,
+    pub client_ipv4: [u8; 4],
+    pub service_id: u32,
+    pub last_seen_ns: u64,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no padding.
+unsafe impl Pod for ConntrackEntryV2 {}
+
+/// v1/v2 -> v3: every field kept; no sequence numbers known, so the
+/// converted connections' RSTs and FINs are not checked (as before) until
+/// each direction acknowledges again, and a handshake under way completes
+/// unchecked.
+fn conntrack_from_v2(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    let old: HashMap<&MapData, ConntrackKey, ConntrackEntryV2> = HashMap::try_from(old)?;
+    let mut new: HashMap<&mut MapData, ConntrackKey, ConntrackEntry> = HashMap::try_from(new)?;
+    let mut copied = Copied::default();
+    for entry in old.iter() {
+        let (key, v2) = entry?;
+        let entry = ConntrackEntry {
+            nat_addr: v2.nat_addr,
+            nat_port: v2.nat_port,
+            kind: v2.kind,
+            flags: v2.flags,
+            client_ipv4: v2.client_ipv4,
+            service_id: v2.service_id,
+            last_seen_ns: v2.last_seen_ns,
+            seq_after_syn: 0,
+            ack: 0,
+        };
+        match new.insert(key, entry, u64::from(BPF_NOEXIST)) {
+            Ok(()) => copied.entries += 1,
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(copied)
+}
+
 /// Per-CPU arrays of `N` u64 counters per slot: the old counts are added to
 /// what the new map counted since the switch, CPU by CPU. (An increment
 /// between the read and the write of a slot on that CPU is lost: the copy of
@@ -561,6 +613,17 @@ mod tests {
         assert_eq!(std::mem::offset_of!(NodeConfig, pod_mtu), std::mem::offset_of!(NodeConfigV2, pod_mtu));
         assert_eq!(std::mem::offset_of!(NodeConfig, conntrack_max_per_client), 36, "v3 appends");
         assert_eq!(std::mem::size_of::<NodeConfig>(), 48);
+    }
+
+    #[test]
+    fn conntrack_v2_is_the_head_of_v3() {
+        assert_eq!(std::mem::size_of::<ConntrackEntryV2>(), 24);
+        assert_eq!(
+            std::mem::offset_of!(ConntrackEntry, last_seen_ns),
+            std::mem::offset_of!(ConntrackEntryV2, last_seen_ns)
+        );
+        assert_eq!(std::mem::offset_of!(ConntrackEntry, seq_after_syn), 24, "v3 appends");
+        assert_eq!(std::mem::size_of::<ConntrackEntry>(), 32);
     }
 
     #[test]

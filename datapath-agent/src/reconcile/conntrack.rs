@@ -336,6 +336,7 @@ mod tests {
             client_ipv4: client.octets(),
             service_id: 1,
             last_seen_ns: 1_000 * NS_PER_SECOND,
+            ..Default::default()
         };
         let reply = ConntrackEntry {
             nat_addr: VIP.octets(),

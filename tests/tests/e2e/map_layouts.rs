@@ -11,7 +11,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues};
-use datapath_common::{ConntrackEntry, ConntrackKey, DROP_COUNTER_SLOTS, DROP_REASON_SLOTS};
+use datapath_agent::bpf::map_layout::ConntrackEntryV2;
+use datapath_common::{
+    CT_FORWARD, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey, DROP_COUNTER_SLOTS, DROP_REASON_SLOTS,
+};
 use datapath_tests::{
     bin_dir,
     lab::{Fabric, Node, peered_nodes, ping, ping_from_spoofed_address},
@@ -213,10 +216,13 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
             std::fs::remove_file(&path).unwrap();
             continue;
         }
-        // conntrack is at v2 now (policy entries), with v1's entry layout:
-        // its unversioned pin is converted, not renamed.
-        if name == "conntrack-v2" {
-            std::fs::rename(&path, maps_dir(&node).join("conntrack")).unwrap();
+        // conntrack is at v3 now (policy entries, then sequence numbers):
+        // its unversioned pin, v1's 24-byte entries, is converted, not
+        // renamed.
+        if name == "conntrack-v3" {
+            std::fs::remove_file(&path).unwrap();
+            let v1 = maps_dir(&node).join("conntrack");
+            bpftool_create(&v1, "hash", size_of::<ConntrackKey>() as u32, 24, 4096, "CONNTRACK");
             continue;
         }
         let bare = name.strip_suffix("-v1").unwrap_or_else(|| panic!("unexpected pin {name}")).to_owned();
@@ -259,7 +265,7 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
         "{now:?}"
     );
     assert!(
-        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v3" || p == "conntrack-v2"),
+        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v3" || p == "conntrack-v3"),
         "{now:?}"
     );
     assert_eq!(node.programmed_endpoints(), endpoints_before);
@@ -382,6 +388,8 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
     assert_eq!(node.drop_count("spoofed_source"), spoofed + 2);
 }
 
+/// Also the conversion of layout v2's entries (24 bytes, before the
+/// sequence numbers) into v3's: every connection kept, field by field.
 #[test]
 fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     require_root!();
@@ -389,13 +397,13 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     // 1500 tracked connections in a map of 2048; the config asks for 1024.
     std::fs::create_dir_all(maps_dir(&node)).unwrap();
     let pin = maps_dir(&node).join("conntrack-v2");
-    let (key, value) = (size_of::<ConntrackKey>() as u32, size_of::<ConntrackEntry>() as u32);
+    let (key, value) = (size_of::<ConntrackKey>() as u32, size_of::<ConntrackEntryV2>() as u32);
     bpftool_create(&pin, "hash", key, value, 2048, "CONNTRACK");
     // Fresh, so the collector keeps them.
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     let last_seen_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     {
-        let mut map: HashMap<MapData, ConntrackKey, ConntrackEntry> =
+        let mut map: HashMap<MapData, ConntrackKey, ConntrackEntryV2> =
             HashMap::try_from(Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
         for i in 0..1500u16 {
             let key = ConntrackKey {
@@ -406,12 +414,16 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
                 protocol: 6,
                 _pad: [0; 3],
             };
-            map.insert(
-                key,
-                ConntrackEntry { nat_addr: [10, 244, 1, 7], last_seen_ns, ..Default::default() },
-                0,
-            )
-            .unwrap();
+            let entry = ConntrackEntryV2 {
+                nat_addr: [10, 244, 1, 7],
+                nat_port: 8080u16.to_be_bytes(),
+                kind: CT_FORWARD,
+                flags: CT_STATEFUL | CT_SEEN,
+                client_ipv4: [10, 244, 1, 9],
+                service_id: 7,
+                last_seen_ns,
+            };
+            map.insert(key, entry, 0).unwrap();
         }
     }
     let id = map_id(&pin);
@@ -429,8 +441,32 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     // With room enough, the same pin is migrated.
     node.set_extra_config("conntrack_max_entries = 4096\n");
     node.start_agent();
-    assert_eq!(max_entries(&pin), 4096);
+    let v3 = maps_dir(&node).join("conntrack-v3");
+    assert_eq!(max_entries(&v3), 4096);
+    assert!(!pin.exists(), "the v2 pin is replaced");
     assert_eq!(node.inspect("conntrack").as_array().unwrap().len(), 1500, "every connection kept");
+    let map: HashMap<MapData, ConntrackKey, ConntrackEntry> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&v3).unwrap())).unwrap();
+    let entries: Vec<_> = map.iter().map(Result::unwrap).collect();
+    assert_eq!(entries.len(), 1500);
+    for (key, entry) in entries {
+        assert_eq!(
+            entry,
+            ConntrackEntry {
+                nat_addr: [10, 244, 1, 7],
+                nat_port: 8080u16.to_be_bytes(),
+                kind: CT_FORWARD,
+                flags: CT_STATEFUL | CT_SEEN,
+                client_ipv4: [10, 244, 1, 9],
+                service_id: 7,
+                last_seen_ns,
+                seq_after_syn: 0,
+                ack: 0,
+            },
+            "{key:?}: converted field by field, no sequence numbers"
+        );
+    }
+    assert!(node.agent_log().contains("converted from layout v2"), "{}", node.agent_log());
 }
 
 /// A `[[services]]` entry: TCP port 80 -> `WEB_PORT` on `backends`.
@@ -455,7 +491,7 @@ fn growing_conntrack_keeps_service_connections_without_a_lost_packet() {
     a.stop_agent();
     a.set_extra_config(&format!("conntrack_max_entries = 4096\n{}", web_service(&[local.ip])));
     a.start_agent();
-    let conntrack = maps_dir(&a).join("conntrack-v2");
+    let conntrack = maps_dir(&a).join("conntrack-v3");
     assert_eq!(max_entries(&conntrack), 4096);
     let stream = Stream::start_via(&local.netns, (local.ip, WEB_PORT), &client.netns, Some((WEB_VIP, 80)));
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -586,3 +586,112 @@ fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// The red team's blind reset spray, with real TCP: an idle NodePort
+/// connection from outside to another node's backend (source NAT), and a
+/// host on the nodes' segment that forges, as that backend, an RST and a
+/// FIN to every source-NAT port of the node (it sees no sequence number,
+/// so it guesses one). The connection must stay established and keep
+/// working after the short timers (before the sequence checks, the RST
+/// marked it closing, and after a second of quiet its translation was
+/// gone). The real endings still count: the client's own reset (an abort,
+/// at the place the backend acknowledged) closes the next connection.
+#[test]
+fn a_blind_reset_spray_at_the_source_nat_ports_leaves_idle_connections_alone() {
+    use datapath_tests::{
+        lab::{UPLINK, mac_of, send_raw_frames},
+        packets::{ETH_P_IP, Ipv4, TCP_ACK, TCP_FIN, ethernet},
+    };
+    const TCP_RST: u8 = 0x04;
+    datapath_tests::require_root!();
+    let mut lab = outside_lab("native");
+    let all = lab.backend_ips();
+    // Node B's backends only: every connection through node A is source NATed.
+    let remote = all[1..].to_vec();
+    set_outside_services(
+        &mut lab,
+        &format!(
+            "conntrack_closing_seconds = 1\nconntrack_half_closed_seconds = 2\n{}",
+            cluster_node_port_service(&remote)
+        ),
+    );
+    wait_served(&lab.a, NODE_A, 30090, &remote);
+    let outside = outside_host("np-rst", OUTSIDE);
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Result<Ipv4Addr, String>>();
+    let client = in_netns(&outside.path(), move || {
+        let mut conn = TcpStream::connect_timeout(&(NODE_A, 30090).into(), Duration::from_secs(3)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        let mut ask = |conn: &mut TcpStream| -> Result<Ipv4Addr, String> {
+            writeln!(conn, "who").map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            lines.read_line(&mut line).map_err(|e| e.to_string())?;
+            Ok(parse_answer(&line).0)
+        };
+        back_tx.send(ask(&mut conn)).unwrap();
+        while let Ok(what) = rx.recv() {
+            match what {
+                "ask" => back_tx.send(ask(&mut conn)).unwrap(),
+                _ => {
+                    // An abort: SO_LINGER 0 sends an RST at the exact place.
+                    socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+                    drop(conn);
+                    return;
+                }
+            }
+        }
+    });
+    let backend = back_rx.recv().unwrap().expect("the first answer");
+    assert!(remote.contains(&backend), "{backend}");
+    let state = |agent: &datapath_tests::lab::Node| {
+        agent
+            .inspect("conntrack")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client_ip"] == OUTSIDE.to_string() && c["service_port"] == 30090)
+            .map(|c| c["state"].clone())
+    };
+    assert_eq!(state(&lab.a), Some(serde_json::json!("established")));
+
+    let attacker = outside_host("np-rst-x", Ipv4Addr::new(10, 250, 0, 66));
+    let (node_mac, my_mac) = (mac_of(&lab.a.netns, UPLINK), mac_of(&attacker, "eth0"));
+    let spray: Vec<Vec<u8>> = datapath_common::SNAT_PORT_RANGES
+        .iter()
+        .flat_map(|range| range.clone())
+        .flat_map(|port| {
+            [TCP_RST, TCP_FIN | TCP_ACK].map(|flags| {
+                let ip = Ipv4::tcp(backend.octets(), 8080, NODE_A.octets(), port, flags, &[])
+                    .with_seq_ack(0x4000_0000 + u32::from(port), 0x2000_0000);
+                ethernet(node_mac, my_mac, ETH_P_IP, &ip.bytes())
+            })
+        })
+        .collect();
+    eprintln!("spraying {} forged RSTs and FINs as {backend}:8080", spray.len());
+    send_raw_frames(&attacker, "eth0", spray).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after_spray = state(&lab.a);
+    // Longer than the closing and half-closed timers and a sweep.
+    std::thread::sleep(Duration::from_secs(8));
+    let later = state(&lab.a);
+    tx.send("ask").unwrap();
+    let answer = back_rx.recv().unwrap();
+    eprintln!("after the spray: {after_spray:?}; 8 s later: {later:?}; answer {answer:?}");
+    assert_eq!(after_spray, Some(serde_json::json!("established")), "a blind spray changed the connection");
+    assert_eq!(later, Some(serde_json::json!("established")));
+    assert_eq!(answer, Ok(backend), "the idle connection still works");
+
+    // The client's real reset closes it.
+    tx.send("abort").unwrap();
+    client.join().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = state(&lab.a);
+        if now.is_none() || now == Some(serde_json::json!("closing")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the client's real RST did not close it: {now:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -534,7 +534,6 @@ fn a_connection_reusing_a_closed_tuple_is_not_left_closing() {
 /// window) and netfilter does not change state for an out-of-window RST;
 /// the connection's translation must stay.
 #[test]
-#[ignore = "known gap: no TCP sequence tracking (docs/services.md)"]
 fn a_forged_out_of_window_rst_does_not_close_a_service_connection() {
     require_root!();
     let mut lab = lab("native");

@@ -889,3 +889,137 @@ fn a_node_port_connection_reopened_on_its_tuple_keeps_its_source_nat() {
 }
 
 const TCP_RST_FLAG: u8 = 0x04;
+
+/// One connection's segments with real sequence numbers: client ISN
+/// `C_ISN`, backend ISN `B_ISN`; `sent`: the bytes each side sent before.
+const C_ISN: u32 = 0x1000_0000;
+/// (Near the end of the sequence space: the checks wrap.)
+const B_ISN: u32 = 0xffff_fff0;
+
+fn b_seq(n: u32) -> u32 {
+    B_ISN.wrapping_add(n)
+}
+
+/// A client that reuses its address and port (ports come round again)
+/// is counted once per connection: a reopened tuple whose connection was
+/// answered counts anew until its new one is answered, one never answered
+/// stays counted once, and the count never goes below zero (before, the
+/// reopened connection's answer took one off that was never added, so a
+/// client reusing tuples opened past `conntrack_max_outside`).
+#[test]
+fn a_reused_tuple_from_outside_is_counted_once_per_connection() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 51, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.set_outside_budget(0, 100);
+    let backend = REMOTE_BACKENDS[0];
+    let client = |flags: u8| Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, 30090, flags, &[]);
+    let run = h.run_from_uplink(&client(TCP_SYN));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let given = Parsed::new(&run.out).sport();
+    let answer = |flags: u8| Ipv4::tcp(backend, 8080, RUN_DEVICE_IP, given, flags, &[]);
+    assert_eq!(h.outside_budget(), (1, 100), "opened: counted");
+    for round in 0..3 {
+        for (from_client, flags) in [(false, TCP_SYN | TCP_ACK), (true, TCP_ACK)] {
+            let run = h.run_from_uplink(&if from_client { client(flags) } else { answer(flags) });
+            assert_eq!(run.verdict, TC_ACT_REDIRECT, "round {round}");
+        }
+        assert_eq!(h.outside_budget(), (0, 100), "round {round}: answered");
+        // Over (FIN both ways), then the same tuple again.
+        for (from_client, flags) in [(true, TCP_FIN | TCP_ACK), (false, TCP_FIN | TCP_ACK), (true, TCP_ACK)] {
+            h.run_from_uplink(&if from_client { client(flags) } else { answer(flags) });
+        }
+        assert_eq!(h.outside_budget(), (0, 100), "round {round}: over");
+        let run = h.run_from_uplink(&client(TCP_SYN));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "round {round}: reopened");
+        assert_eq!(h.outside_budget(), (1, 100), "round {round}: the new connection counts");
+    }
+    // Never answered, reset, reopened: still one.
+    h.run_from_uplink(&client(TCP_RST_FLAG));
+    let run = h.run_from_uplink(&client(TCP_SYN));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(h.outside_budget(), (1, 100), "a connection never answered is not counted twice");
+    let retransmitted = h.run_from_uplink(&client(TCP_SYN));
+    assert_eq!(retransmitted.verdict, TC_ACT_REDIRECT);
+    assert_eq!(h.outside_budget(), (1, 100), "a retransmitted SYN counts nothing");
+}
+
+/// TCP sequence checks on a NodePort connection to another node's backend
+/// (source NAT, the case a red team broke) and to a local one: RSTs and
+/// FINs faked blind, as the backend or as the client, at sequence numbers
+/// away from where the receiver's acknowledgements say the sender stands,
+/// are passed (the endpoint's own check drops them) but leave the
+/// connection established; and a handshake ACK that does not acknowledge
+/// the backend's SYN (a faked source cannot see it) leaves the connection
+/// unanswered, counted against the clients outside. The real RST, at the
+/// acknowledged place, closes it.
+#[test]
+fn blind_resets_fins_and_acks_do_not_change_a_connection() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 62, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.set_outside_budget(0, 100);
+    for (n, node_port, backend) in [(1u16, 30080, CLIENT), (2, 30090, REMOTE_BACKENDS[0])] {
+        let sport = 41000 + n;
+        let client = |flags: u8, seq: u32, ack: u32| {
+            Ipv4::tcp(OUTSIDE, sport, RUN_DEVICE_IP, node_port, flags, &[]).with_seq_ack(seq, ack)
+        };
+        let run = h.run_from_uplink(&client(TCP_SYN, C_ISN, 0));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: SYN");
+        let out = Parsed::new(&run.out);
+        let (to, to_port) = (out.src, out.sport());
+        // The backend's segments, as they reach this node (a local backend
+        // from its veth, a remote one through the uplink).
+        let from_backend = |h: &mut Harness, flags: u8, seq: u32, ack: u32| {
+            let ip = Ipv4::tcp(backend, 8080, to, to_port, flags, &[]).with_seq_ack(seq, ack);
+            if backend == CLIENT { h.run_from_pod(&ip) } else { h.run_from_uplink(&ip) }
+        };
+        let run = from_backend(&mut h, TCP_SYN | TCP_ACK, b_seq(0), C_ISN + 1);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: SYN-ACK");
+        // A blind handshake ACK: passed on, the connection still unanswered.
+        let before = h.outside_budget();
+        let run = h.run_from_uplink(&client(TCP_ACK, C_ISN + 1, b_seq(0x0100_0000)));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: the backend gets it (and resets it)");
+        assert_eq!(h.outside_budget(), before, ":{node_port}: a blind ACK answers nothing");
+        let run = h.run_from_uplink(&client(TCP_ACK, C_ISN + 1, b_seq(1)));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        assert_eq!(h.outside_budget().0, before.0 - 1, ":{node_port}: the real ACK answers it");
+        // Data both ways: 100 bytes from the client, 1000 back.
+        from_backend(&mut h, TCP_ACK, b_seq(1), C_ISN + 101);
+        h.run_from_uplink(&client(TCP_ACK, C_ISN + 101, b_seq(1001)));
+        let state = |h: &mut Harness| {
+            let entries = h.conntrack();
+            let mine: Vec<_> = entries
+                .iter()
+                .filter(|(k, _)| {
+                    (k.saddr == OUTSIDE && k.sport == sport.to_be_bytes())
+                        || (k.saddr == backend && k.dport == to_port.to_be_bytes())
+                })
+                .map(|(_, e)| e.flags)
+                .collect();
+            assert_eq!(mine.len(), 2, "{entries:?}");
+            mine.iter().fold(0, |all, f| all | f)
+        };
+        use datapath_common::{CT_CLOSING, CT_FIN};
+        assert_eq!(state(&mut h) & (CT_CLOSING | CT_FIN), 0, ":{node_port}: established");
+        // Blind: as the backend and as the client, RST and FIN, at places
+        // a faked sender would guess.
+        for guess in [0x8000_0000, b_seq(0).wrapping_sub(1), b_seq(1001 + (1 << 20))] {
+            let run = from_backend(&mut h, TCP_RST_FLAG, guess, 0);
+            assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: passed (the client's kernel checks it)");
+            from_backend(&mut h, TCP_FIN | TCP_ACK, guess, C_ISN + 101);
+        }
+        for guess in [0u32, 0x8000_0000, C_ISN, C_ISN + 101 + (1 << 20)] {
+            h.run_from_uplink(&client(TCP_RST_FLAG, guess, 0));
+            h.run_from_uplink(&client(TCP_FIN | TCP_ACK, guess, b_seq(1001)));
+        }
+        assert_eq!(state(&mut h) & (CT_CLOSING | CT_FIN), 0, ":{node_port}: still established");
+        // The real one, at the place the backend acknowledged.
+        let run = h.run_from_uplink(&client(TCP_RST_FLAG, C_ISN + 101, 0));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        assert_ne!(state(&mut h) & CT_CLOSING, 0, ":{node_port}: the real RST closes it");
+    }
+}

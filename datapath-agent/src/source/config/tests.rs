@@ -280,10 +280,13 @@ fn conntrack_limits_are_checked_and_its_size_needs_a_restart() {
         ("conntrack_opening_seconds = 3601", "conntrack_opening_seconds"),
         ("conntrack_max_per_client = 65537", "conntrack_max_per_client"),
         ("conntrack_max_outside = 65537", "conntrack_max_outside"),
+        // More than half the table's connections: the pods keep the other half.
+        ("conntrack_max_outside = 32769", "conntrack_max_outside"),
     ] {
         let e = error_of(&format!("{GOOD}{line}\n"));
         assert!(e.contains(&format!("`{field}`")), "{line}: {e}");
     }
+    assert!(AgentConfig::parse(&format!("{GOOD}conntrack_max_outside = 32768\n")).is_ok());
     let base = AgentConfig::parse(GOOD).unwrap();
     let resized = AgentConfig::parse(&format!("{GOOD}conntrack_max_entries = 1024\n")).unwrap();
     assert_eq!(base.restart_only_fields_differ(&resized), Some("conntrack_max_entries"));

@@ -112,13 +112,19 @@ impl AgentConfig {
                 "leave it unset (1024), set at most conntrack_max_entries / 2, or 0 for no limit",
             );
         }
+        // At most half the table's connections: the pods always keep the
+        // other half, whatever a flood from outside does.
         if let Some(outside) = self.conntrack_max_outside
-            && outside > entries / 2
+            && outside > entries / 4
         {
             return invalid(
                 "conntrack_max_outside",
-                format!("{outside} is more than the {} connections the table holds", entries / 2),
-                "leave it unset (a quarter of the table), set at most conntrack_max_entries / 2, or 0 for no limit",
+                format!(
+                    "{outside} is more than {} (half the {} connections the table holds; the pods keep the other half)",
+                    entries / 4,
+                    entries / 2
+                ),
+                "leave it unset (a quarter of the table), set at most conntrack_max_entries / 4, or 0 for no limit",
             );
         }
         for (field, value, max, fix) in [
