@@ -405,7 +405,10 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
         // Service connections are opened by this node's pods or by clients
         // outside the cluster: one that is not a pod here was outside.
         // (A pod deleted meanwhile takes one off too many: the recount heals it.)
-        if local_endpoint(client).is_none() {
+        // UDP from outside keeps counting: an answer proves nothing about a
+        // UDP source (a faked one is answered too), where a TCP handshake
+        // that acknowledged the backend's SYN did.
+        if protocol != IPPROTO_UDP && local_endpoint(client).is_none() {
             clients::count_outside(true);
         }
     }

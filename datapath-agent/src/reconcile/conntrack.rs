@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use datapath_common::{
     CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_SNAT,
-    ConntrackEntry, ConntrackKey, IPPROTO_TCP, TcpState, unanswered,
+    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, TcpState, unanswered,
 };
 use tokio::sync::Mutex;
 
@@ -212,8 +212,9 @@ pub fn sweep(
 /// their forward entry, connections policy allowed by their one entry,
 /// both under the address that opened them. Under
 /// [`datapath_common::OUTSIDE_CLIENTS`] (always present), the unanswered
-/// Service connections opened by addresses outside `local_pods`, all
-/// together, as `conntrack_max_outside` counts them.
+/// Service connections opened by addresses outside `local_pods`, and
+/// their UDP flows answered or not, all together, as
+/// `conntrack_max_outside` counts them.
 pub fn client_counts(
     snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
     local_pods: Option<ipnet::Ipv4Net>,
@@ -229,13 +230,16 @@ pub fn client_counts(
         } else {
             0
         };
-        if unanswered(key.protocol, entry.kind, entry.flags, pair_flags) {
+        let unanswered = unanswered(key.protocol, entry.kind, entry.flags, pair_flags);
+        if unanswered {
             *counts.entry(key.saddr).or_insert(0) += 1;
-            if entry.kind == CT_FORWARD
-                && local_pods.is_some_and(|pods| !pods.contains(&Ipv4Addr::from(key.saddr)))
-            {
-                *counts.entry(outside_key).or_insert(0) += 1;
-            }
+        }
+        // From outside, UDP counts answered or not: an answer proves
+        // nothing about a UDP source (a faked one is answered too).
+        let outside = entry.kind == CT_FORWARD
+            && local_pods.is_some_and(|pods| !pods.contains(&Ipv4Addr::from(key.saddr)));
+        if outside && (unanswered || key.protocol == IPPROTO_UDP) {
+            *counts.entry(outside_key).or_insert(0) += 1;
         }
     }
     counts
@@ -467,6 +471,26 @@ mod tests {
         let counts = client_counts(&snapshot, Some(pods));
         assert_eq!(counts.get(&outside), Some(&2), "{counts:?}");
         assert_eq!(counts.get(&[198, 51, 100, 7]), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
+
+        // UDP from outside counts there answered or not (an answer proves
+        // nothing about a UDP source); under its own address only while
+        // unanswered, as any client's.
+        for (n, answered) in [(10, false), (11, true)] {
+            let [mut fwd, mut rep] = tcp_connection(42_000, pod(2), false);
+            fwd.0.saddr = [198, 51, 100, n];
+            fwd.0.protocol = IPPROTO_UDP;
+            rep.1.client_ipv4 = fwd.0.saddr;
+            let seen = if answered { CT_SEEN } else { 0 };
+            (fwd.1.flags, rep.1.flags) = (CT_STATEFUL, CT_STATEFUL | seen);
+            rep.0 = fwd.0.pair(&fwd.1);
+            snapshot.extend([fwd, rep]);
+        }
+        let counts = client_counts(&snapshot, Some(pods));
+        assert_eq!(counts.get(&outside), Some(&4), "{counts:?}");
+        assert_eq!(counts.get(&[198, 51, 100, 10]), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&[198, 51, 100, 11]), None, "{counts:?}");
+        // A pod's answered UDP counts nowhere.
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
     }
 

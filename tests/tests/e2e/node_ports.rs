@@ -695,3 +695,78 @@ fn a_blind_reset_spray_at_the_source_nat_ports_leaves_idle_connections_alone() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The red team's answered UDP flood: a host on the nodes' segment sends
+/// datagrams from 4,000 faked sources to a UDP node port whose backend
+/// answers every one. Answered or not, UDP from outside counts against
+/// `conntrack_max_outside` (here 256, a quarter of a 2,048-entry table),
+/// so the flood holds that share and a pod on the node keeps its Services
+/// (before, every answered flow left the budget and the table filled:
+/// pods 0/20).
+#[test]
+fn an_answered_udp_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
+    use datapath_tests::{
+        lab::{UPLINK, mac_of, send_raw_frames},
+        packets::{ETH_P_IP, Ipv4, ethernet},
+    };
+    datapath_tests::require_root!();
+    let mut lab = outside_lab("native");
+    let a2 = lab.backends[0].ip;
+    let vip = Ipv4Addr::new(10, 96, 3, 51);
+    for node in [&mut lab.a, &mut lab.b] {
+        node.set_extra_config(&format!("{OUTSIDE_CLIENTS}conntrack_max_entries = 2048\n"));
+        node.stop_agent();
+        node.start_agent();
+    }
+    set_outside_services(
+        &mut lab,
+        &format!(
+            "conntrack_max_entries = 2048\n{}",
+            node_port_service("dns", vip, &[a2], WEB_NODE_PORT, Some(DNS_NODE_PORT))
+        ),
+    );
+    wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
+    let outside = outside_host("np-udp", OUTSIDE);
+    assert_eq!(ask_udp(&outside, NODE_A, DNS_NODE_PORT).1.0, a2, "control: UDP from outside is served");
+    let client = lab.client.netns.path();
+    let pod_connects = move |tries: usize| -> usize {
+        let client = client.clone();
+        in_netns(&client, move || {
+            (0..tries)
+                .filter(|_| {
+                    TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_millis(1500)).is_ok()
+                })
+                .count()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(pod_connects(5), 5, "control: the pod reaches the cluster IP");
+    let (node_mac, my_mac) = (mac_of(&lab.a.netns, UPLINK), mac_of(&outside, "eth0"));
+    let flood: Vec<Vec<u8>> = (100u8..140)
+        .flat_map(|host| (0..100u16).map(move |port| (host, port)))
+        .map(|(host, port)| {
+            let udp =
+                Ipv4::udp([10, 250, 0, host], 20000 + port, NODE_A.octets(), DNS_NODE_PORT, b"who\n", true);
+            ethernet(node_mac, my_mac, ETH_P_IP, &udp.bytes())
+        })
+        .collect();
+    let refused_before = lab.a.drop_count("conntrack_outside_limit");
+    send_raw_frames(&outside, "eth0", flood).unwrap();
+    // The backend answers what got through.
+    std::thread::sleep(Duration::from_secs(1));
+    let served = pod_connects(20);
+    let tracked = lab.a.inspect("conntrack").as_array().unwrap().len();
+    let refused = lab.a.drop_count("conntrack_outside_limit") - refused_before;
+    let limit = lab.a.inspect("config")["conntrack_max_outside"].as_u64().unwrap();
+    eprintln!(
+        "4000 faked answered datagrams: {tracked} flows tracked (limit {limit}); {refused} dropped; pod served {served}/20"
+    );
+    assert_eq!(limit, 256, "a quarter of the 2048-entry table");
+    assert_eq!(served, 20, "a pod denied its Service by an answered UDP flood from outside");
+    assert!(
+        tracked as u64 <= limit + 40,
+        "the flood holds its share ({limit}) and no more: {tracked} tracked"
+    );
+    assert!(refused >= 4000 - limit - 2, "the rest of the flood is dropped and counted: {refused}");
+}

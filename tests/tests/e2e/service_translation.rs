@@ -1023,3 +1023,46 @@ fn blind_resets_fins_and_acks_do_not_change_a_connection() {
         assert_ne!(state(&mut h) & CT_CLOSING, 0, ":{node_port}: the real RST closes it");
     }
 }
+
+/// UDP from outside counts against `conntrack_max_outside` (2 here)
+/// answered or not: a backend answers a faked source too, so an answer
+/// proves nothing (a TCP handshake that acknowledged the backend's SYN
+/// does). Past the limit a new flow from outside is dropped; a pod's UDP
+/// is not held by it.
+#[test]
+fn udp_from_outside_counts_against_the_outside_share_answered_or_not() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 71, 30053, UDP, &[(CLIENT, 5353)], 0);
+    h.service_on(RUN_DEVICE_IP, 72, 30054, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service(73, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
+    h.set_outside_budget(0, 2);
+    let outside = |n: u8| [198, 51, 100, 30 + n];
+    // A local backend answers the first.
+    let run = h.run_from_uplink(&Ipv4::udp(outside(1), 40000, RUN_DEVICE_IP, 30053, b"q", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "first flow served");
+    let run = h.run_from_pod(&Ipv4::udp(CLIENT, 5353, outside(1), 40000, b"a", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "its answer goes out");
+    assert_eq!(Parsed::new(&run.out).sport(), 30053, "from the node port");
+    assert_eq!(h.outside_budget(), (1, 2), "answered, still counted");
+    // A remote backend answers the second (source NAT).
+    let run = h.run_from_uplink(&Ipv4::udp(outside(2), 40000, RUN_DEVICE_IP, 30054, b"q", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "second flow served");
+    let given = Parsed::new(&run.out).sport();
+    let run = h.run_from_uplink(&Ipv4::udp(REMOTE_BACKENDS[1], 5353, RUN_DEVICE_IP, given, b"a", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "its answer goes out");
+    assert_eq!(h.outside_budget(), (2, 2), "answered, still counted");
+    // The limit holds for the next source.
+    let run = h.run_from_uplink(&Ipv4::udp(outside(3), 40000, RUN_DEVICE_IP, 30053, b"q", true));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "past the limit: dropped");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 1);
+    // The flows already tracked go on.
+    let run = h.run_from_uplink(&Ipv4::udp(outside(1), 40000, RUN_DEVICE_IP, 30053, b"q2", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a tracked flow goes on");
+    // A pod's UDP is not held by the outside share, and does not count.
+    let run = h.run_from_pod(&Ipv4::udp(CLIENT, 40001, VIP, 53, b"q", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a pod's flow");
+    assert_eq!(h.outside_budget(), (2, 2));
+}
