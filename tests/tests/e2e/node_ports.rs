@@ -536,19 +536,7 @@ fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
         ),
     );
     wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
-    let client = lab.client.netns.path();
-    let pod_connects = move |tries: usize| -> usize {
-        let client = client.clone();
-        in_netns(&client, move || {
-            (0..tries)
-                .filter(|_| {
-                    TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_millis(1500)).is_ok()
-                })
-                .count()
-        })
-        .join()
-        .unwrap()
-    };
+    let pod_connects = |tries: usize| pod_connects(&lab.client.netns, vip, tries);
     assert_eq!(pod_connects(5), 5, "control: the pod reaches the cluster IP");
     let outside = outside_host("np-flood", OUTSIDE);
     assert!(ask(&outside, NODE_A, WEB_NODE_PORT).is_ok(), "control: the outside host is served");
@@ -585,6 +573,18 @@ fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
         assert!(std::time::Instant::now() < deadline, "outside clients never served again after the flood");
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// How many of `tries` new TCP connections from `pod` to `vip:80` open
+/// (1.5 s each): whether a flood from outside left the pod its Services.
+fn pod_connects(pod: &Netns, vip: Ipv4Addr, tries: usize) -> usize {
+    in_netns(&pod.path(), move || {
+        (0..tries)
+            .filter(|_| TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_millis(1500)).is_ok())
+            .count()
+    })
+    .join()
+    .unwrap()
 }
 
 /// The red team's blind reset spray, with real TCP: an idle NodePort
@@ -728,19 +728,7 @@ fn an_answered_udp_flood_from_faked_outside_sources_leaves_the_pods_their_servic
     wait_served(&lab.a, NODE_A, WEB_NODE_PORT, &[a2]);
     let outside = outside_host("np-udp", OUTSIDE);
     assert_eq!(ask_udp(&outside, NODE_A, DNS_NODE_PORT).1.0, a2, "control: UDP from outside is served");
-    let client = lab.client.netns.path();
-    let pod_connects = move |tries: usize| -> usize {
-        let client = client.clone();
-        in_netns(&client, move || {
-            (0..tries)
-                .filter(|_| {
-                    TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_millis(1500)).is_ok()
-                })
-                .count()
-        })
-        .join()
-        .unwrap()
-    };
+    let pod_connects = |tries: usize| pod_connects(&lab.client.netns, vip, tries);
     assert_eq!(pod_connects(5), 5, "control: the pod reaches the cluster IP");
     let (node_mac, my_mac) = (mac_of(&lab.a.netns, UPLINK), mac_of(&outside, "eth0"));
     let flood: Vec<Vec<u8>> = (100u8..140)
