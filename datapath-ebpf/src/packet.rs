@@ -13,14 +13,17 @@
 use core::marker::PhantomData;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_fib_lookup, bpf_tunnel_key},
+    bindings::{
+        __sk_buff, BPF_F_CURRENT_NETNS, bpf_fib_lookup, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_tunnel_key,
+    },
     helpers::{
-        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_skb_change_tail, bpf_skb_change_type,
-        bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_change_tail,
+        bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key, bpf_skc_lookup_tcp,
     },
     programs::TcContext,
 };
-use datapath_common::DropReason;
+use datapath_common::{DropReason, IPPROTO_TCP};
 
 use crate::headers::{ArpEthIpv4, ETH_HLEN, EthHdr, Ipv4Hdr, MAX_HEADER_BYTES};
 
@@ -43,6 +46,48 @@ impl Packet {
     #[inline(always)]
     fn skb(&self) -> *mut __sk_buff {
         self.ctx.skb.skb
+    }
+
+    /// Does this namespace's stack hold a socket that a packet `saddr:sport
+    /// -> daddr:dport` of `protocol` (TCP or UDP) would reach: a TCP
+    /// connection (also in time-wait or half-open) or listener, a bound
+    /// UDP socket? The namespace is the packet's device's.
+    #[inline(always)]
+    pub fn host_socket_for(
+        &self,
+        protocol: u8,
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+    ) -> bool {
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+                ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                    saddr: u32::from_ne_bytes(saddr),
+                    daddr: u32::from_ne_bytes(daddr),
+                    sport: u16::from_ne_bytes(sport),
+                    dport: u16::from_ne_bytes(dport),
+                },
+            },
+        };
+        let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+        // (A negative netns id: the packet's own namespace.)
+        let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+        // SAFETY: the context pointer the kernel handed us and a tuple on
+        // the stack of the size given; a socket found is released at once.
+        unsafe {
+            let sock = if protocol == IPPROTO_TCP {
+                bpf_skc_lookup_tcp(self.skb().cast(), &mut tuple, size, netns, 0)
+            } else {
+                bpf_sk_lookup_udp(self.skb().cast(), &mut tuple, size, netns, 0)
+            };
+            if sock.is_null() {
+                return false;
+            }
+            bpf_sk_release(sock.cast());
+        }
+        true
     }
 
     /// Length of the whole packet, linear or not.

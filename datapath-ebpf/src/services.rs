@@ -306,6 +306,18 @@ fn open_snat<'a>(
         // SAFETY: plain helper without arguments.
         let port = snat_port_at(unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT);
         reply_key.dport = port.to_be_bytes();
+        // A port the node's own stack uses with this backend (its own
+        // connection from an explicitly bound port, a listener): the
+        // replies would be taken from it, or its packets given ours.
+        if headers.packet().host_socket_for(
+            key.protocol,
+            reply_key.saddr,
+            reply_key.daddr,
+            reply_key.sport,
+            reply_key.dport,
+        ) {
+            continue;
+        }
         match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
             Ok(()) => {
                 taken = true;

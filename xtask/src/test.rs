@@ -122,9 +122,24 @@ struct TestRun {
 fn run_tests(cmd: &mut std::process::Command) -> anyhow::Result<TestRun> {
     let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
     let (mut passed, mut failed) = (0u64, 0u64);
+    // Tests run one at a time, so a test took from the end of the line
+    // before to the end of its own. Each line gets its time, and the run
+    // ends with the slowest: CI has a time limit, and this is where it goes.
+    let mut since = std::time::Instant::now();
+    let mut timed: Vec<(std::time::Duration, String)> = Vec::new();
     let stdout = child.stdout.take().expect("piped stdout");
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
+        if line.starts_with("running ") {
+            since = std::time::Instant::now();
+        }
+        if line.starts_with("test ") && line.contains(" ... ") {
+            let took = since.elapsed();
+            since = std::time::Instant::now();
+            println!("{line} ({:.1} s)", took.as_secs_f64());
+            timed.push((took, line));
+            continue;
+        }
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| -> u64 {
@@ -137,5 +152,11 @@ fn run_tests(cmd: &mut std::process::Command) -> anyhow::Result<TestRun> {
         }
     }
     let success = child.wait()?.success();
+    timed.sort_by_key(|(took, _)| std::cmp::Reverse(*took));
+    let total: f64 = timed.iter().map(|(took, _)| took.as_secs_f64()).sum();
+    println!("slowest tests (of {total:.0} s in tests):");
+    for (took, line) in timed.iter().take(15) {
+        println!("  {:7.1} s  {line}", took.as_secs_f64());
+    }
     Ok(TestRun { passed, failed, success })
 }
