@@ -197,14 +197,15 @@ fn enter_service(
         // No Service's: the node's own (or nobody's) business.
         return Some(Ok(Verdict::HostStack));
     }
-    if same_ipv4(headers.ip().saddr, saddr) {
+    if same_ipv4(headers.ip().saddr, saddr) && local_endpoint(new_daddr).is_some() {
         // Only the destination changed: a backend on this node.
         return None;
     }
-    // The source changed too (source NAT): a connection's packet for
-    // another node's backend, from the node's address, or that backend's
-    // reply on its way back to the client, from the Service address. What
-    // the kernel checks of what it forwards.
+    // Source NAT: a connection's packet for another node's backend, from
+    // the node's address, or that backend's reply on its way back to the
+    // client, from the Service address; or an ICMP error about one (a
+    // router's keeps its source). What the kernel checks of what it
+    // forwards.
     if headers.ip().ttl_expires() {
         return Some(Ok(Verdict::Answer {
             reason: DropReason::TtlExceeded,

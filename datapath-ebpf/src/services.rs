@@ -97,7 +97,7 @@ pub fn translate<const NODE_PORT: bool>(
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         if protocol == IPPROTO_ICMP {
             let packet = headers.into_packet();
-            let before = related_error(packet)?;
+            let before = related_error::<NODE_PORT>(packet)?;
             return Ok(Translation::Forward(packet.ipv4()?, before));
         }
         return Ok(Translation::Forward(headers, ConntrackKey::default()));
@@ -584,12 +584,18 @@ fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, s
 /// of the entry for the error's own direction. The error gets what that
 /// entry does to the addresses of its packets (its source only if the
 /// backend sent it: a router's address stays), the quote the mirror of it.
+/// A NodePort connection to another node's backend ([`CT_SNAT`], only
+/// where `NODE_PORT`) is translated both ways at once: an error about the
+/// node's request to the backend goes to the client, quoting what the
+/// client sent; one about the reply to the client goes to the backend,
+/// from the node (as netfilter's source NAT does), quoting what the
+/// backend sent.
 /// For an error about the client's packet, the returned key is the quote
 /// before the rewrite (the connection as it travelled between the pods,
 /// for policy); else all zero. Anything else passes as it is. Not
 /// inlined: its stack frame stays out of the programs' main one.
 #[inline(always)]
-fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
+fn related_error<const NODE_PORT: bool>(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
     let untouched = Ok(ConntrackKey::default());
     let (saddr, daddr) = {
         let headers = packet.ipv4()?;
@@ -638,7 +644,10 @@ fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
     let Some(entry) = (unsafe { CONNTRACK.get(key) }) else {
         return untouched;
     };
-    let (kind, hairpin) = (entry.kind, entry.flags & CT_HAIRPIN != 0);
+    let (kind, hairpin, snat) = (entry.kind, entry.flags & CT_HAIRPIN != 0, entry.flags & CT_SNAT != 0);
+    if snat && !NODE_PORT {
+        return untouched;
+    }
     let (mut new, mut new_saddr, mut new_daddr) = (quoted, saddr, daddr);
     match kind {
         // About the client's packet: it was sent to the Service.
@@ -647,6 +656,12 @@ fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
             new.dport = entry.nat_port;
             if same_ipv4(saddr, key.saddr) {
                 new_saddr = entry.nat_addr;
+            }
+            // ... from the client's own address and port, and goes to it.
+            if snat {
+                new.saddr = entry.client_ipv4;
+                new.sport = entry.snat_client_port();
+                new_daddr = entry.client_ipv4;
             }
             if hairpin {
                 new.saddr = entry.client_ipv4;
@@ -658,6 +673,12 @@ fn related_error(packet: &mut Packet) -> Result<ConntrackKey, DropReason> {
             new.saddr = entry.nat_addr;
             new.sport = entry.nat_port;
             new_daddr = entry.nat_addr;
+            // ... to the node's address and port, and comes from the node.
+            if snat {
+                new.daddr = entry.client_ipv4;
+                new.dport = entry.snat_port();
+                new_saddr = entry.client_ipv4;
+            }
             if hairpin {
                 new.daddr = HAIRPIN_IPV4;
                 if same_ipv4(saddr, key.saddr) {

@@ -251,10 +251,12 @@ fn node_port_local(mode: &str) {
 in_both_modes! { an_outside_host_reaches_the_local_backends_of_each_node_port => node_port_local; }
 
 /// A Service with externalTrafficPolicy Cluster (the default): TCP 80 ->
-/// 8080 at node port 30090, UDP 53 -> 5353 at 30091.
+/// 8080 at node port 30090, UDP 53 -> 5353 at 30091, and UDP 54 -> 5354
+/// (where no backend listens) at 30092.
 fn cluster_node_port_service(backends: &[Ipv4Addr]) -> String {
     node_port_service("spread", Ipv4Addr::new(10, 96, 2, 20), backends, 30090, Some(30091))
         .replace("external_traffic_policy = \"Local\"\n", "")
+        + "[[services.ports]]\nport = 54\nprotocol = \"UDP\"\ntarget_port = 5354\nnode_port = 30092\n"
 }
 
 fn node_port_cluster(mode: &str) {
@@ -317,6 +319,24 @@ fn node_port_cluster(mode: &str) {
         udp_backends.insert(backend);
     }
     assert_eq!(udp_backends.len(), all.len(), "{mode}: {udp_backends:?}");
+    // A UDP port where no backend listens: the backend's port unreachable
+    // reaches the client at once, naming the node port (through source NAT
+    // too), so its connected socket fails instead of waiting. (At most 4
+    // errors per backend and destination: under Linux's ICMP burst of 6.)
+    for node in [NODE_A, NODE_B] {
+        for _ in 0..4 {
+            let answer = in_netns(&outside.path(), move || {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.connect((node, 30092)).unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                socket.send(b"who\n").unwrap();
+                socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+            })
+            .join()
+            .unwrap();
+            assert_eq!(answer, Err(ErrorKind::ConnectionRefused), "{mode}: via {node}, a closed UDP port");
+        }
+    }
     // inspect shows the outside client's connections with their backend.
     let conntrack = lab.a.inspect("conntrack");
     assert!(

@@ -709,6 +709,86 @@ fn remote_backend_byte_exact(address: [u8; 4]) {
     assert_eq!(Parsed::new(&run.out).dst, RUN_DEVICE_IP, "untouched");
 }
 
+/// ICMP errors about a NodePort connection to another node's backend
+/// (source NAT) are translated both ways, as netfilter's "related" NAT
+/// does. An error about the request the node sent (the backend's port
+/// unreachable, a router's fragmentation needed between the nodes) reaches
+/// the client quoting what the client sent, to the node port; one about
+/// the reply (the client's port unreachable) reaches the backend from the
+/// node, quoting what the backend sent. Oracle: each error built from
+/// scratch about the packet as its sender sent it, byte for byte. A pod
+/// gets no such error translated.
+#[test]
+fn icmp_errors_about_a_source_nat_connection_reach_each_side() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 11, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 12, 30091, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
+    let forwarded = |ip: &Ipv4| Ipv4 { ttl: ip.ttl - 1, ..ip.clone() };
+    let router = [192, 0, 2, 2];
+
+    // The backend's port unreachable about a UDP query from outside.
+    let query = Ipv4::udp(OUTSIDE, 40001, RUN_DEVICE_IP, 30091, b"query", true);
+    let run = h.run_from_uplink(&query);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let given = Parsed::new(&run.out).sport();
+    let received = run.out[14..].to_vec();
+    let error = Ipv4::icmp_error(REMOTE_BACKENDS[1], RUN_DEVICE_IP, 3, 3, [0; 4], &received);
+    let run = h.run_from_uplink(&error);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "back out to the client");
+    let want = forwarded(&Ipv4::icmp_error(RUN_DEVICE_IP, OUTSIDE, 3, 3, [0; 4], &forwarded(&query).bytes()));
+    assert_eq!(
+        run.out[14..],
+        want.bytes()[..],
+        "port unreachable from the node port about the query sent to it"
+    );
+
+    // A router's fragmentation needed (between the nodes) about a TCP
+    // segment: the router's address stays; Linux's long quote and RFC
+    // 792's minimum.
+    let syn = Ipv4::tcp(OUTSIDE, 40000, RUN_DEVICE_IP, 30090, TCP_SYN, b"data");
+    let received = h.run_from_uplink(&syn).out[14..].to_vec();
+    let sent = forwarded(&syn).bytes();
+    let mtu = [0, 0, 0x05, 0x78];
+    for quoted in [received.len(), 28] {
+        let error = Ipv4::icmp_error(router, RUN_DEVICE_IP, 3, 4, mtu, &received[..quoted]);
+        let run = h.run_from_uplink(&error);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        let want = forwarded(&Ipv4::icmp_error(router, OUTSIDE, 3, 4, mtu, &sent[..quoted]));
+        assert_eq!(run.out[14..], want.bytes()[..], "fragmentation needed quoting {quoted} bytes");
+    }
+
+    // The client's port unreachable about the backend's answer goes to the
+    // backend, from the node, about the answer the backend sent.
+    let answer = Ipv4::udp(REMOTE_BACKENDS[1], 5353, RUN_DEVICE_IP, given, b"answer", true);
+    let run = h.run_from_uplink(&answer);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let delivered = run.out[14..].to_vec();
+    assert_eq!(Parsed::new(&run.out).dst, OUTSIDE);
+    let error = Ipv4::icmp_error(OUTSIDE, RUN_DEVICE_IP, 3, 3, [0; 4], &delivered);
+    let run = h.run_from_uplink(&error);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "to the backend's node");
+    let want = forwarded(&Ipv4::icmp_error(
+        RUN_DEVICE_IP,
+        REMOTE_BACKENDS[1],
+        3,
+        3,
+        [0; 4],
+        &forwarded(&answer).bytes(),
+    ));
+    assert_eq!(run.out[14..], want.bytes()[..], "port unreachable to the backend about its own answer");
+
+    // A pod's error quoting the node's request to the backend (as if it
+    // were the backend) is not translated: "from pod" never uses these
+    // entries.
+    let forged = Ipv4::icmp_error(CLIENT, RUN_DEVICE_IP, 3, 3, [0; 4], &received);
+    let run = h.run_from_pod(&forged);
+    let out = Parsed::new(&run.out);
+    assert_eq!((out.src, out.dst), (CLIENT, RUN_DEVICE_IP), "untouched");
+    assert_eq!(out.l4[8..], received[..], "the quote untouched");
+}
+
 /// A first packet the kernel would never forward into a connection opens
 /// none: a TTL that runs out here (answered as a router would, from the
 /// node), and what netfilter's conntrack calls invalid (a TCP header cut
