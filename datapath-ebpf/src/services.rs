@@ -534,9 +534,13 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
     events
 }
 
-/// A client's SYN on the 5-tuple of a connection that is over or closing
-/// (a FIN or RST seen either way): a new connection reusing the tuple (its
-/// client port), as netfilter takes it. Both entries start afresh: the old
+/// A client's SYN on the 5-tuple of a connection that is over (an RST
+/// seen, or a FIN each way): a new connection reusing the tuple (its
+/// client port), as netfilter takes it. On a half-closed one (a FIN one
+/// way) a SYN changes nothing, as in netfilter: no client reuses a port
+/// whose connection still waits for the other side's FIN, so such a SYN is
+/// forged (red team: one blind spray put every half-closed connection back
+/// on the opening timer, and the late answers were lost). Both entries start afresh: the old
 /// connection's state would otherwise end the new one's translation with
 /// the closing timer. It keeps the backend. The new connection is
 /// unanswered, so it counts against its client (and the clients outside)
@@ -545,13 +549,15 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
 /// goes below what is unanswered when the new connection is answered.
 #[inline(always)]
 fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, seq: u32) {
-    const OVER: u8 = CT_FIN | CT_CLOSING;
     // SAFETY: live entries; a racing update of their flags is harmless.
     let still_counted = unsafe {
         let pair = CONNTRACK.get_ptr_mut(key.pair(&*entry));
         let pair_flags = pair.map_or(0, |pair| (*pair).flags);
-        if ((*entry).flags | pair_flags) & OVER == 0 {
-            // A retransmitted SYN of a connection still opening.
+        let over =
+            ((*entry).flags | pair_flags) & CT_CLOSING != 0 || (*entry).flags & pair_flags & CT_FIN != 0;
+        if !over {
+            // A retransmitted SYN of a connection still opening, or one
+            // on a live or half-closed connection's tuple.
             return;
         }
         // Counted from its opening until both directions were seen (an

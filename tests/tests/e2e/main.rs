@@ -21,6 +21,7 @@ mod observability;
 mod packets;
 mod policy_packets;
 mod redteam_policy;
+mod redteam_round29;
 mod redteam_services;
 mod redteam_to_pod;
 mod restart;
