@@ -540,9 +540,9 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
 /// way) a SYN changes nothing, as in netfilter: no client reuses a port
 /// whose connection still waits for the other side's FIN, so such a SYN is
 /// forged (red team: one blind spray put every half-closed connection back
-/// on the opening timer, and the late answers were lost). Both entries start afresh: the old
-/// connection's state would otherwise end the new one's translation with
-/// the closing timer. It keeps the backend. The new connection is
+/// on the opening timer, and the late answers were lost). Both entries
+/// start afresh: the old connection's state would otherwise end the new
+/// one's translation with the closing timer. It keeps the backend. The new connection is
 /// unanswered, so it counts against its client (and the clients outside)
 /// like any new one, unless the old one still did (never answered): a
 /// client reusing its ports is held to its limits, and the count never
