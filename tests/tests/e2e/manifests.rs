@@ -130,6 +130,56 @@ fn daemonset_runs_everywhere_with_only_the_capabilities_it_needs() {
     }
     let init = &pod.init_containers.unwrap()[0];
     assert!(init.command.as_ref().unwrap().join(" ").contains("/host/opt/cni/bin/datapath-cni"));
+    // Linux nodes only: the agent and its programs are Linux's.
+    assert_eq!(
+        pod.node_selector.unwrap().get("kubernetes.io/os").map(String::as_str),
+        Some("linux"),
+        "nodeSelector kubernetes.io/os: linux"
+    );
+}
+
+/// The init container's install command, run for real (its paths moved
+/// into a temporary directory) while the old plugin binary there is being
+/// executed, as a runtime may during a rollout: the new binary takes its
+/// place, where a plain `cp` onto it fails with "Text file busy".
+#[test]
+fn the_plugin_is_installed_over_a_running_one() {
+    let ds: DaemonSet = one("DaemonSet");
+    let init = ds.spec.unwrap().template.spec.unwrap().init_containers.unwrap().remove(0);
+    let command = init.command.unwrap();
+    let dir = std::env::temp_dir().join(format!("dpt-install-{}", std::process::id()));
+    let (source, bin) = (dir.join("src"), dir.join("bin"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    // The old plugin: a copy of `sleep`, running. The new one: a script.
+    std::fs::copy("/bin/sleep", bin.join("datapath-cni")).unwrap();
+    let mut running = std::process::Command::new(bin.join("datapath-cni")).arg("30").spawn().unwrap();
+    std::fs::write(source.join("datapath-cni"), "#!/bin/sh\necho new plugin\n").unwrap();
+    let moved: Vec<String> = command
+        .iter()
+        .map(|arg| {
+            arg.replace("/usr/local/bin/datapath-cni", source.join("datapath-cni").to_str().unwrap())
+                .replace("/host/opt/cni/bin", bin.to_str().unwrap())
+        })
+        .collect();
+    let plain_cp = std::process::Command::new("cp")
+        .arg(source.join("datapath-cni"))
+        .arg(bin.join("datapath-cni"))
+        .output()
+        .unwrap();
+    let install = std::process::Command::new(&moved[0]).args(&moved[1..]).output().unwrap();
+    let installed = std::fs::read_to_string(bin.join("datapath-cni"));
+    let left: Vec<_> = std::fs::read_dir(&bin).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let _ = running.kill();
+    let _ = running.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        String::from_utf8_lossy(&plain_cp.stderr).contains("Text file busy"),
+        "control: a plain cp onto the running binary fails: {plain_cp:?}"
+    );
+    assert!(install.status.success(), "{moved:?}: {install:?}");
+    assert_eq!(installed.unwrap(), "#!/bin/sh\necho new plugin\n");
+    assert_eq!(left.len(), 1, "nothing left beside it: {left:?}");
 }
 
 fn agent_config() -> AgentConfig {
@@ -151,4 +201,22 @@ fn agent_config() -> AgentConfig {
 fn configmap_is_accepted_by_the_agents_loader() {
     let config = agent_config();
     assert_eq!(config.health_address.unwrap().port(), 9976, "the probes' port");
+}
+
+/// The image's build context leaves the build output out (target/ alone
+/// is gigabytes: `podman build … .` sent it all) and keeps what the
+/// Containerfile builds from.
+#[test]
+fn the_image_build_context_leaves_build_output_out() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let ignore = std::fs::read_to_string(format!("{root}/.containerignore")).expect(".containerignore");
+    let patterns: Vec<&str> =
+        ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert!(patterns.contains(&"target/") && patterns.contains(&"**/target/"), "{patterns:?}");
+    for needed in ["scripts", "Cargo.toml", "Cargo.lock", "datapath-ebpf", "datapath-agent", "datapath-cni"] {
+        assert!(
+            patterns.iter().all(|p| !p.trim_end_matches('/').eq(needed)),
+            "{needed} is ignored, the Containerfile builds from it"
+        );
+    }
 }
