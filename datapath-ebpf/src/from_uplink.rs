@@ -8,7 +8,7 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use datapath_common::{
-    Direction, DropReason, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_TCP, IPPROTO_UDP, ModeMismatch,
+    Direction, DropReason, ETH_P_IP, IP_OFFSET_MASK, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, ModeMismatch,
     NODE_FLAG_POLICY, NODE_FLAG_SERVICES, NodeConfig, NodeKey, RoutingMode, SERVICE_SCOPE_CLUSTER,
     SERVICE_SCOPE_OUTSIDE, ServiceKey,
 };
@@ -197,8 +197,12 @@ fn enter_service(
         // No Service's: the node's own (or nobody's) business.
         return Some(Ok(Verdict::HostStack));
     }
-    if same_ipv4(headers.ip().saddr, saddr) && local_endpoint(new_daddr).is_some() {
-        // Only the destination changed: a backend on this node.
+    // Only the destination changed: a backend on this node. (Or an ICMP
+    // error from a router, whose source stays, about a source-NAT
+    // connection: rare, so only those pay the lookup.)
+    if same_ipv4(headers.ip().saddr, saddr)
+        && (headers.ip().protocol != IPPROTO_ICMP || local_endpoint(new_daddr).is_some())
+    {
         return None;
     }
     // Source NAT: a connection's packet for another node's backend, from
