@@ -935,23 +935,37 @@ pub struct ConntrackClientKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackClient {
     pub connections: u32,
-    /// Under [`OUTSIDE_CLIENTS`] only: the most unanswered Service
-    /// connections all clients outside the cluster may have together
-    /// (`conntrack_max_outside`; 0: no limit). 0 under a client's own key
+    /// Under [`OUTSIDE_TCP_CLIENTS`] and [`OUTSIDE_UDP_CLIENTS`] only: the
+    /// most unanswered Service connections of that protocol all clients
+    /// outside the cluster may have together (half of
+    /// `conntrack_max_outside` each; 0: no limit). 0 under a client's own key
     /// (its limit is [`NodeConfig::conntrack_max_per_client`]). This was
     /// padding: an entry of an older build reads as "no limit".
     pub limit: u32,
 }
 
-/// The key under which [`ConntrackClient`] counts the unanswered Service
-/// connections of every client outside the cluster together (node ports,
-/// external and load balancer addresses, reached from the uplink). One
-/// host can send from many addresses (any address the node routes back
-/// out of the uplink passes the reverse-path check), so a limit per
-/// address does not hold it; this one keeps such a flood to its share of
-/// the table, and the pods' own connections out of its reach. 0.0.0.0 is
-/// never a client's address (a martian source).
-pub const OUTSIDE_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [0; 4] };
+/// The key under which [`ConntrackClient`] counts the unanswered TCP (and
+/// any other non-UDP) Service connections of every client outside the
+/// cluster together (node ports, external and load balancer addresses,
+/// reached from the uplink). One host can send from many addresses (any
+/// address the node routes back out of the uplink passes the reverse-path
+/// check), so a limit per address does not hold it; this one keeps such a
+/// flood to its share of the table, and the pods' own connections out of
+/// its reach. 0.0.0.0 is never a client's address (a martian source).
+pub const OUTSIDE_TCP_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [0; 4] };
+
+/// As [`OUTSIDE_TCP_CLIENTS`], for UDP flows from outside, which count as
+/// long as they are tracked (an answer proves nothing about a UDP source).
+/// A share of its own: a burst of faked UDP datagrams, which holds its
+/// share for the whole UDP timer, never locks TCP clients out. 0.0.0.1 is
+/// never a client's address either (0.0.0.0/8 is martian).
+pub const OUTSIDE_UDP_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [0, 0, 0, 1] };
+
+/// The key counting outside clients' connections of `protocol`.
+#[inline(always)]
+pub const fn outside_clients(protocol: u8) -> ConntrackClientKey {
+    if protocol == IPPROTO_UDP { OUTSIDE_UDP_CLIENTS } else { OUTSIDE_TCP_CLIENTS }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -1204,10 +1218,10 @@ wire_enum! {
         /// opened for it.
         MalformedL4 = 32, "malformed_l4",
             "new Service connection whose TCP or UDP header is cut short or inconsistent (tiny first fragment, data offset past the segment): dropped, nothing tracked";
-        /// All clients outside the cluster together have
-        /// `conntrack_max_outside` unanswered connections tracked.
+        /// All clients outside the cluster together have their protocol's
+        /// half of `conntrack_max_outside` unanswered connections tracked.
         ConntrackOutsideLimit = 33, "conntrack_outside_limit",
-            "clients outside the cluster have conntrack_max_outside unanswered connections tracked (a SYN flood from faked sources?): new connection from outside dropped";
+            "clients outside the cluster have their protocol's half of conntrack_max_outside unanswered connections tracked (a SYN or UDP flood from faked sources?): new connection from outside dropped";
     }
 }
 

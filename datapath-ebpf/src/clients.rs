@@ -1,6 +1,6 @@
 //! Each client's unanswered connections (TCP not yet answered and
 //! acknowledged both ways, others not yet answered), held to
-//! `conntrack_max_per_client`: one pod (or one outside address) cannot
+//! `conntrack_max_per_client`: one pod cannot
 //! fill the node's connection table with connections nobody completes,
 //! say SYNs whose answers it drops, and so refuse every other pod's new
 //! Service connections; a busy client's answered connections do not
@@ -8,9 +8,15 @@
 //! take it off when the connection is answered; the agent's collector
 //! recounts from the table at each sweep, so an expired connection needs
 //! nothing here and a count lost to a race heals within a sweep.
+//!
+//! Clients outside the cluster are counted per protocol, all together
+//! ([`outside_clients`]), not per address: a host outside can send from
+//! many addresses, and a per-address limit let a host on the segment
+//! forge SYNs from a chosen client's address and lock that client out
+//! (netfilter has no per-client limit to abuse).
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use datapath_common::{ConntrackClient, ConntrackClientKey, OUTSIDE_CLIENTS};
+use datapath_common::{ConntrackClient, ConntrackClientKey, outside_clients};
 
 use crate::maps::CONNTRACK_CLIENTS;
 
@@ -59,24 +65,26 @@ pub fn answered(client: [u8; 4], limit: u32) {
 }
 
 /// Have the clients outside the cluster, together, as many unanswered
-/// connections as `conntrack_max_outside` lets them (the agent writes the
-/// limit next to their count, [`OUTSIDE_CLIENTS`])?
+/// connections of `protocol` as their share of `conntrack_max_outside`
+/// lets them (the agent writes the limit next to their count,
+/// [`outside_clients`])?
 #[inline(always)]
-pub fn outside_at_limit() -> bool {
+pub fn outside_at_limit(protocol: u8) -> bool {
     // SAFETY: copied out at once.
-    unsafe { CONNTRACK_CLIENTS.get(OUTSIDE_CLIENTS) }.is_some_and(|c| {
+    unsafe { CONNTRACK_CLIENTS.get(outside_clients(protocol)) }.is_some_and(|c| {
         // (A count taken below zero by a race reads huge: as none.)
         c.limit != 0 && c.connections >= c.limit && c.connections < 1 << 31
     })
 }
 
-/// Count a connection a client outside the cluster started, or take one
-/// off (`answered`). Atomic: a flood from outside comes in on every CPU at
-/// once, and lost counts would let it past the limit until the recount.
-/// Nothing to count before the agent wrote the entry (no limit).
+/// Count a connection of `protocol` a client outside the cluster started,
+/// or take one off (`answered`). Atomic: a flood from outside comes in on
+/// every CPU at once, and lost counts would let it past the limit until
+/// the recount. Nothing to count before the agent wrote the entry (no
+/// limit).
 #[inline(always)]
-pub fn count_outside(answered: bool) {
-    let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(OUTSIDE_CLIENTS) else {
+pub fn count_outside(protocol: u8, answered: bool) {
+    let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(outside_clients(protocol)) else {
         return;
     };
     // SAFETY: a live map value, aligned for a u32; the agent rewrites it

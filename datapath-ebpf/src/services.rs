@@ -180,10 +180,13 @@ pub fn translate<const NODE_PORT: bool>(
         return Ok(Translation::Refuse(DropReason::TtlExceeded));
     }
     let from_outside = scope == SERVICE_SCOPE_OUTSIDE;
-    if from_outside && clients::outside_at_limit() {
-        return Err(DropReason::ConntrackOutsideLimit);
-    }
-    if clients::at_limit(saddr, max_per_client) {
+    // Clients outside are held together (per protocol), not per address:
+    // see `clients`.
+    if from_outside {
+        if clients::outside_at_limit(protocol) {
+            return Err(DropReason::ConntrackOutsideLimit);
+        }
+    } else if clients::at_limit(saddr, max_per_client) {
         return Ok(Translation::Refuse(DropReason::ConntrackClientLimit));
     }
     // (The agent is shrinking this Service right now if there is none.)
@@ -205,16 +208,7 @@ pub fn translate<const NODE_PORT: bool>(
     // A node port's connection to another node's backend leaves from the
     // node's address, so that the replies come back through here.
     if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
-        return open_snat(
-            headers,
-            key,
-            &ports,
-            &backend,
-            (events, seq_after_syn),
-            now,
-            fragments,
-            max_per_client,
-        );
+        return open_snat(headers, key, &ports, &backend, (events, seq_after_syn), now, fragments);
     }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
@@ -256,9 +250,10 @@ pub fn translate<const NODE_PORT: bool>(
         let _ = CONNTRACK.remove(key);
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
-    clients::count(saddr, max_per_client);
     if from_outside {
-        clients::count_outside(false);
+        clients::count_outside(protocol, false);
+    } else {
+        clients::count(saddr, max_per_client);
     }
     apply::<NODE_PORT>(headers, &key, &forward, &ports, fragments)
 }
@@ -268,7 +263,6 @@ pub fn translate<const NODE_PORT: bool>(
 /// taken by writing the reply entry first ([`SNAT_PORT_TRIES`] random
 /// tries), then the
 /// forward entry.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn open_snat<'a>(
     headers: Ipv4Headers<'a>,
@@ -278,7 +272,6 @@ fn open_snat<'a>(
     (events, seq_after_syn): (u8, u32),
     now: u64,
     fragments: Option<&FragmentKey>,
-    max_per_client: u32,
 ) -> Result<Translation<'a>, DropReason> {
     // The node's address: the Service address may be another (external).
     let node = node_ipv4();
@@ -359,9 +352,8 @@ fn open_snat<'a>(
             };
         }
     }
-    clients::count(key.saddr, max_per_client);
     // (Only connections from outside the cluster are given source ports.)
-    clients::count_outside(false);
+    clients::count_outside(key.protocol, false);
     apply::<true>(headers, &key, &forward, ports, fragments)
 }
 
@@ -413,15 +405,16 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
         // (A forward entry's client is its key's source: a CT_SNAT one's
         // client_ipv4 holds the node's address.)
         let client = if entry.kind == CT_FORWARD { key.saddr } else { entry.client_ipv4 };
-        clients::answered(client, max_per_client);
         // Service connections are opened by this node's pods or by clients
         // outside the cluster: one that is not a pod here was outside.
-        // (A pod deleted meanwhile takes one off too many: the recount heals it.)
-        // UDP from outside keeps counting: an answer proves nothing about a
-        // UDP source (a faked one is answered too), where a TCP handshake
-        // that acknowledged the backend's SYN did.
-        if protocol != IPPROTO_UDP && local_endpoint(client).is_none() {
-            clients::count_outside(true);
+        // (A pod deleted meanwhile takes one off the outside count: the
+        // recount heals it.) UDP from outside keeps counting: an answer
+        // proves nothing about a UDP source (a faked one is answered too),
+        // where a TCP handshake that acknowledged the backend's SYN did.
+        if local_endpoint(client).is_some() {
+            clients::answered(client, max_per_client);
+        } else if protocol != IPPROTO_UDP {
+            clients::count_outside(protocol, true);
         }
     }
 }
@@ -577,10 +570,11 @@ fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, s
         still_counted
     };
     if !still_counted {
-        clients::count(key.saddr, max_per_client);
         // As in `now_answered`: a client that is not a pod here is outside.
-        if local_endpoint(key.saddr).is_none() {
-            clients::count_outside(false);
+        if local_endpoint(key.saddr).is_some() {
+            clients::count(key.saddr, max_per_client);
+        } else {
+            clients::count_outside(IPPROTO_TCP, false);
         }
     }
 }

@@ -3,7 +3,8 @@
 
 use aya::maps::{HashMap, Map, MapData};
 use datapath_common::{
-    ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, OUTSIDE_CLIENTS, map_names,
+    ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, OUTSIDE_TCP_CLIENTS,
+    OUTSIDE_UDP_CLIENTS, map_names,
 };
 
 use crate::bpf::{
@@ -70,7 +71,9 @@ impl PinnedConntrack {
     /// not in it have none). The programs add to these between sweeps; an
     /// add between the snapshot the counts come from and this write is
     /// lost, and found again at the next sweep.
-    /// The count under [`OUTSIDE_CLIENTS`] gets `outside_limit` with it.
+    /// The counts under [`OUTSIDE_TCP_CLIENTS`] and [`OUTSIDE_UDP_CLIENTS`]
+    /// get half of `outside_limit` each with them (`conntrack_max_outside`
+    /// is split evenly between the protocols).
     pub fn set_client_counts(
         &mut self,
         counts: &std::collections::HashMap<[u8; 4], u32>,
@@ -85,7 +88,8 @@ impl PinnedConntrack {
             }
         }
         for (ipv4, connections) in counts {
-            let limit = if *ipv4 == OUTSIDE_CLIENTS.ipv4 { outside_limit } else { 0 };
+            let outside = *ipv4 == OUTSIDE_TCP_CLIENTS.ipv4 || *ipv4 == OUTSIDE_UDP_CLIENTS.ipv4;
+            let limit = if outside { outside_share(outside_limit) } else { 0 };
             let value = ConntrackClient { connections: *connections, limit };
             self.clients
                 .insert(ConntrackClientKey { ipv4: *ipv4 }, value, 0)
@@ -94,14 +98,15 @@ impl PinnedConntrack {
         Ok(())
     }
 
-    /// The outside clients' count and limit as the programs see them now
-    /// (all zero before the collector's first sweep).
-    pub fn outside_clients(&self) -> Result<ConntrackClient, DatapathError> {
-        match self.clients.get(&OUTSIDE_CLIENTS, 0) {
+    /// The outside clients' count and limit for TCP and for UDP, as the
+    /// programs see them now (all zero before the collector's first sweep).
+    pub fn outside_clients(&self) -> Result<[ConntrackClient; 2], DatapathError> {
+        let get = |key| match self.clients.get(key, 0) {
             Ok(value) => Ok(value),
             Err(aya::maps::MapError::KeyNotFound) => Ok(ConntrackClient::default()),
             Err(e) => Err(DatapathError::map(map_names::CONNTRACK_CLIENTS)(e)),
-        }
+        };
+        Ok([get(&OUTSIDE_TCP_CLIENTS)?, get(&OUTSIDE_UDP_CLIENTS)?])
     }
 
     /// Each client's count as the programs see it now.
@@ -112,4 +117,10 @@ impl PinnedConntrack {
             .collect::<Result<_, _>>()
             .map_err(DatapathError::map(map_names::CONNTRACK_CLIENTS))
     }
+}
+
+/// Each protocol's share of `conntrack_max_outside` (0: no limit; an odd
+/// limit rounds up, so no share of a limit is 0).
+pub fn outside_share(outside_limit: u32) -> u32 {
+    outside_limit.div_ceil(2)
 }

@@ -196,10 +196,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         InspectWhat::Config => {
             let c = maps.node_config()?;
             // The outside clients' unanswered connections and their limit
-            // (0: none), as the collector last wrote them.
-            let outside = crate::bpf::conntrack::PinnedConntrack::open(&PinLayout::new(&args.bpffs_dir))
-                .context("opening the pinned connection-tracking maps")?
-                .outside_clients()?;
+            // per protocol (0: none), as the collector last wrote them.
+            let [outside_tcp, outside_udp] =
+                crate::bpf::conntrack::PinnedConntrack::open(&PinLayout::new(&args.bpffs_dir))
+                    .context("opening the pinned connection-tracking maps")?
+                    .outside_clients()?;
             let ifname = |index: u32| {
                 (index != 0)
                     .then(|| {
@@ -223,9 +224,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "services": c.flags & datapath_common::NODE_FLAG_SERVICES != 0,
                 // Unanswered connections per client (0: no limit).
                 "conntrack_max_per_client": c.conntrack_max_per_client,
-                // All clients outside the cluster together (0: no limit).
-                "conntrack_max_outside": outside.limit,
-                "conntrack_outside_unanswered": outside.connections,
+                // All clients outside the cluster together (0: no limit),
+                // half of it for each protocol.
+                "conntrack_max_outside": outside_tcp.limit + outside_udp.limit,
+                "conntrack_outside_tcp": format!("{}/{}", outside_tcp.connections, outside_tcp.limit),
+                "conntrack_outside_udp": format!("{}/{}", outside_udp.connections, outside_udp.limit),
                 "bpffs_dir": args.bpffs_dir,
             });
             if args.json {

@@ -210,17 +210,17 @@ pub fn sweep(
 /// Each client's unanswered connections, as `conntrack_max_per_client`
 /// counts them ([`datapath_common::unanswered`]): Service connections by
 /// their forward entry, connections policy allowed by their one entry,
-/// both under the address that opened them. Under
-/// [`datapath_common::OUTSIDE_CLIENTS`] (always present), the unanswered
-/// Service connections opened by addresses outside `local_pods`, and
-/// their UDP flows answered or not, all together, as
-/// `conntrack_max_outside` counts them.
+/// both under the address that opened them. Service connections opened by
+/// addresses outside `local_pods` count not under their address but, all
+/// together, under [`datapath_common::outside_clients`] of their protocol
+/// (both keys always present), as `conntrack_max_outside` counts them:
+/// unanswered TCP connections, and UDP flows answered or not.
 pub fn client_counts(
     snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
     local_pods: Option<ipnet::Ipv4Net>,
 ) -> HashMap<[u8; 4], u32> {
-    let outside_key = datapath_common::OUTSIDE_CLIENTS.ipv4;
-    let mut counts = HashMap::from([(outside_key, 0)]);
+    use datapath_common::{OUTSIDE_TCP_CLIENTS, OUTSIDE_UDP_CLIENTS, outside_clients};
+    let mut counts = HashMap::from([(OUTSIDE_TCP_CLIENTS.ipv4, 0), (OUTSIDE_UDP_CLIENTS.ipv4, 0)]);
     for (key, entry) in snapshot {
         if entry.kind != CT_FORWARD && entry.kind != CT_POLICY {
             continue;
@@ -231,15 +231,16 @@ pub fn client_counts(
             0
         };
         let unanswered = unanswered(key.protocol, entry.kind, entry.flags, pair_flags);
-        if unanswered {
-            *counts.entry(key.saddr).or_insert(0) += 1;
-        }
-        // From outside, UDP counts answered or not: an answer proves
-        // nothing about a UDP source (a faked one is answered too).
         let outside = entry.kind == CT_FORWARD
             && local_pods.is_some_and(|pods| !pods.contains(&Ipv4Addr::from(key.saddr)));
-        if outside && (unanswered || key.protocol == IPPROTO_UDP) {
-            *counts.entry(outside_key).or_insert(0) += 1;
+        if outside {
+            // From outside, UDP counts answered or not: an answer proves
+            // nothing about a UDP source (a faked one is answered too).
+            if unanswered || key.protocol == IPPROTO_UDP {
+                *counts.entry(outside_clients(key.protocol).ipv4).or_insert(0) += 1;
+            }
+        } else if unanswered {
+            *counts.entry(key.saddr).or_insert(0) += 1;
         }
     }
     counts
@@ -449,14 +450,17 @@ mod tests {
         let counts = client_counts(&snapshot, None);
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
         assert_eq!(counts.get(&other), Some(&1), "{counts:?}");
-        let outside = datapath_common::OUTSIDE_CLIENTS.ipv4;
+        let outside = datapath_common::OUTSIDE_TCP_CLIENTS.ipv4;
+        let outside_udp = datapath_common::OUTSIDE_UDP_CLIENTS.ipv4;
         assert_eq!(counts.get(&outside), Some(&0), "always written, none without the pod CIDR");
-        assert_eq!(counts.len(), 3);
+        assert_eq!(counts.get(&outside_udp), Some(&0), "always written, none without the pod CIDR");
+        assert_eq!(counts.len(), 4);
 
         // The pods are 10.244.1.0/24: the client above is one of them. The
-        // unanswered Service connections of clients outside it count twice:
-        // as their own and, all together, as outside clients' (policy
-        // entries do not: they are no Service connections).
+        // unanswered Service connections of clients outside it count, all
+        // together, as outside clients' of their protocol, not under their
+        // own address (policy entries do not: they are no Service
+        // connections).
         let pods: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
         assert_eq!(client_counts(&snapshot, Some(pods)).get(&outside), Some(&0));
         for (n, established) in [(7, false), (8, false), (9, true)] {
@@ -470,12 +474,12 @@ mod tests {
         }
         let counts = client_counts(&snapshot, Some(pods));
         assert_eq!(counts.get(&outside), Some(&2), "{counts:?}");
-        assert_eq!(counts.get(&[198, 51, 100, 7]), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&outside_udp), Some(&0), "{counts:?}");
+        assert_eq!(counts.get(&[198, 51, 100, 7]), None, "not per address: {counts:?}");
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
 
-        // UDP from outside counts there answered or not (an answer proves
-        // nothing about a UDP source); under its own address only while
-        // unanswered, as any client's.
+        // UDP from outside counts under its own key answered or not (an
+        // answer proves nothing about a UDP source).
         for (n, answered) in [(10, false), (11, true)] {
             let [mut fwd, mut rep] = tcp_connection(42_000, pod(2), false);
             fwd.0.saddr = [198, 51, 100, n];
@@ -487,8 +491,9 @@ mod tests {
             snapshot.extend([fwd, rep]);
         }
         let counts = client_counts(&snapshot, Some(pods));
-        assert_eq!(counts.get(&outside), Some(&4), "{counts:?}");
-        assert_eq!(counts.get(&[198, 51, 100, 10]), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&outside), Some(&2), "TCP's share untouched: {counts:?}");
+        assert_eq!(counts.get(&outside_udp), Some(&2), "{counts:?}");
+        assert_eq!(counts.get(&[198, 51, 100, 10]), None, "{counts:?}");
         assert_eq!(counts.get(&[198, 51, 100, 11]), None, "{counts:?}");
         // A pod's answered UDP counts nowhere.
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");

@@ -87,10 +87,10 @@ pub struct AgentConfig {
     #[serde(default = "default_conntrack_max_entries")]
     pub conntrack_max_entries: u32,
     /// Unanswered connections (TCP not yet answered and acknowledged, UDP
-    /// not yet answered) one client address (a pod, or an outside client)
-    /// may have tracked at once: a new Service connection past it is
-    /// refused (`conntrack_client_limit`), so SYNs one pod never completes
-    /// cannot fill the table. Unset: 1024, or an eighth of the table's
+    /// not yet answered) one pod may have tracked at once (clients outside
+    /// are held together, by `conntrack_max_outside`): a new Service
+    /// connection past it is refused (`conntrack_client_limit`), so SYNs
+    /// one pod never completes cannot fill the table. Unset: 1024, or an eighth of the table's
     /// entries if that is less. 0: no limit.
     #[serde(default)]
     pub conntrack_max_per_client: Option<u32>,
@@ -99,8 +99,10 @@ pub struct AgentConfig {
     /// addresses, with `serve_outside_clients`): a new one past it is
     /// dropped (`conntrack_outside_limit`), so a SYN flood from faked
     /// source addresses holds at most this share of the table and never
-    /// the pods' own connections. Unset: a quarter of the table's entries
-    /// (`conntrack_max_entries / 8` connections). 0: no limit.
+    /// the pods' own connections. Split evenly between TCP and UDP, so a
+    /// UDP burst never locks TCP clients out. Unset: a quarter of the
+    /// table's entries (`conntrack_max_entries / 8` connections). 0: no
+    /// limit.
     #[serde(default)]
     pub conntrack_max_outside: Option<u32>,
     /// A TCP Service connection with no packet for this long is forgotten.

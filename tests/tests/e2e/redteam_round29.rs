@@ -2,9 +2,10 @@
 //! the outside budget (`conntrack_max_outside`, now also holding UDP),
 //! attacked from outside (a host on the nodes' segment). Each test prints
 //! what it measured (`--nocapture`); assertions state what should hold.
-//! R29-2 (a forged SYN reopened a half-closed connection) is fixed and its
-//! tests run; the other findings' tests are ignored as known gaps
-//! (docs/services.md). What held (bulk and wrapping transfers, TCP Fast
+//! R29-2 (a forged SYN reopened a half-closed connection), R29-1 (a UDP
+//! burst locked outside TCP clients out) and R29-6 (forged SYNs locked a
+//! chosen outside client out) are fixed and their tests run; the other
+//! findings' tests are ignored as known gaps (docs/services.md). What held (bulk and wrapping transfers, TCP Fast
 //! Open, config bounds, counter drift) is recorded in stop 29's note, not
 //! kept here.
 
@@ -159,15 +160,13 @@ fn state_after_close(node: &Node, client: Ipv4Addr, port: u16) -> (Option<String
 // 2. UDP against the outside budget
 // ---------------------------------------------------------------------------
 
-/// A trickle of faked-source UDP datagrams (one per source, `limit` of
-/// them, sent once) to a UDP node port takes the whole outside budget for
-/// `conntrack_udp_idle_seconds`: every new outside client of the node,
-/// TCP included (the budget is shared), is dropped until the flows expire.
-/// Measures how long one burst of `limit + 16` datagrams locks out a real
-/// outside host.
+/// One burst of faked-source UDP datagrams (one per source, `limit + 16`
+/// of them, sent once) to a UDP node port takes UDP's share of the outside
+/// budget for `conntrack_udp_idle_seconds`, but not TCP's: outside TCP
+/// clients and the pods are still served (R29-1: the budget was shared,
+/// and every outside client, TCP included, was dropped for the UDP timer).
 #[test]
-#[ignore = "R29-1: a UDP burst takes the whole outside budget, TCP included"]
-fn a_one_off_udp_burst_locks_every_outside_client_out_for_the_udp_timer() {
+fn a_udp_burst_from_faked_sources_leaves_outside_tcp_clients_served() {
     require_root!();
     let lab =
         outside_lab("native", "conntrack_max_entries = 2048\nconntrack_udp_idle_seconds = 30\n", |lab| {
@@ -190,7 +189,6 @@ fn a_one_off_udp_burst_locks_every_outside_client_out_for_the_udp_timer() {
         })
         .collect();
     let before = lab.a.drop_count("conntrack_outside_limit");
-    let sent_at = Instant::now();
     send_raw_frames(&attacker, "eth0", frames_from(&attacker, &lab.a, burst)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let tcp_ok = connects(&outside, NODE_A, TCP_NP, 5);
@@ -202,18 +200,8 @@ fn a_one_off_udp_burst_locks_every_outside_client_out_for_the_udp_timer() {
          pod {pods_ok}/5, conntrack_outside_limit +{dropped}, tracked {}",
         rows(&lab.a).len()
     );
-    // How long until a real outside TCP client is served again (no more datagrams sent).
-    let mut recovered = None;
-    while sent_at.elapsed() < Duration::from_secs(60) {
-        if ask(&outside, NODE_A, TCP_NP).is_ok() {
-            recovered = Some(sent_at.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!("outside TCP served again after {recovered:?} (udp timer 30 s)");
     assert_eq!(pods_ok, 5, "pods keep their share");
-    assert!(tcp_ok > 0, "one burst of {n} UDP datagrams locked all outside TCP clients out");
+    assert_eq!(tcp_ok, 5, "one burst of {n} UDP datagrams locked outside TCP clients out");
 }
 
 // ---------------------------------------------------------------------------
@@ -577,11 +565,10 @@ fn a_reconnect_on_a_closed_or_poisoned_tuple_goes_to_a_backend_that_left() {
     assert_eq!(again1.ok(), Some(b2), "a reconnect on a closed tuple went to a backend that left");
 }
 
-/// The UDP lock-out at the default table size (conntrack_max_outside
-/// 16,384): one burst of 16,400 faked datagrams.
+/// The same at the default table size (conntrack_max_outside 16,384, UDP's
+/// share 8,192): one burst of 16,400 faked datagrams (R29-1).
 #[test]
-#[ignore = "R29-1: a UDP burst takes the whole outside budget, TCP included"]
-fn a_one_off_udp_burst_at_default_sizes() {
+fn a_udp_burst_at_default_sizes_leaves_outside_tcp_clients_served() {
     require_root!();
     let lab = outside_lab("native", "", |lab| np_service(&[lab.backends[0].ip], "Local"));
     let a2 = lab.backends[0].ip;
@@ -609,7 +596,8 @@ fn a_one_off_udp_burst_at_default_sizes() {
          UDP {udp_ok}/5, pod {pods_ok}/5; conntrack_outside_limit {}",
         lab.a.drop_count("conntrack_outside_limit")
     );
-    assert!(tcp_ok > 0, "one burst of {n} UDP datagrams locked all outside TCP clients out");
+    assert_eq!(tcp_ok, 5, "one burst of {n} UDP datagrams locked outside TCP clients out");
+    assert_eq!(pods_ok, 5, "pods keep their share");
 }
 
 /// A server on `ip:BULK_PORT` that reads to EOF, waits `delay`, writes
@@ -721,24 +709,22 @@ fn forged_syn_on_half_closed(spray: bool) {
 
 /// A targeted lock-out: a host on the segment forges 1,100 SYNs from one
 /// chosen outside client's address (unused source ports) to a node port.
-/// The per-client limit (1,024 unanswered connections per client address,
-/// outside clients included) then refuses that client's own new
-/// connections until the forged ones are gone (the real client resets the
-/// SYN-ACKs it did not ask for: closing, still counted). netfilter has no
-/// such limit: the client would be served.
+/// Outside clients are not held per address, so the victim is still
+/// served (R29-6: the per-client limit of 1,024 unanswered connections,
+/// outside clients included, refused the victim's own connections until
+/// the forged ones were gone; netfilter has no such limit).
 #[test]
-#[ignore = "R29-6: forged SYNs from a victim's address lock that outside client out"]
-fn forged_syns_from_a_victims_address_lock_that_client_out() {
+fn forged_syns_from_a_victims_address_leave_that_client_served() {
     require_root!();
     victim_lockout(false);
 }
 
 /// The same, the victim behind a stateful firewall that drops SYN-ACKs it
 /// did not ask for (no RST back): the forged connections stay opening for
-/// `conntrack_opening_seconds` (60 s).
+/// `conntrack_opening_seconds` (60 s), and the victim is still served
+/// (R29-6: it was locked out that long).
 #[test]
-#[ignore = "R29-6: forged SYNs from a victim's address lock that outside client out"]
-fn forged_syns_lock_out_a_firewalled_victim_for_the_opening_timer() {
+fn forged_syns_leave_a_firewalled_victim_served() {
     require_root!();
     victim_lockout(true);
 }
@@ -785,7 +771,6 @@ fn victim_lockout(firewalled: bool) {
         .map(|p| Ipv4::tcp(OUTSIDE.octets(), p, NODE_A.octets(), TCP_NP, TCP_SYN, &[]))
         .collect();
     let before = lab.a.drop_count("conntrack_client_limit");
-    let t = Instant::now();
     send_raw_frames(&attacker, "eth0", frames_from(&attacker, &lab.a, syns)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let served = connects(&victim, NODE_A, TCP_NP, 5);
@@ -796,14 +781,6 @@ fn victim_lockout(firewalled: bool) {
          conntrack_client_limit +{}",
         lab.a.drop_count("conntrack_client_limit") - before
     );
-    let mut back = None;
-    while t.elapsed() < Duration::from_secs(100) {
-        if ask(&victim, NODE_A, TCP_NP).is_ok() {
-            back = Some(t.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!("victim served again after {back:?}");
     assert_eq!(served, 5, "a forged burst from a victim's address locked it out");
+    assert_eq!(bystander, 5, "another outside host is served too");
 }

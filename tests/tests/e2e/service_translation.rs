@@ -14,8 +14,8 @@ use aya::maps::HashMap;
 use datapath_agent::{bpf::Datapath, model::RemoteRoute};
 use datapath_common::{
     Backend, BackendKey, ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey, DropReason,
-    Endpoint, HAIRPIN_IPV4, NODE_FLAG_SERVICES, NodeConfig, OUTSIDE_CLIENTS, PodInterface, RoutingMode,
-    Service, ServiceKey, map_names, program_names,
+    Endpoint, HAIRPIN_IPV4, NODE_FLAG_SERVICES, NodeConfig, PodInterface, RoutingMode, Service, ServiceKey,
+    map_names, outside_clients, program_names,
 };
 use datapath_tests::{packets::*, require_root};
 
@@ -88,6 +88,12 @@ impl Harness {
     }
 
     fn set_services_flag(&mut self, on: bool) {
+        self.set_node_config(on, 0);
+    }
+
+    /// Services on or off, and `conntrack_max_per_client` (0: no limit).
+    fn set_node_config(&mut self, services: bool, max_per_client: u32) {
+        let on = services;
         self.datapath
             .set_node_config(NodeConfig {
                 node_ipv4: RUN_DEVICE_IP,
@@ -98,6 +104,7 @@ impl Harness {
                 flags: if on { NODE_FLAG_SERVICES } else { 0 },
                 pod_cidr: [10, 244, 1, 0],
                 pod_prefix_len: 24,
+                conntrack_max_per_client: max_per_client,
                 ..NodeConfig::default()
             })
             .unwrap();
@@ -133,21 +140,39 @@ impl Harness {
         services.insert(key, service, 0).unwrap();
     }
 
-    /// The outside clients' count and limit, as the agent's sweep writes them.
+    /// The outside clients' TCP count and limit, as the agent's sweep writes them.
     fn set_outside_budget(&mut self, connections: u32, limit: u32) {
+        self.set_outside_share(TCP, connections, limit);
+    }
+
+    /// The outside clients' count and limit for `protocol`.
+    fn set_outside_share(&mut self, protocol: u8, connections: u32, limit: u32) {
         let mut map: HashMap<_, ConntrackClientKey, ConntrackClient> =
             HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
                 .unwrap();
-        map.insert(OUTSIDE_CLIENTS, ConntrackClient { connections, limit }, 0).unwrap();
+        map.insert(outside_clients(protocol), ConntrackClient { connections, limit }, 0).unwrap();
     }
 
-    /// The outside clients' (count, limit) now.
+    /// The outside clients' TCP (count, limit) now.
     fn outside_budget(&mut self) -> (u32, u32) {
+        self.outside_share(TCP)
+    }
+
+    /// The outside clients' (count, limit) for `protocol` now.
+    fn outside_share(&mut self, protocol: u8) -> (u32, u32) {
         let map: HashMap<_, ConntrackClientKey, ConntrackClient> =
             HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
                 .unwrap();
-        let budget = map.get(&OUTSIDE_CLIENTS, 0).unwrap();
+        let budget = map.get(&outside_clients(protocol), 0).unwrap();
         (budget.connections, budget.limit)
+    }
+
+    /// The unanswered connections counted under `client`'s own address.
+    fn client_count(&mut self, client: [u8; 4]) -> Option<u32> {
+        let map: HashMap<_, ConntrackClientKey, ConntrackClient> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
+                .unwrap();
+        map.get(&ConntrackClientKey { ipv4: client }, 0).ok().map(|c| c.connections)
     }
 
     fn conntrack(&mut self) -> BTreeMap<ConntrackKey, ConntrackEntry> {
@@ -913,6 +938,69 @@ fn clients_outside_are_held_to_their_share_of_the_connection_table() {
     assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
 }
 
+/// TCP and UDP from outside have shares of their own (red team R29-1: a
+/// burst of faked UDP datagrams, which stay counted for the UDP timer,
+/// took the one shared budget and locked every TCP client out), and a
+/// client outside is not held per address (R29-6: SYNs forged from a
+/// victim's address took its `conntrack_max_per_client` and locked it
+/// out), while a pod still is.
+#[test]
+fn outside_protocols_have_shares_of_their_own_and_no_limit_per_address() {
+    require_root!();
+    let mut h = Harness::new();
+    h.set_node_config(true, 2);
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 62, 30053, UDP, &[(CLIENT, 53)], 0);
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service(63, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+    h.set_outside_share(TCP, 0, 3);
+    h.set_outside_share(UDP, 0, 2);
+    // A UDP burst from faked sources fills UDP's share.
+    for n in 0..3u8 {
+        let run =
+            h.run_from_uplink(&Ipv4::udp([198, 51, 100, 20 + n], 40000, RUN_DEVICE_IP, 30053, b"q", false));
+        let expected = if n < 2 { TC_ACT_REDIRECT } else { TC_ACT_SHOT };
+        assert_eq!(run.verdict, expected, "datagram {n}");
+    }
+    assert_eq!(h.outside_share(UDP), (2, 2));
+    assert_eq!(h.outside_share(TCP), (0, 3), "UDP does not count against TCP's share");
+    // One outside address opens three TCP connections, past the per-client
+    // limit of 2: TCP's share holds them, not its address.
+    let victim = [198, 51, 100, 30];
+    for port in 0..3u16 {
+        let run = h.run_from_uplink(&Ipv4::tcp(victim, 41000 + port, RUN_DEVICE_IP, 30080, TCP_SYN, &[]));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "connection {port} of one outside address");
+    }
+    assert_eq!(h.client_count(victim), None, "not counted per address");
+    assert_eq!(h.outside_share(TCP), (3, 3));
+    let run = h.run_from_uplink(&Ipv4::tcp(victim, 41003, RUN_DEVICE_IP, 30080, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "TCP's share is full");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2, "one datagram, one SYN");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackClientLimit), 0);
+    // A pod is still held to its own limit.
+    for port in 0..2u16 {
+        let run = h.run_from_pod(&syn(42000 + port, 80));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the pod's connection {port}");
+    }
+    assert_eq!(h.client_count(CLIENT), Some(2));
+    let run = h.run_from_pod(&syn(42002, 80));
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackClientLimit), 1, "the pod's third refused");
+    assert_eq!(Parsed::new(&run.out).protocol, 1, "with ICMP port unreachable");
+    // The local backend answers the first UDP query: still counted (an
+    // answer proves nothing about a UDP source); it answers a TCP one and
+    // its client acknowledges: one place of TCP's share is free again.
+    let run = h.run_from_pod(&Ipv4::udp(CLIENT, 53, [198, 51, 100, 20], 40000, b"a", false));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(h.outside_share(UDP), (2, 2), "answered UDP keeps counting");
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, victim, 41000, TCP_SYN | TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let run = h.run_from_uplink(&Ipv4::tcp(victim, 41000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(h.outside_share(TCP), (2, 3), "answered TCP no longer counts");
+    assert_eq!(h.client_count(victim), None);
+}
+
 /// A NodePort connection to another node's backend, over (FIN both ways),
 /// and its client's next connection from the same address and port (a
 /// client's ports come round again, at once with a reset close): the new
@@ -1104,8 +1192,8 @@ fn blind_resets_fins_and_acks_do_not_change_a_connection() {
     }
 }
 
-/// UDP from outside counts against `conntrack_max_outside` (2 here)
-/// answered or not: a backend answers a faked source too, so an answer
+/// UDP from outside counts against its share of `conntrack_max_outside`
+/// (2 here) answered or not: a backend answers a faked source too, so an answer
 /// proves nothing (a TCP handshake that acknowledged the backend's SYN
 /// does). Past the limit a new flow from outside is dropped; a pod's UDP
 /// is not held by it.
@@ -1118,7 +1206,7 @@ fn udp_from_outside_counts_against_the_outside_share_answered_or_not() {
     h.service_on(RUN_DEVICE_IP, 72, 30054, UDP, &[(REMOTE_BACKENDS[1], 5353)], 0);
     h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
     h.service(73, 53, UDP, &[(REMOTE_BACKENDS[1], 5353)]);
-    h.set_outside_budget(0, 2);
+    h.set_outside_share(UDP, 0, 2);
     let outside = |n: u8| [198, 51, 100, 30 + n];
     // A local backend answers the first.
     let run = h.run_from_uplink(&Ipv4::udp(outside(1), 40000, RUN_DEVICE_IP, 30053, b"q", true));
@@ -1126,14 +1214,14 @@ fn udp_from_outside_counts_against_the_outside_share_answered_or_not() {
     let run = h.run_from_pod(&Ipv4::udp(CLIENT, 5353, outside(1), 40000, b"a", true));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "its answer goes out");
     assert_eq!(Parsed::new(&run.out).sport(), 30053, "from the node port");
-    assert_eq!(h.outside_budget(), (1, 2), "answered, still counted");
+    assert_eq!(h.outside_share(UDP), (1, 2), "answered, still counted");
     // A remote backend answers the second (source NAT).
     let run = h.run_from_uplink(&Ipv4::udp(outside(2), 40000, RUN_DEVICE_IP, 30054, b"q", true));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "second flow served");
     let given = Parsed::new(&run.out).sport();
     let run = h.run_from_uplink(&Ipv4::udp(REMOTE_BACKENDS[1], 5353, RUN_DEVICE_IP, given, b"a", true));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "its answer goes out");
-    assert_eq!(h.outside_budget(), (2, 2), "answered, still counted");
+    assert_eq!(h.outside_share(UDP), (2, 2), "answered, still counted");
     // The limit holds for the next source.
     let run = h.run_from_uplink(&Ipv4::udp(outside(3), 40000, RUN_DEVICE_IP, 30053, b"q", true));
     assert_eq!(run.verdict, TC_ACT_SHOT, "past the limit: dropped");
@@ -1144,5 +1232,5 @@ fn udp_from_outside_counts_against_the_outside_share_answered_or_not() {
     // A pod's UDP is not held by the outside share, and does not count.
     let run = h.run_from_pod(&Ipv4::udp(CLIENT, 40001, VIP, 53, b"q", true));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "a pod's flow");
-    assert_eq!(h.outside_budget(), (2, 2));
+    assert_eq!(h.outside_share(UDP), (2, 2));
 }
