@@ -22,6 +22,7 @@ APT_PACKAGES=(
     containernetworking-plugins                          # host-local IPAM, loopback
     iperf3                                               # throughput figures (xtask bench)
     iptables                                             # kube-proxy baseline (xtask bench --suite services)
+    prometheus                                           # promtool: /metrics checked as Prometheus would
     containerd runc podman catatonit busybox-static      # real runtimes in the tests
 )
 fi

@@ -1244,6 +1244,49 @@ wire_enum! {
     }
 }
 
+impl DropReason {
+    /// The programs that may drop a packet for this reason (the "where" of
+    /// docs/why-dropped.md, checked by `tests/tests/e2e/docs.rs`): the
+    /// agent exports these (direction, reason) pairs from 0, and any other
+    /// only once counted.
+    pub const fn directions(self) -> &'static [Direction] {
+        use Direction::*;
+        match self {
+            Self::SpoofedSource
+            | Self::MalformedArp
+            | Self::SpoofedArp
+            | Self::UnknownInterface
+            | Self::TunnelEncapFailed
+            | Self::PolicyDeniedEgress
+            | Self::ConntrackClientLimit => &[FromPod],
+            Self::TtlExceeded
+            | Self::NatRewriteFailed
+            | Self::BadIpChecksum
+            | Self::IpOptions
+            | Self::PacketTooBig
+            | Self::EndpointDown => &[FromPod, FromUplink, FromOverlay],
+            Self::TruncatedEthernet | Self::MalformedIpv4 | Self::VlanTagged => &[FromPod, FromOverlay],
+            Self::UnknownTunnelSource
+            | Self::WrongVni
+            | Self::NoTunnelKey
+            | Self::OverlayUnknownDestination
+            | Self::OverlaySpoofedSource => &[FromOverlay],
+            Self::ServiceNoBackend
+            | Self::ConntrackFull
+            | Self::WrongDestinationMac
+            | Self::ServiceNoLocalBackend
+            | Self::MalformedL4 => &[FromPod, FromUplink],
+            Self::MartianSource
+            | Self::PeerModeMismatch
+            | Self::ForwardingDisabled
+            | Self::SnatPortsExhausted
+            | Self::ConntrackOutsideLimit => &[FromUplink],
+            Self::ReversePath => &[FromUplink, ToPod],
+            Self::PolicyDeniedIngress => &[FromPod, FromUplink, FromOverlay, ToPod],
+        }
+    }
+}
+
 // Every number fits its counter block, and MonitorEvent::code (a u8).
 const _: () = {
     let mut i = 0;

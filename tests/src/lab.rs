@@ -918,17 +918,29 @@ pub fn http_get_local(ns: &Netns, port: u16, path: &str) -> (u16, String) {
 
 /// [`http_get_local`], with a refused connection as an error.
 pub fn try_http_get_local(ns: &Netns, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_local_with(ns, port, path, &[]).map(|(status, _, body)| (status, body))
+}
+
+/// GET `path` from 127.0.0.1:`port` in `ns` with extra request `headers`:
+/// (status, response head, body).
+pub fn http_get_local_with(
+    ns: &Netns,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read as _, Write as _};
+    let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
     let path = path.to_owned();
     in_netns(&ns.path(), move || {
         let mut conn = TcpStream::connect(("127.0.0.1", port))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")?;
         let mut answer = String::new();
         conn.read_to_string(&mut answer)?;
         let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Ok((status, body))
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer.as_str(), ""));
+        Ok((status, head.to_owned(), body.to_owned()))
     })
     .join()
     .unwrap()

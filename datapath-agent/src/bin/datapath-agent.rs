@@ -7,7 +7,7 @@ use datapath_agent::cmd::{inspect, monitor, run};
 use nix::sys::signal::{SigHandler, Signal, signal};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "eBPF pod datapath: node agent and inspection CLI")]
+#[command(version = datapath_agent::build_info::LONG_VERSION, about = "eBPF pod datapath: node agent and inspection CLI")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -314,15 +314,20 @@ fn router(health: Arc<Health>, metrics: Arc<Registry>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let metrics = Arc::clone(&metrics);
                 async move {
+                    use crate::observe::exposition;
                     let mut body = String::new();
+                    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
                     match prometheus_client::encoding::text::encode(&mut body, &metrics) {
+                        Ok(()) if exposition::wants_openmetrics(accept) => {
+                            (StatusCode::OK, [("content-type", exposition::OPENMETRICS)], body)
+                        }
                         Ok(()) => (
                             StatusCode::OK,
-                            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                            body,
+                            [("content-type", exposition::PROMETHEUS_TEXT)],
+                            exposition::to_prometheus_text(&body),
                         ),
                         Err(_) => (
                             StatusCode::INTERNAL_SERVER_ERROR,

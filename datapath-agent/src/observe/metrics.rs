@@ -2,7 +2,9 @@
 //! scrape time: the maps are the counters, so nothing is copied or lost
 //! across agent restarts, and a scrape costs a handful of map reads.
 //!
+//! datapath_build_info{version,commit,profile}  1, naming the agent's build
 //! datapath_drops_total{direction,reason}  packets dropped, by program and named reason
+//!                                   (the pairs a program may drop for, from 0; any other once counted)
 //! datapath_policy_verdicts_total{direction,verdict}  new connections NetworkPolicy allowed or denied
 //! datapath_forwards_total{direction,path} packets forwarded, by program and path
 //! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
@@ -15,17 +17,20 @@
 //! datapath_map_capacity{map}        ... and their capacity
 //! datapath_agent_errors_total       failed reconciliations and refused requests
 //! datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
+//!
+//! Served as OpenMetrics to a scraper that asks for it (Prometheus does),
+//! else in the Prometheus text format (`exposition.rs`).
 
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
 };
 
-use datapath_common::{MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICES};
+use datapath_common::{Direction, DropReason, MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICES};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::Registry,
 };
 
@@ -77,6 +82,14 @@ struct DatapathCollector {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metric = encoder.encode_descriptor(
+            "datapath_build",
+            "The agent's build: version, git commit, profile",
+            None,
+            MetricType::Info,
+        )?;
+        use crate::build_info::{GIT_COMMIT, PROFILE, VERSION};
+        Info::new(vec![("version", VERSION), ("commit", GIT_COMMIT), ("profile", PROFILE)]).encode(metric)?;
         let mut metric = encoder.encode_descriptor(
             "datapath_config_edits_rejected",
             "Edits of the config file not applied: invalid (nothing applied) or needs_restart (a \
@@ -88,21 +101,21 @@ impl Collector for DatapathCollector {
             ConstCounter::new(n).encode(metric.encode_family(&vec![("reason", why.name())])?)?;
         }
         let errors = self.errors.0.load(Ordering::Relaxed);
-        let mut metric = encoder.encode_descriptor(
+        let metric = encoder.encode_descriptor(
             "datapath_agent_errors",
             "Failed reconciliations and refused requests",
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(errors).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
-        let mut metric = encoder.encode_descriptor(
+        ConstCounter::new(errors).encode(metric)?;
+        let metric = encoder.encode_descriptor(
             "datapath_conntrack_gc_removed",
             "Connection-tracking entries the agent removed (idle or closed connections; two per connection)",
             None,
             MetricType::Counter,
         )?;
         let removed = self.conntrack.gc_removed.load(Ordering::Relaxed);
-        ConstCounter::new(removed).encode(metric.encode_family(&Vec::<(String, String)>::new())?)?;
+        ConstCounter::new(removed).encode(metric)?;
         let conntrack_entries = self.conntrack.entries();
         if let Some(entries) = conntrack_entries {
             let metric = encoder.encode_descriptor(
@@ -123,10 +136,16 @@ impl Collector for DatapathCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (direction, drops) in &counters.drops_by_direction {
-                for (reason, n) in drops {
-                    let labels = vec![("direction", *direction), ("reason", *reason)];
-                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+            for direction in Direction::ALL {
+                let drops = counters.drops_by_direction.get(direction.name());
+                for reason in DropReason::ALL {
+                    let n = drops.and_then(|d| d.get(reason.name())).copied().unwrap_or(0);
+                    // A pair no program drops for stays out until counted.
+                    if n == 0 && !reason.directions().contains(&direction) {
+                        continue;
+                    }
+                    let labels = vec![("direction", direction.name()), ("reason", reason.name())];
+                    ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
                 }
             }
             let mut metric = encoder.encode_descriptor(

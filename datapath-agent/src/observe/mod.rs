@@ -1,5 +1,6 @@
 //! What the agent tells about itself: metrics, health, mode mismatches, the monitor lock,
 //! and the Services' health check node ports.
+pub mod exposition;
 pub mod health;
 pub mod metrics;
 pub mod mode_mismatch;

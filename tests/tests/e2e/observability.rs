@@ -5,7 +5,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use datapath_tests::{
-    lab::{Node, http_get_local, malformed_frames, ping, ping_from_spoofed_address, send_raw_frames},
+    lab::{
+        Node, http_get_local, http_get_local_with, malformed_frames, ping, ping_from_spoofed_address,
+        send_raw_frames,
+    },
     require_root, sh, wait_for,
 };
 
@@ -577,4 +580,81 @@ fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
     let (events, summary) = plain.finish();
     assert!(events.iter().all(|e| e["verdict"] != "forwarded"), "{events:#?}\n{summary}");
     assert_eq!(node.trace_forwards(), 0);
+}
+
+/// `/metrics` passes `promtool check metrics` (the Prometheus text format
+/// by default, as curl and promtool read it), and answers OpenMetrics to a
+/// scraper that asks for it as Prometheus does; no series has empty braces
+/// or pairs a reason with a program that never drops for it (until
+/// counted); the build is named.
+#[test]
+fn metrics_pass_promtool_in_both_formats() {
+    require_root!();
+    let promtool = "promtool";
+    if std::process::Command::new(promtool).arg("--version").output().is_err() {
+        let ci = std::env::var_os("CI").is_some_and(|v| v == "true");
+        assert!(!ci, "promtool is missing (scripts/setup.sh installs it), and CI=true forbids skipping");
+        eprintln!("skipped: promtool is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    // The gateway resolved with the real address first (else the ARP is spoofed too).
+    assert!(ping(&a.netns, b.ip, 1));
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 1));
+    wait_for("the drop counted", Duration::from_secs(5), || {
+        node.inspect("counters")["drops"]["spoofed_source"].as_u64() >= Some(1)
+    });
+
+    let (status, head, text) = http_get_local_with(&node.netns, 9976, "/metrics", &[]).unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    let check = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(text.contains("# TYPE datapath_drops_total counter\n"), "{text}");
+    assert_eq!(sample(&text, "datapath_drops_total", "reason=\"spoofed_source\""), Some(1), "{text}");
+
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
+                      q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (status, head, openmetrics) =
+        http_get_local_with(&node.netns, 9976, "/metrics", &[("Accept", prometheus)]).unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    assert!(openmetrics.contains("# TYPE datapath_drops counter\n") && openmetrics.ends_with("# EOF\n"));
+
+    for body in [&text, &openmetrics] {
+        assert!(!body.contains("{}"), "empty braces:\n{body}");
+        assert!(
+            !body.contains("direction=\"to_pod\",reason=\"spoofed_source\""),
+            "an impossible pair:\n{body}"
+        );
+        assert!(body.contains("direction=\"from_pod\",reason=\"spoofed_source\""), "{body}");
+        let build = body.lines().find(|l| l.starts_with("datapath_build_info{")).expect("build info");
+        assert!(
+            build.contains("version=\"") && build.contains("commit=\"") && build.ends_with(" 1"),
+            "{build}"
+        );
+    }
+    // Every (direction, reason) pair a program may drop for is there from 0.
+    let drops = text.lines().filter(|l| l.starts_with("datapath_drops_total{")).count();
+    let declared: usize = datapath_common::DropReason::ALL.iter().map(|r| r.directions().len()).sum();
+    assert_eq!(drops, declared, "{text}");
 }
