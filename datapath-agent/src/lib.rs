@@ -4,7 +4,7 @@
 //! between rooms point one way, which `rooms::rooms_depend_one_way` checks.
 pub mod agent;
 pub mod bpf;
-pub mod build_info;
+pub use datapath_api::build_info;
 pub mod cmd;
 pub mod host;
 pub mod model;

@@ -8,8 +8,11 @@
 //!   (`netns`), the node's /32 route to a pod (`route`: ADD makes it, the
 //!   agent puts it back after the kernel removed it).
 //!
+//! - What was built (`build_info`), which both binaries report.
+//!
 //! Kept small: the plugin links this crate, not the agent's (kube, axum, aya).
 
+pub mod build_info;
 pub mod client;
 pub mod mac;
 pub mod netns;

@@ -4,6 +4,13 @@
 use std::io::Read as _;
 
 fn main() {
+    use datapath_api::build_info::LONG_VERSION;
+    // Runtimes pass no arguments (CNI is environment and stdin); an
+    // operator asks which build is installed.
+    if std::env::args().nth(1).as_deref() == Some("--version") && std::env::var_os("CNI_COMMAND").is_none() {
+        println!("datapath-cni {LONG_VERSION}");
+        return;
+    }
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
         Ok(_) => datapath_cni::invoke(|k| std::env::var(k).ok(), &stdin),
@@ -19,6 +26,12 @@ fn main() {
     };
     if !outcome.stdout.is_null() {
         println!("{}", outcome.stdout);
+    }
+    if !outcome.success {
+        // The runtime logs a failing plugin's stderr with its error: which
+        // build answered (the VERSION answer itself is the spec's).
+        let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+        eprintln!("datapath-cni {LONG_VERSION}: {command} failed: {}", outcome.stdout);
     }
     std::process::exit(if outcome.success { 0 } else { 1 });
 }

@@ -21,6 +21,31 @@ fn assert_error(run: &datapath_tests::lab::CniRun, code: u64, msg_contains: &str
     let msg = run.stdout["msg"].as_str().unwrap_or_default();
     assert!(msg.contains(msg_contains), "msg {msg:?} lacks {msg_contains:?}");
     assert!(run.stdout["cniVersion"].is_string(), "{}", run.raw_stdout);
+    // The runtime logs stderr with the error: it names the build.
+    let build = built_as("datapath-cni");
+    assert!(run.stderr.contains(&build), "stderr {:?} lacks {build:?}", run.stderr);
+}
+
+/// How `binary` names its build, up to the profile (the binaries under
+/// test may be built in another profile than this test).
+fn built_as(binary: &str) -> String {
+    use datapath_agent::build_info::{GIT_COMMIT, VERSION};
+    format!("{binary} {VERSION} (commit {GIT_COMMIT}, ")
+}
+
+/// Both binaries name their build: version, git commit, profile.
+#[test]
+fn both_binaries_name_their_build() {
+    for binary in ["datapath-cni", "datapath-agent"] {
+        let out = std::process::Command::new(datapath_tests::bin_dir().join(binary))
+            .arg("--version")
+            .env_remove("CNI_COMMAND")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{binary}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with(&built_as(binary)) && said.ends_with(" build)\n"), "{binary}: {said:?}");
+    }
 }
 
 #[track_caller]
