@@ -1,9 +1,9 @@
-//! `datapath-agent`: the node agent (`run`), its inspection CLI (`inspect`)
-//! and the live event monitor (`monitor`).
+//! `datapath-agent`: the node agent (`run`), its inspection CLI (`inspect`),
+//! the live event monitor (`monitor`) and the uninstaller (`cleanup`).
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use datapath_agent::cmd::{inspect, monitor, run};
+use datapath_agent::cmd::{cleanup, inspect, monitor, run};
 use nix::sys::signal::{SigHandler, Signal, signal};
 
 #[derive(Debug, Parser)]
@@ -21,6 +21,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Stream drop events (and with --forwards every verdict) as they happen.
     Monitor(monitor::MonitorArgs),
+    /// Remove what the agent made on this node (uninstall), once it stopped.
+    Cleanup(cleanup::CleanupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +51,9 @@ fn main() -> anyhow::Result<()> {
             inspect::inspect(args)
         }
         Command::Monitor(args) => monitor::monitor(args),
+        Command::Cleanup(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(cleanup::cleanup(args)),
     }
 }

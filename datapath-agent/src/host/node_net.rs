@@ -122,14 +122,17 @@ pub async fn ensure_vxlan(
     Ok(LinkFacts { index, mtu })
 }
 
-/// Remove the VXLAN device (when the mode is no longer vxlan).
-pub async fn remove_vxlan_if_present(handle: &Handle, name: &str) -> anyhow::Result<()> {
+/// Remove the VXLAN device (when the mode is no longer vxlan, or at
+/// cleanup); whether there was one. A device of that name that is not a
+/// VXLAN device is not ours: left alone.
+pub async fn remove_vxlan_if_present(handle: &Handle, name: &str) -> anyhow::Result<bool> {
     if let Some(msg) = link_by_name(handle, name).await?
         && is_vxlan(&msg)
     {
         handle.link().del(msg.header.index).execute().await?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Where the node's own traffic to remote pods goes.

@@ -5,6 +5,7 @@
 
 mod agent_config;
 mod churn;
+mod cleanup;
 mod cni_concurrency;
 mod cni_errors;
 mod cni_verbs;

@@ -220,3 +220,55 @@ fn the_image_build_context_leaves_build_output_out() {
         );
     }
 }
+
+/// deploy/cleanup.yaml runs `datapath-agent cleanup` with the agent's own
+/// config, where the agent's DaemonSet mounts what it makes: the same
+/// host paths at the same places (so the paths in the config name the
+/// host's files), and the plugin's directory as the install puts it.
+#[test]
+fn the_cleanup_daemonset_reaches_what_the_agent_made() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cleanup.yaml")).unwrap();
+    let cleanup: DaemonSet = serde_saphyr::from_str(&text).expect("deploy/cleanup.yaml is one DaemonSet");
+    let pod = cleanup.spec.unwrap().template.spec.unwrap();
+    let init = pod.init_containers.clone().unwrap().remove(0);
+    let command = init.command.clone().unwrap();
+    assert_eq!(
+        command,
+        ["/usr/local/bin/datapath-agent", "cleanup", "--config", "/etc/datapath/agent.toml", "--cni-bin-dir", "/host/opt/cni/bin"]
+    );
+    let agent: DaemonSet = one("DaemonSet");
+    let agent_pod = agent.spec.unwrap().template.spec.unwrap();
+    // (mount path, host path or ConfigMap) of a container.
+    let mounts = |spec: &k8s_openapi::api::core::v1::PodSpec, container: &k8s_openapi::api::core::v1::Container| {
+        let volumes = spec.volumes.clone().unwrap();
+        container
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+                let source = v
+                    .host_path
+                    .as_ref()
+                    .map(|h| h.path.clone())
+                    .or_else(|| v.config_map.as_ref().map(|c| format!("configmap {}", c.name)))
+                    .unwrap();
+                (m.mount_path, source)
+            })
+            .collect::<BTreeSet<_>>()
+    };
+    let theirs = mounts(&pod, &init);
+    let containers = agent_pod.containers.clone();
+    let mut ours = mounts(&agent_pod, &containers[0]);
+    ours.extend(mounts(&agent_pod, &agent_pod.init_containers.clone().unwrap()[0]));
+    // The agent reads the host's cgroups (socket programs, pinned); nothing to remove there.
+    ours.retain(|(path, _)| path != "/host/sys/fs/cgroup");
+    assert_eq!(theirs, ours);
+    // The config names paths under those mounts.
+    let config = agent_config();
+    for path in [config.bpffs_dir.clone(), config.state_dir.clone(), config.cni_config_file.clone().unwrap()] {
+        assert!(theirs.iter().any(|(mount, _)| path.starts_with(mount)), "{} is not mounted", path.display());
+    }
+}
