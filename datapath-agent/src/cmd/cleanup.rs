@@ -52,8 +52,8 @@ struct Owned {
 pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the agent's config {}", args.config.display()))?;
-    let owned: Owned =
-        toml::from_str(&text).with_context(|| format!("parsing the agent's config {}", args.config.display()))?;
+    let owned: Owned = toml::from_str(&text)
+        .with_context(|| format!("parsing the agent's config {}", args.config.display()))?;
     let settings = &owned.settings;
     // (Taking the locks makes these directories if they are gone.)
     let existed = (settings.bpffs_dir.exists(), settings.state_dir.exists());
@@ -112,7 +112,11 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     if removed.is_empty() {
         println!("nothing of the datapath left on this node");
     }
-    anyhow::ensure!(failed.is_empty(), "cleanup incomplete: {} failed (see above); run it again", failed.join(", "));
+    anyhow::ensure!(
+        failed.is_empty(),
+        "cleanup incomplete: {} failed (see above); run it again",
+        failed.join(", ")
+    );
     Ok(())
 }
 

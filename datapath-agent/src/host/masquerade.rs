@@ -90,7 +90,8 @@ pub fn apply(rule: Option<(Ipv4Net, &str)>) -> anyhow::Result<()> {
 
 /// Remove our table if it is there (`cleanup`); whether it was.
 pub fn remove_if_present() -> anyhow::Result<bool> {
-    let ruleset = helper::get_current_ruleset().context("listing the nftables rule set (is nftables installed?)")?;
+    let ruleset =
+        helper::get_current_ruleset().context("listing the nftables rule set (is nftables installed?)")?;
     let present = ruleset.objects.iter().any(|object| {
         matches!(object, nftables::schema::NfObject::ListObject(NfListObject::Table(t))
             if t.family == NfFamily::IP && t.name == TABLE)

@@ -100,7 +100,8 @@ fn cleanup_removes_what_the_agent_made_and_nothing_else() {
     datapath_tests::wait_for("the CNI config written", std::time::Duration::from_secs(10), || {
         a.written_cni_config().exists()
     });
-    std::fs::write(&other_conf, b"{\"cniVersion\": \"1.0.0\", \"name\": \"other\", \"plugins\": []}").unwrap();
+    std::fs::write(&other_conf, b"{\"cniVersion\": \"1.0.0\", \"name\": \"other\", \"plugins\": []}")
+        .unwrap();
     let made = left(&a, &cni_bin_dir);
     assert!(made.iter().all(|(_, there)| *there), "the agent made all of it: {made:?}");
     let links = pinned_link_ids(&a.bpffs_dir);

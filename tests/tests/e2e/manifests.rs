@@ -235,12 +235,20 @@ fn the_cleanup_daemonset_reaches_what_the_agent_made() {
     let command = init.command.clone().unwrap();
     assert_eq!(
         command,
-        ["/usr/local/bin/datapath-agent", "cleanup", "--config", "/etc/datapath/agent.toml", "--cni-bin-dir", "/host/opt/cni/bin"]
+        [
+            "/usr/local/bin/datapath-agent",
+            "cleanup",
+            "--config",
+            "/etc/datapath/agent.toml",
+            "--cni-bin-dir",
+            "/host/opt/cni/bin"
+        ]
     );
     let agent: DaemonSet = one("DaemonSet");
     let agent_pod = agent.spec.unwrap().template.spec.unwrap();
     // (mount path, host path or ConfigMap) of a container.
-    let mounts = |spec: &k8s_openapi::api::core::v1::PodSpec, container: &k8s_openapi::api::core::v1::Container| {
+    let mounts = |spec: &k8s_openapi::api::core::v1::PodSpec,
+                  container: &k8s_openapi::api::core::v1::Container| {
         let volumes = spec.volumes.clone().unwrap();
         container
             .volume_mounts
@@ -268,7 +276,8 @@ fn the_cleanup_daemonset_reaches_what_the_agent_made() {
     assert_eq!(theirs, ours);
     // The config names paths under those mounts.
     let config = agent_config();
-    for path in [config.bpffs_dir.clone(), config.state_dir.clone(), config.cni_config_file.clone().unwrap()] {
+    for path in [config.bpffs_dir.clone(), config.state_dir.clone(), config.cni_config_file.clone().unwrap()]
+    {
         assert!(theirs.iter().any(|(mount, _)| path.starts_with(mount)), "{} is not mounted", path.display());
     }
 }
