@@ -10,7 +10,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    use crate::build_info::{GIT_COMMIT, PROFILE, VERSION};
+    use datapath_api::build_info::{GIT_COMMIT, PROFILE, VERSION};
     tracing::info!(version = VERSION, commit = GIT_COMMIT, profile = PROFILE, "datapath-agent starting");
     crate::agent::run(&args.config).await
 }

@@ -88,7 +88,7 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Info,
         )?;
-        use crate::build_info::{GIT_COMMIT, PROFILE, VERSION};
+        use datapath_api::build_info::{GIT_COMMIT, PROFILE, VERSION};
         Info::new(vec![("version", VERSION), ("commit", GIT_COMMIT), ("profile", PROFILE)]).encode(metric)?;
         let mut metric = encoder.encode_descriptor(
             "datapath_config_edits_rejected",
