@@ -281,3 +281,44 @@ fn the_cleanup_daemonset_reaches_what_the_agent_made() {
         assert!(theirs.iter().any(|(mount, _)| path.starts_with(mount)), "{} is not mounted", path.display());
     }
 }
+
+/// deploy/kustomization.yaml is a base of datapath.yaml alone (not the
+/// uninstall), with the image named as the DaemonSet names it so an
+/// overlay's `images:` entry replaces it; where kubectl is installed, it
+/// renders to the same objects.
+#[test]
+fn the_kustomize_base_renders_the_manifest() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let text = std::fs::read_to_string(format!("{dir}/kustomization.yaml")).unwrap();
+    let base: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(base["kind"], "Kustomization");
+    assert_eq!(base["resources"], serde_json::json!(["datapath.yaml"]));
+    let ds: DaemonSet = one("DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let images: BTreeSet<String> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .map(|c| c.image.clone().unwrap())
+        .collect();
+    let name = base["images"][0]["name"].as_str().unwrap();
+    let tag = base["images"][0]["newTag"].as_str().unwrap();
+    assert_eq!(
+        images,
+        BTreeSet::from([format!("{name}:{tag}")]),
+        "every container's image is the one patched"
+    );
+    // The real renderer, where present (kubectl embeds kustomize).
+    match std::process::Command::new("kubectl").args(["kustomize", dir]).output() {
+        Ok(out) if out.status.success() => {
+            let rendered =
+                serde_saphyr::from_multiple::<serde_json::Value>(&String::from_utf8_lossy(&out.stdout))
+                    .unwrap();
+            let names = |docs: &[serde_json::Value]| -> BTreeSet<String> {
+                docs.iter().map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"])).collect()
+            };
+            assert_eq!(names(&rendered), names(&documents()));
+        }
+        other => eprintln!("kubectl kustomize not run: {other:?}"),
+    }
+}
