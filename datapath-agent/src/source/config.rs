@@ -445,7 +445,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {source}")]
+    // The position and the problem are the source's (shown once, by the chain).
+    #[error("config file {path} is not valid")]
     Parse {
         path: PathBuf,
         #[source]

@@ -32,6 +32,11 @@ fn bad_values_are_refused_naming_the_field() {
         assert!(!ok, "accepted:\n{config}");
         assert!(stderr.contains(field), "error does not name {field}:\n{stderr}");
     }
+    // A syntax error: its line and column, said once.
+    let (ok, stderr) = run_with(&base.replace("\"10.244.1.0/24\"", "10.244.1.0/24"));
+    assert!(!ok);
+    assert_eq!(stderr.matches("line 2, column 18").count(), 1, "the position once:\n{stderr}");
+    assert!(stderr.contains("agent.toml is not valid"), "{stderr}");
     let missing = Command::new(bin_dir().join("datapath-agent"))
         .args(["run", "--config", "/nonexistent/agent.toml"])
         .output()
