@@ -43,6 +43,27 @@ pub enum Request {
     ListEndpoints,
 }
 
+/// The agent's own view of itself, for `datapath-agent status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// `build_info::LONG_VERSION` of the agent answering.
+    pub version: String,
+    /// "native" or "vxlan".
+    pub mode: String,
+    /// "static" (the config file) or "kubernetes".
+    pub source: String,
+    pub node_ip: String,
+    /// Why the agent is not ready (as `/readyz` says); `None`: ready.
+    pub not_ready: Option<String>,
+    /// Watches failing now, with their last error.
+    pub failing_watches: Vec<String>,
+    /// Peers' pod CIDRs programmed.
+    pub peers: usize,
+    /// Packets dropped in the last `recent_seconds`, by reason (those with any).
+    pub recent_drops: std::collections::BTreeMap<String, u64>,
+    pub recent_seconds: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointSpec {
     pub container_id: String,
@@ -87,6 +108,9 @@ pub enum Response {
         /// Why the last edit of the config file was not applied, if it was not.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_config_error: Option<String>,
+        /// What `datapath-agent status` shows (absent from an older agent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<Box<AgentStatus>>,
     },
     Done,
     /// What CHECK found wrong; empty when all is well.

@@ -46,10 +46,13 @@ pub fn invoke(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome
 }
 
 fn dispatch(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
+    // VERSION reads nothing else of the environment: a runtime probing the
+    // plugin gets its answer whatever else it passed (CNI_ARGS, say).
+    if get_env("CNI_COMMAND").as_deref() == Some("VERSION") {
+        return Ok(version::version());
+    }
     let env = Env::from_vars(get_env)?;
     match env.command.as_str() {
-        // VERSION needs no config beyond (optionally) its version.
-        "VERSION" => Ok(version::version()),
         // ADD, DEL and CHECK of one container run one at a time (the lock is
         // released when the call returns): a runtime may send DEL while its
         // ADD still runs, and neither may then see the other half-done.

@@ -30,7 +30,8 @@ fn main() {
     if !outcome.success {
         // The runtime logs a failing plugin's stderr with its error: which
         // build answered (the VERSION answer itself is the spec's).
-        let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+        let command = std::env::var("CNI_COMMAND").ok().filter(|c| !c.is_empty());
+        let command = command.as_deref().unwrap_or("a call without CNI_COMMAND");
         eprintln!("datapath-cni {LONG_VERSION}: {command} failed: {}", outcome.stdout);
     }
     std::process::exit(if outcome.success { 0 } else { 1 });

@@ -98,6 +98,23 @@ pub(super) async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>
 }
 
 impl Agent {
+    /// What `datapath-agent status` shows of the agent itself.
+    fn status(&self) -> datapath_api::AgentStatus {
+        let drops = self.datapath.counters().map(|c| c.drops).unwrap_or_default();
+        let (recent_drops, recent_seconds) = self.health.recent_drops(&drops);
+        datapath_api::AgentStatus {
+            version: datapath_api::build_info::LONG_VERSION.to_owned(),
+            mode: format!("{:?}", self.config.mode).to_lowercase(),
+            source: format!("{:?}", self.config.source).to_lowercase(),
+            node_ip: self.config.node_ip.to_string(),
+            not_ready: self.health.ready().err(),
+            failing_watches: self.health.failing_watches(),
+            peers: self.config.peers.len(),
+            recent_drops,
+            recent_seconds,
+        }
+    }
+
     pub(super) fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => {
@@ -108,6 +125,7 @@ impl Agent {
                         endpoints: endpoints.len(),
                         pod_mtu: self.pod_mtu,
                         last_config_error: self.health.last_config_error(),
+                        agent: Some(Box::new(self.status())),
                     },
                     Err(e) => Response::Error { message: format!("{:#}", anyhow::Error::from(e)) },
                 };

@@ -386,13 +386,22 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // that stays held stops it too.
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The drop counters, sampled for `status` (the first sample at once).
+    let mut drop_sample = std::time::Instant::now() - crate::observe::health::DROP_SAMPLE_INTERVAL;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                let _agent = agent.lock().await;
+                let agent = agent.lock().await;
                 health.beat();
+                if drop_sample.elapsed() >= crate::observe::health::DROP_SAMPLE_INTERVAL {
+                    drop_sample = std::time::Instant::now();
+                    match agent.datapath.counters() {
+                        Ok(counters) => health.sample_drops(counters.drops),
+                        Err(e) => tracing::debug!(error = %e, "sampling the drop counters failed"),
+                    }
+                }
             }
             Some(change) = link_changes.recv() => {
                 let mut agent = agent.lock().await;

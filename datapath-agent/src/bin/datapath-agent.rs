@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use datapath_agent::cmd::{cleanup, inspect, monitor, run};
+use datapath_agent::cmd::{cleanup, inspect, monitor, run, status};
 use nix::sys::signal::{SigHandler, Signal, signal};
 
 #[derive(Debug, Parser)]
@@ -21,6 +21,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Stream drop events (and with --forwards every verdict) as they happen.
     Monitor(monitor::MonitorArgs),
+    /// One summary of the node's datapath; exit status 1 when not healthy.
+    Status(status::StatusArgs),
     /// Remove what the agent made on this node (uninstall), once it stopped.
     Cleanup(cleanup::CleanupArgs),
 }
@@ -51,6 +53,12 @@ fn main() -> anyhow::Result<()> {
             inspect::inspect(args)
         }
         Command::Monitor(args) => monitor::monitor(args),
+        Command::Status(args) => {
+            if !status::status(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Cleanup(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

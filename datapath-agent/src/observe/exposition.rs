@@ -9,18 +9,39 @@
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether a request's `Accept` header asks for OpenMetrics (at a quality
-/// above 0): Prometheus sends `application/openmetrics-text;version=1.0.0,...`.
+/// Whether a request's `Accept` header prefers OpenMetrics: its quality
+/// above 0 and at least the text format's (`text/plain`, `text/*` or
+/// `*/*`, whichever matches best). Prometheus sends
+/// `application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5,...`.
 pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|accept| {
-        accept.split(',').any(|range| {
+    let Some(accept) = accept else { return false };
+    // The quality of each media range (1 unless it says q=).
+    let ranges: Vec<(String, f32)> = accept
+        .split(',')
+        .map(|range| {
             let mut parts = range.split(';').map(str::trim);
-            let media = parts.next().unwrap_or_default();
-            let refused = parts
-                .any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()).is_some_and(|q| q <= 0.0));
-            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q =
+                parts.find_map(|p| p.strip_prefix("q=")).and_then(|q| q.parse::<f32>().ok()).unwrap_or(1.0);
+            (media, q)
         })
-    })
+        .collect();
+    // The most specific range that matches decides (RFC 9110, 12.5.1).
+    let quality = |media: &str| {
+        let (kind, _) = media.split_once('/').unwrap_or((media, ""));
+        let wildcard = format!("{kind}/*");
+        [media, wildcard.as_str(), "*/*"]
+            .iter()
+            .find_map(|wanted| ranges.iter().filter(|(m, _)| m == wanted).map(|(_, q)| *q).reduce(f32::max))
+            .unwrap_or(0.0)
+    };
+    let openmetrics = ranges
+        .iter()
+        .filter(|(m, _)| m == "application/openmetrics-text")
+        .map(|(_, q)| *q)
+        .reduce(f32::max)
+        .unwrap_or(0.0);
+    openmetrics > 0.0 && openmetrics >= quality("text/plain")
 }
 
 /// `openmetrics` (as `prometheus-client` writes it) in the Prometheus text
@@ -86,6 +107,11 @@ mod tests {
         assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
         assert!(!wants_openmetrics(None));
         assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0, text/plain")));
+        // The preference the q-values say (red team round 30, F3).
+        assert!(!wants_openmetrics(Some("text/plain;q=1.0,application/openmetrics-text;q=0.1")));
+        assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0.2,text/plain;q=0.9")));
+        assert!(wants_openmetrics(Some("application/openmetrics-text;q=0.2,*/*;q=0.1")));
+        assert!(wants_openmetrics(Some("Application/OpenMetrics-Text")));
     }
 
     #[test]

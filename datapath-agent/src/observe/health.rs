@@ -106,7 +106,15 @@ pub struct Health {
     /// The last rejected config edit (cleared by an accepted one).
     last_config_error: Mutex<Option<String>>,
     config_rejected: [AtomicU64; 2],
+    /// Drop totals by reason, sampled every [`DROP_SAMPLE_INTERVAL`] for the
+    /// last minute's drops in `status` (oldest first).
+    drop_samples: Mutex<std::collections::VecDeque<(Instant, BTreeMap<&'static str, u64>)>>,
 }
+
+/// How often the event loop samples the drop counters for `status`.
+pub const DROP_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+/// The window `status` reports drops over.
+const RECENT_DROPS_WINDOW: Duration = Duration::from_secs(60);
 
 impl Health {
     /// Readiness will also need the pinned maps under `pins` and the
@@ -168,6 +176,48 @@ impl Health {
     /// A watch delivered an event: it works.
     pub fn watch_ok(&self, name: &'static str) {
         lock(&self.watches).remove(name);
+    }
+
+    /// The watches failing now: "name: last error".
+    pub fn failing_watches(&self) -> Vec<String> {
+        lock(&self.watches)
+            .iter()
+            .filter(|(_, failure)| failure.ongoing())
+            .map(|(name, failure)| format!("{name}: {}", failure.error))
+            .collect()
+    }
+
+    /// Keep the drop totals now (by reason) for [`Self::recent_drops`].
+    pub fn sample_drops(&self, totals: BTreeMap<&'static str, u64>) {
+        let mut samples = lock(&self.drop_samples);
+        samples.push_back((Instant::now(), totals));
+        // One sample older than the window is enough to measure it.
+        while samples.len() > 2 && samples[1].0.elapsed() >= RECENT_DROPS_WINDOW {
+            samples.pop_front();
+        }
+    }
+
+    /// Drops by reason since the newest sample at least a minute old (or
+    /// the oldest there is, after a start), from the totals `now`: (what
+    /// was dropped, by reason, those with any; over how many seconds).
+    pub fn recent_drops(&self, now: &BTreeMap<&'static str, u64>) -> (BTreeMap<String, u64>, u64) {
+        let samples = lock(&self.drop_samples);
+        let Some((at, then)) = samples
+            .iter()
+            .rev()
+            .find(|(at, _)| at.elapsed() >= RECENT_DROPS_WINDOW)
+            .or_else(|| samples.front())
+        else {
+            return (BTreeMap::new(), 0);
+        };
+        let drops = now
+            .iter()
+            .filter_map(|(reason, n)| {
+                let delta = n.saturating_sub(then.get(reason).copied().unwrap_or(0));
+                (delta > 0).then(|| ((*reason).to_owned(), delta))
+            })
+            .collect();
+        (drops, at.elapsed().as_secs())
     }
 
     /// The live pods the last check could not program fully (empty: all are).

@@ -658,3 +658,65 @@ fn metrics_pass_promtool_in_both_formats() {
     let declared: usize = datapath_common::DropReason::ALL.iter().map(|r| r.directions().len()).sum();
     assert_eq!(drops, declared, "{text}");
 }
+
+/// `datapath-agent status`: one summary from the agent and the pins, in
+/// text and JSON; exit status 0 when ready, 1 when the agent does not
+/// answer (the pinned datapath still said to be forwarding).
+#[test]
+fn status_summarises_the_node_and_fails_without_its_agent() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 2));
+    let (netns, config) = (node.netns.path(), node.config_path());
+    let status = |json: bool| {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns.display())).arg(datapath_tests::bin_dir().join("datapath-agent"));
+        cmd.arg("status").arg("--config").arg(&config);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = status(true);
+    assert!(out.status.success(), "{out:?}");
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["healthy"], true, "{view}");
+    assert!(view["agent"].as_str().unwrap().contains("(commit "), "{view}");
+    assert_eq!((view["mode"].as_str(), view["source"].as_str()), (Some("native"), Some("static")), "{view}");
+    assert_eq!(view["node_ip"], "10.250.0.1");
+    assert_eq!(view["endpoints"], 2);
+    assert_eq!(view["maps"]["endpoints"]["entries"], 2);
+    assert_eq!(view["recent_drops"]["spoofed_source"], 2, "the last minute's drops: {view}");
+    let out = status(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("ready") && text.contains("spoofed_source 2"), "{text}");
+
+    // A rejected config edit is shown (the agent stays ready on its config).
+    let good = std::fs::read_to_string(node.config_path()).unwrap();
+    std::fs::write(node.config_path(), format!("monitor_events_per_second = 0\n{good}")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = status(false);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("LAST EDIT REJECTED") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rejected edit not shown: {out:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::fs::write(node.config_path(), good).unwrap();
+
+    node.stop_agent();
+    let out = status(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text.contains("NOT ANSWERING") && text.contains("pinned (forwarding without the agent)"),
+        "{text}"
+    );
+    assert!(ping(&a.netns, b.ip, 1), "and it does");
+}
