@@ -35,7 +35,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the agent's config {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing the agent's config {}", path.display()))?
+            match toml::from_str(&text) {
+                Ok(settings) => settings,
+                // A broken edit of the file is when status is needed most
+                // (the agent runs on, on what it read before): the paths
+                // from the top-level lines that still parse.
+                Err(e) => {
+                    eprintln!(
+                        "warning: {} does not parse ({}); its paths read line by line",
+                        path.display(),
+                        e.message()
+                    );
+                    paths_line_by_line(&text)
+                }
+            }
         }
         None => toml::from_str("").context("the default settings")?,
     };
@@ -143,4 +156,23 @@ fn text(view: &serde_json::Value) -> String {
         line(&format!("map {map}"), format!("{entries} / {}", fill["capacity"]));
     }
     out
+}
+
+/// The settings from each top-level line of `text` that parses alone
+/// (others keep their defaults).
+fn paths_line_by_line(text: &str) -> SourceSettings {
+    let top_level = text.lines().take_while(|line| !line.trim_start().starts_with('['));
+    let lines: Vec<&str> = top_level.filter(|line| toml::from_str::<toml::Table>(line).is_ok()).collect();
+    // Repeated keys: the first wins, as the agent's last good read had only one.
+    let mut seen = std::collections::BTreeSet::new();
+    let unique: Vec<&str> = lines
+        .into_iter()
+        .filter(|line| {
+            toml::from_str::<toml::Table>(line)
+                .ok()
+                .and_then(|t| t.keys().next().cloned())
+                .is_none_or(|key| seen.insert(key))
+        })
+        .collect();
+    toml::from_str(&unique.join("\n")).unwrap_or_else(|_| toml::from_str("").expect("defaults"))
 }

@@ -695,9 +695,10 @@ fn status_summarises_the_node_and_fails_without_its_agent() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("ready") && text.contains("spoofed_source 2"), "{text}");
 
-    // A rejected config edit is shown (the agent stays ready on its config).
+    // A rejected config edit (a syntax error: status reads the paths from
+    // the lines that still parse) is shown; the agent stays ready on its config.
     let good = std::fs::read_to_string(node.config_path()).unwrap();
-    std::fs::write(node.config_path(), format!("monitor_events_per_second = 0\n{good}")).unwrap();
+    std::fs::write(node.config_path(), format!("{good}\nmode = 7\n")).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = status(false);
