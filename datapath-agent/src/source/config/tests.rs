@@ -16,7 +16,8 @@ fn accepts_minimal_config_with_defaults() {
 }
 
 fn error_of(text: &str) -> String {
-    AgentConfig::parse(text).unwrap_err().to_string()
+    // The whole chain, as the agent prints it (a parse error's position is its source).
+    format!("{:#}", anyhow::Error::from(AgentConfig::parse(text).unwrap_err()))
 }
 
 fn with_peers(peers: &str) -> String {
