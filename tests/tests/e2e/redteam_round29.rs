@@ -41,7 +41,7 @@ const BULK_NP: u16 = 30090;
 
 /// The services lab with both agents restarted on `settings` (plus
 /// `serve_outside_clients = true`), then `services` added live.
-fn outside_lab(mode: &str, settings: &str, services: impl Fn(&Lab) -> String) -> Lab {
+pub(super) fn outside_lab(mode: &str, settings: &str, services: impl Fn(&Lab) -> String) -> Lab {
     let mut lab = lab(mode);
     let base = format!("serve_outside_clients = true\n{settings}");
     for node in [&mut lab.a, &mut lab.b] {
@@ -86,7 +86,7 @@ fn ask(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
 }
 
 /// One UDP query from a fresh port (1.5 s for the answer).
-fn ask_udp(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
+pub(super) fn ask_udp(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
     in_netns(&host.path(), move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(Duration::from_millis(1500)))?;
@@ -100,7 +100,7 @@ fn ask_udp(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr>
 }
 
 /// How many of `tries` TCP connections from `ns` to `addr:port` open.
-fn connects(ns: &Netns, addr: Ipv4Addr, port: u16, tries: usize) -> usize {
+pub(super) fn connects(ns: &Netns, addr: Ipv4Addr, port: u16, tries: usize) -> usize {
     in_netns(&ns.path(), move || {
         (0..tries)
             .filter(|_| TcpStream::connect_timeout(&(addr, port).into(), Duration::from_millis(1500)).is_ok())
@@ -110,7 +110,7 @@ fn connects(ns: &Netns, addr: Ipv4Addr, port: u16, tries: usize) -> usize {
     .unwrap()
 }
 
-fn rows(node: &Node) -> Vec<serde_json::Value> {
+pub(super) fn rows(node: &Node) -> Vec<serde_json::Value> {
     node.inspect("conntrack").as_array().unwrap().clone()
 }
 
@@ -143,7 +143,7 @@ fn outside_count_raw(node: &Node) -> String {
     if v.is_null() { text } else { v["formatted"]["value"].to_string() + &v["value"].to_string() }
 }
 
-fn frames_from(attacker: &Netns, node: &Node, packets: Vec<Ipv4>) -> Vec<Vec<u8>> {
+pub(super) fn frames_from(attacker: &Netns, node: &Node, packets: Vec<Ipv4>) -> Vec<Vec<u8>> {
     let (node_mac, my_mac) = (mac_of(&node.netns, UPLINK), mac_of(attacker, "eth0"));
     packets.into_iter().map(|p| ethernet(node_mac, my_mac, ETH_P_IP, &p.bytes())).collect()
 }

@@ -13,21 +13,22 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use datapath_tests::{
     bin_dir,
-    lab::{Netns, Node, UPLINK, http_get_local_with, in_netns, mac_of, send_raw_frames},
-    packets::{ETH_P_IP, Ipv4, TCP_SYN, ethernet},
+    lab::{Netns, Node, http_get_local_with, in_netns, send_raw_frames},
+    packets::{Ipv4, TCP_SYN},
     require_root,
 };
 
 use super::{
     redteam_policy::outside_host,
-    services::{Lab, lab, parse_answer, wait_served},
+    redteam_round29::{ask_udp, connects, frames_from, outside_lab, rows},
+    services::{Lab, lab, wait_served},
 };
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -47,21 +48,6 @@ type CniCase<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<u8>, &'a
 // Lab and helpers
 // ---------------------------------------------------------------------------
 
-/// The services lab with both agents restarted on `settings` (plus
-/// `serve_outside_clients = true`), then `services` added live.
-fn outside_lab(mode: &str, settings: &str, services: impl Fn(&Lab) -> String) -> Lab {
-    let mut lab = lab(mode);
-    let base = format!("serve_outside_clients = true\n{settings}");
-    for node in [&mut lab.a, &mut lab.b] {
-        node.set_extra_config(&base);
-        node.stop_agent();
-        node.start_agent();
-    }
-    let services = services(&lab);
-    lab.set_services(&format!("{base}{services}"));
-    lab
-}
-
 /// Service at VIP: TCP 80 -> 8080 (node port TCP_NP), UDP 53 -> 5353
 /// (node port UDP_NP), external traffic `policy`.
 fn np_service(backends: &[Ipv4Addr], policy: &str) -> String {
@@ -72,34 +58,6 @@ fn np_service(backends: &[Ipv4Addr], policy: &str) -> String {
          [[services.ports]]\nport = 53\nprotocol = \"UDP\"\ntarget_port = 5353\nnode_port = {UDP_NP}\n",
         list.join(", ")
     )
-}
-
-/// How many of `tries` TCP connections from `ns` to `addr:port` open.
-fn connects(ns: &Netns, addr: Ipv4Addr, port: u16, tries: usize) -> usize {
-    in_netns(&ns.path(), move || {
-        (0..tries)
-            .filter(|_| TcpStream::connect_timeout(&(addr, port).into(), Duration::from_millis(1500)).is_ok())
-            .count()
-    })
-    .join()
-    .unwrap()
-}
-
-fn ask_udp(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
-    in_netns(&host.path(), move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
-        s.send_to(b"who\n", (addr, port))?;
-        let mut buf = [0u8; 256];
-        let (n, _) = s.recv_from(&mut buf)?;
-        Ok(parse_answer(&String::from_utf8_lossy(&buf[..n])).0)
-    })
-    .join()
-    .unwrap()
-}
-
-fn rows(node: &Node) -> Vec<serde_json::Value> {
-    node.inspect("conntrack").as_array().unwrap().clone()
 }
 
 /// `inspect config`'s `conntrack_outside_<proto>`: (count, limit).
@@ -116,11 +74,6 @@ fn outside_count(node: &Node, proto: &str) -> (i64, i64) {
         eprintln!("conntrack_outside_{proto} not count/limit: {v}");
     }
     (count, limit)
-}
-
-fn frames_from(attacker: &Netns, node: &Node, packets: Vec<Ipv4>) -> Vec<Vec<u8>> {
-    let (node_mac, my_mac) = (mac_of(&node.netns, UPLINK), mac_of(attacker, "eth0"));
-    packets.into_iter().map(|p| ethernet(node_mac, my_mac, ETH_P_IP, &p.bytes())).collect()
 }
 
 /// `n` faked sources: 10.250.0.100.. (on the segment, nobody answers ARP).
