@@ -44,7 +44,7 @@ pub enum Request {
 }
 
 /// The agent's own view of itself, for `datapath-agent status`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentStatus {
     /// `build_info::LONG_VERSION` of the agent answering.
     pub version: String,

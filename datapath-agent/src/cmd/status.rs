@@ -63,8 +63,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
     });
     let (healthy, view) = match answer {
         Ok(Response::Status { node_name, pod_cidr, endpoints, pod_mtu, last_config_error, agent }) => {
-            let agent = agent.map(|a| *a).unwrap_or_default();
-            let healthy = agent.not_ready.is_none() && !agent.version.is_empty();
+            let Some(agent) = agent.map(|a| *a) else {
+                anyhow::bail!(
+                    "the agent at {} answers without the status details: a build older than this tool's",
+                    settings.api_socket.display()
+                );
+            };
+            let healthy = agent.not_ready.is_none();
             (
                 healthy,
                 serde_json::json!({

@@ -582,6 +582,39 @@ fn one_monitor_at_a_time_and_a_killed_ones_tracing_does_not_stay_on() {
     assert_eq!(node.trace_forwards(), 0);
 }
 
+/// `promtool check metrics` on `body`: `Err` with what it said if it
+/// failed or found anything to lint.
+pub(super) fn promtool_check(body: &str) -> Result<(), String> {
+    let check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(body.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("run promtool (scripts/setup.sh installs it)");
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    if check.status.success() && said.is_empty() { Ok(()) } else { Err(said) }
+}
+
+/// A node with pods a and b, and `spoofed` pings a sent from an address
+/// not its own (dropped, `spoofed_source`) once the gateway is resolved
+/// with its real one (else its ARP is spoofed too).
+fn node_with_spoofed_drops(spoofed: u32) -> (Node, datapath_tests::lab::Pod, datapath_tests::lab::Pod) {
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 1));
+    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, spoofed));
+    (node, a, b)
+}
+
 /// `/metrics` passes `promtool check metrics` (the Prometheus text format
 /// by default, as curl and promtool read it), and answers OpenMetrics to a
 /// scraper that asks for it as Prometheus does; no series has empty braces
@@ -597,13 +630,7 @@ fn metrics_pass_promtool_in_both_formats() {
         eprintln!("skipped: promtool is not installed (scripts/setup.sh installs it)");
         return;
     }
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
-    node.start_agent();
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    // The gateway resolved with the real address first (else the ARP is spoofed too).
-    assert!(ping(&a.netns, b.ip, 1));
-    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 1));
+    let (node, _a, _b) = node_with_spoofed_drops(1);
     wait_for("the drop counted", Duration::from_secs(5), || {
         node.inspect("counters")["drops"]["spoofed_source"].as_u64() >= Some(1)
     });
@@ -611,24 +638,9 @@ fn metrics_pass_promtool_in_both_formats() {
     let (status, head, text) = http_get_local_with(&node.netns, 9976, "/metrics", &[]).unwrap();
     assert_eq!(status, 200, "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    let check = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    assert!(
-        check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    if let Err(said) = promtool_check(&text) {
+        panic!("promtool check metrics: {said}\n{text}");
+    }
     assert!(text.contains("# TYPE datapath_drops_total counter\n"), "{text}");
     assert_eq!(sample(&text, "datapath_drops_total", "reason=\"spoofed_source\""), Some(1), "{text}");
 
@@ -665,12 +677,7 @@ fn metrics_pass_promtool_in_both_formats() {
 #[test]
 fn status_summarises_the_node_and_fails_without_its_agent() {
     require_root!();
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
-    node.start_agent();
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    assert!(ping(&a.netns, b.ip, 1));
-    assert!(!ping_from_spoofed_address(&a, "10.244.1.250", b.ip, 2));
+    let (mut node, a, b) = node_with_spoofed_drops(2);
     let (netns, config) = (node.netns.path(), node.config_path());
     let status = |json: bool| {
         let mut cmd = std::process::Command::new("nsenter");

@@ -26,6 +26,7 @@ use datapath_tests::{
 };
 
 use super::{
+    observability::promtool_check,
     redteam_policy::outside_host,
     redteam_round29::{ask_udp, connects, frames_from, outside_lab, rows},
     services::{Lab, lab, wait_served},
@@ -495,21 +496,12 @@ fn a_new_pod_on_a_deleted_pods_address_inherits_no_client_limit() {
 // 2. /metrics
 // ---------------------------------------------------------------------------
 
-/// `promtool check metrics` on `body`: (passed, output).
-fn promtool(body: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
+/// [`promtool_check`] as (passed, what it said).
+fn promtool_result(body: &str) -> (bool, String) {
+    match promtool_check(body) {
+        Ok(()) => (true, String::new()),
+        Err(said) => (false, said),
+    }
 }
 
 /// OpenMetrics 1.0 rules checked by hand: problems found.
@@ -639,7 +631,7 @@ fn check_scrape(what: &str, status: u16, head: &str, body: &str) -> Vec<String> 
         if !ct.starts_with("text/plain") || !ct.contains("version=0.0.4") {
             problems.push(format!("{what}: text content-type {ct:?}"));
         }
-        let (ok, out) = promtool(body);
+        let (ok, out) = promtool_result(body);
         if !ok {
             problems.push(format!("{what}: promtool: {out}"));
         }
@@ -829,7 +821,7 @@ fn concurrent_and_abandoned_scrapes_leave_metrics_whole() {
     );
     assert!(bad.is_empty());
     assert_eq!(after.unwrap().0, 200);
-    let (ok, out) = promtool(&after_body(&node));
+    let (ok, out) = promtool_result(&after_body(&node));
     assert!(ok, "{out}");
 }
 
