@@ -62,6 +62,20 @@ pub struct AgentStatus {
     /// Packets dropped in the last `recent_seconds`, by reason (those with any).
     pub recent_drops: std::collections::BTreeMap<String, u64>,
     pub recent_seconds: u64,
+    /// Connection-tracking entries at the collector's last sweep, and the
+    /// map's capacity (`None` before the first sweep, or from an older agent).
+    #[serde(default)]
+    pub conntrack_entries: Option<u64>,
+    #[serde(default)]
+    pub conntrack_capacity: Option<u64>,
+    /// Seconds since the collector's last sweep, and whether it failed.
+    #[serde(default)]
+    pub last_sweep_seconds_ago: Option<u64>,
+    #[serde(default)]
+    pub last_sweep_error: Option<String>,
+    /// Failed reconciliations and refused requests since the agent started.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -85,7 +85,15 @@ pub mod map_names {
     /// to) -> [`super::SockRevNat`] (the Service address it asked for):
     /// what the node's own UDP sockets see replies come from.
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
-    pub const ALL: [&str; 27] = [
+    /// Array of [`super::MAX_OUTSIDE_OPENING`] [`super::ConntrackKey`]s: the
+    /// forward keys of the TCP connections clients outside opened lately,
+    /// each in a slot drawn at random: where a full outside share finds an
+    /// unanswered one to give up (early drop).
+    pub const CONNTRACK_OUTSIDE_OPENING: &str = "CONNTRACK_OUTSIDE_OPENING";
+    /// Per-CPU room for the two keys early drop works with (the programs'
+    /// main frame leaves no room for them on the stack).
+    pub const EARLY_DROP_SCRATCH: &str = "EARLY_DROP_SCRATCH";
+    pub const ALL: [&str; 29] = [
         ENDPOINTS,
         POD_INTERFACES,
         DROP_COUNTERS,
@@ -113,6 +121,8 @@ pub mod map_names {
         CONNTRACK_CLIENTS,
         ANSWER_SCRATCH,
         SOCK_REVNAT,
+        CONNTRACK_OUTSIDE_OPENING,
+        EARLY_DROP_SCRATCH,
     ];
 }
 
@@ -201,6 +211,11 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
 /// Client addresses whose tracked connections are counted at once (pods,
 /// and outside clients of NodePorts): past it, new clients go uncounted.
 pub const MAX_CONNTRACK_CLIENTS: u32 = 65_536;
+/// Slots of the ring of outside TCP connections opened lately that early
+/// drop looks in (four times TCP's share of the default
+/// `conntrack_max_outside`: a full share of the newest connections fills a
+/// quarter of it).
+pub const MAX_OUTSIDE_OPENING: u32 = 32_768;
 /// Capacity of the sessionAffinity map (LRU: the oldest affinity goes first).
 pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
 /// Fragmented Service datagrams in flight at once (LRU: the oldest goes).
@@ -845,6 +860,27 @@ impl TcpState {
 impl ConntrackKey {
     /// The key of the other direction of the same connection.
     /// A [`CT_POLICY`] entry has no other entry: its own key.
+    /// [`Self::pair`] of a forward entry, as the four native-order words
+    /// of the key's bytes, padding zero: what the programs write into map
+    /// memory where a key made on their stack has no room (and its padding
+    /// would cost a call to `memset`).
+    #[inline(always)]
+    pub fn forward_pair_words(&self, entry: &ConntrackEntry) -> [u32; 4] {
+        let (daddr, dport) = if entry.flags & CT_SNAT != 0 {
+            (entry.client_ipv4, entry.snat_port())
+        } else if entry.flags & CT_HAIRPIN != 0 {
+            (HAIRPIN_IPV4, self.sport)
+        } else {
+            (self.saddr, self.sport)
+        };
+        [
+            u32::from_ne_bytes(entry.nat_addr),
+            u32::from_ne_bytes(daddr),
+            u32::from_ne_bytes([entry.nat_port[0], entry.nat_port[1], dport[0], dport[1]]),
+            u32::from_ne_bytes([self.protocol, 0, 0, 0]),
+        ]
+    }
+
     pub fn pair(&self, entry: &ConntrackEntry) -> ConntrackKey {
         if entry.kind == CT_POLICY {
             return *self;
@@ -1222,6 +1258,12 @@ wire_enum! {
         /// half of `conntrack_max_outside` unanswered connections tracked.
         ConntrackOutsideLimit = 33, "conntrack_outside_limit",
             "clients outside the cluster have their protocol's half of conntrack_max_outside unanswered connections tracked (a SYN or UDP flood from faked sources?): new connection from outside dropped";
+        /// Not the packet counted: TCP's outside share was full, and the
+        /// oldest unanswered of the outside connections opened lately was
+        /// given up so that this one could be tracked (netfilter's early
+        /// drop).
+        ConntrackEarlyDrop = 34, "conntrack_early_drop",
+            "clients outside the cluster had TCP's half of conntrack_max_outside unanswered connections tracked: the oldest unanswered one was given up for a new one (as netfilter's early drop; a SYN flood from faked sources?)";
     }
 }
 
@@ -1280,7 +1322,8 @@ impl DropReason {
             | Self::PeerModeMismatch
             | Self::ForwardingDisabled
             | Self::SnatPortsExhausted
-            | Self::ConntrackOutsideLimit => &[FromUplink],
+            | Self::ConntrackOutsideLimit
+            | Self::ConntrackEarlyDrop => &[FromUplink],
             Self::ReversePath => &[FromUplink, ToPod],
             Self::PolicyDeniedIngress => &[FromPod, FromUplink, FromOverlay, ToPod],
         }
@@ -1311,6 +1354,40 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_pair_words_are_the_pair_keys_bytes() {
+        let key = ConntrackKey {
+            saddr: [192, 0, 2, 7],
+            daddr: [10, 96, 0, 10],
+            sport: 40_000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        for flags in [0, CT_HAIRPIN, CT_SNAT, CT_STATEFUL | CT_SEEN] {
+            let entry = ConntrackEntry {
+                nat_addr: [10, 244, 2, 7],
+                nat_port: 8080u16.to_be_bytes(),
+                kind: CT_FORWARD,
+                flags,
+                client_ipv4: [10, 0, 0, 1],
+                service_id: snat_port_id(31_000u16.to_be_bytes()),
+                ..Default::default()
+            };
+            let pair = key.pair(&entry);
+            let mut bytes = [0u8; 16];
+            for (chunk, word) in bytes.chunks_exact_mut(4).zip(key.forward_pair_words(&entry)) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            let expected: [u8; 16] =
+                [pair.saddr.as_slice(), &pair.daddr, &pair.sport, &pair.dport, &[pair.protocol], &pair._pad]
+                    .concat()
+                    .try_into()
+                    .unwrap();
+            assert_eq!(bytes, expected, "flags {flags:#x}");
+        }
+    }
 
     /// What the table macro promises, and what a table must keep: names
     /// (what operators and scripts key on) unique and snake_case, an
@@ -1355,7 +1432,7 @@ mod tests {
         check_table!(MonitorOutcome);
         check_table!(RoutingMode);
         assert_eq!(DropReason::from_u32(0), None);
-        assert_eq!(DropReason::ALL.len(), 33);
+        assert_eq!(DropReason::ALL.len(), 34);
     }
 
     #[test]

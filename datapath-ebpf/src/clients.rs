@@ -77,6 +77,14 @@ pub fn outside_at_limit(protocol: u8) -> bool {
     })
 }
 
+/// The share of `conntrack_max_outside` the agent wrote for `protocol`
+/// (0: no limit, or none written yet).
+#[inline(always)]
+pub fn outside_limit(protocol: u8) -> u32 {
+    // SAFETY: copied out at once.
+    unsafe { CONNTRACK_CLIENTS.get(outside_clients(protocol)) }.map_or(0, |c| c.limit)
+}
+
 /// Count a connection of `protocol` a client outside the cluster started,
 /// or take one off (`answered`). Atomic: a flood from outside comes in on
 /// every CPU at once, and lost counts would let it past the limit until

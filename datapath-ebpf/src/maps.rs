@@ -12,11 +12,12 @@ use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackClient, ConntrackClientKey, ConntrackEntry,
     ConntrackKey, DEFAULT_CONNTRACK_ENTRIES, DROP_COUNTER_SLOTS, Endpoint, EndpointKey, EndpointTraffic,
     FORWARD_COUNTER_SLOTS, FragmentKey, FragmentTranslation, MAX_AFFINITY_ENTRIES, MAX_CONNTRACK_CLIENTS,
-    MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_POLICY_PEERS, MAX_POLICY_RULES,
-    MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_TRAFFIC_SLOTS,
-    MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent, MonitorOutcome, NodeConfig,
-    NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
-    RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey, SockRevNat, SockRevNatKey,
+    MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_OUTSIDE_OPENING, MAX_POLICY_PEERS,
+    MAX_POLICY_RULES, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_SOCK_REVNAT,
+    MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent,
+    MonitorOutcome, NodeConfig, NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint,
+    PolicyPeer, PolicyRuleKey, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
+    SockRevNat, SockRevNatKey,
 };
 
 use crate::icmp::AnswerScratch;
@@ -46,6 +47,28 @@ pub static CONNTRACK_CLIENTS: HashMap<
     { MAX_CONNTRACK_CLIENTS as usize },
     ON_DEMAND,
 > = HashMap::new();
+
+/// The forward keys of the TCP connections clients outside opened lately,
+/// each in a slot drawn at random (it replaces what the slot held): where
+/// a full outside share finds an unanswered connection to give up for a
+/// new one (early drop, `services::outside_early_drop`).
+#[btf_map]
+pub static CONNTRACK_OUTSIDE_OPENING: Array<ConntrackKey, { MAX_OUTSIDE_OPENING as usize }> = Array::new();
+
+/// What early drop keeps on this CPU (no room for it on the stack): the
+/// key it looks at and its pair, and the ring slot of the connection it
+/// gave up, where the new connection goes (so the ring keeps as many
+/// connections to give up as it had).
+#[repr(C)]
+pub struct EarlyDropScratch {
+    pub key: ConntrackKey,
+    pub pair: ConntrackKey,
+    pub victim_slot: u32,
+    pub _pad: u32,
+}
+
+#[btf_map]
+pub static EARLY_DROP_SCRATCH: PerCpuArray<EarlyDropScratch, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY_ENTRIES as usize }> =

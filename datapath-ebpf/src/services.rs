@@ -17,17 +17,22 @@ use aya_ebpf::{
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FIN,
     CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_REPLY, CT_SEEN, CT_SNAT, CT_STATEFUL, ConntrackEntry, ConntrackKey,
-    DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICE_AFFINITY_CLIENT_IP, SERVICE_DROP_WITHOUT_BACKEND,
-    SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service, ServiceKey, TCP_ACK_JUMP,
-    TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id, tcp_in_window,
+    Direction, DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_OUTSIDE_OPENING, SERVICE_AFFINITY_CLIENT_IP,
+    SERVICE_DROP_WITHOUT_BACKEND, SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service,
+    ServiceKey, TCP_ACK_JUMP, TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id, tcp_in_window,
+    unanswered,
 };
 
 use crate::{
     NS_PER_SECOND, clients,
+    counters::count_drop,
     headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV4_NO_OPTIONS, Ipv4Hdr, same_ipv4},
     lookup::{local_endpoint, node_ipv4},
-    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES},
+    maps::{
+        CONNTRACK, CONNTRACK_OUTSIDE_OPENING, EARLY_DROP_SCRATCH, EarlyDropScratch, SERVICE_AFFINITY,
+        SERVICE_BACKENDS, SERVICE_FRAGMENTS, SERVICES,
+    },
     packet::{Ipv4Headers, Packet},
     related::{
         BLOCK_LEN, L4Check, Q_ADDRS, Q_PORTS, Q_TCP_CHECK, Q_UDP_CHECK, QUOTE, QUOTING_TYPES, Quote,
@@ -39,6 +44,11 @@ use crate::{
 /// before it is refused (`snat_ports_exhausted`): with half the ports held,
 /// 1 in 256 is refused.
 const SNAT_PORT_TRIES: usize = 8;
+/// Slots of the ring of outside TCP connections a full share looks at for
+/// one to give up ([`outside_early_drop`]).
+const EARLY_DROP_TRIES: usize = 16;
+/// No ring slot (`EarlyDropScratch::victim_slot`).
+const NO_SLOT: u32 = u32::MAX;
 /// `-EEXIST`: another CPU opened the same connection first.
 const EEXIST: i32 = -17;
 const TCP_FIN: u8 = 0x01;
@@ -183,7 +193,10 @@ pub fn translate<const NODE_PORT: bool>(
     // Clients outside are held together (per protocol), not per address:
     // see `clients`.
     if from_outside {
-        if clients::outside_at_limit(protocol) {
+        // TCP's share full: give up an unanswered one for this, as
+        // netfilter's early drop does (UDP flows are not given up: a
+        // faked UDP source cannot be told from a real one).
+        if clients::outside_at_limit(protocol) && !(protocol == IPPROTO_TCP && outside_early_drop()) {
             return Err(DropReason::ConntrackOutsideLimit);
         }
     } else if clients::at_limit(saddr, max_per_client) {
@@ -252,10 +265,114 @@ pub fn translate<const NODE_PORT: bool>(
     }
     if from_outside {
         clients::count_outside(protocol, false);
+        remember_outside_opening(&key);
     } else {
         clients::count(saddr, max_per_client);
     }
     apply::<NODE_PORT>(headers, &key, &forward, &ports, fragments)
+}
+
+/// The slots of the ring of outside TCP connections in use: twice TCP's
+/// share of `conntrack_max_outside` (a share filled at random slots holds
+/// about 40 % of them; a connection given up leaves its slot to the one
+/// that replaced it, so that stays so under a flood), at most the whole
+/// ring; `None` without a limit (nothing to give up for).
+#[inline(always)]
+fn outside_ring_len() -> Option<u32> {
+    let share = clients::outside_limit(IPPROTO_TCP);
+    (share != 0).then(|| share.saturating_mul(2).min(MAX_OUTSIDE_OPENING))
+}
+
+/// Remember a TCP connection a client outside opened, for
+/// [`outside_early_drop`]: in the slot of the connection given up for it,
+/// else in a slot of the ring drawn at random (it replaces what the slot
+/// held).
+#[inline(always)]
+fn remember_outside_opening(key: &ConntrackKey) {
+    if key.protocol != IPPROTO_TCP {
+        return;
+    }
+    let Some(len) = outside_ring_len() else { return };
+    let mut slot = NO_SLOT;
+    if let Some(scratch) = EARLY_DROP_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch; only this program run uses it now.
+        unsafe { slot = core::mem::replace(&mut (*scratch).victim_slot, NO_SLOT) };
+    }
+    if slot >= len {
+        // SAFETY: plain helper without arguments.
+        slot = unsafe { bpf_get_prandom_u32() } % len;
+    }
+    if let Some(slot) = CONNTRACK_OUTSIDE_OPENING.get_ptr_mut(slot) {
+        // SAFETY: a live array value; another CPU writing the same slot at
+        // once leaves a torn key, which finds nothing.
+        unsafe { *slot = *key };
+    }
+}
+
+/// Clients outside have TCP's share of `conntrack_max_outside` unanswered:
+/// give up one still unanswered of the outside TCP connections opened
+/// lately (both entries, and its count), as netfilter's early drop gives up
+/// an unassured entry, so that SYNs nobody completes, from however many
+/// faked sources, cannot keep real clients out: a real client's handshake
+/// completes within a round trip, long before a flood comes round to it.
+/// Answered connections are never given up. Up to [`EARLY_DROP_TRIES`]
+/// slots of the ring ([`outside_ring_len`]) are looked at, from one drawn
+/// at random: whatever else it holds (answered connections, expired ones),
+/// a full share's unanswered connections fill about 40 % of it, so one is
+/// found at nearly every try (a queue looked at from its oldest end was
+/// defeated by a head of answered or expired ones: red team round 31).
+/// Whether one was given up. A function of its own (a BPF subprogram): its
+/// frame stays out of the program's main one.
+#[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the keys stay in the scratch map: passed by value they would be copied onto the stack"
+)]
+fn outside_early_drop() -> bool {
+    let Some(scratch) = EARLY_DROP_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let Some(len) = outside_ring_len() else { return false };
+    // Consecutive slots from one drawn at random: as good as random ones
+    // (the slots were drawn at random), and the whole ring when it is short.
+    // SAFETY: plain helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % len;
+    for i in 0..EARLY_DROP_TRIES as u32 {
+        let Some(slot) = CONNTRACK_OUTSIDE_OPENING.get_ptr((start + i) % len) else {
+            continue;
+        };
+        // SAFETY: this CPU's scratch (aligned as every map value), used by
+        // this program run only; the slot is copied into it first (another
+        // CPU may write the slot meanwhile).
+        unsafe {
+            let EarlyDropScratch { key, pair, victim_slot, .. } = &mut *scratch;
+            *key = *slot;
+            if key.protocol != IPPROTO_TCP {
+                continue;
+            }
+            let Some(entry) = CONNTRACK.get(&*key) else {
+                continue;
+            };
+            if entry.kind != CT_FORWARD {
+                continue;
+            }
+            (&raw mut *pair).cast::<[u32; 4]>().write(key.forward_pair_words(entry));
+            let pair_flags = CONNTRACK.get(&*pair).map_or(0, |p| p.flags);
+            if !unanswered(IPPROTO_TCP, CT_FORWARD, entry.flags, pair_flags) {
+                continue;
+            }
+            // (Another CPU may give it up at the same time: one of us counts it.)
+            if CONNTRACK.remove(&*key).is_err() {
+                continue;
+            }
+            let _ = CONNTRACK.remove(&*pair);
+            *victim_slot = (start + i) % len;
+        }
+        clients::count_outside(IPPROTO_TCP, true);
+        count_drop(Direction::FromUplink, DropReason::ConntrackEarlyDrop);
+        return true;
+    }
+    false
 }
 
 /// Open a NodePort connection to another node's backend: a free source
@@ -354,6 +471,7 @@ fn open_snat<'a>(
     }
     // (Only connections from outside the cluster are given source ports.)
     clients::count_outside(key.protocol, false);
+    remember_outside_opening(&key);
     apply::<true>(headers, &key, &forward, ports, fragments)
 }
 

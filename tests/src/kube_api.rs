@@ -51,6 +51,20 @@ struct State {
     requests: Vec<String>,
 }
 
+impl State {
+    /// Record a request; whether it is to fail ([`FakeApiServer::fail_next`]).
+    fn take_request(&mut self, request_line: &str, path: &str) -> bool {
+        self.requests.push(request_line.trim().to_owned());
+        match &mut self.fail_next {
+            Some((matching, left)) if *left > 0 && matching.matches(path) => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Which request paths [`FakeApiServer::fail_next`] and
 /// [`FakeApiServer::fail_next_lists`] fail.
 enum PathMatch {
@@ -211,10 +225,74 @@ impl FakeApiServer {
         self.state.lock().unwrap().fail_next = Some((PathMatch::Exact(path.to_owned()), n));
     }
 
+    /// The object of `kind` at `key` ("namespace/name", or "name") now.
+    pub fn object(&self, kind: &str, key: &str) -> Option<serde_json::Value> {
+        let state = self.state.lock().unwrap();
+        state.collections.get(collection_of(kind)).and_then(|c| c.objects.get(key)).cloned()
+    }
+
     /// Request lines served so far (method and path).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+}
+
+/// PATCH /api/v1/nodes/{name}/status with a strategic merge patch: the
+/// patch's conditions replace those of the same type, the others stay (the
+/// `type` merge key of NodeStatus.conditions); a MODIFIED event follows.
+/// Anything else PATCHed: 405.
+fn patch_node_status(
+    conn: &mut TcpStream,
+    state: &Mutex<State>,
+    request_line: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut s = state.lock().unwrap();
+    if s.take_request(request_line, path) {
+        drop(s);
+        return respond(conn, 500, &status(500, "InternalError"));
+    }
+    let Some(name) = path.strip_prefix("/api/v1/nodes/").and_then(|p| p.strip_suffix("/status")) else {
+        drop(s);
+        return respond(conn, 405, &status(405, "MethodNotAllowed"));
+    };
+    if content_type != "application/strategic-merge-patch+json" {
+        drop(s);
+        return respond(conn, 415, &status(415, "UnsupportedMediaType"));
+    }
+    let Ok(patch) = serde_json::from_slice::<serde_json::Value>(body) else {
+        drop(s);
+        return respond(conn, 400, &status(400, "BadRequest"));
+    };
+    s.resource_version += 1;
+    let rv = s.resource_version.to_string();
+    let Some(node) = s.collections.entry("/api/v1/nodes").or_default().objects.get_mut(name) else {
+        drop(s);
+        return respond(conn, 404, &status(404, "NotFound"));
+    };
+    for (field, value) in patch["status"].as_object().into_iter().flatten() {
+        if field != "conditions" {
+            node["status"][field] = value.clone();
+            continue;
+        }
+        let mut conditions = node["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        for new in value.as_array().into_iter().flatten() {
+            conditions.retain(|old| old["type"] != new["type"]);
+            conditions.push(new.clone());
+        }
+        node["status"]["conditions"] = conditions.into();
+    }
+    node["metadata"]["resourceVersion"] = rv.into();
+    let node = node.clone();
+    FakeApiServer::broadcast(
+        &mut s,
+        "/api/v1/nodes",
+        serde_json::json!({ "type": "MODIFIED", "object": node }),
+    );
+    drop(s);
+    respond(conn, 200, &node.to_string())
 }
 
 fn status(code: u16, reason: &str) -> String {
@@ -233,22 +311,31 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    let (mut content_length, mut content_type) = (0usize, String::new());
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
+        if let Some((name, value)) = header.split_once(':') {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => content_length = value.trim().parse().unwrap_or(0),
+                "content-type" => content_type = value.trim().to_owned(),
+                _ => {}
+            }
+        }
     }
+    let method = request_line.split_whitespace().next().unwrap_or("GET").to_owned();
     let target = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    if method == "PATCH" {
+        let mut body = vec![0; content_length];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        return patch_node_status(&mut conn, state, &request_line, path, &content_type, &body);
+    }
     let watch_rx = {
         let mut s = state.lock().unwrap();
-        s.requests.push(request_line.trim().to_owned());
-        if let Some((matching, left)) = &mut s.fail_next
-            && *left > 0
-            && matching.matches(path)
-        {
-            *left -= 1;
+        if s.take_request(&request_line, path) {
             drop(s);
             return respond(&mut conn, 500, &status(500, "InternalError"));
         }

@@ -165,6 +165,8 @@ pub struct Node {
     pub extra_config: String,
     /// Extra lines of the `[kubernetes]` table (Kubernetes source).
     pub kubernetes_extra_config: String,
+    /// Options before `run` (e.g. `--log-format json`).
+    pub agent_options: Vec<String>,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -215,6 +217,7 @@ impl Node {
             kubeconfig: None,
             extra_config: String::new(),
             kubernetes_extra_config: String::new(),
+            agent_options: Vec::new(),
             work_dir,
             bpffs_dir,
             socket,
@@ -356,6 +359,7 @@ impl Node {
         let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
         let mut command = self.in_node(&bin_dir().join("datapath-agent"));
         command
+            .args(&self.agent_options)
             .args(["run", "--config"])
             .arg(self.config_path())
             .stdin(Stdio::null())

@@ -62,7 +62,17 @@ pub fn workspace_root() -> std::path::PathBuf {
 /// Build the agent and plugin binaries; returns their directory.
 pub fn build_bins(release: bool) -> anyhow::Result<std::path::PathBuf> {
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args(["build", "-p", "datapath-agent", "-p", "datapath-cni", "--bins"]);
+    // Quiet: errors still show; progress lines of a nested cargo only bury the demo's output.
+    eprintln!("building datapath-agent and datapath-cni ({})", if release { "release" } else { "debug" });
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "datapath-agent",
+        "-p",
+        "datapath-cni",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }

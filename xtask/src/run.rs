@@ -189,7 +189,28 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
-    println!("\nTry it: ip netns exec {} ping {}", a1.netns.name, b1.ip);
+    println!("\nTry it (as root, while this runs):");
+    println!("  ip netns exec {} ping {}", a1.netns.name, b1.ip);
+    for node in [&a, &b] {
+        let agent = format!(
+            "nsenter --net={} {}",
+            node.netns.path().display(),
+            bins.join("datapath-agent").display()
+        );
+        let config = node.config_path();
+        println!("  # node {}", node.id);
+        println!("  {agent} status --config {}", config.display());
+        println!("  {agent} inspect endpoints --config {}", config.display());
+        println!(
+            "  {agent} monitor --config {} --pod demo/{}",
+            config.display(),
+            if node.id == a.id { "a1" } else { "b1" }
+        );
+        println!(
+            "  nsenter --net={} curl -s http://127.0.0.1:9976/metrics | grep ^datapath_drops_total",
+            node.netns.path().display()
+        );
+    }
     println!("Running until Ctrl-C; everything is removed on exit.");
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));

@@ -102,6 +102,7 @@ impl Agent {
     fn status(&self) -> datapath_api::AgentStatus {
         let drops = self.datapath.counters().map(|c| c.drops).unwrap_or_default();
         let (recent_drops, recent_seconds) = self.health.recent_drops(&drops);
+        let last_sweep = self.conntrack_stats.last_sweep();
         datapath_api::AgentStatus {
             version: datapath_api::build_info::LONG_VERSION.to_owned(),
             mode: format!("{:?}", self.config.mode).to_lowercase(),
@@ -112,6 +113,12 @@ impl Agent {
             peers: self.config.peers.len(),
             recent_drops,
             recent_seconds,
+            conntrack_entries: self.conntrack_stats.entries(),
+            // (A restart-only setting: the map was made with it.)
+            conntrack_capacity: Some(u64::from(self.config.conntrack_max_entries)),
+            last_sweep_seconds_ago: last_sweep.as_ref().map(|(ago, _)| ago.as_secs()),
+            last_sweep_error: last_sweep.and_then(|(_, error)| error),
+            errors: self.errors.count(),
         }
     }
 
@@ -185,13 +192,15 @@ impl Agent {
             name: spec.pod_name.clone().unwrap_or_else(|| spec.container_id.clone()),
         }));
         // The address may have been another pod's, or been tried while no
-        // pod had it: the new pod starts with no allowed connection.
-        // ("From pod" remembers none for an address no pod has, so none
-        // can appear between this and the entries below.)
+        // pod had it: the new pod starts with no allowed connection and no
+        // Service connection counted against it. ("From pod" remembers
+        // none for an address no pod has, so none can appear between this
+        // and the entries below.)
+        let as_client = !self.datapath.endpoints()?.iter().any(|(ip, _)| *ip == spec.pod_ipv4);
         let forgotten = self
             .datapath
-            .forget_policy_connections(spec.pod_ipv4)
-            .context("forgetting the connections policy allowed for this address")?;
+            .forget_address_connections(spec.pod_ipv4, as_client)
+            .context("forgetting the connections of this address's previous owner")?;
         if forgotten > 0 {
             tracing::info!(ip = %spec.pod_ipv4, forgotten, "connections of the address's previous owner forgotten");
         }
@@ -284,9 +293,16 @@ impl Agent {
             removed += 1;
         }
         // Its address goes back to the pool: nothing allowed for this pod
-        // may reach the next one (ADD forgets again, in case this fails).
+        // may reach the next one, and none of its Service connections may
+        // count against it (ADD forgets again, in case this fails). Its
+        // Service connections only while no other pod has the address (a
+        // late DEL of a pod whose address went to another).
         if let Some(ip) = pod_ipv4 {
-            match self.datapath.forget_policy_connections(ip) {
+            let as_client = match self.datapath.endpoints() {
+                Ok(endpoints) => !endpoints.iter().any(|(owner, _)| *owner == ip),
+                Err(_) => false,
+            };
+            match self.datapath.forget_address_connections(ip, as_client) {
                 Ok(forgotten) => removed += forgotten,
                 Err(e) => {
                     self.errors.inc();

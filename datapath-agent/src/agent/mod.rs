@@ -74,6 +74,8 @@ struct Agent {
     /// The health check node ports of the Services served.
     service_health: ServiceHealthServers,
     health: Arc<Health>,
+    /// What the connection-tracking collector last saw (for `status`).
+    conntrack_stats: Arc<ConntrackStats>,
     /// Live links that could not be switched to the loaded program: they
     /// keep forwarding with the one they have, and are retried.
     pending_links: Vec<PendingLink>,
@@ -222,6 +224,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         services,
         service_health: ServiceHealthServers::default(),
         health: Arc::clone(&health),
+        conntrack_stats: Arc::clone(&conntrack_stats),
         pending_links: Vec::new(),
         routes_taken: Vec::new(),
         policy: PolicySync::default(),
@@ -348,6 +351,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .clone()
         .map(|client| crate::source::kubernetes_services::watch_services(client, Arc::clone(&health)));
     let programmed = agent.datapath.remote_routes().context("reading the programmed peers")?;
+    let status_client = kube_client.clone();
     let mut node_peers = kube_client.map(|client| {
         crate::source::kubernetes::watch_peers(
             client,
@@ -444,7 +448,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 let mut agent = agent.lock().await;
                 agent.config.peers = peers;
                 match agent.apply_peers(&netlink).await {
-                    Ok(()) if !health.is_started() => become_ready(&agent.config, &health)?,
+                    Ok(()) if !health.is_started() => {
+                        become_ready(&agent.config, &health)?;
+                        if let Some(client) = status_client.clone() {
+                            crate::source::kubernetes::spawn_clear_network_unavailable(
+                                client,
+                                agent.config.node_name.clone(),
+                            );
+                        }
+                    }
                     Ok(()) => {}
                     Err(e) => {
                         agent.errors.inc();

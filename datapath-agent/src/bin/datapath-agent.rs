@@ -2,15 +2,26 @@
 //! the live event monitor (`monitor`) and the uninstaller (`cleanup`).
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use datapath_agent::cmd::{cleanup, inspect, monitor, run, status};
 use nix::sys::signal::{SigHandler, Signal, signal};
 
 #[derive(Debug, Parser)]
 #[command(version = datapath_agent::build_info::LONG_VERSION, about = "eBPF pod datapath: node agent and inspection CLI")]
 struct Cli {
+    /// How log lines are written to stderr: text for people, json (one
+    /// object per line: timestamp, level, target, fields) for log
+    /// collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DATAPATH_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,17 +39,27 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // The programs' own log lines (target datapath_ebpf) exist only
-                // with ebpf_log = "debug": show them when that build runs.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,datapath_ebpf=debug")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // The programs' own log lines (target datapath_ebpf) exist only with
+    // ebpf_log = "debug": show them when that build runs.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,datapath_ebpf=debug"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
+    let result = execute(cli.command);
+    if let (Err(e), LogFormat::Json) = (&result, cli.log_format) {
+        // A log collector reads this line too, not a plain-text error.
+        tracing::error!(error = format!("{e:#}"), "datapath-agent failed");
+        std::process::exit(1);
+    }
+    result
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

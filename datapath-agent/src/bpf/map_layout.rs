@@ -253,6 +253,22 @@ pub const LAYOUTS: &[MapLayout] = &[
         upgrades: &[],
     },
     MapLayout {
+        name: map_names::CONNTRACK_OUTSIDE_OPENING,
+        version: 1,
+        holds: "the outside TCP connections opened lately, for early drop (until new ones come, a full outside share gives up none of the older ones)",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
+        name: map_names::EARLY_DROP_SCRATCH,
+        version: 1,
+        holds: "per-CPU room where early drop keeps two keys (nothing kept between packets)",
+        entries: Discarded,
+        incompatible: StartEmpty,
+        upgrades: &[],
+    },
+    MapLayout {
         name: map_names::SERVICE_AFFINITY,
         version: 1,
         holds: "ClientIP session affinities (clients may get another backend)",

@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
 use datapath_common::{
-    CT_POLICY, ConntrackEntry, ConntrackKey, EndpointKey, NODE_FLAG_POLICY, PodInterface, PolicyAllow,
-    PolicyEndpoint, PolicyPeer, PolicyRuleKey, map_names,
+    EndpointKey, NODE_FLAG_POLICY, PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey,
+    map_names,
 };
 use ipnet::Ipv4Net;
 
@@ -136,31 +136,6 @@ impl Datapath {
             }
         }
         Ok(report)
-    }
-
-    /// Forget the connections NetworkPolicy allowed to or from `ip`
-    /// (`CT_POLICY` entries): an address that changes hands starts with
-    /// none, so that nothing allowed for its previous owner, or attempted
-    /// towards it while no pod had it, reaches the next one. Returns how
-    /// many were forgotten.
-    pub fn forget_policy_connections(&mut self, ip: Ipv4Addr) -> Result<usize, DatapathError> {
-        let name = map_names::CONNTRACK;
-        let mut conntrack: HashMap<&mut MapData, ConntrackKey, ConntrackEntry> =
-            HashMap::try_from(self.map_mut(name)?).map_err(DatapathError::map(name))?;
-        let ip = ip.octets();
-        let stale: Vec<ConntrackKey> = conntrack
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(DatapathError::map(name))?
-            .into_iter()
-            .filter(|(key, entry)| entry.kind == CT_POLICY && (key.saddr == ip || key.daddr == ip))
-            .map(|(key, _)| key)
-            .collect();
-        let mut forgotten = 0;
-        for key in stale {
-            forgotten += usize::from(remove_present(&mut conntrack, &key).map_err(DatapathError::map(name))?);
-        }
-        Ok(forgotten)
     }
 
     /// The directions POLICY_ENDPOINTS isolates the local pod at `ip` in.

@@ -12,19 +12,23 @@ use crate::{
     bpf::{PinLayout, PinnedMaps},
     host::state::EndpointStore,
     reconcile::{conntrack, service_names, services},
-    source::config::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
 };
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
     #[command(subcommand)]
     pub what: InspectWhat,
-    /// bpffs directory the agent pins under.
-    #[arg(long, global = true, default_value = DEFAULT_BPFFS_DIR)]
-    pub bpffs_dir: PathBuf,
-    /// The agent's state directory (endpoint records: pod names, containers).
-    #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// The agent's configuration file: its `bpffs_dir` and `state_dir`
+    /// are read from it (the flags below win).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// bpffs directory the agent pins under [default: from --config, else /sys/fs/bpf/datapath].
+    #[arg(long, global = true)]
+    pub bpffs_dir: Option<PathBuf>,
+    /// The agent's state directory (endpoint records: pod names,
+    /// containers) [default: from --config, else /var/lib/datapath].
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -126,15 +130,42 @@ struct EndpointRow {
     delivered_bytes: u64,
 }
 
+/// Whether interface indexes name the same interfaces here as in the
+/// agent's network namespace (the node config holds its cookie; unknown,
+/// as with socket load balancing off: assumed so). From another namespace
+/// (the host, against a node namespace's pins) `if_indextoname` would name
+/// other interfaces.
+fn in_agents_netns(maps: &PinnedMaps) -> bool {
+    let agents = maps.node_config().map_or(0, |c| c.host_netns_cookie);
+    agents == 0 || crate::host::node_net::netns_cookie().is_ok_and(|mine| mine == agents)
+}
+
+/// The note printed when interface names cannot be resolved here.
+const OTHER_NETNS: &str = "note: not in the agent's network namespace: interface names come from \
+                           the agent's records or are not shown (run inspect with `nsenter --net=` into \
+                           it for live names)";
+
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs_dir)).with_context(|| {
-        format!("opening pinned maps under {} (has the agent ever run?)", args.bpffs_dir.display())
+    let settings = super::agent_settings(args.config.as_deref())?;
+    let bpffs_dir = args.bpffs_dir.clone().unwrap_or(settings.bpffs_dir);
+    let state_dir = args.state_dir.clone().unwrap_or(settings.state_dir);
+    let maps = PinnedMaps::open(&PinLayout::new(&bpffs_dir)).with_context(|| {
+        format!("opening pinned maps under {} (has the agent ever run?)", bpffs_dir.display())
     })?;
+    let names_here = in_agents_netns(&maps);
+    if !names_here {
+        eprintln!("{OTHER_NETNS}");
+    }
+    let ifname = |index: u32| {
+        (index != 0 && names_here)
+            .then(|| nix::net::if_::if_indextoname(index).ok().map(|n| n.to_string_lossy().into_owned()))
+            .flatten()
+    };
     match args.what {
         InspectWhat::Endpoints => {
             // Records may be missing (another state dir, or the agent never
             // wrote them): the maps are the truth, the records add names.
-            let records = EndpointStore::open(&args.state_dir).and_then(|s| s.list()).unwrap_or_default();
+            let records = EndpointStore::open(&state_dir).and_then(|s| s.list()).unwrap_or_default();
             let mut rows = Vec::new();
             for (ip, ep) in maps.endpoints()? {
                 let record = records.iter().find(|r| r.pod_ipv4 == ip);
@@ -149,9 +180,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     pod_ip: ip,
                     pod_mac: MacAddr(ep.pod_mac),
                     host_ifindex: ep.host_ifindex,
-                    host_ifname: nix::net::if_::if_indextoname(ep.host_ifindex)
-                        .ok()
-                        .map(|n| n.to_string_lossy().into_owned()),
+                    // The record's name holds in any namespace.
+                    host_ifname: record
+                        .filter(|r| r.host_ifindex == ep.host_ifindex)
+                        .map(|r| r.host_ifname.clone())
+                        .or_else(|| ifname(ep.host_ifindex)),
                     host_mac: MacAddr(ep.host_mac),
                     host_veth_down: ep.flags & datapath_common::ENDPOINT_FLAG_HOST_DOWN != 0,
                     sent_packets: traffic.sent_packets,
@@ -198,16 +231,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             // The outside clients' unanswered connections and their limit
             // per protocol (0: none), as the collector last wrote them.
             let [outside_tcp, outside_udp] =
-                crate::bpf::conntrack::PinnedConntrack::open(&PinLayout::new(&args.bpffs_dir))
+                crate::bpf::conntrack::PinnedConntrack::open(&PinLayout::new(&bpffs_dir))
                     .context("opening the pinned connection-tracking maps")?
                     .outside_clients()?;
-            let ifname = |index: u32| {
-                (index != 0)
-                    .then(|| {
-                        nix::net::if_::if_indextoname(index).ok().map(|n| n.to_string_lossy().into_owned())
-                    })
-                    .flatten()
-            };
             let mode = mode_name(c.mode);
             let view = serde_json::json!({
                 "node_ip": std::net::Ipv4Addr::from(c.node_ipv4),
@@ -229,7 +255,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "conntrack_max_outside": outside_tcp.limit + outside_udp.limit,
                 "conntrack_outside_tcp": format!("{}/{}", outside_tcp.connections, outside_tcp.limit),
                 "conntrack_outside_udp": format!("{}/{}", outside_udp.connections, outside_udp.limit),
-                "bpffs_dir": args.bpffs_dir,
+                "bpffs_dir": bpffs_dir,
             });
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -268,7 +294,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         InspectWhat::Services => {
             // The names file may be missing (another state dir): the maps are
             // the truth, the file adds names.
-            let names = service_names::load_names(&args.state_dir).unwrap_or_default();
+            let names = service_names::load_names(&state_dir).unwrap_or_default();
             let rows: Vec<ServiceRow> = maps
                 .services()?
                 .into_iter()
@@ -394,7 +420,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
         InspectWhat::Policy { endpoint } => {
-            let records = EndpointStore::open(&args.state_dir).and_then(|s| s.list()).unwrap_or_default();
+            let records = EndpointStore::open(&state_dir).and_then(|s| s.list()).unwrap_or_default();
             let names = records
                 .iter()
                 .map(|r| {

@@ -7,9 +7,12 @@
 //! reader): a second is refused ([`crate::observe::monitor_lock`]). Forward tracing
 //! is switched off again however the monitor ends (count, time, SIGINT,
 //! SIGTERM, SIGHUP, a reader that went away); after a SIGKILL, by the next
-//! monitor or the agent.
+//! monitor or the agent. `--pod` and `--reason` keep the events of one pod
+//! (by name or address) and one drop reason or forward path; each event
+//! names the local pod it concerns (from the agent's endpoint records).
 
 use std::{
+    collections::{BTreeSet, HashMap},
     io::Write as _,
     net::Ipv4Addr,
     path::PathBuf,
@@ -25,8 +28,8 @@ use datapath_common::{
 
 use crate::{
     bpf::{PinLayout, PinnedMaps, PinnedMonitor},
+    host::state::EndpointStore,
     observe::monitor_lock::MonitorLock,
-    source::config::DEFAULT_BPFFS_DIR,
 };
 
 #[derive(Debug, clap::Args)]
@@ -47,9 +50,114 @@ pub struct MonitorArgs {
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// bpffs directory the agent pins under.
-    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
-    pub bpffs_dir: PathBuf,
+    /// Only the events of this local pod: its name (`name` or
+    /// `namespace/name`) or its address; what it sends, what is sent to it.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only the events of this drop reason (docs/why-dropped.md) or, with
+    /// `--forwards`, forward path.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// The agent's configuration file: its `bpffs_dir` and `state_dir` are
+    /// read from it (the flags below win).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// bpffs directory the agent pins under [default: from --config, else /sys/fs/bpf/datapath].
+    #[arg(long)]
+    pub bpffs_dir: Option<PathBuf>,
+    /// The agent's state directory, for pod names [default: from --config,
+    /// else /var/lib/datapath].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The local pods, from the agent's endpoint records: to name the pod an
+/// event concerns, and to keep one pod's events.
+#[derive(Debug, Default)]
+struct LocalPods {
+    /// Host veth index -> pod name.
+    by_ifindex: HashMap<u32, String>,
+    by_ip: HashMap<Ipv4Addr, String>,
+}
+
+impl LocalPods {
+    fn load(state_dir: &std::path::Path) -> Self {
+        let mut pods = Self::default();
+        for record in EndpointStore::open(state_dir).and_then(|s| s.list()).unwrap_or_default() {
+            let name = match (&record.pod_namespace, &record.pod_name) {
+                (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+                (None, Some(name)) => name.clone(),
+                _ => format!("container {}", &record.container_id[..record.container_id.len().min(12)]),
+            };
+            pods.by_ifindex.insert(record.host_ifindex, name.clone());
+            pods.by_ip.insert(record.pod_ipv4, name);
+        }
+        pods
+    }
+
+    /// The pod an event concerns: the one whose veth it passed, else the
+    /// local pod it was sent to, else the one that sent it.
+    fn of(&self, event: &MonitorEvent) -> Option<&String> {
+        self.by_ifindex
+            .get(&event.ifindex)
+            .or_else(|| self.by_ip.get(&Ipv4Addr::from(event.daddr)))
+            .or_else(|| self.by_ip.get(&Ipv4Addr::from(event.saddr)))
+    }
+
+    /// The addresses and veths of the pods `--pod` names.
+    fn select(&self, pod: &str) -> anyhow::Result<PodFilter> {
+        if let Ok(ip) = pod.parse::<Ipv4Addr>() {
+            let ifindexes = self.by_ifindex.iter().filter(|(_, n)| self.by_ip.get(&ip) == Some(*n));
+            return Ok(PodFilter {
+                ips: BTreeSet::from([ip]),
+                ifindexes: ifindexes.map(|(i, _)| *i).collect(),
+            });
+        }
+        let named = |name: &String| name == pod || name.rsplit_once('/').is_some_and(|(_, n)| n == pod);
+        let filter = PodFilter {
+            ips: self.by_ip.iter().filter(|(_, n)| named(n)).map(|(ip, _)| *ip).collect(),
+            ifindexes: self.by_ifindex.iter().filter(|(_, n)| named(n)).map(|(i, _)| *i).collect(),
+        };
+        anyhow::ensure!(
+            !filter.ips.is_empty(),
+            "no pod {pod:?} on this node (`datapath-agent inspect endpoints` lists them; --state-dir or \
+             --config says where the agent keeps their names)"
+        );
+        Ok(filter)
+    }
+}
+
+/// The events `--pod` keeps: to or from these addresses, or through these veths.
+#[derive(Debug)]
+struct PodFilter {
+    ips: BTreeSet<Ipv4Addr>,
+    ifindexes: BTreeSet<u32>,
+}
+
+impl PodFilter {
+    fn keeps(&self, event: &MonitorEvent) -> bool {
+        self.ifindexes.contains(&event.ifindex)
+            || self.ips.contains(&Ipv4Addr::from(event.saddr))
+            || self.ips.contains(&Ipv4Addr::from(event.daddr))
+    }
+}
+
+/// `--reason` checked against the names the programs count under.
+fn check_reason(reason: &str, forwards: bool) -> anyhow::Result<()> {
+    if DropReason::ALL.iter().any(|r| r.name() == reason) {
+        return Ok(());
+    }
+    if ForwardPath::ALL.iter().any(|p| p.name() == reason) {
+        anyhow::ensure!(forwards, "{reason:?} is a forward path: add --forwards to see forwarding decisions");
+        return Ok(());
+    }
+    let drops: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
+    let paths: Vec<&str> = ForwardPath::ALL.iter().map(|p| p.name()).collect();
+    anyhow::bail!(
+        "no drop reason or forward path {reason:?}; drop reasons: {}; forward paths: {}",
+        drops.join(", "),
+        paths.join(", ")
+    )
 }
 
 /// One event as the monitor prints it.
@@ -65,6 +173,9 @@ pub struct EventView {
     pub source: String,
     pub destination: String,
     pub length: u32,
+    /// The local pod the event concerns ("namespace/name"), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -74,9 +185,17 @@ extern "C" fn request_stop(_: libc::c_int) {
 }
 
 pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
-    let pins = PinLayout::new(&args.bpffs_dir);
+    let settings = super::agent_settings(args.config.as_deref())?;
+    let bpffs_dir = args.bpffs_dir.clone().unwrap_or(settings.bpffs_dir);
+    let state_dir = args.state_dir.clone().unwrap_or(settings.state_dir);
+    if let Some(reason) = &args.reason {
+        check_reason(reason, args.forwards)?;
+    }
+    let mut pods = LocalPods::load(&state_dir);
+    let pod_filter = args.pod.as_deref().map(|pod| pods.select(pod)).transpose()?;
+    let pins = PinLayout::new(&bpffs_dir);
     let mut maps = PinnedMonitor::open(&pins).with_context(|| {
-        format!("opening the monitor's maps under {} (has the agent ever run?)", args.bpffs_dir.display())
+        format!("opening the monitor's maps under {} (has the agent ever run?)", bpffs_dir.display())
     })?;
     let counters_at_start = PinnedMaps::open(&pins)?.counters()?.monitor_events;
     let _one_monitor = MonitorLock::acquire(&pins)?;
@@ -92,7 +211,7 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let start_ns = monotonic_ns();
     eprintln!(
         "monitoring {} ({}); Ctrl-C to stop",
-        args.bpffs_dir.display(),
+        bpffs_dir.display(),
         if args.forwards { "drops and forwards" } else { "drops" }
     );
     if leftover && !args.forwards {
@@ -102,6 +221,7 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let mut shown = 0u64;
     let mut skipped = 0u64;
     let mut out = std::io::stdout().lock();
+    let mut pods_reloaded = Instant::now();
     let result = (|| -> anyhow::Result<()> {
         let deadline = args.seconds.map(|s| started + Duration::from_secs_f64(s));
         loop {
@@ -111,7 +231,19 @@ pub fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
                     skipped += 1;
                     continue;
                 }
-                let view = view(&event, &clock);
+                if pod_filter.as_ref().is_some_and(|f| !f.keeps(&event)) {
+                    continue;
+                }
+                // A pod added since the monitor started: read the records again.
+                if pods.of(&event).is_none() && pods_reloaded.elapsed() >= Duration::from_secs(1) {
+                    pods = LocalPods::load(&state_dir);
+                    pods_reloaded = Instant::now();
+                }
+                let mut view = view(&event, &clock);
+                if args.reason.as_deref().is_some_and(|r| r != view.reason) {
+                    continue;
+                }
+                view.pod = pods.of(&event).cloned();
                 let written = if args.json {
                     writeln!(out, "{}", serde_json::to_string(&view)?)
                 } else {
@@ -222,13 +354,14 @@ fn view(event: &MonitorEvent, clock: &Clock) -> EventView {
         source,
         destination,
         length: event.packet_len,
+        pod: None,
     }
 }
 
 impl EventView {
     pub fn line(&self) -> String {
         format!(
-            "{} {:<16} {:<12} {:<5} {:>21} -> {:<21} {:<9} {} ({} bytes)",
+            "{} {:<16} {:<12} {:<5} {:>21} -> {:<21} {:<9} {} ({} bytes){}",
             self.time,
             self.interface,
             self.direction,
@@ -237,7 +370,8 @@ impl EventView {
             self.destination,
             self.verdict,
             self.reason,
-            self.length
+            self.length,
+            self.pod.as_ref().map(|pod| format!(" pod {pod}")).unwrap_or_default()
         )
     }
 }

@@ -6,14 +6,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
 use datapath_api::{Request, Response};
 use datapath_common::{MAX_LOCAL_ENDPOINTS, MAX_REMOTE_NODES, MAX_SERVICES};
 
-use crate::{
-    bpf::{PinLayout, PinnedMaps},
-    source::config::SourceSettings,
-};
+use crate::bpf::{PinLayout, PinnedMaps};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -31,27 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Print the summary; `Ok(false)` when the agent is not healthy (exit 1).
 pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
-    let settings: SourceSettings = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the agent's config {}", path.display()))?;
-            match toml::from_str(&text) {
-                Ok(settings) => settings,
-                // A broken edit of the file is when status is needed most
-                // (the agent runs on, on what it read before): the paths
-                // from the top-level lines that still parse.
-                Err(e) => {
-                    eprintln!(
-                        "warning: {} does not parse ({}); its paths read line by line",
-                        path.display(),
-                        e.message()
-                    );
-                    paths_line_by_line(&text)
-                }
-            }
-        }
-        None => toml::from_str("").context("the default settings")?,
-    };
+    let settings = super::agent_settings(args.config.as_deref())?;
     let answer = datapath_api::client::call(&settings.api_socket, &Request::Status, TIMEOUT);
     let maps = PinnedMaps::open(&PinLayout::new(&settings.bpffs_dir)).ok();
     let fill =
@@ -70,6 +46,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
                 );
             };
             let healthy = agent.not_ready.is_none();
+            let mut map_fill = map_fill;
+            if let Some(capacity) = agent.conntrack_capacity {
+                // Counted by the collector at its last sweep (walking the
+                // map here would cost a syscall per entry).
+                map_fill["conntrack"] =
+                    serde_json::json!({ "entries": agent.conntrack_entries, "capacity": capacity });
+            }
             (
                 healthy,
                 serde_json::json!({
@@ -90,6 +73,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
                     "last_rejected_config_edit": last_config_error,
                     "recent_drops": agent.recent_drops,
                     "recent_seconds": agent.recent_seconds,
+                    "last_conntrack_sweep_seconds_ago": agent.last_sweep_seconds_ago,
+                    "last_conntrack_sweep_error": agent.last_sweep_error,
+                    "agent_errors": agent.errors,
                 }),
             )
         }
@@ -149,6 +135,25 @@ fn text(view: &serde_json::Value) -> String {
         if let Some(error) = view["last_rejected_config_edit"].as_str() {
             line("config", format!("LAST EDIT REJECTED: {error}"));
         }
+        line(
+            "conntrack sweep",
+            match (
+                view["last_conntrack_sweep_seconds_ago"].as_u64(),
+                view["last_conntrack_sweep_error"].as_str(),
+            ) {
+                (None, _) => "none yet".into(),
+                (Some(ago), None) => format!("{ago} s ago, ok"),
+                (Some(ago), Some(error)) => format!("{ago} s ago, FAILED: {error}"),
+            },
+        );
+        line(
+            "agent errors",
+            match view["agent_errors"].as_u64() {
+                Some(0) => "none since start".into(),
+                Some(n) => format!("{n} since start (failed reconciliations, refused requests: see the log)"),
+                None => "?".into(),
+            },
+        );
         let drops = view["recent_drops"].as_object().cloned().unwrap_or_default();
         let listed: Vec<String> = drops.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
         line(
@@ -161,23 +166,4 @@ fn text(view: &serde_json::Value) -> String {
         line(&format!("map {map}"), format!("{entries} / {}", fill["capacity"]));
     }
     out
-}
-
-/// The settings from each top-level line of `text` that parses alone
-/// (others keep their defaults).
-fn paths_line_by_line(text: &str) -> SourceSettings {
-    let top_level = text.lines().take_while(|line| !line.trim_start().starts_with('['));
-    let lines: Vec<&str> = top_level.filter(|line| toml::from_str::<toml::Table>(line).is_ok()).collect();
-    // Repeated keys: the first wins, as the agent's last good read had only one.
-    let mut seen = std::collections::BTreeSet::new();
-    let unique: Vec<&str> = lines
-        .into_iter()
-        .filter(|line| {
-            toml::from_str::<toml::Table>(line)
-                .ok()
-                .and_then(|t| t.keys().next().cloned())
-                .is_none_or(|key| seen.insert(key))
-        })
-        .collect();
-    toml::from_str(&unique.join("\n")).unwrap_or_else(|_| toml::from_str("").expect("defaults"))
 }

@@ -98,6 +98,8 @@ pub struct Health {
     watch_grace_ms: AtomicU64,
     /// Failing watches by name, since when, and their last error.
     watches: Mutex<BTreeMap<&'static str, WatchFailure>>,
+    /// Errors of each watch that has run (from 0 at its first event).
+    watch_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// The delay before each watch's next retry, as its backoff last said.
     watch_retry_delays: Mutex<BTreeMap<&'static str, Duration>>,
     /// Live pods the agent could not give their program link or map
@@ -155,6 +157,7 @@ impl Health {
 
     /// A watch (`name`: "Node", "Service", "EndpointSlice") failed with `error`.
     pub fn watch_failed(&self, name: &'static str, error: &dyn std::error::Error) {
+        *lock(&self.watch_errors).entry(name).or_insert(0) += 1;
         let now = Instant::now();
         let retry_delay = lock(&self.watch_retry_delays).get(name).copied().unwrap_or_default();
         let mut watches = lock(&self.watches);
@@ -175,7 +178,13 @@ impl Health {
 
     /// A watch delivered an event: it works.
     pub fn watch_ok(&self, name: &'static str) {
+        lock(&self.watch_errors).entry(name).or_insert(0);
         lock(&self.watches).remove(name);
+    }
+
+    /// Each watch that has run, with its errors so far.
+    pub fn watch_errors(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.watch_errors).iter().map(|(name, n)| (*name, *n)).collect()
     }
 
     /// The watches failing now: "name: last error".

@@ -17,6 +17,12 @@
 //! datapath_map_capacity{map}        ... and their capacity
 //! datapath_agent_errors_total       failed reconciliations and refused requests
 //! datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
+//! datapath_kubernetes_watch_errors_total{watch}  errors of each Kubernetes watch (each one restarts it
+//!                                   after a backoff), from 0 once the watch ran
+//! process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+//! process_open_fds, process_max_fds, process_start_time_seconds  the agent process, as every
+//!                                   Prometheus client library names them (unprefixed, so the
+//!                                   usual dashboards and alerts work)
 //!
 //! Served as OpenMetrics to a scraper that asks for it (Prometheus does),
 //! else in the Prometheus text format (`exposition.rs`).
@@ -47,6 +53,10 @@ impl AgentErrors {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// What the agent's connection-tracking collector saw. Counting a large
@@ -57,6 +67,8 @@ pub struct ConntrackStats {
     /// Entries at the last sweep; absent before the first one.
     entries: std::sync::Mutex<Option<u64>>,
     gc_removed: AtomicU64,
+    /// When the last sweep ended, and its error if it failed.
+    last_sweep: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
 }
 
 impl ConntrackStats {
@@ -65,10 +77,26 @@ impl ConntrackStats {
         if let Ok(mut entries) = self.entries.lock() {
             *entries = Some(report.remaining as u64);
         }
+        if let Ok(mut last) = self.last_sweep.lock() {
+            *last = Some((std::time::Instant::now(), None));
+        }
     }
 
-    fn entries(&self) -> Option<u64> {
+    pub fn record_failed_sweep(&self, error: String) {
+        if let Ok(mut last) = self.last_sweep.lock() {
+            *last = Some((std::time::Instant::now(), Some(error)));
+        }
+    }
+
+    /// Entries at the last sweep (none before the first).
+    pub fn entries(&self) -> Option<u64> {
         self.entries.lock().ok().and_then(|e| *e)
+    }
+
+    /// How long ago the last sweep ended, and its error if it failed.
+    pub fn last_sweep(&self) -> Option<(std::time::Duration, Option<String>)> {
+        let last = self.last_sweep.lock().ok()?.clone()?;
+        Some((last.0.elapsed(), last.1))
     }
 }
 
@@ -100,6 +128,20 @@ impl Collector for DatapathCollector {
         for (why, n) in self.health.config_rejections() {
             ConstCounter::new(n).encode(metric.encode_family(&vec![("reason", why.name())])?)?;
         }
+        let watch_errors = self.health.watch_errors();
+        if !watch_errors.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "datapath_kubernetes_watch_errors",
+                "Errors of each Kubernetes watch (Node, Service, EndpointSlice, NetworkPolicy, Namespace, \
+                 Pod); each restarts the watch after a backoff",
+                None,
+                MetricType::Counter,
+            )?;
+            for (watch, n) in watch_errors {
+                ConstCounter::new(n).encode(metric.encode_family(&vec![("watch", watch)])?)?;
+            }
+        }
+        encode_process(&mut encoder)?;
         let errors = self.errors.0.load(Ordering::Relaxed);
         let metric = encoder.encode_descriptor(
             "datapath_agent_errors",
@@ -243,6 +285,51 @@ impl Collector for DatapathCollector {
         }
         Ok(())
     }
+}
+
+/// The agent process's own metrics, under the names every Prometheus
+/// client library gives them. A /proc read that fails leaves its series
+/// out (nothing is made up).
+fn encode_process(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Clone + std::fmt::Debug>(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: N,
+    ) -> Result<(), std::fmt::Error>
+    where
+        ConstGauge<N>: prometheus_client::encoding::EncodeMetric,
+    {
+        ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+    }
+    let Ok(me) = procfs::process::Process::myself() else { return Ok(()) };
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    if let Ok(stat) = me.stat() {
+        let rss = stat.rss.saturating_mul(procfs::page_size());
+        gauge(encoder, "process_resident_memory_bytes", "Resident memory size in bytes", rss as i64)?;
+        gauge(encoder, "process_virtual_memory_bytes", "Virtual memory size in bytes", stat.vsize as i64)?;
+        if let Ok(boot) = procfs::boot_time_secs() {
+            let start = boot as f64 + stat.starttime as f64 / ticks;
+            let help = "Start time of the process since the Unix epoch in seconds";
+            gauge(encoder, "process_start_time_seconds", help, start)?;
+        }
+        let metric = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new((stat.utime + stat.stime) as f64 / ticks).encode(metric)?;
+    }
+    if let Ok(open) = me.fd_count() {
+        gauge(encoder, "process_open_fds", "Number of open file descriptors", open as i64)?;
+    }
+    if let Ok(limits) = me.limits()
+        && let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit
+    {
+        gauge(encoder, "process_max_fds", "Maximum number of open file descriptors", max as i64)?;
+    }
+    Ok(())
 }
 
 /// The registry the /metrics endpoint serves.

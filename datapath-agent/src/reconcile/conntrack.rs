@@ -282,6 +282,7 @@ pub fn spawn_collector<A: CollectorHost>(
                 Ok(report) => report,
                 Err(e) => {
                     errors.inc();
+                    stats.record_failed_sweep(format!("{e:#}"));
                     tracing::error!(error = format!("{e:#}"), "connection-tracking collection failed");
                     continue;
                 }

@@ -96,11 +96,13 @@ pub struct AgentConfig {
     pub conntrack_max_per_client: Option<u32>,
     /// Unanswered Service connections all clients outside the cluster may
     /// have tracked together (node ports, external and load balancer
-    /// addresses, with `serve_outside_clients`): a new one past it is
-    /// dropped (`conntrack_outside_limit`), so a SYN flood from faked
-    /// source addresses holds at most this share of the table and never
-    /// the pods' own connections. Split evenly between TCP and UDP, so a
-    /// UDP burst never locks TCP clients out. Unset: a quarter of the
+    /// addresses, with `serve_outside_clients`): past it, a new TCP one
+    /// takes the place of an unanswered one from outside (early
+    /// drop, `conntrack_early_drop`) and a new UDP flow is dropped
+    /// (`conntrack_outside_limit`), so a SYN flood from faked source
+    /// addresses holds at most this share of the table, never the pods'
+    /// own connections, and keeps no real client out. Split evenly
+    /// between TCP and UDP, so a UDP burst never locks TCP clients out. Unset: a quarter of the
     /// table's entries (`conntrack_max_entries / 8` connections). 0: no
     /// limit.
     #[serde(default)]

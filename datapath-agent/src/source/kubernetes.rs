@@ -205,6 +205,63 @@ pub fn watch_peers(
     rx
 }
 
+/// The condition this node's Node gets once the datapath is ready:
+/// `NetworkUnavailable` False, as flannel and Cilium set it. A cloud's
+/// route controller (or a node registered with it) sets it True until a
+/// CNI says otherwise; the scheduler keeps pods off such a node.
+pub fn network_available_condition(now: k8s_openapi::jiff::Timestamp) -> serde_json::Value {
+    use k8s_openapi::{api::core::v1::NodeCondition, apimachinery::pkg::apis::meta::v1::Time};
+    let condition = NodeCondition {
+        type_: "NetworkUnavailable".to_owned(),
+        status: "False".to_owned(),
+        reason: Some("DatapathIsUp".to_owned()),
+        message: Some("the eBPF datapath agent programs this node's pod network".to_owned()),
+        last_transition_time: Some(Time(now)),
+        last_heartbeat_time: Some(Time(now)),
+    };
+    serde_json::json!({ "status": { "conditions": [condition] } })
+}
+
+/// Clear this node's `NetworkUnavailable` condition
+/// ([`network_available_condition`]), in the background, retrying with a
+/// backoff until the API server takes it (a strategic merge patch of
+/// nodes/status: the other conditions, the kubelet's, stay as they are).
+/// RBAC: `patch` on `nodes/status`.
+pub fn spawn_clear_network_unavailable(client: Client, node_name: String) {
+    tokio::spawn(async move {
+        let api: Api<Node> = Api::all(client);
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let patch = network_available_condition(k8s_openapi::jiff::Timestamp::now());
+            match api
+                .patch_status(
+                    &node_name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Strategic(patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = node_name, "Node condition NetworkUnavailable set to False");
+                    return;
+                }
+                Err(e) => {
+                    let forbidden = matches!(&e, kube::Error::Api(status) if status.code == 403);
+                    tracing::warn!(
+                        node = node_name,
+                        error = %e,
+                        retry_in = ?delay,
+                        hint = if forbidden { "the agent's ClusterRole needs patch on nodes/status" } else { "" },
+                        "cannot set the Node condition NetworkUnavailable to False yet"
+                    );
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+    });
+}
+
 /// kube's default watch backoff, telling `health` each retry's delay (the
 /// readiness check needs it to know when a failing watch has recovered).
 pub struct WatchBackoff {
@@ -254,6 +311,23 @@ mod tests {
             "spec": { "podCIDR": cidrs.first(), "podCIDRs": cidrs },
             "status": { "addresses": addresses.iter().map(|(t, a)| serde_json::json!({"type": t, "address": a})).collect::<Vec<_>>() },
         }))
+    }
+
+    #[test]
+    fn the_network_available_condition_is_a_strategic_patch_of_one_condition() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-12-07T09:00:00Z".parse().unwrap();
+        let patch = network_available_condition(now);
+        assert_eq!(
+            patch,
+            serde_json::json!({ "status": { "conditions": [{
+                "type": "NetworkUnavailable",
+                "status": "False",
+                "reason": "DatapathIsUp",
+                "message": "the eBPF datapath agent programs this node's pod network",
+                "lastTransitionTime": "2026-12-07T09:00:00Z",
+                "lastHeartbeatTime": "2026-12-07T09:00:00Z",
+            }] } })
+        );
     }
 
     #[test]

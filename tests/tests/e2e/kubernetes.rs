@@ -44,6 +44,51 @@ fn health(ns: &Netns, path: &str) -> u16 {
     http_get_local(ns, 9976, path).0
 }
 
+/// Once ready, the agent sets its Node's `NetworkUnavailable` condition to
+/// False (as flannel and Cilium do; a cloud's route controller sets it True
+/// on a new node, and the scheduler keeps pods off until a CNI clears it),
+/// with a strategic merge patch of nodes/status that leaves the kubelet's
+/// conditions alone, and retries when the API server fails the patch.
+#[test]
+fn a_ready_agent_clears_its_nodes_network_unavailable_condition() {
+    require_root!();
+    let fabric = Fabric::new();
+    sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
+    let api = FakeApiServer::start(&fabric.netns, API_IP);
+    let mut a = Node::on_fabric(&fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
+    let mut node = node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1");
+    node["status"]["conditions"] = serde_json::json!([
+        { "type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated",
+          "message": "Node created without a route" },
+        { "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status" },
+    ]);
+    api.apply(node);
+    let kubeconfig = api.kubeconfig(&a.work_dir);
+    a.use_kubernetes(&kubeconfig);
+    let status_path = format!("/api/v1/nodes/{}/status", a.id);
+    // The first two patches fail: the agent retries.
+    api.fail_next(&status_path, 2);
+    a.start_agent();
+    let condition = |kind: &str| {
+        api.object("Node", &a.id).and_then(|n| {
+            n["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).cloned()
+        })
+    };
+    wait_for("NetworkUnavailable False", Duration::from_secs(30), || {
+        condition("NetworkUnavailable").is_some_and(|c| c["status"] == "False")
+    });
+    let cleared = condition("NetworkUnavailable").unwrap();
+    assert_eq!(cleared["reason"], "DatapathIsUp", "{cleared}");
+    assert!(cleared["lastTransitionTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{cleared}");
+    let ready = condition("Ready").expect("the kubelet's condition stays");
+    assert_eq!(ready["reason"], "KubeletReady");
+    let patches =
+        api.requests().iter().filter(|r| r.starts_with("PATCH ") && r.contains(&status_path)).count();
+    assert_eq!(patches, 3, "two failed, one taken: {:?}", api.requests());
+    assert_eq!(health(&a.netns, "/readyz"), 200);
+    assert!(a.agent_log().contains("Node condition NetworkUnavailable set to False"), "{}", a.agent_log());
+}
+
 #[test]
 fn agents_follow_the_node_list_and_forward() {
     require_root!();
@@ -363,6 +408,13 @@ fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
     api.apply(node_object(&a.id, Some("10.244.1.0/24"), "10.250.0.1"));
     a.wait_for_agent_socket();
     wait_for("A ready", Duration::from_secs(40), || status(&a, "/readyz") == Some(200));
+    let watch_errors = |a: &Node| {
+        let (_, body) = try_http_get_local(&a.netns, 9976, "/metrics").unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix("datapath_kubernetes_watch_errors_total{watch=\"Node\"} "))
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    let errors_before = watch_errors(&a).expect("the Node watch's errors are exported once it ran");
 
     // The Node watch fails on and on: not ready after the bound (forwarding
     // and the maps stay as they are meanwhile).
@@ -374,6 +426,8 @@ fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
     });
     let (_, body) = try_http_get_local(&a.netns, 9976, "/readyz").unwrap();
     assert!(body.contains("the Node watch has been failing"), "{body}");
+    let errors = watch_errors(&a).unwrap();
+    assert!(errors > errors_before, "watch errors counted: {errors_before} -> {errors}");
     assert_eq!(status(&a, "/healthz"), Some(200), "live all along");
     assert_eq!(a.inspect("nodes"), before);
     api.fail_next_lists("/api/v1/nodes", 0);

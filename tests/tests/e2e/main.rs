@@ -24,6 +24,7 @@ mod policy_packets;
 mod redteam_policy;
 mod redteam_round29;
 mod redteam_round30;
+mod redteam_round31;
 mod redteam_services;
 mod redteam_to_pod;
 mod restart;

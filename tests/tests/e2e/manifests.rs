@@ -10,6 +10,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn documents() -> Vec<serde_json::Value> {
     let text =
@@ -37,7 +38,7 @@ fn every_document_is_a_known_kubernetes_object() {
 }
 
 #[test]
-fn rbac_is_read_only_on_what_the_agent_watches() {
+fn rbac_reads_what_the_agent_watches_and_writes_only_node_status() {
     let role: ClusterRole = one("ClusterRole");
     let rules = role.rules.unwrap();
     let granted: BTreeSet<(String, String, String)> = rules
@@ -69,11 +70,13 @@ fn rbac_is_read_only_on_what_the_agent_watches() {
         ("", "namespaces", "watch"),
         ("networking.k8s.io", "networkpolicies", "list"),
         ("networking.k8s.io", "networkpolicies", "watch"),
+        // The NetworkUnavailable condition, once ready (nothing else is written).
+        ("", "nodes/status", "patch"),
     ]
     .iter()
     .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
     .collect();
-    assert_eq!(granted, want, "read-only, and only what the agent watches");
+    assert_eq!(granted, want, "read-only on what the agent watches, patch on nodes/status only");
     let binding: ClusterRoleBinding = one("ClusterRoleBinding");
     let sa: ServiceAccount = one("ServiceAccount");
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
@@ -201,6 +204,46 @@ fn agent_config() -> AgentConfig {
 fn configmap_is_accepted_by_the_agents_loader() {
     let config = agent_config();
     assert_eq!(config.health_address.unwrap().port(), 9976, "the probes' port");
+}
+
+/// The port the agent serves /metrics, /healthz and /readyz on is the one
+/// the DaemonSet declares (named `metrics`), probes, and tells scrapers
+/// (annotations, and the PodMonitor example, which selects the agent's pods
+/// by their label).
+#[test]
+fn scrapers_and_probes_find_the_agents_health_port() {
+    let port = i32::from(agent_config().health_address.unwrap().port());
+    let ds: DaemonSet = one("DaemonSet");
+    let template = ds.spec.unwrap().template;
+    let pod = template.spec.unwrap();
+    let agent = &pod.containers[0];
+    let declared =
+        agent.ports.as_ref().unwrap().iter().find(|p| p.name.as_deref() == Some("metrics")).unwrap();
+    assert_eq!(declared.container_port, port);
+    for probe in [&agent.readiness_probe, &agent.liveness_probe] {
+        let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(http.port, IntOrString::String("metrics".into()));
+    }
+    let metadata = template.metadata.unwrap();
+    let annotations = metadata.annotations.unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    let monitor: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/podmonitor.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(monitor["kind"], "PodMonitor");
+    let labels = metadata.labels.unwrap();
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            labels.get(key).map(String::as_str),
+            value.as_str(),
+            "the PodMonitor selects the agent's pods"
+        );
+    }
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
 }
 
 /// The image's build context leaves the build output out (target/ alone

@@ -533,11 +533,13 @@ in_both_modes! { pods_and_the_node_reach_node_ports_on_every_nodes_address => po
 /// node A's node port from 70 faked source addresses of the segment (each
 /// passes the reverse-path check, and 1000 each stays under the per-client
 /// limit): 70,000 at the default table size. Clients outside together keep
-/// to `conntrack_max_outside` (a quarter of the table): the rest is dropped
-/// (`conntrack_outside_limit`), and a pod on node A keeps reaching its
-/// Service. (Without the shared limit the flood took every entry and the
-/// pod was refused: the red team's finding.) Once the flood's entries have
-/// expired, an outside client is served again.
+/// to TCP's half of `conntrack_max_outside` (a quarter of the table): past
+/// it each new SYN takes the place of the oldest unanswered one (early
+/// drop, `conntrack_early_drop`), so the flood never holds more, a pod on
+/// node A keeps reaching its Service (without the shared limit the flood
+/// took every entry and the pod was refused: the red team's finding), and
+/// an outside client is served at once after the flood (before early drop
+/// it waited for the flood's entries to expire: red team round 30, F1).
 #[test]
 fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
     use datapath_tests::{
@@ -570,32 +572,34 @@ fn a_syn_flood_from_faked_outside_sources_leaves_the_pods_their_services() {
         })
         .collect();
     let refused_before = lab.a.drop_count("conntrack_outside_limit");
+    let given_up_before = lab.a.drop_count("conntrack_early_drop");
     send_raw_frames(&outside, "eth0", flood).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let served = pod_connects(20);
+    let outside_served = ask(&outside, NODE_A, WEB_NODE_PORT).is_ok();
     let tracked = lab.a.inspect("conntrack").as_array().unwrap().len();
     let refused = lab.a.drop_count("conntrack_outside_limit") - refused_before;
+    let given_up = lab.a.drop_count("conntrack_early_drop") - given_up_before;
     let config = lab.a.inspect("config");
     let limit = config["conntrack_max_outside"].as_u64().unwrap();
     assert_eq!(limit, u64::from(datapath_common::DEFAULT_CONNTRACK_ENTRIES) / 8, "the default: {config}");
     // Half of it is TCP's.
     let share = limit / 2;
     eprintln!(
-        "70000 faked SYNs: {tracked} connections tracked (TCP's share {share} of {limit}); {refused} dropped; \
-         pod served {served}/20"
+        "70000 faked SYNs: {tracked} connections tracked (TCP's share {share} of {limit}); {given_up} given \
+         up for newer ones, {refused} dropped; pod served {served}/20, outside client served {outside_served}"
     );
     assert_eq!(served, 20, "a pod denied its Service by a flood from outside");
     assert!(
         (share..=share + 40).contains(&(tracked as u64)),
         "the flood holds TCP's share ({share}) and no more: {tracked} tracked"
     );
-    assert_eq!(refused, 70_000 - share, "the rest of the flood is dropped and counted");
-    // The flood's entries expire (5 s opening timer, a sweep every 5 s).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while ask(&outside, NODE_A, WEB_NODE_PORT).is_err() {
-        assert!(std::time::Instant::now() < deadline, "outside clients never served again after the flood");
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    assert!(
+        // (Two CPUs racing on the count may admit or give up a few more.)
+        (70_000 - share - 40..=70_000 - share + 40).contains(&(given_up + refused)) && refused < 100,
+        "past the share, each SYN takes an unanswered one's place: {given_up} given up, {refused} dropped"
+    );
+    assert!(outside_served, "an outside client is served at once after the flood");
 }
 
 /// How many of `tries` new TCP connections from `pod` to `vip:80` open

@@ -891,9 +891,16 @@ fn malformed_first_packets_open_no_connection() {
 }
 
 /// Clients outside the cluster together may have `conntrack_max_outside`
-/// unanswered connections (3 here): past it, new connections from outside
-/// are dropped (`conntrack_outside_limit`) whatever their source address,
-/// while pods still open theirs; an answered connection no longer counts.
+/// unanswered connections (3 here), whatever their source addresses, while
+/// pods still open theirs; an answered connection no longer counts. Past
+/// it, a new TCP connection from outside is tracked in place of an
+/// unanswered one from outside (early drop, as netfilter gives up an
+/// unassured entry; red team round 30, F1: a burst of faked SYNs kept
+/// every real client out for the opening timer): both its entries go (a
+/// source-NAT one's reply entry with it), an answered connection is never
+/// given up, and with no unanswered one to be found the new one is dropped
+/// (`conntrack_outside_limit`). The ring early drop looks in is four times
+/// the share (12 slots here, 4 with a share of 1), all of it looked at.
 #[test]
 fn clients_outside_are_held_to_their_share_of_the_connection_table() {
     require_root!();
@@ -905,37 +912,73 @@ fn clients_outside_are_held_to_their_share_of_the_connection_table() {
     h.service(33, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
     h.set_outside_budget(0, 3);
     let outside = |n: u8| [198, 51, 100, 10 + n];
-    // Three faked sources, to a local and to a remote backend.
-    for (n, node_port) in [(1, 30080), (2, 30090), (3, 30080)] {
-        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, node_port, TCP_SYN, &[]));
-        assert_eq!(run.verdict, TC_ACT_REDIRECT, "connection {n} served");
+    let syn_from = |n: u8| Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, 30080, TCP_SYN, &[]);
+    let answer = |h: &mut Harness, n: u8| {
+        let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, outside(n), 40000, TCP_SYN | TCP_ACK, &[]));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the answer to {n} goes out");
+        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the handshake of {n} completes");
+    };
+    let tracked = |h: &mut Harness, n: u8| h.conntrack().keys().any(|key| key.saddr == outside(n));
+    // Three faked sources.
+    for n in 1..=3 {
+        assert_eq!(h.run_from_uplink(&syn_from(n)).verdict, TC_ACT_REDIRECT, "connection {n} served");
     }
     assert_eq!(h.outside_budget(), (3, 3), "counted");
-    for (n, node_port) in [(4, 30080), (5, 30090)] {
-        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, node_port, TCP_SYN, &[]));
-        assert_eq!(run.verdict, TC_ACT_SHOT, "connection {n} past the limit: dropped");
-    }
     let run = h.run_from_pod(&syn(40000, 80));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "a pod's connection is not held by it");
-    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
     assert_eq!(h.conntrack().len(), 8, "3 outside connections and the pod's");
     assert_eq!(h.outside_budget(), (3, 3), "the pod's does not count");
 
-    // The local backend answers the first; its client acknowledges.
-    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, outside(1), 40000, TCP_SYN | TCP_ACK, &[]));
-    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the answer goes out");
-    let run = h.run_from_uplink(&Ipv4::tcp(outside(1), 40000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
-    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the handshake completes");
+    // The first is answered: it no longer counts, and there is room.
+    answer(&mut h, 1);
     assert_eq!(h.outside_budget(), (2, 3), "answered: no longer counted");
-    let run = h.run_from_uplink(&Ipv4::tcp(outside(6), 40000, RUN_DEVICE_IP, 30090, TCP_SYN, &[]));
-    assert_eq!(run.verdict, TC_ACT_REDIRECT, "room for one more");
+    assert_eq!(h.run_from_uplink(&syn_from(4)).verdict, TC_ACT_REDIRECT, "room for one more");
     assert_eq!(h.outside_budget(), (3, 3));
+    // Full: one of the unanswered (2, 3, 4) goes for the next; 1, answered,
+    // stays.
+    let run = h.run_from_uplink(&syn_from(5));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "past the share: served in place of an unanswered one");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 1);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 0);
+    let left: Vec<u8> = (2..=4).filter(|n| tracked(&mut h, *n)).collect();
+    assert_eq!(left.len(), 2, "one unanswered connection given up: {left:?} left");
+    assert!(tracked(&mut h, 1) && tracked(&mut h, 5), "the answered one and the new one stay");
+    assert_eq!(h.outside_budget(), (3, 3), "one given up, one counted");
+    assert_eq!(h.conntrack().len(), 10, "four outside connections and the pod's");
+    // All answered: none to give up. A share full of connections early drop
+    // cannot find (opened before an upgrade: not in the ring) drops the next.
+    for n in left.into_iter().chain([5]) {
+        answer(&mut h, n);
+    }
+    assert_eq!(h.outside_budget(), (0, 3));
+    h.set_outside_budget(3, 3);
+    let run = h.run_from_uplink(&syn_from(6));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "no unanswered one to give up: dropped");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 1);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 1);
+    assert!(!tracked(&mut h, 6));
+
+    // A share of 1: a source-NAT connection (to the remote backend) is the
+    // one unanswered; the next takes its place, and its source port.
+    h.set_outside_budget(0, 1);
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(7), 40000, RUN_DEVICE_IP, 30090, TCP_SYN, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let snat_reply = |h: &mut Harness| {
+        h.conntrack().keys().any(|key| key.saddr == REMOTE_BACKENDS[0] && key.daddr == RUN_DEVICE_IP)
+    };
+    assert!(snat_reply(&mut h), "the reply entry holds a source port");
+    let run = h.run_from_uplink(&syn_from(8));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 2);
+    assert!(!tracked(&mut h, 7) && !snat_reply(&mut h), "given up with its reply entry");
+    assert_eq!(h.outside_budget(), (1, 1));
 
     // No limit written: no limit.
-    h.set_outside_budget(3, 0);
-    let run = h.run_from_uplink(&Ipv4::tcp(outside(7), 40000, RUN_DEVICE_IP, 30080, TCP_SYN, &[]));
+    h.set_outside_budget(1, 0);
+    let run = h.run_from_uplink(&syn_from(9));
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "limit 0: served");
-    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 1);
 }
 
 /// TCP and UDP from outside have shares of their own (red team R29-1: a
@@ -974,10 +1017,14 @@ fn outside_protocols_have_shares_of_their_own_and_no_limit_per_address() {
     }
     assert_eq!(h.client_count(victim), None, "not counted per address");
     assert_eq!(h.outside_share(TCP), (3, 3));
+    // TCP's share is full: the oldest unanswered goes for a new one
+    // (early drop), UDP's is not given up.
     let run = h.run_from_uplink(&Ipv4::tcp(victim, 41003, RUN_DEVICE_IP, 30080, TCP_SYN, &[]));
-    assert_eq!(run.verdict, TC_ACT_SHOT, "TCP's share is full");
-    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 2, "one datagram, one SYN");
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "TCP's share is full: the oldest unanswered given up");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 1);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 1, "the datagram");
     assert_eq!(run.counters.drop_count(DropReason::ConntrackClientLimit), 0);
+    assert_eq!(h.outside_share(TCP), (3, 3));
     // A pod is still held to its own limit.
     for port in 0..2u16 {
         let run = h.run_from_pod(&syn(42000 + port, 80));
@@ -993,9 +1040,13 @@ fn outside_protocols_have_shares_of_their_own_and_no_limit_per_address() {
     let run = h.run_from_pod(&Ipv4::udp(CLIENT, 53, [198, 51, 100, 20], 40000, b"a", false));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(h.outside_share(UDP), (2, 2), "answered UDP keeps counting");
-    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, victim, 41000, TCP_SYN | TCP_ACK, &[]));
+    // (One of the victim's first three went for the fourth: answer one left.)
+    let port = (41000..41003u16)
+        .find(|port| h.conntrack().keys().any(|k| k.saddr == victim && k.sport == port.to_be_bytes()))
+        .unwrap();
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, victim, port, TCP_SYN | TCP_ACK, &[]));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
-    let run = h.run_from_uplink(&Ipv4::tcp(victim, 41000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
+    let run = h.run_from_uplink(&Ipv4::tcp(victim, port, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(h.outside_share(TCP), (2, 3), "answered TCP no longer counts");
     assert_eq!(h.client_count(victim), None);
