@@ -1,7 +1,7 @@
 //! Records the git commit built (`DATAPATH_GIT_COMMIT`) for [`build_info`]:
 //! both binaries name it in `--version`.
 
-/// The commit built, for `--version`, the start log and `datapath_build_info`
+/// The commit built, for `--version`, the start log and `pod_datapath_build_info`
 /// (`DATAPATH_GIT_COMMIT`): from git where the source is a checkout (rerun
 /// when HEAD moves: a commit relinks the agent), else as the image build
 /// passes it, else "unknown".

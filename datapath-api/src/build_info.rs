@@ -1,6 +1,6 @@
 //! What was built: the version, the git commit (`build.rs`) and the build
 //! profile, for both binaries' `--version`, the agent's start log and the
-//! `datapath_build_info` metric, and the CNI plugin's failure lines.
+//! `pod_datapath_build_info` metric, and the CNI plugin's failure lines.
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GIT_COMMIT: &str = env!("DATAPATH_GIT_COMMIT");

@@ -76,6 +76,21 @@ pub struct AgentStatus {
     /// Failed reconciliations and refused requests since the agent started.
     #[serde(default)]
     pub errors: u64,
+    /// The last run of each reconciler that has run (empty from an older agent).
+    #[serde(default)]
+    pub reconciles: Vec<ReconcileStatus>,
+}
+
+/// The last run of one reconciler: the desired state of one kind written
+/// into the datapath (maps, routes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReconcileStatus {
+    /// What it programs: "peers" (other nodes' pod CIDRs and routes),
+    /// "services", "policy".
+    pub what: String,
+    pub seconds_ago: u64,
+    /// Why it failed; `None`: it succeeded. A failed one is retried.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -15,11 +15,11 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// Host veth ifindex -> [`super::PodInterface`]: who is sending on this veth.
     pub const POD_INTERFACES: &str = "POD_INTERFACES";
-    /// Per-CPU packet counters indexed by [`super::drop_slot`] (direction and
-    /// [`super::DropReason`]).
+    /// Per-CPU [`super::PacketCount`]s indexed by [`super::drop_slot`]
+    /// (direction and [`super::DropReason`]).
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
-    /// Per-CPU packet counters indexed by [`super::forward_slot`] (direction and
-    /// [`super::ForwardPath`]).
+    /// Per-CPU [`super::PacketCount`]s indexed by [`super::forward_slot`]
+    /// (direction and [`super::ForwardPath`]).
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
     /// Per-CPU [`super::EndpointTraffic`] indexed by the endpoint's traffic slot.
     pub const ENDPOINT_TRAFFIC: &str = "ENDPOINT_TRAFFIC";
@@ -346,6 +346,17 @@ pub struct EndpointTraffic {
     pub sent_bytes: u64,
     pub delivered_packets: u64,
     pub delivered_bytes: u64,
+}
+
+/// Packets and bytes (per CPU) of one drop reason or forward path in one
+/// direction. Bytes are the frame as the program saw it (Ethernet header
+/// included); a connection given up by early drop counts one packet of 0
+/// bytes (no packet of its own was dropped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketCount {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// What the monitor reports, and how many events each CPU may emit.
@@ -1141,6 +1152,7 @@ shared_types! {
     RemoteNode = 8,
     NodeConfig = 48,
     EndpointTraffic = 32,
+    PacketCount = 16,
     MonitorConfig = 8,
     RateBudget = 16,
     ModeMismatch = 16,

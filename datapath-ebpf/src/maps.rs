@@ -15,9 +15,9 @@ use datapath_common::{
     MAX_FRAGMENTED_DATAGRAMS, MAX_KNOWN_NODES, MAX_LOCAL_ENDPOINTS, MAX_OUTSIDE_OPENING, MAX_POLICY_PEERS,
     MAX_POLICY_RULES, MAX_REMOTE_NODES, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_SOCK_REVNAT,
     MAX_TRAFFIC_SLOTS, MONITOR_RING_BYTES, ModeMismatch, MonitorBudget, MonitorConfig, MonitorEvent,
-    MonitorOutcome, NodeConfig, NodeKey, POLICY_VERDICT_SLOTS, PodInterface, PolicyAllow, PolicyEndpoint,
-    PolicyPeer, PolicyRuleKey, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry, Service, ServiceKey,
-    SockRevNat, SockRevNatKey,
+    MonitorOutcome, NodeConfig, NodeKey, POLICY_VERDICT_SLOTS, PacketCount, PodInterface, PolicyAllow,
+    PolicyEndpoint, PolicyPeer, PolicyRuleKey, RPF_CACHE_SLOTS, RateBudget, RemoteNode, RpfCacheEntry,
+    Service, ServiceKey, SockRevNat, SockRevNatKey,
 };
 
 use crate::icmp::AnswerScratch;
@@ -88,10 +88,11 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_LOCAL_ENDPOINTS as us
 pub static POD_INTERFACES: HashMap<u32, PodInterface, { MAX_LOCAL_ENDPOINTS as usize }> = HashMap::new();
 
 #[btf_map]
-pub static DROP_COUNTERS: PerCpuArray<u64, { DROP_COUNTER_SLOTS as usize }> = PerCpuArray::new();
+pub static DROP_COUNTERS: PerCpuArray<PacketCount, { DROP_COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static FORWARD_COUNTERS: PerCpuArray<u64, { FORWARD_COUNTER_SLOTS as usize }> = PerCpuArray::new();
+pub static FORWARD_COUNTERS: PerCpuArray<PacketCount, { FORWARD_COUNTER_SLOTS as usize }> =
+    PerCpuArray::new();
 
 #[btf_map]
 pub static ENDPOINT_TRAFFIC: PerCpuArray<EndpointTraffic, { MAX_TRAFFIC_SLOTS as usize }> =

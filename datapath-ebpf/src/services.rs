@@ -369,7 +369,8 @@ fn outside_early_drop() -> bool {
             *victim_slot = (start + i) % len;
         }
         clients::count_outside(IPPROTO_TCP, true);
-        count_drop(Direction::FromUplink, DropReason::ConntrackEarlyDrop);
+        // A connection given up, not a packet: no bytes.
+        count_drop(Direction::FromUplink, DropReason::ConntrackEarlyDrop, 0);
         return true;
     }
     false

@@ -134,7 +134,7 @@ fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Coun
     let monitor = monitor::config();
     match counted {
         Counted::Forward(path) => {
-            count_forward(direction, path);
+            count_forward(direction, path, packet.frame_len());
             if monitor.trace_forwards != 0 {
                 monitor::report(packet, direction, EVENT_FORWARD, path as u8, monitor.events_per_second);
             }
@@ -143,7 +143,7 @@ fn account<const LOG: bool>(packet: &Packet, direction: Direction, counted: Coun
             }
         }
         Counted::Drop(reason) => {
-            count_drop(direction, reason);
+            count_drop(direction, reason, packet.frame_len());
             monitor::report(packet, direction, EVENT_DROP, reason as u8, monitor.events_per_second);
             if LOG {
                 log_verdict(packet, direction, reason.name());

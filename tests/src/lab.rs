@@ -167,6 +167,8 @@ pub struct Node {
     pub kubernetes_extra_config: String,
     /// Options before `run` (e.g. `--log-format json`).
     pub agent_options: Vec<String>,
+    /// Another build of the agent to run (default: the one in [`bin_dir`]).
+    pub agent_binary: Option<PathBuf>,
     pub work_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
@@ -218,6 +220,7 @@ impl Node {
             extra_config: String::new(),
             kubernetes_extra_config: String::new(),
             agent_options: Vec::new(),
+            agent_binary: None,
             work_dir,
             bpffs_dir,
             socket,
@@ -357,7 +360,8 @@ impl Node {
         // A SIGKILLed agent leaves its socket behind: readiness is a new one.
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::File::create(self.work_dir.join("agent.log")).unwrap();
-        let mut command = self.in_node(&bin_dir().join("datapath-agent"));
+        let binary = self.agent_binary.clone().unwrap_or_else(|| bin_dir().join("datapath-agent"));
+        let mut command = self.in_node(&binary);
         command
             .args(&self.agent_options)
             .args(["run", "--config"])

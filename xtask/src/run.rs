@@ -207,7 +207,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
             if node.id == a.id { "a1" } else { "b1" }
         );
         println!(
-            "  nsenter --net={} curl -s http://127.0.0.1:9976/metrics | grep ^datapath_drops_total",
+            "  nsenter --net={} curl -s http://127.0.0.1:9976/metrics | grep ^pod_datapath_drops_total",
             node.netns.path().display()
         );
     }

@@ -119,6 +119,7 @@ impl Agent {
             last_sweep_seconds_ago: last_sweep.as_ref().map(|(ago, _)| ago.as_secs()),
             last_sweep_error: last_sweep.and_then(|(_, error)| error),
             errors: self.errors.count(),
+            reconciles: self.reconciles.status(),
         }
     }
 

@@ -84,6 +84,34 @@ struct Agent {
     policy: PolicySync,
     /// The last policy sync failed: tried again at the next link check.
     policy_failed: bool,
+    /// When each reconciler last ran and how it ended (for `status`).
+    reconciles: Reconciles,
+}
+
+/// The last run of each reconciler: when, and its error if it failed.
+#[derive(Default)]
+struct Reconciles(std::collections::BTreeMap<&'static str, (std::time::Instant, Option<String>)>);
+
+impl Reconciles {
+    fn record<T>(&mut self, what: &'static str, result: &anyhow::Result<T>) {
+        let error = result.as_ref().err().map(|e| format!("{e:#}"));
+        self.0.insert(what, (std::time::Instant::now(), error));
+    }
+
+    fn failed(&mut self, what: &'static str, error: &anyhow::Error) {
+        self.0.insert(what, (std::time::Instant::now(), Some(format!("{error:#}"))));
+    }
+
+    fn status(&self) -> Vec<datapath_api::ReconcileStatus> {
+        self.0
+            .iter()
+            .map(|(what, (at, error))| datapath_api::ReconcileStatus {
+                what: (*what).to_owned(),
+                seconds_ago: at.elapsed().as_secs(),
+                error: error.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A pinned link to switch to the loaded program again.
@@ -229,6 +257,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         routes_taken: Vec::new(),
         policy: PolicySync::default(),
         policy_failed: false,
+        reconciles: Reconciles::default(),
     };
     let mut report = agent.datapath.reconcile().context("reconciling pinned state")?;
     let RecordsReport { stale: stale_records, restored: endpoints_restored } = agent.reconcile_records()?;
@@ -499,19 +528,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 let agent = &mut *agent;
                 if !agent.services.in_sync() {
                     match tokio::task::block_in_place(|| agent.services.retry(&mut agent.datapath)) {
-                        Ok(Some(report)) => tracing::info!(
+                        Ok(Some(report)) => {
+                            agent.reconciles.record("services", &Ok(()));
+                            tracing::info!(
                             added = report.added,
                             updated = report.updated,
                             removed = report.removed,
                             "Services programmed on retry"
-                        ),
+                            )
+                        }
                         Ok(None) => {}
                         Err(e) => {
+                            let e = anyhow::Error::from(e);
+                            agent.reconciles.failed("services", &e);
                             agent.errors.inc();
-                            tracing::error!(
-                                error = format!("{:#}", anyhow::Error::from(e)),
-                                "programming the Services failed again"
-                            );
+                            tracing::error!(error = format!("{e:#}"), "programming the Services failed again");
                         }
                     }
                 }

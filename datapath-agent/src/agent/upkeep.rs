@@ -226,6 +226,12 @@ impl Agent {
 
     /// Program maps and routes from the peer list: only what differs changes.
     pub(super) async fn apply_peers(&mut self, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
+        let result = self.program_peers(netlink).await;
+        self.reconciles.record("peers", &result);
+        result
+    }
+
+    async fn program_peers(&mut self, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
         let desired: Vec<RemoteRoute> = self
             .config
             .peers
@@ -271,8 +277,9 @@ impl Agent {
     /// Serve exactly the Services in `list` (only what differs is written).
     pub(super) fn apply_services(&mut self, list: Vec<ServiceConfig>) -> anyhow::Result<()> {
         let count = list.len();
-        let report = self.services.replace_all(&mut self.datapath, list);
+        let report = self.services.replace_all(&mut self.datapath, list).map_err(anyhow::Error::from);
         self.sync_service_health();
+        self.reconciles.record("services", &report);
         let report = report?;
         tracing::info!(
             services = count,
@@ -309,8 +316,9 @@ impl Agent {
             }
         }
         let Some(mut all) = all else {
-            let report = self.services.change(&mut self.datapath, changed);
+            let report = self.services.change(&mut self.datapath, changed).map_err(anyhow::Error::from);
             self.sync_service_health();
+            self.reconciles.record("services", &report);
             let report = report?;
             tracing::debug!(
                 added = report.added,
@@ -376,6 +384,9 @@ impl Agent {
             }
             Ok(self.policy.sync(&mut self.datapath, &local)?)
         });
+        if !matches!(result, Ok(None)) {
+            self.reconciles.record("policy", &result);
+        }
         match result {
             Ok(Some(report)) => {
                 self.policy_failed = false;

@@ -19,9 +19,9 @@ use aya::{
 use aya_obj::generated::BPF_NOEXIST;
 use datapath_common::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ConntrackEntry, ConntrackKey, Endpoint, EndpointKey,
-    FragmentKey, FragmentTranslation, ModeMismatch, MonitorConfig, NodeConfig, NodeKey, PodInterface,
-    PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, RemoteNode, Service, ServiceKey, SockRevNat,
-    SockRevNatKey, map_names,
+    FragmentKey, FragmentTranslation, ModeMismatch, MonitorConfig, NodeConfig, NodeKey, PacketCount,
+    PodInterface, PolicyAllow, PolicyEndpoint, PolicyPeer, PolicyRuleKey, RemoteNode, Service, ServiceKey,
+    SockRevNat, SockRevNatKey, map_names,
 };
 
 /// Copies entries from an old map into a new one (for an [`Upgrade`]: from
@@ -130,19 +130,21 @@ pub const LAYOUTS: &[MapLayout] = &[
     },
     MapLayout {
         name: map_names::DROP_COUNTERS,
-        version: 1,
+        // v2: packets and bytes (v1: packets).
+        version: 2,
         holds: "drop counters",
-        entries: Counters(add_counters::<1>),
+        entries: Counters(add_counters::<2>),
         incompatible: StartEmpty,
-        upgrades: &[],
+        upgrades: &[Upgrade { from_version: 1, entries: Counters(packet_counts_from_v1) }],
     },
     MapLayout {
         name: map_names::FORWARD_COUNTERS,
-        version: 1,
+        // v2: packets and bytes (v1: packets).
+        version: 2,
         holds: "forward counters",
-        entries: Counters(add_counters::<1>),
+        entries: Counters(add_counters::<2>),
         incompatible: StartEmpty,
-        upgrades: &[],
+        upgrades: &[Upgrade { from_version: 1, entries: Counters(packet_counts_from_v1) }],
     },
     MapLayout {
         name: map_names::REMOTE_NODES,
@@ -597,6 +599,33 @@ fn add_counters<const N: usize>(old: &Map, new: &mut Map) -> Result<Copied, MapE
             .iter()
             .zip(new.get(&slot, 0)?.iter())
             .map(|(old, new)| std::array::from_fn(|i| old[i].wrapping_add(new[i])))
+            .collect();
+        new.set(slot, PerCpuValues::try_from(sums).map_err(MapError::IoError)?, 0)?;
+        copied.entries += 1;
+    }
+    Ok(copied)
+}
+
+/// Drop and forward counters of layout v1 (packets only, one `u64` per
+/// CPU) added into v2's [`datapath_common::PacketCount`]s: the packets
+/// carried over, bytes counted from the switch on.
+fn packet_counts_from_v1(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    let old: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(old)?;
+    let mut new: PerCpuArray<&mut MapData, PacketCount> = PerCpuArray::try_from(new)?;
+    let mut copied = Copied::default();
+    for slot in 0..old.len() {
+        let packets = old.get(&slot, 0)?;
+        if packets.iter().all(|n| *n == 0) {
+            continue;
+        }
+        if slot >= new.len() {
+            copied.left_out += 1;
+            continue;
+        }
+        let sums: Vec<PacketCount> = packets
+            .iter()
+            .zip(new.get(&slot, 0)?.iter())
+            .map(|(old, new)| PacketCount { packets: old.wrapping_add(new.packets), bytes: new.bytes })
             .collect();
         new.set(slot, PerCpuValues::try_from(sums).map_err(MapError::IoError)?, 0)?;
         copied.entries += 1;

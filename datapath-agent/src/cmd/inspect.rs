@@ -454,26 +454,25 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&counters)?);
             } else {
                 let directions = datapath_common::Direction::ALL.map(|d| d.name());
-                println!(
-                    "{:<8} {:<28} {:>12} {:>12} {:>12} {:>12}",
-                    "KIND", "NAME", "PACKETS", directions[0], directions[1], directions[2]
-                );
+                print!("{:<8} {:<28} {:>12} {:>14}", "KIND", "NAME", "PACKETS", "BYTES");
+                for direction in directions {
+                    print!(" {direction:>12}");
+                }
+                println!();
                 let rows = [
-                    ("forward", &counters.forwards, &counters.forwards_by_direction),
-                    ("drop", &counters.drops, &counters.drops_by_direction),
+                    ("forward", &counters.forwards, &counters.forward_bytes, &counters.forwards_by_direction),
+                    ("drop", &counters.drops, &counters.drop_bytes, &counters.drops_by_direction),
                 ];
-                for (kind, totals, by_direction) in rows {
+                for (kind, totals, bytes, by_direction) in rows {
                     for (name, n) in totals {
-                        let per = directions.map(|d| by_direction.get(d).and_then(|m| m.get(name)).copied());
-                        println!(
-                            "{:<8} {:<28} {:>12} {:>12} {:>12} {:>12}",
-                            kind,
-                            name,
-                            n,
-                            per[0].unwrap_or(0),
-                            per[1].unwrap_or(0),
-                            per[2].unwrap_or(0)
-                        );
+                        print!("{kind:<8} {name:<28} {n:>12} {:>14}", bytes.get(name).copied().unwrap_or(0));
+                        // Packets per direction (the program that saw them).
+                        for direction in directions {
+                            let n =
+                                by_direction.get(direction).and_then(|m| m.get(name)).copied().unwrap_or(0);
+                            print!(" {n:>12}");
+                        }
+                        println!();
                     }
                 }
                 for (outcome, n) in &counters.monitor_events {

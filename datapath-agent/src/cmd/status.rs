@@ -1,8 +1,10 @@
 //! `datapath-agent status`: one summary of the node's datapath, from the
 //! agent (over its API socket: version, mode, source, readiness and why
 //! not, failing watches, the last rejected config edit, the last minute's
-//! drops) and from the pinned maps (fill levels). Exits 1 when the agent
-//! does not answer or is not ready, so scripts and probes can use it.
+//! drops, the last run of each reconciler and its result) and from the
+//! pinned maps (fill levels). Exits 1 when the agent does not answer, is
+//! not ready, or a reconciler's last run failed, so scripts and probes can
+//! use it.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -45,7 +47,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
                     settings.api_socket.display()
                 );
             };
-            let healthy = agent.not_ready.is_none();
+            // A reconciler whose last run failed leaves the datapath short
+            // of what it should hold (it is retried): not healthy either.
+            let failed: Vec<&str> =
+                agent.reconciles.iter().filter(|r| r.error.is_some()).map(|r| r.what.as_str()).collect();
+            let healthy = agent.not_ready.is_none() && failed.is_empty();
             let mut map_fill = map_fill;
             if let Some(capacity) = agent.conntrack_capacity {
                 // Counted by the collector at its last sweep (walking the
@@ -76,6 +82,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
                     "last_conntrack_sweep_seconds_ago": agent.last_sweep_seconds_ago,
                     "last_conntrack_sweep_error": agent.last_sweep_error,
                     "agent_errors": agent.errors,
+                    "reconciles": agent.reconciles,
+                    "failed_reconciles": failed,
                 }),
             )
         }
@@ -129,6 +137,16 @@ fn text(view: &serde_json::Value) -> String {
         } else {
             let failing: Vec<String> = watches.iter().map(s).collect();
             line("source", format!("{source}, FAILING: {}", failing.join("; ")));
+        }
+        for reconcile in view["reconciles"].as_array().into_iter().flatten() {
+            let ago = reconcile["seconds_ago"].as_u64().unwrap_or(0);
+            line(
+                &format!("reconciled {}", s(&reconcile["what"])),
+                match reconcile["error"].as_str() {
+                    None => format!("{ago} s ago, ok"),
+                    Some(error) => format!("{ago} s ago, FAILED (retried): {error}"),
+                },
+            );
         }
         line("endpoints", view["endpoints"].to_string());
         line("peers", view["peers"].to_string());

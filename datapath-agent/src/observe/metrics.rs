@@ -2,22 +2,29 @@
 //! scrape time: the maps are the counters, so nothing is copied or lost
 //! across agent restarts, and a scrape costs a handful of map reads.
 //!
-//! datapath_build_info{version,commit,profile}  1, naming the agent's build
-//! datapath_drops_total{direction,reason}  packets dropped, by program and named reason
+//! Every series of ours starts with `pod_datapath_` (the project's name,
+//! "eBPF pod datapath"; plain `datapath_` is taken by too many exporters).
+//! The names are a stable interface: dashboards and alerts are built on
+//! them; renaming one is a breaking change, noted in docs/upgrade.md.
+//!
+//! pod_datapath_build_info{version,commit,profile}  1, naming the agent's build
+//! pod_datapath_drops_total{direction,reason}  packets dropped, by program and named reason
 //!                                   (the pairs a program may drop for, from 0; any other once counted)
-//! datapath_policy_verdicts_total{direction,verdict}  new connections NetworkPolicy allowed or denied
-//! datapath_forwards_total{direction,path} packets forwarded, by program and path
-//! datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
-//! datapath_endpoints                local pod endpoints
-//! datapath_remote_nodes             peer pod CIDRs programmed
-//! datapath_services                 Service ports programmed
-//! datapath_conntrack_entries        connection-tracking entries (two per connection), at the last sweep
-//! datapath_conntrack_gc_removed_total  entries the agent's collector removed
-//! datapath_map_entries{map}         fill level of the sized maps ...
-//! datapath_map_capacity{map}        ... and their capacity
-//! datapath_agent_errors_total       failed reconciliations and refused requests
-//! datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
-//! datapath_kubernetes_watch_errors_total{watch}  errors of each Kubernetes watch (each one restarts it
+//! pod_datapath_policy_verdicts_total{direction,verdict}  new connections NetworkPolicy allowed or denied
+//! pod_datapath_drop_bytes_total{direction,reason}  their bytes (frames as they came), same series
+//! pod_datapath_forwards_total{direction,path} packets forwarded, by program and path
+//! pod_datapath_forward_bytes_total{direction,path}  their bytes
+//! pod_datapath_monitor_events_total{outcome}  monitor events emitted, rate limited, lost
+//! pod_datapath_endpoints                local pod endpoints
+//! pod_datapath_remote_nodes             peer pod CIDRs programmed
+//! pod_datapath_services                 Service ports programmed
+//! pod_datapath_conntrack_entries        connection-tracking entries (two per connection), at the last sweep
+//! pod_datapath_conntrack_gc_removed_total  entries the agent's collector removed
+//! pod_datapath_map_entries{map}         fill level of the sized maps ...
+//! pod_datapath_map_capacity{map}        ... and their capacity
+//! pod_datapath_agent_errors_total       failed reconciliations and refused requests
+//! pod_datapath_config_edits_rejected_total{reason}  config file edits not applied (invalid, needs_restart)
+//! pod_datapath_kubernetes_watch_errors_total{watch}  errors of each Kubernetes watch (each one restarts it
 //!                                   after a backoff), from 0 once the watch ran
 //! process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
 //! process_open_fds, process_max_fds, process_start_time_seconds  the agent process, as every
@@ -111,7 +118,7 @@ struct DatapathCollector {
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let metric = encoder.encode_descriptor(
-            "datapath_build",
+            "pod_datapath_build",
             "The agent's build: version, git commit, profile",
             None,
             MetricType::Info,
@@ -119,7 +126,7 @@ impl Collector for DatapathCollector {
         use datapath_api::build_info::{GIT_COMMIT, PROFILE, VERSION};
         Info::new(vec![("version", VERSION), ("commit", GIT_COMMIT), ("profile", PROFILE)]).encode(metric)?;
         let mut metric = encoder.encode_descriptor(
-            "datapath_config_edits_rejected",
+            "pod_datapath_config_edits_rejected",
             "Edits of the config file not applied: invalid (nothing applied) or needs_restart (a \
              restart-only field changed)",
             None,
@@ -131,7 +138,7 @@ impl Collector for DatapathCollector {
         let watch_errors = self.health.watch_errors();
         if !watch_errors.is_empty() {
             let mut metric = encoder.encode_descriptor(
-                "datapath_kubernetes_watch_errors",
+                "pod_datapath_kubernetes_watch_errors",
                 "Errors of each Kubernetes watch (Node, Service, EndpointSlice, NetworkPolicy, Namespace, \
                  Pod); each restarts the watch after a backoff",
                 None,
@@ -144,14 +151,14 @@ impl Collector for DatapathCollector {
         encode_process(&mut encoder)?;
         let errors = self.errors.0.load(Ordering::Relaxed);
         let metric = encoder.encode_descriptor(
-            "datapath_agent_errors",
+            "pod_datapath_agent_errors",
             "Failed reconciliations and refused requests",
             None,
             MetricType::Counter,
         )?;
         ConstCounter::new(errors).encode(metric)?;
         let metric = encoder.encode_descriptor(
-            "datapath_conntrack_gc_removed",
+            "pod_datapath_conntrack_gc_removed",
             "Connection-tracking entries the agent removed (idle or closed connections; two per connection)",
             None,
             MetricType::Counter,
@@ -161,7 +168,7 @@ impl Collector for DatapathCollector {
         let conntrack_entries = self.conntrack.entries();
         if let Some(entries) = conntrack_entries {
             let metric = encoder.encode_descriptor(
-                "datapath_conntrack_entries",
+                "pod_datapath_conntrack_entries",
                 "Connection-tracking entries (two per Service connection), at the agent's last sweep",
                 None,
                 MetricType::Gauge,
@@ -172,38 +179,57 @@ impl Collector for DatapathCollector {
         // The maps may be unreadable for a moment at start; then say nothing.
         let Ok(maps) = PinnedMaps::open(&self.pins) else { return Ok(()) };
         if let Ok(counters) = maps.counters() {
-            let mut metric = encoder.encode_descriptor(
-                "datapath_drops",
-                "Packets dropped by the datapath, by reason (see docs/why-dropped.md)",
-                None,
-                MetricType::Counter,
-            )?;
-            for direction in Direction::ALL {
-                let drops = counters.drops_by_direction.get(direction.name());
-                for reason in DropReason::ALL {
-                    let n = drops.and_then(|d| d.get(reason.name())).copied().unwrap_or(0);
-                    // A pair no program drops for stays out until counted.
-                    if n == 0 && !reason.directions().contains(&direction) {
-                        continue;
+            // Packets and bytes: the same series (labels) each.
+            let drops = [
+                (
+                    "pod_datapath_drops",
+                    "Packets dropped by the datapath, by reason (see docs/why-dropped.md)",
+                    &counters.drops_by_direction,
+                ),
+                (
+                    "pod_datapath_drop_bytes",
+                    "Bytes of the packets dropped by the datapath (frames as they came), by reason",
+                    &counters.drop_bytes_by_direction,
+                ),
+            ];
+            for (name, help, by_direction) in drops {
+                let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for direction in Direction::ALL {
+                    let drops = by_direction.get(direction.name());
+                    for reason in DropReason::ALL {
+                        let n = drops.and_then(|d| d.get(reason.name())).copied().unwrap_or(0);
+                        // A pair no program drops for stays out until counted.
+                        let packets = counters
+                            .drops_by_direction
+                            .get(direction.name())
+                            .and_then(|d| d.get(reason.name()));
+                        if packets.is_none_or(|p| *p == 0) && !reason.directions().contains(&direction) {
+                            continue;
+                        }
+                        let labels = vec![("direction", direction.name()), ("reason", reason.name())];
+                        ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
                     }
-                    let labels = vec![("direction", direction.name()), ("reason", reason.name())];
-                    ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            let forwards = [
+                ("pod_datapath_forwards", "Packets forwarded, by path", &counters.forwards_by_direction),
+                (
+                    "pod_datapath_forward_bytes",
+                    "Bytes of the packets forwarded (frames as they came), by path",
+                    &counters.forward_bytes_by_direction,
+                ),
+            ];
+            for (name, help, by_direction) in forwards {
+                let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (direction, forwards) in by_direction {
+                    for (path, n) in forwards {
+                        let labels = vec![("direction", *direction), ("path", *path)];
+                        ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+                    }
                 }
             }
             let mut metric = encoder.encode_descriptor(
-                "datapath_forwards",
-                "Packets forwarded, by path",
-                None,
-                MetricType::Counter,
-            )?;
-            for (direction, forwards) in &counters.forwards_by_direction {
-                for (path, n) in forwards {
-                    let labels = vec![("direction", *direction), ("path", *path)];
-                    ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
-                }
-            }
-            let mut metric = encoder.encode_descriptor(
-                "datapath_monitor_events",
+                "pod_datapath_monitor_events",
                 "Monitor events: emitted, rate_limited (over the per-CPU budget), ring_full (lost)",
                 None,
                 MetricType::Counter,
@@ -214,7 +240,7 @@ impl Collector for DatapathCollector {
         }
         if let Ok(verdicts) = maps.policy_verdicts() {
             let mut metric = encoder.encode_descriptor(
-                "datapath_policy_verdicts",
+                "pod_datapath_policy_verdicts",
                 "New connections of isolated pods judged by NetworkPolicy, by direction and verdict",
                 None,
                 MetricType::Counter,
@@ -227,14 +253,14 @@ impl Collector for DatapathCollector {
         let endpoints = maps.endpoints().map(|e| e.len() as i64).unwrap_or(0);
         let remote = maps.remote_routes().map(|r| r.len() as i64).unwrap_or(0);
         let metric = encoder.encode_descriptor(
-            "datapath_endpoints",
+            "pod_datapath_endpoints",
             "Local pod endpoints",
             None,
             MetricType::Gauge,
         )?;
         ConstGauge::new(endpoints).encode(metric)?;
         let metric = encoder.encode_descriptor(
-            "datapath_remote_nodes",
+            "pod_datapath_remote_nodes",
             "Peer pod CIDRs programmed",
             None,
             MetricType::Gauge,
@@ -244,7 +270,7 @@ impl Collector for DatapathCollector {
         let services = maps.service_count().ok().map(|n| n as i64);
         if let Some(services) = services {
             let metric = encoder.encode_descriptor(
-                "datapath_services",
+                "pod_datapath_services",
                 "Service ports programmed (cluster IP, port, protocol)",
                 None,
                 MetricType::Gauge,
@@ -252,7 +278,7 @@ impl Collector for DatapathCollector {
             ConstGauge::new(services).encode(metric)?;
         }
         let mut metric = encoder.encode_descriptor(
-            "datapath_map_entries",
+            "pod_datapath_map_entries",
             "Entries in the sized maps",
             None,
             MetricType::Gauge,
@@ -266,7 +292,7 @@ impl Collector for DatapathCollector {
             ConstGauge::new(entries as i64).encode(metric.encode_family(&vec![("map", "conntrack")])?)?;
         }
         let mut metric = encoder.encode_descriptor(
-            "datapath_map_capacity",
+            "pod_datapath_map_capacity",
             "Capacity of the sized maps",
             None,
             MetricType::Gauge,

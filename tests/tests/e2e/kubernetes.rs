@@ -411,7 +411,7 @@ fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
     let watch_errors = |a: &Node| {
         let (_, body) = try_http_get_local(&a.netns, 9976, "/metrics").unwrap();
         body.lines()
-            .find_map(|l| l.strip_prefix("datapath_kubernetes_watch_errors_total{watch=\"Node\"} "))
+            .find_map(|l| l.strip_prefix("pod_datapath_kubernetes_watch_errors_total{watch=\"Node\"} "))
             .map(|v| v.parse::<u64>().unwrap())
     };
     let errors_before = watch_errors(&a).expect("the Node watch's errors are exported once it ran");

@@ -1,10 +1,16 @@
 //! deploy/ parses into the Kubernetes API types, asks for no more than the
 //! agent needs, and carries an agent config the agent's own loader accepts.
-//! (Pure parsing: no root needed.)
+//! (Pure parsing, no root needed; but for the image's stripped binaries,
+//! which run a node.)
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use datapath_agent::source::config::{AgentConfig, NodeIdentity, Source};
+use datapath_tests::{
+    bin_dir,
+    lab::{Node, ping},
+    require_root, sh,
+};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{ConfigMap, ServiceAccount},
@@ -262,6 +268,37 @@ fn the_image_build_context_leaves_build_output_out() {
             "{needed} is ignored, the Containerfile builds from it"
         );
     }
+}
+
+/// The image is built with the stable toolchain the project is tested
+/// with (the base image's tag is this `rustc`'s version) and ships its
+/// binaries stripped; a stripped agent still carries its programs (data to
+/// strip) and forwards: pods on a node run by one reach each other.
+#[test]
+fn the_image_pins_its_toolchain_and_its_stripped_binaries_forward() {
+    require_root!();
+    let containerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/Containerfile")).unwrap();
+    let rustc = sh(&["rustc", "--version"]);
+    let version: Vec<&str> = rustc.split_whitespace().nth(1).unwrap().split('.').take(2).collect();
+    let base = format!("FROM docker.io/library/rust:{}-bookworm AS build", version.join("."));
+    assert!(containerfile.lines().any(|l| l == base), "expected `{base}` in deploy/Containerfile");
+    assert!(
+        containerfile.contains("strip target/release/datapath-agent target/release/datapath-cni"),
+        "the image's binaries are stripped:\n{containerfile}"
+    );
+
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    let stripped = node.work_dir.join("datapath-agent-stripped");
+    std::fs::copy(bin_dir().join("datapath-agent"), &stripped).unwrap();
+    sh(&["strip", &stripped.display().to_string()]);
+    let sections = sh(&["readelf", "-S", &stripped.display().to_string()]);
+    assert!(!sections.contains(".symtab") && !sections.contains(".debug_info"), "{sections}");
+    node.agent_binary = Some(stripped);
+    node.start_agent();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert!(ping(&a.netns, b.ip, 2), "pods on a stripped agent's node:\n{}", node.agent_log());
 }
 
 /// deploy/cleanup.yaml runs `datapath-agent cleanup` with the agent's own

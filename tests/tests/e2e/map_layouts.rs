@@ -14,6 +14,7 @@ use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues};
 use datapath_agent::bpf::map_layout::ConntrackEntryV2;
 use datapath_common::{
     CT_FORWARD, CT_SEEN, CT_STATEFUL, ConntrackEntry, ConntrackKey, DROP_COUNTER_SLOTS, DROP_REASON_SLOTS,
+    FORWARD_COUNTER_SLOTS, PacketCount,
 };
 use datapath_tests::{
     bin_dir,
@@ -225,6 +226,25 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
             bpftool_create(&v1, "hash", size_of::<ConntrackKey>() as u32, 24, 4096, "CONNTRACK");
             continue;
         }
+        // The counters are at v2 (bytes next to packets): their unversioned
+        // pins held v1's packets only (8-byte values), converted.
+        if let Some(counters) = name.strip_suffix("_counters-v2") {
+            std::fs::remove_file(&path).unwrap();
+            let (slots, map) = match counters {
+                "drop" => (DROP_COUNTER_SLOTS, "DROP_COUNTERS"),
+                "forward" => (FORWARD_COUNTER_SLOTS, "FORWARD_COUNTE"),
+                other => panic!("unexpected pin {other}"),
+            };
+            bpftool_create(
+                &maps_dir(&node).join(format!("{counters}_counters")),
+                "percpu_array",
+                4,
+                8,
+                slots,
+                map,
+            );
+            continue;
+        }
         let bare = name.strip_suffix("-v1").unwrap_or_else(|| panic!("unexpected pin {name}")).to_owned();
         std::fs::rename(&path, maps_dir(&node).join(&bare)).unwrap();
         ids.push((name, map_id(&maps_dir(&node).join(&bare))));
@@ -265,7 +285,9 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
         "{now:?}"
     );
     assert!(
-        now.iter().all(|p| p.ends_with("-v1") || p == "node_config-v3" || p == "conntrack-v3"),
+        now.iter().all(|p| p.ends_with("-v1")
+            || ["node_config-v3", "conntrack-v3", "drop_counters-v2", "forward_counters-v2"]
+                .contains(&p.as_str())),
         "{now:?}"
     );
     assert_eq!(node.programmed_endpoints(), endpoints_before);
@@ -352,23 +374,23 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
     assert!(spoofed >= 3, "{spoofed}");
     node.stop_agent();
 
-    // DROP_COUNTERS as a build with one direction fewer had it, holding
-    // the same counts.
+    // DROP_COUNTERS as an older build had it: layout v1 (packets only,
+    // 8-byte values), with one direction fewer, holding the same counts.
     let (ours, fewer) = (DROP_COUNTER_SLOTS, DROP_COUNTER_SLOTS - DROP_REASON_SLOTS);
+    let current = maps_dir(&node).join("drop_counters-v2");
     let drops = maps_dir(&node).join("drop_counters-v1");
-    let older = maps_dir(&node).join("drop_counters_older");
-    bpftool_create(&older, "percpu_array", 4, 8, fewer, "DROP_COUNTERS");
+    bpftool_create(&drops, "percpu_array", 4, 8, fewer, "DROP_COUNTERS");
     {
-        let current: PerCpuArray<MapData, u64> =
+        let current: PerCpuArray<MapData, PacketCount> =
+            PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(&current).unwrap())).unwrap();
+        let mut older: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(&drops).unwrap())).unwrap();
-        let mut smaller: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(&older).unwrap())).unwrap();
         for slot in 0..fewer {
-            let values: Vec<u64> = current.get(&slot, 0).unwrap().iter().copied().collect();
-            smaller.set(slot, PerCpuValues::try_from(values).unwrap(), 0).unwrap();
+            let values: Vec<u64> = current.get(&slot, 0).unwrap().iter().map(|c| c.packets).collect();
+            older.set(slot, PerCpuValues::try_from(values).unwrap(), 0).unwrap();
         }
     }
-    std::fs::rename(&older, &drops).unwrap();
+    std::fs::remove_file(&current).unwrap();
     assert_eq!(max_entries(&drops), fewer);
     // MONITOR_COUNTERS with 16-byte values: unreadable, and only counters.
     let monitor_counters = maps_dir(&node).join("monitor_counters-v1");
@@ -376,8 +398,11 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
     bpftool_create(&monitor_counters, "percpu_array", 4, 16, 4, "MONITOR_COUNTE");
 
     node.start_agent();
-    assert_eq!(max_entries(&drops), ours, "grown to this build's size");
+    assert!(!drops.exists(), "the v1 pin is gone once converted");
+    assert_eq!(max_entries(&current), ours, "grown to this build's size");
     assert_eq!(node.drop_count("spoofed_source"), spoofed, "counts carried over");
+    let bytes = |node: &Node| node.inspect("counters")["drop_bytes"]["spoofed_source"].as_u64().unwrap();
+    assert_eq!(bytes(&node), 0, "v1 had no bytes: counted from the upgrade on");
     assert_eq!(MapInfo::from_pin(&monitor_counters).unwrap().value_size(), 8, "replaced");
     let log = node.agent_log();
     assert!(log.contains("map migrated") && log.contains("DROP_COUNTERS"), "{log}");
@@ -386,6 +411,8 @@ fn counters_survive_a_grown_counter_map_and_restart_on_an_incompatible_one() {
     // And counting goes on in the migrated map.
     assert!(!ping_from_spoofed_address(&a, "10.244.1.200", b.ip, 2));
     assert_eq!(node.drop_count("spoofed_source"), spoofed + 2);
+    // Two pings of 84-byte IPv4 packets, 98-byte frames.
+    assert_eq!(bytes(&node), 2 * 98);
 }
 
 /// Also the conversion of layout v2's entries (24 bytes, before the

@@ -92,31 +92,39 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     assert_eq!(status, 200, "{metrics}");
     for (reason, n) in counters["drops"].as_object().unwrap() {
         assert_eq!(
-            sample(&metrics, "datapath_drops_total", &format!("reason=\"{reason}\"")),
+            sample(&metrics, "pod_datapath_drops_total", &format!("reason=\"{reason}\"")),
             n.as_u64(),
             "/metrics agrees with inspect on {reason}:\n{metrics}"
         );
+        assert_eq!(
+            sample(&metrics, "pod_datapath_drop_bytes_total", &format!("reason=\"{reason}\"")),
+            counters["drop_bytes"][reason].as_u64(),
+            "/metrics agrees with inspect on {reason}'s bytes:\n{metrics}"
+        );
     }
+    // Bytes are the frames as they came: three 98-byte pings.
+    assert_eq!(counters["drop_bytes"]["spoofed_source"].as_u64(), Some(3 * 98), "{counters}");
+    assert!(sample(&metrics, "pod_datapath_forward_bytes_total", "path=\"local_delivery\"").unwrap() > 0);
     // Forwards keep moving (the node's own neighbour probes into the pods
     // count as routed_into_pod), so /metrics must lie between two readings
     // of inspect taken around it.
     let after = node.inspect("counters");
     for (path, n) in counters["forwards"].as_object().unwrap() {
-        let seen = sample(&metrics, "datapath_forwards_total", &format!("path=\"{path}\"")).unwrap();
+        let seen = sample(&metrics, "pod_datapath_forwards_total", &format!("path=\"{path}\"")).unwrap();
         let later = after["forwards"][path].as_u64().unwrap();
         assert!(
             n.as_u64().unwrap() <= seen && seen <= later,
             "{path}: inspect {n}, /metrics {seen}, inspect {later}"
         );
     }
-    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2), "{metrics}");
+    assert_eq!(sample(&metrics, "pod_datapath_endpoints", ""), Some(2), "{metrics}");
     assert_eq!(
-        sample(&metrics, "datapath_drops_total", "direction=\"from_pod\""),
+        sample(&metrics, "pod_datapath_drops_total", "direction=\"from_pod\""),
         Some(8),
         "all from the pod:\n{metrics}"
     );
-    assert_eq!(sample(&metrics, "datapath_monitor_events_total", "outcome=\"emitted\""), Some(8));
-    assert_eq!(sample(&metrics, "datapath_map_capacity", "map=\"endpoints\""), Some(65536));
+    assert_eq!(sample(&metrics, "pod_datapath_monitor_events_total", "outcome=\"emitted\""), Some(8));
+    assert_eq!(sample(&metrics, "pod_datapath_map_capacity", "map=\"endpoints\""), Some(65536));
 
     // bpftool (Debian's) sees the same per-CPU counter for spoofed_source.
     let dump = sh(&[
@@ -125,7 +133,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
         "map",
         "lookup",
         "pinned",
-        &node.bpffs_dir.join("maps/drop_counters-v1").display().to_string(),
+        &node.bpffs_dir.join("maps/drop_counters-v2").display().to_string(),
         "key",
         "1",
         "0",
@@ -134,9 +142,12 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     ]);
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     // With -j, bpftool prints raw bytes under "values" and the BTF view under "formatted".
-    let total: u64 =
-        v["formatted"]["values"].as_array().unwrap().iter().map(|c| c["value"].as_u64().unwrap()).sum();
-    assert_eq!(total, 3, "{dump}");
+    let total = |field: &str| -> u64 {
+        v["formatted"]["values"].as_array().unwrap().iter().map(|c| c["value"][field].as_u64().unwrap()).sum()
+    };
+    assert_eq!(total("packets"), 3, "{dump}");
+    // Bytes next to packets: three pings, 98-byte frames.
+    assert_eq!(total("bytes"), 3 * 98, "{dump}");
 
     // inspect config shows what the programs run with.
     let config = node.inspect("config");
@@ -163,7 +174,7 @@ fn provoked_drops_agree_in_inspect_metrics_and_bpftool() {
     want.sort();
     assert_eq!(ips, want);
     let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
-    assert_eq!(sample(&metrics, "datapath_endpoints", ""), Some(2));
+    assert_eq!(sample(&metrics, "pod_datapath_endpoints", ""), Some(2));
 }
 
 #[test]
@@ -306,7 +317,7 @@ fn readiness_shows_rejected_config_edits_and_follows_the_datapath() {
     wait_for("ready", Duration::from_secs(30), || readyz(&node).0 == 200);
     let rejected = |node: &Node, reason: &str| {
         let (_, metrics) = http_get_local(&node.netns, 9976, "/metrics");
-        sample(&metrics, "datapath_config_edits_rejected_total", &format!("reason=\"{reason}\""))
+        sample(&metrics, "pod_datapath_config_edits_rejected_total", &format!("reason=\"{reason}\""))
     };
     assert_eq!(rejected(&node, "invalid"), Some(0));
 
@@ -641,8 +652,8 @@ fn metrics_pass_promtool_in_both_formats() {
     if let Err(said) = promtool_check(&text) {
         panic!("promtool check metrics: {said}\n{text}");
     }
-    assert!(text.contains("# TYPE datapath_drops_total counter\n"), "{text}");
-    assert_eq!(sample(&text, "datapath_drops_total", "reason=\"spoofed_source\""), Some(1), "{text}");
+    assert!(text.contains("# TYPE pod_datapath_drops_total counter\n"), "{text}");
+    assert_eq!(sample(&text, "pod_datapath_drops_total", "reason=\"spoofed_source\""), Some(1), "{text}");
 
     let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
                       q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
@@ -650,7 +661,7 @@ fn metrics_pass_promtool_in_both_formats() {
         http_get_local_with(&node.netns, 9976, "/metrics", &[("Accept", prometheus)]).unwrap();
     assert_eq!(status, 200, "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
-    assert!(openmetrics.contains("# TYPE datapath_drops counter\n") && openmetrics.ends_with("# EOF\n"));
+    assert!(openmetrics.contains("# TYPE pod_datapath_drops counter\n") && openmetrics.ends_with("# EOF\n"));
 
     for body in [&text, &openmetrics] {
         assert!(!body.contains("{}"), "empty braces:\n{body}");
@@ -659,14 +670,14 @@ fn metrics_pass_promtool_in_both_formats() {
             "an impossible pair:\n{body}"
         );
         assert!(body.contains("direction=\"from_pod\",reason=\"spoofed_source\""), "{body}");
-        let build = body.lines().find(|l| l.starts_with("datapath_build_info{")).expect("build info");
+        let build = body.lines().find(|l| l.starts_with("pod_datapath_build_info{")).expect("build info");
         assert!(
             build.contains("version=\"") && build.contains("commit=\"") && build.ends_with(" 1"),
             "{build}"
         );
     }
     // Every (direction, reason) pair a program may drop for is there from 0.
-    let drops = text.lines().filter(|l| l.starts_with("datapath_drops_total{")).count();
+    let drops = text.lines().filter(|l| l.starts_with("pod_datapath_drops_total{")).count();
     let declared: usize = datapath_common::DropReason::ALL.iter().map(|r| r.directions().len()).sum();
     assert_eq!(drops, declared, "{text}");
 }
@@ -983,15 +994,32 @@ fn the_grafana_dashboard_queries_what_the_agent_exports() {
     let mut queried = std::collections::BTreeSet::new();
     for expr in &exprs {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if word.starts_with("datapath_") || word.starts_with("process_") {
+            if word.starts_with("pod_datapath_") || word.starts_with("process_") {
                 queried.insert(word.to_owned());
             }
         }
     }
     let missing: Vec<_> =
-        queried.iter().filter(|m| !m.starts_with("datapath_kubernetes_") && !exported(m)).collect();
+        queried.iter().filter(|m| !m.starts_with("pod_datapath_kubernetes_") && !exported(m)).collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}\n{text}");
     assert!(queried.len() >= 12, "{queried:?}");
+}
+
+/// Run `status --json` until `done` holds for its answer (30 s at most).
+fn wait_for_status(
+    status: &dyn Fn(bool) -> std::process::Output,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (std::process::ExitStatus, serde_json::Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = status(true);
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if done(&view) {
+            return (out.status, view);
+        }
+        assert!(std::time::Instant::now() < deadline, "status never got there: {view}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// `datapath-agent status`: one summary from the agent and the pins, in
@@ -1032,10 +1060,33 @@ fn status_summarises_the_node_and_fails_without_its_agent() {
     assert!(view["last_conntrack_sweep_seconds_ago"].as_u64().is_some_and(|s| s <= 10), "{view}");
     assert!(view["last_conntrack_sweep_error"].is_null(), "{view}");
     assert_eq!(view["agent_errors"], 0, "{view}");
+    // The last run of each reconciler and its result.
+    let reconciled: Vec<&str> =
+        view["reconciles"].as_array().unwrap().iter().map(|r| r["what"].as_str().unwrap()).collect();
+    assert!(reconciled.contains(&"peers") && reconciled.contains(&"services"), "{view}");
+    assert!(view["reconciles"].as_array().unwrap().iter().all(|r| r["error"].is_null()), "{view}");
     let out = status(false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("ready") && text.contains("spoofed_source 2"), "{text}");
     assert!(text.contains("s ago, ok") && text.contains("map conntrack"), "{text}");
+    assert!(text.contains("reconciled peers"), "{text}");
+
+    // A peer the node cannot route to (not on the uplink's subnet): the
+    // peers reconciler fails, status says so and exits 1, though the agent
+    // stays ready; fixed, healthy again.
+    let good = std::fs::read_to_string(node.config_path()).unwrap();
+    let unroutable = "\n[[peers]]\nname = \"far\"\nnode_ip = \"192.0.2.9\"\npod_cidr = \"10.244.9.0/24\"\n";
+    std::fs::write(node.config_path(), format!("{good}{unroutable}")).unwrap();
+    let failed = wait_for_status(&status, |view| view["failed_reconciles"] == serde_json::json!(["peers"]));
+    assert_eq!((failed.0.code(), failed.1["ready"].as_bool()), (Some(1), Some(true)), "{:?}", failed.1);
+    let text = String::from_utf8_lossy(&status(false).stdout).into_owned();
+    assert!(
+        text.contains("reconciled peers") && text.contains("FAILED (retried)") && text.contains("192.0.2.9"),
+        "{text}"
+    );
+    std::fs::write(node.config_path(), &good).unwrap();
+    let fixed = wait_for_status(&status, |view| view["healthy"] == true);
+    assert_eq!(fixed.0.code(), Some(0), "{:?}", fixed.1);
 
     // A rejected config edit (a syntax error: status reads the paths from
     // the lines that still parse) is shown; the agent stays ready on its config.

@@ -705,10 +705,11 @@ fn node_condition(set_back: bool) {
     std::thread::sleep(Duration::from_secs(8));
     let body = scrape("after watch errors", &mut problems);
     let watch: Vec<&str> =
-        body.lines().filter(|l| l.starts_with("datapath_kubernetes_watch_errors_total")).collect();
+        body.lines().filter(|l| l.starts_with("pod_datapath_kubernetes_watch_errors_total")).collect();
     let process: Vec<&str> = body.lines().filter(|l| l.starts_with("process_")).collect();
     eprintln!("watch errors: {watch:?}\nprocess: {process:?}");
-    let services_errors = metric_value(&body, "datapath_kubernetes_watch_errors_total{watch=\"Service\"}");
+    let services_errors =
+        metric_value(&body, "pod_datapath_kubernetes_watch_errors_total{watch=\"Service\"}");
     if services_errors.unwrap_or(0.0) < 1.0 {
         problems.push(format!("services watch errors not counted: {watch:?}"));
     }
@@ -768,7 +769,7 @@ fn node_condition(set_back: bool) {
 
 /// `deploy/grafana-dashboard.json` as Grafana would import it: valid JSON,
 /// a `panels` list with unique ids, every target's expression non-empty,
-/// no `rate()` over a gauge (`datapath_map_entries`, `process_open_fds`,
+/// no `rate()` over a gauge (`pod_datapath_map_entries`, `process_open_fds`,
 /// ...) and no raw counter (`_total`) graphed without a rate/increase, and
 /// a datasource input or variable for the Prometheus data source.
 #[test]
@@ -800,7 +801,7 @@ fn grafana_dashboard_imports_and_its_queries_are_sensible() {
             if e.trim().is_empty() {
                 problems.push(format!("panel {:?}: empty expr", p["title"]));
             }
-            for gauge in ["datapath_map_entries", "process_open_fds", "process_resident_memory_bytes"] {
+            for gauge in ["pod_datapath_map_entries", "process_open_fds", "process_resident_memory_bytes"] {
                 if e.contains(&format!("rate({gauge}")) || e.contains(&format!("increase({gauge}")) {
                     problems.push(format!("panel {:?}: rate over gauge: {e}", p["title"]));
                 }

@@ -33,14 +33,17 @@ fn a_pin_this_build_cannot_read_is_refused_unless_its_loss_is_harmless() {
 
     let drops = layout(map_names::DROP_COUNTERS).unwrap();
     let counters =
-        Shape { map_type: MapType::PerCpuArray, key_size: 4, value_size: 8, max_entries: 192, flags: 0 };
-    let wide = Shape { value_size: 16, ..counters };
-    let incompatible = Reason::Incompatible { version: 1, found: wide };
-    assert_eq!(verdict(drops, &counters, 1, &wide), Verdict::Replace(incompatible));
+        Shape { map_type: MapType::PerCpuArray, key_size: 4, value_size: 16, max_entries: 192, flags: 0 };
+    let wide = Shape { value_size: 24, ..counters };
+    let incompatible = Reason::Incompatible { version: 2, found: wide };
+    assert_eq!(verdict(drops, &counters, 2, &wide), Verdict::Replace(incompatible));
     let newer = Reason::Incompatible { version: 3, found: counters };
     assert_eq!(verdict(drops, &counters, 3, &counters), Verdict::Replace(newer));
     let grown = Shape { max_entries: 128, ..counters };
-    assert_eq!(verdict(drops, &counters, 1, &grown), Verdict::Migrate(Reason::Resized { from: grown }));
+    assert_eq!(verdict(drops, &counters, 2, &grown), Verdict::Migrate(Reason::Resized { from: grown }));
+    // v1 counted packets only (8-byte values), in fewer slots: converted.
+    let packets_only = Shape { value_size: 8, max_entries: 128, ..counters };
+    assert_eq!(verdict(drops, &counters, 1, &packets_only), Verdict::Upgrade(1));
 }
 
 #[test]
