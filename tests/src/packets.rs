@@ -333,7 +333,12 @@ pub fn test_run_on(device: &RunDevice, datapath: &Datapath, program: &'static st
     })
     .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
-    Run { verdict: result.return_value, out, counters: datapath.counters().unwrap() }
+    Run {
+        verdict: result.return_value,
+        out,
+        counters: datapath.counters().unwrap(),
+        frame_len: frame.len() as u64,
+    }
 }
 
 /// What one test run did: the program's verdict, the frame as it left, and
@@ -342,6 +347,8 @@ pub struct Run {
     pub verdict: u32,
     pub out: Vec<u8>,
     pub counters: Counters,
+    /// Length of the frame run (what the counters' bytes count).
+    pub frame_len: u64,
 }
 
 /// Run `program` of `datapath` once on `frame` (BPF_PROG_TEST_RUN; the
@@ -359,16 +366,33 @@ pub fn test_run(datapath: &Datapath, program: &'static str, frame: &[u8]) -> Run
         })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
-    Run { verdict: result.return_value, out, counters: datapath.counters().unwrap() }
+    Run {
+        verdict: result.return_value,
+        out,
+        counters: datapath.counters().unwrap(),
+        frame_len: frame.len() as u64,
+    }
 }
 
 impl Run {
-    /// Exactly one counter, the named one, moved by exactly one (the
-    /// counters of a freshly loaded datapath start at zero).
+    /// Exactly one counter, the named one, moved by exactly one packet of
+    /// the frame's length (the counters of a freshly loaded datapath start
+    /// at zero).
     pub fn assert_only_drop(&self, reason: DropReason) {
         assert_eq!(self.verdict, TC_ACT_SHOT, "verdict");
+        self.assert_drop_counted(reason);
+    }
+
+    fn assert_drop_counted(&self, reason: DropReason) {
         for r in DropReason::ALL {
             assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
+            let bytes = if r == reason { self.frame_len } else { 0 };
+            assert_eq!(
+                self.counters.drop_bytes.get(r.name()).copied(),
+                Some(bytes),
+                "drop bytes {}",
+                r.name()
+            );
         }
         for p in ForwardPath::ALL {
             assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
@@ -379,9 +403,7 @@ impl Run {
     /// an ICMP error and redirected back (a drop as far as counters go).
     pub fn assert_answered(&self, reason: DropReason) {
         assert_eq!(self.verdict, TC_ACT_REDIRECT, "verdict: the ICMP error is sent back");
-        for r in DropReason::ALL {
-            assert_eq!(self.counters.drop_count(r), u64::from(r == reason), "drop counter {}", r.name());
-        }
+        self.assert_drop_counted(reason);
         for p in ForwardPath::ALL {
             assert_eq!(self.counters.forward_count(p), 0, "forward counter {}", p.name());
         }
@@ -391,6 +413,13 @@ impl Run {
         assert_eq!(self.verdict, verdict, "verdict");
         for p in ForwardPath::ALL {
             assert_eq!(self.counters.forward_count(p), u64::from(p == path), "forward counter {}", p.name());
+            let bytes = if p == path { self.frame_len } else { 0 };
+            assert_eq!(
+                self.counters.forward_bytes.get(p.name()).copied(),
+                Some(bytes),
+                "forward bytes {}",
+                p.name()
+            );
         }
         for r in DropReason::ALL {
             assert_eq!(self.counters.drop_count(r), 0, "drop counter {}", r.name());
