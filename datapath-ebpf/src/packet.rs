@@ -18,8 +18,9 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_tunnel_key,
     },
     helpers::{
-        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_change_tail,
-        bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key, bpf_skc_lookup_tcp,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skb_change_tail, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+        bpf_skc_lookup_tcp,
     },
     programs::TcContext,
 };
@@ -46,6 +47,16 @@ impl Packet {
     #[inline(always)]
     fn skb(&self) -> *mut __sk_buff {
         self.ctx.skb.skb
+    }
+
+    /// The packet's flow hash (`skb->hash`, computed from its addresses and
+    /// ports with the kernel's secret seed if nothing set it): the same for
+    /// every packet of a flow, so a choice made from it is made again for a
+    /// later packet of the same flow; not guessable from outside.
+    #[inline(always)]
+    pub fn flow_hash(&self) -> u32 {
+        // SAFETY: a helper taking the context.
+        unsafe { bpf_get_hash_recalc(self.skb()) }
     }
 
     /// Does this namespace's stack hold a socket that a packet `saddr:sport

@@ -202,8 +202,14 @@ pub fn translate<const NODE_PORT: bool>(
     } else if clients::at_limit(saddr, max_per_client) {
         return Ok(Translation::Refuse(DropReason::ConntrackClientLimit));
     }
-    // (The agent is shrinking this Service right now if there is none.)
-    let Some(backend) = choose_backend(&service, saddr, now) else {
+    // Chosen by the flow's hash, not at random: a connection given up
+    // (early drop, expiry) and picked up again by a later packet of the
+    // same flow lands on the same backend, and behind the same source port
+    // (`open_snat`), so the backend's socket carries on instead of
+    // resetting it. (The agent is shrinking this Service right now if
+    // there is none.)
+    let flow_hash = headers.packet().flow_hash();
+    let Some(backend) = choose_backend(&service, saddr, now, flow_hash) else {
         return Ok(Translation::Refuse(DropReason::ServiceNoBackend));
     };
     let hairpin = same_ipv4(backend.ipv4, saddr);
@@ -221,7 +227,7 @@ pub fn translate<const NODE_PORT: bool>(
     // A node port's connection to another node's backend leaves from the
     // node's address, so that the replies come back through here.
     if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
-        return open_snat(headers, key, &ports, &backend, (events, seq_after_syn), now, fragments);
+        return open_snat(headers, key, &ports, &backend, (events, seq_after_syn, flow_hash), now, fragments);
     }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
@@ -378,8 +384,8 @@ fn outside_early_drop() -> bool {
 
 /// Open a NodePort connection to another node's backend: a free source
 /// port of [`datapath_common::SNAT_PORT_RANGES`] on the node's address (the key's destination),
-/// taken by writing the reply entry first ([`SNAT_PORT_TRIES`] random
-/// tries), then the
+/// taken by writing the reply entry first ([`SNAT_PORT_TRIES`] tries: the
+/// flow hash's port, then random ones), then the
 /// forward entry.
 #[inline(always)]
 fn open_snat<'a>(
@@ -387,7 +393,7 @@ fn open_snat<'a>(
     key: ConntrackKey,
     ports: &Ports,
     backend: &Backend,
-    (events, seq_after_syn): (u8, u32),
+    (events, seq_after_syn, flow_hash): (u8, u32, u32),
     now: u64,
     fragments: Option<&FragmentKey>,
 ) -> Result<Translation<'a>, DropReason> {
@@ -413,9 +419,13 @@ fn open_snat<'a>(
         _pad: [0; 3],
     };
     let mut taken = false;
-    for _ in 0..SNAT_PORT_TRIES {
+    for i in 0..SNAT_PORT_TRIES {
+        // First the port the flow's hash names (a connection picked up again
+        // gets the port it had, if free: the backend sees the same
+        // connection), then at random.
         // SAFETY: plain helper without arguments.
-        let port = snat_port_at(unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT);
+        let pick = if i == 0 { flow_hash.rotate_left(16) } else { unsafe { bpf_get_prandom_u32() } };
+        let port = snat_port_at(pick % SNAT_PORT_COUNT);
         reply_key.dport = port.to_be_bytes();
         // A port the node's own stack uses with this backend (its own
         // connection from an explicitly bound port, a listener): the
@@ -477,11 +487,12 @@ fn open_snat<'a>(
 }
 
 /// A backend of `service` for a new connection of `client`: the one its
-/// ClientIP affinity names while that lasts (renewed), else one at random.
-/// `None`: no backend in the slot drawn (the agent is shrinking the
-/// Service right now). Shared by the packet and the socket programs.
+/// ClientIP affinity names while that lasts (renewed), else the one `pick`
+/// (the packet's flow hash, or a random number for a socket) falls on.
+/// `None`: no backend in that slot (the agent is shrinking the Service
+/// right now). Shared by the packet and the socket programs.
 #[inline(always)]
-pub fn choose_backend(service: &Service, client: [u8; 4], now: u64) -> Option<Backend> {
+pub fn choose_backend(service: &Service, client: [u8; 4], now: u64, pick: u32) -> Option<Backend> {
     let affinity_key = AffinityKey { service_id: service.id, client_ipv4: client };
     let with_affinity = service.flags & SERVICE_AFFINITY_CLIENT_IP != 0;
     if with_affinity {
@@ -496,8 +507,7 @@ pub fn choose_backend(service: &Service, client: [u8; 4], now: u64) -> Option<Ba
             }
         }
     }
-    // SAFETY: plain helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let slot = pick % service.backend_count;
     // SAFETY: copied out at once.
     let backend = (unsafe { SERVICE_BACKENDS.get(BackendKey { service_id: service.id, slot }) }).copied()?;
     if with_affinity {

@@ -9,7 +9,10 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use datapath_common::{
@@ -106,7 +109,9 @@ pub fn to_backend(ctx: SockAddrContext, family: u32) -> i32 {
     // Host clients share the node's address: that is their ClientIP.
     let backend = match service.backend_count {
         0 => None,
-        _ => choose_backend(&service, node_config().node_ipv4, now),
+        // (A socket's choice is kept by the socket: at random.)
+        // SAFETY: plain helper without arguments.
+        _ => choose_backend(&service, node_config().node_ipv4, now, unsafe { bpf_get_prandom_u32() }),
     };
     let Some(backend) = backend else {
         // As a refused connection, at once (kube-proxy rejects too).
