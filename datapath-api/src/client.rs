@@ -2,7 +2,7 @@
 //! connection, every step bounded by a timeout.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -61,14 +61,58 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     let mut line = serde_json::to_vec(request).map_err(ClientError::Decode)?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(classify)?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(classify)?;
+    let answer =
+        read_answer(&stream, std::time::Instant::now() + timeout).map_err(|source| match source.kind() {
+            std::io::ErrorKind::InvalidData => ClientError::Io { path: socket.to_owned(), source },
+            _ => classify(source),
+        })?;
     if answer.is_empty() {
         return Err(ClientError::Closed { path: socket.to_owned(), source: None });
     }
-    match serde_json::from_str(&answer).map_err(ClientError::Decode)? {
+    match serde_json::from_slice(&answer).map_err(ClientError::Decode)? {
         Response::Error { message } => Err(ClientError::Refused(message)),
         ok => Ok(ok),
+    }
+}
+
+/// The largest answer taken: the biggest real one (every endpoint of a full
+/// node, for GC) is a few megabytes; something at the socket that sends
+/// more is not the agent.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// One answer line, read by `deadline` (the whole answer, not each read: a
+/// peer sending a byte at a time gets no longer) and at most
+/// [`MAX_ANSWER_BYTES`] long (`InvalidData` past it).
+fn read_answer(stream: &UnixStream, deadline: std::time::Instant) -> std::io::Result<Vec<u8>> {
+    use std::io::{ErrorKind, Read as _};
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "no whole answer in time"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match (&*stream).read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // Closed: what came is all (empty: no answer).
+            return Ok(answer);
+        }
+        if let Some(end) = chunk[..n].iter().position(|b| *b == b'\n') {
+            answer.extend_from_slice(&chunk[..end]);
+            return Ok(answer);
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        if answer.len() > MAX_ANSWER_BYTES {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("the answer is longer than {MAX_ANSWER_BYTES} bytes: not the agent's"),
+            ));
+        }
     }
 }
 
@@ -99,6 +143,8 @@ fn classify_io(path: &Path, timeout: Duration, source: std::io::Error) -> Client
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead as _, BufReader};
+
     use super::*;
 
     /// A listening socket in a fresh directory (removed on drop), never

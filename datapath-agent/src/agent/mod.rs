@@ -98,6 +98,11 @@ impl Reconciles {
         self.0.insert(what, (std::time::Instant::now(), error));
     }
 
+    /// Did `what`'s last run fail?
+    fn failed_last(&self, what: &str) -> bool {
+        self.0.get(what).is_some_and(|(_, error)| error.is_some())
+    }
+
     fn failed(&mut self, what: &'static str, error: &anyhow::Error) {
         self.0.insert(what, (std::time::Instant::now(), Some(format!("{error:#}"))));
     }
@@ -557,6 +562,24 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         agent.sync_policy();
                     }
                     agent.check_live_endpoints();
+                    // The uplink's (and the VXLAN device's) programs: a
+                    // device re-created under its name lost them.
+                    match agent.datapath.repair_node_links(&node_programs) {
+                        Ok(repaired) => {
+                            for (program, ifname) in repaired {
+                                tracing::warn!(
+                                    program,
+                                    ifname,
+                                    "node program attached again: its link no longer ran (the device re-created, \
+                                     or the link detached by hand)"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            agent.errors.inc();
+                            tracing::error!(error = format!("{e:#}"), "checking the node programs' links failed");
+                        }
+                    }
                     if let Err(e) = switch_off_abandoned_forward_tracing(&mut agent.datapath) {
                         agent.errors.inc();
                         tracing::warn!(error = format!("{e:#}"), "checking the monitor's forward tracing failed");
@@ -565,6 +588,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = route_check.tick() => {
                 let mut agent = agent.lock().await;
+                // A failed peer sync is tried again here (what failed may
+                // have been fixed on the node since: an address, a route).
+                if agent.reconciles.failed_last("peers") {
+                    match agent.apply_peers(&netlink).await {
+                        Ok(()) => tracing::info!("peer nodes programmed on retry"),
+                        Err(e) => tracing::debug!(error = format!("{e:#}"), "programming the peer nodes failed again"),
+                    }
+                }
                 agent.check_node_routes(&netlink).await;
             }
             _ = interface_sweep.tick() => {
@@ -647,6 +678,11 @@ fn routing_mode(mode: Mode) -> u32 {
 /// killed; switch it off (the programs would otherwise pay for it forever).
 /// Returns whether it did.
 fn switch_off_abandoned_forward_tracing(datapath: &mut Datapath) -> anyhow::Result<bool> {
+    // No pins (removed by `cleanup --force` under this agent): no monitor
+    // can run, and taking its lock would make the directory again.
+    if !datapath.pins().maps_dir().exists() {
+        return Ok(false);
+    }
     let _no_monitor = match MonitorLock::try_acquire(datapath.pins()) {
         Ok(lock) => lock,
         Err(MonitorLockError::Held { .. }) => return Ok(false),

@@ -152,12 +152,15 @@ impl Datapath {
                 restored.entries = true;
             }
         }
-        if !self.pins.link(&ep.host_ifname).exists() {
-            self.attach(&ep.host_ifname, ep.host_ifindex)?;
+        // Pinned is not enough: a link detached by hand keeps its pin.
+        let pin = self.pins.link(&ep.host_ifname);
+        if !super::links::link_attached(&pin, datapath_common::program_names::FROM_POD, &ep.host_ifname)? {
+            self.reattach(datapath_common::program_names::FROM_POD, &ep.host_ifname, ep.host_ifindex, pin)?;
             restored.link = true;
         }
-        if !self.pins.to_pod_link(&ep.host_ifname).exists() {
-            self.attach_to_pod(&ep.host_ifname, ep.host_ifindex)?;
+        let pin = self.pins.to_pod_link(&ep.host_ifname);
+        if !super::links::link_attached(&pin, datapath_common::program_names::TO_POD, &ep.host_ifname)? {
+            self.reattach(datapath_common::program_names::TO_POD, &ep.host_ifname, ep.host_ifindex, pin)?;
             restored.to_pod_link = true;
         }
         Ok(restored)

@@ -5,7 +5,7 @@
 use std::{fs, io, path::PathBuf};
 
 use aya::programs::{
-    TcAttachType,
+    ProgramError, SchedClassifier, TcAttachType,
     links::{FdLink, LinkOrder, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
 };
@@ -50,6 +50,39 @@ pub(super) fn interface_exists(ifindex: u32) -> Result<bool, DatapathError> {
     interface_name(ifindex).map(|name| name.is_some())
 }
 
+/// The TCX hook a program's links go on: egress for `to_pod`, ingress for
+/// the others.
+fn attach_type_of(program: &str) -> TcAttachType {
+    if program == program_names::TO_POD { TcAttachType::Egress } else { TcAttachType::Ingress }
+}
+
+/// Is the link pinned at `pin` attached, running on `ifname`'s hook for
+/// `program`? A pin can outlive its attachment: its device deleted (an
+/// uplink re-created under the same name) or the link detached by hand
+/// (`bpftool link detach`); such a link carries nothing. No pin: `false`.
+pub(super) fn link_attached(
+    pin: &std::path::Path,
+    program: &str,
+    ifname: &str,
+) -> Result<bool, DatapathError> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let link_err = |source| DatapathError::Link { ifname: ifname.to_owned(), source };
+    let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
+    let program_id = link.info().map_err(link_err)?.program_id();
+    match SchedClassifier::query_tcx(ifname, attach_type_of(program)) {
+        Ok((_, running)) => Ok(running.iter().any(|p| p.id() == program_id)),
+        // The interface is gone: nothing of it runs.
+        Err(ProgramError::TcError(aya::programs::tc::TcError::IoError(e)))
+            if e.raw_os_error() == Some(libc::ENODEV) || e.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(DatapathError::Attach { ifname: ifname.to_owned(), source }),
+    }
+}
+
 impl Datapath {
     /// Attach `from_pod` to the pod veth's ingress.
     pub(super) fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
@@ -87,8 +120,7 @@ impl Datapath {
             return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
         let attach_err = |source| DatapathError::Attach { ifname: ifname.to_owned(), source };
-        let attach_type =
-            if program == program_names::TO_POD { TcAttachType::Egress } else { TcAttachType::Ingress };
+        let attach_type = attach_type_of(program);
         let program = self.program_mut(program)?;
         let link_id = program
             .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
@@ -193,6 +225,48 @@ impl Datapath {
             }
         }
         Ok(failed)
+    }
+
+    /// Attach again each node-level program of `wanted` whose link no
+    /// longer runs (its device deleted and made again under the same name,
+    /// or the link detached by hand): what [`Self::sync_node_links`] did at
+    /// start, for those only. Returns the (program, interface) attached.
+    pub fn repair_node_links(
+        &mut self,
+        wanted: &[(&'static str, String)],
+    ) -> Result<Vec<(&'static str, String)>, DatapathError> {
+        let mut repaired = Vec::new();
+        for (program, ifname) in wanted {
+            let pin = self.pins.node_link(program, ifname);
+            if link_attached(&pin, program, ifname)? {
+                continue;
+            }
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname.as_str()) else {
+                // Gone for now: attached when it is back.
+                continue;
+            };
+            self.reattach(program, ifname, ifindex, pin)?;
+            repaired.push((*program, ifname.clone()));
+        }
+        Ok(repaired)
+    }
+
+    /// A fresh link for `program` on `ifname`, in place of the one pinned at
+    /// `pin` that no longer runs (its pin removed first: updating such a
+    /// link would "succeed" for a hand-detached one and change nothing).
+    pub(super) fn reattach(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        ifindex: u32,
+        pin: PathBuf,
+    ) -> Result<(), DatapathError> {
+        match fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
+        }
+        self.attach_pinned(program, ifname, ifindex, pin)
     }
 
     /// Try again to switch a link whose switch failed (a [`LinkFailure`]).

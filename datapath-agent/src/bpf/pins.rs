@@ -62,6 +62,18 @@ impl PinLayout {
     pub fn node_link(&self, program: &str, ifname: &str) -> PathBuf {
         self.node_links_dir().join(format!("{program}@{ifname}"))
     }
+    /// Everything the agent makes directly under the root (all of it
+    /// directories): what `cleanup` removes, leaving anything else there.
+    pub fn owned(&self) -> [PathBuf; 6] {
+        [
+            self.maps_dir(),
+            self.links_dir(),
+            self.to_pod_links_dir(),
+            self.monitor_lock(),
+            self.socket_links_dir(),
+            self.node_links_dir(),
+        ]
+    }
 }
 
 /// A map opened from its pin under `pins`, in this build's layout.

@@ -52,8 +52,16 @@ struct Owned {
 pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the agent's config {}", args.config.display()))?;
-    let owned: Owned = toml::from_str(&text)
-        .with_context(|| format!("parsing the agent's config {}", args.config.display()))?;
+    // A file with a syntax error (an edit the agent rejected and ran on
+    // without) is read line by line: the uninstall must not stop there.
+    let owned: Owned = toml::from_str(&text).unwrap_or_else(|e| {
+        tracing::warn!(
+            config = %args.config.display(),
+            error = e.message(),
+            "the agent's config does not parse; its paths read line by line"
+        );
+        super::line_by_line(&text)
+    });
     let settings = &owned.settings;
     // (Taking the locks makes these directories if they are gone.)
     let existed = (settings.bpffs_dir.exists(), settings.state_dir.exists());
@@ -93,7 +101,8 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     }
     let plugin = args.cni_bin_dir.join("datapath-cni");
     step(format!("CNI plugin {}", plugin.display()), remove_file(&plugin));
-    let pins = remove_dir(&settings.bpffs_dir).map(|gone| gone && existed.0);
+    let pins = remove_owned(&settings.bpffs_dir, &crate::bpf::PinLayout::new(&settings.bpffs_dir).owned())
+        .map(|gone| gone && existed.0);
     step(format!("pinned datapath {}", settings.bpffs_dir.display()), pins);
     let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
@@ -103,7 +112,12 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         format!("VXLAN device {}", owned.vxlan.device),
         node_net::remove_vxlan_if_present(&netlink, &owned.vxlan.device).await,
     );
-    let state = remove_dir(&settings.state_dir).map(|gone| gone && existed.1);
+    let state_owned = [
+        crate::host::state::endpoints_dir(&settings.state_dir),
+        crate::reconcile::service_names::names_dir(&settings.state_dir),
+        settings.state_dir.join(crate::host::node_lock::STATE_LOCK_FILE),
+    ];
+    let state = remove_owned(&settings.state_dir, &state_owned).map(|gone| gone && existed.1);
     step(format!("state {}", settings.state_dir.display()), state);
     step(format!("API socket {}", settings.api_socket.display()), remove_file(&settings.api_socket));
     for what in &removed {
@@ -133,6 +147,40 @@ fn remove_dir(path: &Path) -> anyhow::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// What the agent made under `dir` (`owned`, directories or files), then
+/// `dir` itself if that leaves it empty: anything else there (another
+/// tool's pins, an operator's file; `bpffs_dir` set to the bpffs root) is
+/// left, and said so. `Ok(true)`: something was removed.
+fn remove_owned(dir: &Path, owned: &[PathBuf]) -> anyhow::Result<bool> {
+    let mut removed = false;
+    for path in owned {
+        removed |= match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => remove_dir(path)?,
+            Ok(_) => remove_file(path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+        };
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            let others: Vec<String> = std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                })
+                .unwrap_or_default();
+            tracing::warn!(
+                dir = %dir.display(),
+                left = ?others,
+                "not made by the agent: left in place, and the directory with it"
+            );
+            Ok(removed)
+        }
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
     }
 }
 

@@ -34,7 +34,7 @@ pub struct EndpointStore {
 
 impl EndpointStore {
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
-        let dir = state_dir.join("endpoints");
+        let dir = endpoints_dir(state_dir);
         fs::create_dir_all(&dir).map_err(|source| StateError::Io { path: dir.clone(), source })?;
         Ok(Self { dir })
     }
@@ -91,4 +91,9 @@ impl EndpointStore {
         out.sort_by_key(|e: &EndpointSpec| e.pod_ipv4);
         Ok(out)
     }
+}
+
+/// `<state_dir>/endpoints/`: one record per endpoint.
+pub fn endpoints_dir(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("endpoints")
 }
