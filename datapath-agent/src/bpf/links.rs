@@ -116,6 +116,22 @@ impl Datapath {
                 }
             }
         }
+        let fd_link = self.attach_new(program, ifname, ifindex)?;
+        fd_link.pin(&pin).map_err(|source| DatapathError::PinLink {
+            ifname: ifname.to_owned(),
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// A new TCX link of `program` on `ifname`, not pinned yet.
+    fn attach_new(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<FdLink, DatapathError> {
         if !interface_exists(ifindex)? {
             return Err(DatapathError::NoInterface { ifname: ifname.to_owned() });
         }
@@ -126,14 +142,7 @@ impl Datapath {
             .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink =
-            link.try_into().map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })?;
-        fd_link.pin(&pin).map_err(|source| DatapathError::PinLink {
-            ifname: ifname.to_owned(),
-            path: pin.clone(),
-            source,
-        })?;
-        Ok(())
+        link.try_into().map_err(|source| DatapathError::Link { ifname: ifname.to_owned(), source })
     }
 
     /// Bring pinned state in line with this node after a (re)start:
@@ -252,8 +261,10 @@ impl Datapath {
     }
 
     /// A fresh link for `program` on `ifname`, in place of the one pinned at
-    /// `pin` that no longer runs (its pin removed first: updating such a
-    /// link would "succeed" for a hand-detached one and change nothing).
+    /// `pin` that no longer runs (not switched: updating a hand-detached
+    /// link "succeeds" and changes nothing). Attached first, then pinned
+    /// over the old pin (a rename), so that the hook is never without the
+    /// program even if the old link ran after all.
     pub(super) fn reattach(
         &mut self,
         program: &'static str,
@@ -261,12 +272,20 @@ impl Datapath {
         ifindex: u32,
         pin: PathBuf,
     ) -> Result<(), DatapathError> {
-        match fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
-        }
-        self.attach_pinned(program, ifname, ifindex, pin)
+        let fd_link = self.attach_new(program, ifname, ifindex)?;
+        // (bpffs refuses names with a dot; a leftover of a crash here is
+        // swept at start like any pin of an interface that does not exist.)
+        let mut fresh = pin.clone().into_os_string();
+        fresh.push("@new");
+        let fresh = PathBuf::from(fresh);
+        let _ = fs::remove_file(&fresh);
+        let pin_err = |path: &PathBuf, source| DatapathError::PinLink {
+            ifname: ifname.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        fd_link.pin(&fresh).map_err(|source| pin_err(&fresh, source))?;
+        fs::rename(&fresh, &pin).map_err(|source| DatapathError::Unpin { path: fresh, source })
     }
 
     /// Try again to switch a link whose switch failed (a [`LinkFailure`]).
