@@ -46,7 +46,7 @@ use crate::{
 const SNAT_PORT_TRIES: usize = 8;
 /// Slots of the ring of outside TCP connections a full share looks at for
 /// one to give up ([`outside_early_drop`]).
-const EARLY_DROP_TRIES: usize = 16;
+const EARLY_DROP_TRIES: usize = 32;
 /// No ring slot (`EarlyDropScratch::victim_slot`).
 const NO_SLOT: u32 = u32::MAX;
 /// `-EEXIST`: another CPU opened the same connection first.

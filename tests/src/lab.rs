@@ -529,17 +529,7 @@ impl Node {
     /// [`Node::cni`], killing the plugin if it has not finished within
     /// `deadline`: None then (it hung).
     pub fn cni_within(&self, env: &[(&str, &str)], stdin: &[u8], deadline: Duration) -> Option<CniRun> {
-        let mut child = self.spawn_cni(env, stdin);
-        let until = Instant::now() + deadline;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self::cni_outcome(child.wait_with_output().unwrap()))
+        output_within(self.spawn_cni(env, stdin), deadline).map(Self::cni_outcome)
     }
 
     fn spawn_cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Child {
@@ -970,6 +960,21 @@ pub fn ping_from_spoofed_address(pod: &Pod, spoofed: &str, dst: Ipv4Addr, count:
         spoofed,
         &dst.to_string(),
     ])
+}
+
+/// The output of `child` if it finishes within `deadline`; else it is
+/// killed, and `None` (it hung).
+pub fn output_within(mut child: Child, deadline: Duration) -> Option<std::process::Output> {
+    let until = Instant::now() + deadline;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
 }
 
 /// Frames a misbehaving pod `from` (on `node`) can send towards `to`, one

@@ -110,7 +110,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<bool> {
 /// The summary as text, one line per item.
 fn text(view: &serde_json::Value) -> String {
     let mut out = String::new();
-    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<18} {value}\n"));
+    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<20} {value}\n"));
     let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
     if let Some(error) = view.get("agent_error") {
         line("agent", format!("NOT ANSWERING: {}", s(error)));

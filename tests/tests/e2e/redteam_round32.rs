@@ -82,17 +82,10 @@ fn sum_of(v: &serde_json::Value) -> u64 {
 /// Run `cmd` for at most `limit`: Some(output) if it finished, None if it
 /// had to be killed.
 fn run_within(mut cmd: Command, limit: Duration) -> Option<Output> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let until = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(child.wait_with_output().unwrap())
+    datapath_tests::lab::output_within(
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        limit,
+    )
 }
 
 /// A copy of the node's config whose `api_socket` is `socket` instead.
