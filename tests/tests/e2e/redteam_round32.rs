@@ -30,10 +30,10 @@ use datapath_tests::{
     bin_dir,
     lab::{
         Fabric, Node, Pod, http_get_local, mac_of, peered_nodes, ping, ping_from_spoofed_address,
-        send_raw_frames, send_raw_frames_in,
+        send_raw_frames_in,
     },
     packets::{ETH_P_IP, Ipv4, ethernet},
-    require_root, sh, sh_ok, wait_for,
+    require_root, sh, wait_for,
 };
 
 use super::observability::promtool_check;
@@ -940,47 +940,45 @@ fn operations_md_node_commands_work_as_written() {
 #[test]
 fn stripped_agent_and_plugin_do_everything() {
     require_root!();
-    let dir = PathBuf::from(format!("/tmp/dpt{}-stripped", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    // (In the node's work directory: removed with the node.)
+    let dir = node.work_dir.join("stripped");
     std::fs::create_dir_all(&dir).unwrap();
     for bin in ["datapath-agent", "datapath-cni"] {
         std::fs::copy(bin_dir().join(bin), dir.join(bin)).unwrap();
         sh(&["strip", &dir.join(bin).display().to_string()]);
     }
-    struct Gone(PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _gone = Gone(dir.clone());
     let agent = dir.join("datapath-agent");
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
     node.agent_binary = Some(agent.clone());
     node.start_agent();
-    // The stripped plugin as the runtime calls it.
+    // The stripped plugin as the runtime calls it: `verb` for `container`
+    // in `netns`, with `conf` on stdin, inside the node or not.
+    let plugin = |verb: &str, container: &str, netns: &str, conf: &serde_json::Value, in_node: bool| {
+        let mut cmd = if in_node {
+            node.in_node(&dir.join("datapath-cni"))
+        } else {
+            Command::new(dir.join("datapath-cni"))
+        };
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_PATH", format!("{}:/usr/lib/cni", dir.display()));
+        for (k, v) in &Node::cni_env(verb, container, netns) {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
     let netns = datapath_tests::lab::Netns::new(format!("{}-sp", node.id));
     let netns_path = netns.path().display().to_string();
-    let env = Node::cni_env("ADD", "dpt-stripped-c", &netns_path);
-    let mut cmd = node.in_node(&dir.join("datapath-cni"));
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_PATH", format!("{}:/usr/lib/cni", dir.display()));
-    for (k, v) in &env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(node.cni_config().to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = plugin("ADD", "dpt-stripped-c", &netns_path, &node.cni_config(), true);
     assert!(out.status.success(), "stripped plugin ADD: {out:?}");
     let b = node.add_pod("b");
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ip: Ipv4Addr = result["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").parse().unwrap();
     assert!(
         netns.exec_ok(&["ping", "-c", "1", "-W", "2", &b.ip.to_string()]),
         "stripped plugin's pod reaches b"
     );
-    let _ = ip;
     let c = node.config_path().display().to_string();
     let run = |args: &[&str]| {
         let mut cmd = node.in_node(&agent);
@@ -996,29 +994,10 @@ fn stripped_agent_and_plugin_do_everything() {
     // A failing call (no such agent socket) names the build on stderr.
     let mut conf = node.cni_config();
     conf["agentSocket"] = serde_json::json!("/nonexistent/agent.sock");
-    let env = Node::cni_env("ADD", "dpt-stripped-d", "/nonexistent-netns");
-    let mut cmd = Command::new(dir.join("datapath-cni"));
-    cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    for (k, v) in &env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = plugin("ADD", "dpt-stripped-d", "/nonexistent-netns", &conf, false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("commit"), "{stderr}");
     // Clean up what the stripped plugin added.
-    let env = Node::cni_env("DEL", "dpt-stripped-c", &netns_path);
-    let mut cmd = node.in_node(&dir.join("datapath-cni"));
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_PATH", format!("{}:/usr/lib/cni", dir.display()));
-    for (k, v) in &env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(node.cni_config().to_string().as_bytes()).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
-    let _ = sh_ok(&["true"]);
-    let _ = send_raw_frames;
+    let out = plugin("DEL", "dpt-stripped-c", &netns_path, &node.cni_config(), true);
+    assert!(out.status.success(), "{out:?}");
 }
