@@ -13,10 +13,11 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # SETUP_MINIMAL=1 (image builds): only what building needs, no test tools.
 if [ "${SETUP_MINIMAL:-0}" = 1 ]; then
-APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
+APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev binutils)
 else
 APT_PACKAGES=(
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev   # bpf-linker build
+    binutils                                             # strip, readelf: the image's stripped binaries
     bpftool iproute2 iputils-ping util-linux             # inspection, namespaces, nsenter
     nftables                                             # masquerading of pod -> outside traffic
     containernetworking-plugins                          # host-local IPAM, loopback
