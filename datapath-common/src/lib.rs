@@ -651,19 +651,24 @@ pub struct ConntrackEntry {
     pub service_id: u32,
     /// `bpf_ktime_get_coarse_ns` of the last packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
-    /// TCP: the sequence number just after this direction's SYN (its
-    /// initial sequence number + 1), host byte order. The other
-    /// direction's handshake ACK must acknowledge it before the
-    /// connection counts as answered (a blind ACK from a faked source
-    /// cannot). 0: none seen (UDP, a connection picked up without a SYN,
-    /// an entry converted from layout v2): not checked.
-    pub seq_after_syn: u32,
+    /// TCP: the sequence number just after the last data (or SYN, FIN)
+    /// this direction sent, host byte order: its initial sequence number
+    /// + 1 after its SYN, moved on by its segments as far as the other
+    /// direction's acknowledgement bears out. The other direction's
+    /// acknowledgements are recorded only up to it, and its handshake ACK
+    /// must acknowledge it before the connection counts as answered (a
+    /// blind ACK from a faked source cannot). 0: not known (UDP, a
+    /// connection picked up without a SYN, an entry converted from layout
+    /// v3 or older): not checked.
+    pub seq_end: u32,
     /// TCP: the highest acknowledgement number this direction sent, host
     /// byte order. An RST or FIN from the other direction changes the
     /// connection's state only if its sequence number is at or just past
     /// it ([`TCP_RST_WINDOW`], [`TCP_FIN_WINDOW`]), so a blind RST or FIN
     /// spray cannot cut connections short. Recorded from the client's
-    /// side only once its handshake ACK was checked. 0: none yet, not
+    /// side only once its handshake ACK was checked, and only up to what
+    /// the other direction sent (its `seq_end`, where known): a faked ACK
+    /// cannot move it past the real sender's data. 0: none yet, not
     /// checked.
     pub ack: u32,
 }
@@ -686,6 +691,14 @@ pub const TCP_FIN_WINDOW: u32 = 1 << 20;
 /// and still be recorded: a faked segment moves the place an RST must hit
 /// to one of its choosing 1 in 256 blind guesses, not 1 in 2.
 pub const TCP_ACK_JUMP: u32 = 1 << 24;
+
+/// Does acknowledgement number `ack` acknowledge no more than the other
+/// direction sent (up to its `end`), and at most `window` less (0: not
+/// known, anything does)? Wrapping, as sequence numbers do.
+#[inline(always)]
+pub fn tcp_acknowledges_sent(ack: u32, end: u32, window: u32) -> bool {
+    end == 0 || end.wrapping_sub(ack) < window
+}
 
 /// Is TCP sequence number `seq` at or up to `window` past `base` (0: not
 /// known, anything is)? Wrapping, as sequence numbers do.

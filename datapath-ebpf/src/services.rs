@@ -20,8 +20,8 @@ use datapath_common::{
     Direction, DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK,
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_OUTSIDE_OPENING, SERVICE_AFFINITY_CLIENT_IP,
     SERVICE_DROP_WITHOUT_BACKEND, SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service,
-    ServiceKey, TCP_ACK_JUMP, TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id, tcp_in_window,
-    unanswered,
+    ServiceKey, TCP_ACK_JUMP, TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id,
+    tcp_acknowledges_sent, tcp_in_window, unanswered,
 };
 
 use crate::{
@@ -141,11 +141,11 @@ pub fn translate<const NODE_PORT: bool>(
             let reply = (*entry).kind == CT_REPLY;
             let events = if protocol == IPPROTO_TCP {
                 let flags = tcp_flags(headers.packet(), ports.l4).unwrap_or(0);
-                let (seq, ack) = tcp_seq_ack(headers.packet(), ports.l4);
+                let segment = tcp_segment(headers.packet(), headers.ip().tot_len, ports.l4, flags);
                 if !reply && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    reopen(&key, entry, max_per_client, seq);
+                    reopen(&key, entry, max_per_client, segment.end);
                 }
-                checked_tcp_events(&key, entry, flags, seq, ack)
+                checked_tcp_events(&key, entry, flags, &segment)
             } else if reply {
                 CT_SEEN
             } else {
@@ -215,19 +215,24 @@ pub fn translate<const NODE_PORT: bool>(
     let hairpin = same_ipv4(backend.ipv4, saddr);
     // What the opening packet itself says (an ACK or a FIN instead of a
     // SYN: the backend's RST will end it).
-    let (events, seq_after_syn) = match tcp_flags(headers.packet(), ports.l4) {
+    // Where the client stands in sequence space is known from its SYN on
+    // (a connection picked up mid-stream is not checked: see `seq_end`).
+    let (events, seq_end) = match tcp_flags(headers.packet(), ports.l4) {
         Some(tcp_flags) if protocol == IPPROTO_TCP => {
             let syn = tcp_flags & TCP_SYN != 0;
-            let seq_after_syn =
-                if syn { tcp_seq_ack(headers.packet(), ports.l4).0.wrapping_add(1) } else { 0 };
-            (tcp_events(tcp_flags, false), seq_after_syn)
+            let seq_end = if syn {
+                tcp_segment(headers.packet(), headers.ip().tot_len, ports.l4, tcp_flags).end
+            } else {
+                0
+            };
+            (tcp_events(tcp_flags, false), seq_end)
         }
         _ => (0, 0),
     };
     // A node port's connection to another node's backend leaves from the
     // node's address, so that the replies come back through here.
     if NODE_PORT && local_endpoint(backend.ipv4).is_none() {
-        return open_snat(headers, key, &ports, &backend, (events, seq_after_syn, flow_hash), now, fragments);
+        return open_snat(headers, key, &ports, &backend, (events, seq_end, flow_hash), now, fragments);
     }
     let forward = ConntrackEntry {
         nat_addr: backend.ipv4,
@@ -237,7 +242,7 @@ pub fn translate<const NODE_PORT: bool>(
         client_ipv4: saddr,
         service_id: service.id,
         last_seen_ns: now,
-        seq_after_syn,
+        seq_end,
         ack: 0,
     };
     let reply_key = key.pair(&forward);
@@ -246,7 +251,7 @@ pub fn translate<const NODE_PORT: bool>(
         nat_port: ports.dport,
         kind: CT_REPLY,
         flags: CT_STATEFUL | if hairpin { CT_HAIRPIN } else { 0 },
-        seq_after_syn: 0,
+        seq_end: 0,
         ..forward
     };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
@@ -393,7 +398,7 @@ fn open_snat<'a>(
     key: ConntrackKey,
     ports: &Ports,
     backend: &Backend,
-    (events, seq_after_syn, flow_hash): (u8, u32, u32),
+    (events, seq_end, flow_hash): (u8, u32, u32),
     now: u64,
     fragments: Option<&FragmentKey>,
 ) -> Result<Translation<'a>, DropReason> {
@@ -407,7 +412,7 @@ fn open_snat<'a>(
         client_ipv4: key.saddr,
         service_id: snat_port_id(ports.sport),
         last_seen_ns: now,
-        seq_after_syn: 0,
+        seq_end: 0,
         ack: 0,
     };
     let mut reply_key = ConntrackKey {
@@ -459,7 +464,7 @@ fn open_snat<'a>(
         client_ipv4: node,
         service_id: snat_port_id(reply_key.dport),
         last_seen_ns: now,
-        seq_after_syn,
+        seq_end,
         ack: 0,
     };
     match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
@@ -562,21 +567,40 @@ fn tcp_flags(packet: &Packet, l4: usize) -> Option<u8> {
     packet.load::<u8>(l4 + TCP_FLAGS)
 }
 
-/// A TCP segment's sequence and acknowledgement numbers (host order; 0, 0
-/// where they cannot be read).
-#[inline(always)]
-fn tcp_seq_ack(packet: &Packet, l4: usize) -> (u32, u32) {
-    const AT: usize = ETH_HLEN + IPV4_MIN_HLEN + TCP_SEQ;
-    let numbers = if l4 == ETH_HLEN + IPV4_MIN_HLEN
-        && let Some(numbers) = packet.read::<[u8; 8]>(AT)
-    {
-        Some(numbers)
-    } else {
-        packet.load::<[u8; 8]>(l4 + TCP_SEQ)
+/// What the conntrack checks read of a TCP segment (host order; all 0
+/// where the header cannot be read).
+struct TcpSegment {
+    seq: u32,
+    ack: u32,
+    /// The sequence number just after the segment: its data, SYN and FIN.
+    end: u32,
+}
+
+/// The sequence and acknowledgement numbers of the TCP segment at `l4`
+/// and where it ends: its length from the IP total length `tot_len` (0
+/// in a BIG TCP packet: from the packet's), less the headers (a first
+/// fragment's is short of the segment's: its end only moves later). A
+/// function of its own (a BPF subprogram), copying with one helper call
+/// wherever the header is: the verifier walks one path through it, not
+/// one per way of reading multiplied through the rest of the program.
+#[inline(never)]
+fn tcp_segment(packet: &Packet, tot_len: [u8; 2], l4: usize, flags: u8) -> TcpSegment {
+    // Sequence, acknowledgement and the data offset's byte.
+    let Some(n) = packet.load::<[u8; 9]>(l4 + TCP_SEQ) else {
+        return TcpSegment { seq: 0, ack: 0, end: 0 };
     };
-    numbers.map_or((0, 0), |n| {
-        (u32::from_be_bytes([n[0], n[1], n[2], n[3]]), u32::from_be_bytes([n[4], n[5], n[6], n[7]]))
-    })
+    let seq = u32::from_be_bytes([n[0], n[1], n[2], n[3]]);
+    let ack = u32::from_be_bytes([n[4], n[5], n[6], n[7]]);
+    let headers = (l4 as u32).wrapping_sub(ETH_HLEN as u32) + u32::from(n[8] >> 4) * 4;
+    let total = match u16::from_be_bytes(tot_len) {
+        0 => packet.frame_len().saturating_sub(ETH_HLEN as u32),
+        total => u32::from(total),
+    };
+    let data = total.saturating_sub(headers);
+    let end = seq
+        .wrapping_add(data)
+        .wrapping_add(u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0));
+    TcpSegment { seq, ack, end }
 }
 
 /// The events a TCP segment of a tracked connection sets on its entry
@@ -585,9 +609,18 @@ fn tcp_seq_ack(packet: &Packet, l4: usize) -> (u32, u32) {
 /// or FIN away from where the other direction's last acknowledgement
 /// says this one stands, and the client's handshake ACK if it does not
 /// acknowledge the backend's SYN (a blind ACK from a faked source would
-/// count its connection answered). Records the backend's SYN and the
-/// acknowledgements these checks need. Only a segment that would change
-/// the state looks up the other entry: once per connection and event.
+/// count its connection answered).
+///
+/// Records where this direction's data ends (up to [`TCP_ACK_JUMP`] on
+/// at once) and what it acknowledged: an acknowledgement of no more than
+/// the other direction sent, as netfilter's window tracking bounds it. So
+/// a faked ACK cannot move the place an RST or FIN must hit past what the
+/// sender really sent (red team round 29: 256 blind ACKs made the real
+/// close land "out of window", leaving the connection established for the
+/// idle time). An acknowledgement within [`TCP_RST_WINDOW`] of the last is
+/// recorded without looking (as hard to hit blind as an RST itself); only
+/// a longer step, or a segment that would change the state, looks up the
+/// other entry: request/response traffic never does.
 ///
 /// # Safety
 /// `entry` is a live entry of `key`.
@@ -596,9 +629,9 @@ unsafe fn checked_tcp_events(
     key: &ConntrackKey,
     entry: *mut ConntrackEntry,
     flags: u8,
-    seq: u32,
-    ack: u32,
+    segment: &TcpSegment,
 ) -> u8 {
+    let TcpSegment { seq, ack, end } = *segment;
     // SAFETY: the caller's live entry; racing writes of these fields
     // (another CPU's packet of the same direction) leave one of the values.
     unsafe {
@@ -607,7 +640,18 @@ unsafe fn checked_tcp_events(
         let old = (*entry).flags;
         let new = events & !old;
         let checks = CT_CLOSING | CT_FIN | if reply { 0 } else { CT_SEEN };
-        if new & checks != 0
+        // The client's acknowledgements count once its handshake ACK was
+        // checked (before, a faked one would move the RST check). A first
+        // one, or a long step, is borne out by the other direction's end.
+        let last_ack = (*entry).ack;
+        let ack_step = if flags & TCP_ACK != 0 && (reply || (old | events) & CT_SEEN != 0) {
+            if last_ack == 0 { TCP_ACK_JUMP - 1 } else { tcp_step(last_ack, ack) }
+        } else {
+            0
+        };
+        // The other direction's end (0: not known, or not looked up).
+        let mut pair_end = 0;
+        if (new & checks != 0 || ack_step >= TCP_RST_WINDOW)
             && let Some(pair) = CONNTRACK.get(key.pair(&*entry))
         {
             if !tcp_in_window(seq, pair.ack, TCP_RST_WINDOW) {
@@ -616,24 +660,39 @@ unsafe fn checked_tcp_events(
             if !tcp_in_window(seq, pair.ack, TCP_FIN_WINDOW) {
                 events &= !CT_FIN;
             }
-            if !reply && !tcp_in_window(ack, pair.seq_after_syn, TCP_RST_WINDOW) {
+            if !reply && !tcp_acknowledges_sent(ack, pair.seq_end, TCP_RST_WINDOW) {
                 events &= !CT_SEEN;
             }
+            pair_end = pair.seq_end;
         }
-        if reply && flags & TCP_SYN != 0 && (*entry).seq_after_syn == 0 {
-            // The backend's first SYN-ACK (its retransmissions say the same).
-            (*entry).seq_after_syn = seq.wrapping_add(1);
-        }
-        // The client's acknowledgements count once its handshake ACK was
-        // checked (before, a faked one would move the RST check).
-        if flags & TCP_ACK != 0 && (reply || (old | events) & CT_SEEN != 0) {
-            let last = (*entry).ack;
-            if last == 0 || (ack != last && ack.wrapping_sub(last) < TCP_ACK_JUMP) {
-                (*entry).ack = ack;
+        // Where this direction's data ends: from its SYN on (the backend's
+        // first SYN-ACK sets it; its retransmissions say the same), moved
+        // on by each segment up to TCP_ACK_JUMP at once.
+        let own_end = (*entry).seq_end;
+        if own_end == 0 {
+            if reply && flags & TCP_SYN != 0 {
+                (*entry).seq_end = end;
             }
+        } else if tcp_step(own_end, end) != 0 {
+            (*entry).seq_end = end;
+        }
+        // (A handshake ACK the check refused moves nothing.)
+        if ack_step != 0
+            && (reply || (old | events) & CT_SEEN != 0)
+            && (ack_step < TCP_RST_WINDOW || tcp_acknowledges_sent(ack, pair_end, TCP_ACK_JUMP))
+        {
+            (*entry).ack = ack;
         }
         events
     }
+}
+
+/// How far `to` is past `from` in sequence space, if it is ahead by less
+/// than [`TCP_ACK_JUMP`]; else 0 (behind, the same, or too far to be real).
+#[inline(always)]
+fn tcp_step(from: u32, to: u32) -> u32 {
+    let step = to.wrapping_sub(from);
+    if step < TCP_ACK_JUMP { step } else { 0 }
 }
 
 /// The [`ConntrackEntry::flags`] a TCP packet with `tcp_flags` sets on the
@@ -670,7 +729,7 @@ pub fn tcp_events(tcp_flags: u8, reply: bool) -> u8 {
 /// client reusing its ports is held to its limits, and the count never
 /// goes below what is unanswered when the new connection is answered.
 #[inline(always)]
-fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, seq: u32) {
+fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, seq_end: u32) {
     // SAFETY: live entries; a racing update of their flags is harmless.
     let still_counted = unsafe {
         let pair = CONNTRACK.get_ptr_mut(key.pair(&*entry));
@@ -689,11 +748,11 @@ fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, s
         // stays; what happened to it starts over.
         const KEPT: u8 = CT_HAIRPIN | CT_SNAT;
         (*entry).flags = ((*entry).flags & KEPT) | CT_STATEFUL;
-        (*entry).seq_after_syn = seq.wrapping_add(1);
+        (*entry).seq_end = seq_end;
         (*entry).ack = 0;
         if let Some(pair) = pair {
             (*pair).flags = ((*pair).flags & KEPT) | CT_STATEFUL;
-            (*pair).seq_after_syn = 0;
+            (*pair).seq_end = 0;
             (*pair).ack = 0;
         }
         still_counted

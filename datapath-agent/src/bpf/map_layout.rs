@@ -237,13 +237,17 @@ pub const LAYOUTS: &[MapLayout] = &[
         // may be present; v1 entries are all valid v2 entries.
         // v3: TCP sequence checks, `seq_after_syn` and `ack` appended (24 ->
         // 32 bytes).
-        version: 3,
+        // v4: `seq_after_syn` became `seq_end` (where the direction's data
+        // ends, moved on by every segment): a v3 value is stale, so it is
+        // dropped (same size).
+        version: 4,
         holds: "the live Service connections and the connections NetworkPolicy allowed (every one of them breaks)",
         entries: Keyed(copy_hash::<ConntrackKey, ConntrackEntry>),
         incompatible: Refuse,
         upgrades: &[
             Upgrade { from_version: 1, entries: Keyed(conntrack_from_v2) },
             Upgrade { from_version: 2, entries: Keyed(conntrack_from_v2) },
+            Upgrade { from_version: 3, entries: Keyed(conntrack_from_v3) },
         ],
     },
     MapLayout {
@@ -548,7 +552,7 @@ pub struct ConntrackEntryV2 {
 // SAFETY: repr(C), integers and byte arrays only, no padding.
 unsafe impl Pod for ConntrackEntryV2 {}
 
-/// v1/v2 -> v3: every field kept; no sequence numbers known, so the
+/// v1/v2 -> v4: every field kept; no sequence numbers known, so the
 /// converted connections' RSTs and FINs are not checked (as before) until
 /// each direction acknowledges again, and a handshake under way completes
 /// unchecked.
@@ -566,10 +570,30 @@ fn conntrack_from_v2(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
             client_ipv4: v2.client_ipv4,
             service_id: v2.service_id,
             last_seen_ns: v2.last_seen_ns,
-            seq_after_syn: 0,
+            seq_end: 0,
             ack: 0,
         };
         match new.insert(key, entry, u64::from(BPF_NOEXIST)) {
+            Ok(()) => copied.entries += 1,
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(copied)
+}
+
+/// v3 -> v4: every field kept but `seq_after_syn`, the initial sequence
+/// number + 1 of each direction, which v4 reads as where the direction's
+/// data ends: so not known (0). The converted connections' acknowledgements
+/// are recorded as v3 did (not bounded by the other side's data), their
+/// RSTs and FINs checked against them.
+fn conntrack_from_v3(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    let old: HashMap<&MapData, ConntrackKey, ConntrackEntry> = HashMap::try_from(old)?;
+    let mut new: HashMap<&mut MapData, ConntrackKey, ConntrackEntry> = HashMap::try_from(new)?;
+    let mut copied = Copied::default();
+    for entry in old.iter() {
+        let (key, v3) = entry?;
+        match new.insert(key, ConntrackEntry { seq_end: 0, ..v3 }, u64::from(BPF_NOEXIST)) {
             Ok(()) => copied.entries += 1,
             Err(e) if is_errno(&e, libc::EEXIST) => {}
             Err(e) => return Err(e),
@@ -667,7 +691,7 @@ mod tests {
             std::mem::offset_of!(ConntrackEntry, last_seen_ns),
             std::mem::offset_of!(ConntrackEntryV2, last_seen_ns)
         );
-        assert_eq!(std::mem::offset_of!(ConntrackEntry, seq_after_syn), 24, "v3 appends");
+        assert_eq!(std::mem::offset_of!(ConntrackEntry, seq_end), 24, "v3 appends; v4 renames");
         assert_eq!(std::mem::size_of::<ConntrackEntry>(), 32);
     }
 

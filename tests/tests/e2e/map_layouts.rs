@@ -217,10 +217,10 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
             std::fs::remove_file(&path).unwrap();
             continue;
         }
-        // conntrack is at v3 now (policy entries, then sequence numbers):
+        // conntrack is at v4 now (policy entries, sequence numbers, then data ends):
         // its unversioned pin, v1's 24-byte entries, is converted, not
         // renamed.
-        if name == "conntrack-v3" {
+        if name == "conntrack-v4" {
             std::fs::remove_file(&path).unwrap();
             let v1 = maps_dir(&node).join("conntrack");
             bpftool_create(&v1, "hash", size_of::<ConntrackKey>() as u32, 24, 4096, "CONNTRACK");
@@ -286,7 +286,7 @@ fn pins_from_a_build_before_layout_versions_are_adopted_without_a_lost_packet() 
     );
     assert!(
         now.iter().all(|p| p.ends_with("-v1")
-            || ["node_config-v3", "conntrack-v3", "drop_counters-v2", "forward_counters-v2"]
+            || ["node_config-v3", "conntrack-v4", "drop_counters-v2", "forward_counters-v2"]
                 .contains(&p.as_str())),
         "{now:?}"
     );
@@ -468,12 +468,12 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     // With room enough, the same pin is migrated.
     node.set_extra_config("conntrack_max_entries = 4096\n");
     node.start_agent();
-    let v3 = maps_dir(&node).join("conntrack-v3");
-    assert_eq!(max_entries(&v3), 4096);
+    let v4 = maps_dir(&node).join("conntrack-v4");
+    assert_eq!(max_entries(&v4), 4096);
     assert!(!pin.exists(), "the v2 pin is replaced");
     assert_eq!(node.inspect("conntrack").as_array().unwrap().len(), 1500, "every connection kept");
     let map: HashMap<MapData, ConntrackKey, ConntrackEntry> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(&v3).unwrap())).unwrap();
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&v4).unwrap())).unwrap();
     let entries: Vec<_> = map.iter().map(Result::unwrap).collect();
     assert_eq!(entries.len(), 1500);
     for (key, entry) in entries {
@@ -487,7 +487,7 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
                 client_ipv4: [10, 244, 1, 9],
                 service_id: 7,
                 last_seen_ns,
-                seq_after_syn: 0,
+                seq_end: 0,
                 ack: 0,
             },
             "{key:?}: converted field by field, no sequence numbers"
@@ -518,7 +518,7 @@ fn growing_conntrack_keeps_service_connections_without_a_lost_packet() {
     a.stop_agent();
     a.set_extra_config(&format!("conntrack_max_entries = 4096\n{}", web_service(&[local.ip])));
     a.start_agent();
-    let conntrack = maps_dir(&a).join("conntrack-v3");
+    let conntrack = maps_dir(&a).join("conntrack-v4");
     assert_eq!(max_entries(&conntrack), 4096);
     let stream = Stream::start_via(&local.netns, (local.ip, WEB_PORT), &client.netns, Some((WEB_VIP, 80)));
     let deadline = Instant::now() + Duration::from_secs(5);

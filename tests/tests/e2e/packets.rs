@@ -172,8 +172,20 @@ fn both_builds_pass_the_verifier() {
     use datapath_agent::bpf::{LoadOptions, ProgramBuild};
     require_root!();
     for build in [ProgramBuild::Normal, ProgramBuild::Debug] {
-        if let Err(e) = Datapath::load_unpinned_build(LoadOptions::default(), build) {
-            panic!("the {build:?} build: {:?}", anyhow::Error::from(e));
+        let mut datapath = match Datapath::load_unpinned_build(LoadOptions::default(), build) {
+            Ok(datapath) => datapath,
+            Err(e) => panic!("the {build:?} build: {:?}", anyhow::Error::from(e)),
+        };
+        // How close each program is to the verifier's limit of 1,000,000
+        // instructions walked (--nocapture shows it).
+        let mut programs: Vec<_> = datapath
+            .ebpf_mut()
+            .programs()
+            .map(|(name, program)| (name.to_owned(), program.info().unwrap().verified_instruction_count()))
+            .collect();
+        programs.sort();
+        for (name, walked) in programs {
+            eprintln!("{build:?} {name}: {walked:?} instructions walked by the verifier");
         }
     }
 }

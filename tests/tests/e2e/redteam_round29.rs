@@ -219,7 +219,6 @@ fn a_udp_burst_from_faked_sources_leaves_outside_tcp_clients_served() {
 /// Then the client aborts for real (an RST at the exact place): does the
 /// connection still close here, or is it left established (6 h timer)?
 #[test]
-#[ignore = "R29-3: 256 forged ACKs make real RSTs/FINs ignored"]
 fn a_poisoned_ack_keeps_a_really_reset_connection_established() {
     require_root!();
     let mut lab = lab("native");
@@ -395,28 +394,24 @@ fn poison(mode: &str, close: &str) {
 }
 
 #[test]
-#[ignore = "R29-3: 256 forged ACKs: real RST ignored, left established"]
 fn ack_poisoning_then_client_abort_native() {
     require_root!();
     poison("native", "rst");
 }
 
 #[test]
-#[ignore = "R29-3: 256 forged ACKs: real FIN ignored, left half_closed"]
 fn ack_poisoning_then_normal_close_native() {
     require_root!();
     poison("native", "fin");
 }
 
 #[test]
-#[ignore = "R29-3: 256 forged ACKs: real RST ignored, left established"]
 fn ack_poisoning_then_client_abort_vxlan() {
     require_root!();
     poison("vxlan", "rst");
 }
 
 #[test]
-#[ignore = "R29-3: 256 forged ACKs: real FIN ignored, left half_closed"]
 fn ack_poisoning_then_normal_close_vxlan() {
     require_root!();
     poison("vxlan", "fin");
@@ -428,7 +423,6 @@ fn ack_poisoning_then_normal_close_vxlan() {
 /// inherits the stale (poisoned) acknowledgement: does its normal close
 /// still close it?
 #[test]
-#[ignore = "R29-3: a poisoned entry captures the next connection on its tuple"]
 fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_tuple() {
     require_root!();
     let mut lab = lab("native");
