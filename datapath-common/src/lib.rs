@@ -652,9 +652,9 @@ pub struct ConntrackEntry {
     /// `bpf_ktime_get_coarse_ns` of the last packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
     /// TCP: the sequence number just after the last data (or SYN, FIN)
-    /// this direction sent, host byte order: its initial sequence number
-    /// + 1 after its SYN, moved on by its segments as far as the other
-    /// direction's acknowledgement bears out. The other direction's
+    /// this direction sent, host byte order: one past its initial
+    /// sequence number after its SYN, then moved on by its segments (up to
+    /// [`TCP_DATA_STEP`] at once). The other direction's
     /// acknowledgements are recorded only up to it, and its handshake ACK
     /// must acknowledge it before the connection counts as answered (a
     /// blind ACK from a faked source cannot). 0: not known (UDP, a
@@ -699,6 +699,15 @@ pub const TCP_ACK_JUMP: u32 = 1 << 24;
 pub fn tcp_acknowledges_sent(ack: u32, end: u32, window: u32) -> bool {
     end == 0 || end.wrapping_sub(ack) < window
 }
+
+/// How far a direction's data end ([`ConntrackEntry::seq_end`]) may move
+/// on at once: past a segment's worth (a BIG TCP one is up to 512 KiB,
+/// and one may overtake another), so real data always moves it; short, so
+/// a faked data segment lands 1 in 4,096 guesses, and a blind walk that
+/// moves a data end and the other side's acknowledgement together, pair of
+/// faked segments by pair, needs 4,096 pairs per lap of the sequence
+/// space (red team round 33: 275 pairs at 16 MiB steps).
+pub const TCP_DATA_STEP: u32 = 1 << 20;
 
 /// Is TCP sequence number `seq` at or up to `window` past `base` (0: not
 /// known, anything is)? Wrapping, as sequence numbers do.
@@ -998,7 +1007,8 @@ pub struct ConntrackClient {
     /// Under [`OUTSIDE_TCP_CLIENTS`] and [`OUTSIDE_UDP_CLIENTS`] only: the
     /// most unanswered Service connections of that protocol all clients
     /// outside the cluster may have together (half of
-    /// `conntrack_max_outside` each; 0: no limit). 0 under a client's own key
+    /// `conntrack_max_outside` each; 0: no limit); under
+    /// [`OUTSIDE_TCP_HELD`], the most TCP ones answered or not (all of it). 0 under a client's own key
     /// (its limit is [`NodeConfig::conntrack_max_per_client`]). This was
     /// padding: an entry of an older build reads as "no limit".
     pub limit: u32,
@@ -1020,6 +1030,13 @@ pub const OUTSIDE_TCP_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [
 /// share for the whole UDP timer, never locks TCP clients out. 0.0.0.1 is
 /// never a client's address either (0.0.0.0/8 is martian).
 pub const OUTSIDE_UDP_CLIENTS: ConntrackClientKey = ConntrackClientKey { ipv4: [0, 0, 0, 1] };
+
+/// As [`OUTSIDE_TCP_CLIENTS`], for every TCP Service connection from
+/// outside the table holds, answered or not, held to all of
+/// `conntrack_max_outside`: one outside host that completes its
+/// handshakes and keeps its connections open cannot take the pods' part
+/// of the table (red team round 29, R29-4). 0.0.0.2, martian as well.
+pub const OUTSIDE_TCP_HELD: ConntrackClientKey = ConntrackClientKey { ipv4: [0, 0, 0, 2] };
 
 /// The key counting outside clients' connections of `protocol`.
 #[inline(always)]
@@ -1379,6 +1396,28 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_windows_wrap_and_bound_acknowledgements_by_what_was_sent() {
+        // At or up to the window past the base, across the wrap.
+        assert!(tcp_in_window(0xffff_fff0, 0xffff_fff0, 1 << 16));
+        assert!(tcp_in_window(0x0000_0100, 0xffff_fff0, 1 << 16));
+        assert!(!tcp_in_window(0xffff_ffef, 0xffff_fff0, 1 << 16), "behind the base");
+        assert!(
+            !tcp_in_window(0xffff_fff0u32.wrapping_add(1 << 16), 0xffff_fff0, 1 << 16),
+            "the window's end is out"
+        );
+        assert!(tcp_in_window(12345, 0, 1), "base not known: anything");
+        // An acknowledgement of no more than was sent, at most the window
+        // less; across the wrap.
+        let end = 0x0000_0010;
+        assert!(tcp_acknowledges_sent(end, end, 1 << 16), "all of it");
+        assert!(tcp_acknowledges_sent(0xffff_fff0, end, 1 << 16), "some of it, across the wrap");
+        assert!(!tcp_acknowledges_sent(end + 1, end, 1 << 24), "one byte never sent");
+        assert!(!tcp_acknowledges_sent(end + (1 << 24), end, 1 << 24), "16 MiB never sent");
+        assert!(!tcp_acknowledges_sent(end.wrapping_sub(1 << 16), end, 1 << 16), "too far behind");
+        assert!(tcp_acknowledges_sent(end + (1 << 30), 0, 1 << 16), "end not known: anything");
+    }
 
     #[test]
     fn forward_pair_words_are_the_pair_keys_bytes() {

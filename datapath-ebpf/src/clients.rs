@@ -16,7 +16,7 @@
 //! (netfilter has no per-client limit to abuse).
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use datapath_common::{ConntrackClient, ConntrackClientKey, outside_clients};
+use datapath_common::{ConntrackClient, ConntrackClientKey, IPPROTO_TCP, OUTSIDE_TCP_HELD, outside_clients};
 
 use crate::maps::CONNTRACK_CLIENTS;
 
@@ -64,14 +64,20 @@ pub fn answered(client: [u8; 4], limit: u32) {
     }
 }
 
-/// Have the clients outside the cluster, together, as many unanswered
-/// connections of `protocol` as their share of `conntrack_max_outside`
-/// lets them (the agent writes the limit next to their count,
-/// [`outside_clients`])?
+/// Have the clients outside the cluster, together, as many connections
+/// of `protocol` as `conntrack_max_outside` lets them: unanswered ones
+/// their protocol's share, and for TCP, answered or not, all of it
+/// ([`OUTSIDE_TCP_HELD`])? (The agent writes the limits next to the
+/// counts, [`outside_clients`].)
 #[inline(always)]
 pub fn outside_at_limit(protocol: u8) -> bool {
+    full(outside_clients(protocol)) || (protocol == IPPROTO_TCP && full(OUTSIDE_TCP_HELD))
+}
+
+#[inline(always)]
+fn full(key: ConntrackClientKey) -> bool {
     // SAFETY: copied out at once.
-    unsafe { CONNTRACK_CLIENTS.get(outside_clients(protocol)) }.is_some_and(|c| {
+    unsafe { CONNTRACK_CLIENTS.get(key) }.is_some_and(|c| {
         // (A count taken below zero by a race reads huge: as none.)
         c.limit != 0 && c.connections >= c.limit && c.connections < 1 << 31
     })
@@ -86,18 +92,55 @@ pub fn outside_limit(protocol: u8) -> u32 {
 }
 
 /// Count a connection of `protocol` a client outside the cluster started,
-/// or take one off (`answered`). Atomic: a flood from outside comes in on
-/// every CPU at once, and lost counts would let it past the limit until
-/// the recount. Nothing to count before the agent wrote the entry (no
-/// limit).
+/// or take one off (`answered`): the unanswered ones. Atomic: a flood
+/// from outside comes in on every CPU at once, and lost counts would let
+/// it past the limit until the recount. Nothing to count before the agent
+/// wrote the entry (no limit).
 #[inline(always)]
 pub fn count_outside(protocol: u8, answered: bool) {
-    let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(outside_clients(protocol)) else {
+    add_outside(outside_clients(protocol), if answered { u32::MAX } else { 1 });
+}
+
+/// A new connection of `protocol` from outside: unanswered, and for TCP
+/// one more held in the table.
+#[inline(always)]
+pub fn count_outside_opened(protocol: u8) {
+    count_outside(protocol, false);
+    if protocol == IPPROTO_TCP {
+        add_outside(OUTSIDE_TCP_HELD, 1);
+    }
+}
+
+/// An unanswered TCP connection from outside given up (early drop): no
+/// longer unanswered, nor held.
+#[inline(always)]
+pub fn count_outside_given_up() {
+    count_outside(IPPROTO_TCP, true);
+    add_outside(OUTSIDE_TCP_HELD, u32::MAX);
+}
+
+/// A TCP connection from outside is over (an RST, or a FIN each way): no
+/// longer held.
+#[inline(always)]
+pub fn count_outside_closed() {
+    add_outside(OUTSIDE_TCP_HELD, u32::MAX);
+}
+
+/// A TCP connection from outside that was over starts again on its tuple
+/// (a new SYN): held again.
+#[inline(always)]
+pub fn count_outside_held_again() {
+    add_outside(OUTSIDE_TCP_HELD, 1);
+}
+
+#[inline(always)]
+fn add_outside(key: ConntrackClientKey, n: u32) {
+    let Some(entry) = CONNTRACK_CLIENTS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a live map value, aligned for a u32; the agent rewrites it
     // whole between sweeps.
-    unsafe { add_atomic(&raw mut (*entry).connections, if answered { u32::MAX } else { 1 }) };
+    unsafe { add_atomic(&raw mut (*entry).connections, n) };
 }
 
 /// `*counter += n` (wrapping) as one atomic instruction. The BPF target

@@ -20,7 +20,7 @@ use datapath_common::{
     Direction, DropReason, FragmentKey, FragmentTranslation, HAIRPIN_IPV4, IP_MF, IP_OFFSET_MASK,
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_OUTSIDE_OPENING, SERVICE_AFFINITY_CLIENT_IP,
     SERVICE_DROP_WITHOUT_BACKEND, SERVICE_SCOPE_CLUSTER, SERVICE_SCOPE_OUTSIDE, SNAT_PORT_COUNT, Service,
-    ServiceKey, TCP_ACK_JUMP, TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id,
+    ServiceKey, TCP_ACK_JUMP, TCP_DATA_STEP, TCP_FIN_WINDOW, TCP_RST_WINDOW, snat_port_at, snat_port_id,
     tcp_acknowledges_sent, tcp_in_window, unanswered,
 };
 
@@ -159,6 +159,9 @@ pub fn translate<const NODE_PORT: bool>(
                 if old & CT_SEEN == 0 && events & CT_SEEN != 0 {
                     now_answered(&key, &*entry, protocol, max_per_client);
                 }
+                if protocol == IPPROTO_TCP && events & !old & (CT_CLOSING | CT_FIN) != 0 {
+                    now_over(&key, &*entry, old);
+                }
             }
             *entry
         };
@@ -193,9 +196,11 @@ pub fn translate<const NODE_PORT: bool>(
     // Clients outside are held together (per protocol), not per address:
     // see `clients`.
     if from_outside {
-        // TCP's share full: give up an unanswered one for this, as
-        // netfilter's early drop does (UDP flows are not given up: a
-        // faked UDP source cannot be told from a real one).
+        // TCP's share full, or the TCP connections held from outside:
+        // give up an unanswered one for this, as netfilter's early drop
+        // does (UDP flows are not given up: a faked UDP source cannot be
+        // told from a real one; answered TCP connections are not either:
+        // past the limit with only those, a new one is refused).
         if clients::outside_at_limit(protocol) && !(protocol == IPPROTO_TCP && outside_early_drop()) {
             return Err(DropReason::ConntrackOutsideLimit);
         }
@@ -275,7 +280,7 @@ pub fn translate<const NODE_PORT: bool>(
         return Ok(Translation::Refuse(DropReason::ConntrackFull));
     }
     if from_outside {
-        clients::count_outside(protocol, false);
+        clients::count_outside_opened(protocol);
         remember_outside_opening(&key);
     } else {
         clients::count(saddr, max_per_client);
@@ -379,7 +384,7 @@ fn outside_early_drop() -> bool {
             let _ = CONNTRACK.remove(&*pair);
             *victim_slot = (start + i) % len;
         }
-        clients::count_outside(IPPROTO_TCP, true);
+        clients::count_outside_given_up();
         // A connection given up, not a packet: no bytes.
         count_drop(Direction::FromUplink, DropReason::ConntrackEarlyDrop, 0);
         return true;
@@ -486,7 +491,7 @@ fn open_snat<'a>(
         }
     }
     // (Only connections from outside the cluster are given source ports.)
-    clients::count_outside(key.protocol, false);
+    clients::count_outside_opened(key.protocol);
     remember_outside_opening(&key);
     apply::<true>(headers, &key, &forward, ports, fragments)
 }
@@ -553,6 +558,31 @@ fn now_answered(key: &ConntrackKey, entry: &ConntrackEntry, protocol: u8, max_pe
     }
 }
 
+/// When the RST or FIN a TCP segment just set on `entry` (whose flags
+/// were `old`) ends its connection (an RST either way, or a FIN each
+/// way), a client outside no longer holds it: it only waits out the
+/// closing timer, and a busy node port's short connections would
+/// otherwise fill `conntrack_max_outside` with closed ones.
+#[inline(always)]
+fn now_over(key: &ConntrackKey, entry: &ConntrackEntry, old: u8) {
+    if entry.flags & CT_STATEFUL == 0 {
+        return;
+    }
+    // SAFETY: read once.
+    let Some(pair_flags) = (unsafe { CONNTRACK.get(key.pair(entry)) }).map(|pair| pair.flags) else {
+        return;
+    };
+    let over = |own: u8| (own | pair_flags) & CT_CLOSING != 0 || own & pair_flags & CT_FIN != 0;
+    if over(old) || !over(entry.flags) {
+        return;
+    }
+    // (As in `now_answered`: a client that is not a pod here was outside.)
+    let client = if entry.kind == CT_FORWARD { key.saddr } else { entry.client_ipv4 };
+    if local_endpoint(client).is_none() {
+        clients::count_outside_closed();
+    }
+}
+
 /// A TCP segment's flags: read in place where the header is in the linear
 /// data (every packet of a tracked connection reads them), else copied.
 #[inline(always)]
@@ -611,7 +641,7 @@ fn tcp_segment(packet: &Packet, tot_len: [u8; 2], l4: usize, flags: u8) -> TcpSe
 /// acknowledge the backend's SYN (a blind ACK from a faked source would
 /// count its connection answered).
 ///
-/// Records where this direction's data ends (up to [`TCP_ACK_JUMP`] on
+/// Records where this direction's data ends (up to [`TCP_DATA_STEP`] on
 /// at once) and what it acknowledged: an acknowledgement of no more than
 /// the other direction sent, as netfilter's window tracking bounds it. So
 /// a faked ACK cannot move the place an RST or FIN must hit past what the
@@ -667,13 +697,13 @@ unsafe fn checked_tcp_events(
         }
         // Where this direction's data ends: from its SYN on (the backend's
         // first SYN-ACK sets it; its retransmissions say the same), moved
-        // on by each segment up to TCP_ACK_JUMP at once.
+        // on by each segment up to TCP_DATA_STEP at once.
         let own_end = (*entry).seq_end;
         if own_end == 0 {
             if reply && flags & TCP_SYN != 0 {
                 (*entry).seq_end = end;
             }
-        } else if tcp_step(own_end, end) != 0 {
+        } else if end != own_end && end.wrapping_sub(own_end) < TCP_DATA_STEP {
             (*entry).seq_end = end;
         }
         // (A handshake ACK the check refused moves nothing.)
@@ -757,12 +787,17 @@ fn reopen(key: &ConntrackKey, entry: *mut ConntrackEntry, max_per_client: u32, s
         }
         still_counted
     };
+    // As in `now_answered`: a client that is not a pod here is outside.
+    let outside = local_endpoint(key.saddr).is_none();
+    if outside {
+        // Held again (it stopped being held when it was over).
+        clients::count_outside_held_again();
+    }
     if !still_counted {
-        // As in `now_answered`: a client that is not a pod here is outside.
-        if local_endpoint(key.saddr).is_some() {
-            clients::count(key.saddr, max_per_client);
-        } else {
+        if outside {
             clients::count_outside(IPPROTO_TCP, false);
+        } else {
+            clients::count(key.saddr, max_per_client);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use aya::maps::{HashMap, Map, MapData};
 use datapath_common::{
     CT_FORWARD, CT_POLICY, ConntrackClient, ConntrackClientKey, ConntrackEntry, ConntrackKey,
-    OUTSIDE_TCP_CLIENTS, OUTSIDE_UDP_CLIENTS, map_names,
+    OUTSIDE_TCP_CLIENTS, OUTSIDE_TCP_HELD, OUTSIDE_UDP_CLIENTS, map_names,
 };
 
 use crate::bpf::{
@@ -134,7 +134,8 @@ impl PinnedConntrack {
     /// lost, and found again at the next sweep.
     /// The counts under [`OUTSIDE_TCP_CLIENTS`] and [`OUTSIDE_UDP_CLIENTS`]
     /// get half of `outside_limit` each with them (`conntrack_max_outside`
-    /// is split evenly between the protocols).
+    /// is split evenly between the protocols' unanswered ones), the count
+    /// under [`OUTSIDE_TCP_HELD`] all of it.
     pub fn set_client_counts(
         &mut self,
         counts: &std::collections::HashMap<[u8; 4], u32>,
@@ -149,8 +150,13 @@ impl PinnedConntrack {
             }
         }
         for (ipv4, connections) in counts {
-            let outside = *ipv4 == OUTSIDE_TCP_CLIENTS.ipv4 || *ipv4 == OUTSIDE_UDP_CLIENTS.ipv4;
-            let limit = if outside { outside_share(outside_limit) } else { 0 };
+            let limit = if *ipv4 == OUTSIDE_TCP_CLIENTS.ipv4 || *ipv4 == OUTSIDE_UDP_CLIENTS.ipv4 {
+                outside_share(outside_limit)
+            } else if *ipv4 == OUTSIDE_TCP_HELD.ipv4 {
+                outside_limit
+            } else {
+                0
+            };
             let value = ConntrackClient { connections: *connections, limit };
             self.clients
                 .insert(ConntrackClientKey { ipv4: *ipv4 }, value, 0)
@@ -159,15 +165,16 @@ impl PinnedConntrack {
         Ok(())
     }
 
-    /// The outside clients' count and limit for TCP and for UDP, as the
-    /// programs see them now (all zero before the collector's first sweep).
-    pub fn outside_clients(&self) -> Result<[ConntrackClient; 2], DatapathError> {
+    /// The outside clients' count and limit for TCP and for UDP (unanswered
+    /// ones), and for TCP held (answered or not), as the programs see them
+    /// now (all zero before the collector's first sweep).
+    pub fn outside_clients(&self) -> Result<[ConntrackClient; 3], DatapathError> {
         let get = |key| match self.clients.get(key, 0) {
             Ok(value) => Ok(value),
             Err(aya::maps::MapError::KeyNotFound) => Ok(ConntrackClient::default()),
             Err(e) => Err(DatapathError::map(map_names::CONNTRACK_CLIENTS)(e)),
         };
-        Ok([get(&OUTSIDE_TCP_CLIENTS)?, get(&OUTSIDE_UDP_CLIENTS)?])
+        Ok([get(&OUTSIDE_TCP_CLIENTS)?, get(&OUTSIDE_UDP_CLIENTS)?, get(&OUTSIDE_TCP_HELD)?])
     }
 
     /// Each client's count as the programs see it now.

@@ -96,20 +96,23 @@ impl Datapath {
     }
 
     /// Remove the tracked connections (both entries) whose forward entry
-    /// `stale` says to forget: given its key and entry, true to remove.
-    /// Returns how many connections went. The keys are read first and
-    /// removed afterwards (removing while walking restarts the walk).
+    /// `stale` says to forget: given its key, entry and the other
+    /// direction's entry (if any), true to remove. Returns how many
+    /// connections went. The keys are read first and removed afterwards
+    /// (removing while walking restarts the walk).
     pub fn forget_connections(
         &mut self,
-        stale: impl Fn(&ConntrackKey, &ConntrackEntry) -> bool,
+        stale: impl Fn(&ConntrackKey, &ConntrackEntry, Option<&ConntrackEntry>) -> bool,
     ) -> Result<usize, DatapathError> {
         let name = map_names::CONNTRACK;
         let mut map = self.hash_map_mut::<ConntrackKey, ConntrackEntry>(name)?;
-        let doomed: Vec<(ConntrackKey, ConntrackEntry)> = map
+        let entries: std::collections::HashMap<ConntrackKey, ConntrackEntry> =
+            map.iter().collect::<Result<_, _>>().map_err(DatapathError::map(name))?;
+        let doomed: Vec<(ConntrackKey, ConntrackEntry)> = entries
             .iter()
-            .filter(|e| e.as_ref().is_ok_and(|(key, entry)| stale(key, entry)))
-            .collect::<Result<_, _>>()
-            .map_err(DatapathError::map(name))?;
+            .filter(|(key, entry)| stale(key, entry, entries.get(&key.pair(entry))))
+            .map(|(key, entry)| (*key, *entry))
+            .collect();
         for (key, entry) in &doomed {
             remove_present(&mut map, key).map_err(DatapathError::map(name))?;
             remove_present(&mut map, &key.pair(entry)).map_err(DatapathError::map(name))?;

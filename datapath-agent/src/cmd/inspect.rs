@@ -230,7 +230,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             let c = maps.node_config()?;
             // The outside clients' unanswered connections and their limit
             // per protocol (0: none), as the collector last wrote them.
-            let [outside_tcp, outside_udp] =
+            let [outside_tcp, outside_udp, outside_tcp_held] =
                 crate::bpf::conntrack::PinnedConntrack::open(&PinLayout::new(&bpffs_dir))
                     .context("opening the pinned connection-tracking maps")?
                     .outside_clients()?;
@@ -252,8 +252,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "conntrack_max_per_client": c.conntrack_max_per_client,
                 // All clients outside the cluster together (0: no limit),
                 // half of it for each protocol.
-                "conntrack_max_outside": outside_tcp.limit + outside_udp.limit,
+                "conntrack_max_outside": outside_tcp_held.limit,
                 "conntrack_outside_tcp": format!("{}/{}", outside_tcp.connections, outside_tcp.limit),
+                // TCP from outside answered or not: all of the limit.
+                "conntrack_outside_tcp_held": format!("{}/{}", outside_tcp_held.connections, outside_tcp_held.limit),
                 "conntrack_outside_udp": format!("{}/{}", outside_udp.connections, outside_udp.limit),
                 "bpffs_dir": bpffs_dir,
             });

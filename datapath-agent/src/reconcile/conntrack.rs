@@ -214,13 +214,19 @@ pub fn sweep(
 /// addresses outside `local_pods` count not under their address but, all
 /// together, under [`datapath_common::outside_clients`] of their protocol
 /// (both keys always present), as `conntrack_max_outside` counts them:
-/// unanswered TCP connections, and UDP flows answered or not.
+/// unanswered TCP connections, and UDP flows answered or not; and every
+/// TCP one from outside that is not over under
+/// [`datapath_common::OUTSIDE_TCP_HELD`].
 pub fn client_counts(
     snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
     local_pods: Option<ipnet::Ipv4Net>,
 ) -> HashMap<[u8; 4], u32> {
-    use datapath_common::{OUTSIDE_TCP_CLIENTS, OUTSIDE_UDP_CLIENTS, outside_clients};
-    let mut counts = HashMap::from([(OUTSIDE_TCP_CLIENTS.ipv4, 0), (OUTSIDE_UDP_CLIENTS.ipv4, 0)]);
+    use datapath_common::{OUTSIDE_TCP_CLIENTS, OUTSIDE_TCP_HELD, OUTSIDE_UDP_CLIENTS, outside_clients};
+    let mut counts = HashMap::from([
+        (OUTSIDE_TCP_CLIENTS.ipv4, 0),
+        (OUTSIDE_UDP_CLIENTS.ipv4, 0),
+        (OUTSIDE_TCP_HELD.ipv4, 0),
+    ]);
     for (key, entry) in snapshot {
         if entry.kind != CT_FORWARD && entry.kind != CT_POLICY {
             continue;
@@ -234,6 +240,13 @@ pub fn client_counts(
         let outside = entry.kind == CT_FORWARD
             && local_pods.is_some_and(|pods| !pods.contains(&Ipv4Addr::from(key.saddr)));
         if outside {
+            // Every TCP one held open, answered or not (R29-4); one that
+            // is over only waits out the closing timer.
+            if key.protocol == IPPROTO_TCP
+                && TcpState::of(entry.kind, entry.flags, pair_flags) != TcpState::Closing
+            {
+                *counts.entry(OUTSIDE_TCP_HELD.ipv4).or_insert(0) += 1;
+            }
             // From outside, UDP counts answered or not: an answer proves
             // nothing about a UDP source (a faked one is answered too).
             if unanswered || key.protocol == IPPROTO_UDP {
@@ -455,7 +468,9 @@ mod tests {
         let outside_udp = datapath_common::OUTSIDE_UDP_CLIENTS.ipv4;
         assert_eq!(counts.get(&outside), Some(&0), "always written, none without the pod CIDR");
         assert_eq!(counts.get(&outside_udp), Some(&0), "always written, none without the pod CIDR");
-        assert_eq!(counts.len(), 4);
+        let held = datapath_common::OUTSIDE_TCP_HELD.ipv4;
+        assert_eq!(counts.get(&held), Some(&0), "always written, none without the pod CIDR");
+        assert_eq!(counts.len(), 5);
 
         // The pods are 10.244.1.0/24: the client above is one of them. The
         // unanswered Service connections of clients outside it count, all

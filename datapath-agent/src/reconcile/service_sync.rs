@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
 };
 
-use datapath_common::{CT_FORWARD, ServiceKey};
+use datapath_common::{CT_FORWARD, IPPROTO_TCP, ServiceKey, TcpState};
 
 use crate::{
     bpf::{Datapath, DatapathError, SyncReport},
@@ -142,7 +142,7 @@ impl ServiceSync {
     ) -> Result<SyncReport, ServiceSyncError> {
         let mut old_ports = Vec::new();
         let mut new_ports = Vec::new();
-        let stale_udp = services::stale_udp_backends(
+        let stale = services::stale_backends(
             changed.iter().map(|(service, config)| (self.services.get(service), config.as_ref())),
             self.node,
             &self.peers,
@@ -175,11 +175,14 @@ impl ServiceSync {
         let by_key: HashMap<ServiceKey, &ServicePort> = new_ports.iter().map(|p| (p.key(), p)).collect();
         self.record_names(datapath, changes.into_keys().collect(), &by_key)?;
         // After the maps: no new connection can pick a stale backend now.
-        if !stale_udp.is_empty() {
+        if !stale.is_empty() {
             let forgotten = datapath
-                .forget_connections(|key, entry| {
+                .forget_connections(|key, entry, pair| {
                     entry.kind == CT_FORWARD
-                        && stale_udp
+                        && (key.protocol != IPPROTO_TCP
+                            || TcpState::of(entry.kind, entry.flags, pair.map_or(0, |p| p.flags))
+                                == TcpState::Closing)
+                        && stale
                             .get(&service_key(key.daddr.into(), u16::from_be_bytes(key.dport), key.protocol))
                             .is_some_and(|gone| {
                                 gone.iter().any(|b| b.ipv4 == entry.nat_addr && b.port == entry.nat_port)
@@ -187,7 +190,10 @@ impl ServiceSync {
                 })
                 .map_err(ServiceSyncError::Datapath)?;
             if forgotten > 0 {
-                tracing::info!(forgotten, "UDP connections to backends that left their Service removed");
+                tracing::info!(
+                    forgotten,
+                    "UDP connections and closed TCP connections to backends that left their Service removed"
+                );
             }
         }
         self.in_sync = true;

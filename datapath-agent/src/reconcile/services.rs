@@ -210,16 +210,22 @@ pub fn desired_services<'a>(
     out
 }
 
-/// The UDP backends each of `service`'s addresses and UDP ports serves
-/// from (ready or terminating but serving, on any node): a UDP "connection"
-/// to any other is stale once the agent knows it.
-pub fn serving_udp_backends(
+/// The backends each of `service`'s addresses and ports serves from
+/// (ready or terminating but serving, on any node): a connection to any
+/// other is stale once the agent knows it.
+pub fn serving_backends(
     service: &ServiceConfig,
     node: ThisNode,
     peers: &[Ipv4Addr],
 ) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut out = BTreeMap::new();
-    for port in service.ports.iter().filter(|p| p.protocol == ServiceProtocol::Udp) {
+    for port in &service.ports {
+        let protocol = match port.protocol {
+            ServiceProtocol::Tcp => IPPROTO_TCP,
+            ServiceProtocol::Udp => IPPROTO_UDP,
+            // Refused by the config's validation: never programmed.
+            ServiceProtocol::Sctp => continue,
+        };
         let serving: BTreeSet<Backend> = service
             .backends
             .iter()
@@ -227,24 +233,29 @@ pub fn serving_udp_backends(
             .map(|ip| backend(SocketAddrV4::new(*ip, port.target_port())))
             .collect();
         for address in service.addresses() {
-            out.insert(service_key(address, port.port, IPPROTO_UDP), serving.clone());
+            out.insert(service_key(address, port.port, protocol), serving.clone());
         }
         if let Some(node_port) = port.node_port {
             for address in std::iter::once(&node.address).chain(peers) {
-                out.insert(service_key(*address, node_port, IPPROTO_UDP), serving.clone());
+                out.insert(service_key(*address, node_port, protocol), serving.clone());
             }
         }
     }
     out
 }
 
-/// Which UDP connections a change of Services leaves stale: those of an
-/// old Service port to a backend the new state no longer serves it from
-/// (the backend left, or the port or Service is gone). UDP has no end, so
-/// without this a client that keeps sending keeps its dead backend
-/// forever (kube-proxy clears these too). TCP connections are never cut:
-/// they end by themselves, and a terminating backend still finishes them.
-pub fn stale_udp_backends<'a>(
+/// Which connections a change of Services leaves stale: those of an old
+/// Service port to a backend the new state no longer serves it from (the
+/// backend left, or the port or Service is gone). Of these, the agent
+/// forgets every UDP one: UDP has no end, so without this a client that
+/// keeps sending keeps its dead backend forever (kube-proxy clears these
+/// too). Of TCP ones only those that are over (reset, or a FIN each way):
+/// a client reusing its port for a new connection gets a backend that
+/// serves (netfilter makes a new choice on such a SYN; here the closed
+/// connection's entry would keep the old backend: red team round 29,
+/// R29-5). A live TCP connection is never cut: it ends by itself, and a
+/// terminating backend still finishes it.
+pub fn stale_backends<'a>(
     changes: impl IntoIterator<Item = (Option<&'a ServiceConfig>, Option<&'a ServiceConfig>)>,
     node: ThisNode,
     peers: &[Ipv4Addr],
@@ -252,8 +263,8 @@ pub fn stale_udp_backends<'a>(
     let mut old = BTreeMap::new();
     let mut new = BTreeMap::new();
     for (before, after) in changes {
-        old.extend(before.map(|s| serving_udp_backends(s, node, peers)).unwrap_or_default());
-        new.extend(after.map(|s| serving_udp_backends(s, node, peers)).unwrap_or_default());
+        old.extend(before.map(|s| serving_backends(s, node, peers)).unwrap_or_default());
+        new.extend(after.map(|s| serving_backends(s, node, peers)).unwrap_or_default());
     }
     let mut stale = BTreeMap::new();
     for (key, backends) in old {

@@ -102,9 +102,11 @@ pub struct AgentConfig {
     /// (`conntrack_outside_limit`), so a SYN flood from faked source
     /// addresses holds at most this share of the table, never the pods'
     /// own connections, and keeps no real client out. Split evenly
-    /// between TCP and UDP, so a UDP burst never locks TCP clients out. Unset: a quarter of the
-    /// table's entries (`conntrack_max_entries / 8` connections). 0: no
-    /// limit.
+    /// between TCP and UDP, so a UDP burst never locks TCP clients out.
+    /// TCP connections from outside answered or not are held to all of it
+    /// (an outside host holding its connections open cannot take the
+    /// pods' part of the table either). Unset: a quarter of the table's
+    /// entries (`conntrack_max_entries / 8` connections). 0: no limit.
     #[serde(default)]
     pub conntrack_max_outside: Option<u32>,
     /// A TCP Service connection with no packet for this long is forgotten.

@@ -26,6 +26,7 @@ mod redteam_round29;
 mod redteam_round30;
 mod redteam_round31;
 mod redteam_round32;
+mod redteam_round33;
 mod redteam_services;
 mod redteam_to_pod;
 mod restart;

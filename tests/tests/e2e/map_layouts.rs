@@ -72,6 +72,13 @@ fn max_entries(pin: &Path) -> u32 {
     MapInfo::from_pin(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display())).max_entries()
 }
 
+/// CLOCK_MONOTONIC now, as the programs stamp entries: a connection seen
+/// now, which the collector keeps.
+fn monotonic_now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
 fn bpftool_create(pin: &Path, kind: &str, key: u32, value: u32, entries: u32, name: &str) {
     let (key, value, entries) = (key.to_string(), value.to_string(), entries.to_string());
     sh(&[
@@ -427,8 +434,7 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
     let (key, value) = (size_of::<ConntrackKey>() as u32, size_of::<ConntrackEntryV2>() as u32);
     bpftool_create(&pin, "hash", key, value, 2048, "CONNTRACK");
     // Fresh, so the collector keeps them.
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-    let last_seen_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let last_seen_ns = monotonic_now_ns();
     {
         let mut map: HashMap<MapData, ConntrackKey, ConntrackEntryV2> =
             HashMap::try_from(Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
@@ -494,6 +500,57 @@ fn a_conntrack_smaller_than_its_open_connections_is_refused() {
         );
     }
     assert!(node.agent_log().contains("converted from layout v2"), "{}", node.agent_log());
+}
+
+/// Layout v3's conntrack (the same 32 bytes, `seq_after_syn` where v4
+/// has `seq_end`) is converted into v4: every connection kept, its
+/// acknowledgement too, its data end not known (a v3 value is the
+/// initial sequence number + 1, stale for any connection that sent data).
+#[test]
+fn conntrack_of_layout_v3_is_converted_with_no_data_ends() {
+    require_root!();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1));
+    std::fs::create_dir_all(maps_dir(&node)).unwrap();
+    let pin = maps_dir(&node).join("conntrack-v3");
+    let (key_size, value_size) = (size_of::<ConntrackKey>() as u32, size_of::<ConntrackEntry>() as u32);
+    bpftool_create(&pin, "hash", key_size, value_size, 131_072, "CONNTRACK");
+    let last_seen_ns = monotonic_now_ns();
+    let v3 = |i: u16| ConntrackEntry {
+        nat_addr: [10, 244, 1, 7],
+        nat_port: 8080u16.to_be_bytes(),
+        kind: CT_FORWARD,
+        flags: CT_STATEFUL | CT_SEEN,
+        client_ipv4: [10, 244, 1, 9],
+        service_id: 7,
+        last_seen_ns,
+        seq_end: 0x1000_0001 + u32::from(i),
+        ack: 0x2000_0000 + u32::from(i),
+    };
+    let key = |i: u16| ConntrackKey {
+        saddr: [10, 244, 1, 9],
+        daddr: WEB_VIP.octets(),
+        sport: (40_000 + i).to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    {
+        let mut map: HashMap<MapData, ConntrackKey, ConntrackEntry> =
+            HashMap::try_from(Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+        for i in 0..100 {
+            map.insert(key(i), v3(i), 0).unwrap();
+        }
+    }
+    node.start_agent();
+    assert!(!pin.exists(), "the v3 pin is replaced");
+    let v4 = maps_dir(&node).join("conntrack-v4");
+    let map: HashMap<MapData, ConntrackKey, ConntrackEntry> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&v4).unwrap())).unwrap();
+    for i in 0..100 {
+        assert_eq!(map.get(&key(i), 0).unwrap(), ConntrackEntry { seq_end: 0, ..v3(i) }, "connection {i}");
+    }
+    assert_eq!(map.keys().count(), 100);
+    assert!(node.agent_log().contains("converted from layout v3"), "{}", node.agent_log());
 }
 
 /// A `[[services]]` entry: TCP port 80 -> `WEB_PORT` on `backends`.

@@ -90,8 +90,13 @@ fn ask(host: &Netns, node: Ipv4Addr, port: u16) -> std::io::Result<(Ipv4Addr, Ip
 /// One UDP datagram from `host` (a new source port) to `address:port`:
 /// (who answered, (backend, client address it saw)).
 fn ask_udp(host: &Netns, address: Ipv4Addr, port: u16) -> (SocketAddr, (Ipv4Addr, Ipv4Addr)) {
+    ask_udp_from(host, 0, address, port)
+}
+
+/// The same from source port `from` (0: a new one).
+fn ask_udp_from(host: &Netns, from: u16, address: Ipv4Addr, port: u16) -> (SocketAddr, (Ipv4Addr, Ipv4Addr)) {
     in_netns(&host.path(), move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from)).unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         socket.send_to(b"who\n", (address, port)).unwrap();
         let mut buf = [0u8; 256];
@@ -364,9 +369,13 @@ fn node_port_cluster(mode: &str) {
             let (backend, _, _) = ask(&outside, node, 30090).expect("through the node port");
             assert_eq!(backend, first, "{mode}: via {node}, ClientIP affinity keeps one backend");
         }
-        // UDP too, from new source ports each time.
-        let udp: std::collections::BTreeSet<Ipv4Addr> =
-            (0..10).map(|_| ask_udp(&outside, node, 30091).1.0).collect();
+        // UDP too, from new source ports each time: ports above the
+        // ephemeral range, so that none is the tuple of a datagram sent
+        // before affinity, whose connection is still tracked to the
+        // backend it had (CI hit that 1 in ~100 runs).
+        let udp: std::collections::BTreeSet<Ipv4Addr> = (0..10)
+            .map(|i| ask_udp_from(&outside, 61_000 + u16::from(node.octets()[3]) * 16 + i, node, 30091).1.0)
+            .collect();
         assert_eq!(udp.len(), 1, "{mode}: via {node}, UDP with ClientIP affinity: {udp:?}");
     }
 }

@@ -26,14 +26,14 @@ use super::{
     services::{Lab, lab, parse_answer, wait_served},
 };
 
-const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
-const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 50);
-const ATTACKER: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 66);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 29, 10);
-const TCP_NP: u16 = 30080;
+pub(super) const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub(super) const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 50);
+pub(super) const ATTACKER: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 66);
+pub(super) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 29, 10);
+pub(super) const TCP_NP: u16 = 30080;
 const UDP_NP: u16 = 30053;
-const BULK_PORT: u16 = 9000;
-const BULK_NP: u16 = 30090;
+pub(super) const BULK_PORT: u16 = 9000;
+pub(super) const BULK_NP: u16 = 30090;
 
 // ---------------------------------------------------------------------------
 // Lab
@@ -57,7 +57,7 @@ pub(super) fn outside_lab(mode: &str, settings: &str, services: impl Fn(&Lab) ->
 /// Service `name` at VIP: TCP 80 -> 8080 (node port TCP_NP), UDP 53 -> 5353
 /// (node port UDP_NP), TCP 81 -> BULK_PORT (node port BULK_NP), with
 /// `policy` ("Local" or "Cluster").
-fn np_service(backends: &[Ipv4Addr], policy: &str) -> String {
+pub(super) fn np_service(backends: &[Ipv4Addr], policy: &str) -> String {
     let list: Vec<String> = backends.iter().map(|ip| format!("\"{ip}\"")).collect();
     format!(
         "\n[[services]]\nname = \"rt29\"\ncluster_ip = \"{VIP}\"\nexternal_traffic_policy = \"{policy}\"\n\
@@ -69,7 +69,7 @@ fn np_service(backends: &[Ipv4Addr], policy: &str) -> String {
 }
 
 /// One TCP request from `host` to `addr:port` (1.5 s to connect).
-fn ask(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
+pub(super) fn ask(host: &Netns, addr: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
     in_netns(&host.path(), move || {
         let mut conn = TcpStream::connect_timeout(&(addr, port).into(), Duration::from_millis(1500))?;
         conn.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -114,11 +114,11 @@ pub(super) fn rows(node: &Node) -> Vec<serde_json::Value> {
     node.inspect("conntrack").as_array().unwrap().clone()
 }
 
-fn row_of(node: &Node, client: Ipv4Addr, client_port: u16) -> Option<serde_json::Value> {
+pub(super) fn row_of(node: &Node, client: Ipv4Addr, client_port: u16) -> Option<serde_json::Value> {
     rows(node).into_iter().find(|c| c["client_ip"] == client.to_string() && c["client_port"] == client_port)
 }
 
-fn state_of(node: &Node, client: Ipv4Addr, client_port: u16) -> Option<String> {
+pub(super) fn state_of(node: &Node, client: Ipv4Addr, client_port: u16) -> Option<String> {
     row_of(node, client, client_port).map(|r| r["state"].as_str().unwrap().to_owned())
 }
 
@@ -149,7 +149,11 @@ pub(super) fn frames_from(attacker: &Netns, node: &Node, packets: Vec<Ipv4>) -> 
 }
 
 /// The state of a connection over time after its end: (at +1 s, at +15 s).
-fn state_after_close(node: &Node, client: Ipv4Addr, port: u16) -> (Option<String>, Option<String>) {
+pub(super) fn state_after_close(
+    node: &Node,
+    client: Ipv4Addr,
+    port: u16,
+) -> (Option<String>, Option<String>) {
     std::thread::sleep(Duration::from_secs(1));
     let first = state_of(node, client, port);
     std::thread::sleep(Duration::from_secs(14));
@@ -283,7 +287,6 @@ fn a_poisoned_ack_keeps_a_really_reset_connection_established() {
 /// (docs: at most conntrack_max_entries / 4 "so the pods always keep the
 /// other half")?
 #[test]
-#[ignore = "R29-4: answered outside connections have no budget"]
 fn held_open_outside_connections_take_the_pods_half_of_the_table() {
     require_root!();
     let lab = outside_lab("native", "conntrack_max_entries = 2048\n", |lab| {
@@ -295,9 +298,16 @@ fn held_open_outside_connections_take_the_pods_half_of_the_table() {
     let outside = outside_host("rt29-hold", OUTSIDE);
     let held = in_netns(&outside.path(), move || {
         let mut conns = Vec::new();
+        // (Until 20 in a row are refused: each waits its 300 ms.)
+        let mut refused_in_a_row = 0;
         for _ in 0..1100 {
-            if let Ok(c) = TcpStream::connect_timeout(&(NODE_A, TCP_NP).into(), Duration::from_millis(300)) {
-                conns.push(c);
+            match TcpStream::connect_timeout(&(NODE_A, TCP_NP).into(), Duration::from_millis(300)) {
+                Ok(c) => {
+                    conns.push(c);
+                    refused_in_a_row = 0;
+                }
+                Err(_) if refused_in_a_row == 20 => break,
+                Err(_) => refused_in_a_row += 1,
             }
         }
         conns
@@ -315,6 +325,12 @@ fn held_open_outside_connections_take_the_pods_half_of_the_table() {
     );
     drop(held);
     assert_eq!(pods_ok, 20, "an outside host's held-open connections took the pods' half of the table");
+    let limit = lab.a.inspect("config")["conntrack_max_outside"].as_u64().unwrap();
+    assert!(
+        established as u64 <= limit,
+        "{established} held from outside, past conntrack_max_outside {limit}"
+    );
+    assert!(lab.a.drop_count("conntrack_outside_limit") > 0, "the ones past it were dropped");
 }
 
 /// `inner` (an IPv4 packet) in VXLAN (VNI 1, port 8472) from node B's
@@ -485,7 +501,6 @@ fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_t
 /// Then the same with a poisoned tuple (left established after its reset),
 /// 20 s later.
 #[test]
-#[ignore = "R29-3/R29-5: reconnects on a closed or poisoned tuple go to a backend that left"]
 fn a_reconnect_on_a_closed_or_poisoned_tuple_goes_to_a_backend_that_left() {
     require_root!();
     let mut lab = lab("native");
@@ -596,7 +611,7 @@ fn a_udp_burst_at_default_sizes_leaves_outside_tcp_clients_served() {
 
 /// A server on `ip:BULK_PORT` that reads to EOF, waits `delay`, writes
 /// `reply` bytes and closes (the client half-closed and waits).
-fn delayed_server(ns: &Netns, ip: Ipv4Addr, delay: Duration, reply: usize) {
+pub(super) fn delayed_server(ns: &Netns, ip: Ipv4Addr, delay: Duration, reply: usize) {
     let listener = in_netns(&ns.path(), move || TcpListener::bind((ip, BULK_PORT)).unwrap()).join().unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {

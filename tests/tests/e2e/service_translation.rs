@@ -156,6 +156,23 @@ impl Harness {
         map.insert(outside_clients(protocol), ConntrackClient { connections, limit }, 0).unwrap();
     }
 
+    /// The TCP connections from outside held, answered or not: count and
+    /// limit.
+    fn set_outside_held(&mut self, connections: u32, limit: u32) {
+        let mut map: HashMap<_, ConntrackClientKey, ConntrackClient> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
+                .unwrap();
+        map.insert(datapath_common::OUTSIDE_TCP_HELD, ConntrackClient { connections, limit }, 0).unwrap();
+    }
+
+    fn outside_held(&mut self) -> (u32, u32) {
+        let map: HashMap<_, ConntrackClientKey, ConntrackClient> =
+            HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK_CLIENTS).unwrap())
+                .unwrap();
+        let held = map.get(&datapath_common::OUTSIDE_TCP_HELD, 0).unwrap();
+        (held.connections, held.limit)
+    }
+
     /// The outside clients' TCP (count, limit) now.
     fn outside_budget(&mut self) -> (u32, u32) {
         self.outside_share(TCP)
@@ -974,12 +991,7 @@ fn clients_outside_are_held_to_their_share_of_the_connection_table() {
     h.set_outside_budget(0, 3);
     let outside = |n: u8| [198, 51, 100, 10 + n];
     let syn_from = |n: u8| Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, 30080, TCP_SYN, &[]);
-    let answer = |h: &mut Harness, n: u8| {
-        let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, outside(n), 40000, TCP_SYN | TCP_ACK, &[]));
-        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the answer to {n} goes out");
-        let run = h.run_from_uplink(&Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
-        assert_eq!(run.verdict, TC_ACT_REDIRECT, "the handshake of {n} completes");
-    };
+    let answer = |h: &mut Harness, n: u8| answer_outside(h, outside(n));
     let tracked = |h: &mut Harness, n: u8| h.conntrack().keys().any(|key| key.saddr == outside(n));
     // Three faked sources.
     for n in 1..=3 {
@@ -1301,6 +1313,155 @@ fn blind_resets_fins_and_acks_do_not_change_a_connection() {
         let run = h.run_from_uplink(&client(TCP_RST_FLAG, C_ISN + 101, 0));
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
         assert_ne!(state(&mut h) & CT_CLOSING, 0, ":{node_port}: the real RST closes it");
+    }
+}
+
+/// The local backend's SYN-ACK to outside client `client` (port 40000,
+/// through node port 30080) and the client's handshake ACK.
+fn answer_outside(h: &mut Harness, client: [u8; 4]) {
+    let run = h.run_from_pod(&Ipv4::tcp(CLIENT, 8080, client, 40000, TCP_SYN | TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the answer to {client:?} goes out");
+    let run = h.run_from_uplink(&Ipv4::tcp(client, 40000, RUN_DEVICE_IP, 30080, TCP_ACK, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the handshake of {client:?} completes");
+}
+
+/// TCP connections from outside are held answered or not, to all of
+/// `conntrack_max_outside` (red team round 29, R29-4: an outside host
+/// holding its answered connections open took the pods' part of the
+/// table): past it, a new one gives up an unanswered one, and with none
+/// is dropped; the pods' connections and UDP from outside are not held by
+/// it; a connection that is over, or given up, takes its place off the
+/// count.
+#[test]
+fn answered_connections_from_outside_are_held_to_the_outside_limit() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 81, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 82, 30053, UDP, &[(CLIENT, 5353)], 0);
+    h.scope = datapath_common::SERVICE_SCOPE_CLUSTER;
+    h.service(83, 80, TCP, &[(REMOTE_BACKENDS[0], 8080)]);
+    h.set_outside_budget(0, 2);
+    h.set_outside_share(UDP, 0, 2);
+    h.set_outside_held(0, 3);
+    let outside = |n: u8| [198, 51, 100, 40 + n];
+    let syn_from = |n: u8| Ipv4::tcp(outside(n), 40000, RUN_DEVICE_IP, 30080, TCP_SYN, &[]);
+    let answer = |h: &mut Harness, n: u8| answer_outside(h, outside(n));
+    let tracked = |h: &mut Harness, n: u8| h.conntrack().keys().any(|key| key.saddr == outside(n));
+    for n in 1..=3 {
+        assert_eq!(h.run_from_uplink(&syn_from(n)).verdict, TC_ACT_REDIRECT, "connection {n} served");
+        answer(&mut h, n);
+    }
+    assert_eq!(h.outside_budget(), (0, 2), "all answered");
+    assert_eq!(h.outside_held(), (3, 3), "all held");
+    // Held full of answered connections: nothing to give up, dropped.
+    let run = h.run_from_uplink(&syn_from(4));
+    assert_eq!(run.verdict, TC_ACT_SHOT, "past the limit with only answered ones: dropped");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackOutsideLimit), 1);
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 0);
+    assert!(!tracked(&mut h, 4));
+    assert!((1..=3).all(|n| tracked(&mut h, n)), "the open connections carry on");
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(1), 40000, RUN_DEVICE_IP, 30080, TCP_ACK, b"more"));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "an open connection's segment");
+    // A pod's connection and UDP from outside are not held by it.
+    assert_eq!(h.run_from_pod(&syn(40000, 80)).verdict, TC_ACT_REDIRECT, "a pod's connection");
+    let run = h.run_from_uplink(&Ipv4::udp(outside(9), 40000, RUN_DEVICE_IP, 30053, b"q", true));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "UDP from outside");
+    assert_eq!(h.outside_held(), (3, 3), "neither counts");
+    // The first client resets its connection: over, no longer held (it
+    // only waits out the closing timer). Room for one, which stays
+    // unanswered; the next gives it up (early drop), and the count of held
+    // connections stays at the limit.
+    let run = h.run_from_uplink(&Ipv4::tcp(outside(1), 40000, RUN_DEVICE_IP, 30080, TCP_RST_FLAG, &[]));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "the client's RST");
+    assert_eq!(h.outside_held(), (2, 3), "over: no longer held");
+    assert!(tracked(&mut h, 1), "still tracked, closing");
+    assert_eq!(h.run_from_uplink(&syn_from(5)).verdict, TC_ACT_REDIRECT, "room for one");
+    assert_eq!(h.outside_held(), (3, 3));
+    assert_eq!(h.outside_budget(), (1, 2));
+    let run = h.run_from_uplink(&syn_from(6));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "served in place of the unanswered one");
+    assert_eq!(run.counters.drop_count(DropReason::ConntrackEarlyDrop), 1);
+    assert!(!tracked(&mut h, 5) && tracked(&mut h, 6));
+    assert_eq!(h.outside_held(), (3, 3), "one given up, one held");
+    assert_eq!(h.outside_budget(), (1, 2));
+}
+
+/// The place an RST or FIN must hit follows what each side really sent
+/// (red team round 29, R29-3): acknowledgements faked as the backend's,
+/// past the data the client sent (256 blind guesses 16 MiB apart, and
+/// near ones 100 KiB on), are passed but not recorded, so the client's
+/// real RST still closes the connection, and its real FIN half-closes
+/// it. A real acknowledgement of much data at once (84 KB in 60 segments,
+/// acknowledged in one step) is recorded. Both a local and a remote
+/// (source NAT) backend.
+#[test]
+fn faked_acknowledgements_past_the_senders_data_do_not_move_the_close() {
+    require_root!();
+    let mut h = Harness::new();
+    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+    h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
+    h.service_on(RUN_DEVICE_IP, 62, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+    h.set_outside_budget(0, 100);
+    use datapath_common::{CT_CLOSING, CT_FIN, CT_REPLY};
+    for close in [TCP_RST_FLAG, TCP_FIN | TCP_ACK] {
+        for (n, node_port, backend) in [(1u16, 30080, CLIENT), (2, 30090, REMOTE_BACKENDS[0])] {
+            let sport = 42000 + n + u16::from(close) * 10;
+            let client = |flags: u8, seq: u32, ack: u32, data: &[u8]| {
+                Ipv4::tcp(OUTSIDE, sport, RUN_DEVICE_IP, node_port, flags, data).with_seq_ack(seq, ack)
+            };
+            let run = h.run_from_uplink(&client(TCP_SYN, C_ISN, 0, &[]));
+            assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: SYN");
+            let out = Parsed::new(&run.out);
+            let (to, to_port) = (out.src, out.sport());
+            let from_backend = |h: &mut Harness, flags: u8, seq: u32, ack: u32| {
+                let ip = Ipv4::tcp(backend, 8080, to, to_port, flags, &[]).with_seq_ack(seq, ack);
+                if backend == CLIENT { h.run_from_pod(&ip) } else { h.run_from_uplink(&ip) }
+            };
+            from_backend(&mut h, TCP_SYN | TCP_ACK, b_seq(0), C_ISN + 1);
+            h.run_from_uplink(&client(TCP_ACK, C_ISN + 1, b_seq(1), &[]));
+            // 60 segments of 1,400 bytes, acknowledged at once.
+            let segment = [0x5a; 1400];
+            for i in 0..60 {
+                let run = h.run_from_uplink(&client(TCP_ACK, C_ISN + 1 + i * 1400, b_seq(1), &segment));
+                assert_eq!(run.verdict, TC_ACT_REDIRECT);
+            }
+            let end = C_ISN + 1 + 60 * 1400;
+            from_backend(&mut h, TCP_ACK, b_seq(1), end);
+            let recorded_ack = |h: &mut Harness| {
+                h.conntrack()
+                    .iter()
+                    .find(|(k, e)| {
+                        k.saddr == backend && k.dport == to_port.to_be_bytes() && e.kind == CT_REPLY
+                    })
+                    .map(|(_, e)| e.ack)
+                    .expect("the reply entry")
+            };
+            assert_eq!(recorded_ack(&mut h), end, ":{node_port}: 84,000 bytes acknowledged in one step");
+            // Faked as the backend: past the client's data.
+            for k in 1..256u32 {
+                from_backend(&mut h, TCP_ACK, 0x5555_0000, end.wrapping_add(k << 24));
+            }
+            for step in [70_000u32, 100_000, 1 << 20] {
+                let run = from_backend(&mut h, TCP_ACK, b_seq(1), end + step);
+                assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: passed on (the client drops it)");
+            }
+            assert_eq!(recorded_ack(&mut h), end, ":{node_port}: no faked acknowledgement recorded");
+            let flags = |h: &mut Harness| {
+                h.conntrack()
+                    .iter()
+                    .filter(|(k, _)| {
+                        (k.saddr == OUTSIDE && k.sport == sport.to_be_bytes())
+                            || (k.saddr == backend && k.dport == to_port.to_be_bytes())
+                    })
+                    .fold(0, |all, (_, e)| all | e.flags)
+            };
+            assert_eq!(flags(&mut h) & (CT_CLOSING | CT_FIN), 0, ":{node_port}: established");
+            // The client's real close, where it stands.
+            h.run_from_uplink(&client(close, end, b_seq(1), &[]));
+            let want = if close == TCP_RST_FLAG { CT_CLOSING } else { CT_FIN };
+            assert_ne!(flags(&mut h) & want, 0, ":{node_port}: the real close ({close:#x}) counts");
+        }
     }
 }
 
