@@ -293,17 +293,17 @@ fn lock_step_poisoning_both_ways_then_normal_close_node_port() {
     assert_eq!(r[1], None, "1,100 forged frames left a closed NodePort connection in the table");
 }
 
-/// The same walk at strides under the data end's bound (4,476 pairs,
-/// 8,952 frames): still makes the real RST ignored. netfilter bounds data
+/// The same walk at strides under the data end's bound (4,371 pairs,
+/// 8,742 frames): still makes the real RST ignored. netfilter bounds data
 /// by the receiver's advertised window, so its walk needs a pair per
 /// window (65,536 pairs at 64 KiB), and it drops the out-of-window
 /// segments (kube-proxy's INVALID rule) so the endpoints never see them.
 #[test]
-#[ignore = "R33-1 (left): 8,952 blind forged frames at 960 KiB strides make a real RST ignored"]
+#[ignore = "R33-1 (left): 8,742 blind forged frames at 960 KiB strides make a real RST ignored"]
 fn lock_step_poisoning_at_short_strides_then_client_abort_node_port() {
     require_root!();
     let r = node_port_poison("Cluster", "rst", false, SHORT_STEP);
-    assert_eq!(r[1], None, "8,952 forged frames left a reset NodePort connection established (6 h)");
+    assert_eq!(r[1], None, "8,742 forged frames left a reset NodePort connection established (6 h)");
 }
 
 /// The same with externalTrafficPolicy Local (backend on node A): held.
