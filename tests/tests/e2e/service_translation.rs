@@ -156,6 +156,33 @@ impl Harness {
         map.insert(outside_clients(protocol), ConntrackClient { connections, limit }, 0).unwrap();
     }
 
+    /// Node ports 30080 (to the local backend `CLIENT`) and 30090 (to a
+    /// remote one, source NAT) for clients outside, 100 of them at once.
+    fn with_two_node_ports() -> Self {
+        let mut h = Harness::new();
+        h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
+        h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
+        h.service_on(RUN_DEVICE_IP, 62, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
+        h.set_outside_budget(0, 100);
+        h
+    }
+
+    /// The flags of both entries of the connection from `OUTSIDE:sport`
+    /// to `backend`, whose replies go to port `to_port`, together.
+    fn outside_connection_flags(&mut self, sport: u16, backend: [u8; 4], to_port: u16) -> u8 {
+        let entries = self.conntrack();
+        let mine: Vec<u8> = entries
+            .iter()
+            .filter(|(k, _)| {
+                (k.saddr == OUTSIDE && k.sport == sport.to_be_bytes())
+                    || (k.saddr == backend && k.dport == to_port.to_be_bytes())
+            })
+            .map(|(_, e)| e.flags)
+            .collect();
+        assert_eq!(mine.len(), 2, "{entries:?}");
+        mine.iter().fold(0, |all, f| all | f)
+    }
+
     /// The TCP connections from outside held, answered or not: count and
     /// limit.
     fn set_outside_held(&mut self, connections: u32, limit: u32) {
@@ -1249,11 +1276,7 @@ fn a_reused_tuple_from_outside_is_counted_once_per_connection() {
 #[test]
 fn blind_resets_fins_and_acks_do_not_change_a_connection() {
     require_root!();
-    let mut h = Harness::new();
-    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
-    h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
-    h.service_on(RUN_DEVICE_IP, 62, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
-    h.set_outside_budget(0, 100);
+    let mut h = Harness::with_two_node_ports();
     for (n, node_port, backend) in [(1u16, 30080, CLIENT), (2, 30090, REMOTE_BACKENDS[0])] {
         let sport = 41000 + n;
         let client = |flags: u8, seq: u32, ack: u32| {
@@ -1282,19 +1305,7 @@ fn blind_resets_fins_and_acks_do_not_change_a_connection() {
         // Data both ways: 100 bytes from the client, 1000 back.
         from_backend(&mut h, TCP_ACK, b_seq(1), C_ISN + 101);
         h.run_from_uplink(&client(TCP_ACK, C_ISN + 101, b_seq(1001)));
-        let state = |h: &mut Harness| {
-            let entries = h.conntrack();
-            let mine: Vec<_> = entries
-                .iter()
-                .filter(|(k, _)| {
-                    (k.saddr == OUTSIDE && k.sport == sport.to_be_bytes())
-                        || (k.saddr == backend && k.dport == to_port.to_be_bytes())
-                })
-                .map(|(_, e)| e.flags)
-                .collect();
-            assert_eq!(mine.len(), 2, "{entries:?}");
-            mine.iter().fold(0, |all, f| all | f)
-        };
+        let state = |h: &mut Harness| h.outside_connection_flags(sport, backend, to_port);
         use datapath_common::{CT_CLOSING, CT_FIN};
         assert_eq!(state(&mut h) & (CT_CLOSING | CT_FIN), 0, ":{node_port}: established");
         // Blind: as the backend and as the client, RST and FIN, at places
@@ -1398,11 +1409,7 @@ fn answered_connections_from_outside_are_held_to_the_outside_limit() {
 #[test]
 fn faked_acknowledgements_past_the_senders_data_do_not_move_the_close() {
     require_root!();
-    let mut h = Harness::new();
-    h.scope = datapath_common::SERVICE_SCOPE_OUTSIDE;
-    h.service_on(RUN_DEVICE_IP, 61, 30080, TCP, &[(CLIENT, 8080)], 0);
-    h.service_on(RUN_DEVICE_IP, 62, 30090, TCP, &[(REMOTE_BACKENDS[0], 8080)], 0);
-    h.set_outside_budget(0, 100);
+    let mut h = Harness::with_two_node_ports();
     use datapath_common::{CT_CLOSING, CT_FIN, CT_REPLY};
     for close in [TCP_RST_FLAG, TCP_FIN | TCP_ACK] {
         for (n, node_port, backend) in [(1u16, 30080, CLIENT), (2, 30090, REMOTE_BACKENDS[0])] {
@@ -1447,15 +1454,7 @@ fn faked_acknowledgements_past_the_senders_data_do_not_move_the_close() {
                 assert_eq!(run.verdict, TC_ACT_REDIRECT, ":{node_port}: passed on (the client drops it)");
             }
             assert_eq!(recorded_ack(&mut h), end, ":{node_port}: no faked acknowledgement recorded");
-            let flags = |h: &mut Harness| {
-                h.conntrack()
-                    .iter()
-                    .filter(|(k, _)| {
-                        (k.saddr == OUTSIDE && k.sport == sport.to_be_bytes())
-                            || (k.saddr == backend && k.dport == to_port.to_be_bytes())
-                    })
-                    .fold(0, |all, (_, e)| all | e.flags)
-            };
+            let flags = |h: &mut Harness| h.outside_connection_flags(sport, backend, to_port);
             assert_eq!(flags(&mut h) & (CT_CLOSING | CT_FIN), 0, ":{node_port}: established");
             // The client's real close, where it stands.
             h.run_from_uplink(&client(close, end, b_seq(1), &[]));
