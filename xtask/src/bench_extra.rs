@@ -69,6 +69,13 @@ fn frame(dst: [u8; 4]) -> Vec<u8> {
     ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &ip.bytes())
 }
 
+/// A TCP ACK without data from pod A to `dst`, TTL 255 as above.
+fn tcp_frame(dst: [u8; 4]) -> Vec<u8> {
+    let mut ip = Ipv4::tcp(POD_A, 40000, dst, 80, datapath_tests::packets::TCP_ACK, b"");
+    ip.ttl = 255;
+    ethernet(HOST_MAC_A, MAC_A, ETH_P_IP, &ip.bytes())
+}
+
 /// An ICMP echo from a remote pod to pod B, as the peer node puts it on
 /// the uplink (the run device). TTL 255, as above.
 fn uplink_frame() -> Vec<u8> {
@@ -119,6 +126,12 @@ enum Setup {
     /// judged on every repeat.
     PolicyDenied {
         filler: usize,
+    },
+    /// This many ClusterIP Services (TCP, one backend each) programmed, so
+    /// the programs translate: every TCP or UDP packet of a pod looks for
+    /// its connection and for a Service, as on any node of a real cluster.
+    Services {
+        count: u32,
     },
 }
 
@@ -194,6 +207,28 @@ pub(crate) fn program_paths(
             1,
             "forward/arp_reply",
         ),
+        // TCP between two pods (an ACK, so nothing is opened), without and
+        // with Services programmed: what the Service lookups add to every
+        // TCP packet of a pod in a cluster that has Services.
+        case(
+            "local delivery, TCP",
+            RoutingMode::Native,
+            program_names::FROM_POD,
+            tcp_frame(POD_B),
+            250,
+            "forward/local_delivery",
+        ),
+        Case {
+            setup: Setup::Services { count: 1_000 },
+            ..case(
+                "local delivery, TCP, 1k Services",
+                RoutingMode::Native,
+                program_names::FROM_POD,
+                tcp_frame(POD_B),
+                250,
+                "forward/local_delivery",
+            )
+        },
         case(
             "pass to host",
             RoutingMode::Native,
@@ -340,6 +375,28 @@ fn measure(
     Ok((raw, net, harness))
 }
 
+/// `count` ClusterIP Services in 10.96.0.0/16, port 80, each with pod B
+/// as its one backend, and the programs' Service lookups switched on.
+fn services_setup(dp: &mut Datapath, count: u32) -> anyhow::Result<()> {
+    use datapath_common::{Backend, BackendKey, IPPROTO_TCP, SERVICE_SCOPE_CLUSTER, Service, ServiceKey};
+    for id in 1..=count {
+        let [_, _, hi, lo] = id.to_be_bytes();
+        let key = ServiceKey {
+            vip: [10, 96, hi, lo],
+            port: 80u16.to_be_bytes(),
+            protocol: IPPROTO_TCP,
+            scope: SERVICE_SCOPE_CLUSTER,
+        };
+        dp.put_backend(
+            &BackendKey { service_id: id, slot: 0 },
+            &Backend { ipv4: POD_B, port: 8080u16.to_be_bytes(), _pad: [0; 2] },
+        )?;
+        dp.put_service(&key, &Service { id, backend_count: 1, flags: 0, affinity_timeout_seconds: 0 })?;
+    }
+    anyhow::ensure!(dp.update_services_flag()?, "the Service lookups did not switch on");
+    Ok(())
+}
+
 fn policy_setup(dp: &mut Datapath, setup: Setup) -> anyhow::Result<()> {
     use datapath_agent::bpf::policy::{PolicyMaps, PolicyRule};
     use datapath_common::{
@@ -348,6 +405,7 @@ fn policy_setup(dp: &mut Datapath, setup: Setup) -> anyhow::Result<()> {
     };
     let (filler, allowed) = match setup {
         Setup::None => return Ok(()),
+        Setup::Services { count } => return services_setup(dp, count),
         Setup::PolicyAllowed { filler } => (filler, true),
         Setup::PolicyDenied { filler } => (filler, false),
     };

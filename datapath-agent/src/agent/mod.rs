@@ -628,6 +628,10 @@ impl conntrack::CollectorHost for Agent {
         }
     }
 
+    fn serving_backends(&self) -> Option<conntrack::Serving> {
+        self.services.serving()
+    }
+
     fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
     }

@@ -4,21 +4,22 @@
 //! expires them, and the collector's sweep.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
 };
 
 use anyhow::Context as _;
 use datapath_common::{
-    CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_SNAT,
-    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, TcpState, unanswered,
+    Backend, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_SNAT,
+    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TcpState, unanswered,
 };
 use tokio::sync::Mutex;
 
 use crate::{
     bpf::{Datapath, DatapathError, GcReport, PinnedConntrack},
     observe::metrics::{AgentErrors, ConntrackStats},
+    reconcile::services::service_key,
 };
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
@@ -159,37 +160,88 @@ pub fn expired(
     now_ns.saturating_sub(last_seen) > limit + CONNTRACK_LAST_SEEN_GRANULARITY_NS
 }
 
-/// The keys of every expired entry in a snapshot of the map.
+/// The backends each Service address and port serves from now
+/// ([`crate::reconcile::services::serving_backends`] of every Service), as
+/// the agent last programmed them.
+pub type Serving = BTreeMap<ServiceKey, BTreeSet<Backend>>;
+
+/// Is this the forward entry of a connection that is over (a TCP one
+/// reset or closed both ways), or of a UDP flow, to a backend that no
+/// longer serves its Service address and port (or whose Service is gone)?
+/// Such an entry only waits to send a reconnect on its tuple to that
+/// backend: the collector forgets it. The Service sync forgets these when
+/// the backend leaves; a TCP connection still open then and closed later
+/// is caught here, at the next sweep (red team round 29, R29-5). A live
+/// TCP connection is never cut.
+pub fn departed(
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    pair: Option<&ConntrackEntry>,
+    serving: &Serving,
+) -> bool {
+    if entry.kind != CT_FORWARD {
+        return false;
+    }
+    let over = match key.protocol {
+        IPPROTO_TCP => {
+            TcpState::of(entry.kind, entry.flags, pair.map_or(0, |p| p.flags)) == TcpState::Closing
+        }
+        IPPROTO_UDP => true,
+        _ => false,
+    };
+    let service = service_key(key.daddr.into(), u16::from_be_bytes(key.dport), key.protocol);
+    let backend = Backend { ipv4: entry.nat_addr, port: entry.nat_port, _pad: [0; 2] };
+    over && !serving.get(&service).is_some_and(|backends| backends.contains(&backend))
+}
+
+/// The keys of every entry to remove from a snapshot of the map: expired,
+/// or (given what is served now) [`departed`].
 pub fn expired_keys(
     snapshot: &HashMap<ConntrackKey, ConntrackEntry>,
     now_ns: u64,
     limits: &ConntrackLimits,
+    serving: Option<&Serving>,
 ) -> Vec<ConntrackKey> {
     snapshot
         .iter()
-        .filter(|(key, entry)| expired(key, entry, snapshot.get(&key.pair(entry)), now_ns, limits))
+        .filter(|(key, entry)| to_remove(key, entry, snapshot.get(&key.pair(entry)), now_ns, limits, serving))
         .map(|(key, _)| *key)
         .collect()
+}
+
+fn to_remove(
+    key: &ConntrackKey,
+    entry: &ConntrackEntry,
+    pair: Option<&ConntrackEntry>,
+    now_ns: u64,
+    limits: &ConntrackLimits,
+    serving: Option<&Serving>,
+) -> bool {
+    expired(key, entry, pair, now_ns, limits)
+        || serving.is_some_and(|serving| departed(key, entry, pair, serving))
 }
 
 /// Remove every connection quiet for longer than its limit, both entries
 /// at once. The keys are read first and removed afterwards (removing while
 /// walking a hash map restarts the walk), which also works on a full map.
 /// Each expired entry is looked up again just before it goes: a packet
-/// may have refreshed it since the snapshot.
+/// may have refreshed it since the snapshot. With `serving` (`None` while
+/// the agent's Services are not known to match the maps: nothing is judged
+/// departed on a partial view), connections [`departed`] go too.
 pub fn sweep(
     map: &mut PinnedConntrack,
     now_ns: u64,
     limits: &ConntrackLimits,
+    serving: Option<&Serving>,
 ) -> Result<GcReport, DatapathError> {
     let mut snapshot = map.snapshot()?;
     let mut removed = 0;
     let mut gone = std::collections::HashSet::new();
-    for key in expired_keys(&snapshot, now_ns, limits) {
+    for key in expired_keys(&snapshot, now_ns, limits, serving) {
         let Some(entry) = map.get(&key)? else { continue };
         let pair_key = key.pair(&entry);
         let pair = map.get(&pair_key)?;
-        if !expired(&key, &entry, pair.as_ref(), now_ns, limits) {
+        if !to_remove(&key, &entry, pair.as_ref(), now_ns, limits, serving) {
             continue;
         }
         removed += usize::from(map.remove(&key)?);
@@ -267,6 +319,9 @@ const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 pub trait CollectorHost: Send + 'static {
     /// The limits now (a config reload may change them).
     fn conntrack_limits(&self) -> ConntrackLimits;
+    /// What each Service address and port serves from now; `None` until
+    /// the Service maps match a whole list.
+    fn serving_backends(&self) -> Option<Serving>;
     fn datapath_mut(&mut self) -> &mut Datapath;
 }
 
@@ -285,11 +340,16 @@ pub fn spawn_collector<A: CollectorHost>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let limits = agent.lock().await.conntrack_limits();
+            let (limits, serving) = {
+                let agent = agent.lock().await;
+                (agent.conntrack_limits(), agent.serving_backends())
+            };
             let swept =
                 crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
-                    tokio::task::block_in_place(|| sweep(&mut pinned_conntrack, now, &limits))
-                        .context("sweeping the connection-tracking map")
+                    tokio::task::block_in_place(|| {
+                        sweep(&mut pinned_conntrack, now, &limits, serving.as_ref())
+                    })
+                    .context("sweeping the connection-tracking map")
                 });
             let report = match swept {
                 Ok(report) => report,
@@ -531,16 +591,19 @@ mod tests {
             [f, r].into_iter().collect()
         };
         // A SYN nobody answered: the opening limit, not the idle one.
-        assert!(expired_keys(&with(0, 0), at(21), &limits).is_empty());
-        assert_eq!(expired_keys(&with(0, 0), at(22), &limits).len(), 2);
+        assert!(expired_keys(&with(0, 0), at(21), &limits, None).is_empty());
+        assert_eq!(expired_keys(&with(0, 0), at(22), &limits, None).len(), 2);
         // Established: the idle limit.
-        assert!(expired_keys(&with(CT_SEEN, CT_SEEN), at(101), &limits).is_empty());
+        assert!(expired_keys(&with(CT_SEEN, CT_SEEN), at(101), &limits, None).is_empty());
         // The client's FIN alone: half-closed, kept past the closing limit.
         let half = with(CT_SEEN | CT_FIN, CT_SEEN);
-        assert!(expired_keys(&half, at(25), &limits).is_empty(), "a half-closed connection outlives 10 s");
-        assert_eq!(expired_keys(&half, at(52), &limits).len(), 2);
+        assert!(
+            expired_keys(&half, at(25), &limits, None).is_empty(),
+            "a half-closed connection outlives 10 s"
+        );
+        assert_eq!(expired_keys(&half, at(52), &limits, None).len(), 2);
         // FIN both ways: closing.
-        assert_eq!(expired_keys(&with(CT_SEEN | CT_FIN, CT_SEEN | CT_FIN), at(12), &limits).len(), 2);
+        assert_eq!(expired_keys(&with(CT_SEEN | CT_FIN, CT_SEEN | CT_FIN), at(12), &limits, None).len(), 2);
     }
 
     #[test]
@@ -559,21 +622,21 @@ mod tests {
         let snapshot: HashMap<_, _> = [fwd, rep].into_iter().collect();
         let at = |secs: u64| seen + secs * NS_PER_SECOND;
         // Within the limit plus the refresh granularity: kept.
-        assert!(expired_keys(&snapshot, at(101), &limits).is_empty());
-        assert_eq!(expired_keys(&snapshot, at(102), &limits).len(), 2);
+        assert!(expired_keys(&snapshot, at(101), &limits, None).is_empty());
+        assert_eq!(expired_keys(&snapshot, at(102), &limits, None).len(), 2);
         // Refreshed after `now` was read: not idle.
-        assert!(expired_keys(&snapshot, seen - 1, &limits).is_empty());
+        assert!(expired_keys(&snapshot, seen - 1, &limits, None).is_empty());
 
         // Closing on one side shortens both.
         let mut closing = snapshot.clone();
         closing.get_mut(&rep.0).unwrap().flags |= CT_CLOSING;
-        assert!(expired_keys(&closing, at(11), &limits).is_empty());
-        assert_eq!(expired_keys(&closing, at(12), &limits).len(), 2);
+        assert!(expired_keys(&closing, at(11), &limits, None).is_empty());
+        assert_eq!(expired_keys(&closing, at(12), &limits, None).len(), 2);
 
         // A one-way stream: the reply side is old, the forward side fresh.
         let mut one_way = snapshot.clone();
         one_way.get_mut(&fwd.0).unwrap().last_seen_ns = at(200);
-        assert!(expired_keys(&one_way, at(250), &limits).is_empty());
+        assert!(expired_keys(&one_way, at(250), &limits, None).is_empty());
 
         // UDP uses its own limit.
         let udp: HashMap<_, _> = [fwd, rep]
@@ -583,7 +646,60 @@ mod tests {
                 (k, v)
             })
             .collect();
-        assert!(expired_keys(&udp, at(31), &limits).is_empty());
-        assert_eq!(expired_keys(&udp, at(32), &limits).len(), 2);
+        assert!(expired_keys(&udp, at(31), &limits, None).is_empty());
+        assert_eq!(expired_keys(&udp, at(32), &limits, None).len(), 2);
+    }
+
+    #[test]
+    fn connections_over_to_a_backend_that_left_are_forgotten_and_live_ones_kept() {
+        use datapath_common::{CT_FIN, CT_SEEN, CT_STATEFUL};
+        let limits = ConntrackLimits::from_seconds(100, 30, 10, 50, 20);
+        let [mut fwd, mut rep] = tcp_connection(40_000, pod(2), false);
+        fwd.1.flags = CT_STATEFUL | CT_SEEN;
+        rep.1.flags = CT_STATEFUL | CT_SEEN;
+        let now = fwd.1.last_seen_ns + NS_PER_SECOND;
+        let backend =
+            |p: SocketAddrV4| Backend { ipv4: p.ip().octets(), port: p.port().to_be_bytes(), _pad: [0; 2] };
+        let serving_from = |backends: &[SocketAddrV4]| -> Serving {
+            [(service_key(VIP, 80, IPPROTO_TCP), backends.iter().map(|b| backend(*b)).collect())].into()
+        };
+        let still = serving_from(&[pod(2), pod(3)]);
+        let left = serving_from(&[pod(3)]);
+        let gone = Serving::new();
+        let with = |fwd_flags: u8, rep_flags: u8| -> HashMap<_, _> {
+            let (mut f, mut r) = (fwd, rep);
+            f.1.flags |= fwd_flags;
+            r.1.flags |= rep_flags;
+            [f, r].into_iter().collect()
+        };
+        let established = with(0, 0);
+        let half_closed = with(CT_FIN, 0);
+        let closed = with(CT_FIN, CT_FIN);
+        let reset = with(0, CT_CLOSING);
+        for serving in [None, Some(&still), Some(&left), Some(&gone)] {
+            assert!(
+                expired_keys(&established, now, &limits, serving).is_empty(),
+                "a live connection is never cut"
+            );
+            assert!(expired_keys(&half_closed, now, &limits, serving).is_empty(), "nor a half-closed one");
+        }
+        for over in [&closed, &reset] {
+            assert!(expired_keys(over, now, &limits, None).is_empty(), "nothing judged without the Services");
+            assert!(expired_keys(over, now, &limits, Some(&still)).is_empty(), "its backend still serves");
+            // The forward entry names the backend; the sweep takes its pair with it.
+            assert_eq!(expired_keys(over, now, &limits, Some(&left)), [fwd.0]);
+            assert_eq!(expired_keys(over, now, &limits, Some(&gone)), [fwd.0], "the Service is gone");
+        }
+        // A UDP flow to a backend that left, answered or not.
+        let udp: HashMap<_, _> = [fwd, rep]
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.protocol = IPPROTO_UDP;
+                (k, v)
+            })
+            .collect();
+        let udp_still = [(service_key(VIP, 80, IPPROTO_UDP), [backend(pod(2))].into())].into();
+        assert!(expired_keys(&udp, now, &limits, Some(&udp_still)).is_empty());
+        assert_eq!(expired_keys(&udp, now, &limits, Some(&left)).len(), 1, "TCP's backends are not UDP's");
     }
 }

@@ -200,6 +200,19 @@ impl ServiceSync {
         Ok(report)
     }
 
+    /// What each Service address and port serves from now (the
+    /// collector's test for connections to a backend that left: see
+    /// [`crate::reconcile::conntrack::departed`]); `None` while the maps are
+    /// not known to match a whole list.
+    pub fn serving(&self) -> Option<crate::reconcile::conntrack::Serving> {
+        (self.have_list && self.in_sync).then(|| {
+            self.services
+                .values()
+                .flat_map(|service| services::serving_backends(service, self.node, &self.peers))
+                .collect()
+        })
+    }
+
     /// After a failed sync: try again, as a whole sync. Nothing to do when
     /// in sync, or before the first list.
     pub fn retry(&mut self, datapath: &mut Datapath) -> Result<Option<SyncReport>, ServiceSyncError> {

@@ -254,7 +254,8 @@ pub fn serving_backends(
 /// serves (netfilter makes a new choice on such a SYN; here the closed
 /// connection's entry would keep the old backend: red team round 29,
 /// R29-5). A live TCP connection is never cut: it ends by itself, and a
-/// terminating backend still finishes it.
+/// terminating backend still finishes it; once over, the collector's next
+/// sweep forgets it ([`crate::reconcile::conntrack::departed`]).
 pub fn stale_backends<'a>(
     changes: impl IntoIterator<Item = (Option<&'a ServiceConfig>, Option<&'a ServiceConfig>)>,
     node: ThisNode,

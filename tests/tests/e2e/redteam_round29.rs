@@ -574,6 +574,78 @@ fn a_reconnect_on_a_closed_or_poisoned_tuple_goes_to_a_backend_that_left() {
     assert_eq!(again1.ok(), Some(b2), "a reconnect on a closed tuple went to a backend that left");
 }
 
+/// R29-5's remainder: the backend leaves while a client's connection is
+/// still open (the Service sync leaves a live connection alone); the
+/// client then closes it normally and reconnects from the same port within
+/// the closing timer (`conntrack_closing_seconds`, 10 s). The collector's
+/// next sweep (every 5 s) forgets the closed connection to the backend
+/// that left, so the reconnect picks one that serves, as netfilter's new
+/// NAT decision on such a SYN would. (Before, the closed entry sent it to
+/// the backend that left for the whole closing timer.)
+#[test]
+fn a_reconnect_after_a_connection_closed_once_its_backend_left_goes_to_one_that_serves() {
+    require_root!();
+    let mut lab = lab("native");
+    let (b1, b2) = (lab.backends[1].ip, lab.backends[2].ip);
+    lab.a.set_extra_config(&np_service(&[b1], "Cluster"));
+    lab.a.stop_agent();
+    lab.a.start_agent();
+    wait_served(&lab.a, VIP, 80, &[b1]);
+    let netns = lab.client.netns.path();
+    // The client closes first, so its port waits in TIME_WAIT: let the
+    // reconnect reuse it (after 1 s, with timestamps), as a busy client's would.
+    in_netns(&netns, || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").unwrap()).join().unwrap();
+    let open_from = move |port: u16| {
+        let netns = netns.clone();
+        in_netns(&netns, move || {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).unwrap();
+            s.connect_timeout(&SocketAddr::from((VIP, 80)).into(), Duration::from_secs(3))?;
+            let mut c: TcpStream = s.into();
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            writeln!(c, "who")?;
+            let mut line = String::new();
+            BufReader::new(c.try_clone()?).read_line(&mut line)?;
+            Ok::<_, std::io::Error>((c, parse_answer(&line).0))
+        })
+        .join()
+        .unwrap()
+    };
+    let port = 47211;
+    let (mut c, first) = open_from(port).unwrap();
+    assert_eq!(first, b1, "control: the one backend answers");
+    lab.a.set_extra_config(&np_service(&[b2], "Cluster"));
+    wait_served(&lab.a, VIP, 80, &[b2]);
+    assert_eq!(
+        state_of(&lab.a, lab.client.ip, port).as_deref(),
+        Some("established"),
+        "a live connection to the backend that left is kept"
+    );
+    // Closed normally by both ends.
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    let _ = c.read_to_string(&mut rest);
+    drop(c);
+    let closed = Instant::now();
+    while state_of(&lab.a, lab.client.ip, port).is_some() && closed.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let forgotten_after = closed.elapsed();
+    let state = state_of(&lab.a, lab.client.ip, port);
+    eprintln!("closed connection to the backend that left: {state:?} after {forgotten_after:?}");
+    assert_eq!(state, None, "the closed connection to a backend that left is still tracked 8 s on");
+    // Within the closing timer (10 s from the close): the entry would still be there.
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(forgotten_after));
+    let again = open_from(port).map(|(c, b)| {
+        drop(c);
+        b
+    });
+    eprintln!("reconnect from port {port} {:?} after the close: {again:?} (b2 = {b2})", closed.elapsed());
+    assert_eq!(again.ok(), Some(b2), "a reconnect on the closed tuple went to the backend that left");
+}
+
 /// The same at the default table size (conntrack_max_outside 16,384, UDP's
 /// share 8,192): one burst of 16,400 faked datagrams (R29-1).
 #[test]
