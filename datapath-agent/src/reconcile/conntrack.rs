@@ -575,6 +575,17 @@ mod tests {
         assert_eq!(counts.get(&[10, 244, 1, 50]), Some(&3), "{counts:?}");
     }
 
+    /// The same entries as a UDP flow.
+    fn as_udp(entries: [(ConntrackKey, ConntrackEntry); 2]) -> HashMap<ConntrackKey, ConntrackEntry> {
+        entries
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.protocol = IPPROTO_UDP;
+                (k, v)
+            })
+            .collect()
+    }
+
     #[test]
     fn gc_times_half_closed_and_opening_connections_apart() {
         use datapath_common::{CT_FIN, CT_SEEN, CT_STATEFUL};
@@ -639,13 +650,7 @@ mod tests {
         assert!(expired_keys(&one_way, at(250), &limits, None).is_empty());
 
         // UDP uses its own limit.
-        let udp: HashMap<_, _> = [fwd, rep]
-            .into_iter()
-            .map(|(mut k, v)| {
-                k.protocol = IPPROTO_UDP;
-                (k, v)
-            })
-            .collect();
+        let udp = as_udp([fwd, rep]);
         assert!(expired_keys(&udp, at(31), &limits, None).is_empty());
         assert_eq!(expired_keys(&udp, at(32), &limits, None).len(), 2);
     }
@@ -691,13 +696,7 @@ mod tests {
             assert_eq!(expired_keys(over, now, &limits, Some(&gone)), [fwd.0], "the Service is gone");
         }
         // A UDP flow to a backend that left, answered or not.
-        let udp: HashMap<_, _> = [fwd, rep]
-            .into_iter()
-            .map(|(mut k, v)| {
-                k.protocol = IPPROTO_UDP;
-                (k, v)
-            })
-            .collect();
+        let udp = as_udp([fwd, rep]);
         let udp_still = [(service_key(VIP, 80, IPPROTO_UDP), [backend(pod(2))].into())].into();
         assert!(expired_keys(&udp, now, &limits, Some(&udp_still)).is_empty());
         assert_eq!(expired_keys(&udp, now, &limits, Some(&left)).len(), 1, "TCP's backends are not UDP's");

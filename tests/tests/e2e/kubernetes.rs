@@ -439,6 +439,12 @@ fn health_is_served_while_waiting_for_the_api_and_follows_the_watches() {
 /// Nodes A and B in kubernetes mode with their Node objects, both agents
 /// running and each routing to the other; a pod on each.
 fn two_nodes_in_kubernetes_mode(fabric: &Fabric) -> (FakeApiServer, Node, Node) {
+    two_nodes_in_kubernetes_mode_with(fabric, "")
+}
+
+/// [`two_nodes_in_kubernetes_mode`], both agents started with `extra`
+/// top-level config lines.
+fn two_nodes_in_kubernetes_mode_with(fabric: &Fabric, extra: &str) -> (FakeApiServer, Node, Node) {
     sh(&["ip", "-n", &fabric.netns.name, "addr", "add", &format!("{API_IP}/24"), "dev", "dptbr0"]);
     let api = FakeApiServer::start(&fabric.netns, API_IP);
     let mut a = Node::on_fabric(fabric, "10.244.1.0/24", Ipv4Addr::new(10, 250, 0, 1), "native");
@@ -447,6 +453,7 @@ fn two_nodes_in_kubernetes_mode(fabric: &Fabric) -> (FakeApiServer, Node, Node) 
     api.apply(node_object(&b.id, Some("10.244.2.0/24"), "10.250.0.2"));
     for node in [&mut a, &mut b] {
         let kubeconfig = api.kubeconfig(&node.work_dir);
+        node.set_extra_config(extra);
         node.use_kubernetes(&kubeconfig);
         node.start_agent();
     }
@@ -640,4 +647,88 @@ fn network_policy_follows_the_api_objects() {
     for path in ["/api/v1/pods", "/api/v1/namespaces", "/apis/networking.k8s.io/v1/networkpolicies"] {
         assert!(requests.iter().any(|r| r.contains(path)), "{path} never requested: {requests:?}");
     }
+}
+
+/// Kubernetes mode with clients outside the cluster served
+/// (`serve_outside_clients`): a NodePort Service read from its Service and
+/// EndpointSlice objects, reached by a host on the nodes' segment through
+/// either node, one backend on node A. externalTrafficPolicy Local: node A
+/// answers and the backend sees the outside host's own address, node B
+/// (no local backend) does not answer, and the healthCheckNodePort on each
+/// node tells it (200 with 1 local endpoint / 503 with 0). Then the same
+/// Service with policy Cluster (an update of its object): node B answers
+/// too, the backend seeing node B's address (source NAT, so the reply
+/// goes back through B).
+#[test]
+fn node_ports_from_service_objects_serve_a_host_outside_the_cluster() {
+    require_root!();
+    use std::io::{BufRead as _, Write as _};
+    let fabric = Fabric::new();
+    let (api, a, b) = two_nodes_in_kubernetes_mode_with(&fabric, "serve_outside_clients = true\n");
+    let backend = a.add_pod("backend");
+    // The backend tells each client the address it sees.
+    let ip = backend.ip;
+    let listener = in_netns(&backend.netns.path(), move || std::net::TcpListener::bind((ip, 8080)).unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let _ = writeln!(conn, "{peer}");
+        }
+    });
+    let outside_ip = Ipv4Addr::new(10, 250, 0, 50);
+    let outside = crate::redteam_policy::outside_host("k8s-out", outside_ip);
+    let (node_a, node_b) = (Ipv4Addr::new(10, 250, 0, 1), Ipv4Addr::new(10, 250, 0, 2));
+    let (node_port, health_port) = (30480u16, 32480u16);
+    let service = |policy: &str| {
+        let (mut service, slice) = service_objects("10.96.0.20", &[(backend.ip, true)]);
+        service["spec"]["type"] = serde_json::json!("NodePort");
+        service["spec"]["externalTrafficPolicy"] = serde_json::json!(policy);
+        service["spec"]["ports"][0]["nodePort"] = serde_json::json!(node_port);
+        if policy == "Local" {
+            service["spec"]["healthCheckNodePort"] = serde_json::json!(health_port);
+        }
+        (service, slice)
+    };
+    // Which address the backend saw, through `node`.
+    let seen_through = |node: Ipv4Addr| -> std::io::Result<String> {
+        in_netns(&outside.path(), move || {
+            let conn =
+                std::net::TcpStream::connect_timeout(&(node, node_port).into(), Duration::from_millis(1500))?;
+            conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = String::new();
+            std::io::BufReader::new(conn).read_line(&mut line)?;
+            Ok(line.trim().to_owned())
+        })
+        .join()
+        .unwrap()
+    };
+
+    let (local, slice) = service("Local");
+    api.apply(local);
+    api.apply(slice);
+    wait_for("node A serves the node port to the outside host", Duration::from_secs(40), || {
+        seen_through(node_a).is_ok()
+    });
+    assert_eq!(seen_through(node_a).unwrap(), outside_ip.to_string(), "Local keeps the client's address");
+    let err = seen_through(node_b).expect_err("node B has no local backend");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "dropped unanswered, as kube-proxy does: {err}");
+    for (node, status, count) in [(node_a, 200, 1), (node_b, 503, 0)] {
+        let (got, body) = crate::node_ports::http_get(&outside, node, health_port);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(
+            (got, body["localEndpoints"].as_u64()),
+            (status, Some(count)),
+            "{node}:{health_port} {body}"
+        );
+        assert_eq!(body["service"]["namespace"], "shop");
+    }
+
+    let (cluster, _) = service("Cluster");
+    api.apply(cluster);
+    wait_for("node B serves the node port too", Duration::from_secs(40), || seen_through(node_b).is_ok());
+    assert_eq!(seen_through(node_b).unwrap(), node_b.to_string(), "Cluster through B: source NAT to B");
+    assert_eq!(seen_through(node_a).unwrap(), outside_ip.to_string(), "through A: its own backend, no NAT");
+    drop((a, b));
 }

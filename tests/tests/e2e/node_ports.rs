@@ -34,7 +34,7 @@ const WEB_HEALTH_PORT: u16 = 32100;
 const ELSEWHERE_HEALTH_PORT: u16 = 32101;
 
 /// GET / on `address:port` from `host`: (status, body).
-fn http_get(host: &Netns, address: Ipv4Addr, port: u16) -> (u16, String) {
+pub(super) fn http_get(host: &Netns, address: Ipv4Addr, port: u16) -> (u16, String) {
     use std::io::Read as _;
     in_netns(&host.path(), move || {
         let mut conn = TcpStream::connect_timeout(&(address, port).into(), Duration::from_secs(3)).unwrap();

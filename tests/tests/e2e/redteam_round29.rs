@@ -448,23 +448,7 @@ fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_t
     lab.a.start_agent();
     wait_served(&lab.a, VIP, 80, &[b1]);
     let attacker = outside_host("rt29-ack2", ATTACKER);
-    let open_from = |port: u16| {
-        in_netns(&lab.client.netns.path(), move || {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.set_reuse_address(true).unwrap();
-            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).unwrap();
-            s.connect_timeout(&SocketAddr::from((VIP, 80)).into(), Duration::from_secs(3))?;
-            let mut c: TcpStream = s.into();
-            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            writeln!(c, "who")?;
-            let mut line = String::new();
-            BufReader::new(c.try_clone()?).read_line(&mut line)?;
-            Ok::<_, std::io::Error>((c, line))
-        })
-        .join()
-        .unwrap()
-    };
+    let open_from = |port: u16| ask_from_port(&lab.client.netns.path(), port);
     let port = 47000;
     let (conn, _) = open_from(port).unwrap();
     let acks: Vec<Ipv4> = (0..256u32)
@@ -481,7 +465,7 @@ fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_t
     eprintln!("poisoned, then reset: +1 s {first:?}, +15 s {later:?}");
     // The next connection on the same tuple, closed normally by both ends.
     let again = open_from(port);
-    let ok = again.as_ref().map(|(_, l)| l.clone()).map_err(|e| e.to_string());
+    let ok = again.as_ref().map(|(_, backend)| *backend).map_err(|e| e.to_string());
     eprintln!("reconnect from port {port}: {ok:?}; state {:?}", state_of(&lab.a, lab.client.ip, port));
     if let Ok((mut c, _)) = again {
         c.shutdown(std::net::Shutdown::Write).unwrap();
@@ -494,6 +478,38 @@ fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_t
     assert_eq!(later2, None, "a normal close on a tuple once poisoned left it in the table");
 }
 
+/// The native lab with node A's agent serving the VIP from backend 1 only
+/// (policy Cluster); backends 1 and 2.
+fn lab_served_by_b1() -> (Lab, Ipv4Addr, Ipv4Addr) {
+    let mut lab = lab("native");
+    let (b1, b2) = (lab.backends[1].ip, lab.backends[2].ip);
+    lab.a.set_extra_config(&np_service(&[b1], "Cluster"));
+    lab.a.stop_agent();
+    lab.a.start_agent();
+    wait_served(&lab.a, VIP, 80, &[b1]);
+    (lab, b1, b2)
+}
+
+/// A connection from the namespace at `netns`, source port `port`, to the
+/// VIP's port 80 (3 s to connect), and the backend that answered "who" on it.
+fn ask_from_port(netns: &std::path::Path, port: u16) -> std::io::Result<(TcpStream, Ipv4Addr)> {
+    in_netns(netns, move || {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).unwrap();
+        s.connect_timeout(&SocketAddr::from((VIP, 80)).into(), Duration::from_secs(3))?;
+        let mut c: TcpStream = s.into();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        writeln!(c, "who")?;
+        let mut line = String::new();
+        BufReader::new(c.try_clone()?).read_line(&mut line)?;
+        Ok::<_, std::io::Error>((c, parse_answer(&line).0))
+    })
+    .join()
+    .unwrap()
+}
+
 /// The backend leaves the Service (b1 -> b2) while a client's connection
 /// on a tuple is closing (reset, `conntrack_closing_seconds` 10): the
 /// client reconnects from the same port. netfilter kills a CLOSE entry on
@@ -503,32 +519,10 @@ fn a_poisoned_entry_outlives_its_connection_and_swallows_the_next_close_on_its_t
 #[test]
 fn a_reconnect_on_a_closed_or_poisoned_tuple_goes_to_a_backend_that_left() {
     require_root!();
-    let mut lab = lab("native");
-    let (b1, b2) = (lab.backends[1].ip, lab.backends[2].ip);
-    lab.a.set_extra_config(&np_service(&[b1], "Cluster"));
-    lab.a.stop_agent();
-    lab.a.start_agent();
-    wait_served(&lab.a, VIP, 80, &[b1]);
+    let (mut lab, b1, b2) = lab_served_by_b1();
     let attacker = outside_host("rt29-ack3", ATTACKER);
     let netns = lab.client.netns.path();
-    let open_from = move |port: u16| {
-        let netns = netns.clone();
-        in_netns(&netns, move || {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.set_reuse_address(true).unwrap();
-            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).unwrap();
-            s.connect_timeout(&SocketAddr::from((VIP, 80)).into(), Duration::from_secs(3))?;
-            let mut c: TcpStream = s.into();
-            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            writeln!(c, "who")?;
-            let mut line = String::new();
-            BufReader::new(c.try_clone()?).read_line(&mut line)?;
-            Ok::<_, std::io::Error>((c, parse_answer(&line).0))
-        })
-        .join()
-        .unwrap()
-    };
+    let open_from = move |port: u16| ask_from_port(&netns, port);
     let abort = |c: TcpStream| {
         socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
         drop(c);
@@ -585,34 +579,12 @@ fn a_reconnect_on_a_closed_or_poisoned_tuple_goes_to_a_backend_that_left() {
 #[test]
 fn a_reconnect_after_a_connection_closed_once_its_backend_left_goes_to_one_that_serves() {
     require_root!();
-    let mut lab = lab("native");
-    let (b1, b2) = (lab.backends[1].ip, lab.backends[2].ip);
-    lab.a.set_extra_config(&np_service(&[b1], "Cluster"));
-    lab.a.stop_agent();
-    lab.a.start_agent();
-    wait_served(&lab.a, VIP, 80, &[b1]);
+    let (mut lab, b1, b2) = lab_served_by_b1();
     let netns = lab.client.netns.path();
     // The client closes first, so its port waits in TIME_WAIT: let the
     // reconnect reuse it (after 1 s, with timestamps), as a busy client's would.
     in_netns(&netns, || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").unwrap()).join().unwrap();
-    let open_from = move |port: u16| {
-        let netns = netns.clone();
-        in_netns(&netns, move || {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.set_reuse_address(true).unwrap();
-            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).unwrap();
-            s.connect_timeout(&SocketAddr::from((VIP, 80)).into(), Duration::from_secs(3))?;
-            let mut c: TcpStream = s.into();
-            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            writeln!(c, "who")?;
-            let mut line = String::new();
-            BufReader::new(c.try_clone()?).read_line(&mut line)?;
-            Ok::<_, std::io::Error>((c, parse_answer(&line).0))
-        })
-        .join()
-        .unwrap()
-    };
+    let open_from = move |port: u16| ask_from_port(&netns, port);
     let port = 47211;
     let (mut c, first) = open_from(port).unwrap();
     assert_eq!(first, b1, "control: the one backend answers");
