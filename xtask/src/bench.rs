@@ -434,7 +434,9 @@ pub(crate) fn crr_client_ports(ports: (u32, u32)) -> anyhow::Result<()> {
 /// path: each connection leaves its client port in TIME_WAIT, and measured
 /// here connect() gets through half the port range per reuse delay (28,232
 /// ports gave 14,100-14,250 trans/s in every setup at a 1 s delay, and
-/// 7,142-7,172 at 2 s), as it tries ports of one parity first.
+/// 7,142-7,172 at 2 s): its port search walks the ports of one parity
+/// before it tries the other half, so past that half's refill rate each
+/// connect() first walks all of it.
 pub(crate) fn crr_harness_ceiling(ports: (u32, u32)) -> f64 {
     let count = f64::from(ports.1 - ports.0 + 1);
     count / 2.0 * 1000.0 / f64::from(CRR_TW_REUSE_DELAY_MS)
