@@ -628,7 +628,7 @@ impl conntrack::CollectorHost for Agent {
         }
     }
 
-    fn serving_backends(&self) -> Option<conntrack::Serving> {
+    fn serving_backends(&self) -> Option<crate::reconcile::services::ServingIndex> {
         self.services.serving()
     }
 

@@ -4,7 +4,7 @@
 //! expires them, and the collector's sweep.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
 };
@@ -12,14 +12,14 @@ use std::{
 use anyhow::Context as _;
 use datapath_common::{
     Backend, CONNTRACK_LAST_SEEN_GRANULARITY_NS, CT_CLOSING, CT_FORWARD, CT_HAIRPIN, CT_POLICY, CT_SNAT,
-    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TcpState, unanswered,
+    ConntrackEntry, ConntrackKey, IPPROTO_TCP, IPPROTO_UDP, TcpState, unanswered,
 };
 use tokio::sync::Mutex;
 
 use crate::{
     bpf::{Datapath, DatapathError, GcReport, PinnedConntrack},
     observe::metrics::{AgentErrors, ConntrackStats},
-    reconcile::services::service_key,
+    reconcile::services::ServingIndex,
 };
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
@@ -160,10 +160,20 @@ pub fn expired(
     now_ns.saturating_sub(last_seen) > limit + CONNTRACK_LAST_SEEN_GRANULARITY_NS
 }
 
-/// The backends each Service address and port serves from now
-/// ([`crate::reconcile::services::serving_backends`] of every Service), as
-/// the agent last programmed them.
-pub type Serving = BTreeMap<ServiceKey, BTreeSet<Backend>>;
+/// What every Service serves from, as the agent last programmed it, and
+/// when that was read.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    pub index: ServingIndex,
+    /// CLOCK_MONOTONIC just before the Services were read: a connection
+    /// seen since may be to a backend added since, and is judged at the
+    /// next sweep instead.
+    pub taken_ns: u64,
+}
+
+/// How far the programs' coarse clock, which stamps `last_seen_ns`, may
+/// lag CLOCK_MONOTONIC (a tick; 10 ms covers HZ 100).
+const COARSE_CLOCK_LAG_NS: u64 = 10_000_000;
 
 /// Is this the forward entry of a connection that is over (a TCP one
 /// reset or closed both ways), or of a UDP flow, to a backend that no
@@ -189,9 +199,12 @@ pub fn departed(
         IPPROTO_UDP => true,
         _ => false,
     };
-    let service = service_key(key.daddr.into(), u16::from_be_bytes(key.dport), key.protocol);
+    let last_seen = entry.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns));
+    if !over || last_seen.saturating_add(COARSE_CLOCK_LAG_NS) >= serving.taken_ns {
+        return false;
+    }
     let backend = Backend { ipv4: entry.nat_addr, port: entry.nat_port, _pad: [0; 2] };
-    over && !serving.get(&service).is_some_and(|backends| backends.contains(&backend))
+    !serving.index.serves(key.daddr.into(), u16::from_be_bytes(key.dport), key.protocol, &backend)
 }
 
 /// The keys of every entry to remove from a snapshot of the map: expired,
@@ -321,7 +334,7 @@ pub trait CollectorHost: Send + 'static {
     fn conntrack_limits(&self) -> ConntrackLimits;
     /// What each Service address and port serves from now; `None` until
     /// the Service maps match a whole list.
-    fn serving_backends(&self) -> Option<Serving>;
+    fn serving_backends(&self) -> Option<ServingIndex>;
     fn datapath_mut(&mut self) -> &mut Datapath;
 }
 
@@ -340,10 +353,18 @@ pub fn spawn_collector<A: CollectorHost>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (limits, serving) = {
+            // (The clock first: a connection it does not see as older than
+            // the Services read after it is not judged by them.)
+            let taken = crate::bpf::ebpf::monotonic_now_ns();
+            let (limits, index) = {
                 let agent = agent.lock().await;
                 (agent.conntrack_limits(), agent.serving_backends())
             };
+            let serving = taken
+                .as_ref()
+                .ok()
+                .zip(index)
+                .map(|(taken_ns, index)| Serving { index, taken_ns: *taken_ns });
             let swept =
                 crate::bpf::ebpf::monotonic_now_ns().context("reading CLOCK_MONOTONIC").and_then(|now| {
                     tokio::task::block_in_place(|| {
@@ -386,6 +407,7 @@ mod tests {
     use datapath_common::{CT_REPLY, HAIRPIN_IPV4, IPPROTO_UDP};
 
     use super::*;
+    use crate::reconcile::services::service_key;
 
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -665,12 +687,16 @@ mod tests {
         let now = fwd.1.last_seen_ns + NS_PER_SECOND;
         let backend =
             |p: SocketAddrV4| Backend { ipv4: p.ip().octets(), port: p.port().to_be_bytes(), _pad: [0; 2] };
-        let serving_from = |backends: &[SocketAddrV4]| -> Serving {
-            [(service_key(VIP, 80, IPPROTO_TCP), backends.iter().map(|b| backend(*b)).collect())].into()
+        let serving =
+            |by_address| Serving { index: ServingIndex { by_address, ..Default::default() }, taken_ns: now };
+        let serving_from = |backends: &[SocketAddrV4]| {
+            serving(
+                [(service_key(VIP, 80, IPPROTO_TCP), backends.iter().map(|b| backend(*b)).collect())].into(),
+            )
         };
         let still = serving_from(&[pod(2), pod(3)]);
         let left = serving_from(&[pod(3)]);
-        let gone = Serving::new();
+        let gone = serving(HashMap::new());
         let with = |fwd_flags: u8, rep_flags: u8| -> HashMap<_, _> {
             let (mut f, mut r) = (fwd, rep);
             f.1.flags |= fwd_flags;
@@ -694,10 +720,13 @@ mod tests {
             // The forward entry names the backend; the sweep takes its pair with it.
             assert_eq!(expired_keys(over, now, &limits, Some(&left)), [fwd.0]);
             assert_eq!(expired_keys(over, now, &limits, Some(&gone)), [fwd.0], "the Service is gone");
+            // Seen since the Services were read: maybe to a backend added since.
+            let earlier = Serving { taken_ns: fwd.1.last_seen_ns, ..left.clone() };
+            assert!(expired_keys(over, now, &limits, Some(&earlier)).is_empty(), "judged at the next sweep");
         }
         // A UDP flow to a backend that left, answered or not.
         let udp = as_udp([fwd, rep]);
-        let udp_still = [(service_key(VIP, 80, IPPROTO_UDP), [backend(pod(2))].into())].into();
+        let udp_still = serving([(service_key(VIP, 80, IPPROTO_UDP), [backend(pod(2))].into())].into());
         assert!(expired_keys(&udp, now, &limits, Some(&udp_still)).is_empty());
         assert_eq!(expired_keys(&udp, now, &limits, Some(&left)).len(), 1, "TCP's backends are not UDP's");
     }

@@ -204,13 +204,9 @@ impl ServiceSync {
     /// collector's test for connections to a backend that left: see
     /// [`crate::reconcile::conntrack::departed`]); `None` while the maps are
     /// not known to match a whole list.
-    pub fn serving(&self) -> Option<crate::reconcile::conntrack::Serving> {
-        (self.have_list && self.in_sync).then(|| {
-            self.services
-                .values()
-                .flat_map(|service| services::serving_backends(service, self.node, &self.peers))
-                .collect()
-        })
+    pub fn serving(&self) -> Option<services::ServingIndex> {
+        (self.have_list && self.in_sync)
+            .then(|| services::ServingIndex::of(self.services.values(), self.node, &self.peers))
     }
 
     /// After a failed sync: try again, as a whole sync. Nothing to do when

@@ -6,7 +6,7 @@
 //! [`plan_sync`] for the writes and carries them out in order.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -219,29 +219,95 @@ pub fn serving_backends(
     peers: &[Ipv4Addr],
 ) -> BTreeMap<ServiceKey, BTreeSet<Backend>> {
     let mut out = BTreeMap::new();
-    for port in &service.ports {
+    for port in served_ports(service) {
+        for address in service.addresses() {
+            out.insert(service_key(address, port.port, port.protocol), port.backends.clone());
+        }
+        if let Some(node_port) = port.node_port {
+            for address in std::iter::once(&node.address).chain(peers) {
+                out.insert(service_key(*address, node_port, port.protocol), port.backends.clone());
+            }
+        }
+    }
+    out
+}
+
+/// One port of a Service as the datapath serves it.
+struct ServedPort {
+    protocol: u8,
+    port: u16,
+    node_port: Option<u16>,
+    /// Ready or terminating but serving, on any node.
+    backends: BTreeSet<Backend>,
+}
+
+fn served_ports(service: &ServiceConfig) -> impl Iterator<Item = ServedPort> + '_ {
+    service.ports.iter().filter_map(|port| {
         let protocol = match port.protocol {
             ServiceProtocol::Tcp => IPPROTO_TCP,
             ServiceProtocol::Udp => IPPROTO_UDP,
             // Refused by the config's validation: never programmed.
-            ServiceProtocol::Sctp => continue,
+            ServiceProtocol::Sctp => return None,
         };
-        let serving: BTreeSet<Backend> = service
+        let backends = service
             .backends
             .iter()
             .chain(&service.terminating_backends)
             .map(|ip| backend(SocketAddrV4::new(*ip, port.target_port())))
             .collect();
-        for address in service.addresses() {
-            out.insert(service_key(address, port.port, protocol), serving.clone());
-        }
-        if let Some(node_port) = port.node_port {
-            for address in std::iter::once(&node.address).chain(peers) {
-                out.insert(service_key(*address, node_port, protocol), serving.clone());
+        Some(ServedPort { protocol, port: port.port, node_port: port.node_port, backends })
+    })
+}
+
+/// Which backends serve each Service address and port, for every Service
+/// at once (the connection collector's question: does a connection's
+/// backend still serve what it asked for?). Node ports are kept once, not
+/// once per node address as [`serving_backends`] lists them: its size
+/// follows the Services, not the Services times the nodes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServingIndex {
+    /// Cluster, external and load balancer addresses, by [`service_key`].
+    pub by_address: HashMap<ServiceKey, BTreeSet<Backend>>,
+    /// Node ports (port, protocol), served on every node's address.
+    pub by_node_port: HashMap<(u16, u8), BTreeSet<Backend>>,
+    /// This node's and the peers' addresses.
+    pub nodes: HashSet<Ipv4Addr>,
+}
+
+impl ServingIndex {
+    pub fn of<'a>(
+        services: impl IntoIterator<Item = &'a ServiceConfig>,
+        node: ThisNode,
+        peers: &[Ipv4Addr],
+    ) -> Self {
+        let mut index = ServingIndex {
+            nodes: std::iter::once(node.address).chain(peers.iter().copied()).collect(),
+            ..Default::default()
+        };
+        for service in services {
+            for port in served_ports(service) {
+                // Two Services on one address and port (a config error the
+                // source reports) serve from both: never judged stale wrongly.
+                for address in service.addresses() {
+                    let key = service_key(address, port.port, port.protocol);
+                    index.by_address.entry(key).or_default().extend(port.backends.iter().copied());
+                }
+                if let Some(node_port) = port.node_port {
+                    let backends = index.by_node_port.entry((node_port, port.protocol)).or_default();
+                    backends.extend(port.backends.iter().copied());
+                }
             }
         }
+        index
     }
-    out
+
+    /// Does `backend` serve `address:port` (`protocol`)?
+    pub fn serves(&self, address: Ipv4Addr, port: u16, protocol: u8, backend: &Backend) -> bool {
+        let at_address = self.by_address.get(&service_key(address, port, protocol));
+        let at_node_port =
+            self.nodes.contains(&address).then(|| self.by_node_port.get(&(port, protocol))).flatten();
+        at_address.into_iter().chain(at_node_port).any(|backends| backends.contains(backend))
+    }
 }
 
 /// Which connections a change of Services leaves stale: those of an old

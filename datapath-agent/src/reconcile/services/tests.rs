@@ -425,6 +425,37 @@ fn udp_flows_are_stale_only_once_their_backend_serves_no_more() {
 }
 
 #[test]
+fn the_serving_index_answers_for_every_address_and_keeps_node_ports_once() {
+    let b = |host: u8| backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, host / 100, host % 100), 8080));
+    let mut web = config(&[101, 201], &[]);
+    web.ports[0].node_port = Some(30080);
+    web.external_ips = vec![Ipv4Addr::new(203, 0, 113, 7)];
+    let mut draining = config(&[], &[102]);
+    draining.cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+    let peers: Vec<Ipv4Addr> = (1..=200).map(|n| Ipv4Addr::new(10, 250, 1, n)).collect();
+    let index = ServingIndex::of([&web, &draining], node1(), &peers);
+    let tcp = IPPROTO_TCP;
+    for address in [VIP, Ipv4Addr::new(203, 0, 113, 7)] {
+        assert!(
+            index.serves(address, 80, tcp, &b(101)) && index.serves(address, 80, tcp, &b(201)),
+            "{address}"
+        );
+        assert!(!index.serves(address, 80, tcp, &b(102)), "{address}: another Service's backend");
+        assert!(!index.serves(address, 80, IPPROTO_UDP, &b(101)), "{address}: TCP's backends are not UDP's");
+    }
+    // Node ports on this node's address and every peer's, nowhere else.
+    for address in [NODE1, peers[0], peers[199]] {
+        assert!(index.serves(address, 30080, tcp, &b(201)), "{address}");
+    }
+    assert!(!index.serves(Ipv4Addr::new(198, 51, 100, 1), 30080, tcp, &b(201)), "not a node's address");
+    assert!(!index.serves(VIP, 30080, tcp, &b(201)), "a node port is not the cluster IP's port");
+    // Terminating but serving: serves.
+    assert!(index.serves(Ipv4Addr::new(10, 96, 0, 11), 80, tcp, &b(102)));
+    // One node port entry whatever the number of nodes.
+    assert_eq!((index.by_address.len(), index.by_node_port.len()), (3, 1));
+}
+
+#[test]
 fn node_ports_serve_as_external_traffic_policy_says() {
     let mut service = config(&[101, 201], &[]);
     service.ports[0].node_port = Some(30080);
