@@ -106,11 +106,6 @@ impl Pair {
         self
     }
 
-    /// What a table prints after this pair's FIN-closed TCP_CRR figures `s`.
-    pub(crate) fn ceiling_mark(&self, s: &Stats) -> &'static str {
-        ceiling_mark(s, self.client_ports)
-    }
-
     /// The client connects to `service`, which leads to the server listening
     /// on `server_port`.
     pub(crate) fn via(mut self, service: SocketAddrV4, server_port: u16) -> Self {
@@ -1034,7 +1029,7 @@ fn run_suite(suite: &str, pairs: &[Pair], args: &BenchArgs) -> anyhow::Result<se
         for (m, metric) in metrics.iter().enumerate() {
             let s = results[i][m];
             let ratio = s.median / results[0][m].median;
-            let mark = if m == 1 { pair.ceiling_mark(&s) } else { "" };
+            let mark = if m == 1 { ceiling_mark(&s, pair.client_ports) } else { "" };
             println!(
                 "{:<28} {:<20} {:>12.1} {:>12.1} {:>12.1} {:>10.2}{mark}",
                 pair.name, metric, s.min, s.median, s.max, ratio
